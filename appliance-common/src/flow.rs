@@ -1,0 +1,61 @@
+//! Flow identity and counters.
+//!
+//! A flow is directional: the two directions of one TCP connection are two keys, each
+//! counted on the interface where its packets enter the appliance.
+
+/// Address family tag stored in [`FlowKey::family`].
+pub const FAMILY_IPV4: u8 = 4;
+/// Address family tag stored in [`FlowKey::family`].
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Directional 5-tuple plus the ingress interface. Ports are in host byte order;
+/// IPv4 addresses occupy the first 4 bytes of the 16-byte fields (the rest zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub ifindex: u32,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// IP protocol number (6 = TCP; only TCP is classified today).
+    pub proto: u8,
+    /// Outer 802.1Q VLAN id, 0 when untagged.
+    pub vlan: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// Counters of one directional flow: a per-CPU map value, summed by user space
+/// (`first_seen_ns` is the minimum over CPUs, `last_seen_ns` the maximum).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    pub packets: u64,
+    /// Bytes of whole frames as seen by XDP (Ethernet header included).
+    pub frame_bytes: u64,
+    /// TCP payload bytes (what the application sent).
+    pub payload_bytes: u64,
+    /// `bpf_ktime_get_ns` of the first and latest packet.
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// OR of every TCP flag byte seen (SYN, FIN, RST, ...).
+    pub tcp_flags: u32,
+    pub _pad: u32,
+}
+
+/// Per-interface byte counters (a per-CPU map value; user space sums over CPUs).
+/// `rx_*` are written by XDP, `tx_*` by the TC egress program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
+const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
+const _: () = assert!(core::mem::size_of::<FlowCounters>() == 48);
+const _: () = assert!(core::mem::size_of::<IfCounters>() == 32);

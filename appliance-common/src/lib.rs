@@ -1,0 +1,28 @@
+//! Types shared by nearblock's kernel programs (`appliance-ebpf`) and user space
+//! (`appliance`). Every type here is `#[repr(C)]`, `Copy`, defined exactly once, and
+//! its size is asserted at compile time so both sides agree on the layout.
+//!
+//! # Layout
+//! - [`flow`]: the flow key (directional 5-tuple + ingress interface) and its counters.
+//! - [`verdict`]: named verdict counters of the classifier and the steering program.
+//! - [`event`]: the ring-buffer record that carries iSCSI Login Request segments.
+//! - [`maps`]: map names, sizes, interface roles and load-time globals.
+#![no_std]
+
+pub mod event;
+pub mod flow;
+pub mod maps;
+pub mod verdict;
+
+pub use event::LoginEvent;
+pub use flow::{FlowCounters, FlowKey, IfCounters};
+pub use verdict::Verdict;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, contain only integers and byte
+    // arrays, and have explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowCounters {}
+    unsafe impl aya::Pod for super::IfCounters {}
+}

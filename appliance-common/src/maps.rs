@@ -1,0 +1,45 @@
+//! Map names, sizes, interface roles and load-time globals: the contract between the
+//! kernel programs and the loader.
+
+/// LRU per-CPU hash `FlowKey -> FlowCounters`.
+pub const FLOWS: &str = "FLOWS";
+pub const FLOWS_MAX: u32 = 65_536;
+/// Per-CPU hash `ifindex -> IfCounters`.
+pub const IF_COUNTERS: &str = "IF_COUNTERS";
+pub const IF_COUNTERS_MAX: u32 = 256;
+/// Per-CPU array of `u64`, indexed by `Verdict`.
+pub const VERDICTS: &str = "VERDICTS";
+/// Hash `port (host order) -> 1`: classified TCP ports (3260 + image-transfer ports).
+pub const PORTS: &str = "PORTS";
+pub const PORTS_MAX: u32 = 64;
+/// Ring buffer of `LoginEvent`.
+pub const LOGIN_EVENTS: &str = "LOGIN_EVENTS";
+pub const LOGIN_EVENTS_BYTES: u32 = 256 * 1024;
+/// Hash `ifindex -> role bits` for the steering program.
+pub const IFACE_ROLES: &str = "IFACE_ROLES";
+pub const IFACE_ROLES_MAX: u32 = 256;
+/// SockMap of the splicer's listeners: key [`LISTENER_V4`] and [`LISTENER_V6`].
+pub const LISTENERS: &str = "LISTENERS";
+pub const LISTENER_V4: u32 = 0;
+pub const LISTENER_V6: u32 = 1;
+
+/// Role bit: new connections entering here toward a classified port are steered.
+pub const ROLE_CLIENT_FACING: u32 = 1;
+/// Role bit: replies entering here from a classified port to one of the splicer's
+/// transparent upstream sockets are steered to that socket.
+pub const ROLE_UPSTREAM_FACING: u32 = 2;
+
+/// Global (set before load): the DSCP codepoint nearblock puts on its own upstream
+/// connections; flows carrying it are never steered.
+pub const GLOBAL_DSCP_MARK: &str = "DSCP_MARK";
+/// Global (set before load): the skb mark the steering program sets so that policy
+/// routing delivers the packet locally.
+pub const GLOBAL_STEER_MARK: &str = "STEER_MARK";
+
+/// Program names (the functions in appliance-ebpf).
+pub const PROG_XDP_CLASSIFY: &str = "nb_classify";
+pub const PROG_TC_STEER: &str = "nb_steer";
+pub const PROG_TC_EGRESS: &str = "nb_egress_count";
+
+/// The iSCSI well-known port (RFC 7143 §13.2 / IANA).
+pub const ISCSI_PORT: u16 = 3260;

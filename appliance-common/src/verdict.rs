@@ -1,0 +1,68 @@
+//! Named verdict counters. Each kernel program increments one slot of a per-CPU array
+//! per packet (plus extra slots for rare events); user space exports them by name.
+//! Nothing here is ever a drop: every verdict ends in "pass" for the packet.
+
+/// Index into the `VERDICTS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// XDP: frame too short for the header being parsed.
+    Truncated = 0,
+    /// XDP: not IPv4/IPv6 (ARP, LLDP, ...).
+    NotIp = 1,
+    /// XDP: IP but not TCP.
+    NotTcp = 2,
+    /// XDP: a non-first IPv4 fragment (no TCP header to read).
+    Fragment = 3,
+    /// XDP: TCP, but neither port is classified.
+    OtherPort = 4,
+    /// XDP: classified and counted.
+    Classified = 5,
+    /// XDP: a Login Request segment copied to the ring buffer.
+    LoginCaptured = 6,
+    /// XDP: a Login Request segment seen but the ring buffer was full.
+    LoginRingFull = 7,
+    /// XDP: the frame carried an 802.1Q tag (counted in addition).
+    Vlan = 8,
+    /// XDP: IPv6 with an extension header before TCP (passed, not classified).
+    Ipv6ExtHeader = 9,
+    /// TC: packet of a flow spliced by this appliance, assigned to its socket.
+    SteerEstablished = 10,
+    /// TC: new connection (SYN) assigned to the splicer's listener.
+    SteerNewFlow = 11,
+    /// TC: a SYN that would be steered, but no listener is registered (fail-open).
+    SteerNoListener = 12,
+    /// TC: flow carries the nearblock DSCP mark (another appliance splices it): passed.
+    SteerMarkedPass = 13,
+    /// TC: a reply from upstream assigned to the splicer's upstream socket.
+    SteerReply = 14,
+    /// TC: `bpf_sk_assign` failed; packet forwarded untouched.
+    SteerAssignFailed = 15,
+    /// TC: classified packet of a flow this appliance does not splice (e.g. started
+    /// before steering was attached): forwarded untouched.
+    SteerPassthrough = 16,
+}
+
+/// Number of slots in the verdict array.
+pub const VERDICT_COUNT: u32 = 17;
+
+/// Names for export, indexed by the verdict's value.
+pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
+    "xdp_truncated",
+    "xdp_not_ip",
+    "xdp_not_tcp",
+    "xdp_fragment",
+    "xdp_other_port",
+    "xdp_classified",
+    "xdp_login_captured",
+    "xdp_login_ring_full",
+    "xdp_vlan",
+    "xdp_ipv6_ext_header",
+    "tc_steer_established",
+    "tc_steer_new_flow",
+    "tc_steer_no_listener",
+    "tc_steer_marked_pass",
+    "tc_steer_reply",
+    "tc_steer_assign_failed",
+    "tc_steer_passthrough",
+];

@@ -1,0 +1,223 @@
+//! Classification and counting: per-flow, per-interface and verdict counters, and
+//! the Login Request capture for passive discovery. Owns every map the XDP and TC
+//! egress programs write.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    macros::map,
+    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+use nearblock_common::{
+    event::LOGIN_CAPTURE_MAX,
+    maps::{FLOWS_MAX, IF_COUNTERS_MAX, LOGIN_EVENTS_BYTES, PORTS_MAX},
+    verdict::VERDICT_COUNT,
+    FlowCounters, FlowKey, IfCounters, LoginEvent, Verdict,
+};
+
+use crate::parse::{parse_tcp, TcpPacket};
+
+const IPPROTO_TCP: u8 = 6;
+/// iSCSI Login Request opcode (RFC 7143 §11.12), low six bits of BHS byte 0.
+const ISCSI_OP_LOGIN_REQUEST: u8 = 0x03;
+const ISCSI_BHS_LEN: usize = 48;
+
+#[map]
+pub static FLOWS: LruPerCpuHashMap<FlowKey, FlowCounters> =
+    LruPerCpuHashMap::with_max_entries(FLOWS_MAX, 0);
+
+#[map]
+pub static IF_COUNTERS: PerCpuHashMap<u32, IfCounters> =
+    PerCpuHashMap::with_max_entries(IF_COUNTERS_MAX, 0);
+
+#[map]
+pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT, 0);
+
+#[map]
+pub static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(PORTS_MAX, 0);
+
+#[map]
+pub static LOGIN_EVENTS: RingBuf = RingBuf::with_byte_size(LOGIN_EVENTS_BYTES, 0);
+
+#[inline(always)]
+pub fn bump(v: Verdict) {
+    if let Some(p) = VERDICTS.get_ptr_mut(v as u32) {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn is_classified_port(port: u16) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { PORTS.get(&port).is_some() }
+}
+
+/// XDP: count the frame on its interface, and if it is a classified TCP segment,
+/// on its flow; copy Login Request segments to user space.
+#[inline(always)]
+pub fn classify(ctx: &XdpContext) {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let frame_len = (end - start) as u64;
+    let ifindex = ctx.ingress_ifindex() as u32;
+    count_interface(ifindex, frame_len, true);
+
+    let pkt = match parse_tcp(start, end) {
+        Ok(p) => p,
+        Err(v) => {
+            bump(v);
+            return;
+        }
+    };
+    if pkt.tagged {
+        bump(Verdict::Vlan);
+    }
+    let toward_port = is_classified_port(pkt.dport);
+    if !toward_port && !is_classified_port(pkt.sport) {
+        bump(Verdict::OtherPort);
+        return;
+    }
+    bump(Verdict::Classified);
+
+    // BIG TCP super-packets carry 0 in the IP length: fall back to the frame.
+    let mut payload_len = pkt.payload_len as u64;
+    if payload_len == 0 {
+        payload_len = frame_len.saturating_sub(pkt.payload_off as u64);
+    }
+    let key = flow_key(ifindex, &pkt);
+    count_flow(&key, frame_len, payload_len, pkt.tcp_flags);
+
+    if toward_port && payload_len >= ISCSI_BHS_LEN as u64 {
+        if let Ok(op) = crate::parse::ptr_at::<u8>(start, end, pkt.payload_off) {
+            // SAFETY: bounds checked by ptr_at.
+            if unsafe { *op } & 0x3f == ISCSI_OP_LOGIN_REQUEST {
+                capture_login(ctx, &key, pkt.payload_off, payload_len);
+            }
+        }
+    }
+}
+
+/// TC egress: per-interface transmit counters.
+#[inline(always)]
+pub fn egress(ctx: &TcContext) {
+    // SAFETY: reading a field of the context the kernel passed in.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    count_interface(ifindex, ctx.len() as u64, false);
+}
+
+#[inline(always)]
+fn flow_key(ifindex: u32, pkt: &TcpPacket) -> FlowKey {
+    FlowKey {
+        ifindex,
+        family: pkt.family,
+        proto: IPPROTO_TCP,
+        vlan: pkt.vlan,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+    }
+}
+
+#[inline(always)]
+fn count_interface(ifindex: u32, bytes: u64, rx: bool) {
+    if let Some(c) = IF_COUNTERS.get_ptr_mut(&ifindex) {
+        // SAFETY: per-CPU value; XDP writes only rx_*, TC egress only tx_*.
+        unsafe {
+            if rx {
+                (*c).rx_packets += 1;
+                (*c).rx_bytes += bytes;
+            } else {
+                (*c).tx_packets += 1;
+                (*c).tx_bytes += bytes;
+            }
+        }
+        return;
+    }
+    let mut c = IfCounters::default();
+    if rx {
+        c.rx_packets = 1;
+        c.rx_bytes = bytes;
+    } else {
+        c.tx_packets = 1;
+        c.tx_bytes = bytes;
+    }
+    let _ = IF_COUNTERS.insert(&ifindex, &c, 0);
+}
+
+#[inline(always)]
+fn count_flow(key: &FlowKey, frame_len: u64, payload_len: u64, flags: u8) {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(c) = FLOWS.get_ptr_mut(key) {
+        add_to_flow(c, frame_len, payload_len, flags, now);
+        return;
+    }
+    let fresh = FlowCounters {
+        packets: 1,
+        frame_bytes: frame_len,
+        payload_bytes: payload_len,
+        first_seen_ns: now,
+        last_seen_ns: now,
+        tcp_flags: flags as u32,
+        _pad: 0,
+    };
+    // Per-CPU values: no other CPU writes this slot, so no atomics are needed
+    // (the BPF target has none in `core`); user space sums the CPUs.
+    let _ = FLOWS.insert(key, &fresh, BPF_NOEXIST as u64);
+}
+
+#[inline(always)]
+fn add_to_flow(c: *mut FlowCounters, frame_len: u64, payload_len: u64, flags: u8, now: u64) {
+    // SAFETY: `c` points at this CPU's slot of a live map value.
+    unsafe {
+        (*c).packets += 1;
+        (*c).frame_bytes += frame_len;
+        (*c).payload_bytes += payload_len;
+        (*c).tcp_flags |= flags as u32;
+        if (*c).first_seen_ns == 0 {
+            (*c).first_seen_ns = now;
+        }
+        (*c).last_seen_ns = now;
+    }
+}
+
+#[inline(always)]
+fn capture_login(ctx: &XdpContext, key: &FlowKey, payload_off: usize, payload_len: u64) {
+    let Some(mut entry) = LOGIN_EVENTS.reserve::<LoginEvent>(0) else {
+        bump(Verdict::LoginRingFull);
+        return;
+    };
+    let mut len = payload_len as u32;
+    if len > LOGIN_CAPTURE_MAX as u32 {
+        len = LOGIN_CAPTURE_MAX as u32;
+    }
+    // Bound for the verifier: 1..=LOGIN_CAPTURE_MAX.
+    let len = len & (2 * LOGIN_CAPTURE_MAX as u32 - 1);
+    if len == 0 || len > LOGIN_CAPTURE_MAX as u32 {
+        entry.discard(0);
+        return;
+    }
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved ring-buffer slot, sized for a LoginEvent; the
+    // helper copies `len` (≤ LOGIN_CAPTURE_MAX) bytes into its data array.
+    let rc = unsafe {
+        (*ev).key = *key;
+        (*ev).len = len;
+        bpf_xdp_load_bytes(
+            ctx.as_ptr().cast(),
+            payload_off as u32,
+            (&raw mut (*ev).data).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        entry.discard(0);
+        return;
+    }
+    entry.submit(0);
+    bump(Verdict::LoginCaptured);
+}

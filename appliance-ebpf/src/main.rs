@@ -1,0 +1,47 @@
+//! nearblock's kernel programs. Entry points only; parsing lives in `parse`,
+//! counting in `count`, steering in `steer`.
+//!
+//! - `nb_classify` (XDP, every appliance interface): classify iSCSI / image-transfer
+//!   flows, count bytes per flow and per interface, copy Login Request segments to
+//!   user space. Always `XDP_PASS`: an inline appliance never drops.
+//! - `nb_steer` (TC ingress, client- and upstream-facing interfaces): hand new
+//!   classified connections to the splicer's listener and replies to its
+//!   transparent upstream sockets (`bpf_sk_assign` + mark for policy routing).
+//!   Always `TC_ACT_OK`.
+//! - `nb_egress_count` (TC egress, every appliance interface): per-interface tx bytes.
+#![no_std]
+#![no_main]
+
+mod count;
+mod parse;
+mod steer;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+#[xdp]
+pub fn nb_classify(ctx: XdpContext) -> u32 {
+    count::classify(&ctx);
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn nb_steer(ctx: TcContext) -> i32 {
+    steer::steer(&ctx);
+    TC_ACT_OK as i32
+}
+
+#[classifier]
+pub fn nb_egress_count(ctx: TcContext) -> i32 {
+    count::egress(&ctx);
+    TC_ACT_OK as i32
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,186 @@
+//! Bounds-checked header parsing shared by the XDP and TC programs: Ethernet with up
+//! to two 802.1Q/802.1ad tags, IPv4 (non-first fragments stop here), IPv6 with up to
+//! four extension headers, TCP. Every read goes through [`ptr_at`].
+
+use core::mem::size_of;
+
+use nearblock_common::{
+    flow::{FAMILY_IPV4, FAMILY_IPV6},
+    Verdict,
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+const TCP_MIN_HLEN: usize = 20;
+
+/// TCP flag bits (byte 13 of the header).
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// What the programs need from one TCP packet.
+pub struct TcpPacket {
+    pub family: u8,
+    pub vlan: u16,
+    /// DSCP codepoint (upper six bits of TOS / traffic class).
+    pub dscp: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    /// Offset of the TCP payload from the start of the frame.
+    pub payload_off: usize,
+    /// TCP payload length from the IP header (0 for BIG TCP super-packets, which
+    /// the caller replaces with the frame-derived length).
+    pub payload_len: usize,
+    /// Whether the frame carried a VLAN tag.
+    pub tagged: bool,
+}
+
+/// Pointer to a `T` at `offset` from `start`, or `Truncated` if it does not fit
+/// before `end`.
+#[inline(always)]
+pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Result<*const T, Verdict> {
+    if start + offset + size_of::<T>() > end {
+        return Err(Verdict::Truncated);
+    }
+    Ok((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn be16(start: usize, end: usize, offset: usize) -> Result<u16, Verdict> {
+    let p: *const [u8; 2] = ptr_at(start, end, offset)?;
+    // SAFETY: ptr_at checked the two bytes lie inside the packet.
+    Ok(u16::from_be_bytes(unsafe { *p }))
+}
+
+#[inline(always)]
+fn byte(start: usize, end: usize, offset: usize) -> Result<u8, Verdict> {
+    let p: *const u8 = ptr_at(start, end, offset)?;
+    // SAFETY: ptr_at checked the byte lies inside the packet.
+    Ok(unsafe { *p })
+}
+
+/// Parse a frame held in `[start, end)` down to its TCP header.
+#[inline(always)]
+pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
+    let mut ethertype = be16(start, end, 12)?;
+    let mut l3 = ETH_HLEN;
+    let mut vlan = 0u16;
+    let mut tagged = false;
+    // At most two tags (QinQ); bounded so the verifier sees a finite program.
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        tagged = true;
+        vlan = be16(start, end, l3)? & 0x0fff;
+        ethertype = be16(start, end, l3 + 2)?;
+        l3 += 4;
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            ethertype = be16(start, end, l3 + 2)?;
+            l3 += 4;
+        }
+    }
+    let mut pkt = TcpPacket {
+        family: 0,
+        vlan,
+        dscp: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        payload_off: 0,
+        payload_len: 0,
+        tagged,
+    };
+    let l4;
+    let ip_payload_len: usize;
+    match ethertype {
+        ETH_P_IP => {
+            let vihl = byte(start, end, l3)?;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            if ihl < 20 {
+                return Err(Verdict::Truncated);
+            }
+            pkt.family = FAMILY_IPV4;
+            pkt.dscp = byte(start, end, l3 + 1)? >> 2;
+            let total = be16(start, end, l3 + 2)? as usize;
+            let frag = be16(start, end, l3 + 6)?;
+            if frag & 0x1fff != 0 {
+                return Err(Verdict::Fragment);
+            }
+            if byte(start, end, l3 + 9)? != IPPROTO_TCP {
+                return Err(Verdict::NotTcp);
+            }
+            let addrs: *const [u8; 8] = ptr_at(start, end, l3 + 12)?;
+            // SAFETY: bounds checked by ptr_at.
+            let addrs = unsafe { *addrs };
+            pkt.saddr[..4].copy_from_slice(&addrs[..4]);
+            pkt.daddr[..4].copy_from_slice(&addrs[4..]);
+            l4 = l3 + ihl;
+            ip_payload_len = total.saturating_sub(ihl);
+        }
+        ETH_P_IPV6 => {
+            pkt.family = FAMILY_IPV6;
+            let tc = be16(start, end, l3)?;
+            pkt.dscp = ((tc >> 4) as u8) >> 2;
+            let plen = be16(start, end, l3 + 4)? as usize;
+            let mut next = byte(start, end, l3 + 6)?;
+            let addrs: *const [u8; 32] = ptr_at(start, end, l3 + 8)?;
+            // SAFETY: bounds checked by ptr_at.
+            let addrs = unsafe { *addrs };
+            pkt.saddr.copy_from_slice(&addrs[..16]);
+            pkt.daddr.copy_from_slice(&addrs[16..]);
+            let mut off = l3 + IPV6_HLEN;
+            let mut ext_len = 0usize;
+            // Up to four extension headers before TCP.
+            let mut i = 0;
+            while i < 4 {
+                match next {
+                    IPPROTO_TCP => break,
+                    // Hop-by-hop, routing, destination options.
+                    0 | 43 | 60 => {
+                        let n = byte(start, end, off)?;
+                        let len = ((byte(start, end, off + 1)? as usize) + 1) * 8;
+                        next = n;
+                        off += len;
+                        ext_len += len;
+                    }
+                    // Fragment header: only a first fragment has the TCP header.
+                    44 => {
+                        let n = byte(start, end, off)?;
+                        if be16(start, end, off + 2)? & 0xfff8 != 0 {
+                            return Err(Verdict::Fragment);
+                        }
+                        next = n;
+                        off += 8;
+                        ext_len += 8;
+                    }
+                    _ => return Err(Verdict::NotTcp),
+                }
+                i += 1;
+            }
+            if next != IPPROTO_TCP {
+                return Err(Verdict::Ipv6ExtHeader);
+            }
+            l4 = off;
+            ip_payload_len = plen.saturating_sub(ext_len);
+        }
+        _ => return Err(Verdict::NotIp),
+    }
+    pkt.sport = be16(start, end, l4)?;
+    pkt.dport = be16(start, end, l4 + 2)?;
+    let doff = ((byte(start, end, l4 + 12)? >> 4) as usize) * 4;
+    if doff < TCP_MIN_HLEN {
+        return Err(Verdict::Truncated);
+    }
+    pkt.tcp_flags = byte(start, end, l4 + 13)?;
+    pkt.payload_off = l4 + doff;
+    pkt.payload_len = ip_payload_len.saturating_sub(doff);
+    Ok(pkt)
+}

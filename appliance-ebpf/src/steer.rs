@@ -1,0 +1,218 @@
+//! Steering (TC ingress): deliver classified connections to the splicer's sockets.
+//!
+//! On a client-facing interface, a packet toward a classified port is assigned to
+//! the socket that already owns its tuple (a request socket or an accepted child:
+//! `bpf_skc_lookup_tcp`, never `sk_`, see docs/decisions.md), and a bare SYN of a
+//! new connection to the splicer's listener from the `LISTENERS` SockMap. On an
+//! upstream-facing interface, a reply from a classified port is assigned to the
+//! splicer's transparent upstream socket owning its tuple. Assigned packets get the
+//! steering mark, which the daemon's policy rules (`fwmark M iif IFACE lookup T`,
+//! table T: `local default dev lo`) deliver locally.
+//!
+//! Fail-open: no listener in the map means the SYN is forwarded untouched; flows
+//! carrying the nearblock DSCP mark (another appliance's upstream connection) are
+//! never touched.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT,
+    },
+    cty::c_void,
+    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::map,
+    maps::{HashMap, SockMap},
+    programs::TcContext,
+    EbpfContext,
+};
+use nearblock_common::{
+    flow::FAMILY_IPV4,
+    maps::{
+        IFACE_ROLES_MAX, LISTENER_V4, LISTENER_V6, ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING,
+    },
+    Verdict,
+};
+
+use crate::{
+    count::{bump, is_classified_port},
+    parse::{parse_tcp, TcpPacket, TCP_ACK, TCP_SYN},
+};
+
+#[map]
+pub static IFACE_ROLES: HashMap<u32, u32> = HashMap::with_max_entries(IFACE_ROLES_MAX, 0);
+
+#[map]
+pub static LISTENERS: SockMap = SockMap::with_max_entries(2, 0);
+
+/// Set by the loader before load (read-only global).
+#[no_mangle]
+static DSCP_MARK: u8 = 0;
+/// Set by the loader before load (read-only global).
+#[no_mangle]
+static STEER_MARK: u32 = 0;
+
+/// Enough linear bytes for Ethernet + two VLAN tags + IPv6 + 4 ext headers' worth
+/// of common cases + a TCP header with options.
+const PULL_LEN: u32 = 14 + 8 + 40 + 16 + 60;
+
+#[inline(always)]
+pub fn steer(ctx: &TcContext) {
+    let linear = ctx.data_end() - ctx.data();
+    if (linear as u32) < PULL_LEN && ctx.len() > linear as u32 {
+        let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
+        let _ = ctx.pull_data(want);
+    }
+    let Ok(pkt) = parse_tcp(ctx.data(), ctx.data_end()) else {
+        return;
+    };
+    // SAFETY: reading a field of the context the kernel passed in.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the value is copied out immediately.
+    let role = match unsafe { IFACE_ROLES.get(&ifindex) } {
+        Some(r) => *r,
+        None => return,
+    };
+    let toward = is_classified_port(pkt.dport);
+    let from = is_classified_port(pkt.sport);
+    if !toward && !from {
+        return;
+    }
+    // SAFETY: read-only global set before load.
+    let dscp_mark = unsafe { core::ptr::read_volatile(&DSCP_MARK) };
+    if dscp_mark != 0 && pkt.dscp == dscp_mark {
+        bump(Verdict::SteerMarkedPass);
+        return;
+    }
+    if toward && role & ROLE_CLIENT_FACING != 0 {
+        steer_from_client(ctx, &pkt);
+    } else if from && role & ROLE_UPSTREAM_FACING != 0 {
+        steer_reply(ctx, &pkt);
+    }
+}
+
+/// Outcome of looking up the socket that owns a packet's own tuple.
+enum Owner {
+    /// Assigned to an established/request socket.
+    Assigned,
+    /// No socket owns it (or only a listener / a TIME_WAIT socket for a new SYN).
+    None,
+}
+
+fn steer_from_client(ctx: &TcContext, pkt: &TcpPacket) {
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    match assign_owner(ctx, pkt, syn, Verdict::SteerEstablished) {
+        Owner::Assigned => return,
+        Owner::None => {}
+    }
+    if !syn {
+        // A flow this appliance does not splice (started before steering, or
+        // spliced by a previous daemon that died): forward it.
+        bump(Verdict::SteerPassthrough);
+        return;
+    }
+    assign_listener(ctx, pkt);
+}
+
+fn steer_reply(ctx: &TcContext, pkt: &TcpPacket) {
+    let _ = assign_owner(ctx, pkt, false, Verdict::SteerReply);
+}
+
+#[inline(always)]
+fn tuple_of(pkt: &TcpPacket) -> (bpf_sock_tuple, u32) {
+    // SAFETY: bpf_sock_tuple is plain old data; all-zero is a valid value.
+    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    if pkt.family == FAMILY_IPV4 {
+        // SAFETY: writing the ipv4 member of a zeroed POD union.
+        unsafe {
+            let v4 = &mut t.__bindgen_anon_1.ipv4;
+            v4.saddr = u32::from_ne_bytes([pkt.saddr[0], pkt.saddr[1], pkt.saddr[2], pkt.saddr[3]]);
+            v4.daddr = u32::from_ne_bytes([pkt.daddr[0], pkt.daddr[1], pkt.daddr[2], pkt.daddr[3]]);
+            v4.sport = pkt.sport.to_be();
+            v4.dport = pkt.dport.to_be();
+        }
+        (t, 12)
+    } else {
+        // SAFETY: writing the ipv6 member of a zeroed POD union.
+        unsafe {
+            let v6 = &mut t.__bindgen_anon_1.ipv6;
+            v6.saddr = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.saddr);
+            v6.daddr = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.daddr);
+            v6.sport = pkt.sport.to_be();
+            v6.dport = pkt.dport.to_be();
+        }
+        (t, 36)
+    }
+}
+
+/// Assign the packet to the socket that owns its tuple, if any. A listener found
+/// this way is not ours to use; a TIME_WAIT socket does not own a new SYN.
+#[inline(never)]
+fn assign_owner(ctx: &TcContext, pkt: &TcpPacket, syn: bool, verdict: Verdict) -> Owner {
+    let (mut tuple, size) = tuple_of(pkt);
+    // SAFETY: helper call with a valid context and a stack tuple of `size` bytes.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return Owner::None;
+    }
+    // SAFETY: `sk` is a referenced socket returned by the lookup.
+    let state = unsafe { (*sk).state };
+    if state == BPF_TCP_LISTEN || (syn && state == BPF_TCP_TIME_WAIT) {
+        // SAFETY: releasing the reference the lookup took.
+        unsafe { bpf_sk_release(sk.cast()) };
+        return Owner::None;
+    }
+    // SAFETY: assigning a referenced socket to the packet, then dropping our ref.
+    let rc = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
+    // SAFETY: as above.
+    unsafe { bpf_sk_release(sk.cast()) };
+    if rc != 0 {
+        bump(Verdict::SteerAssignFailed);
+        return Owner::None;
+    }
+    mark(ctx);
+    bump(verdict);
+    Owner::Assigned
+}
+
+/// Assign a new connection's SYN to the splicer's listener for its family.
+#[inline(never)]
+fn assign_listener(ctx: &TcContext, pkt: &TcpPacket) {
+    let key: u32 = if pkt.family == FAMILY_IPV4 { LISTENER_V4 } else { LISTENER_V6 };
+    // SAFETY: raw lookup in a SockMap; aya-ebpf 0.2 has no TC-side wrapper. The
+    // result is a referenced socket or null.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            (&raw const LISTENERS).cast_mut().cast::<c_void>(),
+            (&raw const key).cast::<c_void>(),
+        )
+    }
+    .cast::<bpf_sock>();
+    if sk.is_null() {
+        bump(Verdict::SteerNoListener);
+        return;
+    }
+    // SAFETY: `sk` is the referenced listener from the map.
+    let rc = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
+    // SAFETY: dropping the map lookup's reference.
+    unsafe { bpf_sk_release(sk.cast()) };
+    if rc != 0 {
+        bump(Verdict::SteerAssignFailed);
+        return;
+    }
+    mark(ctx);
+    bump(Verdict::SteerNewFlow);
+}
+
+#[inline(always)]
+fn mark(ctx: &TcContext) {
+    // SAFETY: read-only global set before load.
+    let m = unsafe { core::ptr::read_volatile(&STEER_MARK) };
+    ctx.set_mark(m);
+}

@@ -1,0 +1,8 @@
+//! The block index: images split into fixed-size blocks named by their blake3 hash.
+//!
+//! - [`BlockHash`]: a block's name.
+//! - [`Manifest`]: an image as an ordered list of block names (zero blocks marked).
+
+mod manifest;
+
+pub use manifest::{BlockHash, Manifest};

@@ -1,0 +1,6 @@
+//! The splicer: accepts the connections the steering program hands it, opens the
+//! transparent upstream connection, and relays.
+//!
+//! - [`text`]: iSCSI text parameters (used by passive discovery too).
+
+pub mod text;
