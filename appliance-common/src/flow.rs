@@ -34,8 +34,12 @@ pub struct FlowCounters {
     pub packets: u64,
     /// Bytes of whole frames as seen by XDP (Ethernet header included).
     pub frame_bytes: u64,
-    /// TCP payload bytes (what the application sent).
+    /// TCP payload bytes that crossed the link, retransmissions included.
     pub payload_bytes: u64,
+    /// Of `payload_bytes`, those in segments that did not advance the flow's highest
+    /// sequence number (retransmissions, spurious or not). Unique application bytes
+    /// = `payload_bytes - retrans_bytes`.
+    pub retrans_bytes: u64,
     /// `bpf_ktime_get_ns` of the first and latest packet.
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
@@ -57,5 +61,5 @@ pub struct IfCounters {
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
 const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
-const _: () = assert!(core::mem::size_of::<FlowCounters>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowCounters>() == 56);
 const _: () = assert!(core::mem::size_of::<IfCounters>() == 32);

@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::map,
-    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -27,6 +27,9 @@ const ISCSI_BHS_LEN: usize = 48;
 #[map]
 pub static FLOWS: LruPerCpuHashMap<FlowKey, FlowCounters> =
     LruPerCpuHashMap::with_max_entries(FLOWS_MAX, 0);
+
+#[map]
+pub static FLOW_SEQ: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(FLOWS_MAX, 0);
 
 #[map]
 pub static IF_COUNTERS: PerCpuHashMap<u32, IfCounters> =
@@ -88,12 +91,19 @@ pub fn classify(ctx: &XdpContext) {
         payload_len = frame_len.saturating_sub(pkt.payload_off as u64);
     }
     let key = flow_key(ifindex, &pkt);
-    count_flow(&key, frame_len, payload_len, pkt.tcp_flags);
+    let retrans = if is_retransmission(&key, pkt.seq, payload_len as u32) {
+        payload_len
+    } else {
+        0
+    };
+    count_flow(&key, frame_len, payload_len, retrans, pkt.tcp_flags);
 
     if toward_port && payload_len >= ISCSI_BHS_LEN as u64 {
-        if let Ok(op) = crate::parse::ptr_at::<u8>(start, end, pkt.payload_off) {
+        // Four bytes, not one: a one-byte bound check compiles to a form the
+        // verifier cannot use (`ptr >= end`), and the payload is >= 48 bytes.
+        if let Ok(bhs) = crate::parse::ptr_at::<[u8; 4]>(start, end, pkt.payload_off) {
             // SAFETY: bounds checked by ptr_at.
-            if unsafe { *op } & 0x3f == ISCSI_OP_LOGIN_REQUEST {
+            if unsafe { (*bhs)[0] } & 0x3f == ISCSI_OP_LOGIN_REQUEST {
                 capture_login(ctx, &key, pkt.payload_off, payload_len);
             }
         }
@@ -148,18 +158,43 @@ fn count_interface(ifindex: u32, bytes: u64, rx: bool) {
     let _ = IF_COUNTERS.insert(&ifindex, &c, 0);
 }
 
+/// Whether a segment carrying `len` bytes from `seq` ends at or before the highest
+/// end sequence already seen on this flow (serial-number arithmetic, RFC 1982).
+/// Shared across CPUs without atomics: a race between two CPUs on one flow can
+/// misfile one segment, which only shifts bytes between the two payload counters.
 #[inline(always)]
-fn count_flow(key: &FlowKey, frame_len: u64, payload_len: u64, flags: u8) {
+fn is_retransmission(key: &FlowKey, seq: u32, len: u32) -> bool {
+    if len == 0 {
+        return false;
+    }
+    let end = seq.wrapping_add(len);
+    if let Some(max) = FLOW_SEQ.get_ptr_mut(key) {
+        // SAFETY: a live map value.
+        unsafe {
+            if (end.wrapping_sub(*max) as i32) <= 0 {
+                return true;
+            }
+            *max = end;
+        }
+        return false;
+    }
+    let _ = FLOW_SEQ.insert(key, &end, 0);
+    false
+}
+
+#[inline(always)]
+fn count_flow(key: &FlowKey, frame_len: u64, payload_len: u64, retrans: u64, flags: u8) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(c) = FLOWS.get_ptr_mut(key) {
-        add_to_flow(c, frame_len, payload_len, flags, now);
+        add_to_flow(c, frame_len, payload_len, retrans, flags, now);
         return;
     }
     let fresh = FlowCounters {
         packets: 1,
         frame_bytes: frame_len,
         payload_bytes: payload_len,
+        retrans_bytes: retrans,
         first_seen_ns: now,
         last_seen_ns: now,
         tcp_flags: flags as u32,
@@ -171,12 +206,20 @@ fn count_flow(key: &FlowKey, frame_len: u64, payload_len: u64, flags: u8) {
 }
 
 #[inline(always)]
-fn add_to_flow(c: *mut FlowCounters, frame_len: u64, payload_len: u64, flags: u8, now: u64) {
+fn add_to_flow(
+    c: *mut FlowCounters,
+    frame_len: u64,
+    payload_len: u64,
+    retrans: u64,
+    flags: u8,
+    now: u64,
+) {
     // SAFETY: `c` points at this CPU's slot of a live map value.
     unsafe {
         (*c).packets += 1;
         (*c).frame_bytes += frame_len;
         (*c).payload_bytes += payload_len;
+        (*c).retrans_bytes += retrans;
         (*c).tcp_flags |= flags as u32;
         if (*c).first_seen_ns == 0 {
             (*c).first_seen_ns = now;

@@ -2,12 +2,25 @@
 //! their blocks.
 //!
 //! # Layout
-//! The data path in the order a packet meets it:
-//! - [`cost`]: the topology and network cost between nodes.
+//! The data path in the order a packet meets it, then the planes around it:
+//! - [`config`]: the daemon's TOML configuration, validated.
+//! - [`datapath`]: the loaded kernel programs and their maps.
+//! - [`classify`]: flows, link counters and passive discovery (XDP, seen from user space).
+//! - [`steer`]: steering into the splicer: listeners, transparent upstream sockets, policy routing.
+//! - [`splice`]: the splicer: accept, connect upstream, relay.
 //! - [`index`]: images as manifests of blake3-named blocks.
-//! - [`splice`]: the splicer (iSCSI text parsing today).
-#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+//! - [`cost`]: the topology and network cost between nodes.
+//! - [`api`]: HTTP status and metrics.
+//! - [`daemon`]: `nearblock run`, the stages wired together.
+//! - [`cli`]: the command line, one file per subcommand.
 
+pub mod api;
+pub mod classify;
+pub mod cli;
+pub mod config;
 pub mod cost;
+pub mod daemon;
+pub mod datapath;
 pub mod index;
 pub mod splice;
+pub mod steer;

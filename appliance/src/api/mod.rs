@@ -1,0 +1,115 @@
+//! The HTTP API: `GET /status` (JSON: flows, interfaces, verdicts, splicer,
+//! discovery) and `GET /metrics` (Prometheus text).
+
+use std::sync::Arc;
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::daemon::{Appliance, StatusReport};
+
+pub async fn serve(listener: tokio::net::TcpListener, app: Arc<Appliance>) {
+    let router = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(app);
+    if let Err(e) = axum::serve(listener, router).await {
+        tracing::warn!(cause = %e, "API server stopped");
+    }
+}
+
+async fn status(
+    State(app): State<Arc<Appliance>>,
+) -> Result<Json<StatusReport>, (StatusCode, String)> {
+    app.status()
+        .map(Json)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabel {
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IfaceLabel {
+    interface: String,
+    direction: String,
+}
+
+async fn metrics(State(app): State<Arc<Appliance>>) -> impl IntoResponse {
+    let report = match app.status() {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    (StatusCode::OK, render_metrics(&report))
+}
+
+/// Prometheus text for a status report. The counters live in kernel maps, so a
+/// fresh registry is filled at every scrape with the current totals.
+pub fn render_metrics(r: &StatusReport) -> String {
+    let mut reg = Registry::with_prefix("nearblock");
+    let verdicts = Family::<VerdictLabel, Counter>::default();
+    for (name, v) in &r.verdicts {
+        verdicts
+            .get_or_create(&VerdictLabel {
+                verdict: name.clone(),
+            })
+            .inc_by(*v);
+    }
+    reg.register("datapath_verdicts", "Packets by kernel verdict", verdicts);
+    let bytes = Family::<IfaceLabel, Counter>::default();
+    for i in &r.interfaces {
+        for (dir, v) in [("rx", i.rx_bytes), ("tx", i.tx_bytes)] {
+            bytes
+                .get_or_create(&IfaceLabel {
+                    interface: i.interface.clone(),
+                    direction: dir.into(),
+                })
+                .inc_by(v);
+        }
+    }
+    reg.register(
+        "interface_bytes",
+        "Bytes per interface and direction",
+        bytes,
+    );
+    let s = &r.splicer;
+    for (name, help, v) in [
+        (
+            "splicer_accepted",
+            "Steered connections accepted",
+            s.accepted,
+        ),
+        (
+            "splicer_upstream_failed",
+            "Upstream connects that failed",
+            s.upstream_failed,
+        ),
+        (
+            "splicer_bytes_to_target",
+            "Bytes relayed initiator to target",
+            s.bytes_to_target,
+        ),
+        (
+            "splicer_bytes_to_initiator",
+            "Bytes relayed target to initiator",
+            s.bytes_to_initiator,
+        ),
+    ] {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        reg.register(name, help, c);
+    }
+    let active = Gauge::<i64>::default();
+    active.set(s.active as i64);
+    reg.register("splicer_active_flows", "Connections being spliced", active);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}

@@ -1,0 +1,235 @@
+//! Classification, seen from user space: the flow table, per-interface link
+//! counters and verdicts the XDP program keeps, turned into records for status and
+//! metrics; and passive discovery, which reads the Login Request segments the XDP
+//! program copies to the ring buffer and learns which initiator opened which target.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use nearblock_common::{flow::FAMILY_IPV4, FlowKey, LoginEvent};
+use serde::Serialize;
+
+use crate::splice::text;
+
+/// The address pair and ports of a flow key, for display.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FlowView {
+    pub interface: String,
+    pub src: String,
+    pub dst: String,
+    pub vlan: u16,
+    pub packets: u64,
+    /// TCP payload that crossed the link, retransmissions included.
+    pub payload_bytes: u64,
+    /// Of `payload_bytes`, retransmitted payload.
+    pub retrans_bytes: u64,
+    pub frame_bytes: u64,
+}
+
+pub fn addr_of(family: u8, raw: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_IPV4 {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*raw))
+    }
+}
+
+fn sock_str(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+/// Source and destination of a flow key as `addr:port` strings.
+pub fn endpoints(key: &FlowKey) -> (String, String) {
+    (
+        sock_str(addr_of(key.family, &key.saddr), key.sport),
+        sock_str(addr_of(key.family, &key.daddr), key.dport),
+    )
+}
+
+/// One learned (initiator, target) association.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Discovery {
+    pub initiator_addr: String,
+    pub initiator_iqn: String,
+    pub target_iqn: String,
+    /// `Discovery` for SendTargets sessions, `Normal` otherwise.
+    pub session_type: String,
+    pub portal: String,
+    pub logins: u64,
+}
+
+/// What one Login Request segment says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoginSeen {
+    pub initiator_addr: IpAddr,
+    pub portal: String,
+    pub initiator_iqn: String,
+    pub target_iqn: Option<String>,
+    pub session_type: String,
+}
+
+const BHS_LEN: usize = 48;
+
+/// Parse a captured Login Request segment (pure). `None` if the bytes are not a
+/// Login Request carrying an InitiatorName (continuation PDUs, garbage).
+pub fn parse_login(key: &FlowKey, payload: &[u8]) -> Option<LoginSeen> {
+    if payload.len() < BHS_LEN || payload[0] & 0x3f != 0x03 {
+        return None;
+    }
+    let dlen = u32::from_be_bytes([0, payload[5], payload[6], payload[7]]) as usize;
+    let ahs = payload[4] as usize * 4;
+    let start = BHS_LEN + ahs;
+    // Only the captured part of the data segment is available.
+    let end = (start + dlen).min(payload.len());
+    let data = payload.get(start..end)?;
+    let initiator = text::value(data, "InitiatorName")?.to_string();
+    let session_type = text::value(data, "SessionType")
+        .unwrap_or("Normal")
+        .to_string();
+    Some(LoginSeen {
+        initiator_addr: addr_of(key.family, &key.saddr),
+        portal: sock_str(addr_of(key.family, &key.daddr), key.dport),
+        initiator_iqn: initiator,
+        target_iqn: text::value(data, "TargetName").map(str::to_string),
+        session_type,
+    })
+}
+
+/// The discovery table: (initiator address, initiator IQN, target IQN) → record.
+#[derive(Default, Debug)]
+pub struct DiscoveryTable {
+    entries: BTreeMap<(String, String, String), Discovery>,
+}
+
+impl DiscoveryTable {
+    pub fn record(&mut self, seen: LoginSeen) {
+        let target = seen.target_iqn.clone().unwrap_or_default();
+        let k = (
+            seen.initiator_addr.to_string(),
+            seen.initiator_iqn.clone(),
+            target.clone(),
+        );
+        self.entries
+            .entry(k)
+            .and_modify(|d| d.logins += 1)
+            .or_insert(Discovery {
+                initiator_addr: seen.initiator_addr.to_string(),
+                initiator_iqn: seen.initiator_iqn,
+                target_iqn: target,
+                session_type: seen.session_type,
+                portal: seen.portal,
+                logins: 1,
+            });
+    }
+
+    pub fn entries(&self) -> Vec<Discovery> {
+        self.entries.values().cloned().collect()
+    }
+}
+
+/// Decode a ring-buffer record into its key and captured payload.
+pub fn decode_event(bytes: &[u8]) -> Option<(FlowKey, Vec<u8>)> {
+    if bytes.len() < std::mem::size_of::<LoginEvent>() {
+        return None;
+    }
+    // SAFETY: the ring buffer record is a LoginEvent written by the kernel program
+    // (same #[repr(C)] definition); read_unaligned copes with any alignment.
+    let ev: LoginEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let len = (ev.len as usize).min(ev.data.len());
+    Some((ev.key, ev.data[..len].to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login_pdu(text: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; BHS_LEN];
+        p[0] = 0x43; // I bit + Login Request
+        p[1] = 0x87; // T, CSG 1, NSG 3
+        let n = text.len() as u32;
+        p[5..8].copy_from_slice(&n.to_be_bytes()[1..]);
+        p.extend_from_slice(text);
+        while !p.len().is_multiple_of(4) {
+            p.push(0);
+        }
+        p
+    }
+
+    fn key() -> FlowKey {
+        let mut k = FlowKey {
+            family: FAMILY_IPV4,
+            proto: 6,
+            sport: 40000,
+            dport: 3260,
+            ..Default::default()
+        };
+        k.saddr[..4].copy_from_slice(&[198, 18, 1, 2]);
+        k.daddr[..4].copy_from_slice(&[198, 18, 0, 1]);
+        k
+    }
+
+    #[test]
+    fn parses_initiator_and_target() {
+        let p = login_pdu(b"InitiatorName=iqn.2026-11.test:hv1\0TargetName=iqn.2026-11.lib:img\0SessionType=Normal\0");
+        let s = parse_login(&key(), &p).unwrap();
+        assert_eq!(s.initiator_addr.to_string(), "198.18.1.2");
+        assert_eq!(s.portal, "198.18.0.1:3260");
+        assert_eq!(s.initiator_iqn, "iqn.2026-11.test:hv1");
+        assert_eq!(s.target_iqn.as_deref(), Some("iqn.2026-11.lib:img"));
+        let mut t = DiscoveryTable::default();
+        t.record(s.clone());
+        t.record(s);
+        let e = t.entries();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].logins, 2);
+    }
+
+    #[test]
+    fn discovery_session_has_no_target() {
+        let p = login_pdu(b"InitiatorName=iqn.x\0SessionType=Discovery\0");
+        let s = parse_login(&key(), &p).unwrap();
+        assert_eq!(s.target_iqn, None);
+        assert_eq!(s.session_type, "Discovery");
+    }
+
+    #[test]
+    fn rejects_non_login_and_truncated() {
+        let mut p = login_pdu(b"InitiatorName=iqn.x\0");
+        p[0] = 0x01;
+        assert!(parse_login(&key(), &p).is_none());
+        assert!(parse_login(&key(), &[3u8; 20]).is_none());
+        // A continuation PDU without InitiatorName teaches nothing.
+        assert!(parse_login(&key(), &login_pdu(b"MaxBurstLength=262144\0")).is_none());
+        // Data segment length beyond the capture: parse what is there.
+        let mut p = login_pdu(b"InitiatorName=iqn.y\0TargetName=t");
+        p[5..8].copy_from_slice(&5000u32.to_be_bytes()[1..]);
+        assert_eq!(parse_login(&key(), &p).unwrap().initiator_iqn, "iqn.y");
+    }
+
+    #[test]
+    fn decodes_ring_record() {
+        let mut ev = LoginEvent {
+            key: key(),
+            len: 3,
+            data: [0; nearblock_common::event::LOGIN_CAPTURE_MAX],
+        };
+        ev.data[..3].copy_from_slice(b"abc");
+        // SAFETY: LoginEvent is plain old data.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const LoginEvent).cast::<u8>(),
+                std::mem::size_of::<LoginEvent>(),
+            )
+        };
+        let (k, d) = decode_event(bytes).unwrap();
+        assert_eq!(k, key());
+        assert_eq!(d, b"abc");
+        assert!(decode_event(&bytes[..10]).is_none());
+    }
+}

@@ -1,0 +1,441 @@
+//! The daemon's configuration file (TOML). Parsed with unknown keys rejected, then
+//! validated; every error names the key and, where it can be found, its line.
+//!
+//! ```toml
+//! [appliance]
+//! name = "rack1"
+//!
+//! [datapath]
+//! interfaces = ["hv1", "hv2", "up"]  # XDP classifier + tx counters on each
+//! client_facing = ["hv1", "hv2"]     # new iSCSI connections entering here are steered
+//! upstream_facing = ["up"]           # replies to the splicer's upstream sockets
+//! image_transfer_ports = []          # classified in addition to 3260
+//! steer = true                       # false: monitor only (count, discover)
+//! ```
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use serde::Deserialize;
+
+/// Default DSCP codepoint the splicer puts on its upstream connections. 5 is
+/// unassigned in the IANA DSCP registry's standard pool, so it does not collide
+/// with a PHB an operator already uses.
+pub const DEFAULT_DSCP_MARK: u8 = 5;
+/// Default skb mark set on steered packets ("nb" in ASCII).
+pub const DEFAULT_STEER_MARK: u32 = 0x6e62;
+/// Default policy-routing table holding `local default dev lo`.
+pub const DEFAULT_ROUTE_TABLE: u32 = 2600;
+/// Default priority of the `fwmark … iif … lookup TABLE` rules.
+pub const DEFAULT_RULE_PRIORITY: u32 = 100;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub appliance: ApplianceConfig,
+    pub datapath: DatapathConfig,
+    #[serde(default)]
+    pub splicer: SplicerConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceConfig {
+    /// This appliance's node name in the topology.
+    pub name: String,
+}
+
+/// How XDP is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode if the interface supports it, else generic.
+    #[default]
+    Auto,
+    /// Generic (skb) mode: works on every interface.
+    Skb,
+    /// Native mode only; attaching fails where unsupported.
+    Driver,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatapathConfig {
+    /// Interfaces that get the XDP classifier and the egress counters.
+    pub interfaces: Vec<String>,
+    /// Interfaces whose new classified connections are steered to the splicer.
+    #[serde(default)]
+    pub client_facing: Vec<String>,
+    /// Interfaces on which replies to the splicer's upstream sockets arrive.
+    #[serde(default)]
+    pub upstream_facing: Vec<String>,
+    /// TCP ports classified besides iSCSI's 3260 (image-transfer protocols).
+    #[serde(default)]
+    pub image_transfer_ports: Vec<u16>,
+    /// `false`: monitor only (classify, count, discover; nothing is steered).
+    #[serde(default = "yes")]
+    pub steer: bool,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    /// DSCP codepoint (0..=63, not 0) marking nearblock's own upstream flows.
+    #[serde(default = "default_dscp")]
+    pub dscp_mark: u8,
+    /// skb mark the steering program sets (non-zero).
+    #[serde(default = "default_steer_mark")]
+    pub steer_mark: u32,
+    /// Routing table for steered packets (holds `local default dev lo`).
+    #[serde(default = "default_route_table")]
+    pub route_table: u32,
+    #[serde(default = "default_rule_priority")]
+    pub rule_priority: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplicerConfig {
+    /// Where the steered IPv4 connections are accepted (any local address).
+    #[serde(default = "default_listen_v4")]
+    pub listen_v4: SocketAddr,
+    /// Where the steered IPv6 connections are accepted.
+    #[serde(default = "default_listen_v6")]
+    pub listen_v6: SocketAddr,
+    /// Upstream connect timeout, seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// On a clean exit, how long existing flows may take to finish, seconds.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for SplicerConfig {
+    fn default() -> Self {
+        Self {
+            listen_v4: default_listen_v4(),
+            listen_v6: default_listen_v6(),
+            connect_timeout_secs: default_connect_timeout(),
+            drain_timeout_secs: default_drain_timeout(),
+        }
+    }
+}
+
+impl SplicerConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// HTTP API (status, metrics) listen address.
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_api_listen(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_dscp() -> u8 {
+    DEFAULT_DSCP_MARK
+}
+fn default_steer_mark() -> u32 {
+    DEFAULT_STEER_MARK
+}
+fn default_route_table() -> u32 {
+    DEFAULT_ROUTE_TABLE
+}
+fn default_rule_priority() -> u32 {
+    DEFAULT_RULE_PRIORITY
+}
+fn default_listen_v4() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15001))
+}
+fn default_listen_v6() -> SocketAddr {
+    "[::1]:15001".parse().expect("literal address")
+}
+fn default_connect_timeout() -> u64 {
+    5
+}
+fn default_drain_timeout() -> u64 {
+    10
+}
+/// Default API address.
+pub fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7878))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("config: {key}{}: {message}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Invalid {
+        key: String,
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate(text)?;
+        Ok(cfg)
+    }
+
+    /// TCP ports the classifier treats as image traffic: 3260 plus the configured ones.
+    pub fn classified_ports(&self) -> Vec<u16> {
+        let mut ports = vec![nearblock_common::maps::ISCSI_PORT];
+        for &p in &self.datapath.image_transfer_ports {
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        ports
+    }
+
+    fn validate(&self, text: &str) -> Result<(), ConfigError> {
+        let invalid = |table: &str, key: &str, message: String| ConfigError::Invalid {
+            key: format!("{table}.{key}"),
+            line: key_line(text, table, key),
+            message,
+        };
+        let dp = &self.datapath;
+        if self.appliance.name.trim().is_empty() {
+            return Err(invalid("appliance", "name", "must not be empty".into()));
+        }
+        if dp.interfaces.is_empty() {
+            return Err(invalid(
+                "datapath",
+                "interfaces",
+                "list at least one interface".into(),
+            ));
+        }
+        for name in &dp.interfaces {
+            if name.is_empty() || name.len() > 15 {
+                return Err(invalid(
+                    "datapath",
+                    "interfaces",
+                    format!("`{name}` is not a valid interface name (1..=15 bytes)"),
+                ));
+            }
+        }
+        for (key, list) in [
+            ("client_facing", &dp.client_facing),
+            ("upstream_facing", &dp.upstream_facing),
+        ] {
+            for name in list {
+                if !dp.interfaces.contains(name) {
+                    return Err(invalid(
+                        "datapath",
+                        key,
+                        format!("`{name}` is not listed in datapath.interfaces"),
+                    ));
+                }
+            }
+        }
+        if let Some(both) = dp
+            .client_facing
+            .iter()
+            .find(|n| dp.upstream_facing.contains(n))
+        {
+            return Err(invalid(
+                "datapath",
+                "upstream_facing",
+                format!("`{both}` is also client_facing; an interface has one role"),
+            ));
+        }
+        if dp.steer && dp.client_facing.is_empty() {
+            return Err(invalid(
+                "datapath",
+                "client_facing",
+                "steering is on but no interface is client_facing (set steer = false for monitor-only)"
+                    .into(),
+            ));
+        }
+        if dp.image_transfer_ports.contains(&0) {
+            return Err(invalid(
+                "datapath",
+                "image_transfer_ports",
+                "port 0 is not a port".into(),
+            ));
+        }
+        if dp.dscp_mark == 0 || dp.dscp_mark > 63 {
+            return Err(invalid(
+                "datapath",
+                "dscp_mark",
+                format!("{} is not a DSCP codepoint in 1..=63", dp.dscp_mark),
+            ));
+        }
+        if dp.steer_mark == 0 {
+            return Err(invalid("datapath", "steer_mark", "must be non-zero".into()));
+        }
+        if matches!(dp.route_table, 0 | 253..=255) {
+            return Err(invalid(
+                "datapath",
+                "route_table",
+                format!("table {} is reserved by the kernel", dp.route_table),
+            ));
+        }
+        let s = &self.splicer;
+        if !s.listen_v4.is_ipv4() {
+            return Err(invalid(
+                "splicer",
+                "listen_v4",
+                "must be an IPv4 address".into(),
+            ));
+        }
+        if !s.listen_v6.is_ipv6() {
+            return Err(invalid(
+                "splicer",
+                "listen_v6",
+                "must be an IPv6 address".into(),
+            ));
+        }
+        if s.connect_timeout_secs == 0 {
+            return Err(invalid(
+                "splicer",
+                "connect_timeout_secs",
+                "must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line of `key = …` inside `[table]`, for error messages.
+fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            current = name.trim().to_string();
+            continue;
+        }
+        if current == table {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim() == key {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[appliance]
+name = "rack1"
+
+[datapath]
+interfaces = ["hv1", "up"]
+client_facing = ["hv1"]
+upstream_facing = ["up"]
+image_transfer_ports = [10809, 3260]
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert!(c.datapath.steer);
+        assert_eq!(c.datapath.dscp_mark, DEFAULT_DSCP_MARK);
+        assert_eq!(c.classified_ports(), [3260, 10809]);
+        assert_eq!(c.splicer.listen_v4.port(), 15001);
+        assert_eq!(c.api.listen, default_api_listen());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = Config::parse(
+            &GOOD
+                .replace("steer_markk", "")
+                .replace("image_transfer_ports", "stear = true\nimage_transfer_ports"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("stear"), "{e}");
+        assert!(e.contains("line 9"), "{e}");
+    }
+
+    #[test]
+    fn semantic_error_names_key_and_line() {
+        let e =
+            Config::parse(&GOOD.replace("client_facing = [\"hv1\"]", "client_facing = [\"hv9\"]"))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("datapath.client_facing"), "{e}");
+        assert!(e.contains("line 7"), "{e}");
+        assert!(e.contains("hv9"), "{e}");
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for (from, to, key) in [
+            ("name = \"rack1\"", "name = \" \"", "appliance.name"),
+            (
+                "upstream_facing = [\"up\"]",
+                "upstream_facing = [\"hv1\"]",
+                "upstream_facing",
+            ),
+            (
+                "image_transfer_ports = [10809, 3260]",
+                "image_transfer_ports = [0]",
+                "image_transfer_ports",
+            ),
+            ("[datapath]", "[datapath]\ndscp_mark = 64", "dscp_mark"),
+            ("[datapath]", "[datapath]\nroute_table = 254", "route_table"),
+            ("[datapath]", "[datapath]\nsteer_mark = 0", "steer_mark"),
+        ] {
+            let e = Config::parse(&GOOD.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn monitor_only_needs_no_client_facing() {
+        let text = "[appliance]\nname = \"a\"\n[datapath]\ninterfaces = [\"x\"]\nsteer = false\n";
+        assert!(!Config::parse(text).unwrap().datapath.steer);
+        let e = Config::parse(&text.replace("steer = false", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("client_facing"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported_with_line() {
+        let e = Config::parse(&GOOD.replace("[datapath]", "[datapath]\nsteer = 3")).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("line 6"), "{e}");
+    }
+}

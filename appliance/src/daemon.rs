@@ -1,0 +1,296 @@
+//! `nearblock run`: wires the stages together in data-path order, serves the API,
+//! and on shutdown drains before getting out of the way.
+//!
+//! Start: load programs → policy routing → listeners (accepting) → SockMap →
+//! steering + classifier attached → discovery → API.
+//! Clean stop: listeners leave the SockMap (new connections now go straight to the
+//! library) → accept loops stop → existing flows drain (bounded) → programs
+//! detach → policy routing removed. SIGKILL skips all that: the TC/XDP links are
+//! this process's file descriptors, so steering vanishes with it (fail-open).
+
+use std::{
+    future::Future,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use nearblock_common::maps::{LISTENER_V4, LISTENER_V6, ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING};
+use serde::{Deserialize, Serialize};
+use tokio::{io::unix::AsyncFd, sync::watch};
+use tracing::{info, warn};
+
+use crate::{
+    classify::{self, Discovery, DiscoveryTable, FlowView},
+    config::Config,
+    datapath::{self, Datapath, LoadOptions},
+    splice::relay::{self, SplicerSnapshot, SplicerStats, UpstreamOptions},
+    steer::{self, PolicyRouting},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Datapath(#[from] datapath::DatapathError),
+    #[error(transparent)]
+    Steer(#[from] steer::SteerError),
+    #[error("API listen on {addr}: {source}")]
+    Api {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The running appliance's shared state.
+pub struct Appliance {
+    pub config: Config,
+    pub datapath: Mutex<Datapath>,
+    pub discovery: Mutex<DiscoveryTable>,
+    pub splicer: Arc<SplicerStats>,
+    pub started: Instant,
+}
+
+/// Per-interface counters for status.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InterfaceView {
+    pub interface: String,
+    pub ifindex: u32,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+/// What `nearblock status` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub appliance: String,
+    pub steering: bool,
+    pub uptime_secs: u64,
+    pub splicer: SplicerSnapshot,
+    pub verdicts: Vec<(String, u64)>,
+    pub interfaces: Vec<InterfaceView>,
+    pub flows: Vec<FlowView>,
+    pub discovery: Vec<Discovery>,
+}
+
+impl Appliance {
+    pub fn status(&self) -> Result<StatusReport, datapath::DatapathError> {
+        let dp = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let mut flows: Vec<FlowView> = dp
+            .flows()?
+            .into_iter()
+            .map(|f| {
+                let (src, dst) = classify::endpoints(&f.key);
+                FlowView {
+                    interface: datapath::if_name(f.key.ifindex)
+                        .unwrap_or_else(|| f.key.ifindex.to_string()),
+                    src,
+                    dst,
+                    vlan: f.key.vlan,
+                    packets: f.counters.packets,
+                    payload_bytes: f.counters.payload_bytes,
+                    retrans_bytes: f.counters.retrans_bytes,
+                    frame_bytes: f.counters.frame_bytes,
+                }
+            })
+            .collect();
+        flows.sort();
+        let interfaces = dp
+            .interfaces()?
+            .into_iter()
+            .map(|(ifindex, c)| InterfaceView {
+                interface: datapath::if_name(ifindex).unwrap_or_else(|| ifindex.to_string()),
+                ifindex,
+                rx_packets: c.rx_packets,
+                rx_bytes: c.rx_bytes,
+                tx_packets: c.tx_packets,
+                tx_bytes: c.tx_bytes,
+            })
+            .collect();
+        let verdicts = dp
+            .verdicts()?
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .collect();
+        drop(dp);
+        Ok(StatusReport {
+            appliance: self.config.appliance.name.clone(),
+            steering: self.config.datapath.steer,
+            uptime_secs: self.started.elapsed().as_secs(),
+            splicer: self.splicer.snapshot(),
+            verdicts,
+            interfaces,
+            flows,
+            discovery: self
+                .discovery
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entries(),
+        })
+    }
+}
+
+/// Run the appliance until `shutdown` resolves, then drain and clean up.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let dpc = &config.datapath;
+    let mut dp = Datapath::load(&LoadOptions {
+        classified_ports: config.classified_ports(),
+        dscp_mark: dpc.dscp_mark,
+        steer_mark: dpc.steer_mark,
+    })?;
+    let ring = dp.take_login_events()?;
+
+    let routing = PolicyRouting {
+        mark: dpc.steer_mark,
+        table: dpc.route_table,
+        priority: dpc.rule_priority,
+        interfaces: dpc
+            .client_facing
+            .iter()
+            .chain(&dpc.upstream_facing)
+            .cloned()
+            .collect(),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let splicer = Arc::new(SplicerStats::default());
+    let mut accept_tasks = Vec::new();
+    let mut listener_slots = Vec::new();
+
+    if dpc.steer {
+        routing.install()?;
+        let upstream = UpstreamOptions {
+            dscp: dpc.dscp_mark,
+            connect_timeout: config.splicer.connect_timeout(),
+        };
+        for (slot, addr) in [
+            (LISTENER_V4, config.splicer.listen_v4),
+            (LISTENER_V6, config.splicer.listen_v6),
+        ] {
+            let std_listener = match steer::transparent_listener(addr) {
+                Ok(l) => l,
+                Err(e) if addr.is_ipv6() => {
+                    warn!(cause = %e, "no IPv6 listener; IPv6 connections are forwarded untouched");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            dp.register_listener(slot, &std_listener)?;
+            listener_slots.push(slot);
+            let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|source| {
+                steer::SteerError::Socket {
+                    what: format!("register {addr} with tokio"),
+                    source,
+                }
+            })?;
+            accept_tasks.push(tokio::spawn(relay::accept_loop(
+                listener,
+                upstream.clone(),
+                splicer.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        for iface in &dpc.client_facing {
+            dp.attach_steering(iface, ROLE_CLIENT_FACING)?;
+        }
+        for iface in &dpc.upstream_facing {
+            dp.attach_steering(iface, ROLE_UPSTREAM_FACING)?;
+        }
+    }
+    for iface in &dpc.interfaces {
+        dp.attach_classifier(iface, dpc.xdp_mode)?;
+    }
+
+    let app = Arc::new(Appliance {
+        config: config.clone(),
+        datapath: Mutex::new(dp),
+        discovery: Mutex::new(DiscoveryTable::default()),
+        splicer: splicer.clone(),
+        started: Instant::now(),
+    });
+    let discovery_task = tokio::spawn(discovery_loop(app.clone(), ring));
+    let api_listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|source| DaemonError::Api {
+            addr: config.api.listen,
+            source,
+        })?;
+    let api_task = tokio::spawn(crate::api::serve(api_listener, app.clone()));
+    info!(
+        appliance = %config.appliance.name,
+        steering = dpc.steer,
+        interfaces = ?dpc.interfaces,
+        api = %config.api.listen,
+        "nearblock running"
+    );
+
+    shutdown.await;
+    info!("shutting down: new connections now bypass the splicer");
+    {
+        let mut dp = app.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in &listener_slots {
+            if let Err(e) = dp.unregister_listener(*slot) {
+                warn!(cause = %e, "removing listener from the SockMap");
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    // Existing flows keep their steering (their sockets own their tuples) while
+    // they drain.
+    let deadline = Instant::now() + config.splicer.drain_timeout();
+    while splicer.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = splicer.active.load(Ordering::Relaxed);
+    if left > 0 {
+        warn!(flows = left, "drain timeout: closing remaining flows");
+    }
+    api_task.abort();
+    discovery_task.abort();
+    let _ = discovery_task.await;
+    // Last reference: detaches every program.
+    drop(app);
+    if dpc.steer {
+        routing.remove_quietly();
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn discovery_loop(app: Arc<Appliance>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+    // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, so the fd
+    // stays open for as long as it is registered.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(cause = %e, "discovery disabled: cannot poll the ring buffer");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            let Some((key, payload)) = classify::decode_event(&item) else {
+                continue;
+            };
+            if let Some(seen) = classify::parse_login(&key, &payload) {
+                info!(
+                    initiator = %seen.initiator_addr,
+                    iqn = %seen.initiator_iqn,
+                    target = ?seen.target_iqn,
+                    "login seen"
+                );
+                app.discovery
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(seen);
+            }
+        }
+        guard.clear_ready();
+    }
+}

@@ -1,0 +1,414 @@
+//! The loaded kernel programs: loads the eBPF object embedded at build time, sets
+//! its load-time globals, fills the configuration maps, attaches programs, and gives
+//! typed access to the counter maps. The classifier ([`crate::classify`]) and the
+//! steering ([`crate::steer`]) use it; dropping it detaches everything (the links are
+//! file descriptors of this process, so they also vanish if it is killed).
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, AsRawFd},
+};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SockMap},
+    programs::{tc::TcAttachType, xdp::XdpMode as AyaXdpMode, SchedClassifier, Xdp},
+    Ebpf, EbpfLoader,
+};
+use nearblock_common::{
+    maps::{self as names},
+    verdict::{VERDICT_COUNT, VERDICT_NAMES},
+    FlowCounters, FlowKey, IfCounters,
+};
+
+use crate::config::XdpMode;
+
+/// The eBPF object built by `appliance/build.rs` (empty if the toolchain was missing).
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nearblock-ebpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "this nearblock binary was built without its eBPF programs (no Debian rustc-web / \
+         bpf-linker at build time): run `cargo xtask bootstrap`, then rebuild"
+    )]
+    NotBuilt,
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF map `{0}` is missing from the object")]
+    MissingMap(&'static str),
+    #[error("interface `{0}` does not exist in this network namespace")]
+    NoSuchInterface(String),
+    #[error(
+        "attaching XDP to `{iface}` in {mode:?} mode failed: {source} (try xdp_mode = \"skb\")"
+    )]
+    AttachXdp {
+        iface: String,
+        mode: XdpMode,
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching TC {dir} program to `{iface}` failed: {source}")]
+    AttachTc {
+        iface: String,
+        dir: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF_PROG_TEST_RUN failed: {0}")]
+    TestRun(std::io::Error),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { name, source }
+}
+
+/// Load-time settings of the kernel programs.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub classified_ports: Vec<u16>,
+    pub dscp_mark: u8,
+    pub steer_mark: u32,
+}
+
+/// The loaded programs and their maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+/// Summed counters of one directional flow.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowRecord {
+    pub key: FlowKey,
+    pub counters: FlowCounters,
+}
+
+impl Datapath {
+    /// Load the programs into the kernel (verifier runs here) and fill the port map.
+    pub fn load(opts: &LoadOptions) -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NotBuilt);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::GLOBAL_DSCP_MARK, &opts.dscp_mark, true)
+            .override_global(names::GLOBAL_STEER_MARK, &opts.steer_mark, true)
+            .load(EBPF_OBJECT)?;
+        {
+            let mut ports: HashMap<&mut MapData, u16, u8> = HashMap::try_from(
+                ebpf.map_mut(names::PORTS)
+                    .ok_or(DatapathError::MissingMap(names::PORTS))?,
+            )
+            .map_err(map_err(names::PORTS))?;
+            for &p in &opts.classified_ports {
+                ports.insert(p, 1, 0).map_err(map_err(names::PORTS))?;
+            }
+        }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(names::PROG_XDP_CLASSIFY)
+            .ok_or(DatapathError::MissingMap(names::PROG_XDP_CLASSIFY))?
+            .try_into()
+            .map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
+        xdp.load().map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
+        for name in [names::PROG_TC_STEER, names::PROG_TC_EGRESS] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingMap(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Attach the XDP classifier and the egress counter to `iface`.
+    pub fn attach_classifier(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
+        if_index(iface)?;
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(names::PROG_XDP_CLASSIFY)
+            .ok_or(DatapathError::MissingMap(names::PROG_XDP_CLASSIFY))?
+            .try_into()
+            .map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
+        let attach = |xdp: &mut Xdp, flags| {
+            xdp.attach(iface, flags)
+                .map_err(|source| DatapathError::AttachXdp {
+                    iface: iface.to_string(),
+                    mode,
+                    source,
+                })
+        };
+        match mode {
+            XdpMode::Skb => attach(xdp, AyaXdpMode::Skb)?,
+            XdpMode::Driver => attach(xdp, AyaXdpMode::Driver)?,
+            XdpMode::Auto => match attach(xdp, AyaXdpMode::Driver) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::debug!(iface, cause = %e, "native XDP unavailable, using generic");
+                    attach(xdp, AyaXdpMode::Skb)?
+                }
+            },
+        };
+        self.attach_tc(names::PROG_TC_EGRESS, iface, TcAttachType::Egress)
+    }
+
+    /// Attach the steering program to `iface`'s ingress with the given role bits.
+    pub fn attach_steering(&mut self, iface: &str, role: u32) -> Result<(), DatapathError> {
+        let ifindex = if_index(iface)?;
+        {
+            let mut roles: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
+                self.ebpf
+                    .map_mut(names::IFACE_ROLES)
+                    .ok_or(DatapathError::MissingMap(names::IFACE_ROLES))?,
+            )
+            .map_err(map_err(names::IFACE_ROLES))?;
+            roles
+                .insert(ifindex, role, 0)
+                .map_err(map_err(names::IFACE_ROLES))?;
+        }
+        self.attach_tc(names::PROG_TC_STEER, iface, TcAttachType::Ingress)
+    }
+
+    fn attach_tc(
+        &mut self,
+        prog: &'static str,
+        iface: &str,
+        dir: TcAttachType,
+    ) -> Result<(), DatapathError> {
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(prog)
+            .ok_or(DatapathError::MissingMap(prog))?
+            .try_into()
+            .map_err(prog_err(prog))?;
+        // On kernels >= 6.6 this is a TCX link owned by this process (no qdisc).
+        p.attach(iface, dir)
+            .map_err(|source| DatapathError::AttachTc {
+                iface: iface.to_string(),
+                dir: if dir == TcAttachType::Ingress {
+                    "ingress"
+                } else {
+                    "egress"
+                },
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Put a listening socket in the steering SockMap (`LISTENER_V4`/`LISTENER_V6`).
+    pub fn register_listener<S: AsRawFd>(
+        &mut self,
+        slot: u32,
+        sock: &S,
+    ) -> Result<(), DatapathError> {
+        let mut map: SockMap<&mut MapData> = SockMap::try_from(
+            self.ebpf
+                .map_mut(names::LISTENERS)
+                .ok_or(DatapathError::MissingMap(names::LISTENERS))?,
+        )
+        .map_err(map_err(names::LISTENERS))?;
+        map.set(slot, sock, 0).map_err(map_err(names::LISTENERS))
+    }
+
+    /// Remove a listener: new connections are then forwarded untouched (fail-open),
+    /// while packets of already spliced connections still reach their sockets.
+    pub fn unregister_listener(&mut self, slot: u32) -> Result<(), DatapathError> {
+        let mut map: SockMap<&mut MapData> = SockMap::try_from(
+            self.ebpf
+                .map_mut(names::LISTENERS)
+                .ok_or(DatapathError::MissingMap(names::LISTENERS))?,
+        )
+        .map_err(map_err(names::LISTENERS))?;
+        match map.clear_index(&slot) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::LISTENERS)(e)),
+        }
+    }
+
+    /// Every directional flow, counters summed over CPUs.
+    pub fn flows(&self) -> Result<Vec<FlowRecord>, DatapathError> {
+        let map: PerCpuHashMap<&MapData, FlowKey, FlowCounters> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map(names::FLOWS)
+                .ok_or(DatapathError::MissingMap(names::FLOWS))?,
+        )
+        .map_err(map_err(names::FLOWS))?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (key, per_cpu) = item.map_err(map_err(names::FLOWS))?;
+            out.push(FlowRecord {
+                key,
+                counters: sum_flow(per_cpu.iter()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Per-interface counters summed over CPUs, by ifindex.
+    pub fn interfaces(&self) -> Result<BTreeMap<u32, IfCounters>, DatapathError> {
+        let map: PerCpuHashMap<&MapData, u32, IfCounters> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map(names::IF_COUNTERS)
+                .ok_or(DatapathError::MissingMap(names::IF_COUNTERS))?,
+        )
+        .map_err(map_err(names::IF_COUNTERS))?;
+        let mut out = BTreeMap::new();
+        for item in map.iter() {
+            let (ifindex, per_cpu) = item.map_err(map_err(names::IF_COUNTERS))?;
+            let mut sum = IfCounters::default();
+            for c in per_cpu.iter() {
+                sum.rx_packets += c.rx_packets;
+                sum.rx_bytes += c.rx_bytes;
+                sum.tx_packets += c.tx_packets;
+                sum.tx_bytes += c.tx_bytes;
+            }
+            out.insert(ifindex, sum);
+        }
+        Ok(out)
+    }
+
+    /// Verdict counters by name, summed over CPUs.
+    pub fn verdicts(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(names::VERDICTS)
+                .ok_or(DatapathError::MissingMap(names::VERDICTS))?,
+        )
+        .map_err(map_err(names::VERDICTS))?;
+        let mut out = Vec::with_capacity(VERDICT_COUNT as usize);
+        for i in 0..VERDICT_COUNT {
+            let per_cpu = map.get(&i, 0).map_err(map_err(names::VERDICTS))?;
+            out.push((VERDICT_NAMES[i as usize], per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Take the login-event ring buffer (for the discovery task to poll).
+    pub fn take_login_events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(names::LOGIN_EVENTS)
+            .ok_or(DatapathError::MissingMap(names::LOGIN_EVENTS))?;
+        RingBuf::try_from(map).map_err(map_err(names::LOGIN_EVENTS))
+    }
+
+    /// Run the XDP classifier once on `frame` with BPF_PROG_TEST_RUN (packet
+    /// fixtures); returns the XDP action. Counters are updated as for a real packet
+    /// (ingress ifindex 1, loopback, unless the kernel reports otherwise).
+    pub fn test_run_classifier(&self, frame: &[u8]) -> Result<u32, DatapathError> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(names::PROG_XDP_CLASSIFY)
+            .ok_or(DatapathError::MissingMap(names::PROG_XDP_CLASSIFY))?
+            .try_into()
+            .map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
+        let fd = prog.fd().map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
+        prog_test_run(fd.as_fd().as_raw_fd(), frame).map_err(DatapathError::TestRun)
+    }
+}
+
+fn sum_flow<'a>(per_cpu: impl Iterator<Item = &'a FlowCounters>) -> FlowCounters {
+    let mut s = FlowCounters::default();
+    for c in per_cpu {
+        if c.packets == 0 {
+            continue;
+        }
+        s.packets += c.packets;
+        s.frame_bytes += c.frame_bytes;
+        s.payload_bytes += c.payload_bytes;
+        s.retrans_bytes += c.retrans_bytes;
+        s.tcp_flags |= c.tcp_flags;
+        if s.first_seen_ns == 0 || (c.first_seen_ns != 0 && c.first_seen_ns < s.first_seen_ns) {
+            s.first_seen_ns = c.first_seen_ns;
+        }
+        s.last_seen_ns = s.last_seen_ns.max(c.last_seen_ns);
+    }
+    s
+}
+
+/// ifindex of `iface` in the current network namespace.
+pub fn if_index(iface: &str) -> Result<u32, DatapathError> {
+    let name =
+        std::ffi::CString::new(iface).map_err(|_| DatapathError::NoSuchInterface(iface.into()))?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if idx == 0 {
+        return Err(DatapathError::NoSuchInterface(iface.into()));
+    }
+    Ok(idx)
+}
+
+/// Name of interface `ifindex` in the current network namespace.
+pub fn if_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    let s = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(s.to_string_lossy().into_owned())
+}
+
+/// `bpf(BPF_PROG_TEST_RUN)` on an XDP program; aya 0.14 has no wrapper.
+fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<u32> {
+    // union bpf_attr, test member (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = TestAttr {
+        prog_fd: prog_fd as u32,
+        data_size_in: frame.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid bpf_attr prefix of the size passed; the buffers it
+    // points at outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestAttr,
+            std::mem::size_of::<TestAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(attr.retval)
+}
