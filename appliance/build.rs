@@ -27,9 +27,16 @@ fn main() {
         println!("cargo:rerun-if-changed={}", p.display());
     }
     println!("cargo:rerun-if-env-changed=NEARBLOCK_SKIP_EBPF");
+    // Rebuild once the toolchain appears (a missing path makes cargo rerun this).
+    println!("cargo:rerun-if-changed=/usr/bin/rustc");
+    if let Some(linker) = find("bpf-linker") {
+        println!("cargo:rerun-if-changed={}", linker.display());
+    } else {
+        println!("cargo:rerun-if-changed=/nonexistent/bpf-linker");
+    }
 
     let skip = env::var("NEARBLOCK_SKIP_EBPF").is_ok_and(|v| v == "1");
-    let toolchain = Path::new("/usr/bin/rustc").exists() && which("bpf-linker");
+    let toolchain = Path::new("/usr/bin/rustc").exists() && find("bpf-linker").is_some();
     if skip || !toolchain {
         println!(
             "cargo:warning=eBPF programs not built ({}); run `cargo xtask bootstrap`",
@@ -76,11 +83,13 @@ fn main() {
     std::fs::copy(&obj, &out).unwrap_or_else(|e| panic!("copying {} failed: {e}", obj.display()));
 }
 
-fn which(name: &str) -> bool {
+fn find(name: &str) -> Option<PathBuf> {
+    let home_bin = Path::new(&env::var("HOME").unwrap_or_default()).join(".cargo/bin");
     env::var_os("PATH")
-        .is_some_and(|paths| env::split_paths(&paths).any(|d| d.join(name).is_file()))
-        || Path::new(&env::var("HOME").unwrap_or_default())
-            .join(".cargo/bin")
-            .join(name)
-            .is_file()
+        .map(|p| env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([home_bin])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }

@@ -36,16 +36,26 @@ pub struct FlowCounters {
     pub frame_bytes: u64,
     /// TCP payload bytes that crossed the link, retransmissions included.
     pub payload_bytes: u64,
-    /// Of `payload_bytes`, those in segments that did not advance the flow's highest
-    /// sequence number (retransmissions, spurious or not). Unique application bytes
-    /// = `payload_bytes - retrans_bytes`.
-    pub retrans_bytes: u64,
     /// `bpf_ktime_get_ns` of the first and latest packet.
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
     /// OR of every TCP flag byte seen (SYN, FIN, RST, ...).
     pub tcp_flags: u32,
     pub _pad: u32,
+}
+
+/// Sequence-space progress of one directional flow (a shared, not per-CPU, map
+/// value). `new_bytes` counts only payload that moved the highest sequence number
+/// seen forward, so it is the application's byte count whatever the order in which
+/// CPUs see segments and however often they are retransmitted; the difference to
+/// `FlowCounters::payload_bytes` is retransmitted payload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSeq {
+    /// Highest end sequence number seen (seq + payload length), serial arithmetic.
+    pub max_end: u32,
+    pub _pad: u32,
+    pub new_bytes: u64,
 }
 
 /// Per-interface byte counters (a per-CPU map value; user space sums over CPUs).
@@ -61,5 +71,6 @@ pub struct IfCounters {
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
 const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
-const _: () = assert!(core::mem::size_of::<FlowCounters>() == 56);
+const _: () = assert!(core::mem::size_of::<FlowCounters>() == 48);
 const _: () = assert!(core::mem::size_of::<IfCounters>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowSeq>() == 16);

@@ -15,7 +15,7 @@ pub mod maps;
 pub mod verdict;
 
 pub use event::LoginEvent;
-pub use flow::{FlowCounters, FlowKey, IfCounters};
+pub use flow::{FlowCounters, FlowKey, FlowSeq, IfCounters};
 pub use verdict::Verdict;
 
 #[cfg(feature = "user")]
@@ -25,4 +25,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowCounters {}
     unsafe impl aya::Pod for super::IfCounters {}
+    unsafe impl aya::Pod for super::FlowSeq {}
 }

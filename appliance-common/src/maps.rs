@@ -4,8 +4,8 @@
 /// LRU per-CPU hash `FlowKey -> FlowCounters`.
 pub const FLOWS: &str = "FLOWS";
 pub const FLOWS_MAX: u32 = 65_536;
-/// LRU hash `FlowKey -> u32`: the highest TCP end sequence number seen per flow
-/// (shared by all CPUs), used to tell retransmitted payload from new payload.
+/// LRU hash `FlowKey -> FlowSeq`: sequence-space progress per flow (shared by all
+/// CPUs), which separates new payload from retransmitted payload.
 pub const FLOW_SEQ: &str = "FLOW_SEQ";
 /// Per-CPU hash `ifindex -> IfCounters`.
 pub const IF_COUNTERS: &str = "IF_COUNTERS";

@@ -14,7 +14,7 @@ use nearblock_common::{
     event::LOGIN_CAPTURE_MAX,
     maps::{FLOWS_MAX, IF_COUNTERS_MAX, LOGIN_EVENTS_BYTES, PORTS_MAX},
     verdict::VERDICT_COUNT,
-    FlowCounters, FlowKey, IfCounters, LoginEvent, Verdict,
+    FlowCounters, FlowKey, FlowSeq, IfCounters, LoginEvent, Verdict,
 };
 
 use crate::parse::{parse_tcp, TcpPacket};
@@ -29,7 +29,7 @@ pub static FLOWS: LruPerCpuHashMap<FlowKey, FlowCounters> =
     LruPerCpuHashMap::with_max_entries(FLOWS_MAX, 0);
 
 #[map]
-pub static FLOW_SEQ: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(FLOWS_MAX, 0);
+pub static FLOW_SEQ: LruHashMap<FlowKey, FlowSeq> = LruHashMap::with_max_entries(FLOWS_MAX, 0);
 
 #[map]
 pub static IF_COUNTERS: PerCpuHashMap<u32, IfCounters> =
@@ -91,12 +91,8 @@ pub fn classify(ctx: &XdpContext) {
         payload_len = frame_len.saturating_sub(pkt.payload_off as u64);
     }
     let key = flow_key(ifindex, &pkt);
-    let retrans = if is_retransmission(&key, pkt.seq, payload_len as u32) {
-        payload_len
-    } else {
-        0
-    };
-    count_flow(&key, frame_len, payload_len, retrans, pkt.tcp_flags);
+    track_sequence(&key, pkt.seq, payload_len as u32);
+    count_flow(&key, frame_len, payload_len, pkt.tcp_flags);
 
     if toward_port && payload_len >= ISCSI_BHS_LEN as u64 {
         // Four bytes, not one: a one-byte bound check compiles to a form the
@@ -158,43 +154,48 @@ fn count_interface(ifindex: u32, bytes: u64, rx: bool) {
     let _ = IF_COUNTERS.insert(&ifindex, &c, 0);
 }
 
-/// Whether a segment carrying `len` bytes from `seq` ends at or before the highest
-/// end sequence already seen on this flow (serial-number arithmetic, RFC 1982).
-/// Shared across CPUs without atomics: a race between two CPUs on one flow can
-/// misfile one segment, which only shifts bytes between the two payload counters.
+/// Advance the flow's sequence-space counter by the part of `[seq, seq+len)` beyond
+/// the highest end seen (serial-number arithmetic, RFC 1982). Reordered and
+/// retransmitted segments add nothing. Shared across CPUs without atomics (the BPF
+/// target has none in `core`): two CPUs racing on one flow's update can misfile
+/// one segment's bytes, a rare and bounded error.
 #[inline(always)]
-fn is_retransmission(key: &FlowKey, seq: u32, len: u32) -> bool {
+fn track_sequence(key: &FlowKey, seq: u32, len: u32) {
     if len == 0 {
-        return false;
+        return;
     }
     let end = seq.wrapping_add(len);
-    if let Some(max) = FLOW_SEQ.get_ptr_mut(key) {
+    if let Some(s) = FLOW_SEQ.get_ptr_mut(key) {
         // SAFETY: a live map value.
         unsafe {
-            if (end.wrapping_sub(*max) as i32) <= 0 {
-                return true;
+            let ahead = end.wrapping_sub((*s).max_end) as i32;
+            if ahead > 0 {
+                (*s).new_bytes += ahead as u64;
+                (*s).max_end = end;
             }
-            *max = end;
         }
-        return false;
+        return;
     }
-    let _ = FLOW_SEQ.insert(key, &end, 0);
-    false
+    let fresh = FlowSeq {
+        max_end: end,
+        _pad: 0,
+        new_bytes: len as u64,
+    };
+    let _ = FLOW_SEQ.insert(key, &fresh, 0);
 }
 
 #[inline(always)]
-fn count_flow(key: &FlowKey, frame_len: u64, payload_len: u64, retrans: u64, flags: u8) {
+fn count_flow(key: &FlowKey, frame_len: u64, payload_len: u64, flags: u8) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(c) = FLOWS.get_ptr_mut(key) {
-        add_to_flow(c, frame_len, payload_len, retrans, flags, now);
+        add_to_flow(c, frame_len, payload_len, flags, now);
         return;
     }
     let fresh = FlowCounters {
         packets: 1,
         frame_bytes: frame_len,
         payload_bytes: payload_len,
-        retrans_bytes: retrans,
         first_seen_ns: now,
         last_seen_ns: now,
         tcp_flags: flags as u32,
@@ -206,20 +207,12 @@ fn count_flow(key: &FlowKey, frame_len: u64, payload_len: u64, retrans: u64, fla
 }
 
 #[inline(always)]
-fn add_to_flow(
-    c: *mut FlowCounters,
-    frame_len: u64,
-    payload_len: u64,
-    retrans: u64,
-    flags: u8,
-    now: u64,
-) {
+fn add_to_flow(c: *mut FlowCounters, frame_len: u64, payload_len: u64, flags: u8, now: u64) {
     // SAFETY: `c` points at this CPU's slot of a live map value.
     unsafe {
         (*c).packets += 1;
         (*c).frame_bytes += frame_len;
         (*c).payload_bytes += payload_len;
-        (*c).retrans_bytes += retrans;
         (*c).tcp_flags |= flags as u32;
         if (*c).first_seen_ns == 0 {
             (*c).first_seen_ns = now;

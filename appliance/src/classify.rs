@@ -23,7 +23,8 @@ pub struct FlowView {
     pub packets: u64,
     /// TCP payload that crossed the link, retransmissions included.
     pub payload_bytes: u64,
-    /// Of `payload_bytes`, retransmitted payload.
+    /// Of `payload_bytes`, payload that did not advance the flow's sequence space
+    /// (retransmitted); `payload_bytes - retrans_bytes` is what the application sent.
     pub retrans_bytes: u64,
     pub frame_bytes: u64,
 }

@@ -89,7 +89,7 @@ impl Appliance {
                     vlan: f.key.vlan,
                     packets: f.counters.packets,
                     payload_bytes: f.counters.payload_bytes,
-                    retrans_bytes: f.counters.retrans_bytes,
+                    retrans_bytes: f.counters.payload_bytes.saturating_sub(f.new_bytes),
                     frame_bytes: f.counters.frame_bytes,
                 }
             })

@@ -17,7 +17,7 @@ use aya::{
 use nearblock_common::{
     maps::{self as names},
     verdict::{VERDICT_COUNT, VERDICT_NAMES},
-    FlowCounters, FlowKey, IfCounters,
+    FlowCounters, FlowKey, FlowSeq, IfCounters,
 };
 
 use crate::config::XdpMode;
@@ -93,6 +93,8 @@ pub struct Datapath {
 pub struct FlowRecord {
     pub key: FlowKey,
     pub counters: FlowCounters,
+    /// Payload that advanced the sequence space (application bytes).
+    pub new_bytes: u64,
 }
 
 impl Datapath {
@@ -245,12 +247,24 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap(names::FLOWS))?,
         )
         .map_err(map_err(names::FLOWS))?;
+        let seq: HashMap<&MapData, FlowKey, FlowSeq> = HashMap::try_from(
+            self.ebpf
+                .map(names::FLOW_SEQ)
+                .ok_or(DatapathError::MissingMap(names::FLOW_SEQ))?,
+        )
+        .map_err(map_err(names::FLOW_SEQ))?;
         let mut out = Vec::new();
         for item in map.iter() {
             let (key, per_cpu) = item.map_err(map_err(names::FLOWS))?;
+            let counters = sum_flow(per_cpu.iter());
+            let new_bytes = seq
+                .get(&key, 0)
+                .map(|s| s.new_bytes)
+                .unwrap_or(counters.payload_bytes);
             out.push(FlowRecord {
                 key,
-                counters: sum_flow(per_cpu.iter()),
+                counters,
+                new_bytes,
             });
         }
         Ok(out)
@@ -328,7 +342,6 @@ fn sum_flow<'a>(per_cpu: impl Iterator<Item = &'a FlowCounters>) -> FlowCounters
         s.packets += c.packets;
         s.frame_bytes += c.frame_bytes;
         s.payload_bytes += c.payload_bytes;
-        s.retrans_bytes += c.retrans_bytes;
         s.tcp_flags |= c.tcp_flags;
         if s.first_seen_ns == 0 || (c.first_seen_ns != 0 && c.first_seen_ns < s.first_seen_ns) {
             s.first_seen_ns = c.first_seen_ns;

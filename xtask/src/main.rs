@@ -1,1 +1,328 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks. Deliberately small (clap + anyhow) so a
+//! fresh machine compiles it in seconds, before anything else is installed.
+//!
+//! - `bootstrap`: install what is missing, skip what is there (idempotent).
+//! - `build`: the `nearblock` binary (its build script builds the eBPF programs).
+//! - `test`: bootstrap, build, and run every test (unit + namespace integration).
+//! - `demo`: bootstrap, build, and run the demo topology with one qemu-img copy.
+//! - `bench <datapath|index|plan|all>`: the benchmarks, as ratios to a baseline
+//!   measured in the same run.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the project needs (see docs/decisions.md for each).
+const APT_PACKAGES: &[&str] = &[
+    // eBPF toolchain: Debian's rustc with its library source, LLVM 22 for bpf-linker.
+    "rustc-web",
+    "rust-web-src",
+    "cargo-web",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "bpftool",
+    "clang-22",
+    // The lab and the real peers.
+    "iproute2",
+    "tgt",
+    "libiscsi-bin",
+    "libiscsi7",
+    "iperf3",
+    "python3",
+    "python3-pip",
+];
+
+/// qemu-img with its iSCSI driver: Debian bookworm's 7.2 build, unpacked, not installed.
+const QEMU_VERSION: &str = "1:7.2+dfsg-7+deb12u18+b3";
+const QEMU_DIR: &str = "/var/cache/nearblock/qemu-7.2";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain and tools this project needs (only what is missing).
+    Bootstrap,
+    /// Build the nearblock binary (release) with its eBPF programs.
+    Build,
+    /// Bootstrap, build, and run all tests (needs root for the namespace lab).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Bootstrap, build, and run the demo topology.
+    Demo,
+    /// Run a benchmark (after bootstrap and build).
+    Bench {
+        #[arg(default_value = "all")]
+        which: String,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Bootstrap => bootstrap(),
+        Cmd::Build => {
+            bootstrap()?;
+            build()
+        }
+        Cmd::Test { args } => {
+            bootstrap()?;
+            test(&args)
+        }
+        Cmd::Demo => {
+            bootstrap()?;
+            build()?;
+            cargo(&[
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "nearblock-lab",
+                "--bin",
+                "nearblock-demo",
+            ])
+            .env("NEARBLOCK_BIN", root().join("target/release/nearblock"))
+            .status_ok()
+        }
+        Cmd::Bench { which } => {
+            bootstrap()?;
+            build()?;
+            bench(&which)
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root()).args(args);
+    c
+}
+
+trait StatusOk {
+    fn status_ok(&mut self) -> Result<()>;
+}
+
+impl StatusOk for Command {
+    fn status_ok(&mut self) -> Result<()> {
+        let st = self.status().with_context(|| format!("running {self:?}"))?;
+        if !st.success() {
+            bail!("{self:?} failed: {st}");
+        }
+        Ok(())
+    }
+}
+
+fn build() -> Result<()> {
+    cargo(&["build", "--release", "-p", "nearblock"]).status_ok()
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    // The integration tests run the nearblock binary; build it in the test
+    // profile's directory so the lab finds it beside the test executables.
+    cargo(&["build", "-p", "nearblock", "--bin", "nearblock"]).status_ok()?;
+    let mut c = cargo(&["test", "--workspace"]);
+    c.args(extra);
+    c.status_ok()
+}
+
+fn bench(which: &str) -> Result<()> {
+    let all = which == "all";
+    let mut ran = false;
+    if all || which == "datapath" {
+        ran = true;
+        cargo(&[
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "nearblock-lab",
+            "--bin",
+            "bench-datapath",
+        ])
+        .env("NEARBLOCK_BIN", root().join("target/release/nearblock"))
+        .status_ok()?;
+    }
+    for name in ["index", "plan"] {
+        if all || which == name {
+            let has_bench = root().join(format!("appliance/benches/{name}.rs")).exists();
+            if has_bench {
+                ran = true;
+                cargo(&["bench", "-q", "-p", "nearblock", "--bench", name]).status_ok()?;
+            } else if !all {
+                bail!("no `{name}` benchmark in this tree yet");
+            }
+        }
+    }
+    if !ran {
+        bail!("unknown benchmark `{which}` (datapath, index, plan, all)");
+    }
+    Ok(())
+}
+
+fn bootstrap() -> Result<()> {
+    if !is_root() {
+        bail!("bootstrap installs system packages: run as root");
+    }
+    apt_packages()?;
+    bpf_linker()?;
+    qemu_72()?;
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        eprintln!("bootstrap: Debian packages present");
+        return Ok(());
+    }
+    eprintln!("bootstrap: installing {}", missing.join(" "));
+    Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status_ok()?;
+    Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .status_ok()
+}
+
+fn bpf_linker() -> Result<()> {
+    let ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(" 0.13"))
+        .unwrap_or(false);
+    if ok {
+        eprintln!("bootstrap: bpf-linker 0.13 present");
+        return Ok(());
+    }
+    eprintln!("bootstrap: building bpf-linker 0.13 against LLVM 22 (several minutes)");
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .env("PATH", path)
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "^0.13",
+            "--no-default-features",
+        ])
+        .args(["--features", "llvm-22"])
+        .status_ok()
+}
+
+fn qemu_72() -> Result<()> {
+    let dir = Path::new(QEMU_DIR);
+    if dir.join("usr/bin/qemu-img").exists() {
+        eprintln!("bootstrap: qemu-img 7.2 present in {QEMU_DIR}");
+        return Ok(());
+    }
+    let tmp = dir.with_extension("download");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let download = |version: &str| {
+        Command::new("apt-get")
+            .current_dir(&tmp)
+            .args(["download", "-qq"])
+            .arg(format!("qemu-utils={version}"))
+            .arg(format!("qemu-block-extra={version}"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !download(QEMU_VERSION) {
+        // The pinned build is gone: take the newest 7.2 build of both packages.
+        let version = newest_72()?;
+        eprintln!("bootstrap: {QEMU_VERSION} unavailable, using {version}");
+        if !download(&version) {
+            bail!("cannot download qemu-utils/qemu-block-extra {version}");
+        }
+    }
+    let staging = dir.with_extension("staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    for deb in std::fs::read_dir(&tmp)? {
+        let deb = deb?.path();
+        Command::new("dpkg")
+            .arg("-x")
+            .arg(&deb)
+            .arg(&staging)
+            .status_ok()?;
+    }
+    std::fs::rename(&staging, dir)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!("bootstrap: qemu-img 7.2 unpacked into {QEMU_DIR}");
+    Ok(())
+}
+
+fn newest_72() -> Result<String> {
+    let out = Command::new("apt-cache")
+        .args(["madison", "qemu-utils"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut best: Option<String> = None;
+    for v in text
+        .lines()
+        .filter_map(|l| l.split('|').nth(1))
+        .map(str::trim)
+    {
+        if !v.starts_with("1:7.2") {
+            continue;
+        }
+        let newer = match &best {
+            None => true,
+            Some(b) => Command::new("dpkg")
+                .args(["--compare-versions", v, "gt", b])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false),
+        };
+        if newer {
+            best = Some(v.to_string());
+        }
+    }
+    best.context("no qemu-utils 7.2 build in the package lists")
+}
