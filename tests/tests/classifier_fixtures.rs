@@ -109,7 +109,7 @@ fn login_pdu() -> Vec<u8> {
     p[1] = 0x87;
     p[5..8].copy_from_slice(&(text.len() as u32).to_be_bytes()[1..]);
     p.extend_from_slice(text);
-    while p.len() % 4 != 0 {
+    while !p.len().is_multiple_of(4) {
         p.push(0);
     }
     p
