@@ -174,6 +174,7 @@ fn assign_owner(ctx: &TcContext, pkt: &TcpPacket, syn: bool, verdict: Verdict) -
     unsafe { bpf_sk_release(sk.cast()) };
     if rc != 0 {
         bump(Verdict::SteerAssignFailed);
+        aya_log_ebpf::warn!(ctx, "bpf_sk_assign to a flow's socket failed: {}", rc);
         return Owner::None;
     }
     mark(ctx);
@@ -204,6 +205,7 @@ fn assign_listener(ctx: &TcContext, pkt: &TcpPacket) {
     unsafe { bpf_sk_release(sk.cast()) };
     if rc != 0 {
         bump(Verdict::SteerAssignFailed);
+        aya_log_ebpf::warn!(ctx, "bpf_sk_assign to the listener failed: {}", rc);
         return;
     }
     mark(ctx);

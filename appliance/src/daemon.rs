@@ -139,6 +139,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         steer_mark: dpc.steer_mark,
     })?;
     let ring = dp.take_login_events()?;
+    let kernel_log = dp.take_logger().map(|l| tokio::spawn(kernel_log_loop(l)));
 
     let routing = PolicyRouting {
         mark: dpc.steer_mark,
@@ -249,6 +250,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     api_task.abort();
     discovery_task.abort();
+    if let Some(t) = kernel_log {
+        t.abort();
+    }
     let _ = discovery_task.await;
     // Last reference: detaches every program.
     drop(app);
@@ -257,6 +261,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Forward the kernel programs' aya-log lines (rare events) to tracing.
+async fn kernel_log_loop(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its fd and is moved into the AsyncFd, so the fd stays
+    // open for as long as it is registered.
+    let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 async fn discovery_loop(app: Arc<Appliance>, ring: aya::maps::RingBuf<aya::maps::MapData>) {

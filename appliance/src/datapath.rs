@@ -86,6 +86,9 @@ pub struct LoadOptions {
 /// The loaded programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Forwards the kernel programs' rare-event log lines (aya-log) to tracing;
+    /// taken by the daemon to poll.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 /// Summed counters of one directional flow.
@@ -107,6 +110,14 @@ impl Datapath {
             .override_global(names::GLOBAL_DSCP_MARK, &opts.dscp_mark, true)
             .override_global(names::GLOBAL_STEER_MARK, &opts.steer_mark, true)
             .load(EBPF_OBJECT)?;
+        // Before the programs load: the logger takes the log map out of `ebpf`.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(cause = %e, "kernel program logging unavailable");
+                None
+            }
+        };
         {
             let mut ports: HashMap<&mut MapData, u16, u8> = HashMap::try_from(
                 ebpf.map_mut(names::PORTS)
@@ -131,7 +142,7 @@ impl Datapath {
                 .map_err(prog_err(name))?;
             p.load().map_err(prog_err(name))?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, logger })
     }
 
     /// Attach the XDP classifier and the egress counter to `iface`.
@@ -307,6 +318,11 @@ impl Datapath {
             out.push((VERDICT_NAMES[i as usize], per_cpu.iter().sum()));
         }
         Ok(out)
+    }
+
+    /// Take the kernel-log forwarder (poll it when its fd is readable, then `flush`).
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
     }
 
     /// Take the login-event ring buffer (for the discovery task to poll).
