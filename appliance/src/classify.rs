@@ -52,6 +52,38 @@ pub fn endpoints(key: &FlowKey) -> (String, String) {
     )
 }
 
+/// Live rate of one interface, from two samples of its byte counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct LinkRate {
+    pub rx_bps: f64,
+    pub tx_bps: f64,
+    /// max(rx, tx) / capacity, when the link's capacity is configured (0..=1+).
+    pub utilization: Option<f64>,
+}
+
+/// Rate between two counter samples `dt_secs` apart (pure). Counters only grow;
+/// a reset (daemon restart, map recreated) yields 0 rather than a negative rate.
+pub fn link_rate(
+    prev: (u64, u64),
+    cur: (u64, u64),
+    dt_secs: f64,
+    capacity_mbps: Option<f64>,
+) -> LinkRate {
+    if dt_secs <= 0.0 {
+        return LinkRate::default();
+    }
+    let rx_bps = cur.0.saturating_sub(prev.0) as f64 * 8.0 / dt_secs;
+    let tx_bps = cur.1.saturating_sub(prev.1) as f64 * 8.0 / dt_secs;
+    let utilization = capacity_mbps
+        .filter(|c| *c > 0.0)
+        .map(|c| rx_bps.max(tx_bps) / (c * 1e6));
+    LinkRate {
+        rx_bps,
+        tx_bps,
+        utilization,
+    }
+}
+
 /// One learned (initiator, target) association.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Discovery {
@@ -211,6 +243,20 @@ mod tests {
         let mut p = login_pdu(b"InitiatorName=iqn.y\0TargetName=t");
         p[5..8].copy_from_slice(&5000u32.to_be_bytes()[1..]);
         assert_eq!(parse_login(&key(), &p).unwrap().initiator_iqn, "iqn.y");
+    }
+
+    #[test]
+    fn link_rate_from_samples() {
+        let r = link_rate((0, 1000), (125_000_000, 1000), 1.0, Some(10_000.0));
+        assert_eq!(r.rx_bps, 1e9);
+        assert_eq!(r.tx_bps, 0.0);
+        assert_eq!(r.utilization, Some(0.1));
+        let reset = link_rate((500, 500), (10, 10), 1.0, None);
+        assert_eq!(
+            (reset.rx_bps, reset.tx_bps, reset.utilization),
+            (0.0, 0.0, None)
+        );
+        assert_eq!(link_rate((0, 0), (8, 8), 0.0, None), LinkRate::default());
     }
 
     #[test]

@@ -89,6 +89,12 @@ pub struct DatapathConfig {
     pub route_table: u32,
     #[serde(default = "default_rule_priority")]
     pub rule_priority: u32,
+    /// Capacity per interface in Mbit/s, for live utilization (`{ hv1 = 10000 }`).
+    #[serde(default)]
+    pub link_capacity_mbps: std::collections::BTreeMap<String, f64>,
+    /// How often interface counters are sampled into rates, milliseconds.
+    #[serde(default = "default_sample_ms")]
+    pub sample_interval_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -158,6 +164,9 @@ fn default_route_table() -> u32 {
 }
 fn default_rule_priority() -> u32 {
     DEFAULT_RULE_PRIORITY
+}
+fn default_sample_ms() -> u64 {
+    1000
 }
 fn default_listen_v4() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 15001))
@@ -276,6 +285,29 @@ impl Config {
                 "client_facing",
                 "steering is on but no interface is client_facing (set steer = false for monitor-only)"
                     .into(),
+            ));
+        }
+        for (iface, c) in &dp.link_capacity_mbps {
+            if !dp.interfaces.contains(iface) {
+                return Err(invalid(
+                    "datapath",
+                    "link_capacity_mbps",
+                    format!("`{iface}` is not listed in datapath.interfaces"),
+                ));
+            }
+            if !c.is_finite() || *c <= 0.0 {
+                return Err(invalid(
+                    "datapath",
+                    "link_capacity_mbps",
+                    format!("`{iface}`: {c} is not a capacity (> 0 Mbit/s)"),
+                ));
+            }
+        }
+        if !(50..=60_000).contains(&dp.sample_interval_ms) {
+            return Err(invalid(
+                "datapath",
+                "sample_interval_ms",
+                "must be within 50..=60000".into(),
             ));
         }
         if dp.image_transfer_ports.contains(&0) {
@@ -414,6 +446,21 @@ image_transfer_ports = [10809, 3260]
             ("[datapath]", "[datapath]\ndscp_mark = 64", "dscp_mark"),
             ("[datapath]", "[datapath]\nroute_table = 254", "route_table"),
             ("[datapath]", "[datapath]\nsteer_mark = 0", "steer_mark"),
+            (
+                "[datapath]",
+                "[datapath]\nlink_capacity_mbps = { hv9 = 10 }",
+                "link_capacity_mbps",
+            ),
+            (
+                "[datapath]",
+                "[datapath]\nlink_capacity_mbps = { up = 0 }",
+                "link_capacity_mbps",
+            ),
+            (
+                "[datapath]",
+                "[datapath]\nsample_interval_ms = 1",
+                "sample_interval_ms",
+            ),
         ] {
             let e = Config::parse(&GOOD.replace(from, to))
                 .unwrap_err()

@@ -20,7 +20,7 @@ use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
-    classify::{self, Discovery, DiscoveryTable, FlowView},
+    classify::{self, Discovery, DiscoveryTable, FlowView, LinkRate},
     config::Config,
     datapath::{self, Datapath, LoadOptions},
     splice::relay::{self, SplicerSnapshot, SplicerStats, UpstreamOptions},
@@ -45,6 +45,8 @@ pub struct Appliance {
     pub config: Config,
     pub datapath: Mutex<Datapath>,
     pub discovery: Mutex<DiscoveryTable>,
+    /// Latest live rate per ifindex (from the sampler).
+    pub rates: Mutex<std::collections::BTreeMap<u32, LinkRate>>,
     pub splicer: Arc<SplicerStats>,
     pub started: Instant,
 }
@@ -58,6 +60,8 @@ pub struct InterfaceView {
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
+    /// Live rate over the last sample interval.
+    pub rate: LinkRate,
 }
 
 /// What `nearblock status` shows.
@@ -95,10 +99,12 @@ impl Appliance {
             })
             .collect();
         flows.sort();
+        let rates = self.rates.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let interfaces = dp
             .interfaces()?
             .into_iter()
             .map(|(ifindex, c)| InterfaceView {
+                rate: rates.get(&ifindex).copied().unwrap_or_default(),
                 interface: datapath::if_name(ifindex).unwrap_or_else(|| ifindex.to_string()),
                 ifindex,
                 rx_packets: c.rx_packets,
@@ -205,10 +211,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config: config.clone(),
         datapath: Mutex::new(dp),
         discovery: Mutex::new(DiscoveryTable::default()),
+        rates: Mutex::new(Default::default()),
         splicer: splicer.clone(),
         started: Instant::now(),
     });
     let discovery_task = tokio::spawn(discovery_loop(app.clone(), ring));
+    let sampler_task = tokio::spawn(sample_loop(app.clone()));
     let api_listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .map_err(|source| DaemonError::Api {
@@ -249,6 +257,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         warn!(flows = left, "drain timeout: closing remaining flows");
     }
     api_task.abort();
+    sampler_task.abort();
     discovery_task.abort();
     if let Some(t) = kernel_log {
         t.abort();
@@ -261,6 +270,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Turn the kernel's per-interface byte counters into live rates and utilization.
+async fn sample_loop(app: Arc<Appliance>) {
+    let dpc = &app.config.datapath;
+    let capacity: std::collections::BTreeMap<u32, f64> = dpc
+        .link_capacity_mbps
+        .iter()
+        .filter_map(|(iface, c)| datapath::if_index(iface).ok().map(|i| (i, *c)))
+        .collect();
+    let mut tick = tokio::time::interval(Duration::from_millis(dpc.sample_interval_ms));
+    let mut prev: Option<(Instant, std::collections::BTreeMap<u32, (u64, u64)>)> = None;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let counters = {
+            let dp = app.datapath.lock().unwrap_or_else(|p| p.into_inner());
+            match dp.interfaces() {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(cause = %e, "sampling interface counters");
+                    continue;
+                }
+            }
+        };
+        let cur: std::collections::BTreeMap<u32, (u64, u64)> = counters
+            .iter()
+            .map(|(i, c)| (*i, (c.rx_bytes, c.tx_bytes)))
+            .collect();
+        if let Some((t0, before)) = &prev {
+            let dt = now.duration_since(*t0).as_secs_f64();
+            let rates = cur
+                .iter()
+                .map(|(i, c)| {
+                    let p = before.get(i).copied().unwrap_or((0, 0));
+                    (*i, classify::link_rate(p, *c, dt, capacity.get(i).copied()))
+                })
+                .collect();
+            *app.rates.lock().unwrap_or_else(|p| p.into_inner()) = rates;
+        }
+        prev = Some((now, cur));
+    }
 }
 
 /// Forward the kernel programs' aya-log lines (rare events) to tracing.

@@ -517,12 +517,20 @@ impl Lab {
             .filter(|p| Some(&p.peer) != up_peer.as_ref())
             .map(|p| format!("{:?}", p.iface))
             .collect();
+        let capacity: Vec<String> = ports
+            .iter()
+            .filter_map(|p| {
+                let c = self.topology.links[p.link].capacity_mbps?;
+                Some(format!("{:?} = {c:?}", p.iface))
+            })
+            .collect();
         format!(
-            "[appliance]\nname = {node:?}\n\n[datapath]\ninterfaces = [{}]\nclient_facing = [{}]\nupstream_facing = [{}]\nsteer = {}\nxdp_mode = \"skb\"\n{}\n",
+            "[appliance]\nname = {node:?}\n\n[datapath]\ninterfaces = [{}]\nclient_facing = [{}]\nupstream_facing = [{}]\nsteer = {}\nxdp_mode = \"skb\"\nlink_capacity_mbps = {{ {} }}\n{}\n",
             all.join(", "),
             client.join(", "),
             up.join(", "),
             opts.steer,
+            capacity.join(", "),
             opts.extra_config
         )
     }

@@ -59,10 +59,21 @@ pub fn print_report(r: &StatusReport, out: &mut dyn Write) -> anyhow::Result<()>
     )?;
     writeln!(out, "\ninterfaces:")?;
     for i in &r.interfaces {
+        let util = i
+            .rate
+            .utilization
+            .map(|u| format!("  util {:.1}%", u * 100.0))
+            .unwrap_or_default();
         writeln!(
             out,
-            "  {:<12} rx {:>14} B {:>10} pkts   tx {:>14} B {:>10} pkts",
-            i.interface, i.rx_bytes, i.rx_packets, i.tx_bytes, i.tx_packets
+            "  {:<12} rx {:>14} B {:>10} pkts {:>9.1} Mb/s   tx {:>14} B {:>10} pkts {:>9.1} Mb/s{util}",
+            i.interface,
+            i.rx_bytes,
+            i.rx_packets,
+            i.rate.rx_bps / 1e6,
+            i.tx_bytes,
+            i.tx_packets,
+            i.rate.tx_bps / 1e6
         )?;
     }
     writeln!(
