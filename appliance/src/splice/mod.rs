@@ -3,4 +3,5 @@
 //!
 //! - [`text`]: iSCSI text parameters (used by passive discovery too).
 
+pub mod pdu;
 pub mod text;
