@@ -872,6 +872,26 @@ impl Pdu {
     }
 }
 
+/// A PDU the splicer builds whose data segment is the concatenation of shared buffers
+/// (locally sourced Data-In spanning several cache blocks): framed without copying them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScatteredPdu {
+    pub bhs: Bhs,
+    pub data: Vec<Bytes>,
+}
+
+impl ScatteredPdu {
+    /// Length of the data segment.
+    pub fn data_len(&self) -> usize {
+        self.data.iter().map(Bytes::len).sum()
+    }
+
+    /// Frame for the wire with `digests`; DataSegmentLength is set from the data.
+    pub fn encode(&self, digests: Digests) -> Result<Frame, EncodeError> {
+        encode(&self.bhs, Bytes::new(), &self.data, digests)
+    }
+}
+
 /// A PDU as received: the parsed [`Pdu`] and the exact bytes it occupied on the wire
 /// (digests included), for forwarding unchanged without re-encoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
