@@ -4,6 +4,7 @@
 //! - [`text`]: iSCSI text parameters (used by passive discovery too).
 
 pub mod datain;
+pub mod login;
 pub mod pdu;
 pub mod scsi;
 pub mod text;
