@@ -7,7 +7,7 @@
 //! design the session's own initiator-side counters. Data is never copied: each PDU's
 //! data segment is a list of slices of the caller's buffers.
 
-use super::pdu::{data_in_flags, Bhs, Opcode, Residual, ScatteredPdu, RESERVED_TAG};
+use super::pdu::{data_in_flags, Bhs, Opcode, OutgoingPdu, Residual, RESERVED_TAG};
 use super::scsi::{self, Sense};
 use bytes::Bytes;
 
@@ -89,7 +89,7 @@ pub fn read_answer(
     data: &[Bytes],
     limits: DataInLimits,
     counters: StatusCounters,
-) -> Vec<ScatteredPdu> {
+) -> Vec<OutgoingPdu> {
     let needed: u64 = data.iter().map(|piece| piece.len() as u64).sum();
     let to_send = needed.min(u64::from(task.edtl)) as u32;
     let residual = residual(task.edtl, needed);
@@ -126,10 +126,7 @@ pub fn read_answer(
             bhs.set_residual(residual);
             counters.stamp(&mut bhs);
         }
-        pdus.push(ScatteredPdu {
-            bhs,
-            data: cursor.take(len as usize),
-        });
+        pdus.push(OutgoingPdu::new(bhs, cursor.take(len as usize)));
         offset += len;
     }
     pdus
@@ -144,7 +141,7 @@ pub fn scsi_response(
     residual: Residual,
     counters: StatusCounters,
     exp_data_sn: u32,
-) -> ScatteredPdu {
+) -> OutgoingPdu {
     let mut bhs = Bhs::new(Opcode::ScsiResponse);
     bhs.set_final_bit(true);
     bhs.set_itt(task.itt);
@@ -155,12 +152,12 @@ pub fn scsi_response(
     let data = sense
         .map(|sense| vec![scsi::response_sense_segment(sense)])
         .unwrap_or_default();
-    ScatteredPdu { bhs, data }
+    OutgoingPdu::new(bhs, data)
 }
 
 /// A CHECK CONDITION answer for a READ served locally (local design, e.g. LBA OUT OF
 /// RANGE): nothing transferred, so the residual is an underflow of the whole EDTL.
-pub fn check_condition(task: &ReadTask, sense: &Sense, counters: StatusCounters) -> ScatteredPdu {
+pub fn check_condition(task: &ReadTask, sense: &Sense, counters: StatusCounters) -> OutgoingPdu {
     let residual = residual(task.edtl, 0);
     scsi_response(
         task,
@@ -256,7 +253,7 @@ mod tests {
     }
 
     /// The invariants of a Data-In answer, checked on every sequence built.
-    fn check_sequence(pdus: &[ScatteredPdu], data: &[Bytes], edtl: u32, limits: DataInLimits) {
+    fn check_sequence(pdus: &[OutgoingPdu], data: &[Bytes], edtl: u32, limits: DataInLimits) {
         let whole: Vec<u8> = data.iter().flat_map(|b| b.iter().copied()).collect();
         let to_send = whole.len().min(edtl as usize);
         let mut offset = 0usize;
@@ -344,7 +341,7 @@ mod tests {
         let data = blocks(10, 1000);
         let lim = limits(3000, 4096);
         let pdus = read_answer(&task(10_000), &data, lim, COUNTERS);
-        let lens: Vec<usize> = pdus.iter().map(ScatteredPdu::data_len).collect();
+        let lens: Vec<usize> = pdus.iter().map(OutgoingPdu::data_len).collect();
         assert_eq!(lens, [3000, 1096, 3000, 1096, 1808]);
         check_sequence(&pdus, &data, 10_000, lim);
     }

@@ -7,4 +7,5 @@ pub mod datain;
 pub mod login;
 pub mod pdu;
 pub mod scsi;
+pub mod session;
 pub mod text;

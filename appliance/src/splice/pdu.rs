@@ -872,23 +872,49 @@ impl Pdu {
     }
 }
 
-/// A PDU the splicer builds whose data segment is the concatenation of shared buffers
-/// (locally sourced Data-In spanning several cache blocks): framed without copying them.
+/// A PDU the splicer sends that it built or rewrote: its data segment is the
+/// concatenation of shared buffers (locally sourced Data-In spanning several cache
+/// blocks, or a received PDU's data), framed without copying them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ScatteredPdu {
+pub struct OutgoingPdu {
     pub bhs: Bhs,
+    pub ahs: Bytes,
     pub data: Vec<Bytes>,
 }
 
-impl ScatteredPdu {
+impl OutgoingPdu {
+    /// A PDU with no AHS.
+    pub fn new(bhs: Bhs, data: Vec<Bytes>) -> OutgoingPdu {
+        OutgoingPdu {
+            bhs,
+            ahs: Bytes::new(),
+            data,
+        }
+    }
+
     /// Length of the data segment.
     pub fn data_len(&self) -> usize {
         self.data.iter().map(Bytes::len).sum()
     }
 
-    /// Frame for the wire with `digests`; DataSegmentLength is set from the data.
+    /// Frame for the wire with `digests`; TotalAHSLength and DataSegmentLength are set
+    /// from the AHS and data.
     pub fn encode(&self, digests: Digests) -> Result<Frame, EncodeError> {
-        encode(&self.bhs, Bytes::new(), &self.data, digests)
+        encode(&self.bhs, self.ahs.clone(), &self.data, digests)
+    }
+}
+
+impl From<Pdu> for OutgoingPdu {
+    fn from(pdu: Pdu) -> OutgoingPdu {
+        OutgoingPdu {
+            bhs: pdu.bhs,
+            ahs: pdu.ahs,
+            data: if pdu.data.is_empty() {
+                Vec::new()
+            } else {
+                vec![pdu.data]
+            },
+        }
     }
 }
 
@@ -1102,6 +1128,15 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// A frame of bytes already on the wire format (a received PDU forwarded unchanged).
+    pub fn from_wire(bytes: Bytes) -> Frame {
+        let remaining = bytes.len();
+        Frame {
+            pieces: VecDeque::from([bytes]),
+            remaining,
+        }
+    }
+
     /// Copy the whole frame into one contiguous buffer (tests, small PDUs).
     pub fn to_bytes(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(self.remaining);
