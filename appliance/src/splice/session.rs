@@ -925,3 +925,601 @@ fn tmf_answer(request: &Bhs, counters: StatusCounters) -> OutgoingPdu {
     bhs.set_max_cmd_sn(counters.max_cmd_sn);
     OutgoingPdu::new(bhs, Vec::new())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::splice::pdu::{data_in_flags, PduDecoder, Residual};
+    use bytes::BytesMut;
+
+    const LUN1: u64 = 0x0001_0000_0000_0000;
+
+    fn received(bhs: Bhs, data: &[u8]) -> ReceivedPdu {
+        let pdu = Pdu {
+            bhs,
+            ahs: Bytes::new(),
+            data: Bytes::copy_from_slice(data),
+        };
+        let mut wire = BytesMut::from(&pdu.encode(Digests::NONE).unwrap().to_bytes()[..]);
+        PduDecoder::default().decode(&mut wire).unwrap().unwrap()
+    }
+
+    fn bhs_of(out: &[Outgoing]) -> Vec<Bhs> {
+        out.iter().map(|o| o.bhs().unwrap()).collect()
+    }
+
+    /// A session through login with libiscsi-like parameters: MRDSL 8192 toward the
+    /// initiator, CmdSN starting at 1, target StatSN 0 on the final login response.
+    fn logged_in(session_type: &str) -> Session {
+        let mut session = Session::new();
+        let mut req = Bhs::new(Opcode::LoginRequest);
+        req.set_immediate(true);
+        req.set_flags(0x87);
+        req.set_cmd_sn(1);
+        let text = format!(
+            "InitiatorName=iqn.i\0TargetName=iqn.t\0SessionType={session_type}\0\
+             ErrorRecoveryLevel=2\0MaxRecvDataSegmentLength=8192\0"
+        );
+        let out = session.from_initiator(received(req, text.as_bytes()), Disposition::PassThrough);
+        let Outgoing::Pdu(edited) = &out.to_target[0] else {
+            panic!("offer not edited");
+        };
+        assert!(std::str::from_utf8(&edited.data[0])
+            .unwrap()
+            .contains("ErrorRecoveryLevel=0\0"));
+        let mut resp = Bhs::new(Opcode::LoginResponse);
+        resp.set_flags(0x87);
+        resp.set_tsih(3);
+        resp.set_stat_sn(0);
+        resp.set_exp_cmd_sn(1);
+        resp.set_max_cmd_sn(128);
+        let out = session.from_target(received(resp, b"ErrorRecoveryLevel=0\0"));
+        assert_eq!(out.to_initiator.len(), 1);
+        assert!(matches!(out.events[..], [Event::FullFeature(_)]));
+        assert_eq!(session.phase(), Phase::FullFeature);
+        assert_eq!(session.isid_tsih().1, 3);
+        session
+    }
+
+    fn read10(itt: u32, cmd_sn: u32, lba: u32, blocks: u16, edtl: u32) -> Bhs {
+        let mut bhs = Bhs::new(Opcode::ScsiCommand);
+        bhs.set_final_bit(true);
+        bhs.set_command_read(true);
+        bhs.set_command_attr(1);
+        bhs.set_lun(LUN1);
+        bhs.set_itt(itt);
+        bhs.set_cmd_sn(cmd_sn);
+        bhs.set_exp_stat_sn(1);
+        bhs.set_expected_data_transfer_length(edtl);
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x28;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        bhs.set_cdb(&cdb);
+        bhs
+    }
+
+    fn command(opcode: u8, itt: u32, cmd_sn: u32) -> Bhs {
+        let mut bhs = Bhs::new(Opcode::ScsiCommand);
+        bhs.set_final_bit(true);
+        bhs.set_lun(LUN1);
+        bhs.set_itt(itt);
+        bhs.set_cmd_sn(cmd_sn);
+        let mut cdb = [0u8; 16];
+        cdb[0] = opcode;
+        bhs.set_cdb(&cdb);
+        bhs
+    }
+
+    fn response(itt: u32, status: u8, stat_sn: u32, exp: u32) -> Bhs {
+        let mut bhs = Bhs::new(Opcode::ScsiResponse);
+        bhs.set_final_bit(true);
+        bhs.set_itt(itt);
+        bhs.set_status(status);
+        bhs.set_stat_sn(stat_sn);
+        bhs.set_exp_cmd_sn(exp);
+        bhs.set_max_cmd_sn(exp + 127);
+        bhs
+    }
+
+    fn blocks(n: usize) -> Vec<Bytes> {
+        (0..n).map(|i| Bytes::from(vec![i as u8; 512])).collect()
+    }
+
+    /// Pass one command through and answer it, so local serving is allowed.
+    fn first_command_answered(session: &mut Session) {
+        let out =
+            session.from_initiator(received(command(0x00, 1, 1), b""), Disposition::PassThrough);
+        assert!(matches!(out.to_target[..], [Outgoing::Wire(_)]));
+        let out = session.from_target(received(response(1, 0, 1, 2), b""));
+        assert!(matches!(out.to_initiator[..], [Outgoing::Wire(_)]));
+    }
+
+    #[test]
+    fn discovery_sessions_pass_through() {
+        let mut session = logged_in("Discovery");
+        let read = read10(5, 1, 0, 8, 4096);
+        assert_eq!(session.read_candidate(&read), None);
+        let out = session.from_initiator(received(read, b""), Disposition::Shadow);
+        assert!(matches!(out.to_target[..], [Outgoing::Wire(_)]));
+        assert!(out.fetch.is_empty());
+        let mut text = Bhs::new(Opcode::TextRequest);
+        text.set_final_bit(true);
+        let out = session.from_initiator(
+            received(text, b"SendTargets=All\0"),
+            Disposition::PassThrough,
+        );
+        assert!(matches!(out.to_target[..], [Outgoing::Wire(_)]));
+    }
+
+    #[test]
+    fn shadow_read_goes_upstream_empty_and_is_answered_locally() {
+        let mut session = logged_in("Normal");
+        let read = read10(0x10, 1, 100, 8, 4096);
+        assert!(session.read_candidate(&read).is_some());
+        let out = session.from_initiator(received(read, b""), Disposition::Shadow);
+        let [shadow] = &bhs_of(&out.to_target)[..] else {
+            panic!()
+        };
+        assert_eq!(shadow.itt(), 0x10);
+        assert_eq!(shadow.cmd_sn(), 1);
+        assert_eq!(shadow.expected_data_transfer_length(), 0);
+        assert!(!shadow.command_read());
+        assert_eq!(scsi::parse_read(shadow.cdb()).unwrap().blocks, 0);
+        assert_eq!(out.fetch.len(), 1);
+        assert_eq!((out.fetch[0].read.lba, out.fetch[0].read.blocks), (100, 8));
+        assert_eq!(out.fetch[0].design, Design::Shadow);
+
+        // Data first, then the target's verdict.
+        let out = session.data_ready(0x10, blocks(8));
+        assert!(out.to_initiator.is_empty(), "waits for the target's status");
+        let out = session.from_target(received(response(0x10, 0, 1, 2), b""));
+        let pdus = bhs_of(&out.to_initiator);
+        assert_eq!(pdus.len(), 1, "4096 bytes fit in MRDSL 8192");
+        let last = pdus[0];
+        assert_eq!(last.opcode(), Opcode::DataIn);
+        assert!(last.data_in_status());
+        assert_eq!(
+            (last.stat_sn(), last.exp_cmd_sn(), last.max_cmd_sn()),
+            (1, 2, 129)
+        );
+        assert!(!session.split());
+    }
+
+    #[test]
+    fn shadow_answer_holds_later_pdus_in_statsn_order() {
+        let mut session = logged_in("Normal");
+        session.from_initiator(
+            received(read10(0x10, 1, 0, 8, 4096), b""),
+            Disposition::Shadow,
+        );
+        session.from_initiator(
+            received(command(0x00, 0x11, 2), b""),
+            Disposition::PassThrough,
+        );
+        let out = session.from_target(received(response(0x10, 0, 1, 2), b""));
+        assert!(out.to_initiator.is_empty());
+        let out = session.from_target(received(response(0x11, 0, 2, 3), b""));
+        assert!(out.to_initiator.is_empty(), "StatSN 2 waits for StatSN 1");
+        let out = session.data_ready(0x10, blocks(8));
+        let stat_sns: Vec<u32> = bhs_of(&out.to_initiator).iter().map(Bhs::stat_sn).collect();
+        assert_eq!(stat_sns, [1, 2]);
+    }
+
+    #[test]
+    fn shadow_failure_is_forwarded_with_full_underflow() {
+        let mut session = logged_in("Normal");
+        session.from_initiator(
+            received(read10(0x10, 1, 0, 8, 4096), b""),
+            Disposition::Shadow,
+        );
+        let sense = scsi::response_sense_segment(&Sense::POWER_ON_RESET);
+        let out = session.from_target(received(response(0x10, 2, 1, 2), &sense));
+        assert_eq!(out.cancel, [0x10]);
+        let [Outgoing::Pdu(pdu)] = &out.to_initiator[..] else {
+            panic!()
+        };
+        assert_eq!(pdu.bhs.status(), scsi::status::CHECK_CONDITION);
+        assert_eq!(pdu.bhs.residual(), Residual::Underflow(4096));
+        assert_eq!(pdu.data, [sense]);
+        // A late fetch result is ignored.
+        assert!(session.data_ready(0x10, blocks(8)).to_initiator.is_empty());
+    }
+
+    #[test]
+    fn failed_fetch_answers_aborted_command() {
+        let mut session = logged_in("Normal");
+        session.from_initiator(
+            received(read10(0x10, 1, 0, 8, 4096), b""),
+            Disposition::Shadow,
+        );
+        session.from_target(received(response(0x10, 0, 1, 2), b""));
+        let out = session.data_failed(0x10);
+        let [Outgoing::Pdu(pdu)] = &out.to_initiator[..] else {
+            panic!()
+        };
+        assert_eq!(pdu.bhs.status(), scsi::status::CHECK_CONDITION);
+        assert_eq!(pdu.bhs.stat_sn(), 1);
+        let sense = scsi::sense_from_response_segment(&pdu.data[0]).unwrap();
+        assert_eq!(sense.key, scsi::sense_key::ABORTED_COMMAND);
+    }
+
+    #[test]
+    fn local_is_downgraded_to_shadow_until_the_target_answered() {
+        let mut session = logged_in("Normal");
+        let out = session.from_initiator(
+            received(read10(0x10, 1, 0, 8, 4096), b""),
+            Disposition::Local,
+        );
+        assert_eq!(out.fetch[0].design, Design::Shadow);
+        assert_eq!(out.to_target.len(), 1);
+        assert!(!session.split());
+    }
+
+    #[test]
+    fn local_read_splits_the_counters() {
+        let mut session = logged_in("Normal");
+        first_command_answered(&mut session); // CmdSN 1 used, target StatSN 1, ExpCmdSN 2
+        let out = session.from_initiator(
+            received(read10(0x20, 2, 0, 20, 10240), b""),
+            Disposition::Local,
+        );
+        assert!(out.to_target.is_empty(), "the target never sees it");
+        assert_eq!(out.fetch[0].design, Design::Local);
+        assert!(session.split());
+        let out = session.data_ready(0x20, blocks(20));
+        let pdus = bhs_of(&out.to_initiator);
+        assert_eq!(pdus.len(), 2, "10240 bytes at MRDSL 8192");
+        let last = pdus[1];
+        assert!(last.data_in_status());
+        assert_eq!(last.stat_sn(), 2, "next StatSN toward the initiator");
+        assert_eq!(last.exp_cmd_sn(), 3, "CmdSN 2 consumed locally");
+        assert_eq!(last.max_cmd_sn(), 2 + 127 + 1);
+        assert_eq!(pdus[0].exp_cmd_sn(), 3);
+
+        // The next forwarded command is renumbered into the target's space...
+        let mut next = command(0x00, 0x21, 3);
+        next.set_exp_stat_sn(3);
+        let out = session.from_initiator(received(next, b""), Disposition::PassThrough);
+        let [fwd] = &bhs_of(&out.to_target)[..] else {
+            panic!()
+        };
+        assert_eq!(fwd.cmd_sn(), 2);
+        assert_eq!(fwd.exp_stat_sn(), 2, "acknowledges what the target sent");
+        // ...and its response back into the initiator's.
+        let out = session.from_target(received(response(0x21, 0, 2, 3), b""));
+        let [back] = &bhs_of(&out.to_initiator)[..] else {
+            panic!()
+        };
+        assert_eq!(
+            (back.stat_sn(), back.exp_cmd_sn(), back.max_cmd_sn()),
+            (3, 4, 3 + 127 + 1)
+        );
+    }
+
+    #[test]
+    fn abort_of_a_local_task_is_answered_locally() {
+        let mut session = logged_in("Normal");
+        first_command_answered(&mut session);
+        session.from_initiator(
+            received(read10(0x20, 2, 0, 8, 4096), b""),
+            Disposition::Local,
+        );
+        let mut tmf = Bhs::new(Opcode::TaskManagementRequest);
+        tmf.set_immediate(true);
+        tmf.set_tmf_function(TmfFunction::AbortTask);
+        tmf.set_itt(0x30);
+        tmf.set_referenced_task_tag(0x20);
+        tmf.set_cmd_sn(3);
+        tmf.set_ref_cmd_sn(2);
+        let out = session.from_initiator(received(tmf, b""), Disposition::PassThrough);
+        assert!(out.to_target.is_empty());
+        assert_eq!(out.cancel, [0x20]);
+        let [resp] = &bhs_of(&out.to_initiator)[..] else {
+            panic!()
+        };
+        assert_eq!(resp.opcode(), Opcode::TaskManagementResponse);
+        assert_eq!(resp.itt(), 0x30);
+        assert_eq!(resp.response(), tmf_response::FUNCTION_COMPLETE);
+        assert_eq!(resp.stat_sn(), 2);
+        // Nothing is sent for the task afterwards.
+        assert!(session.data_ready(0x20, blocks(8)).to_initiator.is_empty());
+    }
+
+    #[test]
+    fn abort_of_a_forwarded_task_translates_ref_cmd_sn() {
+        let mut session = logged_in("Normal");
+        first_command_answered(&mut session);
+        session.from_initiator(
+            received(read10(0x20, 2, 0, 8, 4096), b""),
+            Disposition::Local,
+        );
+        session.from_initiator(
+            received(command(0x00, 0x21, 3), b""),
+            Disposition::PassThrough,
+        );
+        let mut tmf = Bhs::new(Opcode::TaskManagementRequest);
+        tmf.set_immediate(true);
+        tmf.set_tmf_function(TmfFunction::AbortTask);
+        tmf.set_itt(0x30);
+        tmf.set_referenced_task_tag(0x21);
+        tmf.set_cmd_sn(4);
+        tmf.set_ref_cmd_sn(3);
+        let out = session.from_initiator(received(tmf, b""), Disposition::PassThrough);
+        let [fwd] = &bhs_of(&out.to_target)[..] else {
+            panic!()
+        };
+        assert_eq!(fwd.referenced_task_tag(), 0x21);
+        assert_eq!(fwd.ref_cmd_sn(), 2);
+        assert_eq!(fwd.cmd_sn(), 3);
+    }
+
+    #[test]
+    fn lun_reset_cancels_local_tasks_and_goes_to_the_target() {
+        let mut session = logged_in("Normal");
+        first_command_answered(&mut session);
+        session.from_initiator(
+            received(read10(0x20, 2, 0, 8, 4096), b""),
+            Disposition::Local,
+        );
+        let mut tmf = Bhs::new(Opcode::TaskManagementRequest);
+        tmf.set_immediate(true);
+        tmf.set_tmf_function(TmfFunction::LogicalUnitReset);
+        tmf.set_lun(LUN1);
+        tmf.set_itt(0x30);
+        tmf.set_referenced_task_tag(RESERVED_TAG);
+        tmf.set_cmd_sn(3);
+        let out = session.from_initiator(received(tmf, b""), Disposition::PassThrough);
+        assert_eq!(out.cancel, [0x20]);
+        let [fwd] = &bhs_of(&out.to_target)[..] else {
+            panic!()
+        };
+        assert_eq!(fwd.tmf_function(), TmfFunction::LogicalUnitReset);
+        assert_eq!(fwd.cmd_sn(), 2);
+    }
+
+    #[test]
+    fn lun_reset_response_forgets_shadow_tasks_the_target_aborted() {
+        let mut session = logged_in("Normal");
+        session.from_initiator(
+            received(read10(0x10, 1, 0, 8, 4096), b""),
+            Disposition::Shadow,
+        );
+        let mut tmf = Bhs::new(Opcode::TaskManagementRequest);
+        tmf.set_immediate(true);
+        tmf.set_tmf_function(TmfFunction::LogicalUnitReset);
+        tmf.set_lun(LUN1);
+        tmf.set_itt(0x30);
+        tmf.set_cmd_sn(2);
+        let out = session.from_initiator(received(tmf, b""), Disposition::PassThrough);
+        assert!(
+            matches!(out.to_target[..], [Outgoing::Wire(_)]),
+            "shared counters"
+        );
+        let mut resp = Bhs::new(Opcode::TaskManagementResponse);
+        resp.set_final_bit(true);
+        resp.set_itt(0x30);
+        resp.set_stat_sn(1);
+        resp.set_exp_cmd_sn(2);
+        resp.set_max_cmd_sn(129);
+        let out = session.from_target(received(resp, b""));
+        assert_eq!(out.cancel, [0x10]);
+        assert_eq!(out.to_initiator.len(), 1);
+        assert!(session.data_ready(0x10, blocks(8)).to_initiator.is_empty());
+    }
+
+    fn nop_in_ping(ttt: u32) -> Bhs {
+        let mut nop = Bhs::new(Opcode::NopIn);
+        nop.set_final_bit(true);
+        nop.set_itt(RESERVED_TAG);
+        nop.set_ttt(ttt);
+        nop.set_lun(LUN1);
+        nop.set_stat_sn(2);
+        nop.set_exp_cmd_sn(2);
+        nop.set_max_cmd_sn(129);
+        nop
+    }
+
+    #[test]
+    fn target_pings_pass_through_with_shared_counters() {
+        let mut session = logged_in("Normal");
+        let out = session.from_target(received(nop_in_ping(7), b""));
+        assert!(matches!(out.to_initiator[..], [Outgoing::Wire(_)]));
+        assert!(out.to_target.is_empty());
+    }
+
+    #[test]
+    fn target_pings_are_answered_with_split_counters() {
+        let mut session = logged_in("Normal");
+        first_command_answered(&mut session);
+        session.from_initiator(
+            received(read10(0x20, 2, 0, 8, 4096), b""),
+            Disposition::Local,
+        );
+        let out = session.from_target(received(nop_in_ping(7), b""));
+        assert!(out.to_initiator.is_empty());
+        let [answer] = &bhs_of(&out.to_target)[..] else {
+            panic!()
+        };
+        assert_eq!(answer.opcode(), Opcode::NopOut);
+        assert!(answer.immediate());
+        assert_eq!(
+            (answer.itt(), answer.ttt(), answer.lun()),
+            (RESERVED_TAG, 7, LUN1)
+        );
+        assert_eq!(answer.cmd_sn(), 2, "the target's next CmdSN");
+        assert_eq!(answer.exp_stat_sn(), 2);
+    }
+
+    #[test]
+    fn writes_mark_the_lun_stale() {
+        let mut session = logged_in("Normal");
+        let mut write = command(0x2a, 0x40, 1);
+        write.set_command_write(true);
+        let out = session.from_initiator(received(write, b""), Disposition::PassThrough);
+        assert_eq!(out.events, [Event::MediumMayChange { lun: LUN1 }]);
+        assert_eq!(out.to_target.len(), 1);
+    }
+
+    #[test]
+    fn data_in_for_forwarded_reads_passes_and_completes_the_task() {
+        let mut session = logged_in("Normal");
+        session.from_initiator(
+            received(read10(0x10, 1, 0, 1, 512), b""),
+            Disposition::PassThrough,
+        );
+        let mut data_in = Bhs::new(Opcode::DataIn);
+        data_in.set_flags(data_in_flags::FINAL | data_in_flags::STATUS);
+        data_in.set_itt(0x10);
+        data_in.set_stat_sn(1);
+        let out = session.from_target(received(data_in, &[0; 512]));
+        assert!(matches!(out.to_initiator[..], [Outgoing::Wire(_)]));
+        assert!(session.tasks.is_empty());
+    }
+
+    #[test]
+    fn text_renegotiation_changes_limits() {
+        let mut session = logged_in("Normal");
+        let mut req = Bhs::new(Opcode::TextRequest);
+        req.set_final_bit(true);
+        session.from_initiator(
+            received(req, b"MaxRecvDataSegmentLength=65536\0"),
+            Disposition::PassThrough,
+        );
+        let params = session.params().unwrap();
+        assert_eq!(params.initiator_max_recv_data_segment_length, 65536);
+    }
+
+    #[test]
+    fn async_events_are_reflected_translated() {
+        let mut session = logged_in("Normal");
+        first_command_answered(&mut session);
+        session.from_initiator(
+            received(read10(0x20, 2, 0, 1, 512), b""),
+            Disposition::Local,
+        );
+        session.data_ready(0x20, blocks(1)); // local StatSN 2
+        let mut event = Bhs::new(Opcode::AsyncMessage);
+        event.set_final_bit(true);
+        event.set_itt(RESERVED_TAG);
+        event.0[36] = 1; // target requests logout
+        event.set_stat_sn(2);
+        event.set_exp_cmd_sn(2);
+        event.set_max_cmd_sn(129);
+        let out = session.from_target(received(event, b""));
+        let [fwd] = &bhs_of(&out.to_initiator)[..] else {
+            panic!()
+        };
+        assert_eq!(fwd.async_event(), 1);
+        assert_eq!((fwd.stat_sn(), fwd.exp_cmd_sn()), (3, 3));
+    }
+
+    #[test]
+    fn reject_translates_the_embedded_header() {
+        let mut session = logged_in("Normal");
+        first_command_answered(&mut session);
+        session.from_initiator(
+            received(read10(0x20, 2, 0, 1, 512), b""),
+            Disposition::Local,
+        );
+        session.from_initiator(
+            received(command(0x00, 0x21, 3), b""),
+            Disposition::PassThrough,
+        );
+        let mut sent = command(0x00, 0x21, 2); // as the target saw it
+        sent.set_exp_stat_sn(2);
+        let mut reject = Bhs::new(Opcode::Reject);
+        reject.set_final_bit(true);
+        reject.set_itt(RESERVED_TAG);
+        reject.set_stat_sn(2);
+        reject.set_exp_cmd_sn(3);
+        reject.set_max_cmd_sn(130);
+        let out = session.from_target(received(reject, &sent.0));
+        let [Outgoing::Pdu(pdu)] = &out.to_initiator[..] else {
+            panic!()
+        };
+        let embedded = Bhs(pdu.data[0][..48].try_into().unwrap());
+        assert_eq!(embedded.cmd_sn(), 3);
+        assert_eq!(pdu.bhs.exp_cmd_sn(), 4);
+        assert!(!session.tasks.contains_key(&0x21));
+    }
+
+    #[test]
+    fn logout_cancels_local_tasks_and_ends_the_session() {
+        let mut session = logged_in("Normal");
+        first_command_answered(&mut session);
+        session.from_initiator(
+            received(read10(0x20, 2, 0, 1, 512), b""),
+            Disposition::Local,
+        );
+        let mut logout = Bhs::new(Opcode::LogoutRequest);
+        logout.set_immediate(true);
+        logout.set_flags(0x80);
+        logout.set_itt(0x50);
+        logout.set_cmd_sn(3);
+        let out = session.from_initiator(received(logout, b""), Disposition::PassThrough);
+        assert_eq!(out.cancel, [0x20]);
+        let [fwd] = &bhs_of(&out.to_target)[..] else {
+            panic!()
+        };
+        assert_eq!(fwd.cmd_sn(), 2);
+        assert_eq!(session.phase(), Phase::LoggingOut);
+        let mut resp = Bhs::new(Opcode::LogoutResponse);
+        resp.set_final_bit(true);
+        resp.set_itt(0x50);
+        resp.set_stat_sn(2);
+        let out = session.from_target(received(resp, b""));
+        assert_eq!(out.events, [Event::LoggedOut]);
+        assert_eq!(
+            bhs_of(&out.to_initiator)[0].stat_sn(),
+            2,
+            "no local status was sent"
+        );
+        assert_eq!(session.phase(), Phase::Ended);
+    }
+
+    #[test]
+    fn failed_login_ends_the_session() {
+        let mut session = Session::new();
+        let mut resp = Bhs::new(Opcode::LoginResponse);
+        resp.set_login_status(2, 0);
+        let out = session.from_target(received(resp, b""));
+        assert!(matches!(
+            out.events[..],
+            [Event::LoginEnded(LoginProgress::Failed { .. })]
+        ));
+        assert_eq!(session.phase(), Phase::Ended);
+    }
+
+    #[test]
+    fn digests_start_with_full_feature_phase() {
+        let mut session = Session::new();
+        assert_eq!(session.digests(), Digests::NONE);
+        let mut req = Bhs::new(Opcode::LoginRequest);
+        req.set_flags(0x87);
+        session.from_initiator(
+            received(req, b"HeaderDigest=CRC32C,None\0DataDigest=CRC32C,None\0"),
+            Disposition::PassThrough,
+        );
+        assert_eq!(session.digests(), Digests::NONE);
+        let mut resp = Bhs::new(Opcode::LoginResponse);
+        resp.set_flags(0x87);
+        session.from_target(received(resp, b"HeaderDigest=CRC32C\0DataDigest=CRC32C\0"));
+        assert_eq!(
+            session.digests(),
+            Digests {
+                header: true,
+                data: true
+            }
+        );
+    }
+
+    #[test]
+    fn wire_items_frame_unchanged() {
+        let rx = received(command(0x00, 1, 1), b"");
+        let frame = Outgoing::Wire(rx.wire.clone())
+            .into_frame(Digests::NONE)
+            .unwrap();
+        assert_eq!(frame.to_bytes(), rx.wire);
+    }
+}
