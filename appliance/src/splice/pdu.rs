@@ -1020,7 +1020,9 @@ impl PduDecoder {
         // Check the header digest as soon as the header is in: a corrupt
         // DataSegmentLength must not make us wait for (or buffer) a phantom payload.
         if buf.len() < header_len {
-            buf.reserve(total - buf.len());
+            // Reserve only the header: the data length is not trusted before the header
+            // digest and the length limit are checked.
+            buf.reserve(header_len - buf.len());
             return Ok(None);
         }
         if self.digests.header {
@@ -1329,7 +1331,7 @@ mod tests {
             buf.extend_from_slice(&[*byte]);
             let got = decoder.decode(&mut buf).unwrap();
             assert_eq!(got.is_some(), i == wire.len() - 1, "at byte {i}");
-            if got.is_none() && i >= BHS_LEN {
+            if got.is_none() && i >= BHS_LEN + DIGEST_LEN {
                 assert!(buf.capacity() >= wire.len());
             }
         }
