@@ -272,6 +272,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
+/// (rx_bytes, tx_bytes) per ifindex at one instant.
+type ByteSample = std::collections::BTreeMap<u32, (u64, u64)>;
+
 /// Turn the kernel's per-interface byte counters into live rates and utilization.
 async fn sample_loop(app: Arc<Appliance>) {
     let dpc = &app.config.datapath;
@@ -281,7 +284,7 @@ async fn sample_loop(app: Arc<Appliance>) {
         .filter_map(|(iface, c)| datapath::if_index(iface).ok().map(|i| (i, *c)))
         .collect();
     let mut tick = tokio::time::interval(Duration::from_millis(dpc.sample_interval_ms));
-    let mut prev: Option<(Instant, std::collections::BTreeMap<u32, (u64, u64)>)> = None;
+    let mut prev: Option<(Instant, ByteSample)> = None;
     loop {
         tick.tick().await;
         let now = Instant::now();

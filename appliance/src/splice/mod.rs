@@ -1,8 +1,19 @@
 //! The splicer: accepts the connections the steering program hands it, opens the
-//! transparent upstream connection, and relays.
+//! transparent upstream connection, and relays; iSCSI-aware, it answers READs of
+//! immutable LUNs from nearer copies.
 //!
 //! - [`relay`]: accept loop, upstream connect, byte relay (the transparent form).
+//! - [`pdu`]: the iSCSI PDU codec (BHS, AHS, digests), streaming and zero-copy.
 //! - [`text`]: iSCSI text parameters (used by passive discovery too).
+//! - [`login`]: login negotiation observed and the initiator's offer edited.
+//! - [`scsi`]: READ CDBs, the shadow rewrite, sense data.
+//! - [`datain`]: locally sourced Data-In sequences.
+//! - [`session`]: the per-connection state machine (phases, tasks, sequence numbers).
 
+pub mod datain;
+pub mod login;
+pub mod pdu;
 pub mod relay;
+pub mod scsi;
+pub mod session;
 pub mod text;
