@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::capacity::CapacityReport;
 use super::image::ImageHolders;
 use super::tally::CostTally;
 use super::PlanError;
@@ -175,7 +176,7 @@ pub struct ConstructReport {
     pub by_source: BTreeMap<String, SourceSummary>,
     /// Capacity-aware mode only: finish times and link loads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capacity: Option<serde_json::Value>,
+    pub capacity: Option<CapacityReport>,
     /// With `--list-blocks`: every non-zero block position and its source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks: Option<Vec<BlockSource>>,

@@ -23,11 +23,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::index::{BlockHash, Manifest};
 
+pub mod capacity;
 pub mod construct;
+pub mod flow;
 pub mod image;
 pub mod place;
 pub mod tally;
 
+pub use capacity::{construct_capacity_aware, CapacityConfig, CapacityPlan};
 pub use construct::{construct, ConstructionPlan, SourceSummary};
 pub use image::{BlockHashMap, ImageBlocks, ImageHolders};
 pub use place::{place, HostMetrics, Metric, MetricsFile, Placement, Policy};
@@ -68,6 +71,8 @@ pub enum PlanError {
     Index(#[from] HolderIndexError),
     #[error("no candidate given")]
     NoCandidates,
+    #[error("capacity-aware mode: {0}")]
+    Capacity(String),
 }
 
 /// An in-memory block index: host names and, per hash, the hosts holding it. Used
