@@ -29,11 +29,13 @@ pub mod flow;
 pub mod image;
 pub mod place;
 pub mod tally;
+pub mod usage;
 
 pub use capacity::{construct_capacity_aware, CapacityConfig, CapacityPlan};
 pub use construct::{construct, ConstructionPlan, SourceSummary};
 pub use image::{BlockHashMap, ImageBlocks, ImageHolders};
 pub use place::{place, HostMetrics, Metric, MetricsFile, Placement, Policy};
+pub use usage::{AccessHistory, ReadAhead};
 
 /// A host as the block index numbers it: the position in [`HolderIndex::hosts`].
 pub type HostId = u32;
