@@ -27,6 +27,7 @@ pub mod capacity;
 pub mod construct;
 pub mod flow;
 pub mod image;
+pub mod offline;
 pub mod place;
 pub mod tally;
 pub mod usage;
@@ -75,6 +76,8 @@ pub enum PlanError {
     NoCandidates,
     #[error("capacity-aware mode: {0}")]
     Capacity(String),
+    #[error("`{0}` already holds every block of the object")]
+    AlreadyHeld(String),
 }
 
 /// An in-memory block index: host names and, per hash, the hosts holding it. Used
