@@ -198,8 +198,7 @@ impl<'a> FlowProblem<'a> {
     ) -> Self {
         let target = paths.source;
         let fetched = image
-            .groups
-            .iter()
+            .groups()
             .enumerate()
             .filter(|(_, g)| g.holders.binary_search(&target).is_err())
             .map(|(i, g)| {
@@ -257,7 +256,7 @@ impl<'a> FlowProblem<'a> {
         let mut total = 0i64;
         let mut holder_edges: Vec<Vec<(NodeId, usize)>> = Vec::with_capacity(self.fetched.len());
         for (k, (g, holders)) in self.fetched.iter().enumerate() {
-            let n = self.image.groups[*g as usize].blocks.len() as i64;
+            let n = self.image.group(*g).blocks.len() as i64;
             let node = graph_nodes + 1 + k;
             total += n;
             net.add_edge(source, node, n, 0.0);
@@ -279,7 +278,7 @@ impl<'a> FlowProblem<'a> {
         }
         let mut sources = vec![self.paths.source; self.image.blocks.distinct.len()];
         for ((g, _), edges) in self.fetched.iter().zip(&holder_edges) {
-            let mut blocks = self.image.groups[*g as usize].blocks.iter();
+            let mut blocks = self.image.group(*g).blocks.iter();
             for &(h, e) in edges {
                 for &b in blocks.by_ref().take(net.flow(e) as usize) {
                     sources[b as usize] = h;

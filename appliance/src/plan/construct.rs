@@ -66,13 +66,13 @@ pub fn construct(
     let target = paths.source;
     let mut sources = vec![target; image.blocks.distinct.len()];
     let mut unreachable = Vec::new();
-    for (g, group) in image.groups.iter().enumerate() {
+    for (g, group) in image.groups().enumerate() {
         if group.holders.binary_search(&target).is_ok() {
             continue;
         }
-        match cheapest_holder(&group.holders, paths) {
+        match cheapest_holder(group.holders, paths) {
             Some((h, _)) => {
-                for &b in &group.blocks {
+                for &b in group.blocks {
                     sources[b as usize] = h;
                 }
             }

@@ -52,6 +52,65 @@ pub trait HolderIndex {
     fn hosts(&self) -> Vec<String>;
     /// Append the hosts holding `hash` to `out` (any order; duplicates allowed).
     fn holders(&self, hash: &BlockHash, out: &mut Vec<HostId>) -> Result<(), HolderIndexError>;
+
+    /// The holders of many hashes at once, into `out` (cleared first). The default
+    /// asks [`Self::holders`] per hash; a store on disk can do better in one scan
+    /// (e.g. over the hashes sorted, in key order).
+    fn holders_of_all(
+        &self,
+        hashes: &[BlockHash],
+        out: &mut HolderLists,
+    ) -> Result<(), HolderIndexError> {
+        out.clear();
+        for hash in hashes {
+            self.holders(hash, &mut out.hosts)?;
+            out.close_list();
+        }
+        Ok(())
+    }
+}
+
+/// Holder lists of many hashes, stored flat: list `i` is
+/// `hosts[starts[i]..starts[i + 1]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HolderLists {
+    pub starts: Vec<usize>,
+    pub hosts: Vec<HostId>,
+}
+
+impl Default for HolderLists {
+    fn default() -> Self {
+        HolderLists {
+            starts: vec![0],
+            hosts: Vec::new(),
+        }
+    }
+}
+
+impl HolderLists {
+    pub fn clear(&mut self) {
+        self.starts.clear();
+        self.starts.push(0);
+        self.hosts.clear();
+    }
+
+    /// End the current list: the hosts pushed since the last call form it.
+    pub fn close_list(&mut self) {
+        self.starts.push(self.hosts.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.starts.len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The holders of the `i`-th hash.
+    pub fn of(&self, i: usize) -> &[HostId] {
+        &self.hosts[self.starts[i]..self.starts[i + 1]]
+    }
 }
 
 /// Why a plan cannot be made.
@@ -86,7 +145,7 @@ pub enum PlanError {
 pub struct MemoryIndex {
     hosts: Vec<String>,
     host_ids: HashMap<String, HostId>,
-    holders: BlockHashMap<Vec<HostId>>,
+    holders: BlockHashMap<HostList>,
     /// Manifests by (image, block size), for [`offline::PlanStore`].
     manifests: BTreeMap<(String, u32), Manifest>,
 }
@@ -109,10 +168,7 @@ impl MemoryIndex {
 
     /// Record that `host` holds `hash`.
     pub fn add_block(&mut self, host: HostId, hash: BlockHash) {
-        let holders = self.holders.entry(hash).or_default();
-        if !holders.contains(&host) {
-            holders.push(host);
-        }
+        self.holders.entry(hash).or_default().insert(host);
     }
 
     /// Record that `host` indexed `manifest`: it holds every non-zero block, and the
@@ -141,6 +197,56 @@ impl MemoryIndex {
     }
 }
 
+/// Holders of one hash: inline while few (the common case, one cache line with
+/// the key), spilled to the heap beyond that.
+#[derive(Clone, Debug)]
+enum HostList {
+    Inline {
+        len: u8,
+        ids: [HostId; HostList::INLINE],
+    },
+    Spilled(Vec<HostId>),
+}
+
+impl Default for HostList {
+    fn default() -> Self {
+        HostList::Inline {
+            len: 0,
+            ids: [0; HostList::INLINE],
+        }
+    }
+}
+
+impl HostList {
+    const INLINE: usize = 6;
+
+    fn as_slice(&self) -> &[HostId] {
+        match self {
+            HostList::Inline { len, ids } => &ids[..*len as usize],
+            HostList::Spilled(v) => v,
+        }
+    }
+
+    /// Add `host` unless present.
+    fn insert(&mut self, host: HostId) {
+        if self.as_slice().contains(&host) {
+            return;
+        }
+        match self {
+            HostList::Inline { len, ids } if (*len as usize) < Self::INLINE => {
+                ids[*len as usize] = host;
+                *len += 1;
+            }
+            HostList::Inline { ids, .. } => {
+                let mut v = ids.to_vec();
+                v.push(host);
+                *self = HostList::Spilled(v);
+            }
+            HostList::Spilled(v) => v.push(host),
+        }
+    }
+}
+
 impl HolderIndex for MemoryIndex {
     fn hosts(&self) -> Vec<String> {
         self.hosts.clone()
@@ -148,7 +254,7 @@ impl HolderIndex for MemoryIndex {
 
     fn holders(&self, hash: &BlockHash, out: &mut Vec<HostId>) -> Result<(), HolderIndexError> {
         if let Some(h) = self.holders.get(hash) {
-            out.extend_from_slice(h);
+            out.extend_from_slice(h.as_slice());
         }
         Ok(())
     }
@@ -212,5 +318,23 @@ mod tests {
         assert_eq!(idx.manifest("img", Some(8192)).unwrap().block_size, 8192);
         assert!(idx.manifest("img", Some(512)).is_none());
         assert!(idx.manifest("im", None).is_none());
+    }
+
+    #[test]
+    fn host_lists_spill_past_inline() {
+        let mut l = HostList::default();
+        for h in [3, 1, 3, 4, 5, 6, 7, 8, 1, 9] {
+            l.insert(h);
+        }
+        assert_eq!(l.as_slice(), [3, 1, 4, 5, 6, 7, 8, 9]);
+        assert!(matches!(l, HostList::Spilled(_)));
+        let mut lists = HolderLists::default();
+        let idx = index(&[("a", &[1]), ("b", &[1, 2])]);
+        idx.holders_of_all(&[h(2), h(9), h(1)], &mut lists).unwrap();
+        assert_eq!(lists.len(), 3);
+        assert_eq!(
+            (lists.of(0), lists.of(1), lists.of(2)),
+            (&[1][..], &[][..], &[0, 1][..])
+        );
     }
 }

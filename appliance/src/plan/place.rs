@@ -23,7 +23,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::construct::unreachable_error;
-use super::image::ImageHolders;
+use super::image::{FxBuild, ImageHolders};
 use super::tally::CostTally;
 use super::PlanError;
 use crate::cost::{Graph, NodeId, TwinClasses};
@@ -237,7 +237,7 @@ pub fn place(
         is_candidate[*n as usize] = true;
     }
     let mut held_by: HashMap<NodeId, Vec<u32>> = HashMap::new();
-    for (g, group) in image.groups.iter().enumerate() {
+    for (g, group) in image.groups().enumerate() {
         for &h in group.holders.iter() {
             if is_candidate[h as usize] {
                 held_by.entry(h).or_default().push(g as u32);
@@ -274,12 +274,12 @@ pub fn place(
             let mut local = 0u64;
             let held = held_by.get(&node).map_or(&[][..], |v| v.as_slice());
             for &g in held {
-                let n = image.groups[g as usize].blocks.len() as u64;
+                let n = image.group(g).blocks.len() as u64;
                 tally.remove(min_cost[classes.of_group[g as usize] as usize], n);
                 local += n;
             }
             costs[i] = Some(if tally.unreachable() > 0 {
-                let failing = (0..image.groups.len() as u32).filter(|&g| {
+                let failing = (0..image.group_count() as u32).filter(|&g| {
                     min_cost[classes.of_group[g as usize] as usize].is_infinite()
                         && held.binary_search(&g).is_err()
                 });
@@ -333,12 +333,12 @@ struct ClassGroups {
 
 impl ClassGroups {
     fn of(image: &ImageHolders, twins: &TwinClasses) -> Self {
-        let mut index: HashMap<Box<[u32]>, u32> = HashMap::new();
+        let mut index: HashMap<Box<[u32]>, u32, FxBuild> = HashMap::default();
         let mut sets = Vec::new();
         let mut blocks = Vec::new();
-        let mut of_group = Vec::with_capacity(image.groups.len());
+        let mut of_group = Vec::with_capacity(image.group_count());
         let mut scratch: Vec<u32> = Vec::new();
-        for group in &image.groups {
+        for group in image.groups() {
             scratch.clear();
             scratch.extend(group.holders.iter().map(|&h| twins.class_of(h)));
             scratch.sort_unstable();
