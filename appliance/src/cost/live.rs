@@ -84,6 +84,16 @@ impl LiveCostConfig {
     }
 }
 
+/// Utilisation of a link from an interface byte counter: `bytes` moved in
+/// `seconds` over a link of `capacity_mbps` (one direction), clamped to 0..1.
+/// Zero when the capacity or interval is unknown or zero.
+pub fn utilisation_from_counter(bytes: u64, seconds: f64, capacity_mbps: f64) -> f64 {
+    if !(seconds > 0.0 && capacity_mbps > 0.0) {
+        return 0.0;
+    }
+    (bytes as f64 * 8.0 / seconds / (capacity_mbps * 1e6)).clamp(0.0, 1.0)
+}
+
 /// Could changing `link` from `old` to `new` weight alter `paths`? False only when
 /// the link is strictly slack in both orientations, before and after.
 pub fn link_change_affects(
@@ -175,12 +185,19 @@ impl LiveCosts {
 
     /// Cheapest paths from `source` under the weights in force (cached).
     pub fn paths_from(&mut self, source: NodeId) -> &ShortestPaths {
+        self.graph_and_paths(source).1
+    }
+
+    /// The graph in force and the cheapest paths from `source` (what
+    /// [`crate::plan::construct`] takes).
+    pub fn graph_and_paths(&mut self, source: NodeId) -> (&Graph, &ShortestPaths) {
         let graph = &self.graph;
         let recomputes = &mut self.recomputes;
-        self.cache.entry(source).or_insert_with(|| {
+        let paths = self.cache.entry(source).or_insert_with(|| {
             *recomputes += 1;
             graph.shortest_paths(source)
-        })
+        });
+        (graph, paths)
     }
 }
 
@@ -204,6 +221,15 @@ mod tests {
         assert_eq!(c.effective_weight(0.0, 0.9), 0.0);
         let off = LiveCostConfig { gain: 0.0, ..c };
         assert_eq!(off.effective_weight(3.0, 0.9), 3.0);
+    }
+
+    #[test]
+    fn counters_to_utilisation() {
+        // 62.5 MB in 1 s on a 1000 Mb/s link: half used.
+        assert_eq!(utilisation_from_counter(62_500_000, 1.0, 1000.0), 0.5);
+        assert_eq!(utilisation_from_counter(u64::MAX, 1.0, 1000.0), 1.0);
+        assert_eq!(utilisation_from_counter(10, 0.0, 1000.0), 0.0);
+        assert_eq!(utilisation_from_counter(10, 1.0, 0.0), 0.0);
     }
 
     #[test]
@@ -242,6 +268,8 @@ mod tests {
         let mut live = LiveCosts::new(square(), LiveCostConfig::default()).unwrap();
         let (a, d) = (0, 3);
         let first = live.paths_from(a).clone();
+        let (g, p) = live.graph_and_paths(a);
+        assert_eq!((g.node_count(), p), (5, &first));
         assert_eq!(first.cost(d), Some(2.0));
         assert_eq!(first.parent[d as usize], Some((1, 1)), "via b (lower id)");
         assert_eq!(live.observe(&[(1, 0.04)]).unwrap(), Vec::<LinkId>::new());

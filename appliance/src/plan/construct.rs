@@ -320,6 +320,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn live_utilisation_moves_the_source() {
+        use crate::cost::{LiveCostConfig, LiveCosts};
+        let idx = index(&[("h2", &[1]), ("lib", &[1])]);
+        let g = Graph::from_topology(&dc());
+        let image = ImageHolders::resolve(&manifest("img", &[1], None), &idx, &g).unwrap();
+        let t = g.node_id("h1").unwrap();
+        let tor1_h2 = 4;
+        let mut live = LiveCosts::new(g, LiveCostConfig::default()).unwrap();
+        let (g, paths) = live.graph_and_paths(t);
+        let before = construct(&image, g, paths).unwrap();
+        assert_eq!(g.name(before.sources[0]), "h2");
+        // tor1 - h2 at 90 %: weight 1 * (1 + 0.9 / 0.1) = 10, so h2 costs 11 > lib's 4.
+        live.observe(&[(tor1_h2, 0.9)]).unwrap();
+        let (g, paths) = live.graph_and_paths(t);
+        let after = construct(&image, g, paths).unwrap();
+        assert_eq!(g.name(after.sources[0]), "lib");
+        assert_eq!(after.total_cost, 4.0);
+    }
+
+    #[test]
     fn link_bytes_follow_the_path() {
         let idx = index(&[("h3", &[1, 2])]);
         let g = Graph::from_topology(&dc());
