@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use nearblock::cost::{Graph, NodeId, Topology};
+use nearblock::cost::{Graph, NodeId, Topology, TwinClasses};
 use nearblock::index::{BlockHash, Manifest};
 use nearblock::plan::{
     construct, construct_capacity_aware, place, CapacityConfig, HolderIndex, ImageHolders,
@@ -240,11 +240,12 @@ fn main() {
     let graph = Graph::from_topology(&topo);
     let d = data(BLOCKS, 42);
     println!(
-        "data: {} blocks, {} distinct hashes, {} hosts, {} graph nodes (generated in {:.1} s)",
+        "data: {} blocks, {} distinct hashes, {} hosts, {} graph nodes in {} twin classes (generated in {:.1} s)",
         d.manifest.blocks.len(),
         d.index.hash_count(),
         HOSTS,
         graph.node_count(),
+        TwinClasses::of(&graph).class_count(),
         secs(t0.elapsed())
     );
     // Index host id -> graph node, for the naive scans (same order of hosts).

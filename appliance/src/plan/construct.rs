@@ -286,6 +286,9 @@ pub(crate) mod tests {
         assert_eq!(r.total_cost, 0.0);
         assert_eq!((r.blocks_fetched, r.blocks_local), (0, 2));
         assert!(r.by_source.is_empty());
+        // An image of zero blocks only: nothing to do anywhere.
+        let (r, _) = plan(&manifest("img", &[0, 0], None), &idx, "island").unwrap();
+        assert_eq!((r.total_cost, r.blocks_fetched, r.blocks_zero), (0.0, 0, 2));
     }
 
     #[test]
