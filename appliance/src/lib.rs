@@ -9,10 +9,12 @@
 //! - [`steer`]: steering into the splicer: listeners, transparent upstream sockets, policy routing.
 //! - [`splice`]: the splicer: accept, connect upstream, relay.
 //! - [`index`]: images as manifests of blake3-named blocks.
-//! - [`cost`]: the topology and network cost between nodes.
+//! - [`cost`]: the topology and network cost between nodes (static and live).
+//! - [`plan`]: the planner: block sources for a target, and placement of images.
 //! - [`api`]: HTTP status and metrics.
 //! - [`daemon`]: `nearblock run`, the stages wired together.
 //! - [`cli`]: the command line, one file per subcommand.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod api;
 pub mod classify;
@@ -22,5 +24,6 @@ pub mod cost;
 pub mod daemon;
 pub mod datapath;
 pub mod index;
+pub mod plan;
 pub mod splice;
 pub mod steer;

@@ -3,7 +3,18 @@
 //!
 //! - [`topology`]: the topology TOML schema shared by the planner, the daemon and the
 //!   namespace lab (which adds its own keys under `lab` tables).
+//! - [`paths`]: the topology as a weighted graph; cheapest path costs (Dijkstra).
+//! - [`twins`]: hosts that are interchangeable as sources (same neighbours and
+//!   weights), which lets placement evaluate one host per class.
+//! - [`live`]: link utilisation turned into effective link cost, with incremental
+//!   recompute of cheapest paths.
 
+pub mod live;
+pub mod paths;
 pub mod topology;
+pub mod twins;
 
+pub use live::{LiveCostConfig, LiveCostError, LiveCosts};
+pub use paths::{CostMatrix, Graph, GraphLink, LinkId, NodeId, ShortestPaths};
 pub use topology::{Link, Node, Role, Topology, TopologyError};
+pub use twins::TwinClasses;

@@ -1,0 +1,382 @@
+//! An image as the planner sees it: its distinct non-zero blocks (each fetched at
+//! most once, however often it repeats), and those blocks grouped by identical
+//! holder set, so that work per holder set is done once, not once per block.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+use super::{HolderIndex, HolderLists, PlanError};
+use crate::cost::{Graph, NodeId};
+use crate::index::{BlockHash, Manifest};
+
+/// A fast multiplicative hasher (FxHash-like) for the planner's hot maps: keys
+/// are blake3 output (already uniform) or short lists of small integers, and a
+/// map lookup per block must cost nanoseconds, not SipHash's tens. Not for keys an
+/// attacker chooses freely.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+const FX_SEED: u64 = 0x51_7C_C1_B7_27_22_0A_95;
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        // A final avalanche so the high bits (used by the table) depend on all input.
+        let mut z = self.0;
+        z = (z ^ (z >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z ^ (z >> 29)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(c);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+}
+
+/// Build hasher for [`FxHasher`].
+pub type FxBuild = BuildHasherDefault<FxHasher>;
+
+/// A hash map keyed by [`BlockHash`].
+pub type BlockHashMap<V> = HashMap<BlockHash, V, FxBuild>;
+
+/// One distinct non-zero block of an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DistinctBlock {
+    pub hash: BlockHash,
+    /// Position of its first occurrence.
+    pub first_index: u64,
+    /// Its length in bytes (only the tail block may be short).
+    pub len: u64,
+}
+
+/// An image's distinct non-zero blocks, in order of first occurrence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageBlocks {
+    pub image: String,
+    pub block_size: u32,
+    pub distinct: Vec<DistinctBlock>,
+    /// Positions holding an all-zero block.
+    pub zero_positions: u64,
+}
+
+impl ImageBlocks {
+    pub fn of(manifest: &Manifest) -> Self {
+        let mut seen: BlockHashMap<()> = BlockHashMap::default();
+        seen.reserve(manifest.blocks.len());
+        let mut distinct = Vec::new();
+        let mut zero_positions = 0;
+        for (i, block) in manifest.blocks.iter().enumerate() {
+            match block {
+                None => zero_positions += 1,
+                Some(hash) => {
+                    if seen.insert(*hash, ()).is_none() {
+                        distinct.push(DistinctBlock {
+                            hash: *hash,
+                            first_index: i as u64,
+                            len: manifest.block_len(i),
+                        });
+                    }
+                }
+            }
+        }
+        ImageBlocks {
+            image: manifest.image.clone(),
+            block_size: manifest.block_size,
+            distinct,
+            zero_positions,
+        }
+    }
+
+    /// Byte offset of a distinct block's first occurrence.
+    pub fn offset(&self, block: u32) -> u64 {
+        self.distinct[block as usize].first_index * self.block_size as u64
+    }
+}
+
+/// 64-bit hash of a holder set.
+fn set_key(set: &[NodeId]) -> u64 {
+    let mut h = FxHasher::default();
+    set.hash(&mut h);
+    h.finish()
+}
+
+/// Holder sets interned to dense ids, stored in one pool. Keyed by a 64-bit hash
+/// checked against the pool (no allocation per lookup); a set whose hash is
+/// already taken by a different set lives in `overflow`.
+struct SetInterner {
+    by_hash: HashMap<u64, u32, FxBuild>,
+    overflow: HashMap<Vec<NodeId>, u32, FxBuild>,
+    /// Set `i` is `pool[start[i]..start[i + 1]]`.
+    start: Vec<u32>,
+    pool: Vec<NodeId>,
+}
+
+impl Default for SetInterner {
+    fn default() -> Self {
+        SetInterner {
+            by_hash: HashMap::default(),
+            overflow: HashMap::default(),
+            start: vec![0],
+            pool: Vec::new(),
+        }
+    }
+}
+
+impl SetInterner {
+    fn get(&self, id: u32) -> &[NodeId] {
+        &self.pool[self.start[id as usize] as usize..self.start[id as usize + 1] as usize]
+    }
+
+    /// The id of `set`, whose hash is `key`.
+    fn intern(&mut self, set: &[NodeId], key: u64) -> u32 {
+        let existing = match self.by_hash.get(&key) {
+            Some(&id) if self.get(id) == set => Some(id),
+            Some(_) => self.overflow.get(set).copied(),
+            None => None,
+        };
+        if let Some(id) = existing {
+            return id;
+        }
+        let id = (self.start.len() - 1) as u32;
+        match self.by_hash.entry(key) {
+            Entry::Vacant(v) => {
+                v.insert(id);
+            }
+            Entry::Occupied(_) => {
+                self.overflow.insert(set.to_vec(), id);
+            }
+        }
+        self.pool.extend_from_slice(set);
+        self.start.push(self.pool.len() as u32);
+        id
+    }
+}
+
+/// Distinct blocks sharing one holder set (a view into [`ImageHolders`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HolderGroup<'a> {
+    /// Topology nodes holding these blocks: sorted, distinct (possibly empty).
+    pub holders: &'a [NodeId],
+    /// Indices into [`ImageBlocks::distinct`], ascending.
+    pub blocks: &'a [u32],
+    pub bytes: u64,
+}
+
+/// An image with its holders resolved against the index and the topology. Groups
+/// are stored flat (one pool of holders, one of blocks, with offsets per group):
+/// a million-block image has hundreds of thousands of groups, and one allocation
+/// per group would cost more than the planning itself.
+#[derive(Clone, Debug)]
+pub struct ImageHolders {
+    pub blocks: ImageBlocks,
+    /// Per distinct block: its group.
+    pub group_of: Vec<u32>,
+    /// Index hosts that hold some block of the image but are not in the topology.
+    pub hosts_outside_topology: Vec<String>,
+    holder_start: Vec<u32>,
+    holder_pool: Vec<NodeId>,
+    block_start: Vec<u32>,
+    block_pool: Vec<u32>,
+    group_bytes: Vec<u64>,
+}
+
+impl ImageHolders {
+    /// Look up the holders of every distinct block and group the blocks by holder
+    /// set (keeping only holders that are topology nodes).
+    pub fn resolve(
+        manifest: &Manifest,
+        index: &dyn HolderIndex,
+        graph: &Graph,
+    ) -> Result<Self, PlanError> {
+        let blocks = ImageBlocks::of(manifest);
+        let host_names = index.hosts();
+        let to_node: Vec<Option<NodeId>> = host_names.iter().map(|n| graph.node_id(n)).collect();
+        let mut outside_seen = vec![false; host_names.len()];
+        let hashes: Vec<BlockHash> = blocks.distinct.iter().map(|d| d.hash).collect();
+        let mut lists = HolderLists::default();
+        index.holders_of_all(&hashes, &mut lists)?;
+        drop(hashes);
+
+        let mut sets = SetInterner::default();
+        let mut group_of = Vec::with_capacity(blocks.distinct.len());
+        let mut set: Vec<NodeId> = Vec::new();
+        for i in 0..blocks.distinct.len() {
+            set.clear();
+            for &host in lists.of(i) {
+                match to_node.get(host as usize).copied().flatten() {
+                    Some(node) => set.push(node),
+                    None => {
+                        if let Some(seen) = outside_seen.get_mut(host as usize) {
+                            *seen = true;
+                        }
+                    }
+                }
+            }
+            set.sort_unstable();
+            set.dedup();
+            let g = sets.intern(&set, set_key(&set));
+            group_of.push(g);
+        }
+        drop(lists);
+        let SetInterner {
+            start: holder_start,
+            pool: holder_pool,
+            ..
+        } = sets;
+        let groups = holder_start.len() - 1;
+
+        // Blocks per group, by counting sort (keeps each group's blocks ascending).
+        let mut block_start = vec![0u32; groups + 1];
+        let mut group_bytes = vec![0u64; groups];
+        for (i, &g) in group_of.iter().enumerate() {
+            block_start[g as usize + 1] += 1;
+            group_bytes[g as usize] += blocks.distinct[i].len;
+        }
+        for g in 0..groups {
+            block_start[g + 1] += block_start[g];
+        }
+        let mut fill = block_start.clone();
+        let mut block_pool = vec![0u32; group_of.len()];
+        for (i, &g) in group_of.iter().enumerate() {
+            block_pool[fill[g as usize] as usize] = i as u32;
+            fill[g as usize] += 1;
+        }
+
+        let hosts_outside_topology = host_names
+            .into_iter()
+            .zip(outside_seen)
+            .filter_map(|(n, seen)| seen.then_some(n))
+            .collect();
+        Ok(ImageHolders {
+            blocks,
+            group_of,
+            hosts_outside_topology,
+            holder_start,
+            holder_pool,
+            block_start,
+            block_pool,
+            group_bytes,
+        })
+    }
+
+    pub fn group_count(&self) -> usize {
+        self.holder_start.len() - 1
+    }
+
+    pub fn group(&self, g: u32) -> HolderGroup<'_> {
+        let g = g as usize;
+        HolderGroup {
+            holders: &self.holder_pool
+                [self.holder_start[g] as usize..self.holder_start[g + 1] as usize],
+            blocks: &self.block_pool
+                [self.block_start[g] as usize..self.block_start[g + 1] as usize],
+            bytes: self.group_bytes[g],
+        }
+    }
+
+    /// Every group, in id order.
+    pub fn groups(&self) -> impl ExactSizeIterator<Item = HolderGroup<'_>> + '_ {
+        (0..self.group_count() as u32).map(|g| self.group(g))
+    }
+
+    /// The lowest-offset block among `groups` (for errors naming one block), and
+    /// how many other distinct blocks they hold.
+    pub fn first_block_of(&self, groups: impl IntoIterator<Item = u32>) -> Option<(u32, u64)> {
+        let mut first: Option<u32> = None;
+        let mut count = 0u64;
+        for g in groups {
+            let blocks = self.group(g).blocks;
+            count += blocks.len() as u64;
+            if let Some(&b) = blocks.first() {
+                first = Some(first.map_or(b, |f| f.min(b)));
+            }
+        }
+        first.map(|b| (b, count - 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+    use crate::cost::paths::tests::topo;
+
+    #[test]
+    fn distinct_blocks_zero_positions_and_tail() {
+        let m = manifest("img", &[1, 0, 2, 1, 0, 3], Some(100));
+        let b = ImageBlocks::of(&m);
+        assert_eq!(b.zero_positions, 2);
+        let firsts: Vec<_> = b.distinct.iter().map(|d| (d.first_index, d.len)).collect();
+        assert_eq!(firsts, [(0, 4096), (2, 4096), (5, 100)]);
+        assert_eq!(b.offset(2), 5 * 4096);
+    }
+
+    #[test]
+    fn groups_by_holder_set_and_drops_unknown_hosts() {
+        let g = Graph::from_topology(&topo(&["a", "b"], &[("a", "b", 1.0)]));
+        let idx = index(&[("b", &[1, 2, 3]), ("a", &[1, 2]), ("ghost", &[3, 4])]);
+        let m = manifest("img", &[1, 2, 3, 4, 4], None);
+        let ih = ImageHolders::resolve(&m, &idx, &g).unwrap();
+        let sets: Vec<_> = ih.groups().map(|g| (g.holders, g.blocks)).collect();
+        let expect: [(&[u32], &[u32]); 3] = [(&[0, 1], &[0, 1]), (&[1], &[2]), (&[], &[3])];
+        assert_eq!(sets, expect);
+        assert_eq!(ih.group_of, [0, 0, 1, 2]);
+        assert_eq!(ih.group(0).bytes, 8192);
+        assert_eq!(ih.group_count(), 3);
+        assert_eq!(ih.hosts_outside_topology, ["ghost"]);
+        assert_eq!(ih.first_block_of([2, 1]), Some((2, 1)));
+        assert_eq!(ih.first_block_of([]), None);
+    }
+
+    #[test]
+    fn interner_survives_hash_collisions() {
+        let mut i = SetInterner::default();
+        assert_eq!(i.intern(&[1, 2], 7), 0);
+        assert_eq!(i.intern(&[3], 7), 1, "same key, other set");
+        assert_eq!(i.intern(&[], 7), 2);
+        assert_eq!(i.intern(&[1, 2], 7), 0);
+        assert_eq!(i.intern(&[3], 7), 1);
+        assert_eq!(i.intern(&[], 7), 2);
+        assert_eq!(i.intern(&[4], 8), 3);
+        assert_eq!(i.get(1), &[3]);
+        assert_eq!(i.get(2), &[] as &[NodeId]);
+    }
+
+    #[test]
+    fn fx_hasher_spreads_patterned_keys() {
+        let mut m: BlockHashMap<u8> = BlockHashMap::default();
+        for n in 0..=255u8 {
+            m.insert(h(n), n);
+        }
+        assert_eq!(m.len(), 256);
+        assert_eq!(m[&h(7)], 7);
+    }
+}
