@@ -37,6 +37,40 @@ pub struct Config {
     pub splicer: SplicerConfig,
     #[serde(default)]
     pub api: ApiConfig,
+    /// Live network cost (optional): needs the topology.
+    #[serde(default)]
+    pub cost: Option<CostConfig>,
+}
+
+/// `[cost]`: where this appliance sits in the topology, which link each of its
+/// interfaces is, and which appliances to learn the other links' utilisation from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostConfig {
+    /// The topology file (the planner's schema).
+    pub topology: std::path::PathBuf,
+    /// Interface → the node at the other end of its link. Default: the node named
+    /// like the interface.
+    #[serde(default)]
+    pub link_peers: std::collections::BTreeMap<String, String>,
+    /// Other appliances' API addresses (`host:port`), polled for `/links`.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+    /// How utilisation turns into cost (gain, saturation, threshold).
+    #[serde(default)]
+    pub live: crate::cost::live::LiveCostConfig,
+}
+
+impl CostConfig {
+    /// The node at the other end of `iface`.
+    pub fn peer_of<'a>(&'a self, iface: &'a str) -> &'a str {
+        self.link_peers
+            .get(iface)
+            .map(String::as_str)
+            .unwrap_or(iface)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -164,6 +198,9 @@ fn default_route_table() -> u32 {
 }
 fn default_rule_priority() -> u32 {
     DEFAULT_RULE_PRIORITY
+}
+fn default_poll_ms() -> u64 {
+    1000
 }
 fn default_sample_ms() -> u64 {
     1000
@@ -334,6 +371,36 @@ impl Config {
                 format!("table {} is reserved by the kernel", dp.route_table),
             ));
         }
+        if let Some(c) = &self.cost {
+            for iface in c.link_peers.keys() {
+                if !dp.interfaces.contains(iface) {
+                    return Err(invalid(
+                        "cost",
+                        "link_peers",
+                        format!("`{iface}` is not listed in datapath.interfaces"),
+                    ));
+                }
+            }
+            if let Err(e) = c.live.validate() {
+                return Err(invalid("cost", "live", e.to_string()));
+            }
+            if !(100..=600_000).contains(&c.poll_interval_ms) {
+                return Err(invalid(
+                    "cost",
+                    "poll_interval_ms",
+                    "must be within 100..=600000".into(),
+                ));
+            }
+            for p in &c.peers {
+                if p.parse::<SocketAddr>().is_err() {
+                    return Err(invalid(
+                        "cost",
+                        "peers",
+                        format!("`{p}` is not an address:port"),
+                    ));
+                }
+            }
+        }
         let s = &self.splicer;
         if !s.listen_v4.is_ipv4() {
             return Err(invalid(
@@ -463,6 +530,27 @@ image_transfer_ports = [10809, 3260]
             ),
         ] {
             let e = Config::parse(&GOOD.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn cost_section() {
+        let c = Config::parse(&format!(
+            "{GOOD}\n[cost]\ntopology = \"t.toml\"\nlink_peers = {{ up = \"core\" }}\npeers = [\"198.18.0.2:7878\"]\n"
+        ))
+        .unwrap();
+        let cost = c.cost.unwrap();
+        assert_eq!(cost.peer_of("up"), "core");
+        assert_eq!(cost.peer_of("hv1"), "hv1");
+        for (bad, key) in [
+            ("link_peers = { eth9 = \"x\" }", "cost.link_peers"),
+            ("peers = [\"nowhere\"]", "cost.peers"),
+            ("live = { saturation = 1.5 }", "cost.live"),
+        ] {
+            let e = Config::parse(&format!("{GOOD}\n[cost]\ntopology = \"t\"\n{bad}\n"))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key), "{key}: {e}");

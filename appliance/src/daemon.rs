@@ -22,6 +22,10 @@ use tracing::{info, warn};
 use crate::{
     classify::{self, Discovery, DiscoveryTable, FlowView, LinkRate},
     config::Config,
+    cost::{
+        feed::{self, LinkUtilization},
+        Graph, LiveCosts, Topology,
+    },
     datapath::{self, Datapath, LoadOptions},
     splice::relay::{self, SplicerSnapshot, SplicerStats, UpstreamOptions},
     steer::{self, PolicyRouting},
@@ -33,6 +37,12 @@ pub enum DaemonError {
     Datapath(#[from] datapath::DatapathError),
     #[error(transparent)]
     Steer(#[from] steer::SteerError),
+    #[error("[cost] topology: {0}")]
+    Topology(#[from] crate::cost::TopologyError),
+    #[error("[cost]: {0}")]
+    LiveCost(#[from] crate::cost::LiveCostError),
+    #[error("[cost]: appliance `{0}` is not a node of the topology")]
+    NotInTopology(String),
     #[error("API listen on {addr}: {source}")]
     Api {
         addr: std::net::SocketAddr,
@@ -47,6 +57,8 @@ pub struct Appliance {
     pub discovery: Mutex<DiscoveryTable>,
     /// Latest live rate per ifindex (from the sampler).
     pub rates: Mutex<std::collections::BTreeMap<u32, LinkRate>>,
+    /// Live network cost, when `[cost]` is configured.
+    pub live_costs: Option<Mutex<LiveCosts>>,
     pub splicer: Arc<SplicerStats>,
     pub started: Instant,
 }
@@ -78,6 +90,55 @@ pub struct StatusReport {
 }
 
 impl Appliance {
+    /// This appliance's own links with their measured utilisation (what
+    /// `GET /links` publishes). Only links with a configured capacity and a
+    /// topology peer are reported.
+    pub fn own_links(&self) -> Vec<LinkUtilization> {
+        let Some(cost) = &self.config.cost else {
+            return Vec::new();
+        };
+        let rates = self.rates.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out = Vec::new();
+        for iface in &self.config.datapath.interfaces {
+            let Ok(ifindex) = datapath::if_index(iface) else {
+                continue;
+            };
+            let Some(rate) = rates.get(&ifindex) else {
+                continue;
+            };
+            let Some(u) = rate.utilization else {
+                continue;
+            };
+            out.push(LinkUtilization {
+                a: self.config.appliance.name.clone(),
+                b: cost.peer_of(iface).to_string(),
+                utilization: u,
+                rx_bps: rate.rx_bps,
+                tx_bps: rate.tx_bps,
+            });
+        }
+        out
+    }
+
+    /// Feed link reports (own or a peer's) into the live costs.
+    pub fn apply_link_reports(&self, reports: &[LinkUtilization]) {
+        let Some(live) = &self.live_costs else {
+            return;
+        };
+        let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
+        match feed::apply(&mut live, reports) {
+            Ok((changed, unknown)) => {
+                if !changed.is_empty() {
+                    tracing::debug!(links = changed.len(), "live link costs changed");
+                }
+                if !unknown.is_empty() {
+                    warn!(links = ?unknown, "utilisation reported for links not in the topology");
+                }
+            }
+            Err(e) => warn!(cause = %e, "applying link utilisation"),
+        }
+    }
+
     pub fn status(&self) -> Result<StatusReport, datapath::DatapathError> {
         let dp = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
         let mut flows: Vec<FlowView> = dp
@@ -207,16 +268,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         dp.attach_classifier(iface, dpc.xdp_mode)?;
     }
 
+    let live_costs = match &config.cost {
+        Some(c) => {
+            let topo = Topology::load(&c.topology)?;
+            if topo.node(&config.appliance.name).is_none() {
+                return Err(DaemonError::NotInTopology(config.appliance.name.clone()));
+            }
+            Some(Mutex::new(LiveCosts::new(
+                Graph::from_topology(&topo),
+                c.live,
+            )?))
+        }
+        None => None,
+    };
     let app = Arc::new(Appliance {
         config: config.clone(),
         datapath: Mutex::new(dp),
         discovery: Mutex::new(DiscoveryTable::default()),
         rates: Mutex::new(Default::default()),
+        live_costs,
         splicer: splicer.clone(),
         started: Instant::now(),
     });
     let discovery_task = tokio::spawn(discovery_loop(app.clone(), ring));
     let sampler_task = tokio::spawn(sample_loop(app.clone()));
+    let peer_poll_task = config
+        .cost
+        .as_ref()
+        .filter(|c| !c.peers.is_empty())
+        .map(|_| tokio::spawn(peer_poll_loop(app.clone())));
     let api_listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .map_err(|source| DaemonError::Api {
@@ -258,6 +338,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     api_task.abort();
     sampler_task.abort();
+    if let Some(t) = peer_poll_task {
+        t.abort();
+    }
     discovery_task.abort();
     if let Some(t) = kernel_log {
         t.abort();
@@ -312,8 +395,45 @@ async fn sample_loop(app: Arc<Appliance>) {
                 })
                 .collect();
             *app.rates.lock().unwrap_or_else(|p| p.into_inner()) = rates;
+            app.apply_link_reports(&app.own_links());
         }
         prev = Some((now, cur));
+    }
+}
+
+/// Learn the utilisation of links this appliance cannot see from the other
+/// appliances' `GET /links`.
+async fn peer_poll_loop(app: Arc<Appliance>) {
+    let Some(cost) = app.config.cost.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(cost.poll_interval_ms));
+    loop {
+        tick.tick().await;
+        for peer in &cost.peers {
+            let url = format!("http://{peer}/links");
+            let fetched =
+                tokio::task::spawn_blocking(move || -> Result<Vec<LinkUtilization>, String> {
+                    let agent: ureq::Agent = ureq::Agent::config_builder()
+                        .timeout_global(Some(Duration::from_secs(2)))
+                        .build()
+                        .into();
+                    let body = agent
+                        .get(&url)
+                        .call()
+                        .map_err(|e| e.to_string())?
+                        .into_body()
+                        .read_to_string()
+                        .map_err(|e| e.to_string())?;
+                    serde_json::from_str(&body).map_err(|e| e.to_string())
+                })
+                .await;
+            match fetched {
+                Ok(Ok(reports)) => app.apply_link_reports(&reports),
+                Ok(Err(e)) => tracing::debug!(%peer, cause = %e, "peer /links unavailable"),
+                Err(e) => warn!(cause = %e, "peer poll task"),
+            }
+        }
     }
 }
 

@@ -3,7 +3,13 @@
 
 use std::sync::Arc;
 
-use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
+use axum::{
+    extract::{Query, State},
+    http::StatusCode,
+    response::IntoResponse,
+    routing::get,
+    Json, Router,
+};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -16,6 +22,8 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<Appliance>) {
     let router = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/links", get(links))
+        .route("/costs", get(costs))
         .with_state(app);
     if let Err(e) = axum::serve(listener, router).await {
         tracing::warn!(cause = %e, "API server stopped");
@@ -28,6 +36,34 @@ async fn status(
     app.status()
         .map(Json)
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// `GET /links`: this appliance's own links and their measured utilisation.
+async fn links(State(app): State<Arc<Appliance>>) -> Json<Vec<crate::cost::feed::LinkUtilization>> {
+    Json(app.own_links())
+}
+
+#[derive(serde::Deserialize)]
+struct CostsQuery {
+    target: String,
+}
+
+/// `GET /costs?target=NODE`: path cost from every node to NODE under the live
+/// link costs (`null`: unreachable).
+async fn costs(
+    State(app): State<Arc<Appliance>>,
+    Query(q): Query<CostsQuery>,
+) -> Result<Json<std::collections::BTreeMap<String, Option<f64>>>, (StatusCode, String)> {
+    let Some(live) = &app.live_costs else {
+        return Err((StatusCode::NOT_FOUND, "no [cost] section configured".into()));
+    };
+    let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
+    crate::cost::feed::costs_to(&mut live, &q.target)
+        .map(Json)
+        .ok_or((
+            StatusCode::NOT_FOUND,
+            format!("`{}` is not a node of the topology", q.target),
+        ))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

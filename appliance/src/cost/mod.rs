@@ -6,9 +6,11 @@
 //! - [`paths`]: the topology as a weighted graph; cheapest path costs (Dijkstra).
 //! - [`twins`]: hosts that are interchangeable as sources (same neighbours and
 //!   weights), which lets placement evaluate one host per class.
+//! - [`feed`]: live utilisation samples from this and other appliances, into [`live`].
 //! - [`live`]: link utilisation turned into effective link cost, with incremental
 //!   recompute of cheapest paths.
 
+pub mod feed;
 pub mod live;
 pub mod paths;
 pub mod topology;

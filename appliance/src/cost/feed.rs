@@ -1,0 +1,145 @@
+//! Feeding live utilisation into the cost matrix: an appliance measures the links
+//! it has interfaces on (XDP rx + TC egress tx byte counters, see
+//! [`crate::classify::link_rate`]), publishes them at `GET /links`, and polls the
+//! other appliances' `/links` for the links it cannot see. Both kinds of sample go
+//! through [`LiveCosts::observe`], which applies its threshold.
+//!
+//! Pure mapping here; the polling is in the daemon.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    live::{LiveCostError, LiveCosts},
+    paths::{Graph, LinkId},
+};
+
+/// One link's utilisation as measured by the appliance at end `a`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkUtilization {
+    /// The measuring node.
+    pub a: String,
+    /// The node at the other end.
+    pub b: String,
+    /// max(rx, tx) / capacity.
+    pub utilization: f64,
+    pub rx_bps: f64,
+    pub tx_bps: f64,
+}
+
+/// The topology link between `a` and `b`, if there is one.
+pub fn link_of(graph: &Graph, a: &str, b: &str) -> Option<LinkId> {
+    graph.link_between(graph.node_id(a)?, graph.node_id(b)?)
+}
+
+/// Turn reports into `(link, utilisation)` samples; reports naming links that
+/// are not in the topology are returned separately (a misconfigured peer).
+pub fn samples(graph: &Graph, reports: &[LinkUtilization]) -> (Vec<(LinkId, f64)>, Vec<String>) {
+    let mut ok = Vec::new();
+    let mut unknown = Vec::new();
+    for r in reports {
+        match link_of(graph, &r.a, &r.b) {
+            Some(l) if r.utilization.is_finite() => ok.push((l, r.utilization.max(0.0))),
+            _ => unknown.push(format!("{} - {}", r.a, r.b)),
+        }
+    }
+    (ok, unknown)
+}
+
+/// Apply reports to the live costs; returns the links whose weight changed.
+pub fn apply(
+    live: &mut LiveCosts,
+    reports: &[LinkUtilization],
+) -> Result<(Vec<LinkId>, Vec<String>), LiveCostError> {
+    let (s, unknown) = samples(live.graph(), reports);
+    Ok((live.observe(&s)?, unknown))
+}
+
+/// Cost from every node to `target` under the weights in force (`None`:
+/// unreachable), by node name.
+pub fn costs_to(live: &mut LiveCosts, target: &str) -> Option<BTreeMap<String, Option<f64>>> {
+    let t = live.graph().node_id(target)?;
+    // Links are bidirectional with one weight, so costs from the target are costs to it.
+    let (graph, paths) = live.graph_and_paths(t);
+    Some(
+        (0..graph.node_count() as u32)
+            .map(|n| (graph.name(n).to_string(), paths.cost(n)))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::{live::LiveCostConfig, Topology};
+
+    fn live() -> LiveCosts {
+        let t = Topology::parse(
+            r#"
+[[node]]
+name = "lib"
+role = "library"
+[[node]]
+name = "rack"
+role = "appliance"
+[[node]]
+name = "hv"
+role = "hypervisor"
+[[link]]
+a = "lib"
+b = "rack"
+[[link]]
+a = "rack"
+b = "hv"
+capacity_mbps = 100
+"#,
+        )
+        .unwrap();
+        LiveCosts::new(Graph::from_topology(&t), LiveCostConfig::default()).unwrap()
+    }
+
+    fn report(a: &str, b: &str, u: f64) -> LinkUtilization {
+        LinkUtilization {
+            a: a.into(),
+            b: b.into(),
+            utilization: u,
+            rx_bps: 0.0,
+            tx_bps: 0.0,
+        }
+    }
+
+    #[test]
+    fn reports_raise_the_cost_of_the_loaded_link_only() {
+        let mut l = live();
+        assert_eq!(costs_to(&mut l, "lib").unwrap()["hv"], Some(2.0));
+        // Either end may report, in either orientation.
+        let (changed, unknown) = apply(&mut l, &[report("hv", "rack", 0.5)]).unwrap();
+        assert_eq!(changed.len(), 1);
+        assert!(unknown.is_empty());
+        let c = costs_to(&mut l, "lib").unwrap();
+        // 1 + (1 + 0.5 / 0.5) with the default gain 1.
+        assert_eq!(c["hv"], Some(3.0));
+        assert_eq!(c["rack"], Some(1.0));
+        // Below the threshold: no change.
+        let (changed, _) = apply(&mut l, &[report("rack", "hv", 0.52)]).unwrap();
+        assert!(changed.is_empty());
+    }
+
+    #[test]
+    fn unknown_links_and_bad_values_are_reported_not_applied() {
+        let mut l = live();
+        let (changed, unknown) = apply(
+            &mut l,
+            &[
+                report("lib", "hv", 0.9),
+                report("x", "y", 0.1),
+                report("rack", "hv", f64::NAN),
+            ],
+        )
+        .unwrap();
+        assert!(changed.is_empty());
+        assert_eq!(unknown.len(), 3);
+        assert!(costs_to(&mut l, "nowhere").is_none());
+    }
+}
