@@ -2,7 +2,9 @@
 //!
 //! - [`BlockHash`]: a block's name.
 //! - [`Manifest`]: an image as an ordered list of block names (zero blocks marked).
+//! - [`chunk`]: splitting files and block devices into blocks, hashing on all cores.
 
+pub mod chunk;
 mod manifest;
 
-pub use manifest::{BlockHash, Manifest};
+pub use manifest::{BlockHash, DecodeError, Manifest};
