@@ -8,3 +8,9 @@ pub mod chunk;
 mod manifest;
 
 pub use manifest::{BlockHash, DecodeError, Manifest};
+pub mod lookup;
+pub mod redb_store;
+pub mod store;
+
+pub use redb_store::{FileState, RedbStore, StoreOptions};
+pub use store::{BlockStore, Change, ImageInfo, Location};

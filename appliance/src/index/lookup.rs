@@ -1,0 +1,434 @@
+//! The read-optimised "who holds this name" structure.
+//!
+//! A B-tree lookup per block (redb) is too slow for the planner's rate (≥ 1M random
+//! lookups/s on 10M entries; see docs/index.md for the measurement), so the
+//! holder index is kept as:
+//!
+//! - a **snapshot** file: every (16-byte name prefix, source, block) entry, sorted by
+//!   prefix, behind a directory of bucket starts indexed by the top bits of the
+//!   prefix (≈ 4–8 entries per bucket: one directory read + a short binary search).
+//!   It is mmapped, so opening it costs nothing but a header and directory check;
+//!   it is written to a temporary file, fsynced and renamed, so a crash leaves the
+//!   previous one; it records the store sequence number it reflects;
+//! - an in-memory **overlay** for the sources changed since: whole sources replaced
+//!   or removed (their snapshot entries are masked: `dirty`) and single blocks
+//!   patched in place (masked one by one: `tomb`), plus the entries they now have.
+//!
+//! On open, every source whose last change is newer than the snapshot is marked
+//! dirty and its current entries are loaded from its manifest; when the overlay
+//! grows past a threshold the store rewrites the snapshot (compaction).
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    io::{BufWriter, Write},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+
+use super::Manifest;
+
+/// Bytes per snapshot entry: 16-byte prefix, u32 source, u32 block index.
+pub const ENTRY: usize = 24;
+const MAGIC: &[u8; 8] = b"NBHOLD01";
+const HEADER: usize = 64;
+
+/// One holder entry: a name prefix (as a big-endian u128, so numeric order is byte
+/// order) held by block `idx` of source `src`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub key: u128,
+    pub src: u32,
+    pub idx: u32,
+}
+
+/// Appends the entries of every non-zero block of `m` (source `src`).
+pub fn entries_of(src: u32, m: &Manifest, out: &mut Vec<Entry>) {
+    for (i, b) in m.blocks.iter().enumerate() {
+        if let Some(h) = b {
+            out.push(Entry {
+                key: u128::from_be_bytes(h.prefix()),
+                src,
+                idx: i as u32,
+            });
+        }
+    }
+}
+
+fn dir_bits_for(n: u64) -> u32 {
+    // ≈ 4 entries per bucket, at least 2 buckets, at most 2^26 (512 MiB directory
+    // would be silly; 2^26 buckets covers 256M entries at 4 per bucket).
+    (64 - (n / 4).max(1).leading_zeros()).clamp(1, 26)
+}
+
+/// The snapshot file, mmapped.
+pub struct Snapshot {
+    map: Option<memmap2::Mmap>,
+    pub seq: u64,
+    pub len: u64,
+    bits: u32,
+}
+
+impl Snapshot {
+    /// An empty snapshot at sequence 0 (no file).
+    pub fn empty() -> Self {
+        Self {
+            map: None,
+            seq: 0,
+            len: 0,
+            bits: 1,
+        }
+    }
+
+    /// Writes `entries` (any order; sorted here) as the snapshot at `path` for store
+    /// sequence `seq`, atomically (temporary file, fsync, rename, fsync directory).
+    pub fn write(path: &Path, seq: u64, entries: &mut [Entry]) -> Result<()> {
+        entries.par_sort_unstable_by_key(|e| e.key);
+        let n = entries.len() as u64;
+        let bits = dir_bits_for(n);
+        let buckets = 1usize << bits;
+        let mut dir = vec![0u64; buckets + 1];
+        {
+            // dir[b] = index of the first entry in bucket >= b.
+            let mut j = 0usize;
+            for (b, d) in dir.iter_mut().enumerate().take(buckets) {
+                while j < entries.len() && ((entries[j].key >> (128 - bits)) as usize) < b {
+                    j += 1;
+                }
+                *d = j as u64;
+            }
+            dir[buckets] = n;
+        }
+        let mut dir_bytes = Vec::with_capacity(dir.len() * 8);
+        for d in &dir {
+            dir_bytes.extend_from_slice(&d.to_le_bytes());
+        }
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..16].copy_from_slice(&seq.to_le_bytes());
+        header[16..24].copy_from_slice(&n.to_le_bytes());
+        header[24..28].copy_from_slice(&bits.to_le_bytes());
+        header[28..32].copy_from_slice(&crc32c::crc32c(&dir_bytes).to_le_bytes());
+        let hcrc = crc32c::crc32c(&header[..32]);
+        header[32..36].copy_from_slice(&hcrc.to_le_bytes());
+
+        let tmp = tmp_path(path);
+        let f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+        let mut w = BufWriter::with_capacity(4 << 20, f);
+        w.write_all(&header)?;
+        w.write_all(&dir_bytes)?;
+        let mut buf = [0u8; ENTRY];
+        for e in entries.iter() {
+            buf[..16].copy_from_slice(&e.key.to_be_bytes());
+            buf[16..20].copy_from_slice(&e.src.to_le_bytes());
+            buf[20..24].copy_from_slice(&e.idx.to_le_bytes());
+            w.write_all(&buf)?;
+        }
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            let d = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            File::open(d)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Opens and checks (header, directory checksum, length) the snapshot at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+        // SAFETY: the file is only ever replaced by rename, never written in place,
+        // so the mapping sees immutable bytes.
+        let map = unsafe { memmap2::Mmap::map(&f) }?;
+        if map.len() < HEADER || &map[..8] != MAGIC {
+            bail!("{}: not a holder snapshot", path.display());
+        }
+        let h = &map[..HEADER];
+        let hcrc = u32::from_le_bytes(h[32..36].try_into()?);
+        if crc32c::crc32c(&h[..32]) != hcrc {
+            bail!("{}: header checksum", path.display());
+        }
+        let seq = u64::from_le_bytes(h[8..16].try_into()?);
+        let len = u64::from_le_bytes(h[16..24].try_into()?);
+        let bits = u32::from_le_bytes(h[24..28].try_into()?);
+        if !(1..=26).contains(&bits) {
+            bail!("{}: directory size", path.display());
+        }
+        let dir_len = ((1usize << bits) + 1) * 8;
+        let expect = HEADER as u64 + dir_len as u64 + len * ENTRY as u64;
+        if map.len() as u64 != expect {
+            bail!("{}: length {} != {}", path.display(), map.len(), expect);
+        }
+        let dcrc = u32::from_le_bytes(h[28..32].try_into()?);
+        if crc32c::crc32c(&map[HEADER..HEADER + dir_len]) != dcrc {
+            bail!("{}: directory checksum", path.display());
+        }
+        let _ = map.advise(memmap2::Advice::Random);
+        Ok(Self {
+            map: Some(map),
+            seq,
+            len,
+            bits,
+        })
+    }
+
+    #[inline]
+    fn dir(&self, b: usize) -> usize {
+        let m = self.map.as_deref().unwrap_or(&[]);
+        let o = HEADER + b * 8;
+        u64::from_le_bytes(m[o..o + 8].try_into().expect("8 bytes")) as usize
+    }
+
+    #[inline]
+    fn entry(&self, i: usize) -> Entry {
+        let m = self.map.as_deref().unwrap_or(&[]);
+        let o = HEADER + ((1usize << self.bits) + 1) * 8 + i * ENTRY;
+        let e = &m[o..o + ENTRY];
+        Entry {
+            key: u128::from_be_bytes(e[..16].try_into().expect("16 bytes")),
+            src: u32::from_le_bytes(e[16..20].try_into().expect("4 bytes")),
+            idx: u32::from_le_bytes(e[20..24].try_into().expect("4 bytes")),
+        }
+    }
+
+    #[inline]
+    fn key_at(&self, i: usize) -> u128 {
+        let m = self.map.as_deref().unwrap_or(&[]);
+        let o = HEADER + ((1usize << self.bits) + 1) * 8 + i * ENTRY;
+        u128::from_be_bytes(m[o..o + 16].try_into().expect("16 bytes"))
+    }
+
+    /// Calls `f` for every entry with prefix `key`.
+    #[inline]
+    pub fn lookup(&self, key: u128, mut f: impl FnMut(Entry)) {
+        if self.len == 0 {
+            return;
+        }
+        let b = (key >> (128 - self.bits)) as usize;
+        let (mut lo, mut hi) = (self.dir(b), self.dir(b + 1));
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.key_at(mid) < key {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let end = self.len as usize;
+        let mut i = lo;
+        while i < end && self.key_at(i) == key {
+            f(self.entry(i));
+            i += 1;
+        }
+    }
+
+    /// Every entry, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = Entry> + '_ {
+        (0..self.len as usize).map(|i| self.entry(i))
+    }
+
+    /// Bytes of the snapshot file.
+    pub fn file_bytes(&self) -> u64 {
+        self.map.as_ref().map_or(0, |m| m.len() as u64)
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+/// Snapshot + overlay: the full holder index. Sources are dense u32 ids.
+pub struct HolderIndex {
+    pub snap: Snapshot,
+    dirty: Vec<bool>,
+    tomb: HashSet<u64>,
+    adds: HashMap<u128, Vec<(u32, u32)>>,
+    n_adds: usize,
+}
+
+impl HolderIndex {
+    pub fn new(snap: Snapshot) -> Self {
+        Self {
+            snap,
+            dirty: Vec::new(),
+            tomb: HashSet::new(),
+            adds: HashMap::new(),
+            n_adds: 0,
+        }
+    }
+
+    /// Entries held by the overlay (the compaction trigger).
+    pub fn overlay_len(&self) -> usize {
+        self.n_adds + self.tomb.len()
+    }
+
+    fn is_dirty(&self, s: u32) -> bool {
+        self.dirty.get(s as usize).copied().unwrap_or(false)
+    }
+
+    fn set_dirty(&mut self, s: u32) {
+        let s = s as usize;
+        if self.dirty.len() <= s {
+            self.dirty.resize(s + 1, false);
+        }
+        self.dirty[s] = true;
+    }
+
+    /// Calls `f(src, idx)` for every live entry with prefix `key`.
+    #[inline]
+    pub fn lookup(&self, key: u128, mut f: impl FnMut(u32, u32)) {
+        self.snap.lookup(key, |e| {
+            if !self.is_dirty(e.src)
+                && (self.tomb.is_empty() || !self.tomb.contains(&pos(e.src, e.idx)))
+            {
+                f(e.src, e.idx)
+            }
+        });
+        if let Some(v) = self.adds.get(&key) {
+            for &(s, i) in v {
+                f(s, i)
+            }
+        }
+    }
+
+    fn add(&mut self, key: u128, s: u32, i: u32) {
+        self.adds.entry(key).or_default().push((s, i));
+        self.n_adds += 1;
+    }
+
+    fn remove_add(&mut self, key: u128, s: u32, i: u32) {
+        if let Some(v) = self.adds.get_mut(&key) {
+            if let Some(p) = v.iter().position(|&x| x == (s, i)) {
+                v.swap_remove(p);
+                self.n_adds -= 1;
+                if v.is_empty() {
+                    self.adds.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Source `s` was replaced (`old` → `new`; `None`: absent).
+    pub fn replace_source(&mut self, s: u32, old: Option<&Manifest>, new: Option<&Manifest>) {
+        if let Some(old) = old {
+            for (i, b) in old.blocks.iter().enumerate() {
+                if let Some(h) = b {
+                    self.remove_add(u128::from_be_bytes(h.prefix()), s, i as u32);
+                }
+            }
+        }
+        self.set_dirty(s);
+        if let Some(new) = new {
+            let mut v = Vec::new();
+            entries_of(s, new, &mut v);
+            for e in v {
+                self.add(e.key, e.src, e.idx);
+            }
+        }
+    }
+
+    /// Blocks `idxs` of source `s` changed from `old` to `new`.
+    pub fn patch_source(&mut self, s: u32, old: &Manifest, new: &Manifest, idxs: &[u32]) {
+        let dirty = self.is_dirty(s);
+        for &i in idxs {
+            if let Some(Some(h)) = old.blocks.get(i as usize) {
+                self.remove_add(u128::from_be_bytes(h.prefix()), s, i);
+            }
+            if !dirty {
+                self.tomb.insert(pos(s, i));
+            }
+            if let Some(Some(h)) = new.blocks.get(i as usize) {
+                self.add(u128::from_be_bytes(h.prefix()), s, i);
+            }
+        }
+    }
+}
+
+#[inline]
+fn pos(s: u32, i: u32) -> u64 {
+    ((s as u64) << 32) | i as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8, c: u8) -> u128 {
+        let mut k = [0u8; 16];
+        k[0] = b;
+        k[15] = c;
+        u128::from_be_bytes(k)
+    }
+
+    #[test]
+    fn snapshot_round_trip_and_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h");
+        for n in [0usize, 1, 2, 3, 100, 5000] {
+            let mut x = 12345u64 + n as u64;
+            let mut entries: Vec<Entry> = (0..n)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    Entry {
+                        // Few distinct keys when small, so duplicates occur.
+                        key: (x as u128) << 64 | (i % 3) as u128,
+                        src: (i % 7) as u32,
+                        idx: i as u32,
+                    }
+                })
+                .collect();
+            entries.extend((0..n.min(50)).map(|i| Entry {
+                key: key(0xff, 1),
+                src: 1,
+                idx: i as u32,
+            }));
+            let want = entries.clone();
+            Snapshot::write(&p, 42, &mut entries).unwrap();
+            let s = Snapshot::open(&p).unwrap();
+            assert_eq!(s.seq, 42);
+            assert_eq!(s.len, want.len() as u64);
+            let sorted: Vec<u128> = s.iter().map(|e| e.key).collect();
+            assert!(sorted.windows(2).all(|w| w[0] <= w[1]));
+            for e in &want {
+                let mut got = vec![];
+                s.lookup(e.key, |f| got.push(f));
+                assert!(got.contains(e));
+                assert!(got.iter().all(|f| f.key == e.key));
+                let n_same = want.iter().filter(|f| f.key == e.key).count();
+                assert_eq!(got.len(), n_same);
+            }
+            let mut none = 0;
+            s.lookup(key(0x7f, 9), |_| none += 1);
+            assert_eq!(none, 0);
+        }
+    }
+
+    #[test]
+    fn corrupt_snapshot_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h");
+        let mut e = vec![Entry {
+            key: 5,
+            src: 1,
+            idx: 2,
+        }];
+        Snapshot::write(&p, 1, &mut e).unwrap();
+        let mut b = std::fs::read(&p).unwrap();
+        b[70] ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        assert!(Snapshot::open(&p).is_err());
+        std::fs::write(&p, &b[..b.len() - 1]).unwrap();
+        assert!(Snapshot::open(&p).is_err());
+    }
+}
