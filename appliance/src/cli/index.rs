@@ -128,7 +128,7 @@ pub fn run(args: IndexArgs, out: &mut dyn std::io::Write) -> Result<()> {
     if args.stats {
         report_stats(&store, &args, &sizes, out)?;
     }
-    Ok(())
+    store.close()
 }
 
 /// Stats of every image in the store (one manifest per image name) at each block
