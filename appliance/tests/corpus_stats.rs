@@ -88,6 +88,39 @@ fn corpus_stats_match_independent_computation() {
         .unwrap();
         names.push(name);
     }
+    // The coarse level (64 KiB groups of 4 KiB leaves) through the store: the share of
+    // each image's non-zero leaves answered by a coarse name held by another image,
+    // and the lookups needed with and without it. Reported, not asserted.
+    eprintln!(
+        "coarse level, 16 × 4 KiB: image, leaves answered by coarse hits, lookups with / without"
+    );
+    for n in &names {
+        let m = store.manifest(n, Some(4096)).unwrap().unwrap();
+        let (mut covered, mut lookups) = (0usize, 0usize);
+        let nonzero = m.blocks.iter().flatten().count();
+        for (g, c) in m.coarse(16).into_iter().enumerate() {
+            let Some(c) = c else { continue };
+            lookups += 1;
+            let leaves = m.blocks[g * 16..((g + 1) * 16).min(m.blocks.len())]
+                .iter()
+                .flatten()
+                .count();
+            let elsewhere = store
+                .holders(&c)
+                .unwrap()
+                .iter()
+                .any(|l| &*l.image != n.as_str());
+            if elsewhere {
+                covered += leaves;
+            } else {
+                lookups += leaves;
+            }
+        }
+        eprintln!(
+            "{n:32} {:6.2}%  {lookups:7} / {nonzero:7}",
+            100.0 * covered as f64 / nonzero.max(1) as f64
+        );
+    }
     for bs in sizes {
         let ms: Vec<Manifest> = names
             .iter()

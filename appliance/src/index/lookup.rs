@@ -28,7 +28,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
-use super::Manifest;
+use super::{BlockHash, Manifest};
 
 /// Bytes per snapshot entry: 16-byte prefix, u32 source, u32 block index.
 pub const ENTRY: usize = 24;
@@ -44,17 +44,40 @@ pub struct Entry {
     pub idx: u32,
 }
 
-/// Appends the entries of every non-zero block of `m` (source `src`).
-pub fn entries_of(src: u32, m: &Manifest, out: &mut Vec<Entry>) {
+/// Set in an entry's `idx` for a coarse group (the rest is the group index).
+pub const COARSE_BIT: u32 = 1 << 31;
+
+/// The coarse factor used for a source at `block_size`: groups no larger than the
+/// largest block size (4 KiB × 16 = 64 KiB; none above 64 KiB leaves at factor 16).
+pub fn coarse_for(block_size: u32, coarse: Option<u32>) -> Option<u32> {
+    let f = coarse?;
+    (f > 1 && (block_size as u64) * (f as u64) <= super::chunk::MAX_BLOCK_SIZE as u64).then_some(f)
+}
+
+fn key_of(h: &super::BlockHash) -> u128 {
+    u128::from_be_bytes(h.prefix())
+}
+
+/// Calls `f(key, idx)` for every entry of `m`: its non-zero blocks, then (with a
+/// coarse factor) its non-zero coarse groups, `idx | COARSE_BIT`.
+pub fn for_each_entry(m: &Manifest, coarse: Option<u32>, mut f: impl FnMut(u128, u32)) {
     for (i, b) in m.blocks.iter().enumerate() {
         if let Some(h) = b {
-            out.push(Entry {
-                key: u128::from_be_bytes(h.prefix()),
-                src,
-                idx: i as u32,
-            });
+            f(key_of(h), i as u32);
         }
     }
+    if let Some(c) = coarse_for(m.block_size, coarse) {
+        for (g, b) in m.blocks.chunks(c as usize).enumerate() {
+            if let Some(h) = super::manifest::coarse_name(b) {
+                f(key_of(&h), g as u32 | COARSE_BIT);
+            }
+        }
+    }
+}
+
+/// Appends the entries of `m` (source `src`), see [`for_each_entry`].
+pub fn entries_of(src: u32, m: &Manifest, coarse: Option<u32>, out: &mut Vec<Entry>) {
+    for_each_entry(m, coarse, |key, idx| out.push(Entry { key, src, idx }));
 }
 
 fn dir_bits_for(n: u64) -> u32 {
@@ -68,6 +91,8 @@ pub struct Snapshot {
     map: Option<memmap2::Mmap>,
     pub seq: u64,
     pub len: u64,
+    /// Coarse factor the entries were built with (0: none).
+    pub coarse: u32,
     bits: u32,
 }
 
@@ -78,13 +103,14 @@ impl Snapshot {
             map: None,
             seq: 0,
             len: 0,
+            coarse: 0,
             bits: 1,
         }
     }
 
     /// Writes `entries` (any order; sorted here) as the snapshot at `path` for store
     /// sequence `seq`, atomically (temporary file, fsync, rename, fsync directory).
-    pub fn write(path: &Path, seq: u64, entries: &mut [Entry]) -> Result<()> {
+    pub fn write(path: &Path, seq: u64, coarse: u32, entries: &mut [Entry]) -> Result<()> {
         entries.par_sort_unstable_by_key(|e| e.key);
         let n = entries.len() as u64;
         let bits = dir_bits_for(n);
@@ -111,8 +137,9 @@ impl Snapshot {
         header[16..24].copy_from_slice(&n.to_le_bytes());
         header[24..28].copy_from_slice(&bits.to_le_bytes());
         header[28..32].copy_from_slice(&crc32c::crc32c(&dir_bytes).to_le_bytes());
-        let hcrc = crc32c::crc32c(&header[..32]);
-        header[32..36].copy_from_slice(&hcrc.to_le_bytes());
+        header[32..36].copy_from_slice(&coarse.to_le_bytes());
+        let hcrc = crc32c::crc32c(&header[..36]);
+        header[36..40].copy_from_slice(&hcrc.to_le_bytes());
 
         let tmp = tmp_path(path);
         let f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
@@ -151,13 +178,14 @@ impl Snapshot {
             bail!("{}: not a holder snapshot", path.display());
         }
         let h = &map[..HEADER];
-        let hcrc = u32::from_le_bytes(h[32..36].try_into()?);
-        if crc32c::crc32c(&h[..32]) != hcrc {
+        let hcrc = u32::from_le_bytes(h[36..40].try_into()?);
+        if crc32c::crc32c(&h[..36]) != hcrc {
             bail!("{}: header checksum", path.display());
         }
         let seq = u64::from_le_bytes(h[8..16].try_into()?);
         let len = u64::from_le_bytes(h[16..24].try_into()?);
         let bits = u32::from_le_bytes(h[24..28].try_into()?);
+        let coarse = u32::from_le_bytes(h[32..36].try_into()?);
         if !(1..=26).contains(&bits) {
             bail!("{}: directory size", path.display());
         }
@@ -175,6 +203,7 @@ impl Snapshot {
             map: Some(map),
             seq,
             len,
+            coarse,
             bits,
         })
     }
@@ -289,6 +318,7 @@ impl Holders {
 /// Snapshot + overlay: the full holder index. Sources are dense u32 ids.
 pub struct HolderIndex {
     pub snap: Snapshot,
+    coarse: Option<u32>,
     dirty: Vec<bool>,
     tomb: HashSet<u64, BuildPrefix>,
     adds: HashMap<u128, Holders, BuildPrefix>,
@@ -296,9 +326,10 @@ pub struct HolderIndex {
 }
 
 impl HolderIndex {
-    pub fn new(snap: Snapshot) -> Self {
+    pub fn new(snap: Snapshot, coarse: Option<u32>) -> Self {
         Self {
             snap,
+            coarse,
             dirty: Vec::new(),
             tomb: HashSet::default(),
             adds: HashMap::default(),
@@ -384,16 +415,16 @@ impl HolderIndex {
     /// Source `s` was replaced (`old` → `new`; `None`: absent).
     pub fn replace_source(&mut self, s: u32, old: Option<&Manifest>, new: Option<&Manifest>) {
         if let Some(old) = old {
-            for (i, b) in old.blocks.iter().enumerate() {
-                if let Some(h) = b {
-                    self.remove_add(u128::from_be_bytes(h.prefix()), s, i as u32);
-                }
+            let mut v = Vec::new();
+            entries_of(s, old, self.coarse, &mut v);
+            for e in v {
+                self.remove_add(e.key, s, e.idx);
             }
         }
         self.set_dirty(s);
         if let Some(new) = new {
             let mut v = Vec::new();
-            entries_of(s, new, &mut v);
+            entries_of(s, new, self.coarse, &mut v);
             self.adds.reserve(v.len());
             for e in v {
                 self.add(e.key, e.src, e.idx);
@@ -401,18 +432,43 @@ impl HolderIndex {
         }
     }
 
-    /// Blocks `idxs` of source `s` changed from `old` to `new`.
+    /// Blocks `idxs` of source `s` changed from `old` to `new` (and the blocks past
+    /// the new end, if it shrank, are listed in `idxs`).
     pub fn patch_source(&mut self, s: u32, old: &Manifest, new: &Manifest, idxs: &[u32]) {
         let dirty = self.is_dirty(s);
+        let replace =
+            |this: &mut Self, i: u32, before: Option<BlockHash>, after: Option<BlockHash>| {
+                if let Some(h) = before {
+                    this.remove_add(key_of(&h), s, i);
+                }
+                if !dirty {
+                    this.tomb.insert(pos(s, i));
+                }
+                if let Some(h) = after {
+                    this.add(key_of(&h), s, i);
+                }
+            };
         for &i in idxs {
-            if let Some(Some(h)) = old.blocks.get(i as usize) {
-                self.remove_add(u128::from_be_bytes(h.prefix()), s, i);
+            let before = old.blocks.get(i as usize).copied().flatten();
+            let after = new.blocks.get(i as usize).copied().flatten();
+            replace(self, i, before, after);
+        }
+        if let Some(c) = coarse_for(new.block_size, self.coarse) {
+            let c = c as usize;
+            let mut groups: Vec<usize> = idxs.iter().map(|&i| i as usize / c).collect();
+            if old.blocks.len() != new.blocks.len() {
+                // The old and new last groups change length.
+                groups.extend(old.blocks.len().checked_sub(1).map(|i| i / c));
+                groups.extend(new.blocks.len().checked_sub(1).map(|i| i / c));
             }
-            if !dirty {
-                self.tomb.insert(pos(s, i));
-            }
-            if let Some(Some(h)) = new.blocks.get(i as usize) {
-                self.add(u128::from_be_bytes(h.prefix()), s, i);
+            groups.sort_unstable();
+            groups.dedup();
+            for g in groups {
+                let before = old.coarse_group(g, c);
+                let after = new.coarse_group(g, c);
+                if before != after {
+                    replace(self, g as u32 | COARSE_BIT, before, after);
+                }
             }
         }
     }
@@ -459,7 +515,7 @@ mod tests {
                 idx: i as u32,
             }));
             let want = entries.clone();
-            Snapshot::write(&p, 42, &mut entries).unwrap();
+            Snapshot::write(&p, 42, 0, &mut entries).unwrap();
             let s = Snapshot::open(&p).unwrap();
             assert_eq!(s.seq, 42);
             assert_eq!(s.len, want.len() as u64);
@@ -488,7 +544,7 @@ mod tests {
             src: 1,
             idx: 2,
         }];
-        Snapshot::write(&p, 1, &mut e).unwrap();
+        Snapshot::write(&p, 1, 0, &mut e).unwrap();
         let mut b = std::fs::read(&p).unwrap();
         b[70] ^= 1;
         std::fs::write(&p, &b).unwrap();

@@ -89,23 +89,21 @@ impl Manifest {
     /// whose leaves are all zero is `None`. Two images with an equal coarse name hold
     /// the same `factor` leaves in the same order, so one lookup answers `factor` of
     /// them; images derived in place share most coarse names.
+    ///
+    /// The store indexes these names next to the leaves (`StoreOptions::coarse`):
+    /// `holders(coarse name)` returns locations whose `block_size` is the group size.
     pub fn coarse(&self, factor: usize) -> Vec<Option<BlockHash>> {
         assert!(factor > 0);
-        self.blocks
-            .chunks(factor)
-            .map(|g| {
-                if g.iter().all(Option::is_none) {
-                    return None;
-                }
-                let mut h = blake3::Hasher::new();
-                h.update(b"nearblock-coarse");
-                h.update(&(g.len() as u32).to_le_bytes());
-                for b in g {
-                    h.update(&b.map(|b| b.0).unwrap_or([0; 32]));
-                }
-                Some(BlockHash(*h.finalize().as_bytes()))
-            })
-            .collect()
+        self.blocks.chunks(factor).map(coarse_name).collect()
+    }
+
+    /// Coarse name of group `g` (of `factor` blocks), `None` if all zero or past the end.
+    pub fn coarse_group(&self, g: usize, factor: usize) -> Option<BlockHash> {
+        let start = g.checked_mul(factor)?;
+        if start >= self.blocks.len() {
+            return None;
+        }
+        coarse_name(&self.blocks[start..(start + factor).min(self.blocks.len())])
     }
 
     /// Compact binary encoding: magic, size, block size, name, a bitmap of non-zero
@@ -177,6 +175,22 @@ impl Manifest {
             blocks,
         })
     }
+}
+
+/// The coarse name of a group of consecutive leaves: blake3 over a domain tag, the
+/// group length, and the leaves' names (zero leaves as 32 zero bytes); `None` if every
+/// leaf is zero. A different domain from leaf names, so the two never collide.
+pub fn coarse_name(group: &[Option<BlockHash>]) -> Option<BlockHash> {
+    if group.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(b"nearblock-coarse");
+    h.update(&(group.len() as u32).to_le_bytes());
+    for b in group {
+        h.update(&b.map(|b| b.0).unwrap_or([0; 32]));
+    }
+    Some(BlockHash(*h.finalize().as_bytes()))
 }
 
 pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);

@@ -27,7 +27,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::lookup::{entries_of, HolderIndex, Snapshot};
+use super::lookup::{coarse_for, entries_of, HolderIndex, Snapshot, COARSE_BIT};
 use super::manifest::{put_str, Reader};
 use super::store::{BlockStore, Change, ImageInfo, Location};
 use super::{BlockHash, Manifest};
@@ -51,6 +51,10 @@ pub struct StoreOptions {
     pub close_compact_min: usize,
     /// redb page cache, bytes.
     pub cache_bytes: usize,
+    /// Also index coarse names (`Manifest::coarse`) of this many leaves, for sources
+    /// whose group stays within 1 MiB (16: 64 KiB groups of 4 KiB leaves). Every
+    /// level of a hierarchy must use the same factor. `None`: leaves only.
+    pub coarse: Option<u32>,
 }
 
 impl Default for StoreOptions {
@@ -60,6 +64,7 @@ impl Default for StoreOptions {
             compact_min: 1 << 20,
             close_compact_min: 256 << 10,
             cache_bytes: 64 << 20,
+            coarse: Some(16),
         }
     }
 }
@@ -179,6 +184,7 @@ fn source_key(host: &str, image: &str, block_size: u32) -> String {
 }
 
 struct State {
+    coarse: Option<u32>,
     sources: Vec<Option<SourceInfo>>,
     holders: HolderIndex,
     seq: u64,
@@ -187,13 +193,18 @@ struct State {
 impl State {
     fn location(&self, src: u32, idx: u32) -> Option<Location> {
         let s = self.sources.get(src as usize)?.as_ref()?;
-        let offset = idx as u64 * s.block_size as u64;
+        let bs = if idx & COARSE_BIT != 0 {
+            s.block_size * coarse_for(s.block_size, self.coarse)?
+        } else {
+            s.block_size
+        };
+        let offset = (idx & !COARSE_BIT) as u64 * bs as u64;
         Some(Location {
             host: s.host.clone(),
             image: s.image.clone(),
-            block_size: s.block_size,
+            block_size: bs,
             offset,
-            len: (s.size.saturating_sub(offset)).min(s.block_size as u64) as u32,
+            len: (s.size.saturating_sub(offset)).min(bs as u64) as u32,
         })
     }
 }
@@ -277,7 +288,11 @@ impl RedbStore {
 
         let t1 = Instant::now();
         let snap = match Snapshot::open(&snap_path) {
-            Ok(s) if s.seq <= seq => Some(s),
+            Ok(s) if s.seq <= seq && s.coarse == opts.coarse.unwrap_or(0) => Some(s),
+            Ok(s) if s.seq <= seq => {
+                tracing::info!("holder snapshot has another coarse factor; rebuilding");
+                None
+            }
             Ok(s) => {
                 tracing::warn!(
                     "holder snapshot is newer ({}) than the index ({seq}); rebuilding",
@@ -295,14 +310,14 @@ impl RedbStore {
             Some(s) => s,
             None if sources.iter().any(Option::is_some) => {
                 report.rebuilt_snapshot = true;
-                build_snapshot(&db, &snap_path)?
+                build_snapshot(&db, &snap_path, opts.coarse)?
             }
             None => Snapshot::empty(),
         };
         report.snapshot_ms = t1.elapsed().as_secs_f64() * 1e3;
 
         let t2 = Instant::now();
-        let mut holders = HolderIndex::new(snap);
+        let mut holders = HolderIndex::new(snap, opts.coarse);
         let manifests = r.open_table(MANIFESTS)?;
         for (id, s) in sources.iter().enumerate() {
             if let Some(s) = s {
@@ -321,12 +336,14 @@ impl RedbStore {
         drop(manifests);
         drop(r);
         report.overlay_ms = t2.elapsed().as_secs_f64() * 1e3;
+        let coarse = opts.coarse;
         Ok(Self {
             db,
             snap_path,
             opts,
             write: Mutex::new(()),
             state: RwLock::new(State {
+                coarse,
                 sources,
                 holders,
                 seq,
@@ -369,9 +386,9 @@ impl RedbStore {
     }
 
     fn compact_locked(&self) -> Result<()> {
-        let snap = build_snapshot(&self.db, &self.snap_path)?;
+        let snap = build_snapshot(&self.db, &self.snap_path, self.opts.coarse)?;
         let mut st = rd(self.state.write());
-        st.holders = HolderIndex::new(snap);
+        st.holders = HolderIndex::new(snap, self.opts.coarse);
         Ok(())
     }
 
@@ -639,17 +656,17 @@ fn check_manifest(m: &Manifest) -> Result<()> {
 }
 
 /// Builds the holder snapshot from every manifest in one read transaction.
-fn build_snapshot(db: &Database, path: &Path) -> Result<Snapshot> {
+fn build_snapshot(db: &Database, path: &Path, coarse: Option<u32>) -> Result<Snapshot> {
     let r = db.begin_read()?;
     let seq = r.open_table(META)?.get("seq")?.map_or(0, |v| v.value());
     let mut entries = Vec::new();
     for row in r.open_table(MANIFESTS)?.iter()? {
         let (k, v) = row?;
         let m = Manifest::decode(v.value())?;
-        entries_of(k.value(), &m, &mut entries);
+        entries_of(k.value(), &m, coarse, &mut entries);
     }
     drop(r);
-    Snapshot::write(path, seq, &mut entries)?;
+    Snapshot::write(path, seq, coarse.unwrap_or(0), &mut entries)?;
     drop(entries);
     Snapshot::open(path)
 }
@@ -904,9 +921,30 @@ mod tests {
         ]
     }
 
-    fn check(store: &RedbStore, model: &Model) -> Result<(), TestCaseError> {
+    fn check(store: &RedbStore, model: &Model, coarse: Option<u32>) -> Result<(), TestCaseError> {
         for x in 0..6 {
             prop_assert_eq!(got(store, &h(x)), model.holders(&h(x)), "hash {}", x);
+        }
+        // Coarse names: every group of every source, by brute force.
+        let mut want: BTreeMap<BlockHash, BTreeSet<(String, String, u32, u64, u32)>> =
+            BTreeMap::new();
+        for ((host, image, bs), m) in &model.0 {
+            let Some(f) = crate::index::lookup::coarse_for(*bs, coarse) else {
+                continue;
+            };
+            let gbs = bs * f;
+            for (g, c) in m.coarse(f as usize).into_iter().enumerate() {
+                if let Some(c) = c {
+                    let off = g as u64 * gbs as u64;
+                    let len = (m.size - off).min(gbs as u64) as u32;
+                    want.entry(c)
+                        .or_default()
+                        .insert((host.clone(), image.clone(), gbs, off, len));
+                }
+            }
+        }
+        for (c, w) in &want {
+            prop_assert_eq!(&got(store, c), w, "coarse {:?}", c);
         }
         let imgs = store.images().unwrap();
         prop_assert_eq!(imgs.len(), model.0.len());
@@ -924,10 +962,11 @@ mod tests {
             batches in prop::collection::vec(prop::collection::vec(arb_change(), 1..4), 1..8),
             reopen_after in any::<prop::sample::Index>(),
             compact_min in prop::sample::select(vec![0usize, 3, 1 << 20]),
+            coarse in prop::sample::select(vec![None, Some(2u32), Some(3)]),
         ) {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("idx.redb");
-            let opts = StoreOptions { compact_min, close_compact_min: compact_min, ..Default::default() };
+            let opts = StoreOptions { compact_min, close_compact_min: compact_min, coarse, ..Default::default() };
             let mut store = RedbStore::open(&path, opts.clone()).unwrap();
             let mut model = Model::default();
             let reopen_at = reopen_after.index(batches.len());
@@ -939,12 +978,12 @@ mod tests {
                 for c in batch {
                     model.apply(c);
                 }
-                check(&store, &model)?;
+                check(&store, &model, coarse)?;
                 if bi == reopen_at {
                     if bi % 2 == 0 { store.close().unwrap() } else { drop(store) }
                     store = RedbStore::open(&path, opts.clone()).unwrap();
                     prop_assert_eq!(store.seq(), n);
-                    check(&store, &model)?;
+                    check(&store, &model, coarse)?;
                 }
             }
             let log = store.changes_since(0, usize::MAX).unwrap();
@@ -952,7 +991,7 @@ mod tests {
             prop_assert_eq!(log.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>(), all);
             prop_assert!(log.iter().enumerate().all(|(i, (s, _))| *s == i as u64 + 1));
             store.compact().unwrap();
-            check(&store, &model)?;
+            check(&store, &model, coarse)?;
         }
     }
 
