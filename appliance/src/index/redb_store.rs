@@ -787,6 +787,8 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     type Key = (String, String, u32);
+    /// host, image, block size, offset, length
+    type Loc = (String, String, u32, u64, u32);
 
     fn h(x: u8) -> BlockHash {
         BlockHash(*blake3::hash(&[x]).as_bytes())
@@ -838,7 +840,7 @@ mod tests {
                 Change::RemoveHost { host } => self.0.retain(|k, _| &k.0 != host),
             }
         }
-        fn holders(&self, x: &BlockHash) -> BTreeSet<(String, String, u32, u64, u32)> {
+        fn holders(&self, x: &BlockHash) -> BTreeSet<Loc> {
             let mut s = BTreeSet::new();
             for ((host, image, bs), m) in &self.0 {
                 for (i, b) in m.blocks.iter().enumerate() {
@@ -857,7 +859,7 @@ mod tests {
         }
     }
 
-    fn got(store: &RedbStore, x: &BlockHash) -> BTreeSet<(String, String, u32, u64, u32)> {
+    fn got(store: &RedbStore, x: &BlockHash) -> BTreeSet<Loc> {
         store
             .holders(x)
             .unwrap()
@@ -926,8 +928,7 @@ mod tests {
             prop_assert_eq!(got(store, &h(x)), model.holders(&h(x)), "hash {}", x);
         }
         // Coarse names: every group of every source, by brute force.
-        let mut want: BTreeMap<BlockHash, BTreeSet<(String, String, u32, u64, u32)>> =
-            BTreeMap::new();
+        let mut want: BTreeMap<BlockHash, BTreeSet<Loc>> = BTreeMap::new();
         for ((host, image, bs), m) in &model.0 {
             let Some(f) = crate::index::lookup::coarse_for(*bs, coarse) else {
                 continue;
