@@ -34,6 +34,8 @@ use super::{BlockHash, Manifest};
 pub const ENTRY: usize = 24;
 const MAGIC: &[u8; 8] = b"NBHOLD01";
 const HEADER: usize = 64;
+/// Snapshots up to this size are read in whole at open (≈ 38M blocks).
+pub const POPULATE_MAX: u64 = 1 << 30;
 
 /// One holder entry: a name prefix (as a big-endian u128, so numeric order is byte
 /// order) held by block `idx` of source `src`.
@@ -171,9 +173,18 @@ impl Snapshot {
     /// Opens and checks (header, directory checksum, length) the snapshot at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+        // Up to POPULATE_MAX the whole file is read in at open (MAP_POPULATE: one
+        // sequential read, ~0.5 s for 10M blocks from a cold page cache at 500 MB/s),
+        // so lookups never wait for random page faults; above it, pages are
+        // faulted in on demand with background readahead.
+        let len = f.metadata()?.len();
+        let mut mo = memmap2::MmapOptions::new();
+        if len <= POPULATE_MAX {
+            mo.populate();
+        }
         // SAFETY: the file is only ever replaced by rename, never written in place,
         // so the mapping sees immutable bytes.
-        let map = unsafe { memmap2::Mmap::map(&f) }?;
+        let map = unsafe { mo.map(&f) }?;
         if map.len() < HEADER || &map[..8] != MAGIC {
             bail!("{}: not a holder snapshot", path.display());
         }
@@ -199,6 +210,9 @@ impl Snapshot {
             bail!("{}: directory checksum", path.display());
         }
         let _ = map.advise(memmap2::Advice::Random);
+        if len > POPULATE_MAX {
+            let _ = map.advise(memmap2::Advice::WillNeed);
+        }
         Ok(Self {
             map: Some(map),
             seq,
