@@ -121,11 +121,10 @@ impl ImageFile {
             None
         } else {
             let len = usize::try_from(size).context("image too large to map")?;
-            // SAFETY: read-only mapping; a concurrent writer can change what we read
-            // (the names are then those of a torn read, caught by the next rescan) but
-            // not memory safety of &[u8] reads from a shared file mapping on Linux
-            // beyond that, unless the file is truncated (SIGBUS), which we accept for an
-            // indexer of images at rest.
+            // SAFETY: a read-only shared mapping, read only as bytes. A concurrent
+            // writer can change what we read (we then record a torn state, which the
+            // next rescan corrects); truncation under us would raise SIGBUS, which we
+            // accept for an indexer of images at rest.
             let m = unsafe { memmap2::MmapOptions::new().len(len).map(&file) }
                 .with_context(|| format!("mmap {}", path.display()))?;
             let _ = m.advise(memmap2::Advice::Sequential);
