@@ -67,3 +67,30 @@ fn index_reindex_and_stats() {
     assert!(run_cli(&["--db", dbs]).is_err());
     assert!(run_cli(&["--db", dbs, "--block-size", "3KiB", a.to_str().unwrap()]).is_err());
 }
+
+/// A block device indexes like the file behind it. Runs only with
+/// `NEARBLOCK_TEST_BLOCKDEV=/dev/loopN:/path/to/backing-file` (e.g. after
+/// `losetup -f --show -r FILE`).
+#[test]
+fn block_device_matches_its_file() {
+    let Ok(spec) = std::env::var("NEARBLOCK_TEST_BLOCKDEV") else {
+        eprintln!("skipped: NEARBLOCK_TEST_BLOCKDEV is not set");
+        return;
+    };
+    let (dev, file) = spec.split_once(':').expect("DEV:FILE");
+    let sizes = [4096, 65536];
+    let a = nearblock::index::chunk::ImageFile::open(dev.as_ref()).unwrap();
+    let b = nearblock::index::chunk::ImageFile::open(file.as_ref()).unwrap();
+    assert_eq!(a.size(), b.size());
+    let ma = a.manifests("x", &sizes, &|_| {});
+    let mb = b.manifests("x", &sizes, &|_| {});
+    assert_eq!(ma, mb);
+    eprintln!(
+        "{dev}: {} bytes, {} of {} 4 KiB blocks zero; read {} bytes (file: {})",
+        a.size(),
+        ma[0].zero_blocks(),
+        ma[0].blocks.len(),
+        a.data_bytes(),
+        b.data_bytes()
+    );
+}
