@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod index;
+pub mod plan;
 pub mod run;
 pub mod status;
 
@@ -23,6 +25,10 @@ pub enum Command {
     Run(run::RunArgs),
     /// Show a running appliance's flows, counters and discovery table.
     Status(status::StatusArgs),
+    /// Split images into blocks, hash them, and record them in the index store.
+    Index(index::IndexArgs),
+    /// Plan offline from an index store and a topology: construction and placement.
+    Plan(plan::PlanArgs),
 }
 
 /// Run one parsed command, writing its output to `out`.
@@ -30,5 +36,7 @@ pub fn dispatch(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => run::run(a),
         Command::Status(a) => status::run(a, out),
+        Command::Index(a) => index::run(a, out),
+        Command::Plan(a) => plan::run(a, out),
     }
 }

@@ -103,14 +103,20 @@ pub fn run(args: PlanArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     run_with(args, &store, out)
 }
 
-/// The index store the planner reads.
-// Wired by the lead once the persistent store exists: it implements
-// `crate::plan::offline::PlanStore` (see docs/planner.md, "Wiring").
-fn open_store(db: &Path) -> anyhow::Result<crate::plan::MemoryIndex> {
-    anyhow::bail!(
-        "index store {} cannot be opened: not wired yet",
-        db.display()
-    )
+/// The index store the planner reads (filled by `nearblock index`).
+fn open_store(
+    db: &Path,
+) -> anyhow::Result<crate::plan::indexed::IndexedStore<crate::index::RedbStore>> {
+    if !db.exists() {
+        anyhow::bail!(
+            "no index store at {} (fill it with `nearblock index`)",
+            db.display()
+        );
+    }
+    let store = crate::index::RedbStore::open(db, crate::index::StoreOptions::default())
+        .with_context(|| format!("opening the index store {}", db.display()))?;
+    crate::plan::indexed::IndexedStore::new(store)
+        .map_err(|e| anyhow::anyhow!("reading the index store {}: {e}", db.display()))
 }
 
 /// Run a `plan` command against `store` (the testable part of [`run`]).

@@ -11,6 +11,19 @@ impl BlockHash {
     pub fn of(data: &[u8]) -> Self {
         Self(*blake3::hash(data).as_bytes())
     }
+
+    /// The 16-byte prefix the holder index is keyed by (collision odds for 10^12
+    /// blocks: ~2^-49; a fetched block is verified against its full hash anyway).
+    pub fn prefix(&self) -> [u8; 16] {
+        let mut p = [0u8; 16];
+        p.copy_from_slice(&self.0[..16]);
+        p
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let v = hex::decode(s).ok()?;
+        Some(Self(v.try_into().ok()?))
+    }
 }
 
 impl fmt::Display for BlockHash {
@@ -35,10 +48,255 @@ pub struct Manifest {
     pub blocks: Vec<Option<BlockHash>>,
 }
 
+/// Errors decoding a stored manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("manifest encoding: {0}")]
+    Corrupt(&'static str),
+}
+
+const MAGIC: &[u8; 4] = b"NBM1";
+
 impl Manifest {
     /// Byte length of block `i` (the last one may be short).
     pub fn block_len(&self, i: usize) -> u64 {
         let start = i as u64 * self.block_size as u64;
         (self.size - start).min(self.block_size as u64)
+    }
+
+    /// Number of blocks an image of `size` bytes has at `block_size`.
+    pub fn block_count(size: u64, block_size: u32) -> usize {
+        size.div_ceil(block_size as u64) as usize
+    }
+
+    /// Number of all-zero blocks.
+    pub fn zero_blocks(&self) -> usize {
+        self.blocks.iter().filter(|b| b.is_none()).count()
+    }
+
+    /// Bytes that would have to be transferred if no block were found anywhere
+    /// (the non-zero blocks).
+    pub fn nonzero_bytes(&self) -> u64 {
+        (0..self.blocks.len())
+            .filter(|&i| self.blocks[i].is_some())
+            .map(|i| self.block_len(i))
+            .sum()
+    }
+
+    /// The coarse level: one name per group of `factor` consecutive blocks (e.g. 16 ×
+    /// 4 KiB = 64 KiB), computed from the leaf names without rereading data:
+    /// blake3 over the leaves' 32-byte names (zero leaves as 32 zero bytes). A group
+    /// whose leaves are all zero is `None`. Two images with an equal coarse name hold
+    /// the same `factor` leaves in the same order, so one lookup answers `factor` of
+    /// them; images derived in place share most coarse names.
+    ///
+    /// The store indexes these names next to the leaves (`StoreOptions::coarse`):
+    /// `holders(coarse name)` returns locations whose `block_size` is the group size.
+    pub fn coarse(&self, factor: usize) -> Vec<Option<BlockHash>> {
+        assert!(factor > 0);
+        self.blocks.chunks(factor).map(coarse_name).collect()
+    }
+
+    /// Coarse name of group `g` (of `factor` blocks), `None` if all zero or past the end.
+    pub fn coarse_group(&self, g: usize, factor: usize) -> Option<BlockHash> {
+        let start = g.checked_mul(factor)?;
+        if start >= self.blocks.len() {
+            return None;
+        }
+        coarse_name(&self.blocks[start..(start + factor).min(self.blocks.len())])
+    }
+
+    /// Compact binary encoding: magic, size, block size, name, a bitmap of non-zero
+    /// blocks, then the 32-byte names of the non-zero blocks in order, then a CRC32C
+    /// of everything before it.
+    pub fn encode(&self) -> Vec<u8> {
+        let n = self.blocks.len();
+        let nz = self.blocks.iter().filter(|b| b.is_some()).count();
+        let mut out = Vec::with_capacity(32 + self.image.len() + n.div_ceil(8) + 32 * nz);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.block_size.to_le_bytes());
+        out.extend_from_slice(&(n as u64).to_le_bytes());
+        out.extend_from_slice(&(self.image.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.image.as_bytes());
+        let mut bitmap = vec![0u8; n.div_ceil(8)];
+        for (i, b) in self.blocks.iter().enumerate() {
+            if b.is_some() {
+                bitmap[i / 8] |= 1 << (i % 8);
+            }
+        }
+        out.extend_from_slice(&bitmap);
+        for b in self.blocks.iter().flatten() {
+            out.extend_from_slice(&b.0);
+        }
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        use DecodeError::Corrupt;
+        if buf.len() < 32 {
+            return Err(Corrupt("short"));
+        }
+        let (body, crc) = buf.split_at(buf.len() - 4);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return Err(Corrupt("checksum"));
+        }
+        let mut r = Reader(body);
+        if r.take(4)? != MAGIC {
+            return Err(Corrupt("magic"));
+        }
+        let size = r.u64()?;
+        let block_size = r.u32()?;
+        let n = r.u64()? as usize;
+        if block_size == 0 || n != Self::block_count(size, block_size) {
+            return Err(Corrupt("block count"));
+        }
+        let name_len = r.u32()? as usize;
+        let image = String::from_utf8(r.take(name_len)?.to_vec()).map_err(|_| Corrupt("name"))?;
+        let bitmap = r.take(n.div_ceil(8))?;
+        let mut blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+                let h: [u8; 32] = r.take(32)?.try_into().map_err(|_| Corrupt("hash"))?;
+                blocks.push(Some(BlockHash(h)));
+            } else {
+                blocks.push(None);
+            }
+        }
+        if !r.0.is_empty() {
+            return Err(Corrupt("trailing bytes"));
+        }
+        Ok(Self {
+            image,
+            size,
+            block_size,
+            blocks,
+        })
+    }
+}
+
+/// The coarse name of a group of consecutive leaves: blake3 over a domain tag, the
+/// group length, and the leaves' names (zero leaves as 32 zero bytes); `None` if every
+/// leaf is zero. A different domain from leaf names, so the two never collide.
+pub fn coarse_name(group: &[Option<BlockHash>]) -> Option<BlockHash> {
+    if group.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(b"nearblock-coarse");
+    h.update(&(group.len() as u32).to_le_bytes());
+    for b in group {
+        h.update(&b.map(|b| b.0).unwrap_or([0; 32]));
+    }
+    Some(BlockHash(*h.finalize().as_bytes()))
+}
+
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
+
+impl<'a> Reader<'a> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError::Corrupt("truncated"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    pub(crate) fn str(&mut self) -> Result<String, DecodeError> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError::Corrupt("utf-8"))
+    }
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.u64()? as usize;
+        self.take(n)
+    }
+}
+
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+pub(crate) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_manifest() -> impl Strategy<Value = Manifest> {
+        (
+            0u64..200_000,
+            prop::sample::select(vec![4096u32, 16384, 65536]),
+            "[a-z0-9/._-]{0,40}",
+        )
+            .prop_flat_map(|(size, bs, name)| {
+                let n = Manifest::block_count(size, bs);
+                (
+                    Just(size),
+                    Just(bs),
+                    Just(name),
+                    prop::collection::vec(prop::option::of(any::<[u8; 32]>()), n..=n),
+                )
+            })
+            .prop_map(|(size, block_size, image, blocks)| Manifest {
+                image,
+                size,
+                block_size,
+                blocks: blocks.into_iter().map(|b| b.map(BlockHash)).collect(),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn manifest_round_trip(m in arb_manifest()) {
+            let enc = m.encode();
+            prop_assert_eq!(Manifest::decode(&enc).unwrap(), m);
+        }
+
+        #[test]
+        fn corrupt_manifest_is_rejected(m in arb_manifest(), flip in any::<prop::sample::Index>()) {
+            let mut enc = m.encode();
+            let i = flip.index(enc.len());
+            enc[i] ^= 0x40;
+            prop_assert!(Manifest::decode(&enc).is_err());
+        }
+    }
+
+    #[test]
+    fn coarse_groups() {
+        let h = |b: u8| Some(BlockHash([b; 32]));
+        let m = Manifest {
+            image: "x".into(),
+            size: 5 * 4096,
+            block_size: 4096,
+            blocks: vec![h(1), h(2), None, None, h(1)],
+        };
+        let c = m.coarse(2);
+        assert_eq!(c.len(), 3);
+        assert!(c[0].is_some() && c[1].is_none() && c[2].is_some());
+        assert_ne!(c[0], c[2], "a short group differs from a full one");
+        let mut m2 = m.clone();
+        m2.blocks[1] = h(3);
+        assert_ne!(m2.coarse(2)[0], c[0]);
+        assert_eq!(m2.coarse(2)[2], c[2]);
     }
 }

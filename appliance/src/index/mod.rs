@@ -2,7 +2,21 @@
 //!
 //! - [`BlockHash`]: a block's name.
 //! - [`Manifest`]: an image as an ordered list of block names (zero blocks marked).
+//! - [`chunk`]: splitting files and block devices into blocks, hashing on all cores.
+//! - [`store`]: the [`BlockStore`] trait and the [`Change`]s it applies;
+//!   [`redb_store`]: the embedded implementation; [`lookup`]: its holder index.
+//! - [`delta`]: (re-)indexing a file, recording only what changed.
+//! - [`stats`]: zero / unique / shared fractions.
 
+pub mod chunk;
+pub mod delta;
 mod manifest;
 
-pub use manifest::{BlockHash, Manifest};
+pub use manifest::{BlockHash, DecodeError, Manifest};
+pub mod lookup;
+pub mod redb_store;
+pub mod stats;
+pub mod store;
+
+pub use redb_store::{FileState, RedbStore, StoreOptions};
+pub use store::{BlockStore, Change, ImageInfo, Location};

@@ -27,6 +27,7 @@ pub mod capacity;
 pub mod construct;
 pub mod flow;
 pub mod image;
+pub mod indexed;
 pub mod offline;
 pub mod place;
 pub mod tally;

@@ -1,0 +1,1087 @@
+//! The embedded store: redb for what must survive (sources, manifests, change log,
+//! file state), an mmapped snapshot + in-memory overlay ([`super::lookup`]) for
+//! lookups.
+//!
+//! Why redb: pure Rust (no C toolchain in the appliance image), ACID with
+//! copy-on-write B-trees and checksummed commit slots (a SIGKILL or power cut at any
+//! point leaves the last committed state), MVCC readers that never block the writer,
+//! and "quick repair" commits that make recovery after a crash nearly instant. It is
+//! not fast enough for per-block random lookups at the planner's rate, so those are
+//! served by the holder snapshot, which is derived data and rebuilt from redb if lost.
+//!
+//! Tables:
+//! - `meta`: `seq` (last change), `next_src` (source id counter);
+//! - `source_ids`: "host\0image\0block_size" → source id (never reused);
+//! - `sources`: id → host, image, block size, size, counts, seq of last change;
+//! - `manifests`: id → [`Manifest::encode`] (one value per source, so indexing an
+//!   image is one insert, not one per block);
+//! - `log`: seq → [`Change::encode`] (for the upward push; optional, trimmed);
+//! - `file_state`: source key → what the file looked like when last indexed.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::lookup::{coarse_for, entries_of, HolderIndex, Snapshot, COARSE_BIT};
+use super::manifest::{put_str, Reader};
+use super::store::{BlockStore, Change, ImageInfo, Location};
+use super::{BlockHash, Manifest};
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SOURCE_IDS: TableDefinition<&str, u32> = TableDefinition::new("source_ids");
+const SOURCES: TableDefinition<u32, &[u8]> = TableDefinition::new("sources");
+const MANIFESTS: TableDefinition<u32, &[u8]> = TableDefinition::new("manifests");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const FILE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("file_state");
+
+/// How to open a [`RedbStore`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Keep a change log for the upward push (a top-level index may not need one).
+    pub log: bool,
+    /// Rewrite the holder snapshot when the overlay holds more than
+    /// `max(compact_min, snapshot entries / 4)` entries.
+    pub compact_min: usize,
+    /// On [`RedbStore::close`], rewrite the snapshot if the overlay holds more.
+    pub close_compact_min: usize,
+    /// redb page cache, bytes.
+    pub cache_bytes: usize,
+    /// Also index coarse names (`Manifest::coarse`) of this many leaves, for sources
+    /// whose group stays within 1 MiB (16: 64 KiB groups of 4 KiB leaves). Every
+    /// level of a hierarchy must use the same factor. `None`: leaves only.
+    pub coarse: Option<u32>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            log: true,
+            compact_min: 1 << 20,
+            close_compact_min: 256 << 10,
+            cache_bytes: 64 << 20,
+            coarse: Some(16),
+        }
+    }
+}
+
+/// What the store did when it opened (for the "reopen time" figures).
+#[derive(Clone, Debug, Default)]
+pub struct OpenReport {
+    pub redb_ms: f64,
+    pub snapshot_ms: f64,
+    pub overlay_ms: f64,
+    /// Sources changed since the snapshot, reloaded into the overlay.
+    pub replayed_sources: usize,
+    /// The snapshot was missing or stale and was rebuilt from the manifests.
+    pub rebuilt_snapshot: bool,
+}
+
+/// What a file looked like when last indexed (for the cheap re-index).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct FileState {
+    pub path: String,
+    pub len: u64,
+    pub mtime_ns: i64,
+    pub ino: u64,
+    pub dev: u64,
+    /// Unix time of the last full rescan.
+    pub full_scan_unix: u64,
+}
+
+impl FileState {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        put_str(&mut v, &self.path);
+        for x in [
+            self.len,
+            self.mtime_ns as u64,
+            self.ino,
+            self.dev,
+            self.full_scan_unix,
+        ] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v
+    }
+    fn decode(b: &[u8]) -> Result<Self> {
+        let mut r = Reader(b);
+        Ok(Self {
+            path: r.str()?,
+            len: r.u64()?,
+            mtime_ns: r.u64()? as i64,
+            ino: r.u64()?,
+            dev: r.u64()?,
+            full_scan_unix: r.u64()?,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+struct SourceInfo {
+    host: Arc<str>,
+    image: Arc<str>,
+    block_size: u32,
+    size: u64,
+    blocks: u64,
+    zero_blocks: u64,
+    seq: u64,
+}
+
+impl SourceInfo {
+    fn of(host: &str, m: &Manifest, seq: u64) -> Self {
+        Self {
+            host: host.into(),
+            image: m.image.as_str().into(),
+            block_size: m.block_size,
+            size: m.size,
+            blocks: m.blocks.len() as u64,
+            zero_blocks: m.zero_blocks() as u64,
+            seq,
+        }
+    }
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        put_str(&mut v, &self.host);
+        put_str(&mut v, &self.image);
+        v.extend_from_slice(&self.block_size.to_le_bytes());
+        for x in [self.size, self.blocks, self.zero_blocks, self.seq] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v
+    }
+    fn decode(b: &[u8]) -> Result<Self> {
+        let mut r = Reader(b);
+        Ok(Self {
+            host: r.str()?.into(),
+            image: r.str()?.into(),
+            block_size: r.u32()?,
+            size: r.u64()?,
+            blocks: r.u64()?,
+            zero_blocks: r.u64()?,
+            seq: r.u64()?,
+        })
+    }
+    fn info(&self) -> ImageInfo {
+        ImageInfo {
+            host: self.host.to_string(),
+            image: self.image.to_string(),
+            block_size: self.block_size,
+            size: self.size,
+            blocks: self.blocks,
+            zero_blocks: self.zero_blocks,
+            seq: self.seq,
+        }
+    }
+}
+
+fn source_key(host: &str, image: &str, block_size: u32) -> String {
+    format!("{host}\0{image}\0{block_size}")
+}
+
+struct State {
+    coarse: Option<u32>,
+    sources: Vec<Option<SourceInfo>>,
+    holders: HolderIndex,
+    seq: u64,
+}
+
+impl State {
+    fn location(&self, src: u32, idx: u32) -> Option<Location> {
+        let s = self.sources.get(src as usize)?.as_ref()?;
+        let bs = if idx & COARSE_BIT != 0 {
+            s.block_size * coarse_for(s.block_size, self.coarse)?
+        } else {
+            s.block_size
+        };
+        let offset = (idx & !COARSE_BIT) as u64 * bs as u64;
+        Some(Location {
+            host: s.host.clone(),
+            image: s.image.clone(),
+            block_size: bs,
+            offset,
+            len: (s.size.saturating_sub(offset)).min(bs as u64) as u32,
+        })
+    }
+}
+
+/// What one change did to one source, for updating the in-memory index after commit.
+enum Effect {
+    Replace {
+        src: u32,
+        old: Option<Manifest>,
+        new: Option<(Manifest, SourceInfo)>,
+    },
+    Patch {
+        src: u32,
+        old: Manifest,
+        new: Manifest,
+        info: SourceInfo,
+        idxs: Vec<u32>,
+    },
+}
+
+/// The embedded index store. See the module docs.
+pub struct RedbStore {
+    db: Database,
+    snap_path: PathBuf,
+    opts: StoreOptions,
+    write: Mutex<()>,
+    state: RwLock<State>,
+    open_report: OpenReport,
+}
+
+fn rd<T>(r: std::sync::LockResult<T>) -> T {
+    // A panic while holding the lock leaves the in-memory index as it was before the
+    // panicking update at worst; it is rebuilt from redb on the next open.
+    r.unwrap_or_else(|p| p.into_inner())
+}
+
+impl RedbStore {
+    /// Opens (creating if needed) the store at `path`; the holder snapshot lives
+    /// next to it as `path.holders`.
+    pub fn open(path: &Path, opts: StoreOptions) -> Result<Self> {
+        let t0 = Instant::now();
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
+            }
+        }
+        let db = Database::builder()
+            .set_cache_size(opts.cache_bytes)
+            .create(path)
+            .with_context(|| format!("open index {}", path.display()))?;
+        {
+            let mut w = db.begin_write()?;
+            w.set_quick_repair(true);
+            w.open_table(META)?;
+            w.open_table(SOURCE_IDS)?;
+            w.open_table(SOURCES)?;
+            w.open_table(MANIFESTS)?;
+            w.open_table(LOG)?;
+            w.open_table(FILE_STATE)?;
+            w.commit()?;
+        }
+        let mut report = OpenReport {
+            redb_ms: t0.elapsed().as_secs_f64() * 1e3,
+            ..Default::default()
+        };
+        let r = db.begin_read()?;
+        let seq = r.open_table(META)?.get("seq")?.map_or(0, |v| v.value());
+        let mut sources: Vec<Option<SourceInfo>> = Vec::new();
+        for row in r.open_table(SOURCES)?.iter()? {
+            let (k, v) = row?;
+            let id = k.value() as usize;
+            if sources.len() <= id {
+                sources.resize(id + 1, None);
+            }
+            sources[id] = Some(SourceInfo::decode(v.value())?);
+        }
+        let mut snap_path = path.as_os_str().to_owned();
+        snap_path.push(".holders");
+        let snap_path = PathBuf::from(snap_path);
+
+        let t1 = Instant::now();
+        let snap = match Snapshot::open(&snap_path) {
+            Ok(s) if s.seq <= seq && s.coarse == opts.coarse.unwrap_or(0) => Some(s),
+            Ok(s) if s.seq <= seq => {
+                tracing::info!("holder snapshot has another coarse factor; rebuilding");
+                None
+            }
+            Ok(s) => {
+                tracing::warn!(
+                    "holder snapshot is newer ({}) than the index ({seq}); rebuilding",
+                    s.seq
+                );
+                None
+            }
+            Err(e) if snap_path.exists() => {
+                tracing::warn!("holder snapshot unusable ({e:#}); rebuilding");
+                None
+            }
+            Err(_) => None,
+        };
+        let snap = match snap {
+            Some(s) => s,
+            None if sources.iter().any(Option::is_some) => {
+                report.rebuilt_snapshot = true;
+                build_snapshot(&db, &snap_path, opts.coarse)?
+            }
+            None => Snapshot::empty(),
+        };
+        report.snapshot_ms = t1.elapsed().as_secs_f64() * 1e3;
+
+        let t2 = Instant::now();
+        let mut holders = HolderIndex::new(snap, opts.coarse);
+        let manifests = r.open_table(MANIFESTS)?;
+        for (id, s) in sources.iter().enumerate() {
+            if let Some(s) = s {
+                if s.seq > holders.snap.seq {
+                    let m = manifests
+                        .get(id as u32)?
+                        .map(|v| Manifest::decode(v.value()))
+                        .transpose()?;
+                    holders.replace_source(id as u32, None, m.as_ref());
+                    report.replayed_sources += 1;
+                }
+            }
+        }
+        // Sources removed since the snapshot have no record: their entries are
+        // dropped at lookup (no location).
+        drop(manifests);
+        drop(r);
+        report.overlay_ms = t2.elapsed().as_secs_f64() * 1e3;
+        let coarse = opts.coarse;
+        Ok(Self {
+            db,
+            snap_path,
+            opts,
+            write: Mutex::new(()),
+            state: RwLock::new(State {
+                coarse,
+                sources,
+                holders,
+                seq,
+            }),
+            open_report: report,
+        })
+    }
+
+    /// Clean shutdown: rewrites the holder snapshot first if the overlay is larger
+    /// than `StoreOptions::close_compact_min` entries, so that the next open does
+    /// not have to rebuild it (keeps a clean reopen well under a second). Dropping
+    /// the store without `close` is safe too (it is what a crash does).
+    pub fn close(self) -> Result<()> {
+        let big = rd(self.state.read()).holders.overlay_len() > self.opts.close_compact_min;
+        if big {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    pub fn open_report(&self) -> &OpenReport {
+        &self.open_report
+    }
+
+    /// Path of the holder snapshot file.
+    pub fn snapshot_path(&self) -> &Path {
+        &self.snap_path
+    }
+
+    /// Entries in the holder snapshot and in the overlay.
+    pub fn holder_counts(&self) -> (u64, usize) {
+        let st = rd(self.state.read());
+        (st.holders.snap.len, st.holders.overlay_len())
+    }
+
+    /// Rewrites the holder snapshot from the manifests and empties the overlay.
+    pub fn compact(&self) -> Result<()> {
+        let _w = rd(self.write.lock());
+        self.compact_locked()
+    }
+
+    fn compact_locked(&self) -> Result<()> {
+        let snap = build_snapshot(&self.db, &self.snap_path, self.opts.coarse)?;
+        let mut st = rd(self.state.write());
+        st.holders = HolderIndex::new(snap, self.opts.coarse);
+        Ok(())
+    }
+
+    /// Calls `f(location)` for every holder of `hash` (no allocation per lookup
+    /// beyond what `f` does).
+    pub fn for_each_holder(&self, hash: &BlockHash, mut f: impl FnMut(Location)) {
+        let st = rd(self.state.read());
+        st.holders
+            .lookup(u128::from_be_bytes(hash.prefix()), |s, i| {
+                if let Some(l) = st.location(s, i) {
+                    f(l)
+                }
+            });
+    }
+
+    /// Number of holders of `hash` (the cheapest lookup).
+    pub fn holder_count(&self, hash: &BlockHash) -> usize {
+        let st = rd(self.state.read());
+        let mut n = 0;
+        st.holders
+            .lookup(u128::from_be_bytes(hash.prefix()), |s, _| {
+                if st.sources.get(s as usize).is_some_and(Option::is_some) {
+                    n += 1
+                }
+            });
+        n
+    }
+
+    pub fn file_state(
+        &self,
+        host: &str,
+        image: &str,
+        block_size: u32,
+    ) -> Result<Option<FileState>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(FILE_STATE)?;
+        let k = source_key(host, image, block_size);
+        let v = t.get(k.as_str())?;
+        v.map(|v| FileState::decode(v.value())).transpose()
+    }
+
+    pub fn set_file_state(
+        &self,
+        host: &str,
+        image: &str,
+        block_size: u32,
+        fs: &FileState,
+    ) -> Result<()> {
+        let _w = rd(self.write.lock());
+        let mut w = self.db.begin_write()?;
+        w.set_quick_repair(true);
+        {
+            let mut t = w.open_table(FILE_STATE)?;
+            let k = source_key(host, image, block_size);
+            t.insert(k.as_str(), fs.encode().as_slice())?;
+        }
+        w.commit()?;
+        Ok(())
+    }
+
+    fn apply_locked(&self, changes: &[Change]) -> Result<u64> {
+        let mut w = self.db.begin_write()?;
+        w.set_quick_repair(true);
+        let mut effects = Vec::new();
+        let seq;
+        {
+            let mut meta = w.open_table(META)?;
+            let mut ids = w.open_table(SOURCE_IDS)?;
+            let mut sources = w.open_table(SOURCES)?;
+            let mut manifests = w.open_table(MANIFESTS)?;
+            let mut log = w.open_table(LOG)?;
+            let mut s = meta.get("seq")?.map_or(0, |v| v.value());
+            let mut next_src = meta.get("next_src")?.map_or(0, |v| v.value());
+            let mut id_for = |ids: &mut redb::Table<&str, u32>,
+                              host: &str,
+                              image: &str,
+                              bs: u32,
+                              create: bool|
+             -> Result<Option<u32>> {
+                let k = source_key(host, image, bs);
+                if let Some(v) = ids.get(k.as_str())? {
+                    return Ok(Some(v.value()));
+                }
+                if !create {
+                    return Ok(None);
+                }
+                let id = u32::try_from(next_src).context("source ids exhausted")?;
+                next_src += 1;
+                ids.insert(k.as_str(), id)?;
+                Ok(Some(id))
+            };
+            for c in changes {
+                s += 1;
+                match c {
+                    Change::PutImage { host, manifest } => {
+                        check_manifest(manifest)?;
+                        let src =
+                            id_for(&mut ids, host, &manifest.image, manifest.block_size, true)?
+                                .expect("created");
+                        let old = manifests
+                            .insert(src, manifest.encode().as_slice())?
+                            .map(|v| Manifest::decode(v.value()))
+                            .transpose()?;
+                        let info = SourceInfo::of(host, manifest, s);
+                        sources.insert(src, info.encode().as_slice())?;
+                        effects.push(Effect::Replace {
+                            src,
+                            old,
+                            new: Some((manifest.clone(), info)),
+                        });
+                    }
+                    Change::PatchImage {
+                        host,
+                        image,
+                        block_size,
+                        size,
+                        blocks,
+                    } => {
+                        super::chunk::check_block_size(*block_size)?;
+                        let src =
+                            id_for(&mut ids, host, image, *block_size, true)?.expect("created");
+                        let old = manifests
+                            .get(src)?
+                            .map(|v| Manifest::decode(v.value()))
+                            .transpose()?
+                            .unwrap_or_else(|| Manifest {
+                                image: image.clone(),
+                                size: 0,
+                                block_size: *block_size,
+                                blocks: vec![],
+                            });
+                        let mut new = old.clone();
+                        new.size = *size;
+                        let n = Manifest::block_count(*size, *block_size);
+                        if n > u32::MAX as usize {
+                            bail!("image {image} has too many blocks");
+                        }
+                        new.blocks.resize(n, None);
+                        let mut idxs: Vec<u32> = (n..old.blocks.len()).map(|i| i as u32).collect();
+                        for &(i, h) in blocks {
+                            if i as usize >= n {
+                                bail!("patch of {image}: block {i} past the end ({n} blocks)");
+                            }
+                            new.blocks[i as usize] = h;
+                            idxs.push(i);
+                        }
+                        idxs.sort_unstable();
+                        idxs.dedup();
+                        manifests.insert(src, new.encode().as_slice())?;
+                        let info = SourceInfo::of(host, &new, s);
+                        sources.insert(src, info.encode().as_slice())?;
+                        effects.push(Effect::Patch {
+                            src,
+                            old,
+                            new,
+                            info,
+                            idxs,
+                        });
+                    }
+                    Change::RemoveImage {
+                        host,
+                        image,
+                        block_size,
+                    } => {
+                        if let Some(src) = id_for(&mut ids, host, image, *block_size, false)? {
+                            let old = manifests
+                                .remove(src)?
+                                .map(|v| Manifest::decode(v.value()))
+                                .transpose()?;
+                            sources.remove(src)?;
+                            effects.push(Effect::Replace {
+                                src,
+                                old,
+                                new: None,
+                            });
+                        }
+                    }
+                    Change::RemoveHost { host } => {
+                        let mut gone = Vec::new();
+                        for row in sources.iter()? {
+                            let (k, v) = row?;
+                            if &*SourceInfo::decode(v.value())?.host == host.as_str() {
+                                gone.push(k.value());
+                            }
+                        }
+                        for src in gone {
+                            let old = manifests
+                                .remove(src)?
+                                .map(|v| Manifest::decode(v.value()))
+                                .transpose()?;
+                            sources.remove(src)?;
+                            effects.push(Effect::Replace {
+                                src,
+                                old,
+                                new: None,
+                            });
+                        }
+                    }
+                }
+                if self.opts.log {
+                    log.insert(s, c.encode().as_slice())?;
+                }
+            }
+            meta.insert("seq", s)?;
+            meta.insert("next_src", next_src)?;
+            seq = s;
+        }
+        w.commit()?;
+
+        let mut st = rd(self.state.write());
+        for e in effects {
+            match e {
+                Effect::Replace { src, old, new } => {
+                    st.holders
+                        .replace_source(src, old.as_ref(), new.as_ref().map(|n| &n.0));
+                    set_source(&mut st.sources, src, new.map(|n| n.1));
+                }
+                Effect::Patch {
+                    src,
+                    old,
+                    new,
+                    info,
+                    idxs,
+                } => {
+                    st.holders.patch_source(src, &old, &new, &idxs);
+                    set_source(&mut st.sources, src, Some(info));
+                }
+            }
+        }
+        st.seq = seq;
+        let overlay = st.holders.overlay_len();
+        let threshold = self.opts.compact_min.max(st.holders.snap.len as usize / 4);
+        drop(st);
+        if overlay > threshold {
+            self.compact_locked()?;
+        }
+        Ok(seq)
+    }
+}
+
+fn set_source(v: &mut Vec<Option<SourceInfo>>, src: u32, s: Option<SourceInfo>) {
+    let i = src as usize;
+    if v.len() <= i {
+        v.resize(i + 1, None);
+    }
+    v[i] = s;
+}
+
+fn check_manifest(m: &Manifest) -> Result<()> {
+    super::chunk::check_block_size(m.block_size)?;
+    let n = Manifest::block_count(m.size, m.block_size);
+    if m.blocks.len() != n {
+        bail!(
+            "manifest of {}: {} blocks for {} bytes at {} (want {n})",
+            m.image,
+            m.blocks.len(),
+            m.size,
+            m.block_size
+        );
+    }
+    if n > u32::MAX as usize {
+        bail!("image {} has too many blocks", m.image);
+    }
+    Ok(())
+}
+
+/// Builds the holder snapshot from every manifest in one read transaction.
+fn build_snapshot(db: &Database, path: &Path, coarse: Option<u32>) -> Result<Snapshot> {
+    let r = db.begin_read()?;
+    let seq = r.open_table(META)?.get("seq")?.map_or(0, |v| v.value());
+    let mut entries = Vec::new();
+    for row in r.open_table(MANIFESTS)?.iter()? {
+        let (k, v) = row?;
+        let m = Manifest::decode(v.value())?;
+        entries_of(k.value(), &m, coarse, &mut entries);
+    }
+    drop(r);
+    Snapshot::write(path, seq, coarse.unwrap_or(0), &mut entries)?;
+    drop(entries);
+    Snapshot::open(path)
+}
+
+impl BlockStore for RedbStore {
+    fn apply(&self, changes: &[Change]) -> Result<u64> {
+        let _w = rd(self.write.lock());
+        if changes.is_empty() {
+            return Ok(rd(self.state.read()).seq);
+        }
+        self.apply_locked(changes)
+    }
+
+    fn holders(&self, hash: &BlockHash) -> Result<Vec<Location>> {
+        let mut v = Vec::new();
+        self.for_each_holder(hash, |l| v.push(l));
+        Ok(v)
+    }
+
+    fn holders_many(&self, hashes: &[BlockHash]) -> Result<Vec<Vec<Location>>> {
+        let st = rd(self.state.read());
+        Ok(hashes
+            .iter()
+            .map(|h| {
+                let mut v = Vec::new();
+                st.holders.lookup(u128::from_be_bytes(h.prefix()), |s, i| {
+                    if let Some(l) = st.location(s, i) {
+                        v.push(l)
+                    }
+                });
+                v
+            })
+            .collect())
+    }
+
+    fn manifest(&self, image: &str, block_size: Option<u32>) -> Result<Option<Manifest>> {
+        let pick = {
+            let st = rd(self.state.read());
+            st.sources
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+                .filter(|(_, s)| &*s.image == image && block_size.is_none_or(|b| b == s.block_size))
+                .min_by_key(|(_, s)| (s.block_size, std::cmp::Reverse(s.seq)))
+                .map(|(i, _)| i as u32)
+        };
+        match pick {
+            Some(src) => self.manifest_by_id(src),
+            None => Ok(None),
+        }
+    }
+
+    fn manifest_at(&self, host: &str, image: &str, block_size: u32) -> Result<Option<Manifest>> {
+        let r = self.db.begin_read()?;
+        let k = source_key(host, image, block_size);
+        let id = r
+            .open_table(SOURCE_IDS)?
+            .get(k.as_str())?
+            .map(|v| v.value());
+        match id {
+            Some(id) => r
+                .open_table(MANIFESTS)?
+                .get(id)?
+                .map(|v| Manifest::decode(v.value()).map_err(Into::into))
+                .transpose(),
+            None => Ok(None),
+        }
+    }
+
+    fn images(&self) -> Result<Vec<ImageInfo>> {
+        let st = rd(self.state.read());
+        let mut v: Vec<ImageInfo> = st.sources.iter().flatten().map(SourceInfo::info).collect();
+        v.sort_by(|a, b| (&a.image, &a.host, a.block_size).cmp(&(&b.image, &b.host, b.block_size)));
+        Ok(v)
+    }
+
+    fn seq(&self) -> u64 {
+        rd(self.state.read()).seq
+    }
+
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, Change)>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(LOG)?;
+        let mut out = Vec::new();
+        for row in t.range(after.saturating_add(1)..)?.take(limit) {
+            let (k, v) = row?;
+            out.push((k.value(), Change::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    fn trim_log(&self, upto: u64) -> Result<()> {
+        let _w = rd(self.write.lock());
+        let mut w = self.db.begin_write()?;
+        w.set_quick_repair(true);
+        {
+            let mut t = w.open_table(LOG)?;
+            t.retain_in(..=upto, |_, _| false)?;
+        }
+        w.commit()?;
+        Ok(())
+    }
+}
+
+impl RedbStore {
+    fn manifest_by_id(&self, src: u32) -> Result<Option<Manifest>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(MANIFESTS)?;
+        let v = t.get(src)?;
+        Ok(v.map(|v| Manifest::decode(v.value())).transpose()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    type Key = (String, String, u32);
+    /// host, image, block size, offset, length
+    type Loc = (String, String, u32, u64, u32);
+
+    fn h(x: u8) -> BlockHash {
+        BlockHash(*blake3::hash(&[x]).as_bytes())
+    }
+
+    /// The obvious model: a map of sources to manifests.
+    #[derive(Default)]
+    struct Model(BTreeMap<Key, Manifest>);
+
+    impl Model {
+        fn apply(&mut self, c: &Change) {
+            match c {
+                Change::PutImage { host, manifest } => {
+                    self.0.insert(
+                        (host.clone(), manifest.image.clone(), manifest.block_size),
+                        manifest.clone(),
+                    );
+                }
+                Change::PatchImage {
+                    host,
+                    image,
+                    block_size,
+                    size,
+                    blocks,
+                } => {
+                    let m = self
+                        .0
+                        .entry((host.clone(), image.clone(), *block_size))
+                        .or_insert_with(|| Manifest {
+                            image: image.clone(),
+                            size: 0,
+                            block_size: *block_size,
+                            blocks: vec![],
+                        });
+                    m.size = *size;
+                    m.blocks
+                        .resize(Manifest::block_count(*size, *block_size), None);
+                    for &(i, b) in blocks {
+                        m.blocks[i as usize] = b;
+                    }
+                }
+                Change::RemoveImage {
+                    host,
+                    image,
+                    block_size,
+                } => {
+                    self.0.remove(&(host.clone(), image.clone(), *block_size));
+                }
+                Change::RemoveHost { host } => self.0.retain(|k, _| &k.0 != host),
+            }
+        }
+        fn holders(&self, x: &BlockHash) -> BTreeSet<Loc> {
+            let mut s = BTreeSet::new();
+            for ((host, image, bs), m) in &self.0 {
+                for (i, b) in m.blocks.iter().enumerate() {
+                    if b.as_ref() == Some(x) {
+                        s.insert((
+                            host.clone(),
+                            image.clone(),
+                            *bs,
+                            i as u64 * *bs as u64,
+                            m.block_len(i) as u32,
+                        ));
+                    }
+                }
+            }
+            s
+        }
+    }
+
+    fn got(store: &RedbStore, x: &BlockHash) -> BTreeSet<Loc> {
+        store
+            .holders(x)
+            .unwrap()
+            .into_iter()
+            .map(|l| {
+                (
+                    l.host.to_string(),
+                    l.image.to_string(),
+                    l.block_size,
+                    l.offset,
+                    l.len,
+                )
+            })
+            .collect()
+    }
+
+    fn arb_block() -> impl Strategy<Value = Option<BlockHash>> {
+        prop::option::weighted(0.7, (0u8..6).prop_map(h))
+    }
+
+    fn arb_change() -> impl Strategy<Value = Change> {
+        let host = prop::sample::select(vec!["h1", "h2", "h3"]).prop_map(String::from);
+        let image = prop::sample::select(vec!["a", "b"]).prop_map(String::from);
+        let bs = prop::sample::select(vec![4096u32, 8192]);
+        prop_oneof![
+            4 => (host.clone(), image.clone(), bs.clone(), 0u64..40_000).prop_flat_map(
+                |(host, image, bs, size)| {
+                    let n = Manifest::block_count(size, bs);
+                    prop::collection::vec(arb_block(), n..=n).prop_map(move |blocks| {
+                        Change::PutImage {
+                            host: host.clone(),
+                            manifest: Manifest {
+                                image: image.clone(),
+                                size,
+                                block_size: bs,
+                                blocks,
+                            },
+                        }
+                    })
+                }
+            ),
+            3 => (host.clone(), image.clone(), bs.clone(), 0u64..40_000).prop_flat_map(
+                |(host, image, bs, size)| {
+                    let n = Manifest::block_count(size, bs) as u32;
+                    let idx = if n == 0 { Just(vec![]).boxed() } else {
+                        prop::collection::vec((0..n, arb_block()), 0..5).boxed()
+                    };
+                    idx.prop_map(move |blocks| Change::PatchImage {
+                        host: host.clone(),
+                        image: image.clone(),
+                        block_size: bs,
+                        size,
+                        blocks,
+                    })
+                }
+            ),
+            1 => (host.clone(), image, bs).prop_map(|(host, image, block_size)| {
+                Change::RemoveImage { host, image, block_size }
+            }),
+            1 => host.prop_map(|host| Change::RemoveHost { host }),
+        ]
+    }
+
+    fn check(store: &RedbStore, model: &Model, coarse: Option<u32>) -> Result<(), TestCaseError> {
+        for x in 0..6 {
+            prop_assert_eq!(got(store, &h(x)), model.holders(&h(x)), "hash {}", x);
+        }
+        // Coarse names: every group of every source, by brute force.
+        let mut want: BTreeMap<BlockHash, BTreeSet<Loc>> = BTreeMap::new();
+        for ((host, image, bs), m) in &model.0 {
+            let Some(f) = crate::index::lookup::coarse_for(*bs, coarse) else {
+                continue;
+            };
+            let gbs = bs * f;
+            for (g, c) in m.coarse(f as usize).into_iter().enumerate() {
+                if let Some(c) = c {
+                    let off = g as u64 * gbs as u64;
+                    let len = (m.size - off).min(gbs as u64) as u32;
+                    want.entry(c)
+                        .or_default()
+                        .insert((host.clone(), image.clone(), gbs, off, len));
+                }
+            }
+        }
+        for (c, w) in &want {
+            prop_assert_eq!(&got(store, c), w, "coarse {:?}", c);
+        }
+        let imgs = store.images().unwrap();
+        prop_assert_eq!(imgs.len(), model.0.len());
+        for ((host, image, bs), m) in &model.0 {
+            let got = store.manifest_at(host, image, *bs).unwrap();
+            prop_assert_eq!(got.as_ref(), Some(m));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        #[test]
+        fn store_matches_model(
+            batches in prop::collection::vec(prop::collection::vec(arb_change(), 1..4), 1..8),
+            reopen_after in any::<prop::sample::Index>(),
+            compact_min in prop::sample::select(vec![0usize, 3, 1 << 20]),
+            coarse in prop::sample::select(vec![None, Some(2u32), Some(3)]),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("idx.redb");
+            let opts = StoreOptions { compact_min, close_compact_min: compact_min, coarse, ..Default::default() };
+            let mut store = RedbStore::open(&path, opts.clone()).unwrap();
+            let mut model = Model::default();
+            let reopen_at = reopen_after.index(batches.len());
+            let mut n = 0u64;
+            for (bi, batch) in batches.iter().enumerate() {
+                let seq = store.apply(batch).unwrap();
+                n += batch.len() as u64;
+                prop_assert_eq!(seq, n);
+                for c in batch {
+                    model.apply(c);
+                }
+                check(&store, &model, coarse)?;
+                if bi == reopen_at {
+                    if bi % 2 == 0 { store.close().unwrap() } else { drop(store) }
+                    store = RedbStore::open(&path, opts.clone()).unwrap();
+                    prop_assert_eq!(store.seq(), n);
+                    check(&store, &model, coarse)?;
+                }
+            }
+            let log = store.changes_since(0, usize::MAX).unwrap();
+            let all: Vec<Change> = batches.concat();
+            prop_assert_eq!(log.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>(), all);
+            prop_assert!(log.iter().enumerate().all(|(i, (s, _))| *s == i as u64 + 1));
+            store.compact().unwrap();
+            check(&store, &model, coarse)?;
+        }
+    }
+
+    #[test]
+    fn manifest_smallest_size_and_log_trim() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("i"), StoreOptions::default()).unwrap();
+        let m = |bs: u32, b: u8| Manifest {
+            image: "img".into(),
+            size: 20000,
+            block_size: bs,
+            blocks: vec![Some(h(b)); Manifest::block_count(20000, bs)],
+        };
+        store
+            .apply(&[
+                Change::PutImage {
+                    host: "x".into(),
+                    manifest: m(16384, 1),
+                },
+                Change::PutImage {
+                    host: "x".into(),
+                    manifest: m(4096, 2),
+                },
+            ])
+            .unwrap();
+        assert_eq!(
+            store.manifest("img", None).unwrap().unwrap().block_size,
+            4096
+        );
+        assert_eq!(
+            store.manifest("img", Some(16384)).unwrap().unwrap(),
+            m(16384, 1)
+        );
+        assert!(store.manifest("nope", None).unwrap().is_none());
+        let hs = store.holders(&h(1)).unwrap();
+        assert_eq!(hs.len(), 2);
+        assert_eq!(hs[1].len, 20000 - 16384);
+        store.trim_log(1).unwrap();
+        let log = store.changes_since(0, 10).unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].0, 2);
+        assert!(store.apply(&[]).unwrap() == 2);
+        let fs = FileState {
+            path: "/a".into(),
+            len: 3,
+            mtime_ns: -5,
+            ino: 1,
+            dev: 2,
+            full_scan_unix: 9,
+        };
+        store.set_file_state("x", "img", 4096, &fs).unwrap();
+        assert_eq!(store.file_state("x", "img", 4096).unwrap(), Some(fs));
+        assert_eq!(store.file_state("x", "img", 16384).unwrap(), None);
+    }
+
+    #[test]
+    fn lost_or_corrupt_snapshot_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i");
+        let opts = StoreOptions {
+            compact_min: 0,
+            ..Default::default()
+        };
+        let store = RedbStore::open(&p, opts.clone()).unwrap();
+        let man = Manifest {
+            image: "a".into(),
+            size: 8192,
+            block_size: 4096,
+            blocks: vec![Some(h(1)), None],
+        };
+        store
+            .apply(&[Change::PutImage {
+                host: "x".into(),
+                manifest: man,
+            }])
+            .unwrap();
+        let snap = store.snapshot_path().to_path_buf();
+        drop(store);
+        let mut b = std::fs::read(&snap).unwrap();
+        let n = b.len();
+        b[n - 1] ^= 0xff; // entry byte: not checksummed, but the key no longer matches
+        std::fs::write(&snap, &b[..10]).unwrap();
+        let store = RedbStore::open(&p, opts.clone()).unwrap();
+        assert!(store.open_report().rebuilt_snapshot);
+        assert_eq!(store.holders(&h(1)).unwrap().len(), 1);
+        drop(store);
+        std::fs::remove_file(&snap).unwrap();
+        let store = RedbStore::open(&p, opts).unwrap();
+        assert!(store.open_report().rebuilt_snapshot);
+        assert_eq!(store.holders(&h(1)).unwrap().len(), 1);
+    }
+}
