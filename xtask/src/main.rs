@@ -42,6 +42,16 @@ const APT_PACKAGES: &[&str] = &[
 const QEMU_VERSION: &str = "1:7.2+dfsg-7+deb12u18+b3";
 const QEMU_DIR: &str = "/var/cache/nearblock/qemu-7.2";
 
+/// The VM-image corpus (real, similar Debian images): built once per machine.
+const CORPUS_DIR: &str = "/var/cache/nearblock/corpus";
+const CORPUS_IMAGES: &[&str] = &[
+    "a-bookworm-minbase",
+    "b-bookworm-cloud",
+    "c-bookworm-cloud-python",
+    "d-bookworm-cloud-nginx",
+    "g-bookworm-cloud-nginx-inplace",
+];
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -140,7 +150,7 @@ fn test(extra: &[String]) -> Result<()> {
     // profile's directory so the lab finds it beside the test executables.
     cargo(&["build", "-p", "nearblock", "--bin", "nearblock"]).status_ok()?;
     let mut c = cargo(&["test", "--workspace"]);
-    c.args(extra);
+    c.args(extra).env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR);
     c.status_ok()
 }
 
@@ -185,6 +195,8 @@ fn bootstrap() -> Result<()> {
     apt_packages()?;
     bpf_linker()?;
     qemu_72()?;
+    python_blake3()?;
+    corpus()?;
     Ok(())
 }
 
@@ -296,6 +308,40 @@ fn qemu_72() -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     eprintln!("bootstrap: qemu-img 7.2 unpacked into {QEMU_DIR}");
     Ok(())
+}
+
+/// PyPI's blake3 for the independent corpus computation (tests/corpus).
+fn python_blake3() -> Result<()> {
+    let have = Command::new("python3")
+        .args(["-c", "import blake3"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if have {
+        eprintln!("bootstrap: python blake3 present");
+        return Ok(());
+    }
+    eprintln!("bootstrap: pip install blake3");
+    Command::new("python3")
+        .args(["-m", "pip", "install", "-q", "blake3"])
+        .status_ok()
+}
+
+/// Build the corpus images once (about 5 minutes, 3.5 GiB), outside the clone.
+fn corpus() -> Result<()> {
+    let images = Path::new(CORPUS_DIR).join("images");
+    let complete = CORPUS_IMAGES.iter().all(|n| {
+        images.join(format!("{n}.raw")).exists() && images.join(format!("{n}.qcow2")).exists()
+    });
+    if complete {
+        eprintln!("bootstrap: corpus present in {CORPUS_DIR}");
+        return Ok(());
+    }
+    eprintln!("bootstrap: building the VM-image corpus into {CORPUS_DIR} (about 5 minutes)");
+    Command::new("bash")
+        .arg(root().join("tests/corpus/build-corpus.sh"))
+        .env("CORPUS_DIR", CORPUS_DIR)
+        .status_ok()
 }
 
 fn newest_72() -> Result<String> {
