@@ -40,6 +40,20 @@ pub struct Config {
     /// Live network cost (optional): needs the topology.
     #[serde(default)]
     pub cost: Option<CostConfig>,
+    /// The planner served by the API (optional): needs `[cost]` for the topology.
+    #[serde(default)]
+    pub planner: Option<PlannerConfig>,
+}
+
+/// `[planner]`: the index store the API's construct/place answer from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannerConfig {
+    /// The index store (as filled by `nearblock index` / the indexer).
+    pub db: std::path::PathBuf,
+    /// Host metrics (`[host.NAME]` tables with cpu, mem, disk) for placement policies.
+    #[serde(default)]
+    pub metrics: Option<std::path::PathBuf>,
 }
 
 /// `[cost]`: where this appliance sits in the topology, which link each of its
@@ -400,6 +414,13 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.planner.is_some() && self.cost.is_none() {
+            return Err(invalid(
+                "planner",
+                "db",
+                "the planner needs the topology: add a [cost] section".into(),
+            ));
         }
         let s = &self.splicer;
         if !s.listen_v4.is_ipv4() {

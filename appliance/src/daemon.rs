@@ -43,6 +43,8 @@ pub enum DaemonError {
     LiveCost(#[from] crate::cost::LiveCostError),
     #[error("[cost]: appliance `{0}` is not a node of the topology")]
     NotInTopology(String),
+    #[error("[planner]: {0}")]
+    Planner(String),
     #[error("API listen on {addr}: {source}")]
     Api {
         addr: std::net::SocketAddr,
@@ -59,8 +61,36 @@ pub struct Appliance {
     pub rates: Mutex<std::collections::BTreeMap<u32, LinkRate>>,
     /// Live network cost, when `[cost]` is configured.
     pub live_costs: Option<Mutex<LiveCosts>>,
+    /// The planner behind `/plan/*`, when `[planner]` is configured.
+    pub planner: Option<Planner>,
     pub splicer: Arc<SplicerStats>,
     pub started: Instant,
+}
+
+/// What the API's planner answers from.
+pub struct Planner {
+    pub store: Arc<crate::index::RedbStore>,
+    pub topology: Topology,
+    pub metrics: crate::plan::MetricsFile,
+}
+
+impl Appliance {
+    /// The topology with each link's weight as in force now (live costs), or the
+    /// static weights.
+    pub fn priced_topology(&self, live: bool) -> Option<Topology> {
+        let planner = self.planner.as_ref()?;
+        let mut topo = planner.topology.clone();
+        if live {
+            if let Some(lc) = &self.live_costs {
+                let lc = lc.lock().unwrap_or_else(|p| p.into_inner());
+                // Graph links are the topology's links, in order.
+                for (l, g) in topo.links.iter_mut().zip(lc.graph().links()) {
+                    l.weight = g.weight;
+                }
+            }
+        }
+        Some(topo)
+    }
 }
 
 /// Per-interface counters for status.
@@ -281,12 +311,38 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         None => None,
     };
+    let planner = match (&config.planner, &config.cost) {
+        (Some(p), Some(c)) => {
+            let store = crate::index::RedbStore::open(&p.db, crate::index::StoreOptions::default())
+                .map_err(|e| {
+                    DaemonError::Planner(format!("index store {}: {e:#}", p.db.display()))
+                })?;
+            let metrics = match &p.metrics {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        DaemonError::Planner(format!("metrics {}: {e}", path.display()))
+                    })?;
+                    crate::plan::MetricsFile::parse(&text).map_err(|e| {
+                        DaemonError::Planner(format!("metrics {}: {e}", path.display()))
+                    })?
+                }
+                None => Default::default(),
+            };
+            Some(Planner {
+                store: Arc::new(store),
+                topology: Topology::load(&c.topology)?,
+                metrics,
+            })
+        }
+        _ => None,
+    };
     let app = Arc::new(Appliance {
         config: config.clone(),
         datapath: Mutex::new(dp),
         discovery: Mutex::new(DiscoveryTable::default()),
         rates: Mutex::new(Default::default()),
         live_costs,
+        planner,
         splicer: splicer.clone(),
         started: Instant::now(),
     });

@@ -74,6 +74,45 @@ fn loaded_link_raises_path_cost_here_and_at_a_polling_peer() {
     })
     .unwrap();
     let rack1_on_core = lab.port_toward("rack1", "core").unwrap().v4;
+    // The planner's index: the library holds the image, hv2 holds its first half.
+    let img = content::image(1 << 20, 11, 20);
+    let img_path = lab.write_file("img.raw", &img).unwrap();
+    let half = lab.write_file("hv2.raw", &img[..img.len() / 2]).unwrap();
+    let db = lab.dir.path().join("index.redb");
+    let bin = nearblock_lab::nearblock_bin().unwrap();
+    for (file, image, host) in [(&img_path, "img", "library"), (&half, "vm2", "hv2")] {
+        let o = std::process::Command::new(&bin)
+            .args([
+                "index",
+                file.to_str().unwrap(),
+                "--image",
+                image,
+                "--host",
+                host,
+                "--quiet",
+                "--db",
+            ])
+            .arg(&db)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let offline = |args: &[&str]| -> serde_json::Value {
+        let o = std::process::Command::new(&bin)
+            .args(["plan"])
+            .args(args)
+            .args([
+                "--db",
+                db.to_str().unwrap(),
+                "--topology",
+                topo.to_str().unwrap(),
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
     let cost = |peers: &str| {
         format!(
             "sample_interval_ms = 500\n[api]\nlisten = \"0.0.0.0:7878\"\n[cost]\ntopology = {:?}\npoll_interval_ms = 300\npeers = [{peers}]\n",

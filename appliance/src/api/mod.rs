@@ -24,6 +24,8 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<Appliance>) {
         .route("/metrics", get(metrics))
         .route("/links", get(links))
         .route("/costs", get(costs))
+        .route("/plan/construct", get(plan_construct))
+        .route("/plan/place", get(plan_place))
         .with_state(app);
     if let Err(e) = axum::serve(listener, router).await {
         tracing::warn!(cause = %e, "API server stopped");
@@ -64,6 +66,124 @@ async fn costs(
             StatusCode::NOT_FOUND,
             format!("`{}` is not a node of the topology", q.target),
         ))
+}
+
+#[derive(serde::Deserialize)]
+struct ConstructQuery {
+    image: String,
+    target: String,
+    block_size: Option<u32>,
+    /// `static` prices paths with the topology's weights; default: live weights.
+    #[serde(default)]
+    pricing: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct PlaceQuery {
+    image: String,
+    /// Comma-separated host names.
+    candidates: String,
+    #[serde(default = "best")]
+    policy: String,
+    block_size: Option<u32>,
+    #[serde(default)]
+    pricing: Option<String>,
+}
+
+fn best() -> String {
+    "best".into()
+}
+
+type ApiError = (StatusCode, String);
+
+fn planner_parts(
+    app: &Appliance,
+    pricing: Option<&str>,
+) -> Result<
+    (
+        crate::plan::indexed::IndexedStore<Arc<crate::index::RedbStore>>,
+        crate::cost::Topology,
+    ),
+    ApiError,
+> {
+    let planner = app.planner.as_ref().ok_or((
+        StatusCode::NOT_FOUND,
+        "no [planner] section configured".to_string(),
+    ))?;
+    let live = match pricing {
+        None | Some("live") => true,
+        Some("static") => false,
+        Some(other) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("pricing `{other}`: live or static"),
+            ))
+        }
+    };
+    let topo = app
+        .priced_topology(live)
+        .ok_or((StatusCode::NOT_FOUND, "no planner".into()))?;
+    let store = crate::plan::indexed::IndexedStore::new(planner.store.clone())
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((store, topo))
+}
+
+/// `GET /plan/construct?image=&target=[&block_size=][&pricing=static]`: the same
+/// report as `nearblock plan construct --json`, priced with live link costs.
+async fn plan_construct(
+    State(app): State<Arc<Appliance>>,
+    Query(q): Query<ConstructQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (store, topo) = planner_parts(&app, q.pricing.as_deref())?;
+    let req = crate::plan::offline::ConstructRequest {
+        image: q.image,
+        target: q.target,
+        block_size: q.block_size,
+        capacity: None,
+        list_blocks: false,
+        history: None,
+    };
+    let report = crate::plan::offline::construct_report(&store, &topo, &req)
+        .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    serde_json::to_value(report)
+        .map(Json)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// `GET /plan/place?image=&candidates=h1,h2[&policy=][&block_size=][&pricing=static]`:
+/// the same report as `nearblock plan place --json`.
+async fn plan_place(
+    State(app): State<Arc<Appliance>>,
+    Query(q): Query<PlaceQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (store, topo) = planner_parts(&app, q.pricing.as_deref())?;
+    let policy = q
+        .policy
+        .parse()
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("policy: {e}")))?;
+    let metrics = app
+        .planner
+        .as_ref()
+        .map(|p| p.metrics.clone())
+        .unwrap_or_default();
+    let req = crate::plan::offline::PlaceRequest {
+        image: q.image,
+        candidates: q
+            .candidates
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        policy,
+        block_size: q.block_size,
+        metrics,
+        replica: false,
+    };
+    let report = crate::plan::offline::place_report(&store, &topo, &req)
+        .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    serde_json::to_value(report)
+        .map(Json)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -216,6 +216,37 @@ pub trait BlockStore: Send + Sync {
     fn trim_log(&self, upto: u64) -> Result<()>;
 }
 
+/// A shared store is a store (the daemon hands one store to several users).
+impl<T: BlockStore + ?Sized> BlockStore for Arc<T> {
+    fn apply(&self, changes: &[Change]) -> Result<u64> {
+        (**self).apply(changes)
+    }
+    fn holders(&self, hash: &BlockHash) -> Result<Vec<Location>> {
+        (**self).holders(hash)
+    }
+    fn holders_many(&self, hashes: &[BlockHash]) -> Result<Vec<Vec<Location>>> {
+        (**self).holders_many(hashes)
+    }
+    fn manifest(&self, image: &str, block_size: Option<u32>) -> Result<Option<Manifest>> {
+        (**self).manifest(image, block_size)
+    }
+    fn manifest_at(&self, host: &str, image: &str, block_size: u32) -> Result<Option<Manifest>> {
+        (**self).manifest_at(host, image, block_size)
+    }
+    fn images(&self) -> Result<Vec<ImageInfo>> {
+        (**self).images()
+    }
+    fn seq(&self) -> u64 {
+        (**self).seq()
+    }
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, Change)>> {
+        (**self).changes_since(after, limit)
+    }
+    fn trim_log(&self, upto: u64) -> Result<()> {
+        (**self).trim_log(upto)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
