@@ -119,14 +119,43 @@ fn loaded_link_raises_path_cost_here_and_at_a_polling_peer() {
             topo.display().to_string()
         )
     };
+    // Offline first: the running daemon holds the store (redb locks it).
+    let offline_construct = offline(&["construct", "--image", "img", "--target", "hv1"]);
+    let offline_place = offline(&[
+        "place",
+        "--image",
+        "img",
+        "--candidates",
+        "hv1,hv2",
+        "--policy",
+        "best",
+    ]);
+    let planner = format!("[planner]\ndb = {:?}\n", db.display().to_string());
     lab.start_appliance(
         "rack1",
         ApplianceOptions {
             steer: true,
-            extra_config: cost(""),
+            extra_config: format!("{}{planner}", cost("")),
         },
     )
     .unwrap();
+    // The daemon serves the offline planner's functions: identical reports.
+    let construct_q = "/plan/construct?image=img&target=hv1";
+    assert_eq!(
+        get(&lab, "rack1", &format!("{construct_q}&pricing=static")),
+        offline_construct
+    );
+    assert_eq!(
+        get(
+            &lab,
+            "rack1",
+            "/plan/place?image=img&candidates=hv1,hv2&policy=best&pricing=static"
+        ),
+        offline_place
+    );
+    let static_cost = get(&lab, "rack1", &format!("{construct_q}&pricing=static"))["total_cost"]
+        .as_f64()
+        .unwrap();
     lab.start_appliance(
         "core",
         ApplianceOptions {
@@ -161,13 +190,19 @@ fn loaded_link_raises_path_cost_here_and_at_a_polling_peer() {
                 links,
                 core_costs,
                 get(&lab, "rack1", "/costs?target=library"),
+                get(&lab, "rack1", construct_q),
             ));
             break;
         }
     }
     assert!(perf.wait().unwrap().success());
-    let (links, core_costs, rack_costs) =
+    let (links, core_costs, rack_costs, live_plan) =
         seen.expect("the loaded link's cost never rose at the polling peer");
+    // Every source reaches hv1 over the loaded link: the live plan costs more.
+    assert!(
+        live_plan["total_cost"].as_f64().unwrap() > static_cost,
+        "live {live_plan} vs static {static_cost}"
+    );
     let hv1_link = links
         .as_array()
         .unwrap()
