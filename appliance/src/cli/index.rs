@@ -128,7 +128,7 @@ pub fn run(args: IndexArgs, out: &mut dyn std::io::Write) -> Result<()> {
     if args.stats {
         report_stats(&store, &args, &sizes, out)?;
     }
-    store.close()
+    Ok(store.close()?)
 }
 
 /// Stats of every image in the store (one manifest per image name) at each block
@@ -157,7 +157,7 @@ fn report_stats(
         let manifests: Vec<Manifest> = names
             .iter()
             .filter_map(|n| store.manifest(n, Some(bs)).transpose())
-            .collect::<Result<_>>()?;
+            .collect::<std::result::Result<_, _>>()?;
         let refs: Vec<&Manifest> = manifests.iter().collect();
         let st = stats::compute(&refs);
         if args.json {

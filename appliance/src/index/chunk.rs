@@ -12,7 +12,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{bail, Context, Result};
+use super::{IndexError, IoContext, Result};
 use rayon::prelude::*;
 
 use super::{BlockHash, Manifest};
@@ -26,7 +26,9 @@ pub const WINDOW: u64 = 64 << 20;
 /// Block sizes are powers of two from 4 KiB to 1 MiB.
 pub fn check_block_size(bs: u32) -> Result<()> {
     if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
-        bail!("block size {bs} is not a power of two between 4 KiB and 1 MiB");
+        return Err(IndexError::Invalid(format!(
+            "block size {bs} is not a power of two between 4 KiB and 1 MiB"
+        )));
     }
     Ok(())
 }
@@ -36,14 +38,23 @@ pub fn parse_block_size(s: &str) -> Result<u32> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().with_context(|| format!("block size {s:?}"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| IndexError::Invalid(format!("block size {s:?}: not a number")))?;
     let mul = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
-        _ => bail!("block size {s:?}: unknown unit"),
+        _ => {
+            return Err(IndexError::Invalid(format!(
+                "block size {s:?}: unknown unit"
+            )))
+        }
     };
-    let bs = u32::try_from(n * mul).with_context(|| format!("block size {s:?}"))?;
+    let bs = n
+        .checked_mul(mul)
+        .and_then(|b| u32::try_from(b).ok())
+        .ok_or_else(|| IndexError::Invalid(format!("block size {s:?}: too large")))?;
     check_block_size(bs)?;
     Ok(bs)
 }
@@ -113,20 +124,21 @@ pub struct ImageFile {
 
 impl ImageFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).with_context(|| format!("open {}", path.display()))?;
+        let mut file = File::open(path).io_context(|| format!("open {}", path.display()))?;
         let size = file
             .seek(SeekFrom::End(0))
-            .with_context(|| format!("size of {}", path.display()))?;
+            .io_context(|| format!("size of {}", path.display()))?;
         let map = if size == 0 {
             None
         } else {
-            let len = usize::try_from(size).context("image too large to map")?;
+            let len = usize::try_from(size)
+                .map_err(|_| IndexError::Invalid("image too large to map".into()))?;
             // SAFETY: a read-only shared mapping, read only as bytes. A concurrent
             // writer can change what we read (we then record a torn state, which the
             // next rescan corrects); truncation under us would raise SIGBUS, which we
             // accept for an indexer of images at rest.
             let m = unsafe { memmap2::MmapOptions::new().len(len).map(&file) }
-                .with_context(|| format!("mmap {}", path.display()))?;
+                .io_context(|| format!("mmap {}", path.display()))?;
             let _ = m.advise(memmap2::Advice::Sequential);
             Some(m)
         };

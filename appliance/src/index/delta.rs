@@ -19,7 +19,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
+use super::{IoContext, Result};
 
 use super::chunk::ImageFile;
 use super::redb_store::{FileState, RedbStore};
@@ -89,7 +89,7 @@ fn now_unix() -> u64 {
 }
 
 fn file_state(path: &Path, len: u64) -> Result<FileState> {
-    let md = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    let md = std::fs::metadata(path).io_context(|| format!("stat {}", path.display()))?;
     Ok(FileState {
         path: path.display().to_string(),
         len,

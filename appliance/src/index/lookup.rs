@@ -25,7 +25,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, Context, Result};
+use super::{IndexError, IoContext, Result};
 use rayon::prelude::*;
 
 use super::{BlockHash, Manifest};
@@ -144,7 +144,7 @@ impl Snapshot {
         header[36..40].copy_from_slice(&hcrc.to_le_bytes());
 
         let tmp = tmp_path(path);
-        let f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+        let f = File::create(&tmp).io_context(|| format!("create {}", tmp.display()))?;
         let mut w = BufWriter::with_capacity(4 << 20, f);
         w.write_all(&header)?;
         w.write_all(&dir_bytes)?;
@@ -172,7 +172,7 @@ impl Snapshot {
 
     /// Opens and checks (header, directory checksum, length) the snapshot at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+        let f = File::open(path).io_context(|| format!("open {}", path.display()))?;
         // Up to POPULATE_MAX the whole file is read in at open (MAP_POPULATE: one
         // sequential read, ~0.5 s for 10M blocks from a cold page cache at 500 MB/s),
         // so lookups never wait for random page faults; above it, pages are
@@ -186,28 +186,45 @@ impl Snapshot {
         // so the mapping sees immutable bytes.
         let map = unsafe { mo.map(&f) }?;
         if map.len() < HEADER || &map[..8] != MAGIC {
-            bail!("{}: not a holder snapshot", path.display());
+            return Err(IndexError::Corrupt(format!(
+                "{}: not a holder snapshot",
+                path.display()
+            )));
         }
         let h = &map[..HEADER];
-        let hcrc = u32::from_le_bytes(h[36..40].try_into()?);
+        let hcrc = u32_le(h, 36);
         if crc32c::crc32c(&h[..36]) != hcrc {
-            bail!("{}: header checksum", path.display());
+            return Err(IndexError::Corrupt(format!(
+                "{}: header checksum",
+                path.display()
+            )));
         }
-        let seq = u64::from_le_bytes(h[8..16].try_into()?);
-        let len = u64::from_le_bytes(h[16..24].try_into()?);
-        let bits = u32::from_le_bytes(h[24..28].try_into()?);
-        let coarse = u32::from_le_bytes(h[32..36].try_into()?);
+        let seq = u64_le(h, 8);
+        let len = u64_le(h, 16);
+        let bits = u32_le(h, 24);
+        let coarse = u32_le(h, 32);
         if !(1..=26).contains(&bits) {
-            bail!("{}: directory size", path.display());
+            return Err(IndexError::Corrupt(format!(
+                "{}: directory size",
+                path.display()
+            )));
         }
         let dir_len = ((1usize << bits) + 1) * 8;
         let expect = HEADER as u64 + dir_len as u64 + len * ENTRY as u64;
         if map.len() as u64 != expect {
-            bail!("{}: length {} != {}", path.display(), map.len(), expect);
+            return Err(IndexError::Corrupt(format!(
+                "{}: length {} != {}",
+                path.display(),
+                map.len(),
+                expect
+            )));
         }
-        let dcrc = u32::from_le_bytes(h[28..32].try_into()?);
+        let dcrc = u32_le(h, 28);
         if crc32c::crc32c(&map[HEADER..HEADER + dir_len]) != dcrc {
-            bail!("{}: directory checksum", path.display());
+            return Err(IndexError::Corrupt(format!(
+                "{}: directory checksum",
+                path.display()
+            )));
         }
         let _ = map.advise(memmap2::Advice::Random);
         if len > POPULATE_MAX {
@@ -491,6 +508,17 @@ impl HolderIndex {
 #[inline]
 fn pos(s: u32, i: u32) -> u64 {
     ((s as u64) << 32) | i as u64
+}
+
+/// Little-endian integers at fixed offsets of the (length-checked) header.
+fn u32_le(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_le(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
 }
 
 #[cfg(test)]

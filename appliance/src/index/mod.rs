@@ -10,8 +10,10 @@
 
 pub mod chunk;
 pub mod delta;
+mod error;
 mod manifest;
 
+pub use error::{IndexError, IoContext, Result};
 pub use manifest::{BlockHash, DecodeError, Manifest};
 pub mod lookup;
 pub mod redb_store;

@@ -24,7 +24,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{bail, Context, Result};
+use super::{IndexError, IoContext, Result};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::lookup::{coarse_for, entries_of, HolderIndex, Snapshot, COARSE_BIT};
@@ -248,14 +248,16 @@ impl RedbStore {
         let t0 = Instant::now();
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("create {}", dir.display()))?;
+                std::fs::create_dir_all(dir).io_context(|| format!("create {}", dir.display()))?;
             }
         }
         let db = Database::builder()
             .set_cache_size(opts.cache_bytes)
             .create(path)
-            .with_context(|| format!("open index {}", path.display()))?;
+            .map_err(|source| IndexError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
         {
             let mut w = db.begin_write()?;
             w.set_quick_repair(true);
@@ -475,7 +477,8 @@ impl RedbStore {
                 if !create {
                     return Ok(None);
                 }
-                let id = u32::try_from(next_src).context("source ids exhausted")?;
+                let id = u32::try_from(next_src)
+                    .map_err(|_| IndexError::Invalid("source ids exhausted".into()))?;
                 next_src += 1;
                 ids.insert(k.as_str(), id)?;
                 Ok(Some(id))
@@ -524,13 +527,17 @@ impl RedbStore {
                         new.size = *size;
                         let n = Manifest::block_count(*size, *block_size);
                         if n > u32::MAX as usize {
-                            bail!("image {image} has too many blocks");
+                            return Err(IndexError::Invalid(format!(
+                                "image {image} has too many blocks"
+                            )));
                         }
                         new.blocks.resize(n, None);
                         let mut idxs: Vec<u32> = (n..old.blocks.len()).map(|i| i as u32).collect();
                         for &(i, h) in blocks {
                             if i as usize >= n {
-                                bail!("patch of {image}: block {i} past the end ({n} blocks)");
+                                return Err(IndexError::Invalid(format!(
+                                    "patch of {image}: block {i} past the end ({n} blocks)"
+                                )));
                             }
                             new.blocks[i as usize] = h;
                             idxs.push(i);
@@ -641,16 +648,19 @@ fn check_manifest(m: &Manifest) -> Result<()> {
     super::chunk::check_block_size(m.block_size)?;
     let n = Manifest::block_count(m.size, m.block_size);
     if m.blocks.len() != n {
-        bail!(
+        return Err(IndexError::Invalid(format!(
             "manifest of {}: {} blocks for {} bytes at {} (want {n})",
             m.image,
             m.blocks.len(),
             m.size,
             m.block_size
-        );
+        )));
     }
     if n > u32::MAX as usize {
-        bail!("image {} has too many blocks", m.image);
+        return Err(IndexError::Invalid(format!(
+            "image {} has too many blocks",
+            m.image
+        )));
     }
     Ok(())
 }

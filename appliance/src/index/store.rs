@@ -12,10 +12,8 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
-
 use super::manifest::{put_bytes, put_str, DecodeError, Reader};
-use super::{BlockHash, Manifest};
+use super::{BlockHash, Manifest, Result};
 
 /// Where a copy of a block is: `len` bytes at `offset` of `image` on `host`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -1,0 +1,82 @@
+//! The index's errors (the library's `thiserror` type; the CLI adds context with
+//! anyhow at the edge).
+
+use super::DecodeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// A file operation failed; `what` names the operation and the path.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database file could not be opened (missing directory, locked by
+    /// another process, not a redb file).
+    #[error("open index {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    /// The embedded database failed.
+    #[error("index database: {0}")]
+    Db(#[from] redb::Error),
+    /// A bad argument (block size, limits).
+    #[error("{0}")]
+    Invalid(String),
+    /// Stored data that does not check out (snapshot header, checksums, bounds).
+    #[error("{0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+pub type Result<T, E = IndexError> = std::result::Result<T, E>;
+
+impl IndexError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        IndexError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+impl From<std::io::Error> for IndexError {
+    fn from(source: std::io::Error) -> Self {
+        IndexError::io("I/O", source)
+    }
+}
+
+/// redb reports each kind of failure as its own type; all of them are
+/// `redb::Error`s.
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for IndexError {
+            fn from(e: $t) -> Self {
+                IndexError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::CompactionError
+);
+
+/// Attach the operation and path to an I/O error.
+pub trait IoContext<T> {
+    fn io_context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn io_context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| IndexError::io(what(), e))
+    }
+}
