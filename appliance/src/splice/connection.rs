@@ -445,3 +445,99 @@ async fn send(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::splice::pdu::{Bhs, Pdu};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    fn login(opcode: Opcode, text: &str) -> Bytes {
+        let mut bhs = Bhs::new(opcode);
+        bhs.set_flags(0x87); // T, CSG 1, NSG 3
+        if opcode == Opcode::LoginRequest {
+            bhs.set_immediate(true);
+        }
+        let pdu = Pdu {
+            bhs,
+            ahs: Bytes::new(),
+            data: Bytes::copy_from_slice(text.as_bytes()),
+        };
+        pdu.encode(Digests::NONE).unwrap().to_bytes()
+    }
+
+    /// Login with header digests through the splicer, then a PDU whose header digest
+    /// is wrong: the splicer closes both sides and reports a decode error (no panic,
+    /// nothing forwarded).
+    #[tokio::test]
+    async fn bad_header_digest_closes_the_connection() {
+        let (mut initiator, client) = pair().await;
+        let (upstream, mut target) = pair().await;
+        let ctx = SpliceContext {
+            catalog: Arc::new(Catalog::empty()),
+            stats: Arc::new(SplicerStats::default()),
+        };
+        let splicer = tokio::spawn(async move { splice_iscsi(client, upstream, &ctx).await });
+
+        initiator
+            .write_all(&login(
+                Opcode::LoginRequest,
+                "InitiatorName=iqn.i\0TargetName=iqn.t\0SessionType=Normal\0HeaderDigest=CRC32C\0",
+            ))
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let decoder = PduDecoder::default();
+        let req = loop {
+            target.read_buf(&mut buf).await.unwrap();
+            if let Some(p) = decoder.decode(&mut buf).unwrap() {
+                break p;
+            }
+        };
+        assert_eq!(req.pdu.bhs.opcode(), Opcode::LoginRequest);
+        target
+            .write_all(&login(Opcode::LoginResponse, "HeaderDigest=CRC32C\0"))
+            .await
+            .unwrap();
+        let mut resp = vec![0u8; 48 + 20];
+        initiator.read_exact(&mut resp).await.unwrap();
+
+        // A NOP-Out with a corrupted header digest.
+        let mut nop = Bhs::new(Opcode::NopOut);
+        nop.set_immediate(true);
+        nop.set_final_bit(true);
+        let digests = Digests {
+            header: true,
+            data: false,
+        };
+        let mut frame = Pdu::header_only(nop)
+            .encode(digests)
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        frame[50] ^= 0xff;
+        initiator.write_all(&frame).await.unwrap();
+
+        let result = splicer.await.unwrap();
+        assert!(
+            matches!(
+                result,
+                Err(ConnectionError::Decode {
+                    side: "initiator",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        let mut rest = Vec::new();
+        let n = target.read_to_end(&mut rest).await.unwrap_or(0);
+        assert_eq!(n, 0, "nothing after the login reached the target");
+    }
+}
