@@ -279,7 +279,11 @@ impl Conn<'_> {
                 }
             }
         } else if bhs.opcode() == Opcode::ScsiCommand && scsi::command_may_write(&bhs) {
-            if let Some(lun) = self.served_lun(bhs.lun()).cloned() {
+            if let Some(lun) = self
+                .served_lun(bhs.lun())
+                .cloned()
+                .filter(|_| !harmless_write(&bhs))
+            {
                 if self.writes.len() >= MAX_WRITES {
                     lun.taint("too many outstanding writes to follow");
                 } else {
@@ -426,6 +430,24 @@ impl Conn<'_> {
                 .max(MIN_SEGMENT_LIMIT),
         );
     }
+}
+
+/// A WRITE(10/12/16) or WRITE AND VERIFY(10/12/16) that transfers nothing (EDTL 0,
+/// no W bit) cannot change the medium: a transfer length of 0 means no blocks for
+/// these CDBs (unlike WRITE(6) and WRITE SAME, which stay suspect). The conformance
+/// suite sends such commands, and a read-only target answers them GOOD.
+fn harmless_write(bhs: &super::pdu::Bhs) -> bool {
+    use super::scsi::opcode;
+    let cdb = bhs.cdb();
+    let length = match cdb[0] {
+        opcode::WRITE_10 | opcode::WRITE_AND_VERIFY_10 => &cdb[7..9],
+        opcode::WRITE_12 | opcode::WRITE_AND_VERIFY_12 => &cdb[6..10],
+        opcode::WRITE_16 | opcode::WRITE_AND_VERIFY_16 => &cdb[10..14],
+        _ => return false,
+    };
+    !bhs.command_write()
+        && bhs.expected_data_transfer_length() == 0
+        && length.iter().all(|&b| b == 0)
 }
 
 async fn send(
