@@ -160,6 +160,39 @@ pub struct SplicerConfig {
     /// On a clean exit, how long existing flows may take to finish, seconds.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout_secs: u64,
+    /// `false`: relay every connection as bytes (no iSCSI interpretation at all).
+    #[serde(default = "yes")]
+    pub iscsi_aware: bool,
+    /// Destination ports whose connections are spliced as iSCSI.
+    #[serde(default = "default_iscsi_ports")]
+    pub iscsi_ports: Vec<u16>,
+    /// Memory block cache bound, bytes (content-addressed, LRU).
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+    /// Learn verified blocks from READs the library answers.
+    #[serde(default = "yes")]
+    pub learn: bool,
+    /// LUNs served locally (declared immutable, with a manifest).
+    #[serde(default)]
+    pub lun: Vec<ServedLunConfig>,
+}
+
+/// `[[splicer.lun]]`: one immutable LUN the splicer may answer READs of.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServedLunConfig {
+    /// Target IQN (TargetName at login).
+    pub target: String,
+    /// LUN number.
+    pub lun: u16,
+    /// Manifest file (`nearblock-manifest 1` text form) of the LUN's content.
+    pub manifest: std::path::PathBuf,
+    /// Logical block size the LUN reports (READ CAPACITY).
+    #[serde(default = "default_logical_block_size")]
+    pub logical_block_size: u32,
+    /// `shadow` (default) or `local`.
+    #[serde(default)]
+    pub design: crate::splice::catalog::ServeDesign,
 }
 
 impl Default for SplicerConfig {
@@ -169,6 +202,11 @@ impl Default for SplicerConfig {
             listen_v6: default_listen_v6(),
             connect_timeout_secs: default_connect_timeout(),
             drain_timeout_secs: default_drain_timeout(),
+            iscsi_aware: true,
+            iscsi_ports: default_iscsi_ports(),
+            cache_bytes: default_cache_bytes(),
+            learn: true,
+            lun: Vec::new(),
         }
     }
 }
@@ -179,6 +217,26 @@ impl SplicerConfig {
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// The served LUNs with their manifests loaded, and the cache.
+    pub fn catalog(
+        &self,
+    ) -> Result<crate::splice::catalog::Catalog, crate::splice::catalog::CatalogError> {
+        use crate::splice::catalog::{Catalog, ManifestFile, ManifestSource, ServedLun};
+        let cache = std::sync::Arc::new(crate::fetch::BlockCache::new(self.cache_bytes));
+        let mut catalog = Catalog::new(cache, self.learn);
+        for l in &self.lun {
+            let manifest = ManifestFile(l.manifest.clone()).manifest()?;
+            catalog.add(ServedLun::new(
+                l.target.clone(),
+                l.lun,
+                l.design,
+                l.logical_block_size,
+                manifest,
+            )?);
+        }
+        Ok(catalog)
     }
 }
 
@@ -230,6 +288,15 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_drain_timeout() -> u64 {
     10
+}
+fn default_iscsi_ports() -> Vec<u16> {
+    vec![3260]
+}
+fn default_cache_bytes() -> u64 {
+    256 << 20
+}
+fn default_logical_block_size() -> u32 {
+    512
 }
 /// Default API address.
 pub fn default_api_listen() -> SocketAddr {

@@ -45,6 +45,8 @@ pub enum DaemonError {
     NotInTopology(String),
     #[error("[planner]: {0}")]
     Planner(String),
+    #[error(transparent)]
+    Catalog(#[from] crate::splice::catalog::CatalogError),
     #[error("API listen on {addr}: {source}")]
     Api {
         addr: std::net::SocketAddr,
@@ -256,9 +258,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     if dpc.steer {
         routing.install()?;
+        let catalog = Arc::new(config.splicer.catalog()?);
+        let _ = splicer.cache.set(catalog.cache.clone());
         let upstream = UpstreamOptions {
             dscp: dpc.dscp_mark,
             connect_timeout: config.splicer.connect_timeout(),
+            iscsi_ports: if config.splicer.iscsi_aware {
+                config.splicer.iscsi_ports.clone()
+            } else {
+                Vec::new()
+            },
+            catalog,
         };
         for (slot, addr) in [
             (LISTENER_V4, config.splicer.listen_v4),

@@ -8,6 +8,7 @@
 //! - [`classify`]: flows, link counters and passive discovery (XDP, seen from user space).
 //! - [`steer`]: steering into the splicer: listeners, transparent upstream sockets, policy routing.
 //! - [`splice`]: the splicer: accept, connect upstream, relay.
+//! - [`fetch`]: block contents for locally answered READs: cache, providers.
 //! - [`index`]: images as manifests of blake3-named blocks.
 //! - [`cost`]: the topology and network cost between nodes (static and live).
 //! - [`plan`]: the planner: block sources for a target, and placement of images.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod cost;
 pub mod daemon;
 pub mod datapath;
+pub mod fetch;
 pub mod index;
 pub mod plan;
 pub mod splice;

@@ -31,6 +31,7 @@ use nearblock::{
     daemon::StatusReport,
 };
 
+pub mod conformance;
 pub mod content;
 
 /// The default lab: library ─ core ─ rack1, rack2 ─ hv1, hv2 / hv3, hv4.

@@ -2,7 +2,9 @@
 //! transparent upstream connection, and relays; iSCSI-aware, it answers READs of
 //! immutable LUNs from nearer copies.
 //!
-//! - [`relay`]: accept loop, upstream connect, byte relay (the transparent form).
+//! - [`relay`]: accept loop, upstream connect, byte relay (non-iSCSI ports).
+//! - [`connection`]: the iSCSI-aware inside: PDUs both ways through a [`session::Session`].
+//! - [`catalog`]: which LUNs are served, their manifests, assembling and learning blocks.
 //! - [`pdu`]: the iSCSI PDU codec (BHS, AHS, digests), streaming and zero-copy.
 //! - [`text`]: iSCSI text parameters (used by passive discovery too).
 //! - [`login`]: login negotiation observed and the initiator's offer edited.
@@ -10,6 +12,8 @@
 //! - [`datain`]: locally sourced Data-In sequences.
 //! - [`session`]: the per-connection state machine (phases, tasks, sequence numbers).
 
+pub mod catalog;
+pub mod connection;
 pub mod datain;
 pub mod login;
 pub mod pdu;

@@ -1,6 +1,7 @@
 //! The splicer's outside: accept steered connections, connect upstream
-//! transparently, and relay both directions with backpressure. The iSCSI-aware
-//! splicer replaces [`relay`] (the inside), not the accept/connect around it.
+//! transparently, then hand the pair to the iSCSI-aware inside
+//! ([`super::connection::splice_iscsi`]) for iSCSI ports, or to the plain byte
+//! [`relay`] for anything else (and when `splicer.iscsi_aware = false`).
 
 use std::{
     net::SocketAddr,
@@ -19,6 +20,8 @@ use tokio::{
 };
 use tracing::{debug, info_span, warn, Instrument};
 
+use super::catalog::Catalog;
+use super::connection::{splice_iscsi, ConnectionError, SpliceContext};
 use crate::steer;
 
 /// Relay buffer per direction: large enough for a whole 256 KiB iSCSI burst.
@@ -32,6 +35,26 @@ pub struct SplicerStats {
     pub upstream_failed: AtomicU64,
     pub bytes_to_target: AtomicU64,
     pub bytes_to_initiator: AtomicU64,
+    /// Connections closed because a PDU could not be decoded or framed.
+    pub protocol_errors: AtomicU64,
+    /// READs of served LUNs answered locally, per design.
+    pub reads_served_shadow: AtomicU64,
+    pub reads_served_local: AtomicU64,
+    /// READs of served LUNs passed through to the library (not all blocks at hand).
+    pub reads_passed: AtomicU64,
+    /// Per-block provenance of served READs (blocks touched, bytes sent).
+    pub zero_blocks: AtomicU64,
+    pub zero_bytes: AtomicU64,
+    pub cache_blocks: AtomicU64,
+    pub cache_bytes: AtomicU64,
+    /// Bytes of served LUNs' READs the library answered.
+    pub library_bytes: AtomicU64,
+    /// Blocks verified against the manifest and inserted into the cache.
+    pub learned_blocks: AtomicU64,
+    /// Library blocks whose hash did not match the manifest (the LUN is tainted).
+    pub verify_failures: AtomicU64,
+    /// The block cache, for its counters.
+    pub cache: std::sync::OnceLock<Arc<crate::fetch::BlockCache>>,
 }
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -41,16 +64,53 @@ pub struct SplicerSnapshot {
     pub upstream_failed: u64,
     pub bytes_to_target: u64,
     pub bytes_to_initiator: u64,
+    #[serde(default)]
+    pub protocol_errors: u64,
+    #[serde(default)]
+    pub reads_served_shadow: u64,
+    #[serde(default)]
+    pub reads_served_local: u64,
+    #[serde(default)]
+    pub reads_passed: u64,
+    #[serde(default)]
+    pub zero_blocks: u64,
+    #[serde(default)]
+    pub zero_bytes: u64,
+    #[serde(default)]
+    pub cache_blocks: u64,
+    #[serde(default)]
+    pub cache_bytes: u64,
+    #[serde(default)]
+    pub library_bytes: u64,
+    #[serde(default)]
+    pub learned_blocks: u64,
+    #[serde(default)]
+    pub verify_failures: u64,
+    #[serde(default)]
+    pub cache: Option<crate::fetch::CacheSnapshot>,
 }
 
 impl SplicerStats {
     pub fn snapshot(&self) -> SplicerSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         SplicerSnapshot {
-            accepted: self.accepted.load(Ordering::Relaxed),
-            active: self.active.load(Ordering::Relaxed),
-            upstream_failed: self.upstream_failed.load(Ordering::Relaxed),
-            bytes_to_target: self.bytes_to_target.load(Ordering::Relaxed),
-            bytes_to_initiator: self.bytes_to_initiator.load(Ordering::Relaxed),
+            accepted: get(&self.accepted),
+            active: get(&self.active),
+            upstream_failed: get(&self.upstream_failed),
+            bytes_to_target: get(&self.bytes_to_target),
+            bytes_to_initiator: get(&self.bytes_to_initiator),
+            protocol_errors: get(&self.protocol_errors),
+            reads_served_shadow: get(&self.reads_served_shadow),
+            reads_served_local: get(&self.reads_served_local),
+            reads_passed: get(&self.reads_passed),
+            zero_blocks: get(&self.zero_blocks),
+            zero_bytes: get(&self.zero_bytes),
+            cache_blocks: get(&self.cache_blocks),
+            cache_bytes: get(&self.cache_bytes),
+            library_bytes: get(&self.library_bytes),
+            learned_blocks: get(&self.learned_blocks),
+            verify_failures: get(&self.verify_failures),
+            cache: self.cache.get().map(|c| c.snapshot()),
         }
     }
 }
@@ -60,6 +120,10 @@ impl SplicerStats {
 pub struct UpstreamOptions {
     pub dscp: u8,
     pub connect_timeout: Duration,
+    /// Destination ports spliced PDU by PDU (iSCSI); others are relayed as bytes.
+    pub iscsi_ports: Vec<u16>,
+    /// Served LUNs and the block cache.
+    pub catalog: Arc<Catalog>,
 }
 
 /// Accept steered connections until `stop` turns true.
@@ -103,7 +167,7 @@ async fn splice_connection(
     client: TcpStream,
     initiator: SocketAddr,
     opts: &UpstreamOptions,
-    stats: &SplicerStats,
+    stats: &Arc<SplicerStats>,
 ) {
     // With bpf_sk_assign the accepted socket's local address is the original
     // destination (the library's portal).
@@ -132,9 +196,30 @@ async fn splice_connection(
         }
     };
     let _ = client.set_nodelay(true);
-    debug!("spliced");
-    let (to_target, to_initiator) = relay(client, upstream, stats).await;
-    debug!(to_target, to_initiator, "flow ended");
+    let _ = upstream.set_nodelay(true);
+    if !opts.iscsi_ports.contains(&target.port()) {
+        debug!("spliced (bytes)");
+        let (to_target, to_initiator) = relay(client, upstream, stats).await;
+        debug!(to_target, to_initiator, "flow ended");
+        return;
+    }
+    debug!("spliced (iSCSI)");
+    let ctx = SpliceContext {
+        catalog: opts.catalog.clone(),
+        stats: stats.clone(),
+    };
+    match splice_iscsi(client, upstream, &ctx).await {
+        Ok(()) => debug!("flow ended"),
+        Err(e) => {
+            if matches!(
+                e,
+                ConnectionError::Decode { .. } | ConnectionError::Encode(_)
+            ) {
+                stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            warn!(cause = %e, "connection closed");
+        }
+    }
 }
 
 /// Relay both directions until both have ended; an error in one direction tears

@@ -1,0 +1,169 @@
+//! The memory tier: blocks by hash, least recently used evicted first, bounded by the
+//! sum of block lengths.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::index::BlockHash;
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// hash → (data, last-use stamp)
+    blocks: HashMap<BlockHash, (Bytes, u64)>,
+    /// last-use stamp → hash (oldest first)
+    lru: BTreeMap<u64, BlockHash>,
+    bytes: u64,
+    clock: u64,
+    hits: u64,
+    misses: u64,
+    inserted: u64,
+    evicted: u64,
+}
+
+/// A bounded content-addressed block cache, shared by every connection (one short
+/// lock per operation).
+#[derive(Debug)]
+pub struct BlockCache {
+    capacity: u64,
+    inner: Mutex<Inner>,
+}
+
+/// Cache counters for status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSnapshot {
+    pub capacity_bytes: u64,
+    pub bytes: u64,
+    pub blocks: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub inserted: u64,
+    pub evicted: u64,
+}
+
+impl BlockCache {
+    /// A cache holding at most `capacity` bytes of block data.
+    pub fn new(capacity: u64) -> BlockCache {
+        BlockCache {
+            capacity,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The block named `hash`, marking it recently used.
+    pub fn get(&self, hash: &BlockHash) -> Option<Bytes> {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        let Some((data, stamp)) = inner.blocks.get_mut(hash) else {
+            inner.misses += 1;
+            return None;
+        };
+        let old = std::mem::replace(stamp, now);
+        let data = data.clone();
+        inner.lru.remove(&old);
+        inner.lru.insert(now, *hash);
+        inner.hits += 1;
+        Some(data)
+    }
+
+    /// Whether the block is present (does not count as a use).
+    pub fn contains(&self, hash: &BlockHash) -> bool {
+        self.lock().blocks.contains_key(hash)
+    }
+
+    /// Insert a block the caller has verified to hash to `hash`. Blocks larger than
+    /// the whole cache are not kept.
+    pub fn insert(&self, hash: BlockHash, data: Bytes) {
+        let len = data.len() as u64;
+        if len > self.capacity {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        if let Some((_, stamp)) = inner.blocks.get_mut(&hash) {
+            let old = std::mem::replace(stamp, now);
+            inner.lru.remove(&old);
+            inner.lru.insert(now, hash);
+            return;
+        }
+        while inner.bytes + len > self.capacity {
+            let Some((_, victim)) = inner.lru.pop_first() else {
+                break;
+            };
+            if let Some((gone, _)) = inner.blocks.remove(&victim) {
+                inner.bytes -= gone.len() as u64;
+                inner.evicted += 1;
+            }
+        }
+        inner.blocks.insert(hash, (data, now));
+        inner.lru.insert(now, hash);
+        inner.bytes += len;
+        inner.inserted += 1;
+    }
+
+    pub fn snapshot(&self) -> CacheSnapshot {
+        let inner = self.lock();
+        CacheSnapshot {
+            capacity_bytes: self.capacity,
+            bytes: inner.bytes,
+            blocks: inner.blocks.len() as u64,
+            hits: inner.hits,
+            misses: inner.misses,
+            inserted: inner.inserted,
+            evicted: inner.evicted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(i: u8, len: usize) -> (BlockHash, Bytes) {
+        let data = Bytes::from(vec![i; len]);
+        (BlockHash::of(&data), data)
+    }
+
+    #[test]
+    fn evicts_least_recently_used_within_the_byte_bound() {
+        let cache = BlockCache::new(300);
+        let (a, da) = block(1, 100);
+        let (b, db) = block(2, 100);
+        let (c, dc) = block(3, 100);
+        let (d, dd) = block(4, 100);
+        cache.insert(a, da.clone());
+        cache.insert(b, db);
+        cache.insert(c, dc);
+        assert_eq!(cache.get(&a), Some(da)); // a is now the most recent
+        cache.insert(d, dd);
+        assert!(cache.contains(&a) && cache.contains(&c) && cache.contains(&d));
+        assert!(
+            !cache.contains(&b),
+            "the least recently used block goes first"
+        );
+        let s = cache.snapshot();
+        assert_eq!((s.bytes, s.blocks, s.evicted), (300, 3, 1));
+    }
+
+    #[test]
+    fn oversized_and_duplicate_inserts() {
+        let cache = BlockCache::new(100);
+        let (a, da) = block(1, 101);
+        cache.insert(a, da);
+        assert_eq!(cache.snapshot().blocks, 0);
+        let (b, db) = block(2, 60);
+        cache.insert(b, db.clone());
+        cache.insert(b, db);
+        assert_eq!(cache.snapshot().bytes, 60);
+    }
+}

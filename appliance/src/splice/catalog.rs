@@ -1,0 +1,579 @@
+//! Which LUNs the splicer may answer itself, and with what: the per-LUN policy
+//! (`[[splicer.lun]]` in the config), the manifest each one is checked against, and the
+//! two operations on blocks the relay needs per READ: assembling a READ's data from
+//! zero and cached blocks ([`ServedLun::assemble`]), and learning blocks from the data
+//! the library sends for a READ passed through ([`Learner`]).
+//!
+//! A LUN is served only if the operator declared it immutable (a `[[splicer.lun]]`
+//! entry; tgt should export it `readonly=1`) and a manifest is available. Anything
+//! that suggests the content no longer matches the manifest (a write the target
+//! accepted, library data that fails verification) *taints* the LUN: from then on
+//! it is passed through untouched until the daemon restarts with a fresh manifest.
+//!
+//! # Manifest source
+//! [`ManifestSource`] yields a [`Manifest`]; the index store (redb, branch `index`) is
+//! meant to implement it. Until then the config names a manifest *file* in the simple
+//! text form of [`manifest_to_text`] (written by whoever indexed the image, e.g. the
+//! lab tests with [`manifest_of`]): the appliance never needs the image itself.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::fetch::{zero_block, BlockCache};
+use crate::index::{BlockHash, Manifest};
+
+use super::scsi::ReadCommand;
+
+/// How a served LUN answers READs (see `docs/splicer-protocol.md`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServeDesign {
+    /// A zero-length READ goes to the target, which stays the authority for status.
+    #[default]
+    Shadow,
+    /// Cached READs never reach the target (split sequence numbers).
+    Local,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("manifest {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("manifest {path} line {line}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("LUN {target}/{lun}: {message}")]
+    Invalid {
+        target: String,
+        lun: u16,
+        message: String,
+    },
+}
+
+/// Where a LUN's manifest comes from.
+pub trait ManifestSource: Send + Sync {
+    fn manifest(&self) -> Result<Manifest, CatalogError>;
+}
+
+/// A manifest file in the text form of [`manifest_to_text`].
+#[derive(Clone, Debug)]
+pub struct ManifestFile(pub PathBuf);
+
+impl ManifestSource for ManifestFile {
+    fn manifest(&self) -> Result<Manifest, CatalogError> {
+        let text = std::fs::read_to_string(&self.0).map_err(|source| CatalogError::Read {
+            path: self.0.clone(),
+            source,
+        })?;
+        manifest_from_text(&text).map_err(|(line, message)| CatalogError::Parse {
+            path: self.0.clone(),
+            line,
+            message,
+        })
+    }
+}
+
+/// The manifest text form: a header line
+/// `nearblock-manifest 1 <size> <block_size> <image name>`, then one line per block:
+/// its blake3 hash in hex, or `0` for an all-zero block.
+pub fn manifest_to_text(manifest: &Manifest) -> String {
+    let mut out = format!(
+        "nearblock-manifest 1 {} {} {}\n",
+        manifest.size, manifest.block_size, manifest.image
+    );
+    for block in &manifest.blocks {
+        match block {
+            Some(h) => out.push_str(&h.to_string()),
+            None => out.push('0'),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Parse [`manifest_to_text`]; errors carry the 1-based line.
+pub fn manifest_from_text(text: &str) -> Result<Manifest, (usize, String)> {
+    let mut lines = text.lines();
+    let header = lines.next().ok_or((1, "empty".to_string()))?;
+    let mut fields = header.splitn(5, ' ');
+    if fields.next() != Some("nearblock-manifest") || fields.next() != Some("1") {
+        return Err((1, "not a nearblock-manifest 1 header".into()));
+    }
+    let size: u64 = fields
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or((1, "bad size".to_string()))?;
+    let block_size: u32 = fields
+        .next()
+        .and_then(|s| s.parse().ok())
+        .filter(|&b| b > 0)
+        .ok_or((1, "bad block size".to_string()))?;
+    let image = fields.next().unwrap_or("").to_string();
+    let mut blocks = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let line = line.trim();
+        if line == "0" {
+            blocks.push(None);
+            continue;
+        }
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(line, &mut hash).map_err(|e| (i + 2, e.to_string()))?;
+        blocks.push(Some(BlockHash(hash)));
+    }
+    let expected = size.div_ceil(u64::from(block_size));
+    if blocks.len() as u64 != expected {
+        return Err((
+            1,
+            format!("{} block lines for {expected} blocks", blocks.len()),
+        ));
+    }
+    Ok(Manifest {
+        image,
+        size,
+        block_size,
+        blocks,
+    })
+}
+
+/// Index `data` into a manifest (blocks of `block_size`, zero blocks marked).
+pub fn manifest_of(image: &str, data: &[u8], block_size: u32) -> Manifest {
+    let blocks = data
+        .chunks(block_size as usize)
+        .map(|b| {
+            if b.iter().all(|&x| x == 0) {
+                None
+            } else {
+                Some(BlockHash::of(b))
+            }
+        })
+        .collect();
+    Manifest {
+        image: image.to_string(),
+        size: data.len() as u64,
+        block_size,
+        blocks,
+    }
+}
+
+/// The 8-byte LUN field for LUN number `lun` as initiators encode it (SAM
+/// single-level: peripheral addressing below 256, flat above).
+pub fn lun_number(field: u64) -> Option<u16> {
+    let bytes = field.to_be_bytes();
+    if bytes[2..].iter().any(|&b| b != 0) || bytes[0] >> 6 > 1 {
+        return None;
+    }
+    Some((u16::from(bytes[0] & 0x3f) << 8) | u16::from(bytes[1]))
+}
+
+/// Where a READ's blocks come from (per manifest block touched).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Provenance {
+    pub zero_blocks: u64,
+    pub zero_bytes: u64,
+    pub cache_blocks: u64,
+    pub cache_bytes: u64,
+}
+
+/// One LUN the splicer may serve.
+#[derive(Debug)]
+pub struct ServedLun {
+    pub target: String,
+    pub lun: u16,
+    pub design: ServeDesign,
+    /// Logical block size of the LUN (what READ LBAs count).
+    pub logical_block_size: u32,
+    pub manifest: Manifest,
+    tainted: AtomicBool,
+}
+
+impl ServedLun {
+    pub fn new(
+        target: String,
+        lun: u16,
+        design: ServeDesign,
+        logical_block_size: u32,
+        manifest: Manifest,
+    ) -> Result<ServedLun, CatalogError> {
+        let invalid = |message: &str| CatalogError::Invalid {
+            target: target.clone(),
+            lun,
+            message: message.to_string(),
+        };
+        if logical_block_size == 0 || manifest.block_size == 0 {
+            return Err(invalid("block sizes must be non-zero"));
+        }
+        if !manifest.block_size.is_multiple_of(logical_block_size) {
+            return Err(invalid(
+                "the manifest block size must be a multiple of the logical block size",
+            ));
+        }
+        Ok(ServedLun {
+            target,
+            lun,
+            design,
+            logical_block_size,
+            manifest,
+            tainted: AtomicBool::new(false),
+        })
+    }
+
+    /// LUN capacity in logical blocks, as the manifest describes it.
+    pub fn capacity_blocks(&self) -> u64 {
+        self.manifest.size / u64::from(self.logical_block_size)
+    }
+
+    pub fn tainted(&self) -> bool {
+        self.tainted.load(Ordering::Relaxed)
+    }
+
+    /// Stop serving this LUN (its content may differ from the manifest).
+    pub fn taint(&self, why: &str) {
+        if !self.tainted.swap(true, Ordering::Relaxed) {
+            tracing::warn!(target = %self.target, lun = self.lun, why, "LUN no longer served locally");
+        }
+    }
+
+    /// The READ's byte range on the LUN, if it lies inside the manifest.
+    fn byte_range(&self, read: &ReadCommand) -> Option<(u64, u64)> {
+        let lbs = u64::from(self.logical_block_size);
+        let start = read.lba.checked_mul(lbs)?;
+        let end = start.checked_add(u64::from(read.blocks) * lbs)?;
+        (end <= self.manifest.size).then_some((start, end))
+    }
+
+    /// The READ's data as slices of zero and cached blocks (exactly blocks × logical
+    /// block size bytes), if every block it touches is available now.
+    pub fn assemble(
+        &self,
+        read: &ReadCommand,
+        cache: &BlockCache,
+    ) -> Option<(Vec<Bytes>, Provenance)> {
+        let (start, end) = self.byte_range(read)?;
+        let bs = u64::from(self.manifest.block_size);
+        let mut pieces = Vec::new();
+        let mut prov = Provenance::default();
+        let mut pos = start;
+        while pos < end {
+            let index = (pos / bs) as usize;
+            let block_start = index as u64 * bs;
+            let block_len = self.manifest.block_len(index);
+            let from = (pos - block_start) as usize;
+            let to = (end.min(block_start + block_len) - block_start) as usize;
+            let data = match self.manifest.blocks.get(index)? {
+                None => {
+                    prov.zero_blocks += 1;
+                    prov.zero_bytes += (to - from) as u64;
+                    zero_block(block_len as usize)
+                }
+                Some(hash) => {
+                    let data = cache.get(hash)?;
+                    if data.len() as u64 != block_len {
+                        return None;
+                    }
+                    prov.cache_blocks += 1;
+                    prov.cache_bytes += (to - from) as u64;
+                    data
+                }
+            };
+            pieces.push(data.slice(from..to));
+            pos = block_start + to as u64;
+        }
+        Some((pieces, prov))
+    }
+
+    /// Start learning from the library's answer to a READ passed through.
+    pub fn learner(self: &Arc<Self>, read: &ReadCommand) -> Option<Learner> {
+        let (start, end) = self.byte_range(read)?;
+        Some(Learner {
+            lun: self.clone(),
+            start,
+            end,
+            next_offset: 0,
+            pending: BytesMut::new(),
+            pending_block: None,
+        })
+    }
+}
+
+/// What one Data-In taught the cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    pub inserted: u64,
+    pub already: u64,
+    pub mismatched: u64,
+}
+
+/// Follows the Data-In of one READ passed through to the library and inserts every
+/// whole manifest block it carries into the cache once its hash checks out.
+/// Data arrives in order (DataPDUInOrder=Yes is forced at login); anything else ends
+/// the learning for that READ.
+#[derive(Debug)]
+pub struct Learner {
+    lun: Arc<ServedLun>,
+    /// Byte range of the READ on the LUN.
+    start: u64,
+    end: u64,
+    /// The BufferOffset expected next.
+    next_offset: u64,
+    /// Bytes of the block being assembled across PDUs.
+    pending: BytesMut,
+    pending_block: Option<usize>,
+}
+
+impl Learner {
+    /// Feed one Data-In segment at `offset` within the READ. Returns `None` when the
+    /// stream is out of order (stop learning).
+    pub fn feed(&mut self, offset: u64, data: &[u8], cache: &BlockCache) -> Option<Learned> {
+        if offset != self.next_offset {
+            return None;
+        }
+        self.next_offset += data.len() as u64;
+        let bs = u64::from(self.lun.manifest.block_size);
+        let mut learned = Learned::default();
+        let mut pos = self.start + offset;
+        let mut rest = data;
+        while !rest.is_empty() && pos < self.end {
+            let index = (pos / bs) as usize;
+            let block_start = index as u64 * bs;
+            let block_len = self.lun.manifest.block_len(index);
+            let block_end = block_start + block_len;
+            let take = ((block_end - pos) as usize).min(rest.len());
+            let (chunk, tail) = rest.split_at(take);
+            rest = tail;
+            let wanted = match self.lun.manifest.blocks.get(index) {
+                Some(Some(hash)) if !cache.contains(hash) => Some(*hash),
+                Some(Some(_)) => {
+                    if pos == block_start {
+                        learned.already += 1;
+                    }
+                    None
+                }
+                _ => None,
+            };
+            if let Some(hash) = wanted {
+                if pos == block_start && take as u64 == block_len {
+                    // The whole block in one segment: verify in place, copy once.
+                    learned.add(self.check(hash, chunk, cache));
+                } else if pos == block_start {
+                    self.pending.clear();
+                    self.pending.extend_from_slice(chunk);
+                    self.pending_block = Some(index);
+                } else if self.pending_block == Some(index) {
+                    self.pending.extend_from_slice(chunk);
+                    if pos + take as u64 == block_end {
+                        let data = std::mem::take(&mut self.pending);
+                        self.pending_block = None;
+                        learned.add(self.check(hash, &data, cache));
+                    }
+                }
+            }
+            pos += take as u64;
+        }
+        Some(learned)
+    }
+
+    fn check(&self, hash: BlockHash, data: &[u8], cache: &BlockCache) -> Result<(), ()> {
+        if BlockHash::of(data) == hash {
+            cache.insert(hash, Bytes::copy_from_slice(data));
+            Ok(())
+        } else {
+            self.lun.taint("library data does not match the manifest");
+            Err(())
+        }
+    }
+}
+
+impl Learned {
+    fn add(&mut self, r: Result<(), ()>) {
+        match r {
+            Ok(()) => self.inserted += 1,
+            Err(()) => self.mismatched += 1,
+        }
+    }
+}
+
+/// Every served LUN, by target name and LUN number, and the shared cache.
+#[derive(Debug)]
+pub struct Catalog {
+    luns: HashMap<(String, u16), Arc<ServedLun>>,
+    pub cache: Arc<BlockCache>,
+    /// Learn from READs passed through (off: the cache is never filled here).
+    pub learn: bool,
+    /// READs longer than this are passed through without learning (bounds the
+    /// per-task assembly buffer to one manifest block anyway; this bounds CPU).
+    pub max_learn_bytes: u64,
+}
+
+impl Catalog {
+    pub fn new(cache: Arc<BlockCache>, learn: bool) -> Catalog {
+        Catalog {
+            luns: HashMap::new(),
+            cache,
+            learn,
+            max_learn_bytes: 64 << 20,
+        }
+    }
+
+    pub fn empty() -> Catalog {
+        Catalog::new(Arc::new(BlockCache::new(0)), false)
+    }
+
+    pub fn add(&mut self, lun: ServedLun) {
+        self.luns
+            .insert((lun.target.clone(), lun.lun), Arc::new(lun));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.luns.is_empty()
+    }
+
+    /// The served LUNs of one target, by LUN number.
+    pub fn for_target(&self, target: &str) -> HashMap<u16, Arc<ServedLun>> {
+        self.luns
+            .iter()
+            .filter(|((t, _), _)| t == target)
+            .map(|((_, l), lun)| (*l, lun.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::splice::scsi::ReadKind;
+
+    fn read(lba: u64, blocks: u32) -> ReadCommand {
+        ReadCommand {
+            kind: ReadKind::Read10,
+            lba,
+            blocks,
+            rdprotect: 0,
+            dpo: false,
+            fua: false,
+            group: 0,
+            control: 0,
+        }
+    }
+
+    fn image() -> Vec<u8> {
+        // 4 blocks of 4096 (+ a short tail of 1024): data, zero, data, data, tail.
+        let mut data: Vec<u8> = (0..(4 * 4096 + 1024))
+            .map(|i| (i % 253) as u8 | 1)
+            .collect();
+        data[4096..8192].fill(0);
+        data
+    }
+
+    #[test]
+    fn manifest_text_round_trip() {
+        let m = manifest_of("img one", &image(), 4096);
+        assert_eq!(m.blocks.len(), 5);
+        assert_eq!(m.blocks[1], None);
+        assert_eq!(manifest_from_text(&manifest_to_text(&m)), Ok(m));
+        assert!(manifest_from_text("nearblock-manifest 1 10 4096 x\n").is_err());
+        assert!(manifest_from_text("nonsense").is_err());
+    }
+
+    #[test]
+    fn lun_numbers() {
+        assert_eq!(lun_number(0x0001_0000_0000_0000), Some(1));
+        assert_eq!(lun_number(0), Some(0));
+        assert_eq!(lun_number(0x4101_0000_0000_0000), Some(0x101));
+        assert_eq!(lun_number(0x0001_0000_0000_0001), None);
+        assert_eq!(lun_number(0x8001_0000_0000_0000), None);
+    }
+
+    #[test]
+    fn learn_then_assemble() {
+        let data = image();
+        let lun = Arc::new(
+            ServedLun::new(
+                "iqn.t".into(),
+                1,
+                ServeDesign::Shadow,
+                512,
+                manifest_of("i", &data, 4096),
+            )
+            .unwrap(),
+        );
+        let cache = BlockCache::new(1 << 20);
+        // Block 0 is not cached: nothing to serve yet.
+        assert!(lun.assemble(&read(0, 8), &cache).is_none());
+        // Zero block alone: served cold.
+        let (pieces, prov) = lun.assemble(&read(8, 8), &cache).unwrap();
+        assert_eq!(pieces.concat(), vec![0u8; 4096]);
+        assert_eq!(prov.zero_blocks, 1);
+
+        // A pass-through READ of blocks 0..3 at an unaligned start (LBA 4), in
+        // segments that straddle blocks: the partial first block is not learned.
+        let r = read(4, 8 * 3 - 4);
+        let mut learner = lun.learner(&r).unwrap();
+        let bytes = &data[2048..3 * 4096];
+        let mut total = Learned::default();
+        for (i, seg) in bytes.chunks(3000).enumerate() {
+            let l = learner.feed(i as u64 * 3000, seg, &cache).unwrap();
+            total.inserted += l.inserted;
+        }
+        assert_eq!(total.inserted, 1, "block 2 learned; 0 partial, 1 zero");
+        assert!(learner.feed(0, b"x", &cache).is_none(), "out of order");
+
+        // Whole block 0 plus the tail block in one segment each.
+        let mut learner = lun.learner(&read(0, 8)).unwrap();
+        assert_eq!(learner.feed(0, &data[..4096], &cache).unwrap().inserted, 1);
+        let mut learner = lun.learner(&read(32, 2)).unwrap();
+        assert_eq!(learner.feed(0, &data[16384..], &cache).unwrap().inserted, 1);
+
+        // Now blocks 0, 1 (zero), 2 and the tail can be served, across boundaries.
+        let (pieces, prov) = lun.assemble(&read(2, 20), &cache).unwrap();
+        assert_eq!(pieces.concat(), &data[1024..11264]);
+        assert_eq!((prov.zero_blocks, prov.cache_blocks), (1, 2));
+        assert!(
+            lun.assemble(&read(24, 8), &cache).is_none(),
+            "block 3 not learned"
+        );
+        let (pieces, _) = lun.assemble(&read(32, 2), &cache).unwrap();
+        assert_eq!(pieces.concat(), &data[16384..]);
+        assert!(lun.assemble(&read(33, 2), &cache).is_none(), "past the end");
+        assert!(!lun.tainted());
+    }
+
+    #[test]
+    fn corrupt_library_data_taints_and_is_not_cached() {
+        let data = image();
+        let lun = Arc::new(
+            ServedLun::new(
+                "t".into(),
+                1,
+                ServeDesign::Shadow,
+                512,
+                manifest_of("i", &data, 4096),
+            )
+            .unwrap(),
+        );
+        let cache = BlockCache::new(1 << 20);
+        let mut bad = data[..4096].to_vec();
+        bad[7] ^= 1;
+        let l = lun
+            .learner(&read(0, 8))
+            .unwrap()
+            .feed(0, &bad, &cache)
+            .unwrap();
+        assert_eq!((l.inserted, l.mismatched), (0, 1));
+        assert!(lun.tainted());
+        assert_eq!(cache.snapshot().blocks, 0);
+    }
+}
