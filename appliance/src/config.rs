@@ -40,17 +40,27 @@ pub struct Config {
     /// Live network cost (optional): needs the topology.
     #[serde(default)]
     pub cost: Option<CostConfig>,
-    /// The planner served by the API (optional): needs `[cost]` for the topology.
+    /// The appliance's index store (optional): manifests of served LUNs and the
+    /// planner's holders.
+    #[serde(default)]
+    pub index: Option<IndexConfig>,
+    /// The planner served by the API (optional): needs `[index]` and `[cost]`.
     #[serde(default)]
     pub planner: Option<PlannerConfig>,
 }
 
-/// `[planner]`: the index store the API's construct/place answer from.
+/// `[index]`: the appliance's block index store.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PlannerConfig {
-    /// The index store (as filled by `nearblock index` / the indexer).
+pub struct IndexConfig {
+    /// The store (as filled by `nearblock index` or pushed by agents).
     pub db: std::path::PathBuf,
+}
+
+/// `[planner]`: serve `/plan/*` from the index store and the topology.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannerConfig {
     /// Host metrics (`[host.NAME]` tables with cpu, mem, disk) for placement policies.
     #[serde(default)]
     pub metrics: Option<std::path::PathBuf>,
@@ -186,7 +196,14 @@ pub struct ServedLunConfig {
     /// LUN number.
     pub lun: u16,
     /// Manifest file (`nearblock-manifest 1` text form) of the LUN's content.
-    pub manifest: std::path::PathBuf,
+    #[serde(default)]
+    pub manifest: Option<std::path::PathBuf>,
+    /// Or: the image's name in the appliance's index store (`[index]`).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// With `image`: which indexed block size to serve from (default: the smallest).
+    #[serde(default)]
+    pub block_size: Option<u32>,
     /// Logical block size the LUN reports (READ CAPACITY).
     #[serde(default = "default_logical_block_size")]
     pub logical_block_size: u32,
@@ -220,14 +237,33 @@ impl SplicerConfig {
     }
 
     /// The served LUNs with their manifests loaded, and the cache.
+    /// The served LUNs with their manifests (from files, or from `index`).
     pub fn catalog(
         &self,
+        index: Option<&std::sync::Arc<crate::index::RedbStore>>,
     ) -> Result<crate::splice::catalog::Catalog, crate::splice::catalog::CatalogError> {
-        use crate::splice::catalog::{Catalog, ManifestFile, ManifestSource, ServedLun};
+        use crate::splice::catalog::{
+            Catalog, CatalogError, IndexedManifest, ManifestFile, ManifestSource, ServedLun,
+        };
         let cache = std::sync::Arc::new(crate::fetch::BlockCache::new(self.cache_bytes));
         let mut catalog = Catalog::new(cache, self.learn);
         for l in &self.lun {
-            let manifest = ManifestFile(l.manifest.clone()).manifest()?;
+            let manifest = match (&l.manifest, &l.image, index) {
+                (Some(path), _, _) => ManifestFile(path.clone()).manifest()?,
+                (None, Some(image), Some(store)) => IndexedManifest {
+                    store: store.clone(),
+                    image: image.clone(),
+                    block_size: l.block_size,
+                }
+                .manifest()?,
+                _ => {
+                    return Err(CatalogError::Invalid {
+                        target: l.target.clone(),
+                        lun: l.lun,
+                        message: "no manifest: give `manifest`, or `image` with an [index]".into(),
+                    })
+                }
+            };
             catalog.add(ServedLun::new(
                 l.target.clone(),
                 l.lun,
@@ -482,12 +518,36 @@ impl Config {
                 }
             }
         }
-        if self.planner.is_some() && self.cost.is_none() {
+        if self.planner.is_some() && (self.cost.is_none() || self.index.is_none()) {
             return Err(invalid(
                 "planner",
-                "db",
-                "the planner needs the topology: add a [cost] section".into(),
+                "metrics",
+                "the planner needs the topology and the index: add [cost] and [index] sections"
+                    .into(),
             ));
+        }
+        for (i, l) in self.splicer.lun.iter().enumerate() {
+            let key = |k: &str| format!("lun[{i}].{k}");
+            match (&l.manifest, &l.image) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(
+                        "splicer",
+                        &key("manifest"),
+                        format!(
+                            "LUN {}/{}: give exactly one of `manifest` (a file) and `image` (in the index)",
+                            l.target, l.lun
+                        ),
+                    ))
+                }
+                (None, Some(_)) if self.index.is_none() => {
+                    return Err(invalid(
+                        "splicer",
+                        &key("image"),
+                        format!("LUN {}/{}: `image` needs an [index] section", l.target, l.lun),
+                    ))
+                }
+                _ => {}
+            }
         }
         let s = &self.splicer;
         if !s.listen_v4.is_ipv4() {
@@ -643,6 +703,26 @@ image_transfer_ports = [10809, 3260]
                 .to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn served_lun_needs_exactly_one_manifest_source() {
+        let lun =
+            |body: &str| format!("{GOOD}\n[[splicer.lun]]\ntarget = \"iqn.x\"\nlun = 1\n{body}");
+        assert!(Config::parse(&lun("manifest = \"m\"\n")).is_ok());
+        for (body, key) in [
+            ("", "splicer.lun[0].manifest"),
+            (
+                "manifest = \"m\"\nimage = \"i\"\n",
+                "splicer.lun[0].manifest",
+            ),
+            ("image = \"i\"\n", "splicer.lun[0].image"),
+        ] {
+            let e = Config::parse(&lun(body)).unwrap_err().to_string();
+            assert!(e.contains(key), "{body:?}: {e}");
+        }
+        let with_index = format!("{}\n[index]\ndb = \"i.redb\"\n", lun("image = \"img\"\n"));
+        assert!(Config::parse(&with_index).is_ok());
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub enum DaemonError {
     NotInTopology(String),
     #[error("[planner]: {0}")]
     Planner(String),
+    #[error("[index]: {0}")]
+    Index(#[from] crate::index::IndexError),
     #[error(transparent)]
     Catalog(#[from] crate::splice::catalog::CatalogError),
     #[error("API listen on {addr}: {source}")]
@@ -232,6 +234,15 @@ impl Appliance {
 /// Run the appliance until `shutdown` resolves, then drain and clean up.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let dpc = &config.datapath;
+    // The appliance's index store, shared by the splicer (manifests of served
+    // LUNs) and the planner (holders).
+    let index_store = match &config.index {
+        Some(i) => Some(Arc::new(crate::index::RedbStore::open(
+            &i.db,
+            crate::index::StoreOptions::default(),
+        )?)),
+        None => None,
+    };
     let mut dp = Datapath::load(&LoadOptions {
         classified_ports: config.classified_ports(),
         dscp_mark: dpc.dscp_mark,
@@ -258,7 +269,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     if dpc.steer {
         routing.install()?;
-        let catalog = Arc::new(config.splicer.catalog()?);
+        let catalog = Arc::new(config.splicer.catalog(index_store.as_ref())?);
         let _ = splicer.cache.set(catalog.cache.clone());
         let upstream = UpstreamOptions {
             dscp: dpc.dscp_mark,
@@ -321,12 +332,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         None => None,
     };
-    let planner = match (&config.planner, &config.cost) {
-        (Some(p), Some(c)) => {
-            let store = crate::index::RedbStore::open(&p.db, crate::index::StoreOptions::default())
-                .map_err(|e| {
-                    DaemonError::Planner(format!("index store {}: {e:#}", p.db.display()))
-                })?;
+    let planner = match (&config.planner, &config.cost, &index_store) {
+        (Some(p), Some(c), Some(store)) => {
             let metrics = match &p.metrics {
                 Some(path) => {
                     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -339,7 +346,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 None => Default::default(),
             };
             Some(Planner {
-                store: Arc::new(store),
+                store: store.clone(),
                 topology: Topology::load(&c.topology)?,
                 metrics,
             })

@@ -130,7 +130,7 @@ fn loaded_link_raises_path_cost_here_and_at_a_polling_peer() {
         "--policy",
         "best",
     ]);
-    let planner = format!("[planner]\ndb = {:?}\n", db.display().to_string());
+    let planner = format!("[index]\ndb = {:?}\n[planner]\n", db.display().to_string());
     lab.start_appliance(
         "rack1",
         ApplianceOptions {

@@ -41,14 +41,43 @@ fn served_lab(design: &str) -> (Lab, Vec<u8>, String, ApplianceOptions) {
         allow: None,
     })
     .expect("lun");
-    let manifest = manifest_of("img", &data, BLOCK);
-    let path = lab
-        .write_file("img.manifest", manifest_to_text(&manifest).as_bytes())
-        .expect("manifest");
+    // The shadow design reads its manifest from a manifest file; the local design
+    // from the appliance's index store, filled by `nearblock index` (both ways an
+    // operator can declare a served LUN).
+    let source = if design == "shadow" {
+        let manifest = manifest_of("img", &data, BLOCK);
+        let path = lab
+            .write_file("img.manifest", manifest_to_text(&manifest).as_bytes())
+            .expect("manifest");
+        format!("manifest = {:?}\n", path.display().to_string())
+    } else {
+        let db = lab.dir.path().join("index.redb");
+        let bin = nearblock_lab::nearblock_bin().expect("nearblock");
+        let o = std::process::Command::new(bin)
+            .arg("index")
+            .arg(lab.dir.path().join("img.raw"))
+            .args([
+                "--image",
+                "img",
+                "--host",
+                "library",
+                "--block-size",
+                "64KiB",
+                "--quiet",
+            ])
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .expect("nearblock index");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        format!(
+            "image = \"img\"\n\n[index]\ndb = {:?}\n",
+            db.display().to_string()
+        )
+    };
     let extra_config = format!(
-        "\n[splicer]\ncache_bytes = {}\n\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {:?}\ndesign = {design:?}\n",
+        "\n[splicer]\ncache_bytes = {}\n\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\ndesign = {design:?}\n{source}",
         256u64 << 20,
-        path.display().to_string()
     );
     let url = lab.lun_url(IQN, 1);
     let opts = ApplianceOptions {

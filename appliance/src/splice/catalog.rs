@@ -56,6 +56,8 @@ pub enum CatalogError {
         line: usize,
         message: String,
     },
+    #[error("image `{image}` in the index: {message}")]
+    Index { image: String, message: String },
     #[error("LUN {target}/{lun}: {message}")]
     Invalid {
         target: String,
@@ -67,6 +69,28 @@ pub enum CatalogError {
 /// Where a LUN's manifest comes from.
 pub trait ManifestSource: Send + Sync {
     fn manifest(&self) -> Result<Manifest, CatalogError>;
+}
+
+/// An image's manifest from the index store (what `nearblock index` or the
+/// library's agent recorded).
+pub struct IndexedManifest<S> {
+    pub store: S,
+    pub image: String,
+    /// `None`: the smallest block size indexed.
+    pub block_size: Option<u32>,
+}
+
+impl<S: crate::index::BlockStore> ManifestSource for IndexedManifest<S> {
+    fn manifest(&self) -> Result<Manifest, CatalogError> {
+        let unavailable = |message: String| CatalogError::Index {
+            image: self.image.clone(),
+            message,
+        };
+        self.store
+            .manifest(&self.image, self.block_size)
+            .map_err(|e| unavailable(e.to_string()))?
+            .ok_or_else(|| unavailable("not in the index".into()))
+    }
 }
 
 /// A manifest file in the text form of [`manifest_to_text`].
