@@ -5,7 +5,7 @@
 //! - `build`: the `nearblock` binary (its build script builds the eBPF programs).
 //! - `test`: bootstrap, build, and run every test (unit + namespace integration).
 //! - `demo`: bootstrap, build, and run the demo topology with one qemu-img copy.
-//! - `bench <datapath|index|plan|all>`: the benchmarks, as ratios to a baseline
+//! - `bench <datapath|splice|index|plan|all>`: the benchmarks, as ratios to a baseline
 //!   measured in the same run.
 
 use std::{
@@ -183,7 +183,7 @@ fn bench(which: &str) -> Result<()> {
         }
     }
     if !ran {
-        bail!("unknown benchmark `{which}` (datapath, index, plan, all)");
+        bail!("unknown benchmark `{which}` (datapath, splice, index, plan, all)");
     }
     Ok(())
 }

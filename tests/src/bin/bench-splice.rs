@@ -1,0 +1,186 @@
+//! `cargo xtask bench splice`: the iSCSI-aware splicer's READ paths, as ratios to
+//! plain forwarding measured in the same run, on the default lab topology
+//! (hv1 → rack1 → core → library), with `iscsi-perf` at 64 KiB QD32 and 4 KiB QD32
+//! over a read-only 256 MiB LUN (no zero blocks, so every byte is real data).
+//!
+//! Configurations, each labelled with its design:
+//! - direct: forwarding only, no nearblock;
+//! - relay: the iSCSI-aware splicer with the LUN not served (pass-through);
+//! - cold: the LUN served, but the cache (16 MiB) is far smaller than the LUN, so
+//!   every READ misses, goes to the library, and its data is verified and learned;
+//! - warm-shadow / warm-local: the LUN served from a warm cache (shadow: one
+//!   zero-length READ upstream per READ; local: the target never sees the READ).
+//!
+//! Each configuration runs `ROUNDS` times, interleaved; the median is reported.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use nearblock::splice::catalog::{manifest_of, manifest_to_text};
+use nearblock_lab::{content, ApplianceOptions, Lab, LunSpec};
+
+const IQN: &str = "iqn.2026-11.bench.nearblock:served";
+const LUN_MIB: usize = 256;
+const SECS: u32 = 4;
+const ROUNDS: usize = 3;
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Config {
+    Direct,
+    Relay,
+    Cold,
+    WarmShadow,
+    WarmLocal,
+}
+
+impl Config {
+    const ALL: [Config; 5] = [
+        Config::Direct,
+        Config::Relay,
+        Config::Cold,
+        Config::WarmShadow,
+        Config::WarmLocal,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Config::Direct => "direct (forwarding only)",
+            Config::Relay => "relay (iSCSI-aware, LUN not served)",
+            Config::Cold => "cold (shadow design, all from library)",
+            Config::WarmShadow => "warm-shadow (shadow design, cache)",
+            Config::WarmLocal => "warm-local (local design, cache)",
+        }
+    }
+
+    fn extra_config(self, manifest: &str) -> Option<String> {
+        let lun = |design: &str, cache_mib: u64| {
+            format!(
+                "\n[splicer]\ncache_bytes = {}\n\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\ndesign = {design:?}\nmanifest = {manifest:?}\n",
+                cache_mib << 20
+            )
+        };
+        match self {
+            Config::Direct => None,
+            Config::Relay => Some(String::new()),
+            Config::Cold => Some(lun("shadow", 16)),
+            Config::WarmShadow => Some(lun("shadow", 512)),
+            Config::WarmLocal => Some(lun("local", 512)),
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let mut lab = Lab::default_topology()?;
+    let data = content::image(LUN_MIB << 20, 99, 0);
+    let backing = lab.write_file("served.raw", &data)?;
+    let manifest = lab.write_file(
+        "served.manifest",
+        manifest_to_text(&manifest_of("served", &data, 4096)).as_bytes(),
+    )?;
+    drop(data);
+    lab.add_lun(LunSpec {
+        tid: 1,
+        iqn: IQN.into(),
+        lun: 1,
+        backing,
+        readonly: true,
+        allow: None,
+    })?;
+    let url = lab.lun_url(IQN, 1);
+    let manifest = manifest.display().to_string();
+    // results[config][0 = 64 KiB, 1 = 4 KiB] = samples of (MB/s, IOPS)
+    let mut results: Vec<[Vec<(f64, f64)>; 2]> = vec![Default::default(); Config::ALL.len()];
+    let mut library_bytes = vec![0u64; Config::ALL.len()];
+    for round in 0..ROUNDS {
+        for (i, cfg) in Config::ALL.into_iter().enumerate() {
+            if let Some(extra_config) = cfg.extra_config(&manifest) {
+                lab.start_appliance("rack1", ApplianceOptions { steer: true, extra_config })?;
+            }
+            if matches!(cfg, Config::WarmShadow | Config::WarmLocal) {
+                // Warm the cache: a sequential pass over the LUN and more.
+                perf(&lab, &url, 128)?;
+            }
+            let before = lab_status_library_bytes(&lab, cfg)?;
+            results[i][0].push(perf(&lab, &url, 128)?);
+            results[i][1].push(perf(&lab, &url, 8)?);
+            let after = lab_status_library_bytes(&lab, cfg)?;
+            library_bytes[i] = after.saturating_sub(before);
+            if cfg != Config::Direct {
+                let r = lab.status("rack1")?;
+                if r.splicer.accepted == 0 {
+                    bail!("{cfg:?}: nothing was steered");
+                }
+                if matches!(cfg, Config::WarmShadow | Config::WarmLocal)
+                    && r.splicer.reads_served_shadow + r.splicer.reads_served_local == 0
+                {
+                    bail!("{cfg:?}: no READ was served locally");
+                }
+                lab.stop_appliance("rack1", Duration::from_secs(20))?;
+            }
+        }
+        eprintln!("round {} of {ROUNDS} done", round + 1);
+    }
+
+    let med = |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+        let mut s: Vec<f64> = v.iter().map(pick).collect();
+        s.sort_by(|a, b| a.total_cmp(b));
+        s[s.len() / 2]
+    };
+    let base64 = med(&results[0][0], |x| x.0);
+    let base4 = med(&results[0][1], |x| x.1);
+    println!(
+        "bench splice (2-core machine, hv1 → rack1 → core → library, {LUN_MIB} MiB read-only LUN, median of {ROUNDS} × {SECS} s)"
+    );
+    println!(
+        "  {:<42} {:>10} {:>7} {:>10} {:>7} {:>16}",
+        "configuration", "64K MB/s", "ratio", "4K IOPS", "ratio", "library bytes*"
+    );
+    for (i, cfg) in Config::ALL.into_iter().enumerate() {
+        let m64 = med(&results[i][0], |x| x.0);
+        let i4 = med(&results[i][1], |x| x.1);
+        println!(
+            "  {:<42} {:>10.0} {:>7.3} {:>10.0} {:>7.3} {:>16}",
+            cfg.label(),
+            m64,
+            m64 / base64,
+            i4,
+            i4 / base4,
+            library_bytes[i]
+        );
+    }
+    println!("  targets at 64 KiB: cold >= 0.8, warm-shadow >= 1.0 (no data from the library), warm-local >= 1.5");
+    println!("  * bytes the library sent to hv1 during the last round's two measurements (BPF flow counters on rack1's upstream port; n/a without nearblock)");
+    println!("  raw samples (MB/s, IOPS): {results:?}");
+    Ok(())
+}
+
+/// Unique payload from the library toward hv1 counted by rack1's classifier so far.
+fn lab_status_library_bytes(lab: &Lab, cfg: Config) -> Result<u64> {
+    if cfg == Config::Direct {
+        return Ok(0);
+    }
+    let r = lab.status("rack1")?;
+    let hv1 = format!("{}:", lab.addr4("hv1"));
+    Ok(r.flows
+        .iter()
+        .filter(|f| f.interface == "core" && f.dst.starts_with(&hv1))
+        .map(|f| f.payload_bytes - f.retrans_bytes)
+        .sum())
+}
+
+/// (MB/s, IOPS) that iscsi-perf reports at the end, for `blocks` 512-byte blocks per READ.
+fn perf(lab: &Lab, url: &str, blocks: u32) -> Result<(f64, f64)> {
+    let o = lab.exec_ok(
+        "hv1",
+        &["iscsi-perf", "-m", "32", "-b", &blocks.to_string(), "-t", &SECS.to_string(), url],
+    )?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    let last = text.rsplit("iops average").next().context("iscsi-perf output")?;
+    let mut nums = last
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse::<f64>().ok());
+    let iops = nums.next().with_context(|| format!("iscsi-perf IOPS: {text}"))?;
+    let mbs = nums.next().with_context(|| format!("iscsi-perf MB/s: {text}"))?;
+    Ok((mbs, iops))
+}
