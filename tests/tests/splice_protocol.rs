@@ -217,17 +217,15 @@ impl Fixture {
     }
 }
 
-/// Header digests with the real client, libiscsi: it cannot be made to use them
-/// against tgt here, and this test pins that down so the digest tests below (with the
-/// lab's initiator) are known to be the only coverage. libiscsi's tools override the
-/// URL's `?header_digest=crc32c` with their own offer `None,CRC32C`, and tgt answers
-/// None whatever its HeaderDigest setting (its default None; `CRC32C,None`; even
-/// `CRC32C` alone). libiscsi does not log the negotiated keys, so the through pass
-/// measures it: the splicer relays exactly as many bytes with tgt set to `CRC32C` as
-/// with `CRC32C,None` (a header digest would add 4 bytes per PDU). The tool's output
-/// is identical direct and through.
+/// Header digests with the real client, libiscsi (`?header_digest=crc32c`). tgt's
+/// default HeaderDigest setting is None only (it then answers None even to an offer of
+/// CRC32C alone, which is why the conformance suite never has digests); the fixture
+/// sets the target to `CRC32C,None`, and libiscsi's session then has header digests.
+/// libiscsi does not log the negotiated keys, so the through pass measures it: the
+/// splicer relays 4 bytes more per Full Feature PDU than for the same command with tgt
+/// set to `None`. The tool's output is identical direct and through.
 #[test]
-fn libiscsi_header_digest_comes_out_none() {
+fn header_digest_with_libiscsi() {
     let mut f = Fixture::new();
     let url = format!("{}?header_digest=crc32c", f.lab.lun_url(IQN, SHADOW.into()));
     let relayed = |f: &Fixture| {
@@ -274,16 +272,17 @@ fn libiscsi_header_digest_comes_out_none() {
             relayed(f) - before,
         )
     };
-    let direct = (run(&f, "CRC32C,None").0, run(&f, "CRC32C").0);
+    let direct = (run(&f, "None").0, run(&f, "CRC32C,None").0);
     f.start_appliance();
-    let (plain_out, plain_bytes) = run(&f, "CRC32C,None");
-    let (digest_out, digest_bytes) = run(&f, "CRC32C");
-    eprintln!("through: {plain_bytes} B relayed without, {digest_bytes} B with header digests");
+    let (plain_out, plain_bytes) = run(&f, "None");
+    let (digest_out, digest_bytes) = run(&f, "CRC32C,None");
+    eprintln!("through: {plain_bytes} B relayed with tgt at None, {digest_bytes} B at CRC32C,None");
     assert_eq!(direct, (plain_out, digest_out));
-    // Same login texts, same PDUs: no digest on either run.
-    assert_eq!(
-        digest_bytes, plain_bytes,
-        "libiscsi negotiated header digests after all: cover them with libiscsi"
+    // At least 8 Full Feature PDUs (TEST UNIT READY twice for the unit attention, READ
+    // CAPACITY, logout, and their answers) × 4 bytes.
+    assert!(
+        digest_bytes >= plain_bytes + 32,
+        "header digests not negotiated by libiscsi: {plain_bytes} vs {digest_bytes} B"
     );
     assert_eq!(f.served().2, 0);
 }
