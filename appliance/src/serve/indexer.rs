@@ -204,6 +204,10 @@ impl IndexService {
         changes: Vec<PushedChange>,
     ) -> Msg {
         self.metrics.pushes.fetch_add(1, Ordering::Relaxed);
+        if !changes.is_empty() {
+            let bytes: usize = changes.iter().map(|(_, c)| c.len()).sum();
+            tracing::info!(node = %self.node, %child, changes = changes.len(), bytes, resync, "receiving push");
+        }
         let _g = self.apply.lock().await;
         let (acked, addrs_changed) = {
             let mut st = lock(&self.state);
