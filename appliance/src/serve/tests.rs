@@ -574,3 +574,61 @@ async fn two_level_push_and_parent_fallback_over_tcp() {
     assert!(rstatus.resyncs.load(Ordering::Relaxed) >= 1);
     let _ = astatus;
 }
+
+/// Loopback figures for docs/peer.md (not an assertion; the machine is shared):
+/// `cargo test -p nearblock --release --lib serve::tests::measure_loopback -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_loopback() {
+    let n = 8192u32;
+    let bs: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let mut v = block(i);
+            v[..4].copy_from_slice(&i.to_le_bytes());
+            v
+        })
+        .collect();
+    let (addr, _) = start(blocks_src(Fake::new(&bs, false)), SECRET, 32 << 20).await;
+    let hashes: Vec<BlockHash> = bs.iter().map(|b| BlockHash::of(b)).collect();
+    for (batch, inflight) in [(1, 1), (64, 1), (64, 16), (256, 16)] {
+        let mut o = ClientOptions::new("m", Role::Client, Key::from_secret(SECRET));
+        o.batch = batch;
+        o.max_in_flight = inflight;
+        let c = PeerClient::new(o);
+        let p = c.peer(&addr);
+        let _ = p.fetch_blocks(&hashes[..16]).await;
+        let t = std::time::Instant::now();
+        let r = p.fetch_blocks(&hashes).await;
+        let dt = t.elapsed().as_secs_f64();
+        assert!(r.iter().all(|r| r.is_ok()));
+        println!(
+            "batch {batch:>3}, in flight {inflight:>2}: {:>8.0} blocks/s, {:>7.1} MB/s (verified)",
+            n as f64 / dt,
+            n as f64 * 4096.0 / dt / 1e6
+        );
+    }
+    // Round trip of one single-block request.
+    let c = client(SECRET);
+    let p = c.peer(&addr);
+    let mut lat: Vec<f64> = Vec::new();
+    for h in &hashes[..2000] {
+        let t = std::time::Instant::now();
+        assert!(p.fetch_blocks(std::slice::from_ref(h)).await[0].is_ok());
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "single-block request: p50 {:.0} µs, p99 {:.0} µs",
+        lat[lat.len() / 2],
+        lat[lat.len() * 99 / 100]
+    );
+    // blake3 of 4 KiB, for comparison.
+    let t = std::time::Instant::now();
+    for b in &bs {
+        std::hint::black_box(BlockHash::of(b));
+    }
+    println!(
+        "verification alone: {:.0} blocks/s",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+}
