@@ -157,6 +157,8 @@ struct Conn {
     next: AtomicU64,
     alive: Arc<AtomicBool>,
     tasks: Vec<tokio::task::AbortHandle>,
+    /// Requests larger than this are sent as fragments.
+    max_frame: u32,
 }
 
 impl Drop for Conn {
@@ -254,6 +256,7 @@ impl Conn {
             next: AtomicU64::new(1),
             alive,
             tasks: vec![writer.abort_handle(), reader.abort_handle()],
+            max_frame: opts.max_frame,
         })
     }
 
@@ -268,12 +271,14 @@ impl Conn {
             Some(p) => p.insert(id, wtx),
             None => return Err(conn_err("connection lost".into())),
         };
-        let frame = msg.encode(id);
+        let frames = msg.encode_frames(id, self.max_frame);
         let sent = async {
-            self.tx
-                .send(frame)
-                .await
-                .map_err(|_| conn_err("connection lost".into()))?;
+            for f in frames {
+                self.tx
+                    .send(f)
+                    .await
+                    .map_err(|_| conn_err("connection lost".into()))?;
+            }
             wrx.await
                 .map_err(|_| conn_err("connection lost".into()))?
                 .map_err(conn_err)

@@ -26,7 +26,8 @@
 //! connect_timeout_ms = 3000
 //! penalty_secs = 300
 //! batch = 64
-//! max_frame_mib = 32
+//! max_frame_mib = 32                    # one frame; larger requests are fragmented
+//! max_message_mib = 1024                # largest reassembled request
 //! ```
 //!
 //! ```toml
@@ -65,6 +66,9 @@ pub struct PeerTuning {
     pub penalty_secs: u64,
     pub batch: usize,
     pub max_frame_mib: u32,
+    /// Largest request reassembled from fragments (a push of a big image's
+    /// manifest: ~33 bytes per 4 KiB block).
+    pub max_message_mib: usize,
 }
 
 impl Default for PeerTuning {
@@ -76,6 +80,7 @@ impl Default for PeerTuning {
             penalty_secs: 300,
             batch: 64,
             max_frame_mib: DEFAULT_MAX_FRAME >> 20,
+            max_message_mib: 1024,
         }
     }
 }
@@ -95,6 +100,7 @@ impl PeerTuning {
     pub fn server(&self, node: &str, role: Role, key: Key) -> ServerOptions {
         let mut o = ServerOptions::new(node, role, key);
         o.max_frame = self.max_frame_mib << 20;
+        o.max_message = self.max_message_mib << 20;
         o.max_in_flight = self.max_in_flight.max(1) * 2;
         o
     }
@@ -112,6 +118,13 @@ impl PeerTuning {
         }
         if !(2..=1024).contains(&self.max_frame_mib) {
             return Err(v.err("peer", "max_frame_mib", "must be 2..=1024"));
+        }
+        if self.max_message_mib < self.max_frame_mib as usize || self.max_message_mib > 16384 {
+            return Err(v.err(
+                "peer",
+                "max_message_mib",
+                "must be at least max_frame_mib and at most 16384",
+            ));
         }
         if self.request_timeout_ms == 0 {
             return Err(v.err("peer", "request_timeout_ms", "must be > 0"));

@@ -144,6 +144,13 @@ pub enum Msg {
     },
     Ping,
     Pong,
+    /// A piece of a request too large for one frame: the pieces of one request
+    /// share its id and, concatenated, are its kind byte followed by its payload.
+    /// The last piece completes the request.
+    Fragment {
+        last: bool,
+        data: Bytes,
+    },
 }
 
 const K_HELLO: u8 = 1;
@@ -159,6 +166,8 @@ const K_PUSH: u8 = 20;
 const K_ACK: u8 = 21;
 const K_PING: u8 = 22;
 const K_PONG: u8 = 23;
+/// Kind of [`Msg::Fragment`].
+pub const K_FRAGMENT: u8 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
@@ -249,6 +258,7 @@ impl Msg {
             Msg::Ack { .. } => K_ACK,
             Msg::Ping => K_PING,
             Msg::Pong => K_PONG,
+            Msg::Fragment { .. } => K_FRAGMENT,
         }
     }
 
@@ -268,6 +278,7 @@ impl Msg {
             Msg::Ack { .. } => "Ack",
             Msg::Ping => "Ping",
             Msg::Pong => "Pong",
+            Msg::Fragment { .. } => "Fragment",
         }
     }
 
@@ -297,6 +308,10 @@ impl Msg {
             }
             Msg::Auth { mac } => b.put_slice(mac),
             Msg::AuthOk | Msg::Ping | Msg::Pong => {}
+            Msg::Fragment { last, data } => {
+                b.put_u8(*last as u8);
+                b.put_slice(data);
+            }
             Msg::Error {
                 code,
                 acked,
@@ -371,6 +386,32 @@ impl Msg {
         b.freeze()
     }
 
+    /// The frames carrying this message as `id`: one frame if it fits in
+    /// `max_frame`, else [`Msg::Fragment`]s (for requests only; the receiver
+    /// reassembles them up to its message limit).
+    pub fn encode_frames(&self, id: u64, max_frame: u32) -> Vec<Bytes> {
+        let whole = self.encode(id);
+        if whole.len() - 4 <= max_frame as usize {
+            return vec![whole];
+        }
+        // kind byte + payload, cut into pieces that fit with their own header.
+        let mut inner = BytesMut::with_capacity(whole.len() - 4 - HEADER_LEN + 1);
+        inner.put_u8(whole[5]);
+        inner.put_slice(&whole[4 + HEADER_LEN..]);
+        let inner = inner.freeze();
+        let piece = (max_frame as usize).saturating_sub(HEADER_LEN + 1).max(1);
+        let n = inner.len().div_ceil(piece);
+        (0..n)
+            .map(|i| {
+                Msg::Fragment {
+                    last: i + 1 == n,
+                    data: inner.slice(i * piece..((i + 1) * piece).min(inner.len())),
+                }
+                .encode(id)
+            })
+            .collect()
+    }
+
     /// Decodes the payload of a frame of `kind`. Found blocks share `payload`'s
     /// buffer (no copy).
     pub fn decode(kind: u8, payload: Bytes) -> Result<Msg, ProtoError> {
@@ -394,6 +435,12 @@ impl Msg {
             K_AUTH_OK => Msg::AuthOk,
             K_PING => Msg::Ping,
             K_PONG => Msg::Pong,
+            K_FRAGMENT => {
+                let last = r.bool()?;
+                let data = r.buf.slice(r.pos..);
+                r.pos = r.buf.len();
+                Msg::Fragment { last, data }
+            }
             K_ERROR => Msg::Error {
                 code: r.u16()?,
                 acked: r.u64()?,
@@ -626,6 +673,10 @@ mod tests {
                 changes: vec![(1, Bytes::from_static(b"\x04\x00\x00\x00\x00"))],
             },
             Msg::Ack { seq: 42 },
+            Msg::Fragment {
+                last: true,
+                data: Bytes::from_static(b"\x10abc"),
+            },
         ]
     }
 
@@ -679,6 +730,33 @@ mod tests {
             .is_err());
     }
 
+    #[tokio::test]
+    async fn large_requests_are_fragmented_and_reassemble() {
+        let m = Msg::GetBlocks {
+            hashes: (0..1000u32)
+                .map(|i| BlockHash::of(&i.to_le_bytes()))
+                .collect(),
+        };
+        let frames = m.encode_frames(7, 4096);
+        assert!(frames.len() >= 8, "{}", frames.len());
+        let mut inner = BytesMut::new();
+        for (k, f) in frames.iter().enumerate() {
+            assert!(f.len() - 4 <= 4096);
+            let fr = read_frame(&mut &f[..], 4096).await.unwrap().unwrap();
+            assert_eq!((fr.kind, fr.id), (K_FRAGMENT, 7));
+            match Msg::decode(fr.kind, fr.payload).unwrap() {
+                Msg::Fragment { last, data } => {
+                    assert_eq!(last, k + 1 == frames.len());
+                    inner.put_slice(&data);
+                }
+                m => panic!("{m:?}"),
+            }
+        }
+        let inner = inner.freeze();
+        assert_eq!(Msg::decode(inner[0], inner.slice(1..)).unwrap(), m);
+        assert_eq!(m.encode_frames(7, 1 << 20).len(), 1);
+    }
+
     #[test]
     fn malformed_payloads_are_errors() {
         // Unknown kind.
@@ -711,7 +789,7 @@ mod tests {
         /// Every truncation or corruption of a valid payload decodes to an error or
         /// to some message — never a panic.
         #[test]
-        fn decode_never_panics(i in 0usize..13, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
+        fn decode_never_panics(i in 0usize..14, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
             let m = &samples()[i];
             let wire = m.encode(1);
             let payload = wire.slice(4 + HEADER_LEN..);

@@ -3,6 +3,7 @@
 //! malformed frame or message closes that connection with a logged error.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -11,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncWriteExt, BufReader, BufWriter},
     net::{TcpListener, TcpStream},
@@ -21,7 +22,7 @@ use tokio::{
 use super::{
     auth::{server_handshake, Key, PeerInfo},
     indexer::IndexService,
-    proto::{code, read_frame, BlockReply, Msg, Role, DEFAULT_MAX_FRAME},
+    proto::{code, read_frame, BlockReply, Msg, Role, DEFAULT_MAX_FRAME, K_FRAGMENT},
 };
 use crate::index::BlockHash;
 
@@ -42,6 +43,8 @@ pub struct ServerOptions {
     pub role: Role,
     pub key: Key,
     pub max_frame: u32,
+    /// Largest request reassembled from fragments (bytes).
+    pub max_message: usize,
     /// Requests handled concurrently per connection (the rest wait in the socket).
     pub max_in_flight: usize,
     pub handshake_timeout: Duration,
@@ -54,6 +57,7 @@ impl ServerOptions {
             role,
             key,
             max_frame: DEFAULT_MAX_FRAME,
+            max_message: 1 << 30,
             max_in_flight: 32,
             handshake_timeout: Duration::from_secs(5),
         }
@@ -150,6 +154,9 @@ async fn connection(
         wr.flush().await
     });
     let sem = Arc::new(Semaphore::new(opts.max_in_flight.max(1)));
+    // Requests being reassembled from fragments, by request id.
+    let mut assembling: HashMap<u64, BytesMut> = HashMap::new();
+    let mut assembling_bytes = 0usize;
     loop {
         let frame = match read_frame(&mut rd, opts.max_frame).await {
             Ok(Some(f)) => f,
@@ -161,7 +168,29 @@ async fn connection(
             }
         };
         let id = frame.id;
-        let msg = match Msg::decode(frame.kind, frame.payload) {
+        let (kind, payload) = if frame.kind == K_FRAGMENT {
+            let (last, data) = match Msg::decode(frame.kind, frame.payload) {
+                Ok(Msg::Fragment { last, data }) => (last, data),
+                _ => (false, Bytes::new()),
+            };
+            assembling_bytes += data.len();
+            if assembling_bytes > opts.max_message || data.is_empty() {
+                metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, node = %info.node,
+                    "closing peer connection: fragmented request over {} bytes or empty fragment", opts.max_message);
+                break;
+            }
+            assembling.entry(id).or_default().extend_from_slice(&data);
+            if !last {
+                continue;
+            }
+            let whole = assembling.remove(&id).unwrap_or_default().freeze();
+            assembling_bytes -= whole.len();
+            (whole[0], whole.slice(1..))
+        } else {
+            (frame.kind, frame.payload)
+        };
+        let msg = match Msg::decode(kind, payload) {
             Ok(m) => m,
             Err(e) => {
                 metrics.malformed.fetch_add(1, Ordering::Relaxed);

@@ -342,6 +342,70 @@ fn put(host: &str, image: &str, seed: u8) -> (Change, Vec<u8>) {
     )
 }
 
+/// A push larger than one frame (the `PutImage` of a big image) is sent in
+/// fragments and applied whole; other requests on the connection are unaffected.
+#[tokio::test]
+async fn large_push_is_fragmented() {
+    let dir = tempfile::tempdir().unwrap();
+    let ix = Arc::new(
+        IndexService::open(
+            "g",
+            store(dir.path(), "g", false),
+            None,
+            dir.path().join("c.json"),
+        )
+        .unwrap(),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let mut so = ServerOptions::new("g", Role::Indexer, Key::from_secret(SECRET));
+    so.max_frame = 8192;
+    so.max_message = 1 << 20;
+    tokio::spawn(serve(
+        l,
+        Arc::new(so),
+        Services {
+            blocks: None,
+            index: Some(ix.clone()),
+        },
+        Arc::new(ServerMetrics::default()),
+    ));
+    let mut co = ClientOptions::new("rack", Role::Indexer, Key::from_secret(SECRET));
+    co.max_frame = 8192;
+    let c = PeerClient::new(co);
+    let data: Vec<u8> = (0..2000 * 4096usize)
+        .map(|i| {
+            if i % 4096 < 4 {
+                ((i / 4096) >> (8 * (i % 4))) as u8
+            } else {
+                1
+            }
+        })
+        .collect();
+    let put = Change::PutImage {
+        host: "hv9".into(),
+        manifest: manifest_of_bytes("big", &data, 4096),
+    };
+    let enc = Bytes::from(put.encode());
+    assert!(enc.len() > 4 * 8192, "{}", enc.len());
+    let p = c.peer(&addr);
+    let (seq, pong) = tokio::join!(
+        p.push("rack", false, 0, vec![], vec![(1, enc)]),
+        p.request(&Msg::Ping)
+    );
+    assert_eq!(seq.unwrap(), 1);
+    assert_eq!(pong.unwrap(), Msg::Pong);
+    let h = BlockHash::of(&data[4096 * 1999..]);
+    assert_eq!(&*ix.store().holders(&h).unwrap()[0].host, "hv9");
+    // Beyond the message limit: the connection is closed, nothing applied.
+    let huge = Bytes::from(vec![0u8; 2 << 20]);
+    assert!(p
+        .push("rack", false, 0, vec![], vec![(2, huge)])
+        .await
+        .is_err());
+    assert_eq!(ix.child_state().acked["rack"], 1);
+}
+
 #[tokio::test]
 async fn push_is_idempotent_and_gaps_are_refused() {
     let dir = tempfile::tempdir().unwrap();
