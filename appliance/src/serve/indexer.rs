@@ -14,7 +14,7 @@
 //!   keeps the union and attaches them to holders.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -40,6 +40,10 @@ pub struct ChildState {
     pub acked: BTreeMap<String, u64>,
     /// Host → block service address (`ip:port`).
     pub addrs: BTreeMap<String, String>,
+    /// Child node → the hosts its changes were about (a resync removes their
+    /// sources that it does not restate).
+    #[serde(default)]
+    pub hosts: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl ChildState {
@@ -74,6 +78,9 @@ impl ChildState {
     }
 }
 
+/// (host, image, block size): one source.
+type SourceKey = (String, String, u32);
+
 /// Counters of an indexer.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct IndexMetrics {
@@ -95,6 +102,8 @@ pub struct IndexService {
     state_path: PathBuf,
     /// Serialises pushes (apply + state record).
     apply: tokio::sync::Mutex<()>,
+    /// Child → sources restated so far by its resync in progress.
+    resyncing: Mutex<HashMap<String, BTreeSet<SourceKey>>>,
     /// Notified after every applied push (wakes this indexer's own pusher).
     pub changed: Arc<Notify>,
     pub metrics: IndexMetrics,
@@ -120,6 +129,7 @@ impl IndexService {
             state: Mutex::new(state),
             state_path,
             apply: tokio::sync::Mutex::new(()),
+            resyncing: Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
             metrics: IndexMetrics::default(),
         })
@@ -254,6 +264,59 @@ impl IndexService {
                 Err(e) => return error(code::BAD_REQUEST, format!("push: change {s}: {e}")),
             }
         }
+        // The hosts this child speaks for.
+        let hosts_changed = {
+            let mut st = lock(&self.state);
+            let set = st.hosts.entry(child.to_string()).or_default();
+            let before = set.len();
+            set.extend(decoded.iter().map(|c| c.host().to_string()));
+            set.len() != before
+        };
+        if resync {
+            let mut r = lock(&self.resyncing);
+            let seen = r.entry(child.to_string()).or_default();
+            for c in &decoded {
+                if let Change::PutImage { host, manifest } = c {
+                    seen.insert((host.clone(), manifest.image.clone(), manifest.block_size));
+                }
+            }
+        }
+        if resync && upto != RESYNC_MORE {
+            // The last piece of a resync: sources of this child's hosts that it
+            // did not restate are gone; removed in the same transaction.
+            let seen = lock(&self.resyncing).remove(child).unwrap_or_default();
+            let hosts = lock(&self.state)
+                .hosts
+                .get(child)
+                .cloned()
+                .unwrap_or_default();
+            let store = self.store.clone();
+            let gone = tokio::task::spawn_blocking(move || -> Result<Vec<Change>> {
+                Ok(store
+                    .images()?
+                    .into_iter()
+                    .filter(|i| hosts.contains(&i.host))
+                    .filter(|i| !seen.contains(&(i.host.clone(), i.image.clone(), i.block_size)))
+                    .map(|i| Change::RemoveImage {
+                        host: i.host,
+                        image: i.image,
+                        block_size: i.block_size,
+                    })
+                    .collect())
+            })
+            .await;
+            match gone {
+                Ok(Ok(g)) => {
+                    if !g.is_empty() {
+                        tracing::info!(node = %self.node, %child, removed = g.len(),
+                            "resync: removing sources the child no longer holds");
+                    }
+                    decoded.extend(g);
+                }
+                Ok(Err(e)) => return error(code::INTERNAL, format!("resync: {e:#}")),
+                Err(e) => return error(code::INTERNAL, format!("resync: {e}")),
+            }
+        }
         let new_acked = if resync {
             if upto == RESYNC_MORE {
                 acked
@@ -274,7 +337,7 @@ impl IndexService {
                 Err(e) => return error(code::INTERNAL, format!("apply: {e}")),
             }
         }
-        if new_acked != acked || addrs_changed {
+        if new_acked != acked || addrs_changed || hosts_changed {
             let snapshot = {
                 let mut st = lock(&self.state);
                 st.acked.insert(child.to_string(), new_acked);

@@ -296,6 +296,14 @@ async fn handle(
                 if info.role == Role::Client {
                     return error(code::BAD_REQUEST, "clients do not push");
                 }
+                // A child pushes under the name it authenticated with, so one
+                // child cannot move another's acknowledged position.
+                if node != info.node {
+                    return error(
+                        code::BAD_REQUEST,
+                        format!("push as {node} from a peer authenticated as {}", info.node),
+                    );
+                }
                 ix.push(&node, resync, upto, addrs, changes).await
             }
             None => error(

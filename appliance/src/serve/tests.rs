@@ -397,6 +397,9 @@ async fn large_push_is_fragmented() {
     assert_eq!(pong.unwrap(), Msg::Pong);
     let h = BlockHash::of(&data[4096 * 1999..]);
     assert_eq!(&*ix.store().holders(&h).unwrap()[0].host, "hv9");
+    // Pushing under another child's name is refused.
+    let e = p.push("rack2", false, 0, vec![], vec![]).await.unwrap_err();
+    assert!(e.to_string().contains("authenticated as rack"), "{e}");
     // Beyond the message limit: the connection is closed, nothing applied.
     let huge = Bytes::from(vec![0u8; 2 << 20]);
     assert!(p
@@ -468,6 +471,45 @@ async fn push_is_idempotent_and_gaps_are_refused() {
         parent.push("rack1", false, 0, vec![], vec![]).await,
         Msg::Ack { seq: 2 }
     );
+    // A resync restating only "b" removes "a" (the child no longer holds it);
+    // sources of other children's hosts stay.
+    // (The reopened service has a new, empty store: give it rack1's sources.)
+    parent.store().apply(&[c1.clone(), c2.clone()]).unwrap();
+    let (c3, _) = put("hv7", "c", 3);
+    assert_eq!(
+        parent
+            .push("rack2", false, 0, vec![], vec![enc(1, &c3)])
+            .await,
+        Msg::Ack { seq: 1 }
+    );
+    assert_eq!(parent.store().images().unwrap().len(), 3);
+    let r = parent
+        .push(
+            "rack1",
+            true,
+            super::indexer::RESYNC_MORE,
+            vec![],
+            vec![enc(0, &c2)],
+        )
+        .await;
+    assert_eq!(
+        r,
+        Msg::Ack { seq: 2 },
+        "a resync piece acknowledges nothing new"
+    );
+    assert_eq!(
+        parent.push("rack1", true, 7, vec![], vec![]).await,
+        Msg::Ack { seq: 7 }
+    );
+    let mut imgs: Vec<String> = parent
+        .store()
+        .images()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.image)
+        .collect();
+    imgs.sort();
+    assert_eq!(imgs, ["b", "c"]);
     // Garbage changes are refused, not applied.
     match parent
         .push(
@@ -475,7 +517,7 @@ async fn push_is_idempotent_and_gaps_are_refused() {
             false,
             0,
             vec![],
-            vec![(3, Bytes::from_static(b"\x09"))],
+            vec![(8, Bytes::from_static(b"\x09"))],
         )
         .await
     {
