@@ -31,7 +31,11 @@ use super::{
     client::{FetchError, Peer},
     proto::{code, Holder, Msg, PushedChange},
 };
-use crate::index::{BlockHash, BlockStore, Change, RedbStore};
+use crate::index::{BlockHash, BlockStore, Change};
+
+/// The store behind an indexer or a pusher: any [`BlockStore`] (the embedded
+/// `RedbStore` today, a distributed backend later).
+pub type SharedStore = Arc<dyn BlockStore>;
 
 /// What an indexer remembers about its children (a sidecar of its store).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,7 +100,7 @@ pub struct IndexMetrics {
 
 pub struct IndexService {
     node: String,
-    store: Arc<RedbStore>,
+    store: SharedStore,
     parent: Option<Peer>,
     state: Mutex<ChildState>,
     state_path: PathBuf,
@@ -117,7 +121,7 @@ impl IndexService {
     /// `state_path`: the children sidecar (default `<db>.children.json`).
     pub fn open(
         node: &str,
-        store: Arc<RedbStore>,
+        store: SharedStore,
         parent: Option<Peer>,
         state_path: PathBuf,
     ) -> Result<Self> {
@@ -135,7 +139,7 @@ impl IndexService {
         })
     }
 
-    pub fn store(&self) -> &Arc<RedbStore> {
+    pub fn store(&self) -> &SharedStore {
         &self.store
     }
 
@@ -384,7 +388,7 @@ pub struct PushStatus {
 pub struct Pusher {
     /// The name we push as (the parent keys its record by it).
     pub node: String,
-    pub store: Arc<RedbStore>,
+    pub store: SharedStore,
     pub parent: Peer,
     /// Host → address table sent with every push.
     pub addrs: Arc<dyn Fn() -> Vec<(String, String)> + Send + Sync>,
@@ -419,10 +423,10 @@ impl Pusher {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&RedbStore) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&dyn BlockStore) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let s = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&s)).await?
+        tokio::task::spawn_blocking(move || f(&*s)).await?
     }
 
     async fn round(&self, acked: &mut Option<u64>) -> Result<()> {
