@@ -322,10 +322,20 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tokio::task::spawn_blocking(move || a.scan()).await??
     };
     log_scan(&agent.node, &first);
+    let last_scan = Arc::new(std::sync::Mutex::new(first));
+    let push_status = Arc::new(crate::serve::indexer::PushStatus::default());
+    let status: crate::serve::server::StatusFn = {
+        let (l, p, parent) = (last_scan.clone(), push_status.clone(), cfg.parent);
+        Arc::new(move || {
+            let scan = l.lock().map(|s| s.clone()).unwrap_or_default();
+            serde_json::json!({ "parent": parent, "last_scan": scan, "push": &*p })
+        })
+    };
     let server_opts = Arc::new(cfg.peer.server(&cfg.node, Role::Agent, key.clone()));
     let services = crate::serve::server::Services {
         blocks: Some(agent.clone() as Arc<dyn BlockSource>),
         index: None,
+        status: Some(status),
     };
     let metrics = Arc::new(crate::serve::server::ServerMetrics::default());
     let server = tokio::spawn(crate::serve::server::serve(
@@ -352,7 +362,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 max_changes: 256,
                 max_bytes: ((cfg.peer.max_frame_mib << 20) / 2) as usize,
                 wake: wake.clone(),
-                status: Default::default(),
+                status: push_status.clone(),
             }
             .run(),
         )
@@ -378,6 +388,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 log_scan(&cfg.node, &s);
                 if s.seq != before {
                     wake.notify_one();
+                }
+                if let Ok(mut l) = last_scan.lock() {
+                    *l = s;
                 }
             }
             Ok(Err(e)) => tracing::warn!("rescan: {e:#}"),

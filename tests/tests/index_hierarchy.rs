@@ -436,6 +436,9 @@ fn hierarchy_lookup_verification_and_global_crash() {
         "hv3's rescan delta at the global indexer",
         |h| hosts(&h[0]) == [lib.as_str()] && hosts(&h[1]) == ["hv3"],
     );
+    let st = &ctx.peer("hv3", &["status", "--addr", &hv3]).unwrap()[0];
+    assert_eq!(st["state"]["last_scan"]["changed_blocks"], 1, "{st}");
+    assert!(st["server"]["blocks_served"].as_u64().unwrap() >= 3, "{st}");
     let before = ctx.holders("core", "core", &sample, true).unwrap();
 
     // 4. SIGKILL the global indexer while a large push is being applied; restart.
@@ -510,6 +513,18 @@ fn hierarchy_lookup_verification_and_global_crash() {
     // Resumed from what the global had acknowledged, not restated.
     let rack2_log = procs.log("ix-rack2");
     assert!(!rack2_log.contains("resync to parent"), "{rack2_log}");
+    let st = &ctx
+        .peer("rack2", &["status", "--addr", &ctx.indexer_addr("rack2")])
+        .unwrap()[0];
+    assert_eq!(st["state"]["push"]["resyncs"], 0, "{st}");
+    assert!(
+        st["state"]["push"]["failures"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
+    let st = &ctx
+        .peer("core", &["status", "--addr", &ctx.indexer_addr("core")])
+        .unwrap()[0];
+    eprintln!("global indexer after the restart: {}", st["index"]);
     // And rack1 finds hv4's blocks through the restarted global.
     let via = ctx.holders("hv1", "rack1", &hbig[1..2], false).unwrap();
     assert_eq!(hosts(&via[0]), ["hv4"]);

@@ -6,6 +6,7 @@
 //! nearblock peer get     --addr AGENT [--out DIR] HASH...
 //! nearblock peer fetch   --holders A,B,... [--out DIR] HASH...   # first intact copy
 //! nearblock peer ping    --addr PEER
+//! nearblock peer status  --addr PEER                            # counters, push position, last scan
 //! ```
 
 use std::path::PathBuf;
@@ -71,6 +72,11 @@ pub enum PeerOp {
         #[arg(long)]
         addr: String,
     },
+    /// A peer's counters and state (server, index, push, last scan) as JSON.
+    Status {
+        #[arg(long)]
+        addr: String,
+    },
 }
 
 fn parse_hashes(v: &[String]) -> Result<Vec<BlockHash>> {
@@ -101,6 +107,13 @@ pub fn run(args: PeerArgs, out: &mut dyn std::io::Write) -> Result<()> {
         match &args.op {
             PeerOp::Ping { addr } => match client.peer(addr).request(&Msg::Ping).await? {
                 Msg::Pong => writeln!(out, "{}", serde_json::json!({"addr": addr, "ok": true}))?,
+                m => bail!("unexpected reply {}", m.name()),
+            },
+            PeerOp::Status { addr } => match client.peer(addr).request(&Msg::Status).await? {
+                Msg::StatusReply { json } => {
+                    writeln!(out, "{json}")?;
+                    return Ok(());
+                }
                 m => bail!("unexpected reply {}", m.name()),
             },
             PeerOp::Holders {

@@ -374,7 +374,7 @@ fn error(code: u16, message: impl Into<String>) -> Msg {
 }
 
 /// Where a pusher stands (for status and tests).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct PushStatus {
     /// The parent's acknowledged sequence number of ours.
     pub acked: AtomicU64,

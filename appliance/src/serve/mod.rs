@@ -63,12 +63,19 @@ pub async fn run_indexer(cfg: config::IndexerConfig) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
+    let push_status = Arc::new(indexer::PushStatus::default());
+    let status: server::StatusFn = {
+        let p = push_status.clone();
+        let parent = cfg.parent;
+        Arc::new(move || serde_json::json!({ "parent": parent, "push": &*p }))
+    };
     let server = tokio::spawn(server::serve(
         listener,
         Arc::new(cfg.peer.server(&cfg.node, proto::Role::Indexer, key)),
         server::Services {
             blocks: None,
             index: Some(ix.clone()),
+            status: Some(status),
         },
         Arc::new(server::ServerMetrics::default()),
     ));
@@ -84,7 +91,7 @@ pub async fn run_indexer(cfg: config::IndexerConfig) -> Result<()> {
                 max_changes: 256,
                 max_bytes: ((cfg.peer.max_frame_mib << 20) / 2) as usize,
                 wake: ix.changed.clone(),
-                status: Default::default(),
+                status: push_status.clone(),
             }
             .run(),
         )

@@ -144,6 +144,12 @@ pub enum Msg {
     },
     Ping,
     Pong,
+    /// The server's counters and state.
+    Status,
+    /// JSON text.
+    StatusReply {
+        json: String,
+    },
     /// A piece of a request too large for one frame: the pieces of one request
     /// share its id and, concatenated, are its kind byte followed by its payload.
     /// The last piece completes the request.
@@ -166,6 +172,8 @@ const K_PUSH: u8 = 20;
 const K_ACK: u8 = 21;
 const K_PING: u8 = 22;
 const K_PONG: u8 = 23;
+const K_STATUS: u8 = 24;
+const K_STATUS_REPLY: u8 = 25;
 /// Kind of [`Msg::Fragment`].
 pub const K_FRAGMENT: u8 = 6;
 
@@ -258,6 +266,8 @@ impl Msg {
             Msg::Ack { .. } => K_ACK,
             Msg::Ping => K_PING,
             Msg::Pong => K_PONG,
+            Msg::Status => K_STATUS,
+            Msg::StatusReply { .. } => K_STATUS_REPLY,
             Msg::Fragment { .. } => K_FRAGMENT,
         }
     }
@@ -278,6 +288,8 @@ impl Msg {
             Msg::Ack { .. } => "Ack",
             Msg::Ping => "Ping",
             Msg::Pong => "Pong",
+            Msg::Status => "Status",
+            Msg::StatusReply { .. } => "StatusReply",
             Msg::Fragment { .. } => "Fragment",
         }
     }
@@ -307,7 +319,8 @@ impl Msg {
                 b.put_slice(mac);
             }
             Msg::Auth { mac } => b.put_slice(mac),
-            Msg::AuthOk | Msg::Ping | Msg::Pong => {}
+            Msg::AuthOk | Msg::Ping | Msg::Pong | Msg::Status => {}
+            Msg::StatusReply { json } => put_str(&mut b, json),
             Msg::Fragment { last, data } => {
                 b.put_u8(*last as u8);
                 b.put_slice(data);
@@ -435,6 +448,8 @@ impl Msg {
             K_AUTH_OK => Msg::AuthOk,
             K_PING => Msg::Ping,
             K_PONG => Msg::Pong,
+            K_STATUS => Msg::Status,
+            K_STATUS_REPLY => Msg::StatusReply { json: r.string()? },
             K_FRAGMENT => {
                 let last = r.bool()?;
                 let data = r.buf.slice(r.pos..);
@@ -673,6 +688,8 @@ mod tests {
                 changes: vec![(1, Bytes::from_static(b"\x04\x00\x00\x00\x00"))],
             },
             Msg::Ack { seq: 42 },
+            Msg::Status,
+            Msg::StatusReply { json: "{}".into() },
             Msg::Fragment {
                 last: true,
                 data: Bytes::from_static(b"\x10abc"),
@@ -789,7 +806,7 @@ mod tests {
         /// Every truncation or corruption of a valid payload decodes to an error or
         /// to some message — never a panic.
         #[test]
-        fn decode_never_panics(i in 0usize..14, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
+        fn decode_never_panics(i in 0usize..16, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
             let m = &samples()[i];
             let wire = m.encode(1);
             let payload = wire.slice(4 + HEADER_LEN..);

@@ -64,15 +64,19 @@ impl ServerOptions {
     }
 }
 
+/// A role's own state for `Status` replies (scan results, push position, …).
+pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// What a server offers.
 #[derive(Clone, Default)]
 pub struct Services {
     pub blocks: Option<Arc<dyn BlockSource>>,
     pub index: Option<Arc<IndexService>>,
+    pub status: Option<StatusFn>,
 }
 
 /// Server counters.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct ServerMetrics {
     pub connections: AtomicU64,
     pub auth_failures: AtomicU64,
@@ -246,6 +250,22 @@ async fn handle(
 ) -> Msg {
     match msg {
         Msg::Ping => Msg::Pong,
+        Msg::Status => {
+            let v = serde_json::json!({
+                "node": opts.node,
+                "role": opts.role,
+                "server": metrics,
+                "index": services.index.as_ref().map(|ix| serde_json::json!({
+                    "seq": ix.store().seq(),
+                    "metrics": &ix.metrics,
+                    "children": ix.child_state(),
+                })),
+                "state": services.status.as_ref().map(|f| f()),
+            });
+            Msg::StatusReply {
+                json: v.to_string(),
+            }
+        }
         Msg::GetBlocks { hashes } => {
             let Some(src) = services.blocks.clone() else {
                 return error(code::UNSUPPORTED, format!("{} serves no blocks", opts.node));

@@ -83,7 +83,7 @@ async fn start(services: Services, secret: &[u8], max_frame: u32) -> (String, Ar
 fn blocks_src(b: Arc<Fake>) -> Services {
     Services {
         blocks: Some(b as Arc<dyn BlockSource>),
-        index: None,
+        ..Default::default()
     }
 }
 
@@ -367,6 +367,7 @@ async fn large_push_is_fragmented() {
         Services {
             blocks: None,
             index: Some(ix.clone()),
+            ..Default::default()
         },
         Arc::new(ServerMetrics::default()),
     ));
@@ -557,6 +558,7 @@ async fn two_level_push_and_parent_fallback_over_tcp() {
                 Services {
                     blocks: None,
                     index: Some(ix.clone()),
+                    ..Default::default()
                 },
                 Arc::new(ServerMetrics::default()),
             ));
@@ -664,6 +666,7 @@ async fn two_level_push_and_parent_fallback_over_tcp() {
         Services {
             blocks: None,
             index: Some(ix.clone()),
+            ..Default::default()
         },
         Arc::new(ServerMetrics::default()),
     ));
