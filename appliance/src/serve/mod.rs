@@ -26,9 +26,28 @@ use anyhow::{Context, Result};
 
 use crate::index::{BlockStore, RedbStore, StoreOptions};
 
-/// Runs `nearblock indexer` until SIGTERM or SIGINT.
-pub async fn run_indexer(cfg: config::IndexerConfig) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
+/// A running indexer (server + upward pusher); dropping it stops both. For
+/// embedding in another process (e.g. the rack appliance's daemon).
+pub struct IndexerHandle {
+    pub service: Arc<indexer::IndexService>,
+    pub push_status: Arc<indexer::PushStatus>,
+    pub server_metrics: Arc<server::ServerMetrics>,
+    /// The address the server listens on (with port 0 resolved).
+    pub local_addr: std::net::SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for IndexerHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Opens the store, binds, and starts serving and pushing (inside a tokio
+/// runtime).
+pub async fn start_indexer(cfg: &config::IndexerConfig) -> Result<IndexerHandle> {
     if let Some(dir) = cfg.db.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -63,23 +82,33 @@ pub async fn run_indexer(cfg: config::IndexerConfig) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
+    let local_addr = listener.local_addr()?;
     let push_status = Arc::new(indexer::PushStatus::default());
     let status: server::StatusFn = {
         let p = push_status.clone();
         let parent = cfg.parent;
         Arc::new(move || serde_json::json!({ "parent": parent, "push": &*p }))
     };
-    let server = tokio::spawn(server::serve(
-        listener,
-        Arc::new(cfg.peer.server(&cfg.node, proto::Role::Indexer, key)),
-        server::Services {
-            blocks: None,
-            index: Some(ix.clone()),
-            status: Some(status),
-        },
-        Arc::new(server::ServerMetrics::default()),
-    ));
-    let pusher = parent.map(|parent| {
+    let server_metrics = Arc::new(server::ServerMetrics::default());
+    let server = tokio::spawn({
+        let f = server::serve(
+            listener,
+            Arc::new(cfg.peer.server(&cfg.node, proto::Role::Indexer, key)),
+            server::Services {
+                blocks: None,
+                index: Some(ix.clone()),
+                status: Some(status),
+            },
+            server_metrics.clone(),
+        );
+        async move {
+            if let Err(e) = f.await {
+                tracing::error!("indexer server: {e}");
+            }
+        }
+    });
+    let mut tasks = vec![server];
+    tasks.extend(parent.map(|parent| {
         let ix2 = ix.clone();
         tokio::spawn(
             indexer::Pusher {
@@ -95,9 +124,22 @@ pub async fn run_indexer(cfg: config::IndexerConfig) -> Result<()> {
             }
             .run(),
         )
-    });
-    tracing::info!(node = %cfg.node, listen = %cfg.listen, parent = ?cfg.parent, seq = store.seq(),
+    }));
+    tracing::info!(node = %cfg.node, listen = %local_addr, parent = ?cfg.parent, seq = store.seq(),
         open_ms = t0.elapsed().as_millis() as u64, "indexer ready");
+    Ok(IndexerHandle {
+        service: ix,
+        push_status,
+        server_metrics,
+        local_addr,
+        tasks,
+    })
+}
+
+/// Runs `nearblock indexer` until SIGTERM or SIGINT.
+pub async fn run_indexer(cfg: config::IndexerConfig) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let handle = start_indexer(&cfg).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -105,10 +147,7 @@ pub async fn run_indexer(cfg: config::IndexerConfig) -> Result<()> {
         _ = int.recv() => {}
     }
     tracing::info!("indexer stopping");
-    server.abort();
-    if let Some(p) = pusher {
-        p.abort();
-    }
+    drop(handle);
     Ok(())
 }
 

@@ -741,3 +741,37 @@ async fn measure_loopback() {
         n as f64 / t.elapsed().as_secs_f64()
     );
 }
+
+/// `start_indexer` from configs (as `nearblock indexer` and an embedding daemon
+/// use it): a child's store change reaches the parent.
+#[tokio::test]
+async fn start_indexer_from_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |node: &str, parent: Option<std::net::SocketAddr>| {
+        let p = parent
+            .map(|a| format!("parent = \"{a}\"\n"))
+            .unwrap_or_default();
+        super::config::IndexerConfig::parse(&format!(
+            "node = \"{node}\"\nlisten = \"127.0.0.1:0\"\nsecret = \"a test secret of some length\"\ndb = {:?}\n{p}push_interval_ms = 50\n",
+            dir.path().join(format!("{node}.redb"))
+        ))
+        .unwrap()
+    };
+    let g = super::start_indexer(&cfg("g", None)).await.unwrap();
+    let r = super::start_indexer(&cfg("r", Some(g.local_addr)))
+        .await
+        .unwrap();
+    let (c, data) = put("hv5", "x", 5);
+    r.service.store().apply(&[c]).unwrap();
+    r.service.changed.notify_one();
+    let h = BlockHash::of(&data[..4096]);
+    for _ in 0..200 {
+        if !g.service.store().holders(&h).unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(&*g.service.store().holders(&h).unwrap()[0].host, "hv5");
+    assert_eq!(g.service.child_state().acked["r"], 1);
+    assert_eq!(r.push_status.acked.load(Ordering::Relaxed), 1);
+}
