@@ -12,11 +12,14 @@
 //! - [`index`]: images as manifests of blake3-named blocks.
 //! - [`cost`]: the topology and network cost between nodes (static and live).
 //! - [`plan`]: the planner: block sources for a target, and placement of images.
+//! - [`serve`]: the peer protocol: blocks by hash, holders, pushes up the index tree.
+//! - [`agent`]: `nearblock agent`: index local images, push them up, serve their blocks.
 //! - [`api`]: HTTP status and metrics.
 //! - [`daemon`]: `nearblock run`, the stages wired together.
 //! - [`cli`]: the command line, one file per subcommand.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod agent;
 pub mod api;
 pub mod classify;
 pub mod cli;
@@ -27,5 +30,6 @@ pub mod datapath;
 pub mod fetch;
 pub mod index;
 pub mod plan;
+pub mod serve;
 pub mod splice;
 pub mod steer;

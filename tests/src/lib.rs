@@ -34,6 +34,7 @@ use nearblock::{
 pub mod conformance;
 pub mod content;
 pub mod initiator;
+pub mod procs;
 
 /// The default lab: library ─ core ─ rack1, rack2 ─ hv1, hv2 / hv3, hv4.
 pub const DEFAULT_TOPOLOGY: &str = include_str!("../topologies/default.toml");

@@ -3,7 +3,10 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod agent;
 pub mod index;
+pub mod indexer;
+pub mod peer;
 pub mod plan;
 pub mod run;
 pub mod status;
@@ -29,6 +32,12 @@ pub enum Command {
     Index(index::IndexArgs),
     /// Plan offline from an index store and a topology: construction and placement.
     Plan(plan::PlanArgs),
+    /// Index this host's images, report them to the indexer, serve their blocks.
+    Agent(agent::AgentArgs),
+    /// A local or global indexer: pushes from children, holders, push upward.
+    Indexer(indexer::IndexerArgs),
+    /// Ask agents and indexers over the peer protocol (holders, blocks, ping).
+    Peer(peer::PeerArgs),
 }
 
 /// Run one parsed command, writing its output to `out`.
@@ -38,5 +47,8 @@ pub fn dispatch(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
         Command::Status(a) => status::run(a, out),
         Command::Index(a) => index::run(a, out),
         Command::Plan(a) => plan::run(a, out),
+        Command::Agent(a) => agent::run(a, out),
+        Command::Indexer(a) => indexer::run(a, out),
+        Command::Peer(a) => peer::run(a, out),
     }
 }

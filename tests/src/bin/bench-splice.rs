@@ -94,7 +94,13 @@ fn main() -> Result<()> {
     for round in 0..ROUNDS {
         for (i, cfg) in Config::ALL.into_iter().enumerate() {
             if let Some(extra_config) = cfg.extra_config(&manifest) {
-                lab.start_appliance("rack1", ApplianceOptions { steer: true, extra_config })?;
+                lab.start_appliance(
+                    "rack1",
+                    ApplianceOptions {
+                        steer: true,
+                        extra_config,
+                    },
+                )?;
             }
             if matches!(cfg, Config::WarmShadow | Config::WarmLocal) {
                 // Warm the cache: a sequential pass over the LUN and more.
@@ -172,15 +178,31 @@ fn lab_status_library_bytes(lab: &Lab, cfg: Config) -> Result<u64> {
 fn perf(lab: &Lab, url: &str, blocks: u32) -> Result<(f64, f64)> {
     let o = lab.exec_ok(
         "hv1",
-        &["iscsi-perf", "-m", "32", "-b", &blocks.to_string(), "-t", &SECS.to_string(), url],
+        &[
+            "iscsi-perf",
+            "-m",
+            "32",
+            "-b",
+            &blocks.to_string(),
+            "-t",
+            &SECS.to_string(),
+            url,
+        ],
     )?;
     let text = String::from_utf8_lossy(&o.stdout);
-    let last = text.rsplit("iops average").next().context("iscsi-perf output")?;
+    let last = text
+        .rsplit("iops average")
+        .next()
+        .context("iscsi-perf output")?;
     let mut nums = last
         .split(|c: char| !c.is_ascii_digit() && c != '.')
         .filter(|s| !s.is_empty())
         .filter_map(|s| s.parse::<f64>().ok());
-    let iops = nums.next().with_context(|| format!("iscsi-perf IOPS: {text}"))?;
-    let mbs = nums.next().with_context(|| format!("iscsi-perf MB/s: {text}"))?;
+    let iops = nums
+        .next()
+        .with_context(|| format!("iscsi-perf IOPS: {text}"))?;
+    let mbs = nums
+        .next()
+        .with_context(|| format!("iscsi-perf MB/s: {text}"))?;
     Ok((mbs, iops))
 }

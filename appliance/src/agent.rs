@@ -1,0 +1,482 @@
+//! `nearblock agent`: on a hypervisor (or the library host), index the local image
+//! files into the agent's own store, push the changes to the parent indexer,
+//! rescan periodically (and on SIGHUP) so changed blocks stop being offered, and
+//! serve the blocks by hash to authenticated peers.
+//!
+//! Images are the configured `[[image]]` files plus, with `tgt_control_port`, every
+//! LUN backing file tgtd lists (`tgtadm -C N --lld iscsi --op show --mode target`),
+//! named `IQN/LUN` — so the library is a block source like any other. An image
+//! whose file disappears (VM stopped, LUN deleted) is removed from the index.
+//!
+//! Serving reads `len` bytes at the indexed offset of the file. It does not
+//! verify them: if the file changed behind the index the receiver's blake3 check
+//! rejects the block, and the next rescan records the changed blocks.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs::File,
+    os::unix::fs::FileExt,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+
+use crate::{
+    index::{
+        delta::{self, Outcome, Policy},
+        BlockHash, BlockStore, Change, RedbStore, StoreOptions,
+    },
+    serve::{
+        config::{AgentConfig, ImageConfig},
+        proto::{BlockReply, Role},
+        server::BlockSource,
+    },
+};
+
+/// What one scan did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ScanSummary {
+    pub images: usize,
+    pub new: usize,
+    pub changed_blocks: u64,
+    pub unchanged: usize,
+    pub removed: usize,
+    pub errors: Vec<String>,
+    /// Store sequence number after the scan.
+    pub seq: u64,
+}
+
+struct Open {
+    path: PathBuf,
+    file: Option<Arc<File>>,
+}
+
+pub struct Agent {
+    node: String,
+    store: Arc<RedbStore>,
+    sizes: Vec<u32>,
+    policy: Policy,
+    configured: Vec<ImageConfig>,
+    tgt: Option<(String, u32)>,
+    /// Image → its file (opened on first read, dropped at every scan so a
+    /// replaced file is reopened).
+    files: RwLock<HashMap<String, Open>>,
+    /// Serialises scans.
+    scan_lock: std::sync::Mutex<()>,
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Agent {
+    pub fn new(cfg: &AgentConfig, store: Arc<RedbStore>) -> Self {
+        Self {
+            node: cfg.node.clone(),
+            store,
+            sizes: cfg.sizes.clone(),
+            policy: Policy {
+                rescan_after: Duration::from_secs(cfg.full_rescan_secs),
+                force: false,
+            },
+            configured: cfg.image.clone(),
+            tgt: cfg.tgt_control_port.map(|p| (cfg.tgtadm.clone(), p)),
+            files: RwLock::new(HashMap::new()),
+            scan_lock: std::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<RedbStore> {
+        &self.store
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The images this agent should offer now: configured ones, then tgtd's LUNs.
+    pub fn wanted(&self) -> Result<BTreeMap<String, PathBuf>> {
+        let mut out: BTreeMap<String, PathBuf> = self
+            .configured
+            .iter()
+            .map(|i| (i.name.clone(), i.path.clone()))
+            .collect();
+        if let Some((tgtadm, port)) = &self.tgt {
+            let o = std::process::Command::new(tgtadm)
+                .args([
+                    "-C",
+                    &port.to_string(),
+                    "--lld",
+                    "iscsi",
+                    "--op",
+                    "show",
+                    "--mode",
+                    "target",
+                ])
+                .output()
+                .with_context(|| format!("running {tgtadm}"))?;
+            if !o.status.success() {
+                anyhow::bail!(
+                    "{tgtadm} --op show failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+            }
+            for l in parse_tgt_show(&String::from_utf8_lossy(&o.stdout)) {
+                out.entry(format!("{}/{}", l.iqn, l.lun))
+                    .or_insert(l.backing);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Index every wanted image (only what changed is recorded), remove images that
+    /// are gone. Errors of single images are collected, not fatal.
+    pub fn scan(&self) -> Result<ScanSummary> {
+        let _g = self.scan_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted = self.wanted()?;
+        let mut sum = ScanSummary {
+            images: wanted.len(),
+            ..Default::default()
+        };
+        // Files are reopened after a scan (a replaced file has a new inode).
+        *write_lock(&self.files) = wanted
+            .iter()
+            .map(|(n, p)| {
+                (
+                    n.clone(),
+                    Open {
+                        path: p.clone(),
+                        file: None,
+                    },
+                )
+            })
+            .collect();
+        let mut present = BTreeSet::new();
+        for (name, path) in &wanted {
+            match delta::index_file(
+                &self.store,
+                &self.node,
+                name,
+                path,
+                &self.sizes,
+                &self.policy,
+                &|_| {},
+            ) {
+                Ok(reports) => {
+                    present.insert(name.clone());
+                    for r in reports {
+                        match r.outcome {
+                            Outcome::New { .. } => sum.new += 1,
+                            Outcome::Delta { changed } => sum.changed_blocks += changed,
+                            Outcome::Unchanged => sum.unchanged += 1,
+                        }
+                    }
+                }
+                Err(e) => sum
+                    .errors
+                    .push(format!("{name} ({}): {e:#}", path.display())),
+            }
+        }
+        // Sources of ours that are no longer wanted, or whose file is unreadable.
+        let mut gone = Vec::new();
+        for info in self.store.images()? {
+            if info.host == self.node && !present.contains(&info.image) {
+                gone.push(Change::RemoveImage {
+                    host: info.host,
+                    image: info.image,
+                    block_size: info.block_size,
+                });
+            }
+        }
+        if !gone.is_empty() {
+            sum.removed = gone.len();
+            self.store.apply(&gone)?;
+        }
+        sum.seq = self.store.seq();
+        Ok(sum)
+    }
+
+    fn file(&self, image: &str) -> Option<Arc<File>> {
+        if let Some(o) = read_lock(&self.files).get(image) {
+            if let Some(f) = &o.file {
+                return Some(f.clone());
+            }
+        }
+        let mut w = write_lock(&self.files);
+        let o = w.get_mut(image)?;
+        if o.file.is_none() {
+            o.file = File::open(&o.path).ok().map(Arc::new);
+        }
+        o.file.clone()
+    }
+}
+
+impl BlockSource for Agent {
+    fn read_blocks(&self, hashes: &[BlockHash], budget: usize) -> Vec<BlockReply> {
+        let mut used = 0usize;
+        hashes
+            .iter()
+            .map(|h| {
+                let mut loc = None;
+                self.store.for_each_holder(h, |l| {
+                    if loc.is_none() && *l.host == *self.node {
+                        loc = Some(l);
+                    }
+                });
+                let Some(l) = loc else {
+                    return BlockReply::NotFound;
+                };
+                if used > 0 && used + l.len as usize > budget {
+                    return BlockReply::Skipped;
+                }
+                let Some(f) = self.file(&l.image) else {
+                    return BlockReply::Failed(format!("image {} is not open", l.image));
+                };
+                let mut buf = vec![0u8; l.len as usize];
+                match f.read_exact_at(&mut buf, l.offset) {
+                    Ok(()) => {
+                        used += buf.len();
+                        BlockReply::Found(Bytes::from(buf))
+                    }
+                    Err(e) => BlockReply::Failed(format!("{} @ {}: {e}", l.image, l.offset)),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A LUN of tgtd's target listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TgtLun {
+    pub tid: u32,
+    pub iqn: String,
+    pub lun: u32,
+    pub backing: PathBuf,
+}
+
+/// Parses `tgtadm --op show --mode target`: every LUN with a backing file (the
+/// controller LUN 0 has `Backing store path: None`).
+pub fn parse_tgt_show(text: &str) -> Vec<TgtLun> {
+    let mut out = Vec::new();
+    let (mut tid, mut iqn, mut lun) = (0u32, String::new(), None::<u32>);
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(rest) = line.strip_prefix("Target ") {
+            if let Some((n, name)) = rest.split_once(':') {
+                tid = n.trim().parse().unwrap_or(0);
+                iqn = name.trim().to_string();
+                lun = None;
+            }
+        } else if let Some(n) = t.strip_prefix("LUN:") {
+            lun = n.trim().parse().ok();
+        } else if let Some(p) = t.strip_prefix("Backing store path:") {
+            let p = p.trim();
+            if let Some(l) = lun {
+                if p.starts_with('/') && !iqn.is_empty() {
+                    out.push(TgtLun {
+                        tid,
+                        iqn: iqn.clone(),
+                        lun: l,
+                        backing: PathBuf::from(p),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The agent's store: `db` with a change log when there is a parent to push to.
+pub fn open_store(cfg: &AgentConfig) -> Result<Arc<RedbStore>> {
+    if let Some(dir) = cfg.db.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+    }
+    let opts = StoreOptions {
+        log: cfg.parent.is_some(),
+        ..StoreOptions::default()
+    };
+    Ok(Arc::new(
+        RedbStore::open(&cfg.db, opts).with_context(|| format!("open {}", cfg.db.display()))?,
+    ))
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let store = open_store(&cfg)?;
+    let agent = Arc::new(Agent::new(&cfg, store.clone()));
+    let key = cfg.key();
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listen on {}", cfg.listen))?;
+    let first = {
+        let a = agent.clone();
+        tokio::task::spawn_blocking(move || a.scan()).await??
+    };
+    log_scan(&agent.node, &first);
+    let last_scan = Arc::new(std::sync::Mutex::new(first));
+    let push_status = Arc::new(crate::serve::indexer::PushStatus::default());
+    let status: crate::serve::server::StatusFn = {
+        let (l, p, parent) = (last_scan.clone(), push_status.clone(), cfg.parent);
+        Arc::new(move || {
+            let scan = l.lock().map(|s| s.clone()).unwrap_or_default();
+            serde_json::json!({ "parent": parent, "last_scan": scan, "push": &*p })
+        })
+    };
+    let server_opts = Arc::new(cfg.peer.server(&cfg.node, Role::Agent, key.clone()));
+    let services = crate::serve::server::Services {
+        blocks: Some(agent.clone() as Arc<dyn BlockSource>),
+        index: None,
+        status: Some(status),
+    };
+    let metrics = Arc::new(crate::serve::server::ServerMetrics::default());
+    let server = tokio::spawn(crate::serve::server::serve(
+        listener,
+        server_opts,
+        services,
+        metrics,
+    ));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let pusher = cfg.parent.map(|parent| {
+        let client = crate::serve::client::PeerClient::new(cfg.peer.client(
+            &cfg.node,
+            Role::Agent,
+            key.clone(),
+        ));
+        let me = (cfg.node.clone(), cfg.advertised().to_string());
+        tokio::spawn(
+            crate::serve::indexer::Pusher {
+                node: cfg.node.clone(),
+                store: store.clone(),
+                parent: client.peer(&parent.to_string()),
+                addrs: Arc::new(move || vec![me.clone()]),
+                interval: Duration::from_millis(cfg.push_interval_ms),
+                max_changes: 256,
+                max_bytes: ((cfg.peer.max_frame_mib << 20) / 2) as usize,
+                wake: wake.clone(),
+                status: push_status.clone(),
+            }
+            .run(),
+        )
+    });
+    tracing::info!(node = %cfg.node, listen = %cfg.listen, advertise = %cfg.advertised(),
+        parent = ?cfg.parent, "agent serving blocks");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.rescan_secs));
+    tick.tick().await; // the first tick is immediate: the scan above was it
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => tracing::info!("SIGHUP: rescanning"),
+            _ = tick.tick() => {}
+        }
+        let before = store.seq();
+        let a = agent.clone();
+        match tokio::task::spawn_blocking(move || a.scan()).await {
+            Ok(Ok(s)) => {
+                log_scan(&cfg.node, &s);
+                if s.seq != before {
+                    wake.notify_one();
+                }
+                if let Ok(mut l) = last_scan.lock() {
+                    *l = s;
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("rescan: {e:#}"),
+            Err(e) => tracing::warn!("rescan: {e}"),
+        }
+    }
+    tracing::info!("agent stopping");
+    server.abort();
+    if let Some(p) = pusher {
+        p.abort();
+    }
+    Ok(())
+}
+
+fn log_scan(node: &str, s: &ScanSummary) {
+    tracing::info!(
+        node,
+        images = s.images,
+        new = s.new,
+        changed_blocks = s.changed_blocks,
+        unchanged = s.unchanged,
+        removed = s.removed,
+        seq = s.seq,
+        "scan"
+    );
+    for e in &s.errors {
+        tracing::warn!(node, "scan: {e}");
+    }
+}
+
+/// For tests: the path of an image as the agent resolves it.
+pub fn image_path(agent: &Agent, image: &str) -> Option<PathBuf> {
+    read_lock(&agent.files).get(image).map(|o| o.path.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHOW: &str = "Target 1: iqn.2026-11.test.nearblock:img1
+    System information:
+        Driver: iscsi
+        State: ready
+    I_T nexus information:
+    LUN information:
+        LUN: 0
+            Type: controller
+            Backing store type: null
+            Backing store path: None
+            Backing store flags: 
+        LUN: 1
+            Type: disk
+            Size: 25 MB, Block size: 512
+            Backing store type: rdwr
+            Backing store path: /tmp/lab/img1.raw
+            Backing store flags: 
+    Account information:
+    ACL information:
+        ALL
+Target 2: iqn.2026-11.test.nearblock:img2
+    LUN information:
+        LUN: 0
+            Backing store path: None
+        LUN: 3
+            Backing store path: /srv/img 2.raw
+";
+
+    #[test]
+    fn parses_tgtadm_listing() {
+        let l = parse_tgt_show(SHOW);
+        assert_eq!(
+            l,
+            vec![
+                TgtLun {
+                    tid: 1,
+                    iqn: "iqn.2026-11.test.nearblock:img1".into(),
+                    lun: 1,
+                    backing: "/tmp/lab/img1.raw".into()
+                },
+                TgtLun {
+                    tid: 2,
+                    iqn: "iqn.2026-11.test.nearblock:img2".into(),
+                    lun: 3,
+                    backing: "/srv/img 2.raw".into()
+                },
+            ]
+        );
+    }
+}

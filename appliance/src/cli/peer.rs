@@ -1,0 +1,180 @@
+//! `nearblock peer …`: ask agents and indexers over the peer protocol (operators'
+//! and tests' view of the block service). Output: JSON lines.
+//!
+//! ```text
+//! nearblock peer holders --addr INDEXER [--local-only] HASH...
+//! nearblock peer get     --addr AGENT [--out DIR] HASH...
+//! nearblock peer fetch   --holders A,B,... [--out DIR] HASH...   # first intact copy
+//! nearblock peer ping    --addr PEER
+//! nearblock peer status  --addr PEER                            # counters, push position, last scan
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    index::BlockHash,
+    serve::{
+        auth::Key,
+        client::{ClientOptions, PeerClient},
+        proto::{Msg, Role},
+    },
+};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PeerArgs {
+    #[command(subcommand)]
+    pub op: PeerOp,
+    /// The shared secret (prefer --secret-file).
+    #[arg(long, global = true)]
+    pub secret: Option<String>,
+    #[arg(long, global = true)]
+    pub secret_file: Option<PathBuf>,
+    /// Our name in the handshake.
+    #[arg(long, global = true, default_value = "cli")]
+    pub node: String,
+    /// Deadline per request, milliseconds.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum PeerOp {
+    /// Who holds these hashes (an indexer; asks up the tree unless --local-only).
+    Holders {
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        local_only: bool,
+        hashes: Vec<String>,
+    },
+    /// Blocks from one peer, verified.
+    Get {
+        #[arg(long)]
+        addr: String,
+        /// Write each block to DIR/HASH.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        hashes: Vec<String>,
+    },
+    /// Each block from the first of the holders that serves it intact.
+    Fetch {
+        /// Peer addresses, cheapest first (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        holders: Vec<String>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        hashes: Vec<String>,
+    },
+    /// Authenticate and exchange a Ping.
+    Ping {
+        #[arg(long)]
+        addr: String,
+    },
+    /// A peer's counters and state (server, index, push, last scan) as JSON.
+    Status {
+        #[arg(long)]
+        addr: String,
+    },
+}
+
+fn parse_hashes(v: &[String]) -> Result<Vec<BlockHash>> {
+    v.iter()
+        .map(|s| {
+            BlockHash::from_hex(s).with_context(|| format!("`{s}` is not a 64-digit hex hash"))
+        })
+        .collect()
+}
+
+pub fn run(args: PeerArgs, out: &mut dyn std::io::Write) -> Result<()> {
+    let secret = match (&args.secret, &args.secret_file) {
+        (Some(s), None) => s.trim().as_bytes().to_vec(),
+        (None, Some(p)) => std::fs::read_to_string(p)
+            .with_context(|| format!("read {}", p.display()))?
+            .trim()
+            .as_bytes()
+            .to_vec(),
+        _ => bail!("give exactly one of --secret or --secret-file"),
+    };
+    let mut opts = ClientOptions::new(&args.node, Role::Client, Key::from_secret(&secret));
+    opts.request_timeout = std::time::Duration::from_millis(args.timeout_ms);
+    let client = PeerClient::new(opts);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match &args.op {
+            PeerOp::Ping { addr } => match client.peer(addr).request(&Msg::Ping).await? {
+                Msg::Pong => writeln!(out, "{}", serde_json::json!({"addr": addr, "ok": true}))?,
+                m => bail!("unexpected reply {}", m.name()),
+            },
+            PeerOp::Status { addr } => match client.peer(addr).request(&Msg::Status).await? {
+                Msg::StatusReply { json } => {
+                    writeln!(out, "{json}")?;
+                    return Ok(());
+                }
+                m => bail!("unexpected reply {}", m.name()),
+            },
+            PeerOp::Holders {
+                addr,
+                local_only,
+                hashes,
+            } => {
+                let hs = parse_hashes(hashes)?;
+                let r = client.peer(addr).holders(&hs, *local_only).await?;
+                for (h, holders) in hs.iter().zip(r) {
+                    let v: Vec<_> = holders
+                        .iter()
+                        .map(|x| {
+                            serde_json::json!({"host": &*x.location.host, "image": &*x.location.image,
+                                "block_size": x.location.block_size, "offset": x.location.offset,
+                                "len": x.location.len, "addr": x.addr})
+                        })
+                        .collect();
+                    writeln!(out, "{}", serde_json::json!({"hash": h.to_string(), "holders": v}))?;
+                }
+            }
+            PeerOp::Get { addr, out: dir, hashes } => {
+                let hs = parse_hashes(hashes)?;
+                let r = client.peer(addr).fetch_blocks(&hs).await;
+                for (h, r) in hs.iter().zip(r) {
+                    let line = match r {
+                        Ok(b) => {
+                            if let Some(d) = dir {
+                                std::fs::write(d.join(h.to_string()), &b)?;
+                            }
+                            serde_json::json!({"hash": h.to_string(), "ok": true, "len": b.len(), "from": addr})
+                        }
+                        Err(e) => serde_json::json!({"hash": h.to_string(), "ok": false, "error": e.to_string()}),
+                    };
+                    writeln!(out, "{line}")?;
+                }
+            }
+            PeerOp::Fetch {
+                holders,
+                out: dir,
+                hashes,
+            } => {
+                let hs = parse_hashes(hashes)?;
+                let wants: Vec<_> = hs.iter().map(|h| (*h, holders.clone())).collect();
+                for (h, r) in hs.iter().zip(client.fetch_many(&wants).await) {
+                    let line = match r {
+                        Ok(f) => {
+                            if let Some(d) = dir {
+                                std::fs::write(d.join(h.to_string()), &f.data)?;
+                            }
+                            let failed: Vec<String> = f.failed.iter().map(|e| e.to_string()).collect();
+                            serde_json::json!({"hash": h.to_string(), "ok": true, "len": f.data.len(),
+                                "from": f.from, "failed": failed})
+                        }
+                        Err(e) => serde_json::json!({"hash": h.to_string(), "ok": false, "error": e.to_string()}),
+                    };
+                    writeln!(out, "{line}")?;
+                }
+            }
+        }
+        writeln!(out, "{}", serde_json::json!({"metrics": client.metrics()}))?;
+        Ok(())
+    })
+}

@@ -1,0 +1,492 @@
+//! Configuration files of `nearblock agent` and `nearblock indexer` (TOML, unknown
+//! keys rejected, validated; every error names the key and, where found, its line).
+//!
+//! ```toml
+//! # nearblock agent --config
+//! node = "hv1"                          # this host's name in the index
+//! listen = "0.0.0.0:7900"               # block service
+//! advertise = "198.18.3.2:7900"         # how peers reach it (default: listen)
+//! secret_file = "/etc/nearblock/peer.secret"   # or secret = "…" (≥ 16 bytes)
+//! db = "/var/lib/nearblock/agent.redb"  # the agent's own index of its files
+//! parent = "198.18.3.1:7901"            # the rack's indexer (optional)
+//! rescan_secs = 60                      # re-index changed files this often (also SIGHUP)
+//! full_rescan_secs = 86400              # rehash even unchanged-looking files
+//! push_interval_ms = 1000
+//! block_sizes = ["4KiB"]
+//! tgt_control_port = 0                  # library: learn LUN backing files from tgtd
+//! tgtadm = "tgtadm"
+//!
+//! [[image]]
+//! name = "vm1"
+//! path = "/var/lib/libvirt/images/vm1.raw"
+//!
+//! [peer]                                # client/server tuning (all optional)
+//! max_in_flight = 16
+//! request_timeout_ms = 10000
+//! connect_timeout_ms = 3000
+//! penalty_secs = 300
+//! batch = 64
+//! max_frame_mib = 32                    # one frame; larger requests are fragmented
+//! max_message_mib = 1024                # largest reassembled request
+//! ```
+//!
+//! ```toml
+//! # nearblock indexer --config
+//! node = "rack1"
+//! listen = "0.0.0.0:7901"
+//! secret_file = "/etc/nearblock/peer.secret"
+//! db = "/var/lib/nearblock/rack1-index.redb"
+//! parent = "198.18.0.2:7901"            # optional: omit at the top of the tree
+//! push_interval_ms = 1000
+//! ```
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use super::{
+    auth::Key,
+    client::ClientOptions,
+    proto::{Role, DEFAULT_MAX_FRAME},
+    server::ServerOptions,
+};
+use crate::config::ConfigError;
+
+/// `[peer]`: protocol tuning shared by server and client.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerTuning {
+    pub max_in_flight: usize,
+    pub request_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub penalty_secs: u64,
+    pub batch: usize,
+    pub max_frame_mib: u32,
+    /// Largest request reassembled from fragments (a push of a big image's
+    /// manifest: ~33 bytes per 4 KiB block).
+    pub max_message_mib: usize,
+}
+
+impl Default for PeerTuning {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 16,
+            request_timeout_ms: 10_000,
+            connect_timeout_ms: 3_000,
+            penalty_secs: 300,
+            batch: 64,
+            max_frame_mib: DEFAULT_MAX_FRAME >> 20,
+            max_message_mib: 1024,
+        }
+    }
+}
+
+impl PeerTuning {
+    pub fn client(&self, node: &str, role: Role, key: Key) -> ClientOptions {
+        let mut o = ClientOptions::new(node, role, key);
+        o.max_in_flight = self.max_in_flight;
+        o.request_timeout = Duration::from_millis(self.request_timeout_ms);
+        o.connect_timeout = Duration::from_millis(self.connect_timeout_ms);
+        o.penalty = Duration::from_secs(self.penalty_secs);
+        o.batch = self.batch;
+        o.max_frame = self.max_frame_mib << 20;
+        o
+    }
+
+    pub fn server(&self, node: &str, role: Role, key: Key) -> ServerOptions {
+        let mut o = ServerOptions::new(node, role, key);
+        o.max_frame = self.max_frame_mib << 20;
+        o.max_message = self.max_message_mib << 20;
+        o.max_in_flight = self.max_in_flight.max(1) * 2;
+        o
+    }
+
+    fn validate(&self, v: &Validator) -> Result<(), ConfigError> {
+        if self.max_in_flight == 0 || self.max_in_flight > 4096 {
+            return Err(v.err("peer", "max_in_flight", "must be 1..=4096"));
+        }
+        if self.batch == 0 || self.batch > super::proto::MAX_HASHES {
+            return Err(v.err(
+                "peer",
+                "batch",
+                &format!("must be 1..={}", super::proto::MAX_HASHES),
+            ));
+        }
+        if !(2..=1024).contains(&self.max_frame_mib) {
+            return Err(v.err("peer", "max_frame_mib", "must be 2..=1024"));
+        }
+        if self.max_message_mib < self.max_frame_mib as usize || self.max_message_mib > 16384 {
+            return Err(v.err(
+                "peer",
+                "max_message_mib",
+                "must be at least max_frame_mib and at most 16384",
+            ));
+        }
+        if self.request_timeout_ms == 0 {
+            return Err(v.err("peer", "request_timeout_ms", "must be > 0"));
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err(v.err("peer", "connect_timeout_ms", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// `[[image]]` of an agent.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub node: String,
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default = "default_agent_db")]
+    pub db: PathBuf,
+    #[serde(default)]
+    pub parent: Option<SocketAddr>,
+    #[serde(default = "default_rescan")]
+    pub rescan_secs: u64,
+    #[serde(default = "default_full_rescan")]
+    pub full_rescan_secs: u64,
+    #[serde(default = "default_push_ms")]
+    pub push_interval_ms: u64,
+    #[serde(default = "default_block_sizes")]
+    pub block_sizes: Vec<String>,
+    #[serde(default)]
+    pub tgt_control_port: Option<u32>,
+    #[serde(default = "default_tgtadm")]
+    pub tgtadm: String,
+    #[serde(default)]
+    pub image: Vec<ImageConfig>,
+    #[serde(default)]
+    pub peer: PeerTuning,
+    /// Resolved from `secret` / `secret_file` by validation.
+    #[serde(skip)]
+    pub key: Option<Key>,
+    /// Parsed `block_sizes`.
+    #[serde(skip)]
+    pub sizes: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexerConfig {
+    pub node: String,
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    pub db: PathBuf,
+    #[serde(default)]
+    pub parent: Option<SocketAddr>,
+    #[serde(default = "default_push_ms")]
+    pub push_interval_ms: u64,
+    #[serde(default)]
+    pub peer: PeerTuning,
+    #[serde(skip)]
+    pub key: Option<Key>,
+}
+
+fn default_agent_db() -> PathBuf {
+    "/var/lib/nearblock/agent.redb".into()
+}
+fn default_rescan() -> u64 {
+    60
+}
+fn default_full_rescan() -> u64 {
+    86_400
+}
+fn default_push_ms() -> u64 {
+    1000
+}
+fn default_block_sizes() -> Vec<String> {
+    vec!["4KiB".into()]
+}
+fn default_tgtadm() -> String {
+    "tgtadm".into()
+}
+
+struct Validator<'a> {
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(&self, table: &str, key: &str, message: &str) -> ConfigError {
+        ConfigError::Invalid {
+            key: if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            },
+            line: key_line(self.text, table, key),
+            message: message.into(),
+        }
+    }
+
+    fn node(&self, node: &str) -> Result<(), ConfigError> {
+        if node.trim().is_empty() || node.len() > 255 {
+            return Err(self.err("", "node", "must be 1..=255 characters"));
+        }
+        Ok(())
+    }
+
+    fn key(&self, secret: &Option<String>, file: &Option<PathBuf>) -> Result<Key, ConfigError> {
+        let s = match (secret, file) {
+            (Some(_), Some(_)) => {
+                return Err(self.err("", "secret_file", "give secret or secret_file, not both"))
+            }
+            (None, None) => {
+                return Err(self.err(
+                    "",
+                    "secret",
+                    "missing: peers authenticate with a shared secret (secret or secret_file)",
+                ))
+            }
+            (Some(s), None) => s.trim().as_bytes().to_vec(),
+            (None, Some(p)) => match std::fs::read(p) {
+                Ok(b) => String::from_utf8_lossy(&b).trim().as_bytes().to_vec(),
+                Err(e) => {
+                    return Err(self.err(
+                        "",
+                        "secret_file",
+                        &format!("cannot read {}: {e}", p.display()),
+                    ))
+                }
+            },
+        };
+        if s.len() < 16 {
+            let k = if secret.is_some() {
+                "secret"
+            } else {
+                "secret_file"
+            };
+            return Err(self.err("", k, "the secret must be at least 16 bytes"));
+        }
+        Ok(Key::from_secret(&s))
+    }
+}
+
+/// 1-based line of `key = …` inside `[table]` (`""`: top level).
+fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            continue;
+        }
+        if current == table {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim() == key {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(&read(path)?)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let mut c: AgentConfig = toml::from_str(text)?;
+        let v = Validator { text };
+        v.node(&c.node)?;
+        c.key = Some(v.key(&c.secret, &c.secret_file)?);
+        if c.listen.ip().is_unspecified() && c.advertise.is_none() {
+            return Err(v.err(
+                "",
+                "advertise",
+                "required when listen is a wildcard address: the address peers fetch blocks from",
+            ));
+        }
+        if c.rescan_secs == 0 {
+            return Err(v.err("", "rescan_secs", "must be > 0"));
+        }
+        if c.push_interval_ms == 0 {
+            return Err(v.err("", "push_interval_ms", "must be > 0"));
+        }
+        if c.block_sizes.is_empty() {
+            return Err(v.err("", "block_sizes", "give at least one block size"));
+        }
+        let mut sizes = Vec::new();
+        for s in &c.block_sizes {
+            match crate::index::chunk::parse_block_size(s) {
+                Ok(b) => sizes.push(b),
+                Err(e) => return Err(v.err("", "block_sizes", &format!("`{s}`: {e:#}"))),
+            }
+        }
+        sizes.sort_unstable();
+        sizes.dedup();
+        c.sizes = sizes;
+        if c.tgt_control_port == Some(0) {
+            c.tgt_control_port = None;
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, im) in c.image.iter().enumerate() {
+            if im.name.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("image[{i}].name"),
+                    line: None,
+                    message: "must not be empty".into(),
+                });
+            }
+            if !names.insert(im.name.clone()) {
+                return Err(ConfigError::Invalid {
+                    key: format!("image[{i}].name"),
+                    line: None,
+                    message: format!("`{}` is listed twice", im.name),
+                });
+            }
+            if !im.path.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    key: format!("image[{i}].path"),
+                    line: None,
+                    message: format!("`{}` must be absolute", im.path.display()),
+                });
+            }
+        }
+        c.peer.validate(&v)?;
+        Ok(c)
+    }
+
+    /// The address peers reach the block service at.
+    pub fn advertised(&self) -> SocketAddr {
+        self.advertise.unwrap_or(self.listen)
+    }
+
+    pub fn key(&self) -> Key {
+        self.key.clone().expect("validated config has a key")
+    }
+}
+
+impl IndexerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(&read(path)?)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let mut c: IndexerConfig = toml::from_str(text)?;
+        let v = Validator { text };
+        v.node(&c.node)?;
+        c.key = Some(v.key(&c.secret, &c.secret_file)?);
+        if c.push_interval_ms == 0 {
+            return Err(v.err("", "push_interval_ms", "must be > 0"));
+        }
+        if c.parent == Some(c.listen) {
+            return Err(v.err("", "parent", "an indexer cannot be its own parent"));
+        }
+        c.peer.validate(&v)?;
+        Ok(c)
+    }
+
+    pub fn key(&self) -> Key {
+        self.key.clone().expect("validated config has a key")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AGENT: &str = r#"
+node = "hv1"
+listen = "0.0.0.0:7900"
+advertise = "198.18.3.2:7900"
+secret = "0123456789abcdef"
+parent = "198.18.3.1:7901"
+
+[[image]]
+name = "vm1"
+path = "/tmp/vm1.raw"
+"#;
+
+    #[test]
+    fn agent_parses_with_defaults() {
+        let c = AgentConfig::parse(AGENT).unwrap();
+        assert_eq!(c.sizes, [4096]);
+        assert_eq!(c.rescan_secs, 60);
+        assert_eq!(c.advertised().to_string(), "198.18.3.2:7900");
+        assert_eq!(c.peer.batch, 64);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = |t: &str| AgentConfig::parse(t).unwrap_err().to_string();
+        let s = e(&AGENT.replace("advertise = \"198.18.3.2:7900\"\n", ""));
+        assert!(s.contains("advertise"), "{s}");
+        let s = e(&AGENT.replace("0123456789abcdef", "short"));
+        assert!(
+            s.contains("secret (line 5)") && s.contains("16 bytes"),
+            "{s}"
+        );
+        let s = e(&AGENT.replace("secret = \"0123456789abcdef\"\n", ""));
+        assert!(s.contains("config: secret") && s.contains("missing"), "{s}");
+        let s = e(&format!("{AGENT}\n[peer]\nbatch = 0\n"));
+        assert!(s.contains("peer.batch"), "{s}");
+        let s = e(&format!("rescan_secs = 0\n{AGENT}"));
+        assert!(s.contains("rescan_secs (line 1)"), "{s}");
+        let s = e(&format!("bogus = 1\n{AGENT}"));
+        assert!(s.contains("bogus"), "{s}");
+        let s = e(&format!(
+            "{AGENT}\n[[image]]\nname = \"vm1\"\npath = \"/x\"\n"
+        ));
+        assert!(s.contains("image[1].name") && s.contains("twice"), "{s}");
+        let s = e(&format!("block_sizes = [\"3KiB\"]\n{AGENT}"));
+        assert!(s.contains("block_sizes"), "{s}");
+        let s = e(&AGENT.replace(
+            "secret = \"0123456789abcdef\"",
+            "secret_file = \"/nonexistent/x\"",
+        ));
+        assert!(
+            s.contains("secret_file") && s.contains("cannot read"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn indexer_parses_and_validates() {
+        let t = r#"
+node = "core"
+listen = "0.0.0.0:7901"
+secret = "0123456789abcdef"
+db = "/tmp/x.redb"
+"#;
+        let c = IndexerConfig::parse(t).unwrap();
+        assert!(c.parent.is_none());
+        let e = IndexerConfig::parse(&t.replace("db = \"/tmp/x.redb\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("db"), "{e}");
+        let e = IndexerConfig::parse(&format!("parent = \"0.0.0.0:7901\"\n{t}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("parent (line 1)"), "{e}");
+    }
+}

@@ -1,0 +1,155 @@
+//! The peer protocol: blocks served by hash, the index hierarchy over the network.
+//!
+//! - [`proto`]: length-prefixed, versioned frames with request ids (pipelined),
+//!   and the messages (GetBlocks, Holders, Push, …).
+//! - [`auth`]: mutual challenge–response with a shared secret, before anything else.
+//! - [`server`]: accept, authenticate, answer; [`server::BlockSource`] is what
+//!   holds blocks (an agent's files).
+//! - [`client`]: per-peer pipelined connections, concurrency limit, deadlines,
+//!   blake3 verification of every block, penalties, `fetch_from_any`.
+//! - [`indexer`]: the index service (pushes from children, holders with parent
+//!   fallback) and the upward [`indexer::Pusher`].
+//! - [`config`]: the agent's and indexer's TOML.
+//!
+//! See `docs/peer.md`.
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod indexer;
+pub mod proto;
+pub mod server;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+
+use crate::index::{BlockStore, RedbStore, StoreOptions};
+
+/// A running indexer (server + upward pusher); dropping it stops both. For
+/// embedding in another process (e.g. the rack appliance's daemon).
+pub struct IndexerHandle {
+    pub service: Arc<indexer::IndexService>,
+    pub push_status: Arc<indexer::PushStatus>,
+    pub server_metrics: Arc<server::ServerMetrics>,
+    /// The address the server listens on (with port 0 resolved).
+    pub local_addr: std::net::SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for IndexerHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Opens the store, binds, and starts serving and pushing (inside a tokio
+/// runtime).
+pub async fn start_indexer(cfg: &config::IndexerConfig) -> Result<IndexerHandle> {
+    if let Some(dir) = cfg.db.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let store = Arc::new(
+        RedbStore::open(
+            &cfg.db,
+            StoreOptions {
+                log: cfg.parent.is_some(),
+                ..StoreOptions::default()
+            },
+        )
+        .with_context(|| format!("open {}", cfg.db.display()))?,
+    );
+    let key = cfg.key();
+    let client = client::PeerClient::new(cfg.peer.client(
+        &cfg.node,
+        proto::Role::Indexer,
+        key.clone(),
+    ));
+    let parent = cfg.parent.map(|p| client.peer(&p.to_string()));
+    let mut state_path = cfg.db.clone().into_os_string();
+    state_path.push(".children.json");
+    let ix = Arc::new(indexer::IndexService::open(
+        &cfg.node,
+        store.clone(),
+        parent.clone(),
+        state_path.into(),
+    )?);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listen on {}", cfg.listen))?;
+    let local_addr = listener.local_addr()?;
+    let push_status = Arc::new(indexer::PushStatus::default());
+    let status: server::StatusFn = {
+        let p = push_status.clone();
+        let parent = cfg.parent;
+        Arc::new(move || serde_json::json!({ "parent": parent, "push": &*p }))
+    };
+    let server_metrics = Arc::new(server::ServerMetrics::default());
+    let server = tokio::spawn({
+        let f = server::serve(
+            listener,
+            Arc::new(cfg.peer.server(&cfg.node, proto::Role::Indexer, key)),
+            server::Services {
+                blocks: None,
+                index: Some(ix.clone()),
+                status: Some(status),
+            },
+            server_metrics.clone(),
+        );
+        async move {
+            if let Err(e) = f.await {
+                tracing::error!("indexer server: {e}");
+            }
+        }
+    });
+    let mut tasks = vec![server];
+    tasks.extend(parent.map(|parent| {
+        let ix2 = ix.clone();
+        tokio::spawn(
+            indexer::Pusher {
+                node: cfg.node.clone(),
+                store: store.clone(),
+                parent,
+                addrs: Arc::new(move || ix2.addrs()),
+                interval: Duration::from_millis(cfg.push_interval_ms),
+                max_changes: 256,
+                max_bytes: ((cfg.peer.max_frame_mib << 20) / 2) as usize,
+                wake: ix.changed.clone(),
+                status: push_status.clone(),
+            }
+            .run(),
+        )
+    }));
+    tracing::info!(node = %cfg.node, listen = %local_addr, parent = ?cfg.parent, seq = store.seq(),
+        open_ms = t0.elapsed().as_millis() as u64, "indexer ready");
+    Ok(IndexerHandle {
+        service: ix,
+        push_status,
+        server_metrics,
+        local_addr,
+        tasks,
+    })
+}
+
+/// Runs `nearblock indexer` until SIGTERM or SIGINT.
+pub async fn run_indexer(cfg: config::IndexerConfig) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let handle = start_indexer(&cfg).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("indexer stopping");
+    drop(handle);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

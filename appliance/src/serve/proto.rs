@@ -1,0 +1,832 @@
+//! The peer protocol's frames and messages.
+//!
+//! A frame on the wire: `u32` length (big endian; counts everything after it), a
+//! version byte ([`VERSION`]), a kind byte, a `u64` request id, then the payload.
+//! A response carries the id of its request, so requests pipeline on one
+//! connection and are answered in any order. Integers inside payloads are little
+//! endian; strings and byte strings are `u32` length + bytes. Decoding never
+//! panics: every length is checked against what is left of the frame, and frames
+//! above the receiver's limit are refused before they are read.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::index::{BlockHash, Location};
+
+/// Protocol version spoken by this build.
+pub const VERSION: u8 = 1;
+/// Version byte + kind byte + request id.
+pub const HEADER_LEN: usize = 1 + 1 + 8;
+/// Default limit on one frame (length field), both directions.
+pub const DEFAULT_MAX_FRAME: u32 = 32 << 20;
+/// Most hashes one `GetBlocks` or `Holders` request may carry.
+pub const MAX_HASHES: usize = 16_384;
+
+/// What a peer is (sent in the handshake and bound into its MAC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Role {
+    /// Serves blocks of its own files.
+    Agent,
+    /// A local or global indexer.
+    Indexer,
+    /// Only asks (the splicer, the CLI).
+    Client,
+}
+
+impl Role {
+    pub fn code(self) -> u8 {
+        match self {
+            Role::Agent => 1,
+            Role::Indexer => 2,
+            Role::Client => 3,
+        }
+    }
+    pub fn from_code(c: u8) -> Result<Self, ProtoError> {
+        Ok(match c {
+            1 => Role::Agent,
+            2 => Role::Indexer,
+            3 => Role::Client,
+            _ => return Err(ProtoError::Malformed("role")),
+        })
+    }
+}
+
+/// Error codes carried by [`Msg::Error`].
+pub mod code {
+    /// Authentication failed (wrong secret) or a request before authentication.
+    pub const AUTH: u16 = 1;
+    /// The request was malformed or not understood by this role.
+    pub const BAD_REQUEST: u16 = 2;
+    /// The server failed (store error); retry later.
+    pub const INTERNAL: u16 = 3;
+    /// Push: the changes do not follow what the parent acknowledged; resync.
+    pub const GAP: u16 = 4;
+    /// This server does not offer the service (e.g. blocks from an indexer).
+    pub const UNSUPPORTED: u16 = 5;
+}
+
+/// One block in a [`Msg::Blocks`] reply, in the order of the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockReply {
+    Found(Bytes),
+    /// The server holds no copy of this hash (never an empty block).
+    NotFound,
+    /// Left out to keep the reply under the frame limit: ask again.
+    Skipped,
+    /// The server has it indexed but could not read it.
+    Failed(String),
+}
+
+/// A copy of a block and the address of the peer serving it (if known).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub location: Location,
+    /// `ip:port` of the host's block service.
+    pub addr: Option<String>,
+}
+
+/// One change of a push: the child's sequence number and the change in the
+/// index's own encoding ([`crate::index::Change::encode`]).
+pub type PushedChange = (u64, Bytes);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    Hello {
+        role: Role,
+        node: String,
+        nonce: [u8; 32],
+    },
+    Challenge {
+        role: Role,
+        node: String,
+        nonce: [u8; 32],
+        mac: [u8; 32],
+    },
+    Auth {
+        mac: [u8; 32],
+    },
+    AuthOk,
+    Error {
+        code: u16,
+        /// For [`code::GAP`]: what the parent acknowledged.
+        acked: u64,
+        message: String,
+    },
+    GetBlocks {
+        hashes: Vec<BlockHash>,
+    },
+    Blocks {
+        items: Vec<BlockReply>,
+    },
+    Holders {
+        /// Do not ask the parent for hashes without a local holder.
+        local_only: bool,
+        hashes: Vec<BlockHash>,
+    },
+    HoldersReply {
+        items: Vec<Vec<Holder>>,
+    },
+    /// Changes of `node` (a child indexer or agent). `resync`: the changes are a
+    /// full restatement (puts of everything the child holds); the parent then
+    /// records `upto` as acknowledged, except when it is `u64::MAX` (more resync
+    /// frames follow).
+    Push {
+        node: String,
+        resync: bool,
+        upto: u64,
+        /// Host → block service address, as known to the child.
+        addrs: Vec<(String, String)>,
+        changes: Vec<PushedChange>,
+    },
+    /// The parent applied the child's changes up to `seq` (durably).
+    Ack {
+        seq: u64,
+    },
+    Ping,
+    Pong,
+    /// The server's counters and state.
+    Status,
+    /// JSON text.
+    StatusReply {
+        json: String,
+    },
+    /// A piece of a request too large for one frame: the pieces of one request
+    /// share its id and, concatenated, are its kind byte followed by its payload.
+    /// The last piece completes the request.
+    Fragment {
+        last: bool,
+        data: Bytes,
+    },
+}
+
+const K_HELLO: u8 = 1;
+const K_CHALLENGE: u8 = 2;
+const K_AUTH: u8 = 3;
+const K_AUTH_OK: u8 = 4;
+const K_ERROR: u8 = 5;
+const K_GET_BLOCKS: u8 = 16;
+const K_BLOCKS: u8 = 17;
+const K_HOLDERS: u8 = 18;
+const K_HOLDERS_REPLY: u8 = 19;
+const K_PUSH: u8 = 20;
+const K_ACK: u8 = 21;
+const K_PING: u8 = 22;
+const K_PONG: u8 = 23;
+const K_STATUS: u8 = 24;
+const K_STATUS_REPLY: u8 = 25;
+/// Kind of [`Msg::Fragment`].
+pub const K_FRAGMENT: u8 = 6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame of {0} bytes exceeds the limit of {1}")]
+    TooLarge(u64, u32),
+    #[error("frame shorter than its header ({0} bytes)")]
+    Short(u32),
+    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
+    Version(u8),
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+}
+
+/// A received frame, not yet decoded.
+#[derive(Debug)]
+pub struct Frame {
+    pub kind: u8,
+    pub id: u64,
+    pub payload: Bytes,
+}
+
+/// Reads one frame. `Ok(None)`: the peer closed the connection between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_frame: u32,
+) -> Result<Option<Frame>, ProtoError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len);
+    if len > max_frame {
+        return Err(ProtoError::TooLarge(len as u64, max_frame));
+    }
+    if (len as usize) < HEADER_LEN {
+        return Err(ProtoError::Short(len));
+    }
+    let mut buf = BytesMut::zeroed(len as usize);
+    r.read_exact(&mut buf).await?;
+    let buf = buf.freeze();
+    if buf[0] != VERSION {
+        return Err(ProtoError::Version(buf[0]));
+    }
+    let kind = buf[1];
+    let id = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
+    Ok(Some(Frame {
+        kind,
+        id,
+        payload: buf.slice(HEADER_LEN..),
+    }))
+}
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    put_bytes(b, s.as_bytes());
+}
+
+fn put_bytes(b: &mut BytesMut, s: &[u8]) {
+    b.put_u32_le(s.len() as u32);
+    b.put_slice(s);
+}
+
+fn put_hashes(b: &mut BytesMut, hashes: &[BlockHash]) {
+    b.put_u32_le(hashes.len() as u32);
+    for h in hashes {
+        b.put_slice(&h.0);
+    }
+}
+
+impl Msg {
+    fn kind(&self) -> u8 {
+        match self {
+            Msg::Hello { .. } => K_HELLO,
+            Msg::Challenge { .. } => K_CHALLENGE,
+            Msg::Auth { .. } => K_AUTH,
+            Msg::AuthOk => K_AUTH_OK,
+            Msg::Error { .. } => K_ERROR,
+            Msg::GetBlocks { .. } => K_GET_BLOCKS,
+            Msg::Blocks { .. } => K_BLOCKS,
+            Msg::Holders { .. } => K_HOLDERS,
+            Msg::HoldersReply { .. } => K_HOLDERS_REPLY,
+            Msg::Push { .. } => K_PUSH,
+            Msg::Ack { .. } => K_ACK,
+            Msg::Ping => K_PING,
+            Msg::Pong => K_PONG,
+            Msg::Status => K_STATUS,
+            Msg::StatusReply { .. } => K_STATUS_REPLY,
+            Msg::Fragment { .. } => K_FRAGMENT,
+        }
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::Challenge { .. } => "Challenge",
+            Msg::Auth { .. } => "Auth",
+            Msg::AuthOk => "AuthOk",
+            Msg::Error { .. } => "Error",
+            Msg::GetBlocks { .. } => "GetBlocks",
+            Msg::Blocks { .. } => "Blocks",
+            Msg::Holders { .. } => "Holders",
+            Msg::HoldersReply { .. } => "HoldersReply",
+            Msg::Push { .. } => "Push",
+            Msg::Ack { .. } => "Ack",
+            Msg::Ping => "Ping",
+            Msg::Pong => "Pong",
+            Msg::Status => "Status",
+            Msg::StatusReply { .. } => "StatusReply",
+            Msg::Fragment { .. } => "Fragment",
+        }
+    }
+
+    /// The whole frame (length prefix included) carrying this message as `id`.
+    pub fn encode(&self, id: u64) -> Bytes {
+        let mut b = BytesMut::with_capacity(64);
+        b.put_u32(0); // length, patched below
+        b.put_u8(VERSION);
+        b.put_u8(self.kind());
+        b.put_u64(id);
+        match self {
+            Msg::Hello { role, node, nonce } => {
+                b.put_u8(role.code());
+                put_str(&mut b, node);
+                b.put_slice(nonce);
+            }
+            Msg::Challenge {
+                role,
+                node,
+                nonce,
+                mac,
+            } => {
+                b.put_u8(role.code());
+                put_str(&mut b, node);
+                b.put_slice(nonce);
+                b.put_slice(mac);
+            }
+            Msg::Auth { mac } => b.put_slice(mac),
+            Msg::AuthOk | Msg::Ping | Msg::Pong | Msg::Status => {}
+            Msg::StatusReply { json } => put_str(&mut b, json),
+            Msg::Fragment { last, data } => {
+                b.put_u8(*last as u8);
+                b.put_slice(data);
+            }
+            Msg::Error {
+                code,
+                acked,
+                message,
+            } => {
+                b.put_u16_le(*code);
+                b.put_u64_le(*acked);
+                put_str(&mut b, message);
+            }
+            Msg::GetBlocks { hashes } => put_hashes(&mut b, hashes),
+            Msg::Blocks { items } => {
+                b.put_u32_le(items.len() as u32);
+                for it in items {
+                    match it {
+                        BlockReply::Found(d) => {
+                            b.put_u8(0);
+                            put_bytes(&mut b, d);
+                        }
+                        BlockReply::NotFound => b.put_u8(1),
+                        BlockReply::Skipped => b.put_u8(2),
+                        BlockReply::Failed(m) => {
+                            b.put_u8(3);
+                            put_str(&mut b, m);
+                        }
+                    }
+                }
+            }
+            Msg::Holders { local_only, hashes } => {
+                b.put_u8(*local_only as u8);
+                put_hashes(&mut b, hashes);
+            }
+            Msg::HoldersReply { items } => {
+                b.put_u32_le(items.len() as u32);
+                for hs in items {
+                    b.put_u32_le(hs.len() as u32);
+                    for h in hs {
+                        let l = &h.location;
+                        put_str(&mut b, &l.host);
+                        put_str(&mut b, &l.image);
+                        b.put_u32_le(l.block_size);
+                        b.put_u64_le(l.offset);
+                        b.put_u32_le(l.len);
+                        put_str(&mut b, h.addr.as_deref().unwrap_or(""));
+                    }
+                }
+            }
+            Msg::Push {
+                node,
+                resync,
+                upto,
+                addrs,
+                changes,
+            } => {
+                put_str(&mut b, node);
+                b.put_u8(*resync as u8);
+                b.put_u64_le(*upto);
+                b.put_u32_le(addrs.len() as u32);
+                for (h, a) in addrs {
+                    put_str(&mut b, h);
+                    put_str(&mut b, a);
+                }
+                b.put_u32_le(changes.len() as u32);
+                for (seq, c) in changes {
+                    b.put_u64_le(*seq);
+                    put_bytes(&mut b, c);
+                }
+            }
+            Msg::Ack { seq } => b.put_u64_le(*seq),
+        }
+        let len = (b.len() - 4) as u32;
+        b[..4].copy_from_slice(&len.to_be_bytes());
+        b.freeze()
+    }
+
+    /// The frames carrying this message as `id`: one frame if it fits in
+    /// `max_frame`, else [`Msg::Fragment`]s (for requests only; the receiver
+    /// reassembles them up to its message limit).
+    pub fn encode_frames(&self, id: u64, max_frame: u32) -> Vec<Bytes> {
+        let whole = self.encode(id);
+        if whole.len() - 4 <= max_frame as usize {
+            return vec![whole];
+        }
+        // kind byte + payload, cut into pieces that fit with their own header.
+        let mut inner = BytesMut::with_capacity(whole.len() - 4 - HEADER_LEN + 1);
+        inner.put_u8(whole[5]);
+        inner.put_slice(&whole[4 + HEADER_LEN..]);
+        let inner = inner.freeze();
+        let piece = (max_frame as usize).saturating_sub(HEADER_LEN + 1).max(1);
+        let n = inner.len().div_ceil(piece);
+        (0..n)
+            .map(|i| {
+                Msg::Fragment {
+                    last: i + 1 == n,
+                    data: inner.slice(i * piece..((i + 1) * piece).min(inner.len())),
+                }
+                .encode(id)
+            })
+            .collect()
+    }
+
+    /// Decodes the payload of a frame of `kind`. Found blocks share `payload`'s
+    /// buffer (no copy).
+    pub fn decode(kind: u8, payload: Bytes) -> Result<Msg, ProtoError> {
+        let mut r = Rd {
+            buf: payload,
+            pos: 0,
+        };
+        let m = match kind {
+            K_HELLO => Msg::Hello {
+                role: Role::from_code(r.u8()?)?,
+                node: r.string()?,
+                nonce: r.arr32()?,
+            },
+            K_CHALLENGE => Msg::Challenge {
+                role: Role::from_code(r.u8()?)?,
+                node: r.string()?,
+                nonce: r.arr32()?,
+                mac: r.arr32()?,
+            },
+            K_AUTH => Msg::Auth { mac: r.arr32()? },
+            K_AUTH_OK => Msg::AuthOk,
+            K_PING => Msg::Ping,
+            K_PONG => Msg::Pong,
+            K_STATUS => Msg::Status,
+            K_STATUS_REPLY => Msg::StatusReply { json: r.string()? },
+            K_FRAGMENT => {
+                let last = r.bool()?;
+                let data = r.buf.slice(r.pos..);
+                r.pos = r.buf.len();
+                Msg::Fragment { last, data }
+            }
+            K_ERROR => Msg::Error {
+                code: r.u16()?,
+                acked: r.u64()?,
+                message: r.string()?,
+            },
+            K_GET_BLOCKS => Msg::GetBlocks {
+                hashes: r.hashes()?,
+            },
+            K_BLOCKS => {
+                let n = r.count(1)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(match r.u8()? {
+                        0 => BlockReply::Found(r.bytes()?),
+                        1 => BlockReply::NotFound,
+                        2 => BlockReply::Skipped,
+                        3 => BlockReply::Failed(r.string()?),
+                        _ => return Err(ProtoError::Malformed("block status")),
+                    });
+                }
+                Msg::Blocks { items }
+            }
+            K_HOLDERS => Msg::Holders {
+                local_only: r.bool()?,
+                hashes: r.hashes()?,
+            },
+            K_HOLDERS_REPLY => {
+                let n = r.count(4)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let m = r.count(4 + 4 + 4 + 8 + 4 + 4)?;
+                    let mut hs = Vec::with_capacity(m);
+                    for _ in 0..m {
+                        let location = Location {
+                            host: r.string()?.into(),
+                            image: r.string()?.into(),
+                            block_size: r.u32()?,
+                            offset: r.u64()?,
+                            len: r.u32()?,
+                        };
+                        let addr = r.string()?;
+                        hs.push(Holder {
+                            location,
+                            addr: (!addr.is_empty()).then_some(addr),
+                        });
+                    }
+                    items.push(hs);
+                }
+                Msg::HoldersReply { items }
+            }
+            K_PUSH => {
+                let node = r.string()?;
+                let resync = r.bool()?;
+                let upto = r.u64()?;
+                let n = r.count(8)?;
+                let mut addrs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    addrs.push((r.string()?, r.string()?));
+                }
+                let n = r.count(12)?;
+                let mut changes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    changes.push((r.u64()?, r.bytes()?));
+                }
+                Msg::Push {
+                    node,
+                    resync,
+                    upto,
+                    addrs,
+                    changes,
+                }
+            }
+            K_ACK => Msg::Ack { seq: r.u64()? },
+            k => return Err(ProtoError::UnknownKind(k)),
+        };
+        if r.pos != r.buf.len() {
+            return Err(ProtoError::Malformed("trailing bytes"));
+        }
+        Ok(m)
+    }
+}
+
+/// Bounds-checked reader over a payload.
+struct Rd {
+    buf: Bytes,
+    pos: usize,
+}
+
+impl Rd {
+    fn take(&mut self, n: usize) -> Result<&[u8], ProtoError> {
+        if self.buf.len() - self.pos < n {
+            return Err(ProtoError::Malformed("truncated"));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+    fn bool(&mut self) -> Result<bool, ProtoError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(ProtoError::Malformed("flag")),
+        }
+    }
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn arr32(&mut self) -> Result<[u8; 32], ProtoError> {
+        Ok(self.take(32)?.try_into().expect("32"))
+    }
+    /// A count of items of at least `min_item` bytes each: refused if the rest of
+    /// the payload cannot hold that many (so a forged count cannot allocate).
+    fn count(&mut self, min_item: usize) -> Result<usize, ProtoError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_item.max(1)) > self.buf.len() - self.pos {
+            return Err(ProtoError::Malformed("count exceeds payload"));
+        }
+        Ok(n)
+    }
+    fn bytes(&mut self) -> Result<Bytes, ProtoError> {
+        let n = self.u32()? as usize;
+        self.take(n)?;
+        Ok(self.buf.slice(self.pos - n..self.pos))
+    }
+    fn string(&mut self) -> Result<String, ProtoError> {
+        let n = self.u32()? as usize;
+        let s = self.take(n)?;
+        String::from_utf8(s.to_vec()).map_err(|_| ProtoError::Malformed("utf-8"))
+    }
+    fn hashes(&mut self) -> Result<Vec<BlockHash>, ProtoError> {
+        let n = self.count(32)?;
+        if n > MAX_HASHES {
+            return Err(ProtoError::Malformed("too many hashes in one request"));
+        }
+        (0..n)
+            .map(|_| Ok(BlockHash(self.arr32()?)))
+            .collect::<Result<_, _>>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    async fn round(m: &Msg, id: u64) -> Msg {
+        let wire = m.encode(id);
+        let mut r = &wire[..];
+        let f = read_frame(&mut r, DEFAULT_MAX_FRAME)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.id, id);
+        assert!(r.is_empty());
+        Msg::decode(f.kind, f.payload).unwrap()
+    }
+
+    fn samples() -> Vec<Msg> {
+        let h = BlockHash::of(b"x");
+        let loc = Location {
+            host: "hv1".into(),
+            image: "img".into(),
+            block_size: 4096,
+            offset: 8192,
+            len: 4096,
+        };
+        vec![
+            Msg::Hello {
+                role: Role::Agent,
+                node: "hv1".into(),
+                nonce: [7; 32],
+            },
+            Msg::Challenge {
+                role: Role::Indexer,
+                node: "rack1".into(),
+                nonce: [1; 32],
+                mac: [2; 32],
+            },
+            Msg::Auth { mac: [3; 32] },
+            Msg::AuthOk,
+            Msg::Ping,
+            Msg::Pong,
+            Msg::Error {
+                code: code::GAP,
+                acked: 9,
+                message: "gap".into(),
+            },
+            Msg::GetBlocks { hashes: vec![h, h] },
+            Msg::Blocks {
+                items: vec![
+                    BlockReply::Found(Bytes::from_static(b"abc")),
+                    BlockReply::NotFound,
+                    BlockReply::Skipped,
+                    BlockReply::Failed("eio".into()),
+                ],
+            },
+            Msg::Holders {
+                local_only: true,
+                hashes: vec![h],
+            },
+            Msg::HoldersReply {
+                items: vec![
+                    vec![],
+                    vec![
+                        Holder {
+                            location: loc.clone(),
+                            addr: Some("198.18.3.2:7900".into()),
+                        },
+                        Holder {
+                            location: loc,
+                            addr: None,
+                        },
+                    ],
+                ],
+            },
+            Msg::Push {
+                node: "rack1".into(),
+                resync: false,
+                upto: 0,
+                addrs: vec![("hv1".into(), "1.2.3.4:5".into())],
+                changes: vec![(1, Bytes::from_static(b"\x04\x00\x00\x00\x00"))],
+            },
+            Msg::Ack { seq: 42 },
+            Msg::Status,
+            Msg::StatusReply { json: "{}".into() },
+            Msg::Fragment {
+                last: true,
+                data: Bytes::from_static(b"\x10abc"),
+            },
+        ]
+    }
+
+    #[tokio::test]
+    async fn every_message_round_trips() {
+        for (i, m) in samples().iter().enumerate() {
+            assert_eq!(&round(m, i as u64 * 1000 + 1).await, m);
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_above_the_limit_are_refused_before_reading() {
+        let m = Msg::Blocks {
+            items: vec![BlockReply::Found(Bytes::from(vec![1u8; 5000]))],
+        };
+        let wire = m.encode(1);
+        let mut r = &wire[..];
+        assert!(matches!(
+            read_frame(&mut r, 4096).await,
+            Err(ProtoError::TooLarge(_, 4096))
+        ));
+        // A forged length with nothing behind it.
+        let mut r: &[u8] = &[0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            read_frame(&mut r, DEFAULT_MAX_FRAME).await,
+            Err(ProtoError::TooLarge(..))
+        ));
+    }
+
+    #[tokio::test]
+    async fn wrong_version_short_frames_and_eof() {
+        let mut wire = Msg::Ping.encode(1).to_vec();
+        wire[4] = 9;
+        assert!(matches!(
+            read_frame(&mut &wire[..], DEFAULT_MAX_FRAME).await,
+            Err(ProtoError::Version(9))
+        ));
+        let short = [0u8, 0, 0, 3, 1, 22, 0];
+        assert!(matches!(
+            read_frame(&mut &short[..], DEFAULT_MAX_FRAME).await,
+            Err(ProtoError::Short(3))
+        ));
+        assert!(read_frame(&mut &[][..], DEFAULT_MAX_FRAME)
+            .await
+            .unwrap()
+            .is_none());
+        // EOF inside a frame is an error, not a clean close.
+        let wire = Msg::Ack { seq: 1 }.encode(1);
+        assert!(read_frame(&mut &wire[..wire.len() - 1], DEFAULT_MAX_FRAME)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn large_requests_are_fragmented_and_reassemble() {
+        let m = Msg::GetBlocks {
+            hashes: (0..1000u32)
+                .map(|i| BlockHash::of(&i.to_le_bytes()))
+                .collect(),
+        };
+        let frames = m.encode_frames(7, 4096);
+        assert!(frames.len() >= 8, "{}", frames.len());
+        let mut inner = BytesMut::new();
+        for (k, f) in frames.iter().enumerate() {
+            assert!(f.len() - 4 <= 4096);
+            let fr = read_frame(&mut &f[..], 4096).await.unwrap().unwrap();
+            assert_eq!((fr.kind, fr.id), (K_FRAGMENT, 7));
+            match Msg::decode(fr.kind, fr.payload).unwrap() {
+                Msg::Fragment { last, data } => {
+                    assert_eq!(last, k + 1 == frames.len());
+                    inner.put_slice(&data);
+                }
+                m => panic!("{m:?}"),
+            }
+        }
+        let inner = inner.freeze();
+        assert_eq!(Msg::decode(inner[0], inner.slice(1..)).unwrap(), m);
+        assert_eq!(m.encode_frames(7, 1 << 20).len(), 1);
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors() {
+        // Unknown kind.
+        assert!(matches!(
+            Msg::decode(200, Bytes::new()),
+            Err(ProtoError::UnknownKind(200))
+        ));
+        // A forged count that the payload cannot hold.
+        let mut p = BytesMut::new();
+        p.put_u32_le(u32::MAX);
+        assert!(Msg::decode(K_GET_BLOCKS, p.freeze()).is_err());
+        // Trailing bytes.
+        let mut p = BytesMut::new();
+        p.put_u64_le(1);
+        p.put_u8(0);
+        assert!(Msg::decode(K_ACK, p.freeze()).is_err());
+        // Bad status byte.
+        let mut p = BytesMut::new();
+        p.put_u32_le(1);
+        p.put_u8(9);
+        assert!(Msg::decode(K_BLOCKS, p.freeze()).is_err());
+        // Too many hashes.
+        let mut p = BytesMut::new();
+        p.put_u32_le(MAX_HASHES as u32 + 1);
+        p.put_slice(&vec![0u8; 32 * (MAX_HASHES + 1)]);
+        assert!(Msg::decode(K_GET_BLOCKS, p.freeze()).is_err());
+    }
+
+    proptest! {
+        /// Every truncation or corruption of a valid payload decodes to an error or
+        /// to some message — never a panic.
+        #[test]
+        fn decode_never_panics(i in 0usize..16, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
+            let m = &samples()[i];
+            let wire = m.encode(1);
+            let payload = wire.slice(4 + HEADER_LEN..);
+            let kind = wire[5];
+            let n = cut.index(payload.len() + 1);
+            let _ = Msg::decode(kind, payload.slice(..n));
+            let mut v = payload.to_vec();
+            if !v.is_empty() {
+                let k = flip.0 % v.len();
+                v[k] ^= flip.1;
+            }
+            let _ = Msg::decode(kind, Bytes::from(v));
+        }
+
+        #[test]
+        fn get_blocks_round_trip(hs in prop::collection::vec(any::<[u8; 32]>(), 0..50), id in any::<u64>()) {
+            let m = Msg::GetBlocks { hashes: hs.into_iter().map(BlockHash).collect() };
+            let wire = m.encode(id);
+            let payload = wire.slice(4 + HEADER_LEN..);
+            prop_assert_eq!(Msg::decode(wire[5], payload).unwrap(), m);
+        }
+    }
+}

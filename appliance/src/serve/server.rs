@@ -1,0 +1,336 @@
+//! The peer server: accept, authenticate, then read pipelined requests and answer
+//! each as soon as it is done (a bounded number in flight per connection). A
+//! malformed frame or message closes that connection with a logged error.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncWriteExt, BufReader, BufWriter},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, Semaphore},
+};
+
+use super::{
+    auth::{server_handshake, Key, PeerInfo},
+    indexer::IndexService,
+    proto::{code, read_frame, BlockReply, Msg, Role, DEFAULT_MAX_FRAME, K_FRAGMENT},
+};
+use crate::index::BlockHash;
+
+/// Something that holds blocks and reads them by name (an agent's files, later an
+/// appliance's block cache). Called on a blocking thread.
+pub trait BlockSource: Send + Sync + 'static {
+    /// One reply per hash, in order. Once `budget` bytes have been returned, the
+    /// rest are [`BlockReply::Skipped`] (the client asks again). Unknown hashes are
+    /// [`BlockReply::NotFound`]. The bytes are *not* verified here: the receiver
+    /// verifies every block.
+    fn read_blocks(&self, hashes: &[BlockHash], budget: usize) -> Vec<BlockReply>;
+}
+
+/// How a server runs.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub node: String,
+    pub role: Role,
+    pub key: Key,
+    pub max_frame: u32,
+    /// Largest request reassembled from fragments (bytes).
+    pub max_message: usize,
+    /// Requests handled concurrently per connection (the rest wait in the socket).
+    pub max_in_flight: usize,
+    pub handshake_timeout: Duration,
+}
+
+impl ServerOptions {
+    pub fn new(node: &str, role: Role, key: Key) -> Self {
+        Self {
+            node: node.into(),
+            role,
+            key,
+            max_frame: DEFAULT_MAX_FRAME,
+            max_message: 1 << 30,
+            max_in_flight: 32,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A role's own state for `Status` replies (scan results, push position, …).
+pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What a server offers.
+#[derive(Clone, Default)]
+pub struct Services {
+    pub blocks: Option<Arc<dyn BlockSource>>,
+    pub index: Option<Arc<IndexService>>,
+    pub status: Option<StatusFn>,
+}
+
+/// Server counters.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ServerMetrics {
+    pub connections: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub malformed: AtomicU64,
+    pub requests: AtomicU64,
+    pub blocks_served: AtomicU64,
+    pub bytes_served: AtomicU64,
+    pub not_found: AtomicU64,
+}
+
+/// Accepts connections until the future is dropped (which also ends every
+/// connection it accepted).
+pub async fn serve(
+    listener: TcpListener,
+    opts: Arc<ServerOptions>,
+    services: Services,
+    metrics: Arc<ServerMetrics>,
+) -> std::io::Result<()> {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        metrics.connections.fetch_add(1, Ordering::Relaxed);
+        conns.spawn(connection(
+            stream,
+            peer,
+            opts.clone(),
+            services.clone(),
+            metrics.clone(),
+        ));
+    }
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    opts: Arc<ServerOptions>,
+    services: Services,
+    metrics: Arc<ServerMetrics>,
+) {
+    let _ = stream.set_nodelay(true);
+    let info = match server_handshake(
+        &mut stream,
+        &opts.key,
+        opts.role,
+        &opts.node,
+        opts.handshake_timeout,
+    )
+    .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "peer refused: {e}");
+            return;
+        }
+    };
+    tracing::debug!(%peer, node = %info.node, role = ?info.role, "peer authenticated");
+    let info = Arc::new(info);
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(64 << 10, rd);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(opts.max_in_flight.max(1) * 2);
+    let writer = tokio::spawn(async move {
+        let mut wr = BufWriter::with_capacity(256 << 10, wr);
+        while let Some(b) = rx.recv().await {
+            wr.write_all(&b).await?;
+            if rx.is_empty() {
+                wr.flush().await?;
+            }
+        }
+        wr.flush().await
+    });
+    let sem = Arc::new(Semaphore::new(opts.max_in_flight.max(1)));
+    // Requests being reassembled from fragments, by request id.
+    let mut assembling: HashMap<u64, BytesMut> = HashMap::new();
+    let mut assembling_bytes = 0usize;
+    loop {
+        let frame = match read_frame(&mut rd, opts.max_frame).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, node = %info.node, "closing peer connection: {e}");
+                break;
+            }
+        };
+        let id = frame.id;
+        let (kind, payload) = if frame.kind == K_FRAGMENT {
+            let (last, data) = match Msg::decode(frame.kind, frame.payload) {
+                Ok(Msg::Fragment { last, data }) => (last, data),
+                _ => (false, Bytes::new()),
+            };
+            assembling_bytes += data.len();
+            if assembling_bytes > opts.max_message || data.is_empty() {
+                metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, node = %info.node,
+                    "closing peer connection: fragmented request over {} bytes or empty fragment", opts.max_message);
+                break;
+            }
+            assembling.entry(id).or_default().extend_from_slice(&data);
+            if !last {
+                continue;
+            }
+            let whole = assembling.remove(&id).unwrap_or_default().freeze();
+            assembling_bytes -= whole.len();
+            (whole[0], whole.slice(1..))
+        } else {
+            (frame.kind, frame.payload)
+        };
+        let msg = match Msg::decode(kind, payload) {
+            Ok(m) => m,
+            Err(e) => {
+                metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, node = %info.node, "closing peer connection: {e}");
+                let _ = tx
+                    .send(
+                        Msg::Error {
+                            code: code::BAD_REQUEST,
+                            acked: 0,
+                            message: e.to_string(),
+                        }
+                        .encode(id),
+                    )
+                    .await;
+                break;
+            }
+        };
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
+        metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let (tx, services, opts, metrics, info) = (
+            tx.clone(),
+            services.clone(),
+            opts.clone(),
+            metrics.clone(),
+            info.clone(),
+        );
+        tokio::spawn(async move {
+            let reply = handle(msg, &services, &opts, &metrics, &info).await;
+            let _ = tx.send(reply.encode(id)).await;
+            drop(permit);
+        });
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn error(code: u16, message: impl Into<String>) -> Msg {
+    Msg::Error {
+        code,
+        acked: 0,
+        message: message.into(),
+    }
+}
+
+async fn handle(
+    msg: Msg,
+    services: &Services,
+    opts: &ServerOptions,
+    metrics: &ServerMetrics,
+    info: &PeerInfo,
+) -> Msg {
+    match msg {
+        Msg::Ping => Msg::Pong,
+        Msg::Status => {
+            let v = serde_json::json!({
+                "node": opts.node,
+                "role": opts.role,
+                "server": metrics,
+                "index": services.index.as_ref().map(|ix| serde_json::json!({
+                    "seq": ix.store().seq(),
+                    "metrics": &ix.metrics,
+                    "children": ix.child_state(),
+                })),
+                "state": services.status.as_ref().map(|f| f()),
+            });
+            Msg::StatusReply {
+                json: v.to_string(),
+            }
+        }
+        Msg::GetBlocks { hashes } => {
+            let Some(src) = services.blocks.clone() else {
+                return error(code::UNSUPPORTED, format!("{} serves no blocks", opts.node));
+            };
+            // Room for the per-block framing inside the frame limit.
+            let budget = (opts.max_frame as usize)
+                .saturating_sub(1024 + hashes.len() * 8)
+                .max(1);
+            match tokio::task::spawn_blocking(move || src.read_blocks(&hashes, budget)).await {
+                Ok(items) => {
+                    for it in &items {
+                        match it {
+                            BlockReply::Found(b) => {
+                                metrics.blocks_served.fetch_add(1, Ordering::Relaxed);
+                                metrics
+                                    .bytes_served
+                                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                            }
+                            BlockReply::NotFound => {
+                                metrics.not_found.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {}
+                        }
+                    }
+                    Msg::Blocks { items }
+                }
+                Err(e) => error(code::INTERNAL, format!("block read failed: {e}")),
+            }
+        }
+        Msg::Holders { local_only, hashes } => match &services.index {
+            Some(ix) => match ix.holders(&hashes, local_only).await {
+                Ok(items) => Msg::HoldersReply { items },
+                Err(e) => error(code::INTERNAL, format!("{e:#}")),
+            },
+            None => error(
+                code::UNSUPPORTED,
+                format!("{} is not an indexer", opts.node),
+            ),
+        },
+        Msg::Push {
+            node,
+            resync,
+            upto,
+            addrs,
+            changes,
+        } => match &services.index {
+            Some(ix) => {
+                if info.role == Role::Client {
+                    return error(code::BAD_REQUEST, "clients do not push");
+                }
+                // A child pushes under the name it authenticated with, so one
+                // child cannot move another's acknowledged position.
+                if node != info.node {
+                    return error(
+                        code::BAD_REQUEST,
+                        format!("push as {node} from a peer authenticated as {}", info.node),
+                    );
+                }
+                ix.push(&node, resync, upto, addrs, changes).await
+            }
+            None => error(
+                code::UNSUPPORTED,
+                format!("{} is not an indexer", opts.node),
+            ),
+        },
+        m => error(code::BAD_REQUEST, format!("{} is not a request", m.name())),
+    }
+}

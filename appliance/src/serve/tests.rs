@@ -1,0 +1,777 @@
+//! In-process tests of server + client + indexer over loopback TCP, with fake
+//! block sources.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{io::AsyncWriteExt, net::TcpListener};
+
+use super::{
+    auth::Key,
+    client::{ClientOptions, FetchError, PeerClient},
+    indexer::{IndexService, PushStatus, Pusher},
+    proto::{BlockReply, Msg, Role},
+    server::{serve, BlockSource, ServerMetrics, ServerOptions, Services},
+};
+use crate::index::{
+    chunk::manifest_of_bytes, BlockHash, BlockStore, Change, RedbStore, StoreOptions,
+};
+
+const SECRET: &[u8] = b"a test secret of some length";
+
+/// Serves a map; `corrupt` flips a bit of every block it serves.
+struct Fake {
+    blocks: HashMap<BlockHash, Bytes>,
+    corrupt: bool,
+    served: AtomicUsize,
+}
+
+impl Fake {
+    fn new(blocks: &[Vec<u8>], corrupt: bool) -> Arc<Self> {
+        Arc::new(Fake {
+            blocks: blocks
+                .iter()
+                .map(|b| (BlockHash::of(b), Bytes::from(b.clone())))
+                .collect(),
+            corrupt,
+            served: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl BlockSource for Fake {
+    fn read_blocks(&self, hashes: &[BlockHash], budget: usize) -> Vec<BlockReply> {
+        let mut used = 0;
+        hashes
+            .iter()
+            .map(|h| match self.blocks.get(h) {
+                Some(b) if used > 0 && used + b.len() > budget => BlockReply::Skipped,
+                Some(b) => {
+                    used += b.len();
+                    self.served.fetch_add(1, Ordering::Relaxed);
+                    if self.corrupt {
+                        let mut v = b.to_vec();
+                        v[100] ^= 0x10;
+                        BlockReply::Found(v.into())
+                    } else {
+                        BlockReply::Found(b.clone())
+                    }
+                }
+                None => BlockReply::NotFound,
+            })
+            .collect()
+    }
+}
+
+async fn start(services: Services, secret: &[u8], max_frame: u32) -> (String, Arc<ServerMetrics>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let mut o = ServerOptions::new("srv", Role::Agent, Key::from_secret(secret));
+    o.max_frame = max_frame;
+    let m = Arc::new(ServerMetrics::default());
+    tokio::spawn(serve(l, Arc::new(o), services, m.clone()));
+    (addr, m)
+}
+
+fn blocks_src(b: Arc<Fake>) -> Services {
+    Services {
+        blocks: Some(b as Arc<dyn BlockSource>),
+        ..Default::default()
+    }
+}
+
+fn client(secret: &[u8]) -> PeerClient {
+    let mut o = ClientOptions::new("cli", Role::Client, Key::from_secret(secret));
+    o.batch = 7;
+    o.max_in_flight = 3;
+    o.request_timeout = Duration::from_secs(20);
+    PeerClient::new(o)
+}
+
+fn block(i: u32) -> Vec<u8> {
+    (0..4096u32)
+        .map(|j| (i.wrapping_mul(31) ^ j) as u8)
+        .collect()
+}
+
+#[tokio::test]
+async fn fetch_many_blocks_batched_and_pipelined() {
+    let bs: Vec<Vec<u8>> = (0..100).map(block).collect();
+    let (addr, m) = start(blocks_src(Fake::new(&bs, false)), SECRET, 1 << 20).await;
+    let c = client(SECRET);
+    let mut hashes: Vec<BlockHash> = bs.iter().map(|b| BlockHash::of(b)).collect();
+    let unknown = BlockHash::of(b"nobody has this");
+    hashes.push(unknown);
+    let r = c.peer(&addr).fetch_blocks(&hashes).await;
+    for (i, b) in bs.iter().enumerate() {
+        assert_eq!(r[i].as_ref().unwrap()[..], b[..]);
+    }
+    assert!(
+        matches!(r[100], Err(FetchError::NotFound { .. })),
+        "{:?}",
+        r[100]
+    );
+    let s = c.metrics();
+    assert_eq!((s.blocks_ok, s.not_found, s.mismatches), (100, 1, 0));
+    assert_eq!(s.connects, 1, "one pipelined connection");
+    assert!(s.requests >= 15, "batches of 7: {}", s.requests);
+    assert_eq!(m.blocks_served.load(Ordering::Relaxed), 100);
+    // Concurrent callers share the connection.
+    let p = c.peer(&addr);
+    let mut set = tokio::task::JoinSet::new();
+    for k in 0..8 {
+        let (p, hs) = (p.clone(), hashes[k * 10..k * 10 + 10].to_vec());
+        set.spawn(async move { p.fetch_blocks(&hs).await.into_iter().all(|r| r.is_ok()) });
+    }
+    while let Some(ok) = set.join_next().await {
+        assert!(ok.unwrap());
+    }
+    assert_eq!(c.metrics().connects, 1);
+}
+
+#[tokio::test]
+async fn replies_above_the_frame_limit_are_split() {
+    // 2 MiB frames, 64 KiB blocks: one request of 100 blocks cannot be answered in
+    // one frame; the server skips the rest and the client asks again.
+    let bs: Vec<Vec<u8>> = (0..100u32)
+        .map(|i| {
+            (0..65536u32)
+                .map(|j| (i ^ j.rotate_left(3)) as u8)
+                .collect()
+        })
+        .collect();
+    let (addr, _) = start(blocks_src(Fake::new(&bs, false)), SECRET, 2 << 20).await;
+    let mut o = ClientOptions::new("cli", Role::Client, Key::from_secret(SECRET));
+    o.batch = 100;
+    let c = PeerClient::new(o);
+    let hashes: Vec<BlockHash> = bs.iter().map(|b| BlockHash::of(b)).collect();
+    let r = c.peer(&addr).fetch_blocks(&hashes).await;
+    assert!(r.iter().all(|r| r.is_ok()));
+    assert!(c.metrics().requests >= 4, "{:?}", c.metrics());
+}
+
+#[tokio::test]
+async fn corrupt_copy_is_rejected_penalised_and_fetched_elsewhere() {
+    let bs: Vec<Vec<u8>> = (0..5).map(block).collect();
+    let (bad, _) = start(blocks_src(Fake::new(&bs, true)), SECRET, 1 << 20).await;
+    let good_src = Fake::new(&bs, false);
+    let (good, _) = start(blocks_src(good_src.clone()), SECRET, 1 << 20).await;
+    let c = client(SECRET);
+    let h = BlockHash::of(&bs[0]);
+    let f = c
+        .fetch_from_any(&h, &[bad.clone(), good.clone()])
+        .await
+        .unwrap();
+    assert_eq!(f.data[..], bs[0][..]);
+    assert_eq!(f.from, good);
+    assert!(
+        matches!(f.failed[..], [FetchError::Mismatch { .. }]),
+        "{:?}",
+        f.failed
+    );
+    let s = c.metrics();
+    assert_eq!((s.mismatches, s.penalties, s.blocks_ok), (1, 1, 1));
+    assert!(c.peer(&bad).is_penalised());
+    assert_eq!(c.peer(&bad).mismatches(), 1);
+    // The penalised peer is now tried last, though listed first.
+    assert_eq!(
+        c.order(&[bad.clone(), good.clone()]),
+        [good.clone(), bad.clone()]
+    );
+    let f = c
+        .fetch_from_any(&BlockHash::of(&bs[1]), &[bad.clone(), good.clone()])
+        .await
+        .unwrap();
+    assert_eq!(f.from, good);
+    assert!(f.failed.is_empty());
+    // Many blocks at once: all from the good peer.
+    let wants: Vec<_> = bs
+        .iter()
+        .map(|b| (BlockHash::of(b), vec![bad.clone(), good.clone()]))
+        .collect();
+    assert!(c
+        .fetch_many(&wants)
+        .await
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|f| f.from == good)));
+    // Only the bad holder: the block is not returned.
+    let mut o = ClientOptions::new("c2", Role::Client, Key::from_secret(SECRET));
+    o.penalty = Duration::from_millis(1);
+    let c2 = PeerClient::new(o);
+    let e = c2
+        .fetch_from_any(&h, std::slice::from_ref(&bad))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FetchError::Mismatch { .. }), "{e}");
+    // No holders at all.
+    assert_eq!(
+        c2.fetch_from_any(&h, &[]).await.unwrap_err(),
+        FetchError::NoHolders
+    );
+}
+
+#[tokio::test]
+async fn wrong_secret_cannot_pull_blocks() {
+    let bs: Vec<Vec<u8>> = vec![block(1)];
+    let src = Fake::new(&bs, false);
+    let (addr, m) = start(blocks_src(src.clone()), SECRET, 1 << 20).await;
+    let c = client(b"not the secret at all!");
+    let r = c.peer(&addr).fetch_blocks(&[BlockHash::of(&bs[0])]).await;
+    assert!(matches!(r[0], Err(FetchError::Auth { .. })), "{:?}", r[0]);
+    assert_eq!(src.served.load(Ordering::Relaxed), 0);
+    // The server counts the stranger (it closed after the client refused it).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(m.auth_failures.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn malformed_frames_close_only_that_connection() {
+    let bs: Vec<Vec<u8>> = vec![block(1)];
+    let (addr, m) = start(blocks_src(Fake::new(&bs, false)), SECRET, 1 << 20).await;
+    // Authenticate by hand, then send garbage.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    super::auth::client_handshake(
+        &mut s,
+        &Key::from_secret(SECRET),
+        Role::Client,
+        "raw",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    s.write_all(&[0, 0, 0, 12, 1, 250, 0, 0, 0, 0, 0, 0, 0, 1, 9, 9])
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // The server answers the bad request with an error frame and closes.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf),
+    )
+    .await
+    .expect("server closed the connection");
+    assert_eq!(m.malformed.load(Ordering::Relaxed), 1);
+    // An oversized length: closed as well.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    super::auth::client_handshake(
+        &mut s,
+        &Key::from_secret(SECRET),
+        Role::Client,
+        "raw",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    s.write_all(&[0x7f, 0, 0, 0]).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf),
+    )
+    .await
+    .expect("closed");
+    assert_eq!(m.malformed.load(Ordering::Relaxed), 2);
+    // The server still serves others.
+    let c = client(SECRET);
+    assert!(c.peer(&addr).fetch_blocks(&[BlockHash::of(&bs[0])]).await[0].is_ok());
+}
+
+#[tokio::test]
+async fn dead_peer_is_an_error_not_a_hang() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    let c = client(SECRET);
+    let r = c.peer(&addr).fetch_blocks(&[BlockHash::of(b"x")]).await;
+    assert!(
+        matches!(r[0], Err(FetchError::Connection { .. })),
+        "{:?}",
+        r[0]
+    );
+    // A server that accepts but never answers: the deadline fires.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let _keep = tokio::spawn(async move {
+        let mut v = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            v.push(s);
+        }
+    });
+    let mut o = ClientOptions::new("cli", Role::Client, Key::from_secret(SECRET));
+    o.connect_timeout = Duration::from_millis(200);
+    let c = PeerClient::new(o);
+    let r = c.peer(&addr).fetch_blocks(&[BlockHash::of(b"x")]).await;
+    assert!(matches!(r[0], Err(FetchError::Auth { .. })), "{:?}", r[0]);
+}
+
+fn store(dir: &std::path::Path, name: &str, log: bool) -> Arc<RedbStore> {
+    Arc::new(
+        RedbStore::open(
+            &dir.join(name),
+            StoreOptions {
+                log,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
+}
+
+fn put(host: &str, image: &str, seed: u8) -> (Change, Vec<u8>) {
+    // Block k starts with (seed, k): distinct across images.
+    let data: Vec<u8> = (0..40 * 4096)
+        .map(|i: usize| match i % 4096 {
+            0 => seed,
+            1 => (i / 4096) as u8,
+            j => j as u8,
+        })
+        .collect();
+    (
+        Change::PutImage {
+            host: host.into(),
+            manifest: manifest_of_bytes(image, &data, 4096),
+        },
+        data,
+    )
+}
+
+/// A push larger than one frame (the `PutImage` of a big image) is sent in
+/// fragments and applied whole; other requests on the connection are unaffected.
+#[tokio::test]
+async fn large_push_is_fragmented() {
+    let dir = tempfile::tempdir().unwrap();
+    let ix = Arc::new(
+        IndexService::open(
+            "g",
+            store(dir.path(), "g", false),
+            None,
+            dir.path().join("c.json"),
+        )
+        .unwrap(),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let mut so = ServerOptions::new("g", Role::Indexer, Key::from_secret(SECRET));
+    so.max_frame = 8192;
+    so.max_message = 1 << 20;
+    tokio::spawn(serve(
+        l,
+        Arc::new(so),
+        Services {
+            blocks: None,
+            index: Some(ix.clone()),
+            ..Default::default()
+        },
+        Arc::new(ServerMetrics::default()),
+    ));
+    let mut co = ClientOptions::new("rack", Role::Indexer, Key::from_secret(SECRET));
+    co.max_frame = 8192;
+    let c = PeerClient::new(co);
+    let data: Vec<u8> = (0..2000 * 4096usize)
+        .map(|i| {
+            if i % 4096 < 4 {
+                ((i / 4096) >> (8 * (i % 4))) as u8
+            } else {
+                1
+            }
+        })
+        .collect();
+    let put = Change::PutImage {
+        host: "hv9".into(),
+        manifest: manifest_of_bytes("big", &data, 4096),
+    };
+    let enc = Bytes::from(put.encode());
+    assert!(enc.len() > 4 * 8192, "{}", enc.len());
+    let p = c.peer(&addr);
+    let (seq, pong) = tokio::join!(
+        p.push("rack", false, 0, vec![], vec![(1, enc)]),
+        p.request(&Msg::Ping)
+    );
+    assert_eq!(seq.unwrap(), 1);
+    assert_eq!(pong.unwrap(), Msg::Pong);
+    let h = BlockHash::of(&data[4096 * 1999..]);
+    assert_eq!(&*ix.store().holders(&h).unwrap()[0].host, "hv9");
+    // Pushing under another child's name is refused.
+    let e = p.push("rack2", false, 0, vec![], vec![]).await.unwrap_err();
+    assert!(e.to_string().contains("authenticated as rack"), "{e}");
+    // Beyond the message limit: the connection is closed, nothing applied.
+    let huge = Bytes::from(vec![0u8; 2 << 20]);
+    assert!(p
+        .push("rack", false, 0, vec![], vec![(2, huge)])
+        .await
+        .is_err());
+    assert_eq!(ix.child_state().acked["rack"], 1);
+}
+
+#[tokio::test]
+async fn push_is_idempotent_and_gaps_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = IndexService::open(
+        "g",
+        store(dir.path(), "g", false),
+        None,
+        dir.path().join("g.children.json"),
+    )
+    .unwrap();
+    let (c1, _) = put("hv1", "a", 1);
+    let (c2, _) = put("hv1", "b", 2);
+    let enc = |s: u64, c: &Change| (s, Bytes::from(c.encode()));
+    let addrs = vec![("hv1".to_string(), "1.2.3.4:7900".to_string())];
+    let r = parent
+        .push(
+            "rack1",
+            false,
+            0,
+            addrs.clone(),
+            vec![enc(1, &c1), enc(2, &c2)],
+        )
+        .await;
+    assert_eq!(r, Msg::Ack { seq: 2 });
+    let seq = parent.store().seq();
+    // A retry of the same push (the ack was lost): nothing applied twice.
+    let r = parent
+        .push(
+            "rack1",
+            false,
+            0,
+            addrs.clone(),
+            vec![enc(1, &c1), enc(2, &c2)],
+        )
+        .await;
+    assert_eq!(r, Msg::Ack { seq: 2 });
+    assert_eq!(parent.store().seq(), seq);
+    assert_eq!(parent.metrics.duplicates.load(Ordering::Relaxed), 2);
+    // A gap: refused with what the parent has.
+    match parent
+        .push("rack1", false, 0, vec![], vec![enc(5, &c1)])
+        .await
+    {
+        Msg::Error { code, acked, .. } => assert_eq!((code, acked), (super::proto::code::GAP, 2)),
+        m => panic!("{m:?}"),
+    }
+    // The record survives a reopen (the sidecar).
+    drop(parent);
+    let parent = IndexService::open(
+        "g",
+        store(dir.path(), "g2", false),
+        None,
+        dir.path().join("g.children.json"),
+    )
+    .unwrap();
+    assert_eq!(parent.child_state().acked["rack1"], 2);
+    assert_eq!(parent.child_state().addrs["hv1"], "1.2.3.4:7900");
+    // An empty push answers the record.
+    assert_eq!(
+        parent.push("rack1", false, 0, vec![], vec![]).await,
+        Msg::Ack { seq: 2 }
+    );
+    // A resync restating only "b" removes "a" (the child no longer holds it);
+    // sources of other children's hosts stay.
+    // (The reopened service has a new, empty store: give it rack1's sources.)
+    parent.store().apply(&[c1.clone(), c2.clone()]).unwrap();
+    let (c3, _) = put("hv7", "c", 3);
+    assert_eq!(
+        parent
+            .push("rack2", false, 0, vec![], vec![enc(1, &c3)])
+            .await,
+        Msg::Ack { seq: 1 }
+    );
+    assert_eq!(parent.store().images().unwrap().len(), 3);
+    let r = parent
+        .push(
+            "rack1",
+            true,
+            super::indexer::RESYNC_MORE,
+            vec![],
+            vec![enc(0, &c2)],
+        )
+        .await;
+    assert_eq!(
+        r,
+        Msg::Ack { seq: 2 },
+        "a resync piece acknowledges nothing new"
+    );
+    assert_eq!(
+        parent.push("rack1", true, 7, vec![], vec![]).await,
+        Msg::Ack { seq: 7 }
+    );
+    let mut imgs: Vec<String> = parent
+        .store()
+        .images()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.image)
+        .collect();
+    imgs.sort();
+    assert_eq!(imgs, ["b", "c"]);
+    // Garbage changes are refused, not applied.
+    match parent
+        .push(
+            "rack1",
+            false,
+            0,
+            vec![],
+            vec![(8, Bytes::from_static(b"\x09"))],
+        )
+        .await
+    {
+        Msg::Error { code, .. } => assert_eq!(code, super::proto::code::BAD_REQUEST),
+        m => panic!("{m:?}"),
+    }
+}
+
+/// agent store → pusher → rack indexer (server) → pusher → global indexer
+/// (server); holders asked at the rack fall back to the global; a global restart
+/// with a new (empty) store makes the rack resync.
+#[tokio::test]
+async fn two_level_push_and_parent_fallback_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Key::from_secret(SECRET);
+    let start_ix = |name: &'static str, db: &'static str, parent: Option<String>| {
+        let dir = dir.path().to_path_buf();
+        let key = key.clone();
+        async move {
+            let st = store(&dir, db, parent.is_some());
+            let client = PeerClient::new(ClientOptions::new(name, Role::Indexer, key.clone()));
+            let p = parent.map(|a| client.peer(&a));
+            let ix = Arc::new(
+                IndexService::open(
+                    name,
+                    st.clone(),
+                    p.clone(),
+                    dir.join(format!("{db}.children.json")),
+                )
+                .unwrap(),
+            );
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            let srv = tokio::spawn(serve(
+                l,
+                Arc::new(ServerOptions::new(name, Role::Indexer, key)),
+                Services {
+                    blocks: None,
+                    index: Some(ix.clone()),
+                    ..Default::default()
+                },
+                Arc::new(ServerMetrics::default()),
+            ));
+            let status = Arc::new(PushStatus::default());
+            let pusher = p.map(|p| {
+                let ix2 = ix.clone();
+                tokio::spawn(
+                    Pusher {
+                        node: name.into(),
+                        store: st,
+                        parent: p,
+                        addrs: Arc::new(move || ix2.addrs()),
+                        interval: Duration::from_millis(50),
+                        max_changes: 1,
+                        max_bytes: 1 << 20,
+                        wake: ix.changed.clone(),
+                        status: status.clone(),
+                    }
+                    .run(),
+                )
+            });
+            (ix, addr, srv, pusher, status)
+        }
+    };
+    let (g, gaddr, gsrv, _, _) = start_ix("global", "g", None).await;
+    let (rack, raddr, _rsrv, _rp, rstatus) = start_ix("rack2", "r2", Some(gaddr.clone())).await;
+    // The agent's store pushes to the rack.
+    let agent = store(dir.path(), "agent", true);
+    let (c, data) = put("hv3", "img", 3);
+    agent.apply(&[c]).unwrap();
+    let aclient = PeerClient::new(ClientOptions::new("hv3", Role::Agent, key.clone()));
+    let astatus = Arc::new(PushStatus::default());
+    let _ap = tokio::spawn(
+        Pusher {
+            node: "hv3".into(),
+            store: agent.clone(),
+            parent: aclient.peer(&raddr),
+            addrs: Arc::new(|| vec![("hv3".into(), "10.0.0.3:7900".into())]),
+            interval: Duration::from_millis(50),
+            max_changes: 16,
+            max_bytes: 1 << 20,
+            wake: Arc::new(tokio::sync::Notify::new()),
+            status: astatus.clone(),
+        }
+        .run(),
+    );
+    let h = BlockHash::of(&data[4096 * 5..4096 * 6]);
+    let q = PeerClient::new(ClientOptions::new("q", Role::Client, key.clone()));
+    let wait_for = |addr: String, want: usize| {
+        let q = &q;
+        async move {
+            for _ in 0..200 {
+                if let Ok(r) = q.peer(&addr).holders(&[h], true).await {
+                    if r[0].len() == want {
+                        return r;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("{addr}: holders never reached {want}");
+        }
+    };
+    let r = wait_for(gaddr.clone(), 1).await;
+    assert_eq!(&*r[0][0].location.host, "hv3");
+    assert_eq!(r[0][0].addr.as_deref(), Some("10.0.0.3:7900"));
+    assert_eq!(
+        agent.changes_since(0, 10).unwrap().len(),
+        0,
+        "agent log trimmed"
+    );
+    // A rack lookup (local) of a block only the global knows: the rack asks its
+    // parent. Put it straight into the global's store.
+    let (c, other) = put("lib", "libimg", 9);
+    g.store().apply(&[c]).unwrap();
+    let ho = BlockHash::of(&other[..4096]);
+    let r = q.peer(&raddr).holders(&[ho, h], false).await.unwrap();
+    assert_eq!(&*r[0][0].location.host, "lib");
+    assert_eq!(&*r[1][0].location.host, "hv3");
+    assert!(q.peer(&raddr).holders(&[ho], true).await.unwrap()[0].is_empty());
+    assert!(rack.metrics.parent_lookups.load(Ordering::Relaxed) >= 1);
+    // The global comes back empty on the same address (state lost): the rack's
+    // next push meets a parent that acknowledged nothing, and resyncs.
+    gsrv.abort();
+    drop(g);
+    let _ = gsrv.await;
+    let st = store(dir.path(), "g-new", false);
+    let ix = Arc::new(
+        IndexService::open(
+            "global",
+            st.clone(),
+            None,
+            dir.path().join("g-new.children.json"),
+        )
+        .unwrap(),
+    );
+    let l = loop {
+        match TcpListener::bind(&gaddr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    tokio::spawn(serve(
+        l,
+        Arc::new(ServerOptions::new("global", Role::Indexer, key.clone())),
+        Services {
+            blocks: None,
+            index: Some(ix.clone()),
+            ..Default::default()
+        },
+        Arc::new(ServerMetrics::default()),
+    ));
+    // Another change at the agent travels up after the resync.
+    let (c, _) = put("hv3", "img2", 4);
+    agent.apply(&[c]).unwrap();
+    for _ in 0..400 {
+        if st.images().unwrap().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(st.images().unwrap().len(), 2, "resynced: img + img2");
+    assert!(rstatus.resyncs.load(Ordering::Relaxed) >= 1);
+    let _ = astatus;
+}
+
+/// Loopback figures for docs/peer.md (not an assertion; the machine is shared):
+/// `cargo test -p nearblock --release --lib serve::tests::measure_loopback -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_loopback() {
+    let n = 8192u32;
+    let bs: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let mut v = block(i);
+            v[..4].copy_from_slice(&i.to_le_bytes());
+            v
+        })
+        .collect();
+    let (addr, _) = start(blocks_src(Fake::new(&bs, false)), SECRET, 32 << 20).await;
+    let hashes: Vec<BlockHash> = bs.iter().map(|b| BlockHash::of(b)).collect();
+    for (batch, inflight) in [(1, 1), (64, 1), (64, 16), (256, 16)] {
+        let mut o = ClientOptions::new("m", Role::Client, Key::from_secret(SECRET));
+        o.batch = batch;
+        o.max_in_flight = inflight;
+        let c = PeerClient::new(o);
+        let p = c.peer(&addr);
+        let _ = p.fetch_blocks(&hashes[..16]).await;
+        let t = std::time::Instant::now();
+        let r = p.fetch_blocks(&hashes).await;
+        let dt = t.elapsed().as_secs_f64();
+        assert!(r.iter().all(|r| r.is_ok()));
+        println!(
+            "batch {batch:>3}, in flight {inflight:>2}: {:>8.0} blocks/s, {:>7.1} MB/s (verified)",
+            n as f64 / dt,
+            n as f64 * 4096.0 / dt / 1e6
+        );
+    }
+    // Round trip of one single-block request.
+    let c = client(SECRET);
+    let p = c.peer(&addr);
+    let mut lat: Vec<f64> = Vec::new();
+    for h in &hashes[..2000] {
+        let t = std::time::Instant::now();
+        assert!(p.fetch_blocks(std::slice::from_ref(h)).await[0].is_ok());
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "single-block request: p50 {:.0} µs, p99 {:.0} µs",
+        lat[lat.len() / 2],
+        lat[lat.len() * 99 / 100]
+    );
+    // blake3 of 4 KiB, for comparison.
+    let t = std::time::Instant::now();
+    for b in &bs {
+        std::hint::black_box(BlockHash::of(b));
+    }
+    println!(
+        "verification alone: {:.0} blocks/s",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+}
+
+/// `start_indexer` from configs (as `nearblock indexer` and an embedding daemon
+/// use it): a child's store change reaches the parent.
+#[tokio::test]
+async fn start_indexer_from_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |node: &str, parent: Option<std::net::SocketAddr>| {
+        let p = parent
+            .map(|a| format!("parent = \"{a}\"\n"))
+            .unwrap_or_default();
+        super::config::IndexerConfig::parse(&format!(
+            "node = \"{node}\"\nlisten = \"127.0.0.1:0\"\nsecret = \"a test secret of some length\"\ndb = {:?}\n{p}push_interval_ms = 50\n",
+            dir.path().join(format!("{node}.redb"))
+        ))
+        .unwrap()
+    };
+    let g = super::start_indexer(&cfg("g", None)).await.unwrap();
+    let r = super::start_indexer(&cfg("r", Some(g.local_addr)))
+        .await
+        .unwrap();
+    let (c, data) = put("hv5", "x", 5);
+    r.service.store().apply(&[c]).unwrap();
+    r.service.changed.notify_one();
+    let h = BlockHash::of(&data[..4096]);
+    for _ in 0..200 {
+        if !g.service.store().holders(&h).unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(&*g.service.store().holders(&h).unwrap()[0].host, "hv5");
+    assert_eq!(g.service.child_state().acked["r"], 1);
+    assert_eq!(r.push_status.acked.load(Ordering::Relaxed), 1);
+}
