@@ -103,6 +103,8 @@ fn real_clients_through_rack_appliance_match_direct() {
         r.splicer.accepted
     );
     assert!(verdict(&r, "tc_steer_new_flow") >= 4, "{:?}", r.verdicts);
+    // No LUN is served here: after login every session drops to the byte relay.
+    assert!(r.splicer.raw_relayed >= 2, "{:?}", r.splicer);
     assert!(
         r.splicer.bytes_to_initiator >= data.len() as u64,
         "splicer relayed {} B to the initiator, image is {} B",

@@ -107,8 +107,15 @@ pub async fn splice_iscsi(
     let (tt_tx, tt_rx) = mpsc::channel(WRITE_QUEUE);
     let (ti_tx, ti_rx) = mpsc::channel(WRITE_QUEUE);
     let stats = ctx.stats.clone();
-    let w_target = tokio::spawn(writer(uw, tt_rx, stats.clone(), Toward::Target));
-    let w_initiator = tokio::spawn(writer(cw, ti_rx, stats, Toward::Initiator));
+    let handoff = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w_target = tokio::spawn(writer(
+        uw,
+        tt_rx,
+        stats.clone(),
+        Toward::Target,
+        handoff.clone(),
+    ));
+    let w_initiator = tokio::spawn(writer(cw, ti_rx, stats, Toward::Initiator, handoff.clone()));
     let mut conn = Conn {
         ctx,
         session: Session::new(),
@@ -121,6 +128,7 @@ pub async fn splice_iscsi(
         learning: HashMap::new(),
         writes: HashMap::new(),
         ready: HashMap::new(),
+        relay_raw: false,
     };
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut ubuf = BytesMut::with_capacity(READ_CHUNK);
@@ -146,6 +154,9 @@ pub async fn splice_iscsi(
                         })?;
                         let Some(pdu) = decoded else { break };
                         conn.on_initiator(pdu).await?;
+                        if conn.relay_raw {
+                            break;
+                        }
                     },
                     Err(source) => return Err(ConnectionError::Read { side: "initiator", source }),
                 },
@@ -160,15 +171,50 @@ pub async fn splice_iscsi(
                         })?;
                         let Some(pdu) = decoded else { break };
                         conn.on_target(pdu).await?;
+                        if conn.relay_raw {
+                            break;
+                        }
                     },
                     Err(source) => return Err(ConnectionError::Read { side: "target", source }),
                 },
+            }
+            if conn.relay_raw && !c_done && !u_done {
+                break;
             }
         }
         Ok(())
     }
     .await;
+    let relay_raw = conn.relay_raw && !c_done && !u_done && result.is_ok();
+    if relay_raw {
+        // Nothing after login needs interpreting: flush what is queued, forward the
+        // undecoded rest as it came, and relay bytes from here on.
+        handoff.store(true, Ordering::Release);
+        let queued = [
+            (conn.to_target.take(), cbuf.split().freeze()),
+            (conn.to_initiator.take(), ubuf.split().freeze()),
+        ];
+        for (tx, rest) in queued {
+            if let Some(tx) = tx {
+                if !rest.is_empty() {
+                    let _ = tx.send(Frame::from_wire(rest)).await;
+                }
+            }
+        }
+    }
     drop(conn);
+    if relay_raw {
+        let halves = (w_target.await, w_initiator.await);
+        let (Ok(Ok(Some(uw))), Ok(Ok(Some(cw)))) = halves else {
+            return Err(ConnectionError::Write("target or initiator"));
+        };
+        let (Ok(client), Ok(upstream)) = (cr.reunite(cw), ur.reunite(uw)) else {
+            return Err(ConnectionError::Write("target or initiator"));
+        };
+        ctx.stats.raw_relayed.fetch_add(1, Ordering::Relaxed);
+        super::relay::relay(client, upstream, &ctx.stats).await;
+        return Ok(());
+    }
     match result {
         Ok(()) => {
             let _ = w_target.await;
@@ -184,13 +230,16 @@ pub async fn splice_iscsi(
     }
 }
 
-/// Write queued frames (gathered, vectored) until the queue closes, then half-close.
+/// Write queued frames (gathered, vectored) until the queue closes, then half-close
+/// — unless the connection is being handed to the byte relay (`handoff`), in which
+/// case the write half is returned, open, with everything queued written.
 async fn writer(
     mut w: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Frame>,
     stats: Arc<SplicerStats>,
     toward: Toward,
-) -> std::io::Result<()> {
+    handoff: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<Option<OwnedWriteHalf>> {
     let counter = match toward {
         Toward::Target => &stats.bytes_to_target,
         Toward::Initiator => &stats.bytes_to_initiator,
@@ -215,7 +264,11 @@ async fn writer(
         }
         counter.fetch_add(total as u64, Ordering::Relaxed);
     }
-    w.shutdown().await
+    if handoff.load(Ordering::Acquire) {
+        return Ok(Some(w));
+    }
+    w.shutdown().await?;
+    Ok(None)
 }
 
 struct Conn<'a> {
@@ -235,6 +288,9 @@ struct Conn<'a> {
     writes: HashMap<u32, Arc<ServedLun>>,
     /// Data assembled for READs being served, by ITT, until the session asks for it.
     ready: HashMap<u32, (Vec<Bytes>, Provenance)>,
+    /// Set at Full Feature Phase when the session's target has no served LUN:
+    /// nothing more needs interpreting, so the connection drops to the byte relay.
+    relay_raw: bool,
 }
 
 impl Conn<'_> {
@@ -401,6 +457,7 @@ impl Conn<'_> {
                         self.luns = self.ctx.catalog.for_target(target);
                     }
                 }
+                self.relay_raw = self.luns.is_empty();
                 debug!(
                     target = params.target_name.as_deref().unwrap_or("-"),
                     initiator = params.initiator_name.as_deref().unwrap_or("-"),

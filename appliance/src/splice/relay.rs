@@ -30,6 +30,8 @@ const RELAY_BUF: usize = 256 * 1024;
 /// Splicer counters (exported in status and metrics).
 #[derive(Debug, Default)]
 pub struct SplicerStats {
+    /// iSCSI connections handed to the byte relay after login (no served LUN).
+    pub raw_relayed: AtomicU64,
     pub accepted: AtomicU64,
     pub active: AtomicU64,
     pub upstream_failed: AtomicU64,
@@ -59,6 +61,8 @@ pub struct SplicerStats {
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct SplicerSnapshot {
+    #[serde(default)]
+    pub raw_relayed: u64,
     pub accepted: u64,
     pub active: u64,
     pub upstream_failed: u64,
@@ -94,6 +98,7 @@ impl SplicerStats {
     pub fn snapshot(&self) -> SplicerSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         SplicerSnapshot {
+            raw_relayed: get(&self.raw_relayed),
             accepted: get(&self.accepted),
             active: get(&self.active),
             upstream_failed: get(&self.upstream_failed),

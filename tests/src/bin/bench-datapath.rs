@@ -4,7 +4,8 @@
 //!
 //! - iSCSI: `iscsi-perf -m 32 -b 128` (64 KiB reads, QD32) against tgtd for
 //!   forwarding only (no nearblock), classifier attached (monitor-only: XDP +
-//!   egress counters), and steering through the relay.
+//!   egress counters), steering through the transparent byte relay, and steering
+//!   through the iSCSI-aware splicer (LUN not served: every PDU parsed, passed on).
 //! - Other traffic: an iperf3 bulk TCP transfer without and with all programs
 //!   attached (steering appliance; iperf's port is not classified).
 //!
@@ -23,7 +24,10 @@ const ROUNDS: usize = 3;
 enum Mode {
     Forward,
     Classifier,
+    /// Steered into the transparent byte relay (`iscsi_aware = false`).
     Relay,
+    /// Steered into the iSCSI-aware splicer, LUN not served (pass-through).
+    Splicer,
 }
 
 fn main() -> Result<()> {
@@ -39,7 +43,7 @@ fn main() -> Result<()> {
     })?;
     let url = lab.lun_url(IQN, 1);
     let lib = lab.addr4(lab.library()).to_string();
-    let mut iscsi: [Vec<f64>; 3] = Default::default();
+    let mut iscsi: [Vec<f64>; 4] = Default::default();
     let mut bulk: [Vec<f64>; 2] = Default::default();
     let mut iperf = lab
         .cmd(lab.library(), &["iperf3", "-s", "-B", &lib])
@@ -49,7 +53,7 @@ fn main() -> Result<()> {
         .context("iperf3 server (cargo xtask bootstrap installs iperf3)")?;
     std::thread::sleep(Duration::from_millis(300));
     for round in 0..ROUNDS {
-        for (i, mode) in [Mode::Forward, Mode::Classifier, Mode::Relay]
+        for (i, mode) in [Mode::Forward, Mode::Classifier, Mode::Relay, Mode::Splicer]
             .into_iter()
             .enumerate()
         {
@@ -57,8 +61,12 @@ fn main() -> Result<()> {
                 lab.start_appliance(
                     "rack1",
                     ApplianceOptions {
-                        steer: mode == Mode::Relay,
-                        ..Default::default()
+                        steer: matches!(mode, Mode::Relay | Mode::Splicer),
+                        extra_config: if mode == Mode::Relay {
+                            "[splicer]\niscsi_aware = false\n".into()
+                        } else {
+                            String::new()
+                        },
                     },
                 )?;
             }
@@ -66,11 +74,13 @@ fn main() -> Result<()> {
             if mode == Mode::Forward {
                 bulk[0].push(iperf3(&lab, &lib)?);
             }
-            if mode == Mode::Relay {
+            if mode == Mode::Splicer {
                 bulk[1].push(iperf3(&lab, &lib)?);
+            }
+            if matches!(mode, Mode::Relay | Mode::Splicer) {
                 let r = lab.status("rack1")?;
                 if r.splicer.accepted == 0 {
-                    bail!("relay round {round}: nothing was steered");
+                    bail!("round {round}: nothing was steered");
                 }
             }
             if mode != Mode::Forward {
@@ -113,11 +123,18 @@ fn main() -> Result<()> {
         ">= 0.97",
     );
     row(
-        "iSCSI 64 KiB QD32: steered through the relay",
+        "iSCSI 64 KiB QD32: steered, transparent relay",
         median(&iscsi[2]),
         fwd,
         "MB/s",
         ">= 0.80",
+    );
+    row(
+        "iSCSI 64 KiB QD32: steered, iSCSI-aware splicer",
+        median(&iscsi[3]),
+        fwd,
+        "MB/s",
+        "",
     );
     row(
         "bulk TCP (iperf3): no programs",

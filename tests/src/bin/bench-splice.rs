@@ -91,8 +91,16 @@ fn main() -> Result<()> {
     // results[config][0 = 64 KiB, 1 = 4 KiB] = samples of (MB/s, IOPS)
     let mut results: Vec<[Vec<(f64, f64)>; 2]> = vec![Default::default(); Config::ALL.len()];
     let mut library_bytes = vec![0u64; Config::ALL.len()];
+    // NEARBLOCK_BENCH_ONLY=relay|cold|warm-shadow|warm-local runs one configuration
+    // (for profiling); the ratios then lack their baseline.
+    let only = std::env::var("NEARBLOCK_BENCH_ONLY").ok();
     for round in 0..ROUNDS {
         for (i, cfg) in Config::ALL.into_iter().enumerate() {
+            if only.as_deref().is_some_and(|o| !cfg.label().starts_with(o)) {
+                results[i][0].push((f64::NAN, f64::NAN));
+                results[i][1].push((f64::NAN, f64::NAN));
+                continue;
+            }
             if let Some(extra_config) = cfg.extra_config(&manifest) {
                 lab.start_appliance(
                     "rack1",
