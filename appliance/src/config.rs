@@ -575,13 +575,14 @@ impl Config {
     }
 }
 
-/// 1-based line of `key = …` inside `[table]`, for error messages.
-fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
+/// 1-based line of `key = …` inside `[table]` or `[[table]]` (`""`: top level),
+/// for error messages that name the key and its line.
+pub(crate) fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
     let mut current = String::new();
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
-        if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-            current = name.trim().to_string();
+        if t.starts_with('[') {
+            current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
             continue;
         }
         if current == table {

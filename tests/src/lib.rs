@@ -765,6 +765,32 @@ pub fn qemu_img() -> Result<(PathBuf, PathBuf)> {
 }
 
 impl Lab {
+    /// Run `iscsi-perf -m QD -b BLOCKS -t SECS URL` in `node`; returns the final
+    /// average (MB/s, IOPS) it reports.
+    pub fn iscsi_perf(
+        &self,
+        node: &str,
+        url: &str,
+        qd: u32,
+        blocks: u32,
+        secs: u32,
+    ) -> Result<(f64, f64)> {
+        let o = self.exec_ok(
+            node,
+            &[
+                "iscsi-perf",
+                "-m",
+                &qd.to_string(),
+                "-b",
+                &blocks.to_string(),
+                "-t",
+                &secs.to_string(),
+                url,
+            ],
+        )?;
+        parse_iscsi_perf(&String::from_utf8_lossy(&o.stdout))
+    }
+
     /// `qemu-img convert -O raw URL OUT` inside `node` (the VM-instantiation client).
     pub fn qemu_convert(&self, node: &str, url: &str, out: &Path) -> Result<Output> {
         let (bin, modules) = qemu_img()?;
@@ -784,5 +810,34 @@ impl Lab {
             .env("QEMU_MODULE_DIR", modules)
             .output()?;
         Ok(o)
+    }
+}
+
+/// (MB/s, IOPS) from iscsi-perf's last "iops average N (M MB/s)" report.
+pub fn parse_iscsi_perf(text: &str) -> Result<(f64, f64)> {
+    let last = text
+        .rsplit("iops average")
+        .next()
+        .context("no iscsi-perf report")?;
+    let mut nums = last
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse::<f64>().ok());
+    let iops = nums
+        .next()
+        .with_context(|| format!("iscsi-perf IOPS in: {text}"))?;
+    let mbs = nums
+        .next()
+        .with_context(|| format!("iscsi-perf MB/s in: {text}"))?;
+    Ok((mbs, iops))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_the_last_iscsi_perf_report() {
+        let out = "00:00:01 - lba 129408, iops current 17362 (1085 MB/s), iops average 17362 (1085 MB/s), in_flight 32, busy 0\r        iops average 18130 (1133 MB/s)   \n\nfinished.\n";
+        assert_eq!(super::parse_iscsi_perf(out).unwrap(), (1133.0, 18130.0));
+        assert!(super::parse_iscsi_perf("garbage").is_err());
     }
 }

@@ -40,6 +40,7 @@
 //! push_interval_ms = 1000
 //! ```
 
+use crate::config::key_line;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -280,26 +281,6 @@ impl Validator<'_> {
         }
         Ok(Key::from_secret(&s))
     }
-}
-
-/// 1-based line of `key = …` inside `[table]` (`""`: top level).
-fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
-    let mut current = String::new();
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
-            continue;
-        }
-        if current == table {
-            if let Some((k, _)) = t.split_once('=') {
-                if k.trim() == key {
-                    return Some(i + 1);
-                }
-            }
-        }
-    }
-    None
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {

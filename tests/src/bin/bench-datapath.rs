@@ -160,33 +160,9 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
-/// MB/s average that iscsi-perf reports at the end.
+/// MB/s average that iscsi-perf reports at the end (64 KiB reads, QD32).
 fn iscsi_perf(lab: &Lab, url: &str) -> Result<f64> {
-    let o = lab.exec_ok(
-        "hv1",
-        &[
-            "iscsi-perf",
-            "-m",
-            "32",
-            "-b",
-            "128",
-            "-t",
-            &SECS.to_string(),
-            url,
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&o.stdout);
-    let last = text
-        .rsplit("iops average")
-        .next()
-        .context("iscsi-perf output")?;
-    let mbs = last
-        .split('(')
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse::<f64>().ok())
-        .with_context(|| format!("parsing iscsi-perf output: {text}"))?;
-    Ok(mbs)
+    Ok(lab.iscsi_perf("hv1", url, 32, 128, SECS)?.0)
 }
 
 /// Mbit/s received, from iperf3's JSON summary.

@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use nearblock::splice::catalog::{manifest_of, manifest_to_text};
 use nearblock_lab::{content, ApplianceOptions, Lab, LunSpec};
 
@@ -182,35 +182,7 @@ fn lab_status_library_bytes(lab: &Lab, cfg: Config) -> Result<u64> {
         .sum())
 }
 
-/// (MB/s, IOPS) that iscsi-perf reports at the end, for `blocks` 512-byte blocks per READ.
+/// (MB/s, IOPS) for `blocks` 512-byte blocks per READ at QD32.
 fn perf(lab: &Lab, url: &str, blocks: u32) -> Result<(f64, f64)> {
-    let o = lab.exec_ok(
-        "hv1",
-        &[
-            "iscsi-perf",
-            "-m",
-            "32",
-            "-b",
-            &blocks.to_string(),
-            "-t",
-            &SECS.to_string(),
-            url,
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&o.stdout);
-    let last = text
-        .rsplit("iops average")
-        .next()
-        .context("iscsi-perf output")?;
-    let mut nums = last
-        .split(|c: char| !c.is_ascii_digit() && c != '.')
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| s.parse::<f64>().ok());
-    let iops = nums
-        .next()
-        .with_context(|| format!("iscsi-perf IOPS: {text}"))?;
-    let mbs = nums
-        .next()
-        .with_context(|| format!("iscsi-perf MB/s: {text}"))?;
-    Ok((mbs, iops))
+    lab.iscsi_perf("hv1", url, 32, blocks, SECS)
 }
