@@ -47,6 +47,19 @@ pub struct Config {
     /// The planner served by the API (optional): needs `[index]` and `[cost]`.
     #[serde(default)]
     pub planner: Option<PlannerConfig>,
+    /// Run this rack's indexer inside the daemon (optional), on the index store.
+    #[serde(default)]
+    pub indexer: Option<EmbeddedIndexer>,
+}
+
+/// `[indexer]`: the local (rack) or global indexer, run in-process so agents push
+/// into the same store the splicer and planner read.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedIndexer {
+    /// An indexer configuration file (`nearblock indexer --config`'s format);
+    /// its `db` is the appliance's index store.
+    pub config: std::path::PathBuf,
 }
 
 /// `[index]`: the appliance's block index store.
@@ -518,7 +531,9 @@ impl Config {
                 }
             }
         }
-        if self.planner.is_some() && (self.cost.is_none() || self.index.is_none()) {
+        if self.planner.is_some()
+            && (self.cost.is_none() || (self.index.is_none() && self.indexer.is_none()))
+        {
             return Err(invalid(
                 "planner",
                 "metrics",
@@ -539,7 +554,7 @@ impl Config {
                         ),
                     ))
                 }
-                (None, Some(_)) if self.index.is_none() => {
+                (None, Some(_)) if self.index.is_none() && self.indexer.is_none() => {
                     return Err(invalid(
                         "splicer",
                         &key("image"),

@@ -47,6 +47,8 @@ pub enum DaemonError {
     Planner(String),
     #[error("[index]: {0}")]
     Index(#[from] crate::index::IndexError),
+    #[error("[indexer]: {0}")]
+    Indexer(String),
     #[error(transparent)]
     Catalog(#[from] crate::splice::catalog::CatalogError),
     #[error("API listen on {addr}: {source}")]
@@ -236,12 +238,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let dpc = &config.datapath;
     // The appliance's index store, shared by the splicer (manifests of served
     // LUNs) and the planner (holders).
-    let index_store = match &config.index {
-        Some(i) => Some(Arc::new(crate::index::RedbStore::open(
+    let indexer_config = match &config.indexer {
+        Some(e) => Some(
+            crate::serve::config::IndexerConfig::load(&e.config)
+                .map_err(|e| DaemonError::Indexer(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let index_store = match (&indexer_config, &config.index) {
+        (Some(ic), index) => {
+            if let Some(i) = index {
+                if i.db != ic.db {
+                    return Err(DaemonError::Indexer(format!(
+                        "[index] db {} differs from the indexer's db {}: they are one store",
+                        i.db.display(),
+                        ic.db.display()
+                    )));
+                }
+            }
+            Some(
+                crate::serve::open_indexer_store(ic)
+                    .map_err(|e| DaemonError::Indexer(format!("{e:#}")))?,
+            )
+        }
+        (None, Some(i)) => Some(Arc::new(crate::index::RedbStore::open(
             &i.db,
             crate::index::StoreOptions::default(),
         )?)),
-        None => None,
+        (None, None) => None,
     };
     let mut dp = Datapath::load(&LoadOptions {
         classified_ports: config.classified_ports(),
@@ -363,6 +387,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         splicer: splicer.clone(),
         started: Instant::now(),
     });
+    let indexer = match (&indexer_config, &index_store) {
+        (Some(ic), Some(store)) => Some(
+            crate::serve::start_indexer_on(ic, store.clone())
+                .await
+                .map_err(|e| DaemonError::Indexer(format!("{e:#}")))?,
+        ),
+        _ => None,
+    };
     let discovery_task = tokio::spawn(discovery_loop(app.clone(), ring));
     let sampler_task = tokio::spawn(sample_loop(app.clone()));
     let peer_poll_task = config
@@ -411,6 +443,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     api_task.abort();
     sampler_task.abort();
+    drop(indexer);
     if let Some(t) = peer_poll_task {
         t.abort();
     }

@@ -48,13 +48,19 @@ impl Drop for IndexerHandle {
 /// Opens the store, binds, and starts serving and pushing (inside a tokio
 /// runtime).
 pub async fn start_indexer(cfg: &config::IndexerConfig) -> Result<IndexerHandle> {
+    let store = open_indexer_store(cfg)?;
+    start_indexer_on(cfg, store).await
+}
+
+/// Open the store an indexer configured by `cfg` works on (with a change log
+/// when it has a parent to push to).
+pub fn open_indexer_store(cfg: &config::IndexerConfig) -> Result<Arc<RedbStore>> {
     if let Some(dir) = cfg.db.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
     }
-    let t0 = std::time::Instant::now();
-    let store = Arc::new(
+    Ok(Arc::new(
         RedbStore::open(
             &cfg.db,
             StoreOptions {
@@ -63,7 +69,16 @@ pub async fn start_indexer(cfg: &config::IndexerConfig) -> Result<IndexerHandle>
             },
         )
         .with_context(|| format!("open {}", cfg.db.display()))?,
-    );
+    ))
+}
+
+/// Start the index service, and the upward pusher if `cfg` has a parent, on an
+/// open store (the daemon shares its store with the splicer and the planner).
+pub async fn start_indexer_on(
+    cfg: &config::IndexerConfig,
+    store: Arc<RedbStore>,
+) -> Result<IndexerHandle> {
+    let t0 = std::time::Instant::now();
     let key = cfg.key();
     let client = client::PeerClient::new(cfg.peer.client(
         &cfg.node,
