@@ -387,12 +387,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         splicer: splicer.clone(),
         started: Instant::now(),
     });
+    let cache = splicer.cache.get().cloned();
     let indexer = match (&indexer_config, &index_store) {
         (Some(ic), Some(store)) => Some(
-            crate::serve::start_indexer_on(ic, store.clone())
-                .await
-                .map_err(|e| DaemonError::Indexer(format!("{e:#}")))?,
+            crate::serve::start_indexer_on(
+                ic,
+                store.clone(),
+                cache
+                    .clone()
+                    .map(|c| c as Arc<dyn crate::serve::server::BlockSource>),
+            )
+            .await
+            .map_err(|e| DaemonError::Indexer(format!("{e:#}")))?,
         ),
+        _ => None,
+    };
+    // The appliance's own block cache is a holder in its local index.
+    let cache_index_task = match (&indexer, &index_store, cache) {
+        (Some(_), Some(store), Some(cache)) => Some(tokio::spawn(publish_cache(
+            config.appliance.name.clone(),
+            store.clone(),
+            cache,
+        ))),
         _ => None,
     };
     let discovery_task = tokio::spawn(discovery_loop(app.clone(), ring));
@@ -443,6 +459,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     api_task.abort();
     sampler_task.abort();
+    if let Some(t) = cache_index_task {
+        t.abort();
+    }
     drop(indexer);
     if let Some(t) = peer_poll_task {
         t.abort();
@@ -459,6 +478,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Record the block cache's contents in the local index as images `cache-<size>`
+/// of this appliance (so the planner and the rack's peers see it as a holder),
+/// whenever they changed; checked every 2 s.
+async fn publish_cache(
+    node: String,
+    store: Arc<crate::index::RedbStore>,
+    cache: Arc<crate::fetch::BlockCache>,
+) {
+    use crate::index::{BlockStore, Change};
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut published = (0, 0);
+    let mut sizes: Vec<u32> = Vec::new();
+    loop {
+        tick.tick().await;
+        let generation = cache.generation();
+        if generation == published {
+            continue;
+        }
+        let manifests = cache.as_manifests();
+        let mut changes: Vec<Change> = sizes
+            .iter()
+            .filter(|s| !manifests.iter().any(|m| m.block_size == **s))
+            .map(|&block_size| Change::RemoveImage {
+                host: node.clone(),
+                image: format!("cache-{block_size}"),
+                block_size,
+            })
+            .collect();
+        sizes = manifests.iter().map(|m| m.block_size).collect();
+        changes.extend(manifests.into_iter().map(|manifest| Change::PutImage {
+            host: node.clone(),
+            manifest,
+        }));
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.apply(&changes)).await {
+            Ok(Ok(_)) => published = generation,
+            Ok(Err(e)) => warn!(cause = %e, "recording the cache in the index"),
+            Err(e) => warn!(cause = %e, "cache index task"),
+        }
+    }
 }
 
 /// (rx_bytes, tx_bytes) per ifindex at one instant.

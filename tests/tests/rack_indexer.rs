@@ -4,7 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use nearblock_lab::{content, procs::Procs, ApplianceOptions, Lab, DEFAULT_TOPOLOGY};
+use nearblock::splice::catalog::{manifest_of, manifest_to_text};
+use nearblock_lab::{content, procs::Procs, ApplianceOptions, Lab, LunSpec, DEFAULT_TOPOLOGY};
+
+const IQN: &str = "iqn.2026-11.test.nearblock:rack-indexer";
 
 const INDEXER_PORT: u16 = 7100;
 const AGENT_PORT: u16 = 7200;
@@ -49,8 +52,26 @@ fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
             .as_bytes(),
         )
         .unwrap();
+    // The library exports the image read-only; rack1 serves it (learning into its
+    // cache from the library's Data-In).
+    lab.add_lun(LunSpec {
+        tid: 1,
+        iqn: IQN.into(),
+        lun: 1,
+        backing: img_path.clone(),
+        readonly: true,
+        allow: None,
+    })
+    .unwrap();
+    let manifest = lab
+        .write_file(
+            "img.manifest",
+            manifest_to_text(&manifest_of("img", &img, 4096)).as_bytes(),
+        )
+        .unwrap();
     let extra_config = format!(
-        "[cost]\ntopology = {:?}\n[planner]\n[indexer]\nconfig = {:?}\n",
+        "[splicer]\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {:?}\n[cost]\ntopology = {:?}\n[planner]\n[indexer]\nconfig = {:?}\n",
+        manifest.display().to_string(),
         topo.display().to_string(),
         indexer_cfg.display().to_string()
     );
@@ -141,6 +162,76 @@ fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
         plan["total_cost"].as_f64().unwrap(),
         2.0 * only_second as f64,
         "{plan}"
+    );
+
+    // hv1 instantiates the image through rack1 (cold: rack1 learns every non-zero
+    // block into its cache). The cache is a holder in rack1's own index: the blocks
+    // hv2 lacks now come from rack1 (one hop) instead of hv1 (two hops).
+    let copy = lab.dir.path().join("hv1-copy.raw");
+    let o = lab
+        .qemu_convert("hv1", &lab.lun_url(IQN, 1), &copy)
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&copy).unwrap() == img);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let plan = loop {
+        let (_, body) = get(
+            &lab,
+            "rack1",
+            "/plan/construct?image=img&target=hv2&pricing=static",
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if v["by_source"]["rack1"]["blocks"].as_u64().unwrap_or(0) > 0 {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rack1's cache never appeared in its index: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(
+        plan["by_source"]["rack1"]["blocks"].as_u64().unwrap() as usize,
+        only_second,
+        "{plan}"
+    );
+    assert_eq!(
+        plan["total_cost"].as_f64().unwrap(),
+        only_second as f64,
+        "{plan}"
+    );
+    // And rack1 serves a cached block to a peer, by hash (verified by the client).
+    let block = img[img.len() / 2..]
+        .chunks(4096)
+        .find(|b| b.iter().any(|&x| x != 0))
+        .unwrap();
+    let hash = blake3::hash(block).to_hex().to_string();
+    let rack1 = lab.port_toward("rack1", "hv2").unwrap().v4;
+    let out_dir = lab.dir.path().join("fetched");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let bin = nearblock_lab::nearblock_bin().unwrap();
+    let o = lab
+        .exec_ok(
+            "hv2",
+            &[
+                bin.to_str().unwrap(),
+                "peer",
+                "get",
+                "--addr",
+                &format!("{rack1}:{INDEXER_PORT}"),
+                "--secret-file",
+                secret.to_str().unwrap(),
+                "--out",
+                out_dir.to_str().unwrap(),
+                &hash,
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        std::fs::read(out_dir.join(&hash)).unwrap(),
+        block,
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
     );
     drop(procs);
 }

@@ -111,6 +111,39 @@ impl BlockCache {
         inner.inserted += 1;
     }
 
+    /// The cached blocks, as manifests for the appliance's local index: one image
+    /// `cache-<size>` per block size present (a block's size is its length; short
+    /// tail blocks, which are no power of two, are not listed). Ordered by hash.
+    pub fn as_manifests(&self) -> Vec<crate::index::Manifest> {
+        let inner = self.lock();
+        let mut by_size: BTreeMap<u32, Vec<BlockHash>> = BTreeMap::new();
+        for (hash, (data, _)) in &inner.blocks {
+            let len = data.len();
+            if len.is_power_of_two() && (4096..=(1 << 20)).contains(&len) {
+                by_size.entry(len as u32).or_default().push(*hash);
+            }
+        }
+        drop(inner);
+        by_size
+            .into_iter()
+            .map(|(size, mut hashes)| {
+                hashes.sort();
+                crate::index::Manifest {
+                    image: format!("cache-{size}"),
+                    size: hashes.len() as u64 * u64::from(size),
+                    block_size: size,
+                    blocks: hashes.into_iter().map(Some).collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Cache counters that change whenever the contents do.
+    pub fn generation(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.inserted, inner.evicted)
+    }
+
     pub fn snapshot(&self) -> CacheSnapshot {
         let inner = self.lock();
         CacheSnapshot {
@@ -122,6 +155,33 @@ impl BlockCache {
             inserted: inner.inserted,
             evicted: inner.evicted,
         }
+    }
+}
+
+/// The appliance serves its cache to peers by hash (the receiver verifies).
+impl crate::serve::server::BlockSource for BlockCache {
+    fn read_blocks(
+        &self,
+        hashes: &[BlockHash],
+        budget: usize,
+    ) -> Vec<crate::serve::proto::BlockReply> {
+        use crate::serve::proto::BlockReply;
+        let mut used = 0usize;
+        hashes
+            .iter()
+            .map(|h| {
+                if used >= budget {
+                    return BlockReply::Skipped;
+                }
+                match self.get(h) {
+                    Some(data) => {
+                        used += data.len();
+                        BlockReply::Found(data)
+                    }
+                    None => BlockReply::NotFound,
+                }
+            })
+            .collect()
     }
 }
 

@@ -49,7 +49,7 @@ impl Drop for IndexerHandle {
 /// runtime).
 pub async fn start_indexer(cfg: &config::IndexerConfig) -> Result<IndexerHandle> {
     let store = open_indexer_store(cfg)?;
-    start_indexer_on(cfg, store).await
+    start_indexer_on(cfg, store, None).await
 }
 
 /// Open the store an indexer configured by `cfg` works on (with a change log
@@ -74,9 +74,12 @@ pub fn open_indexer_store(cfg: &config::IndexerConfig) -> Result<Arc<RedbStore>>
 
 /// Start the index service, and the upward pusher if `cfg` has a parent, on an
 /// open store (the daemon shares its store with the splicer and the planner).
+/// `blocks`: what the server serves by hash besides the index (the appliance's
+/// block cache).
 pub async fn start_indexer_on(
     cfg: &config::IndexerConfig,
     store: Arc<RedbStore>,
+    blocks: Option<Arc<dyn server::BlockSource>>,
 ) -> Result<IndexerHandle> {
     let t0 = std::time::Instant::now();
     let key = cfg.key();
@@ -110,7 +113,7 @@ pub async fn start_indexer_on(
             listener,
             Arc::new(cfg.peer.server(&cfg.node, proto::Role::Indexer, key)),
             server::Services {
-                blocks: None,
+                blocks,
                 index: Some(ix.clone()),
                 status: Some(status),
             },
