@@ -559,8 +559,20 @@ mod tests {
     async fn bad_header_digest_closes_the_connection() {
         let (mut initiator, client) = pair().await;
         let (upstream, mut target) = pair().await;
+        // A served LUN on the target keeps the session in PDU mode after login.
+        let mut catalog = Catalog::new(Arc::new(crate::fetch::BlockCache::new(1 << 20)), true);
+        catalog.add(
+            ServedLun::new(
+                "iqn.t".into(),
+                0,
+                super::super::catalog::ServeDesign::Shadow,
+                512,
+                super::super::catalog::manifest_of("img", &[0u8; 4096], 4096),
+            )
+            .unwrap(),
+        );
         let ctx = SpliceContext {
-            catalog: Arc::new(Catalog::empty()),
+            catalog: Arc::new(catalog),
             stats: Arc::new(SplicerStats::default()),
         };
         let splicer = tokio::spawn(async move { splice_iscsi(client, upstream, &ctx).await });
@@ -618,5 +630,51 @@ mod tests {
         let mut rest = Vec::new();
         let n = target.read_to_end(&mut rest).await.unwrap_or(0);
         assert_eq!(n, 0, "nothing after the login reached the target");
+    }
+
+    /// With no served LUN on the target, the connection drops to the byte relay
+    /// after login: later bytes reach the target exactly as sent (even a PDU the
+    /// splicer would not have decoded), and the session ends cleanly.
+    #[tokio::test]
+    async fn session_without_served_luns_is_handed_to_the_byte_relay() {
+        let (mut initiator, client) = pair().await;
+        let (upstream, mut target) = pair().await;
+        let stats = Arc::new(SplicerStats::default());
+        let ctx = SpliceContext {
+            catalog: Arc::new(Catalog::empty()),
+            stats: stats.clone(),
+        };
+        let splicer = tokio::spawn(async move { splice_iscsi(client, upstream, &ctx).await });
+        initiator
+            .write_all(&login(
+                Opcode::LoginRequest,
+                "InitiatorName=iqn.i\0TargetName=iqn.t\0SessionType=Normal\0",
+            ))
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let decoder = PduDecoder::default();
+        loop {
+            target.read_buf(&mut buf).await.unwrap();
+            if decoder.decode(&mut buf).unwrap().is_some() {
+                break;
+            }
+        }
+        target
+            .write_all(&login(Opcode::LoginResponse, ""))
+            .await
+            .unwrap();
+        let mut resp = vec![0u8; 48];
+        initiator.read_exact(&mut resp).await.unwrap();
+        // Garbage the PDU decoder would reject (an absurd data segment length).
+        let garbage = [0xffu8; 64];
+        initiator.write_all(&garbage).await.unwrap();
+        let mut got = vec![0u8; garbage.len()];
+        target.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, garbage);
+        drop(initiator);
+        drop(target);
+        assert!(splicer.await.unwrap().is_ok());
+        assert_eq!(stats.raw_relayed.load(Ordering::Relaxed), 1);
     }
 }
