@@ -517,10 +517,14 @@ fn hierarchy_lookup_verification_and_global_crash() {
         .peer("rack2", &["status", "--addr", &ctx.indexer_addr("rack2")])
         .unwrap()[0];
     assert_eq!(st["state"]["push"]["resyncs"], 0, "{st}");
-    assert!(
-        st["state"]["push"]["failures"].as_u64().unwrap() >= 1,
-        "{st}"
-    );
+    if landed_mid_apply {
+        // The push was received but never acknowledged: rack2 saw it fail and
+        // resent it. (When the kill landed after the ack, nothing failed.)
+        assert!(
+            st["state"]["push"]["failures"].as_u64().unwrap() >= 1,
+            "{st}"
+        );
+    }
     let st = &ctx
         .peer("core", &["status", "--addr", &ctx.indexer_addr("core")])
         .unwrap()[0];
