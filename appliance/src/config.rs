@@ -195,6 +195,17 @@ pub struct SplicerConfig {
     /// Learn verified blocks from READs the library answers.
     #[serde(default = "yes")]
     pub learn: bool,
+    /// With `[indexer]`: fetch blocks the cache lacks, by hash, from the cheapest
+    /// holders the index knows (peers, agents, the library's agent).
+    #[serde(default = "yes")]
+    pub fetch_from_peers: bool,
+    /// How long a READ waits for blocks being fetched before it passes through
+    /// to the library, milliseconds.
+    #[serde(default = "default_fetch_deadline_ms")]
+    pub fetch_deadline_ms: u64,
+    /// Bytes fetched ahead of an on-demand READ (0: no read-ahead).
+    #[serde(default = "default_readahead_bytes")]
+    pub readahead_bytes: u64,
     /// LUNs served locally (declared immutable, with a manifest).
     #[serde(default)]
     pub lun: Vec<ServedLunConfig>,
@@ -236,6 +247,9 @@ impl Default for SplicerConfig {
             iscsi_ports: default_iscsi_ports(),
             cache_bytes: default_cache_bytes(),
             learn: true,
+            fetch_from_peers: true,
+            fetch_deadline_ms: default_fetch_deadline_ms(),
+            readahead_bytes: default_readahead_bytes(),
             lun: Vec::new(),
         }
     }
@@ -247,6 +261,9 @@ impl SplicerConfig {
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+    pub fn fetch_deadline(&self) -> Duration {
+        Duration::from_millis(self.fetch_deadline_ms)
     }
 
     /// The served LUNs with their manifests loaded, and the cache.
@@ -260,6 +277,7 @@ impl SplicerConfig {
         };
         let cache = std::sync::Arc::new(crate::fetch::BlockCache::new(self.cache_bytes));
         let mut catalog = Catalog::new(cache, self.learn);
+        catalog.readahead_bytes = self.readahead_bytes;
         for l in &self.lun {
             let manifest = match (&l.manifest, &l.image, index) {
                 (Some(path), _, _) => ManifestFile(path.clone()).manifest()?,
@@ -343,6 +361,12 @@ fn default_iscsi_ports() -> Vec<u16> {
 }
 fn default_cache_bytes() -> u64 {
     256 << 20
+}
+fn default_fetch_deadline_ms() -> u64 {
+    1000
+}
+fn default_readahead_bytes() -> u64 {
+    8 << 20
 }
 fn default_logical_block_size() -> u32 {
     512

@@ -99,6 +99,24 @@ impl Appliance {
     }
 }
 
+impl Appliance {
+    /// How block holders rank from this appliance: path costs over the live link
+    /// weights (static when live costs are off); `None` without a topology.
+    pub fn source_ranks(&self) -> Option<crate::fetch::SourceRanks> {
+        let name = &self.config.appliance.name;
+        match &self.live_costs {
+            Some(lc) => {
+                let lc = lc.lock().unwrap_or_else(|p| p.into_inner());
+                crate::fetch::SourceRanks::from_graph(lc.graph(), name)
+            }
+            None => {
+                let topo = &self.planner.as_ref()?.topology;
+                crate::fetch::SourceRanks::from_graph(&Graph::from_topology(topo), name)
+            }
+        }
+    }
+}
+
 /// Per-interface counters for status.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InterfaceView {
@@ -290,11 +308,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let splicer = Arc::new(SplicerStats::default());
     let mut accept_tasks = Vec::new();
     let mut listener_slots = Vec::new();
+    let mut served_catalog = None;
 
     if dpc.steer {
         routing.install()?;
         let catalog = Arc::new(config.splicer.catalog(index_store.as_ref())?);
         let _ = splicer.cache.set(catalog.cache.clone());
+        served_catalog = Some(catalog.clone());
         let upstream = UpstreamOptions {
             dscp: dpc.dscp_mark,
             connect_timeout: config.splicer.connect_timeout(),
@@ -402,6 +422,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         _ => None,
     };
+    // Blocks the cache lacks come from the holders the index knows.
+    let sourcing = match (&indexer, &indexer_config, &served_catalog) {
+        (Some(ix), Some(ic), Some(catalog)) if config.splicer.fetch_from_peers => {
+            let ranks = app
+                .source_ranks()
+                .unwrap_or_else(|| crate::fetch::SourceRanks::unranked(&config.appliance.name));
+            let client = crate::serve::client::PeerClient::new(ic.peer.client(
+                &config.appliance.name,
+                crate::serve::proto::Role::Client,
+                ic.key(),
+            ));
+            let s = Arc::new(crate::fetch::Sourcing::new(
+                Box::new(ix.service.clone()),
+                Arc::new(client),
+                ranks,
+                catalog.cache.clone(),
+                crate::fetch::SourcingOptions {
+                    deadline: config.splicer.fetch_deadline(),
+                    ..Default::default()
+                },
+            ));
+            catalog.set_sourcing(s.clone());
+            let _ = splicer.sourcing.set(s.clone());
+            Some(s)
+        }
+        _ => None,
+    };
+    let rerank_task = sourcing.map(|s| tokio::spawn(rerank_loop(app.clone(), s)));
     // The appliance's own block cache is a holder in its local index.
     let cache_index_task = match (&indexer, &index_store, cache) {
         (Some(_), Some(store), Some(cache)) => Some(tokio::spawn(publish_cache(
@@ -459,6 +507,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     api_task.abort();
     sampler_task.abort();
+    if let Some(t) = rerank_task {
+        t.abort();
+    }
     if let Some(t) = cache_index_task {
         t.abort();
     }
@@ -491,7 +542,23 @@ async fn publish_cache(
     use crate::index::{BlockStore, Change};
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut published = (0, 0);
-    let mut sizes: Vec<u32> = Vec::new();
+    // The cache starts empty: whatever an earlier run recorded is gone.
+    let mut sizes: Vec<u32> = {
+        let store = store.clone();
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || store.images())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| *i.host == *node && i.image.starts_with("cache-"))
+            .map(|i| i.block_size)
+            .collect()
+    };
+    if !sizes.is_empty() {
+        published = (u64::MAX, u64::MAX);
+    }
     loop {
         tick.tick().await;
         let generation = cache.generation();
@@ -518,6 +585,26 @@ async fn publish_cache(
             Ok(Ok(_)) => published = generation,
             Ok(Err(e)) => warn!(cause = %e, "recording the cache in the index"),
             Err(e) => warn!(cause = %e, "cache index task"),
+        }
+    }
+}
+
+/// Keep the fetcher's holder ranking in step with the live link costs.
+async fn rerank_loop(app: Arc<Appliance>, sourcing: Arc<crate::fetch::Sourcing>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut seen = None;
+    loop {
+        tick.tick().await;
+        let recomputes = app
+            .live_costs
+            .as_ref()
+            .map(|lc| lc.lock().unwrap_or_else(|p| p.into_inner()).recomputes());
+        if recomputes == seen {
+            continue;
+        }
+        seen = recomputes;
+        if let Some(ranks) = app.source_ranks() {
+            sourcing.set_ranks(ranks);
         }
     }
 }

@@ -9,12 +9,23 @@ use std::{
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::Origin;
 use crate::index::BlockHash;
+
+/// One cached block.
+#[derive(Debug)]
+struct Entry {
+    data: Bytes,
+    /// Last-use stamp (key in `lru`).
+    stamp: u64,
+    /// Where it was fetched from, until it is served for the first time (then
+    /// it counts as a cache hit like any other).
+    origin: Option<Origin>,
+}
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// hash → (data, last-use stamp)
-    blocks: HashMap<BlockHash, (Bytes, u64)>,
+    blocks: HashMap<BlockHash, Entry>,
     /// last-use stamp → hash (oldest first)
     lru: BTreeMap<u64, BlockHash>,
     bytes: u64,
@@ -60,19 +71,38 @@ impl BlockCache {
 
     /// The block named `hash`, marking it recently used.
     pub fn get(&self, hash: &BlockHash) -> Option<Bytes> {
+        self.get_inner(hash, false).map(|(data, _)| data)
+    }
+
+    /// The block named `hash` for serving it: also where it came from if this is
+    /// its first use since it was fetched (`None`: an ordinary cache hit).
+    pub fn take_for_serving(&self, hash: &BlockHash) -> Option<(Bytes, Option<Origin>)> {
+        self.get_inner(hash, true)
+    }
+
+    /// Give a block back the origin [`Self::take_for_serving`] took (it was not
+    /// served after all).
+    pub fn retag(&self, hash: &BlockHash, origin: Origin) {
+        if let Some(entry) = self.lock().blocks.get_mut(hash) {
+            entry.origin.get_or_insert(origin);
+        }
+    }
+
+    fn get_inner(&self, hash: &BlockHash, first_use: bool) -> Option<(Bytes, Option<Origin>)> {
         let mut inner = self.lock();
         inner.clock += 1;
         let now = inner.clock;
-        let Some((data, stamp)) = inner.blocks.get_mut(hash) else {
+        let Some(entry) = inner.blocks.get_mut(hash) else {
             inner.misses += 1;
             return None;
         };
-        let old = std::mem::replace(stamp, now);
-        let data = data.clone();
+        let old = std::mem::replace(&mut entry.stamp, now);
+        let data = entry.data.clone();
+        let origin = if first_use { entry.origin.take() } else { None };
         inner.lru.remove(&old);
         inner.lru.insert(now, *hash);
         inner.hits += 1;
-        Some(data)
+        Some((data, origin))
     }
 
     /// Whether the block is present (does not count as a use).
@@ -83,6 +113,12 @@ impl BlockCache {
     /// Insert a block the caller has verified to hash to `hash`. Blocks larger than
     /// the whole cache are not kept.
     pub fn insert(&self, hash: BlockHash, data: Bytes) {
+        self.insert_from(hash, data, None)
+    }
+
+    /// [`Self::insert`], remembering where the block was fetched from until it is
+    /// first served ([`Self::take_for_serving`]).
+    pub fn insert_from(&self, hash: BlockHash, data: Bytes, origin: Option<Origin>) {
         let len = data.len() as u64;
         if len > self.capacity {
             return;
@@ -90,8 +126,8 @@ impl BlockCache {
         let mut inner = self.lock();
         inner.clock += 1;
         let now = inner.clock;
-        if let Some((_, stamp)) = inner.blocks.get_mut(&hash) {
-            let old = std::mem::replace(stamp, now);
+        if let Some(entry) = inner.blocks.get_mut(&hash) {
+            let old = std::mem::replace(&mut entry.stamp, now);
             inner.lru.remove(&old);
             inner.lru.insert(now, hash);
             return;
@@ -100,12 +136,19 @@ impl BlockCache {
             let Some((_, victim)) = inner.lru.pop_first() else {
                 break;
             };
-            if let Some((gone, _)) = inner.blocks.remove(&victim) {
-                inner.bytes -= gone.len() as u64;
+            if let Some(gone) = inner.blocks.remove(&victim) {
+                inner.bytes -= gone.data.len() as u64;
                 inner.evicted += 1;
             }
         }
-        inner.blocks.insert(hash, (data, now));
+        inner.blocks.insert(
+            hash,
+            Entry {
+                data,
+                stamp: now,
+                origin,
+            },
+        );
         inner.lru.insert(now, hash);
         inner.bytes += len;
         inner.inserted += 1;
@@ -117,8 +160,8 @@ impl BlockCache {
     pub fn as_manifests(&self) -> Vec<crate::index::Manifest> {
         let inner = self.lock();
         let mut by_size: BTreeMap<u32, Vec<BlockHash>> = BTreeMap::new();
-        for (hash, (data, _)) in &inner.blocks {
-            let len = data.len();
+        for (hash, entry) in &inner.blocks {
+            let len = entry.data.len();
             if len.is_power_of_two() && (4096..=(1 << 20)).contains(&len) {
                 by_size.entry(len as u32).or_default().push(*hash);
             }
@@ -225,5 +268,23 @@ mod tests {
         cache.insert(b, db.clone());
         cache.insert(b, db);
         assert_eq!(cache.snapshot().bytes, 60);
+    }
+
+    #[test]
+    fn origin_is_reported_once_at_the_first_serve() {
+        let cache = BlockCache::new(1000);
+        let (a, da) = block(1, 100);
+        let origin = Origin {
+            class: super::super::SourceClass::OtherRack,
+            hops: 3,
+        };
+        cache.insert_from(a, da.clone(), Some(origin));
+        assert_eq!(
+            cache.get(&a),
+            Some(da.clone()),
+            "a plain get keeps the origin"
+        );
+        assert_eq!(cache.take_for_serving(&a), Some((da.clone(), Some(origin))));
+        assert_eq!(cache.take_for_serving(&a), Some((da, None)));
     }
 }

@@ -27,7 +27,8 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 
-use crate::fetch::{zero_block, BlockCache};
+pub use crate::fetch::Provenance;
+use crate::fetch::{zero_block, BlockCache, SourceClass};
 use crate::index::{BlockHash, Manifest};
 
 use super::scsi::ReadCommand;
@@ -203,15 +204,6 @@ pub fn lun_number(field: u64) -> Option<u16> {
     Some((u16::from(bytes[0] & 0x3f) << 8) | u16::from(bytes[1]))
 }
 
-/// Where a READ's blocks come from (per manifest block touched).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Provenance {
-    pub zero_blocks: u64,
-    pub zero_bytes: u64,
-    pub cache_blocks: u64,
-    pub cache_bytes: u64,
-}
-
 /// One LUN the splicer may serve.
 #[derive(Debug)]
 pub struct ServedLun {
@@ -222,6 +214,8 @@ pub struct ServedLun {
     pub logical_block_size: u32,
     pub manifest: Manifest,
     tainted: AtomicBool,
+    /// Manifest block up to which read-ahead has been asked for.
+    readahead_mark: std::sync::atomic::AtomicU64,
 }
 
 impl ServedLun {
@@ -252,6 +246,7 @@ impl ServedLun {
             logical_block_size,
             manifest,
             tainted: AtomicBool::new(false),
+            readahead_mark: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -279,8 +274,17 @@ impl ServedLun {
         (end <= self.manifest.size).then_some((start, end))
     }
 
+    /// The manifest blocks a READ touches (`None` when it reaches past the end).
+    fn block_span(&self, read: &ReadCommand) -> Option<std::ops::Range<usize>> {
+        let (start, end) = self.byte_range(read)?;
+        let bs = u64::from(self.manifest.block_size);
+        Some((start / bs) as usize..end.div_ceil(bs) as usize)
+    }
+
     /// The READ's data as slices of zero and cached blocks (exactly blocks × logical
-    /// block size bytes), if every block it touches is available now.
+    /// block size bytes), if every block it touches is available now, with where
+    /// each came from (a block fetched from a peer counts as that peer's the first
+    /// time it is served).
     pub fn assemble(
         &self,
         read: &ReadCommand,
@@ -290,33 +294,96 @@ impl ServedLun {
         let bs = u64::from(self.manifest.block_size);
         let mut pieces = Vec::new();
         let mut prov = Provenance::default();
+        let mut taken = Vec::new();
         let mut pos = start;
-        while pos < end {
+        let complete = loop {
+            if pos >= end {
+                break true;
+            }
             let index = (pos / bs) as usize;
             let block_start = index as u64 * bs;
             let block_len = self.manifest.block_len(index);
             let from = (pos - block_start) as usize;
             let to = (end.min(block_start + block_len) - block_start) as usize;
-            let data = match self.manifest.blocks.get(index)? {
-                None => {
-                    prov.zero_blocks += 1;
-                    prov.zero_bytes += (to - from) as u64;
+            let served = (to - from) as u64;
+            let data = match self.manifest.blocks.get(index) {
+                None => break false,
+                Some(None) => {
+                    prov.add(SourceClass::Zero, None, served);
                     zero_block(block_len as usize)
                 }
-                Some(hash) => {
-                    let data = cache.get(hash)?;
-                    if data.len() as u64 != block_len {
-                        return None;
+                Some(Some(hash)) => {
+                    let Some((data, origin)) = cache.take_for_serving(hash) else {
+                        break false;
+                    };
+                    if let Some(o) = origin {
+                        taken.push((*hash, o));
                     }
-                    prov.cache_blocks += 1;
-                    prov.cache_bytes += (to - from) as u64;
+                    if data.len() as u64 != block_len {
+                        break false;
+                    }
+                    match origin {
+                        Some(o) => prov.add(o.class, Some(o.hops), served),
+                        None => prov.add(SourceClass::Cache, None, served),
+                    }
                     data
                 }
             };
             pieces.push(data.slice(from..to));
             pos = block_start + to as u64;
+        };
+        if !complete {
+            // Not served after all: the fetched blocks keep their origin.
+            for (hash, origin) in taken {
+                cache.retag(&hash, origin);
+            }
+            return None;
         }
         Some((pieces, prov))
+    }
+
+    /// The distinct non-zero blocks of a READ the cache lacks (empty when the
+    /// READ reaches past the manifest: it is not served anyway).
+    pub fn missing(&self, read: &ReadCommand, cache: &BlockCache) -> Vec<BlockHash> {
+        let Some(span) = self.block_span(read) else {
+            return Vec::new();
+        };
+        self.absent(span, cache)
+    }
+
+    fn absent(&self, span: std::ops::Range<usize>, cache: &BlockCache) -> Vec<BlockHash> {
+        let mut out: Vec<BlockHash> = Vec::new();
+        for h in self.manifest.blocks[span].iter().flatten() {
+            if !cache.contains(h) && !out.contains(h) {
+                out.push(*h);
+            }
+        }
+        out
+    }
+
+    /// On-demand read-ahead after a READ: the next `window` manifest blocks past
+    /// it that are not cached, if the LUN's read-ahead has not already asked for
+    /// them. Read-ahead is asked for again once a READ comes within half a window
+    /// of where it stopped; a READ far behind it (another reader, or a jump)
+    /// restarts it from there.
+    pub fn readahead(
+        &self,
+        read: &ReadCommand,
+        window: usize,
+        cache: &BlockCache,
+    ) -> Vec<BlockHash> {
+        let Some(span) = self.block_span(read) else {
+            return Vec::new();
+        };
+        let Some(range) = readahead_range(
+            &self.readahead_mark,
+            span.end,
+            window,
+            self.manifest.blocks.len(),
+        ) else {
+            return Vec::new();
+        };
+        self.absent(range, cache)
     }
 
     /// Start learning from the library's answer to a READ passed through.
@@ -330,6 +397,37 @@ impl ServedLun {
             pending: BytesMut::new(),
             pending_block: None,
         })
+    }
+}
+
+/// The blocks to read ahead after a READ ending at block `end`, advancing `mark`
+/// (how far read-ahead has been asked for): `None` when the READ is more than
+/// half a window before the mark (already covered) and not far behind it.
+fn readahead_range(
+    mark: &std::sync::atomic::AtomicU64,
+    end: usize,
+    window: usize,
+    blocks: usize,
+) -> Option<std::ops::Range<usize>> {
+    if window == 0 || end >= blocks {
+        return None;
+    }
+    let (end, window, blocks) = (end as u64, window as u64, blocks as u64);
+    let mut current = mark.load(Ordering::Relaxed);
+    loop {
+        let behind = end + 2 * window < current;
+        let from = if behind { end } else { current.max(end) };
+        if !behind && end + window / 2 < current {
+            return None;
+        }
+        let to = (end + window).min(blocks);
+        if from >= to {
+            return None;
+        }
+        match mark.compare_exchange(current, to, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Some(from as usize..to as usize),
+            Err(now) => current = now,
+        }
     }
 }
 
@@ -440,6 +538,10 @@ pub struct Catalog {
     /// READs longer than this are passed through without learning (bounds the
     /// per-task assembly buffer to one manifest block anyway; this bounds CPU).
     pub max_learn_bytes: u64,
+    /// Bytes read ahead after an on-demand READ (when blocks come from peers).
+    pub readahead_bytes: u64,
+    /// Where missing blocks are fetched from (set once the index service runs).
+    sourcing: std::sync::OnceLock<Arc<crate::fetch::Sourcing>>,
 }
 
 impl Catalog {
@@ -449,7 +551,23 @@ impl Catalog {
             cache,
             learn,
             max_learn_bytes: 64 << 20,
+            readahead_bytes: 8 << 20,
+            sourcing: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Fetch missing blocks from peers through `sourcing` from now on (once).
+    pub fn set_sourcing(&self, sourcing: Arc<crate::fetch::Sourcing>) {
+        let _ = self.sourcing.set(sourcing);
+    }
+
+    pub fn sourcing(&self) -> Option<&Arc<crate::fetch::Sourcing>> {
+        self.sourcing.get()
+    }
+
+    /// The read-ahead window in manifest blocks of `block_size`.
+    pub fn readahead_blocks(&self, block_size: u32) -> usize {
+        (self.readahead_bytes / u64::from(block_size.max(1))) as usize
     }
 
     pub fn empty() -> Catalog {
@@ -540,7 +658,7 @@ mod tests {
         // Zero block alone: served cold.
         let (pieces, prov) = lun.assemble(&read(8, 8), &cache).unwrap();
         assert_eq!(pieces.concat(), vec![0u8; 4096]);
-        assert_eq!(prov.zero_blocks, 1);
+        assert_eq!(prov.blocks_of(SourceClass::Zero), 1);
 
         // A pass-through READ of blocks 0..3 at an unaligned start (LBA 4), in
         // segments that straddle blocks: the partial first block is not learned.
@@ -564,7 +682,13 @@ mod tests {
         // Now blocks 0, 1 (zero), 2 and the tail can be served, across boundaries.
         let (pieces, prov) = lun.assemble(&read(2, 20), &cache).unwrap();
         assert_eq!(pieces.concat(), &data[1024..11264]);
-        assert_eq!((prov.zero_blocks, prov.cache_blocks), (1, 2));
+        assert_eq!(
+            (
+                prov.blocks_of(SourceClass::Zero),
+                prov.blocks_of(SourceClass::Cache)
+            ),
+            (1, 2)
+        );
         assert!(
             lun.assemble(&read(24, 8), &cache).is_none(),
             "block 3 not learned"
@@ -599,5 +723,59 @@ mod tests {
         assert_eq!((l.inserted, l.mismatched), (0, 1));
         assert!(lun.tainted());
         assert_eq!(cache.snapshot().blocks, 0);
+    }
+
+    #[test]
+    fn fetched_blocks_count_by_origin_once_and_missing_lists_what_is_absent() {
+        use crate::fetch::Origin;
+        let data = image();
+        let m = manifest_of("i", &data, 4096);
+        let lun = ServedLun::new("t".into(), 1, ServeDesign::Shadow, 512, m.clone()).unwrap();
+        let cache = BlockCache::new(1 << 20);
+        let whole = read(0, 34);
+        let hashes: Vec<BlockHash> = m.blocks.iter().flatten().copied().collect();
+        assert_eq!(lun.missing(&whole, &cache), hashes);
+        let rack = Origin {
+            class: SourceClass::Rack,
+            hops: 1,
+        };
+        // Blocks 0 and 2 arrive from a rack peer; block 3 and the tail are absent.
+        cache.insert_from(hashes[0], Bytes::copy_from_slice(&data[..4096]), Some(rack));
+        cache.insert_from(
+            hashes[1],
+            Bytes::copy_from_slice(&data[8192..12288]),
+            Some(rack),
+        );
+        assert_eq!(lun.missing(&whole, &cache), hashes[2..]);
+        assert!(lun.assemble(&whole, &cache).is_none());
+        // The failed assembly kept their origin: the first serve counts them as rack.
+        let (_, prov) = lun.assemble(&read(0, 24), &cache).unwrap();
+        assert_eq!(prov.blocks_of(SourceClass::Rack), 2);
+        assert_eq!(prov.bytes_of(SourceClass::Rack), 8192);
+        assert_eq!(prov.hop_bytes[1], 8192);
+        let (_, prov) = lun.assemble(&read(0, 24), &cache).unwrap();
+        assert_eq!(
+            (
+                prov.blocks_of(SourceClass::Cache),
+                prov.blocks_of(SourceClass::Rack)
+            ),
+            (2, 0)
+        );
+    }
+
+    #[test]
+    fn readahead_advances_once_per_half_window_and_restarts_behind() {
+        let mark = std::sync::atomic::AtomicU64::new(0);
+        assert_eq!(readahead_range(&mark, 8, 100, 1000), Some(8..108));
+        // Within the first half of what was asked: nothing new.
+        assert_eq!(readahead_range(&mark, 40, 100, 1000), None);
+        // Past half: the next stretch, from where the last one stopped.
+        assert_eq!(readahead_range(&mark, 60, 100, 1000), Some(108..160));
+        // Clipped at the end of the image; nothing past it.
+        assert_eq!(readahead_range(&mark, 950, 100, 1000), Some(950..1000));
+        assert_eq!(readahead_range(&mark, 1000, 100, 1000), None);
+        // Far behind the mark: restart there.
+        assert_eq!(readahead_range(&mark, 10, 100, 1000), Some(10..110));
+        assert_eq!(readahead_range(&mark, 10, 0, 1000), None);
     }
 }

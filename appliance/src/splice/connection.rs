@@ -130,6 +130,7 @@ pub async fn splice_iscsi(
         ready: HashMap::new(),
         relay_raw: false,
     };
+    let mut held: Option<HeldRead> = None;
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut ubuf = BytesMut::with_capacity(READ_CHUNK);
     let (mut c_done, mut u_done) = (false, false);
@@ -142,23 +143,27 @@ pub async fn splice_iscsi(
                 ubuf.reserve(READ_CHUNK);
             }
             tokio::select! {
-                r = cr.read_buf(&mut cbuf), if !c_done => match r {
+                // While a READ waits for its blocks, later PDUs from the initiator
+                // stay in the socket (order is kept; the target side flows on).
+                r = cr.read_buf(&mut cbuf), if !c_done && held.is_none() => match r {
                     Ok(0) => {
                         // Half-close passes on once everything before it is written.
                         c_done = true;
                         conn.to_target = None;
                     }
-                    Ok(_) => loop {
-                        let decoded = conn.from_initiator.decode(&mut cbuf).map_err(|source| {
-                            ConnectionError::Decode { side: "initiator", source }
-                        })?;
-                        let Some(pdu) = decoded else { break };
-                        conn.on_initiator(pdu).await?;
-                        if conn.relay_raw {
-                            break;
-                        }
-                    },
+                    Ok(_) => conn.drain_initiator(&mut cbuf, &mut held).await?,
                     Err(source) => return Err(ConnectionError::Read { side: "initiator", source }),
+                },
+                timed_out = wait_held(&mut held) => {
+                    if let Some(h) = held.take() {
+                        if timed_out {
+                            if let Some(s) = conn.ctx.catalog.sourcing() {
+                                s.note_deadline_missed();
+                            }
+                        }
+                        held = conn.on_initiator(h.pdu, true).await?;
+                        conn.drain_initiator(&mut cbuf, &mut held).await?;
+                    }
                 },
                 r = ur.read_buf(&mut ubuf), if !u_done => match r {
                     Ok(0) => {
@@ -271,6 +276,21 @@ async fn writer(
     Ok(None)
 }
 
+/// A READ waiting for its missing blocks to be fetched (at most the deadline).
+struct HeldRead {
+    pdu: ReceivedPdu,
+    /// Resolves `true` when the deadline passed first.
+    wait: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
+}
+
+/// The held READ's wait, or never.
+async fn wait_held(held: &mut Option<HeldRead>) -> bool {
+    match held {
+        Some(h) => h.wait.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Conn<'a> {
     ctx: &'a SpliceContext,
     session: Session,
@@ -299,18 +319,70 @@ impl Conn<'_> {
         (!lun.tainted()).then_some(lun)
     }
 
-    async fn on_initiator(&mut self, received: ReceivedPdu) -> Result<(), ConnectionError> {
+    /// Decode and handle the initiator's PDUs in `cbuf` until it runs dry, a READ
+    /// is held for its blocks, or the connection drops to the byte relay.
+    async fn drain_initiator(
+        &mut self,
+        cbuf: &mut BytesMut,
+        held: &mut Option<HeldRead>,
+    ) -> Result<(), ConnectionError> {
+        while held.is_none() && !self.relay_raw {
+            let decoded =
+                self.from_initiator
+                    .decode(cbuf)
+                    .map_err(|source| ConnectionError::Decode {
+                        side: "initiator",
+                        source,
+                    })?;
+            let Some(pdu) = decoded else { break };
+            *held = self.on_initiator(pdu, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Handle one PDU from the initiator. A READ of a served LUN whose blocks are
+    /// not all at hand, when peers may hold them, is returned to be held until
+    /// they are fetched (or the deadline passes: `waited`, then it is decided with
+    /// what arrived).
+    async fn on_initiator(
+        &mut self,
+        received: ReceivedPdu,
+        waited: bool,
+    ) -> Result<Option<HeldRead>, ConnectionError> {
         let bhs = received.pdu.bhs;
         let mut disposition = Disposition::PassThrough;
         if let Some(read) = self.session.read_candidate(&bhs) {
             if let Some(lun) = self.served_lun(bhs.lun()).cloned() {
                 let stats = &self.ctx.stats;
                 let catalog = &self.ctx.catalog;
-                let assembled = if read.servable(lun.capacity_blocks()) {
+                let servable = read.servable(lun.capacity_blocks());
+                let sourcing = catalog.sourcing().filter(|_| servable);
+                if let (Some(src), false) = (sourcing, waited) {
+                    let window = catalog.readahead_blocks(lun.manifest.block_size);
+                    let ahead = lun.readahead(&read, window, &catalog.cache);
+                    if !ahead.is_empty() {
+                        // Runs on its own; nothing waits for it.
+                        drop(src.fill(&ahead));
+                    }
+                }
+                let assembled = if servable {
                     lun.assemble(&read, &catalog.cache)
                 } else {
                     None
                 };
+                if let (None, Some(src), false) = (&assembled, sourcing, waited) {
+                    let missing = lun.missing(&read, &catalog.cache);
+                    if !missing.is_empty() {
+                        let fill = src.fill(&missing);
+                        let deadline = src.deadline();
+                        return Ok(Some(HeldRead {
+                            pdu: received,
+                            wait: Box::pin(async move {
+                                tokio::time::timeout(deadline, fill).await.is_err()
+                            }),
+                        }));
+                    }
+                }
                 match assembled {
                     Some(ready) => {
                         disposition = match lun.design {
@@ -348,7 +420,8 @@ impl Conn<'_> {
             }
         }
         let out = self.session.from_initiator(received, disposition);
-        self.carry(out).await
+        self.carry(out).await?;
+        Ok(None)
     }
 
     async fn on_target(&mut self, received: ReceivedPdu) -> Result<(), ConnectionError> {
@@ -430,18 +503,7 @@ impl Conn<'_> {
             Design::Local => &stats.reads_served_local,
         }
         .fetch_add(1, Ordering::Relaxed);
-        stats
-            .zero_blocks
-            .fetch_add(prov.zero_blocks, Ordering::Relaxed);
-        stats
-            .zero_bytes
-            .fetch_add(prov.zero_bytes, Ordering::Relaxed);
-        stats
-            .cache_blocks
-            .fetch_add(prov.cache_blocks, Ordering::Relaxed);
-        stats
-            .cache_bytes
-            .fetch_add(prov.cache_bytes, Ordering::Relaxed);
+        stats.count_provenance(&prov);
     }
 
     fn on_event(&mut self, event: &Event) {

@@ -44,11 +44,12 @@ pub struct SplicerStats {
     pub reads_served_local: AtomicU64,
     /// READs of served LUNs passed through to the library (not all blocks at hand).
     pub reads_passed: AtomicU64,
-    /// Per-block provenance of served READs (blocks touched, bytes sent).
-    pub zero_blocks: AtomicU64,
-    pub zero_bytes: AtomicU64,
-    pub cache_blocks: AtomicU64,
-    pub cache_bytes: AtomicU64,
+    /// Per-block provenance of served READs (blocks touched, bytes sent), by
+    /// [`crate::fetch::SourceClass`] index.
+    pub served_blocks: [AtomicU64; 5],
+    pub served_bytes: [AtomicU64; 5],
+    /// Bytes served from blocks fetched from peers, by hop distance.
+    pub hop_bytes: [AtomicU64; crate::fetch::MAX_HOPS + 1],
     /// Bytes of served LUNs' READs the library answered.
     pub library_bytes: AtomicU64,
     /// Blocks verified against the manifest and inserted into the cache.
@@ -57,6 +58,15 @@ pub struct SplicerStats {
     pub verify_failures: AtomicU64,
     /// The block cache, for its counters.
     pub cache: std::sync::OnceLock<Arc<crate::fetch::BlockCache>>,
+    /// The peer fetcher, for its counters.
+    pub sourcing: std::sync::OnceLock<Arc<crate::fetch::Sourcing>>,
+}
+
+/// Blocks and bytes served from one source class.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Served {
+    pub blocks: u64,
+    pub bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -92,11 +102,39 @@ pub struct SplicerSnapshot {
     pub verify_failures: u64,
     #[serde(default)]
     pub cache: Option<crate::fetch::CacheSnapshot>,
+    /// Served blocks by source: zero, cache, rack, other_rack, library.
+    #[serde(default)]
+    pub served: std::collections::BTreeMap<crate::fetch::SourceClass, Served>,
+    /// Bytes served from fetched blocks by the hop distance of their source.
+    #[serde(default)]
+    pub served_bytes_by_hops: std::collections::BTreeMap<u8, u64>,
+    #[serde(default)]
+    pub sourcing: Option<crate::fetch::SourcingSnapshot>,
 }
 
 impl SplicerStats {
+    /// Add one served READ's provenance.
+    pub fn count_provenance(&self, prov: &crate::fetch::Provenance) {
+        for (i, c) in self.served_blocks.iter().enumerate() {
+            c.fetch_add(prov.blocks[i], Ordering::Relaxed);
+        }
+        for (i, c) in self.served_bytes.iter().enumerate() {
+            c.fetch_add(prov.bytes[i], Ordering::Relaxed);
+        }
+        for (i, c) in self.hop_bytes.iter().enumerate() {
+            if prov.hop_bytes[i] > 0 {
+                c.fetch_add(prov.hop_bytes[i], Ordering::Relaxed);
+            }
+        }
+    }
+
     pub fn snapshot(&self) -> SplicerSnapshot {
+        use crate::fetch::SourceClass;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let served_of = |class: SourceClass| Served {
+            blocks: get(&self.served_blocks[class.index()]),
+            bytes: get(&self.served_bytes[class.index()]),
+        };
         SplicerSnapshot {
             raw_relayed: get(&self.raw_relayed),
             accepted: get(&self.accepted),
@@ -108,10 +146,22 @@ impl SplicerStats {
             reads_served_shadow: get(&self.reads_served_shadow),
             reads_served_local: get(&self.reads_served_local),
             reads_passed: get(&self.reads_passed),
-            zero_blocks: get(&self.zero_blocks),
-            zero_bytes: get(&self.zero_bytes),
-            cache_blocks: get(&self.cache_blocks),
-            cache_bytes: get(&self.cache_bytes),
+            zero_blocks: served_of(SourceClass::Zero).blocks,
+            zero_bytes: served_of(SourceClass::Zero).bytes,
+            cache_blocks: served_of(SourceClass::Cache).blocks,
+            cache_bytes: served_of(SourceClass::Cache).bytes,
+            served: SourceClass::ALL
+                .iter()
+                .map(|&c| (c, served_of(c)))
+                .collect(),
+            served_bytes_by_hops: self
+                .hop_bytes
+                .iter()
+                .enumerate()
+                .map(|(h, c)| (h as u8, get(c)))
+                .filter(|(_, v)| *v > 0)
+                .collect(),
+            sourcing: self.sourcing.get().map(|s| s.snapshot()),
             library_bytes: get(&self.library_bytes),
             learned_blocks: get(&self.learned_blocks),
             verify_failures: get(&self.verify_failures),

@@ -1,0 +1,549 @@
+//! Blocks the cache lacks, fetched by hash from the cheapest holders.
+//!
+//! For each missing block: ask the appliance's index who holds it (its own store,
+//! then its parent's — the global index), order the holders by path cost from this
+//! appliance ([`SourceRanks`], the planner's cost matrix), and fetch with the peer
+//! client, which verifies every block's blake3 against the requested hash (the
+//! manifest's) and moves on to the next holder when one fails, lies or dies. Verified
+//! blocks land in the [`BlockCache`] tagged with their [`Origin`], so the first READ
+//! that serves them counts them by source.
+//!
+//! Fetches run as their own tasks: a READ waits for them only up to the deadline
+//! ([`SourcingOptions::deadline`]) and then passes through to the library, while the
+//! fetch completes into the cache for the next READ. A block already being fetched
+//! is not asked for twice: later callers wait on the first fetch.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{BlockCache, Origin, SourceClass, MAX_HOPS};
+use crate::{
+    cost::{Graph, Role},
+    index::BlockHash,
+    serve::{client::PeerClient, proto::Holder},
+};
+
+/// The future a [`HolderLookup`] returns: per hash, its holders.
+pub type HolderFuture = Pin<Box<dyn Future<Output = Result<Vec<Vec<Holder>>, String>> + Send>>;
+
+/// Who holds blocks (the appliance's index service: its store, then its parent).
+pub trait HolderLookup: Send + Sync {
+    fn holders(&self, hashes: Vec<BlockHash>) -> HolderFuture;
+}
+
+impl HolderLookup for Arc<crate::serve::indexer::IndexService> {
+    fn holders(&self, hashes: Vec<BlockHash>) -> HolderFuture {
+        let ix = self.clone();
+        Box::pin(async move {
+            crate::serve::indexer::IndexService::holders(&ix, &hashes, false)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+}
+
+/// How one holder ranks from this appliance.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rank {
+    /// Path cost (the topology's weights as last priced).
+    pub cost: f64,
+    /// Links on that path.
+    pub hops: u8,
+    pub class: SourceClass,
+}
+
+/// Every node's [`Rank`] as seen from one appliance.
+#[derive(Clone, Debug, Default)]
+pub struct SourceRanks {
+    node: String,
+    ranks: HashMap<String, Rank>,
+}
+
+impl SourceRanks {
+    /// Ranks from `node` over `graph` with its current weights; `None` when `node`
+    /// is not in the graph. The library's node is [`SourceClass::Library`]; nodes
+    /// one hop away are this appliance's rack; the rest are other racks.
+    pub fn from_graph(graph: &Graph, node: &str) -> Option<SourceRanks> {
+        let source = graph.node_id(node)?;
+        let paths = graph.shortest_paths(source);
+        let mut ranks = HashMap::new();
+        for id in 0..graph.node_count() as u32 {
+            if id == source {
+                continue;
+            }
+            let Some(cost) = paths.cost(id) else {
+                continue;
+            };
+            let hops = paths.path_links(id).count().min(usize::from(u8::MAX)) as u8;
+            let class = if graph.role(id) == Role::Library {
+                SourceClass::Library
+            } else if hops <= 1 {
+                SourceClass::Rack
+            } else {
+                SourceClass::OtherRack
+            };
+            ranks.insert(graph.name(id).to_string(), Rank { cost, hops, class });
+        }
+        Some(SourceRanks {
+            node: node.to_string(),
+            ranks,
+        })
+    }
+
+    /// No topology: every holder ranks alike (ordered by name).
+    pub fn unranked(node: &str) -> SourceRanks {
+        SourceRanks {
+            node: node.to_string(),
+            ranks: HashMap::new(),
+        }
+    }
+
+    /// The rank of `host`; a host the topology does not know ranks after every
+    /// known one (as another rack at the farthest hop count).
+    pub fn rank(&self, host: &str) -> Rank {
+        self.ranks.get(host).copied().unwrap_or(Rank {
+            cost: f64::INFINITY,
+            hops: MAX_HOPS as u8,
+            class: SourceClass::OtherRack,
+        })
+    }
+
+    /// Where to ask for one block, cheapest first (ties by host name): this
+    /// appliance itself and holders without a block-service address are left
+    /// out, and each address is listed once.
+    pub fn order(&self, holders: &[Holder]) -> Vec<(String, Origin)> {
+        let mut cands: Vec<(Rank, &str, &str)> = holders
+            .iter()
+            .filter(|h| *h.location.host != *self.node)
+            .filter_map(|h| {
+                let addr = h.addr.as_deref()?;
+                Some((self.rank(&h.location.host), &*h.location.host, addr))
+            })
+            .collect();
+        cands.sort_by(|a, b| a.0.cost.total_cmp(&b.0.cost).then(a.1.cmp(b.1)));
+        let mut seen = std::collections::HashSet::new();
+        cands
+            .into_iter()
+            .filter(|(_, _, addr)| seen.insert(*addr))
+            .map(|(rank, _, addr)| {
+                (
+                    addr.to_string(),
+                    Origin {
+                        class: rank.class,
+                        hops: rank.hops,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+/// `[splicer]` settings of the fetcher.
+#[derive(Clone, Debug)]
+pub struct SourcingOptions {
+    /// How long a READ waits for its missing blocks before it passes through to
+    /// the library.
+    pub deadline: Duration,
+    /// Hashes per holder lookup (and per fetch round).
+    pub batch: usize,
+}
+
+impl Default for SourcingOptions {
+    fn default() -> Self {
+        SourcingOptions {
+            deadline: Duration::from_millis(1000),
+            batch: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requested: AtomicU64,
+    lookups: AtomicU64,
+    lookup_failures: AtomicU64,
+    no_holder: AtomicU64,
+    fetched_blocks: AtomicU64,
+    fetched_bytes: AtomicU64,
+    failed: AtomicU64,
+    deadline_missed: AtomicU64,
+}
+
+/// The fetcher's counters (`nearblock status`, `/metrics`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourcingSnapshot {
+    /// Blocks asked for (not cached, not already being fetched).
+    pub requested: u64,
+    /// Holder lookups (batches) and the ones that failed.
+    pub lookups: u64,
+    pub lookup_failures: u64,
+    /// Blocks no reachable holder (other than this appliance) has.
+    pub no_holder: u64,
+    /// Blocks fetched, verified and cached, and their bytes.
+    pub fetched_blocks: u64,
+    pub fetched_bytes: u64,
+    /// Blocks every holder failed (dead, missing, corrupt).
+    pub failed: u64,
+    /// Blocks served by peers that did not match their hash.
+    pub corrupt: u64,
+    /// READs that gave up waiting and passed through to the library.
+    pub deadline_missed: u64,
+}
+
+/// Fetches missing blocks into the cache (see the module doc).
+pub struct Sourcing {
+    lookup: Box<dyn HolderLookup>,
+    client: Arc<PeerClient>,
+    ranks: RwLock<Arc<SourceRanks>>,
+    cache: Arc<BlockCache>,
+    opts: SourcingOptions,
+    /// Blocks being fetched → resolves (`true`) when their fetch ended.
+    inflight: Mutex<HashMap<BlockHash, watch::Receiver<bool>>>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for Sourcing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sourcing")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Sourcing {
+    pub fn new(
+        lookup: Box<dyn HolderLookup>,
+        client: Arc<PeerClient>,
+        ranks: SourceRanks,
+        cache: Arc<BlockCache>,
+        opts: SourcingOptions,
+    ) -> Sourcing {
+        Sourcing {
+            lookup,
+            client,
+            ranks: RwLock::new(Arc::new(ranks)),
+            cache,
+            opts,
+            inflight: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.opts.deadline
+    }
+
+    /// Re-rank holders (link costs changed).
+    pub fn set_ranks(&self, ranks: SourceRanks) {
+        *self.ranks.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ranks);
+    }
+
+    fn ranks(&self) -> Arc<SourceRanks> {
+        self.ranks.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A READ gave up waiting for its blocks.
+    pub fn note_deadline_missed(&self) {
+        self.counters
+            .deadline_missed
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Start fetching those of `hashes` that are neither cached nor being fetched
+    /// (in the background); the returned future resolves once every one of
+    /// `hashes` that was missing has been fetched or given up on. Dropping it does
+    /// not stop the fetch. Must be called inside a tokio runtime.
+    pub fn fill(self: &Arc<Self>, hashes: &[BlockHash]) -> impl Future<Output = ()> + Send {
+        let mut waits: Vec<watch::Receiver<bool>> = Vec::new();
+        let mut new = Vec::new();
+        {
+            let mut inflight = lock(&self.inflight);
+            let (tx, rx) = watch::channel(false);
+            for h in hashes {
+                if self.cache.contains(h) {
+                    continue;
+                }
+                if let Some(r) = inflight.get(h) {
+                    if !waits.iter().any(|w| w.same_channel(r)) {
+                        waits.push(r.clone());
+                    }
+                    continue;
+                }
+                inflight.insert(*h, rx.clone());
+                new.push(*h);
+            }
+            if !new.is_empty() {
+                waits.push(rx);
+                self.counters
+                    .requested
+                    .fetch_add(new.len() as u64, Ordering::Relaxed);
+                tokio::spawn(self.clone().fetch(new, tx));
+            }
+        }
+        async move {
+            for mut w in waits {
+                // An error means the fetch task is gone: done either way.
+                let _ = w.wait_for(|done| *done).await;
+            }
+        }
+    }
+
+    /// Fetch `hashes` (none cached or in flight elsewhere), then release them.
+    async fn fetch(self: Arc<Self>, hashes: Vec<BlockHash>, done: watch::Sender<bool>) {
+        for chunk in hashes.chunks(self.opts.batch.max(1)) {
+            self.fetch_batch(chunk).await;
+        }
+        {
+            let mut inflight = lock(&self.inflight);
+            for h in &hashes {
+                if inflight
+                    .get(h)
+                    .is_some_and(|r| r.same_channel(&done.subscribe()))
+                {
+                    inflight.remove(h);
+                }
+            }
+        }
+        let _ = done.send(true);
+    }
+
+    async fn fetch_batch(&self, hashes: &[BlockHash]) {
+        let c = &self.counters;
+        c.lookups.fetch_add(1, Ordering::Relaxed);
+        // A lookup that takes longer than a READ may wait is of no use to it.
+        let lookup = tokio::time::timeout(
+            self.opts.deadline.max(Duration::from_secs(2)),
+            self.lookup.holders(hashes.to_vec()),
+        )
+        .await;
+        let holders = match lookup {
+            Ok(Ok(h)) if h.len() == hashes.len() => h,
+            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+                if let Ok(Err(e)) = &lookup {
+                    tracing::debug!(cause = %e, "holder lookup failed");
+                }
+                c.lookup_failures.fetch_add(1, Ordering::Relaxed);
+                c.failed.fetch_add(hashes.len() as u64, Ordering::Relaxed);
+                return;
+            }
+        };
+        let ranks = self.ranks();
+        let mut wants: Vec<(BlockHash, Vec<String>)> = Vec::with_capacity(hashes.len());
+        let mut origins: HashMap<String, Origin> = HashMap::new();
+        for (hash, hs) in hashes.iter().zip(&holders) {
+            let order = ranks.order(hs);
+            if order.is_empty() {
+                c.no_holder.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let addrs = order
+                .into_iter()
+                .map(|(addr, origin)| {
+                    origins.insert(addr.clone(), origin);
+                    addr
+                })
+                .collect();
+            wants.push((*hash, addrs));
+        }
+        if wants.is_empty() {
+            return;
+        }
+        let results = self.client.fetch_many(&wants).await;
+        for ((hash, _), r) in wants.iter().zip(results) {
+            match r {
+                Ok(f) => {
+                    c.fetched_blocks.fetch_add(1, Ordering::Relaxed);
+                    c.fetched_bytes
+                        .fetch_add(f.data.len() as u64, Ordering::Relaxed);
+                    let origin = origins.get(&f.from).copied();
+                    self.cache.insert_from(*hash, f.data, origin);
+                }
+                Err(e) => {
+                    tracing::debug!(block = %hash, cause = %e, "no holder served the block");
+                    c.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> SourcingSnapshot {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SourcingSnapshot {
+            requested: get(&c.requested),
+            lookups: get(&c.lookups),
+            lookup_failures: get(&c.lookup_failures),
+            no_holder: get(&c.no_holder),
+            fetched_blocks: get(&c.fetched_blocks),
+            fetched_bytes: get(&c.fetched_bytes),
+            failed: get(&c.failed),
+            corrupt: self.client.metrics().mismatches,
+            deadline_missed: get(&c.deadline_missed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::Topology;
+    use crate::index::Location;
+
+    const TOPO: &str = r#"
+[[node]]
+name = "library"
+role = "library"
+[[node]]
+name = "core"
+role = "switch"
+[[node]]
+name = "rack1"
+role = "appliance"
+[[node]]
+name = "rack2"
+role = "appliance"
+[[node]]
+name = "hv1"
+role = "hypervisor"
+[[node]]
+name = "hv3"
+role = "hypervisor"
+[[link]]
+a = "library"
+b = "core"
+weight = 4.0
+[[link]]
+a = "core"
+b = "rack1"
+[[link]]
+a = "core"
+b = "rack2"
+[[link]]
+a = "rack1"
+b = "hv1"
+[[link]]
+a = "rack2"
+b = "hv3"
+"#;
+
+    fn ranks() -> SourceRanks {
+        let topo = Topology::parse(TOPO).unwrap();
+        SourceRanks::from_graph(&Graph::from_topology(&topo), "rack1").unwrap()
+    }
+
+    fn holder(host: &str, addr: Option<&str>) -> Holder {
+        Holder {
+            location: Location {
+                host: host.into(),
+                image: "img".into(),
+                block_size: 4096,
+                offset: 0,
+                len: 4096,
+            },
+            addr: addr.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn ranks_classify_by_role_and_hops() {
+        let r = ranks();
+        assert_eq!(
+            r.rank("hv1"),
+            Rank {
+                cost: 1.0,
+                hops: 1,
+                class: SourceClass::Rack
+            }
+        );
+        assert_eq!(r.rank("rack2").class, SourceClass::OtherRack);
+        assert_eq!((r.rank("hv3").cost, r.rank("hv3").hops), (3.0, 3));
+        assert_eq!(
+            r.rank("library"),
+            Rank {
+                cost: 5.0,
+                hops: 2,
+                class: SourceClass::Library
+            }
+        );
+        assert!(r.rank("nowhere").cost.is_infinite());
+    }
+
+    #[test]
+    fn order_is_by_cost_then_name_without_self_or_addressless_holders() {
+        let r = ranks();
+        let order = r.order(&[
+            holder("library", Some("10.0.0.1:1")),
+            holder("rack1", Some("10.0.0.9:1")),
+            holder("hv3", Some("10.0.0.3:1")),
+            holder("unknown", Some("10.0.0.7:1")),
+            holder("rack2", Some("10.0.0.2:1")),
+            holder("hv1", None),
+            // The same service listed for two of its images: asked once.
+            holder("rack2", Some("10.0.0.2:1")),
+        ]);
+        let addrs: Vec<&str> = order.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(
+            addrs,
+            ["10.0.0.2:1", "10.0.0.3:1", "10.0.0.1:1", "10.0.0.7:1"]
+        );
+        assert_eq!(
+            order[2].1,
+            Origin {
+                class: SourceClass::Library,
+                hops: 2
+            }
+        );
+    }
+
+    /// A lookup that answers from a fixed table (a unit test may fake a peer).
+    struct Table(HashMap<BlockHash, Vec<Holder>>);
+    impl HolderLookup for Table {
+        fn holders(&self, hashes: Vec<BlockHash>) -> HolderFuture {
+            let out = hashes
+                .iter()
+                .map(|h| self.0.get(h).cloned().unwrap_or_default())
+                .collect();
+            Box::pin(async move { Ok(out) })
+        }
+    }
+
+    #[tokio::test]
+    async fn blocks_nobody_holds_are_given_up_and_released() {
+        let cache = Arc::new(BlockCache::new(1 << 20));
+        let client = Arc::new(PeerClient::new(crate::serve::client::ClientOptions::new(
+            "rack1",
+            crate::serve::proto::Role::Client,
+            crate::serve::auth::Key::from_secret(b"test secret"),
+        )));
+        let s = Arc::new(Sourcing::new(
+            Box::new(Table(HashMap::new())),
+            client,
+            ranks(),
+            cache.clone(),
+            SourcingOptions::default(),
+        ));
+        let h = BlockHash::of(b"x");
+        tokio::time::timeout(Duration::from_secs(5), s.fill(&[h, h]))
+            .await
+            .unwrap();
+        let snap = s.snapshot();
+        assert_eq!((snap.requested, snap.no_holder), (1, 1));
+        assert!(lock(&s.inflight).is_empty());
+        assert!(!cache.contains(&h));
+    }
+}

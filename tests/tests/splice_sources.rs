@@ -1,0 +1,407 @@
+//! Where the rack appliance sources the blocks of a served READ (splicer issue,
+//! done-when 3): qemu-img convert of the library LUN through rack1 is bit-identical
+//! to the LUN in every source mix, and the appliance's provenance counters say where
+//! the bytes came from. Run as root.
+//!
+//! The lab: the library's agent (its tgtd LUNs, by IQN/LUN) and rack indexers push
+//! to the global indexer on core; rack1 runs the appliance with its indexer
+//! embedded. The library's link is expensive (weight 4), so a holder in another
+//! rack (hv3, 3 hops) is cheaper than the library (5). hv3's link is shaped to
+//! 200 Mbit/s so a copy from it takes long enough to kill it mid-copy.
+//!
+//! Mixes, each on a fresh (restarted, empty-cache) rack1 unless said:
+//! 1. all from the library (its agent, by hash);
+//! 2. all from the rack cache (the same appliance, second copy);
+//! 3. half from a peer in another rack (hv3 holds the first half);
+//! 4. that peer serves one corrupted block (rejected, refetched elsewhere);
+//! 5. that peer is killed mid-copy (its blocks come from the next holder).
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use nearblock::fetch::SourceClass;
+use nearblock::splice::catalog::{manifest_of, manifest_to_text};
+use nearblock_lab::{content, procs::Procs, ApplianceOptions, Lab, LunSpec, DEFAULT_TOPOLOGY};
+
+const IQN: &str = "iqn.2026-11.test.nearblock:sources";
+const AGENT_PORT: u16 = 7300;
+const INDEXER_PORT: u16 = 7301;
+const MIB: usize = 1 << 20;
+const IMAGE: usize = 64 * MIB;
+
+/// The default lab with an expensive library link and a slow link to hv3.
+fn topology() -> String {
+    let t = DEFAULT_TOPOLOGY.replacen(
+        "a = \"library\"\nb = \"core\"\n",
+        "a = \"library\"\nb = \"core\"\nweight = 4.0\n",
+        1,
+    );
+    let t = t.replacen(
+        "a = \"rack2\"\nb = \"hv3\"\ncapacity_mbps = 10000\n",
+        "a = \"rack2\"\nb = \"hv3\"\ncapacity_mbps = 200\nlab = { shape = true }\n",
+        1,
+    );
+    assert!(t.contains("weight = 4.0") && t.contains("capacity_mbps = 200"));
+    t
+}
+
+/// Distinct non-zero 4 KiB blocks of `data`.
+fn distinct(data: &[u8]) -> BTreeSet<[u8; 32]> {
+    data.chunks(4096)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .map(|b| *blake3::hash(b).as_bytes())
+        .collect()
+}
+
+struct Rig {
+    lab: Lab,
+    procs: Procs,
+    secret: PathBuf,
+    topo: PathBuf,
+    manifest: PathBuf,
+}
+
+impl Rig {
+    fn addr(&self, node: &str, port: u16) -> String {
+        format!("{}:{port}", self.lab.addr4(node))
+    }
+
+    fn write(&self, name: &str, text: String) -> PathBuf {
+        self.lab.write_file(name, text.as_bytes()).unwrap()
+    }
+
+    fn indexer_cfg(&self, node: &str, parent: Option<&str>) -> PathBuf {
+        let parent = parent
+            .map(|p| format!("parent = \"{}\"\n", self.addr(p, INDEXER_PORT)))
+            .unwrap_or_default();
+        self.write(
+            &format!("ix-{node}.toml"),
+            format!(
+                "node = \"{node}\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\nsecret_file = {:?}\ndb = {:?}\n{parent}push_interval_ms = 200\n",
+                self.secret,
+                self.lab.dir.path().join(format!("{node}.redb")),
+            ),
+        )
+    }
+
+    fn start_agent(&mut self, node: &str, parent: &str, images: &[(&str, &Path)], extra: &str) {
+        let mut t = format!(
+            "node = \"{node}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{}\"\nsecret_file = {:?}\ndb = {:?}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\n{extra}\n",
+            self.addr(node, AGENT_PORT),
+            self.secret,
+            self.lab.dir.path().join(format!("agent-{node}.redb")),
+            self.addr(parent, INDEXER_PORT),
+        );
+        for (name, path) in images {
+            t.push_str(&format!("[[image]]\nname = \"{name}\"\npath = {path:?}\n"));
+        }
+        let cfg = self.write(&format!("agent-{node}.toml"), t);
+        self.procs
+            .spawn(
+                &self.lab,
+                &format!("agent-{node}"),
+                node,
+                &["agent", "--config", cfg.to_str().unwrap()],
+            )
+            .unwrap();
+    }
+
+    /// (Re)start rack1's appliance: an empty cache.
+    fn restart_rack1(&mut self) {
+        if self.lab.status("rack1").is_ok() {
+            self.lab
+                .stop_appliance("rack1", Duration::from_secs(10))
+                .unwrap();
+        }
+        let ix = self.indexer_cfg("rack1", Some("core"));
+        let extra_config = format!(
+            "[splicer]\nfetch_deadline_ms = 3000\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {:?}\n[cost]\ntopology = {:?}\n[planner]\n[indexer]\nconfig = {:?}\n",
+            self.manifest, self.topo, ix
+        );
+        self.lab
+            .start_appliance(
+                "rack1",
+                ApplianceOptions {
+                    steer: true,
+                    extra_config,
+                },
+            )
+            .unwrap();
+    }
+
+    fn copy(&self, name: &str, image: &[u8]) {
+        copy(&self.lab, name, image)
+    }
+
+    fn splicer(&self) -> nearblock::splice::relay::SplicerSnapshot {
+        self.lab.status("rack1").unwrap().splicer
+    }
+
+    /// Polls until `probe` holds (bounded).
+    fn wait_indexed(&self, what: &str, probe: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !probe(self) {
+            assert!(
+                Instant::now() < deadline,
+                "{what} not indexed within 60 s\n{}",
+                self.lab.appliance_log("rack1")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// One line per mix for the log: bytes by source, and the fetcher's counters.
+fn report(mix: &str, s: &nearblock::splice::relay::SplicerSnapshot) {
+    let served: Vec<String> = s
+        .served
+        .iter()
+        .map(|(c, v)| format!("{}={}", c.name(), v.bytes))
+        .collect();
+    eprintln!(
+        "{mix}: served {} passed_through={} by_hops={:?} sourcing={:?}",
+        served.join(" "),
+        s.library_bytes,
+        s.served_bytes_by_hops,
+        s.sourcing
+    );
+}
+
+fn bytes_of(s: &nearblock::splice::relay::SplicerSnapshot, class: SourceClass) -> u64 {
+    s.served.get(&class).map_or(0, |v| v.bytes)
+}
+
+fn blocks_of(s: &nearblock::splice::relay::SplicerSnapshot, class: SourceClass) -> u64 {
+    s.served.get(&class).map_or(0, |v| v.blocks)
+}
+
+#[test]
+fn copies_are_identical_in_every_source_mix() {
+    let mut lab = Lab::new(&topology()).expect("lab");
+    let mut image = content::image(IMAGE, 61, 40);
+    // qemu-img's format probe reads the first 2 KiB once more; a zero first block
+    // keeps the per-source byte counts exact.
+    image[..4096].fill(0);
+    let lun = lab.write_file("lun.raw", &image).unwrap();
+    lab.add_lun(LunSpec {
+        tid: 1,
+        iqn: IQN.into(),
+        lun: 1,
+        backing: lun.clone(),
+        readonly: true,
+        allow: None,
+    })
+    .unwrap();
+    // hv3 runs a VM of the same seed: the first half is the image's.
+    let mut vm3 = image[..IMAGE / 2].to_vec();
+    vm3.extend_from_slice(&content::image(IMAGE / 2, 62, 40));
+    let vm3_path = lab.write_file("vm3.raw", &vm3).unwrap();
+    let nonzero_bytes: u64 = image
+        .chunks(4096)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count() as u64
+        * 4096;
+    let first_half = distinct(&image[..IMAGE / 2]);
+    let secret = lab
+        .write_file("peer.secret", b"a lab secret for the peer protocol\n")
+        .unwrap();
+    let topo = lab
+        .write_file("topology.toml", topology().as_bytes())
+        .unwrap();
+    let manifest = lab
+        .write_file(
+            "lun.manifest",
+            manifest_to_text(&manifest_of("lun", &image, 4096)).as_bytes(),
+        )
+        .unwrap();
+    let mut rig = Rig {
+        lab,
+        procs: Procs::new(),
+        secret,
+        topo,
+        manifest,
+    };
+    for (node, parent) in [("core", None), ("rack2", Some("core"))] {
+        let cfg = rig.indexer_cfg(node, parent);
+        rig.procs
+            .spawn(
+                &rig.lab,
+                &format!("ix-{node}"),
+                node,
+                &["indexer", "--config", cfg.to_str().unwrap()],
+            )
+            .unwrap();
+    }
+    let lib = rig.lab.library().to_string();
+    let tgt = format!("tgt_control_port = {}", rig.lab.tgt_control_port());
+    rig.start_agent(&lib, "core", &[], &tgt);
+    rig.restart_rack1();
+
+    // 1. All from the library: its agent serves every non-zero block by hash.
+    rig.wait_indexed("the library's LUN", |r| {
+        holders_at_core(r, &image, 0).contains(&lib)
+    });
+    rig.copy("from-library", &image);
+    let s = rig.splicer();
+    report("1 library", &s);
+    assert_eq!(
+        bytes_of(&s, SourceClass::Library),
+        nonzero_bytes,
+        "every non-zero byte from the library's agent: {s:?}"
+    );
+    assert_eq!(s.library_bytes, 0, "no READ passed through: {s:?}");
+    assert_eq!(blocks_of(&s, SourceClass::OtherRack), 0, "{s:?}");
+
+    // 2. All from the rack cache: the same appliance, a second copy.
+    rig.copy("from-cache", &image);
+    let s2 = rig.splicer();
+    report("2 cache", &s2);
+    assert_eq!(
+        bytes_of(&s2, SourceClass::Cache) - bytes_of(&s, SourceClass::Cache),
+        nonzero_bytes,
+        "{s2:?}"
+    );
+    assert_eq!(
+        bytes_of(&s2, SourceClass::Library),
+        bytes_of(&s, SourceClass::Library),
+        "nothing more from the library: {s2:?}"
+    );
+
+    // 3. Half from a peer in another rack: hv3 (rack2) holds the first half.
+    rig.start_agent("hv3", "rack2", &[("vm3", &vm3_path)], "");
+    rig.wait_indexed("hv3's image", |r| {
+        holders_at_core(r, &image, 0).contains("hv3")
+    });
+    rig.restart_rack1();
+    rig.copy("half-from-hv3", &image);
+    let s = rig.splicer();
+    report("3 half from hv3", &s);
+    let first_half_bytes = first_half.len() as u64 * 4096;
+    assert_eq!(
+        bytes_of(&s, SourceClass::OtherRack),
+        first_half_bytes,
+        "the first half's blocks from hv3: {s:?}"
+    );
+    assert_eq!(
+        bytes_of(&s, SourceClass::OtherRack) + bytes_of(&s, SourceClass::Library),
+        nonzero_bytes,
+        "the rest from the library: {s:?}"
+    );
+    assert_eq!(
+        s.served_bytes_by_hops.get(&3).copied(),
+        Some(first_half_bytes),
+        "hv3 is 3 hops from rack1: {s:?}"
+    );
+
+    // 4. hv3 serves one corrupted block: rejected, fetched from the library.
+    let victim = (0..IMAGE / 2 / 4096)
+        .find(|&i| image[i * 4096..(i + 1) * 4096].iter().any(|&b| b != 0))
+        .unwrap();
+    flip_byte(&vm3_path, victim * 4096 + 100);
+    rig.restart_rack1();
+    rig.copy("hv3-corrupt", &image);
+    let s = rig.splicer();
+    report("4 corrupt", &s);
+    let src = s.sourcing.clone().unwrap();
+    assert!(src.corrupt >= 1, "the corrupt block was detected: {s:?}");
+    assert_eq!(
+        bytes_of(&s, SourceClass::OtherRack) + bytes_of(&s, SourceClass::Library),
+        nonzero_bytes,
+        "{s:?}"
+    );
+    flip_byte(&vm3_path, victim * 4096 + 100);
+
+    // 5. hv3 killed mid-copy: the rest of its blocks come from the library.
+    rig.restart_rack1();
+    let killed = std::thread::scope(|scope| {
+        let lab = &rig.lab;
+        let copier = scope.spawn(|| copy(lab, "hv3-killed", &image));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut killed = false;
+        while !copier.is_finished() && Instant::now() < deadline {
+            let fetched = rig
+                .lab
+                .status("rack1")
+                .ok()
+                .and_then(|st| st.splicer.sourcing)
+                .map_or(0, |s| s.fetched_blocks);
+            if fetched > 0 {
+                rig.procs.kill("agent-hv3").unwrap();
+                killed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        copier.join().expect("copy thread");
+        killed
+    });
+    assert!(killed, "hv3 was killed while the copy ran");
+    let s = rig.splicer();
+    report("5 killed", &s);
+    assert!(
+        bytes_of(&s, SourceClass::OtherRack) < first_half_bytes,
+        "not every block came from hv3: {s:?}"
+    );
+    // Every byte qemu-img read was served once, by some source (its format
+    // probe reads the first 2 KiB once more).
+    let total: u64 = s.served.values().map(|v| v.bytes).sum::<u64>() + s.library_bytes;
+    assert!(
+        (IMAGE as u64..=IMAGE as u64 + 64 * 1024).contains(&total),
+        "{total} bytes accounted for: {s:?}"
+    );
+}
+
+/// Copy the LUN from hv1 through rack1 and check it is the image.
+fn copy(lab: &Lab, name: &str, image: &[u8]) {
+    let out = lab.dir.path().join(format!("{name}.raw"));
+    let o = lab.qemu_convert("hv1", &lab.lun_url(IQN, 1), &out).unwrap();
+    assert!(
+        o.status.success(),
+        "{name}: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        lab.appliance_log("rack1")
+    );
+    let copy = std::fs::read(&out).unwrap();
+    assert!(copy == image, "{name}: the copy differs from the LUN");
+    std::fs::remove_file(&out).unwrap();
+}
+
+/// Flip one byte of a file in place (what a peer's disk could do behind its index).
+fn flip_byte(path: &Path, at: usize) {
+    let mut data = std::fs::read(path).unwrap();
+    data[at] ^= 0x5a;
+    std::fs::write(path, data).unwrap();
+}
+
+/// The holders (host names) the global indexer lists for the first non-zero
+/// block of `image` at or after block `from`.
+fn holders_at_core(rig: &Rig, image: &[u8], from: usize) -> String {
+    let i = (from..image.len() / 4096)
+        .find(|&i| image[i * 4096..(i + 1) * 4096].iter().any(|&b| b != 0))
+        .unwrap();
+    let hash = blake3::hash(&image[i * 4096..(i + 1) * 4096])
+        .to_hex()
+        .to_string();
+    let bin = nearblock_lab::nearblock_bin().unwrap();
+    let o = rig.lab.exec(
+        "core",
+        &[
+            bin.to_str().unwrap(),
+            "peer",
+            "holders",
+            "--addr",
+            &rig.addr("core", INDEXER_PORT),
+            "--local-only",
+            "--secret-file",
+            rig.secret.to_str().unwrap(),
+            "--node",
+            "core",
+            &hash,
+        ],
+    );
+    o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
