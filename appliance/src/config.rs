@@ -206,6 +206,13 @@ pub struct SplicerConfig {
     /// Bytes fetched ahead of an on-demand READ (0: no read-ahead).
     #[serde(default = "default_readahead_bytes")]
     pub readahead_bytes: u64,
+    /// Where each served LUN's access history (which blocks each session read,
+    /// in order) is kept; it orders read-ahead and feeds the planner.
+    #[serde(default)]
+    pub history_dir: Option<std::path::PathBuf>,
+    /// Prefetch (LUNs with `mode = "prefetch"`): bandwidth budget per link, Mbit/s.
+    #[serde(default = "default_prefetch_budget")]
+    pub prefetch_budget_mbps: f64,
     /// LUNs served locally (declared immutable, with a manifest).
     #[serde(default)]
     pub lun: Vec<ServedLunConfig>,
@@ -234,6 +241,9 @@ pub struct ServedLunConfig {
     /// `shadow` (default) or `local`.
     #[serde(default)]
     pub design: crate::splice::catalog::ServeDesign,
+    /// `on_demand` (default) or `prefetch` (the whole image at login).
+    #[serde(default)]
+    pub mode: crate::splice::catalog::FetchMode,
 }
 
 impl Default for SplicerConfig {
@@ -250,6 +260,8 @@ impl Default for SplicerConfig {
             fetch_from_peers: true,
             fetch_deadline_ms: default_fetch_deadline_ms(),
             readahead_bytes: default_readahead_bytes(),
+            history_dir: None,
+            prefetch_budget_mbps: default_prefetch_budget(),
             lun: Vec::new(),
         }
     }
@@ -278,6 +290,7 @@ impl SplicerConfig {
         let cache = std::sync::Arc::new(crate::fetch::BlockCache::new(self.cache_bytes));
         let mut catalog = Catalog::new(cache, self.learn);
         catalog.readahead_bytes = self.readahead_bytes;
+        catalog.prefetch_budget_mbps = self.prefetch_budget_mbps;
         for l in &self.lun {
             let manifest = match (&l.manifest, &l.image, index) {
                 (Some(path), _, _) => ManifestFile(path.clone()).manifest()?,
@@ -295,13 +308,22 @@ impl SplicerConfig {
                     })
                 }
             };
-            catalog.add(ServedLun::new(
+            let mut lun = ServedLun::new(
                 l.target.clone(),
                 l.lun,
                 l.design,
                 l.logical_block_size,
                 manifest,
-            )?);
+            )?;
+            lun.mode = l.mode;
+            catalog.add(lun);
+        }
+        if let Some(dir) = &self.history_dir {
+            std::fs::create_dir_all(dir).map_err(|source| CatalogError::Read {
+                path: dir.clone(),
+                source,
+            })?;
+            catalog.load_histories(dir.clone());
         }
         Ok(catalog)
     }
@@ -367,6 +389,9 @@ fn default_fetch_deadline_ms() -> u64 {
 }
 fn default_readahead_bytes() -> u64 {
     8 << 20
+}
+fn default_prefetch_budget() -> f64 {
+    1000.0
 }
 fn default_logical_block_size() -> u32 {
     512

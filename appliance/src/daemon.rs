@@ -70,6 +70,8 @@ pub struct Appliance {
     /// The planner behind `/plan/*`, when `[planner]` is configured.
     pub planner: Option<Planner>,
     pub splicer: Arc<SplicerStats>,
+    /// The served LUNs (with their access histories), when steering.
+    pub catalog: Option<Arc<crate::splice::catalog::Catalog>>,
     pub started: Instant,
 }
 
@@ -315,6 +317,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let catalog = Arc::new(config.splicer.catalog(index_store.as_ref())?);
         let _ = splicer.cache.set(catalog.cache.clone());
         served_catalog = Some(catalog.clone());
+        let _ = splicer.catalog.set(catalog.clone());
         let upstream = UpstreamOptions {
             dscp: dpc.dscp_mark,
             connect_timeout: config.splicer.connect_timeout(),
@@ -405,6 +408,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         live_costs,
         planner,
         splicer: splicer.clone(),
+        catalog: served_catalog.clone(),
         started: Instant::now(),
     });
     let cache = splicer.cache.get().cloned();

@@ -27,6 +27,10 @@ use nearblock::splice::catalog::{manifest_of, manifest_to_text};
 use nearblock_lab::{content, procs::Procs, ApplianceOptions, Lab, LunSpec, DEFAULT_TOPOLOGY};
 
 const IQN: &str = "iqn.2026-11.test.nearblock:sources";
+/// A second target whose LUN the appliance serves in prefetch mode.
+const IQN_PREFETCH: &str = "iqn.2026-11.test.nearblock:prefetch";
+/// The prefetch budget per link in this test, Mbit/s.
+const PREFETCH_MBPS: f64 = 40.0;
 const AGENT_PORT: u16 = 7300;
 const INDEXER_PORT: u16 = 7301;
 const MIB: usize = 1 << 20;
@@ -62,6 +66,7 @@ struct Rig {
     secret: PathBuf,
     topo: PathBuf,
     manifest: PathBuf,
+    prefetch_manifest: PathBuf,
 }
 
 impl Rig {
@@ -118,8 +123,8 @@ impl Rig {
         }
         let ix = self.indexer_cfg("rack1", Some("core"));
         let extra_config = format!(
-            "[splicer]\nfetch_deadline_ms = 3000\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {:?}\n[cost]\ntopology = {:?}\n[planner]\n[indexer]\nconfig = {:?}\n",
-            self.manifest, self.topo, ix
+            "[splicer]\nfetch_deadline_ms = 3000\nhistory_dir = {:?}\nprefetch_budget_mbps = {PREFETCH_MBPS:?}\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {:?}\n[[splicer.lun]]\ntarget = {IQN_PREFETCH:?}\nlun = 1\nmanifest = {:?}\nmode = \"prefetch\"\n[cost]\ntopology = {:?}\n[planner]\n[indexer]\nconfig = {:?}\n",
+            self.history_dir(), self.manifest, self.prefetch_manifest, self.topo, ix
         );
         self.lab
             .start_appliance(
@@ -134,6 +139,10 @@ impl Rig {
 
     fn copy(&self, name: &str, image: &[u8]) {
         copy(&self.lab, name, image)
+    }
+
+    fn history_dir(&self) -> PathBuf {
+        self.lab.dir.path().join("history")
     }
 
     fn splicer(&self) -> nearblock::splice::relay::SplicerSnapshot {
@@ -217,12 +226,31 @@ fn copies_are_identical_in_every_source_mix() {
             manifest_to_text(&manifest_of("lun", &image, 4096)).as_bytes(),
         )
         .unwrap();
+    let mut prefetch_image = content::image(16 * MIB, 63, 40);
+    prefetch_image[..4096].fill(0);
+    let prefetch_lun = lab.write_file("prefetch.raw", &prefetch_image).unwrap();
+    lab.add_lun(LunSpec {
+        tid: 2,
+        iqn: IQN_PREFETCH.into(),
+        lun: 1,
+        backing: prefetch_lun,
+        readonly: true,
+        allow: None,
+    })
+    .unwrap();
+    let prefetch_manifest = lab
+        .write_file(
+            "prefetch.manifest",
+            manifest_to_text(&manifest_of("prefetch", &prefetch_image, 4096)).as_bytes(),
+        )
+        .unwrap();
     let mut rig = Rig {
         lab,
         procs: Procs::new(),
         secret,
         topo,
         manifest,
+        prefetch_manifest,
     };
     for (node, parent) in [("core", None), ("rack2", Some("core"))] {
         let cfg = rig.indexer_cfg(node, parent);
@@ -269,6 +297,28 @@ fn copies_are_identical_in_every_source_mix() {
         bytes_of(&s, SourceClass::Library),
         "nothing more from the library: {s2:?}"
     );
+
+    // Each copy was one boot of the LUN's access history (saved when the session
+    // ended): every block position read. From now on it orders read-ahead.
+    let path = nearblock::splice::catalog::history_path(&rig.history_dir(), IQN, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let history = loop {
+        let h: Option<nearblock::plan::AccessHistory> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        match h {
+            Some(h) if h.boots >= 2 => break h,
+            h => assert!(
+                Instant::now() < deadline,
+                "two boots not recorded in {}: {:?}",
+                path.display(),
+                h.map(|h| h.boots)
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(history.blocks.len(), IMAGE / 4096);
+    assert!(history.blocks.values().all(|u| u.boots_read >= 2));
 
     // 3. Half from a peer in another rack: hv3 (rack2) holds the first half.
     rig.start_agent("hv3", "rack2", &[("vm3", &vm3_path)], "");
@@ -351,6 +401,67 @@ fn copies_are_identical_in_every_source_mix() {
     assert!(
         (IMAGE as u64..=IMAGE as u64 + 64 * 1024).contains(&total),
         "{total} bytes accounted for: {s:?}"
+    );
+
+    // 6. Prefetch mode: a login to the second target (an inquiry, no READ of the
+    // image) warms the cache with its whole image, within the per-link budget;
+    // a copy afterwards is served from the cache alone.
+    let url = format!(
+        "iscsi://{}/{IQN_PREFETCH}/1",
+        rig.lab.addr4(rig.lab.library())
+    );
+    let o = rig.lab.exec_ok("hv1", &["iscsi-inq", &url]).unwrap();
+    assert!(o.status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let st = rig.splicer();
+        if let Some(p) = st
+            .prefetch
+            .iter()
+            .find(|p| p.lun == format!("{IQN_PREFETCH}/1"))
+        {
+            if !p.running {
+                break p.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "prefetch did not finish: {st:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let prefetch_blocks = distinct(&prefetch_image).len() as u64;
+    assert_eq!(
+        (done.blocks_total, done.blocks_cached, done.stopped.clone()),
+        (prefetch_blocks, prefetch_blocks, None),
+        "{done:?}"
+    );
+    // The budget held: the bytes at PREFETCH_MBPS take at least this long.
+    let floor_ms = (prefetch_blocks * 4096 * 8) as f64 / (PREFETCH_MBPS * 1e3);
+    eprintln!("prefetch: {done:?}; the budget allows it in {floor_ms:.0} ms at the least");
+    assert!(
+        done.elapsed_ms as f64 >= floor_ms * 0.95,
+        "prefetch of {prefetch_blocks} blocks took {} ms, faster than {PREFETCH_MBPS} Mbit/s",
+        done.elapsed_ms
+    );
+    let before = rig.splicer();
+    let out = rig.lab.dir.path().join("prefetched.raw");
+    let o = rig
+        .lab
+        .qemu_convert("hv1", &rig.lab.lun_url(IQN_PREFETCH, 1), &out)
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&out).unwrap() == prefetch_image);
+    let after = rig.splicer();
+    report("6 prefetched", &after);
+    // Nothing was fetched or passed through for the copy; its blocks count as
+    // the library's (where the prefetch got them) at their first serve.
+    let fetched = |s: &nearblock::splice::relay::SplicerSnapshot| {
+        s.sourcing.as_ref().map_or(0, |f| f.fetched_blocks)
+    };
+    assert_eq!(fetched(&after), fetched(&before), "{after:?}");
+    assert_eq!(after.library_bytes, before.library_bytes, "{after:?}");
+    assert_eq!(
+        bytes_of(&after, SourceClass::Library) - bytes_of(&before, SourceClass::Library),
+        prefetch_blocks * 4096,
+        "{after:?}"
     );
 }
 

@@ -73,6 +73,10 @@ struct ConstructQuery {
     image: String,
     target: String,
     block_size: Option<u32>,
+    /// List every block with its source, in prefetch order (the served LUN's
+    /// access history, when this appliance serves the image and has one).
+    #[serde(default)]
+    blocks: bool,
     /// `static` prices paths with the topology's weights; default: live weights.
     #[serde(default)]
     pricing: Option<String>,
@@ -128,20 +132,21 @@ fn planner_parts(
     Ok((store, topo))
 }
 
-/// `GET /plan/construct?image=&target=[&block_size=][&pricing=static]`: the same
-/// report as `nearblock plan construct --json`, priced with live link costs.
+/// `GET /plan/construct?image=&target=[&block_size=][&pricing=static][&blocks=true]`:
+/// the same report as `nearblock plan construct --json`, priced with live link
+/// costs; with `blocks`, the per-block list in the served LUN's prefetch order.
 async fn plan_construct(
     State(app): State<Arc<Appliance>>,
     Query(q): Query<ConstructQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (store, topo) = planner_parts(&app, q.pricing.as_deref())?;
     let req = crate::plan::offline::ConstructRequest {
-        image: q.image,
         target: q.target,
         block_size: q.block_size,
         capacity: None,
-        list_blocks: false,
-        history: None,
+        list_blocks: q.blocks,
+        history: app.catalog.as_ref().and_then(|c| c.history_of(&q.image)),
+        image: q.image,
     };
     let report = crate::plan::offline::construct_report(&store, &topo, &req)
         .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
@@ -189,6 +194,11 @@ async fn plan_place(
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabel {
     verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -260,6 +270,58 @@ pub fn render_metrics(r: &StatusReport) -> String {
         let c = Counter::<u64>::default();
         c.inc_by(v);
         reg.register(name, help, c);
+    }
+    // Where served bytes came from (provenance).
+    let served = Family::<SourceLabel, Counter>::default();
+    for (class, v) in &s.served {
+        served
+            .get_or_create(&SourceLabel {
+                source: class.name().into(),
+            })
+            .inc_by(v.bytes);
+    }
+    served
+        .get_or_create(&SourceLabel {
+            source: "passed_through".into(),
+        })
+        .inc_by(s.library_bytes);
+    reg.register(
+        "splicer_served_bytes",
+        "Bytes of served LUNs' READs by source (passed_through: answered by the library's target)",
+        served,
+    );
+    if let Some(f) = &s.sourcing {
+        for (name, help, v) in [
+            (
+                "splicer_fetch_blocks",
+                "Blocks fetched from peers, verified and cached",
+                f.fetched_blocks,
+            ),
+            (
+                "splicer_fetch_bytes",
+                "Bytes of blocks fetched from peers",
+                f.fetched_bytes,
+            ),
+            (
+                "splicer_fetch_failed",
+                "Blocks no holder delivered",
+                f.failed,
+            ),
+            (
+                "splicer_fetch_corrupt",
+                "Blocks a peer served that did not match their hash",
+                f.corrupt,
+            ),
+            (
+                "splicer_fetch_deadline_missed",
+                "READs that passed through after waiting for fetches",
+                f.deadline_missed,
+            ),
+        ] {
+            let c = Counter::<u64>::default();
+            c.inc_by(v);
+            reg.register(name, help, c);
+        }
     }
     let active = Gauge::<i64>::default();
     active.set(s.active as i64);

@@ -15,6 +15,7 @@
 //! generates them ([`zero_block`]).
 
 mod cache;
+pub mod prefetch;
 pub mod sourcing;
 
 use std::{future::Future, pin::Pin, sync::Arc};

@@ -68,6 +68,8 @@ pub struct Rank {
 pub struct SourceRanks {
     node: String,
     ranks: HashMap<String, Rank>,
+    /// Per host: the links (`a-b`) of the cheapest path, holder side first.
+    paths: HashMap<String, Vec<String>>,
 }
 
 impl SourceRanks {
@@ -78,6 +80,7 @@ impl SourceRanks {
         let source = graph.node_id(node)?;
         let paths = graph.shortest_paths(source);
         let mut ranks = HashMap::new();
+        let mut link_paths = HashMap::new();
         for id in 0..graph.node_count() as u32 {
             if id == source {
                 continue;
@@ -94,10 +97,19 @@ impl SourceRanks {
                 SourceClass::OtherRack
             };
             ranks.insert(graph.name(id).to_string(), Rank { cost, hops, class });
+            let links = paths
+                .path_links(id)
+                .map(|l| {
+                    let gl = graph.link(l);
+                    format!("{}-{}", graph.name(gl.a), graph.name(gl.b))
+                })
+                .collect();
+            link_paths.insert(graph.name(id).to_string(), links);
         }
         Some(SourceRanks {
             node: node.to_string(),
             ranks,
+            paths: link_paths,
         })
     }
 
@@ -105,8 +117,13 @@ impl SourceRanks {
     pub fn unranked(node: &str) -> SourceRanks {
         SourceRanks {
             node: node.to_string(),
-            ranks: HashMap::new(),
+            ..SourceRanks::default()
         }
+    }
+
+    /// The links between `host` and this appliance (empty when unknown).
+    pub fn path_links(&self, host: &str) -> &[String] {
+        self.paths.get(host).map_or(&[], Vec::as_slice)
     }
 
     /// The rank of `host`; a host the topology does not know ranks after every
@@ -211,6 +228,8 @@ pub struct Sourcing {
     /// Blocks being fetched → resolves (`true`) when their fetch ended.
     inflight: Mutex<HashMap<BlockHash, watch::Receiver<bool>>>,
     counters: Counters,
+    /// Bytes fetched per holder host since start (for per-link budgets).
+    by_host: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Sourcing {
@@ -241,6 +260,7 @@ impl Sourcing {
             opts,
             inflight: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            by_host: Mutex::new(HashMap::new()),
         }
     }
 
@@ -253,7 +273,7 @@ impl Sourcing {
         *self.ranks.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ranks);
     }
 
-    fn ranks(&self) -> Arc<SourceRanks> {
+    pub fn ranks(&self) -> Arc<SourceRanks> {
         self.ranks.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -344,20 +364,24 @@ impl Sourcing {
         };
         let ranks = self.ranks();
         let mut wants: Vec<(BlockHash, Vec<String>)> = Vec::with_capacity(hashes.len());
-        let mut origins: HashMap<String, Origin> = HashMap::new();
+        let mut origins: HashMap<String, (Origin, String)> = HashMap::new();
         for (hash, hs) in hashes.iter().zip(&holders) {
             let order = ranks.order(hs);
             if order.is_empty() {
                 c.no_holder.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let addrs = order
-                .into_iter()
-                .map(|(addr, origin)| {
-                    origins.insert(addr.clone(), origin);
-                    addr
-                })
-                .collect();
+            for (addr, origin) in &order {
+                if !origins.contains_key(addr) {
+                    let host = hs
+                        .iter()
+                        .find(|h| h.addr.as_ref() == Some(addr))
+                        .map(|h| h.location.host.to_string())
+                        .unwrap_or_default();
+                    origins.insert(addr.clone(), (*origin, host));
+                }
+            }
+            let addrs = order.into_iter().map(|(addr, _)| addr).collect();
             wants.push((*hash, addrs));
         }
         if wants.is_empty() {
@@ -370,7 +394,11 @@ impl Sourcing {
                     c.fetched_blocks.fetch_add(1, Ordering::Relaxed);
                     c.fetched_bytes
                         .fetch_add(f.data.len() as u64, Ordering::Relaxed);
-                    let origin = origins.get(&f.from).copied();
+                    let (origin, host) = match origins.get(&f.from) {
+                        Some((o, h)) => (Some(*o), h.clone()),
+                        None => (None, String::new()),
+                    };
+                    *lock(&self.by_host).entry(host).or_default() += f.data.len() as u64;
                     self.cache.insert_from(*hash, f.data, origin);
                 }
                 Err(e) => {
@@ -379,6 +407,11 @@ impl Sourcing {
                 }
             }
         }
+    }
+
+    /// Bytes fetched so far per holder host.
+    pub fn fetched_by_host(&self) -> HashMap<String, u64> {
+        lock(&self.by_host).clone()
     }
 
     pub fn snapshot(&self) -> SourcingSnapshot {

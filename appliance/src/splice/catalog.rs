@@ -204,6 +204,18 @@ pub fn lun_number(field: u64) -> Option<u16> {
     Some((u16::from(bytes[0] & 0x3f) << 8) | u16::from(bytes[1]))
 }
 
+/// When a served LUN's blocks are fetched.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FetchMode {
+    /// What READs touch, plus read-ahead (in the access history's order).
+    #[default]
+    OnDemand,
+    /// The whole image into the cache at a session's login, in the background,
+    /// within the per-link budget (`splicer.prefetch_budget_mbps`).
+    Prefetch,
+}
+
 /// One LUN the splicer may serve.
 #[derive(Debug)]
 pub struct ServedLun {
@@ -216,6 +228,19 @@ pub struct ServedLun {
     tainted: AtomicBool,
     /// Manifest block up to which read-ahead has been asked for.
     readahead_mark: std::sync::atomic::AtomicU64,
+    /// Which blocks past sessions (boots) read, in what order.
+    history: std::sync::Mutex<UsageState>,
+    pub mode: FetchMode,
+    /// The latest prefetch of this LUN.
+    pub prefetch: Arc<std::sync::Mutex<crate::fetch::prefetch::PrefetchStatus>>,
+}
+
+/// A LUN's access history and the read-ahead order derived from it.
+#[derive(Debug)]
+struct UsageState {
+    history: crate::plan::AccessHistory,
+    /// Rebuilt when the history gains a boot.
+    readahead: Option<(u32, Arc<crate::plan::ReadAhead>)>,
 }
 
 impl ServedLun {
@@ -239,6 +264,7 @@ impl ServedLun {
                 "the manifest block size must be a multiple of the logical block size",
             ));
         }
+        let image = manifest.image.clone();
         Ok(ServedLun {
             target,
             lun,
@@ -247,6 +273,12 @@ impl ServedLun {
             manifest,
             tainted: AtomicBool::new(false),
             readahead_mark: std::sync::atomic::AtomicU64::new(0),
+            history: std::sync::Mutex::new(UsageState {
+                history: crate::plan::AccessHistory::new(&image),
+                readahead: None,
+            }),
+            mode: FetchMode::OnDemand,
+            prefetch: Default::default(),
         })
     }
 
@@ -361,6 +393,84 @@ impl ServedLun {
         out
     }
 
+    /// The blocks (manifest positions) a READ touches, for access history.
+    pub fn blocks_read(&self, read: &ReadCommand) -> std::ops::Range<usize> {
+        self.block_span(read).unwrap_or(0..0)
+    }
+
+    fn usage(&self) -> std::sync::MutexGuard<'_, UsageState> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The access history of this LUN's image (what past sessions read).
+    pub fn history(&self) -> crate::plan::AccessHistory {
+        self.usage().history.clone()
+    }
+
+    /// Start from a saved history (it must be of this image's block count).
+    pub fn set_history(&self, mut history: crate::plan::AccessHistory) {
+        let n = self.manifest.blocks.len() as u64;
+        history.blocks.retain(|&b, _| b < n);
+        history.image = self.manifest.image.clone();
+        let mut u = self.usage();
+        u.history = history;
+        u.readahead = None;
+    }
+
+    /// Record one session's reads (first-read order) as a boot.
+    pub fn record_boot(&self, reads: &[u64]) {
+        if reads.is_empty() {
+            return;
+        }
+        let mut u = self.usage();
+        u.history.image = self.manifest.image.clone();
+        u.history.record_boot(reads.iter().copied());
+        u.readahead = None;
+    }
+
+    /// With an access history: the likely blocks to fetch after a READ, in the
+    /// history's order (never-read blocks are never read ahead); `None` without
+    /// one (then read-ahead is sequential).
+    pub fn likely_after(
+        &self,
+        read: &ReadCommand,
+        window: usize,
+        cache: &BlockCache,
+    ) -> Option<Vec<BlockHash>> {
+        let span = self.block_span(read)?;
+        let ra = {
+            let mut u = self.usage();
+            let boots = u.history.boots;
+            if boots == 0 {
+                return None;
+            }
+            match &u.readahead {
+                Some((b, ra)) if *b == boots => ra.clone(),
+                _ => {
+                    let ra = Arc::new(crate::plan::ReadAhead::new(
+                        &u.history,
+                        &self.manifest,
+                        f64::MIN_POSITIVE,
+                    ));
+                    u.readahead = Some((boots, ra.clone()));
+                    ra
+                }
+            }
+        };
+        let last = span.end.saturating_sub(1) as u64;
+        let hash_at = |b: u64| self.manifest.blocks.get(b as usize).copied().flatten();
+        let next = ra.after(last, window, |b| {
+            hash_at(b).is_none_or(|h| cache.contains(&h))
+        });
+        let mut out: Vec<BlockHash> = Vec::new();
+        for h in next.into_iter().filter_map(hash_at) {
+            if !out.contains(&h) {
+                out.push(h);
+            }
+        }
+        Some(out)
+    }
+
     /// On-demand read-ahead after a READ: the next `window` manifest blocks past
     /// it that are not cached, if the LUN's read-ahead has not already asked for
     /// them. Read-ahead is asked for again once a READ comes within half a window
@@ -428,6 +538,53 @@ fn readahead_range(
             Ok(_) => return Some(from as usize..to as usize),
             Err(now) => current = now,
         }
+    }
+}
+
+/// A LUN's name for humans and file names: `TARGET/LUN`.
+pub fn lun_name(target: &str, lun: u16) -> String {
+    format!("{target}/{lun}")
+}
+
+/// Where a LUN's access history is kept in `dir`.
+pub fn history_path(dir: &std::path::Path, target: &str, lun: u16) -> PathBuf {
+    let safe: String = lun_name(target, lun)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-.:".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join(format!("{safe}.history.json"))
+}
+
+/// The order in which one session first read a LUN's blocks (one boot).
+#[derive(Debug, Default)]
+pub struct BootTrace {
+    seen: Vec<u64>,
+    order: Vec<u64>,
+}
+
+impl BootTrace {
+    /// Note the blocks of one READ (each block counts once, at its first read).
+    pub fn note(&mut self, blocks: std::ops::Range<usize>) {
+        for b in blocks {
+            let (word, bit) = (b / 64, b % 64);
+            if self.seen.len() <= word {
+                self.seen.resize(word + 1, 0);
+            }
+            if self.seen[word] & (1 << bit) == 0 {
+                self.seen[word] |= 1 << bit;
+                self.order.push(b as u64);
+            }
+        }
+    }
+
+    pub fn order(&self) -> &[u64] {
+        &self.order
     }
 }
 
@@ -542,6 +699,10 @@ pub struct Catalog {
     pub readahead_bytes: u64,
     /// Where missing blocks are fetched from (set once the index service runs).
     sourcing: std::sync::OnceLock<Arc<crate::fetch::Sourcing>>,
+    /// Where each LUN's access history is kept (`None`: memory only).
+    pub history_dir: Option<PathBuf>,
+    /// Prefetch bandwidth budget per link, Mbit/s.
+    pub prefetch_budget_mbps: f64,
 }
 
 impl Catalog {
@@ -553,7 +714,101 @@ impl Catalog {
             max_learn_bytes: 64 << 20,
             readahead_bytes: 8 << 20,
             sourcing: std::sync::OnceLock::new(),
+            history_dir: None,
+            prefetch_budget_mbps: 1000.0,
         }
+    }
+
+    /// Start prefetching `lun` in the background unless it is already running
+    /// or there is no one to fetch from.
+    pub fn start_prefetch(&self, lun: &Arc<ServedLun>) {
+        let Some(sourcing) = self.sourcing().cloned() else {
+            return;
+        };
+        {
+            let mut st = lun.prefetch.lock().unwrap_or_else(|p| p.into_inner());
+            if st.running {
+                return;
+            }
+            st.running = true;
+            st.lun = lun_name(&lun.target, lun.lun);
+        }
+        let history = lun.history();
+        let positions: Vec<u64> = if history.boots > 0 {
+            history.prefetch_order(&lun.manifest)
+        } else {
+            (0..lun.manifest.blocks.len() as u64).collect()
+        };
+        let hashes = crate::fetch::prefetch::distinct_in_order(&lun.manifest.blocks, positions);
+        tokio::spawn(crate::fetch::prefetch::run(
+            hashes,
+            lun.manifest.block_size,
+            sourcing,
+            self.cache.clone(),
+            self.prefetch_budget_mbps,
+            lun.prefetch.clone(),
+        ));
+    }
+
+    /// Every LUN's latest prefetch (those that ever ran).
+    pub fn prefetches(&self) -> Vec<crate::fetch::prefetch::PrefetchStatus> {
+        let mut v: Vec<_> = self
+            .luns
+            .values()
+            .map(|l| l.prefetch.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .filter(|s| !s.lun.is_empty())
+            .collect();
+        v.sort_by(|a, b| a.lun.cmp(&b.lun));
+        v
+    }
+
+    /// Load each LUN's saved access history from `dir` (missing files are fine;
+    /// unreadable ones are reported and ignored: a history only orders fetches).
+    pub fn load_histories(&mut self, dir: PathBuf) {
+        for lun in self.luns.values() {
+            let path = history_path(&dir, &lun.target, lun.lun);
+            match std::fs::read(&path) {
+                Ok(bytes) => match serde_json::from_slice(&bytes) {
+                    Ok(h) => lun.set_history(h),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), cause = %e, "access history ignored")
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), cause = %e, "access history ignored")
+                }
+            }
+        }
+        self.history_dir = Some(dir);
+    }
+
+    /// Record one session's reads of `lun` and save its history (atomically:
+    /// a temporary file renamed over the old one).
+    pub fn record_boot(&self, lun: &ServedLun, reads: &[u64]) {
+        lun.record_boot(reads);
+        let Some(dir) = &self.history_dir else {
+            return;
+        };
+        let path = history_path(dir, &lun.target, lun.lun);
+        let history = lun.history();
+        let write = move || -> std::io::Result<()> {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&history)?)?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(cause = %e, "saving the access history");
+        }
+    }
+
+    /// The history of the served LUN whose manifest is image `image`.
+    pub fn history_of(&self, image: &str) -> Option<crate::plan::AccessHistory> {
+        self.luns
+            .values()
+            .find(|l| l.manifest.image == image)
+            .map(|l| l.history())
+            .filter(|h| h.boots > 0)
     }
 
     /// Fetch missing blocks from peers through `sourcing` from now on (once).
@@ -777,5 +1032,67 @@ mod tests {
         // Far behind the mark: restart there.
         assert_eq!(readahead_range(&mark, 10, 100, 1000), Some(10..110));
         assert_eq!(readahead_range(&mark, 10, 0, 1000), None);
+    }
+
+    #[test]
+    fn boots_record_first_reads_and_order_read_ahead() {
+        let data = image();
+        let m = manifest_of("i", &data, 4096);
+        let hashes: Vec<BlockHash> = m.blocks.iter().flatten().copied().collect();
+        let lun = ServedLun::new("t".into(), 1, ServeDesign::Shadow, 512, m).unwrap();
+        let cache = BlockCache::new(1 << 20);
+        assert!(
+            lun.likely_after(&read(0, 8), 8, &cache).is_none(),
+            "no history yet"
+        );
+        // A boot reads block 3 (LBAs 24..32), then 0 and 3 again, then the tail.
+        let mut trace = BootTrace::default();
+        for r in [read(24, 8), read(0, 8), read(24, 8), read(32, 2)] {
+            trace.note(lun.blocks_read(&r));
+        }
+        assert_eq!(trace.order(), [3, 0, 4]);
+        lun.record_boot(trace.order());
+        let h = lun.history();
+        assert_eq!((h.boots, h.blocks.len()), (1, 3));
+        // After block 3 comes 0 then the tail (4); block 2 was never read.
+        assert_eq!(
+            lun.likely_after(&read(24, 8), 8, &cache).unwrap(),
+            [hashes[0], hashes[3]]
+        );
+        cache.insert(hashes[0], Bytes::copy_from_slice(&data[..4096]));
+        assert_eq!(
+            lun.likely_after(&read(24, 8), 8, &cache).unwrap(),
+            [hashes[3]],
+            "cached blocks are not read ahead"
+        );
+    }
+
+    #[test]
+    fn histories_are_saved_and_loaded() {
+        let dir = std::env::temp_dir().join(format!("nb-history-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = image();
+        let lun = || {
+            ServedLun::new(
+                "iqn.x:y".into(),
+                2,
+                ServeDesign::Shadow,
+                512,
+                manifest_of("i", &data, 4096),
+            )
+            .unwrap()
+        };
+        let mut catalog = Catalog::new(Arc::new(BlockCache::new(0)), false);
+        catalog.add(lun());
+        catalog.load_histories(dir.clone());
+        let served = catalog.for_target("iqn.x:y")[&2].clone();
+        catalog.record_boot(&served, &[2, 0]);
+        assert!(history_path(&dir, "iqn.x:y", 2).exists());
+        let mut again = Catalog::new(Arc::new(BlockCache::new(0)), false);
+        again.add(lun());
+        again.load_histories(dir.clone());
+        let h = again.history_of("i").unwrap();
+        assert_eq!((h.boots, h.probability(2), h.probability(1)), (1, 1.0, 0.0));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

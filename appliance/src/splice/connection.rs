@@ -32,7 +32,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::catalog::{lun_number, Catalog, Learner, Provenance, ServeDesign, ServedLun};
+use super::catalog::{lun_number, BootTrace, Catalog, Learner, Provenance, ServeDesign, ServedLun};
 use super::pdu::{DecodeError, Digests, EncodeError, Frame, Opcode, PduDecoder, ReceivedPdu};
 use super::relay::SplicerStats;
 use super::scsi;
@@ -129,6 +129,7 @@ pub async fn splice_iscsi(
         writes: HashMap::new(),
         ready: HashMap::new(),
         relay_raw: false,
+        boots: HashMap::new(),
     };
     let mut held: Option<HeldRead> = None;
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
@@ -311,6 +312,17 @@ struct Conn<'a> {
     /// Set at Full Feature Phase when the session's target has no served LUN:
     /// nothing more needs interpreting, so the connection drops to the byte relay.
     relay_raw: bool,
+    /// Per served LUN: the blocks this session read, in first-read order (one
+    /// boot of the LUN's access history, recorded when the connection ends).
+    boots: HashMap<u16, (Arc<ServedLun>, BootTrace)>,
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        for (_, (lun, trace)) in self.boots.drain() {
+            self.ctx.catalog.record_boot(&lun, trace.order());
+        }
+    }
 }
 
 impl Conn<'_> {
@@ -357,9 +369,21 @@ impl Conn<'_> {
                 let catalog = &self.ctx.catalog;
                 let servable = read.servable(lun.capacity_blocks());
                 let sourcing = catalog.sourcing().filter(|_| servable);
+                if !waited {
+                    if let Some(l) = lun_number(bhs.lun()) {
+                        self.boots
+                            .entry(l)
+                            .or_insert_with(|| (lun.clone(), BootTrace::default()))
+                            .1
+                            .note(lun.blocks_read(&read));
+                    }
+                }
                 if let (Some(src), false) = (sourcing, waited) {
                     let window = catalog.readahead_blocks(lun.manifest.block_size);
-                    let ahead = lun.readahead(&read, window, &catalog.cache);
+                    // Past boots decide what comes next; without any, what follows.
+                    let ahead = lun
+                        .likely_after(&read, window, &catalog.cache)
+                        .unwrap_or_else(|| lun.readahead(&read, window, &catalog.cache));
                     if !ahead.is_empty() {
                         // Runs on its own; nothing waits for it.
                         drop(src.fill(&ahead));
@@ -520,6 +544,11 @@ impl Conn<'_> {
                     }
                 }
                 self.relay_raw = self.luns.is_empty();
+                for lun in self.luns.values() {
+                    if lun.mode == super::catalog::FetchMode::Prefetch {
+                        self.ctx.catalog.start_prefetch(lun);
+                    }
+                }
                 debug!(
                     target = params.target_name.as_deref().unwrap_or("-"),
                     initiator = params.initiator_name.as_deref().unwrap_or("-"),

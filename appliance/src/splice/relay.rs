@@ -60,6 +60,8 @@ pub struct SplicerStats {
     pub cache: std::sync::OnceLock<Arc<crate::fetch::BlockCache>>,
     /// The peer fetcher, for its counters.
     pub sourcing: std::sync::OnceLock<Arc<crate::fetch::Sourcing>>,
+    /// The served LUNs, for their prefetch status.
+    pub catalog: std::sync::OnceLock<Arc<super::catalog::Catalog>>,
 }
 
 /// Blocks and bytes served from one source class.
@@ -110,6 +112,9 @@ pub struct SplicerSnapshot {
     pub served_bytes_by_hops: std::collections::BTreeMap<u8, u64>,
     #[serde(default)]
     pub sourcing: Option<crate::fetch::SourcingSnapshot>,
+    /// Prefetches of LUNs in prefetch mode (latest per LUN).
+    #[serde(default)]
+    pub prefetch: Vec<crate::fetch::prefetch::PrefetchStatus>,
 }
 
 impl SplicerStats {
@@ -162,6 +167,11 @@ impl SplicerStats {
                 .filter(|(_, v)| *v > 0)
                 .collect(),
             sourcing: self.sourcing.get().map(|s| s.snapshot()),
+            prefetch: self
+                .catalog
+                .get()
+                .map(|c| c.prefetches())
+                .unwrap_or_default(),
             library_bytes: get(&self.library_bytes),
             learned_blocks: get(&self.learned_blocks),
             verify_failures: get(&self.verify_failures),

@@ -1,0 +1,297 @@
+//! What crosses the library's link when VMs are built through the rack appliance
+//! (splicer issue, done-when 4), measured by rack1's own BPF flow counters (unique
+//! TCP payload from the library's address, iSCSI and the library agent's block
+//! service alike) on its port toward the core, with real corpus images:
+//!
+//! - a cold copy moves at most the image's non-zero bytes plus 1% of its size;
+//! - a second copy with a warm rack cache moves under 1% of its size;
+//! - a similar image (derived from the first) moves at most the bytes of the
+//!   blocks that neither the rack nor its peers hold — computed here,
+//!   independently of nearblock, with blake3 over the image files — plus 1%.
+//!
+//! Needs the corpus (`cargo xtask bootstrap` builds it; `NEARBLOCK_CORPUS_DIR`);
+//! without it the test reports itself skipped. Run as root.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use nearblock::splice::catalog::{manifest_of, manifest_to_text};
+use nearblock_lab::{procs::Procs, ApplianceOptions, Lab, LunSpec};
+
+const IQN: &str = "iqn.2026-11.test.nearblock:corpus";
+const AGENT_PORT: u16 = 7400;
+const INDEXER_PORT: u16 = 7401;
+
+/// The seed image and one derived from it in place (the corpus's most similar
+/// pair), if the corpus is there.
+fn corpus_pair() -> Option<(PathBuf, PathBuf)> {
+    let dir = PathBuf::from(std::env::var_os("NEARBLOCK_CORPUS_DIR")?);
+    let dir = if dir.join("images").is_dir() {
+        dir.join("images")
+    } else {
+        dir
+    };
+    let seed = dir.join("b-bookworm-cloud.raw");
+    let derived = dir.join("g-bookworm-cloud-nginx-inplace.raw");
+    assert!(
+        seed.exists() && derived.exists(),
+        "corpus in {} lacks b-bookworm-cloud.raw or g-bookworm-cloud-nginx-inplace.raw",
+        dir.display()
+    );
+    Some((seed, derived))
+}
+
+/// Distinct non-zero 4 KiB blocks (blake3, straight from the file's bytes).
+fn distinct_nonzero(data: &[u8]) -> HashSet<[u8; 32]> {
+    data.chunks(4096)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .map(|b| *blake3::hash(b).as_bytes())
+        .collect()
+}
+
+/// Unique payload (payload − retransmitted) of every flow from the library's
+/// address seen on rack1's port toward the core.
+fn from_library(lab: &Lab) -> BTreeMap<(String, String), u64> {
+    let lib = format!("{}:", lab.addr4(lab.library()));
+    lab.status("rack1")
+        .expect("status")
+        .flows
+        .into_iter()
+        .filter(|f| f.interface == "core" && f.src.starts_with(&lib))
+        .map(|f| ((f.src, f.dst), f.payload_bytes - f.retrans_bytes))
+        .collect()
+}
+
+fn moved_since(before: &BTreeMap<(String, String), u64>, lab: &Lab) -> u64 {
+    from_library(lab)
+        .into_iter()
+        .map(|(k, v)| v.saturating_sub(before.get(&k).copied().unwrap_or(0)))
+        .sum()
+}
+
+/// Copy LUN `lun` from hv1 through rack1; check it equals `image`; the bytes
+/// that crossed the library's link meanwhile.
+fn copy(lab: &Lab, lun: u32, image: &[u8], name: &str) -> u64 {
+    let before = from_library(lab);
+    let out = lab.dir.path().join(format!("{name}.raw"));
+    let t0 = Instant::now();
+    let o = lab
+        .qemu_convert("hv1", &lab.lun_url(IQN, lun), &out)
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{name}: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        lab.appliance_log("rack1")
+    );
+    let took = t0.elapsed();
+    let copy = std::fs::read(&out).unwrap();
+    assert!(copy == image, "{name}: the copy differs from the LUN");
+    std::fs::remove_file(&out).unwrap();
+    let moved = moved_since(&before, lab);
+    let s = lab.status("rack1").unwrap().splicer;
+    let served: Vec<String> = s
+        .served
+        .iter()
+        .map(|(c, v)| format!("{}={}", c.name(), v.bytes))
+        .collect();
+    eprintln!(
+        "{name}: {moved} B from the library in {took:.1?}; served {}; passed through {}",
+        served.join(" "),
+        s.library_bytes
+    );
+    moved
+}
+
+#[test]
+fn library_link_carries_only_what_no_nearer_holder_has() {
+    let Some((seed_path, derived_path)) = corpus_pair() else {
+        eprintln!("skipped: NEARBLOCK_CORPUS_DIR is not set");
+        return;
+    };
+    let seed = std::fs::read(&seed_path).unwrap();
+    let derived = std::fs::read(&derived_path).unwrap();
+    let size = seed.len() as u64;
+    // Independently of nearblock: what the derived image has that the seed lacks.
+    let seed_blocks = distinct_nonzero(&seed);
+    let seed_nonzero = seed
+        .chunks(4096)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count() as u64
+        * 4096;
+    let only_derived = distinct_nonzero(&derived).difference(&seed_blocks).count() as u64 * 4096;
+    eprintln!(
+        "seed {} B non-zero of {size}; derived has {only_derived} B in blocks the seed lacks",
+        seed_nonzero
+    );
+
+    let mut lab = Lab::default_topology().expect("lab");
+    for (lun, path) in [(1, &seed_path), (2, &derived_path)] {
+        lab.add_lun(LunSpec {
+            tid: 1,
+            iqn: IQN.into(),
+            lun,
+            backing: path.clone(),
+            readonly: true,
+            allow: None,
+        })
+        .unwrap();
+    }
+    let secret = lab
+        .write_file("peer.secret", b"a lab secret for the peer protocol\n")
+        .unwrap();
+    let topo = lab
+        .write_file("topology.toml", nearblock_lab::DEFAULT_TOPOLOGY.as_bytes())
+        .unwrap();
+    let mut manifests = Vec::new();
+    for (name, data) in [("seed", &seed), ("derived", &derived)] {
+        manifests.push(
+            lab.write_file(
+                &format!("{name}.manifest"),
+                manifest_to_text(&manifest_of(name, data, 4096)).as_bytes(),
+            )
+            .unwrap(),
+        );
+    }
+    let addr = |node: &str, port: u16| format!("{}:{port}", lab.addr4(node));
+    let indexer_cfg = |node: &str, parent: Option<&str>| {
+        let parent = parent
+            .map(|p| format!("parent = \"{}\"\n", addr(p, INDEXER_PORT)))
+            .unwrap_or_default();
+        lab.write_file(
+            &format!("ix-{node}.toml"),
+            format!(
+                "node = \"{node}\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\nsecret_file = {secret:?}\ndb = {:?}\n{parent}push_interval_ms = 200\n",
+                lab.dir.path().join(format!("{node}.redb")),
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    };
+    let core_ix = addr("core", INDEXER_PORT);
+    let core_cfg = indexer_cfg("core", None);
+    let rack1_cfg = indexer_cfg("rack1", Some("core"));
+    let lib = lab.library().to_string();
+    let agent_cfg = lab
+        .write_file(
+            "agent-lib.toml",
+            format!(
+                "node = \"{lib}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{}\"\nsecret_file = {secret:?}\ndb = {:?}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\ntgt_control_port = {}\n",
+                addr(&lib, AGENT_PORT),
+                lab.dir.path().join("agent-lib.redb"),
+                addr("core", INDEXER_PORT),
+                lab.tgt_control_port(),
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut procs = Procs::new();
+    procs
+        .spawn(
+            &lab,
+            "ix-core",
+            "core",
+            &["indexer", "--config", core_cfg.to_str().unwrap()],
+        )
+        .unwrap();
+    procs
+        .spawn(
+            &lab,
+            "agent-lib",
+            &lib,
+            &["agent", "--config", agent_cfg.to_str().unwrap()],
+        )
+        .unwrap();
+    // The agent's block service port is an image-transfer port: the classifier
+    // counts its flows like iSCSI's.
+    let extra_config = format!(
+        "image_transfer_ports = [{AGENT_PORT}]\n[splicer]\ncache_bytes = {}\nfetch_deadline_ms = 3000\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {:?}\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 2\nmanifest = {:?}\n[cost]\ntopology = {topo:?}\n[planner]\n[indexer]\nconfig = {rack1_cfg:?}\n",
+        2u64 << 30,
+        manifests[0],
+        manifests[1],
+    );
+    lab.start_appliance(
+        "rack1",
+        ApplianceOptions {
+            steer: true,
+            extra_config,
+        },
+    )
+    .unwrap();
+    // Wait until the global index lists the library as a holder of a block of
+    // each LUN (one of the seed's, one only the derived image has).
+    let probe = [
+        seed.chunks(4096)
+            .find(|b| b.iter().any(|&x| x != 0))
+            .unwrap(),
+        derived
+            .chunks(4096)
+            .find(|b| {
+                b.iter().any(|&x| x != 0) && !seed_blocks.contains(blake3::hash(b).as_bytes())
+            })
+            .unwrap(),
+    ];
+    let bin = nearblock_lab::nearblock_bin().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for block in probe {
+        let hash = blake3::hash(block).to_hex().to_string();
+        loop {
+            let o = lab.exec(
+                "core",
+                &[
+                    bin.to_str().unwrap(),
+                    "peer",
+                    "holders",
+                    "--addr",
+                    &core_ix,
+                    "--local-only",
+                    "--secret-file",
+                    secret.to_str().unwrap(),
+                    "--node",
+                    "core",
+                    &hash,
+                ],
+            );
+            let out = o
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if out.contains(&format!("\"{lib}\"")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the library's LUNs never reached the global index: {out}\n{}",
+                procs.log("agent-lib")
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    let cold = copy(&lab, 1, &seed, "cold");
+    assert!(
+        cold <= seed_nonzero + size / 100,
+        "cold copy moved {cold} B over the library link; non-zero bytes {seed_nonzero}"
+    );
+    let warm = copy(&lab, 1, &seed, "warm");
+    assert!(
+        warm < size / 100,
+        "warm copy moved {warm} B over the library link (image {size} B)"
+    );
+    let similar = copy(&lab, 2, &derived, "similar");
+    assert!(
+        similar <= only_derived + size / 100,
+        "the similar image moved {similar} B; blocks no nearer holder has: {only_derived} B"
+    );
+    eprintln!(
+        "library link: cold {:.4}, warm {:.4}, similar {:.4} of the virtual size (bounds {:.4}, 0.01, {:.4})",
+        cold as f64 / size as f64,
+        warm as f64 / size as f64,
+        similar as f64 / size as f64,
+        (seed_nonzero + size / 100) as f64 / size as f64,
+        (only_derived + size / 100) as f64 / size as f64
+    );
+    drop(procs);
+}
