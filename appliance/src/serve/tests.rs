@@ -765,8 +765,10 @@ async fn start_indexer_from_config() {
     r.service.store().apply(&[c]).unwrap();
     r.service.changed.notify_one();
     let h = BlockHash::of(&data[..4096]);
+    // The child's status records the ack when the reply arrives, after the
+    // parent applied the push: wait for that, not only for the parent's store.
     for _ in 0..200 {
-        if !g.service.store().holders(&h).unwrap().is_empty() {
+        if r.push_status.acked.load(Ordering::Relaxed) == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
