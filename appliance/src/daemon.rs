@@ -77,7 +77,24 @@ pub struct Appliance {
 pub struct Planner {
     pub store: Arc<crate::index::RedbStore>,
     pub topology: Topology,
+    /// `[planner] metrics`: the static host metrics.
     pub metrics: crate::plan::MetricsFile,
+    /// The embedded indexer's agent-reported host metrics (set once it runs).
+    pub reported: std::sync::OnceLock<Arc<crate::serve::hosts::HostReports>>,
+    /// Reports at most this old override the file.
+    pub stale_after: Duration,
+}
+
+impl Planner {
+    /// The metrics placement uses now: the file, with fresh reports laid over it.
+    pub fn metrics_now(&self) -> crate::plan::MetricsFile {
+        match self.reported.get() {
+            Some(r) => self
+                .metrics
+                .overlaid(&r.fresh(Instant::now(), self.stale_after)),
+            None => self.metrics.clone(),
+        }
+    }
 }
 
 impl Appliance {
@@ -373,6 +390,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 store: store.clone(),
                 topology: Topology::load(&c.topology)?,
                 metrics,
+                reported: Default::default(),
+                stale_after: Duration::from_secs(p.metrics_stale_secs),
             })
         }
         _ => None,
@@ -402,6 +421,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         _ => None,
     };
+    if let (Some(p), Some(ix)) = (&app.planner, &indexer) {
+        let _ = p.reported.set(ix.service.hosts.clone());
+    }
     // The appliance's own block cache is a holder in its local index.
     let cache_index_task = match (&indexer, &index_store, cache) {
         (Some(_), Some(store), Some(cache)) => Some(tokio::spawn(publish_cache(
