@@ -421,9 +421,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         _ => None,
     };
-    if let (Some(p), Some(ix)) = (&app.planner, &indexer) {
-        let _ = p.reported.set(ix.service.hosts.clone());
-    }
     // The appliance's own block cache is a holder in its local index.
     let cache_index_task = match (&indexer, &index_store, cache) {
         (Some(_), Some(store), Some(cache)) => Some(tokio::spawn(publish_cache(
@@ -433,6 +430,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ))),
         _ => None,
     };
+    // The planner reads the agents' host metrics from the embedded indexer.
+    if let (Some(p), Some(ix)) = (&app.planner, &indexer) {
+        let _ = p.reported.set(ix.service.hosts.clone());
+    }
     let discovery_task = tokio::spawn(discovery_loop(app.clone(), ring));
     let sampler_task = tokio::spawn(sample_loop(app.clone()));
     let peer_poll_task = config
