@@ -8,6 +8,10 @@
 //! named `IQN/LUN` — so the library is a block source like any other. An image
 //! whose file disappears (VM stopped, LUN deleted) is removed from the index.
 //!
+//! Every `metrics_interval_ms` the agent also reports its host's load (`cpu`,
+//! `mem`, `disk` used fractions; measured, or pinned in `[metrics]`) to the
+//! parent, for the planner's placement policies (`serve::hosts`).
+//!
 //! Serving reads `len` bytes at the indexed offset of the file. It does not
 //! verify them: if the file changed behind the index the receiver's blake3 check
 //! rejects the block, and the next rescan records the changed blocks.
@@ -324,11 +328,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     log_scan(&agent.node, &first);
     let last_scan = Arc::new(std::sync::Mutex::new(first));
     let push_status = Arc::new(crate::serve::indexer::PushStatus::default());
+    let metrics_status = Arc::new(crate::serve::hosts::ReportStatus::default());
+    let last_metrics = Arc::new(std::sync::Mutex::new(None::<crate::plan::HostMetrics>));
     let status: crate::serve::server::StatusFn = {
         let (l, p, parent) = (last_scan.clone(), push_status.clone(), cfg.parent);
+        let (m, ms, pinned) = (last_metrics.clone(), metrics_status.clone(), cfg.metrics);
         Arc::new(move || {
             let scan = l.lock().map(|s| s.clone()).unwrap_or_default();
-            serde_json::json!({ "parent": parent, "last_scan": scan, "push": &*p })
+            let last = m.lock().map(|m| *m).unwrap_or_default();
+            serde_json::json!({ "parent": parent, "last_scan": scan, "push": &*p,
+                "metrics": { "last": last, "pinned": pinned, "report": &*ms } })
         })
     };
     let server_opts = Arc::new(cfg.peer.server(&cfg.node, Role::Agent, key.clone()));
@@ -345,12 +354,40 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         metrics,
     ));
     let wake = Arc::new(tokio::sync::Notify::new());
+    let client =
+        crate::serve::client::PeerClient::new(cfg.peer.client(&cfg.node, Role::Agent, key.clone()));
+    let reporter = match cfg.parent {
+        Some(parent) if cfg.metrics_interval_ms > 0 => {
+            let sampler = std::sync::Mutex::new(crate::hostmetrics::Sampler::new(
+                cfg.disk_path(),
+                cfg.metrics,
+            ));
+            let (node, last) = (cfg.node.clone(), last_metrics.clone());
+            let collect: crate::serve::hosts::Collect = Arc::new(move || {
+                let m = sampler.lock().map(|mut s| s.sample()).unwrap_or_default();
+                if let Ok(mut l) = last.lock() {
+                    *l = Some(m);
+                }
+                vec![crate::serve::proto::HostReport {
+                    host: node.clone(),
+                    metrics: m,
+                    age_ms: 0,
+                }]
+            });
+            Some(tokio::spawn(
+                crate::serve::hosts::MetricsReporter {
+                    node: cfg.node.clone(),
+                    parent: client.peer(&parent.to_string()),
+                    interval: Duration::from_millis(cfg.metrics_interval_ms),
+                    collect,
+                    status: metrics_status.clone(),
+                }
+                .run(),
+            ))
+        }
+        _ => None,
+    };
     let pusher = cfg.parent.map(|parent| {
-        let client = crate::serve::client::PeerClient::new(cfg.peer.client(
-            &cfg.node,
-            Role::Agent,
-            key.clone(),
-        ));
         let me = (cfg.node.clone(), cfg.advertised().to_string());
         tokio::spawn(
             crate::serve::indexer::Pusher {
@@ -401,6 +438,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     server.abort();
     if let Some(p) = pusher {
         p.abort();
+    }
+    if let Some(r) = reporter {
+        r.abort();
     }
     Ok(())
 }

@@ -71,12 +71,28 @@ pub struct IndexConfig {
 }
 
 /// `[planner]`: serve `/plan/*` from the index store and the topology.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlannerConfig {
     /// Host metrics (`[host.NAME]` tables with cpu, mem, disk) for placement policies.
     #[serde(default)]
     pub metrics: Option<std::path::PathBuf>,
+    /// Agent-reported metrics at most this old (seconds) override the file's.
+    #[serde(default = "default_metrics_stale_secs")]
+    pub metrics_stale_secs: u64,
+}
+
+fn default_metrics_stale_secs() -> u64 {
+    60
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        Self {
+            metrics: None,
+            metrics_stale_secs: default_metrics_stale_secs(),
+        }
+    }
 }
 
 /// `[cost]`: where this appliance sits in the topology, which link each of its
@@ -589,6 +605,15 @@ impl Config {
                 "the planner needs the topology and the index: add [cost] and [index] sections"
                     .into(),
             ));
+        }
+        if let Some(p) = &self.planner {
+            if !(1..=86_400).contains(&p.metrics_stale_secs) {
+                return Err(invalid(
+                    "planner",
+                    "metrics_stale_secs",
+                    "must be within 1..=86400".into(),
+                ));
+            }
         }
         for (i, l) in self.splicer.lun.iter().enumerate() {
             let key = |k: &str| format!("lun[{i}].{k}");

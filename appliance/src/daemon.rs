@@ -79,7 +79,24 @@ pub struct Appliance {
 pub struct Planner {
     pub store: Arc<crate::index::RedbStore>,
     pub topology: Topology,
+    /// `[planner] metrics`: the static host metrics.
     pub metrics: crate::plan::MetricsFile,
+    /// The embedded indexer's agent-reported host metrics (set once it runs).
+    pub reported: std::sync::OnceLock<Arc<crate::serve::hosts::HostReports>>,
+    /// Reports at most this old override the file.
+    pub stale_after: Duration,
+}
+
+impl Planner {
+    /// The metrics placement uses now: the file, with fresh reports laid over it.
+    pub fn metrics_now(&self) -> crate::plan::MetricsFile {
+        match self.reported.get() {
+            Some(r) => self
+                .metrics
+                .overlaid(&r.fresh(Instant::now(), self.stale_after)),
+            None => self.metrics.clone(),
+        }
+    }
 }
 
 impl Appliance {
@@ -396,6 +413,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 store: store.clone(),
                 topology: Topology::load(&c.topology)?,
                 metrics,
+                reported: Default::default(),
+                stale_after: Duration::from_secs(p.metrics_stale_secs),
             })
         }
         _ => None,
@@ -463,6 +482,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ))),
         _ => None,
     };
+    // The planner reads the agents' host metrics from the embedded indexer.
+    if let (Some(p), Some(ix)) = (&app.planner, &indexer) {
+        let _ = p.reported.set(ix.service.hosts.clone());
+    }
     let discovery_task = tokio::spawn(discovery_loop(app.clone(), ring));
     let sampler_task = tokio::spawn(sample_loop(app.clone()));
     let peer_poll_task = config

@@ -14,6 +14,7 @@
 //! - [`plan`]: the planner: block sources for a target, and placement of images.
 //! - [`serve`]: the peer protocol: blocks by hash, holders, pushes up the index tree.
 //! - [`agent`]: `nearblock agent`: index local images, push them up, serve their blocks.
+//! - [`hostmetrics`]: a host's cpu, mem and disk used fractions, as agents measure them.
 //! - [`api`]: HTTP status and metrics.
 //! - [`daemon`]: `nearblock run`, the stages wired together.
 //! - [`cli`]: the command line, one file per subcommand.
@@ -28,6 +29,7 @@ pub mod cost;
 pub mod daemon;
 pub mod datapath;
 pub mod fetch;
+pub mod hostmetrics;
 pub mod index;
 pub mod plan;
 pub mod serve;

@@ -1,6 +1,8 @@
 //! The rack appliance runs its indexer in-process (`[indexer]`): hypervisor agents
 //! push their images into the appliance's own index store, and the appliance's
-//! planner API answers from it live. Run as root.
+//! planner API answers from it live. The agents also report their host's load,
+//! which placement uses over the `[planner] metrics` file while it is fresh. Run
+//! as root.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +13,8 @@ const IQN: &str = "iqn.2026-11.test.nearblock:rack-indexer";
 
 const INDEXER_PORT: u16 = 7100;
 const AGENT_PORT: u16 = 7200;
+/// `[planner] metrics_stale_secs` of rack1.
+const STALE_SECS: u64 = 3;
 
 /// `GET http://127.0.0.1:7878{path}` inside `node`: (HTTP status, body).
 fn get(lab: &Lab, node: &str, path: &str) -> (u16, String) {
@@ -69,10 +73,18 @@ fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
             manifest_to_text(&manifest_of("img", &img, 4096)).as_bytes(),
         )
         .unwrap();
+    // The static metrics say the opposite of what the agents will report.
+    let hosts = lab
+        .write_file(
+            "hosts.toml",
+            b"[host.hv1]\ncpu = 0.05\n[host.hv2]\ncpu = 0.95\n",
+        )
+        .unwrap();
     let extra_config = format!(
-        "[splicer]\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {:?}\n[cost]\ntopology = {:?}\n[planner]\n[indexer]\nconfig = {:?}\n",
+        "[splicer]\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {:?}\n[cost]\ntopology = {:?}\n[planner]\nmetrics = {:?}\nmetrics_stale_secs = {STALE_SECS}\n[indexer]\nconfig = {:?}\n",
         manifest.display().to_string(),
         topo.display().to_string(),
+        hosts.display().to_string(),
         indexer_cfg.display().to_string()
     );
     lab.start_appliance(
@@ -85,14 +97,19 @@ fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
     .expect("rack1");
 
     let mut procs = Procs::new();
-    for (node, image, path) in [("hv1", "img", &img_path), ("hv2", "vm2", &half_path)] {
+    // Each agent pins its cpu (so the policy's choice is known) and measures mem
+    // and disk.
+    for (node, image, path, cpu) in [
+        ("hv1", "img", &img_path, 0.9),
+        ("hv2", "vm2", &half_path, 0.1),
+    ] {
         let parent = lab.port_toward("rack1", node).unwrap().v4;
         let addr = lab.addr4(node);
         let cfg = lab
             .write_file(
                 &format!("agent-{node}.toml"),
                 format!(
-                    "node = \"{node}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{addr}:{AGENT_PORT}\"\nsecret_file = {:?}\ndb = {:?}\nparent = \"{parent}:{INDEXER_PORT}\"\nrescan_secs = 3600\npush_interval_ms = 200\n[[image]]\nname = \"{image}\"\npath = {:?}\n",
+                    "node = \"{node}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{addr}:{AGENT_PORT}\"\nsecret_file = {:?}\ndb = {:?}\nparent = \"{parent}:{INDEXER_PORT}\"\nrescan_secs = 3600\npush_interval_ms = 200\nmetrics_interval_ms = 200\n[[image]]\nname = \"{image}\"\npath = {:?}\n[metrics]\ncpu = {cpu}\n",
                     secret.display().to_string(),
                     lab.dir.path().join(format!("agent-{node}.redb")).display().to_string(),
                     path.display().to_string()
@@ -232,6 +249,117 @@ fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
         block,
         "{}",
         String::from_utf8_lossy(&o.stdout)
+    );
+
+    // Placement: hv1 is cheapest (it holds the image), hv2 next. Among the two,
+    // the lower cpu wins: the agents' reports (hv1 0.9, hv2 0.1) override the
+    // file (hv1 0.05, hv2 0.95), so hv2.
+    let place = "/plan/place?image=img&candidates=hv1,hv2&policy=top:2:cpu&pricing=static";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let (_, body) = get(&lab, "rack1", place);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if v["chosen"] == "hv2" {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agents' metrics never decided the placement: {body}\n{}",
+            procs.log("agent-hv1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let c = &v["candidates"];
+    assert_eq!(
+        (c[0]["host"].as_str(), c[0]["cpu"].as_f64()),
+        (Some("hv1"), Some(0.9)),
+        "{v}"
+    );
+    assert_eq!(
+        (c[1]["host"].as_str(), c[1]["cpu"].as_f64()),
+        (Some("hv2"), Some(0.1)),
+        "{v}"
+    );
+    // mem and disk were measured, inside the namespace, of this machine: they
+    // agree with `free` and `df` (within what moves while the test runs).
+    let mem = c[0]["mem"].as_f64().expect("measured mem");
+    let disk = c[0]["disk"].as_f64().expect("measured disk");
+    let free = String::from_utf8(
+        std::process::Command::new("free")
+            .arg("-b")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let f: Vec<f64> = free
+        .lines()
+        .find(|l| l.starts_with("Mem:"))
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let mem_free = 1.0 - f[5] / f[0];
+    assert!((mem - mem_free).abs() < 0.1, "mem {mem} vs free {mem_free}");
+    let df = String::from_utf8(
+        std::process::Command::new("df")
+            .args(["-B1", "--output=used,avail"])
+            .arg(lab.dir.path())
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let d: Vec<f64> = df
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let disk_df = d[0] / (d[0] + d[1]);
+    assert!((disk - disk_df).abs() < 0.02, "disk {disk} vs df {disk_df}");
+    // The operator's view: report, file, effective.
+    let (code, body) = get(&lab, "rack1", "/hosts");
+    assert_eq!(code, 200, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let hv1 = &h["hosts"][0];
+    assert_eq!(hv1["host"], "hv1", "{h}");
+    assert_eq!(hv1["fresh"], true, "{h}");
+    assert_eq!(hv1["reported"]["via"], "hv1", "{h}");
+    assert_eq!(hv1["file"]["cpu"], 0.05, "{h}");
+    assert_eq!(hv1["effective"]["cpu"], 0.9, "{h}");
+
+    // hv2's agent stops: once its last report is older than the staleness bound,
+    // the file's value (0.95) counts again and hv1 (0.9, still reported) wins.
+    procs.kill("agent-hv2").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(STALE_SECS + 10);
+    let v = loop {
+        let (_, body) = get(&lab, "rack1", place);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if v["chosen"] == "hv1" {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hv2's report never went stale: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(v["candidates"][1]["cpu"].as_f64(), Some(0.95), "{v}");
+    let (_, body) = get(&lab, "rack1", "/hosts");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let hv2 = &h["hosts"][1];
+    assert_eq!(
+        (hv2["host"].as_str(), hv2["fresh"].as_bool()),
+        (Some("hv2"), Some(false)),
+        "{h}"
+    );
+    assert_eq!(hv2["reported"]["cpu"], 0.1, "{h}");
+    assert!(
+        hv2["reported"]["age_ms"].as_u64().unwrap() > STALE_SECS * 1000,
+        "{h}"
     );
     drop(procs);
 }

@@ -1,5 +1,6 @@
 //! The HTTP API: `GET /status` (JSON: flows, interfaces, verdicts, splicer,
-//! discovery) and `GET /metrics` (Prometheus text).
+//! discovery), `GET /metrics` (Prometheus text), `/links`, `/costs`, `/plan/*`
+//! and `GET /hosts` (the host metrics placement uses, and where they come from).
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<Appliance>) {
         .route("/costs", get(costs))
         .route("/plan/construct", get(plan_construct))
         .route("/plan/place", get(plan_place))
+        .route("/hosts", get(hosts))
         .with_state(app);
     if let Err(e) = axum::serve(listener, router).await {
         tracing::warn!(cause = %e, "API server stopped");
@@ -166,10 +168,11 @@ async fn plan_place(
         .policy
         .parse()
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("policy: {e}")))?;
+    // The `[planner] metrics` file with fresh agent reports laid over it.
     let metrics = app
         .planner
         .as_ref()
-        .map(|p| p.metrics.clone())
+        .map(|p| p.metrics_now())
         .unwrap_or_default();
     let req = crate::plan::offline::PlaceRequest {
         image: q.image,
@@ -189,6 +192,87 @@ async fn plan_place(
     serde_json::to_value(report)
         .map(Json)
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// `GET /hosts`: per host, the agent-reported metrics (with their age), the
+/// `[planner] metrics` file's, and the effective ones `/plan/place` uses.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HostsReport {
+    pub stale_after_secs: u64,
+    pub hosts: Vec<HostView>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HostView {
+    pub host: String,
+    /// The latest report, if any (stale or not).
+    pub reported: Option<crate::serve::hosts::ReportView>,
+    /// The report is at most `stale_after_secs` old, so it overrides the file.
+    pub fresh: bool,
+    pub file: Option<crate::plan::HostMetrics>,
+    pub effective: crate::plan::HostMetrics,
+}
+
+/// Every host with a report or a file entry, by name. A report overrides the
+/// file metric by metric while it is at most `stale_after` old (the same rule as
+/// [`crate::plan::MetricsFile::overlaid`] over `HostReports::fresh`).
+pub fn hosts_report(
+    file: &crate::plan::MetricsFile,
+    reported: Vec<crate::serve::hosts::ReportView>,
+    stale_after: std::time::Duration,
+) -> HostsReport {
+    use std::collections::BTreeMap;
+    let mut by_host: BTreeMap<String, Option<crate::serve::hosts::ReportView>> =
+        file.host.keys().map(|h| (h.clone(), None)).collect();
+    for r in reported {
+        by_host.insert(r.host.clone(), Some(r));
+    }
+    let stale_ms = u64::try_from(stale_after.as_millis()).unwrap_or(u64::MAX);
+    let hosts = by_host
+        .into_iter()
+        .map(|(host, reported)| {
+            let file_m = file.host.get(&host).copied();
+            let fresh = reported.as_ref().is_some_and(|r| r.age_ms <= stale_ms);
+            let base = file_m.unwrap_or_default();
+            let effective = match (&reported, fresh) {
+                (Some(r), true) => crate::plan::HostMetrics {
+                    cpu: r.cpu,
+                    mem: r.mem,
+                    disk: r.disk,
+                }
+                .or(base),
+                _ => base,
+            };
+            HostView {
+                host,
+                reported,
+                fresh,
+                file: file_m,
+                effective,
+            }
+        })
+        .collect();
+    HostsReport {
+        stale_after_secs: stale_after.as_secs(),
+        hosts,
+    }
+}
+
+async fn hosts(State(app): State<Arc<Appliance>>) -> Result<Json<HostsReport>, ApiError> {
+    let planner = app.planner.as_ref().ok_or((
+        StatusCode::NOT_FOUND,
+        "no [planner] section configured".to_string(),
+    ))?;
+    let reported = planner
+        .reported
+        .get()
+        .map(|r| r.view(std::time::Instant::now()))
+        .unwrap_or_default();
+    Ok(Json(hosts_report(
+        &planner.metrics,
+        reported,
+        planner.stale_after,
+    )))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -330,4 +414,53 @@ pub fn render_metrics(r: &StatusReport) -> String {
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{plan::MetricsFile, serve::hosts::ReportView};
+    use std::time::Duration;
+
+    fn view(host: &str, cpu: Option<f64>, mem: Option<f64>, age_ms: u64) -> ReportView {
+        ReportView {
+            host: host.into(),
+            cpu,
+            mem,
+            disk: None,
+            age_ms,
+            via: "rack1".into(),
+        }
+    }
+
+    #[test]
+    fn hosts_report_merges_fresh_reports_over_the_file() {
+        let file = MetricsFile::parse("[host.hv1]\ncpu = 0.1\ndisk = 0.5\n[host.hv3]\ncpu = 0.3\n")
+            .unwrap();
+        let r = hosts_report(
+            &file,
+            vec![
+                view("hv1", Some(0.9), Some(0.4), 1_000),
+                view("hv2", Some(0.2), None, 61_000),
+            ],
+            Duration::from_secs(60),
+        );
+        assert_eq!(r.stale_after_secs, 60);
+        let names: Vec<&str> = r.hosts.iter().map(|h| h.host.as_str()).collect();
+        assert_eq!(names, ["hv1", "hv2", "hv3"]);
+        // hv1: fresh report wins per metric; disk only in the file.
+        let h = &r.hosts[0];
+        assert!(h.fresh);
+        assert_eq!(
+            (h.effective.cpu, h.effective.mem, h.effective.disk),
+            (Some(0.9), Some(0.4), Some(0.5))
+        );
+        // hv2: stale report, no file entry: nothing known, but the report shown.
+        let h = &r.hosts[1];
+        assert!(!h.fresh && h.reported.is_some() && h.file.is_none());
+        assert!(h.effective.is_empty());
+        // hv3: file only.
+        assert_eq!(r.hosts[2].effective.cpu, Some(0.3));
+        assert!(r.hosts[2].reported.is_none());
+    }
 }

@@ -45,6 +45,30 @@ impl HostMetrics {
             Metric::Disk => self.disk,
         }
     }
+
+    /// The first metric that is not a used fraction in [0, 1] (NaN included).
+    pub fn out_of_range(&self) -> Option<(Metric, f64)> {
+        [Metric::Cpu, Metric::Mem, Metric::Disk]
+            .into_iter()
+            .find_map(|m| {
+                self.get(m)
+                    .filter(|v| !(0.0..=1.0).contains(v))
+                    .map(|v| (m, v))
+            })
+    }
+
+    /// Each metric from `self` where known, else from `fallback`.
+    pub fn or(self, fallback: HostMetrics) -> HostMetrics {
+        HostMetrics {
+            cpu: self.cpu.or(fallback.cpu),
+            mem: self.mem.or(fallback.mem),
+            disk: self.disk.or(fallback.disk),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cpu.is_none() && self.mem.is_none() && self.disk.is_none()
+    }
 }
 
 /// A host metric a policy can rank by.
@@ -169,16 +193,12 @@ impl MetricsFile {
     pub fn parse(text: &str) -> Result<Self, MetricsError> {
         let file: MetricsFile = toml::from_str(text)?;
         for (host, m) in &file.host {
-            for metric in [Metric::Cpu, Metric::Mem, Metric::Disk] {
-                if let Some(v) = m.get(metric) {
-                    if !(0.0..=1.0).contains(&v) {
-                        return Err(MetricsError::Range {
-                            host: host.clone(),
-                            metric: metric.name(),
-                            value: v,
-                        });
-                    }
-                }
+            if let Some((metric, value)) = m.out_of_range() {
+                return Err(MetricsError::Range {
+                    host: host.clone(),
+                    metric: metric.name(),
+                    value,
+                });
             }
         }
         Ok(file)
@@ -186,6 +206,18 @@ impl MetricsFile {
 
     pub fn get(&self, host: &str) -> HostMetrics {
         self.host.get(host).copied().unwrap_or_default()
+    }
+
+    /// This file with `reported` values laid over it: per host and metric, a
+    /// reported value wins; a metric the report lacks keeps the file's value.
+    /// (The caller passes only reports it considers fresh.)
+    pub fn overlaid(&self, reported: &BTreeMap<String, HostMetrics>) -> MetricsFile {
+        let mut out = self.clone();
+        for (host, r) in reported {
+            let m = out.host.entry(host.clone()).or_default();
+            *m = r.or(*m);
+        }
+        out
     }
 }
 
@@ -546,6 +578,45 @@ mod tests {
             Err(MetricsError::Range { .. })
         ));
         assert!(MetricsFile::parse("[host.h1]\ngpu = 0.5\n").is_err());
+        assert!(matches!(
+            MetricsFile::parse("[host.h1]\nmem = nan\n"),
+            Err(MetricsError::Range { metric: "mem", .. })
+        ));
+    }
+
+    #[test]
+    fn reported_metrics_override_the_file_per_metric() {
+        let file =
+            MetricsFile::parse("[host.h1]\ncpu = 0.5\nmem = 0.5\n[host.h2]\ndisk = 0.1\n").unwrap();
+        let reported = BTreeMap::from([
+            (
+                "h1".to_string(),
+                HostMetrics {
+                    cpu: Some(0.9),
+                    mem: None,
+                    disk: Some(0.3),
+                },
+            ),
+            (
+                "h3".to_string(),
+                HostMetrics {
+                    cpu: Some(0.2),
+                    ..Default::default()
+                },
+            ),
+        ]);
+        let m = file.overlaid(&reported);
+        assert_eq!(
+            m.get("h1"),
+            HostMetrics {
+                cpu: Some(0.9),
+                mem: Some(0.5),
+                disk: Some(0.3)
+            }
+        );
+        assert_eq!(m.get("h2"), file.get("h2"));
+        assert_eq!(m.get("h3").cpu, Some(0.2));
+        assert_eq!(file.overlaid(&BTreeMap::new()), file);
     }
 
     #[test]

@@ -30,7 +30,9 @@ use tokio::{
 
 use super::{
     auth::{client_handshake, Key},
-    proto::{read_frame, BlockReply, Holder, Msg, PushedChange, Role, DEFAULT_MAX_FRAME},
+    proto::{
+        read_frame, BlockReply, Holder, HostReport, Msg, PushedChange, Role, DEFAULT_MAX_FRAME,
+    },
 };
 use crate::index::BlockHash;
 
@@ -564,6 +566,26 @@ impl Peer {
             Msg::Ack { seq } => Ok(seq),
             m => Err(self.protocol(&format!("unexpected reply {}", m.name()))),
         }
+    }
+}
+
+impl Peer {
+    /// Sends host load reports to this (parent) indexer, at most
+    /// [`super::proto::MAX_REPORTS`] per request; returns how many it recorded.
+    pub async fn report_metrics(&self, reports: Vec<HostReport>) -> Result<u64, FetchError> {
+        let mut recorded = 0;
+        for chunk in reports.chunks(super::proto::MAX_REPORTS) {
+            match self
+                .request(&Msg::HostMetrics {
+                    reports: chunk.to_vec(),
+                })
+                .await?
+            {
+                Msg::Ack { seq } => recorded += seq,
+                m => return Err(self.protocol(&format!("unexpected reply {}", m.name()))),
+            }
+        }
+        Ok(recorded)
     }
 }
 

@@ -15,10 +15,15 @@
 //! block_sizes = ["4KiB"]
 //! tgt_control_port = 0                  # library: learn LUN backing files from tgtd
 //! tgtadm = "tgtadm"
+//! metrics_interval_ms = 5000            # report cpu/mem/disk to the parent (0: never)
+//! metrics_disk_path = "/var/lib/libvirt/images"  # filesystem of `disk` (default: db's dir)
 //!
 //! [[image]]
 //! name = "vm1"
 //! path = "/var/lib/libvirt/images/vm1.raw"
+//!
+//! [metrics]                             # optional: report these instead of measuring
+//! cpu = 0.5                             # (each of cpu, mem, disk optional)
 //!
 //! [peer]                                # client/server tuning (all optional)
 //! max_in_flight = 16
@@ -38,6 +43,7 @@
 //! db = "/var/lib/nearblock/rack1-index.redb"
 //! parent = "198.18.0.2:7901"            # optional: omit at the top of the tree
 //! push_interval_ms = 1000
+//! metrics_interval_ms = 5000            # forward hosts' reports to the parent (0: never)
 //! ```
 
 use crate::config::key_line;
@@ -174,6 +180,17 @@ pub struct AgentConfig {
     pub tgtadm: String,
     #[serde(default)]
     pub image: Vec<ImageConfig>,
+    /// How often the host's load is reported to the parent (0: never).
+    #[serde(default = "default_metrics_ms")]
+    pub metrics_interval_ms: u64,
+    /// The filesystem whose used fraction is reported as `disk` (default: the
+    /// directory of `db`).
+    #[serde(default)]
+    pub metrics_disk_path: Option<PathBuf>,
+    /// `[metrics]`: values reported as given instead of measured (for hosts whose
+    /// load is known from elsewhere, or to steer placement by hand).
+    #[serde(default)]
+    pub metrics: crate::plan::HostMetrics,
     #[serde(default)]
     pub peer: PeerTuning,
     /// Resolved from `secret` / `secret_file` by validation.
@@ -198,6 +215,9 @@ pub struct IndexerConfig {
     pub parent: Option<SocketAddr>,
     #[serde(default = "default_push_ms")]
     pub push_interval_ms: u64,
+    /// How often the hosts' load reports are forwarded to the parent (0: never).
+    #[serde(default = "default_metrics_ms")]
+    pub metrics_interval_ms: u64,
     #[serde(default)]
     pub peer: PeerTuning,
     #[serde(skip)]
@@ -215,6 +235,9 @@ fn default_full_rescan() -> u64 {
 }
 fn default_push_ms() -> u64 {
     1000
+}
+fn default_metrics_ms() -> u64 {
+    5000
 }
 fn default_block_sizes() -> Vec<String> {
     vec!["4KiB".into()]
@@ -238,6 +261,17 @@ impl Validator<'_> {
             line: key_line(self.text, table, key),
             message: message.into(),
         }
+    }
+
+    fn metrics_interval(&self, ms: u64) -> Result<(), ConfigError> {
+        if ms != 0 && !(100..=3_600_000).contains(&ms) {
+            return Err(self.err(
+                "",
+                "metrics_interval_ms",
+                "must be 0 (off) or within 100..=3600000",
+            ));
+        }
+        Ok(())
     }
 
     fn node(&self, node: &str) -> Result<(), ConfigError> {
@@ -313,6 +347,14 @@ impl AgentConfig {
         if c.push_interval_ms == 0 {
             return Err(v.err("", "push_interval_ms", "must be > 0"));
         }
+        v.metrics_interval(c.metrics_interval_ms)?;
+        if let Some((m, value)) = c.metrics.out_of_range() {
+            return Err(v.err(
+                "metrics",
+                m.name(),
+                &format!("{value} is not a used fraction in [0, 1]"),
+            ));
+        }
         if c.block_sizes.is_empty() {
             return Err(v.err("", "block_sizes", "give at least one block size"));
         }
@@ -357,6 +399,15 @@ impl AgentConfig {
         Ok(c)
     }
 
+    /// The filesystem whose used fraction is `disk`.
+    pub fn disk_path(&self) -> PathBuf {
+        match (&self.metrics_disk_path, self.db.parent()) {
+            (Some(p), _) => p.clone(),
+            (None, Some(d)) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
     /// The address peers reach the block service at.
     pub fn advertised(&self) -> SocketAddr {
         self.advertise.unwrap_or(self.listen)
@@ -380,6 +431,7 @@ impl IndexerConfig {
         if c.push_interval_ms == 0 {
             return Err(v.err("", "push_interval_ms", "must be > 0"));
         }
+        v.metrics_interval(c.metrics_interval_ms)?;
         if c.parent == Some(c.listen) {
             return Err(v.err("", "parent", "an indexer cannot be its own parent"));
         }
@@ -415,6 +467,38 @@ path = "/tmp/vm1.raw"
         assert_eq!(c.rescan_secs, 60);
         assert_eq!(c.advertised().to_string(), "198.18.3.2:7900");
         assert_eq!(c.peer.batch, 64);
+        assert_eq!(c.metrics_interval_ms, 5000);
+        assert_eq!(c.metrics, crate::plan::HostMetrics::default());
+        assert_eq!(c.disk_path(), PathBuf::from("/var/lib/nearblock"));
+    }
+
+    #[test]
+    fn agent_pinned_metrics() {
+        let c = AgentConfig::parse(&format!(
+            "metrics_disk_path = \"/srv\"\n{AGENT}\n[metrics]\ncpu = 0.5\ndisk = 1\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.metrics.cpu, c.metrics.mem, c.metrics.disk),
+            (Some(0.5), None, Some(1.0))
+        );
+        assert_eq!(c.disk_path(), PathBuf::from("/srv"));
+        let e = |t: &str| AgentConfig::parse(t).unwrap_err().to_string();
+        let s = e(&format!("{AGENT}\n[metrics]\nmem = 1.5\n"));
+        assert!(
+            s.contains("metrics.mem (line 13)") && s.contains("1.5"),
+            "{s}"
+        );
+        let s = e(&format!("{AGENT}\n[metrics]\ngpu = 0.5\n"));
+        assert!(s.contains("gpu"), "{s}");
+        let s = e(&format!("metrics_interval_ms = 50\n{AGENT}"));
+        assert!(s.contains("metrics_interval_ms (line 1)"), "{s}");
+        assert_eq!(
+            AgentConfig::parse(&format!("metrics_interval_ms = 0\n{AGENT}"))
+                .unwrap()
+                .metrics_interval_ms,
+            0
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!   asked of the parent (and so on up the tree), unless `local_only`.
 //! - **Addresses**: every push carries host → block service address; each level
 //!   keeps the union and attaches them to holders.
+//! - **Host metrics**: the latest load report of every host below, in memory
+//!   ([`super::hosts`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -111,6 +113,8 @@ pub struct IndexService {
     /// Notified after every applied push (wakes this indexer's own pusher).
     pub changed: Arc<Notify>,
     pub metrics: IndexMetrics,
+    /// The latest load report of every host below this indexer.
+    pub hosts: Arc<super::hosts::HostReports>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,6 +140,7 @@ impl IndexService {
             resyncing: Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
             metrics: IndexMetrics::default(),
+            hosts: Arc::default(),
         })
     }
 

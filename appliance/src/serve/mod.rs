@@ -9,6 +9,8 @@
 //!   blake3 verification of every block, penalties, `fetch_from_any`.
 //! - [`indexer`]: the index service (pushes from children, holders with parent
 //!   fallback) and the upward [`indexer::Pusher`].
+//! - [`hosts`]: host load reports (cpu, mem, disk) kept per host and sent up the
+//!   tree.
 //! - [`config`]: the agent's and indexer's TOML.
 //!
 //! See `docs/peer.md`.
@@ -16,6 +18,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod hosts;
 pub mod indexer;
 pub mod proto;
 pub mod server;
@@ -31,6 +34,8 @@ use crate::index::{BlockStore, RedbStore, StoreOptions};
 pub struct IndexerHandle {
     pub service: Arc<indexer::IndexService>,
     pub push_status: Arc<indexer::PushStatus>,
+    /// Forwarding of host load reports to the parent.
+    pub metrics_status: Arc<hosts::ReportStatus>,
     pub server_metrics: Arc<server::ServerMetrics>,
     /// The address the server listens on (with port 0 resolved).
     pub local_addr: std::net::SocketAddr,
@@ -102,10 +107,11 @@ pub async fn start_indexer_on(
         .with_context(|| format!("listen on {}", cfg.listen))?;
     let local_addr = listener.local_addr()?;
     let push_status = Arc::new(indexer::PushStatus::default());
+    let metrics_status = Arc::new(hosts::ReportStatus::default());
     let status: server::StatusFn = {
-        let p = push_status.clone();
+        let (p, m) = (push_status.clone(), metrics_status.clone());
         let parent = cfg.parent;
-        Arc::new(move || serde_json::json!({ "parent": parent, "push": &*p }))
+        Arc::new(move || serde_json::json!({ "parent": parent, "push": &*p, "metrics_push": &*m }))
     };
     let server_metrics = Arc::new(server::ServerMetrics::default());
     let server = tokio::spawn({
@@ -126,6 +132,20 @@ pub async fn start_indexer_on(
         }
     });
     let mut tasks = vec![server];
+    // The hosts' load reports go up the same way, on the same connection.
+    if let (Some(parent), true) = (&parent, cfg.metrics_interval_ms > 0) {
+        let reports = ix.hosts.clone();
+        tasks.push(tokio::spawn(
+            hosts::MetricsReporter {
+                node: cfg.node.clone(),
+                parent: parent.clone(),
+                interval: Duration::from_millis(cfg.metrics_interval_ms),
+                collect: Arc::new(move || reports.to_forward(std::time::Instant::now())),
+                status: metrics_status.clone(),
+            }
+            .run(),
+        ));
+    }
     tasks.extend(parent.map(|parent| {
         let ix2 = ix.clone();
         tokio::spawn(
@@ -148,6 +168,7 @@ pub async fn start_indexer_on(
     Ok(IndexerHandle {
         service: ix,
         push_status,
+        metrics_status,
         server_metrics,
         local_addr,
         tasks,

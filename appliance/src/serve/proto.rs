@@ -11,7 +11,10 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::index::{BlockHash, Location};
+use crate::{
+    index::{BlockHash, Location},
+    plan::HostMetrics,
+};
 
 /// Protocol version spoken by this build.
 pub const VERSION: u8 = 1;
@@ -21,6 +24,8 @@ pub const HEADER_LEN: usize = 1 + 1 + 8;
 pub const DEFAULT_MAX_FRAME: u32 = 32 << 20;
 /// Most hashes one `GetBlocks` or `Holders` request may carry.
 pub const MAX_HASHES: usize = 16_384;
+/// Most host reports one `HostMetrics` request may carry.
+pub const MAX_REPORTS: usize = 16_384;
 
 /// What a peer is (sent in the handshake and bound into its MAC).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -85,11 +90,20 @@ pub struct Holder {
     pub addr: Option<String>,
 }
 
+/// A host's load (used fractions in [0, 1], each optional) and how long ago it
+/// was measured (relative, so the peers' clocks need not agree).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostReport {
+    pub host: String,
+    pub metrics: HostMetrics,
+    pub age_ms: u64,
+}
+
 /// One change of a push: the child's sequence number and the change in the
 /// index's own encoding ([`crate::index::Change::encode`]).
 pub type PushedChange = (u64, Bytes);
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Msg {
     Hello {
         role: Role,
@@ -138,9 +152,17 @@ pub enum Msg {
         addrs: Vec<(String, String)>,
         changes: Vec<PushedChange>,
     },
-    /// The parent applied the child's changes up to `seq` (durably).
+    /// The parent applied the child's changes up to `seq` (durably). The reply
+    /// to [`Msg::HostMetrics`] too: `seq` = reports recorded.
     Ack {
         seq: u64,
+    },
+    /// Host load reports, child → parent: an agent's own (measured or pinned),
+    /// or an indexer forwarding the latest of every host below it. Added after
+    /// version 1 shipped, as a new kind: a peer that does not know it answers
+    /// `BAD_REQUEST` and closes the connection (the sender then backs off).
+    HostMetrics {
+        reports: Vec<HostReport>,
     },
     Ping,
     Pong,
@@ -174,6 +196,7 @@ const K_PING: u8 = 22;
 const K_PONG: u8 = 23;
 const K_STATUS: u8 = 24;
 const K_STATUS_REPLY: u8 = 25;
+const K_HOST_METRICS: u8 = 26;
 /// Kind of [`Msg::Fragment`].
 pub const K_FRAGMENT: u8 = 6;
 
@@ -269,6 +292,7 @@ impl Msg {
             Msg::Status => K_STATUS,
             Msg::StatusReply { .. } => K_STATUS_REPLY,
             Msg::Fragment { .. } => K_FRAGMENT,
+            Msg::HostMetrics { .. } => K_HOST_METRICS,
         }
     }
 
@@ -291,6 +315,7 @@ impl Msg {
             Msg::Status => "Status",
             Msg::StatusReply { .. } => "StatusReply",
             Msg::Fragment { .. } => "Fragment",
+            Msg::HostMetrics { .. } => "HostMetrics",
         }
     }
 
@@ -393,6 +418,23 @@ impl Msg {
                 }
             }
             Msg::Ack { seq } => b.put_u64_le(*seq),
+            Msg::HostMetrics { reports } => {
+                b.put_u32_le(reports.len() as u32);
+                for r in reports {
+                    put_str(&mut b, &r.host);
+                    let m = &r.metrics;
+                    let vals = [m.cpu, m.mem, m.disk];
+                    let flags = vals
+                        .iter()
+                        .enumerate()
+                        .fold(0u8, |f, (i, v)| f | ((v.is_some() as u8) << i));
+                    b.put_u8(flags);
+                    for v in vals.into_iter().flatten() {
+                        b.put_f64_le(v);
+                    }
+                    b.put_u64_le(r.age_ms);
+                }
+            }
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_be_bytes());
@@ -529,6 +571,42 @@ impl Msg {
                 }
             }
             K_ACK => Msg::Ack { seq: r.u64()? },
+            K_HOST_METRICS => {
+                // host (≥ 4) + flags (1) + age (8)
+                let n = r.count(4 + 1 + 8)?;
+                if n > MAX_REPORTS {
+                    return Err(ProtoError::Malformed(
+                        "too many host reports in one request",
+                    ));
+                }
+                let mut reports = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let host = r.string()?;
+                    let flags = r.u8()?;
+                    if flags & !0b111 != 0 {
+                        return Err(ProtoError::Malformed("host metric flags"));
+                    }
+                    let mut vals = [None; 3];
+                    for (i, v) in vals.iter_mut().enumerate() {
+                        if flags & (1 << i) != 0 {
+                            let x = r.f64()?;
+                            if !(0.0..=1.0).contains(&x) {
+                                return Err(ProtoError::Malformed(
+                                    "host metric is not a fraction in [0, 1]",
+                                ));
+                            }
+                            *v = Some(x);
+                        }
+                    }
+                    let [cpu, mem, disk] = vals;
+                    reports.push(HostReport {
+                        host,
+                        metrics: HostMetrics { cpu, mem, disk },
+                        age_ms: r.u64()?,
+                    });
+                }
+                Msg::HostMetrics { reports }
+            }
             k => return Err(ProtoError::UnknownKind(k)),
         };
         if r.pos != r.buf.len() {
@@ -571,6 +649,9 @@ impl Rd {
     }
     fn u64(&mut self) -> Result<u64, ProtoError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn f64(&mut self) -> Result<f64, ProtoError> {
+        Ok(f64::from_bits(self.u64()?))
     }
     fn arr32(&mut self) -> Result<[u8; 32], ProtoError> {
         Ok(self.take(32)?.try_into().expect("32"))
@@ -694,6 +775,24 @@ mod tests {
                 last: true,
                 data: Bytes::from_static(b"\x10abc"),
             },
+            Msg::HostMetrics {
+                reports: vec![
+                    HostReport {
+                        host: "hv1".into(),
+                        metrics: HostMetrics {
+                            cpu: Some(0.25),
+                            mem: None,
+                            disk: Some(1.0),
+                        },
+                        age_ms: 1500,
+                    },
+                    HostReport {
+                        host: "hv2".into(),
+                        metrics: HostMetrics::default(),
+                        age_ms: 0,
+                    },
+                ],
+            },
         ]
     }
 
@@ -795,6 +894,20 @@ mod tests {
         p.put_u32_le(1);
         p.put_u8(9);
         assert!(Msg::decode(K_BLOCKS, p.freeze()).is_err());
+        // A metric outside [0, 1], and unknown metric flags.
+        let bad = |flags: u8, v: f64| {
+            let mut p = BytesMut::new();
+            p.put_u32_le(1);
+            put_str(&mut p, "hv1");
+            p.put_u8(flags);
+            p.put_f64_le(v);
+            p.put_u64_le(0);
+            Msg::decode(K_HOST_METRICS, p.freeze())
+        };
+        assert!(bad(0b001, 0.5).is_ok());
+        assert!(bad(0b001, 1.5).is_err());
+        assert!(bad(0b010, f64::NAN).is_err());
+        assert!(bad(0b1001, 0.5).is_err());
         // Too many hashes.
         let mut p = BytesMut::new();
         p.put_u32_le(MAX_HASHES as u32 + 1);
@@ -806,7 +919,7 @@ mod tests {
         /// Every truncation or corruption of a valid payload decodes to an error or
         /// to some message — never a panic.
         #[test]
-        fn decode_never_panics(i in 0usize..16, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
+        fn decode_never_panics(i in 0usize..17, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
             let m = &samples()[i];
             let wire = m.encode(1);
             let payload = wire.slice(4 + HEADER_LEN..);

@@ -259,6 +259,8 @@ async fn handle(
                     "seq": ix.store().seq(),
                     "metrics": &ix.metrics,
                     "children": ix.child_state(),
+                    "hosts": ix.hosts.view(std::time::Instant::now()),
+                    "hosts_dropped": ix.hosts.dropped.load(Ordering::Relaxed),
                 })),
                 "state": services.status.as_ref().map(|f| f()),
             });
@@ -326,6 +328,26 @@ async fn handle(
                 }
                 ix.push(&node, resync, upto, addrs, changes).await
             }
+            None => error(
+                code::UNSUPPORTED,
+                format!("{} is not an indexer", opts.node),
+            ),
+        },
+        Msg::HostMetrics { reports } => match &services.index {
+            Some(ix) => match info.role {
+                Role::Client => error(code::BAD_REQUEST, "clients do not report host metrics"),
+                // An agent speaks for its own host; an indexer for the hosts below it.
+                Role::Agent if reports.iter().any(|r| r.host != info.node) => error(
+                    code::BAD_REQUEST,
+                    format!("agent {} reports metrics of another host", info.node),
+                ),
+                _ => Msg::Ack {
+                    seq: ix
+                        .hosts
+                        .record(&info.node, &reports, std::time::Instant::now())
+                        as u64,
+                },
+            },
             None => error(
                 code::UNSUPPORTED,
                 format!("{} is not an indexer", opts.node),

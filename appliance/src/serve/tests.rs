@@ -765,8 +765,10 @@ async fn start_indexer_from_config() {
     r.service.store().apply(&[c]).unwrap();
     r.service.changed.notify_one();
     let h = BlockHash::of(&data[..4096]);
+    // The child's status records the ack when the reply arrives, after the
+    // parent applied the push: wait for that, not only for the parent's store.
     for _ in 0..200 {
-        if !g.service.store().holders(&h).unwrap().is_empty() {
+        if r.push_status.acked.load(Ordering::Relaxed) == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -774,4 +776,81 @@ async fn start_indexer_from_config() {
     assert_eq!(&*g.service.store().holders(&h).unwrap()[0].host, "hv5");
     assert_eq!(g.service.child_state().acked["r"], 1);
     assert_eq!(r.push_status.acked.load(Ordering::Relaxed), 1);
+}
+
+/// Host load reports: an agent reports its own host to its rack indexer, which
+/// forwards it to the global indexer; an agent cannot speak for another host and
+/// a client cannot report at all.
+#[tokio::test]
+async fn host_metrics_travel_up_the_tree() {
+    use super::{hosts::ReportView, proto::HostReport};
+    use crate::plan::HostMetrics;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |node: &str, parent: Option<std::net::SocketAddr>| {
+        let p = parent
+            .map(|a| format!("parent = \"{a}\"\n"))
+            .unwrap_or_default();
+        super::config::IndexerConfig::parse(&format!(
+            "node = \"{node}\"\nlisten = \"127.0.0.1:0\"\nsecret = \"a test secret of some length\"\ndb = {:?}\n{p}push_interval_ms = 50\nmetrics_interval_ms = 100\n",
+            dir.path().join(format!("{node}.redb"))
+        ))
+        .unwrap()
+    };
+    let g = super::start_indexer(&cfg("g", None)).await.unwrap();
+    let r = super::start_indexer(&cfg("r", Some(g.local_addr)))
+        .await
+        .unwrap();
+    let rack = r.local_addr.to_string();
+    let as_role = |node: &str, role: Role| {
+        PeerClient::new(ClientOptions::new(node, role, Key::from_secret(SECRET))).peer(&rack)
+    };
+    let m = HostMetrics {
+        cpu: Some(0.25),
+        mem: Some(0.5),
+        disk: None,
+    };
+    let report = |host: &str| HostReport {
+        host: host.into(),
+        metrics: m,
+        age_ms: 0,
+    };
+    let hv5 = as_role("hv5", Role::Agent);
+    assert_eq!(hv5.report_metrics(vec![report("hv5")]).await.unwrap(), 1);
+    let refused = hv5.report_metrics(vec![report("hv6")]).await.unwrap_err();
+    assert!(
+        matches!(refused, FetchError::Remote { code: c, .. } if c == super::proto::code::BAD_REQUEST),
+        "{refused}"
+    );
+    let cli = as_role("cli", Role::Client);
+    assert!(cli.report_metrics(vec![report("cli")]).await.is_err());
+    let at_rack = r.service.hosts.view(std::time::Instant::now());
+    assert_eq!(at_rack.len(), 1, "{at_rack:?}");
+    assert_eq!(
+        (at_rack[0].host.as_str(), at_rack[0].via.as_str()),
+        ("hv5", "hv5")
+    );
+    // Forwarded to the global indexer, which knows it came through `r`.
+    let mut up: Vec<ReportView> = Vec::new();
+    for _ in 0..200 {
+        up = g.service.hosts.view(std::time::Instant::now());
+        if !up.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert_eq!((up[0].host.as_str(), up[0].via.as_str()), ("hv5", "r"));
+    assert_eq!((up[0].cpu, up[0].mem, up[0].disk), (m.cpu, m.mem, m.disk));
+    assert!(up[0].age_ms < 5_000, "{}", up[0].age_ms);
+    assert!(r.metrics_status.sent.load(Ordering::Relaxed) >= 1);
+    // Both show it in their status.
+    let st = as_role("cli", Role::Client)
+        .request(&Msg::Status)
+        .await
+        .unwrap();
+    let Msg::StatusReply { json } = st else {
+        panic!("{st:?}")
+    };
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["index"]["hosts"][0]["host"], "hv5", "{v}");
 }
