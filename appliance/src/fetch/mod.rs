@@ -7,7 +7,6 @@
 //!   the index knows (peer appliances' caches, hypervisor agents, the library's
 //!   agent), in path-cost order, verified by blake3, into the cache. What no holder
 //!   delivers in time is left to the library (the READ passes through).
-//! - [`BlockProvider`]: the asynchronous source of blocks by hash (the cache is one).
 //! - [`SourceClass`] / [`Origin`] / [`Provenance`]: where served bytes came from, for
 //!   the operator (zero, cache, rack, other racks, library).
 //!
@@ -18,11 +17,8 @@ mod cache;
 pub mod prefetch;
 pub mod sourcing;
 
-use std::{future::Future, pin::Pin, sync::Arc};
-
 use bytes::Bytes;
 
-use crate::index::BlockHash;
 
 pub use cache::{BlockCache, CacheSnapshot};
 pub use sourcing::{SourceRanks, Sourcing, SourcingOptions, SourcingSnapshot};
@@ -111,45 +107,6 @@ impl Provenance {
     }
 }
 
-/// Why blocks could not be provided.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FetchError {
-    #[error("block {0} is not available from this provider")]
-    Missing(BlockHash),
-    #[error("block {0} failed verification")]
-    Corrupt(BlockHash),
-    #[error("provider unavailable: {0}")]
-    Unavailable(String),
-}
-
-/// The future a [`BlockProvider`] returns.
-pub type FetchFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Vec<Bytes>, FetchError>> + Send + 'a>>;
-
-/// A source of blocks by hash. Implementations return exactly one buffer per hash, in
-/// order, each of which hashes to its name (verified by the provider or the caller).
-pub trait BlockProvider: Send + Sync {
-    fn fetch<'a>(&'a self, hashes: &'a [BlockHash]) -> FetchFuture<'a>;
-}
-
-/// The shared cache as a provider: answers at once, from memory.
-impl BlockProvider for BlockCache {
-    fn fetch<'a>(&'a self, hashes: &'a [BlockHash]) -> FetchFuture<'a> {
-        Box::pin(async move {
-            hashes
-                .iter()
-                .map(|h| self.get(h).ok_or(FetchError::Missing(*h)))
-                .collect()
-        })
-    }
-}
-
-impl<P: BlockProvider + ?Sized> BlockProvider for Arc<P> {
-    fn fetch<'a>(&'a self, hashes: &'a [BlockHash]) -> FetchFuture<'a> {
-        (**self).fetch(hashes)
-    }
-}
-
 /// `len` zero bytes, shared: one allocation per size, sliced for every use.
 pub fn zero_block(len: usize) -> Bytes {
     use std::sync::OnceLock;
@@ -166,17 +123,6 @@ pub fn zero_block(len: usize) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn cache_as_provider() {
-        let cache = BlockCache::new(1 << 20);
-        let a = Bytes::from_static(b"aaaa");
-        let ha = BlockHash::of(&a);
-        cache.insert(ha, a.clone());
-        assert_eq!(cache.fetch(&[ha]).await.unwrap(), vec![a]);
-        let hb = BlockHash::of(b"b");
-        assert_eq!(cache.fetch(&[ha, hb]).await, Err(FetchError::Missing(hb)));
-    }
 
     #[test]
     fn zero_blocks_are_zero() {
