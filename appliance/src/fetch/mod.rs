@@ -19,7 +19,6 @@ pub mod sourcing;
 
 use bytes::Bytes;
 
-
 pub use cache::{BlockCache, CacheSnapshot};
 pub use sourcing::{SourceRanks, Sourcing, SourcingOptions, SourcingSnapshot};
 

@@ -139,7 +139,7 @@ impl SourceRanks {
     /// Where to ask for one block, cheapest first (ties by host name): this
     /// appliance itself and holders without a block-service address are left
     /// out, and each address is listed once.
-    pub fn order(&self, holders: &[Holder]) -> Vec<(String, Origin)> {
+    pub fn order(&self, holders: &[Holder]) -> Vec<Candidate> {
         let mut cands: Vec<(Rank, &str, &str)> = holders
             .iter()
             .filter(|h| *h.location.host != *self.node)
@@ -153,17 +153,25 @@ impl SourceRanks {
         cands
             .into_iter()
             .filter(|(_, _, addr)| seen.insert(*addr))
-            .map(|(rank, _, addr)| {
-                (
-                    addr.to_string(),
-                    Origin {
-                        class: rank.class,
-                        hops: rank.hops,
-                    },
-                )
+            .map(|(rank, host, addr)| Candidate {
+                addr: addr.to_string(),
+                host: host.to_string(),
+                origin: Origin {
+                    class: rank.class,
+                    hops: rank.hops,
+                },
             })
             .collect()
     }
+}
+
+/// One holder to ask for a block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its block service, `ip:port`.
+    pub addr: String,
+    pub host: String,
+    pub origin: Origin,
 }
 
 /// `[splicer]` settings of the fetcher.
@@ -290,31 +298,36 @@ impl Sourcing {
     /// not stop the fetch. Must be called inside a tokio runtime.
     pub fn fill(self: &Arc<Self>, hashes: &[BlockHash]) -> impl Future<Output = ()> + Send {
         let mut waits: Vec<watch::Receiver<bool>> = Vec::new();
+        let mut inflight = lock(&self.inflight);
         let mut new = Vec::new();
-        {
-            let mut inflight = lock(&self.inflight);
-            let (tx, rx) = watch::channel(false);
-            for h in hashes {
-                if self.cache.contains(h) {
-                    continue;
-                }
-                if let Some(r) = inflight.get(h) {
+        for h in hashes {
+            if self.cache.contains(h) {
+                continue;
+            }
+            match inflight.get(h) {
+                Some(r) => {
                     if !waits.iter().any(|w| w.same_channel(r)) {
                         waits.push(r.clone());
                     }
-                    continue;
                 }
-                inflight.insert(*h, rx.clone());
-                new.push(*h);
-            }
-            if !new.is_empty() {
-                waits.push(rx);
-                self.counters
-                    .requested
-                    .fetch_add(new.len() as u64, Ordering::Relaxed);
-                tokio::spawn(self.clone().fetch(new, tx));
+                None if !new.contains(h) => new.push(*h),
+                None => {}
             }
         }
+        self.counters
+            .requested
+            .fetch_add(new.len() as u64, Ordering::Relaxed);
+        // One task (and one signal) per batch: a READ waits only for the batch
+        // holding its blocks, not for the read-ahead around it.
+        for batch in new.chunks(self.opts.batch.max(1)) {
+            let (tx, rx) = watch::channel(false);
+            for h in batch {
+                inflight.insert(*h, rx.clone());
+            }
+            waits.push(rx.clone());
+            tokio::spawn(self.clone().fetch(batch.to_vec(), tx, rx));
+        }
+        drop(inflight);
         async move {
             for mut w in waits {
                 // An error means the fetch task is gone: done either way.
@@ -323,18 +336,18 @@ impl Sourcing {
         }
     }
 
-    /// Fetch `hashes` (none cached or in flight elsewhere), then release them.
-    async fn fetch(self: Arc<Self>, hashes: Vec<BlockHash>, done: watch::Sender<bool>) {
-        for chunk in hashes.chunks(self.opts.batch.max(1)) {
-            self.fetch_batch(chunk).await;
-        }
+    /// Fetch one batch (none cached or in flight elsewhere), then release it.
+    async fn fetch(
+        self: Arc<Self>,
+        hashes: Vec<BlockHash>,
+        done: watch::Sender<bool>,
+        ours: watch::Receiver<bool>,
+    ) {
+        self.fetch_batch(&hashes).await;
         {
             let mut inflight = lock(&self.inflight);
             for h in &hashes {
-                if inflight
-                    .get(h)
-                    .is_some_and(|r| r.same_channel(&done.subscribe()))
-                {
+                if inflight.get(h).is_some_and(|r| r.same_channel(&ours)) {
                     inflight.remove(h);
                 }
             }
@@ -364,24 +377,18 @@ impl Sourcing {
         };
         let ranks = self.ranks();
         let mut wants: Vec<(BlockHash, Vec<String>)> = Vec::with_capacity(hashes.len());
-        let mut origins: HashMap<String, (Origin, String)> = HashMap::new();
+        // Address → who answers there (the same for every block).
+        let mut sources: HashMap<String, Candidate> = HashMap::new();
         for (hash, hs) in hashes.iter().zip(&holders) {
             let order = ranks.order(hs);
             if order.is_empty() {
                 c.no_holder.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            for (addr, origin) in &order {
-                if !origins.contains_key(addr) {
-                    let host = hs
-                        .iter()
-                        .find(|h| h.addr.as_ref() == Some(addr))
-                        .map(|h| h.location.host.to_string())
-                        .unwrap_or_default();
-                    origins.insert(addr.clone(), (*origin, host));
-                }
+            let addrs = order.iter().map(|c| c.addr.clone()).collect();
+            for cand in order {
+                sources.entry(cand.addr.clone()).or_insert(cand);
             }
-            let addrs = order.into_iter().map(|(addr, _)| addr).collect();
             wants.push((*hash, addrs));
         }
         if wants.is_empty() {
@@ -394,12 +401,13 @@ impl Sourcing {
                     c.fetched_blocks.fetch_add(1, Ordering::Relaxed);
                     c.fetched_bytes
                         .fetch_add(f.data.len() as u64, Ordering::Relaxed);
-                    let (origin, host) = match origins.get(&f.from) {
-                        Some((o, h)) => (Some(*o), h.clone()),
-                        None => (None, String::new()),
-                    };
-                    *lock(&self.by_host).entry(host).or_default() += f.data.len() as u64;
-                    self.cache.insert_from(*hash, f.data, origin);
+                    let source = sources.get(&f.from);
+                    if let Some(s) = source {
+                        *lock(&self.by_host).entry(s.host.clone()).or_default() +=
+                            f.data.len() as u64;
+                    }
+                    self.cache
+                        .insert_from(*hash, f.data, source.map(|s| s.origin));
                 }
                 Err(e) => {
                     tracing::debug!(block = %hash, cause = %e, "no holder served the block");
@@ -529,13 +537,14 @@ b = "hv3"
             // The same service listed for two of its images: asked once.
             holder("rack2", Some("10.0.0.2:1")),
         ]);
-        let addrs: Vec<&str> = order.iter().map(|(a, _)| a.as_str()).collect();
+        let addrs: Vec<&str> = order.iter().map(|c| c.addr.as_str()).collect();
         assert_eq!(
             addrs,
             ["10.0.0.2:1", "10.0.0.3:1", "10.0.0.1:1", "10.0.0.7:1"]
         );
+        assert_eq!(order[2].host, "library");
         assert_eq!(
-            order[2].1,
+            order[2].origin,
             Origin {
                 class: SourceClass::Library,
                 hops: 2
