@@ -159,6 +159,24 @@ impl ReadAhead {
         }
     }
 
+    /// The blocks likely enough to read ahead, in prefetch order.
+    pub fn likely(&self) -> &[u64] {
+        let n = self
+            .probability
+            .iter()
+            .take_while(|&&p| p >= self.min_probability)
+            .count();
+        &self.order[..n]
+    }
+
+    /// Where `block` stands in [`Self::likely`] (`None`: not likely).
+    pub fn position(&self, block: u64) -> Option<usize> {
+        self.place
+            .get(&block)
+            .copied()
+            .filter(|&i| self.probability[i] >= self.min_probability)
+    }
+
     /// After reading `block`, up to `count` blocks to fetch next: those following
     /// it in prefetch order (from the front when `block` was never read before)
     /// that are likely enough and not `present` yet.
@@ -239,6 +257,8 @@ mod tests {
     fn read_ahead_follows_the_order_and_skips_present() {
         let h = history();
         let ra = ReadAhead::new(&h, &m(), 0.5);
+        assert_eq!(ra.likely(), [4, 2, 0]);
+        assert_eq!((ra.position(2), ra.position(5)), (Some(1), None));
         assert_eq!(ra.after(4, 2, |_| false), [2, 0]);
         assert_eq!(ra.after(4, 5, |b| b == 2), [0], "5 is below 0.5");
         assert_eq!(ra.after(0, 5, |_| false), Vec::<u64>::new());

@@ -383,14 +383,18 @@ impl ServedLun {
         self.absent(span, cache)
     }
 
-    fn absent(&self, span: std::ops::Range<usize>, cache: &BlockCache) -> Vec<BlockHash> {
-        let mut out: Vec<BlockHash> = Vec::new();
-        for h in self.manifest.blocks[span].iter().flatten() {
-            if !cache.contains(h) && !out.contains(h) {
-                out.push(*h);
-            }
-        }
-        out
+    /// The distinct non-zero hashes at `positions` that the cache lacks, in order.
+    fn absent(
+        &self,
+        positions: impl IntoIterator<Item = usize>,
+        cache: &BlockCache,
+    ) -> Vec<BlockHash> {
+        let mut seen = std::collections::HashSet::new();
+        positions
+            .into_iter()
+            .filter_map(|p| self.manifest.blocks.get(p).copied().flatten())
+            .filter(|h| !cache.contains(h) && seen.insert(*h))
+            .collect()
     }
 
     /// The blocks (manifest positions) a READ touches, for access history.
@@ -428,54 +432,38 @@ impl ServedLun {
         u.readahead = None;
     }
 
-    /// With an access history: the likely blocks to fetch after a READ, in the
-    /// history's order (never-read blocks are never read ahead); `None` without
-    /// one (then read-ahead is sequential).
-    pub fn likely_after(
-        &self,
-        read: &ReadCommand,
-        window: usize,
-        cache: &BlockCache,
-    ) -> Option<Vec<BlockHash>> {
-        let span = self.block_span(read)?;
-        let ra = {
-            let mut u = self.usage();
-            let boots = u.history.boots;
-            if boots == 0 {
-                return None;
-            }
-            match &u.readahead {
-                Some((b, ra)) if *b == boots => ra.clone(),
-                _ => {
-                    let ra = Arc::new(crate::plan::ReadAhead::new(
-                        &u.history,
-                        &self.manifest,
-                        f64::MIN_POSITIVE,
-                    ));
-                    u.readahead = Some((boots, ra.clone()));
-                    ra
-                }
-            }
-        };
-        let last = span.end.saturating_sub(1) as u64;
-        let hash_at = |b: u64| self.manifest.blocks.get(b as usize).copied().flatten();
-        let next = ra.after(last, window, |b| {
-            hash_at(b).is_none_or(|h| cache.contains(&h))
-        });
-        let mut out: Vec<BlockHash> = Vec::new();
-        for h in next.into_iter().filter_map(hash_at) {
-            if !out.contains(&h) {
-                out.push(h);
+    /// The access history's read-ahead order, rebuilt when the history gained a
+    /// boot (`None` without history). A rebuild restarts the read-ahead mark: it
+    /// counts positions in this order.
+    fn history_order(&self) -> Option<Arc<crate::plan::ReadAhead>> {
+        let mut u = self.usage();
+        let boots = u.history.boots;
+        if boots == 0 {
+            return None;
+        }
+        if let Some((b, ra)) = &u.readahead {
+            if *b == boots {
+                return Some(ra.clone());
             }
         }
-        Some(out)
+        let ra = Arc::new(crate::plan::ReadAhead::new(
+            &u.history,
+            &self.manifest,
+            f64::MIN_POSITIVE,
+        ));
+        u.readahead = Some((boots, ra.clone()));
+        self.readahead_mark.store(0, Ordering::Relaxed);
+        Some(ra)
     }
 
-    /// On-demand read-ahead after a READ: the next `window` manifest blocks past
-    /// it that are not cached, if the LUN's read-ahead has not already asked for
-    /// them. Read-ahead is asked for again once a READ comes within half a window
-    /// of where it stopped; a READ far behind it (another reader, or a jump)
-    /// restarts it from there.
+    /// On-demand read-ahead after a READ: the next `window` blocks past it that
+    /// are not cached — in the access history's order when the LUN has one (only
+    /// blocks past sessions read, and nothing after a block none of them read),
+    /// else in image order — unless the LUN's read-ahead already asked for them.
+    /// It is asked for again once a READ comes within half a window of where it
+    /// stopped; a READ far behind it (another reader, or a jump) restarts it from
+    /// there. So a READ costs at most one window of cache lookups, and most cost
+    /// none.
     pub fn readahead(
         &self,
         read: &ReadCommand,
@@ -485,15 +473,27 @@ impl ServedLun {
         let Some(span) = self.block_span(read) else {
             return Vec::new();
         };
-        let Some(range) = readahead_range(
-            &self.readahead_mark,
-            span.end,
-            window,
-            self.manifest.blocks.len(),
-        ) else {
-            return Vec::new();
-        };
-        self.absent(range, cache)
+        let mark = &self.readahead_mark;
+        match self.history_order() {
+            None => {
+                let blocks = self.manifest.blocks.len();
+                match readahead_range(mark, span.end, window, blocks) {
+                    Some(range) => self.absent(range, cache),
+                    None => Vec::new(),
+                }
+            }
+            Some(ra) => {
+                let last = span.end.saturating_sub(1) as u64;
+                let likely = ra.likely();
+                let range = ra
+                    .position(last)
+                    .and_then(|p| readahead_range(mark, p + 1, window, likely.len()));
+                match range {
+                    Some(range) => self.absent(likely[range].iter().map(|&b| b as usize), cache),
+                    None => Vec::new(),
+                }
+            }
+        }
     }
 
     /// Start learning from the library's answer to a READ passed through.
@@ -1041,10 +1041,8 @@ mod tests {
         let hashes: Vec<BlockHash> = m.blocks.iter().flatten().copied().collect();
         let lun = ServedLun::new("t".into(), 1, ServeDesign::Shadow, 512, m).unwrap();
         let cache = BlockCache::new(1 << 20);
-        assert!(
-            lun.likely_after(&read(0, 8), 8, &cache).is_none(),
-            "no history yet"
-        );
+        // Without history: what follows, in image order.
+        assert_eq!(lun.readahead(&read(0, 8), 8, &cache), hashes[1..]);
         // A boot reads block 3 (LBAs 24..32), then 0 and 3 again, then the tail.
         let mut trace = BootTrace::default();
         for r in [read(24, 8), read(0, 8), read(24, 8), read(32, 2)] {
@@ -1056,15 +1054,23 @@ mod tests {
         assert_eq!((h.boots, h.blocks.len()), (1, 3));
         // After block 3 comes 0 then the tail (4); block 2 was never read.
         assert_eq!(
-            lun.likely_after(&read(24, 8), 8, &cache).unwrap(),
+            lun.readahead(&read(24, 8), 8, &cache),
             [hashes[0], hashes[3]]
         );
-        cache.insert(hashes[0], Bytes::copy_from_slice(&data[..4096]));
-        assert_eq!(
-            lun.likely_after(&read(24, 8), 8, &cache).unwrap(),
-            [hashes[3]],
-            "cached blocks are not read ahead"
+        assert!(
+            lun.readahead(&read(24, 8), 8, &cache).is_empty(),
+            "already asked for"
         );
+        // Far behind the mark (another reader): asked again, cached blocks left out.
+        cache.insert(hashes[0], Bytes::copy_from_slice(&data[..4096]));
+        lun.readahead_mark.store(100, Ordering::Relaxed);
+        assert!(
+            lun.readahead(&read(24, 8), 1, &cache).is_empty(),
+            "the next likely block (0) is cached"
+        );
+        assert_eq!(lun.readahead(&read(0, 8), 1, &cache), [hashes[3]]);
+        // After a block no boot read, nothing is read ahead.
+        assert!(lun.readahead(&read(16, 8), 8, &cache).is_empty());
     }
 
     #[test]

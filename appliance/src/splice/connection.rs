@@ -380,10 +380,7 @@ impl Conn<'_> {
                 }
                 if let (Some(src), false) = (sourcing, waited) {
                     let window = catalog.readahead_blocks(lun.manifest.block_size);
-                    // Past boots decide what comes next; without any, what follows.
-                    let ahead = lun
-                        .likely_after(&read, window, &catalog.cache)
-                        .unwrap_or_else(|| lun.readahead(&read, window, &catalog.cache));
+                    let ahead = lun.readahead(&read, window, &catalog.cache);
                     if !ahead.is_empty() {
                         // Runs on its own; nothing waits for it.
                         drop(src.fill(&ahead));
