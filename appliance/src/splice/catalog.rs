@@ -792,13 +792,26 @@ impl Catalog {
         };
         let path = history_path(dir, &lun.target, lun.lun);
         let history = lun.history();
-        let write = move || -> std::io::Result<()> {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&history)?)?;
-            std::fs::rename(&tmp, &path)
+        // A temporary name of this writer's own: two sessions ending together
+        // must not interleave in one file before the rename.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, Ordering::Relaxed);
+        let write = move || {
+            let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
+            let r = serde_json::to_vec(&history)
+                .map_err(std::io::Error::from)
+                .and_then(|json| std::fs::write(&tmp, json))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = r {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(cause = %e, path = %path.display(), "saving the access history");
+            }
         };
-        if let Err(e) = write() {
-            tracing::warn!(cause = %e, "saving the access history");
+        // Serialising and writing a big image's history is file I/O: off the
+        // connection's runtime thread when there is a runtime.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(write)),
+            Err(_) => write(),
         }
     }
 
