@@ -300,17 +300,15 @@ impl Sourcing {
         let mut waits: Vec<watch::Receiver<bool>> = Vec::new();
         let mut inflight = lock(&self.inflight);
         let mut new = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for h in hashes {
             if self.cache.contains(h) {
                 continue;
             }
             match inflight.get(h) {
-                Some(r) => {
-                    if !waits.iter().any(|w| w.same_channel(r)) {
-                        waits.push(r.clone());
-                    }
-                }
-                None if !new.contains(h) => new.push(*h),
+                Some(r) if !waits.iter().any(|w| w.same_channel(r)) => waits.push(r.clone()),
+                Some(_) => {}
+                None if seen.insert(*h) => new.push(*h),
                 None => {}
             }
         }
