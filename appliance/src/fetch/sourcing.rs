@@ -440,48 +440,25 @@ impl Sourcing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cost::Topology;
     use crate::index::Location;
 
-    const TOPO: &str = r#"
-[[node]]
-name = "library"
-role = "library"
-[[node]]
-name = "core"
-role = "switch"
-[[node]]
-name = "rack1"
-role = "appliance"
-[[node]]
-name = "rack2"
-role = "appliance"
-[[node]]
-name = "hv1"
-role = "hypervisor"
-[[node]]
-name = "hv3"
-role = "hypervisor"
-[[link]]
-a = "library"
-b = "core"
-weight = 4.0
-[[link]]
-a = "core"
-b = "rack1"
-[[link]]
-a = "core"
-b = "rack2"
-[[link]]
-a = "rack1"
-b = "hv1"
-[[link]]
-a = "rack2"
-b = "hv3"
-"#;
-
+    /// library ─4─ core ─ rack1 ─ hv1, core ─ rack2 ─ hv3.
     fn ranks() -> SourceRanks {
-        let topo = Topology::parse(TOPO).unwrap();
+        let mut topo = crate::cost::paths::tests::topo(
+            &["library", "core", "rack1", "rack2", "hv1", "hv3"],
+            &[
+                ("library", "core", 4.0),
+                ("core", "rack1", 1.0),
+                ("core", "rack2", 1.0),
+                ("rack1", "hv1", 1.0),
+                ("rack2", "hv3", 1.0),
+            ],
+        );
+        for n in &mut topo.nodes {
+            if n.name == "library" {
+                n.role = crate::cost::Role::Library;
+            }
+        }
         SourceRanks::from_graph(&Graph::from_topology(&topo), "rack1").unwrap()
     }
 
