@@ -19,7 +19,7 @@ use std::{
 };
 
 use nearblock::splice::catalog::{manifest_of, manifest_to_text};
-use nearblock_lab::{procs::Procs, ApplianceOptions, Lab, LunSpec};
+use nearblock_lab::{fabric::Fabric, ApplianceOptions, Lab, LunSpec};
 
 const IQN: &str = "iqn.2026-11.test.nearblock:corpus";
 const AGENT_PORT: u16 = 7400;
@@ -140,9 +140,6 @@ fn library_link_carries_only_what_no_nearer_holder_has() {
         })
         .unwrap();
     }
-    let secret = lab
-        .write_file("peer.secret", b"a lab secret for the peer protocol\n")
-        .unwrap();
     let topo = lab
         .write_file("topology.toml", nearblock_lab::DEFAULT_TOPOLOGY.as_bytes())
         .unwrap();
@@ -156,55 +153,11 @@ fn library_link_carries_only_what_no_nearer_holder_has() {
             .unwrap(),
         );
     }
-    let addr = |node: &str, port: u16| format!("{}:{port}", lab.addr4(node));
-    let indexer_cfg = |node: &str, parent: Option<&str>| {
-        let parent = parent
-            .map(|p| format!("parent = \"{}\"\n", addr(p, INDEXER_PORT)))
-            .unwrap_or_default();
-        lab.write_file(
-            &format!("ix-{node}.toml"),
-            format!(
-                "node = \"{node}\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\nsecret_file = {secret:?}\ndb = {:?}\n{parent}push_interval_ms = 200\n",
-                lab.dir.path().join(format!("{node}.redb")),
-            )
-            .as_bytes(),
-        )
-        .unwrap()
-    };
-    let core_ix = addr("core", INDEXER_PORT);
-    let core_cfg = indexer_cfg("core", None);
-    let rack1_cfg = indexer_cfg("rack1", Some("core"));
+    let mut fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap();
+    fabric.start_indexer(&lab, "core", None).unwrap();
+    fabric.start_library_agent(&lab, "core").unwrap();
+    let rack1_cfg = fabric.indexer_config(&lab, "rack1", Some("core")).unwrap();
     let lib = lab.library().to_string();
-    let agent_cfg = lab
-        .write_file(
-            "agent-lib.toml",
-            format!(
-                "node = \"{lib}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{}\"\nsecret_file = {secret:?}\ndb = {:?}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\ntgt_control_port = {}\n",
-                addr(&lib, AGENT_PORT),
-                lab.dir.path().join("agent-lib.redb"),
-                addr("core", INDEXER_PORT),
-                lab.tgt_control_port(),
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-    let mut procs = Procs::new();
-    procs
-        .spawn(
-            &lab,
-            "ix-core",
-            "core",
-            &["indexer", "--config", core_cfg.to_str().unwrap()],
-        )
-        .unwrap();
-    procs
-        .spawn(
-            &lab,
-            "agent-lib",
-            &lib,
-            &["agent", "--config", agent_cfg.to_str().unwrap()],
-        )
-        .unwrap();
     // The agent's block service port is an image-transfer port: the classifier
     // counts its flows like iSCSI's.
     let extra_config = format!(
@@ -234,40 +187,10 @@ fn library_link_carries_only_what_no_nearer_holder_has() {
             })
             .unwrap(),
     ];
-    let bin = nearblock_lab::nearblock_bin().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
     for block in probe {
-        let hash = blake3::hash(block).to_hex().to_string();
-        loop {
-            let o = lab.exec(
-                "core",
-                &[
-                    bin.to_str().unwrap(),
-                    "peer",
-                    "holders",
-                    "--addr",
-                    &core_ix,
-                    "--local-only",
-                    "--secret-file",
-                    secret.to_str().unwrap(),
-                    "--node",
-                    "core",
-                    &hash,
-                ],
-            );
-            let out = o
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            if out.contains(&format!("\"{lib}\"")) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the library's LUNs never reached the global index: {out}\n{}",
-                procs.log("agent-lib")
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        fabric
+            .wait_holder(&lab, "core", block, &lib, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{e}\n{}", fabric.procs.log(&format!("agent-{lib}"))));
     }
 
     let cold = copy(&lab, 1, &seed, "cold");
@@ -293,5 +216,5 @@ fn library_link_carries_only_what_no_nearer_holder_has() {
         (seed_nonzero + size / 100) as f64 / size as f64,
         (only_derived + size / 100) as f64 / size as f64
     );
-    drop(procs);
+    drop(fabric);
 }

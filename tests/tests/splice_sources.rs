@@ -24,7 +24,7 @@ use std::{
 
 use nearblock::fetch::SourceClass;
 use nearblock::splice::catalog::{manifest_of, manifest_to_text};
-use nearblock_lab::{content, procs::Procs, ApplianceOptions, Lab, LunSpec, DEFAULT_TOPOLOGY};
+use nearblock_lab::{content, fabric::Fabric, ApplianceOptions, Lab, LunSpec, DEFAULT_TOPOLOGY};
 
 const IQN: &str = "iqn.2026-11.test.nearblock:sources";
 /// A second target whose LUN the appliance serves in prefetch mode.
@@ -61,59 +61,14 @@ fn distinct(data: &[u8]) -> BTreeSet<[u8; 32]> {
 }
 
 struct Rig {
+    fabric: Fabric,
     lab: Lab,
-    procs: Procs,
-    secret: PathBuf,
     topo: PathBuf,
     manifest: PathBuf,
     prefetch_manifest: PathBuf,
 }
 
 impl Rig {
-    fn addr(&self, node: &str, port: u16) -> String {
-        format!("{}:{port}", self.lab.addr4(node))
-    }
-
-    fn write(&self, name: &str, text: String) -> PathBuf {
-        self.lab.write_file(name, text.as_bytes()).unwrap()
-    }
-
-    fn indexer_cfg(&self, node: &str, parent: Option<&str>) -> PathBuf {
-        let parent = parent
-            .map(|p| format!("parent = \"{}\"\n", self.addr(p, INDEXER_PORT)))
-            .unwrap_or_default();
-        self.write(
-            &format!("ix-{node}.toml"),
-            format!(
-                "node = \"{node}\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\nsecret_file = {:?}\ndb = {:?}\n{parent}push_interval_ms = 200\n",
-                self.secret,
-                self.lab.dir.path().join(format!("{node}.redb")),
-            ),
-        )
-    }
-
-    fn start_agent(&mut self, node: &str, parent: &str, images: &[(&str, &Path)], extra: &str) {
-        let mut t = format!(
-            "node = \"{node}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{}\"\nsecret_file = {:?}\ndb = {:?}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\n{extra}\n",
-            self.addr(node, AGENT_PORT),
-            self.secret,
-            self.lab.dir.path().join(format!("agent-{node}.redb")),
-            self.addr(parent, INDEXER_PORT),
-        );
-        for (name, path) in images {
-            t.push_str(&format!("[[image]]\nname = \"{name}\"\npath = {path:?}\n"));
-        }
-        let cfg = self.write(&format!("agent-{node}.toml"), t);
-        self.procs
-            .spawn(
-                &self.lab,
-                &format!("agent-{node}"),
-                node,
-                &["agent", "--config", cfg.to_str().unwrap()],
-            )
-            .unwrap();
-    }
-
     /// (Re)start rack1's appliance: an empty cache.
     fn restart_rack1(&mut self) {
         if self.lab.status("rack1").is_ok() {
@@ -121,7 +76,10 @@ impl Rig {
                 .stop_appliance("rack1", Duration::from_secs(10))
                 .unwrap();
         }
-        let ix = self.indexer_cfg("rack1", Some("core"));
+        let ix = self
+            .fabric
+            .indexer_config(&self.lab, "rack1", Some("core"))
+            .unwrap();
         let extra_config = format!(
             "[splicer]\nfetch_deadline_ms = 3000\nhistory_dir = {:?}\nprefetch_budget_mbps = {PREFETCH_MBPS:?}\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {:?}\n[[splicer.lun]]\ntarget = {IQN_PREFETCH:?}\nlun = 1\nmanifest = {:?}\nmode = \"prefetch\"\n[cost]\ntopology = {:?}\n[planner]\n[indexer]\nconfig = {:?}\n",
             self.history_dir(), self.manifest, self.prefetch_manifest, self.topo, ix
@@ -214,9 +172,6 @@ fn copies_are_identical_in_every_source_mix() {
         .count() as u64
         * 4096;
     let first_half = distinct(&image[..IMAGE / 2]);
-    let secret = lab
-        .write_file("peer.secret", b"a lab secret for the peer protocol\n")
-        .unwrap();
     let topo = lab
         .write_file("topology.toml", topology().as_bytes())
         .unwrap();
@@ -245,27 +200,17 @@ fn copies_are_identical_in_every_source_mix() {
         )
         .unwrap();
     let mut rig = Rig {
+        fabric: Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap(),
         lab,
-        procs: Procs::new(),
-        secret,
         topo,
         manifest,
         prefetch_manifest,
     };
     for (node, parent) in [("core", None), ("rack2", Some("core"))] {
-        let cfg = rig.indexer_cfg(node, parent);
-        rig.procs
-            .spawn(
-                &rig.lab,
-                &format!("ix-{node}"),
-                node,
-                &["indexer", "--config", cfg.to_str().unwrap()],
-            )
-            .unwrap();
+        rig.fabric.start_indexer(&rig.lab, node, parent).unwrap();
     }
     let lib = rig.lab.library().to_string();
-    let tgt = format!("tgt_control_port = {}", rig.lab.tgt_control_port());
-    rig.start_agent(&lib, "core", &[], &tgt);
+    rig.fabric.start_library_agent(&rig.lab, "core").unwrap();
     rig.restart_rack1();
 
     // 1. All from the library: its agent serves every non-zero block by hash.
@@ -321,7 +266,9 @@ fn copies_are_identical_in_every_source_mix() {
     assert!(history.blocks.values().all(|u| u.boots_read >= 2));
 
     // 3. Half from a peer in another rack: hv3 (rack2) holds the first half.
-    rig.start_agent("hv3", "rack2", &[("vm3", &vm3_path)], "");
+    rig.fabric
+        .start_agent(&rig.lab, "hv3", "rack2", &[("vm3", &vm3_path)], "")
+        .unwrap();
     rig.wait_indexed("hv3's image", |r| {
         holders_at_core(r, &image, 0).contains("hv3")
     });
@@ -379,7 +326,7 @@ fn copies_are_identical_in_every_source_mix() {
                 .and_then(|st| st.splicer.sourcing)
                 .map_or(0, |s| s.fetched_blocks);
             if fetched > 0 {
-                rig.procs.kill("agent-hv3").unwrap();
+                rig.fabric.procs.kill("agent-hv3").unwrap();
                 killed = true;
                 break;
             }
@@ -493,26 +440,7 @@ fn holders_at_core(rig: &Rig, image: &[u8], from: usize) -> String {
     let i = (from..image.len() / 4096)
         .find(|&i| image[i * 4096..(i + 1) * 4096].iter().any(|&b| b != 0))
         .unwrap();
-    let hash = blake3::hash(&image[i * 4096..(i + 1) * 4096])
-        .to_hex()
-        .to_string();
-    let bin = nearblock_lab::nearblock_bin().unwrap();
-    let o = rig.lab.exec(
-        "core",
-        &[
-            bin.to_str().unwrap(),
-            "peer",
-            "holders",
-            "--addr",
-            &rig.addr("core", INDEXER_PORT),
-            "--local-only",
-            "--secret-file",
-            rig.secret.to_str().unwrap(),
-            "--node",
-            "core",
-            &hash,
-        ],
-    );
-    o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
+    rig.fabric
+        .holders(&rig.lab, "core", &image[i * 4096..(i + 1) * 4096])
+        .unwrap()
 }

@@ -157,19 +157,23 @@ fn test(extra: &[String]) -> Result<()> {
 fn bench(which: &str) -> Result<()> {
     let all = which == "all";
     let mut ran = false;
-    if all || which == "datapath" {
-        ran = true;
-        cargo(&[
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "nearblock-lab",
-            "--bin",
-            "bench-datapath",
-        ])
-        .env("NEARBLOCK_BIN", root().join("target/release/nearblock"))
-        .status_ok()?;
+    // The namespace benches run the release daemon `build` made.
+    for name in ["datapath", "splice"] {
+        if all || which == name {
+            ran = true;
+            let bin = format!("bench-{name}");
+            cargo(&[
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "nearblock-lab",
+                "--bin",
+                &bin,
+            ])
+            .env("NEARBLOCK_BIN", root().join("target/release/nearblock"))
+            .status_ok()?;
+        }
     }
     for name in ["index", "plan"] {
         if all || which == name {

@@ -6,8 +6,14 @@
 //! Configurations, each labelled with its design:
 //! - direct: forwarding only, no nearblock;
 //! - relay: the iSCSI-aware splicer with the LUN not served (pass-through);
-//! - cold: the LUN served, but the cache (16 MiB) is far smaller than the LUN, so
-//!   every READ misses, goes to the library, and its data is verified and learned;
+//! - cold-relay: the LUN served, but the cache (16 MiB) is far smaller than the
+//!   LUN, so every READ misses; with no index to source blocks from, each READ
+//!   passes through to the library in the initiator's session, and its data is
+//!   verified and learned;
+//! - cold: the same small cache, with the index fabric running (a global indexer on
+//!   core, rack1's embedded indexer, the library's agent exporting the LUN by
+//!   `IQN/LUN`): missing blocks are fetched by hash from the library's agent,
+//!   verified, and served in the shadow design;
 //! - warm-shadow / warm-local: the LUN served from a warm cache (shadow: one
 //!   zero-length READ upstream per READ; local: the target never sees the READ).
 //!
@@ -17,26 +23,30 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use nearblock::splice::catalog::{manifest_of, manifest_to_text};
-use nearblock_lab::{content, ApplianceOptions, Lab, LunSpec};
+use nearblock_lab::{content, fabric::Fabric, ApplianceOptions, Lab, LunSpec};
 
 const IQN: &str = "iqn.2026-11.bench.nearblock:served";
 const LUN_MIB: usize = 256;
 const SECS: u32 = 4;
 const ROUNDS: usize = 3;
+const AGENT_PORT: u16 = 7500;
+const INDEXER_PORT: u16 = 7501;
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Config {
     Direct,
     Relay,
+    ColdRelay,
     Cold,
     WarmShadow,
     WarmLocal,
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
+    const ALL: [Config; 6] = [
         Config::Direct,
         Config::Relay,
+        Config::ColdRelay,
         Config::Cold,
         Config::WarmShadow,
         Config::WarmLocal,
@@ -46,27 +56,44 @@ impl Config {
         match self {
             Config::Direct => "direct (forwarding only)",
             Config::Relay => "relay (iSCSI-aware, LUN not served)",
-            Config::Cold => "cold (shadow design, all from library)",
+            Config::ColdRelay => "cold-relay (shadow, library via session)",
+            Config::Cold => "cold (shadow, library's agent by hash)",
             Config::WarmShadow => "warm-shadow (shadow design, cache)",
             Config::WarmLocal => "warm-local (local design, cache)",
         }
     }
 
-    fn extra_config(self, manifest: &str) -> Option<String> {
-        let lun = |design: &str, cache_mib: u64| {
+    /// The appliance's extra config (`None`: no appliance). `sourcing`: the
+    /// datapath, splicer and table lines that embed rack1's indexer.
+    fn extra_config(self, manifest: &str, sourcing: &Sourcing) -> Option<String> {
+        let lun = |design: &str, cache_mib: u64, datapath: &str, splicer: &str, tables: &str| {
             format!(
-                "\n[splicer]\ncache_bytes = {}\n\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\ndesign = {design:?}\nmanifest = {manifest:?}\n",
+                "{datapath}\n[splicer]\ncache_bytes = {}\n{splicer}\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\ndesign = {design:?}\nmanifest = {manifest:?}\n{tables}",
                 cache_mib << 20
             )
         };
         match self {
             Config::Direct => None,
             Config::Relay => Some(String::new()),
-            Config::Cold => Some(lun("shadow", 16)),
-            Config::WarmShadow => Some(lun("shadow", 512)),
-            Config::WarmLocal => Some(lun("local", 512)),
+            Config::ColdRelay => Some(lun("shadow", 16, "", "", "")),
+            Config::Cold => Some(lun(
+                "shadow",
+                16,
+                &sourcing.datapath,
+                &sourcing.splicer,
+                &sourcing.tables,
+            )),
+            Config::WarmShadow => Some(lun("shadow", 512, "", "", "")),
+            Config::WarmLocal => Some(lun("local", 512, "", "", "")),
         }
     }
+}
+
+/// Config lines that give the appliance its index (for fetching by hash).
+struct Sourcing {
+    datapath: String,
+    splicer: String,
+    tables: String,
 }
 
 fn main() -> Result<()> {
@@ -88,20 +115,48 @@ fn main() -> Result<()> {
     })?;
     let url = lab.lun_url(IQN, 1);
     let manifest = manifest.display().to_string();
+    // The index fabric for the cold configuration: the library's agent indexes the
+    // LUN (as `IQN/1`) and reports to the global indexer on core.
+    let mut fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT)?;
+    fabric.start_indexer(&lab, "core", None)?;
+    fabric.start_library_agent(&lab, "core")?;
+    let topo = lab.write_file("topology.toml", nearblock_lab::DEFAULT_TOPOLOGY.as_bytes())?;
+    let rack1_ix = fabric.indexer_config(&lab, "rack1", Some("core"))?;
+    // The agent's block service port is an image-transfer port: rack1's flow
+    // counters count what it sends like iSCSI's (the line lands in [datapath]).
+    let sourcing = Sourcing {
+        datapath: format!("image_transfer_ports = [{AGENT_PORT}]\n"),
+        splicer: "fetch_deadline_ms = 3000\n".into(),
+        tables: format!(
+            "[cost]\ntopology = {topo:?}\n[planner]\n[indexer]\nconfig = {rack1_ix:?}\n"
+        ),
+    };
+    let probe = std::fs::read(lab.dir.path().join("served.raw"))?[..4096].to_vec();
+    fabric.wait_holder(
+        &lab,
+        "core",
+        &probe,
+        lab.library(),
+        Duration::from_secs(120),
+    )?;
     // results[config][0 = 64 KiB, 1 = 4 KiB] = samples of (MB/s, IOPS)
     let mut results: Vec<[Vec<(f64, f64)>; 2]> = vec![Default::default(); Config::ALL.len()];
     let mut library_bytes = vec![0u64; Config::ALL.len()];
-    // NEARBLOCK_BENCH_ONLY=relay|cold|warm-shadow|warm-local runs one configuration
-    // (for profiling); the ratios then lack their baseline.
+    // NEARBLOCK_BENCH_ONLY=direct,cold (configurations by the first word of their
+    // label, comma-separated) runs only those (for profiling); ratios need direct.
     let only = std::env::var("NEARBLOCK_BENCH_ONLY").ok();
     for round in 0..ROUNDS {
         for (i, cfg) in Config::ALL.into_iter().enumerate() {
-            if only.as_deref().is_some_and(|o| !cfg.label().starts_with(o)) {
+            let name = cfg.label().split(' ').next().unwrap_or_default();
+            if only
+                .as_deref()
+                .is_some_and(|o| !o.split(',').any(|o| o == name))
+            {
                 results[i][0].push((f64::NAN, f64::NAN));
                 results[i][1].push((f64::NAN, f64::NAN));
                 continue;
             }
-            if let Some(extra_config) = cfg.extra_config(&manifest) {
+            if let Some(extra_config) = cfg.extra_config(&manifest, &sourcing) {
                 lab.start_appliance(
                     "rack1",
                     ApplianceOptions {
@@ -163,21 +218,22 @@ fn main() -> Result<()> {
         );
     }
     println!("  targets at 64 KiB: cold >= 0.8, warm-shadow >= 1.0 (no data from the library), warm-local >= 1.5");
-    println!("  * bytes the library sent to hv1 during the last round's two measurements (BPF flow counters on rack1's upstream port; n/a without nearblock)");
+    println!("  * bytes the library sent (iSCSI and its agent's block service) during the last round's two measurements (BPF flow counters on rack1's upstream port; n/a without nearblock)");
     println!("  raw samples (MB/s, IOPS): {results:?}");
     Ok(())
 }
 
-/// Unique payload from the library toward hv1 counted by rack1's classifier so far.
+/// Unique payload from the library's address (to hv1's iSCSI sessions and to
+/// rack1's fetches from the library's agent) counted by rack1's classifier so far.
 fn lab_status_library_bytes(lab: &Lab, cfg: Config) -> Result<u64> {
     if cfg == Config::Direct {
         return Ok(0);
     }
     let r = lab.status("rack1")?;
-    let hv1 = format!("{}:", lab.addr4("hv1"));
+    let lib = format!("{}:", lab.addr4(lab.library()));
     Ok(r.flows
         .iter()
-        .filter(|f| f.interface == "core" && f.dst.starts_with(&hv1))
+        .filter(|f| f.interface == "core" && f.src.starts_with(&lib))
         .map(|f| f.payload_bytes - f.retrans_bytes)
         .sum())
 }
