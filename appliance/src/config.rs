@@ -222,6 +222,10 @@ pub struct SplicerConfig {
     /// Bytes fetched ahead of an on-demand READ (0: no read-ahead).
     #[serde(default = "default_readahead_bytes")]
     pub readahead_bytes: u64,
+    /// Blocks per fetch (one holder lookup, one completion signal): a READ waits
+    /// for the whole fetch holding its blocks.
+    #[serde(default = "default_fetch_batch_blocks")]
+    pub fetch_batch_blocks: usize,
     /// Where each served LUN's access history (which blocks each session read,
     /// in order) is kept; it orders read-ahead and feeds the planner.
     #[serde(default)]
@@ -276,6 +280,7 @@ impl Default for SplicerConfig {
             fetch_from_peers: true,
             fetch_deadline_ms: default_fetch_deadline_ms(),
             readahead_bytes: default_readahead_bytes(),
+            fetch_batch_blocks: default_fetch_batch_blocks(),
             history_dir: None,
             prefetch_budget_mbps: default_prefetch_budget(),
             lun: Vec::new(),
@@ -405,6 +410,9 @@ fn default_fetch_deadline_ms() -> u64 {
 }
 fn default_readahead_bytes() -> u64 {
     8 << 20
+}
+fn default_fetch_batch_blocks() -> usize {
+    crate::fetch::SourcingOptions::default().batch
 }
 fn default_prefetch_budget() -> f64 {
     1000.0

@@ -463,7 +463,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 catalog.cache.clone(),
                 crate::fetch::SourcingOptions {
                     deadline: config.splicer.fetch_deadline(),
-                    ..Default::default()
+                    batch: config.splicer.fetch_batch_blocks.max(1),
                 },
             ));
             catalog.set_sourcing(s.clone());

@@ -33,6 +33,7 @@ use nearblock::{
 
 pub mod conformance;
 pub mod content;
+pub mod cpu;
 pub mod fabric;
 pub mod initiator;
 pub mod procs;

@@ -401,6 +401,11 @@ pub fn render_metrics(r: &StatusReport) -> String {
                 "READs that passed through after waiting for fetches",
                 f.deadline_missed,
             ),
+            (
+                "splicer_fetch_backed_off",
+                "Blocks not fetched while holder lookups backed off after a failure",
+                f.backed_off,
+            ),
         ] {
             let c = Counter::<u64>::default();
             c.inc_by(v);

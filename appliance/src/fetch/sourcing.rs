@@ -12,6 +12,11 @@
 //! ([`SourcingOptions::deadline`]) and then passes through to the library, while the
 //! fetch completes into the cache for the next READ. A block already being fetched
 //! is not asked for twice: later callers wait on the first fetch.
+//!
+//! When the holder lookup fails (the parent index unreachable or slow), fetching
+//! backs off ([`LookupBackoff`]: 1 s, doubling to 30 s): meanwhile READs pass
+//! through at once instead of each waiting out the deadline for a lookup that
+//! will fail the same way.
 
 use std::{
     collections::HashMap,
@@ -21,7 +26,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, RwLock,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -203,6 +208,40 @@ struct Counters {
     fetched_bytes: AtomicU64,
     failed: AtomicU64,
     deadline_missed: AtomicU64,
+    backed_off: AtomicU64,
+}
+
+/// After failed holder lookups, how long not to try another: the first failure
+/// waits [`Self::FIRST`], each further one doubles it up to [`Self::MAX`]; a
+/// lookup that works resets it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LookupBackoff {
+    /// No lookup before this instant (`None`: lookups allowed).
+    pub until: Option<Instant>,
+    /// The pause after the next failure.
+    pub next: Duration,
+}
+
+impl LookupBackoff {
+    pub const FIRST: Duration = Duration::from_secs(1);
+    pub const MAX: Duration = Duration::from_secs(30);
+
+    /// Whether a lookup may be tried at `now`.
+    pub fn allows(&self, now: Instant) -> bool {
+        self.until.is_none_or(|t| now >= t)
+    }
+
+    /// A lookup failed at `now`.
+    pub fn failed(&mut self, now: Instant) {
+        let pause = self.next.max(Self::FIRST);
+        self.until = Some(now + pause);
+        self.next = (pause * 2).min(Self::MAX);
+    }
+
+    /// A lookup worked.
+    pub fn succeeded(&mut self) {
+        *self = LookupBackoff::default();
+    }
 }
 
 /// The fetcher's counters (`nearblock status`, `/metrics`).
@@ -224,6 +263,10 @@ pub struct SourcingSnapshot {
     pub corrupt: u64,
     /// READs that gave up waiting and passed through to the library.
     pub deadline_missed: u64,
+    /// Blocks not fetched because holder lookups were backing off after a
+    /// failure (their READs passed through at once).
+    #[serde(default)]
+    pub backed_off: u64,
 }
 
 /// Fetches missing blocks into the cache (see the module doc).
@@ -238,6 +281,7 @@ pub struct Sourcing {
     counters: Counters,
     /// Bytes fetched per holder host since start (for per-link budgets).
     by_host: Mutex<HashMap<String, u64>>,
+    backoff: Mutex<LookupBackoff>,
 }
 
 impl std::fmt::Debug for Sourcing {
@@ -269,6 +313,7 @@ impl Sourcing {
             inflight: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             by_host: Mutex::new(HashMap::new()),
+            backoff: Mutex::new(LookupBackoff::default()),
         }
     }
 
@@ -298,6 +343,7 @@ impl Sourcing {
     /// not stop the fetch. Must be called inside a tokio runtime.
     pub fn fill(self: &Arc<Self>, hashes: &[BlockHash]) -> impl Future<Output = ()> + Send {
         let mut waits: Vec<watch::Receiver<bool>> = Vec::new();
+        let lookups_allowed = lock(&self.backoff).allows(Instant::now());
         let mut inflight = lock(&self.inflight);
         let mut new = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -311,6 +357,13 @@ impl Sourcing {
                 None if seen.insert(*h) => new.push(*h),
                 None => {}
             }
+        }
+        if !lookups_allowed {
+            // Backing off: what is missing passes through now.
+            self.counters
+                .backed_off
+                .fetch_add(new.len() as u64, Ordering::Relaxed);
+            new.clear();
         }
         self.counters
             .requested
@@ -365,14 +418,27 @@ impl Sourcing {
         let holders = match lookup {
             Ok(Ok(h)) if h.len() == hashes.len() => h,
             Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
-                if let Ok(Err(e)) = &lookup {
-                    tracing::debug!(cause = %e, "holder lookup failed");
+                let mut backoff = lock(&self.backoff);
+                backoff.failed(Instant::now());
+                let pause = backoff
+                    .until
+                    .map(|t| t.saturating_duration_since(Instant::now()));
+                drop(backoff);
+                match &lookup {
+                    Ok(Err(e)) => {
+                        tracing::warn!(cause = %e, ?pause, "holder lookup failed; fetching backs off")
+                    }
+                    _ => tracing::warn!(
+                        ?pause,
+                        "holder lookup failed or timed out; fetching backs off"
+                    ),
                 }
                 c.lookup_failures.fetch_add(1, Ordering::Relaxed);
                 c.failed.fetch_add(hashes.len() as u64, Ordering::Relaxed);
                 return;
             }
         };
+        lock(&self.backoff).succeeded();
         let ranks = self.ranks();
         let mut wants: Vec<(BlockHash, Vec<String>)> = Vec::with_capacity(hashes.len());
         // Address → who answers there (the same for every block).
@@ -433,6 +499,7 @@ impl Sourcing {
             failed: get(&c.failed),
             corrupt: self.client.metrics().mismatches,
             deadline_missed: get(&c.deadline_missed),
+            backed_off: get(&c.backed_off),
         }
     }
 }
@@ -527,6 +594,28 @@ mod tests {
         );
     }
 
+    #[test]
+    fn lookup_backoff_doubles_to_the_cap_and_resets() {
+        let t0 = Instant::now();
+        let mut b = LookupBackoff::default();
+        assert!(b.allows(t0));
+        b.failed(t0);
+        assert!(!b.allows(t0 + Duration::from_millis(999)));
+        assert!(b.allows(t0 + LookupBackoff::FIRST));
+        let mut pauses = Vec::new();
+        for _ in 0..8 {
+            b.failed(t0);
+            pauses.push(b.until.unwrap() - t0);
+        }
+        assert_eq!(pauses[0], Duration::from_secs(2));
+        assert_eq!(pauses[3], Duration::from_secs(16));
+        assert!(pauses[4..].iter().all(|&p| p == LookupBackoff::MAX));
+        b.succeeded();
+        assert!(b.allows(t0));
+        b.failed(t0);
+        assert_eq!(b.until.unwrap() - t0, LookupBackoff::FIRST);
+    }
+
     /// A lookup that answers from a fixed table (a unit test may fake a peer).
     struct Table(HashMap<BlockHash, Vec<Holder>>);
     impl HolderLookup for Table {
@@ -539,17 +628,55 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn blocks_nobody_holds_are_given_up_and_released() {
-        let cache = Arc::new(BlockCache::new(1 << 20));
-        let client = Arc::new(PeerClient::new(crate::serve::client::ClientOptions::new(
+    /// A lookup that always fails (the parent index unreachable).
+    struct Down(Arc<AtomicU64>);
+    impl HolderLookup for Down {
+        fn holders(&self, _: Vec<BlockHash>) -> HolderFuture {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { Err("parent unreachable".to_string()) })
+        }
+    }
+
+    fn test_client() -> Arc<PeerClient> {
+        Arc::new(PeerClient::new(crate::serve::client::ClientOptions::new(
             "rack1",
             crate::serve::proto::Role::Client,
             crate::serve::auth::Key::from_secret(b"test secret"),
-        )));
+        )))
+    }
+
+    #[tokio::test]
+    async fn a_failed_lookup_backs_off_further_fetches() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let s = Arc::new(Sourcing::new(
+            Box::new(Down(calls.clone())),
+            test_client(),
+            ranks(),
+            Arc::new(BlockCache::new(1 << 20)),
+            SourcingOptions::default(),
+        ));
+        let (a, b) = (BlockHash::of(b"a"), BlockHash::of(b"b"));
+        tokio::time::timeout(Duration::from_secs(5), s.fill(&[a]))
+            .await
+            .unwrap();
+        // Within the back-off: no lookup, and the fill resolves at once.
+        tokio::time::timeout(Duration::from_millis(100), s.fill(&[b]))
+            .await
+            .unwrap();
+        let snap = s.snapshot();
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            (snap.lookup_failures, snap.backed_off, snap.requested),
+            (1, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn blocks_nobody_holds_are_given_up_and_released() {
+        let cache = Arc::new(BlockCache::new(1 << 20));
         let s = Arc::new(Sourcing::new(
             Box::new(Table(HashMap::new())),
-            client,
+            test_client(),
             ranks(),
             cache.clone(),
             SourcingOptions::default(),

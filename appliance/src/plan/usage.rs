@@ -142,6 +142,9 @@ pub struct ReadAhead {
     place: HashMap<u64, usize>,
     probability: Vec<f64>,
     min_probability: f64,
+    /// How many of `order` are likely enough (a prefix: the order is by
+    /// probability, highest first); counted once, since every READ asks.
+    likely_len: usize,
 }
 
 impl ReadAhead {
@@ -150,23 +153,24 @@ impl ReadAhead {
     pub fn new(history: &AccessHistory, manifest: &Manifest, min_probability: f64) -> Self {
         let order = history.prefetch_order(manifest);
         let place = order.iter().enumerate().map(|(i, &b)| (b, i)).collect();
-        let probability = order.iter().map(|&b| history.probability(b)).collect();
+        let probability: Vec<f64> = order.iter().map(|&b| history.probability(b)).collect();
+        let min_probability = min_probability.max(f64::MIN_POSITIVE);
+        let likely_len = probability
+            .iter()
+            .take_while(|&&p| p >= min_probability)
+            .count();
         ReadAhead {
             order,
             place,
             probability,
-            min_probability: min_probability.max(f64::MIN_POSITIVE),
+            min_probability,
+            likely_len,
         }
     }
 
     /// The blocks likely enough to read ahead, in prefetch order.
     pub fn likely(&self) -> &[u64] {
-        let n = self
-            .probability
-            .iter()
-            .take_while(|&&p| p >= self.min_probability)
-            .count();
-        &self.order[..n]
+        &self.order[..self.likely_len]
     }
 
     /// Where `block` stands in [`Self::likely`] (`None`: not likely).

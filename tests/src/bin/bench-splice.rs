@@ -23,7 +23,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use nearblock::splice::catalog::{manifest_of, manifest_to_text};
-use nearblock_lab::{content, fabric::Fabric, ApplianceOptions, Lab, LunSpec};
+use nearblock_lab::{
+    content,
+    cpu::{CpuSample, CpuUse},
+    fabric::Fabric,
+    ApplianceOptions, Lab, LunSpec,
+};
 
 const IQN: &str = "iqn.2026-11.bench.nearblock:served";
 const LUN_MIB: usize = 256;
@@ -78,7 +83,10 @@ impl Config {
             Config::ColdRelay => Some(lun("shadow", 16, "", "", "")),
             Config::Cold => Some(lun(
                 "shadow",
-                16,
+                std::env::var("NB_COLD_CACHE_MIB")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(16),
                 &sourcing.datapath,
                 &sourcing.splicer,
                 &sourcing.tables,
@@ -126,7 +134,10 @@ fn main() -> Result<()> {
     // counters count what it sends like iSCSI's (the line lands in [datapath]).
     let sourcing = Sourcing {
         datapath: format!("image_transfer_ports = [{AGENT_PORT}]\n"),
-        splicer: "fetch_deadline_ms = 3000\n".into(),
+        splicer: std::env::var("NB_SPLICER_EXTRA")
+            .unwrap_or_default()
+            .replace("\\n", "\n")
+            + "fetch_deadline_ms = 3000\n",
         tables: format!(
             "[cost]\ntopology = {topo:?}\n[planner]\n[indexer]\nconfig = {rack1_ix:?}\n"
         ),
@@ -142,6 +153,8 @@ fn main() -> Result<()> {
     // results[config][0 = 64 KiB, 1 = 4 KiB] = samples of (MB/s, IOPS)
     let mut results: Vec<[Vec<(f64, f64)>; 2]> = vec![Default::default(); Config::ALL.len()];
     let mut library_bytes = vec![0u64; Config::ALL.len()];
+    // cpu[config] = per round, (CPU used during the 64 KiB run, MB it moved)
+    let mut cpu: Vec<Vec<(CpuUse, f64)>> = vec![Vec::new(); Config::ALL.len()];
     // NEARBLOCK_BENCH_ONLY=direct,cold (configurations by the first word of their
     // label, comma-separated) runs only those (for profiling); ratios need direct.
     let only = std::env::var("NEARBLOCK_BENCH_ONLY").ok();
@@ -170,7 +183,10 @@ fn main() -> Result<()> {
                 perf(&lab, &url, 128)?;
             }
             let before = lab_status_library_bytes(&lab, cfg)?;
-            results[i][0].push(perf(&lab, &url, 128)?);
+            let cpu0 = CpuSample::take();
+            let r64 = perf(&lab, &url, 128)?;
+            cpu[i].push((CpuSample::take().since(&cpu0), r64.0 * f64::from(SECS)));
+            results[i][0].push(r64);
             results[i][1].push(perf(&lab, &url, 8)?);
             let after = lab_status_library_bytes(&lab, cfg)?;
             library_bytes[i] = after.saturating_sub(before);
@@ -219,6 +235,35 @@ fn main() -> Result<()> {
     }
     println!("  targets at 64 KiB: cold >= 0.8, warm-shadow >= 1.0 (no data from the library), warm-local >= 1.5");
     println!("  * bytes the library sent (iSCSI and its agent's block service) during the last round's two measurements (BPF flow counters on rack1's upstream port; n/a without nearblock)");
+    println!(
+        "  where the CPU goes in the 64 KiB runs (2 cores; core-ms per MB moved, summed over the rounds; other = iscsi-perf, kernel work outside these processes):"
+    );
+    for (i, cfg) in Config::ALL.into_iter().enumerate() {
+        let mb: f64 = cpu[i].iter().map(|(_, mb)| mb).sum();
+        if cpu[i].is_empty() || mb <= 0.0 {
+            continue;
+        }
+        let busy = cpu[i].iter().map(|(u, _)| u.wall_fraction).sum::<f64>() / cpu[i].len() as f64;
+        let mut roles: std::collections::BTreeMap<String, f64> = Default::default();
+        for (u, _) in &cpu[i] {
+            for (r, s) in &u.by_role {
+                *roles.entry(r.clone()).or_default() += s;
+            }
+        }
+        let total: f64 = cpu[i].iter().map(|(u, _)| u.core_seconds).sum();
+        let parts: Vec<String> = roles
+            .iter()
+            .filter(|(_, s)| **s * 1e3 / mb >= 0.005)
+            .map(|(r, s)| format!("{r} {:.3}", s * 1e3 / mb))
+            .collect();
+        println!(
+            "  {:<42} busy {:>4.0}%  total {:.3}: {}",
+            cfg.label(),
+            busy * 100.0,
+            total * 1e3 / mb,
+            parts.join(", ")
+        );
+    }
     println!("  raw samples (MB/s, IOPS): {results:?}");
     Ok(())
 }
