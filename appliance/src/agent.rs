@@ -31,7 +31,7 @@ use bytes::Bytes;
 use crate::{
     index::{
         delta::{self, Outcome, Policy},
-        BlockHash, BlockStore, Change, RedbStore, StoreOptions,
+        BlockHash, BlockStore, Change, Location, RedbStore, StoreOptions,
     },
     serve::{
         config::{AgentConfig, ImageConfig},
@@ -222,9 +222,10 @@ impl Agent {
 }
 
 impl BlockSource for Agent {
+    /// Blocks adjacent in one image file (a sequential READ's, usually) are read
+    /// with one `pread` and handed out as slices of it.
     fn read_blocks(&self, hashes: &[BlockHash], budget: usize) -> Vec<BlockReply> {
-        let mut used = 0usize;
-        hashes
+        let locs: Vec<Option<Location>> = hashes
             .iter()
             .map(|h| {
                 let mut loc = None;
@@ -233,26 +234,101 @@ impl BlockSource for Agent {
                         loc = Some(l);
                     }
                 });
-                let Some(l) = loc else {
-                    return BlockReply::NotFound;
-                };
-                if used > 0 && used + l.len as usize > budget {
-                    return BlockReply::Skipped;
-                }
-                let Some(f) = self.file(&l.image) else {
-                    return BlockReply::Failed(format!("image {} is not open", l.image));
-                };
-                let mut buf = vec![0u8; l.len as usize];
-                match f.read_exact_at(&mut buf, l.offset) {
-                    Ok(()) => {
-                        used += buf.len();
-                        BlockReply::Found(Bytes::from(buf))
-                    }
-                    Err(e) => BlockReply::Failed(format!("{} @ {}: {e}", l.image, l.offset)),
-                }
+                loc
             })
-            .collect()
+            .collect();
+        let mut out: Vec<BlockReply> = Vec::with_capacity(hashes.len());
+        for step in plan_reads(&locs, budget) {
+            match step {
+                ReadStep::Reply(r) => out.push(r),
+                ReadStep::Run(run) => {
+                    let first = locs[run.start].as_ref().expect("runs cover located blocks");
+                    let Some(f) = self.file(&first.image) else {
+                        let e = format!("image {} is not open", first.image);
+                        out.extend(run.map(|_| BlockReply::Failed(e.clone())));
+                        continue;
+                    };
+                    let total: usize = locs[run.clone()]
+                        .iter()
+                        .map(|l| l.as_ref().map_or(0, |l| l.len as usize))
+                        .sum();
+                    let mut buf = vec![0u8; total];
+                    match f.read_exact_at(&mut buf, first.offset) {
+                        Ok(()) => {
+                            let buf = Bytes::from(buf);
+                            let mut at = 0;
+                            for l in locs[run].iter().flatten() {
+                                out.push(BlockReply::Found(buf.slice(at..at + l.len as usize)));
+                                at += l.len as usize;
+                            }
+                        }
+                        Err(e) => {
+                            let e = format!("{} @ {}: {e}", first.image, first.offset);
+                            out.extend(run.map(|_| BlockReply::Failed(e.clone())));
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
+}
+
+/// One step of answering a block request, in request order.
+#[derive(Debug, PartialEq)]
+enum ReadStep {
+    /// The reply for one block that needs no read.
+    Reply(BlockReply),
+    /// Requested blocks (indices) lying back to back in one image: one read.
+    Run(std::ops::Range<usize>),
+}
+
+/// Largest single read when coalescing adjacent blocks.
+const MAX_RUN_BYTES: usize = 1 << 20;
+
+/// How to answer blocks at `locs` (in request order) within `budget` bytes:
+/// unknown blocks are `NotFound`, blocks past the budget (after the first) are
+/// `Skipped` (asked again later), and consecutive located blocks that follow each
+/// other in the same image file are grouped into one read.
+fn plan_reads(locs: &[Option<Location>], budget: usize) -> Vec<ReadStep> {
+    let mut steps = Vec::new();
+    let mut used = 0usize;
+    let mut run: Option<(std::ops::Range<usize>, u64, usize)> = None; // (blocks, next offset, bytes)
+    let flush = |run: &mut Option<(std::ops::Range<usize>, u64, usize)>,
+                 steps: &mut Vec<ReadStep>| {
+        if let Some((r, _, _)) = run.take() {
+            steps.push(ReadStep::Run(r));
+        }
+    };
+    for (i, loc) in locs.iter().enumerate() {
+        let Some(l) = loc else {
+            flush(&mut run, &mut steps);
+            steps.push(ReadStep::Reply(BlockReply::NotFound));
+            continue;
+        };
+        let len = l.len as usize;
+        if used > 0 && used + len > budget {
+            flush(&mut run, &mut steps);
+            steps.push(ReadStep::Reply(BlockReply::Skipped));
+            continue;
+        }
+        used += len;
+        let extends = run.as_ref().is_some_and(|(r, next, bytes)| {
+            let prev = locs[r.end - 1].as_ref().expect("runs cover located blocks");
+            prev.image == l.image && *next == l.offset && bytes + len <= MAX_RUN_BYTES
+        });
+        if extends {
+            let (r, next, bytes) = run.as_mut().expect("extends a run");
+            r.end = i + 1;
+            *next += u64::from(l.len);
+            *bytes += len;
+        } else {
+            flush(&mut run, &mut steps);
+            run = Some((i..i + 1, l.offset + u64::from(l.len), len));
+        }
+    }
+    flush(&mut run, &mut steps);
+    steps
 }
 
 /// A LUN of tgtd's target listing.
@@ -469,6 +545,54 @@ pub fn image_path(agent: &Agent, image: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn loc(image: &str, offset: u64) -> Option<Location> {
+        Some(Location {
+            host: "lib".into(),
+            image: image.into(),
+            block_size: 4096,
+            offset,
+            len: 4096,
+        })
+    }
+
+    #[test]
+    fn adjacent_blocks_are_read_together() {
+        use ReadStep::*;
+        let locs = [
+            loc("a", 0),
+            loc("a", 4096),
+            loc("a", 8192),
+            None,
+            loc("a", 12288),
+            loc("b", 16384),
+            loc("b", 0),
+            loc("b", 4096),
+        ];
+        assert_eq!(
+            plan_reads(&locs, usize::MAX),
+            vec![
+                Run(0..3),
+                Reply(BlockReply::NotFound),
+                Run(4..5),
+                Run(5..6),
+                Run(6..8)
+            ]
+        );
+        // The budget: after the first block, what does not fit is skipped.
+        assert_eq!(
+            plan_reads(&locs[..3], 4096 + 100),
+            vec![
+                Run(0..1),
+                Reply(BlockReply::Skipped),
+                Reply(BlockReply::Skipped)
+            ]
+        );
+        // Runs stop at MAX_RUN_BYTES.
+        let long: Vec<_> = (0..300).map(|i| loc("a", i * 4096)).collect();
+        let steps = plan_reads(&long, usize::MAX);
+        assert_eq!(steps, vec![Run(0..256), Run(256..300)]);
+    }
 
     const SHOW: &str = "Target 1: iqn.2026-11.test.nearblock:img1
     System information:

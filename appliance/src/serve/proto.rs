@@ -242,8 +242,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if (len as usize) < HEADER_LEN {
         return Err(ProtoError::Short(len));
     }
-    let mut buf = BytesMut::zeroed(len as usize);
-    r.read_exact(&mut buf).await?;
+    // Read into spare capacity: a block reply is megabytes, and zeroing it first
+    // costs a pass over memory for nothing.
+    let mut buf = BytesMut::with_capacity(len as usize);
+    while buf.len() < len as usize {
+        let want = len as usize - buf.len();
+        let n = r.read_buf(&mut (&mut buf).limit(want)).await?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
     let buf = buf.freeze();
     if buf[0] != VERSION {
         return Err(ProtoError::Version(buf[0]));
