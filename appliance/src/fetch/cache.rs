@@ -1,10 +1,7 @@
 //! The memory tier: blocks by hash, least recently used evicted first, bounded by the
 //! sum of block lengths.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Mutex,
-};
+use std::{collections::BTreeMap, sync::Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -25,7 +22,8 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct Inner {
-    blocks: HashMap<BlockHash, Entry>,
+    /// Keyed by blake3 names, already uniform: a cheap hasher will do.
+    blocks: crate::plan::image::BlockHashMap<Entry>,
     /// last-use stamp → hash (oldest first)
     lru: BTreeMap<u64, BlockHash>,
     bytes: u64,

@@ -36,6 +36,7 @@ use super::{BlockCache, Origin, SourceClass, MAX_HOPS};
 use crate::{
     cost::{Graph, Role},
     index::BlockHash,
+    plan::image::{BlockHashMap, BlockHashSet},
     serve::{client::PeerClient, proto::Holder},
 };
 
@@ -277,7 +278,7 @@ pub struct Sourcing {
     cache: Arc<BlockCache>,
     opts: SourcingOptions,
     /// Blocks being fetched → resolves (`true`) when their fetch ended.
-    inflight: Mutex<HashMap<BlockHash, watch::Receiver<bool>>>,
+    inflight: Mutex<BlockHashMap<watch::Receiver<bool>>>,
     counters: Counters,
     /// Bytes fetched per holder host since start (for per-link budgets).
     by_host: Mutex<HashMap<String, u64>>,
@@ -310,7 +311,7 @@ impl Sourcing {
             ranks: RwLock::new(Arc::new(ranks)),
             cache,
             opts,
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(BlockHashMap::default()),
             counters: Counters::default(),
             by_host: Mutex::new(HashMap::new()),
             backoff: Mutex::new(LookupBackoff::default()),
@@ -346,7 +347,7 @@ impl Sourcing {
         let lookups_allowed = lock(&self.backoff).allows(Instant::now());
         let mut inflight = lock(&self.inflight);
         let mut new = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = BlockHashSet::default();
         for h in hashes {
             if self.cache.contains(h) {
                 continue;

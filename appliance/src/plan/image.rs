@@ -67,6 +67,9 @@ pub type FxBuild = BuildHasherDefault<FxHasher>;
 /// A hash map keyed by [`BlockHash`].
 pub type BlockHashMap<V> = HashMap<BlockHash, V, FxBuild>;
 
+/// A set of [`BlockHash`]es.
+pub type BlockHashSet = std::collections::HashSet<BlockHash, FxBuild>;
+
 /// One distinct non-zero block of an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DistinctBlock {

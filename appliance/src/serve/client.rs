@@ -22,7 +22,7 @@ use std::{
 
 use bytes::Bytes;
 use tokio::{
-    io::{AsyncWriteExt, BufReader, BufWriter},
+    io::{AsyncWriteExt, BufWriter},
     net::TcpStream,
     sync::{mpsc, oneshot, Semaphore},
     task::JoinSet,
@@ -31,7 +31,7 @@ use tokio::{
 use super::{
     auth::{client_handshake, Key},
     proto::{
-        read_frame, BlockReply, Holder, HostReport, Msg, PushedChange, Role, DEFAULT_MAX_FRAME,
+        BlockReply, FrameReader, Holder, HostReport, Msg, PushedChange, Role, DEFAULT_MAX_FRAME,
     },
 };
 use crate::index::BlockHash;
@@ -225,9 +225,9 @@ impl Conn {
                 addr.to_string(),
             );
             async move {
-                let mut rd = BufReader::with_capacity(256 << 10, rd);
+                let mut rd = FrameReader::new(rd, max_frame);
                 let why = loop {
-                    match read_frame(&mut rd, max_frame).await {
+                    match rd.next().await {
                         Ok(Some(f)) => {
                             let m = Msg::decode(f.kind, f.payload).map_err(|e| e.to_string());
                             let bad = m.is_err();

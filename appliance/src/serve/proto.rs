@@ -8,7 +8,7 @@
 //! panics: every length is checked against what is left of the frame, and frames
 //! above the receiver's limit are refused before they are read.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::{
@@ -225,6 +225,7 @@ pub struct Frame {
 }
 
 /// Reads one frame. `Ok(None)`: the peer closed the connection between frames.
+/// (For a stream of frames, [`FrameReader`] reads in large chunks.)
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max_frame: u32,
@@ -235,34 +236,89 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let len = u32::from_be_bytes(len);
+    let len = frame_len(len, max_frame)?;
+    // Read into spare capacity: a block reply is megabytes, and zeroing it first
+    // costs a pass over memory for nothing.
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let want = len - buf.len();
+        let n = r.read_buf(&mut (&mut buf).limit(want)).await?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+    parse_frame(buf.freeze()).map(Some)
+}
+
+/// The length a frame's 4-byte prefix announces, checked against the limits.
+fn frame_len(prefix: [u8; 4], max_frame: u32) -> Result<usize, ProtoError> {
+    let len = u32::from_be_bytes(prefix);
     if len > max_frame {
         return Err(ProtoError::TooLarge(len as u64, max_frame));
     }
     if (len as usize) < HEADER_LEN {
         return Err(ProtoError::Short(len));
     }
-    // Read into spare capacity: a block reply is megabytes, and zeroing it first
-    // costs a pass over memory for nothing.
-    let mut buf = BytesMut::with_capacity(len as usize);
-    while buf.len() < len as usize {
-        let want = len as usize - buf.len();
-        let n = r.read_buf(&mut (&mut buf).limit(want)).await?;
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-        }
-    }
-    let buf = buf.freeze();
+    Ok(len as usize)
+}
+
+/// A frame from its bytes after the length prefix (version, kind, id, payload).
+fn parse_frame(buf: Bytes) -> Result<Frame, ProtoError> {
     if buf[0] != VERSION {
         return Err(ProtoError::Version(buf[0]));
     }
     let kind = buf[1];
     let id = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
-    Ok(Some(Frame {
+    Ok(Frame {
         kind,
         id,
         payload: buf.slice(HEADER_LEN..),
-    }))
+    })
+}
+
+/// Frames from a stream, read in large chunks into one buffer that frames are
+/// split off (no copy): the block service's replies are megabytes, and a
+/// buffered reader in between would copy every byte once more.
+pub struct FrameReader<R> {
+    rd: R,
+    buf: BytesMut,
+    max_frame: u32,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Read at least this much at a time.
+    const CHUNK: usize = 256 << 10;
+
+    pub fn new(rd: R, max_frame: u32) -> Self {
+        FrameReader {
+            rd,
+            buf: BytesMut::new(),
+            max_frame,
+        }
+    }
+
+    /// The next frame; `Ok(None)`: the peer closed the connection between frames.
+    pub async fn next(&mut self) -> Result<Option<Frame>, ProtoError> {
+        loop {
+            let mut need = 4;
+            if self.buf.len() >= 4 {
+                let prefix: [u8; 4] = self.buf[..4].try_into().expect("4 bytes");
+                need = 4 + frame_len(prefix, self.max_frame)?;
+                if self.buf.len() >= need {
+                    self.buf.advance(4);
+                    let frame = self.buf.split_to(need - 4).freeze();
+                    return parse_frame(frame).map(Some);
+                }
+            }
+            self.buf.reserve((need - self.buf.len()).max(Self::CHUNK));
+            if self.rd.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        }
+    }
 }
 
 fn put_str(b: &mut BytesMut, s: &str) {
@@ -828,6 +884,60 @@ mod tests {
             read_frame(&mut r, DEFAULT_MAX_FRAME).await,
             Err(ProtoError::TooLarge(..))
         ));
+    }
+
+    /// A stream that hands out at most `step` bytes per read.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+    impl AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = self.step.min(self.data.len()).min(buf.remaining());
+            buf.put_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frame_reader_splits_a_stream_into_frames() {
+        let msgs = samples();
+        let big = Msg::Blocks {
+            items: vec![BlockReply::Found(Bytes::from(vec![7u8; 700_000]))],
+        };
+        let mut wire = Vec::new();
+        for (i, m) in msgs.iter().chain([&big]).enumerate() {
+            wire.extend_from_slice(&m.encode(i as u64));
+        }
+        for step in [1, 3, 4096, 1 << 20] {
+            let mut r = FrameReader::new(Trickle { data: &wire, step }, DEFAULT_MAX_FRAME);
+            for (i, m) in msgs.iter().chain([&big]).enumerate() {
+                let f = r.next().await.unwrap().unwrap();
+                assert_eq!(f.id, i as u64, "step {step}");
+                assert_eq!(&Msg::decode(f.kind, f.payload).unwrap(), m);
+            }
+            assert!(r.next().await.unwrap().is_none());
+        }
+        // Cut inside a frame: an error, not a clean close; limits still hold.
+        let cut = &wire[..wire.len() - 1];
+        let mut r = FrameReader::new(
+            Trickle {
+                data: cut,
+                step: 1 << 20,
+            },
+            DEFAULT_MAX_FRAME,
+        );
+        for _ in 0..msgs.len() {
+            r.next().await.unwrap().unwrap();
+        }
+        assert!(r.next().await.is_err());
+        let mut r = FrameReader::new(&[0xffu8, 0xff, 0xff, 0xff][..], DEFAULT_MAX_FRAME);
+        assert!(matches!(r.next().await, Err(ProtoError::TooLarge(..))));
     }
 
     #[tokio::test]

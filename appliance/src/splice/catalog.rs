@@ -389,7 +389,7 @@ impl ServedLun {
         positions: impl IntoIterator<Item = usize>,
         cache: &BlockCache,
     ) -> Vec<BlockHash> {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = crate::plan::image::BlockHashSet::default();
         positions
             .into_iter()
             .filter_map(|p| self.manifest.blocks.get(p).copied().flatten())
