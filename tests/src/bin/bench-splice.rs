@@ -17,7 +17,14 @@
 //! - warm-shadow / warm-local: the LUN served from a warm cache (shadow: one
 //!   zero-length READ upstream per READ; local: the target never sees the READ).
 //!
-//! Each configuration runs `ROUNDS` times, interleaved; the median is reported.
+//! Each configuration runs `ROUNDS` times, interleaved; the median is reported,
+//! with the CPU each 64 KiB run used (core-ms per MB moved, by process role).
+//!
+//! Knobs for looking into the cold path (not needed for the figures):
+//! `NEARBLOCK_BENCH_ONLY=direct,cold` runs only those configurations;
+//! `NEARBLOCK_BENCH_COLD_CACHE_MIB` sizes cold's cache (16);
+//! `NEARBLOCK_BENCH_SPLICER='readahead_bytes = 33554432\n'` adds `[splicer]` lines
+//! to cold's config.
 
 use std::time::Duration;
 
@@ -83,7 +90,7 @@ impl Config {
             Config::ColdRelay => Some(lun("shadow", 16, "", "", "")),
             Config::Cold => Some(lun(
                 "shadow",
-                std::env::var("NB_COLD_CACHE_MIB")
+                std::env::var("NEARBLOCK_BENCH_COLD_CACHE_MIB")
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(16),
@@ -134,7 +141,7 @@ fn main() -> Result<()> {
     // counters count what it sends like iSCSI's (the line lands in [datapath]).
     let sourcing = Sourcing {
         datapath: format!("image_transfer_ports = [{AGENT_PORT}]\n"),
-        splicer: std::env::var("NB_SPLICER_EXTRA")
+        splicer: std::env::var("NEARBLOCK_BENCH_SPLICER")
             .unwrap_or_default()
             .replace("\\n", "\n")
             + "fetch_deadline_ms = 3000\n",
