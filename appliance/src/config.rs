@@ -843,23 +843,15 @@ image_transfer_ports = [10809, 3260]
             assert!(e.contains(key), "{body:?}: {e}");
         }
         let index = "\n[index]\ndb = \"i.redb\"\n";
-        let c = Config::parse(&format!("{}{index}", lun("image = \"img\"\n"))).unwrap();
-        assert_eq!(
-            c.splicer.lun[0].source(),
-            LunSource::Index {
-                image: "img".into(),
-                block_size: None
-            }
-        );
-        // Neither: the library agent's name for the LUN.
-        let c = Config::parse(&format!("{}{index}", lun(""))).unwrap();
-        assert_eq!(
-            c.splicer.lun[0].source(),
-            LunSource::Index {
-                image: "iqn.x/1".into(),
-                block_size: None
-            }
-        );
+        // `image`, or neither: the library agent's name for the LUN.
+        for (body, image) in [("image = \"img\"\n", "img"), ("", "iqn.x/1")] {
+            let c = Config::parse(&format!("{}{index}", lun(body))).unwrap();
+            let want = LunSource::Index {
+                image: image.into(),
+                block_size: None,
+            };
+            assert_eq!(c.splicer.lun[0].source(), want);
+        }
         let e = Config::parse(&format!(
             "{}{index}",
             lun("").replace(

@@ -190,7 +190,10 @@ fn library_link_carries_only_what_no_nearer_holder_has() {
         let served = luns.iter().filter(|l| l.served).count();
         if served == 2 {
             for l in &luns {
-                assert_eq!(l.image.as_deref(), Some(format!("{IQN}/{}", l.lun).as_str()));
+                assert_eq!(
+                    l.image.as_deref(),
+                    Some(format!("{IQN}/{}", l.lun).as_str())
+                );
                 assert_eq!((l.size, l.block_size), (size, 4096), "{l:?}");
                 eprintln!("LUN {}: manifest from {:?}", l.lun, l.origin);
             }

@@ -77,17 +77,7 @@ fn served_reads(lab: &Lab) -> (u64, u64) {
 }
 
 fn copy(lab: &Lab, name: &str) -> Vec<u8> {
-    let out = lab.dir.path().join(format!("{name}.raw"));
-    let o = lab.qemu_convert("hv1", &lab.lun_url(IQN, 1), &out).unwrap();
-    assert!(
-        o.status.success(),
-        "{name}: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        lab.appliance_log("rack1")
-    );
-    let data = std::fs::read(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
-    data
+    lab.qemu_copy("hv1", &lab.lun_url(IQN, 1), name, "rack1")
 }
 
 #[test]

@@ -916,7 +916,7 @@ async fn manifests_from_the_store_then_the_parent() {
     };
     global_store.apply(&[lib.clone(), big.clone()]).unwrap();
     let (own, _) = put("hv1", "vm1", 2);
-    rack_store.apply(&[own.clone()]).unwrap();
+    rack_store.apply(std::slice::from_ref(&own)).unwrap();
     let manifest = |c: &Change| match c {
         Change::PutImage { manifest, .. } => manifest.clone(),
         _ => unreachable!(),

@@ -57,65 +57,12 @@ pub enum CatalogError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("manifest {path} line {line}: {message}")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
-    #[error("image `{image}` in the index: {message}")]
-    Index { image: String, message: String },
     #[error("LUN {target}/{lun}: {message}")]
     Invalid {
         target: String,
         lun: u16,
         message: String,
     },
-}
-
-/// Where a LUN's manifest comes from.
-pub trait ManifestSource: Send + Sync {
-    fn manifest(&self) -> Result<Manifest, CatalogError>;
-}
-
-/// An image's manifest from the index store (what `nearblock index` or the
-/// library's agent recorded).
-pub struct IndexedManifest<S> {
-    pub store: S,
-    pub image: String,
-    /// `None`: the smallest block size indexed.
-    pub block_size: Option<u32>,
-}
-
-impl<S: crate::index::BlockStore> ManifestSource for IndexedManifest<S> {
-    fn manifest(&self) -> Result<Manifest, CatalogError> {
-        let unavailable = |message: String| CatalogError::Index {
-            image: self.image.clone(),
-            message,
-        };
-        self.store
-            .manifest(&self.image, self.block_size)
-            .map_err(|e| unavailable(e.to_string()))?
-            .ok_or_else(|| unavailable("not in the index".into()))
-    }
-}
-
-/// A manifest file in the text form of [`manifest_to_text`].
-#[derive(Clone, Debug)]
-pub struct ManifestFile(pub PathBuf);
-
-impl ManifestSource for ManifestFile {
-    fn manifest(&self) -> Result<Manifest, CatalogError> {
-        let text = std::fs::read_to_string(&self.0).map_err(|source| CatalogError::Read {
-            path: self.0.clone(),
-            source,
-        })?;
-        manifest_from_text(&text).map_err(|(line, message)| CatalogError::Parse {
-            path: self.0.clone(),
-            line,
-            message,
-        })
-    }
 }
 
 /// The manifest text form: a header line
@@ -929,7 +876,7 @@ impl LunSlot {
             size: m.map_or(0, |m| m.size),
             block_size: m.map_or(0, |m| m.block_size),
             blocks: m.map_or(0, |m| m.blocks.len() as u64),
-            digest: current.as_ref().and(st.digest).map(|d| hex::encode(d)),
+            digest: current.as_ref().and(st.digest).map(hex::encode),
             manifest_seq: st.installed,
             last_error: st.last_error.clone(),
         }
