@@ -233,7 +233,13 @@ pub struct SplicerConfig {
     /// Prefetch (LUNs with `mode = "prefetch"`): bandwidth budget per link, Mbit/s.
     #[serde(default = "default_prefetch_budget")]
     pub prefetch_budget_mbps: f64,
-    /// LUNs served locally (declared immutable, with a manifest).
+    /// How often each declared LUN's manifest source is looked at again
+    /// (a changed manifest replaces the LUN; a vanished one withdraws it),
+    /// milliseconds.
+    #[serde(default = "default_manifest_refresh_ms")]
+    pub manifest_refresh_ms: u64,
+    /// LUNs served locally (declared immutable; served while a current
+    /// manifest is available).
     #[serde(default)]
     pub lun: Vec<ServedLunConfig>,
 }
@@ -249,7 +255,8 @@ pub struct ServedLunConfig {
     /// Manifest file (`nearblock-manifest 1` text form) of the LUN's content.
     #[serde(default)]
     pub manifest: Option<std::path::PathBuf>,
-    /// Or: the image's name in the appliance's index store (`[index]`).
+    /// Or: the image's name in the index (the appliance's own store, else its
+    /// indexer's parent). Default: `TARGET/LUN`, the library agent's name.
     #[serde(default)]
     pub image: Option<String>,
     /// With `image`: which indexed block size to serve from (default: the smallest).
@@ -283,6 +290,7 @@ impl Default for SplicerConfig {
             fetch_batch_blocks: default_fetch_batch_blocks(),
             history_dir: None,
             prefetch_budget_mbps: default_prefetch_budget(),
+            manifest_refresh_ms: default_manifest_refresh_ms(),
             lun: Vec::new(),
         }
     }
@@ -299,45 +307,22 @@ impl SplicerConfig {
         Duration::from_millis(self.fetch_deadline_ms)
     }
 
-    /// The served LUNs with their manifests loaded, and the cache.
-    /// The served LUNs with their manifests (from files, or from `index`).
+    pub fn manifest_refresh(&self) -> Duration {
+        Duration::from_millis(self.manifest_refresh_ms)
+    }
+
+    /// The declared LUNs (no manifest loaded yet: see `splice::manifests`) and
+    /// the cache.
     pub fn catalog(
         &self,
-        index: Option<&std::sync::Arc<crate::index::RedbStore>>,
     ) -> Result<crate::splice::catalog::Catalog, crate::splice::catalog::CatalogError> {
-        use crate::splice::catalog::{
-            Catalog, CatalogError, IndexedManifest, ManifestFile, ManifestSource, ServedLun,
-        };
+        use crate::splice::catalog::{Catalog, CatalogError};
         let cache = std::sync::Arc::new(crate::fetch::BlockCache::new(self.cache_bytes));
         let mut catalog = Catalog::new(cache, self.learn);
         catalog.readahead_bytes = self.readahead_bytes;
         catalog.prefetch_budget_mbps = self.prefetch_budget_mbps;
         for l in &self.lun {
-            let manifest = match (&l.manifest, &l.image, index) {
-                (Some(path), _, _) => ManifestFile(path.clone()).manifest()?,
-                (None, Some(image), Some(store)) => IndexedManifest {
-                    store: store.clone(),
-                    image: image.clone(),
-                    block_size: l.block_size,
-                }
-                .manifest()?,
-                _ => {
-                    return Err(CatalogError::Invalid {
-                        target: l.target.clone(),
-                        lun: l.lun,
-                        message: "no manifest: give `manifest`, or `image` with an [index]".into(),
-                    })
-                }
-            };
-            let mut lun = ServedLun::new(
-                l.target.clone(),
-                l.lun,
-                l.design,
-                l.logical_block_size,
-                manifest,
-            )?;
-            lun.mode = l.mode;
-            catalog.add(lun);
+            catalog.declare(l.decl());
         }
         if let Some(dir) = &self.history_dir {
             std::fs::create_dir_all(dir).map_err(|source| CatalogError::Read {
@@ -347,6 +332,34 @@ impl SplicerConfig {
             catalog.load_histories(dir.clone());
         }
         Ok(catalog)
+    }
+}
+
+impl ServedLunConfig {
+    /// Where the manifest comes from: `manifest`, else the index image `image`,
+    /// else the index image `TARGET/LUN`.
+    pub fn source(&self) -> crate::splice::catalog::LunSource {
+        use crate::splice::catalog::{lun_name, LunSource};
+        match (&self.manifest, &self.image) {
+            (Some(path), _) => LunSource::File(path.clone()),
+            (None, image) => LunSource::Index {
+                image: image
+                    .clone()
+                    .unwrap_or_else(|| lun_name(&self.target, self.lun)),
+                block_size: self.block_size,
+            },
+        }
+    }
+
+    pub fn decl(&self) -> crate::splice::catalog::LunDecl {
+        crate::splice::catalog::LunDecl {
+            target: self.target.clone(),
+            lun: self.lun,
+            design: self.design,
+            logical_block_size: self.logical_block_size,
+            mode: self.mode,
+            source: self.source(),
+        }
     }
 }
 
@@ -368,6 +381,10 @@ impl Default for ApiConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn default_manifest_refresh_ms() -> u64 {
+    5000
 }
 fn default_dscp() -> u8 {
     DEFAULT_DSCP_MARK
@@ -626,25 +643,36 @@ impl Config {
         for (i, l) in self.splicer.lun.iter().enumerate() {
             let key = |k: &str| format!("lun[{i}].{k}");
             match (&l.manifest, &l.image) {
-                (Some(_), Some(_)) | (None, None) => {
+                (Some(_), Some(_)) => {
                     return Err(invalid(
                         "splicer",
                         &key("manifest"),
                         format!(
-                            "LUN {}/{}: give exactly one of `manifest` (a file) and `image` (in the index)",
+                            "LUN {}/{}: give at most one of `manifest` (a file) and `image` (in the index)",
                             l.target, l.lun
                         ),
                     ))
                 }
-                (None, Some(_)) if self.index.is_none() && self.indexer.is_none() => {
+                (None, _) if self.index.is_none() && self.indexer.is_none() => {
                     return Err(invalid(
                         "splicer",
                         &key("image"),
-                        format!("LUN {}/{}: `image` needs an [index] section", l.target, l.lun),
+                        format!(
+                            "LUN {}/{}: without `manifest`, its manifest comes from the index \
+                             (`image`, default `TARGET/LUN`): add an [index] or [indexer] section",
+                            l.target, l.lun
+                        ),
                     ))
                 }
                 _ => {}
             }
+        }
+        if !(10..=3_600_000).contains(&self.splicer.manifest_refresh_ms) {
+            return Err(invalid(
+                "splicer",
+                "manifest_refresh_ms",
+                "must be within 10..=3600000".into(),
+            ));
         }
         let s = &self.splicer;
         if !s.listen_v4.is_ipv4() {
@@ -804,23 +832,44 @@ image_transfer_ports = [10809, 3260]
     }
 
     #[test]
-    fn served_lun_needs_exactly_one_manifest_source() {
+    fn served_lun_manifest_sources() {
+        use crate::splice::catalog::LunSource;
         let lun =
             |body: &str| format!("{GOOD}\n[[splicer.lun]]\ntarget = \"iqn.x\"\nlun = 1\n{body}");
-        assert!(Config::parse(&lun("manifest = \"m\"\n")).is_ok());
+        let c = Config::parse(&lun("manifest = \"m\"\n")).unwrap();
+        assert_eq!(c.splicer.lun[0].source(), LunSource::File("m".into()));
+        assert_eq!(c.splicer.manifest_refresh_ms, 5000);
         for (body, key) in [
-            ("", "splicer.lun[0].manifest"),
             (
                 "manifest = \"m\"\nimage = \"i\"\n",
                 "splicer.lun[0].manifest",
             ),
             ("image = \"i\"\n", "splicer.lun[0].image"),
+            ("", "splicer.lun[0].image"),
         ] {
             let e = Config::parse(&lun(body)).unwrap_err().to_string();
             assert!(e.contains(key), "{body:?}: {e}");
         }
-        let with_index = format!("{}\n[index]\ndb = \"i.redb\"\n", lun("image = \"img\"\n"));
-        assert!(Config::parse(&with_index).is_ok());
+        let index = "\n[index]\ndb = \"i.redb\"\n";
+        // `image`, or neither: the library agent's name for the LUN.
+        for (body, image) in [("image = \"img\"\n", "img"), ("", "iqn.x/1")] {
+            let c = Config::parse(&format!("{}{index}", lun(body))).unwrap();
+            let want = LunSource::Index {
+                image: image.into(),
+                block_size: None,
+            };
+            assert_eq!(c.splicer.lun[0].source(), want);
+        }
+        let e = Config::parse(&format!(
+            "{}{index}",
+            lun("").replace(
+                "[[splicer.lun]]",
+                "[splicer]\nmanifest_refresh_ms = 0\n[[splicer.lun]]"
+            )
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("manifest_refresh_ms"), "{e}");
     }
 
     #[test]

@@ -331,7 +331,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     if dpc.steer {
         routing.install()?;
-        let catalog = Arc::new(config.splicer.catalog(index_store.as_ref())?);
+        let catalog = Arc::new(config.splicer.catalog()?);
+        // Files and the local index now (quick); the parent's answers come
+        // with the refresh loop's first tick. A LUN without a manifest is
+        // declared but passed through.
+        let local = crate::splice::manifests::Sources {
+            store: index_store
+                .clone()
+                .map(|s| s as crate::serve::indexer::SharedStore),
+            parent: None,
+        };
+        crate::splice::manifests::refresh_some(&catalog, &local, &mut 0, usize::MAX).await;
         let _ = splicer.cache.set(catalog.cache.clone());
         served_catalog = Some(catalog.clone());
         let _ = splicer.catalog.set(catalog.clone());
@@ -473,6 +483,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         _ => None,
     };
     let rerank_task = sourcing.map(|s| tokio::spawn(rerank_loop(app.clone(), s)));
+    // Served LUNs' manifests stay current: files, the local index, the parent.
+    let manifest_task = served_catalog
+        .clone()
+        .filter(|c| !c.is_empty())
+        .map(|catalog| {
+            let parent = indexer_config.as_ref().and_then(|ic| {
+                let client = crate::serve::client::PeerClient::new(ic.peer.client(
+                    &config.appliance.name,
+                    crate::serve::proto::Role::Client,
+                    ic.key(),
+                ));
+                ic.parent.map(|p| client.peer(&p.to_string()))
+            });
+            let sources = crate::splice::manifests::Sources {
+                store: index_store
+                    .clone()
+                    .map(|s| s as crate::serve::indexer::SharedStore),
+                parent,
+            };
+            tokio::spawn(crate::splice::manifests::refresh_loop(
+                catalog,
+                sources,
+                config.splicer.manifest_refresh(),
+            ))
+        });
     // The appliance's own block cache is a holder in its local index.
     let cache_index_task = match (&indexer, &index_store, cache) {
         (Some(_), Some(store), Some(cache)) => Some(tokio::spawn(publish_cache(
@@ -535,6 +570,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     api_task.abort();
     sampler_task.abort();
     if let Some(t) = rerank_task {
+        t.abort();
+    }
+    if let Some(t) = manifest_task {
         t.abort();
     }
     if let Some(t) = cache_index_task {

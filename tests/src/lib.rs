@@ -813,6 +813,23 @@ impl Lab {
             .output()?;
         Ok(o)
     }
+
+    /// The bytes of `url` as `qemu-img convert` inside `node` copies them (into
+    /// `<name>.raw` in the lab directory, removed again); a failed copy panics
+    /// with qemu-img's stderr and `appliance`'s log.
+    pub fn qemu_copy(&self, node: &str, url: &str, name: &str, appliance: &str) -> Vec<u8> {
+        let out = self.dir.path().join(format!("{name}.raw"));
+        let o = self.qemu_convert(node, url, &out).expect("qemu-img");
+        assert!(
+            o.status.success(),
+            "{name}: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.appliance_log(appliance)
+        );
+        let data = std::fs::read(&out).expect("the copy");
+        std::fs::remove_file(&out).expect("remove the copy");
+        data
+    }
 }
 
 /// (MB/s, IOPS) from iscsi-perf's last "iops average N (M MB/s)" report.

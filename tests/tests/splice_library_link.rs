@@ -9,6 +9,10 @@
 //!   blocks that neither the rack nor its peers hold — computed here,
 //!   independently of nearblock, with blake3 over the image files — plus 1%.
 //!
+//! The two LUNs are declared without manifests: rack1 gets them from the
+//! library's agent (which indexes every tgtd LUN as `IQN/LUN`) through the
+//! global index on core, its embedded indexer's parent.
+//!
 //! Needs the corpus (`cargo xtask bootstrap` builds it; `NEARBLOCK_CORPUS_DIR`);
 //! without it the test reports itself skipped. Run as root.
 
@@ -18,7 +22,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nearblock::splice::catalog::{manifest_of, manifest_to_text};
 use nearblock_lab::{fabric::Fabric, ApplianceOptions, Lab, LunSpec};
 
 const IQN: &str = "iqn.2026-11.test.nearblock:corpus";
@@ -143,16 +146,6 @@ fn library_link_carries_only_what_no_nearer_holder_has() {
     let topo = lab
         .write_file("topology.toml", nearblock_lab::DEFAULT_TOPOLOGY.as_bytes())
         .unwrap();
-    let mut manifests = Vec::new();
-    for (name, data) in [("seed", &seed), ("derived", &derived)] {
-        manifests.push(
-            lab.write_file(
-                &format!("{name}.manifest"),
-                manifest_to_text(&manifest_of(name, data, 4096)).as_bytes(),
-            )
-            .unwrap(),
-        );
-    }
     let mut fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap();
     fabric.start_indexer(&lab, "core", None).unwrap();
     fabric.start_library_agent(&lab, "core").unwrap();
@@ -161,10 +154,8 @@ fn library_link_carries_only_what_no_nearer_holder_has() {
     // The agent's block service port is an image-transfer port: the classifier
     // counts its flows like iSCSI's.
     let extra_config = format!(
-        "image_transfer_ports = [{AGENT_PORT}]\n[splicer]\ncache_bytes = {}\nfetch_deadline_ms = 3000\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {:?}\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 2\nmanifest = {:?}\n[cost]\ntopology = {topo:?}\n[planner]\n[indexer]\nconfig = {rack1_cfg:?}\n",
+        "image_transfer_ports = [{AGENT_PORT}]\n[splicer]\ncache_bytes = {}\nfetch_deadline_ms = 3000\nmanifest_refresh_ms = 500\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 2\n[cost]\ntopology = {topo:?}\n[planner]\n[indexer]\nconfig = {rack1_cfg:?}\n",
         2u64 << 30,
-        manifests[0],
-        manifests[1],
     );
     lab.start_appliance(
         "rack1",
@@ -191,6 +182,29 @@ fn library_link_carries_only_what_no_nearer_holder_has() {
         fabric
             .wait_holder(&lab, "core", block, &lib, Duration::from_secs(120))
             .unwrap_or_else(|e| panic!("{e}\n{}", fabric.procs.log(&format!("agent-{lib}"))));
+    }
+    // Both LUNs served with the library agent's manifests, found through core.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let luns = lab.status("rack1").expect("status").splicer.luns;
+        let served = luns.iter().filter(|l| l.served).count();
+        if served == 2 {
+            for l in &luns {
+                assert_eq!(
+                    l.image.as_deref(),
+                    Some(format!("{IQN}/{}", l.lun).as_str())
+                );
+                assert_eq!((l.size, l.block_size), (size, 4096), "{l:?}");
+                eprintln!("LUN {}: manifest from {:?}", l.lun, l.origin);
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rack1 serves {served} of 2 LUNs: {luns:?}\n{}",
+            lab.appliance_log("rack1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     let cold = copy(&lab, 1, &seed, "cold");

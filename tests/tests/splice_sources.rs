@@ -414,17 +414,8 @@ fn copies_are_identical_in_every_source_mix() {
 
 /// Copy the LUN from hv1 through rack1 and check it is the image.
 fn copy(lab: &Lab, name: &str, image: &[u8]) {
-    let out = lab.dir.path().join(format!("{name}.raw"));
-    let o = lab.qemu_convert("hv1", &lab.lun_url(IQN, 1), &out).unwrap();
-    assert!(
-        o.status.success(),
-        "{name}: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        lab.appliance_log("rack1")
-    );
-    let copy = std::fs::read(&out).unwrap();
+    let copy = lab.qemu_copy("hv1", &lab.lun_url(IQN, 1), name, "rack1");
     assert!(copy == image, "{name}: the copy differs from the LUN");
-    std::fs::remove_file(&out).unwrap();
 }
 
 /// Flip one byte of a file in place (what a peer's disk could do behind its index).

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! nearblock peer holders --addr INDEXER [--local-only] HASH...
+//! nearblock peer manifest --addr INDEXER [--block-size N] [--text FILE] IMAGE   # asks up the tree
 //! nearblock peer get     --addr AGENT [--out DIR] HASH...
 //! nearblock peer fetch   --holders A,B,... [--out DIR] HASH...   # first intact copy
 //! nearblock peer ping    --addr PEER
@@ -48,6 +49,19 @@ pub enum PeerOp {
         #[arg(long)]
         local_only: bool,
         hashes: Vec<String>,
+    },
+    /// An image's manifest (an indexer; asks its parent when it lacks it):
+    /// image, size, block size, blocks, digest; `--text FILE` also writes it in
+    /// the `nearblock-manifest 1` text form.
+    Manifest {
+        #[arg(long)]
+        addr: String,
+        /// Indexed block size in bytes (default: the smallest).
+        #[arg(long)]
+        block_size: Option<u32>,
+        #[arg(long)]
+        text: Option<PathBuf>,
+        image: String,
     },
     /// Blocks from one peer, verified.
     Get {
@@ -134,6 +148,27 @@ pub fn run(args: PeerArgs, out: &mut dyn std::io::Write) -> Result<()> {
                         .collect();
                     writeln!(out, "{}", serde_json::json!({"hash": h.to_string(), "holders": v}))?;
                 }
+            }
+            PeerOp::Manifest {
+                addr,
+                block_size,
+                text,
+                image,
+            } => {
+                use crate::serve::client::ManifestAnswer;
+                let line = match client.peer(addr).manifest(image, *block_size, None).await? {
+                    ManifestAnswer::Found { manifest: m, digest } => {
+                        if let Some(path) = text {
+                            std::fs::write(path, crate::splice::catalog::manifest_to_text(&m))
+                                .with_context(|| format!("write {}", path.display()))?;
+                        }
+                        serde_json::json!({"image": m.image, "found": true, "size": m.size,
+                            "block_size": m.block_size, "blocks": m.blocks.len(),
+                            "zero_blocks": m.zero_blocks(), "digest": hex::encode(digest)})
+                    }
+                    _ => serde_json::json!({"image": image, "found": false}),
+                };
+                writeln!(out, "{line}")?;
             }
             PeerOp::Get { addr, out: dir, hashes } => {
                 let hs = parse_hashes(hashes)?;

@@ -38,6 +38,38 @@ pub fn run(args: StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     print_report(&r, out)
 }
 
+/// One declared LUN: served or not (why), where its manifest is from, what it is.
+pub fn lun_line(l: &crate::splice::catalog::LunStatus) -> String {
+    let state = if l.served {
+        "served".to_string()
+    } else {
+        format!("NOT served ({})", l.why.as_deref().unwrap_or("?"))
+    };
+    let manifest = match (&l.image, &l.digest) {
+        (Some(image), Some(d)) => format!(
+            "manifest {image} {} B, {} blocks of {} B, #{} {} from {}",
+            l.size,
+            l.blocks,
+            l.block_size,
+            l.manifest_seq,
+            &d[..d.len().min(16)],
+            l.origin
+                .map(|o| format!("{o:?}").to_lowercase())
+                .unwrap_or_default(),
+        ),
+        _ => "no manifest".into(),
+    };
+    let error = l
+        .last_error
+        .as_deref()
+        .map(|e| format!("; last lookup failed: {e}"))
+        .unwrap_or_default();
+    format!(
+        "{}/{}  {state}  [{}]  {manifest}{error}",
+        l.target, l.lun, l.source
+    )
+}
+
 /// Human-readable status (pure formatting; tested).
 pub fn print_report(r: &StatusReport, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(
@@ -57,6 +89,12 @@ pub fn print_report(r: &StatusReport, out: &mut dyn Write) -> anyhow::Result<()>
         "splicer: {} accepted, {} active, {} upstream failures, {} B to target, {} B to initiator",
         s.accepted, s.active, s.upstream_failed, s.bytes_to_target, s.bytes_to_initiator
     )?;
+    if !s.luns.is_empty() {
+        writeln!(out, "\nserved LUNs (declared):")?;
+        for l in &s.luns {
+            writeln!(out, "  {}", lun_line(l))?;
+        }
+    }
     writeln!(out, "\ninterfaces:")?;
     for i in &r.interfaces {
         let util = i
@@ -111,4 +149,36 @@ pub fn print_report(r: &StatusReport, out: &mut dyn Write) -> anyhow::Result<()>
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::splice::catalog::{LunStatus, ManifestOrigin};
+
+    #[test]
+    fn lun_lines_say_whether_and_why() {
+        let mut l = LunStatus {
+            target: "iqn.t:lib".into(),
+            lun: 1,
+            source: "index iqn.t:lib/1".into(),
+            why: Some("no manifest yet".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            lun_line(&l),
+            "iqn.t:lib/1  NOT served (no manifest yet)  [index iqn.t:lib/1]  no manifest"
+        );
+        l.served = true;
+        l.why = None;
+        l.image = Some("iqn.t:lib/1".into());
+        (l.size, l.blocks, l.block_size, l.manifest_seq) = (8192, 2, 4096, 3);
+        l.digest = Some("ab".repeat(32));
+        l.origin = Some(ManifestOrigin::Parent);
+        l.last_error = Some("parent index: timed out".into());
+        assert_eq!(
+            lun_line(&l),
+            "iqn.t:lib/1  served  [index iqn.t:lib/1]  manifest iqn.t:lib/1 8192 B, 2 blocks of 4096 B, #3 abababababababab from parent; last lookup failed: parent index: timed out"
+        );
+    }
 }

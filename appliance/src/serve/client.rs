@@ -31,10 +31,88 @@ use tokio::{
 use super::{
     auth::{client_handshake, Key},
     proto::{
-        BlockReply, FrameReader, Holder, HostReport, Msg, PushedChange, Role, DEFAULT_MAX_FRAME,
+        BlockReply, FrameReader, Holder, HostReport, ManifestPiece, Msg, PushedChange, Role,
+        DEFAULT_MAX_FRAME, MAX_MANIFEST_PIECE,
     },
 };
-use crate::index::BlockHash;
+use crate::index::{BlockHash, Manifest};
+
+/// Largest manifest encoding a client assembles (1 GiB: 32 Mi blocks, a
+/// 128 GiB image at 4 KiB).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+
+/// What an indexer said about an image's manifest ([`Peer::manifest`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManifestAnswer {
+    /// Neither the indexer nor its ancestors have the image.
+    Absent,
+    /// The digest the asker gave is still the manifest's.
+    Unchanged,
+    /// The manifest, verified against `digest` (blake3 of its encoding).
+    Found {
+        manifest: Manifest,
+        digest: [u8; 32],
+    },
+}
+
+/// Assembles a manifest from the pieces of one digest (pure; see
+/// [`Peer::manifest`]).
+#[derive(Debug, Default)]
+struct ManifestAssembly {
+    digest: Option<[u8; 32]>,
+    buf: Vec<u8>,
+}
+
+/// What to do after a piece.
+#[derive(Debug, PartialEq, Eq)]
+enum Assembled {
+    /// Ask for the bytes from this offset.
+    More(u64),
+    /// The pieces changed digest under us (the manifest changed): start again.
+    Restart,
+    Done(ManifestAnswer),
+}
+
+impl ManifestAssembly {
+    fn add(&mut self, piece: ManifestPiece) -> Result<Assembled, String> {
+        let (digest, total, offset, data) = match piece {
+            ManifestPiece::Absent => return Ok(Assembled::Done(ManifestAnswer::Absent)),
+            ManifestPiece::Unchanged => return Ok(Assembled::Done(ManifestAnswer::Unchanged)),
+            ManifestPiece::Part {
+                digest,
+                total,
+                offset,
+                data,
+            } => (digest, total, offset, data),
+        };
+        if total > MAX_MANIFEST_BYTES {
+            return Err(format!("manifest of {total} bytes is over the limit"));
+        }
+        if self.digest.is_some_and(|d| d != digest) {
+            *self = ManifestAssembly::default();
+            return Ok(Assembled::Restart);
+        }
+        if offset != self.buf.len() as u64 {
+            return Err(format!(
+                "manifest piece at {offset}, expected {}",
+                self.buf.len()
+            ));
+        }
+        if data.is_empty() && offset < total {
+            return Err("empty manifest piece".into());
+        }
+        self.digest = Some(digest);
+        self.buf.extend_from_slice(&data);
+        if (self.buf.len() as u64) < total {
+            return Ok(Assembled::More(self.buf.len() as u64));
+        }
+        if *blake3::hash(&self.buf).as_bytes() != digest {
+            return Err("manifest does not match its digest".into());
+        }
+        let manifest = Manifest::decode(&self.buf).map_err(|e| e.to_string())?;
+        Ok(Assembled::Done(ManifestAnswer::Found { manifest, digest }))
+    }
+}
 
 /// How a client talks to peers.
 #[derive(Clone, Debug)]
@@ -543,6 +621,48 @@ impl Peer {
         Ok(out)
     }
 
+    /// `image`'s manifest from this indexer (which asks up the tree when it
+    /// lacks it), at `block_size` (`None`: the smallest indexed), unless its
+    /// digest is `known`. Large manifests come in pieces; if the manifest
+    /// changes between pieces the assembly starts again (at most 3 times).
+    pub async fn manifest(
+        &self,
+        image: &str,
+        block_size: Option<u32>,
+        known: Option<[u8; 32]>,
+    ) -> Result<ManifestAnswer, FetchError> {
+        let max_len = MAX_MANIFEST_PIECE.min(self.0.opts.max_frame.saturating_sub(1024));
+        let mut assembly = ManifestAssembly::default();
+        let (mut offset, mut restarts) = (0, 0);
+        // Each round moves at least one byte forward (or restarts): bounded.
+        loop {
+            let reply = self
+                .request(&Msg::GetManifest {
+                    image: image.to_string(),
+                    block_size: block_size.unwrap_or(0),
+                    known: known.unwrap_or([0; 32]),
+                    offset,
+                    max_len,
+                })
+                .await?;
+            let piece = match reply {
+                Msg::ManifestReply { piece } => piece,
+                m => return Err(self.protocol(&format!("unexpected reply {}", m.name()))),
+            };
+            match assembly.add(piece).map_err(|e| self.protocol(&e))? {
+                Assembled::More(next) => offset = next,
+                Assembled::Restart if restarts < 3 => {
+                    restarts += 1;
+                    offset = 0;
+                }
+                Assembled::Restart => {
+                    return Err(self.protocol("the manifest kept changing while it was read"))
+                }
+                Assembled::Done(answer) => return Ok(answer),
+            }
+        }
+    }
+
     /// Pushes changes of `node` to this (parent) indexer; returns the sequence
     /// number it acknowledged.
     pub async fn push(
@@ -727,5 +847,107 @@ impl PeerClient {
         out.into_iter()
             .map(|r| r.unwrap_or(Err(FetchError::NoHolders)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            image: "iqn.t:lib/1".into(),
+            size: 3 * 4096 + 10,
+            block_size: 4096,
+            blocks: vec![
+                Some(BlockHash::of(b"a")),
+                None,
+                Some(BlockHash::of(b"b")),
+                Some(BlockHash::of(b"c")),
+            ],
+        }
+    }
+
+    /// Feeds `assembly` the pieces the server would cut at `max_len`.
+    fn drive(a: &mut ManifestAssembly, enc: &[u8], max_len: u32) -> Result<Assembled, String> {
+        let mut offset = 0;
+        loop {
+            match a.add(ManifestPiece::of(enc, [0; 32], offset, max_len))? {
+                Assembled::More(next) => offset = next,
+                done => return Ok(done),
+            }
+        }
+    }
+
+    #[test]
+    fn manifests_assemble_from_pieces_and_are_verified() {
+        let m = manifest();
+        let enc = m.encode();
+        let digest = *blake3::hash(&enc).as_bytes();
+        for max_len in [1, 7, 64, 1 << 20] {
+            let mut a = ManifestAssembly::default();
+            assert_eq!(
+                drive(&mut a, &enc, max_len),
+                Ok(Assembled::Done(ManifestAnswer::Found {
+                    manifest: m.clone(),
+                    digest
+                }))
+            );
+        }
+        let mut a = ManifestAssembly::default();
+        assert_eq!(
+            a.add(ManifestPiece::Absent),
+            Ok(Assembled::Done(ManifestAnswer::Absent))
+        );
+        assert_eq!(
+            a.add(ManifestPiece::Unchanged),
+            Ok(Assembled::Done(ManifestAnswer::Unchanged))
+        );
+    }
+
+    #[test]
+    fn a_changed_digest_restarts_and_bad_pieces_are_errors() {
+        let enc = manifest().encode();
+        let mut a = ManifestAssembly::default();
+        assert_eq!(
+            a.add(ManifestPiece::of(&enc, [0; 32], 0, 10)),
+            Ok(Assembled::More(10))
+        );
+        // The next piece is of another manifest: start again.
+        let mut other = manifest();
+        other.blocks[1] = Some(BlockHash::of(b"z"));
+        let other = other.encode();
+        assert_eq!(
+            a.add(ManifestPiece::of(&other, [0; 32], 10, 10)),
+            Ok(Assembled::Restart)
+        );
+        // A piece at the wrong offset.
+        let mut a = ManifestAssembly::default();
+        assert!(a.add(ManifestPiece::of(&enc, [0; 32], 5, 10)).is_err());
+        // Bytes that do not hash to the digest.
+        let mut a = ManifestAssembly::default();
+        let forged = ManifestPiece::Part {
+            digest: [1; 32],
+            total: enc.len() as u64,
+            offset: 0,
+            data: Bytes::from(enc.clone()),
+        };
+        assert!(a.add(forged).is_err());
+        // An empty piece before the end, and a total over the limit.
+        let mut a = ManifestAssembly::default();
+        let empty = ManifestPiece::Part {
+            digest: [1; 32],
+            total: 5,
+            offset: 0,
+            data: Bytes::new(),
+        };
+        assert!(a.add(empty).is_err());
+        let huge = ManifestPiece::Part {
+            digest: [1; 32],
+            total: MAX_MANIFEST_BYTES + 1,
+            offset: 0,
+            data: Bytes::from_static(b"x"),
+        };
+        assert!(ManifestAssembly::default().add(huge).is_err());
     }
 }

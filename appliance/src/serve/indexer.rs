@@ -10,6 +10,10 @@
 //!   is refused with `GAP`, and the child restates everything it holds (resync).
 //! - **Holders**: answered from the local store; hashes without a local holder are
 //!   asked of the parent (and so on up the tree), unless `local_only`.
+//! - **Manifests**: an image's manifest (in pieces, see
+//!   [`super::proto::ManifestPiece`]) from the local store; an image the store
+//!   lacks is asked of the parent (so a rack appliance finds the library agent's
+//!   `IQN/LUN` manifests through the global index).
 //! - **Addresses**: every push carries host → block service address; each level
 //!   keeps the union and attaches them to holders.
 //! - **Host metrics**: the latest load report of every host below, in memory
@@ -31,7 +35,7 @@ use tokio::sync::Notify;
 
 use super::{
     client::{FetchError, Peer},
-    proto::{code, Holder, Msg, PushedChange},
+    proto::{code, Holder, ManifestPiece, Msg, PushedChange},
 };
 use crate::index::{BlockHash, BlockStore, Change};
 
@@ -98,6 +102,20 @@ pub struct IndexMetrics {
     pub holder_lookups: AtomicU64,
     /// Hashes asked of the parent (no local holder).
     pub parent_lookups: AtomicU64,
+    /// `GetManifest` requests answered.
+    pub manifest_lookups: AtomicU64,
+    /// … of them asked of the parent (the image is not in the local store).
+    pub manifest_parent_lookups: AtomicU64,
+}
+
+/// Why a manifest lookup failed (not: the image is unknown, that is
+/// [`ManifestPiece::Absent`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestLookupError {
+    #[error("index store: {0}")]
+    Store(String),
+    #[error("parent: {0}")]
+    Parent(#[from] FetchError),
 }
 
 pub struct IndexService {
@@ -211,6 +229,55 @@ impl IndexService {
             Err(e) => tracing::warn!(node = %self.node, "holders: parent lookup failed: {e}"),
         }
         Ok(out)
+    }
+
+    /// A piece of `image`'s manifest (see [`Msg::GetManifest`]): from the local
+    /// store, else from the parent (which may ask its own), else
+    /// [`ManifestPiece::Absent`].
+    pub async fn manifest_piece(
+        &self,
+        image: &str,
+        block_size: u32,
+        known: [u8; 32],
+        offset: u64,
+        max_len: u32,
+    ) -> Result<ManifestPiece, ManifestLookupError> {
+        self.metrics
+            .manifest_lookups
+            .fetch_add(1, Ordering::Relaxed);
+        let store = self.store.clone();
+        let name = image.to_string();
+        let local = tokio::task::spawn_blocking(move || {
+            store
+                .manifest(&name, (block_size != 0).then_some(block_size))
+                .map(|m| m.map(|m| m.encode()))
+        })
+        .await
+        .map_err(|e| ManifestLookupError::Store(e.to_string()))?
+        .map_err(|e| ManifestLookupError::Store(format!("{e:#}")))?;
+        if let Some(encoded) = local {
+            return Ok(ManifestPiece::of(&encoded, known, offset, max_len));
+        }
+        let Some(parent) = &self.parent else {
+            return Ok(ManifestPiece::Absent);
+        };
+        self.metrics
+            .manifest_parent_lookups
+            .fetch_add(1, Ordering::Relaxed);
+        let ask = Msg::GetManifest {
+            image: image.to_string(),
+            block_size,
+            known,
+            offset,
+            max_len,
+        };
+        match parent.request(&ask).await? {
+            Msg::ManifestReply { piece } => Ok(piece),
+            m => Err(ManifestLookupError::Parent(FetchError::Protocol {
+                peer: parent.addr().to_string(),
+                message: format!("unexpected reply {}", m.name()),
+            })),
+        }
     }
 
     /// Applies a child's push; returns `Ack` or `Error`.

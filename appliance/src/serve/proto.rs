@@ -26,6 +26,10 @@ pub const DEFAULT_MAX_FRAME: u32 = 32 << 20;
 pub const MAX_HASHES: usize = 16_384;
 /// Most host reports one `HostMetrics` request may carry.
 pub const MAX_REPORTS: usize = 16_384;
+/// Most manifest bytes one `ManifestReply` carries (a larger manifest comes in
+/// pieces, each asked for by offset): 16 MiB, half the default frame limit — a
+/// 1 GiB image at 4 KiB (262,144 blocks, ~8.4 MB encoded) fits in one.
+pub const MAX_MANIFEST_PIECE: u32 = 16 << 20;
 
 /// What a peer is (sent in the handshake and bound into its MAC).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -99,6 +103,45 @@ pub struct HostReport {
     pub age_ms: u64,
 }
 
+/// One piece of an image's manifest ([`Msg::ManifestReply`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManifestPiece {
+    /// Neither the server nor (when it asked) its parent has the image.
+    Absent,
+    /// The manifest's digest is the one the request said it knows.
+    Unchanged,
+    /// Bytes `offset..offset + data.len()` of the manifest's encoding
+    /// ([`crate::index::Manifest::encode`]), `total` bytes in all; `digest` is
+    /// blake3 of the whole encoding (the pieces of one manifest share it).
+    Part {
+        digest: [u8; 32],
+        total: u64,
+        offset: u64,
+        data: Bytes,
+    },
+}
+
+impl ManifestPiece {
+    /// The answer to a `GetManifest` from a manifest's `encoded` bytes: unchanged
+    /// if `known` is its digest, else at most `max_len` (at least 1) bytes from
+    /// `offset` (clamped to the end).
+    pub fn of(encoded: &[u8], known: [u8; 32], offset: u64, max_len: u32) -> ManifestPiece {
+        let digest = *blake3::hash(encoded).as_bytes();
+        if digest == known {
+            return ManifestPiece::Unchanged;
+        }
+        let total = encoded.len() as u64;
+        let from = offset.min(total);
+        let to = from.saturating_add(u64::from(max_len.max(1))).min(total);
+        ManifestPiece::Part {
+            digest,
+            total,
+            offset: from,
+            data: Bytes::copy_from_slice(&encoded[from as usize..to as usize]),
+        }
+    }
+}
+
 /// One change of a push: the child's sequence number and the change in the
 /// index's own encoding ([`crate::index::Change::encode`]).
 pub type PushedChange = (u64, Bytes);
@@ -164,6 +207,22 @@ pub enum Msg {
     HostMetrics {
         reports: Vec<HostReport>,
     },
+    /// An image's manifest (at `block_size`; 0: the smallest indexed), from
+    /// byte `offset` of its encoding, at most `max_len` bytes (the server may
+    /// send less). `known`: the digest the asker already has (all zero: none);
+    /// if it is still current the answer is [`ManifestPiece::Unchanged`]. An
+    /// indexer without the image asks its parent. Added after version 1 shipped,
+    /// as a new kind: an older peer answers `BAD_REQUEST`.
+    GetManifest {
+        image: String,
+        block_size: u32,
+        known: [u8; 32],
+        offset: u64,
+        max_len: u32,
+    },
+    ManifestReply {
+        piece: ManifestPiece,
+    },
     Ping,
     Pong,
     /// The server's counters and state.
@@ -197,6 +256,8 @@ const K_PONG: u8 = 23;
 const K_STATUS: u8 = 24;
 const K_STATUS_REPLY: u8 = 25;
 const K_HOST_METRICS: u8 = 26;
+const K_GET_MANIFEST: u8 = 27;
+const K_MANIFEST_REPLY: u8 = 28;
 /// Kind of [`Msg::Fragment`].
 pub const K_FRAGMENT: u8 = 6;
 
@@ -357,6 +418,8 @@ impl Msg {
             Msg::StatusReply { .. } => K_STATUS_REPLY,
             Msg::Fragment { .. } => K_FRAGMENT,
             Msg::HostMetrics { .. } => K_HOST_METRICS,
+            Msg::GetManifest { .. } => K_GET_MANIFEST,
+            Msg::ManifestReply { .. } => K_MANIFEST_REPLY,
         }
     }
 
@@ -380,6 +443,8 @@ impl Msg {
             Msg::StatusReply { .. } => "StatusReply",
             Msg::Fragment { .. } => "Fragment",
             Msg::HostMetrics { .. } => "HostMetrics",
+            Msg::GetManifest { .. } => "GetManifest",
+            Msg::ManifestReply { .. } => "ManifestReply",
         }
     }
 
@@ -482,6 +547,35 @@ impl Msg {
                 }
             }
             Msg::Ack { seq } => b.put_u64_le(*seq),
+            Msg::GetManifest {
+                image,
+                block_size,
+                known,
+                offset,
+                max_len,
+            } => {
+                put_str(&mut b, image);
+                b.put_u32_le(*block_size);
+                b.put_slice(known);
+                b.put_u64_le(*offset);
+                b.put_u32_le(*max_len);
+            }
+            Msg::ManifestReply { piece } => match piece {
+                ManifestPiece::Absent => b.put_u8(0),
+                ManifestPiece::Unchanged => b.put_u8(1),
+                ManifestPiece::Part {
+                    digest,
+                    total,
+                    offset,
+                    data,
+                } => {
+                    b.put_u8(2);
+                    b.put_slice(digest);
+                    b.put_u64_le(*total);
+                    b.put_u64_le(*offset);
+                    put_bytes(&mut b, data);
+                }
+            },
             Msg::HostMetrics { reports } => {
                 b.put_u32_le(reports.len() as u32);
                 for r in reports {
@@ -635,6 +729,35 @@ impl Msg {
                 }
             }
             K_ACK => Msg::Ack { seq: r.u64()? },
+            K_GET_MANIFEST => Msg::GetManifest {
+                image: r.string()?,
+                block_size: r.u32()?,
+                known: r.arr32()?,
+                offset: r.u64()?,
+                max_len: r.u32()?,
+            },
+            K_MANIFEST_REPLY => Msg::ManifestReply {
+                piece: match r.u8()? {
+                    0 => ManifestPiece::Absent,
+                    1 => ManifestPiece::Unchanged,
+                    2 => {
+                        let digest = r.arr32()?;
+                        let total = r.u64()?;
+                        let offset = r.u64()?;
+                        let data = r.bytes()?;
+                        if offset.saturating_add(data.len() as u64) > total {
+                            return Err(ProtoError::Malformed("manifest piece past its total"));
+                        }
+                        ManifestPiece::Part {
+                            digest,
+                            total,
+                            offset,
+                            data,
+                        }
+                    }
+                    _ => return Err(ProtoError::Malformed("manifest piece")),
+                },
+            },
             K_HOST_METRICS => {
                 // host (≥ 4) + flags (1) + age (8)
                 let n = r.count(4 + 1 + 8)?;
@@ -857,6 +980,27 @@ mod tests {
                     },
                 ],
             },
+            Msg::GetManifest {
+                image: "iqn.2026-11.test:lib/1".into(),
+                block_size: 4096,
+                known: [9; 32],
+                offset: 17,
+                max_len: MAX_MANIFEST_PIECE,
+            },
+            Msg::ManifestReply {
+                piece: ManifestPiece::Absent,
+            },
+            Msg::ManifestReply {
+                piece: ManifestPiece::Unchanged,
+            },
+            Msg::ManifestReply {
+                piece: ManifestPiece::Part {
+                    digest: [4; 32],
+                    total: 10,
+                    offset: 7,
+                    data: Bytes::from_static(b"abc"),
+                },
+            },
         ]
     }
 
@@ -992,6 +1136,32 @@ mod tests {
     }
 
     #[test]
+    fn manifest_pieces_cut_and_recognise_the_known_digest() {
+        let enc: Vec<u8> = (0..100u8).collect();
+        let digest = *blake3::hash(&enc).as_bytes();
+        assert_eq!(
+            ManifestPiece::of(&enc, digest, 0, 10),
+            ManifestPiece::Unchanged
+        );
+        let part = |offset, max_len| match ManifestPiece::of(&enc, [0; 32], offset, max_len) {
+            ManifestPiece::Part {
+                digest: d,
+                total,
+                offset,
+                data,
+            } => {
+                assert_eq!((d, total), (digest, 100));
+                (offset, data.to_vec())
+            }
+            p => panic!("{p:?}"),
+        };
+        assert_eq!(part(0, 10), (0, enc[..10].to_vec()));
+        assert_eq!(part(95, 10), (95, enc[95..].to_vec()));
+        assert_eq!(part(500, 10), (100, vec![]));
+        assert_eq!(part(3, 0), (3, vec![3]), "at least one byte");
+    }
+
+    #[test]
     fn malformed_payloads_are_errors() {
         // Unknown kind.
         assert!(matches!(
@@ -1026,6 +1196,19 @@ mod tests {
         assert!(bad(0b001, 1.5).is_err());
         assert!(bad(0b010, f64::NAN).is_err());
         assert!(bad(0b1001, 0.5).is_err());
+        // A manifest piece reaching past its total, and an unknown piece state.
+        let piece = |total: u64, state: u8| {
+            let mut p = BytesMut::new();
+            p.put_u8(state);
+            p.put_slice(&[0; 32]);
+            p.put_u64_le(total);
+            p.put_u64_le(8);
+            put_bytes(&mut p, b"abc");
+            Msg::decode(K_MANIFEST_REPLY, p.freeze())
+        };
+        assert!(piece(11, 2).is_ok());
+        assert!(piece(10, 2).is_err());
+        assert!(piece(11, 3).is_err());
         // Too many hashes.
         let mut p = BytesMut::new();
         p.put_u32_le(MAX_HASHES as u32 + 1);
@@ -1037,7 +1220,7 @@ mod tests {
         /// Every truncation or corruption of a valid payload decodes to an error or
         /// to some message — never a panic.
         #[test]
-        fn decode_never_panics(i in 0usize..17, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
+        fn decode_never_panics(i in 0usize..21, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
             let m = &samples()[i];
             let wire = m.encode(1);
             let payload = wire.slice(4 + HEADER_LEN..);

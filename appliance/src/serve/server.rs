@@ -22,7 +22,9 @@ use tokio::{
 use super::{
     auth::{server_handshake, Key, PeerInfo},
     indexer::IndexService,
-    proto::{code, read_frame, BlockReply, Msg, Role, DEFAULT_MAX_FRAME, K_FRAGMENT},
+    proto::{
+        code, read_frame, BlockReply, Msg, Role, DEFAULT_MAX_FRAME, K_FRAGMENT, MAX_MANIFEST_PIECE,
+    },
 };
 use crate::index::BlockHash;
 
@@ -302,6 +304,32 @@ async fn handle(
                 Ok(items) => Msg::HoldersReply { items },
                 Err(e) => error(code::INTERNAL, format!("{e:#}")),
             },
+            None => error(
+                code::UNSUPPORTED,
+                format!("{} is not an indexer", opts.node),
+            ),
+        },
+        Msg::GetManifest {
+            image,
+            block_size,
+            known,
+            offset,
+            max_len,
+        } => match &services.index {
+            Some(ix) => {
+                // Room for the reply's own fields inside the frame limit.
+                let cap = max_len
+                    .min(MAX_MANIFEST_PIECE)
+                    .min(opts.max_frame.saturating_sub(1024))
+                    .max(1);
+                match ix
+                    .manifest_piece(&image, block_size, known, offset, cap)
+                    .await
+                {
+                    Ok(piece) => Msg::ManifestReply { piece },
+                    Err(e) => error(code::INTERNAL, format!("manifest of {image}: {e}")),
+                }
+            }
             None => error(
                 code::UNSUPPORTED,
                 format!("{} is not an indexer", opts.node),

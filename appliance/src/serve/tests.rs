@@ -854,3 +854,146 @@ async fn host_metrics_travel_up_the_tree() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["index"]["hosts"][0]["host"], "hv5", "{v}");
 }
+
+/// An indexer server on `store` (asking `parent`, if any), its frame limit
+/// `max_frame`; returns the service and the address.
+async fn manifest_indexer(
+    store: Arc<RedbStore>,
+    dir: &std::path::Path,
+    name: &str,
+    parent: Option<&str>,
+    max_frame: u32,
+) -> (Arc<IndexService>, String) {
+    let key = Key::from_secret(SECRET);
+    let client = PeerClient::new(ClientOptions::new(name, Role::Indexer, key.clone()));
+    let ix = Arc::new(
+        IndexService::open(
+            name,
+            store,
+            parent.map(|p| client.peer(p)),
+            dir.join(format!("{name}.children.json")),
+        )
+        .unwrap(),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let mut o = ServerOptions::new(name, Role::Indexer, key);
+    o.max_frame = max_frame;
+    tokio::spawn(serve(
+        l,
+        Arc::new(o),
+        Services {
+            index: Some(ix.clone()),
+            ..Default::default()
+        },
+        Arc::new(ServerMetrics::default()),
+    ));
+    (ix, addr)
+}
+
+/// `GetManifest`: from the indexer's own store, else from its parent; the
+/// known digest answers `Unchanged`; an unknown image is `Absent`; a manifest
+/// larger than the server's frame limit comes in pieces; a dead parent is an
+/// error (not `Absent`: the asker must not withdraw a LUN over it); a peer
+/// without an index refuses.
+#[tokio::test]
+async fn manifests_from_the_store_then_the_parent() {
+    use super::client::ManifestAnswer;
+    let dir = tempfile::tempdir().unwrap();
+    let (global_store, rack_store) = (store(dir.path(), "g", false), store(dir.path(), "r", false));
+    // The library's LUN is only in the global index; a big one (400 blocks,
+    // ~13 KB encoded) too; the rack's own image only in the rack's.
+    let (lib, _) = put("lib", "iqn.t:lib/1", 1);
+    let big = Change::PutImage {
+        host: "lib".into(),
+        manifest: manifest_of_bytes(
+            "iqn.t:lib/2",
+            &(0..400 * 4096u32)
+                .map(|i| (i / 4096) as u8 | 1)
+                .collect::<Vec<_>>(),
+            4096,
+        ),
+    };
+    global_store.apply(&[lib.clone(), big.clone()]).unwrap();
+    let (own, _) = put("hv1", "vm1", 2);
+    rack_store.apply(std::slice::from_ref(&own)).unwrap();
+    let manifest = |c: &Change| match c {
+        Change::PutImage { manifest, .. } => manifest.clone(),
+        _ => unreachable!(),
+    };
+    // The global server cuts replies at 2 KiB frames.
+    let (_g, gaddr) = manifest_indexer(global_store, dir.path(), "global", None, 2048).await;
+    let (rack, raddr) =
+        manifest_indexer(rack_store, dir.path(), "rack1", Some(&gaddr), 32 << 20).await;
+    let c = client(SECRET);
+    let peer = c.peer(&raddr);
+
+    let found = |a: ManifestAnswer| match a {
+        ManifestAnswer::Found { manifest, digest } => (manifest, digest),
+        a => panic!("{a:?}"),
+    };
+    let (m, d) = found(peer.manifest("vm1", None, None).await.unwrap());
+    assert_eq!(m, manifest(&own));
+    assert_eq!(
+        rack.metrics.manifest_parent_lookups.load(Ordering::Relaxed),
+        0
+    );
+    assert_eq!(d, *blake3::hash(&m.encode()).as_bytes());
+
+    let (m, d) = found(
+        peer.manifest("iqn.t:lib/1", Some(4096), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(m, manifest(&lib));
+    // Two pieces (1.3 KB through the global server's 2 KiB frames), each asked up.
+    assert_eq!(
+        rack.metrics.manifest_parent_lookups.load(Ordering::Relaxed),
+        2
+    );
+    assert_eq!(
+        peer.manifest("iqn.t:lib/1", None, Some(d)).await.unwrap(),
+        ManifestAnswer::Unchanged
+    );
+    // At another block size, or another name: nobody has it.
+    for (image, bs) in [("iqn.t:lib/1", Some(65536)), ("nope", None)] {
+        assert_eq!(
+            peer.manifest(image, bs, None).await.unwrap(),
+            ManifestAnswer::Absent
+        );
+    }
+    // In pieces (the global server's frames are 2 KiB).
+    let requests = c.metrics().requests;
+    let (m, _) = found(peer.manifest("iqn.t:lib/2", None, None).await.unwrap());
+    assert_eq!(m, manifest(&big));
+    assert!(
+        c.metrics().requests - requests >= 6,
+        "{}",
+        c.metrics().requests
+    );
+
+    // A dead parent is an error, not an absent image.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let (_o, oaddr) = manifest_indexer(
+        store(dir.path(), "orphan", false),
+        dir.path(),
+        "orphan",
+        Some(&dead_addr),
+        32 << 20,
+    )
+    .await;
+    match c.peer(&oaddr).manifest("iqn.t:lib/1", None, None).await {
+        Err(FetchError::Remote { code, .. }) => assert_eq!(code, super::proto::code::INTERNAL),
+        r => panic!("{r:?}"),
+    }
+    // An agent (no index) refuses.
+    let (aaddr, _) = start(blocks_src(Fake::new(&[], false)), SECRET, 1 << 20).await;
+    match c.peer(&aaddr).manifest("vm1", None, None).await {
+        Err(FetchError::Remote { code, .. }) => {
+            assert_eq!(code, super::proto::code::UNSUPPORTED)
+        }
+        r => panic!("{r:?}"),
+    }
+}

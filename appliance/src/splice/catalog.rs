@@ -5,23 +5,29 @@
 //! the library sends for a READ passed through ([`Learner`]).
 //!
 //! A LUN is served only if the operator declared it immutable (a `[[splicer.lun]]`
-//! entry; tgt should export it `readonly=1`) and a manifest is available. Anything
-//! that suggests the content no longer matches the manifest (a write the target
-//! accepted, library data that fails verification) *taints* the LUN: from then on
-//! it is passed through untouched until the daemon restarts with a fresh manifest.
+//! entry; tgt should export it `readonly=1`) and a current manifest is available.
+//! Each declared LUN is a [`LunSlot`]: its declaration and the [`ServedLun`] built
+//! from its current manifest, if any. Sessions capture the slots of their target
+//! at login and read the slot's current LUN at every READ (one read lock and an
+//! `Arc` clone), so a manifest that arrives or changes is used from the next READ.
+//! Anything that suggests the content no longer matches the manifest (a write the
+//! target accepted, library data that fails verification, a newer manifest)
+//! *taints* that `ServedLun`: from then on it is passed through untouched; only a
+//! different manifest installs a new, untainted one ([`Catalog::install`]).
 //!
-//! # Manifest source
-//! [`ManifestSource`] yields a [`Manifest`]; the index store (redb, branch `index`) is
-//! meant to implement it. Until then the config names a manifest *file* in the simple
-//! text form of [`manifest_to_text`] (written by whoever indexed the image, e.g. the
-//! lab tests with [`manifest_of`]): the appliance never needs the image itself.
+//! # Manifest sources
+//! [`LunSource`]: a manifest *file* in the text form of [`manifest_to_text`]
+//! (written by whoever indexed the image, e.g. the lab tests with
+//! [`manifest_of`]), or an image in the index (the appliance's own store, else
+//! its indexer's parent: see `splice::manifests`, which keeps them current). The
+//! appliance never needs the image itself.
 
 use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex, RwLock,
     },
 };
 
@@ -51,65 +57,12 @@ pub enum CatalogError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("manifest {path} line {line}: {message}")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
-    #[error("image `{image}` in the index: {message}")]
-    Index { image: String, message: String },
     #[error("LUN {target}/{lun}: {message}")]
     Invalid {
         target: String,
         lun: u16,
         message: String,
     },
-}
-
-/// Where a LUN's manifest comes from.
-pub trait ManifestSource: Send + Sync {
-    fn manifest(&self) -> Result<Manifest, CatalogError>;
-}
-
-/// An image's manifest from the index store (what `nearblock index` or the
-/// library's agent recorded).
-pub struct IndexedManifest<S> {
-    pub store: S,
-    pub image: String,
-    /// `None`: the smallest block size indexed.
-    pub block_size: Option<u32>,
-}
-
-impl<S: crate::index::BlockStore> ManifestSource for IndexedManifest<S> {
-    fn manifest(&self) -> Result<Manifest, CatalogError> {
-        let unavailable = |message: String| CatalogError::Index {
-            image: self.image.clone(),
-            message,
-        };
-        self.store
-            .manifest(&self.image, self.block_size)
-            .map_err(|e| unavailable(e.to_string()))?
-            .ok_or_else(|| unavailable("not in the index".into()))
-    }
-}
-
-/// A manifest file in the text form of [`manifest_to_text`].
-#[derive(Clone, Debug)]
-pub struct ManifestFile(pub PathBuf);
-
-impl ManifestSource for ManifestFile {
-    fn manifest(&self) -> Result<Manifest, CatalogError> {
-        let text = std::fs::read_to_string(&self.0).map_err(|source| CatalogError::Read {
-            path: self.0.clone(),
-            source,
-        })?;
-        manifest_from_text(&text).map_err(|(line, message)| CatalogError::Parse {
-            path: self.0.clone(),
-            line,
-            message,
-        })
-    }
 }
 
 /// The manifest text form: a header line
@@ -226,6 +179,8 @@ pub struct ServedLun {
     pub logical_block_size: u32,
     pub manifest: Manifest,
     tainted: AtomicBool,
+    /// Why it was tainted (the first reason).
+    taint_reason: std::sync::OnceLock<String>,
     /// Manifest block up to which read-ahead has been asked for.
     readahead_mark: std::sync::atomic::AtomicU64,
     /// Which blocks past sessions (boots) read, in what order.
@@ -272,6 +227,7 @@ impl ServedLun {
             logical_block_size,
             manifest,
             tainted: AtomicBool::new(false),
+            taint_reason: std::sync::OnceLock::new(),
             readahead_mark: std::sync::atomic::AtomicU64::new(0),
             history: std::sync::Mutex::new(UsageState {
                 history: crate::plan::AccessHistory::new(&image),
@@ -291,8 +247,14 @@ impl ServedLun {
         self.tainted.load(Ordering::Relaxed)
     }
 
+    /// Why it was tainted, if it was.
+    pub fn taint_reason(&self) -> Option<String> {
+        self.taint_reason.get().cloned()
+    }
+
     /// Stop serving this LUN (its content may differ from the manifest).
     pub fn taint(&self, why: &str) {
+        let _ = self.taint_reason.set(why.to_string());
         if !self.tainted.swap(true, Ordering::Relaxed) {
             tracing::warn!(target = %self.target, lun = self.lun, why, "LUN no longer served locally");
         }
@@ -541,6 +503,24 @@ fn readahead_range(
     }
 }
 
+/// Load `lun`'s saved access history from `dir` (missing files are fine;
+/// unreadable ones are reported and ignored: a history only orders fetches).
+fn load_history(dir: &std::path::Path, lun: &ServedLun) {
+    let path = history_path(dir, &lun.target, lun.lun);
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(h) => lun.set_history(h),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), cause = %e, "access history ignored")
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), cause = %e, "access history ignored")
+        }
+    }
+}
+
 /// A LUN's name for humans and file names: `TARGET/LUN`.
 pub fn lun_name(target: &str, lun: u16) -> String {
     format!("{target}/{lun}")
@@ -685,10 +665,235 @@ impl Learned {
     }
 }
 
-/// Every served LUN, by target name and LUN number, and the shared cache.
+/// Where a declared LUN's manifest comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LunSource {
+    /// A manifest file in the text form ([`manifest_to_text`]).
+    File(PathBuf),
+    /// An image in the index: the appliance's own store, else its indexer's
+    /// parent (which asks up the tree). The library's agent names tgt LUNs
+    /// `IQN/LUN`.
+    Index {
+        image: String,
+        /// `None`: the smallest block size indexed.
+        block_size: Option<u32>,
+    },
+    /// A manifest given in code ([`Catalog::add`]); never refreshed.
+    Fixed,
+}
+
+impl std::fmt::Display for LunSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LunSource::File(p) => write!(f, "file {}", p.display()),
+            LunSource::Index { image, .. } => write!(f, "index {image}"),
+            LunSource::Fixed => f.write_str("fixed"),
+        }
+    }
+}
+
+/// One `[[splicer.lun]]`: how the LUN is served once it has a manifest.
+#[derive(Clone, Debug)]
+pub struct LunDecl {
+    pub target: String,
+    pub lun: u16,
+    pub design: ServeDesign,
+    pub logical_block_size: u32,
+    pub mode: FetchMode,
+    pub source: LunSource,
+}
+
+/// Where the installed manifest was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ManifestOrigin {
+    File,
+    /// The appliance's own index store.
+    Index,
+    /// The embedded indexer's parent (the global index).
+    Parent,
+    Fixed,
+}
+
+/// A manifest file's identity on disk: a change re-reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    pub len: u64,
+    pub modified: Option<std::time::SystemTime>,
+}
+
+/// One declared LUN in `nearblock status` (`splicer.luns`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LunStatus {
+    pub target: String,
+    pub lun: u16,
+    /// Where its manifest is looked for (`file PATH`, `index IMAGE`).
+    pub source: String,
+    /// READs may be answered locally now.
+    pub served: bool,
+    /// Why not, when not served.
+    #[serde(default)]
+    pub why: Option<String>,
+    #[serde(default)]
+    pub origin: Option<ManifestOrigin>,
+    /// The installed manifest: image, size, block size, blocks, digest (blake3
+    /// of its encoding, hex).
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub block_size: u32,
+    #[serde(default)]
+    pub blocks: u64,
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// Manifests installed for this LUN so far (1: the first; each change +1).
+    #[serde(default)]
+    pub manifest_seq: u64,
+    /// The latest failure to look the manifest up (the LUN keeps what it had).
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    origin: Option<ManifestOrigin>,
+    digest: Option<[u8; 32]>,
+    stamp: Option<FileStamp>,
+    installed: u64,
+    /// Why nothing is installed (when nothing is).
+    why: Option<String>,
+    last_error: Option<String>,
+}
+
+/// A declared LUN and the [`ServedLun`] of its current manifest, if any.
+#[derive(Debug)]
+pub struct LunSlot {
+    pub decl: LunDecl,
+    current: RwLock<Option<Arc<ServedLun>>>,
+    state: Mutex<SlotState>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LunSlot {
+    pub fn new(decl: LunDecl) -> LunSlot {
+        LunSlot {
+            decl,
+            current: RwLock::new(None),
+            state: Mutex::new(SlotState {
+                why: Some("no manifest yet".into()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The LUN of the current manifest (tainted or not). Per READ: a read lock
+    /// held for an `Arc` clone.
+    pub fn current(&self) -> Option<Arc<ServedLun>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The current LUN if it may be served (not tainted).
+    pub fn serving(&self) -> Option<Arc<ServedLun>> {
+        self.current().filter(|l| !l.tainted())
+    }
+
+    /// `lun` is this slot's current LUN.
+    pub fn is_current(&self, lun: &Arc<ServedLun>) -> bool {
+        self.current().is_some_and(|c| Arc::ptr_eq(&c, lun))
+    }
+
+    /// Digest of the installed manifest.
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        locked(&self.state).digest
+    }
+
+    /// The manifest file's stamp when it was last read.
+    pub fn stamp(&self) -> Option<FileStamp> {
+        locked(&self.state).stamp
+    }
+
+    pub fn set_stamp(&self, stamp: Option<FileStamp>) {
+        locked(&self.state).stamp = stamp;
+    }
+
+    /// Record a failed lookup (what is installed stays).
+    pub fn note_error(&self, error: Option<String>) {
+        locked(&self.state).last_error = error;
+    }
+
+    fn swap(&self, new: Option<Arc<ServedLun>>) -> Option<Arc<ServedLun>> {
+        std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            new,
+        )
+    }
+
+    /// Stop serving: the current LUN (if any) is tainted and removed; `why`
+    /// shows in status until a manifest is installed.
+    pub fn withdraw(&self, why: &str) {
+        if let Some(old) = self.swap(None) {
+            old.taint(why);
+        }
+        let mut st = locked(&self.state);
+        if st.why.as_deref() != Some(why) {
+            tracing::info!(target = %self.decl.target, lun = self.decl.lun, why,
+                "LUN declared but not served (pass-through)");
+        }
+        st.why = Some(why.to_string());
+        st.digest = None;
+        st.origin = None;
+        st.last_error = None;
+    }
+
+    pub fn status(&self) -> LunStatus {
+        let st = locked(&self.state);
+        let current = self.current();
+        let served = current.as_ref().is_some_and(|l| !l.tainted());
+        let why = match &current {
+            Some(l) if l.tainted() => {
+                Some(format!("tainted: {}", l.taint_reason().unwrap_or_default()))
+            }
+            Some(_) => None,
+            None => st.why.clone(),
+        };
+        let m = current.as_ref().map(|l| &l.manifest);
+        LunStatus {
+            target: self.decl.target.clone(),
+            lun: self.decl.lun,
+            source: self.decl.source.to_string(),
+            served,
+            why,
+            origin: current.as_ref().and(st.origin),
+            image: m.map(|m| m.image.clone()),
+            size: m.map_or(0, |m| m.size),
+            block_size: m.map_or(0, |m| m.block_size),
+            blocks: m.map_or(0, |m| m.blocks.len() as u64),
+            digest: current.as_ref().and(st.digest).map(hex::encode),
+            manifest_seq: st.installed,
+            last_error: st.last_error.clone(),
+        }
+    }
+}
+
+/// Keep a LUN's access history across a manifest change? Only when the new
+/// manifest has the same blocks count and block size (positions still mean the
+/// same places on the LUN; a resized or re-blocked image starts afresh).
+pub fn keeps_history(old: &Manifest, new: &Manifest) -> bool {
+    old.blocks.len() == new.blocks.len() && old.block_size == new.block_size
+}
+
+/// Every declared LUN, by target name and LUN number, and the shared cache.
 #[derive(Debug)]
 pub struct Catalog {
-    luns: HashMap<(String, u16), Arc<ServedLun>>,
+    luns: HashMap<(String, u16), Arc<LunSlot>>,
     pub cache: Arc<BlockCache>,
     /// Learn from READs passed through (off: the cache is never filled here).
     pub learn: bool,
@@ -755,6 +960,7 @@ impl Catalog {
         let mut v: Vec<_> = self
             .luns
             .values()
+            .filter_map(|s| s.current())
             .map(|l| l.prefetch.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .filter(|s| !s.lun.is_empty())
             .collect();
@@ -764,28 +970,28 @@ impl Catalog {
 
     /// Load each LUN's saved access history from `dir` (missing files are fine;
     /// unreadable ones are reported and ignored: a history only orders fetches).
+    /// LUNs installed later load theirs when they are installed.
     pub fn load_histories(&mut self, dir: PathBuf) {
-        for lun in self.luns.values() {
-            let path = history_path(&dir, &lun.target, lun.lun);
-            match std::fs::read(&path) {
-                Ok(bytes) => match serde_json::from_slice(&bytes) {
-                    Ok(h) => lun.set_history(h),
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), cause = %e, "access history ignored")
-                    }
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), cause = %e, "access history ignored")
-                }
-            }
+        for lun in self.luns.values().filter_map(|s| s.current()) {
+            load_history(&dir, &lun);
         }
         self.history_dir = Some(dir);
     }
 
     /// Record one session's reads of `lun` and save its history (atomically:
     /// a temporary file renamed over the old one).
-    pub fn record_boot(&self, lun: &ServedLun, reads: &[u64]) {
+    /// A boot of a LUN that has since been replaced goes to its successor if
+    /// that keeps the history ([`keeps_history`]), else it is dropped.
+    pub fn record_boot(&self, lun: &Arc<ServedLun>, reads: &[u64]) {
+        let current = self
+            .luns
+            .get(&(lun.target.clone(), lun.lun))
+            .and_then(|s| s.current());
+        let lun = match current {
+            Some(c) if Arc::ptr_eq(&c, lun) => c,
+            Some(c) if keeps_history(&lun.manifest, &c.manifest) => c,
+            _ => return,
+        };
         lun.record_boot(reads);
         let Some(dir) = &self.history_dir else {
             return;
@@ -819,6 +1025,7 @@ impl Catalog {
     pub fn history_of(&self, image: &str) -> Option<crate::plan::AccessHistory> {
         self.luns
             .values()
+            .filter_map(|s| s.current())
             .find(|l| l.manifest.image == image)
             .map(|l| l.history())
             .filter(|h| h.boots > 0)
@@ -842,22 +1049,103 @@ impl Catalog {
         Catalog::new(Arc::new(BlockCache::new(0)), false)
     }
 
+    /// A LUN with a manifest given in code, served from now on (never refreshed).
     pub fn add(&mut self, lun: ServedLun) {
-        self.luns
-            .insert((lun.target.clone(), lun.lun), Arc::new(lun));
+        let slot = self.declare(LunDecl {
+            target: lun.target.clone(),
+            lun: lun.lun,
+            design: lun.design,
+            logical_block_size: lun.logical_block_size,
+            mode: lun.mode,
+            source: LunSource::Fixed,
+        });
+        let digest = *blake3::hash(&lun.manifest.encode()).as_bytes();
+        slot.swap(Some(Arc::new(lun)));
+        let mut st = locked(&slot.state);
+        (st.origin, st.digest, st.installed, st.why) =
+            (Some(ManifestOrigin::Fixed), Some(digest), 1, None);
+    }
+
+    /// Declare a LUN (not served until a manifest is installed).
+    pub fn declare(&mut self, decl: LunDecl) -> Arc<LunSlot> {
+        let key = (decl.target.clone(), decl.lun);
+        let slot = Arc::new(LunSlot::new(decl));
+        self.luns.insert(key, slot.clone());
+        slot
     }
 
     pub fn is_empty(&self) -> bool {
         self.luns.is_empty()
     }
 
-    /// The served LUNs of one target, by LUN number.
-    pub fn for_target(&self, target: &str) -> HashMap<u16, Arc<ServedLun>> {
+    /// Every declared LUN, in (target, LUN) order.
+    pub fn slots(&self) -> Vec<Arc<LunSlot>> {
+        let mut v: Vec<_> = self.luns.values().cloned().collect();
+        v.sort_by(|a, b| (&a.decl.target, a.decl.lun).cmp(&(&b.decl.target, b.decl.lun)));
+        v
+    }
+
+    /// Every declared LUN's state.
+    pub fn statuses(&self) -> Vec<LunStatus> {
+        self.slots().iter().map(|s| s.status()).collect()
+    }
+
+    /// The declared LUNs of one target, by LUN number (a session captures
+    /// them at login and asks each for its current LUN per READ).
+    pub fn for_target(&self, target: &str) -> HashMap<u16, Arc<LunSlot>> {
         self.luns
             .iter()
             .filter(|((t, _), _)| t == target)
-            .map(|((_, l), lun)| (*l, lun.clone()))
+            .map(|((_, l), slot)| (*l, slot.clone()))
             .collect()
+    }
+
+    /// Serve `slot` from `manifest` (whose encoding hashes to `digest`) from now
+    /// on: a new [`ServedLun`] replaces the current one, which is tainted, so
+    /// every session still holding it passes through. The access history is
+    /// kept when [`keeps_history`] says so; a LUN installed for the first time
+    /// loads its saved history.
+    pub fn install(
+        &self,
+        slot: &LunSlot,
+        manifest: Manifest,
+        digest: [u8; 32],
+        origin: ManifestOrigin,
+    ) -> Result<Arc<ServedLun>, CatalogError> {
+        let d = &slot.decl;
+        let mut lun = ServedLun::new(
+            d.target.clone(),
+            d.lun,
+            d.design,
+            d.logical_block_size,
+            manifest,
+        )?;
+        lun.mode = d.mode;
+        let lun = Arc::new(lun);
+        let old = slot.current();
+        match &old {
+            Some(o) if keeps_history(&o.manifest, &lun.manifest) => lun.set_history(o.history()),
+            Some(_) => {}
+            None => {
+                if let Some(dir) = &self.history_dir {
+                    load_history(dir, &lun);
+                }
+            }
+        }
+        let old = slot.swap(Some(lun.clone()));
+        if let Some(o) = &old {
+            o.taint("replaced by a newer manifest");
+        }
+        let mut st = locked(&slot.state);
+        st.origin = Some(origin);
+        st.digest = Some(digest);
+        st.installed += 1;
+        st.why = None;
+        st.last_error = None;
+        tracing::info!(target = %d.target, lun = d.lun, image = %lun.manifest.image,
+            size = lun.manifest.size, blocks = lun.manifest.blocks.len(), ?origin,
+            digest = %hex::encode(&digest[..8]), replaced = old.is_some(), "LUN served from a manifest");
+        Ok(lun)
     }
 }
 
@@ -1104,7 +1392,7 @@ mod tests {
         let mut catalog = Catalog::new(Arc::new(BlockCache::new(0)), false);
         catalog.add(lun());
         catalog.load_histories(dir.clone());
-        let served = catalog.for_target("iqn.x:y")[&2].clone();
+        let served = catalog.for_target("iqn.x:y")[&2].current().unwrap();
         catalog.record_boot(&served, &[2, 0]);
         assert!(history_path(&dir, "iqn.x:y", 2).exists());
         let mut again = Catalog::new(Arc::new(BlockCache::new(0)), false);

@@ -32,7 +32,9 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::catalog::{lun_number, BootTrace, Catalog, Learner, Provenance, ServeDesign, ServedLun};
+use super::catalog::{
+    lun_number, BootTrace, Catalog, Learner, LunSlot, Provenance, ServeDesign, ServedLun,
+};
 use super::pdu::{DecodeError, Digests, EncodeError, Frame, Opcode, PduDecoder, ReceivedPdu};
 use super::relay::SplicerStats;
 use super::scsi;
@@ -301,12 +303,13 @@ struct Conn<'a> {
     digests: Digests,
     to_target: Option<mpsc::Sender<Frame>>,
     to_initiator: Option<mpsc::Sender<Frame>>,
-    /// Served LUNs of the target this session logged in to.
-    luns: HashMap<u16, Arc<ServedLun>>,
+    /// Declared LUNs of the target this session logged in to (each READ takes
+    /// the slot's current LUN, so a manifest installed later is used at once).
+    luns: HashMap<u16, Arc<LunSlot>>,
     /// Pass-through READs of served LUNs, by ITT, whose Data-In is learned from.
     learning: HashMap<u32, Learner>,
     /// Commands that may write a served LUN, by ITT, until the target answers.
-    writes: HashMap<u32, Arc<ServedLun>>,
+    writes: HashMap<u32, (Arc<ServedLun>, Arc<LunSlot>)>,
     /// Data assembled for READs being served, by ITT, until the session asks for it.
     ready: HashMap<u32, (Vec<Bytes>, Provenance)>,
     /// Set at Full Feature Phase when the session's target has no served LUN:
@@ -326,9 +329,11 @@ impl Drop for Conn<'_> {
 }
 
 impl Conn<'_> {
-    fn served_lun(&self, field: u64) -> Option<&Arc<ServedLun>> {
-        let lun = self.luns.get(&lun_number(field)?)?;
-        (!lun.tainted()).then_some(lun)
+    /// The LUN a command addresses, if it is served now (per command: a read
+    /// lock and an `Arc` clone).
+    fn served_lun(&self, field: u64) -> Option<(Arc<ServedLun>, &Arc<LunSlot>)> {
+        let slot = self.luns.get(&lun_number(field)?)?;
+        Some((slot.serving()?, slot))
     }
 
     /// Decode and handle the initiator's PDUs in `cbuf` until it runs dry, a READ
@@ -364,18 +369,25 @@ impl Conn<'_> {
         let bhs = received.pdu.bhs;
         let mut disposition = Disposition::PassThrough;
         if let Some(read) = self.session.read_candidate(&bhs) {
-            if let Some(lun) = self.served_lun(bhs.lun()).cloned() {
+            if let Some((lun, _)) = self.served_lun(bhs.lun()) {
                 let stats = &self.ctx.stats;
                 let catalog = &self.ctx.catalog;
                 let servable = read.servable(lun.capacity_blocks());
                 let sourcing = catalog.sourcing().filter(|_| servable);
                 if !waited {
                     if let Some(l) = lun_number(bhs.lun()) {
-                        self.boots
+                        let boot = self
+                            .boots
                             .entry(l)
-                            .or_insert_with(|| (lun.clone(), BootTrace::default()))
-                            .1
-                            .note(lun.blocks_read(&read));
+                            .or_insert_with(|| (lun.clone(), BootTrace::default()));
+                        if !Arc::ptr_eq(&boot.0, &lun) {
+                            // A new manifest since this session's last READ:
+                            // the boot so far goes to the old LUN's record.
+                            let (old, trace) =
+                                std::mem::replace(boot, (lun.clone(), BootTrace::default()));
+                            self.ctx.catalog.record_boot(&old, trace.order());
+                        }
+                        boot.1.note(lun.blocks_read(&read));
                     }
                 }
                 if let (Some(src), false) = (sourcing, waited) {
@@ -428,15 +440,13 @@ impl Conn<'_> {
                 }
             }
         } else if bhs.opcode() == Opcode::ScsiCommand && scsi::command_may_write(&bhs) {
-            if let Some(lun) = self
-                .served_lun(bhs.lun())
-                .cloned()
-                .filter(|_| !harmless_write(&bhs))
+            if let Some((lun, slot)) = self.served_lun(bhs.lun()).filter(|_| !harmless_write(&bhs))
             {
                 if self.writes.len() >= MAX_WRITES {
                     lun.taint("too many outstanding writes to follow");
                 } else {
-                    self.writes.insert(bhs.itt(), lun);
+                    let slot = slot.clone();
+                    self.writes.insert(bhs.itt(), (lun, slot));
                 }
             }
         }
@@ -473,9 +483,15 @@ impl Conn<'_> {
             }
             Opcode::ScsiResponse => {
                 self.learning.remove(&itt);
-                if let Some(lun) = self.writes.remove(&itt) {
+                if let Some((lun, slot)) = self.writes.remove(&itt) {
                     if bhs.response() == 0 && bhs.status() == scsi::status::GOOD {
-                        lun.taint("a command that may write completed with GOOD");
+                        // Also whatever manifest was installed meanwhile: it may
+                        // predate the write.
+                        let why = "a command that may write completed with GOOD";
+                        lun.taint(why);
+                        if let Some(now) = slot.current() {
+                            now.taint(why);
+                        }
                     }
                 }
             }
@@ -540,10 +556,12 @@ impl Conn<'_> {
                         self.luns = self.ctx.catalog.for_target(target);
                     }
                 }
+                // Declared LUNs without a manifest yet keep the session
+                // interpreted: a manifest may arrive before its next READ.
                 self.relay_raw = self.luns.is_empty();
-                for lun in self.luns.values() {
+                for lun in self.luns.values().filter_map(|s| s.serving()) {
                     if lun.mode == super::catalog::FetchMode::Prefetch {
-                        self.ctx.catalog.start_prefetch(lun);
+                        self.ctx.catalog.start_prefetch(&lun);
                     }
                 }
                 debug!(

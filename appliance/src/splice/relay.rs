@@ -115,6 +115,9 @@ pub struct SplicerSnapshot {
     /// Prefetches of LUNs in prefetch mode (latest per LUN).
     #[serde(default)]
     pub prefetch: Vec<crate::fetch::prefetch::PrefetchStatus>,
+    /// Every declared LUN: served or not and why, its manifest.
+    #[serde(default)]
+    pub luns: Vec<super::catalog::LunStatus>,
 }
 
 impl SplicerStats {
@@ -172,6 +175,7 @@ impl SplicerStats {
                 .get()
                 .map(|c| c.prefetches())
                 .unwrap_or_default(),
+            luns: self.catalog.get().map(|c| c.statuses()).unwrap_or_default(),
             library_bytes: get(&self.library_bytes),
             learned_blocks: get(&self.learned_blocks),
             verify_failures: get(&self.verify_failures),
