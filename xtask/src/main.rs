@@ -94,17 +94,7 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             bootstrap()?;
             build()?;
-            cargo(&[
-                "run",
-                "--release",
-                "-q",
-                "-p",
-                "nearblock-lab",
-                "--bin",
-                "nearblock-demo",
-            ])
-            .env("NEARBLOCK_BIN", root().join("target/release/nearblock"))
-            .status_ok()
+            run_lab_bin("nearblock-demo")
         }
         Cmd::Bench { which } => {
             bootstrap()?;
@@ -141,6 +131,21 @@ impl StatusOk for Command {
     }
 }
 
+/// Runs a lab program (demo, namespace bench) with the release daemon `build` made.
+fn run_lab_bin(bin: &str) -> Result<()> {
+    cargo(&[
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "nearblock-lab",
+        "--bin",
+        bin,
+    ])
+    .env("NEARBLOCK_BIN", root().join("target/release/nearblock"))
+    .status_ok()
+}
+
 fn build() -> Result<()> {
     cargo(&["build", "--release", "-p", "nearblock"]).status_ok()
 }
@@ -161,18 +166,7 @@ fn bench(which: &str) -> Result<()> {
     for name in ["datapath", "splice"] {
         if all || which == name {
             ran = true;
-            let bin = format!("bench-{name}");
-            cargo(&[
-                "run",
-                "--release",
-                "-q",
-                "-p",
-                "nearblock-lab",
-                "--bin",
-                &bin,
-            ])
-            .env("NEARBLOCK_BIN", root().join("target/release/nearblock"))
-            .status_ok()?;
+            run_lab_bin(&format!("bench-{name}"))?;
         }
     }
     for name in ["index", "plan"] {
