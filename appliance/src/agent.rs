@@ -25,7 +25,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
 use bytes::Bytes;
 
 use crate::{
@@ -35,6 +34,7 @@ use crate::{
     },
     serve::{
         config::{AgentConfig, ImageConfig},
+        error::{IoContext, Result, ServeError},
         proto::{BlockReply, Role},
         server::BlockSource,
     },
@@ -124,12 +124,12 @@ impl Agent {
                     "target",
                 ])
                 .output()
-                .with_context(|| format!("running {tgtadm}"))?;
+                .io_context(|| format!("running {tgtadm}"))?;
             if !o.status.success() {
-                anyhow::bail!(
+                return Err(ServeError::Tgt(format!(
                     "{tgtadm} --op show failed: {}",
                     String::from_utf8_lossy(&o.stderr).trim()
-                );
+                )));
             }
             for l in parse_tgt_show(&String::from_utf8_lossy(&o.stdout)) {
                 out.entry(format!("{}/{}", l.iqn, l.lun))
@@ -376,16 +376,14 @@ pub fn parse_tgt_show(text: &str) -> Vec<TgtLun> {
 pub fn open_store(cfg: &AgentConfig) -> Result<Arc<RedbStore>> {
     if let Some(dir) = cfg.db.parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).io_context(|| format!("create {}", dir.display()))?;
         }
     }
     let opts = StoreOptions {
         log: cfg.parent.is_some(),
         ..StoreOptions::default()
     };
-    Ok(Arc::new(
-        RedbStore::open(&cfg.db, opts).with_context(|| format!("open {}", cfg.db.display()))?,
-    ))
+    Ok(Arc::new(RedbStore::open(&cfg.db, opts)?))
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -396,7 +394,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let key = cfg.key();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .with_context(|| format!("listen on {}", cfg.listen))?;
+        .io_context(|| format!("listen on {}", cfg.listen))?;
     let first = {
         let a = agent.clone();
         tokio::task::spawn_blocking(move || a.scan()).await??
@@ -482,9 +480,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     });
     tracing::info!(node = %cfg.node, listen = %cfg.listen, advertise = %cfg.advertised(),
         parent = ?cfg.parent, "agent serving blocks");
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate()).io_context(|| "SIGTERM handler".into())?;
+    let mut int = signal(SignalKind::interrupt()).io_context(|| "SIGINT handler".into())?;
+    let mut hup = signal(SignalKind::hangup()).io_context(|| "SIGHUP handler".into())?;
     let mut tick = tokio::time::interval(Duration::from_secs(cfg.rescan_secs));
     tick.tick().await; // the first tick is immediate: the scan above was it
     loop {

@@ -215,6 +215,14 @@ fn conformance_served(design: &str) {
             diff.join("\n")
         );
         assert_eq!(s.protocol_errors, 0);
+        // The suite's commands that carry data but write nothing (READ with the
+        // W bit, VERIFY with BYTCHK, persistent reservations, mode pages) must not
+        // stop the LUN from being served.
+        assert!(
+            s.luns.iter().all(|l| l.served),
+            "{design} {pass}: the LUN stopped being served: {:?}",
+            s.luns
+        );
         if pass == "cold" {
             assert!(s.learned_blocks > 0, "the cold pass learned nothing: {s:?}");
         } else {

@@ -49,5 +49,6 @@ pub fn run(args: AgentArgs, out: &mut dyn std::io::Write) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(crate::agent::run(cfg))
+        .block_on(crate::agent::run(cfg))?;
+    Ok(())
 }

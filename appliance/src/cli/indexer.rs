@@ -35,5 +35,6 @@ pub fn run(args: IndexerArgs, out: &mut dyn std::io::Write) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(crate::serve::run_indexer(cfg))
+        .block_on(crate::serve::run_indexer(cfg))?;
+    Ok(())
 }

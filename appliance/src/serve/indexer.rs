@@ -29,12 +29,12 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::{
     client::{FetchError, Peer},
+    error::{IoContext, Result, ServeError},
     proto::{code, Holder, ManifestPiece, Msg, PushedChange},
 };
 use crate::index::{BlockHash, BlockStore, Change};
@@ -59,11 +59,12 @@ pub struct ChildState {
 impl ChildState {
     pub fn load(path: &Path) -> Result<Self> {
         match std::fs::read(path) {
-            Ok(b) => {
-                serde_json::from_slice(&b).with_context(|| format!("parse {}", path.display()))
-            }
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| ServeError::Json {
+                what: format!("parse {}", path.display()),
+                source,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+            Err(e) => Err(ServeError::io(format!("read {}", path.display()), e)),
         }
     }
 
@@ -72,7 +73,7 @@ impl ChildState {
         use std::io::Write;
         let tmp = path.with_extension("tmp");
         let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+            std::fs::File::create(&tmp).io_context(|| format!("create {}", tmp.display()))?;
         f.write_all(&serde_json::to_vec_pretty(self)?)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -562,7 +563,9 @@ impl Pusher {
                     self.status.pushes.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(node = %self.node, changes = n, acked = seq, "pushed");
                     if seq < last {
-                        anyhow::bail!("parent acknowledged {seq}, expected {last}");
+                        return Err(ServeError::Protocol(format!(
+                            "parent acknowledged {seq}, expected {last}"
+                        )));
                     }
                     self.blocking(move |s| s.trim_log(seq)).await?;
                     a = seq;

@@ -18,6 +18,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod error;
 pub mod hosts;
 pub mod indexer;
 pub mod proto;
@@ -25,7 +26,7 @@ pub mod server;
 
 use std::{sync::Arc, time::Duration};
 
-use anyhow::{Context, Result};
+use error::{IoContext, Result};
 
 use crate::index::{BlockStore, RedbStore, StoreOptions};
 
@@ -62,19 +63,16 @@ pub async fn start_indexer(cfg: &config::IndexerConfig) -> Result<IndexerHandle>
 pub fn open_indexer_store(cfg: &config::IndexerConfig) -> Result<Arc<RedbStore>> {
     if let Some(dir) = cfg.db.parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).io_context(|| format!("create {}", dir.display()))?;
         }
     }
-    Ok(Arc::new(
-        RedbStore::open(
-            &cfg.db,
-            StoreOptions {
-                log: cfg.parent.is_some(),
-                ..StoreOptions::default()
-            },
-        )
-        .with_context(|| format!("open {}", cfg.db.display()))?,
-    ))
+    Ok(Arc::new(RedbStore::open(
+        &cfg.db,
+        StoreOptions {
+            log: cfg.parent.is_some(),
+            ..StoreOptions::default()
+        },
+    )?))
 }
 
 /// Start the index service, and the upward pusher if `cfg` has a parent, on an
@@ -104,7 +102,7 @@ pub async fn start_indexer_on(
     )?);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .with_context(|| format!("listen on {}", cfg.listen))?;
+        .io_context(|| format!("listen on {}", cfg.listen))?;
     let local_addr = listener.local_addr()?;
     let push_status = Arc::new(indexer::PushStatus::default());
     let metrics_status = Arc::new(hosts::ReportStatus::default());
@@ -179,8 +177,8 @@ pub async fn start_indexer_on(
 pub async fn run_indexer(cfg: config::IndexerConfig) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let handle = start_indexer(&cfg).await?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate()).io_context(|| "SIGTERM handler".into())?;
+    let mut int = signal(SignalKind::interrupt()).io_context(|| "SIGINT handler".into())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

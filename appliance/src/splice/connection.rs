@@ -309,7 +309,7 @@ struct Conn<'a> {
     /// Pass-through READs of served LUNs, by ITT, whose Data-In is learned from.
     learning: HashMap<u32, Learner>,
     /// Commands that may write a served LUN, by ITT, until the target answers.
-    writes: HashMap<u32, (Arc<ServedLun>, Arc<LunSlot>)>,
+    writes: HashMap<u32, (Arc<ServedLun>, Arc<LunSlot>, u8)>,
     /// Data assembled for READs being served, by ITT, until the session asks for it.
     ready: HashMap<u32, (Vec<Bytes>, Provenance)>,
     /// Set at Full Feature Phase when the session's target has no served LUN:
@@ -446,7 +446,7 @@ impl Conn<'_> {
                     lun.taint("too many outstanding writes to follow");
                 } else {
                     let slot = slot.clone();
-                    self.writes.insert(bhs.itt(), (lun, slot));
+                    self.writes.insert(bhs.itt(), (lun, slot, bhs.cdb()[0]));
                 }
             }
         }
@@ -483,14 +483,17 @@ impl Conn<'_> {
             }
             Opcode::ScsiResponse => {
                 self.learning.remove(&itt);
-                if let Some((lun, slot)) = self.writes.remove(&itt) {
+                if let Some((lun, slot, opcode)) = self.writes.remove(&itt) {
                     if bhs.response() == 0 && bhs.status() == scsi::status::GOOD {
                         // Also whatever manifest was installed meanwhile: it may
                         // predate the write.
-                        let why = "a command that may write completed with GOOD";
-                        lun.taint(why);
+                        let why = format!(
+                            "a command that may write (opcode {:#04x}) completed with GOOD",
+                            opcode
+                        );
+                        lun.taint(&why);
                         if let Some(now) = slot.current() {
-                            now.taint(why);
+                            now.taint(&why);
                         }
                     }
                 }

@@ -35,6 +35,13 @@ pub mod opcode {
     /// SERVICE ACTION OUT(16): WRITE LONG(16), WRITE SCATTERED.
     pub const SERVICE_ACTION_OUT_16: u8 = 0x9f;
     pub const WRITE_12: u8 = 0xaa;
+    pub const MODE_SELECT_6: u8 = 0x15;
+    pub const MODE_SELECT_10: u8 = 0x55;
+    pub const LOG_SELECT: u8 = 0x4c;
+    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
+    pub const VERIFY_10: u8 = 0x2f;
+    pub const VERIFY_12: u8 = 0xaf;
+    pub const VERIFY_16: u8 = 0x8f;
     pub const WRITE_AND_VERIFY_12: u8 = 0xae;
 }
 
@@ -240,10 +247,34 @@ pub fn may_write_medium(cdb: &[u8; 16]) -> bool {
     )
 }
 
+/// Commands that may carry data to the target (W bit) but leave the medium's
+/// blocks as they are: READs (whatever data comes with one, the CDB reads),
+/// VERIFY with BYTCHK (the data is compared, not written), mode and log pages, and
+/// persistent reservations (the conformance suite sends all of these to read-only
+/// LUNs too).
+pub fn data_out_leaves_medium(cdb: &[u8; 16]) -> bool {
+    matches!(
+        cdb[0],
+        opcode::READ_6
+            | opcode::READ_10
+            | opcode::READ_12
+            | opcode::READ_16
+            | opcode::MODE_SELECT_6
+            | opcode::MODE_SELECT_10
+            | opcode::LOG_SELECT
+            | opcode::PERSISTENT_RESERVE_OUT
+            | opcode::VERIFY_10
+            | opcode::VERIFY_12
+            | opcode::VERIFY_16
+    )
+}
+
 /// Whether a SCSI Command PDU may change the medium: its CDB does, or it carries data
-/// to the target (W bit) whatever its CDB.
+/// to the target (W bit) and is not one of [`data_out_leaves_medium`]'s.
 pub fn command_may_write(bhs: &Bhs) -> bool {
-    bhs.opcode() == Opcode::ScsiCommand && (bhs.command_write() || may_write_medium(bhs.cdb()))
+    let cdb = bhs.cdb();
+    bhs.opcode() == Opcode::ScsiCommand
+        && (may_write_medium(cdb) || (bhs.command_write() && !data_out_leaves_medium(cdb)))
 }
 
 /// The shadow rewrite of a READ command PDU (fact sheet, "Shadow design"): same ITT,
@@ -453,6 +484,16 @@ mod tests {
         assert!(!command_may_write(&bhs));
         bhs.set_command_write(true);
         assert!(command_may_write(&bhs), "W bit alone counts");
+        // Data for mode/log pages and persistent reservations leaves the blocks be.
+        for op in [
+            0x08, 0x28, 0xa8, 0x88, 0x15, 0x55, 0x4c, 0x5f, 0x2f, 0xaf, 0x8f,
+        ] {
+            bhs.set_cdb(&cdb(&[op]));
+            assert!(!command_may_write(&bhs), "{op:#x}");
+        }
+        bhs.set_cdb(&cdb(&[0x2a]));
+        bhs.set_command_write(false);
+        assert!(command_may_write(&bhs), "a WRITE without data still counts");
     }
 
     fn read_command_bhs(cdb_bytes: &[u8]) -> Bhs {

@@ -1,0 +1,74 @@
+//! The errors of the peer services — indexers and agents — as the library's
+//! `thiserror` type; the binary adds context with anyhow at its edge.
+
+use super::client::FetchError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A file, socket, signal or process operation failed; `what` names the
+    /// operation and its object.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A state file that does not (de)serialise.
+    #[error("{what}: {source}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Index(#[from] crate::index::IndexError),
+    /// The parent (or another peer) failed or refused a request.
+    #[error(transparent)]
+    Peer(#[from] FetchError),
+    /// A blocking task (store work off the runtime) panicked or was cancelled.
+    #[error("blocking task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// tgtd's control interface failed.
+    #[error("{0}")]
+    Tgt(String),
+    /// The parent broke the push protocol.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+pub type Result<T, E = ServeError> = std::result::Result<T, E>;
+
+impl ServeError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        ServeError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+impl From<std::io::Error> for ServeError {
+    fn from(source: std::io::Error) -> Self {
+        ServeError::io("I/O", source)
+    }
+}
+
+impl From<serde_json::Error> for ServeError {
+    fn from(source: serde_json::Error) -> Self {
+        ServeError::Json {
+            what: "JSON".into(),
+            source,
+        }
+    }
+}
+
+/// Attach the operation and its object to an I/O error.
+pub trait IoContext<T> {
+    fn io_context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn io_context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| ServeError::io(what(), e))
+    }
+}
