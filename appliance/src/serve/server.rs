@@ -14,7 +14,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
-    io::{AsyncWriteExt, BufReader, BufWriter},
+    io::{AsyncWriteExt, BufWriter},
     net::{TcpListener, TcpStream},
     sync::{mpsc, Semaphore},
 };
@@ -23,7 +23,7 @@ use super::{
     auth::{server_handshake, Key, PeerInfo},
     indexer::IndexService,
     proto::{
-        code, read_frame, BlockReply, Msg, Role, DEFAULT_MAX_FRAME, K_FRAGMENT, MAX_MANIFEST_PIECE,
+        code, BlockReply, FrameReader, Msg, Role, DEFAULT_MAX_FRAME, K_FRAGMENT, MAX_MANIFEST_PIECE,
     },
 };
 use crate::index::BlockHash;
@@ -147,7 +147,7 @@ async fn connection(
     tracing::debug!(%peer, node = %info.node, role = ?info.role, "peer authenticated");
     let info = Arc::new(info);
     let (rd, wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(64 << 10, rd);
+    let mut rd = FrameReader::new(rd, opts.max_frame);
     let (tx, mut rx) = mpsc::channel::<Bytes>(opts.max_in_flight.max(1) * 2);
     let writer = tokio::spawn(async move {
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
@@ -164,7 +164,7 @@ async fn connection(
     let mut assembling: HashMap<u64, BytesMut> = HashMap::new();
     let mut assembling_bytes = 0usize;
     loop {
-        let frame = match read_frame(&mut rd, opts.max_frame).await {
+        let frame = match rd.next().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {

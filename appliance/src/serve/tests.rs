@@ -742,21 +742,30 @@ async fn measure_loopback() {
     );
 }
 
+/// An indexer on loopback with its store in `dir`, pushing to `parent` if any;
+/// `extra` is appended to the config.
+fn indexer_config(
+    dir: &std::path::Path,
+    node: &str,
+    parent: Option<std::net::SocketAddr>,
+    extra: &str,
+) -> super::config::IndexerConfig {
+    let p = parent
+        .map(|a| format!("parent = \"{a}\"\n"))
+        .unwrap_or_default();
+    super::config::IndexerConfig::parse(&format!(
+        "node = \"{node}\"\nlisten = \"127.0.0.1:0\"\nsecret = \"a test secret of some length\"\ndb = {:?}\n{p}push_interval_ms = 50\n{extra}",
+        dir.join(format!("{node}.redb"))
+    ))
+    .unwrap()
+}
+
 /// `start_indexer` from configs (as `nearblock indexer` and an embedding daemon
 /// use it): a child's store change reaches the parent.
 #[tokio::test]
 async fn start_indexer_from_config() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = |node: &str, parent: Option<std::net::SocketAddr>| {
-        let p = parent
-            .map(|a| format!("parent = \"{a}\"\n"))
-            .unwrap_or_default();
-        super::config::IndexerConfig::parse(&format!(
-            "node = \"{node}\"\nlisten = \"127.0.0.1:0\"\nsecret = \"a test secret of some length\"\ndb = {:?}\n{p}push_interval_ms = 50\n",
-            dir.path().join(format!("{node}.redb"))
-        ))
-        .unwrap()
-    };
+    let cfg = |node: &str, parent| indexer_config(dir.path(), node, parent, "");
     let g = super::start_indexer(&cfg("g", None)).await.unwrap();
     let r = super::start_indexer(&cfg("r", Some(g.local_addr)))
         .await
@@ -786,15 +795,8 @@ async fn host_metrics_travel_up_the_tree() {
     use super::{hosts::ReportView, proto::HostReport};
     use crate::plan::HostMetrics;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = |node: &str, parent: Option<std::net::SocketAddr>| {
-        let p = parent
-            .map(|a| format!("parent = \"{a}\"\n"))
-            .unwrap_or_default();
-        super::config::IndexerConfig::parse(&format!(
-            "node = \"{node}\"\nlisten = \"127.0.0.1:0\"\nsecret = \"a test secret of some length\"\ndb = {:?}\n{p}push_interval_ms = 50\nmetrics_interval_ms = 100\n",
-            dir.path().join(format!("{node}.redb"))
-        ))
-        .unwrap()
+    let cfg = |node: &str, parent| {
+        indexer_config(dir.path(), node, parent, "metrics_interval_ms = 100\n")
     };
     let g = super::start_indexer(&cfg("g", None)).await.unwrap();
     let r = super::start_indexer(&cfg("r", Some(g.local_addr)))
