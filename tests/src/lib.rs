@@ -832,6 +832,16 @@ impl Lab {
     }
 }
 
+/// The splicer's served bytes by source, as `zero=N cache=N …` (for test logs).
+pub fn served_by_source(s: &nearblock::splice::relay::SplicerSnapshot) -> String {
+    let parts: Vec<String> = s
+        .served
+        .iter()
+        .map(|(c, v)| format!("{}={}", c.name(), v.bytes))
+        .collect();
+    parts.join(" ")
+}
+
 /// (MB/s, IOPS) from iscsi-perf's last "iops average N (M MB/s)" report.
 pub fn parse_iscsi_perf(text: &str) -> Result<(f64, f64)> {
     let last = text

@@ -79,31 +79,15 @@ fn moved_since(before: &BTreeMap<(String, String), u64>, lab: &Lab) -> u64 {
 /// that crossed the library's link meanwhile.
 fn copy(lab: &Lab, lun: u32, image: &[u8], name: &str) -> u64 {
     let before = from_library(lab);
-    let out = lab.dir.path().join(format!("{name}.raw"));
     let t0 = Instant::now();
-    let o = lab
-        .qemu_convert("hv1", &lab.lun_url(IQN, lun), &out)
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{name}: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        lab.appliance_log("rack1")
-    );
+    let copy = lab.qemu_copy("hv1", &lab.lun_url(IQN, lun), name, "rack1");
     let took = t0.elapsed();
-    let copy = std::fs::read(&out).unwrap();
     assert!(copy == image, "{name}: the copy differs from the LUN");
-    std::fs::remove_file(&out).unwrap();
     let moved = moved_since(&before, lab);
     let s = lab.status("rack1").unwrap().splicer;
-    let served: Vec<String> = s
-        .served
-        .iter()
-        .map(|(c, v)| format!("{}={}", c.name(), v.bytes))
-        .collect();
     eprintln!(
         "{name}: {moved} B from the library in {took:.1?}; served {}; passed through {}",
-        served.join(" "),
+        nearblock_lab::served_by_source(&s),
         s.library_bytes
     );
     moved

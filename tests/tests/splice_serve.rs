@@ -108,16 +108,7 @@ fn moved_since(before: &BTreeMap<(String, String), u64>, lab: &Lab) -> u64 {
 }
 
 fn copy(lab: &Lab, url: &str, name: &str) -> Vec<u8> {
-    let out = lab.dir.path().join(name);
-    let o = lab.qemu_convert("hv1", url, &out).expect("qemu-img");
-    assert!(
-        o.status.success(),
-        "qemu-img convert failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let copied = std::fs::read(&out).expect("copy");
-    std::fs::remove_file(&out).ok();
-    copied
+    lab.qemu_copy("hv1", url, name, "rack1")
 }
 
 fn cold_then_warm(design: &str) {
@@ -132,7 +123,7 @@ fn cold_then_warm(design: &str) {
         * u64::from(BLOCK);
 
     let before = library_flows(&lab);
-    let cold = copy(&lab, &url, "cold.raw");
+    let cold = copy(&lab, &url, "cold");
     assert!(cold == data, "cold copy differs from the LUN");
     let cold_moved = moved_since(&before, &lab);
     let s = lab.status("rack1").expect("status").splicer;
@@ -147,7 +138,7 @@ fn cold_then_warm(design: &str) {
     );
 
     let before = library_flows(&lab);
-    let warm = copy(&lab, &url, "warm.raw");
+    let warm = copy(&lab, &url, "warm");
     assert!(warm == data, "warm copy differs from the LUN");
     let warm_moved = moved_since(&before, &lab);
     let s2 = lab.status("rack1").expect("status").splicer;
@@ -193,7 +184,7 @@ fn conformance_served(design: &str) {
     for pass in ["cold", "warm"] {
         if pass == "warm" {
             // Warm the cache with a copy so the suite's READs are served.
-            let _ = copy(&lab, &url, "prime.raw");
+            let _ = copy(&lab, &url, "prime");
             let s = lab.status("rack1").expect("status").splicer;
             served_before = s.reads_served_shadow + s.reads_served_local;
         } else {

@@ -123,14 +123,9 @@ impl Rig {
 
 /// One line per mix for the log: bytes by source, and the fetcher's counters.
 fn report(mix: &str, s: &nearblock::splice::relay::SplicerSnapshot) {
-    let served: Vec<String> = s
-        .served
-        .iter()
-        .map(|(c, v)| format!("{}={}", c.name(), v.bytes))
-        .collect();
     eprintln!(
         "{mix}: served {} passed_through={} by_hops={:?} sourcing={:?}",
-        served.join(" "),
+        nearblock_lab::served_by_source(s),
         s.library_bytes,
         s.served_bytes_by_hops,
         s.sourcing
