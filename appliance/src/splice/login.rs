@@ -117,6 +117,9 @@ pub struct OperationalParams {
     pub max_connections: u32,
     pub default_time2wait: u32,
     pub default_time2retain: u32,
+    /// Why the session's text could be read more than one way ([`Negotiation`]);
+    /// `Some` → never served.
+    pub ambiguity: Option<String>,
 }
 
 impl Default for OperationalParams {
@@ -140,6 +143,7 @@ impl Default for OperationalParams {
             max_connections: 1,
             default_time2wait: 2,
             default_time2retain: 20,
+            ambiguity: None,
         }
     }
 }
@@ -165,7 +169,8 @@ impl OperationalParams {
     /// session, ErrorRecoveryLevel 0, one connection, in-order data. If an edit could not
     /// be applied (or a peer misbehaved) the session is passed through.
     pub fn serving_allowed(&self) -> bool {
-        self.session_type == SessionType::Normal
+        self.ambiguity.is_none()
+            && self.session_type == SessionType::Normal
             && self.error_recovery_level == 0
             && self.max_connections == 1
             && self.data_pdu_in_order
@@ -246,8 +251,25 @@ fn yes_no(value: bool) -> &'static str {
     }
 }
 
+/// RFC 7143 §6 (and §11.12.5): a Login or Text PDU's data segment is at most 8192
+/// bytes while the login negotiates; a larger one is not text the splicer reads.
+pub const MAX_TEXT_SEGMENT: usize = 8192;
+
+/// The most continued text (C bit) held for one side before it completes: the RFC
+/// sets no limit, the splicer needs one (no real key set comes near it).
+pub const MAX_CONTINUED_TEXT: usize = 64 * 1024;
+
 /// The text exchanged so far on a connection, by key, following continuation (C bit)
 /// and offers/answers per side. Reused for Text renegotiation in Full Feature Phase.
+///
+/// Text that a target might read differently from the splicer makes the session
+/// *ambiguous*, and an ambiguous session is never served (it passes through, so the
+/// target alone decides what it means): a malformed entry, a key repeated within one
+/// text, a declarative key declared twice during the login, an identity key
+/// (`TargetName`, `InitiatorName`, `SessionType`) anywhere but the initiator's first
+/// text, or text over the size caps. tgt, for one, reads the identity keys from the
+/// first Login PDU only and takes the first of repeated keys; the splicer used to take
+/// the last, so `TargetName=A`, `TargetName=B` logged in to A while B's LUN was served.
 #[derive(Clone, Debug, Default)]
 pub struct Negotiation {
     exchanges: HashMap<String, Exchange>,
@@ -255,6 +277,18 @@ pub struct Negotiation {
     declared: HashMap<(Side, String), String>,
     /// Text of PDUs with C set, waiting for the PDU that completes it.
     partial: HashMap<Side, Vec<u8>>,
+    /// Completed texts per side so far.
+    texts: HashMap<Side, u32>,
+    /// Set once the login has ended: Text renegotiation may redeclare
+    /// MaxRecvDataSegmentLength (§13.12), the login may not redeclare anything.
+    full_feature: bool,
+    /// The first reason the text is ambiguous.
+    ambiguity: Option<String>,
+}
+
+/// Keys that name the session: read from the initiator's first text only.
+fn is_identity(key: &str) -> bool {
+    matches!(key, "TargetName" | "InitiatorName" | "SessionType")
 }
 
 fn is_declarative(key: &str) -> bool {
@@ -274,15 +308,74 @@ impl Negotiation {
     /// Observe the data segment of a Login or Text PDU sent by `side`. Text continued
     /// with the C bit is held until the PDU that completes it.
     pub fn observe(&mut self, side: Side, bhs: &Bhs, data: &[u8]) {
+        if data.len() > MAX_TEXT_SEGMENT {
+            self.partial.remove(&side);
+            self.set_ambiguous(format!(
+                "{side:?} text segment of {} bytes (over {MAX_TEXT_SEGMENT})",
+                data.len()
+            ));
+            return;
+        }
         let buffered = self.partial.entry(side).or_default();
+        if buffered.len() + data.len() > MAX_CONTINUED_TEXT {
+            self.partial.remove(&side);
+            self.set_ambiguous(format!(
+                "{side:?} continued text over {MAX_CONTINUED_TEXT} bytes"
+            ));
+            return;
+        }
         buffered.extend_from_slice(data);
         if bhs.text_continue() {
             return;
         }
         let text = std::mem::take(buffered);
-        for (key, value) in text::pairs(&text) {
+        let count = self.texts.entry(side).or_default();
+        let first_text = *count == 0;
+        *count += 1;
+        let pairs = match text::strict_pairs(&text) {
+            Ok(pairs) => pairs,
+            Err(e) => {
+                self.set_ambiguous(format!("malformed {side:?} text: {e}"));
+                return;
+            }
+        };
+        // A target's SendTargets answer (Text in Full Feature Phase) lists
+        // TargetName and TargetAddress once per target: only its login text is held
+        // to the rules, and it never names the session.
+        let strict = side == Side::Initiator || !self.full_feature;
+        let mut keys = std::collections::HashSet::new();
+        for (key, value) in pairs {
+            if strict && !keys.insert(key) {
+                self.set_ambiguous(format!("{side:?} repeated {key} in one text"));
+                continue;
+            }
+            if is_identity(key) {
+                if side == Side::Target {
+                    continue;
+                }
+                if self.full_feature || !first_text {
+                    self.set_ambiguous(format!("{key} outside the initiator's first login text"));
+                    continue;
+                }
+            }
+            if is_declarative(key)
+                && !self.full_feature
+                && self.declared.contains_key(&(side, key.to_string()))
+            {
+                self.set_ambiguous(format!("{side:?} declared {key} twice in the login"));
+                continue;
+            }
             self.record(side, key, value);
         }
+    }
+
+    fn set_ambiguous(&mut self, why: String) {
+        self.ambiguity.get_or_insert(why);
+    }
+
+    /// The login has ended: what follows is Text negotiation in Full Feature Phase.
+    pub fn enter_full_feature(&mut self) {
+        self.full_feature = true;
     }
 
     fn record(&mut self, side: Side, key: &str, value: &str) {
@@ -365,6 +458,7 @@ impl Negotiation {
             max_connections: number("MaxConnections", defaults.max_connections),
             default_time2wait: number("DefaultTime2Wait", defaults.default_time2wait),
             default_time2retain: number("DefaultTime2Retain", defaults.default_time2retain),
+            ambiguity: self.ambiguity.clone(),
         }
     }
 }
@@ -416,8 +510,11 @@ impl LoginTracker {
         &self.negotiation
     }
 
+    /// The negotiation, continued into Full Feature Phase.
     pub fn into_negotiation(self) -> Negotiation {
-        self.negotiation
+        let mut negotiation = self.negotiation;
+        negotiation.enter_full_feature();
+        negotiation
     }
 
     /// A Login Request from the initiator: record it and return its data segment with
@@ -534,6 +631,104 @@ ImmediateData=Yes\0MaxBurstLength=262144\0FirstBurstLength=65536\0\
 DataPDUInOrder=Yes\0DataSequenceInOrder=Yes\0ErrorRecoveryLevel=0\0MaxConnections=1\0";
         let progress = login.on_response(&resp, answer);
         (login, progress)
+    }
+
+    /// A one-PDU login (T, CSG 1 → NSG 3) with `text` from the initiator, answered
+    /// with an empty final response.
+    fn one_pdu_login(text: &[u8]) -> OperationalParams {
+        let mut login = LoginTracker::new();
+        let req = login_bhs(Opcode::LoginRequest, 0x87);
+        login.on_request(&req, text);
+        let resp = login_bhs(Opcode::LoginResponse, 0x87);
+        match login.on_response(&resp, b"") {
+            LoginProgress::FullFeature(p) => *p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_repeated_target_name_is_ambiguous_and_never_served() {
+        let p = one_pdu_login(b"InitiatorName=iqn.i\0TargetName=iqn.a\0TargetName=iqn.b\0");
+        assert!(!p.serving_allowed());
+        assert!(p.ambiguity.as_deref().unwrap().contains("TargetName"));
+        // The first one is the one the target reads (tgt), should anything report it.
+        assert_eq!(p.target_name.as_deref(), Some("iqn.a"));
+        assert!(one_pdu_login(b"InitiatorName=iqn.i\0TargetName=iqn.a\0").serving_allowed());
+    }
+
+    #[test]
+    fn identity_keys_after_the_first_login_text_are_ambiguous() {
+        let mut login = LoginTracker::new();
+        let req = login_bhs(Opcode::LoginRequest, 0x81);
+        login.on_request(
+            &req,
+            b"InitiatorName=iqn.i\0TargetName=iqn.a\0AuthMethod=None\0",
+        );
+        let resp = login_bhs(Opcode::LoginResponse, 0x81);
+        assert_eq!(
+            login.on_response(&resp, b"AuthMethod=None\0"),
+            LoginProgress::InProgress
+        );
+        let req = login_bhs(Opcode::LoginRequest, 0x87);
+        login.on_request(&req, b"TargetName=iqn.b\0");
+        let resp = login_bhs(Opcode::LoginResponse, 0x87);
+        let LoginProgress::FullFeature(p) = login.on_response(&resp, b"") else {
+            panic!()
+        };
+        assert!(!p.serving_allowed(), "{p:?}");
+        assert_eq!(p.target_name.as_deref(), Some("iqn.a"));
+    }
+
+    #[test]
+    fn malformed_or_oversized_login_text_is_ambiguous() {
+        assert!(!one_pdu_login(b"TargetName=iqn.a\0garbage\0").serving_allowed());
+        assert!(!one_pdu_login(b"TargetName=iqn.a\0\xff\xfe=1\0").serving_allowed());
+        let mut big = b"TargetName=iqn.a\0X-Pad=".to_vec();
+        big.resize(MAX_TEXT_SEGMENT + 1, b'p');
+        assert!(!one_pdu_login(&big).serving_allowed());
+        // Continued text past the total cap.
+        let mut n = Negotiation::default();
+        let continued = login_bhs(Opcode::LoginRequest, 0x40);
+        let chunk = vec![b'p'; MAX_TEXT_SEGMENT];
+        for _ in 0..=MAX_CONTINUED_TEXT / MAX_TEXT_SEGMENT {
+            n.observe(Side::Initiator, &continued, &chunk);
+        }
+        assert!(n.operational().ambiguity.is_some());
+        assert!(n.partial.get(&Side::Initiator).is_none_or(Vec::is_empty));
+    }
+
+    #[test]
+    fn a_declaration_repeated_during_login_is_ambiguous() {
+        let mut login = LoginTracker::new();
+        let req = login_bhs(Opcode::LoginRequest, 0x81);
+        login.on_request(&req, b"TargetName=iqn.a\0MaxRecvDataSegmentLength=8192\0");
+        let resp = login_bhs(Opcode::LoginResponse, 0x81);
+        login.on_response(&resp, b"");
+        let req = login_bhs(Opcode::LoginRequest, 0x87);
+        login.on_request(&req, b"MaxRecvDataSegmentLength=512\0");
+        let resp = login_bhs(Opcode::LoginResponse, 0x87);
+        let LoginProgress::FullFeature(p) = login.on_response(&resp, b"") else {
+            panic!()
+        };
+        assert!(!p.serving_allowed());
+    }
+
+    #[test]
+    fn send_targets_answers_in_full_feature_phase_are_not_ambiguous() {
+        let (login, _) = libiscsi_tgt_login();
+        let mut n = login.into_negotiation();
+        let text = login_bhs(Opcode::TextResponse, 0x80);
+        n.observe(
+            Side::Target,
+            &text,
+            b"TargetName=iqn.a\0TargetAddress=198.18.0.1:3260,1\0\
+TargetName=iqn.b\0TargetAddress=198.18.0.1:3260,1\0",
+        );
+        assert!(n.operational().serving_allowed());
+        // The initiator may not rename the session in Full Feature Phase.
+        let text = login_bhs(Opcode::TextRequest, 0x80);
+        n.observe(Side::Initiator, &text, b"TargetName=iqn.b\0");
+        assert!(!n.operational().serving_allowed());
     }
 
     #[test]

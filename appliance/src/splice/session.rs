@@ -321,6 +321,11 @@ impl Session {
         }
     }
 
+    /// Tasks the session follows (forwarded and served) until they complete.
+    pub fn outstanding_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -692,6 +697,7 @@ impl Session {
             LoginProgress::FullFeature(params) => {
                 self.phase = Phase::FullFeature;
                 self.negotiation = self.login.negotiation().clone();
+                self.negotiation.enter_full_feature();
                 self.params = Some((*params).clone());
                 out.events.push(Event::FullFeature(params));
             }
