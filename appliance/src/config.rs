@@ -222,6 +222,14 @@ pub struct SplicerConfig {
     /// Bytes fetched ahead of an on-demand READ (0: no read-ahead).
     #[serde(default = "default_readahead_bytes")]
     pub readahead_bytes: u64,
+    /// READs longer than this pass through (bounds what one READ makes the splicer
+    /// list, assemble and frame; initiators read at most a few MiB at a time).
+    #[serde(default = "default_max_served_read_bytes")]
+    pub max_served_read_bytes: u64,
+    /// A connection whose iSCSI login has not reached Full Feature Phase within this
+    /// many seconds is closed on both sides.
+    #[serde(default = "default_login_timeout_secs")]
+    pub login_timeout_secs: u64,
     /// Blocks per fetch (one holder lookup, one completion signal): a READ waits
     /// for the whole fetch holding its blocks.
     #[serde(default = "default_fetch_batch_blocks")]
@@ -244,6 +252,9 @@ pub struct SplicerConfig {
     pub lun: Vec<ServedLunConfig>,
 }
 
+/// The largest single-level LUN number (SAM flat space addressing: 14 bits).
+pub const MAX_LUN: u16 = 0x3fff;
+
 /// `[[splicer.lun]]`: one immutable LUN the splicer may answer READs of.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -262,9 +273,11 @@ pub struct ServedLunConfig {
     /// With `image`: which indexed block size to serve from (default: the smallest).
     #[serde(default)]
     pub block_size: Option<u32>,
-    /// Logical block size the LUN reports (READ CAPACITY).
-    #[serde(default = "default_logical_block_size")]
-    pub logical_block_size: u32,
+    /// Logical block length the LUN is expected to have. Optional: the target's own
+    /// (READ CAPACITY) is always what serving uses; a declared one that differs
+    /// keeps the LUN from being served (`nearblock status` says why).
+    #[serde(default)]
+    pub logical_block_size: Option<u32>,
     /// `shadow` (default) or `local`.
     #[serde(default)]
     pub design: crate::splice::catalog::ServeDesign,
@@ -287,6 +300,8 @@ impl Default for SplicerConfig {
             fetch_from_peers: true,
             fetch_deadline_ms: default_fetch_deadline_ms(),
             readahead_bytes: default_readahead_bytes(),
+            max_served_read_bytes: default_max_served_read_bytes(),
+            login_timeout_secs: default_login_timeout_secs(),
             fetch_batch_blocks: default_fetch_batch_blocks(),
             history_dir: None,
             prefetch_budget_mbps: default_prefetch_budget(),
@@ -320,6 +335,8 @@ impl SplicerConfig {
         let cache = std::sync::Arc::new(crate::fetch::BlockCache::new(self.cache_bytes));
         let mut catalog = Catalog::new(cache, self.learn);
         catalog.readahead_bytes = self.readahead_bytes;
+        catalog.max_served_read_bytes = self.max_served_read_bytes;
+        catalog.login_timeout = Duration::from_secs(self.login_timeout_secs);
         catalog.prefetch_budget_mbps = self.prefetch_budget_mbps;
         for l in &self.lun {
             catalog.declare(l.decl());
@@ -431,11 +448,14 @@ fn default_readahead_bytes() -> u64 {
 fn default_fetch_batch_blocks() -> usize {
     crate::fetch::SourcingOptions::default().batch
 }
+fn default_login_timeout_secs() -> u64 {
+    30
+}
+fn default_max_served_read_bytes() -> u64 {
+    16 << 20
+}
 fn default_prefetch_budget() -> f64 {
     1000.0
-}
-fn default_logical_block_size() -> u32 {
-    512
 }
 /// Default API address.
 pub fn default_api_listen() -> SocketAddr {
@@ -642,6 +662,16 @@ impl Config {
         }
         for (i, l) in self.splicer.lun.iter().enumerate() {
             let key = |k: &str| format!("lun[{i}].{k}");
+            if l.lun > MAX_LUN {
+                return Err(invalid(
+                    "splicer",
+                    &key("lun"),
+                    format!(
+                        "LUN {}: single-level LUN numbers end at {MAX_LUN} (flat space)",
+                        l.lun
+                    ),
+                ));
+            }
             match (&l.manifest, &l.image) {
                 (Some(_), Some(_)) => {
                     return Err(invalid(
@@ -666,6 +696,20 @@ impl Config {
                 }
                 _ => {}
             }
+        }
+        if !(1..=3600).contains(&self.splicer.login_timeout_secs) {
+            return Err(invalid(
+                "splicer",
+                "login_timeout_secs",
+                "must be within 1..=3600".into(),
+            ));
+        }
+        if !(4096..=(1 << 30)).contains(&self.splicer.max_served_read_bytes) {
+            return Err(invalid(
+                "splicer",
+                "max_served_read_bytes",
+                "must be within 4096..=1073741824".into(),
+            ));
         }
         if !(10..=3_600_000).contains(&self.splicer.manifest_refresh_ms) {
             return Err(invalid(

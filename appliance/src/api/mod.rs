@@ -350,6 +350,21 @@ pub fn render_metrics(r: &StatusReport) -> String {
             "Bytes relayed target to initiator",
             s.bytes_to_initiator,
         ),
+        (
+            "splicer_protocol_errors",
+            "Connections closed: undecodable PDUs, login timeout, too many tasks",
+            s.protocol_errors,
+        ),
+        (
+            "splicer_sessions_ambiguous",
+            "Sessions passed through because their login text was ambiguous",
+            s.sessions_ambiguous,
+        ),
+        (
+            "splicer_sessions_tainted",
+            "Served LUNs a session stopped being served (it may have written them)",
+            s.sessions_tainted,
+        ),
     ] {
         let c = Counter::<u64>::default();
         c.inc_by(v);

@@ -26,7 +26,7 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex, RwLock,
     },
 };
@@ -147,14 +147,25 @@ pub fn manifest_of(image: &str, data: &[u8], block_size: u32) -> Manifest {
     }
 }
 
-/// The 8-byte LUN field for LUN number `lun` as initiators encode it (SAM
-/// single-level: peripheral addressing below 256, flat above).
+/// The LUN number of an 8-byte LUN field, if it is in the one canonical encoding
+/// initiators use (SAM single-level): peripheral addressing with bus 0 below 256,
+/// flat space from 256. Anything else (a peripheral bus other than 0, flat space
+/// below 256, a second level, other methods) is `None` and passes through: a target
+/// may map such a field to a LUN other than the one the splicer would pick, and two
+/// encodings of one number must never select different LUNs here and at the target.
 pub fn lun_number(field: u64) -> Option<u16> {
     let bytes = field.to_be_bytes();
-    if bytes[2..].iter().any(|&b| b != 0) || bytes[0] >> 6 > 1 {
+    if bytes[2..].iter().any(|&b| b != 0) {
         return None;
     }
-    Some((u16::from(bytes[0] & 0x3f) << 8) | u16::from(bytes[1]))
+    match bytes[0] >> 6 {
+        0 if bytes[0] == 0 => Some(u16::from(bytes[1])),
+        1 => {
+            let n = (u16::from(bytes[0] & 0x3f) << 8) | u16::from(bytes[1]);
+            (n >= 256).then_some(n)
+        }
+        _ => None,
+    }
 }
 
 /// When a served LUN's blocks are fetched.
@@ -175,8 +186,9 @@ pub struct ServedLun {
     pub target: String,
     pub lun: u16,
     pub design: ServeDesign,
-    /// Logical block size of the LUN (what READ LBAs count).
-    pub logical_block_size: u32,
+    /// Logical block length of the LUN (what READ LBAs count): the declared one, or
+    /// the target's once it reported one (0 until then: nothing is served).
+    logical_block_size: AtomicU32,
     pub manifest: Manifest,
     tainted: AtomicBool,
     /// Why it was tainted (the first reason).
@@ -203,7 +215,7 @@ impl ServedLun {
         target: String,
         lun: u16,
         design: ServeDesign,
-        logical_block_size: u32,
+        declared_block_length: Option<u32>,
         manifest: Manifest,
     ) -> Result<ServedLun, CatalogError> {
         let invalid = |message: &str| CatalogError::Invalid {
@@ -211,14 +223,15 @@ impl ServedLun {
             lun,
             message: message.to_string(),
         };
-        if logical_block_size == 0 || manifest.block_size == 0 {
+        if declared_block_length == Some(0) || manifest.block_size == 0 {
             return Err(invalid("block sizes must be non-zero"));
         }
-        if !manifest.block_size.is_multiple_of(logical_block_size) {
+        if declared_block_length.is_some_and(|l| !manifest.block_size.is_multiple_of(l)) {
             return Err(invalid(
                 "the manifest block size must be a multiple of the logical block size",
             ));
         }
+        let logical_block_size = AtomicU32::new(declared_block_length.unwrap_or(0));
         let image = manifest.image.clone();
         Ok(ServedLun {
             target,
@@ -238,9 +251,28 @@ impl ServedLun {
         })
     }
 
+    /// The logical block length READs are served with (0: not known yet).
+    pub fn logical_block_size(&self) -> u32 {
+        self.logical_block_size.load(Ordering::Relaxed)
+    }
+
+    /// Take the target's block length if none was declared; a LUN keeps the first
+    /// length it took (a later, different one makes it disagree: not served).
+    fn adopt_block_length(&self, block_length: u32) {
+        let _ = self.logical_block_size.compare_exchange(
+            0,
+            block_length,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
     /// LUN capacity in logical blocks, as the manifest describes it.
     pub fn capacity_blocks(&self) -> u64 {
-        self.manifest.size / u64::from(self.logical_block_size)
+        match self.logical_block_size() {
+            0 => 0,
+            lbs => self.manifest.size / u64::from(lbs),
+        }
     }
 
     pub fn tainted(&self) -> bool {
@@ -262,7 +294,10 @@ impl ServedLun {
 
     /// The READ's byte range on the LUN, if it lies inside the manifest.
     fn byte_range(&self, read: &ReadCommand) -> Option<(u64, u64)> {
-        let lbs = u64::from(self.logical_block_size);
+        let lbs = u64::from(self.logical_block_size());
+        if lbs == 0 {
+            return None;
+        }
         let start = read.lba.checked_mul(lbs)?;
         let end = start.checked_add(u64::from(read.blocks) * lbs)?;
         (end <= self.manifest.size).then_some((start, end))
@@ -698,7 +733,8 @@ pub struct LunDecl {
     pub target: String,
     pub lun: u16,
     pub design: ServeDesign,
-    pub logical_block_size: u32,
+    /// Declared in config; `None`: the target's own.
+    pub logical_block_size: Option<u32>,
     pub mode: FetchMode,
     pub source: LunSource,
 }
@@ -754,6 +790,9 @@ pub struct LunStatus {
     /// The latest failure to look the manifest up (the LUN keeps what it had).
     #[serde(default)]
     pub last_error: Option<String>,
+    /// What the target reported about the LUN (READ CAPACITY, MODE SENSE).
+    #[serde(default)]
+    pub target_facts: super::facts::Facts,
 }
 
 #[derive(Debug, Default)]
@@ -773,6 +812,8 @@ pub struct LunSlot {
     pub decl: LunDecl,
     current: RwLock<Option<Arc<ServedLun>>>,
     state: Mutex<SlotState>,
+    /// What the target reports about the LUN (block length, capacity, WP).
+    pub facts: super::facts::TargetFacts,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -788,6 +829,7 @@ impl LunSlot {
                 why: Some("no manifest yet".into()),
                 ..Default::default()
             }),
+            facts: super::facts::TargetFacts::default(),
         }
     }
 
@@ -800,9 +842,33 @@ impl LunSlot {
             .clone()
     }
 
-    /// The current LUN if it may be served (not tainted).
+    /// The current LUN if it may be served: not tainted, and the target's own block
+    /// length and capacity are known and agree with it ([`super::facts`]).
     pub fn serving(&self) -> Option<Arc<ServedLun>> {
-        self.current().filter(|l| !l.tainted())
+        self.current()
+            .filter(|l| !l.tainted() && self.disagreement(l).is_none())
+    }
+
+    /// Why `lun` may not be served with what the target reported, if it may not.
+    /// Adopts the target's block length into a LUN that declared none.
+    fn disagreement(&self, lun: &ServedLun) -> Option<String> {
+        let facts = self.facts.get();
+        if let Some(why) = super::facts::disagreement(
+            &facts,
+            self.decl.logical_block_size,
+            lun.manifest.size,
+            lun.manifest.block_size,
+        ) {
+            return Some(why);
+        }
+        let target_length = facts.block_length?;
+        lun.adopt_block_length(target_length);
+        let served_length = lun.logical_block_size();
+        (served_length != target_length).then(|| {
+            format!(
+                "served with block length {served_length}, the target now reports {target_length}"
+            )
+        })
     }
 
     /// `lun` is this slot's current LUN.
@@ -856,14 +922,14 @@ impl LunSlot {
     pub fn status(&self) -> LunStatus {
         let st = locked(&self.state);
         let current = self.current();
-        let served = current.as_ref().is_some_and(|l| !l.tainted());
         let why = match &current {
             Some(l) if l.tainted() => {
                 Some(format!("tainted: {}", l.taint_reason().unwrap_or_default()))
             }
-            Some(_) => None,
+            Some(l) => self.disagreement(l),
             None => st.why.clone(),
         };
+        let served = current.is_some() && why.is_none();
         let m = current.as_ref().map(|l| &l.manifest);
         LunStatus {
             target: self.decl.target.clone(),
@@ -879,6 +945,7 @@ impl LunSlot {
             digest: current.as_ref().and(st.digest).map(hex::encode),
             manifest_seq: st.installed,
             last_error: st.last_error.clone(),
+            target_facts: self.facts.get(),
         }
     }
 }
@@ -900,6 +967,11 @@ pub struct Catalog {
     /// READs longer than this are passed through without learning (bounds the
     /// per-task assembly buffer to one manifest block anyway; this bounds CPU).
     pub max_learn_bytes: u64,
+    /// READs longer than this pass through (`splicer.max_served_read_bytes`).
+    pub max_served_read_bytes: u64,
+    /// A connection whose login has not reached Full Feature Phase by then is
+    /// closed (`splicer.login_timeout_secs`).
+    pub login_timeout: std::time::Duration,
     /// Bytes read ahead after an on-demand READ (when blocks come from peers).
     pub readahead_bytes: u64,
     /// Where missing blocks are fetched from (set once the index service runs).
@@ -917,6 +989,8 @@ impl Catalog {
             cache,
             learn,
             max_learn_bytes: 64 << 20,
+            max_served_read_bytes: 16 << 20,
+            login_timeout: std::time::Duration::from_secs(30),
             readahead_bytes: 8 << 20,
             sourcing: std::sync::OnceLock::new(),
             history_dir: None,
@@ -1055,7 +1129,10 @@ impl Catalog {
             target: lun.target.clone(),
             lun: lun.lun,
             design: lun.design,
-            logical_block_size: lun.logical_block_size,
+            logical_block_size: match lun.logical_block_size() {
+                0 => None,
+                declared => Some(declared),
+            },
             mode: lun.mode,
             source: LunSource::Fixed,
         });
@@ -1193,6 +1270,13 @@ mod tests {
         assert_eq!(lun_number(0x4101_0000_0000_0000), Some(0x101));
         assert_eq!(lun_number(0x0001_0000_0000_0001), None);
         assert_eq!(lun_number(0x8001_0000_0000_0000), None);
+        // Peripheral addressing on bus 1 would read as 257 with the bus ignored.
+        assert_eq!(lun_number(0x0101_0000_0000_0000), None);
+        // Flat space below 256 aliases the peripheral form of the same number.
+        assert_eq!(lun_number(0x4001_0000_0000_0000), None);
+        assert_eq!(lun_number(0x40ff_0000_0000_0000), None);
+        assert_eq!(lun_number(0x4100_0000_0000_0000), Some(256));
+        assert_eq!(lun_number(0x7fff_0000_0000_0000), Some(0x3fff));
     }
 
     #[test]
@@ -1203,7 +1287,7 @@ mod tests {
                 "iqn.t".into(),
                 1,
                 ServeDesign::Shadow,
-                512,
+                Some(512),
                 manifest_of("i", &data, 4096),
             )
             .unwrap(),
@@ -1263,7 +1347,7 @@ mod tests {
                 "t".into(),
                 1,
                 ServeDesign::Shadow,
-                512,
+                Some(512),
                 manifest_of("i", &data, 4096),
             )
             .unwrap(),
@@ -1286,7 +1370,7 @@ mod tests {
         use crate::fetch::Origin;
         let data = image();
         let m = manifest_of("i", &data, 4096);
-        let lun = ServedLun::new("t".into(), 1, ServeDesign::Shadow, 512, m.clone()).unwrap();
+        let lun = ServedLun::new("t".into(), 1, ServeDesign::Shadow, Some(512), m.clone()).unwrap();
         let cache = BlockCache::new(1 << 20);
         let whole = read(0, 34);
         let hashes: Vec<BlockHash> = m.blocks.iter().flatten().copied().collect();
@@ -1340,7 +1424,7 @@ mod tests {
         let data = image();
         let m = manifest_of("i", &data, 4096);
         let hashes: Vec<BlockHash> = m.blocks.iter().flatten().copied().collect();
-        let lun = ServedLun::new("t".into(), 1, ServeDesign::Shadow, 512, m).unwrap();
+        let lun = ServedLun::new("t".into(), 1, ServeDesign::Shadow, Some(512), m).unwrap();
         let cache = BlockCache::new(1 << 20);
         // Without history: what follows, in image order.
         assert_eq!(lun.readahead(&read(0, 8), 8, &cache), hashes[1..]);
@@ -1384,7 +1468,7 @@ mod tests {
                 "iqn.x:y".into(),
                 2,
                 ServeDesign::Shadow,
-                512,
+                Some(512),
                 manifest_of("i", &data, 4096),
             )
             .unwrap()

@@ -35,6 +35,7 @@ use tracing::{debug, warn};
 use super::catalog::{
     lun_number, BootTrace, Catalog, Learner, LunSlot, Provenance, ServeDesign, ServedLun,
 };
+use super::facts::{self, Probe};
 use super::pdu::{DecodeError, Digests, EncodeError, Frame, Opcode, PduDecoder, ReceivedPdu};
 use super::relay::SplicerStats;
 use super::scsi;
@@ -48,8 +49,16 @@ const READ_CHUNK: usize = 64 * 1024;
 const WRITE_BATCH: usize = 1 << 20;
 /// Outstanding pass-through READs learned from, per connection.
 const MAX_LEARNING: usize = 256;
-/// Outstanding commands that may write a served LUN, per connection.
+/// Outstanding commands that may write a served LUN, per connection. More than this
+/// (a target that never answers them, out-of-window CmdSNs) stops serving that LUN
+/// in this session only: one initiator cannot switch serving off for everyone.
 const MAX_WRITES: usize = 1024;
+/// Outstanding tasks per connection. A target grants a window of at most a few
+/// hundred commands (tgt: 128); past this many the connection is closed.
+pub const MAX_TASKS: usize = 4096;
+/// Outstanding READ CAPACITY / MODE SENSE commands of served LUNs followed, per
+/// connection (their answers are the target's facts about the LUN).
+const MAX_PROBES: usize = 64;
 /// The smallest data segment limit enforced on receive. Each direction's limit is the
 /// receiver's declared MaxRecvDataSegmentLength, but never below this: the splicer
 /// needs bounded buffers, not to police peers that a real target would tolerate
@@ -80,6 +89,12 @@ pub enum ConnectionError {
     },
     #[error("writing to the {0} failed")]
     Write(&'static str),
+    /// More tasks outstanding than any command window allows: the initiator
+    /// ignores the window, or the target never answers. Closed rather than grown.
+    #[error("over {MAX_TASKS} tasks outstanding")]
+    TooManyTasks,
+    #[error("the login did not reach Full Feature Phase within {0:?}")]
+    LoginTimeout(std::time::Duration),
 }
 
 #[derive(Clone, Copy)]
@@ -129,6 +144,8 @@ pub async fn splice_iscsi(
         luns: HashMap::new(),
         learning: HashMap::new(),
         writes: HashMap::new(),
+        probes: HashMap::new(),
+        tainted: HashMap::new(),
         ready: HashMap::new(),
         relay_raw: false,
         boots: HashMap::new(),
@@ -137,6 +154,7 @@ pub async fn splice_iscsi(
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut ubuf = BytesMut::with_capacity(READ_CHUNK);
     let (mut c_done, mut u_done) = (false, false);
+    let login_deadline = tokio::time::Instant::now() + ctx.catalog.login_timeout;
     let result: Result<(), ConnectionError> = async {
         while !(c_done && u_done) {
             if cbuf.capacity() - cbuf.len() < READ_CHUNK / 4 {
@@ -157,6 +175,14 @@ pub async fn splice_iscsi(
                     Ok(_) => conn.drain_initiator(&mut cbuf, &mut held).await?,
                     Err(source) => return Err(ConnectionError::Read { side: "initiator", source }),
                 },
+                // A login that has not reached Full Feature Phase in time is closed
+                // (a slow-loris initiator holds no splicer state for long); a live
+                // idle session after login is never cut here.
+                () = tokio::time::sleep_until(login_deadline),
+                    if conn.session.phase() == super::session::Phase::Login =>
+                {
+                    return Err(ConnectionError::LoginTimeout(ctx.catalog.login_timeout));
+                }
                 timed_out = wait_held(&mut held) => {
                     if let Some(h) = held.take() {
                         if timed_out {
@@ -309,7 +335,14 @@ struct Conn<'a> {
     /// Pass-through READs of served LUNs, by ITT, whose Data-In is learned from.
     learning: HashMap<u32, Learner>,
     /// Commands that may write a served LUN, by ITT, until the target answers.
-    writes: HashMap<u32, (Arc<ServedLun>, Arc<LunSlot>, u8)>,
+    writes: HashMap<u32, PendingWrite>,
+    /// READ CAPACITY and MODE SENSE commands of declared LUNs, by ITT, until the
+    /// target answers: their Data-In is recorded in the LUN's facts.
+    probes: HashMap<u32, FollowedProbe>,
+    /// LUNs this session no longer serves, and why: it may have written them (its
+    /// own view of the medium may differ from the manifest) or it overflowed a
+    /// per-session bound. Other sessions are not affected.
+    tainted: HashMap<u16, String>,
     /// Data assembled for READs being served, by ITT, until the session asks for it.
     ready: HashMap<u32, (Vec<Bytes>, Provenance)>,
     /// Set at Full Feature Phase when the session's target has no served LUN:
@@ -328,12 +361,75 @@ impl Drop for Conn<'_> {
     }
 }
 
+/// A READ CAPACITY or MODE SENSE of a declared LUN, waiting for its answer.
+struct FollowedProbe {
+    slot: Arc<LunSlot>,
+    probe: Probe,
+    /// Read from the Data-In at offset 0; recorded once the status is GOOD.
+    fact: Option<facts::Fact>,
+}
+
+impl FollowedProbe {
+    fn record(self) {
+        if let Some(fact) = self.fact {
+            debug!(target = %self.slot.decl.target, lun = self.slot.decl.lun, ?fact, "target fact");
+            self.slot.facts.record(fact);
+        }
+    }
+}
+
+/// A command that may write a served LUN, waiting for its status.
+struct PendingWrite {
+    lun: Arc<ServedLun>,
+    slot: Arc<LunSlot>,
+    opcode: u8,
+    /// The CDB itself writes blocks (WRITE, WRITE SAME, UNMAP, ...): GOOD status
+    /// means the medium changed, whatever the target said about write protection.
+    writes_medium: bool,
+}
+
 impl Conn<'_> {
-    /// The LUN a command addresses, if it is served now (per command: a read
-    /// lock and an `Arc` clone).
+    /// The LUN a command addresses, if it is served now in this session (per
+    /// command: a read lock and an `Arc` clone).
     fn served_lun(&self, field: u64) -> Option<(Arc<ServedLun>, &Arc<LunSlot>)> {
-        let slot = self.luns.get(&lun_number(field)?)?;
+        let number = lun_number(field)?;
+        if self.tainted.contains_key(&number) {
+            return None;
+        }
+        let slot = self.luns.get(&number)?;
         Some((slot.serving()?, slot))
+    }
+
+    /// Stop serving LUN `number` in this session.
+    fn taint_session(&mut self, number: u16, why: String) {
+        if !self.tainted.contains_key(&number) {
+            warn!(lun = number, why, "LUN no longer served in this session");
+            self.ctx
+                .stats
+                .sessions_tainted
+                .fetch_add(1, Ordering::Relaxed);
+            self.tainted.insert(number, why);
+        }
+    }
+
+    /// Follow a READ CAPACITY or MODE SENSE of a declared LUN to its answer.
+    fn follow_probe(&mut self, bhs: &super::pdu::Bhs) {
+        let Some(probe) = Probe::of(bhs.cdb()) else {
+            return;
+        };
+        let Some(slot) = lun_number(bhs.lun()).and_then(|n| self.luns.get(&n)) else {
+            return;
+        };
+        if self.probes.len() >= MAX_PROBES {
+            // Answers never came: forget them rather than grow.
+            self.probes.clear();
+        }
+        let followed = FollowedProbe {
+            slot: slot.clone(),
+            probe,
+            fact: None,
+        };
+        self.probes.insert(bhs.itt(), followed);
     }
 
     /// Decode and handle the initiator's PDUs in `cbuf` until it runs dry, a READ
@@ -367,12 +463,16 @@ impl Conn<'_> {
         waited: bool,
     ) -> Result<Option<HeldRead>, ConnectionError> {
         let bhs = received.pdu.bhs;
+        if bhs.opcode() == Opcode::ScsiCommand && self.session.outstanding_tasks() >= MAX_TASKS {
+            return Err(ConnectionError::TooManyTasks);
+        }
         let mut disposition = Disposition::PassThrough;
         if let Some(read) = self.session.read_candidate(&bhs) {
             if let Some((lun, _)) = self.served_lun(bhs.lun()) {
                 let stats = &self.ctx.stats;
                 let catalog = &self.ctx.catalog;
-                let servable = read.servable(lun.capacity_blocks());
+                let servable = read.servable(lun.capacity_blocks())
+                    && read.byte_len(lun.logical_block_size()) <= catalog.max_served_read_bytes;
                 let sourcing = catalog.sourcing().filter(|_| servable);
                 if !waited {
                     if let Some(l) = lun_number(bhs.lun()) {
@@ -426,7 +526,7 @@ impl Conn<'_> {
                     }
                     None => {
                         stats.reads_passed.fetch_add(1, Ordering::Relaxed);
-                        let bytes = read.byte_len(lun.logical_block_size);
+                        let bytes = read.byte_len(lun.logical_block_size());
                         stats.library_bytes.fetch_add(bytes, Ordering::Relaxed);
                         if catalog.learn && bytes <= catalog.max_learn_bytes {
                             if self.learning.len() >= MAX_LEARNING {
@@ -443,12 +543,24 @@ impl Conn<'_> {
             if let Some((lun, slot)) = self.served_lun(bhs.lun()).filter(|_| !harmless_write(&bhs))
             {
                 if self.writes.len() >= MAX_WRITES {
-                    lun.taint("too many outstanding writes to follow");
+                    if let Some(number) = lun_number(bhs.lun()) {
+                        self.taint_session(
+                            number,
+                            format!("over {MAX_WRITES} outstanding commands that may write"),
+                        );
+                    }
                 } else {
-                    let slot = slot.clone();
-                    self.writes.insert(bhs.itt(), (lun, slot, bhs.cdb()[0]));
+                    let write = PendingWrite {
+                        lun,
+                        slot: slot.clone(),
+                        opcode: bhs.cdb()[0],
+                        writes_medium: scsi::may_write_medium(bhs.cdb()),
+                    };
+                    self.writes.insert(bhs.itt(), write);
                 }
             }
+        } else if bhs.opcode() == Opcode::ScsiCommand && bhs.command_read() {
+            self.follow_probe(&bhs);
         }
         let out = self.session.from_initiator(received, disposition);
         self.carry(out).await?;
@@ -460,6 +572,20 @@ impl Conn<'_> {
         let itt = bhs.itt();
         match bhs.opcode() {
             Opcode::DataIn => {
+                if let Some(followed) = self.probes.get_mut(&itt) {
+                    // The fact is in the answer's first bytes (these answers are
+                    // tens of bytes: one PDU at offset 0 from any real target).
+                    if bhs.buffer_offset() == 0 {
+                        followed.fact = facts::parse_answer(followed.probe, &received.pdu.data);
+                    }
+                    if bhs.data_in_status() {
+                        if let Some(followed) = self.probes.remove(&itt) {
+                            if bhs.status() == scsi::status::GOOD {
+                                followed.record();
+                            }
+                        }
+                    }
+                }
                 if let Some(learner) = self.learning.get_mut(&itt) {
                     let offset = u64::from(bhs.buffer_offset());
                     match learner.feed(offset, &received.pdu.data, &self.ctx.catalog.cache) {
@@ -483,18 +609,14 @@ impl Conn<'_> {
             }
             Opcode::ScsiResponse => {
                 self.learning.remove(&itt);
-                if let Some((lun, slot, opcode)) = self.writes.remove(&itt) {
+                if let Some(followed) = self.probes.remove(&itt) {
                     if bhs.response() == 0 && bhs.status() == scsi::status::GOOD {
-                        // Also whatever manifest was installed meanwhile: it may
-                        // predate the write.
-                        let why = format!(
-                            "a command that may write (opcode {:#04x}) completed with GOOD",
-                            opcode
-                        );
-                        lun.taint(&why);
-                        if let Some(now) = slot.current() {
-                            now.taint(&why);
-                        }
+                        followed.record();
+                    }
+                }
+                if let Some(write) = self.writes.remove(&itt) {
+                    if bhs.response() == 0 && bhs.status() == scsi::status::GOOD {
+                        self.write_completed(&write);
                     }
                 }
             }
@@ -502,6 +624,28 @@ impl Conn<'_> {
         }
         let out = self.session.from_target(received);
         self.carry(out).await
+    }
+
+    /// A command that may write a served LUN completed with GOOD. The LUN is tainted
+    /// for everyone only when the medium is known to have changed: the CDB writes
+    /// blocks, or the target has not said the LUN is write-protected. Otherwise (a
+    /// data-out command outside the allow-list on a write-protected LUN) only this
+    /// session stops being served.
+    fn write_completed(&mut self, write: &PendingWrite) {
+        let why = format!(
+            "a command that may write (opcode {:#04x}) completed with GOOD",
+            write.opcode
+        );
+        if write.writes_medium || !write.slot.facts.write_protected() {
+            // Also whatever manifest was installed meanwhile: it may predate the
+            // write.
+            write.lun.taint(&why);
+            if let Some(now) = write.slot.current() {
+                now.taint(&why);
+            }
+        } else {
+            self.taint_session(write.lun.lun, format!("{why} (the LUN is write-protected)"));
+        }
     }
 
     /// Carry out an [`Output`] and whatever serving the fetches it asks for produces.
@@ -549,6 +693,13 @@ impl Conn<'_> {
     fn on_event(&mut self, event: &Event) {
         match event {
             Event::FullFeature(params) => {
+                if let Some(why) = &params.ambiguity {
+                    warn!(why, "login text is ambiguous: the session passes through");
+                    self.ctx
+                        .stats
+                        .sessions_ambiguous
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 self.digests = params.digests();
                 for decoder in [&mut self.from_initiator, &mut self.from_target] {
                     decoder.set_digests(self.digests);
@@ -577,7 +728,15 @@ impl Conn<'_> {
                     "full feature phase"
                 );
             }
-            Event::ParamsChanged(params) => self.set_limits(params),
+            Event::ParamsChanged(params) => {
+                self.set_limits(params);
+                if !params.serving_allowed() {
+                    if let Some(why) = &params.ambiguity {
+                        warn!(why, "session text became ambiguous: nothing more is served");
+                    }
+                    self.luns.clear();
+                }
+            }
             Event::MediumMayChange { .. } => {}
             Event::LoginEnded(progress) => debug!(?progress, "login ended"),
             Event::LoggedOut => debug!("logged out"),
@@ -675,7 +834,7 @@ mod tests {
                 "iqn.t".into(),
                 0,
                 super::super::catalog::ServeDesign::Shadow,
-                512,
+                Some(512),
                 super::super::catalog::manifest_of("img", &[0u8; 4096], 4096),
             )
             .unwrap(),
@@ -739,6 +898,40 @@ mod tests {
         let mut rest = Vec::new();
         let n = target.read_to_end(&mut rest).await.unwrap_or(0);
         assert_eq!(n, 0, "nothing after the login reached the target");
+    }
+
+    /// An initiator that connects and never completes its login (a slow-loris
+    /// sender: half a Login PDU, then nothing) is closed once the login timeout
+    /// passes; a logged-in session idle for longer is not (the test above idles
+    /// after login under the default timeout without being cut).
+    #[tokio::test]
+    async fn a_login_that_stalls_is_closed() {
+        let (mut initiator, client) = pair().await;
+        let (upstream, mut target) = pair().await;
+        let mut catalog = Catalog::empty();
+        catalog.login_timeout = std::time::Duration::from_millis(200);
+        let ctx = SpliceContext {
+            catalog: Arc::new(catalog),
+            stats: Arc::new(SplicerStats::default()),
+        };
+        let splicer = tokio::spawn(async move { splice_iscsi(client, upstream, &ctx).await });
+        let pdu = login(
+            Opcode::LoginRequest,
+            "InitiatorName=iqn.i\0TargetName=iqn.t\0",
+        );
+        initiator.write_all(&pdu[..30]).await.unwrap();
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), splicer)
+            .await
+            .expect("closed within the bound")
+            .unwrap();
+        assert!(
+            matches!(result, Err(ConnectionError::LoginTimeout(_))),
+            "{result:?}"
+        );
+        let mut rest = Vec::new();
+        assert_eq!(target.read_to_end(&mut rest).await.unwrap_or(0), 0);
+        let mut rest = Vec::new();
+        assert_eq!(initiator.read_to_end(&mut rest).await.unwrap_or(0), 0);
     }
 
     /// With no served LUN on the target, the connection drops to the byte relay

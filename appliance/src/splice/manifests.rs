@@ -263,12 +263,20 @@ mod tests {
     use crate::fetch::BlockCache;
     use crate::splice::catalog::{manifest_of, manifest_to_text, FetchMode, LunDecl, ServeDesign};
 
+    /// What a READ CAPACITY answer from the target would record: 512-byte blocks.
+    fn target_reports(slot: &crate::splice::catalog::LunSlot, size: u64) {
+        slot.facts.record(crate::splice::facts::Fact::Geometry {
+            block_length: 512,
+            capacity: size / 512,
+        });
+    }
+
     fn decl(source: LunSource) -> LunDecl {
         LunDecl {
             target: "iqn.t:lib".into(),
             lun: 1,
             design: ServeDesign::Shadow,
-            logical_block_size: 512,
+            logical_block_size: Some(512),
             mode: FetchMode::OnDemand,
             source,
         }
@@ -328,6 +336,11 @@ mod tests {
             refresh_one(&catalog, &slot, &sources).await,
             Step::Install { .. }
         ));
+        // Installed, but not served before the target told its block length.
+        assert!(slot.serving().is_none());
+        let why = slot.status().why.unwrap();
+        assert!(why.contains("block length is not known"), "{why}");
+        target_reports(&slot, 8192);
         let first = slot.serving().expect("served");
         first.record_boot(&[1, 0]);
         // Unchanged file: kept without re-reading.
@@ -355,6 +368,11 @@ mod tests {
         let longer = manifest_of("img", &[3u8; 12288], 4096);
         std::fs::write(&path, manifest_to_text(&longer)).unwrap();
         refresh_one(&catalog, &slot, &sources).await;
+        // The target still reports the old capacity: the new manifest does not
+        // describe the LUN the target exports (yet), so it is not served.
+        assert!(slot.serving().is_none());
+        assert!(slot.status().why.unwrap().contains("the target reports"));
+        target_reports(&slot, 12288);
         let third = slot.serving().unwrap();
         assert!(second.tainted());
         assert_eq!(third.history().boots, 0);
@@ -392,6 +410,7 @@ mod tests {
             image: "iqn.t:lib/1".into(),
             block_size: None,
         }));
+        target_reports(&slot, 8192);
         let sources = Sources {
             store: Some(store.clone() as SharedStore),
             parent: None,

@@ -5,6 +5,7 @@
 //! - [`relay`]: accept loop, upstream connect, byte relay (non-iSCSI ports).
 //! - [`connection`]: the iSCSI-aware inside: PDUs both ways through a [`session::Session`].
 //! - [`catalog`]: which LUNs are served, their manifests, assembling and learning blocks.
+//! - [`facts`]: what the target reports about a served LUN (block length, capacity, WP).
 //! - [`manifests`]: where each served LUN's manifest comes from, kept current.
 //! - [`pdu`]: the iSCSI PDU codec (BHS, AHS, digests), streaming and zero-copy.
 //! - [`text`]: iSCSI text parameters (used by passive discovery too).
@@ -16,6 +17,7 @@
 pub mod catalog;
 pub mod connection;
 pub mod datain;
+pub mod facts;
 pub mod login;
 pub mod manifests;
 pub mod pdu;

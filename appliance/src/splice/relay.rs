@@ -39,6 +39,11 @@ pub struct SplicerStats {
     pub bytes_to_initiator: AtomicU64,
     /// Connections closed because a PDU could not be decoded or framed.
     pub protocol_errors: AtomicU64,
+    /// Sessions whose login text could be read more than one way (passed through).
+    pub sessions_ambiguous: AtomicU64,
+    /// Served LUNs a session stopped being served (it may have written them, or
+    /// overflowed a per-session bound), counted per session and LUN.
+    pub sessions_tainted: AtomicU64,
     /// READs of served LUNs answered locally, per design.
     pub reads_served_shadow: AtomicU64,
     pub reads_served_local: AtomicU64,
@@ -82,6 +87,10 @@ pub struct SplicerSnapshot {
     pub bytes_to_initiator: u64,
     #[serde(default)]
     pub protocol_errors: u64,
+    #[serde(default)]
+    pub sessions_ambiguous: u64,
+    #[serde(default)]
+    pub sessions_tainted: u64,
     #[serde(default)]
     pub reads_served_shadow: u64,
     #[serde(default)]
@@ -151,6 +160,8 @@ impl SplicerStats {
             bytes_to_target: get(&self.bytes_to_target),
             bytes_to_initiator: get(&self.bytes_to_initiator),
             protocol_errors: get(&self.protocol_errors),
+            sessions_ambiguous: get(&self.sessions_ambiguous),
+            sessions_tainted: get(&self.sessions_tainted),
             reads_served_shadow: get(&self.reads_served_shadow),
             reads_served_local: get(&self.reads_served_local),
             reads_passed: get(&self.reads_passed),
@@ -282,7 +293,10 @@ async fn splice_connection(
         Err(e) => {
             if matches!(
                 e,
-                ConnectionError::Decode { .. } | ConnectionError::Encode(_)
+                ConnectionError::Decode { .. }
+                    | ConnectionError::Encode(_)
+                    | ConnectionError::TooManyTasks
+                    | ConnectionError::LoginTimeout(_)
             ) {
                 stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             }
