@@ -73,6 +73,9 @@ pub struct LoginOptions {
     pub first_burst_length: u32,
     /// Bound for every wait.
     pub timeout: Duration,
+    /// Pairs appended to the first Login PDU's text as given (hostile-input tests:
+    /// a second `TargetName`, garbage keys).
+    pub extra_first_text: Vec<(String, String)>,
 }
 
 impl LoginOptions {
@@ -88,6 +91,7 @@ impl LoginOptions {
             max_burst_length: 262_144,
             first_burst_length: 65_536,
             timeout: Duration::from_secs(20),
+            extra_first_text: Vec::new(),
         }
     }
 }
@@ -209,12 +213,15 @@ impl Initiator {
     fn do_login(&mut self) -> Result<()> {
         let o = self.options.clone();
         let yes_no = |b: bool| if b { "CRC32C" } else { "None" }.to_string();
-        let security = vec![
+        let mut security = vec![
             ("InitiatorName", o.initiator_name.clone()),
             ("TargetName", o.target_name.clone()),
             ("SessionType", "Normal".to_string()),
             ("AuthMethod", "None".to_string()),
         ];
+        for (k, v) in &o.extra_first_text {
+            security.push((k.as_str(), v.clone()));
+        }
         let operational = vec![
             ("HeaderDigest", yes_no(o.header_digest)),
             ("DataDigest", yes_no(o.data_digest)),
@@ -466,6 +473,43 @@ impl Initiator {
         self.cmd_sn = self.cmd_sn.wrapping_add(1);
         self.send(&bhs, Bytes::copy_from_slice(write))?;
         Ok(itt)
+    }
+
+    /// Send a SCSI command as given: an explicit 8-byte LUN field and CmdSN (which
+    /// may lie outside the command window; [`Initiator::next_cmd_sn`] is the next
+    /// in-window one, and sending it advances it), no data. Returns its ITT. For
+    /// hostile input: nothing checks that the target will accept it.
+    pub fn send_command_raw(
+        &mut self,
+        lun_field: u64,
+        cmd_sn: u32,
+        cdb: &[u8],
+        read_len: u32,
+    ) -> Result<u32> {
+        ensure!(cdb.len() <= 16, "CDB longer than 16 bytes");
+        let itt = self.take_itt();
+        let mut bhs = itt_bhs(Opcode::ScsiCommand, itt);
+        bhs.set_final_bit(true);
+        bhs.set_command_attr(1);
+        bhs.set_lun(lun_field);
+        let mut c = [0u8; 16];
+        c[..cdb.len()].copy_from_slice(cdb);
+        bhs.set_cdb(&c);
+        bhs.set_command_read(read_len > 0);
+        bhs.set_expected_data_transfer_length(read_len);
+        bhs.set_cmd_sn(cmd_sn);
+        bhs.set_exp_stat_sn(self.exp_stat_sn);
+        if cmd_sn == self.cmd_sn {
+            // The next in-window command: later ones follow it.
+            self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        }
+        self.send(&bhs, Bytes::new())?;
+        Ok(itt)
+    }
+
+    /// Send `bytes` as they are (a truncated or malformed PDU).
+    pub fn send_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes).context("sending bytes")
     }
 
     /// Wait for the outcome of task `itt` (sent with `edtl`), checking its Data-In.
@@ -736,6 +780,25 @@ impl Initiator {
     /// Drop the TCP connection without logging out.
     pub fn drop_connection(self) {
         let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Abort the connection with an RST (SO_LINGER 0, then close).
+    pub fn reset(self) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a socket we own, with a correctly sized value.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                std::ptr::addr_of!(linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        drop(self.stream);
     }
 }
 

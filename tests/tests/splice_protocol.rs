@@ -146,6 +146,9 @@ impl Fixture {
         let mut ini = Initiator::login(stream, options).expect("login");
         for lun in [SHADOW, LOCAL, SCRATCH] {
             ini.clear_unit_attention(lun, 3).expect("unit attention");
+            // As every real initiator does before reading: the splicer serves a
+            // LUN only once the target told its block length and capacity.
+            ini.read_capacity16(lun).expect("READ CAPACITY(16)");
         }
         ini
     }
