@@ -109,6 +109,10 @@ pub struct CostConfig {
     /// Other appliances' API addresses (`host:port`), polled for `/links`.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// The read token this appliance presents to its peers' APIs (first token
+    /// of the file; mode 0600). Needed with `peers`.
+    #[serde(default)]
+    pub peer_token_file: Option<std::path::PathBuf>,
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
     /// How utilisation turns into cost (gain, saturation, threshold).
@@ -380,19 +384,55 @@ impl ServedLunConfig {
     }
 }
 
+/// `[api]`: the HTTP API. Every route but `/metrics` and `/healthz` needs a
+/// bearer token from one of the token files (see [`crate::api::auth`]).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// HTTP API (status, metrics) listen address.
+    /// HTTP API listen address. Anything but loopback needs a token file.
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
+    /// Tokens (one a line, mode 0600) that may read: every GET route.
+    #[serde(default)]
+    pub read_token_file: Option<std::path::PathBuf>,
+    /// Tokens that may also change state (admin routes; admin implies read).
+    #[serde(default)]
+    pub admin_token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: default_api_listen(),
+            read_token_file: None,
+            admin_token_file: None,
         }
+    }
+}
+
+impl ApiConfig {
+    /// The tokens of both files, read and checked (owner-only, well formed).
+    pub fn auth(&self) -> Result<crate::api::auth::ApiAuth, crate::api::auth::TokenError> {
+        crate::api::auth::ApiAuth::load(
+            self.read_token_file.as_deref(),
+            self.admin_token_file.as_deref(),
+        )
+    }
+
+    /// Why this section is unsafe, if it is: an API other hosts can reach with
+    /// no token configured would be reachable by anyone (or, since requests
+    /// without a token are refused, reachable by no one: a mistake either way).
+    fn exposure_error(&self) -> Option<String> {
+        let exposed = !self.listen.ip().is_loopback();
+        let no_token = self.read_token_file.is_none() && self.admin_token_file.is_none();
+        (exposed && no_token).then(|| {
+            format!(
+                "{} is reachable from other hosts but no token is configured: set \
+                 read_token_file (and admin_token_file), made with `nearblock api token new \
+                 --out FILE`, or listen on 127.0.0.1",
+                self.listen
+            )
+        })
     }
 }
 
@@ -640,6 +680,16 @@ impl Config {
                     ));
                 }
             }
+            if !c.peers.is_empty() && c.peer_token_file.is_none() {
+                return Err(invalid(
+                    "cost",
+                    "peers",
+                    "the peers' /links needs a read token of theirs: set peer_token_file".into(),
+                ));
+            }
+        }
+        if let Some(message) = self.api.exposure_error() {
+            return Err(invalid("api", "listen", message));
         }
         if self.planner.is_some()
             && (self.cost.is_none() || (self.index.is_none() && self.indexer.is_none()))
@@ -857,7 +907,7 @@ image_transfer_ports = [10809, 3260]
     #[test]
     fn cost_section() {
         let c = Config::parse(&format!(
-            "{GOOD}\n[cost]\ntopology = \"t.toml\"\nlink_peers = {{ up = \"core\" }}\npeers = [\"198.18.0.2:7878\"]\n"
+            "{GOOD}\n[cost]\ntopology = \"t.toml\"\nlink_peers = {{ up = \"core\" }}\npeers = [\"198.18.0.2:7878\"]\npeer_token_file = \"/etc/nearblock/peer.token\"\n"
         ))
         .unwrap();
         let cost = c.cost.unwrap();
@@ -866,6 +916,7 @@ image_transfer_ports = [10809, 3260]
         for (bad, key) in [
             ("link_peers = { eth9 = \"x\" }", "cost.link_peers"),
             ("peers = [\"nowhere\"]", "cost.peers"),
+            ("peers = [\"198.18.0.2:7878\"]", "peer_token_file"),
             ("live = { saturation = 1.5 }", "cost.live"),
         ] {
             let e = Config::parse(&format!("{GOOD}\n[cost]\ntopology = \"t\"\n{bad}\n"))
@@ -873,6 +924,40 @@ image_transfer_ports = [10809, 3260]
                 .to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn api_beyond_loopback_needs_a_token() {
+        // Loopback without tokens starts (only /metrics and /healthz answer).
+        let c = Config::parse(&format!("{GOOD}\n[api]\nlisten = \"[::1]:7878\"\n")).unwrap();
+        assert!(c.api.read_token_file.is_none());
+        for listen in ["0.0.0.0:7878", "198.18.0.2:7878", "[::]:7878"] {
+            let text = format!("{GOOD}\n[api]\nlisten = \"{listen}\"\n");
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains("api.listen") && e.contains("line 12"), "{e}");
+            assert!(e.contains("no token is configured"), "{e}");
+            for key in ["read_token_file", "admin_token_file"] {
+                let c = Config::parse(&format!("{text}{key} = \"/etc/t\"\n")).unwrap();
+                assert_eq!(c.api.listen, listen.parse().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn api_token_files_are_checked_when_loaded() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("read.token");
+        std::fs::write(&file, "0123456789abcdef0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let c = Config::parse(&format!("{GOOD}\n[api]\nread_token_file = {file:?}\n")).unwrap();
+        let e = c.api.auth().unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(c.api.auth().unwrap().has_tokens());
+        std::fs::write(&file, "secret\n").unwrap();
+        let e = c.api.auth().unwrap_err().to_string();
+        assert!(e.contains("read.token") && e.contains("line 1"), "{e}");
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub enum DaemonError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("[api]: {0}")]
+    ApiTokens(#[from] crate::api::auth::TokenError),
 }
 
 /// The running appliance's shared state.
@@ -534,7 +536,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             addr: config.api.listen,
             source,
         })?;
-    let api_task = tokio::spawn(crate::api::serve(api_listener, app.clone()));
+    let api_auth = Arc::new(config.api.auth()?);
+    let api_task = tokio::spawn(crate::api::serve(api_listener, app.clone(), api_auth));
     info!(
         appliance = %config.appliance.name,
         steering = dpc.steer,
@@ -726,29 +729,21 @@ async fn peer_poll_loop(app: Arc<Appliance>) {
     let Some(cost) = app.config.cost.clone() else {
         return;
     };
+    let Some(token_file) = cost.peer_token_file.clone() else {
+        return;
+    };
+    let client = feed::LinksClient::new(token_file, Duration::from_secs(2));
     let mut tick = tokio::time::interval(Duration::from_millis(cost.poll_interval_ms));
     loop {
         tick.tick().await;
         for peer in &cost.peers {
-            let url = format!("http://{peer}/links");
-            let fetched =
-                tokio::task::spawn_blocking(move || -> Result<Vec<LinkUtilization>, String> {
-                    let agent: ureq::Agent = ureq::Agent::config_builder()
-                        .timeout_global(Some(Duration::from_secs(2)))
-                        .build()
-                        .into();
-                    let body = agent
-                        .get(&url)
-                        .call()
-                        .map_err(|e| e.to_string())?
-                        .into_body()
-                        .read_to_string()
-                        .map_err(|e| e.to_string())?;
-                    serde_json::from_str(&body).map_err(|e| e.to_string())
-                })
-                .await;
+            let (client, p) = (client.clone(), peer.clone());
+            let fetched = tokio::task::spawn_blocking(move || client.fetch(&p)).await;
             match fetched {
                 Ok(Ok(reports)) => app.apply_link_reports(&reports),
+                Ok(Err(e @ (feed::FeedError::Refused { .. } | feed::FeedError::Token(_)))) => {
+                    warn!(%peer, cause = %e, "peer /links not polled: token refused or unreadable")
+                }
                 Ok(Err(e)) => tracing::debug!(%peer, cause = %e, "peer /links unavailable"),
                 Err(e) => warn!(cause = %e, "peer poll task"),
             }

@@ -41,6 +41,10 @@ pub mod procs;
 /// The default lab: library ─ core ─ rack1, rack2 ─ hv1, hv2 / hv3, hv4.
 pub const DEFAULT_TOPOLOGY: &str = include_str!("../topologies/default.toml");
 
+/// The lab's API token files, in its directory (`nearblock api token new`).
+const API_READ_TOKEN_FILE: &str = "api-read.token";
+const API_ADMIN_TOKEN_FILE: &str = "api-admin.token";
+
 /// Where machine-wide state of the lab lives (slot locks).
 const LOCK_DIR: &str = "/run/nearblock-lab";
 const MAX_SLOTS: u32 = 48;
@@ -157,6 +161,12 @@ impl Lab {
         }
         let (slot, lock) = take_slot()?;
         let dir = tempdir::Dir::new(&format!("nblab{slot}"))?;
+        // Every appliance of the lab takes these API tokens (as a real one would
+        // its operators'); the helpers that call the API present them.
+        for file in [API_READ_TOKEN_FILE, API_ADMIN_TOKEN_FILE] {
+            nearblock::api::auth::write_new_token(&dir.path().join(file))
+                .context("writing the lab's API tokens")?;
+        }
         let mut lab = Lab {
             slot,
             _slot_lock: lock,
@@ -175,6 +185,24 @@ impl Lab {
 
     pub fn slot(&self) -> u32 {
         self.slot
+    }
+
+    /// The read-scope token file every lab appliance accepts (and presents to
+    /// its peers' `/links`).
+    pub fn api_read_token_file(&self) -> PathBuf {
+        self.dir.path().join(API_READ_TOKEN_FILE)
+    }
+
+    /// The admin-scope token file every lab appliance accepts.
+    pub fn api_admin_token_file(&self) -> PathBuf {
+        self.dir.path().join(API_ADMIN_TOKEN_FILE)
+    }
+
+    /// The read token itself, for clients that send the header themselves.
+    pub fn api_read_token(&self) -> Result<String> {
+        Ok(nearblock::api::auth::read_client_token(
+            &self.api_read_token_file(),
+        )?)
     }
 
     /// The namespace of `node`.
@@ -536,7 +564,11 @@ impl Lab {
             up.join(", "),
             opts.steer,
             capacity.join(", "),
-            opts.extra_config
+            with_api_tokens(
+                &opts.extra_config,
+                &self.api_read_token_file(),
+                &self.api_admin_token_file()
+            )
         )
     }
 
@@ -638,9 +670,16 @@ impl Lab {
     /// The status report of the daemon in `node` (through its API).
     pub fn status(&self, node: &str) -> Result<StatusReport> {
         let bin = nearblock_bin()?;
+        let token_file = self.api_read_token_file();
         let out = self.exec_ok(
             node,
-            &[bin.to_str().context("binary path")?, "status", "--json"],
+            &[
+                bin.to_str().context("binary path")?,
+                "status",
+                "--json",
+                "--token-file",
+                token_file.to_str().context("token file path")?,
+            ],
         )?;
         serde_json::from_slice(&out.stdout).context("status JSON")
     }
@@ -693,6 +732,33 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
     }
+}
+
+/// `extra` (a test's config tail) with the lab's token files in its `[api]`
+/// table: added to the test's own `[api]` if it has one (TOML allows a table
+/// once), else as a new table at the end.
+pub fn with_api_tokens(extra: &str, read: &Path, admin: &Path) -> String {
+    let keys = format!("read_token_file = {read:?}\nadmin_token_file = {admin:?}\n");
+    let mut out = String::with_capacity(extra.len() + keys.len() + 8);
+    let mut added = false;
+    for line in extra.split_inclusive('\n') {
+        out.push_str(line);
+        if !added && line.trim() == "[api]" {
+            if !line.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(&keys);
+            added = true;
+        }
+    }
+    if !added {
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str("[api]\n");
+        out.push_str(&keys);
+    }
+    out
 }
 
 fn lab_bool(t: Option<&toml::Table>, key: &str) -> bool {
@@ -868,5 +934,23 @@ mod tests {
         let out = "00:00:01 - lba 129408, iops current 17362 (1085 MB/s), iops average 17362 (1085 MB/s), in_flight 32, busy 0\r        iops average 18130 (1133 MB/s)   \n\nfinished.\n";
         assert_eq!(super::parse_iscsi_perf(out).unwrap(), (1133.0, 18130.0));
         assert!(super::parse_iscsi_perf("garbage").is_err());
+    }
+
+    #[test]
+    fn lab_tokens_join_the_tests_own_api_table_or_make_one() {
+        use std::path::Path;
+        let (r, a) = (Path::new("/lab/r"), Path::new("/lab/a"));
+        let parse = |s: &str| s.parse::<toml::Table>().unwrap();
+        let own =
+            super::with_api_tokens("\n[api]\nlisten = \"0.0.0.0:7878\"\n[cost]\nx = 1\n", r, a);
+        let t = parse(&own);
+        assert_eq!(t["api"]["listen"].as_str(), Some("0.0.0.0:7878"));
+        assert_eq!(t["api"]["read_token_file"].as_str(), Some("/lab/r"));
+        assert_eq!(t["api"]["admin_token_file"].as_str(), Some("/lab/a"));
+        assert_eq!(t["cost"]["x"].as_integer(), Some(1));
+        for extra in ["", "[splicer]\nlearn = true"] {
+            let t = parse(&super::with_api_tokens(extra, r, a));
+            assert_eq!(t["api"]["read_token_file"].as_str(), Some("/lab/r"));
+        }
     }
 }

@@ -273,9 +273,17 @@ fn discovery_table_in_steering_and_monitor_only_mode() {
         assert_eq!(r.splicer.accepted > 0, steer, "steer={steer}");
         // The status CLI prints it too.
         let bin = nearblock_lab::nearblock_bin().unwrap();
+        let token_file = lab.api_read_token_file();
         let text = lab
-            .exec_ok("rack1", &[bin.to_str().unwrap(), "status"])
+            .cmd("rack1", &[bin.to_str().unwrap(), "status"])
+            .env("NEARBLOCK_API_TOKEN_FILE", &token_file)
+            .output()
             .expect("status");
+        assert!(
+            text.status.success(),
+            "{}",
+            String::from_utf8_lossy(&text.stderr)
+        );
         let text = stdout(&text);
         assert!(text.contains(iqn) && text.contains(IQN), "{text}");
     }

@@ -44,10 +44,12 @@ capacity_mbps = 10000
 
 const IQN: &str = "iqn.2026-11.test.nearblock:live";
 
-/// `GET http://127.0.0.1:7878{path}` inside `node`, as JSON.
+/// `GET http://127.0.0.1:7878{path}` inside `node` with the lab's read token,
+/// as JSON.
 fn get(lab: &Lab, node: &str, path: &str) -> serde_json::Value {
+    let token_file = lab.api_read_token_file();
     let script = format!(
-        "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:7878{path}', timeout=5).read().decode())"
+        "import urllib.request,sys; req=urllib.request.Request('http://127.0.0.1:7878{path}', headers={{'Authorization': 'Bearer '+open({token_file:?}).read().split()[0]}}); sys.stdout.write(urllib.request.urlopen(req, timeout=5).read().decode())"
     );
     let o = lab
         .exec_ok(node, &["python3", "-c", &script])
@@ -113,10 +115,14 @@ fn loaded_link_raises_path_cost_here_and_at_a_polling_peer() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
     };
+    // rack1's API is polled from core, so it listens beyond loopback (the lab
+    // adds its token files to [api]); core presents the lab's read token.
+    let peer_token = lab.api_read_token_file();
     let cost = |peers: &str| {
         format!(
-            "sample_interval_ms = 500\n[api]\nlisten = \"0.0.0.0:7878\"\n[cost]\ntopology = {:?}\npoll_interval_ms = 300\npeers = [{peers}]\n",
-            topo.display().to_string()
+            "sample_interval_ms = 500\n[api]\nlisten = \"0.0.0.0:7878\"\n[cost]\ntopology = {:?}\npoll_interval_ms = 300\npeers = [{peers}]\npeer_token_file = {:?}\n",
+            topo.display().to_string(),
+            peer_token.display().to_string()
         )
     };
     // Offline first: the running daemon holds the store (redb locks it).

@@ -16,11 +16,14 @@ const AGENT_PORT: u16 = 7200;
 /// `[planner] metrics_stale_secs` of rack1.
 const STALE_SECS: u64 = 3;
 
-/// `GET http://127.0.0.1:7878{path}` inside `node`: (HTTP status, body).
+/// `GET http://127.0.0.1:7878{path}` inside `node` with the lab's read token:
+/// (HTTP status, body).
 fn get(lab: &Lab, node: &str, path: &str) -> (u16, String) {
+    let token_file = lab.api_read_token_file();
     let script = format!(
         "import urllib.request,urllib.error,sys\n\
-         try:\n    r=urllib.request.urlopen('http://127.0.0.1:7878{path}', timeout=5); print(r.status); sys.stdout.write(r.read().decode())\n\
+         req=urllib.request.Request('http://127.0.0.1:7878{path}', headers={{'Authorization': 'Bearer '+open({token_file:?}).read().split()[0]}})\n\
+         try:\n    r=urllib.request.urlopen(req, timeout=5); print(r.status); sys.stdout.write(r.read().decode())\n\
          except urllib.error.HTTPError as e:\n    print(e.code); sys.stdout.write(e.read().decode())\n"
     );
     let o = lab

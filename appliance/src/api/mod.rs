@@ -1,11 +1,19 @@
 //! The HTTP API: `GET /status` (JSON: flows, interfaces, verdicts, splicer,
-//! discovery), `GET /metrics` (Prometheus text), `/links`, `/costs`, `/plan/*`
-//! and `GET /hosts` (the host metrics placement uses, and where they come from).
+//! discovery), `GET /metrics` (Prometheus text), `/links`, `/costs`, `/plan/*`,
+//! `GET /hosts` (the host metrics placement uses, and where they come from) and
+//! `GET /healthz`.
+//!
+//! Every route but `/metrics` and `/healthz` needs a bearer token ([`auth`]).
+//! Work that walks kernel maps or plans runs on the blocking pool, a few
+//! requests at a time, so a burst of requests cannot stall the async workers
+//! the splicer and the peer service share.
+
+pub mod auth;
 
 use std::sync::Arc;
 
 use axum::{
-    extract::{Query, State},
+    extract::{FromRef, Query, State},
     http::StatusCode,
     response::IntoResponse,
     routing::get,
@@ -16,30 +24,100 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use tokio::sync::Semaphore;
 
 use crate::daemon::{Appliance, StatusReport};
 
-pub async fn serve(listener: tokio::net::TcpListener, app: Arc<Appliance>) {
-    let router = Router::new()
-        .route("/status", get(status))
+/// What the handlers share: the appliance, and the permits for heavy work.
+#[derive(Clone)]
+struct ApiState {
+    app: Arc<Appliance>,
+    heavy: Arc<Semaphore>,
+}
+
+impl FromRef<ApiState> for Arc<Appliance> {
+    fn from_ref(s: &ApiState) -> Self {
+        s.app.clone()
+    }
+}
+
+/// Serve the API on `listener` until the task is dropped; `auth`'s token files
+/// are re-read beside it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<Appliance>,
+    auth: Arc<auth::ApiAuth>,
+) {
+    if !auth.has_tokens() {
+        tracing::warn!(
+            "no [api] token file: every route but /metrics and /healthz answers 401 \
+             (make a token with `nearblock api token new --out FILE`)"
+        );
+    }
+    let state = ApiState {
+        app,
+        heavy: Arc::new(Semaphore::new(heavy_concurrency())),
+    };
+    let open = Router::new()
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz));
+    let read = Router::new()
+        .route("/status", get(status))
         .route("/links", get(links))
         .route("/costs", get(costs))
         .route("/plan/construct", get(plan_construct))
         .route("/plan/place", get(plan_place))
-        .route("/hosts", get(hosts))
-        .with_state(app);
-    if let Err(e) = axum::serve(listener, router).await {
-        tracing::warn!(cause = %e, "API server stopped");
+        .route("/hosts", get(hosts));
+    // No route changes state yet; those that will go here.
+    let admin = Router::new();
+    let router = auth::layout(auth.clone(), open, read, admin).with_state(state);
+    tokio::select! {
+        r = axum::serve(listener, router) => {
+            if let Err(e) = r {
+                tracing::warn!(cause = %e, "API server stopped");
+            }
+        }
+        () = auth.refresh_loop() => {}
     }
 }
 
-async fn status(
-    State(app): State<Arc<Appliance>>,
-) -> Result<Json<StatusReport>, (StatusCode, String)> {
-    app.status()
-        .map(Json)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+/// Heavy requests run at most this many at a time (one per core): more would
+/// only queue on the cores and the datapath lock.
+fn heavy_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Run `work` on the blocking pool once a heavy-work permit is free.
+async fn offload<T: Send + 'static>(
+    heavy: &Semaphore,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let _permit = heavy
+        .acquire()
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("request task: {e}"),
+        )
+    })?
+}
+
+/// `GET /healthz`: the process and its runtime answer (liveness; open, like
+/// `/metrics`, for probes that hold no token).
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn status(State(s): State<ApiState>) -> Result<Json<StatusReport>, ApiError> {
+    let app = s.app.clone();
+    offload(&s.heavy, move || {
+        app.status()
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    })
+    .await
+    .map(Json)
 }
 
 /// `GET /links`: this appliance's own links and their measured utilisation.
@@ -55,19 +133,22 @@ struct CostsQuery {
 /// `GET /costs?target=NODE`: path cost from every node to NODE under the live
 /// link costs (`null`: unreachable).
 async fn costs(
-    State(app): State<Arc<Appliance>>,
+    State(s): State<ApiState>,
     Query(q): Query<CostsQuery>,
-) -> Result<Json<std::collections::BTreeMap<String, Option<f64>>>, (StatusCode, String)> {
-    let Some(live) = &app.live_costs else {
-        return Err((StatusCode::NOT_FOUND, "no [cost] section configured".into()));
-    };
-    let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
-    crate::cost::feed::costs_to(&mut live, &q.target)
-        .map(Json)
-        .ok_or((
+) -> Result<Json<std::collections::BTreeMap<String, Option<f64>>>, ApiError> {
+    let app = s.app.clone();
+    offload(&s.heavy, move || {
+        let Some(live) = &app.live_costs else {
+            return Err((StatusCode::NOT_FOUND, "no [cost] section configured".into()));
+        };
+        let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
+        crate::cost::feed::costs_to(&mut live, &q.target).ok_or((
             StatusCode::NOT_FOUND,
             format!("`{}` is not a node of the topology", q.target),
         ))
+    })
+    .await
+    .map(Json)
 }
 
 #[derive(serde::Deserialize)]
@@ -138,10 +219,17 @@ fn planner_parts(
 /// the same report as `nearblock plan construct --json`, priced with live link
 /// costs; with `blocks`, the per-block list in the served LUN's prefetch order.
 async fn plan_construct(
-    State(app): State<Arc<Appliance>>,
+    State(s): State<ApiState>,
     Query(q): Query<ConstructQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (store, topo) = planner_parts(&app, q.pricing.as_deref())?;
+    let app = s.app.clone();
+    offload(&s.heavy, move || construct(&app, q))
+        .await
+        .map(Json)
+}
+
+fn construct(app: &Appliance, q: ConstructQuery) -> Result<serde_json::Value, ApiError> {
+    let (store, topo) = planner_parts(app, q.pricing.as_deref())?;
     let req = crate::plan::offline::ConstructRequest {
         target: q.target,
         block_size: q.block_size,
@@ -152,18 +240,21 @@ async fn plan_construct(
     };
     let report = crate::plan::offline::construct_report(&store, &topo, &req)
         .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    serde_json::to_value(report)
-        .map(Json)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    serde_json::to_value(report).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 /// `GET /plan/place?image=&candidates=h1,h2[&policy=][&block_size=][&pricing=static]`:
 /// the same report as `nearblock plan place --json`.
 async fn plan_place(
-    State(app): State<Arc<Appliance>>,
+    State(s): State<ApiState>,
     Query(q): Query<PlaceQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (store, topo) = planner_parts(&app, q.pricing.as_deref())?;
+    let app = s.app.clone();
+    offload(&s.heavy, move || place(&app, q)).await.map(Json)
+}
+
+fn place(app: &Appliance, q: PlaceQuery) -> Result<serde_json::Value, ApiError> {
+    let (store, topo) = planner_parts(app, q.pricing.as_deref())?;
     let policy = q
         .policy
         .parse()
@@ -189,9 +280,7 @@ async fn plan_place(
     };
     let report = crate::plan::offline::place_report(&store, &topo, &req)
         .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    serde_json::to_value(report)
-        .map(Json)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    serde_json::to_value(report).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 /// `GET /hosts`: per host, the agent-reported metrics (with their age), the
@@ -291,12 +380,17 @@ struct IfaceLabel {
     direction: String,
 }
 
-async fn metrics(State(app): State<Arc<Appliance>>) -> impl IntoResponse {
-    let report = match app.status() {
-        Ok(r) => r,
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    (StatusCode::OK, render_metrics(&report))
+/// `GET /metrics`: open (Prometheus scrapers hold no token). It shows counters
+/// by verdict, interface name and source class only: no addresses, IQNs or
+/// image names (those are in the token-guarded `/status`).
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    let app = s.app.clone();
+    offload(&s.heavy, move || {
+        app.status()
+            .map(|r| render_metrics(&r))
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    })
+    .await
 }
 
 /// Prometheus text for a status report. The counters live in kernel maps, so a

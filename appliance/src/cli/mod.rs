@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod agent;
+pub mod api;
 pub mod index;
 pub mod indexer;
 pub mod peer;
@@ -38,6 +39,8 @@ pub enum Command {
     Indexer(indexer::IndexerArgs),
     /// Ask agents and indexers over the peer protocol (holders, blocks, ping).
     Peer(peer::PeerArgs),
+    /// The HTTP API's bearer tokens (`api token new --out FILE`).
+    Api(api::ApiArgs),
 }
 
 /// Run one parsed command, writing its output to `out`.
@@ -50,5 +53,6 @@ pub fn dispatch(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
         Command::Agent(a) => agent::run(a, out),
         Command::Indexer(a) => indexer::run(a, out),
         Command::Peer(a) => peer::run(a, out),
+        Command::Api(a) => api::run(a, out),
     }
 }

@@ -18,6 +18,15 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
+    // Token files are checked before anything starts (and by --check).
+    config.api.auth().context("[api]")?;
+    if let Some(f) = config
+        .cost
+        .as_ref()
+        .and_then(|c| c.peer_token_file.as_deref())
+    {
+        crate::api::auth::read_client_token(f).context("[cost] peer_token_file")?;
+    }
     if args.check {
         println!("{}: ok", args.config.display());
         return Ok(());

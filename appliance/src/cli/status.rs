@@ -1,41 +1,103 @@
 //! `nearblock status`: ask a running daemon's API and print flows, counters and the
 //! discovery table (or the raw JSON with `--json`).
 
-use std::{io::Write, net::SocketAddr};
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context;
 
-use crate::{config, daemon::StatusReport};
+use crate::{api::auth::TOKEN_FILE_ENV, config, daemon::StatusReport};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// The daemon's API address (`[api] listen`).
     #[arg(long, default_value_t = config::default_api_listen())]
     pub api: SocketAddr,
+    #[command(flatten)]
+    pub token: TokenArgs,
     /// Print the JSON report.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Where a command that calls the API finds its token.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TokenArgs {
+    /// A file holding an API token (a line of `[api] read_token_file`; mode
+    /// 0600) [default: $NEARBLOCK_API_TOKEN_FILE].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    /// `--token-file`, else the environment's, else none.
+    pub fn path(&self) -> Option<PathBuf> {
+        self.token_file
+            .clone()
+            .or_else(|| std::env::var_os(TOKEN_FILE_ENV).map(PathBuf::from))
+    }
+}
+
 pub fn run(args: StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let url = format!("http://{}/status", args.api);
-    let body = ureq::get(&url)
-        .call()
-        .with_context(|| {
-            format!(
-                "no nearblock daemon answering at {} (is it running?)",
-                args.api
-            )
-        })?
-        .into_body()
-        .read_to_string()
-        .context("reading the status reply")?;
+    let body = api_get(args.api, "/status", args.token.path().as_deref())?;
     if args.json {
         writeln!(out, "{body}")?;
         return Ok(());
     }
     let r: StatusReport = serde_json::from_str(&body).context("parsing the status reply")?;
     print_report(&r, out)
+}
+
+/// `GET path` on the daemon at `api` with the token in `token_file` (if any);
+/// the body of a 200, else an error that says what to do.
+pub fn api_get(api: SocketAddr, path: &str, token_file: Option<&Path>) -> anyhow::Result<String> {
+    let token = token_file
+        .map(crate::api::auth::read_client_token)
+        .transpose()?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent.get(&format!("http://{api}{path}"));
+    if let Some(t) = &token {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    let resp = req
+        .call()
+        .with_context(|| format!("no nearblock daemon answering at {api} (is it running?)"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .read_to_string()
+        .with_context(|| format!("reading the reply to {path}"))?;
+    match status {
+        200 => Ok(body),
+        _ => Err(anyhow::anyhow!(refusal(
+            api,
+            path,
+            status,
+            token.is_some(),
+            &body
+        ))),
+    }
+}
+
+/// What to tell the user when the daemon did not answer 200.
+fn refusal(api: SocketAddr, path: &str, status: u16, had_token: bool, body: &str) -> String {
+    match (status, had_token) {
+        (401, false) => format!(
+            "the daemon at {api} wants an API token: pass --token-file FILE or set \
+             {TOKEN_FILE_ENV} (FILE holds a line of the daemon's [api] read_token_file)"
+        ),
+        (401, true) => format!(
+            "the daemon at {api} refused the token: it is in neither of its [api] token files"
+        ),
+        (403, _) => format!("the daemon at {api} refused {path}: {}", body.trim()),
+        _ => format!("{path} on {api}: HTTP {status}: {}", body.trim()),
+    }
 }
 
 /// One declared LUN: served or not (why), where its manifest is from, what it is.
@@ -155,6 +217,28 @@ pub fn print_report(r: &StatusReport, out: &mut dyn Write) -> anyhow::Result<()>
 mod tests {
     use super::*;
     use crate::splice::catalog::{LunStatus, ManifestOrigin};
+
+    #[test]
+    fn refusals_say_what_to_do() {
+        let api = config::default_api_listen();
+        let e = refusal(api, "/status", 401, false, "");
+        assert!(
+            e.contains("--token-file") && e.contains(TOKEN_FILE_ENV),
+            "{e}"
+        );
+        let e = refusal(api, "/status", 401, true, "");
+        assert!(e.contains("refused the token"), "{e}");
+        let e = refusal(
+            api,
+            "/jobs",
+            403,
+            true,
+            "this route needs a token of scope admin\n",
+        );
+        assert!(e.contains("scope admin"), "{e}");
+        let e = refusal(api, "/costs", 404, true, "no [cost] section configured");
+        assert!(e.contains("HTTP 404") && e.contains("no [cost]"), "{e}");
+    }
 
     #[test]
     fn lun_lines_say_whether_and_why() {

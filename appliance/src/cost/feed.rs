@@ -4,9 +4,10 @@
 //! other appliances' `/links` for the links it cannot see. Both kinds of sample go
 //! through [`LiveCosts::observe`], which applies its threshold.
 //!
-//! Pure mapping here; the polling is in the daemon.
+//! Pure mapping here, and [`LinksClient`] (one peer's `/links`, with this
+//! appliance's token); the polling loop is in the daemon.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +68,69 @@ pub fn costs_to(live: &mut LiveCosts, target: &str) -> Option<BTreeMap<String, O
             .map(|n| (graph.name(n).to_string(), paths.cost(n)))
             .collect(),
     )
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("[cost] peer_token_file: {0}")]
+    Token(#[from] crate::api::auth::TokenError),
+    #[error(
+        "{peer} refused our token (HTTP {status}): it must be in the peer's [api] read_token_file"
+    )]
+    Refused { peer: String, status: u16 },
+    #[error("{peer}/links: {message}")]
+    Unavailable { peer: String, message: String },
+}
+
+/// Fetches other appliances' `GET /links` with this appliance's read token.
+/// Blocking (run it with `spawn_blocking`); one agent, so connections are reused
+/// across polls. The token file is read at every fetch, so a rotated token is
+/// used from the next poll on.
+#[derive(Clone, Debug)]
+pub struct LinksClient {
+    agent: ureq::Agent,
+    token_file: PathBuf,
+}
+
+impl LinksClient {
+    pub fn new(token_file: PathBuf, timeout: Duration) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self { agent, token_file }
+    }
+
+    /// `peer`'s links (`host:port` of its API).
+    pub fn fetch(&self, peer: &str) -> Result<Vec<LinkUtilization>, FeedError> {
+        let token = crate::api::auth::read_client_token(&self.token_file)?;
+        let unavailable = |message: String| FeedError::Unavailable {
+            peer: peer.to_string(),
+            message,
+        };
+        let resp = self
+            .agent
+            .get(&format!("http://{peer}/links"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .map_err(|e| unavailable(e.to_string()))?;
+        match resp.status().as_u16() {
+            200 => {}
+            status @ (401 | 403) => {
+                return Err(FeedError::Refused {
+                    peer: peer.to_string(),
+                    status,
+                })
+            }
+            status => return Err(unavailable(format!("HTTP {status}"))),
+        }
+        let body = resp
+            .into_body()
+            .read_to_string()
+            .map_err(|e| unavailable(e.to_string()))?;
+        serde_json::from_str(&body).map_err(|e| unavailable(format!("reply: {e}")))
+    }
 }
 
 #[cfg(test)]
@@ -141,5 +205,52 @@ capacity_mbps = 100
         assert!(changed.is_empty());
         assert_eq!(unknown.len(), 3);
         assert!(costs_to(&mut l, "nowhere").is_none());
+    }
+
+    /// A peer's API (the real auth layout) serving one link report.
+    async fn peer_api(dir: &std::path::Path, read_token: &str) -> String {
+        use crate::api::auth::{layout, ApiAuth};
+        use axum::{routing::get, Json, Router};
+        use std::os::unix::fs::PermissionsExt;
+        let file = dir.join("peer-read.token");
+        std::fs::write(&file, format!("{read_token}\n")).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let auth = std::sync::Arc::new(ApiAuth::load(Some(&file), None).unwrap());
+        let links = Router::new().route(
+            "/links",
+            get(|| async { Json(vec![report("rack", "hv", 0.5)]) }),
+        );
+        let router = layout(auth, Router::new(), links, Router::new());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        addr.to_string()
+    }
+
+    #[tokio::test]
+    async fn links_client_presents_its_token() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = "ab".repeat(32);
+        let peer = peer_api(dir.path(), &token).await;
+        let ours = dir.path().join("ours.token");
+        let fetch = |contents: String| {
+            std::fs::write(&ours, contents).unwrap();
+            std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let (client, peer) = (
+                LinksClient::new(ours.clone(), Duration::from_secs(5)),
+                peer.clone(),
+            );
+            tokio::task::spawn_blocking(move || client.fetch(&peer))
+        };
+        let got = fetch(format!("{token}\n")).await.unwrap().unwrap();
+        assert_eq!(got, [report("rack", "hv", 0.5)]);
+        let e = fetch(format!("{}\n", "cd".repeat(32)))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(e, FeedError::Refused { status: 401, .. }), "{e}");
+        let e = fetch("short\n".into()).await.unwrap().unwrap_err();
+        assert!(matches!(e, FeedError::Token(_)), "{e}");
     }
 }
