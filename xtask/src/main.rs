@@ -80,6 +80,16 @@ enum Cmd {
     },
 }
 
+/// Run one phase of a task and print how long it took (CI reads these lines).
+fn phase<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let start = std::time::Instant::now();
+    let result = f();
+    let secs = start.elapsed().as_secs_f64();
+    let outcome = if result.is_ok() { "done" } else { "failed" };
+    eprintln!("xtask: phase {name}: {outcome} in {secs:.1} s");
+    result
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Bootstrap => bootstrap(),
@@ -153,10 +163,15 @@ fn build() -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     // The integration tests run the nearblock binary; build it in the test
     // profile's directory so the lab finds it beside the test executables.
-    cargo(&["build", "-p", "nearblock", "--bin", "nearblock"]).status_ok()?;
-    let mut c = cargo(&["test", "--workspace"]);
-    c.args(extra).env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR);
-    c.status_ok()
+    phase("build", || {
+        cargo(&["build", "-p", "nearblock", "--bin", "nearblock"]).status_ok()?;
+        cargo(&["test", "--workspace", "--no-run"]).status_ok()
+    })?;
+    phase("test", || {
+        let mut c = cargo(&["test", "--workspace"]);
+        c.args(extra).env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR);
+        c.status_ok()
+    })
 }
 
 fn bench(which: &str) -> Result<()> {
@@ -190,11 +205,11 @@ fn bootstrap() -> Result<()> {
     if !is_root() {
         bail!("bootstrap installs system packages: run as root");
     }
-    apt_packages()?;
-    bpf_linker()?;
-    qemu_72()?;
-    python_blake3()?;
-    corpus()?;
+    phase("bootstrap: Debian packages", apt_packages)?;
+    phase("bootstrap: bpf-linker", bpf_linker)?;
+    phase("bootstrap: qemu-img 7.2", qemu_72)?;
+    phase("bootstrap: python blake3", python_blake3)?;
+    phase("bootstrap: corpus", corpus)?;
     Ok(())
 }
 
