@@ -350,6 +350,16 @@ pub fn render_metrics(r: &StatusReport) -> String {
             "Bytes relayed target to initiator",
             s.bytes_to_initiator,
         ),
+        (
+            "splicer_over_cap_relayed",
+            "Connections accepted over a connection cap, relayed as bytes",
+            s.over_cap_relayed,
+        ),
+        (
+            "splicer_fd_exhausted",
+            "Accepts and upstream sockets that failed for want of file descriptors",
+            s.fd_exhausted,
+        ),
     ] {
         let c = Counter::<u64>::default();
         c.inc_by(v);
