@@ -701,6 +701,25 @@ mod tests {
     }
 
     #[test]
+    fn keepalive_and_user_timeout_are_set_on_the_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let k = Keepalive {
+            idle: Duration::from_secs(31),
+            interval: Duration::from_secs(7),
+            count: 4,
+            user_timeout: Some(Duration::from_secs(59)),
+        };
+        set_keepalive(&sock, &k).unwrap();
+        let r = SockRef::from(&sock);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_keepalive_time().unwrap(), k.idle);
+        assert_eq!(r.tcp_keepalive_interval().unwrap(), k.interval);
+        assert_eq!(r.tcp_keepalive_retries().unwrap(), 4);
+        assert_eq!(r.tcp_user_timeout().unwrap(), k.user_timeout);
+    }
+
+    #[test]
     fn fd_exhaustion_is_recognised() {
         assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(
             libc::EMFILE
