@@ -7,14 +7,18 @@
 //! - [`verdict`]: named verdict counters of the classifier and the steering program.
 //! - [`event`]: the ring-buffer record that carries iSCSI Login Request segments.
 //! - [`maps`]: map names, sizes, interface roles and load-time globals.
+//! - [`failopen`]: the heartbeat and over-cap source records (fail open on a hung
+//!   daemon).
 #![no_std]
 
 pub mod event;
+pub mod failopen;
 pub mod flow;
 pub mod maps;
 pub mod verdict;
 
 pub use event::LoginEvent;
+pub use failopen::{Heartbeat, SourceKey};
 pub use flow::{FlowCounters, FlowKey, FlowSeq, IfCounters};
 pub use verdict::Verdict;
 
@@ -26,4 +30,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowCounters {}
     unsafe impl aya::Pod for super::IfCounters {}
     unsafe impl aya::Pod for super::FlowSeq {}
+    unsafe impl aya::Pod for super::Heartbeat {}
+    unsafe impl aya::Pod for super::SourceKey {}
 }

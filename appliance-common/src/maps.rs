@@ -25,6 +25,16 @@ pub const IFACE_ROLES_MAX: u32 = 256;
 pub const LISTENERS: &str = "LISTENERS";
 pub const LISTENER_V4: u32 = 0;
 pub const LISTENER_V6: u32 = 1;
+/// Array of [`crate::Heartbeat`], indexed like `LISTENERS`: each accept loop's
+/// proof of life; a new SYN goes to a listener only while its heartbeat is fresh.
+pub const HEARTBEATS: &str = "HEARTBEATS";
+pub const HEARTBEATS_MAX: u32 = 2;
+/// LRU hash [`crate::SourceKey`] `->` expiry (CLOCK_MONOTONIC ns): sources at their
+/// per-source connection cap; their new SYNs are forwarded untouched until then.
+/// LRU, so a flood of sources can only evict marks (those sources are then steered
+/// again and re-marked), never fill the map.
+pub const OVERCAP_SOURCES: &str = "OVERCAP_SOURCES";
+pub const OVERCAP_SOURCES_MAX: u32 = 4096;
 
 /// Role bit: new connections entering here toward a classified port are steered.
 pub const ROLE_CLIENT_FACING: u32 = 1;

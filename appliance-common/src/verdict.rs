@@ -41,10 +41,19 @@ pub enum Verdict {
     /// TC: classified packet of a flow this appliance does not splice (e.g. started
     /// before steering was attached): forwarded untouched.
     SteerPassthrough = 16,
+    /// TC: a new connection's SYN, forwarded untouched because the listener's
+    /// heartbeat is stale (the daemon is stopped or its accept loop wedged).
+    SteerStaleHeartbeat = 17,
+    /// TC: a new connection's SYN, forwarded untouched because the daemon is alive
+    /// but not accepting (out of file descriptors, or at its total connection cap).
+    SteerNotAccepting = 18,
+    /// TC: a new connection's SYN from a source at its per-source connection cap,
+    /// forwarded untouched.
+    SteerOverCapSource = 19,
 }
 
 /// Number of slots in the verdict array.
-pub const VERDICT_COUNT: u32 = 17;
+pub const VERDICT_COUNT: u32 = 20;
 
 /// Names for export, indexed by the verdict's value.
 pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
@@ -65,4 +74,7 @@ pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
     "tc_steer_reply",
     "tc_steer_assign_failed",
     "tc_steer_passthrough",
+    "tc_steer_stale_heartbeat",
+    "tc_steer_not_accepting",
+    "tc_steer_over_cap_source",
 ];

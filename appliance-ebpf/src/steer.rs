@@ -11,25 +11,35 @@
 //!
 //! Fail-open: no listener in the map means the SYN is forwarded untouched; flows
 //! carrying the nearblock DSCP mark (another appliance's upstream connection) are
-//! never touched.
+//! never touched. A new SYN is also forwarded untouched when the listener's accept
+//! loop has not written its heartbeat within `HEARTBEAT_STALE_NS` (daemon stopped
+//! or wedged), when the loop says it is not accepting (out of fds, at its cap), or
+//! when its source is marked over its per-source cap. Only new SYNs consult these:
+//! packets of flows a splicer socket already owns keep being assigned to it (a
+//! stopped daemon's established sessions stall until it runs again).
 
 use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT,
     },
     cty::c_void,
-    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{
+        bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release,
+        bpf_skc_lookup_tcp,
+    },
     macros::map,
-    maps::{HashMap, SockMap},
+    maps::{Array, HashMap, LruHashMap, SockMap},
     programs::TcContext,
     EbpfContext,
 };
 use nearblock_common::{
+    failopen::Liveness,
     flow::FAMILY_IPV4,
     maps::{
-        IFACE_ROLES_MAX, LISTENER_V4, LISTENER_V6, ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING,
+        HEARTBEATS_MAX, IFACE_ROLES_MAX, LISTENER_V4, LISTENER_V6, OVERCAP_SOURCES_MAX,
+        ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING,
     },
-    Verdict,
+    Heartbeat, SourceKey, Verdict,
 };
 
 use crate::{
@@ -42,6 +52,13 @@ pub static IFACE_ROLES: HashMap<u32, u32> = HashMap::with_max_entries(IFACE_ROLE
 
 #[map]
 pub static LISTENERS: SockMap = SockMap::with_max_entries(2, 0);
+
+#[map]
+pub static HEARTBEATS: Array<Heartbeat> = Array::with_max_entries(HEARTBEATS_MAX, 0);
+
+#[map]
+pub static OVERCAP_SOURCES: LruHashMap<SourceKey, u64> =
+    LruHashMap::with_max_entries(OVERCAP_SOURCES_MAX, 0);
 
 /// Set by the loader before load (read-only global).
 #[no_mangle]
@@ -199,6 +216,12 @@ fn assign_listener(ctx: &TcContext, pkt: &TcpPacket) {
         bump(Verdict::SteerNoListener);
         return;
     }
+    if let Some(refused) = new_flow_refused(pkt, key) {
+        // SAFETY: dropping the map lookup's reference; the SYN goes on untouched.
+        unsafe { bpf_sk_release(sk.cast()) };
+        bump(refused);
+        return;
+    }
     // SAFETY: `sk` is the referenced listener from the map.
     let rc = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
     // SAFETY: dropping the map lookup's reference.
@@ -210,6 +233,35 @@ fn assign_listener(ctx: &TcContext, pkt: &TcpPacket) {
     }
     mark(ctx);
     bump(Verdict::SteerNewFlow);
+}
+
+/// Why a new connection must not be handed to the listener in `slot`, if it must
+/// not: the listener's accept loop is not alive or not accepting, or the source
+/// is over its per-source cap.
+#[inline(always)]
+fn new_flow_refused(pkt: &TcpPacket, slot: u32) -> Option<Verdict> {
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(hb) = HEARTBEATS.get(slot) else {
+        return Some(Verdict::SteerStaleHeartbeat);
+    };
+    match hb.liveness(now) {
+        Liveness::Fresh => {}
+        Liveness::Stale => return Some(Verdict::SteerStaleHeartbeat),
+        Liveness::NotAccepting => return Some(Verdict::SteerNotAccepting),
+    }
+    let source = SourceKey {
+        family: pkt.family,
+        _pad: [0; 3],
+        addr: pkt.saddr,
+    };
+    // SAFETY: the value is copied out immediately.
+    if let Some(until) = unsafe { OVERCAP_SOURCES.get(&source) } {
+        if *until > now {
+            return Some(Verdict::SteerOverCapSource);
+        }
+    }
+    None
 }
 
 #[inline(always)]

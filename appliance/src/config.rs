@@ -250,6 +250,29 @@ pub struct SplicerConfig {
     /// milliseconds.
     #[serde(default = "default_manifest_refresh_ms")]
     pub manifest_refresh_ms: u64,
+    /// Connections spliced at once (lowered at start to what the fd limit holds);
+    /// at the cap, new connections are forwarded untouched.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections from one source address at once; a source at its cap has its
+    /// new connections forwarded untouched.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// TCP keepalive on the splicer's sockets (both sides): idle time before the
+    /// first probe, seconds.
+    #[serde(default = "default_keepalive_idle_secs")]
+    pub keepalive_idle_secs: u64,
+    /// Between unanswered probes, seconds.
+    #[serde(default = "default_keepalive_interval_secs")]
+    pub keepalive_interval_secs: u64,
+    /// Unanswered probes before the peer is dead.
+    #[serde(default = "default_keepalive_count")]
+    pub keepalive_count: u32,
+    /// TCP_USER_TIMEOUT, seconds: how long sent data may go unacknowledged (or
+    /// the peer's receive window stay shut) before the connection is closed
+    /// (0: the kernel's default).
+    #[serde(default = "default_user_timeout_secs")]
+    pub user_timeout_secs: u64,
     /// LUNs served locally (declared immutable; served while a current
     /// manifest is available).
     #[serde(default)]
@@ -310,6 +333,12 @@ impl Default for SplicerConfig {
             history_dir: None,
             prefetch_budget_mbps: default_prefetch_budget(),
             manifest_refresh_ms: default_manifest_refresh_ms(),
+            max_connections: default_max_connections(),
+            max_connections_per_source: default_max_connections_per_source(),
+            keepalive_idle_secs: default_keepalive_idle_secs(),
+            keepalive_interval_secs: default_keepalive_interval_secs(),
+            keepalive_count: default_keepalive_count(),
+            user_timeout_secs: default_user_timeout_secs(),
             lun: Vec::new(),
         }
     }
@@ -328,6 +357,17 @@ impl SplicerConfig {
 
     pub fn manifest_refresh(&self) -> Duration {
         Duration::from_millis(self.manifest_refresh_ms)
+    }
+
+    /// Keepalive and user timeout of the splicer's sockets.
+    pub fn keepalive(&self) -> crate::steer::Keepalive {
+        crate::steer::Keepalive {
+            idle: Duration::from_secs(self.keepalive_idle_secs),
+            interval: Duration::from_secs(self.keepalive_interval_secs),
+            count: self.keepalive_count,
+            user_timeout: (self.user_timeout_secs > 0)
+                .then(|| Duration::from_secs(self.user_timeout_secs)),
+        }
     }
 
     /// The declared LUNs (no manifest loaded yet: see `splice::manifests`) and
@@ -442,6 +482,26 @@ fn yes() -> bool {
 
 fn default_manifest_refresh_ms() -> u64 {
     5000
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_connections_per_source() -> usize {
+    256
+}
+fn default_keepalive_idle_secs() -> u64 {
+    30
+}
+fn default_keepalive_interval_secs() -> u64 {
+    10
+}
+fn default_keepalive_count() -> u32 {
+    3
+}
+/// Idle + interval × count: a peer that stops acknowledging is given up on in
+/// about the time keepalive takes to declare a silent one dead.
+fn default_user_timeout_secs() -> u64 {
+    60
 }
 fn default_dscp() -> u8 {
     DEFAULT_DSCP_MARK
@@ -790,6 +850,29 @@ impl Config {
                 "must be > 0".into(),
             ));
         }
+        for (key, v, max) in [
+            ("max_connections", s.max_connections as u64, 1 << 20),
+            (
+                "max_connections_per_source",
+                s.max_connections_per_source as u64,
+                1 << 20,
+            ),
+            // The kernel's own bounds (TCP_KEEPIDLE/KEEPINTVL ≤ 32767 s, KEEPCNT ≤ 127).
+            ("keepalive_idle_secs", s.keepalive_idle_secs, 32_767),
+            ("keepalive_interval_secs", s.keepalive_interval_secs, 32_767),
+            ("keepalive_count", u64::from(s.keepalive_count), 127),
+        ] {
+            if !(1..=max).contains(&v) {
+                return Err(invalid("splicer", key, format!("must be within 1..={max}")));
+            }
+        }
+        if s.user_timeout_secs > 86_400 {
+            return Err(invalid(
+                "splicer",
+                "user_timeout_secs",
+                "must be within 0..=86400 (0: the kernel's default)".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -1009,6 +1092,59 @@ image_transfer_ports = [10809, 3260]
             .unwrap_err()
             .to_string();
         assert!(e.contains("client_facing"), "{e}");
+    }
+
+    #[test]
+    fn connection_caps_and_keepalive() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(
+            (
+                c.splicer.max_connections,
+                c.splicer.max_connections_per_source
+            ),
+            (4096, 256)
+        );
+        let k = c.splicer.keepalive();
+        assert_eq!(
+            (k.idle, k.interval, k.count, k.user_timeout),
+            (
+                Duration::from_secs(30),
+                Duration::from_secs(10),
+                3,
+                Some(Duration::from_secs(60))
+            )
+        );
+        let with = |body: &str| {
+            Config::parse(&format!(
+                "{GOOD}
+[splicer]
+{body}
+"
+            ))
+        };
+        let c = with(
+            "user_timeout_secs = 0
+max_connections_per_source = 4",
+        )
+        .unwrap();
+        assert_eq!(
+            c.splicer.keepalive().user_timeout,
+            None,
+            "0: kernel default"
+        );
+        assert_eq!(c.splicer.max_connections_per_source, 4);
+        for bad in [
+            "max_connections = 0",
+            "max_connections_per_source = 0",
+            "keepalive_idle_secs = 0",
+            "keepalive_interval_secs = 40000",
+            "keepalive_count = 128",
+            "user_timeout_secs = 100000",
+        ] {
+            let key = bad.split(' ').next().unwrap();
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("splicer.{key}")), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -275,6 +275,17 @@ impl Appliance {
 /// Run the appliance until `shutdown` resolves, then drain and clean up.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let dpc = &config.datapath;
+    // Every spliced connection holds two descriptors: take all the hard limit allows.
+    let nofile = match steer::raise_fd_limit() {
+        Ok(n) => {
+            info!(nofile = n, "file descriptor limit");
+            n
+        }
+        Err(e) => {
+            warn!(cause = %e, "raising the file descriptor limit");
+            1024
+        }
+    };
     // The appliance's index store, shared by the splicer (manifests of served
     // LUNs) and the planner (holders).
     let indexer_config = match &config.indexer {
@@ -356,7 +367,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 Vec::new()
             },
             catalog,
+            keepalive: config.splicer.keepalive(),
         };
+        let caps = steer::ConnectionCaps::within_fd_limit(
+            config.splicer.max_connections,
+            config.splicer.max_connections_per_source,
+            nofile,
+        );
+        info!(
+            total = caps.total,
+            per_source = caps.per_source,
+            "connection caps"
+        );
+        let fail_open = steer::FailOpen::new(dp.take_fail_open_maps()?, caps);
         for (slot, addr) in [
             (LISTENER_V4, config.splicer.listen_v4),
             (LISTENER_V6, config.splicer.listen_v6),
@@ -382,6 +405,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 upstream.clone(),
                 splicer.clone(),
                 stop_rx.clone(),
+                relay::Listening {
+                    slot,
+                    fail_open: fail_open.clone(),
+                },
             )));
         }
         for iface in &dpc.client_facing {

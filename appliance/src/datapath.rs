@@ -6,21 +6,29 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     os::fd::{AsFd, AsRawFd},
+    sync::Mutex,
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SockMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SockMap},
     programs::{tc::TcAttachType, xdp::XdpMode as AyaXdpMode, SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
 use nearblock_common::{
     maps::{self as names},
     verdict::{VERDICT_COUNT, VERDICT_NAMES},
-    FlowCounters, FlowKey, FlowSeq, IfCounters,
+    FlowCounters, FlowKey, FlowSeq, Heartbeat, IfCounters, SourceKey,
 };
 
 use crate::config::XdpMode;
+
+/// The listener slots and interface roles, for callers outside the daemon
+/// (packet fixtures) that drive the steering maps directly.
+pub use nearblock_common::maps::{
+    LISTENER_V4, LISTENER_V6, ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING,
+};
 
 /// The eBPF object built by `appliance/build.rs` (empty if the toolchain was missing).
 static EBPF_OBJECT: &[u8] =
@@ -179,18 +187,39 @@ impl Datapath {
     /// Attach the steering program to `iface`'s ingress with the given role bits.
     pub fn attach_steering(&mut self, iface: &str, role: u32) -> Result<(), DatapathError> {
         let ifindex = if_index(iface)?;
-        {
-            let mut roles: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
-                self.ebpf
-                    .map_mut(names::IFACE_ROLES)
-                    .ok_or(DatapathError::MissingMap(names::IFACE_ROLES))?,
-            )
-            .map_err(map_err(names::IFACE_ROLES))?;
-            roles
-                .insert(ifindex, role, 0)
-                .map_err(map_err(names::IFACE_ROLES))?;
-        }
+        self.set_interface_role(ifindex, role)?;
         self.attach_tc(names::PROG_TC_STEER, iface, TcAttachType::Ingress)
+    }
+
+    /// Give the steering program role bits for `ifindex` (without attaching it:
+    /// packet fixtures run it on the loopback device's index).
+    pub fn set_interface_role(&mut self, ifindex: u32, role: u32) -> Result<(), DatapathError> {
+        let mut roles: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::IFACE_ROLES)
+                .ok_or(DatapathError::MissingMap(names::IFACE_ROLES))?,
+        )
+        .map_err(map_err(names::IFACE_ROLES))?;
+        roles
+            .insert(ifindex, role, 0)
+            .map_err(map_err(names::IFACE_ROLES))
+    }
+
+    /// Take the maps through which the daemon tells the steering program it is
+    /// alive (heartbeats) and which sources are over their cap; the accept loops
+    /// write them.
+    pub fn take_fail_open_maps(&mut self) -> Result<FailOpenMaps, DatapathError> {
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
+        };
+        let heartbeats = Array::try_from(take(&mut self.ebpf, names::HEARTBEATS)?)
+            .map_err(map_err(names::HEARTBEATS))?;
+        let over_cap = HashMap::try_from(take(&mut self.ebpf, names::OVERCAP_SOURCES)?)
+            .map_err(map_err(names::OVERCAP_SOURCES))?;
+        Ok(FailOpenMaps {
+            heartbeats: Mutex::new(heartbeats),
+            over_cap: Mutex::new(over_cap),
+        })
     }
 
     fn attach_tc(
@@ -347,6 +376,78 @@ impl Datapath {
         let fd = prog.fd().map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
         prog_test_run(fd.as_fd().as_raw_fd(), frame).map_err(DatapathError::TestRun)
     }
+
+    /// Run the TC steering program once on `frame` (BPF_PROG_TEST_RUN; the skb
+    /// enters on the loopback device, ifindex 1); returns the TC action.
+    pub fn test_run_steer(&self, frame: &[u8]) -> Result<u32, DatapathError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(names::PROG_TC_STEER)
+            .ok_or(DatapathError::MissingMap(names::PROG_TC_STEER))?
+            .try_into()
+            .map_err(prog_err(names::PROG_TC_STEER))?;
+        let fd = prog.fd().map_err(prog_err(names::PROG_TC_STEER))?;
+        prog_test_run(fd.as_fd().as_raw_fd(), frame).map_err(DatapathError::TestRun)
+    }
+}
+
+/// The fail-open maps the daemon writes while it runs (see
+/// `nearblock_common::failopen`). Each is behind its own lock: both accept loops
+/// and the connections' release guards write them.
+pub struct FailOpenMaps {
+    heartbeats: Mutex<Array<MapData, Heartbeat>>,
+    over_cap: Mutex<HashMap<MapData, SourceKey, u64>>,
+}
+
+impl FailOpenMaps {
+    /// Write listener `slot`'s heartbeat: alive now, and whether it takes new
+    /// connections.
+    pub fn beat(&self, slot: u32, accepting: bool) -> Result<(), DatapathError> {
+        let hb = Heartbeat {
+            mono_ns: monotonic_ns(),
+            accepting: u32::from(accepting),
+            _pad: 0,
+        };
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(slot, hb, 0)
+            .map_err(map_err(names::HEARTBEATS))
+    }
+
+    /// Forward `source`'s new connections untouched until `until_ns`
+    /// (CLOCK_MONOTONIC).
+    pub fn mark_over_cap(&self, source: IpAddr, until_ns: u64) -> Result<(), DatapathError> {
+        self.over_cap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(SourceKey::from(source), until_ns, 0)
+            .map_err(map_err(names::OVERCAP_SOURCES))
+    }
+
+    /// Steer `source`'s new connections again.
+    pub fn unmark_over_cap(&self, source: IpAddr) -> Result<(), DatapathError> {
+        match self
+            .over_cap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&SourceKey::from(source))
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::OVERCAP_SOURCES)(e)),
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn sum_flow<'a>(per_cpu: impl Iterator<Item = &'a FlowCounters>) -> FlowCounters {
@@ -392,7 +493,7 @@ pub fn if_name(ifindex: u32) -> Option<String> {
     Some(s.to_string_lossy().into_owned())
 }
 
-/// `bpf(BPF_PROG_TEST_RUN)` on an XDP program; aya 0.14 has no wrapper.
+/// `bpf(BPF_PROG_TEST_RUN)` on an XDP or TC program; aya 0.14 has no wrapper.
 fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<u32> {
     // union bpf_attr, test member (include/uapi/linux/bpf.h).
     #[repr(C)]

@@ -662,6 +662,15 @@ impl Lab {
         }
     }
 
+    /// The process id of the daemon running in `node` (`ip netns exec` execs it,
+    /// so the child is the daemon itself), for signals and resource limits.
+    pub fn appliance_pid(&self, node: &str) -> Option<u32> {
+        self.appliances
+            .iter()
+            .find(|p| p.node == node)
+            .map(|p| p.child.id())
+    }
+
     /// The daemon log of `node`.
     pub fn appliance_log(&self, node: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{node}.log"))).unwrap_or_default()

@@ -1,5 +1,6 @@
 //! Packet fixtures through BPF_PROG_TEST_RUN: hand-built frames → the XDP
-//! classifier's verdict, verdict counters, flow counters and login capture.
+//! classifier's verdict, verdict counters, flow counters and login capture, and
+//! the TC steering program's fail-open decisions for new connections.
 //! Fast and topology-free (the program runs on the loopback device's context).
 //! Needs root (CAP_BPF).
 
@@ -11,6 +12,7 @@ use nearblock::{
 };
 
 const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
 
 fn load() -> Datapath {
     Datapath::load(&LoadOptions {
@@ -456,4 +458,94 @@ fn login_request_is_captured_for_discovery() {
     assert_eq!(seen.target_iqn.as_deref(), Some("iqn.2026-11.lib:img"));
     assert_eq!(seen.initiator_addr.to_string(), "198.18.3.2");
     assert_eq!(verdicts(&dp)["xdp_login_captured"], 1);
+}
+
+/// A bare SYN toward the iSCSI port from 198.18.3.2 (IPv4) or fd00:6e62:0:3::2.
+fn syn(v6: bool, sport: u16) -> Vec<u8> {
+    let tcp = tcp_header(&Tcp {
+        sport,
+        dport: 3260,
+        seq: 1,
+        flags: 0x02,
+        payload: &[],
+    });
+    if v6 {
+        frame(&[eth(0x86dd, &[]), ipv6(6, &tcp)])
+    } else {
+        frame(&[eth(0x0800, &[]), ipv4(6, 0, &tcp)])
+    }
+}
+
+/// Run one SYN through the steering program; the verdicts that changed.
+fn steer_syn(dp: &Datapath, v6: bool) -> BTreeMap<&'static str, u64> {
+    let before = verdicts(dp);
+    assert_eq!(
+        dp.test_run_steer(&syn(v6, 40000)).expect("test run"),
+        TC_ACT_OK,
+        "the steering program never drops"
+    );
+    verdicts(dp)
+        .into_iter()
+        .filter(|(n, v)| before.get(n) != Some(v))
+        .map(|(n, v)| (n, v - before.get(n).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// A new connection's SYN reaches the listener only while the listener's
+/// heartbeat is fresh and accepting and its source is not over its cap; else it
+/// is forwarded untouched under a named verdict. A missing listener still counts
+/// as such (it is checked first).
+#[test]
+fn steering_of_new_connections_fails_open_on_a_hung_daemon() {
+    use nearblock::datapath::monotonic_ns;
+    use nearblock::datapath::{LISTENER_V4, ROLE_CLIENT_FACING};
+
+    let mut dp = load();
+    // The test run's skb enters on the loopback device.
+    dp.set_interface_role(1, ROLE_CLIENT_FACING).unwrap();
+    let fail_open = dp.take_fail_open_maps().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    dp.register_listener(LISTENER_V4, &listener).unwrap();
+    let one = |name: &'static str| BTreeMap::from([(name, 1u64)]);
+    // Steered: handed to the listener (the test run's skb is not at TC ingress,
+    // so the kernel may refuse the assignment itself: either is the steering path).
+    let steered = |changed: &BTreeMap<&'static str, u64>| {
+        changed == &one("tc_steer_new_flow") || changed == &one("tc_steer_assign_failed")
+    };
+
+    assert_eq!(
+        steer_syn(&dp, false),
+        one("tc_steer_stale_heartbeat"),
+        "never written"
+    );
+    fail_open.beat(LISTENER_V4, true).unwrap();
+    let changed = steer_syn(&dp, false);
+    assert!(steered(&changed), "fresh heartbeat: {changed:?}");
+    fail_open.beat(LISTENER_V4, false).unwrap();
+    assert_eq!(steer_syn(&dp, false), one("tc_steer_not_accepting"));
+
+    fail_open.beat(LISTENER_V4, true).unwrap();
+    let source = std::net::IpAddr::from([198, 18, 3, 2]);
+    fail_open
+        .mark_over_cap(source, monotonic_ns() + 60_000_000_000)
+        .unwrap();
+    assert_eq!(steer_syn(&dp, false), one("tc_steer_over_cap_source"));
+    // An expired mark no longer applies; a removed one neither.
+    fail_open.mark_over_cap(source, monotonic_ns() - 1).unwrap();
+    let changed = steer_syn(&dp, false);
+    assert!(steered(&changed), "expired mark: {changed:?}");
+    fail_open
+        .mark_over_cap(source, monotonic_ns() + 60_000_000_000)
+        .unwrap();
+    fail_open.unmark_over_cap(source).unwrap();
+    let changed = steer_syn(&dp, false);
+    assert!(steered(&changed), "removed mark: {changed:?}");
+
+    // A heartbeat that stops: stale after 1 s.
+    fail_open.beat(LISTENER_V4, true).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(steer_syn(&dp, false), one("tc_steer_stale_heartbeat"));
+
+    // No IPv6 listener: that, not its (never written) heartbeat, is the verdict.
+    assert_eq!(steer_syn(&dp, true), one("tc_steer_no_listener"));
 }

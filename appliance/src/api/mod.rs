@@ -459,6 +459,16 @@ pub fn render_metrics(r: &StatusReport) -> String {
             "Served LUNs a session stopped being served (it may have written them)",
             s.sessions_tainted,
         ),
+        (
+            "splicer_over_cap_relayed",
+            "Connections accepted over a connection cap, relayed as bytes",
+            s.over_cap_relayed,
+        ),
+        (
+            "splicer_fd_exhausted",
+            "Accepts and upstream sockets that failed for want of file descriptors",
+            s.fd_exhausted,
+        ),
     ] {
         let c = Counter::<u64>::default();
         c.inc_by(v);
