@@ -1142,7 +1142,7 @@ mod tests {
             size: u32::MAX as u64 * 4096,
             blocks: vec![],
         };
-        let e = store.apply(&[huge.clone()]).unwrap_err();
+        let e = store.apply(std::slice::from_ref(&huge)).unwrap_err();
         assert!(matches!(e, IndexError::TooLarge { .. }), "{e}");
         assert!(
             e.to_string().contains("PatchImage of `b` held by hv1"),
