@@ -8,6 +8,10 @@
 //!   child then trims its log. A push that does not follow the parent's record
 //!   (the parent lost its state, or the child's log was trimmed for another parent)
 //!   is refused with `GAP`, and the child restates everything it holds (resync).
+//!   A change the parent cannot take (over `max_image_blocks`, undecodable,
+//!   invalid) is refused on its own — named in an `Error{REFUSED, acked}` reply,
+//!   logged, counted, its source dropped — and the rest of the push applies, in
+//!   groups of bounded expansion ([`apply_in_groups`]); the child moves past it.
 //! - **Holders**: answered from the local store; hashes without a local holder are
 //!   asked of the parent (and so on up the tree), unless `local_only`.
 //! - **Manifests**: an image's manifest (in pieces, see
@@ -433,9 +437,12 @@ impl IndexService {
         // changes have none: by position).
         let refusals: Vec<String> = refusals
             .into_iter()
-            .map(|(i, why)| match resync {
-                true => format!("restated change #{} from {child}: {why}", i + 1),
-                false => format!("change {} from {child}: {why}", fresh[i].0),
+            .map(|(i, why)| {
+                if resync {
+                    format!("restated change #{} from {child}: {why}", i + 1)
+                } else {
+                    format!("change {} from {child}: {why}", fresh[i].0)
+                }
             })
             .collect();
         if !refusals.is_empty() {
