@@ -72,10 +72,11 @@ pub enum DecodeError {
 pub const MAX_IMAGE_BLOCKS_LIMIT: u64 = 1 << 31;
 
 /// Default of `max_image_blocks`: 2^27 blocks — 512 GiB at 4 KiB, 2 TiB at
-/// 16 KiB, 8 TiB at 64 KiB. Applying one change to a source of N blocks holds its
-/// decoded manifest two or three times (33 bytes per block each: old, new, the
-/// change itself), so a change at this cap costs about 9 GB while it is applied;
-/// 2^31 (the format's limit) would be about 140 GB. See docs/decisions.md.
+/// 16 KiB, 8 TiB at 64 KiB. Applying one change to a source of N blocks holds
+/// its old and new decoded manifests (33 bytes per block each; measured peak
+/// ≈ 67 bytes per block, docs/index.md), so a change at this cap costs about
+/// 9 GB while it is applied; 2^31 (the format's limit) would be about 144 GB.
+/// See docs/decisions.md.
 pub const DEFAULT_MAX_IMAGE_BLOCKS: u64 = 1 << 27;
 
 /// Checks a configured `max_image_blocks` (1..=[`MAX_IMAGE_BLOCKS_LIMIT`]).
