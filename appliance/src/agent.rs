@@ -381,6 +381,7 @@ pub fn open_store(cfg: &AgentConfig) -> Result<Arc<RedbStore>> {
     }
     let opts = StoreOptions {
         log: cfg.parent.is_some(),
+        max_image_blocks: cfg.max_image_blocks,
         ..StoreOptions::default()
     };
     Ok(Arc::new(RedbStore::open(&cfg.db, opts)?))

@@ -68,6 +68,52 @@ pub struct EmbeddedIndexer {
 pub struct IndexConfig {
     /// The store (as filled by `nearblock index` or pushed by agents).
     pub db: std::path::PathBuf,
+    /// The most blocks one source may have (1..=2^31; default
+    /// [`crate::index::DEFAULT_MAX_IMAGE_BLOCKS`]): changes and stored manifests
+    /// claiming more are refused before they are expanded. With `[indexer]`, the
+    /// indexer's config sets it (giving a different value here is an error).
+    #[serde(default, deserialize_with = "max_image_blocks")]
+    pub max_image_blocks: Option<u64>,
+}
+
+impl IndexConfig {
+    /// `max_image_blocks`, or its default.
+    pub fn max_image_blocks(&self) -> u64 {
+        self.max_image_blocks
+            .unwrap_or(crate::index::DEFAULT_MAX_IMAGE_BLOCKS)
+    }
+}
+
+/// `[index] max_image_blocks`, range-checked while parsing (the TOML error
+/// names the line).
+fn max_image_blocks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = u64::deserialize(d)?;
+    crate::index::check_max_image_blocks(v)
+        .map_err(|e| serde::de::Error::custom(format!("max_image_blocks: {e}")))?;
+    Ok(Some(v))
+}
+
+#[cfg(test)]
+mod index_config_tests {
+    use super::IndexConfig;
+
+    #[test]
+    fn max_image_blocks_is_optional_and_range_checked() {
+        let c: IndexConfig = toml::from_str("db = \"i.redb\"").unwrap();
+        assert_eq!(c.max_image_blocks, None);
+        assert_eq!(c.max_image_blocks(), crate::index::DEFAULT_MAX_IMAGE_BLOCKS);
+        let c: IndexConfig = toml::from_str("db = \"i\"\nmax_image_blocks = 1000").unwrap();
+        assert_eq!(c.max_image_blocks(), 1000);
+        for bad in ["0", "2147483649"] {
+            let e = toml::from_str::<IndexConfig>(&format!("db = \"i\"\nmax_image_blocks = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("max_image_blocks") && e.contains("line 2"),
+                "{e}"
+            );
+        }
+    }
 }
 
 /// `[planner]`: serve `/plan/*` from the index store and the topology.

@@ -305,6 +305,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                         ic.db.display()
                     )));
                 }
+                if i.max_image_blocks.is_some_and(|m| m != ic.max_image_blocks) {
+                    return Err(DaemonError::Indexer(format!(
+                        "[index] max_image_blocks {} differs from the indexer's {}: set it in the indexer's config",
+                        i.max_image_blocks(),
+                        ic.max_image_blocks
+                    )));
+                }
             }
             Some(
                 crate::serve::open_indexer_store(ic)
@@ -313,7 +320,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         (None, Some(i)) => Some(Arc::new(crate::index::RedbStore::open(
             &i.db,
-            crate::index::StoreOptions::default(),
+            crate::index::StoreOptions {
+                max_image_blocks: i.max_image_blocks(),
+                ..crate::index::StoreOptions::default()
+            },
         )?)),
         (None, None) => None,
     };

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::{IoContext, Result};
+use super::{IndexError, IoContext, Result};
 
 use super::chunk::ImageFile;
 use super::redb_store::{FileState, RedbStore};
@@ -115,6 +115,20 @@ pub fn index_file(
         super::chunk::check_block_size(bs)?;
     }
     let img = ImageFile::open(path)?;
+    // The file's size sizes the manifests hashed below: refuse an image the store
+    // would refuse before hashing (and allocating for) it.
+    let max = store.max_image_blocks();
+    for &bs in sizes {
+        let blocks = img.size().div_ceil(bs as u64);
+        if blocks > max {
+            return Err(IndexError::TooLarge {
+                change: format!("image `{image}` ({}) at {bs}-byte blocks", path.display()),
+                size: img.size(),
+                blocks,
+                max,
+            });
+        }
+    }
     let mut now_state = file_state(path, img.size())?;
     let now = now_unix();
     let mut todo = Vec::new(); // (block size, old manifest)
@@ -305,5 +319,31 @@ mod tests {
         let holders = store.holders(&want.blocks[10].unwrap()).unwrap();
         assert_eq!(holders.len(), 1);
         assert_eq!(holders[0].offset, 10 * 4096);
+    }
+
+    #[test]
+    fn an_image_over_the_cap_is_refused_before_hashing() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            max_image_blocks: 4,
+            ..StoreOptions::default()
+        };
+        let store = RedbStore::open(&dir.path().join("i"), opts).unwrap();
+        let path = dir.path().join("img");
+        // A sparse 5-block file: 4 blocks at 16 KiB fit, 5 at 4 KiB do not.
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(5 * 4096)
+            .unwrap();
+        let pol = Policy::default();
+        let e = index_file(&store, "h", "img", &path, &[4096], &pol, &|_| {}).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("image `img`") && m.contains("5 blocks, more than max_image_blocks = 4"),
+            "{m}"
+        );
+        assert_eq!(store.seq(), 0);
+        let r = index_file(&store, "h", "img", &path, &[16384], &pol, &|_| {}).unwrap();
+        assert!(matches!(r[0].outcome, Outcome::New { blocks: 2, .. }));
     }
 }

@@ -26,6 +26,15 @@ pub enum IndexError {
     /// A bad argument (block size, limits).
     #[error("{0}")]
     Invalid(String),
+    /// A change whose size implies more blocks than `max_image_blocks`: refused
+    /// before anything was allocated for it.
+    #[error("{change}: {size} bytes is {blocks} blocks, more than max_image_blocks = {max}")]
+    TooLarge {
+        change: String,
+        size: u64,
+        blocks: u64,
+        max: u64,
+    },
     /// Stored data that does not check out (snapshot header, checksums, bounds).
     #[error("{0}")]
     Corrupt(String),

@@ -210,19 +210,42 @@ impl Snapshot {
             )));
         }
         let dir_len = ((1usize << bits) + 1) * 8;
-        let expect = HEADER as u64 + dir_len as u64 + len * ENTRY as u64;
-        if map.len() as u64 != expect {
+        // The entry count comes from the file: checked arithmetic, so a forged
+        // count cannot wrap around to the file's real length.
+        let expect = len
+            .checked_mul(ENTRY as u64)
+            .and_then(|e| e.checked_add(HEADER as u64 + dir_len as u64));
+        if expect != Some(map.len() as u64) {
             return Err(IndexError::Corrupt(format!(
-                "{}: length {} != {}",
+                "{}: length {} does not hold {len} entries",
                 path.display(),
                 map.len(),
-                expect
             )));
         }
         let dcrc = u32_le(h, 28);
-        if crc32c::crc32c(&map[HEADER..HEADER + dir_len]) != dcrc {
+        let dir = &map[HEADER..HEADER + dir_len];
+        if crc32c::crc32c(dir) != dcrc {
             return Err(IndexError::Corrupt(format!(
                 "{}: directory checksum",
+                path.display()
+            )));
+        }
+        // Lookups index the entries by the directory: it must be a
+        // non-decreasing list of positions ending at `len`.
+        let mut prev = 0u64;
+        for d in dir.chunks_exact(8) {
+            let d = u64::from_le_bytes(d.try_into().expect("8 bytes"));
+            if d < prev || d > len {
+                return Err(IndexError::Corrupt(format!(
+                    "{}: directory out of order",
+                    path.display()
+                )));
+            }
+            prev = d;
+        }
+        if prev != len {
+            return Err(IndexError::Corrupt(format!(
+                "{}: directory does not end at the entry count",
                 path.display()
             )));
         }
@@ -593,5 +616,48 @@ mod tests {
         assert!(Snapshot::open(&p).is_err());
         std::fs::write(&p, &b[..b.len() - 1]).unwrap();
         assert!(Snapshot::open(&p).is_err());
+    }
+
+    /// Rewrites the header's checksum after editing it (what damage that happens
+    /// to keep the checksum right looks like).
+    fn reseal(b: &mut [u8]) {
+        let c = crc32c::crc32c(&b[..36]);
+        b[36..40].copy_from_slice(&c.to_le_bytes());
+    }
+
+    #[test]
+    fn forged_counts_and_directories_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h");
+        let mut e: Vec<Entry> = (0..40u32)
+            .map(|i| Entry {
+                key: (i as u128) << 120,
+                src: 0,
+                idx: i,
+            })
+            .collect();
+        Snapshot::write(&p, 1, 0, &mut e).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        // An entry count whose size in bytes wraps around to the file's length.
+        let mut b = good.clone();
+        // 2^61 entries of 24 bytes are 3 × 2^64 bytes: 0 after wrapping.
+        let wrap = 40u64 + (1 << 61);
+        assert_eq!(wrap.wrapping_mul(ENTRY as u64), 40 * ENTRY as u64);
+        b[16..24].copy_from_slice(&wrap.to_le_bytes());
+        reseal(&mut b);
+        std::fs::write(&p, &b).unwrap();
+        assert!(Snapshot::open(&p).is_err());
+        // A directory pointing past the entries, with its checksum fixed.
+        let mut b = good.clone();
+        let bits = u32_le(&b, 24);
+        let dir_len = ((1usize << bits) + 1) * 8;
+        b[HEADER + 8..HEADER + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+        let c = crc32c::crc32c(&b[HEADER..HEADER + dir_len]);
+        b[28..32].copy_from_slice(&c.to_le_bytes());
+        reseal(&mut b);
+        std::fs::write(&p, &b).unwrap();
+        assert!(Snapshot::open(&p).is_err());
+        std::fs::write(&p, &good).unwrap();
+        assert_eq!(Snapshot::open(&p).unwrap().len, 40);
     }
 }

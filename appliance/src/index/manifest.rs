@@ -53,9 +53,46 @@ pub struct Manifest {
 pub enum DecodeError {
     #[error("manifest encoding: {0}")]
     Corrupt(&'static str),
+    /// The manifest claims more blocks than the reader accepts; refused before
+    /// anything was allocated for them.
+    #[error(
+        "manifest of `{image}` at {block_size}-byte blocks claims {blocks} blocks, \
+         more than max_image_blocks = {max}"
+    )]
+    TooLarge {
+        image: String,
+        block_size: u32,
+        blocks: u64,
+        max: u64,
+    },
+}
+
+/// The most blocks any source may have: a leaf's index must stay below
+/// [`super::lookup::COARSE_BIT`] (2^31), which marks coarse-group entries.
+pub const MAX_IMAGE_BLOCKS_LIMIT: u64 = 1 << 31;
+
+/// Default of `max_image_blocks`: 2^27 blocks — 512 GiB at 4 KiB, 2 TiB at
+/// 16 KiB, 8 TiB at 64 KiB. Applying one change to a source of N blocks holds
+/// its old and new decoded manifests (33 bytes per block each; measured peak
+/// ≈ 67 bytes per block, docs/index.md), so a change at this cap costs about
+/// 9 GB while it is applied; 2^31 (the format's limit) would be about 144 GB.
+/// See docs/decisions.md.
+pub const DEFAULT_MAX_IMAGE_BLOCKS: u64 = 1 << 27;
+
+/// Checks a configured `max_image_blocks` (1..=[`MAX_IMAGE_BLOCKS_LIMIT`]).
+pub fn check_max_image_blocks(max: u64) -> Result<(), String> {
+    if (1..=MAX_IMAGE_BLOCKS_LIMIT).contains(&max) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{max} is not within 1..={MAX_IMAGE_BLOCKS_LIMIT} (a block index must stay below 2^31)"
+        ))
+    }
 }
 
 const MAGIC: &[u8; 4] = b"NBM1";
+/// magic, size, block size, block count, name length.
+const HEADER_LEN: usize = 4 + 8 + 4 + 8 + 4;
 
 impl Manifest {
     /// Byte length of block `i` (the last one may be short).
@@ -134,28 +171,34 @@ impl Manifest {
         out
     }
 
+    /// [`Self::decode_limited`] at [`DEFAULT_MAX_IMAGE_BLOCKS`].
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        Self::decode_limited(buf, DEFAULT_MAX_IMAGE_BLOCKS)
+    }
+
+    /// Decodes [`Self::encode`]'s bytes, refusing a manifest of more than
+    /// `max_blocks` blocks (and any whose bitmap and names disagree with the
+    /// length of `buf`) before allocating its block list: a zero block costs one
+    /// bit in the encoding but 33 bytes decoded.
+    pub fn decode_limited(buf: &[u8], max_blocks: u64) -> Result<Self, DecodeError> {
         use DecodeError::Corrupt;
-        if buf.len() < 32 {
-            return Err(Corrupt("short"));
+        let h = Header::read(buf)?;
+        if h.blocks > max_blocks {
+            return Err(DecodeError::TooLarge {
+                image: String::from_utf8_lossy(h.name).into_owned(),
+                block_size: h.block_size,
+                blocks: h.blocks,
+                max: max_blocks,
+            });
         }
-        let (body, crc) = buf.split_at(buf.len() - 4);
-        if crc32c::crc32c(body).to_le_bytes() != crc {
-            return Err(Corrupt("checksum"));
-        }
-        let mut r = Reader(body);
-        if r.take(4)? != MAGIC {
-            return Err(Corrupt("magic"));
-        }
-        let size = r.u64()?;
-        let block_size = r.u32()?;
-        let n = r.u64()? as usize;
-        if block_size == 0 || n != Self::block_count(size, block_size) {
-            return Err(Corrupt("block count"));
-        }
-        let name_len = r.u32()? as usize;
-        let image = String::from_utf8(r.take(name_len)?.to_vec()).map_err(|_| Corrupt("name"))?;
+        let n = h.blocks as usize;
+        let image = String::from_utf8(h.name.to_vec()).map_err(|_| Corrupt("name"))?;
+        let mut r = Reader(h.rest);
         let bitmap = r.take(n.div_ceil(8))?;
+        let nonzero: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
+        if r.0.len() != nonzero.saturating_mul(32) {
+            return Err(Corrupt("names do not match the bitmap"));
+        }
         let mut blocks = Vec::with_capacity(n);
         for i in 0..n {
             if bitmap[i / 8] & (1 << (i % 8)) != 0 {
@@ -170,9 +213,60 @@ impl Manifest {
         }
         Ok(Self {
             image,
+            size: h.size,
+            block_size: h.block_size,
+            blocks,
+        })
+    }
+
+    /// Image name, block size and block count of an encoded manifest, without
+    /// decoding its blocks (to weigh it, or name a manifest that is refused).
+    pub fn peek(buf: &[u8]) -> Result<(String, u32, u64), DecodeError> {
+        let h = Header::read(buf)?;
+        let image = String::from_utf8(h.name.to_vec()).map_err(|_| DecodeError::Corrupt("name"))?;
+        Ok((image, h.block_size, h.blocks))
+    }
+}
+
+/// The fixed part of an encoded manifest, checked (length, checksum, magic, block
+/// count against size) but not expanded.
+struct Header<'a> {
+    size: u64,
+    block_size: u32,
+    blocks: u64,
+    name: &'a [u8],
+    /// Bitmap and names.
+    rest: &'a [u8],
+}
+
+impl<'a> Header<'a> {
+    fn read(buf: &'a [u8]) -> Result<Self, DecodeError> {
+        use DecodeError::Corrupt;
+        if buf.len() < HEADER_LEN + 4 {
+            return Err(Corrupt("short"));
+        }
+        let (body, crc) = buf.split_at(buf.len() - 4);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return Err(Corrupt("checksum"));
+        }
+        let mut r = Reader(body);
+        if r.take(4)? != MAGIC {
+            return Err(Corrupt("magic"));
+        }
+        let size = r.u64()?;
+        let block_size = r.u32()?;
+        let blocks = r.u64()?;
+        if block_size == 0 || blocks != size.div_ceil(block_size as u64) {
+            return Err(Corrupt("block count"));
+        }
+        let name_len = r.u32()? as usize;
+        let name = r.take(name_len)?;
+        Ok(Self {
             size,
             block_size,
             blocks,
+            name,
+            rest: r.0,
         })
     }
 }
@@ -279,6 +373,105 @@ mod tests {
             enc[i] ^= 0x40;
             prop_assert!(Manifest::decode(&enc).is_err());
         }
+    }
+
+    /// An encoding of `n` zero blocks named `name`, checksummed: what a peer can
+    /// send in n/8 bytes.
+    fn zero_manifest_bytes(name: &str, n: u64) -> Vec<u8> {
+        Manifest {
+            image: name.into(),
+            size: n * 4096,
+            block_size: 4096,
+            blocks: vec![None; n as usize],
+        }
+        .encode()
+    }
+
+    #[test]
+    fn a_bitmap_claiming_more_blocks_than_the_cap_is_refused() {
+        let enc = zero_manifest_bytes("big", 1001);
+        match Manifest::decode_limited(&enc, 1000) {
+            Err(DecodeError::TooLarge {
+                image,
+                block_size,
+                blocks,
+                max,
+            }) => {
+                assert_eq!(
+                    (image.as_str(), block_size, blocks, max),
+                    ("big", 4096, 1001, 1000)
+                );
+            }
+            r => panic!("expected TooLarge, got {r:?}"),
+        }
+        let msg = Manifest::decode_limited(&enc, 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("`big`") && msg.contains("max_image_blocks = 1000"),
+            "{msg}"
+        );
+        assert_eq!(
+            Manifest::decode_limited(&enc, 1001).unwrap().blocks.len(),
+            1001
+        );
+        assert_eq!(
+            Manifest::peek(&enc).unwrap(),
+            ("big".to_string(), 4096, 1001)
+        );
+    }
+
+    #[test]
+    fn the_default_cap_refuses_a_forged_count_without_allocating() {
+        // Header of a 2^32 - 1 block image with its bitmap cut off: the claim is
+        // refused on the header alone (before the fix this allocated 141 GB).
+        let n = u32::MAX as u64;
+        let mut b = Vec::new();
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&(n * 4096).to_le_bytes());
+        b.extend_from_slice(&4096u32.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        put_str(&mut b, "huge");
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            Manifest::decode(&b),
+            Err(DecodeError::TooLarge { blocks, .. }) if blocks == n
+        ));
+        // Within the cap but with the bitmap missing: truncated, not allocated.
+        assert!(matches!(
+            Manifest::decode_limited(&b, MAX_IMAGE_BLOCKS_LIMIT * 2),
+            Err(DecodeError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn names_must_match_the_bitmap() {
+        let mut m = Manifest {
+            image: "x".into(),
+            size: 3 * 4096,
+            block_size: 4096,
+            blocks: vec![Some(BlockHash([1; 32])), None, None],
+        };
+        let mut enc = m.encode();
+        // Claim a second non-zero block without its name; fix the checksum.
+        let bitmap_at = HEADER_LEN + 1;
+        enc[bitmap_at] |= 0b10;
+        let body = enc.len() - 4;
+        let crc = crc32c::crc32c(&enc[..body]);
+        enc[body..].copy_from_slice(&crc.to_le_bytes());
+        assert!(Manifest::decode(&enc).is_err());
+        m.blocks[1] = Some(BlockHash([2; 32]));
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn max_image_blocks_range() {
+        assert!(check_max_image_blocks(0).is_err());
+        assert!(check_max_image_blocks(1).is_ok());
+        assert!(check_max_image_blocks(DEFAULT_MAX_IMAGE_BLOCKS).is_ok());
+        assert!(check_max_image_blocks(MAX_IMAGE_BLOCKS_LIMIT).is_ok());
+        assert!(check_max_image_blocks(MAX_IMAGE_BLOCKS_LIMIT + 1).is_err());
     }
 
     #[test]

@@ -14,11 +14,14 @@ mod error;
 mod manifest;
 
 pub use error::{IndexError, IoContext, Result};
-pub use manifest::{BlockHash, DecodeError, Manifest};
+pub use manifest::{
+    check_max_image_blocks, BlockHash, DecodeError, Manifest, DEFAULT_MAX_IMAGE_BLOCKS,
+    MAX_IMAGE_BLOCKS_LIMIT,
+};
 pub mod lookup;
 pub mod redb_store;
 pub mod stats;
 pub mod store;
 
 pub use redb_store::{FileState, RedbStore, StoreOptions};
-pub use store::{BlockStore, Change, ImageInfo, Location};
+pub use store::{Applied, BlockStore, Change, ImageInfo, Location};

@@ -25,12 +25,12 @@ use std::{
 };
 
 use super::{IndexError, IoContext, Result};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::lookup::{coarse_for, entries_of, HolderIndex, Snapshot, COARSE_BIT};
-use super::manifest::{put_str, Reader};
+use super::manifest::{check_max_image_blocks, put_str, Reader, DEFAULT_MAX_IMAGE_BLOCKS};
 use super::store::{BlockStore, Change, ImageInfo, Location};
-use super::{BlockHash, Manifest};
+use super::{BlockHash, DecodeError, Manifest};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SOURCE_IDS: TableDefinition<&str, u32> = TableDefinition::new("source_ids");
@@ -55,6 +55,10 @@ pub struct StoreOptions {
     /// whose group stays within 1 MiB (16: 64 KiB groups of 4 KiB leaves). Every
     /// level of a hierarchy must use the same factor. `None`: leaves only.
     pub coarse: Option<u32>,
+    /// The most blocks one source may have (`max_image_blocks`): a change that
+    /// implies more is refused before anything is allocated for it, and so is a
+    /// stored manifest (one stored under a higher limit is treated as absent).
+    pub max_image_blocks: u64,
 }
 
 impl Default for StoreOptions {
@@ -65,6 +69,7 @@ impl Default for StoreOptions {
             close_compact_min: 256 << 10,
             cache_bytes: 64 << 20,
             coarse: Some(16),
+            max_image_blocks: DEFAULT_MAX_IMAGE_BLOCKS,
         }
     }
 }
@@ -245,6 +250,8 @@ impl RedbStore {
     /// Opens (creating if needed) the store at `path`; the holder snapshot lives
     /// next to it as `path.holders`.
     pub fn open(path: &Path, opts: StoreOptions) -> Result<Self> {
+        check_max_image_blocks(opts.max_image_blocks)
+            .map_err(|e| IndexError::Invalid(format!("max_image_blocks: {e}")))?;
         let t0 = Instant::now();
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
@@ -275,9 +282,19 @@ impl RedbStore {
         };
         let r = db.begin_read()?;
         let seq = r.open_table(META)?.get("seq")?.map_or(0, |v| v.value());
+        // Source ids are issued densely, one per row of `source_ids`; an id
+        // beyond them is damage, not a reason to allocate up to it.
+        let issued = r.open_table(SOURCE_IDS)?.len()?;
         let mut sources: Vec<Option<SourceInfo>> = Vec::new();
         for row in r.open_table(SOURCES)?.iter()? {
             let (k, v) = row?;
+            if u64::from(k.value()) >= issued {
+                return Err(IndexError::Corrupt(format!(
+                    "{}: source id {} but only {issued} ids were issued",
+                    path.display(),
+                    k.value()
+                )));
+            }
             let id = k.value() as usize;
             if sources.len() <= id {
                 sources.resize(id + 1, None);
@@ -312,7 +329,7 @@ impl RedbStore {
             Some(s) => s,
             None if sources.iter().any(Option::is_some) => {
                 report.rebuilt_snapshot = true;
-                build_snapshot(&db, &snap_path, opts.coarse)?
+                build_snapshot(&db, &snap_path, opts.coarse, opts.max_image_blocks)?
             }
             None => Snapshot::empty(),
         };
@@ -324,10 +341,10 @@ impl RedbStore {
         for (id, s) in sources.iter().enumerate() {
             if let Some(s) = s {
                 if s.seq > holders.snap.seq {
-                    let m = manifests
-                        .get(id as u32)?
-                        .map(|v| Manifest::decode(v.value()))
-                        .transpose()?;
+                    let m = match manifests.get(id as u32)? {
+                        Some(v) => decode_stored(id as u32, v.value(), opts.max_image_blocks)?,
+                        None => None,
+                    };
                     holders.replace_source(id as u32, None, m.as_ref());
                     report.replayed_sources += 1;
                 }
@@ -388,7 +405,12 @@ impl RedbStore {
     }
 
     fn compact_locked(&self) -> Result<()> {
-        let snap = build_snapshot(&self.db, &self.snap_path, self.opts.coarse)?;
+        let snap = build_snapshot(
+            &self.db,
+            &self.snap_path,
+            self.opts.coarse,
+            self.opts.max_image_blocks,
+        )?;
         let mut st = rd(self.state.write());
         st.holders = HolderIndex::new(snap, self.opts.coarse);
         Ok(())
@@ -452,6 +474,12 @@ impl RedbStore {
     }
 
     fn apply_locked(&self, changes: &[Change]) -> Result<u64> {
+        // Everything that can be refused without the store is refused before a
+        // transaction starts or a block list is sized.
+        let max = self.opts.max_image_blocks;
+        for c in changes {
+            c.check(max)?;
+        }
         let mut w = self.db.begin_write()?;
         w.set_quick_repair(true);
         let mut effects = Vec::new();
@@ -464,6 +492,14 @@ impl RedbStore {
             let mut log = w.open_table(LOG)?;
             let mut s = meta.get("seq")?.map_or(0, |v| v.value());
             let mut next_src = meta.get("next_src")?.map_or(0, |v| v.value());
+            // The in-memory source table is indexed by id: a counter that ran
+            // ahead of the ids actually issued would size it to the counter.
+            let issued = ids.len()?;
+            if next_src != issued {
+                return Err(IndexError::Corrupt(format!(
+                    "index meta: next source id {next_src} but {issued} ids were issued"
+                )));
+            }
             let mut id_for = |ids: &mut redb::Table<&str, u32>,
                               host: &str,
                               image: &str,
@@ -487,14 +523,13 @@ impl RedbStore {
                 s += 1;
                 match c {
                     Change::PutImage { host, manifest } => {
-                        check_manifest(manifest)?;
                         let src =
                             id_for(&mut ids, host, &manifest.image, manifest.block_size, true)?
                                 .expect("created");
-                        let old = manifests
-                            .insert(src, manifest.encode().as_slice())?
-                            .map(|v| Manifest::decode(v.value()))
-                            .transpose()?;
+                        let old = match manifests.insert(src, manifest.encode().as_slice())? {
+                            Some(v) => decode_stored(src, v.value(), max)?,
+                            None => None,
+                        };
                         let info = SourceInfo::of(host, manifest, s);
                         sources.insert(src, info.encode().as_slice())?;
                         effects.push(Effect::Replace {
@@ -510,35 +545,25 @@ impl RedbStore {
                         size,
                         blocks,
                     } => {
-                        super::chunk::check_block_size(*block_size)?;
                         let src =
                             id_for(&mut ids, host, image, *block_size, true)?.expect("created");
-                        let old = manifests
-                            .get(src)?
-                            .map(|v| Manifest::decode(v.value()))
-                            .transpose()?
-                            .unwrap_or_else(|| Manifest {
-                                image: image.clone(),
-                                size: 0,
-                                block_size: *block_size,
-                                blocks: vec![],
-                            });
+                        let old = match manifests.get(src)? {
+                            Some(v) => decode_stored(src, v.value(), max)?,
+                            None => None,
+                        }
+                        .unwrap_or_else(|| Manifest {
+                            image: image.clone(),
+                            size: 0,
+                            block_size: *block_size,
+                            blocks: vec![],
+                        });
                         let mut new = old.clone();
                         new.size = *size;
+                        // Checked above: n <= max_image_blocks, every i < n.
                         let n = Manifest::block_count(*size, *block_size);
-                        if n > u32::MAX as usize {
-                            return Err(IndexError::Invalid(format!(
-                                "image {image} has too many blocks"
-                            )));
-                        }
                         new.blocks.resize(n, None);
                         let mut idxs: Vec<u32> = (n..old.blocks.len()).map(|i| i as u32).collect();
                         for &(i, h) in blocks {
-                            if i as usize >= n {
-                                return Err(IndexError::Invalid(format!(
-                                    "patch of {image}: block {i} past the end ({n} blocks)"
-                                )));
-                            }
                             new.blocks[i as usize] = h;
                             idxs.push(i);
                         }
@@ -561,10 +586,10 @@ impl RedbStore {
                         block_size,
                     } => {
                         if let Some(src) = id_for(&mut ids, host, image, *block_size, false)? {
-                            let old = manifests
-                                .remove(src)?
-                                .map(|v| Manifest::decode(v.value()))
-                                .transpose()?;
+                            let old = match manifests.remove(src)? {
+                                Some(v) => decode_stored(src, v.value(), max)?,
+                                None => None,
+                            };
                             sources.remove(src)?;
                             effects.push(Effect::Replace {
                                 src,
@@ -582,10 +607,10 @@ impl RedbStore {
                             }
                         }
                         for src in gone {
-                            let old = manifests
-                                .remove(src)?
-                                .map(|v| Manifest::decode(v.value()))
-                                .transpose()?;
+                            let old = match manifests.remove(src)? {
+                                Some(v) => decode_stored(src, v.value(), max)?,
+                                None => None,
+                            };
                             sources.remove(src)?;
                             effects.push(Effect::Replace {
                                 src,
@@ -644,36 +669,38 @@ fn set_source(v: &mut Vec<Option<SourceInfo>>, src: u32, s: Option<SourceInfo>) 
     v[i] = s;
 }
 
-fn check_manifest(m: &Manifest) -> Result<()> {
-    super::chunk::check_block_size(m.block_size)?;
-    let n = Manifest::block_count(m.size, m.block_size);
-    if m.blocks.len() != n {
-        return Err(IndexError::Invalid(format!(
-            "manifest of {}: {} blocks for {} bytes at {} (want {n})",
-            m.image,
-            m.blocks.len(),
-            m.size,
-            m.block_size
-        )));
+/// A stored manifest, decoded if it has at most `max` blocks. One with more was
+/// stored under a higher `max_image_blocks`: it is logged and treated as absent
+/// (not looked up, replaced by the next put of its source) rather than expanded.
+fn decode_stored(src: u32, bytes: &[u8], max: u64) -> Result<Option<Manifest>> {
+    match Manifest::decode_limited(bytes, max) {
+        Ok(m) => Ok(Some(m)),
+        Err(e @ DecodeError::TooLarge { .. }) => {
+            tracing::warn!(
+                source = src,
+                "{e}: stored under a higher limit, treated as absent"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
-    if n > u32::MAX as usize {
-        return Err(IndexError::Invalid(format!(
-            "image {} has too many blocks",
-            m.image
-        )));
-    }
-    Ok(())
 }
 
 /// Builds the holder snapshot from every manifest in one read transaction.
-fn build_snapshot(db: &Database, path: &Path, coarse: Option<u32>) -> Result<Snapshot> {
+fn build_snapshot(
+    db: &Database,
+    path: &Path,
+    coarse: Option<u32>,
+    max_blocks: u64,
+) -> Result<Snapshot> {
     let r = db.begin_read()?;
     let seq = r.open_table(META)?.get("seq")?.map_or(0, |v| v.value());
     let mut entries = Vec::new();
     for row in r.open_table(MANIFESTS)?.iter()? {
         let (k, v) = row?;
-        let m = Manifest::decode(v.value())?;
-        entries_of(k.value(), &m, coarse, &mut entries);
+        if let Some(m) = decode_stored(k.value(), v.value(), max_blocks)? {
+            entries_of(k.value(), &m, coarse, &mut entries);
+        }
     }
     drop(r);
     Snapshot::write(path, seq, coarse.unwrap_or(0), &mut entries)?;
@@ -688,6 +715,28 @@ impl BlockStore for RedbStore {
             return Ok(rd(self.state.read()).seq);
         }
         self.apply_locked(changes)
+    }
+
+    fn max_image_blocks(&self) -> u64 {
+        self.opts.max_image_blocks
+    }
+
+    fn source_blocks(&self, host: &str, image: &str, block_size: u32) -> Result<u64> {
+        let r = self.db.begin_read()?;
+        let k = source_key(host, image, block_size);
+        let Some(id) = r
+            .open_table(SOURCE_IDS)?
+            .get(k.as_str())?
+            .map(|v| v.value())
+        else {
+            return Ok(0);
+        };
+        let st = rd(self.state.read());
+        Ok(st
+            .sources
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, |s| s.blocks))
     }
 
     fn holders(&self, hash: &BlockHash) -> Result<Vec<Location>> {
@@ -740,7 +789,10 @@ impl BlockStore for RedbStore {
             Some(id) => r
                 .open_table(MANIFESTS)?
                 .get(id)?
-                .map(|v| Manifest::decode(v.value()).map_err(Into::into))
+                .map(|v| {
+                    Manifest::decode_limited(v.value(), self.opts.max_image_blocks)
+                        .map_err(Into::into)
+                })
                 .transpose(),
             None => Ok(None),
         }
@@ -763,7 +815,10 @@ impl BlockStore for RedbStore {
         let mut out = Vec::new();
         for row in t.range(after.saturating_add(1)..)?.take(limit) {
             let (k, v) = row?;
-            out.push((k.value(), Change::decode(v.value())?));
+            out.push((
+                k.value(),
+                Change::decode_limited(v.value(), self.opts.max_image_blocks)?,
+            ));
         }
         Ok(out)
     }
@@ -786,7 +841,10 @@ impl RedbStore {
         let r = self.db.begin_read()?;
         let t = r.open_table(MANIFESTS)?;
         let v = t.get(src)?;
-        Ok(v.map(|v| Manifest::decode(v.value())).transpose()?)
+        Ok(
+            v.map(|v| Manifest::decode_limited(v.value(), self.opts.max_image_blocks))
+                .transpose()?,
+        )
     }
 }
 
@@ -1056,6 +1114,162 @@ mod tests {
         store.set_file_state("x", "img", 4096, &fs).unwrap();
         assert_eq!(store.file_state("x", "img", 4096).unwrap(), Some(fs));
         assert_eq!(store.file_state("x", "img", 16384).unwrap(), None);
+    }
+
+    fn put(host: &str, image: &str, blocks: Vec<Option<BlockHash>>) -> Change {
+        Change::PutImage {
+            host: host.into(),
+            manifest: Manifest {
+                image: image.into(),
+                size: blocks.len() as u64 * 4096,
+                block_size: 4096,
+                blocks,
+            },
+        }
+    }
+
+    #[test]
+    fn oversize_patch_is_refused_and_the_rest_of_the_batch_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("i"), StoreOptions::default()).unwrap();
+        store.apply(&[put("hv1", "b", vec![Some(h(2))])]).unwrap();
+        // Before the fix, this patch resized b's block list to 2^32 - 1 entries
+        // (141 GB) and the process aborted.
+        let huge = Change::PatchImage {
+            host: "hv1".into(),
+            image: "b".into(),
+            block_size: 4096,
+            size: u32::MAX as u64 * 4096,
+            blocks: vec![],
+        };
+        let e = store.apply(std::slice::from_ref(&huge)).unwrap_err();
+        assert!(matches!(e, IndexError::TooLarge { .. }), "{e}");
+        assert!(
+            e.to_string().contains("PatchImage of `b` held by hv1"),
+            "{e}"
+        );
+        assert_eq!(store.seq(), 1, "a refused batch changes nothing");
+
+        let applied = store
+            .apply_checked(vec![
+                put("hv1", "a", vec![Some(h(1)), None]),
+                huge,
+                put("hv2", "c", vec![Some(h(3))]),
+            ])
+            .unwrap();
+        assert_eq!(applied.refused.len(), 1);
+        let (at, e) = &applied.refused[0];
+        assert_eq!(*at, 1);
+        let m = e.to_string();
+        assert!(
+            m.contains("PatchImage of `b` held by hv1") && m.contains("4294967295 blocks"),
+            "{m}"
+        );
+        // a and c applied; b, whose patch was refused, is no longer claimed.
+        assert_eq!(applied.seq, 4);
+        assert_eq!(store.holders(&h(1)).unwrap().len(), 1);
+        assert_eq!(store.holders(&h(3)).unwrap().len(), 1);
+        assert!(store.holders(&h(2)).unwrap().is_empty());
+        assert!(store.manifest_at("hv1", "b", 4096).unwrap().is_none());
+        let logged: Vec<String> = store
+            .changes_since(1, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, c)| c.describe())
+            .collect();
+        assert_eq!(
+            logged,
+            [
+                "PutImage of `a` held by hv1 at 4096-byte blocks",
+                "RemoveImage of `b` held by hv1 at 4096-byte blocks",
+                "PutImage of `c` held by hv2 at 4096-byte blocks"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_configured_cap_bounds_puts_and_patches() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            max_image_blocks: 8,
+            ..Default::default()
+        };
+        let store = RedbStore::open(&dir.path().join("i"), opts).unwrap();
+        assert_eq!(store.max_image_blocks(), 8);
+        store.apply(&[put("hv1", "a", vec![None; 8])]).unwrap();
+        let e = store.apply(&[put("hv1", "b", vec![None; 9])]).unwrap_err();
+        assert!(
+            e.to_string().contains("more than max_image_blocks = 8"),
+            "{e}"
+        );
+        let grow = |size: u64| Change::PatchImage {
+            host: "hv1".into(),
+            image: "a".into(),
+            block_size: 4096,
+            size,
+            blocks: vec![],
+        };
+        assert!(store.apply(&[grow(9 * 4096)]).is_err());
+        store.apply(&[grow(8 * 4096 - 1)]).unwrap();
+        let bad = StoreOptions {
+            max_image_blocks: 0,
+            ..Default::default()
+        };
+        assert!(RedbStore::open(&dir.path().join("j"), bad).is_err());
+    }
+
+    #[test]
+    fn manifests_stored_under_a_higher_cap_are_treated_as_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i");
+        let store = RedbStore::open(&p, StoreOptions::default()).unwrap();
+        store
+            .apply(&[
+                put("hv1", "big", vec![Some(h(1)); 20]),
+                put("hv1", "small", vec![Some(h(2)); 4]),
+            ])
+            .unwrap();
+        drop(store);
+        let low = StoreOptions {
+            max_image_blocks: 10,
+            ..Default::default()
+        };
+        // Reopens (snapshot rebuilt without `big`), never expanding `big`.
+        let store = RedbStore::open(&p, low).unwrap();
+        assert!(store.holders(&h(1)).unwrap().is_empty());
+        assert_eq!(store.holders(&h(2)).unwrap().len(), 4);
+        let e = store.manifest_at("hv1", "big", 4096).unwrap_err();
+        assert!(e.to_string().contains("max_image_blocks = 10"), "{e}");
+        // A put within the cap replaces it.
+        store.apply(&[put("hv1", "big", vec![Some(h(3))])]).unwrap();
+        assert_eq!(store.holders(&h(3)).unwrap().len(), 1);
+        store.compact().unwrap();
+        assert_eq!(store.holders(&h(3)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_source_counter_is_refused_not_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i");
+        let store = RedbStore::open(&p, StoreOptions::default()).unwrap();
+        store.apply(&[put("hv1", "a", vec![Some(h(1))])]).unwrap();
+        drop(store);
+        {
+            let db = Database::create(&p).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(META)
+                .unwrap()
+                .insert("next_src", u32::MAX as u64)
+                .unwrap();
+            w.commit().unwrap();
+        }
+        let store = RedbStore::open(&p, StoreOptions::default()).unwrap();
+        // A new source would get id 2^32 - 1 and size the source table to it.
+        let e = store
+            .apply(&[put("hv1", "b", vec![Some(h(2))])])
+            .unwrap_err();
+        assert!(matches!(e, IndexError::Corrupt(_)), "{e}");
+        assert_eq!(store.holders(&h(1)).unwrap().len(), 1);
     }
 
     #[test]

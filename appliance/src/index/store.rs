@@ -12,8 +12,8 @@
 
 use std::sync::Arc;
 
-use super::manifest::{put_bytes, put_str, DecodeError, Reader};
-use super::{BlockHash, Manifest, Result};
+use super::manifest::{put_bytes, put_str, DecodeError, Reader, DEFAULT_MAX_IMAGE_BLOCKS};
+use super::{BlockHash, IndexError, Manifest, Result};
 
 /// Where a copy of a block is: `len` bytes at `offset` of `image` on `host`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -130,12 +130,21 @@ impl Change {
         out
     }
 
+    /// [`Self::decode_limited`] at [`DEFAULT_MAX_IMAGE_BLOCKS`].
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        Self::decode_limited(buf, DEFAULT_MAX_IMAGE_BLOCKS)
+    }
+
+    /// Decodes [`Self::encode`]'s bytes; a `PutImage` whose manifest claims more
+    /// than `max_blocks` blocks is refused before its block list is allocated
+    /// (a `PatchImage` allocates only what its bytes list; its size is checked by
+    /// [`Self::check`]).
+    pub fn decode_limited(buf: &[u8], max_blocks: u64) -> Result<Self, DecodeError> {
         let mut r = Reader(buf);
         let c = match r.u8()? {
             TAG_PUT => Change::PutImage {
                 host: r.str()?,
-                manifest: Manifest::decode(r.bytes()?)?,
+                manifest: Manifest::decode_limited(r.bytes()?, max_blocks)?,
             },
             TAG_PATCH => {
                 let host = r.str()?;
@@ -176,16 +185,214 @@ impl Change {
     }
 }
 
+impl Change {
+    /// The source (host, image, block size) a put or patch is about.
+    pub fn source(&self) -> Option<(&str, &str, u32)> {
+        match self {
+            Change::PutImage { host, manifest } => {
+                Some((host, &manifest.image, manifest.block_size))
+            }
+            Change::PatchImage {
+                host,
+                image,
+                block_size,
+                ..
+            } => Some((host, image, *block_size)),
+            Change::RemoveImage { .. } | Change::RemoveHost { .. } => None,
+        }
+    }
+
+    /// What an encoded change is about, read without expanding it (to weigh it
+    /// before decoding, and to name and drop the source of one that is refused).
+    pub fn peek(buf: &[u8]) -> Option<Peeked> {
+        let mut r = Reader(buf);
+        let tag = r.u8().ok()?;
+        let host = r.str().ok()?;
+        let (source, blocks) = match tag {
+            TAG_PUT => {
+                let (image, block_size, blocks) = Manifest::peek(r.bytes().ok()?).ok()?;
+                (Some((image, block_size)), Some(blocks))
+            }
+            TAG_PATCH => {
+                let image = r.str().ok()?;
+                let block_size = r.u32().ok()?;
+                let size = r.u64().ok()?;
+                let blocks = (block_size != 0).then(|| size.div_ceil(block_size as u64));
+                (Some((image, block_size)), Some(blocks.unwrap_or(0)))
+            }
+            TAG_REMOVE => (Some((r.str().ok()?, r.u32().ok()?)), None),
+            TAG_REMOVE_HOST => (None, None),
+            _ => return None,
+        };
+        Some(Peeked {
+            put: tag == TAG_PUT,
+            host,
+            source,
+            blocks,
+        })
+    }
+
+    /// What the change is, for messages: kind, image, host, block size.
+    pub fn describe(&self) -> String {
+        match self {
+            Change::PutImage { host, manifest } => format!(
+                "PutImage of `{}` held by {host} at {}-byte blocks",
+                manifest.image, manifest.block_size
+            ),
+            Change::PatchImage {
+                host,
+                image,
+                block_size,
+                ..
+            } => format!("PatchImage of `{image}` held by {host} at {block_size}-byte blocks"),
+            Change::RemoveImage {
+                host,
+                image,
+                block_size,
+            } => format!("RemoveImage of `{image}` held by {host} at {block_size}-byte blocks"),
+            Change::RemoveHost { host } => format!("RemoveHost {host}"),
+        }
+    }
+
+    /// Checks what can be checked without the store, before anything is
+    /// allocated for the change: a valid block size, at most `max_blocks` blocks
+    /// (for a patch: as implied by its new size), a manifest's block list as long
+    /// as its size says, a patch's blocks inside the new size. The error names
+    /// the change.
+    pub fn check(&self, max_blocks: u64) -> Result<()> {
+        let (block_size, size) = match self {
+            Change::PutImage { manifest, .. } => (manifest.block_size, manifest.size),
+            Change::PatchImage {
+                block_size, size, ..
+            } => (*block_size, *size),
+            Change::RemoveImage { .. } | Change::RemoveHost { .. } => return Ok(()),
+        };
+        let invalid = |why: String| IndexError::Invalid(format!("{}: {why}", self.describe()));
+        super::chunk::check_block_size(block_size).map_err(|e| invalid(e.to_string()))?;
+        let n = size.div_ceil(block_size as u64);
+        if n > max_blocks {
+            return Err(IndexError::TooLarge {
+                change: self.describe(),
+                size,
+                blocks: n,
+                max: max_blocks,
+            });
+        }
+        match self {
+            Change::PutImage { manifest, .. } if manifest.blocks.len() as u64 != n => {
+                Err(invalid(format!(
+                    "{} blocks listed for {size} bytes (want {n})",
+                    manifest.blocks.len()
+                )))
+            }
+            Change::PatchImage { blocks, .. } => {
+                match blocks.iter().find(|(i, _)| *i as u64 >= n) {
+                    Some((i, _)) => Err(invalid(format!("block {i} past the end ({n} blocks)"))),
+                    None => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// What replaces a refused put or patch in [`BlockStore::apply_checked`]: the
+    /// removal of its source, so that the store stops answering for a state its
+    /// holder has moved past.
+    fn removal(&self) -> Option<Change> {
+        let (host, image, block_size) = self.source()?;
+        Some(Change::RemoveImage {
+            host: host.into(),
+            image: image.into(),
+            block_size,
+        })
+    }
+}
+
+/// What an encoded change is about ([`Change::peek`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peeked {
+    /// A `PutImage`.
+    pub put: bool,
+    pub host: String,
+    /// Image and block size (not for `RemoveHost`).
+    pub source: Option<(String, u32)>,
+    /// Blocks a put or patch gives its source (a manifest's count, a patch's new
+    /// size over its block size); `None` for removals.
+    pub blocks: Option<u64>,
+}
+
+impl Peeked {
+    /// The removal that replaces a refused put or patch (see
+    /// [`BlockStore::apply_checked`]).
+    pub fn removal(&self) -> Option<Change> {
+        self.blocks?;
+        let (image, block_size) = self.source.clone()?;
+        Some(Change::RemoveImage {
+            host: self.host.clone(),
+            image,
+            block_size,
+        })
+    }
+}
+
+/// What [`BlockStore::apply_checked`] did.
+#[derive(Debug)]
+pub struct Applied {
+    /// Sequence number of the last change applied (the current one if none).
+    pub seq: u64,
+    /// The changes refused by [`Change::check`]: position in the batch, and why.
+    pub refused: Vec<(usize, IndexError)>,
+}
+
 /// The index store. Implementations are shared between threads (`&self`); writes
 /// are serialised internally.
 pub trait BlockStore: Send + Sync {
     /// Applies `changes` in order, atomically (one transaction): either all are
     /// durable when this returns, or none. Returns the sequence number of the last
     /// change (each change gets the next number), or the current one if empty.
+    /// A change that fails [`Change::check`] against [`Self::max_image_blocks`]
+    /// fails the whole batch, before anything is allocated for it.
     fn apply(&self, changes: &[Change]) -> Result<u64>;
+
+    /// The most blocks a source may have here (`max_image_blocks`): changes and
+    /// stored manifests claiming more are refused before they are expanded.
+    fn max_image_blocks(&self) -> u64 {
+        DEFAULT_MAX_IMAGE_BLOCKS
+    }
+
+    /// Applies the changes of `changes` that pass [`Change::check`] in order, in
+    /// one transaction; each one that does not is refused (listed in the result)
+    /// and replaced by the removal of its source, so one bad change neither
+    /// blocks the rest of a batch nor leaves a stale state of its source behind.
+    fn apply_checked(&self, changes: Vec<Change>) -> Result<Applied> {
+        let max = self.max_image_blocks();
+        let mut refused = Vec::new();
+        let mut ok = Vec::with_capacity(changes.len());
+        for (i, c) in changes.into_iter().enumerate() {
+            match c.check(max) {
+                Ok(()) => ok.push(c),
+                Err(e) => {
+                    ok.extend(c.removal());
+                    refused.push((i, e));
+                }
+            }
+        }
+        let seq = self.apply(&ok)?;
+        Ok(Applied { seq, refused })
+    }
 
     /// Every known copy of the block named `hash` (empty if none).
     fn holders(&self, hash: &BlockHash) -> Result<Vec<Location>>;
+
+    /// Blocks of the manifest `host` holds for `image` at `block_size` (0 if
+    /// none): what applying a change to that source decodes besides the change.
+    fn source_blocks(&self, host: &str, image: &str, block_size: u32) -> Result<u64> {
+        Ok(self
+            .images()?
+            .into_iter()
+            .find(|i| i.host == host && i.image == image && i.block_size == block_size)
+            .map_or(0, |i| i.blocks))
+    }
 
     /// [`Self::holders`] for many names at once (one lock / round trip).
     fn holders_many(&self, hashes: &[BlockHash]) -> Result<Vec<Vec<Location>>> {
@@ -218,6 +425,15 @@ pub trait BlockStore: Send + Sync {
 impl<T: BlockStore + ?Sized> BlockStore for Arc<T> {
     fn apply(&self, changes: &[Change]) -> Result<u64> {
         (**self).apply(changes)
+    }
+    fn max_image_blocks(&self) -> u64 {
+        (**self).max_image_blocks()
+    }
+    fn apply_checked(&self, changes: Vec<Change>) -> Result<Applied> {
+        (**self).apply_checked(changes)
+    }
+    fn source_blocks(&self, host: &str, image: &str, block_size: u32) -> Result<u64> {
+        (**self).source_blocks(host, image, block_size)
     }
     fn holders(&self, hash: &BlockHash) -> Result<Vec<Location>> {
         (**self).holders(hash)
@@ -300,5 +516,109 @@ mod tests {
         fn change_round_trip(c in arb_change()) {
             prop_assert_eq!(Change::decode(&c.encode()).unwrap(), c);
         }
+
+        #[test]
+        fn peek_agrees_with_decode(c in arb_change()) {
+            let p = Change::peek(&c.encode()).unwrap();
+            prop_assert_eq!(p.host.as_str(), c.host());
+            prop_assert_eq!(p.put, matches!(c, Change::PutImage { .. }));
+            if let Some((h, i, b)) = c.source() {
+                prop_assert_eq!(p.source.clone(), Some((i.to_string(), b)));
+                prop_assert_eq!(p.removal(), Some(Change::RemoveImage {
+                    host: h.into(), image: i.into(), block_size: b
+                }));
+            }
+            match &c {
+                Change::PutImage { manifest, .. } => {
+                    prop_assert_eq!(p.blocks, Some(manifest.blocks.len() as u64))
+                }
+                Change::PatchImage { size, block_size, .. } if *block_size != 0 => {
+                    prop_assert_eq!(p.blocks, Some(size.div_ceil(*block_size as u64)))
+                }
+                Change::PatchImage { .. } => prop_assert_eq!(p.blocks, Some(0)),
+                _ => prop_assert_eq!(p.blocks, None),
+            }
+        }
+    }
+
+    fn patch(size: u64, blocks: Vec<(u32, Option<BlockHash>)>) -> Change {
+        Change::PatchImage {
+            host: "hv1".into(),
+            image: "vm1".into(),
+            block_size: 4096,
+            size,
+            blocks,
+        }
+    }
+
+    #[test]
+    fn check_refuses_oversize_and_malformed_changes_naming_them() {
+        // 2^32 - 1 blocks implied by the size alone: refused on arithmetic.
+        let e = patch(u32::MAX as u64 * 4096, vec![])
+            .check(1 << 27)
+            .unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, IndexError::TooLarge { blocks, .. } if blocks == u32::MAX as u64));
+        assert!(
+            m.contains("PatchImage of `vm1` held by hv1") && m.contains("max_image_blocks"),
+            "{m}"
+        );
+        assert!(patch(1000 * 4096, vec![]).check(1000).is_ok());
+        assert!(patch(1000 * 4096 + 1, vec![]).check(1000).is_err());
+        let m = patch(4096, vec![(1, None)])
+            .check(1000)
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("block 1 past the end"), "{m}");
+        let bad_bs = Change::PatchImage {
+            host: "hv1".into(),
+            image: "vm1".into(),
+            block_size: 0,
+            size: 1,
+            blocks: vec![],
+        };
+        assert!(bad_bs.check(1000).is_err(), "block size 0 must not divide");
+        let put = |n: usize, listed: usize| Change::PutImage {
+            host: "hv1".into(),
+            manifest: Manifest {
+                image: "vm1".into(),
+                size: n as u64 * 4096,
+                block_size: 4096,
+                blocks: vec![None; listed],
+            },
+        };
+        assert!(put(10, 10).check(10).is_ok());
+        assert!(matches!(
+            put(11, 11).check(10),
+            Err(IndexError::TooLarge { .. })
+        ));
+        assert!(put(10, 9).check(10).is_err());
+        assert!(Change::RemoveHost { host: "x".into() }.check(0).is_ok());
+    }
+
+    #[test]
+    fn decode_limited_refuses_a_put_over_the_cap() {
+        let c = Change::PutImage {
+            host: "hv1".into(),
+            manifest: Manifest {
+                image: "vm1".into(),
+                size: 11 * 4096,
+                block_size: 4096,
+                blocks: vec![None; 11],
+            },
+        };
+        let enc = c.encode();
+        assert!(matches!(
+            Change::decode_limited(&enc, 10),
+            Err(DecodeError::TooLarge {
+                blocks: 11,
+                max: 10,
+                ..
+            })
+        ));
+        assert_eq!(Change::decode_limited(&enc, 11).unwrap(), c);
+        let p = Change::peek(&enc).unwrap();
+        assert_eq!((p.host.as_str(), p.blocks), ("hv1", Some(11)));
+        assert_eq!(p.source, Some(("vm1".into(), 4096)));
     }
 }

@@ -17,6 +17,7 @@
 //! tgtadm = "tgtadm"
 //! metrics_interval_ms = 5000            # report cpu/mem/disk to the parent (0: never)
 //! metrics_disk_path = "/var/lib/libvirt/images"  # filesystem of `disk` (default: db's dir)
+//! max_image_blocks = 134217728          # largest image indexed, in blocks (1..=2^31)
 //!
 //! [[image]]
 //! name = "vm1"
@@ -44,6 +45,7 @@
 //! parent = "198.18.0.2:7901"            # optional: omit at the top of the tree
 //! push_interval_ms = 1000
 //! metrics_interval_ms = 5000            # forward hosts' reports to the parent (0: never)
+//! max_image_blocks = 134217728          # a change or manifest claiming more blocks is refused
 //! ```
 
 use crate::config::key_line;
@@ -191,6 +193,10 @@ pub struct AgentConfig {
     /// load is known from elsewhere, or to steer placement by hand).
     #[serde(default)]
     pub metrics: crate::plan::HostMetrics,
+    /// The most blocks one image may have in the agent's store (a larger file
+    /// is reported as an error and not indexed).
+    #[serde(default = "default_max_image_blocks")]
+    pub max_image_blocks: u64,
     #[serde(default)]
     pub peer: PeerTuning,
     /// Resolved from `secret` / `secret_file` by validation.
@@ -218,6 +224,10 @@ pub struct IndexerConfig {
     /// How often the hosts' load reports are forwarded to the parent (0: never).
     #[serde(default = "default_metrics_ms")]
     pub metrics_interval_ms: u64,
+    /// The most blocks one source may have: a pushed change or a stored
+    /// manifest claiming more is refused before it is expanded.
+    #[serde(default = "default_max_image_blocks")]
+    pub max_image_blocks: u64,
     #[serde(default)]
     pub peer: PeerTuning,
     #[serde(skip)]
@@ -238,6 +248,9 @@ fn default_push_ms() -> u64 {
 }
 fn default_metrics_ms() -> u64 {
     5000
+}
+fn default_max_image_blocks() -> u64 {
+    crate::index::DEFAULT_MAX_IMAGE_BLOCKS
 }
 fn default_block_sizes() -> Vec<String> {
     vec!["4KiB".into()]
@@ -272,6 +285,10 @@ impl Validator<'_> {
             ));
         }
         Ok(())
+    }
+
+    fn max_image_blocks(&self, max: u64) -> Result<(), ConfigError> {
+        crate::index::check_max_image_blocks(max).map_err(|e| self.err("", "max_image_blocks", &e))
     }
 
     fn node(&self, node: &str) -> Result<(), ConfigError> {
@@ -348,6 +365,7 @@ impl AgentConfig {
             return Err(v.err("", "push_interval_ms", "must be > 0"));
         }
         v.metrics_interval(c.metrics_interval_ms)?;
+        v.max_image_blocks(c.max_image_blocks)?;
         if let Some((m, value)) = c.metrics.out_of_range() {
             return Err(v.err(
                 "metrics",
@@ -432,6 +450,7 @@ impl IndexerConfig {
             return Err(v.err("", "push_interval_ms", "must be > 0"));
         }
         v.metrics_interval(c.metrics_interval_ms)?;
+        v.max_image_blocks(c.max_image_blocks)?;
         if c.parent == Some(c.listen) {
             return Err(v.err("", "parent", "an indexer cannot be its own parent"));
         }
@@ -545,6 +564,19 @@ db = "/tmp/x.redb"
 "#;
         let c = IndexerConfig::parse(t).unwrap();
         assert!(c.parent.is_none());
+        assert_eq!(c.max_image_blocks, crate::index::DEFAULT_MAX_IMAGE_BLOCKS);
+        let c = IndexerConfig::parse(&format!("max_image_blocks = 1000\n{t}")).unwrap();
+        assert_eq!(c.max_image_blocks, 1000);
+        for bad in ["0", "2147483649"] {
+            let e = IndexerConfig::parse(&format!("max_image_blocks = {bad}\n{t}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("max_image_blocks (line 1)"), "{e}");
+        }
+        let e = AgentConfig::parse(&format!("max_image_blocks = 0\n{AGENT}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_image_blocks (line 1)"), "{e}");
         let e = IndexerConfig::parse(&t.replace("db = \"/tmp/x.redb\"\n", ""))
             .unwrap_err()
             .to_string();

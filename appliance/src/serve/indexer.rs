@@ -8,6 +8,10 @@
 //!   child then trims its log. A push that does not follow the parent's record
 //!   (the parent lost its state, or the child's log was trimmed for another parent)
 //!   is refused with `GAP`, and the child restates everything it holds (resync).
+//!   A change the parent cannot take (over `max_image_blocks`, undecodable,
+//!   invalid) is refused on its own — named in an `Error{REFUSED, acked}` reply,
+//!   logged, counted, its source dropped — and the rest of the push applies, in
+//!   groups of bounded expansion ([`apply_in_groups`]); the child moves past it.
 //! - **Holders**: answered from the local store; hashes without a local holder are
 //!   asked of the parent (and so on up the tree), unless `local_only`.
 //! - **Manifests**: an image's manifest (in pieces, see
@@ -35,9 +39,9 @@ use tokio::sync::Notify;
 use super::{
     client::{FetchError, Peer},
     error::{IoContext, Result, ServeError},
-    proto::{code, Holder, ManifestPiece, Msg, PushedChange},
+    proto::{code, Holder, ManifestPiece, Msg, PushedChange, MAX_PUSH_CHANGES},
 };
-use crate::index::{BlockHash, BlockStore, Change};
+use crate::index::{store::Peeked, BlockHash, BlockStore, Change};
 
 /// The store behind an indexer or a pusher: any [`BlockStore`] (the embedded
 /// `RedbStore` today, a distributed backend later).
@@ -107,6 +111,11 @@ pub struct IndexMetrics {
     pub manifest_lookups: AtomicU64,
     /// … of them asked of the parent (the image is not in the local store).
     pub manifest_parent_lookups: AtomicU64,
+    /// Pushed changes refused (over `max_image_blocks`, undecodable, invalid);
+    /// the rest of their push was applied.
+    pub refused: AtomicU64,
+    /// The last refusal, naming the child, its change and why.
+    pub last_refused: Mutex<Option<String>>,
 }
 
 /// Why a manifest lookup failed (not: the image is unknown, that is
@@ -334,33 +343,34 @@ impl IndexService {
                 return error(code::BAD_REQUEST, "push: sequence numbers not increasing");
             }
         }
-        let mut decoded = Vec::with_capacity(fresh.len());
-        for (s, c) in &fresh {
-            match Change::decode(c) {
-                Ok(c) => decoded.push(c),
-                Err(e) => return error(code::BAD_REQUEST, format!("push: change {s}: {e}")),
-            }
-        }
+        // What each change is about, read without expanding it: a change is
+        // decoded only when its group is applied (see `apply_in_groups`).
+        let max_blocks = self.store.max_image_blocks();
+        let peeks: Vec<Option<Peeked>> = fresh.iter().map(|(_, c)| Change::peek(c)).collect();
         // The hosts this child speaks for.
         let hosts_changed = {
             let mut st = lock(&self.state);
             let set = st.hosts.entry(child.to_string()).or_default();
             let before = set.len();
-            set.extend(decoded.iter().map(|c| c.host().to_string()));
+            set.extend(peeks.iter().flatten().map(|p| p.host.clone()));
             set.len() != before
         };
         if resync {
             let mut r = lock(&self.resyncing);
             let seen = r.entry(child.to_string()).or_default();
-            for c in &decoded {
-                if let Change::PutImage { host, manifest } = c {
-                    seen.insert((host.clone(), manifest.image.clone(), manifest.block_size));
+            for p in peeks.iter().flatten() {
+                // A put over the cap is refused: its source is not restated.
+                if let (true, Some((image, bs)), Some(n)) = (p.put, &p.source, p.blocks) {
+                    if n <= max_blocks {
+                        seen.insert((p.host.clone(), image.clone(), *bs));
+                    }
                 }
             }
         }
+        let mut tail = Vec::new();
         if resync && upto != RESYNC_MORE {
             // The last piece of a resync: sources of this child's hosts that it
-            // did not restate are gone; removed in the same transaction.
+            // did not restate are gone; removed with the rest of the push.
             let seen = lock(&self.resyncing).remove(child).unwrap_or_default();
             let hosts = lock(&self.state)
                 .hosts
@@ -388,7 +398,7 @@ impl IndexService {
                         tracing::info!(node = %self.node, %child, removed = g.len(),
                             "resync: removing sources the child no longer holds");
                     }
-                    decoded.extend(g);
+                    tail = g;
                 }
                 Ok(Err(e)) => return error(code::INTERNAL, format!("resync: {e:#}")),
                 Err(e) => return error(code::INTERNAL, format!("resync: {e}")),
@@ -403,16 +413,46 @@ impl IndexService {
         } else {
             fresh.last().map_or(acked, |(s, _)| *s)
         };
-        if !decoded.is_empty() {
+        let mut refusals = Vec::new();
+        if !fresh.is_empty() || !tail.is_empty() {
             let store = self.store.clone();
-            let n = decoded.len() as u64;
-            match tokio::task::spawn_blocking(move || store.apply(&decoded)).await {
-                Ok(Ok(_)) => {
-                    self.metrics.changes_applied.fetch_add(n, Ordering::Relaxed);
+            let raw: Vec<Bytes> = fresh.iter().map(|(_, c)| c.clone()).collect();
+            let budget = max_blocks.saturating_mul(2);
+            match tokio::task::spawn_blocking(move || {
+                apply_in_groups(&*store, &raw, peeks, tail, budget)
+            })
+            .await
+            {
+                Ok(Ok(done)) => {
+                    self.metrics
+                        .changes_applied
+                        .fetch_add(done.applied, Ordering::Relaxed);
+                    refusals = done.refused;
                 }
                 Ok(Err(e)) => return error(code::INTERNAL, format!("apply: {e:#}")),
                 Err(e) => return error(code::INTERNAL, format!("apply: {e}")),
             }
+        }
+        // Name each refused change by the child's sequence number (a resync's
+        // changes have none: by position).
+        let refusals: Vec<String> = refusals
+            .into_iter()
+            .map(|(i, why)| {
+                if resync {
+                    format!("restated change #{} from {child}: {why}", i + 1)
+                } else {
+                    format!("change {} from {child}: {why}", fresh[i].0)
+                }
+            })
+            .collect();
+        if !refusals.is_empty() {
+            self.metrics
+                .refused
+                .fetch_add(refusals.len() as u64, Ordering::Relaxed);
+            for r in refusals.iter().take(MAX_REFUSALS_NAMED) {
+                tracing::warn!(node = %self.node, %child, "refused {r}");
+            }
+            *lock(&self.metrics.last_refused) = refusals.last().cloned();
         }
         if new_acked != acked || addrs_changed || hosts_changed {
             let snapshot = {
@@ -428,11 +468,166 @@ impl IndexService {
             }
         }
         if !fresh.is_empty() {
-            tracing::info!(node = %self.node, %child, changes = fresh.len(), resync, acked = new_acked, "applied push");
+            tracing::info!(node = %self.node, %child, changes = fresh.len(), refused = refusals.len(),
+                resync, acked = new_acked, "applied push");
             self.changed.notify_one();
         }
-        Msg::Ack { seq: new_acked }
+        if refusals.is_empty() {
+            return Msg::Ack { seq: new_acked };
+        }
+        // Applied and acknowledged, but the child must hear which changes this
+        // index refused: an error that carries the acknowledgement.
+        let mut message = format!(
+            "{}: refused {} of {} changes (the rest applied; acknowledged through {new_acked}): ",
+            self.node,
+            refusals.len(),
+            fresh.len()
+        );
+        message.push_str(&refusals[..refusals.len().min(MAX_REFUSALS_NAMED)].join("; "));
+        if refusals.len() > MAX_REFUSALS_NAMED {
+            message.push_str(&format!(
+                "; and {} more",
+                refusals.len() - MAX_REFUSALS_NAMED
+            ));
+        }
+        Msg::Error {
+            code: code::REFUSED,
+            acked: new_acked,
+            message,
+        }
     }
+}
+
+/// Refused changes named in a reply and logged one by one (the rest counted).
+const MAX_REFUSALS_NAMED: usize = 8;
+
+/// What [`apply_in_groups`] did.
+#[derive(Debug, Default)]
+struct GroupsApplied {
+    /// Changes applied (including the removals that replace refused ones).
+    applied: u64,
+    /// Refused changes: index into the pushed changes, and why.
+    refused: Vec<(usize, String)>,
+}
+
+/// A change of a push on its way to the store: still encoded, or (the resync's
+/// removals) already a change.
+enum Pending {
+    Raw(usize, Bytes, Option<Peeked>),
+    Ready(Change),
+}
+
+/// Applies a push's changes (`raw`, with their [`Change::peek`]s), then `tail`,
+/// in order, in transactions whose changes expand to at most `budget` blocks
+/// together (a change at the cap replacing a source at the cap: 2 ×
+/// `max_image_blocks`), decoding each change only when its group is applied: so
+/// a push of many changes each within the cap cannot expand all of them at once.
+/// A change that cannot be decoded (e.g. a manifest over the cap) or fails
+/// [`Change::check`] is refused and its source dropped, as
+/// [`BlockStore::apply_checked`] does; the rest apply. A failure of the store
+/// stops at that group (earlier groups stay applied; the child resends the
+/// push and those changes apply again, to the same result).
+fn apply_in_groups(
+    store: &dyn BlockStore,
+    raw: &[Bytes],
+    peeks: Vec<Option<Peeked>>,
+    tail: Vec<Change>,
+    budget: u64,
+) -> crate::index::Result<GroupsApplied> {
+    let max = store.max_image_blocks();
+    let mut done = GroupsApplied::default();
+    let mut group: Vec<Change> = Vec::new();
+    // For each change of `group`: its index in `raw` (None: a resync removal, or
+    // the removal replacing an undecodable change).
+    let mut origin: Vec<Option<usize>> = Vec::new();
+    let mut weight = 0u64;
+    let flush = |group: &mut Vec<Change>,
+                 origin: &mut Vec<Option<usize>>,
+                 done: &mut GroupsApplied|
+     -> crate::index::Result<()> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        let n = group.len() as u64;
+        let a = store.apply_checked(std::mem::take(group))?;
+        for (at, e) in a.refused {
+            // A refused change is replaced by a removal, which is applied.
+            if let Some(i) = origin[at] {
+                done.refused.push((i, e.to_string()));
+            }
+        }
+        done.applied += n;
+        origin.clear();
+        Ok(())
+    };
+    let pending = raw
+        .iter()
+        .zip(peeks)
+        .enumerate()
+        .map(|(i, (c, p))| Pending::Raw(i, c.clone(), p))
+        .chain(tail.into_iter().map(Pending::Ready));
+    for item in pending {
+        let w = match &item {
+            Pending::Raw(_, _, p) => expansion(store, p.as_ref(), max, budget)?,
+            Pending::Ready(c) => match c {
+                Change::RemoveImage {
+                    host,
+                    image,
+                    block_size,
+                } => store.source_blocks(host, image, *block_size)?.min(max),
+                _ => budget,
+            },
+        };
+        if !group.is_empty() && weight.saturating_add(w) > budget {
+            flush(&mut group, &mut origin, &mut done)?;
+            weight = 0;
+        }
+        weight = weight.saturating_add(w);
+        match item {
+            Pending::Ready(c) => {
+                group.push(c);
+                origin.push(None);
+            }
+            Pending::Raw(i, c, p) => match Change::decode_limited(&c, max) {
+                Ok(c) => {
+                    group.push(c);
+                    origin.push(Some(i));
+                }
+                Err(e) => {
+                    done.refused.push((i, e.to_string()));
+                    if let Some(rm) = p.as_ref().and_then(Peeked::removal) {
+                        group.push(rm);
+                        origin.push(None);
+                    }
+                }
+            },
+        }
+    }
+    flush(&mut group, &mut origin, &mut done)?;
+    done.refused.sort_by_key(|(i, _)| *i);
+    Ok(done)
+}
+
+/// Blocks applying a change expands: its own (a put's manifest, a patch's new
+/// size) and its source's current manifest (decoded to be replaced, patched or
+/// removed); each counted only within `max` (beyond it nothing is expanded: the
+/// change is refused, a stored manifest treated as absent). A host removal
+/// expands every source of the host: it gets a group of its own (`budget`).
+fn expansion(
+    store: &dyn BlockStore,
+    peek: Option<&Peeked>,
+    max: u64,
+    budget: u64,
+) -> crate::index::Result<u64> {
+    let Some(p) = peek else {
+        return Ok(0); // undecodable: refused, nothing expanded
+    };
+    let Some((image, bs)) = &p.source else {
+        return Ok(budget);
+    };
+    let own = p.blocks.filter(|&n| n <= max).unwrap_or(0);
+    let current = store.source_blocks(&p.host, image, *bs)?;
+    Ok(own + if current <= max { current } else { 0 })
 }
 
 /// `upto` of a resync push that is not the last one (nothing acknowledged yet).
@@ -455,6 +650,10 @@ pub struct PushStatus {
     pub failures: AtomicU64,
     pub resyncs: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Pushes of which the parent refused some changes (and applied the rest).
+    pub refused: AtomicU64,
+    /// The parent's last refusal (which changes, why).
+    pub last_refused: Mutex<Option<String>>,
 }
 
 /// Pushes a store's change log to a parent indexer, periodically and when woken.
@@ -491,6 +690,37 @@ impl Pusher {
                 _ = tokio::time::sleep(self.interval) => {}
                 _ = self.wake.notified() => {}
             }
+        }
+    }
+
+    /// One push; a reply that some changes were refused ([`code::REFUSED`]) is
+    /// logged and recorded, and counts as the acknowledgement it carries: the
+    /// parent applied the rest, and resending the refused ones would be refused
+    /// again.
+    async fn push_once(
+        &self,
+        resync: bool,
+        upto: u64,
+        changes: Vec<PushedChange>,
+    ) -> std::result::Result<u64, FetchError> {
+        match self
+            .parent
+            .push(&self.node, resync, upto, (self.addrs)(), changes)
+            .await
+        {
+            Err(FetchError::Remote {
+                code: c,
+                acked,
+                message,
+                ..
+            }) if c == code::REFUSED => {
+                self.status.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(node = %self.node, parent = %self.parent.addr(), acked,
+                    "parent refused changes: {message}");
+                *lock(&self.status.last_refused) = Some(message);
+                Ok(acked)
+            }
+            r => r,
         }
     }
 
@@ -554,11 +784,7 @@ impl Pusher {
             }
             let last = batch.last().map_or(a, |(s, _)| *s);
             let n = batch.len();
-            match self
-                .parent
-                .push(&self.node, false, 0, (self.addrs)(), batch)
-                .await
-            {
+            match self.push_once(false, 0, batch).await {
                 Ok(seq) => {
                     self.status.pushes.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(node = %self.node, changes = n, acked = seq, "pushed");
@@ -609,27 +835,340 @@ impl Pusher {
             let e = c.encode();
             bytes += e.len();
             chunk.push((0, Bytes::from(e)));
-            if bytes >= self.max_bytes && i + 1 < n {
-                self.parent
-                    .push(
-                        &self.node,
-                        true,
-                        RESYNC_MORE,
-                        (self.addrs)(),
-                        std::mem::take(&mut chunk),
-                    )
+            let full = bytes >= self.max_bytes || chunk.len() >= MAX_PUSH_CHANGES;
+            if full && i + 1 < n {
+                self.push_once(true, RESYNC_MORE, std::mem::take(&mut chunk))
                     .await?;
                 bytes = 0;
             }
         }
-        let seq = self
-            .parent
-            .push(&self.node, true, upto, (self.addrs)(), chunk)
-            .await?;
+        let seq = self.push_once(true, upto, chunk).await?;
         let s2 = seq;
         self.blocking(move |s| s.trim_log(s2)).await?;
         *acked = Some(seq);
         self.status.acked.store(seq, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{Manifest, RedbStore, StoreOptions};
+
+    fn h(x: u8) -> BlockHash {
+        BlockHash::of(&[x])
+    }
+
+    /// A put of `n` blocks, the first named `h(first)` and the rest zero.
+    fn put(host: &str, image: &str, n: u64, first: u8) -> Change {
+        let mut blocks = vec![None; n as usize];
+        blocks[0] = Some(h(first));
+        Change::PutImage {
+            host: host.into(),
+            manifest: Manifest {
+                image: image.into(),
+                size: n * 4096,
+                block_size: 4096,
+                blocks,
+            },
+        }
+    }
+
+    /// A patch growing `image` to 2^32 - 1 blocks (141 GB decoded): what aborted
+    /// the indexer before changes were checked against `max_image_blocks`.
+    fn huge_patch(host: &str, image: &str) -> Change {
+        Change::PatchImage {
+            host: host.into(),
+            image: image.into(),
+            block_size: 4096,
+            size: u32::MAX as u64 * 4096,
+            blocks: vec![],
+        }
+    }
+
+    fn pushed(changes: &[Change], first_seq: u64) -> Vec<PushedChange> {
+        changes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (first_seq + i as u64, Bytes::from(c.encode())))
+            .collect()
+    }
+
+    fn service(dir: &Path, max_image_blocks: u64) -> IndexService {
+        let store = RedbStore::open(
+            &dir.join("ix.redb"),
+            StoreOptions {
+                max_image_blocks,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        IndexService::open("rack1", Arc::new(store), None, dir.join("children.json")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_change_does_not_block_the_rest_of_the_push() {
+        let dir = tempfile::tempdir().unwrap();
+        let ix = service(dir.path(), crate::index::DEFAULT_MAX_IMAGE_BLOCKS);
+        let batch = [
+            put("hv1", "a", 4, 1),
+            huge_patch("hv1", "b"),
+            put("hv1", "c", 4, 3),
+        ];
+        let reply = ix.push("hv1", false, 0, vec![], pushed(&batch, 1)).await;
+        let Msg::Error {
+            code: c,
+            acked,
+            message,
+        } = reply
+        else {
+            panic!("expected a refusal, got {reply:?}");
+        };
+        assert_eq!((c, acked), (code::REFUSED, 3));
+        assert!(
+            message.contains("change 2 from hv1")
+                && message.contains("PatchImage of `b` held by hv1")
+                && message.contains("more than max_image_blocks"),
+            "{message}"
+        );
+        let store = ix.store();
+        assert_eq!(store.holders(&h(1)).unwrap().len(), 1);
+        assert_eq!(store.holders(&h(3)).unwrap().len(), 1);
+        assert_eq!(ix.metrics.refused.load(Ordering::Relaxed), 1);
+        assert!(lock(&ix.metrics.last_refused)
+            .as_deref()
+            .is_some_and(|m| m.contains("change 2")));
+        assert_eq!(ix.child_state().acked["hv1"], 3);
+        // The same push again (a child that missed the reply): acknowledged, not
+        // refused forever; the next change follows.
+        let again = ix.push("hv1", false, 0, vec![], pushed(&batch, 1)).await;
+        assert_eq!(again, Msg::Ack { seq: 3 });
+        let next = ix
+            .push("hv1", false, 0, vec![], pushed(&[put("hv1", "d", 2, 4)], 4))
+            .await;
+        assert_eq!(next, Msg::Ack { seq: 4 });
+        assert_eq!(store.holders(&h(4)).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_manifest_over_the_cap_is_refused_and_its_source_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let ix = service(dir.path(), 16);
+        let ok = ix
+            .push(
+                "hv1",
+                false,
+                0,
+                vec![],
+                pushed(&[put("hv1", "big", 8, 1)], 1),
+            )
+            .await;
+        assert_eq!(ok, Msg::Ack { seq: 1 });
+        // Now restated with a bitmap claiming 17 blocks: refused undecoded, and
+        // the earlier state of `big` is no longer claimed.
+        let batch = [put("hv1", "big", 17, 2), put("hv1", "small", 2, 3)];
+        let reply = ix.push("hv1", false, 0, vec![], pushed(&batch, 2)).await;
+        match reply {
+            Msg::Error {
+                code: c,
+                acked: 3,
+                message,
+            } if c == code::REFUSED => {
+                assert!(
+                    message.contains("change 2 from hv1")
+                        && message.contains("manifest of `big`")
+                        && message.contains("claims 17 blocks, more than max_image_blocks = 16"),
+                    "{message}"
+                );
+            }
+            r => panic!("expected a refusal, got {r:?}"),
+        }
+        let store = ix.store();
+        assert!(store.holders(&h(1)).unwrap().is_empty());
+        assert!(store.manifest_at("hv1", "big", 4096).unwrap().is_none());
+        assert_eq!(store.holders(&h(3)).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_resync_with_a_refused_put_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ix = service(dir.path(), 16);
+        let batch = [put("hv1", "big", 17, 1), put("hv1", "ok", 2, 2)];
+        let reply = ix.push("hv1", true, 7, vec![], pushed(&batch, 0)).await;
+        assert!(
+            matches!(&reply, Msg::Error { code: c, acked: 7, message }
+                if *c == code::REFUSED && message.contains("restated change #1 from hv1")),
+            "{reply:?}"
+        );
+        assert_eq!(ix.child_state().acked["hv1"], 7);
+        assert_eq!(ix.store().holders(&h(2)).unwrap().len(), 1);
+    }
+
+    /// Delegates to a store and records the size of every transaction.
+    struct Recording {
+        inner: RedbStore,
+        batches: Mutex<Vec<usize>>,
+    }
+
+    impl BlockStore for Recording {
+        fn apply(&self, changes: &[Change]) -> crate::index::Result<u64> {
+            lock(&self.batches).push(changes.len());
+            self.inner.apply(changes)
+        }
+        fn max_image_blocks(&self) -> u64 {
+            self.inner.max_image_blocks()
+        }
+        fn source_blocks(&self, host: &str, image: &str, bs: u32) -> crate::index::Result<u64> {
+            self.inner.source_blocks(host, image, bs)
+        }
+        fn holders(&self, x: &BlockHash) -> crate::index::Result<Vec<crate::index::Location>> {
+            self.inner.holders(x)
+        }
+        fn manifest(&self, i: &str, bs: Option<u32>) -> crate::index::Result<Option<Manifest>> {
+            self.inner.manifest(i, bs)
+        }
+        fn manifest_at(
+            &self,
+            host: &str,
+            i: &str,
+            bs: u32,
+        ) -> crate::index::Result<Option<Manifest>> {
+            self.inner.manifest_at(host, i, bs)
+        }
+        fn images(&self) -> crate::index::Result<Vec<crate::index::ImageInfo>> {
+            self.inner.images()
+        }
+        fn seq(&self) -> u64 {
+            self.inner.seq()
+        }
+        fn changes_since(
+            &self,
+            after: u64,
+            limit: usize,
+        ) -> crate::index::Result<Vec<(u64, Change)>> {
+            self.inner.changes_since(after, limit)
+        }
+        fn trim_log(&self, upto: u64) -> crate::index::Result<()> {
+            self.inner.trim_log(upto)
+        }
+    }
+
+    #[test]
+    fn a_push_is_applied_in_groups_of_bounded_expansion() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            max_image_blocks: 10,
+            ..StoreOptions::default()
+        };
+        let store = Recording {
+            inner: RedbStore::open(&dir.path().join("i"), opts).unwrap(),
+            batches: Mutex::new(Vec::new()),
+        };
+        // An existing 9-block source: replacing it expands 9 + its new blocks.
+        store.apply(&[put("hv1", "x", 9, 9)]).unwrap();
+        lock(&store.batches).clear();
+        let mut enc: Vec<Bytes> = [
+            put("hv1", "a", 8, 1),
+            put("hv1", "b", 8, 2),
+            put("hv1", "x", 3, 3),
+            huge_patch("hv1", "c"),
+            put("hv1", "d", 8, 4),
+        ]
+        .iter()
+        .map(|c| Bytes::from(c.encode()))
+        .collect();
+        enc.push(Bytes::from_static(b"\x09garbage"));
+        let peeks = enc.iter().map(|c| Change::peek(c)).collect();
+        let tail = vec![Change::RemoveImage {
+            host: "hv1".into(),
+            image: "a".into(),
+            block_size: 4096,
+        }];
+        let done = apply_in_groups(&store, &enc, peeks, tail, 20).unwrap();
+        // a+b = 16; x (3 + 9 current) starts a group; the refused patch expands
+        // nothing; d (8) fits with x; the garbage is refused; removing a (8)
+        // fits with x and d? 12 + 8 + 8 > 20: a group of its own.
+        assert_eq!(*lock(&store.batches), [2, 3, 1]);
+        let refused: Vec<usize> = done.refused.iter().map(|(i, _)| *i).collect();
+        assert_eq!(refused, [3, 5]);
+        assert!(done.refused[0]
+            .1
+            .contains("more than max_image_blocks = 10"));
+        assert_eq!(done.applied, 6);
+        assert!(
+            store.holders(&h(1)).unwrap().is_empty(),
+            "a removed by the tail"
+        );
+        for x in [2, 3, 4] {
+            assert_eq!(store.holders(&h(x)).unwrap().len(), 1, "h({x})");
+        }
+        assert!(store.holders(&h(9)).unwrap().is_empty(), "x replaced");
+    }
+
+    /// The child's side over TCP: a parent with a lower cap refuses one of the
+    /// child's changes; the child records the refusal, trims its log past it and
+    /// keeps pushing.
+    #[tokio::test]
+    async fn the_pusher_moves_past_a_refused_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |node: &str, parent: Option<std::net::SocketAddr>, extra: &str| {
+            let p = parent
+                .map(|a| format!("parent = \"{a}\"\n"))
+                .unwrap_or_default();
+            super::super::config::IndexerConfig::parse(&format!(
+                "node = \"{node}\"\nlisten = \"127.0.0.1:0\"\nsecret = \"a test secret of some length\"\ndb = {:?}\n{p}push_interval_ms = 50\n{extra}",
+                dir.path().join(format!("{node}.redb"))
+            ))
+            .unwrap()
+        };
+        let g = super::super::start_indexer(&cfg("g", None, "max_image_blocks = 8\n"))
+            .await
+            .unwrap();
+        let r = super::super::start_indexer(&cfg("r", Some(g.local_addr), ""))
+            .await
+            .unwrap();
+        r.service
+            .store()
+            .apply(&[put("hv1", "big", 9, 1), put("hv1", "ok", 2, 2)])
+            .unwrap();
+        r.service.changed.notify_one();
+        let wait_acked = |want: u64| {
+            let r = &r;
+            async move {
+                for _ in 0..250 {
+                    if r.push_status.acked.load(Ordering::Relaxed) == want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!("child's acked never reached {want}: {:?}", r.push_status);
+            }
+        };
+        wait_acked(2).await;
+        assert_eq!(r.push_status.refused.load(Ordering::Relaxed), 1);
+        let last = lock(&r.push_status.last_refused)
+            .clone()
+            .unwrap_or_default();
+        assert!(
+            last.contains("change 1 from r") && last.contains("manifest of `big`"),
+            "{last}"
+        );
+        let gs = g.service.store();
+        assert_eq!(gs.holders(&h(2)).unwrap().len(), 1);
+        assert!(gs.holders(&h(1)).unwrap().is_empty());
+        assert_eq!(g.service.metrics.refused.load(Ordering::Relaxed), 1);
+        assert!(
+            r.service.store().changes_since(0, 10).unwrap().is_empty(),
+            "log trimmed"
+        );
+        r.service
+            .store()
+            .apply(&[put("hv1", "next", 2, 3)])
+            .unwrap();
+        r.service.changed.notify_one();
+        wait_acked(3).await;
+        assert_eq!(gs.holders(&h(3)).unwrap().len(), 1);
+        assert_eq!(r.push_status.refused.load(Ordering::Relaxed), 1);
     }
 }

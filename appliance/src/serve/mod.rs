@@ -70,6 +70,7 @@ pub fn open_indexer_store(cfg: &config::IndexerConfig) -> Result<Arc<RedbStore>>
         &cfg.db,
         StoreOptions {
             log: cfg.parent.is_some(),
+            max_image_blocks: cfg.max_image_blocks,
             ..StoreOptions::default()
         },
     )?))

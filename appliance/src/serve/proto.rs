@@ -26,6 +26,12 @@ pub const DEFAULT_MAX_FRAME: u32 = 32 << 20;
 pub const MAX_HASHES: usize = 16_384;
 /// Most host reports one `HostMetrics` request may carry.
 pub const MAX_REPORTS: usize = 16_384;
+/// Most changes one `Push` may carry: 2^20 (a normal push carries at most 256,
+/// a resync piece is cut at this count too). A change is at least 12 bytes on
+/// the wire but 40 decoded, so the count is bounded, not just the bytes.
+pub const MAX_PUSH_CHANGES: usize = 1 << 20;
+/// Most host → address pairs one `Push` may carry (one per host below the child).
+pub const MAX_PUSH_ADDRS: usize = 1 << 20;
 /// Most manifest bytes one `ManifestReply` carries (a larger manifest comes in
 /// pieces, each asked for by offset): 16 MiB, half the default frame limit — a
 /// 1 GiB image at 4 KiB (262,144 blocks, ~8.4 MB encoded) fits in one.
@@ -72,6 +78,10 @@ pub mod code {
     pub const GAP: u16 = 4;
     /// This server does not offer the service (e.g. blocks from an indexer).
     pub const UNSUPPORTED: u16 = 5;
+    /// Push: some changes were refused (each named in the message, e.g. over
+    /// `max_image_blocks`); the others were applied and everything up to
+    /// `acked` is acknowledged, so the child moves on (it does not resend them).
+    pub const REFUSED: u16 = 6;
 }
 
 /// One block in a [`Msg::Blocks`] reply, in the order of the request.
@@ -165,7 +175,7 @@ pub enum Msg {
     AuthOk,
     Error {
         code: u16,
-        /// For [`code::GAP`]: what the parent acknowledged.
+        /// For [`code::GAP`] and [`code::REFUSED`]: what the parent acknowledged.
         acked: u64,
         message: String,
     },
@@ -666,6 +676,10 @@ impl Msg {
             },
             K_BLOCKS => {
                 let n = r.count(1)?;
+                // One item per hash of the request.
+                if n > MAX_HASHES {
+                    return Err(ProtoError::Malformed("too many items in one Blocks reply"));
+                }
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(match r.u8()? {
@@ -684,6 +698,10 @@ impl Msg {
             },
             K_HOLDERS_REPLY => {
                 let n = r.count(4)?;
+                // One item per hash of the request.
+                if n > MAX_HASHES {
+                    return Err(ProtoError::Malformed("too many items in one HoldersReply"));
+                }
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     let m = r.count(4 + 4 + 4 + 8 + 4 + 4)?;
@@ -711,11 +729,17 @@ impl Msg {
                 let resync = r.bool()?;
                 let upto = r.u64()?;
                 let n = r.count(8)?;
+                if n > MAX_PUSH_ADDRS {
+                    return Err(ProtoError::Malformed("too many addresses in one Push"));
+                }
                 let mut addrs = Vec::with_capacity(n);
                 for _ in 0..n {
                     addrs.push((r.string()?, r.string()?));
                 }
                 let n = r.count(12)?;
+                if n > MAX_PUSH_CHANGES {
+                    return Err(ProtoError::Malformed("too many changes in one Push"));
+                }
                 let mut changes = Vec::with_capacity(n);
                 for _ in 0..n {
                     changes.push((r.u64()?, r.bytes()?));
@@ -919,6 +943,11 @@ mod tests {
                 code: code::GAP,
                 acked: 9,
                 message: "gap".into(),
+            },
+            Msg::Error {
+                code: code::REFUSED,
+                acked: 12,
+                message: "change 11: PatchImage of `x`: more than max_image_blocks".into(),
             },
             Msg::GetBlocks { hashes: vec![h, h] },
             Msg::Blocks {
@@ -1216,11 +1245,66 @@ mod tests {
         assert!(Msg::decode(K_GET_BLOCKS, p.freeze()).is_err());
     }
 
+    /// A count the payload could hold but no honest peer sends: refused on the
+    /// count, before a vector is sized by it.
+    fn refused_count(kind: u8, payload: BytesMut, what: &str) {
+        match Msg::decode(kind, payload.freeze()) {
+            Err(ProtoError::Malformed(m)) => assert!(m.contains(what), "{m}"),
+            r => panic!("{what}: expected a refusal, got {r:?}"),
+        }
+    }
+
+    #[test]
+    fn huge_counts_are_refused_before_allocation() {
+        // Blocks / HoldersReply: more items than a request may ask for (each
+        // item's minimum bytes present, so only the bound refuses them).
+        let mut p = BytesMut::new();
+        p.put_u32_le(MAX_HASHES as u32 + 1);
+        p.put_bytes(1, MAX_HASHES + 1);
+        refused_count(K_BLOCKS, p, "Blocks reply");
+        let mut p = BytesMut::new();
+        p.put_u32_le(MAX_HASHES as u32 + 1);
+        p.put_bytes(0, 4 * (MAX_HASHES + 1));
+        refused_count(K_HOLDERS_REPLY, p, "HoldersReply");
+        // Push: addresses and changes.
+        let push_head = |p: &mut BytesMut| {
+            put_str(p, "child");
+            p.put_u8(0);
+            p.put_u64_le(0);
+        };
+        let mut p = BytesMut::new();
+        push_head(&mut p);
+        p.put_u32_le(MAX_PUSH_ADDRS as u32 + 1);
+        p.put_bytes(0, 8 * (MAX_PUSH_ADDRS + 1));
+        refused_count(K_PUSH, p, "addresses");
+        let mut p = BytesMut::new();
+        push_head(&mut p);
+        p.put_u32_le(0);
+        p.put_u32_le(MAX_PUSH_CHANGES as u32 + 1);
+        p.put_bytes(0, 12 * (MAX_PUSH_CHANGES + 1));
+        refused_count(K_PUSH, p, "changes");
+        // A count of u32::MAX with nothing behind it: refused against the payload.
+        let mut p = BytesMut::new();
+        push_head(&mut p);
+        p.put_u32_le(0);
+        p.put_u32_le(u32::MAX);
+        refused_count(K_PUSH, p, "count exceeds payload");
+        // At the bounds, accepted.
+        let m = Msg::Blocks {
+            items: vec![BlockReply::NotFound; MAX_HASHES],
+        };
+        let wire = m.encode(1);
+        assert_eq!(
+            Msg::decode(K_BLOCKS, wire.slice(4 + HEADER_LEN..)).unwrap(),
+            m
+        );
+    }
+
     proptest! {
         /// Every truncation or corruption of a valid payload decodes to an error or
         /// to some message — never a panic.
         #[test]
-        fn decode_never_panics(i in 0usize..21, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
+        fn decode_never_panics(i in 0usize..22, cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
             let m = &samples()[i];
             let wire = m.encode(1);
             let payload = wire.slice(4 + HEADER_LEN..);

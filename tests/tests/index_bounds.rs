@@ -1,0 +1,276 @@
+//! A hostile child against a real indexer (issue 10, finding 4): `nearblock
+//! indexer` runs in rack1 of the namespace lab with `max_image_blocks = 4096`;
+//! the project's own peer client, authenticated as the agent hv1, pushes batches
+//! that each hold one change over the cap among normal ones:
+//!
+//! - a `PatchImage` whose size implies 2^32 - 1 blocks (before the cap, applying
+//!   it resized a block list to 141 GB and the indexer aborted, in a loop as the
+//!   child resent it);
+//! - a `PutImage` whose manifest bitmap claims 4097 blocks.
+//!
+//! Each push is answered with a refusal naming the change, the indexer stays up
+//! and answers Status, the batch's other changes are visible to a holders lookup
+//! (through the CLI), and resending the batch is acknowledged, not refused again.
+//! Run as root.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use nearblock::{
+    index::{Change, Manifest},
+    serve::{
+        auth::Key,
+        client::{ClientOptions, FetchError, Peer, PeerClient},
+        proto::{code, Msg, PushedChange, Role},
+    },
+};
+use nearblock_lab::{content, fabric::Fabric, Lab};
+use serde_json::Value;
+
+const AGENT_PORT: u16 = 7300;
+const INDEXER_PORT: u16 = 7301;
+const CAP: u64 = 4096;
+
+/// Runs `f` on a thread inside `node`'s network namespace, on a runtime of its
+/// own (sockets opened there belong to the namespace).
+fn in_node<T: Send + 'static>(lab: &Lab, node: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = format!("/run/netns/{}", lab.ns(node));
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let fd = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("open {ns}: {e}"));
+        // SAFETY: setns on a namespace file we hold open; it changes only this
+        // thread's network namespace.
+        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("thread in the lab node")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The manifest of `data` at 4 KiB (named by its real blocks).
+fn manifest(image: &str, data: &[u8]) -> Manifest {
+    nearblock::index::chunk::manifest_of_bytes(image, data, 4096)
+}
+
+fn put(host: &str, m: Manifest) -> Change {
+    Change::PutImage {
+        host: host.into(),
+        manifest: m,
+    }
+}
+
+fn pushed(changes: &[Change], first_seq: u64) -> Vec<PushedChange> {
+    changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (first_seq + i as u64, Bytes::from(c.encode())))
+        .collect()
+}
+
+/// The indexer's `Status` JSON, as the client asks it.
+async fn status(peer: &Peer) -> Value {
+    match peer.request(&Msg::Status).await {
+        Ok(Msg::StatusReply { json }) => serde_json::from_str(&json).expect("status JSON"),
+        r => panic!("Status: {r:?}"),
+    }
+}
+
+/// Expects a push to be refused with `acked` and a message containing `names`.
+fn assert_refused(r: Result<u64, FetchError>, acked: u64, names: &[&str]) -> String {
+    match r {
+        Err(FetchError::Remote {
+            code: c,
+            acked: a,
+            message,
+            ..
+        }) if c == code::REFUSED => {
+            assert_eq!(a, acked, "acknowledged through: {message}");
+            for n in names {
+                assert!(
+                    message.contains(n),
+                    "refusal does not name {n:?}: {message}"
+                );
+            }
+            message
+        }
+        r => panic!("expected a REFUSED reply acknowledging {acked}, got {r:?}"),
+    }
+}
+
+#[test]
+fn oversize_changes_are_refused_and_the_indexer_stays_up() {
+    let lab = Lab::default_topology().expect("lab");
+    let mut fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).expect("fabric");
+    let cfg = lab
+        .write_file(
+            "ix-rack1.toml",
+            format!(
+                "node = \"rack1\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\nsecret_file = {:?}\ndb = {:?}\nmax_image_blocks = {CAP}\n",
+                fabric.secret,
+                lab.dir.path().join("rack1.redb"),
+            )
+            .as_bytes(),
+        )
+        .expect("indexer config");
+    fabric
+        .procs
+        .spawn(
+            &lab,
+            "ix-rack1",
+            "rack1",
+            &["indexer", "--config", cfg.to_str().unwrap()],
+        )
+        .expect("start the indexer");
+    fabric
+        .procs
+        .wait_log("ix-rack1", Duration::from_secs(20), |l| {
+            l.contains("indexer ready")
+        })
+        .expect("indexer ready");
+
+    // Normal images of hv1 (real content, so their blocks have real names).
+    let a = content::image(64 * 4096, 11, 30);
+    let c = content::image(64 * 4096, 12, 30);
+    let d = content::image(64 * 4096, 13, 30);
+    let huge_patch = Change::PatchImage {
+        host: "hv1".into(),
+        image: "b".into(),
+        block_size: 4096,
+        size: u32::MAX as u64 * 4096,
+        blocks: vec![],
+    };
+    let big_put = put(
+        "hv1",
+        Manifest {
+            image: "big".into(),
+            size: (CAP + 1) * 4096,
+            block_size: 4096,
+            blocks: vec![None; CAP as usize + 1],
+        },
+    );
+    let batch1 = vec![
+        put("hv1", manifest("a", &a)),
+        huge_patch,
+        put("hv1", manifest("c", &c)),
+    ];
+    let batch2 = vec![big_put, put("hv1", manifest("d", &d))];
+
+    let secret = std::fs::read_to_string(&fabric.secret).expect("secret");
+    let addr = fabric.indexer_addr(&lab, "rack1");
+    let hv1_addr = Fabric::addr(&lab, "hv1", AGENT_PORT);
+    let (r1, again, r2, st) = in_node(&lab, "hv1", move || {
+        runtime().block_on(async move {
+            let client = PeerClient::new(ClientOptions::new(
+                "hv1",
+                Role::Agent,
+                Key::from_secret(secret.trim().as_bytes()),
+            ));
+            let peer = client.peer(&addr);
+            let addrs = vec![("hv1".to_string(), hv1_addr)];
+            let r1 = peer
+                .push("hv1", false, 0, addrs.clone(), pushed(&batch1, 1))
+                .await;
+            let again = peer
+                .push("hv1", false, 0, addrs.clone(), pushed(&batch1, 1))
+                .await;
+            let r2 = peer.push("hv1", false, 0, addrs, pushed(&batch2, 4)).await;
+            (r1, again, r2, status(&peer).await)
+        })
+    });
+
+    assert_refused(
+        r1,
+        3,
+        &[
+            "change 2 from hv1",
+            "PatchImage of `b` held by hv1",
+            "4294967295 blocks, more than max_image_blocks = 4096",
+        ],
+    );
+    assert_eq!(
+        again.ok(),
+        Some(3),
+        "a resent batch is acknowledged, not refused again"
+    );
+    assert_refused(
+        r2,
+        5,
+        &[
+            "change 4 from hv1",
+            "manifest of `big`",
+            "claims 4097 blocks, more than max_image_blocks = 4096",
+        ],
+    );
+    fabric
+        .procs
+        .check_alive("ix-rack1")
+        .expect("the indexer survives the pushes");
+    let ix = &st["index"];
+    assert_eq!(ix["metrics"]["refused"], 2, "status: {st}");
+    assert_eq!(ix["children"]["acked"]["hv1"], 5, "status: {st}");
+    assert!(
+        ix["metrics"]["last_refused"]
+            .as_str()
+            .is_some_and(|m| m.contains("manifest of `big`")),
+        "status: {st}"
+    );
+
+    // The batches' other changes are in the index (asked through the CLI).
+    for (name, data) in [("a", &a), ("c", &c), ("d", &d)] {
+        let block = (0..64)
+            .map(|i| &data[i * 4096..(i + 1) * 4096])
+            .find(|b| b.iter().any(|&x| x != 0))
+            .expect("a non-zero block");
+        fabric
+            .wait_holder(&lab, "rack1", block, "hv1", Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("image {name}: {e}"));
+        assert!(
+            fabric
+                .holders(&lab, "rack1", block)
+                .unwrap()
+                .contains(&Fabric::addr(&lab, "hv1", AGENT_PORT)),
+            "image {name}: holder address"
+        );
+    }
+    // Nothing was kept for the refused sources.
+    let manifest_of = |image: &str| {
+        let bin = nearblock_lab::nearblock_bin().unwrap();
+        let out = lab
+            .exec(
+                "rack1",
+                &[
+                    bin.to_str().unwrap(),
+                    "peer",
+                    "manifest",
+                    "--addr",
+                    &fabric.indexer_addr(&lab, "rack1"),
+                    "--secret-file",
+                    fabric.secret.to_str().unwrap(),
+                    image,
+                ],
+            )
+            .expect("peer manifest");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert!(
+        manifest_of("a").contains("\"blocks\":64"),
+        "{}",
+        manifest_of("a")
+    );
+    for gone in ["b", "big"] {
+        let out = manifest_of(gone);
+        assert!(!out.contains("\"blocks\""), "{gone}: {out}");
+    }
+    fabric
+        .procs
+        .check_alive("ix-rack1")
+        .expect("the indexer is still up");
+}
