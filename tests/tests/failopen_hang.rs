@@ -345,25 +345,23 @@ fn fd_exhaustion_fails_open_and_recovers() {
     );
 }
 
-/// A source over its per-source cap: its new connections are forwarded untouched
-/// (its copy works, and is not accepted); other sources are still steered; once
-/// below its cap it is steered again.
-#[test]
-fn a_source_over_its_cap_is_forwarded_untouched() {
+/// rack1 serving nothing, with `splicer_keys` (a cap of 4), and hv2 holding ten
+/// idle connections: the first four spliced, the rest arriving after the daemon
+/// took them (the kernel completes handshakes before the daemon accepts, and the
+/// mark is written before the accept is counted). Returns the lab, the LUN's
+/// content and URL, the connections and the status then.
+fn lab_at_cap(splicer_keys: &str) -> (Lab, Vec<u8>, String, [IdleConnections; 2], StatusReport) {
     let mut lab = Lab::default_topology().expect("lab");
     let data = add_lun(&mut lab, 8);
     let url = lab.lun_url(IQN, 1);
     lab.start_appliance(
         "rack1",
         ApplianceOptions {
-            extra_config: "[splicer]\nmax_connections_per_source = 4\n".into(),
+            extra_config: format!("[splicer]\n{splicer_keys}\n"),
             ..Default::default()
         },
     )
     .expect("appliance");
-    // Four reach the cap. The kernel completes handshakes before the daemon
-    // accepts, so wait until it has taken them (the mark is written before the
-    // accept is counted); then six more.
     let idle = IdleConnections::open(&lab, "hv2", 4, "first");
     wait_for("4 connections accepted", Duration::from_secs(10), || {
         lab.status("rack1").expect("status").splicer.accepted >= 4
@@ -376,6 +374,15 @@ fn a_source_over_its_cap_is_forwarded_untouched() {
         "only the first 4 are spliced: {:?}",
         before.splicer
     );
+    (lab, data, url, [idle, more], before)
+}
+
+/// A source over its per-source cap: its new connections are forwarded untouched
+/// (its copy works, and is not accepted); other sources are still steered; once
+/// below its cap it is steered again.
+#[test]
+fn a_source_over_its_cap_is_forwarded_untouched() {
+    let (lab, data, url, idle, before) = lab_at_cap("max_connections_per_source = 4");
     assert!(
         verdict(&before, "tc_steer_over_cap_source") >= 6,
         "{:?}",
@@ -407,7 +414,7 @@ fn a_source_over_its_cap_is_forwarded_untouched() {
         "another source was not steered"
     );
 
-    drop((idle, more));
+    drop(idle);
     wait_for("the idle connections end", Duration::from_secs(30), || {
         lab.status("rack1")
             .map(|r| r.splicer.active == 0)
@@ -428,30 +435,7 @@ fn a_source_over_its_cap_is_forwarded_untouched() {
 /// the busy source's), and steering resumes below it.
 #[test]
 fn at_the_total_cap_new_connections_are_forwarded_untouched() {
-    let mut lab = Lab::default_topology().expect("lab");
-    let data = add_lun(&mut lab, 8);
-    let url = lab.lun_url(IQN, 1);
-    lab.start_appliance(
-        "rack1",
-        ApplianceOptions {
-            extra_config: "[splicer]\nmax_connections = 4\n".into(),
-            ..Default::default()
-        },
-    )
-    .expect("appliance");
-    // As above: the daemon takes the first four before the rest arrive.
-    let idle = IdleConnections::open(&lab, "hv2", 4, "first");
-    wait_for("4 connections accepted", Duration::from_secs(10), || {
-        lab.status("rack1").expect("status").splicer.accepted >= 4
-    });
-    let more = IdleConnections::open(&lab, "hv2", 6, "more");
-    let before = lab.status("rack1").expect("status");
-    assert_eq!(
-        (before.splicer.accepted, before.splicer.over_cap_relayed),
-        (4, 0),
-        "{:?}",
-        before.splicer
-    );
+    let (lab, data, url, idle, before) = lab_at_cap("max_connections = 4");
 
     let copy = QemuCopy::start(&lab, "hv1", &url, "at-cap")
         .result(Duration::from_secs(60))
@@ -468,7 +452,7 @@ fn at_the_total_cap_new_connections_are_forwarded_untouched() {
         at_cap.verdicts
     );
 
-    drop((idle, more));
+    drop(idle);
     wait_for("the idle connections end", Duration::from_secs(30), || {
         lab.status("rack1")
             .map(|r| r.splicer.active == 0)

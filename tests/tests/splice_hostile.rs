@@ -68,8 +68,9 @@ fn read_front(ini: &mut Initiator, len: usize) -> Vec<u8> {
     out
 }
 
-/// The extra config serving `iqn` LUN 1 from a manifest file of `data`.
-fn served_lun_config(lab: &Lab, iqn: &str, name: &str, data: &[u8], extra: &str) -> String {
+/// Start rack1 serving `iqn` LUN 1 (shadow design) from a manifest file of `data`,
+/// with `splicer_keys` added to its `[splicer]` table.
+fn start_serving(lab: &mut Lab, iqn: &str, name: &str, data: &[u8], splicer_keys: &str) {
     let manifest = manifest_of(name, data, BLOCK);
     let path = lab
         .write_file(
@@ -77,10 +78,32 @@ fn served_lun_config(lab: &Lab, iqn: &str, name: &str, data: &[u8], extra: &str)
             manifest_to_text(&manifest).as_bytes(),
         )
         .expect("manifest");
-    format!(
-        "\n[[splicer.lun]]\ntarget = {iqn:?}\nlun = 1\ndesign = \"shadow\"\nmanifest = {:?}\n{extra}",
+    let extra_config = format!(
+        "\n[splicer]\ncache_bytes = {}\n{splicer_keys}\n\n[[splicer.lun]]\ntarget = {iqn:?}\nlun = 1\ndesign = \"shadow\"\nmanifest = {:?}\n",
+        64 * MIB,
         path.display().to_string()
-    )
+    );
+    let options = ApplianceOptions {
+        steer: true,
+        extra_config,
+    };
+    lab.start_appliance("rack1", options).expect("appliance");
+}
+
+/// Export `data` read-only as `iqn` LUN 1 of target `tid`, for `allow` (None: any).
+fn export(lab: &mut Lab, tid: u32, iqn: &str, data: &[u8], allow: Option<std::net::IpAddr>) {
+    let backing = lab
+        .write_file(&format!("{tid}.raw"), data)
+        .expect("backing");
+    let spec = LunSpec {
+        tid,
+        iqn: iqn.into(),
+        lun: 1,
+        backing,
+        readonly: true,
+        allow,
+    };
+    lab.add_lun(spec).expect("lun");
 }
 
 fn served_reads(lab: &Lab) -> u64 {
@@ -100,20 +123,8 @@ fn a_repeated_target_name_passes_through() {
     let b = content::image(LUN_MIB * MIB, 22, 30);
     let hv1 = lab.addr4("hv1");
     let hv2 = lab.addr4("hv2");
-    for (tid, iqn, data, allow) in [(1, IQN_A, &a, hv1), (2, IQN_B, &b, hv2)] {
-        let backing = lab
-            .write_file(&format!("{tid}.raw"), data)
-            .expect("backing");
-        lab.add_lun(LunSpec {
-            tid,
-            iqn: iqn.into(),
-            lun: 1,
-            backing,
-            readonly: true,
-            allow: Some(allow.into()),
-        })
-        .expect("lun");
-    }
+    export(&mut lab, 1, IQN_A, &a, Some(hv1.into()));
+    export(&mut lab, 2, IQN_B, &b, Some(hv2.into()));
     let ini_name = "iqn.2026-12.test.initiator:hostile";
     let both = |first: &str, second: &str| {
         let mut o = LoginOptions::new(ini_name, first);
@@ -131,19 +142,7 @@ fn a_repeated_target_name_passes_through() {
     );
 
     // rack1 serves B; hv2 (allowed on B) warms the cache with a copy.
-    let extra = format!(
-        "\n[splicer]\ncache_bytes = {}\n{}",
-        64 * MIB,
-        served_lun_config(&lab, IQN_B, "b", &b, "")
-    );
-    lab.start_appliance(
-        "rack1",
-        ApplianceOptions {
-            steer: true,
-            extra_config: extra,
-        },
-    )
-    .expect("appliance");
+    start_serving(&mut lab, IQN_B, "b", &b, "");
     let url_b = lab.lun_url(IQN_B, 1);
     assert_eq!(lab.qemu_copy("hv2", &url_b, "b-cold", "rack1"), b);
     assert_eq!(lab.qemu_copy("hv2", &url_b, "b-warm", "rack1"), b);
@@ -178,31 +177,10 @@ fn a_repeated_target_name_passes_through() {
 
 /// A lab with `data` exported as IQN_A LUN 1 (read-only, any initiator) and rack1
 /// serving it, warmed by one qemu-img copy from hv2.
-fn warm_served_lab(data: &[u8]) -> Lab {
+fn warm_served_lab(data: &[u8], splicer_keys: &str) -> Lab {
     let mut lab = Lab::default_topology().expect("lab");
-    let backing = lab.write_file("a.raw", data).expect("backing");
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN_A.into(),
-        lun: 1,
-        backing,
-        readonly: true,
-        allow: None,
-    })
-    .expect("lun");
-    let extra = format!(
-        "\n[splicer]\ncache_bytes = {}\n{}",
-        64 * MIB,
-        served_lun_config(&lab, IQN_A, "a", data, "")
-    );
-    lab.start_appliance(
-        "rack1",
-        ApplianceOptions {
-            steer: true,
-            extra_config: extra,
-        },
-    )
-    .expect("appliance");
+    export(&mut lab, 1, IQN_A, data, None);
+    start_serving(&mut lab, IQN_A, "a", data, splicer_keys);
     let url = lab.lun_url(IQN_A, 1);
     assert_eq!(lab.qemu_copy("hv2", &url, "warm", "rack1"), data);
     lab
@@ -214,7 +192,7 @@ fn warm_served_lab(data: &[u8]) -> Lab {
 #[test]
 fn out_of_window_writes_do_not_stop_serving_for_others() {
     let data = content::image(LUN_MIB * MIB, 23, 30);
-    let lab = warm_served_lab(&data);
+    let lab = warm_served_lab(&data, "");
     let mut hostile = login(
         &lab,
         "hv1",
@@ -256,7 +234,7 @@ fn out_of_window_writes_do_not_stop_serving_for_others() {
 #[test]
 fn non_canonical_lun_encodings_pass_through() {
     let data = content::image(LUN_MIB * MIB, 24, 30);
-    let lab = warm_served_lab(&data);
+    let lab = warm_served_lab(&data, "");
     let mut ini = login(
         &lab,
         "hv1",
@@ -319,32 +297,9 @@ fn send_raw(lab: &Lab, bytes: &[u8], within: Duration) -> bool {
 #[test]
 fn hostile_pdus_leave_the_daemon_serving() {
     let data = content::image(LUN_MIB * MIB, 25, 30);
-    let mut lab = Lab::default_topology().expect("lab");
-    let backing = lab.write_file("a.raw", &data).expect("backing");
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN_A.into(),
-        lun: 1,
-        backing,
-        readonly: true,
-        allow: None,
-    })
-    .expect("lun");
-    let extra = format!(
-        "\n[splicer]\ncache_bytes = {}\nlogin_timeout_secs = 2\n{}",
-        64 * MIB,
-        served_lun_config(&lab, IQN_A, "a", &data, "")
-    );
-    lab.start_appliance(
-        "rack1",
-        ApplianceOptions {
-            steer: true,
-            extra_config: extra,
-        },
-    )
-    .expect("appliance");
+    // Half logins are closed after 2 s here (30 s by default).
+    let lab = warm_served_lab(&data, "login_timeout_secs = 2");
     let url = lab.lun_url(IQN_A, 1);
-    assert_eq!(lab.qemu_copy("hv2", &url, "warm", "rack1"), data);
     let before = lab.status("rack1").expect("status").splicer;
 
     let login_text = format!("InitiatorName=iqn.2026-12.test:h\0TargetName={IQN_A}\0");
