@@ -53,12 +53,13 @@ fn lun_state(lab: &Lab) -> (bool, u64, Option<String>) {
     (l.served, l.manifest_seq, l.digest.clone())
 }
 
-/// Waits (bounded) until rack1 serves the LUN with a manifest newer than `seq`.
+/// Waits (bounded) until rack1 has installed a manifest newer than `seq` (served
+/// from then on, once the target has told the LUN's geometry: every copy asks).
 fn wait_manifest_after(lab: &Lab, seq: u64, within: Duration) -> Duration {
     let t0 = Instant::now();
     loop {
-        let (served, s, _) = lun_state(lab);
-        if served && s > seq {
+        let (_, s, digest) = lun_state(lab);
+        if digest.is_some() && s > seq {
             return t0.elapsed();
         }
         assert!(
@@ -110,7 +111,7 @@ fn a_changed_image_is_served_from_its_new_manifest() {
     )
     .unwrap();
     let took = wait_manifest_after(&lab, 0, Duration::from_secs(60));
-    eprintln!("first manifest served after {took:.1?}");
+    eprintln!("first manifest installed after {took:.1?}");
     let (_, first_seq, first_digest) = lun_state(&lab);
 
     // Cold and warm copies of the old content (the cache now holds it all).
