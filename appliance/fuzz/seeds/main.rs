@@ -13,8 +13,10 @@ use std::{path::Path, sync::Arc};
 extern crate libfuzzer_sys;
 
 use bytes::Bytes;
+use nearblock::config::Config;
 use nearblock::index::{BlockHash, Change, Location, Manifest};
 use nearblock::plan::place::HostMetrics;
+use nearblock::serve::config::{AgentConfig, IndexerConfig};
 use nearblock::serve::proto::{
     BlockReply, Holder, HostReport, ManifestPiece, Msg, Role, HEADER_LEN,
 };
@@ -39,13 +41,34 @@ fn main() {
         write(dir, "pdu_decoder", name, &bytes);
     }
     for (name, bytes) in connection_seeds() {
+        let reached = conn::run_and_report(&bytes);
+        assert!(
+            reached.full_feature && (name == "discovery" || reached.fetches >= 2),
+            "connection seed {name} stops short: {reached:?}"
+        );
         write(dir, "connection", name, &bytes);
     }
     for (name, bytes) in peer_seeds() {
         write(dir, "peer_messages", name, &bytes);
     }
-    for (name, bytes) in config_seeds() {
-        write(dir, "config", &name, bytes.as_bytes());
+    for (name, text) in config_seeds() {
+        check_config_seed(&name, &text);
+        write(dir, "config", &name, text.as_bytes());
+    }
+}
+
+/// A config seed must be accepted by its parser, or it teaches the fuzzer only the
+/// first error path.
+fn check_config_seed(name: &str, text: &str) {
+    let parsed = if name.ends_with("agent") {
+        AgentConfig::parse(text).map(drop)
+    } else if name.ends_with("indexer") {
+        IndexerConfig::parse(text).map(drop)
+    } else {
+        Config::parse(text).map(drop)
+    };
+    if let Err(e) = parsed {
+        panic!("config seed {name} does not parse: {e}");
     }
 }
 
@@ -431,6 +454,7 @@ fn hash(i: u8) -> BlockHash {
 
 fn message_seed(msg: &Msg) -> Vec<u8> {
     let wire = msg.encode(1);
+    Msg::decode(wire[5], wire.slice(4 + HEADER_LEN..)).expect("a seed message decodes");
     let mut seed = vec![peer::SELECT_MESSAGE, wire[5]];
     seed.extend_from_slice(&wire[4 + HEADER_LEN..]);
     seed

@@ -72,9 +72,22 @@ struct Connection {
     negotiation: Negotiation,
     /// The initiator's last login PDU had the C bit (its text continues).
     initiator_text_continues: bool,
+    reached: Reached,
+}
+
+/// How far a run got (the seeds are checked to reach serving).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reached {
+    pub full_feature: bool,
+    /// READs the session served locally (fetches it asked for).
+    pub fetches: usize,
 }
 
 pub fn run(data: &[u8]) {
+    run_and_report(data);
+}
+
+pub fn run_and_report(data: &[u8]) -> Reached {
     let mut input = Input::new(data);
     let mut conn = Connection {
         session: Session::new(),
@@ -86,6 +99,7 @@ pub fn run(data: &[u8]) {
         fetches: VecDeque::new(),
         negotiation: Negotiation::default(),
         initiator_text_continues: false,
+        reached: Reached::default(),
     };
     while let Some(op) = input.byte() {
         let step = match op & 0x03 {
@@ -97,9 +111,10 @@ pub fn run(data: &[u8]) {
             _ => conn.fetch_done(false),
         };
         if step.is_err() {
-            return;
+            break;
         }
     }
+    conn.reached
 }
 
 fn disposition(op: u8) -> Disposition {
@@ -195,6 +210,7 @@ impl Connection {
         for event in &out.events {
             match event {
                 Event::FullFeature(params) => {
+                    self.reached.full_feature = true;
                     self.digests = params.digests();
                     self.from_initiator.set_digests(self.digests);
                     self.from_target.set_digests(self.digests);
@@ -211,6 +227,7 @@ impl Connection {
             self.fetches.retain(|(fetch, _)| fetch.itt != itt);
         }
         for fetch in out.fetch {
+            self.reached.fetches += 1;
             let bytes = fetch.read.byte_len(block_size) as usize;
             self.fetches.push_back((fetch, bytes));
         }
