@@ -7,6 +7,8 @@
 //! - `demo`: bootstrap, build, and run the demo topology with one qemu-img copy.
 //! - `bench <datapath|splice|index|plan|all>`: the benchmarks, as ratios to a baseline
 //!   measured in the same run.
+//! - `fuzz [SECONDS]`: each fuzz target for SECONDS, logged in appliance/fuzz/fuzz-log.md;
+//!   `fuzz --replay`: the checked-in corpora plus 10 s per target (a phase of `test`).
 
 use std::{
     path::{Path, PathBuf},
@@ -15,6 +17,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod fuzz;
 
 /// Debian packages the project needs (see docs/decisions.md for each).
 const APT_PACKAGES: &[&str] = &[
@@ -36,7 +40,15 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "python3",
     "python3-pip",
+    // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
+    "g++",
 ];
+
+/// The cargo-fuzz targets (appliance/fuzz/fuzz_targets), in the order they run.
+const FUZZ_TARGETS: &[&str] = &["pdu_decoder", "connection", "peer_messages", "config"];
+/// Fuzzing per target on top of replaying the corpus, in `fuzz --replay` (and so in
+/// `cargo xtask test`): keeps CI's cost small (see docs/decisions.md).
+const FUZZ_REPLAY_SECS: u64 = 10;
 
 /// qemu-img with its iSCSI driver: Debian bookworm's 7.2 build, unpacked, not installed.
 const QEMU_VERSION: &str = "1:7.2+dfsg-7+deb12u18+b3";
@@ -78,6 +90,23 @@ enum Cmd {
         #[arg(default_value = "all")]
         which: String,
     },
+    /// Fuzz each target for SECONDS (libFuzzer via cargo-fuzz), grow and minimize its
+    /// checked-in corpus, and append the run to appliance/fuzz/fuzz-log.md.
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(default_value_t = 60)]
+        seconds: u64,
+        /// Replay the checked-in corpora and fuzz 10 s per target (what CI runs);
+        /// nothing is written to the corpora or the log.
+        #[arg(long, conflicts_with = "seeds")]
+        replay: bool,
+        /// (Re)write the seed inputs into the corpora (then minimize them).
+        #[arg(long)]
+        seeds: bool,
+        /// Only these targets (default: all).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+    },
 }
 
 /// Run one phase of a task and print how long it took (CI reads these lines).
@@ -110,6 +139,25 @@ fn main() -> Result<()> {
             bootstrap()?;
             build()?;
             bench(&which)
+        }
+        Cmd::Fuzz {
+            seconds,
+            replay,
+            seeds,
+            targets,
+        } => {
+            // Only cargo-fuzz is needed (not the lab's tools or the VM corpus).
+            phase("bootstrap: cargo-fuzz", cargo_fuzz)?;
+            let targets = fuzz::targets(&targets)?;
+            phase("fuzz: build", fuzz::build)?;
+            if seeds {
+                phase("fuzz: seeds", fuzz::seeds)?;
+            }
+            if replay {
+                phase("fuzz: replay", || fuzz::replay(&targets))
+            } else {
+                phase("fuzz: run", || fuzz::run(&targets, seconds))
+            }
         }
     }
 }
@@ -171,7 +219,10 @@ fn test(extra: &[String]) -> Result<()> {
         let mut c = cargo(&["test", "--workspace"]);
         c.args(extra).env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR);
         c.status_ok()
-    })
+    })?;
+    // Hostile input as a standing test: every checked-in fuzz input, plus a short run.
+    phase("fuzz build", fuzz::build)?;
+    phase("fuzz replay", || fuzz::replay(FUZZ_TARGETS))
 }
 
 fn bench(which: &str) -> Result<()> {
@@ -207,6 +258,7 @@ fn bootstrap() -> Result<()> {
     }
     phase("bootstrap: Debian packages", apt_packages)?;
     phase("bootstrap: bpf-linker", bpf_linker)?;
+    phase("bootstrap: cargo-fuzz", cargo_fuzz)?;
     phase("bootstrap: qemu-img 7.2", qemu_72)?;
     phase("bootstrap: python blake3", python_blake3)?;
     phase("bootstrap: corpus", corpus)?;
@@ -277,6 +329,24 @@ fn bpf_linker() -> Result<()> {
             "--no-default-features",
         ])
         .args(["--features", "llvm-22"])
+        .status_ok()
+}
+
+/// cargo-fuzz, which drives libFuzzer for `cargo xtask fuzz` (built with the stable
+/// toolchain; RUSTC_BOOTSTRAP lets it pass its -Z flags, see docs/decisions.md).
+fn cargo_fuzz() -> Result<()> {
+    let present = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if present {
+        eprintln!("bootstrap: cargo-fuzz present");
+        return Ok(());
+    }
+    eprintln!("bootstrap: cargo install cargo-fuzz --locked (about two minutes)");
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["install", "cargo-fuzz", "--locked"])
         .status_ok()
 }
 
