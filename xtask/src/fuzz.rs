@@ -19,7 +19,17 @@ use anyhow::{bail, Context, Result};
 
 use crate::{root, StatusOk, FUZZ_REPLAY_SECS, FUZZ_TARGETS};
 
-const BUILD_FLAGS: &[&str] = &["--sanitizer", "none", "--debug-assertions"];
+/// The fuzz crate's build cache: outside the clone, so CI's clean clones reuse it
+/// (a release build with one codegen unit is the slow part of the replay).
+pub const FUZZ_TARGET_DIR: &str = "/var/cache/nearblock/fuzz-target";
+
+const BUILD_FLAGS: &[&str] = &[
+    "--sanitizer",
+    "none",
+    "--debug-assertions",
+    "--target-dir",
+    FUZZ_TARGET_DIR,
+];
 /// libFuzzer fails a run whose RSS passes this (bounded memory is a property).
 const RSS_LIMIT_MB: u32 = 1024;
 /// libFuzzer fails an input that takes longer than this (bounded work per input).
@@ -68,7 +78,7 @@ pub fn build() -> Result<()> {
 
 /// Write the seed inputs (made by nearblock's own encoders) into the corpora.
 pub fn seeds() -> Result<()> {
-    let bin = fuzz_dir().join("target/x86_64-unknown-linux-gnu/release/seeds");
+    let bin = PathBuf::from(FUZZ_TARGET_DIR).join("x86_64-unknown-linux-gnu/release/seeds");
     Command::new(&bin)
         .arg(fuzz_dir().join("corpus"))
         .status_ok()
