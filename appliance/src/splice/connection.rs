@@ -713,7 +713,11 @@ impl Conn<'_> {
                 // Declared LUNs without a manifest yet keep the session
                 // interpreted: a manifest may arrive before its next READ.
                 self.relay_raw = self.luns.is_empty();
-                for lun in self.luns.values().filter_map(|s| s.serving()) {
+                // Prefetch only warms the cache with blocks verified by hash, so it
+                // starts before the target has told the LUN's geometry (that comes
+                // with the session's first READ CAPACITY, after login).
+                let installed = self.luns.values().filter_map(|s| s.current());
+                for lun in installed.filter(|l| !l.tainted()) {
                     if lun.mode == super::catalog::FetchMode::Prefetch {
                         self.ctx.catalog.start_prefetch(&lun);
                     }
