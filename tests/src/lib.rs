@@ -473,6 +473,15 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Set a target's parameter in tgtd (e.g. `HeaderDigest` to `CRC32C,None`).
+    pub fn set_target_param(&self, tid: u32, name: &str, value: &str) -> Result<()> {
+        let tid = tid.to_string();
+        self.tgtadm(&[
+            "--op", "update", "--mode", "target", "--tid", &tid, "--name", name, "--value", value,
+        ])
+        .map(drop)
+    }
+
     /// Export a file as a LUN of a new target.
     pub fn add_lun(&mut self, spec: LunSpec) -> Result<()> {
         let tid = spec.tid.to_string();

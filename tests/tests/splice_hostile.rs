@@ -339,19 +339,8 @@ fn hostile_pdus_leave_the_daemon_serving() {
 
     // After a good login: a NOP flood, a READ past the end, a wrong header digest.
     // tgt offers no digests unless told to.
-    lab.tgtadm(&[
-        "--op",
-        "update",
-        "--mode",
-        "target",
-        "--tid",
-        "1",
-        "--name",
-        "HeaderDigest",
-        "--value",
-        "CRC32C,None",
-    ])
-    .expect("tgt digest setting");
+    lab.set_target_param(1, "HeaderDigest", "CRC32C,None")
+        .expect("tgt digest setting");
     let mut o = LoginOptions::new("iqn.2026-12.test.initiator:flood", IQN_A);
     o.header_digest = true;
     let mut ini = login_to(&lab, o);

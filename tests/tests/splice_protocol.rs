@@ -93,19 +93,8 @@ impl Fixture {
         // tgt's default for both digests is None only (it answers None even to an
         // offer of CRC32C alone); allow CRC32C so an initiator preferring it gets it.
         for key in ["HeaderDigest", "DataDigest"] {
-            lab.tgtadm(&[
-                "--op",
-                "update",
-                "--mode",
-                "target",
-                "--tid",
-                "1",
-                "--name",
-                key,
-                "--value",
-                "CRC32C,None",
-            ])
-            .expect("tgt digest setting");
+            lab.set_target_param(1, key, "CRC32C,None")
+                .expect("tgt digest setting");
         }
         let target = SocketAddr::new(lab.addr4(lab.library()).into(), 3260);
         let opts = ApplianceOptions {
@@ -240,18 +229,7 @@ fn header_digest_with_libiscsi() {
     };
     let set_header_digest = |f: &Fixture, value: &str| {
         f.lab
-            .tgtadm(&[
-                "--op",
-                "update",
-                "--mode",
-                "target",
-                "--tid",
-                "1",
-                "--name",
-                "HeaderDigest",
-                "--value",
-                value,
-            ])
+            .set_target_param(1, "HeaderDigest", value)
             .expect("tgtadm");
     };
     let run = |f: &Fixture, tgt_offer: &str| -> (Vec<String>, u64) {
