@@ -845,8 +845,11 @@ impl LunSlot {
     /// The current LUN if it may be served: not tainted, and the target's own block
     /// length and capacity are known and agree with it ([`super::facts`]).
     pub fn serving(&self) -> Option<Arc<ServedLun>> {
-        self.current()
-            .filter(|l| !l.tainted() && self.disagreement(l).is_none())
+        let lun = self.current().filter(|l| !l.tainted())?;
+        // Per READ: before the target has answered a READ CAPACITY (the common
+        // not-served case) answer without building the reason string.
+        self.facts.get().block_length?;
+        self.disagreement(&lun).is_none().then_some(lun)
     }
 
     /// Why `lun` may not be served with what the target reported, if it may not.
