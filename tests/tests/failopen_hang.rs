@@ -111,6 +111,8 @@ impl Drop for QemuCopy {
 
 /// Idle TCP connections to the library's iSCSI port, opened one by one from
 /// `node` and held until dropped (a Python process in the node's namespace).
+/// A connection reset while connecting is retried (up to five times), as an
+/// initiator would: a daemon out of descriptors resets what waits in its backlog.
 struct IdleConnections {
     child: Child,
 }
@@ -120,7 +122,12 @@ impl IdleConnections {
         let ready = lab.dir.path().join(format!("idle-{node}-{tag}.ready"));
         let script = format!(
             "import socket, sys, time\nheld = []\nfor i in range({count}):\n    \
-             held.append(socket.create_connection(('{lib}', 3260), timeout=10))\n    \
+             for attempt in range(5):\n        \
+             try:\n            \
+             held.append(socket.create_connection(('{lib}', 3260), timeout=10))\n            \
+             break\n        \
+             except (ConnectionResetError, ConnectionRefusedError):\n            \
+             time.sleep(0.1)\n    \
              time.sleep(0.02)\nopen('{ready}', 'w').write(str(len(held)))\nsys.stdin.read()\n",
             lib = lab.addr4(lab.library()),
             ready = ready.display()
