@@ -392,7 +392,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let store = open_store(&cfg)?;
     let agent = Arc::new(Agent::new(&cfg, store.clone()));
-    let key = cfg.key();
+    let creds = cfg.credentials();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .io_context(|| format!("listen on {}", cfg.listen))?;
@@ -415,7 +415,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 "metrics": { "last": last, "pinned": pinned, "report": &*ms } })
         })
     };
-    let server_opts = Arc::new(cfg.peer.server(&cfg.node, Role::Agent, key.clone()));
+    let server_opts = Arc::new(cfg.peer.server(&cfg.node, Role::Agent, creds.clone()));
     let services = crate::serve::server::Services {
         blocks: Some(agent.clone() as Arc<dyn BlockSource>),
         index: None,
@@ -429,8 +429,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         metrics,
     ));
     let wake = Arc::new(tokio::sync::Notify::new());
-    let client =
-        crate::serve::client::PeerClient::new(cfg.peer.client(&cfg.node, Role::Agent, key.clone()));
+    let client = crate::serve::client::PeerClient::new(cfg.peer.client(
+        &cfg.node,
+        Role::Agent,
+        creds.clone(),
+    ));
     let reporter = match cfg.parent {
         Some(parent) if cfg.metrics_interval_ms > 0 => {
             let sampler = std::sync::Mutex::new(crate::hostmetrics::Sampler::new(

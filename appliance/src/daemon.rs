@@ -500,10 +500,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let ranks = app
                 .source_ranks()
                 .unwrap_or_else(|| crate::fetch::SourceRanks::unranked(&config.appliance.name));
+            // The daemon asks under its embedded indexer's identity (one key
+            // per node, listed once in the peers file).
             let client = crate::serve::client::PeerClient::new(ic.peer.client(
-                &config.appliance.name,
-                crate::serve::proto::Role::Client,
-                ic.key(),
+                &ic.node,
+                crate::serve::proto::Role::Indexer,
+                ic.credentials(),
             ));
             let s = Arc::new(crate::fetch::Sourcing::new(
                 Box::new(ix.service.clone()),
@@ -529,9 +531,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map(|catalog| {
             let parent = indexer_config.as_ref().and_then(|ic| {
                 let client = crate::serve::client::PeerClient::new(ic.peer.client(
-                    &config.appliance.name,
-                    crate::serve::proto::Role::Client,
-                    ic.key(),
+                    &ic.node,
+                    crate::serve::proto::Role::Indexer,
+                    ic.credentials(),
                 ));
                 ic.parent.map(|p| client.peer(&p.to_string()))
             });

@@ -157,7 +157,7 @@ pub fn run(lab: &Lab, node: &str, url: &str, workdir: &Path) -> Result<(Results,
     let stderr = stderr.join().unwrap_or_default();
     std::fs::write(workdir.join("stdout.txt"), &stdout)?;
     std::fs::write(workdir.join("stderr.txt"), &stderr)?;
-    durations.sort_by(|a, b| b.0.cmp(&a.0));
+    durations.sort_by_key(|d| std::cmp::Reverse(d.0));
     let slowest: Vec<String> = durations
         .iter()
         .take(5)

@@ -1,5 +1,8 @@
 //! A lab's index fabric: `nearblock indexer` and `nearblock agent` processes in
-//! lab nodes sharing one peer secret, and the question tests ask of it (which
+//! lab nodes, each with its own key and one peers file listing them all (as an
+//! operator would lay them out: libraries and hypervisors are agents, switches
+//! and rack appliances indexers speaking for the agents linked below them), and
+//! the question tests ask of it (which
 //! hosts the global index lists for a block). The splicer tests and the splice
 //! bench build the same tree with it: an indexer on core (the global index),
 //! rack indexers below it, and agents (the library's, exporting its tgtd LUNs as
@@ -15,26 +18,121 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+use nearblock::{cost::topology::Role as NodeRole, serve::identity::NodeKey};
+
 use crate::{procs::Procs, Lab};
+
+/// The name the lab's operator CLI (`nearblock peer …`) is listed under.
+pub const CLI_NODE: &str = "cli";
 
 /// Indexers and agents of one lab.
 pub struct Fabric {
     pub procs: Procs,
-    pub secret: PathBuf,
+    /// Each node's key file, `<name>.key` (and the CLI's, [`CLI_NODE`]).
+    pub keys: PathBuf,
+    /// The peers file every node reads.
+    pub peers_file: PathBuf,
     pub agent_port: u16,
     pub indexer_port: u16,
 }
 
 impl Fabric {
-    /// Writes the shared secret; starts nothing yet.
+    /// Makes every lab node's key (`nearblock keygen`'s format, owner-only
+    /// files) and the peers file listing them; starts nothing yet.
     pub fn new(lab: &Lab, agent_port: u16, indexer_port: u16) -> Result<Self> {
-        let secret = lab.write_file("peer.secret", b"a lab secret for the peer protocol\n")?;
+        let keys = lab.dir.path().join("keys");
+        std::fs::create_dir_all(&keys)?;
+        let mut peers = String::new();
+        let mut add = |name: &str, role: &str, hosts: &[String]| -> Result<()> {
+            let key = NodeKey::generate()?;
+            key.save_new(&keys.join(format!("{name}.key")))?;
+            peers.push_str(&format!(
+                "[[node]]\nname = \"{name}\"\nrole = \"{role}\"\npublic_key = \"{}\"\nhosts = {hosts:?}\n\n",
+                key.public()
+            ));
+            Ok(())
+        };
+        for n in &lab.topology.nodes {
+            match n.role {
+                NodeRole::Library | NodeRole::Hypervisor => add(&n.name, "agent", &[])?,
+                NodeRole::Appliance | NodeRole::Switch => {
+                    add(&n.name, "indexer", &Self::delegated(lab, &n.name))?
+                }
+            }
+        }
+        add(CLI_NODE, "client", &[])?;
+        let peers_file = lab.write_file("peers.toml", peers.as_bytes())?;
         Ok(Fabric {
             procs: Procs::new(),
-            secret,
+            keys,
+            peers_file,
             agent_port,
             indexer_port,
         })
+    }
+
+    /// The hosts an indexer in `node` speaks for: a rack appliance for the
+    /// agents linked to it; a switch (the top of the lab's tree) for every agent.
+    fn delegated(lab: &Lab, node: &str) -> Vec<String> {
+        let is_agent = |name: &str| {
+            lab.topology.nodes.iter().any(|n| {
+                n.name == name && matches!(n.role, NodeRole::Library | NodeRole::Hypervisor)
+            })
+        };
+        let role = lab
+            .topology
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map(|n| n.role);
+        if matches!(role, Some(NodeRole::Switch)) {
+            return lab
+                .topology
+                .nodes
+                .iter()
+                .filter(|n| is_agent(&n.name))
+                .map(|n| n.name.clone())
+                .collect();
+        }
+        lab.topology
+            .links
+            .iter()
+            .filter_map(|l| {
+                if l.a == node {
+                    Some(&l.b)
+                } else if l.b == node {
+                    Some(&l.a)
+                } else {
+                    None
+                }
+            })
+            .filter(|n| is_agent(n))
+            .cloned()
+            .collect()
+    }
+
+    /// `node`'s key file.
+    pub fn key_file(&self, node: &str) -> PathBuf {
+        self.keys.join(format!("{node}.key"))
+    }
+
+    /// The config lines giving `node` its key and the peers file.
+    pub fn credential_lines(&self, node: &str) -> String {
+        format!(
+            "key_file = {:?}\npeers_file = {:?}\n",
+            self.key_file(node),
+            self.peers_file
+        )
+    }
+
+    /// `nearblock peer` arguments that speak as the lab's operator CLI.
+    pub fn cli_args(&self) -> Vec<String> {
+        vec![
+            "--key-file".into(),
+            self.key_file(CLI_NODE).display().to_string(),
+            "--peers-file".into(),
+            self.peers_file.display().to_string(),
+        ]
     }
 
     /// `node`'s address with `port`.
@@ -56,9 +154,9 @@ impl Fabric {
         lab.write_file(
             &format!("ix-{node}.toml"),
             format!(
-                "node = \"{node}\"\nlisten = \"0.0.0.0:{}\"\nsecret_file = {:?}\ndb = {:?}\n{parent}push_interval_ms = 200\n",
+                "node = \"{node}\"\nlisten = \"0.0.0.0:{}\"\n{}db = {:?}\n{parent}push_interval_ms = 200\n",
                 self.indexer_port,
-                self.secret,
+                self.credential_lines(node),
                 lab.dir.path().join(format!("{node}.redb")),
             )
             .as_bytes(),
@@ -88,9 +186,9 @@ impl Fabric {
         extra: &str,
     ) -> Result<()> {
         let mut t = format!(
-            "node = \"{node}\"\nlisten = \"0.0.0.0:{port}\"\nadvertise = \"{}\"\nsecret_file = {:?}\ndb = {:?}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\n{extra}\n",
+            "node = \"{node}\"\nlisten = \"0.0.0.0:{port}\"\nadvertise = \"{}\"\n{}db = {:?}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\n{extra}\n",
             Self::addr(lab, node, self.agent_port),
-            self.secret,
+            self.credential_lines(node),
             lab.dir.path().join(format!("agent-{node}.redb")),
             self.indexer_addr(lab, parent),
             port = self.agent_port,
@@ -121,22 +219,19 @@ impl Fabric {
     pub fn holders(&self, lab: &Lab, node: &str, block: &[u8]) -> Result<String> {
         let hash = blake3::hash(block).to_hex().to_string();
         let bin = crate::nearblock_bin()?;
-        let o = lab.exec(
-            node,
-            &[
-                bin.to_str().context("binary path")?,
-                "peer",
-                "holders",
-                "--addr",
-                &self.indexer_addr(lab, node),
-                "--local-only",
-                "--secret-file",
-                self.secret.to_str().context("secret path")?,
-                "--node",
-                node,
-                &hash,
-            ],
-        );
+        let addr = self.indexer_addr(lab, node);
+        let mut argv: Vec<&str> = vec![
+            bin.to_str().context("binary path")?,
+            "peer",
+            "holders",
+            "--addr",
+            &addr,
+            "--local-only",
+        ];
+        let cli = self.cli_args();
+        argv.extend(cli.iter().map(String::as_str));
+        argv.push(&hash);
+        let o = lab.exec(node, &argv);
         Ok(o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default())
     }

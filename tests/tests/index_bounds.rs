@@ -19,8 +19,8 @@ use bytes::Bytes;
 use nearblock::{
     index::{Change, Manifest},
     serve::{
-        auth::Key,
         client::{ClientOptions, FetchError, Peer, PeerClient},
+        identity::Credentials,
         proto::{code, Msg, PushedChange, Role},
     },
 };
@@ -113,8 +113,8 @@ fn oversize_changes_are_refused_and_the_indexer_stays_up() {
         .write_file(
             "ix-rack1.toml",
             format!(
-                "node = \"rack1\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\nsecret_file = {:?}\ndb = {:?}\nmax_image_blocks = {CAP}\n",
-                fabric.secret,
+                "node = \"rack1\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\n{}db = {:?}\nmax_image_blocks = {CAP}\n",
+                fabric.credential_lines("rack1"),
                 lab.dir.path().join("rack1.redb"),
             )
             .as_bytes(),
@@ -163,16 +163,12 @@ fn oversize_changes_are_refused_and_the_indexer_stays_up() {
     ];
     let batch2 = vec![big_put, put("hv1", manifest("d", &d))];
 
-    let secret = std::fs::read_to_string(&fabric.secret).expect("secret");
+    let creds = Credentials::load(&fabric.key_file("hv1"), &fabric.peers_file).expect("hv1's key");
     let addr = fabric.indexer_addr(&lab, "rack1");
     let hv1_addr = Fabric::addr(&lab, "hv1", AGENT_PORT);
     let (r1, again, r2, st) = in_node(&lab, "hv1", move || {
         runtime().block_on(async move {
-            let client = PeerClient::new(ClientOptions::new(
-                "hv1",
-                Role::Agent,
-                Key::from_secret(secret.trim().as_bytes()),
-            ));
+            let client = PeerClient::new(ClientOptions::new("hv1", Role::Agent, creds));
             let peer = client.peer(&addr);
             let addrs = vec![("hv1".to_string(), hv1_addr)];
             let r1 = peer
@@ -243,21 +239,12 @@ fn oversize_changes_are_refused_and_the_indexer_stays_up() {
     // Nothing was kept for the refused sources.
     let manifest_of = |image: &str| {
         let bin = nearblock_lab::nearblock_bin().unwrap();
-        let out = lab
-            .exec(
-                "rack1",
-                &[
-                    bin.to_str().unwrap(),
-                    "peer",
-                    "manifest",
-                    "--addr",
-                    &fabric.indexer_addr(&lab, "rack1"),
-                    "--secret-file",
-                    fabric.secret.to_str().unwrap(),
-                    image,
-                ],
-            )
-            .expect("peer manifest");
+        let addr = fabric.indexer_addr(&lab, "rack1");
+        let cli = fabric.cli_args();
+        let mut argv = vec![bin.to_str().unwrap(), "peer", "manifest", "--addr", &addr];
+        argv.extend(cli.iter().map(String::as_str));
+        argv.push(image);
+        let out = lab.exec("rack1", &argv).expect("peer manifest");
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     };
     assert!(

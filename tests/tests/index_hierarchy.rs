@@ -18,7 +18,7 @@ use std::{
 };
 
 use nearblock::index::BlockHash;
-use nearblock_lab::{content, nearblock_bin, procs::Procs, Lab, LunSpec};
+use nearblock_lab::{content, fabric::Fabric, nearblock_bin, procs::Procs, Lab, LunSpec};
 use serde_json::Value;
 
 const AGENT_PORT: u16 = 7900;
@@ -28,7 +28,8 @@ const MIB: usize = 1 << 20;
 
 struct Ctx {
     lab: Lab,
-    secret: PathBuf,
+    /// The lab's keys and peers file (its processes are started here, by hand).
+    fabric: Fabric,
 }
 
 impl Ctx {
@@ -52,8 +53,8 @@ impl Ctx {
         self.write_cfg(
             &format!("ix-{node}"),
             &format!(
-                "node = \"{node}\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\nsecret_file = {:?}\ndb = {:?}\n{parent}push_interval_ms = 200\n",
-                self.secret,
+                "node = \"{node}\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\n{}db = {:?}\n{parent}push_interval_ms = 200\n",
+                self.fabric.credential_lines(node),
                 self.lab.dir.path().join(format!("{node}.redb")),
             ),
         )
@@ -67,9 +68,9 @@ impl Ctx {
         extra: &str,
     ) -> PathBuf {
         let mut t = format!(
-            "node = \"{node}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{}\"\nsecret_file = {:?}\ndb = {:?}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\n{extra}\n",
+            "node = \"{node}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{}\"\n{}db = {:?}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\n{extra}\n",
             self.agent_addr(node),
-            self.secret,
+            self.fabric.credential_lines(node),
             self.lab.dir.path().join(format!("agent-{node}.redb")),
             self.indexer_addr(parent),
         );
@@ -79,17 +80,14 @@ impl Ctx {
         self.write_cfg(&format!("agent-{node}"), &t)
     }
 
-    /// `nearblock peer ARGS…` inside `node`; the JSON lines it printed.
+    /// `nearblock peer ARGS…` inside `node` (as the lab's operator CLI); the
+    /// JSON lines it printed.
     fn peer(&self, node: &str, args: &[&str]) -> anyhow::Result<Vec<Value>> {
         let bin = nearblock_bin()?;
         let mut argv = vec![bin.to_str().unwrap(), "peer"];
         argv.extend_from_slice(args);
-        argv.extend_from_slice(&[
-            "--secret-file",
-            self.secret.to_str().unwrap(),
-            "--node",
-            node,
-        ]);
+        let cli = self.fabric.cli_args();
+        argv.extend(cli.iter().map(String::as_str));
         let o = self.lab.exec_ok(node, &argv)?;
         Ok(String::from_utf8_lossy(&o.stdout)
             .lines()
@@ -195,10 +193,8 @@ fn hierarchy_lookup_verification_and_global_crash() {
         allow: None,
     })
     .expect("lun");
-    let secret = lab
-        .write_file("peer.secret", b"a lab secret for the peer protocol\n")
-        .unwrap();
-    let ctx = Ctx { lab, secret };
+    let fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap();
+    let ctx = Ctx { lab, fabric };
     let mut procs = Procs::new(); // after the lab: dropped (killed) first
 
     let cfgs = [
@@ -352,29 +348,52 @@ fn hierarchy_lookup_verification_and_global_crash() {
         lines[0]["error"].as_str().unwrap().contains("not found"),
         "{lines:?}"
     );
-    // A stranger (wrong secret) cannot pull blocks.
-    let wrong = ctx
+    // A stranger (a key the lab's peers file does not list; its own peers file
+    // lists the lab and itself) cannot pull blocks.
+    let bin = nearblock_bin().unwrap();
+    let stranger_key = ctx.lab.dir.path().join("stranger.key");
+    let o = std::process::Command::new(&bin)
+        .args(["keygen", "--out"])
+        .arg(&stranger_key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lab_peers = std::fs::read_to_string(&ctx.fabric.peers_file).unwrap();
+    let stranger_peers = ctx
         .lab
-        .write_file("wrong.secret", b"not the lab secret at all")
+        .write_file(
+            "stranger-peers.toml",
+            format!(
+                "{lab_peers}\n[[node]]\nname = \"stranger\"\nrole = \"client\"\n{}",
+                String::from_utf8_lossy(&o.stdout)
+            )
+            .as_bytes(),
+        )
         .unwrap();
     let o = ctx
         .lab
         .exec(
             "hv1",
             &[
-                nearblock_bin().unwrap().to_str().unwrap(),
+                bin.to_str().unwrap(),
                 "peer",
                 "get",
                 "--addr",
                 &hv3,
-                "--secret-file",
-                wrong.to_str().unwrap(),
+                "--key-file",
+                stranger_key.to_str().unwrap(),
+                "--peers-file",
+                stranger_peers.to_str().unwrap(),
                 &hb_only.to_string(),
             ],
         )
         .unwrap();
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(s.contains("authentication"), "{s}");
+    assert!(
+        s.contains("authentication") && s.contains("not in the peers file"),
+        "{s}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(!s.contains("\"ok\":true"), "{s}");
 
     // 3. One flipped bit in hv3's copy of the shared block, before hv3 rescans:

@@ -7,7 +7,9 @@
 use std::time::{Duration, Instant};
 
 use nearblock::splice::catalog::{manifest_of, manifest_to_text};
-use nearblock_lab::{content, procs::Procs, ApplianceOptions, Lab, LunSpec, DEFAULT_TOPOLOGY};
+use nearblock_lab::{
+    content, fabric::Fabric, procs::Procs, ApplianceOptions, Lab, LunSpec, DEFAULT_TOPOLOGY,
+};
 
 const IQN: &str = "iqn.2026-11.test.nearblock:rack-indexer";
 
@@ -40,9 +42,8 @@ fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
     let topo = lab
         .write_file("topology.toml", DEFAULT_TOPOLOGY.as_bytes())
         .unwrap();
-    let secret = lab
-        .write_file("peer.secret", b"a lab secret for the peer protocol\n")
-        .unwrap();
+    // The lab's keys and peers file (the processes are started here, by hand).
+    let fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap();
     // hv1 runs the image; hv2 holds its first half (another VM of the same seed).
     let img = content::image(4 << 20, 21, 30);
     let img_path = lab.write_file("img.raw", &img).unwrap();
@@ -52,8 +53,8 @@ fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
         .write_file(
             "rack1-indexer.toml",
             format!(
-                "node = \"rack1\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\nsecret_file = {:?}\ndb = {:?}\npush_interval_ms = 200\n",
-                secret.display().to_string(),
+                "node = \"rack1\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\n{}db = {:?}\npush_interval_ms = 200\n",
+                fabric.credential_lines("rack1"),
                 lab.dir.path().join("rack1.redb").display().to_string()
             )
             .as_bytes(),
@@ -112,8 +113,8 @@ fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
             .write_file(
                 &format!("agent-{node}.toml"),
                 format!(
-                    "node = \"{node}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{addr}:{AGENT_PORT}\"\nsecret_file = {:?}\ndb = {:?}\nparent = \"{parent}:{INDEXER_PORT}\"\nrescan_secs = 3600\npush_interval_ms = 200\nmetrics_interval_ms = 200\n[[image]]\nname = \"{image}\"\npath = {:?}\n[metrics]\ncpu = {cpu}\n",
-                    secret.display().to_string(),
+                    "node = \"{node}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{addr}:{AGENT_PORT}\"\n{}db = {:?}\nparent = \"{parent}:{INDEXER_PORT}\"\nrescan_secs = 3600\npush_interval_ms = 200\nmetrics_interval_ms = 200\n[[image]]\nname = \"{image}\"\npath = {:?}\n[metrics]\ncpu = {cpu}\n",
+                    fabric.credential_lines(node),
                     lab.dir.path().join(format!("agent-{node}.redb")).display().to_string(),
                     path.display().to_string()
                 )
@@ -230,23 +231,12 @@ fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
     let out_dir = lab.dir.path().join("fetched");
     std::fs::create_dir_all(&out_dir).unwrap();
     let bin = nearblock_lab::nearblock_bin().unwrap();
-    let o = lab
-        .exec_ok(
-            "hv2",
-            &[
-                bin.to_str().unwrap(),
-                "peer",
-                "get",
-                "--addr",
-                &format!("{rack1}:{INDEXER_PORT}"),
-                "--secret-file",
-                secret.to_str().unwrap(),
-                "--out",
-                out_dir.to_str().unwrap(),
-                &hash,
-            ],
-        )
-        .unwrap();
+    let addr = format!("{rack1}:{INDEXER_PORT}");
+    let cli = fabric.cli_args();
+    let mut argv = vec![bin.to_str().unwrap(), "peer", "get", "--addr", &addr];
+    argv.extend(cli.iter().map(String::as_str));
+    argv.extend(["--out", out_dir.to_str().unwrap(), &hash]);
+    let o = lab.exec_ok("hv2", &argv).unwrap();
     assert_eq!(
         std::fs::read(out_dir.join(&hash)).unwrap(),
         block,

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod api;
 pub mod index;
 pub mod indexer;
+pub mod keygen;
 pub mod peer;
 pub mod plan;
 pub mod run;
@@ -37,6 +38,8 @@ pub enum Command {
     Agent(agent::AgentArgs),
     /// A local or global indexer: pushes from children, holders, push upward.
     Indexer(indexer::IndexerArgs),
+    /// A node's key for the peer protocol (`keygen --out FILE`; `--public FILE`).
+    Keygen(keygen::KeygenArgs),
     /// Ask agents and indexers over the peer protocol (holders, blocks, ping).
     Peer(peer::PeerArgs),
     /// The HTTP API's bearer tokens (`api token new --out FILE`).
@@ -52,6 +55,7 @@ pub fn dispatch(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
         Command::Plan(a) => plan::run(a, out),
         Command::Agent(a) => agent::run(a, out),
         Command::Indexer(a) => indexer::run(a, out),
+        Command::Keygen(a) => keygen::run(a, out),
         Command::Peer(a) => peer::run(a, out),
         Command::Api(a) => api::run(a, out),
     }

@@ -17,9 +17,9 @@ use anyhow::{bail, Context, Result};
 use crate::{
     index::BlockHash,
     serve::{
-        auth::Key,
         client::{ClientOptions, PeerClient},
-        proto::{Msg, Role},
+        identity::Credentials,
+        proto::Msg,
     },
 };
 
@@ -27,14 +27,13 @@ use crate::{
 pub struct PeerArgs {
     #[command(subcommand)]
     pub op: PeerOp,
-    /// The shared secret (prefer --secret-file).
+    /// This node's key file (`nearblock keygen`).
     #[arg(long, global = true)]
-    pub secret: Option<String>,
+    pub key_file: Option<PathBuf>,
+    /// The peers file; the key's entry there gives the name and role this
+    /// command speaks as.
     #[arg(long, global = true)]
-    pub secret_file: Option<PathBuf>,
-    /// Our name in the handshake.
-    #[arg(long, global = true, default_value = "cli")]
-    pub node: String,
+    pub peers_file: Option<PathBuf>,
     /// Deadline per request, milliseconds.
     #[arg(long, global = true, default_value_t = 10_000)]
     pub timeout_ms: u64,
@@ -102,16 +101,21 @@ fn parse_hashes(v: &[String]) -> Result<Vec<BlockHash>> {
 }
 
 pub fn run(args: PeerArgs, out: &mut dyn std::io::Write) -> Result<()> {
-    let secret = match (&args.secret, &args.secret_file) {
-        (Some(s), None) => s.trim().as_bytes().to_vec(),
-        (None, Some(p)) => std::fs::read_to_string(p)
-            .with_context(|| format!("read {}", p.display()))?
-            .trim()
-            .as_bytes()
-            .to_vec(),
-        _ => bail!("give exactly one of --secret or --secret-file"),
+    let (Some(key_file), Some(peers_file)) = (&args.key_file, &args.peers_file) else {
+        bail!(
+            "give --key-file and --peers-file (this node's key, and the peers file that lists it)"
+        );
     };
-    let mut opts = ClientOptions::new(&args.node, Role::Client, Key::from_secret(&secret));
+    let creds = Credentials::load(key_file, peers_file)?;
+    let me = creds.keyring.lookup(&creds.key.public()).with_context(|| {
+        format!(
+            "{}'s key {} is not in {}",
+            key_file.display(),
+            creds.key.public(),
+            peers_file.display()
+        )
+    })?;
+    let mut opts = ClientOptions::new(&me.name, me.role, creds);
     opts.request_timeout = std::time::Duration::from_millis(args.timeout_ms);
     let client = PeerClient::new(opts);
     let rt = tokio::runtime::Builder::new_current_thread()

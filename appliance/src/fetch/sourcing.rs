@@ -642,7 +642,7 @@ mod tests {
         Arc::new(PeerClient::new(crate::serve::client::ClientOptions::new(
             "rack1",
             crate::serve::proto::Role::Client,
-            crate::serve::auth::Key::from_secret(b"test secret"),
+            crate::serve::identity::testing::creds("rack1", crate::serve::proto::Role::Client, &[]),
         )))
     }
 

@@ -1,75 +1,63 @@
-//! Mutual challenge–response authentication with a shared secret.
+//! The handshake and the secure channel every peer connection runs on: Noise XX
+//! (`snow`) with each node's own static key, checked against the peers file.
 //!
 //! ```text
-//! client → Hello     { role_c, node_c, nonce_c }
-//! server → Challenge { role_s, node_s, nonce_s, mac_s = MAC("server", transcript) }
-//! client checks mac_s (a server without the secret is refused here)
-//! client → Auth      { mac_c = MAC("client", transcript) }
-//! server checks mac_c → AuthOk, or Error{AUTH} and closes
+//! client → "NBPEER\0\2"                   (protocol magic and version, clear)
+//! client → e
+//! server → e, ee, s, es   + payload (server's role, node)
+//! client checks: the server's key is in the peers file under that node and role
+//! client → s, se          + payload (client's role, node)
+//! server checks the same for the client → AuthOk, or Error{AUTH} and closes
 //! ```
 //!
-//! `MAC(label, t)` is keyed blake3 with `key = blake3::derive_key("nearblock peer
-//! auth v1", secret)` over the label, both nonces (32 random bytes each, fresh per
-//! connection), both roles and both node names. The secret never crosses the wire;
-//! a recorded exchange cannot be replayed (the other side's nonce differs), and the
-//! labels keep one side's MAC from being reflected as the other's. Comparison is
-//! constant-time (`blake3::Hash` equality). Authentication is all the protocol
-//! does before [`AuthOk`](super::proto::Msg::AuthOk): any other message first is
-//! refused.
+//! Each handshake message travels as a 2-byte length and the message. After the
+//! handshake both directions are records of at most 65,535 bytes (2-byte length,
+//! ChaCha20-Poly1305 ciphertext and tag) under the session's keys, nonces counted
+//! per direction: a record altered, dropped, replayed or reordered fails to
+//! decrypt and the connection is closed. The protocol's frames (`proto`) run
+//! inside, unchanged. There is no shared secret: a node proves itself with a
+//! Diffie–Hellman on its private key, so nothing a connection sees can be guessed
+//! offline, and the server's part of message 2 reveals only its public key
+//! (listed in the peers file anyway).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use snow::StatelessTransportState;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::{
+    codec::{Decoder, Encoder, FramedRead, FramedWrite},
+    io::{CopyToBytes, SinkWriter, StreamReader},
+};
 
-use super::proto::{code, read_frame, Msg, ProtoError, Role};
+use super::{
+    identity::{Credentials, PublicKey, NOISE_PARAMS},
+    proto::{code, read_frame, Msg, ProtoError, Role},
+};
 
-const KDF_CONTEXT: &str = "nearblock peer auth v1";
-/// Frames during the handshake are small.
-const HANDSHAKE_MAX_FRAME: u32 = 4096;
+/// Sent first by the client, in the clear: the protocol and its version. A
+/// version-1 peer (shared secret) starts with a frame length instead.
+pub const MAGIC: [u8; 8] = *b"NBPEER\x00\x02";
+/// Bound into the handshake hash, so a transcript of another protocol does not
+/// verify.
+const PROLOGUE: &[u8] = b"nearblock peer protocol v2";
+/// The largest Noise message (handshake or record).
+const MAX_NOISE_MESSAGE: usize = 65_535;
+const TAG_LEN: usize = 16;
+/// Plaintext bytes per record.
+pub const MAX_RECORD_PLAINTEXT: usize = MAX_NOISE_MESSAGE - TAG_LEN;
+/// The verdict frame after the handshake is small.
+const VERDICT_MAX_FRAME: u32 = 4096;
 
-/// The key both sides derive from the shared secret.
-#[derive(Clone)]
-pub struct Key([u8; 32]);
-
-impl std::fmt::Debug for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Key(..)")
-    }
-}
-
-impl Key {
-    pub fn from_secret(secret: &[u8]) -> Self {
-        Key(blake3::derive_key(KDF_CONTEXT, secret))
-    }
-
-    fn mac(&self, label: &[u8], t: &Transcript) -> blake3::Hash {
-        let mut h = blake3::Hasher::new_keyed(&self.0);
-        h.update(label);
-        h.update(&t.client_nonce);
-        h.update(&t.server_nonce);
-        h.update(&[t.client_role.code(), t.server_role.code()]);
-        for s in [&t.client_node, &t.server_node] {
-            h.update(&(s.len() as u32).to_le_bytes());
-            h.update(s.as_bytes());
-        }
-        h.finalize()
-    }
-}
-
-struct Transcript {
-    client_nonce: [u8; 32],
-    server_nonce: [u8; 32],
-    client_role: Role,
-    server_role: Role,
-    client_node: String,
-    server_node: String,
-}
-
-/// Who is at the other end (authenticated).
+/// Who is at the other end: authenticated by its key, named by the peers file.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub role: Role,
     pub node: String,
+    pub key: PublicKey,
+    /// For an indexer: the hosts it speaks for (from the peers file, at the
+    /// handshake; [`super::server`] looks them up again before each change).
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,180 +66,308 @@ pub enum AuthError {
     Rejected(String),
     #[error("handshake: {0}")]
     Proto(#[from] ProtoError),
+    #[error("handshake: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake: {0}")]
+    Noise(#[from] snow::Error),
     #[error("handshake timed out")]
     Timeout,
     #[error("handshake: unexpected {0}")]
     Unexpected(&'static str),
-    #[error("handshake: connection closed")]
-    Closed,
+    #[error("not a nearblock v2 peer ({0})")]
+    Version(String),
 }
 
-/// 32 bytes from the kernel's CSPRNG.
-pub fn nonce() -> [u8; 32] {
-    let mut b = [0u8; 32];
-    let mut got = 0;
-    while got < b.len() {
-        // SAFETY: writing at most the remaining length into our own buffer.
-        let n = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), b.len() - got, 0) };
-        if n > 0 {
-            got += n as usize;
-        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            // getrandom(2) cannot fail on a 32-byte request after boot; fall back
-            // to /dev/urandom rather than a predictable nonce.
-            use std::io::Read;
-            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-                if f.read_exact(&mut b).is_ok() {
-                    return b;
-                }
-            }
-            panic!("no source of randomness for the handshake nonce");
+/// A connection after the handshake: who the peer is, and its two directions.
+pub struct Secured<R, W> {
+    pub peer: PeerInfo,
+    pub reader: SecureReader<R>,
+    pub writer: SecureWriter<W>,
+}
+
+/// Decrypted bytes of the peer's records, as a byte stream.
+pub type SecureReader<R> = StreamReader<FramedRead<R, RecordCodec>, BytesMut>;
+/// Bytes written are sealed into records (flush to send them).
+pub type SecureWriter<W> = SinkWriter<CopyToBytes<FramedWrite<W, RecordCodec>>>;
+
+/// One direction's records: 2-byte length, then ciphertext and tag.
+pub struct RecordCodec {
+    transport: Arc<StatelessTransportState>,
+    nonce: u64,
+}
+
+impl RecordCodec {
+    fn new(transport: Arc<StatelessTransportState>) -> Self {
+        RecordCodec {
+            transport,
+            nonce: 0,
         }
     }
-    b
 }
 
-async fn recv<S: AsyncRead + Unpin>(s: &mut S) -> Result<Msg, AuthError> {
-    let f = read_frame(s, HANDSHAKE_MAX_FRAME)
-        .await?
-        .ok_or(AuthError::Closed)?;
-    Ok(Msg::decode(f.kind, f.payload)?)
+fn altered() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "a record failed authentication (altered, replayed or out of order)",
+    )
 }
 
-async fn send<S: AsyncWrite + Unpin>(s: &mut S, m: &Msg) -> Result<(), AuthError> {
-    s.write_all(&m.encode(0)).await.map_err(ProtoError::from)?;
-    s.flush().await.map_err(ProtoError::from)?;
+impl Decoder for RecordCodec {
+    type Item = BytesMut;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
+        if src.len() < 2 {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([src[0], src[1]]) as usize;
+        if len < TAG_LEN {
+            return Err(altered());
+        }
+        if src.len() < 2 + len {
+            src.reserve(2 + len - src.len());
+            return Ok(None);
+        }
+        src.advance(2);
+        let sealed = src.split_to(len);
+        let mut plain = BytesMut::zeroed(len - TAG_LEN);
+        let n = self
+            .transport
+            .read_message(self.nonce, &sealed, &mut plain)
+            .map_err(|_| altered())?;
+        plain.truncate(n);
+        self.nonce += 1;
+        Ok(Some(plain))
+    }
+}
+
+impl Encoder<Bytes> for RecordCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> Result<(), std::io::Error> {
+        for chunk in item.chunks(MAX_RECORD_PLAINTEXT) {
+            let start = dst.len();
+            dst.resize(start + 2 + chunk.len() + TAG_LEN, 0);
+            let n = self
+                .transport
+                .write_message(self.nonce, chunk, &mut dst[start + 2..])
+                .map_err(|e| std::io::Error::other(format!("sealing a record: {e}")))?;
+            dst[start..start + 2].copy_from_slice(&(n as u16).to_be_bytes());
+            dst.truncate(start + 2 + n);
+            self.nonce += 1;
+        }
+        Ok(())
+    }
+}
+
+fn secure<R: AsyncRead, W: AsyncWrite>(
+    rd: R,
+    wr: W,
+    transport: StatelessTransportState,
+) -> (SecureReader<R>, SecureWriter<W>) {
+    let transport = Arc::new(transport);
+    let reader = StreamReader::new(FramedRead::with_capacity(
+        rd,
+        RecordCodec::new(transport.clone()),
+        2 * (MAX_NOISE_MESSAGE + 2),
+    ));
+    let mut framed = FramedWrite::new(wr, RecordCodec::new(transport));
+    framed.set_backpressure_boundary(256 << 10);
+    let writer = SinkWriter::new(CopyToBytes::new(framed));
+    (reader, writer)
+}
+
+fn identity_payload(role: Role, node: &str) -> Vec<u8> {
+    let mut p = Vec::with_capacity(1 + node.len());
+    p.push(role.code());
+    p.extend_from_slice(node.as_bytes());
+    p
+}
+
+fn parse_identity(p: &[u8]) -> Result<(Role, String), AuthError> {
+    let (&role, name) = p
+        .split_first()
+        .ok_or(AuthError::Rejected("no identity in the handshake".into()))?;
+    let role = Role::from_code(role)?;
+    let name = std::str::from_utf8(name)
+        .ok()
+        .filter(|n| !n.is_empty() && n.len() <= 255)
+        .ok_or(AuthError::Rejected(
+            "malformed node name in the handshake".into(),
+        ))?;
+    Ok((role, name.to_string()))
+}
+
+async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, AuthError> {
+    let len = r.read_u16().await? as usize;
+    let mut m = vec![0u8; len];
+    r.read_exact(&mut m).await?;
+    Ok(m)
+}
+
+async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, m: &[u8]) -> Result<(), AuthError> {
+    let mut b = Vec::with_capacity(2 + m.len());
+    b.put_u16(m.len() as u16);
+    b.extend_from_slice(m);
+    w.write_all(&b).await?;
+    w.flush().await?;
     Ok(())
 }
 
-/// The client side. Fails if the server does not know the secret, or refuses ours.
-pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    key: &Key,
+fn remote_key(hs: &snow::HandshakeState) -> Result<PublicKey, AuthError> {
+    let s = hs
+        .get_remote_static()
+        .ok_or(AuthError::Rejected("no static key in the handshake".into()))?;
+    let mut k = [0u8; 32];
+    k.copy_from_slice(s);
+    Ok(PublicKey(k))
+}
+
+/// Is `key` listed as `node` in `role`? The reason it is not, otherwise.
+fn check_listed(
+    creds: &Credentials,
+    key: &PublicKey,
+    role: Role,
+    node: &str,
+) -> Result<Vec<String>, String> {
+    match creds.keyring.lookup(key) {
+        None => Err(format!(
+            "{node} ({role:?}) presents key {key}, which is not in the peers file"
+        )),
+        Some(e) if e.name != node || e.role != role => Err(format!(
+            "{node} ({role:?}) presents the key of {} ({:?})",
+            e.name, e.role
+        )),
+        Some(e) => Ok(e.hosts),
+    }
+}
+
+fn builder(creds: &Credentials) -> Result<snow::Builder<'_>, AuthError> {
+    Ok(snow::Builder::new(NOISE_PARAMS.parse()?)
+        .local_private_key(creds.key.private())
+        .prologue(PROLOGUE))
+}
+
+/// The client side: authenticates the server against the peers file, proves
+/// this node, and waits for the server's verdict.
+pub async fn client_handshake<R, W>(
+    mut rd: R,
+    mut wr: W,
+    creds: &Credentials,
     role: Role,
     node: &str,
     timeout: Duration,
-) -> Result<PeerInfo, AuthError> {
-    tokio::time::timeout(timeout, async {
-        let client_nonce = nonce();
-        send(
-            s,
-            &Msg::Hello {
-                role,
-                node: node.into(),
-                nonce: client_nonce,
+) -> Result<Secured<R, W>, AuthError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    tokio::time::timeout(timeout, async move {
+        let mut hs = builder(creds)?.build_initiator()?;
+        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+        wr.write_all(&MAGIC).await?;
+        let n = hs.write_message(&[], &mut buf)?;
+        write_message(&mut wr, &buf[..n]).await?;
+        let m = read_message(&mut rd).await?;
+        let n = hs
+            .read_message(&m, &mut buf)
+            .map_err(|_| AuthError::Rejected("the server's handshake does not verify".into()))?;
+        let (srole, snode) = parse_identity(&buf[..n])?;
+        let skey = remote_key(&hs)?;
+        let hosts = check_listed(creds, &skey, srole, &snode)
+            .map_err(|why| AuthError::Rejected(format!("server {why}")))?;
+        let n = hs.write_message(&identity_payload(role, node), &mut buf)?;
+        write_message(&mut wr, &buf[..n]).await?;
+        let (mut reader, writer) = secure(rd, wr, hs.into_stateless_transport_mode()?);
+        match read_frame(&mut reader, VERDICT_MAX_FRAME).await? {
+            Some(f) => match Msg::decode(f.kind, f.payload)? {
+                Msg::AuthOk => Ok(Secured {
+                    peer: PeerInfo {
+                        role: srole,
+                        node: snode,
+                        key: skey,
+                        hosts,
+                    },
+                    reader,
+                    writer,
+                }),
+                Msg::Error { message, .. } => Err(AuthError::Rejected(message)),
+                m => Err(AuthError::Unexpected(m.name())),
             },
-        )
-        .await?;
-        let (srole, snode, server_nonce, mac) = match recv(s).await? {
-            Msg::Challenge {
-                role,
-                node,
-                nonce,
-                mac,
-            } => (role, node, nonce, mac),
-            Msg::Error { message, .. } => return Err(AuthError::Rejected(message)),
-            m => return Err(AuthError::Unexpected(m.name())),
-        };
-        let t = Transcript {
-            client_nonce,
-            server_nonce,
-            client_role: role,
-            server_role: srole,
-            client_node: node.into(),
-            server_node: snode.clone(),
-        };
-        if key.mac(b"server", &t) != blake3::Hash::from_bytes(mac) {
-            return Err(AuthError::Rejected(format!(
-                "server {snode} does not know the shared secret"
-            )));
-        }
-        send(
-            s,
-            &Msg::Auth {
-                mac: *key.mac(b"client", &t).as_bytes(),
-            },
-        )
-        .await?;
-        match recv(s).await? {
-            Msg::AuthOk => Ok(PeerInfo {
-                role: srole,
-                node: snode,
-            }),
-            Msg::Error { message, .. } => Err(AuthError::Rejected(message)),
-            m => Err(AuthError::Unexpected(m.name())),
+            None => Err(AuthError::Rejected(format!(
+                "{snode} closed the connection after the handshake"
+            ))),
         }
     })
     .await
     .map_err(|_| AuthError::Timeout)?
 }
 
-/// The server side. On a wrong MAC the client gets `Error{AUTH}` before the
-/// connection is closed.
-pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    key: &Key,
+/// The server side. A client whose key is not in the peers file (or is another
+/// node's) gets `Error{AUTH}` over the channel, and the connection closes.
+pub async fn server_handshake<R, W>(
+    mut rd: R,
+    mut wr: W,
+    creds: &Credentials,
     role: Role,
     node: &str,
     timeout: Duration,
-) -> Result<PeerInfo, AuthError> {
-    tokio::time::timeout(timeout, async {
-        let (crole, cnode, client_nonce) = match recv(s).await? {
-            Msg::Hello { role, node, nonce } => (role, node, nonce),
-            m => {
-                let _ = send(
-                    s,
-                    &Msg::Error {
-                        code: code::AUTH,
-                        acked: 0,
-                        message: "authenticate first (Hello)".into(),
+) -> Result<Secured<R, W>, AuthError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    tokio::time::timeout(timeout, async move {
+        let mut magic = [0u8; 8];
+        rd.read_exact(&mut magic).await?;
+        if magic != MAGIC {
+            return Err(AuthError::Version(if magic[..6] == MAGIC[..6] {
+                format!("protocol version {}", magic[7])
+            } else if magic[4] == 1 {
+                "a version-1 frame: an older nearblock with a shared secret".into()
+            } else {
+                "no protocol magic".into()
+            }));
+        }
+        let mut hs = builder(creds)?.build_responder()?;
+        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+        let m = read_message(&mut rd).await?;
+        hs.read_message(&m, &mut buf)?;
+        let n = hs.write_message(&identity_payload(role, node), &mut buf)?;
+        write_message(&mut wr, &buf[..n]).await?;
+        let m = read_message(&mut rd).await?;
+        let n = hs
+            .read_message(&m, &mut buf)
+            .map_err(|_| AuthError::Rejected("the client's handshake does not verify".into()))?;
+        let (crole, cnode) = parse_identity(&buf[..n])?;
+        let ckey = remote_key(&hs)?;
+        let (reader, mut writer) = secure(rd, wr, hs.into_stateless_transport_mode()?);
+        match check_listed(creds, &ckey, crole, &cnode) {
+            Ok(hosts) => {
+                writer.write_all(&Msg::AuthOk.encode(0)).await?;
+                writer.flush().await?;
+                Ok(Secured {
+                    peer: PeerInfo {
+                        role: crole,
+                        node: cnode,
+                        key: ckey,
+                        hosts,
                     },
-                )
-                .await;
-                return Err(AuthError::Unexpected(m.name()));
+                    reader,
+                    writer,
+                })
             }
-        };
-        let server_nonce = nonce();
-        let t = Transcript {
-            client_nonce,
-            server_nonce,
-            client_role: crole,
-            server_role: role,
-            client_node: cnode.clone(),
-            server_node: node.into(),
-        };
-        send(
-            s,
-            &Msg::Challenge {
-                role,
-                node: node.into(),
-                nonce: server_nonce,
-                mac: *key.mac(b"server", &t).as_bytes(),
-            },
-        )
-        .await?;
-        let mac = match recv(s).await? {
-            Msg::Auth { mac } => mac,
-            m => return Err(AuthError::Unexpected(m.name())),
-        };
-        if key.mac(b"client", &t) != blake3::Hash::from_bytes(mac) {
-            let _ = send(
-                s,
-                &Msg::Error {
+            Err(why) => {
+                let refusal = Msg::Error {
                     code: code::AUTH,
                     acked: 0,
-                    message: format!("{node}: wrong shared secret"),
-                },
-            )
-            .await;
-            return Err(AuthError::Rejected(format!(
-                "client {cnode} ({crole:?}) sent a wrong MAC (wrong secret)"
-            )));
+                    message: format!("{node} refuses {why}"),
+                };
+                let _ = writer.write_all(&refusal.encode(0)).await;
+                let _ = writer.flush().await;
+                Err(AuthError::Rejected(format!("client {why}")))
+            }
         }
-        send(s, &Msg::AuthOk).await?;
-        Ok(PeerInfo {
-            role: crole,
-            node: cnode,
-        })
     })
     .await
     .map_err(|_| AuthError::Timeout)?
@@ -260,103 +376,221 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve::identity::{testing, Keyring, PeerEntry, Peers};
 
     const T: Duration = Duration::from_secs(5);
 
+    type Duplex = tokio::io::DuplexStream;
+    type Half<S> = (tokio::io::ReadHalf<S>, tokio::io::WriteHalf<S>);
+
+    fn halves(s: Duplex) -> Half<Duplex> {
+        tokio::io::split(s)
+    }
+
     async fn pair(
-        client_secret: &[u8],
-        server_secret: &[u8],
-    ) -> (Result<PeerInfo, AuthError>, Result<PeerInfo, AuthError>) {
-        let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let (kc, ks) = (
-            Key::from_secret(client_secret),
-            Key::from_secret(server_secret),
-        );
-        let srv =
-            tokio::spawn(
-                async move { server_handshake(&mut b, &ks, Role::Indexer, "rack1", T).await },
-            );
-        let c = client_handshake(&mut a, &kc, Role::Agent, "hv1", T).await;
-        drop(a);
+        client: Credentials,
+        client_name: &str,
+        server: Credentials,
+    ) -> (
+        Result<Secured<tokio::io::ReadHalf<Duplex>, tokio::io::WriteHalf<Duplex>>, AuthError>,
+        Result<Secured<tokio::io::ReadHalf<Duplex>, tokio::io::WriteHalf<Duplex>>, AuthError>,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let srv = tokio::spawn(async move {
+            let (r, w) = halves(b);
+            server_handshake(r, w, &server, Role::Indexer, "rack1", T).await
+        });
+        let (r, w) = halves(a);
+        let name = client_name.to_string();
+        let c = client_handshake(r, w, &client, Role::Agent, &name, T).await;
         (c, srv.await.unwrap())
     }
 
     #[tokio::test]
-    async fn same_secret_authenticates_both_ways() {
-        let (c, s) = pair(b"sixteen byte key!", b"sixteen byte key!").await;
-        let c = c.unwrap();
-        let s = s.unwrap();
-        assert_eq!((c.role, c.node.as_str()), (Role::Indexer, "rack1"));
-        assert_eq!((s.role, s.node.as_str()), (Role::Agent, "hv1"));
+    async fn listed_keys_authenticate_both_ways_and_carry_data() {
+        let server = testing::creds("rack1", Role::Indexer, &["hv1"]);
+        let client = testing::creds("hv1", Role::Agent, &[]);
+        let server = Credentials {
+            keyring: testing::keyring(),
+            ..server
+        };
+        let (c, s) = pair(client, "hv1", server).await;
+        let (mut c, mut s) = (c.unwrap(), s.unwrap());
+        assert_eq!(
+            (c.peer.role, c.peer.node.as_str()),
+            (Role::Indexer, "rack1")
+        );
+        assert_eq!((s.peer.role, s.peer.node.as_str()), (Role::Agent, "hv1"));
+        // More than one record each way, both directions at once.
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = big.clone();
+        let w = tokio::spawn(async move {
+            c.writer.write_all(&sent).await.unwrap();
+            c.writer.flush().await.unwrap();
+            c
+        });
+        let mut got = vec![0u8; big.len()];
+        s.reader.read_exact(&mut got).await.unwrap();
+        assert!(got == big);
+        let _c = w.await.unwrap();
     }
 
     #[tokio::test]
-    async fn wrong_secret_is_rejected_by_the_client() {
-        // The server answers first, so a client with another secret refuses the
-        // server (it cannot tell which side is wrong) and the server sees a close.
-        let (c, s) = pair(b"the right secret!", b"another secret!!!").await;
-        let e = c.unwrap_err().to_string();
-        assert!(e.contains("does not know the shared secret"), "{e}");
+    async fn an_unlisted_client_is_refused_with_a_reason() {
+        let server = testing::creds("rack1", Role::Indexer, &[]);
+        // Listed nowhere: its own keyring knows the server, the server's does
+        // not know it.
+        let stranger_key = testing::key("stranger-not-listed");
+        let client = Credentials {
+            key: stranger_key,
+            keyring: testing::keyring(),
+        };
+        let (c, s) = pair(client, "hv1", server).await;
+        let e = c.err().unwrap().to_string();
+        assert!(e.contains("not in the peers file"), "{e}");
+        assert!(s
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not in the peers file"));
+    }
+
+    #[tokio::test]
+    async fn a_node_cannot_claim_another_name() {
+        let server = testing::creds("rack1", Role::Indexer, &[]);
+        let hv2 = testing::creds("hv2", Role::Agent, &[]);
+        let server = Credentials {
+            keyring: testing::keyring(),
+            ..server
+        };
+        // hv2's own key, presented as "library".
+        let (c, s) = pair(hv2, "library", server).await;
+        let e = c.err().unwrap().to_string();
+        assert!(e.contains("presents the key of hv2"), "{e}");
         assert!(s.is_err());
     }
 
     #[tokio::test]
-    async fn forged_client_mac_is_rejected_by_the_server() {
-        let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let ks = Key::from_secret(b"the right secret!");
-        let srv =
-            tokio::spawn(async move { server_handshake(&mut b, &ks, Role::Agent, "hv3", T).await });
-        send(
-            &mut a,
-            &Msg::Hello {
-                role: Role::Client,
-                node: "stranger".into(),
-                nonce: [0; 32],
-            },
-        )
-        .await
-        .unwrap();
-        assert!(matches!(recv(&mut a).await.unwrap(), Msg::Challenge { .. }));
-        send(&mut a, &Msg::Auth { mac: [0; 32] }).await.unwrap();
-        match recv(&mut a).await.unwrap() {
-            Msg::Error {
-                code: c, message, ..
-            } => {
-                assert_eq!(c, code::AUTH);
-                assert!(message.contains("wrong shared secret"), "{message}");
-            }
-            m => panic!("expected an error, got {m:?}"),
-        }
-        let e = srv.await.unwrap().unwrap_err().to_string();
-        assert!(e.contains("wrong MAC"), "{e}");
+    async fn the_client_refuses_an_unlisted_server() {
+        // The server's key is not in the client's peers file.
+        let server = Credentials {
+            key: testing::key("rogue-server"),
+            keyring: testing::keyring(),
+        };
+        let client = testing::creds("hv1", Role::Agent, &[]);
+        let (c, _s) = pair(client, "hv1", server).await;
+        let e = c.err().unwrap().to_string();
+        assert!(
+            e.contains("server rack1") && e.contains("not in the peers file"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
-    async fn requests_before_hello_are_refused() {
-        let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let ks = Key::from_secret(b"the right secret!");
-        let srv =
-            tokio::spawn(async move { server_handshake(&mut b, &ks, Role::Agent, "hv3", T).await });
-        send(
-            &mut a,
-            &Msg::GetBlocks {
-                hashes: vec![crate::index::BlockHash([0; 32])],
-            },
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            recv(&mut a).await.unwrap(),
-            Msg::Error {
-                code: code::AUTH,
-                ..
+    async fn an_altered_record_closes_the_channel() {
+        // Client and server through a relay that flips one bit of the first
+        // record after the handshake.
+        let server = testing::creds("rack1", Role::Indexer, &[]);
+        let client = testing::creds("hv1", Role::Agent, &[]);
+        let server = Credentials {
+            keyring: testing::keyring(),
+            ..server
+        };
+        let (a, relay_a) = tokio::io::duplex(1 << 20);
+        let (relay_b, b) = tokio::io::duplex(1 << 20);
+        let srv = tokio::spawn(async move {
+            let (r, w) = halves(b);
+            let mut s = server_handshake(r, w, &server, Role::Indexer, "rack1", T)
+                .await
+                .unwrap();
+            let mut got = vec![0u8; 100];
+            s.reader.read_exact(&mut got).await
+        });
+        // client → server: count bytes; the handshake is MAGIC, two messages
+        // (length-prefixed); then records. Flip a bit in the first record.
+        let (mut ra, mut wa) = tokio::io::split(relay_a);
+        let (mut rb, mut wb) = tokio::io::split(relay_b);
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut rb, &mut wa).await;
+        });
+        tokio::spawn(async move {
+            let mut magic = [0u8; 8];
+            ra.read_exact(&mut magic).await.unwrap();
+            wb.write_all(&magic).await.unwrap();
+            for _ in 0..2 {
+                let m = read_message(&mut ra).await.unwrap();
+                write_message(&mut wb, &m).await.unwrap();
             }
-        ));
-        assert!(srv.await.unwrap().is_err());
+            let mut rec = read_message(&mut ra).await.unwrap();
+            rec[5] ^= 1;
+            write_message(&mut wb, &rec).await.unwrap();
+            let _ = tokio::io::copy(&mut ra, &mut wb).await;
+        });
+        let (r, w) = halves(a);
+        let mut c = client_handshake(r, w, &client, Role::Agent, "hv1", T)
+            .await
+            .unwrap();
+        c.writer.write_all(&[7u8; 100]).await.unwrap();
+        c.writer.flush().await.unwrap();
+        let e = srv.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("failed authentication"), "{e}");
     }
 
-    #[test]
-    fn nonces_differ() {
-        assert_ne!(nonce(), nonce());
+    #[tokio::test]
+    async fn a_version_1_peer_is_named() {
+        let server = testing::creds("rack1", Role::Indexer, &[]);
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let srv = tokio::spawn(async move {
+            let (r, w) = halves(b);
+            server_handshake(r, w, &server, Role::Indexer, "rack1", T).await
+        });
+        // A v1 Hello frame: 4-byte length, version 1, kind 1, …
+        a.write_all(&[0, 0, 0, 50, 1, 1, 0, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let e = srv.await.unwrap().err().unwrap().to_string();
+        assert!(e.contains("version-1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn revoking_a_key_refuses_the_next_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peers.toml");
+        let server_key = testing::key("revoke-server");
+        let client_key = testing::key("revoke-client");
+        let line = |name: &str, role: &str, k: &PublicKey| {
+            format!("[[node]]\nname = \"{name}\"\nrole = \"{role}\"\npublic_key = \"{k}\"\n")
+        };
+        std::fs::write(
+            &path,
+            line("rack1", "indexer", &server_key.public())
+                + &line("hv1", "agent", &client_key.public()),
+        )
+        .unwrap();
+        let ring = Keyring::open(&path).unwrap();
+        let server = Credentials {
+            key: server_key.clone(),
+            keyring: ring.clone(),
+        };
+        let mut only_server = Peers::default();
+        only_server.insert(
+            server_key.public(),
+            PeerEntry {
+                name: "rack1".into(),
+                role: Role::Indexer,
+                hosts: vec![],
+            },
+        );
+        let client = Credentials {
+            key: client_key,
+            keyring: Keyring::fixed(only_server),
+        };
+        let (c, s) = pair(client.clone(), "hv1", server.clone()).await;
+        assert!(c.is_ok() && s.is_ok());
+        std::fs::write(&path, line("rack1", "indexer", &server_key.public())).unwrap();
+        // The keyring looks at the file at most once a second.
+        tokio::time::sleep(crate::serve::identity::RECHECK + Duration::from_millis(50)).await;
+        let (c, s) = pair(client, "hv1", server).await;
+        assert!(c.is_err() && s.is_err());
     }
 }

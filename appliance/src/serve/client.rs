@@ -29,7 +29,8 @@ use tokio::{
 };
 
 use super::{
-    auth::{client_handshake, Key},
+    auth::client_handshake,
+    identity::Credentials,
     proto::{
         BlockReply, FrameReader, Holder, HostReport, ManifestPiece, Msg, PushedChange, Role,
         DEFAULT_MAX_FRAME, MAX_MANIFEST_PIECE,
@@ -120,7 +121,8 @@ pub struct ClientOptions {
     /// Our node name (sent in the handshake).
     pub node: String,
     pub role: Role,
-    pub key: Key,
+    /// This node's key and the peers file servers are checked against.
+    pub creds: Credentials,
     pub connect_timeout: Duration,
     /// Deadline of one request, from sending it to its reply.
     pub request_timeout: Duration,
@@ -134,11 +136,11 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    pub fn new(node: &str, role: Role, key: Key) -> Self {
+    pub fn new(node: &str, role: Role, creds: Credentials) -> Self {
         Self {
             node: node.into(),
             role,
-            key,
+            creds,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(10),
             max_in_flight: 16,
@@ -259,14 +261,16 @@ impl Conn {
             peer: addr.into(),
             message,
         };
-        let mut s = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr))
+        let s = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| FetchError::Timeout { peer: addr.into() })?
             .map_err(|e| conn_err(e.to_string()))?;
         let _ = s.set_nodelay(true);
-        client_handshake(
-            &mut s,
-            &opts.key,
+        let (rd, wr) = s.into_split();
+        let secured = client_handshake(
+            rd,
+            wr,
+            &opts.creds,
             opts.role,
             &opts.node,
             opts.connect_timeout,
@@ -276,7 +280,7 @@ impl Conn {
             peer: addr.into(),
             message: e.to_string(),
         })?;
-        let (rd, wr) = s.into_split();
+        let (rd, wr) = (secured.reader, secured.writer);
         let (tx, mut rx) = mpsc::channel::<Bytes>(opts.max_in_flight.max(1) * 2);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let alive = Arc::new(AtomicBool::new(true));

@@ -6,7 +6,8 @@
 //! node = "hv1"                          # this host's name in the index
 //! listen = "0.0.0.0:7900"               # block service
 //! advertise = "198.18.3.2:7900"         # how peers reach it (default: listen)
-//! secret_file = "/etc/nearblock/peer.secret"   # or secret = "…" (≥ 16 bytes)
+//! key_file = "/etc/nearblock/node.key"       # this node's key (`nearblock keygen`)
+//! peers_file = "/etc/nearblock/peers.toml"   # every node's public key and role
 //! db = "/var/lib/nearblock/agent.redb"  # the agent's own index of its files
 //! parent = "198.18.3.1:7901"            # the rack's indexer (optional)
 //! rescan_secs = 60                      # re-index changed files this often (also SIGHUP)
@@ -40,7 +41,8 @@
 //! # nearblock indexer --config
 //! node = "rack1"
 //! listen = "0.0.0.0:7901"
-//! secret_file = "/etc/nearblock/peer.secret"
+//! key_file = "/etc/nearblock/node.key"
+//! peers_file = "/etc/nearblock/peers.toml"   # also says which hosts each child speaks for
 //! db = "/var/lib/nearblock/rack1-index.redb"
 //! parent = "198.18.0.2:7901"            # optional: omit at the top of the tree
 //! push_interval_ms = 1000
@@ -58,8 +60,8 @@ use std::{
 use serde::Deserialize;
 
 use super::{
-    auth::Key,
     client::ClientOptions,
+    identity::Credentials,
     proto::{Role, DEFAULT_MAX_FRAME},
     server::ServerOptions,
 };
@@ -95,8 +97,8 @@ impl Default for PeerTuning {
 }
 
 impl PeerTuning {
-    pub fn client(&self, node: &str, role: Role, key: Key) -> ClientOptions {
-        let mut o = ClientOptions::new(node, role, key);
+    pub fn client(&self, node: &str, role: Role, creds: Credentials) -> ClientOptions {
+        let mut o = ClientOptions::new(node, role, creds);
         o.max_in_flight = self.max_in_flight;
         o.request_timeout = Duration::from_millis(self.request_timeout_ms);
         o.connect_timeout = Duration::from_millis(self.connect_timeout_ms);
@@ -106,8 +108,8 @@ impl PeerTuning {
         o
     }
 
-    pub fn server(&self, node: &str, role: Role, key: Key) -> ServerOptions {
-        let mut o = ServerOptions::new(node, role, key);
+    pub fn server(&self, node: &str, role: Role, creds: Credentials) -> ServerOptions {
+        let mut o = ServerOptions::new(node, role, creds);
         o.max_frame = self.max_frame_mib << 20;
         o.max_message = self.max_message_mib << 20;
         o.max_in_flight = self.max_in_flight.max(1) * 2;
@@ -160,10 +162,10 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     #[serde(default)]
     pub advertise: Option<SocketAddr>,
-    #[serde(default)]
-    pub secret: Option<String>,
-    #[serde(default)]
-    pub secret_file: Option<PathBuf>,
+    /// This node's private key (`nearblock keygen`).
+    pub key_file: PathBuf,
+    /// Every node's public key, role and delegated hosts.
+    pub peers_file: PathBuf,
     #[serde(default = "default_agent_db")]
     pub db: PathBuf,
     #[serde(default)]
@@ -199,9 +201,9 @@ pub struct AgentConfig {
     pub max_image_blocks: u64,
     #[serde(default)]
     pub peer: PeerTuning,
-    /// Resolved from `secret` / `secret_file` by validation.
+    /// Loaded from `key_file` and `peers_file` by validation.
     #[serde(skip)]
-    pub key: Option<Key>,
+    pub creds: Option<Credentials>,
     /// Parsed `block_sizes`.
     #[serde(skip)]
     pub sizes: Vec<u32>,
@@ -212,10 +214,10 @@ pub struct AgentConfig {
 pub struct IndexerConfig {
     pub node: String,
     pub listen: SocketAddr,
-    #[serde(default)]
-    pub secret: Option<String>,
-    #[serde(default)]
-    pub secret_file: Option<PathBuf>,
+    /// This node's private key (`nearblock keygen`).
+    pub key_file: PathBuf,
+    /// Every node's public key, role and delegated hosts.
+    pub peers_file: PathBuf,
     pub db: PathBuf,
     #[serde(default)]
     pub parent: Option<SocketAddr>,
@@ -231,7 +233,7 @@ pub struct IndexerConfig {
     #[serde(default)]
     pub peer: PeerTuning,
     #[serde(skip)]
-    pub key: Option<Key>,
+    pub creds: Option<Credentials>,
 }
 
 fn default_agent_db() -> PathBuf {
@@ -298,39 +300,12 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn key(&self, secret: &Option<String>, file: &Option<PathBuf>) -> Result<Key, ConfigError> {
-        let s = match (secret, file) {
-            (Some(_), Some(_)) => {
-                return Err(self.err("", "secret_file", "give secret or secret_file, not both"))
-            }
-            (None, None) => {
-                return Err(self.err(
-                    "",
-                    "secret",
-                    "missing: peers authenticate with a shared secret (secret or secret_file)",
-                ))
-            }
-            (Some(s), None) => s.trim().as_bytes().to_vec(),
-            (None, Some(p)) => match std::fs::read(p) {
-                Ok(b) => String::from_utf8_lossy(&b).trim().as_bytes().to_vec(),
-                Err(e) => {
-                    return Err(self.err(
-                        "",
-                        "secret_file",
-                        &format!("cannot read {}: {e}", p.display()),
-                    ))
-                }
-            },
-        };
-        if s.len() < 16 {
-            let k = if secret.is_some() {
-                "secret"
-            } else {
-                "secret_file"
-            };
-            return Err(self.err("", k, "the secret must be at least 16 bytes"));
-        }
-        Ok(Key::from_secret(&s))
+    fn credentials(&self, key_file: &Path, peers_file: &Path) -> Result<Credentials, ConfigError> {
+        let key = super::identity::NodeKey::load(key_file)
+            .map_err(|e| self.err("", "key_file", &e.to_string()))?;
+        let keyring = super::identity::Keyring::open(peers_file)
+            .map_err(|e| self.err("", "peers_file", &e.to_string()))?;
+        Ok(Credentials { key, keyring })
     }
 }
 
@@ -350,7 +325,7 @@ impl AgentConfig {
         let mut c: AgentConfig = toml::from_str(text)?;
         let v = Validator { text };
         v.node(&c.node)?;
-        c.key = Some(v.key(&c.secret, &c.secret_file)?);
+        c.creds = Some(v.credentials(&c.key_file, &c.peers_file)?);
         if c.listen.ip().is_unspecified() && c.advertise.is_none() {
             return Err(v.err(
                 "",
@@ -431,8 +406,10 @@ impl AgentConfig {
         self.advertise.unwrap_or(self.listen)
     }
 
-    pub fn key(&self) -> Key {
-        self.key.clone().expect("validated config has a key")
+    pub fn credentials(&self) -> Credentials {
+        self.creds
+            .clone()
+            .expect("validated config has credentials")
     }
 }
 
@@ -445,7 +422,7 @@ impl IndexerConfig {
         let mut c: IndexerConfig = toml::from_str(text)?;
         let v = Validator { text };
         v.node(&c.node)?;
-        c.key = Some(v.key(&c.secret, &c.secret_file)?);
+        c.creds = Some(v.credentials(&c.key_file, &c.peers_file)?);
         if c.push_interval_ms == 0 {
             return Err(v.err("", "push_interval_ms", "must be > 0"));
         }
@@ -458,8 +435,10 @@ impl IndexerConfig {
         Ok(c)
     }
 
-    pub fn key(&self) -> Key {
-        self.key.clone().expect("validated config has a key")
+    pub fn credentials(&self) -> Credentials {
+        self.creds
+            .clone()
+            .expect("validated config has credentials")
     }
 }
 
@@ -467,21 +446,41 @@ impl IndexerConfig {
 mod tests {
     use super::*;
 
-    const AGENT: &str = r#"
-node = "hv1"
-listen = "0.0.0.0:7900"
-advertise = "198.18.3.2:7900"
-secret = "0123456789abcdef"
-parent = "198.18.3.1:7901"
+    /// A key file and a peers file in a temporary directory (kept alive by the
+    /// returned guard), and the config lines naming them.
+    fn credential_files() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = super::super::identity::NodeKey::generate().unwrap();
+        key.save_new(&dir.path().join("node.key")).unwrap();
+        std::fs::write(
+            dir.path().join("peers.toml"),
+            format!(
+                "[[node]]\nname = \"hv1\"\nrole = \"agent\"\npublic_key = \"{}\"\n",
+                key.public()
+            ),
+        )
+        .unwrap();
+        let lines = format!(
+            "key_file = {:?}\npeers_file = {:?}\n",
+            dir.path().join("node.key"),
+            dir.path().join("peers.toml")
+        );
+        (dir, lines)
+    }
 
-[[image]]
-name = "vm1"
-path = "/tmp/vm1.raw"
-"#;
+    /// An agent config (its credential lines are line 5 and 6).
+    fn agent() -> (tempfile::TempDir, String) {
+        let (dir, creds) = credential_files();
+        let text = format!(
+            "\nnode = \"hv1\"\nlisten = \"0.0.0.0:7900\"\nadvertise = \"198.18.3.2:7900\"\n{creds}parent = \"198.18.3.1:7901\"\n\n[[image]]\nname = \"vm1\"\npath = \"/tmp/vm1.raw\"\n"
+        );
+        (dir, text)
+    }
 
     #[test]
     fn agent_parses_with_defaults() {
-        let c = AgentConfig::parse(AGENT).unwrap();
+        let (_dir, agent) = agent();
+        let c = AgentConfig::parse(&agent).unwrap();
         assert_eq!(c.sizes, [4096]);
         assert_eq!(c.rescan_secs, 60);
         assert_eq!(c.advertised().to_string(), "198.18.3.2:7900");
@@ -493,8 +492,9 @@ path = "/tmp/vm1.raw"
 
     #[test]
     fn agent_pinned_metrics() {
+        let (_dir, agent) = agent();
         let c = AgentConfig::parse(&format!(
-            "metrics_disk_path = \"/srv\"\n{AGENT}\n[metrics]\ncpu = 0.5\ndisk = 1\n"
+            "metrics_disk_path = \"/srv\"\n{agent}\n[metrics]\ncpu = 0.5\ndisk = 1\n"
         ))
         .unwrap();
         assert_eq!(
@@ -503,17 +503,17 @@ path = "/tmp/vm1.raw"
         );
         assert_eq!(c.disk_path(), PathBuf::from("/srv"));
         let e = |t: &str| AgentConfig::parse(t).unwrap_err().to_string();
-        let s = e(&format!("{AGENT}\n[metrics]\nmem = 1.5\n"));
+        let s = e(&format!("{agent}\n[metrics]\nmem = 1.5\n"));
         assert!(
-            s.contains("metrics.mem (line 13)") && s.contains("1.5"),
+            s.contains("metrics.mem (line 14)") && s.contains("1.5"),
             "{s}"
         );
-        let s = e(&format!("{AGENT}\n[metrics]\ngpu = 0.5\n"));
+        let s = e(&format!("{agent}\n[metrics]\ngpu = 0.5\n"));
         assert!(s.contains("gpu"), "{s}");
-        let s = e(&format!("metrics_interval_ms = 50\n{AGENT}"));
+        let s = e(&format!("metrics_interval_ms = 50\n{agent}"));
         assert!(s.contains("metrics_interval_ms (line 1)"), "{s}");
         assert_eq!(
-            AgentConfig::parse(&format!("metrics_interval_ms = 0\n{AGENT}"))
+            AgentConfig::parse(&format!("metrics_interval_ms = 0\n{agent}"))
                 .unwrap()
                 .metrics_interval_ms,
             0
@@ -522,46 +522,43 @@ path = "/tmp/vm1.raw"
 
     #[test]
     fn errors_name_the_key() {
+        let (_dir, agent) = agent();
         let e = |t: &str| AgentConfig::parse(t).unwrap_err().to_string();
-        let s = e(&AGENT.replace("advertise = \"198.18.3.2:7900\"\n", ""));
+        let s = e(&agent.replace("advertise = \"198.18.3.2:7900\"\n", ""));
         assert!(s.contains("advertise"), "{s}");
-        let s = e(&AGENT.replace("0123456789abcdef", "short"));
+        let key_line = agent.lines().nth(4).unwrap().to_string();
+        let s = e(&agent.replace(&key_line, "key_file = \"/nonexistent/node.key\""));
         assert!(
-            s.contains("secret (line 5)") && s.contains("16 bytes"),
+            s.contains("key_file (line 5)") && s.contains("/nonexistent/node.key"),
             "{s}"
         );
-        let s = e(&AGENT.replace("secret = \"0123456789abcdef\"\n", ""));
-        assert!(s.contains("config: secret") && s.contains("missing"), "{s}");
-        let s = e(&format!("{AGENT}\n[peer]\nbatch = 0\n"));
+        let s = e(&agent.replace(&format!("{key_line}\n"), ""));
+        assert!(s.contains("key_file") && s.contains("missing"), "{s}");
+        let s = e(&format!("{agent}\n[peer]\nbatch = 0\n"));
         assert!(s.contains("peer.batch"), "{s}");
-        let s = e(&format!("rescan_secs = 0\n{AGENT}"));
+        let s = e(&format!("rescan_secs = 0\n{agent}"));
         assert!(s.contains("rescan_secs (line 1)"), "{s}");
-        let s = e(&format!("bogus = 1\n{AGENT}"));
+        let s = e(&format!("bogus = 1\n{agent}"));
         assert!(s.contains("bogus"), "{s}");
         let s = e(&format!(
-            "{AGENT}\n[[image]]\nname = \"vm1\"\npath = \"/x\"\n"
+            "{agent}\n[[image]]\nname = \"vm1\"\npath = \"/x\"\n"
         ));
         assert!(s.contains("image[1].name") && s.contains("twice"), "{s}");
-        let s = e(&format!("block_sizes = [\"3KiB\"]\n{AGENT}"));
+        let s = e(&format!("block_sizes = [\"3KiB\"]\n{agent}"));
         assert!(s.contains("block_sizes"), "{s}");
-        let s = e(&AGENT.replace(
-            "secret = \"0123456789abcdef\"",
-            "secret_file = \"/nonexistent/x\"",
-        ));
-        assert!(
-            s.contains("secret_file") && s.contains("cannot read"),
-            "{s}"
-        );
+        let peers_line = agent.lines().nth(5).unwrap().to_string();
+        let s = e(&agent.replace(&peers_line, "peers_file = \"/nonexistent/x\""));
+        assert!(s.contains("peers_file (line 6)"), "{s}");
+        let s = e(&format!("secret = \"0123456789abcdef\"\n{agent}"));
+        assert!(s.contains("secret"), "{s}");
     }
 
     #[test]
     fn indexer_parses_and_validates() {
-        let t = r#"
-node = "core"
-listen = "0.0.0.0:7901"
-secret = "0123456789abcdef"
-db = "/tmp/x.redb"
-"#;
+        let (_dir, creds) = credential_files();
+        let (_adir, agent) = agent();
+        let t =
+            &format!("\nnode = \"core\"\nlisten = \"0.0.0.0:7901\"\n{creds}db = \"/tmp/x.redb\"\n");
         let c = IndexerConfig::parse(t).unwrap();
         assert!(c.parent.is_none());
         assert_eq!(c.max_image_blocks, crate::index::DEFAULT_MAX_IMAGE_BLOCKS);
@@ -573,7 +570,7 @@ db = "/tmp/x.redb"
                 .to_string();
             assert!(e.contains("max_image_blocks (line 1)"), "{e}");
         }
-        let e = AgentConfig::parse(&format!("max_image_blocks = 0\n{AGENT}"))
+        let e = AgentConfig::parse(&format!("max_image_blocks = 0\n{agent}"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_image_blocks (line 1)"), "{e}");

@@ -39,6 +39,7 @@ use tokio::sync::Notify;
 use super::{
     client::{FetchError, Peer},
     error::{IoContext, Result, ServeError},
+    identity::PeerEntry,
     proto::{code, Holder, ManifestPiece, Msg, PushedChange, MAX_PUSH_CHANGES},
 };
 use crate::index::{store::Peeked, BlockHash, BlockStore, Change};
@@ -290,16 +291,27 @@ impl IndexService {
         }
     }
 
-    /// Applies a child's push; returns `Ack` or `Error`.
+    /// Applies a child's push; returns `Ack` or `Error`. `child` is the pushing
+    /// node as the peers file names it now: a change about a host it does not
+    /// speak for ([`PeerEntry::speaks_for`]) is refused and logged, the rest
+    /// apply; an address for such a host is ignored.
     pub async fn push(
         &self,
-        child: &str,
+        child: &PeerEntry,
         resync: bool,
         upto: u64,
         addrs: Vec<(String, String)>,
         changes: Vec<PushedChange>,
     ) -> Msg {
+        let entry = child;
+        let child = entry.name.as_str();
         self.metrics.pushes.fetch_add(1, Ordering::Relaxed);
+        let (addrs, foreign_addrs): (Vec<_>, Vec<_>) =
+            addrs.into_iter().partition(|(h, _)| entry.speaks_for(h));
+        if !foreign_addrs.is_empty() {
+            tracing::warn!(node = %self.node, %child, hosts = ?foreign_addrs.iter().map(|(h, _)| h).collect::<Vec<_>>(),
+                "ignored addresses of hosts the child does not speak for");
+        }
         if !changes.is_empty() {
             let bytes: usize = changes.iter().map(|(_, c)| c.len()).sum();
             tracing::info!(node = %self.node, %child, changes = changes.len(), bytes, resync, "receiving push");
@@ -347,18 +359,49 @@ impl IndexService {
         // decoded only when its group is applied (see `apply_in_groups`).
         let max_blocks = self.store.max_image_blocks();
         let peeks: Vec<Option<Peeked>> = fresh.iter().map(|(_, c)| Change::peek(c)).collect();
-        // The hosts this child speaks for.
+        // Changes about hosts the child does not speak for: refused (by their
+        // position in `fresh`), never applied, never counted as its hosts.
+        let foreign: Vec<(usize, String)> = peeks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let p = p.as_ref()?;
+                (!entry.speaks_for(&p.host)).then(|| {
+                    (
+                        i,
+                        format!(
+                            "{child} ({:?}) does not speak for host {}",
+                            entry.role, p.host
+                        ),
+                    )
+                })
+            })
+            .collect();
+        let is_foreign = |i: usize| foreign.binary_search_by_key(&i, |(j, _)| *j).is_ok();
+        // The hosts this child speaks for, as its pushes show them.
         let hosts_changed = {
             let mut st = lock(&self.state);
             let set = st.hosts.entry(child.to_string()).or_default();
             let before = set.len();
-            set.extend(peeks.iter().flatten().map(|p| p.host.clone()));
+            set.extend(
+                peeks
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !is_foreign(*i))
+                    .filter_map(|(_, p)| p.as_ref())
+                    .map(|p| p.host.clone()),
+            );
             set.len() != before
         };
         if resync {
             let mut r = lock(&self.resyncing);
             let seen = r.entry(child.to_string()).or_default();
-            for p in peeks.iter().flatten() {
+            for (_, p) in peeks
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !is_foreign(*i))
+                .filter_map(|(i, p)| Some((i, p.as_ref()?)))
+            {
                 // A put over the cap is refused: its source is not restated.
                 if let (true, Some((image, bs)), Some(n)) = (p.put, &p.source, p.blocks) {
                     if n <= max_blocks {
@@ -416,7 +459,11 @@ impl IndexService {
         let mut refusals = Vec::new();
         if !fresh.is_empty() || !tail.is_empty() {
             let store = self.store.clone();
-            let raw: Vec<Bytes> = fresh.iter().map(|(_, c)| c.clone()).collect();
+            // Position in `fresh` of each change passed on.
+            let kept: Vec<usize> = (0..fresh.len()).filter(|i| !is_foreign(*i)).collect();
+            let raw: Vec<Bytes> = kept.iter().map(|&i| fresh[i].1.clone()).collect();
+            let mut peeks = peeks;
+            let peeks: Vec<Option<Peeked>> = kept.iter().map(|&i| peeks[i].take()).collect();
             let budget = max_blocks.saturating_mul(2);
             match tokio::task::spawn_blocking(move || {
                 apply_in_groups(&*store, &raw, peeks, tail, budget)
@@ -427,7 +474,13 @@ impl IndexService {
                     self.metrics
                         .changes_applied
                         .fetch_add(done.applied, Ordering::Relaxed);
-                    refusals = done.refused;
+                    refusals = done
+                        .refused
+                        .into_iter()
+                        .map(|(i, why)| (kept[i], why))
+                        .chain(foreign)
+                        .collect();
+                    refusals.sort_by_key(|(i, _)| *i);
                 }
                 Ok(Err(e)) => return error(code::INTERNAL, format!("apply: {e:#}")),
                 Err(e) => return error(code::INTERNAL, format!("apply: {e}")),
@@ -907,6 +960,101 @@ mod tests {
         IndexService::open("rack1", Arc::new(store), None, dir.join("children.json")).unwrap()
     }
 
+    /// The peers-file entry of agent `name`.
+    fn agent(name: &str) -> PeerEntry {
+        PeerEntry {
+            name: name.into(),
+            role: crate::serve::proto::Role::Agent,
+            hosts: vec![],
+        }
+    }
+
+    /// A child changes only the hosts it speaks for: an agent its own, an
+    /// indexer those delegated to it; the rest of its push applies.
+    #[tokio::test]
+    async fn changes_about_hosts_the_child_does_not_speak_for_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ix = service(dir.path(), crate::index::DEFAULT_MAX_IMAGE_BLOCKS);
+        // The library's own agent indexes its LUN.
+        let library = agent("library");
+        let lib = [put("library", "lun1", 4, 1)];
+        assert_eq!(
+            ix.push(&library, false, 0, vec![], pushed(&lib, 1)).await,
+            Msg::Ack { seq: 1 }
+        );
+        // hv1 pushes as the library, removes it, re-addresses it, and also
+        // puts its own copy of the image.
+        let batch = [
+            put("library", "lun1", 4, 9),
+            Change::RemoveHost {
+                host: "library".into(),
+            },
+            put("hv1", "lun1", 4, 9),
+        ];
+        let addrs = vec![
+            ("library".to_string(), "198.18.9.9:7900".to_string()),
+            ("hv1".to_string(), "198.18.3.2:7900".to_string()),
+        ];
+        let reply = ix
+            .push(&agent("hv1"), false, 0, addrs, pushed(&batch, 1))
+            .await;
+        let Msg::Error {
+            code: c,
+            acked,
+            message,
+        } = reply
+        else {
+            panic!("expected a refusal, got {reply:?}");
+        };
+        assert_eq!((c, acked), (code::REFUSED, 3));
+        assert!(
+            message.contains("change 1 from hv1")
+                && message.contains("change 2 from hv1")
+                && message.contains("does not speak for host library")
+                && !message.contains("change 3"),
+            "{message}"
+        );
+        let store = ix.store();
+        // The library's manifest is the library's; hv1's copy is hv1's holding.
+        let m = store.manifest_at("library", "lun1", 4096).unwrap().unwrap();
+        assert_eq!(m.blocks[0], Some(h(1)));
+        let mine = store.manifest_at("hv1", "lun1", 4096).unwrap().unwrap();
+        assert_eq!(mine.blocks[0], Some(h(9)));
+        assert_eq!(
+            ix.addrs(),
+            vec![("hv1".to_string(), "198.18.3.2:7900".to_string())]
+        );
+        assert_eq!(ix.metrics.refused.load(Ordering::Relaxed), 2);
+        // An indexer speaks for its delegated hosts only.
+        let rack = PeerEntry {
+            name: "rack2".into(),
+            role: crate::serve::proto::Role::Indexer,
+            hosts: vec!["r2-*".into()],
+        };
+        let batch = [put("r2-hv1", "x", 2, 5), put("library", "lun1", 4, 6)];
+        match ix.push(&rack, false, 0, vec![], pushed(&batch, 1)).await {
+            Msg::Error {
+                code: c, message, ..
+            } => {
+                assert_eq!(c, code::REFUSED);
+                assert!(
+                    message.contains("rack2 (Indexer) does not speak for host library"),
+                    "{message}"
+                );
+            }
+            m => panic!("expected a refusal, got {m:?}"),
+        }
+        assert_eq!(store.holders(&h(5)).unwrap()[0].host.as_ref(), "r2-hv1");
+        assert_eq!(
+            store
+                .manifest_at("library", "lun1", 4096)
+                .unwrap()
+                .unwrap()
+                .blocks[0],
+            Some(h(1))
+        );
+    }
+
     #[tokio::test]
     async fn a_refused_change_does_not_block_the_rest_of_the_push() {
         let dir = tempfile::tempdir().unwrap();
@@ -916,7 +1064,9 @@ mod tests {
             huge_patch("hv1", "b"),
             put("hv1", "c", 4, 3),
         ];
-        let reply = ix.push("hv1", false, 0, vec![], pushed(&batch, 1)).await;
+        let reply = ix
+            .push(&agent("hv1"), false, 0, vec![], pushed(&batch, 1))
+            .await;
         let Msg::Error {
             code: c,
             acked,
@@ -942,10 +1092,18 @@ mod tests {
         assert_eq!(ix.child_state().acked["hv1"], 3);
         // The same push again (a child that missed the reply): acknowledged, not
         // refused forever; the next change follows.
-        let again = ix.push("hv1", false, 0, vec![], pushed(&batch, 1)).await;
+        let again = ix
+            .push(&agent("hv1"), false, 0, vec![], pushed(&batch, 1))
+            .await;
         assert_eq!(again, Msg::Ack { seq: 3 });
         let next = ix
-            .push("hv1", false, 0, vec![], pushed(&[put("hv1", "d", 2, 4)], 4))
+            .push(
+                &agent("hv1"),
+                false,
+                0,
+                vec![],
+                pushed(&[put("hv1", "d", 2, 4)], 4),
+            )
             .await;
         assert_eq!(next, Msg::Ack { seq: 4 });
         assert_eq!(store.holders(&h(4)).unwrap().len(), 1);
@@ -957,7 +1115,7 @@ mod tests {
         let ix = service(dir.path(), 16);
         let ok = ix
             .push(
-                "hv1",
+                &agent("hv1"),
                 false,
                 0,
                 vec![],
@@ -968,7 +1126,9 @@ mod tests {
         // Now restated with a bitmap claiming 17 blocks: refused undecoded, and
         // the earlier state of `big` is no longer claimed.
         let batch = [put("hv1", "big", 17, 2), put("hv1", "small", 2, 3)];
-        let reply = ix.push("hv1", false, 0, vec![], pushed(&batch, 2)).await;
+        let reply = ix
+            .push(&agent("hv1"), false, 0, vec![], pushed(&batch, 2))
+            .await;
         match reply {
             Msg::Error {
                 code: c,
@@ -995,7 +1155,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ix = service(dir.path(), 16);
         let batch = [put("hv1", "big", 17, 1), put("hv1", "ok", 2, 2)];
-        let reply = ix.push("hv1", true, 7, vec![], pushed(&batch, 0)).await;
+        let reply = ix
+            .push(&agent("hv1"), true, 7, vec![], pushed(&batch, 0))
+            .await;
         assert!(
             matches!(&reply, Msg::Error { code: c, acked: 7, message }
                 if *c == code::REFUSED && message.contains("restated change #1 from hv1")),
@@ -1113,14 +1275,7 @@ mod tests {
     async fn the_pusher_moves_past_a_refused_change() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = |node: &str, parent: Option<std::net::SocketAddr>, extra: &str| {
-            let p = parent
-                .map(|a| format!("parent = \"{a}\"\n"))
-                .unwrap_or_default();
-            super::super::config::IndexerConfig::parse(&format!(
-                "node = \"{node}\"\nlisten = \"127.0.0.1:0\"\nsecret = \"a test secret of some length\"\ndb = {:?}\n{p}push_interval_ms = 50\n{extra}",
-                dir.path().join(format!("{node}.redb"))
-            ))
-            .unwrap()
+            crate::serve::tests::indexer_config(dir.path(), node, parent, extra)
         };
         let g = super::super::start_indexer(&cfg("g", None, "max_image_blocks = 8\n"))
             .await

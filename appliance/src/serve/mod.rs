@@ -2,7 +2,10 @@
 //!
 //! - [`proto`]: length-prefixed, versioned frames with request ids (pipelined),
 //!   and the messages (GetBlocks, Holders, Push, …).
-//! - [`auth`]: mutual challenge–response with a shared secret, before anything else.
+//! - [`identity`]: each node's own key, and the peers file (public keys, roles,
+//!   the hosts an indexer speaks for), re-read when it changes.
+//! - [`auth`]: the Noise XX handshake on those keys, and the encrypted,
+//!   authenticated channel every frame then travels in.
 //! - [`server`]: accept, authenticate, answer; [`server::BlockSource`] is what
 //!   holds blocks (an agent's files).
 //! - [`client`]: per-peer pipelined connections, concurrency limit, deadlines,
@@ -20,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod hosts;
+pub mod identity;
 pub mod indexer;
 pub mod proto;
 pub mod server;
@@ -86,11 +90,11 @@ pub async fn start_indexer_on(
     blocks: Option<Arc<dyn server::BlockSource>>,
 ) -> Result<IndexerHandle> {
     let t0 = std::time::Instant::now();
-    let key = cfg.key();
+    let creds = cfg.credentials();
     let client = client::PeerClient::new(cfg.peer.client(
         &cfg.node,
         proto::Role::Indexer,
-        key.clone(),
+        creds.clone(),
     ));
     let parent = cfg.parent.map(|p| client.peer(&p.to_string()));
     let mut state_path = cfg.db.clone().into_os_string();
@@ -116,7 +120,7 @@ pub async fn start_indexer_on(
     let server = tokio::spawn({
         let f = server::serve(
             listener,
-            Arc::new(cfg.peer.server(&cfg.node, proto::Role::Indexer, key)),
+            Arc::new(cfg.peer.server(&cfg.node, proto::Role::Indexer, creds)),
             server::Services {
                 blocks,
                 index: Some(ix.clone()),

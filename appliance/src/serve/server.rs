@@ -20,7 +20,8 @@ use tokio::{
 };
 
 use super::{
-    auth::{server_handshake, Key, PeerInfo},
+    auth::{server_handshake, PeerInfo},
+    identity::Credentials,
     indexer::IndexService,
     proto::{
         code, BlockReply, FrameReader, Msg, Role, DEFAULT_MAX_FRAME, K_FRAGMENT, MAX_MANIFEST_PIECE,
@@ -43,7 +44,8 @@ pub trait BlockSource: Send + Sync + 'static {
 pub struct ServerOptions {
     pub node: String,
     pub role: Role,
-    pub key: Key,
+    /// This node's key and the peers file clients are checked against.
+    pub creds: Credentials,
     pub max_frame: u32,
     /// Largest request reassembled from fragments (bytes).
     pub max_message: usize,
@@ -53,11 +55,11 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
-    pub fn new(node: &str, role: Role, key: Key) -> Self {
+    pub fn new(node: &str, role: Role, creds: Credentials) -> Self {
         Self {
             node: node.into(),
             role,
-            key,
+            creds,
             max_frame: DEFAULT_MAX_FRAME,
             max_message: 1 << 30,
             max_in_flight: 32,
@@ -121,33 +123,36 @@ pub async fn serve(
 }
 
 async fn connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     opts: Arc<ServerOptions>,
     services: Services,
     metrics: Arc<ServerMetrics>,
 ) {
     let _ = stream.set_nodelay(true);
-    let info = match server_handshake(
-        &mut stream,
-        &opts.key,
+    let (rd, wr) = stream.into_split();
+    let secured = match server_handshake(
+        rd,
+        wr,
+        &opts.creds,
         opts.role,
         &opts.node,
         opts.handshake_timeout,
     )
     .await
     {
-        Ok(i) => i,
+        Ok(s) => s,
         Err(e) => {
             metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, "peer refused: {e}");
             return;
         }
     };
-    tracing::debug!(%peer, node = %info.node, role = ?info.role, "peer authenticated");
+    let info = secured.peer;
+    tracing::debug!(%peer, node = %info.node, role = ?info.role, key = ?info.key, "peer authenticated");
     let info = Arc::new(info);
-    let (rd, wr) = stream.into_split();
-    let mut rd = FrameReader::new(rd, opts.max_frame);
+    let mut rd = FrameReader::new(secured.reader, opts.max_frame);
+    let wr = secured.writer;
     let (tx, mut rx) = mpsc::channel::<Bytes>(opts.max_in_flight.max(1) * 2);
     let writer = tokio::spawn(async move {
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
@@ -354,7 +359,23 @@ async fn handle(
                         format!("push as {node} from a peer authenticated as {}", info.node),
                     );
                 }
-                ix.push(&node, resync, upto, addrs, changes).await
+                // What the child may change is what the peers file says now: a
+                // revoked key stops here, a changed delegation applies at once.
+                let entry = match opts.creds.keyring.lookup(&info.key) {
+                    Some(e) if e.name == info.node && e.role == info.role => e,
+                    _ => {
+                        tracing::warn!(node = %info.node, key = ?info.key,
+                            "push refused: the key is no longer in the peers file");
+                        return error(
+                            code::AUTH,
+                            format!(
+                                "{}: {}'s key is no longer in the peers file",
+                                opts.node, info.node
+                            ),
+                        );
+                    }
+                };
+                ix.push(&entry, resync, upto, addrs, changes).await
             }
             None => error(
                 code::UNSUPPORTED,
@@ -364,11 +385,20 @@ async fn handle(
         Msg::HostMetrics { reports } => match &services.index {
             Some(ix) => match info.role {
                 Role::Client => error(code::BAD_REQUEST, "clients do not report host metrics"),
-                // An agent speaks for its own host; an indexer for the hosts below it.
-                Role::Agent if reports.iter().any(|r| r.host != info.node) => error(
-                    code::BAD_REQUEST,
-                    format!("agent {} reports metrics of another host", info.node),
-                ),
+                // An agent speaks for its own host; an indexer for the hosts
+                // delegated to it in the peers file (as it says now).
+                _ if !opts.creds.keyring.lookup(&info.key).is_some_and(|e| {
+                    e.name == info.node && reports.iter().all(|r| e.speaks_for(&r.host))
+                }) =>
+                {
+                    error(
+                        code::BAD_REQUEST,
+                        format!(
+                            "{} ({:?}) reports metrics of a host it does not speak for",
+                            info.node, info.role
+                        ),
+                    )
+                }
                 _ => Msg::Ack {
                     seq: ix
                         .hosts

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use tokio::{io::AsyncWriteExt, net::TcpListener};
 
 use super::{
-    auth::Key,
     client::{ClientOptions, FetchError, PeerClient},
+    identity::{testing, Credentials},
     indexer::{IndexService, PushStatus, Pusher},
     proto::{BlockReply, Msg, Role},
     server::{serve, BlockSource, ServerMetrics, ServerOptions, Services},
@@ -24,7 +24,22 @@ use crate::index::{
     chunk::manifest_of_bytes, BlockHash, BlockStore, Change, RedbStore, StoreOptions,
 };
 
-const SECRET: &[u8] = b"a test secret of some length";
+/// The peers-file entry of the test indexer `rack1` (speaks for every host).
+fn rack1() -> super::identity::PeerEntry {
+    super::identity::PeerEntry {
+        name: "rack1".into(),
+        role: Role::Indexer,
+        hosts: vec!["*".into()],
+    }
+}
+
+/// A test node's credentials (an indexer speaks for every host).
+fn creds(name: &str, role: Role) -> Credentials {
+    match role {
+        Role::Indexer => testing::creds(name, role, &["*"]),
+        _ => testing::creds(name, role, &[]),
+    }
+}
 
 /// Serves a map; `corrupt` flips a bit of every block it serves.
 struct Fake {
@@ -70,10 +85,10 @@ impl BlockSource for Fake {
     }
 }
 
-async fn start(services: Services, secret: &[u8], max_frame: u32) -> (String, Arc<ServerMetrics>) {
+async fn start(services: Services, max_frame: u32) -> (String, Arc<ServerMetrics>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let mut o = ServerOptions::new("srv", Role::Agent, Key::from_secret(secret));
+    let mut o = ServerOptions::new("srv", Role::Agent, creds("srv", Role::Agent));
     o.max_frame = max_frame;
     let m = Arc::new(ServerMetrics::default());
     tokio::spawn(serve(l, Arc::new(o), services, m.clone()));
@@ -87,8 +102,12 @@ fn blocks_src(b: Arc<Fake>) -> Services {
     }
 }
 
-fn client(secret: &[u8]) -> PeerClient {
-    let mut o = ClientOptions::new("cli", Role::Client, Key::from_secret(secret));
+fn client() -> PeerClient {
+    client_with(creds("cli", Role::Client))
+}
+
+fn client_with(creds: Credentials) -> PeerClient {
+    let mut o = ClientOptions::new("cli", Role::Client, creds);
     o.batch = 7;
     o.max_in_flight = 3;
     o.request_timeout = Duration::from_secs(20);
@@ -104,8 +123,8 @@ fn block(i: u32) -> Vec<u8> {
 #[tokio::test]
 async fn fetch_many_blocks_batched_and_pipelined() {
     let bs: Vec<Vec<u8>> = (0..100).map(block).collect();
-    let (addr, m) = start(blocks_src(Fake::new(&bs, false)), SECRET, 1 << 20).await;
-    let c = client(SECRET);
+    let (addr, m) = start(blocks_src(Fake::new(&bs, false)), 1 << 20).await;
+    let c = client();
     let mut hashes: Vec<BlockHash> = bs.iter().map(|b| BlockHash::of(b)).collect();
     let unknown = BlockHash::of(b"nobody has this");
     hashes.push(unknown);
@@ -147,8 +166,8 @@ async fn replies_above_the_frame_limit_are_split() {
                 .collect()
         })
         .collect();
-    let (addr, _) = start(blocks_src(Fake::new(&bs, false)), SECRET, 2 << 20).await;
-    let mut o = ClientOptions::new("cli", Role::Client, Key::from_secret(SECRET));
+    let (addr, _) = start(blocks_src(Fake::new(&bs, false)), 2 << 20).await;
+    let mut o = ClientOptions::new("cli", Role::Client, creds("cli", Role::Client));
     o.batch = 100;
     let c = PeerClient::new(o);
     let hashes: Vec<BlockHash> = bs.iter().map(|b| BlockHash::of(b)).collect();
@@ -160,10 +179,10 @@ async fn replies_above_the_frame_limit_are_split() {
 #[tokio::test]
 async fn corrupt_copy_is_rejected_penalised_and_fetched_elsewhere() {
     let bs: Vec<Vec<u8>> = (0..5).map(block).collect();
-    let (bad, _) = start(blocks_src(Fake::new(&bs, true)), SECRET, 1 << 20).await;
+    let (bad, _) = start(blocks_src(Fake::new(&bs, true)), 1 << 20).await;
     let good_src = Fake::new(&bs, false);
-    let (good, _) = start(blocks_src(good_src.clone()), SECRET, 1 << 20).await;
-    let c = client(SECRET);
+    let (good, _) = start(blocks_src(good_src.clone()), 1 << 20).await;
+    let c = client();
     let h = BlockHash::of(&bs[0]);
     let f = c
         .fetch_from_any(&h, &[bad.clone(), good.clone()])
@@ -202,7 +221,7 @@ async fn corrupt_copy_is_rejected_penalised_and_fetched_elsewhere() {
         .iter()
         .all(|r| r.as_ref().is_ok_and(|f| f.from == good)));
     // Only the bad holder: the block is not returned.
-    let mut o = ClientOptions::new("c2", Role::Client, Key::from_secret(SECRET));
+    let mut o = ClientOptions::new("c2", Role::Client, creds("c2", Role::Client));
     o.penalty = Duration::from_millis(1);
     let c2 = PeerClient::new(o);
     let e = c2
@@ -218,15 +237,19 @@ async fn corrupt_copy_is_rejected_penalised_and_fetched_elsewhere() {
 }
 
 #[tokio::test]
-async fn wrong_secret_cannot_pull_blocks() {
+async fn an_unlisted_key_cannot_pull_blocks() {
     let bs: Vec<Vec<u8>> = vec![block(1)];
     let src = Fake::new(&bs, false);
-    let (addr, m) = start(blocks_src(src.clone()), SECRET, 1 << 20).await;
-    let c = client(b"not the secret at all!");
+    let (addr, m) = start(blocks_src(src.clone()), 1 << 20).await;
+    // A key the peers file does not list (the client itself knows the server).
+    let c = client_with(Credentials {
+        key: testing::key("a stranger's key"),
+        keyring: testing::keyring(),
+    });
     let r = c.peer(&addr).fetch_blocks(&[BlockHash::of(&bs[0])]).await;
     assert!(matches!(r[0], Err(FetchError::Auth { .. })), "{:?}", r[0]);
     assert_eq!(src.served.load(Ordering::Relaxed), 0);
-    // The server counts the stranger (it closed after the client refused it).
+    // The server counts the stranger it refused.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(m.auth_failures.load(Ordering::Relaxed), 1);
 }
@@ -234,52 +257,64 @@ async fn wrong_secret_cannot_pull_blocks() {
 #[tokio::test]
 async fn malformed_frames_close_only_that_connection() {
     let bs: Vec<Vec<u8>> = vec![block(1)];
-    let (addr, m) = start(blocks_src(Fake::new(&bs, false)), SECRET, 1 << 20).await;
+    let (addr, m) = start(blocks_src(Fake::new(&bs, false)), 1 << 20).await;
     // Authenticate by hand, then send garbage.
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    super::auth::client_handshake(
-        &mut s,
-        &Key::from_secret(SECRET),
+    let (rd, wr) = tokio::net::TcpStream::connect(&addr)
+        .await
+        .unwrap()
+        .into_split();
+    let mut s = super::auth::client_handshake(
+        rd,
+        wr,
+        &creds("raw", Role::Client),
         Role::Client,
         "raw",
         Duration::from_secs(5),
     )
     .await
     .unwrap();
-    s.write_all(&[0, 0, 0, 12, 1, 250, 0, 0, 0, 0, 0, 0, 0, 1, 9, 9])
+    // Inside the channel: a frame of an unknown kind.
+    s.writer
+        .write_all(&[0, 0, 0, 12, 2, 250, 0, 0, 0, 0, 0, 0, 0, 1, 9, 9])
         .await
         .unwrap();
+    s.writer.flush().await.unwrap();
     let mut buf = Vec::new();
     // The server answers the bad request with an error frame and closes.
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf),
+        tokio::io::AsyncReadExt::read_to_end(&mut s.reader, &mut buf),
     )
     .await
     .expect("server closed the connection");
     assert_eq!(m.malformed.load(Ordering::Relaxed), 1);
     // An oversized length: closed as well.
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    super::auth::client_handshake(
-        &mut s,
-        &Key::from_secret(SECRET),
+    let (rd, wr) = tokio::net::TcpStream::connect(&addr)
+        .await
+        .unwrap()
+        .into_split();
+    let mut s = super::auth::client_handshake(
+        rd,
+        wr,
+        &creds("raw", Role::Client),
         Role::Client,
         "raw",
         Duration::from_secs(5),
     )
     .await
     .unwrap();
-    s.write_all(&[0x7f, 0, 0, 0]).await.unwrap();
+    s.writer.write_all(&[0x7f, 0, 0, 0]).await.unwrap();
+    s.writer.flush().await.unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf),
+        tokio::io::AsyncReadExt::read_to_end(&mut s.reader, &mut buf),
     )
     .await
     .expect("closed");
     assert_eq!(m.malformed.load(Ordering::Relaxed), 2);
     // The server still serves others.
-    let c = client(SECRET);
+    let c = client();
     assert!(c.peer(&addr).fetch_blocks(&[BlockHash::of(&bs[0])]).await[0].is_ok());
 }
 
@@ -288,7 +323,7 @@ async fn dead_peer_is_an_error_not_a_hang() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
     drop(l);
-    let c = client(SECRET);
+    let c = client();
     let r = c.peer(&addr).fetch_blocks(&[BlockHash::of(b"x")]).await;
     assert!(
         matches!(r[0], Err(FetchError::Connection { .. })),
@@ -304,7 +339,7 @@ async fn dead_peer_is_an_error_not_a_hang() {
             v.push(s);
         }
     });
-    let mut o = ClientOptions::new("cli", Role::Client, Key::from_secret(SECRET));
+    let mut o = ClientOptions::new("cli", Role::Client, creds("cli", Role::Client));
     o.connect_timeout = Duration::from_millis(200);
     let c = PeerClient::new(o);
     let r = c.peer(&addr).fetch_blocks(&[BlockHash::of(b"x")]).await;
@@ -358,7 +393,7 @@ async fn large_push_is_fragmented() {
     );
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let mut so = ServerOptions::new("g", Role::Indexer, Key::from_secret(SECRET));
+    let mut so = ServerOptions::new("g", Role::Indexer, creds("g", Role::Indexer));
     so.max_frame = 8192;
     so.max_message = 1 << 20;
     tokio::spawn(serve(
@@ -371,7 +406,7 @@ async fn large_push_is_fragmented() {
         },
         Arc::new(ServerMetrics::default()),
     ));
-    let mut co = ClientOptions::new("rack", Role::Indexer, Key::from_secret(SECRET));
+    let mut co = ClientOptions::new("rack", Role::Indexer, creds("rack", Role::Indexer));
     co.max_frame = 8192;
     let c = PeerClient::new(co);
     let data: Vec<u8> = (0..2000 * 4096usize)
@@ -426,7 +461,7 @@ async fn push_is_idempotent_and_gaps_are_refused() {
     let addrs = vec![("hv1".to_string(), "1.2.3.4:7900".to_string())];
     let r = parent
         .push(
-            "rack1",
+            &rack1(),
             false,
             0,
             addrs.clone(),
@@ -438,7 +473,7 @@ async fn push_is_idempotent_and_gaps_are_refused() {
     // A retry of the same push (the ack was lost): nothing applied twice.
     let r = parent
         .push(
-            "rack1",
+            &rack1(),
             false,
             0,
             addrs.clone(),
@@ -450,7 +485,7 @@ async fn push_is_idempotent_and_gaps_are_refused() {
     assert_eq!(parent.metrics.duplicates.load(Ordering::Relaxed), 2);
     // A gap: refused with what the parent has.
     match parent
-        .push("rack1", false, 0, vec![], vec![enc(5, &c1)])
+        .push(&rack1(), false, 0, vec![], vec![enc(5, &c1)])
         .await
     {
         Msg::Error { code, acked, .. } => assert_eq!((code, acked), (super::proto::code::GAP, 2)),
@@ -469,7 +504,7 @@ async fn push_is_idempotent_and_gaps_are_refused() {
     assert_eq!(parent.child_state().addrs["hv1"], "1.2.3.4:7900");
     // An empty push answers the record.
     assert_eq!(
-        parent.push("rack1", false, 0, vec![], vec![]).await,
+        parent.push(&rack1(), false, 0, vec![], vec![]).await,
         Msg::Ack { seq: 2 }
     );
     // A resync restating only "b" removes "a" (the child no longer holds it);
@@ -479,14 +514,23 @@ async fn push_is_idempotent_and_gaps_are_refused() {
     let (c3, _) = put("hv7", "c", 3);
     assert_eq!(
         parent
-            .push("rack2", false, 0, vec![], vec![enc(1, &c3)])
+            .push(
+                &super::identity::PeerEntry {
+                    name: "rack2".into(),
+                    ..rack1()
+                },
+                false,
+                0,
+                vec![],
+                vec![enc(1, &c3)],
+            )
             .await,
         Msg::Ack { seq: 1 }
     );
     assert_eq!(parent.store().images().unwrap().len(), 3);
     let r = parent
         .push(
-            "rack1",
+            &rack1(),
             true,
             super::indexer::RESYNC_MORE,
             vec![],
@@ -499,7 +543,7 @@ async fn push_is_idempotent_and_gaps_are_refused() {
         "a resync piece acknowledges nothing new"
     );
     assert_eq!(
-        parent.push("rack1", true, 7, vec![], vec![]).await,
+        parent.push(&rack1(), true, 7, vec![], vec![]).await,
         Msg::Ack { seq: 7 }
     );
     let mut imgs: Vec<String> = parent
@@ -515,7 +559,7 @@ async fn push_is_idempotent_and_gaps_are_refused() {
     // past them so that the child does not resend them forever.
     match parent
         .push(
-            "rack1",
+            &rack1(),
             false,
             0,
             vec![],
@@ -541,13 +585,15 @@ async fn push_is_idempotent_and_gaps_are_refused() {
 #[tokio::test]
 async fn two_level_push_and_parent_fallback_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
-    let key = Key::from_secret(SECRET);
     let start_ix = |name: &'static str, db: &'static str, parent: Option<String>| {
         let dir = dir.path().to_path_buf();
-        let key = key.clone();
         async move {
             let st = store(&dir, db, parent.is_some());
-            let client = PeerClient::new(ClientOptions::new(name, Role::Indexer, key.clone()));
+            let client = PeerClient::new(ClientOptions::new(
+                name,
+                Role::Indexer,
+                creds(name, Role::Indexer),
+            ));
             let p = parent.map(|a| client.peer(&a));
             let ix = Arc::new(
                 IndexService::open(
@@ -562,7 +608,11 @@ async fn two_level_push_and_parent_fallback_over_tcp() {
             let addr = l.local_addr().unwrap().to_string();
             let srv = tokio::spawn(serve(
                 l,
-                Arc::new(ServerOptions::new(name, Role::Indexer, key)),
+                Arc::new(ServerOptions::new(
+                    name,
+                    Role::Indexer,
+                    creds(name, Role::Indexer),
+                )),
                 Services {
                     blocks: None,
                     index: Some(ix.clone()),
@@ -597,7 +647,11 @@ async fn two_level_push_and_parent_fallback_over_tcp() {
     let agent = store(dir.path(), "agent", true);
     let (c, data) = put("hv3", "img", 3);
     agent.apply(&[c]).unwrap();
-    let aclient = PeerClient::new(ClientOptions::new("hv3", Role::Agent, key.clone()));
+    let aclient = PeerClient::new(ClientOptions::new(
+        "hv3",
+        Role::Agent,
+        creds("hv3", Role::Agent),
+    ));
     let astatus = Arc::new(PushStatus::default());
     let _ap = tokio::spawn(
         Pusher {
@@ -614,7 +668,11 @@ async fn two_level_push_and_parent_fallback_over_tcp() {
         .run(),
     );
     let h = BlockHash::of(&data[4096 * 5..4096 * 6]);
-    let q = PeerClient::new(ClientOptions::new("q", Role::Client, key.clone()));
+    let q = PeerClient::new(ClientOptions::new(
+        "q",
+        Role::Client,
+        creds("q", Role::Client),
+    ));
     let wait_for = |addr: String, want: usize| {
         let q = &q;
         async move {
@@ -670,7 +728,11 @@ async fn two_level_push_and_parent_fallback_over_tcp() {
     };
     tokio::spawn(serve(
         l,
-        Arc::new(ServerOptions::new("global", Role::Indexer, key.clone())),
+        Arc::new(ServerOptions::new(
+            "global",
+            Role::Indexer,
+            creds("global", Role::Indexer),
+        )),
         Services {
             blocks: None,
             index: Some(ix.clone()),
@@ -705,10 +767,10 @@ async fn measure_loopback() {
             v
         })
         .collect();
-    let (addr, _) = start(blocks_src(Fake::new(&bs, false)), SECRET, 32 << 20).await;
+    let (addr, _) = start(blocks_src(Fake::new(&bs, false)), 32 << 20).await;
     let hashes: Vec<BlockHash> = bs.iter().map(|b| BlockHash::of(b)).collect();
     for (batch, inflight) in [(1, 1), (64, 1), (64, 16), (256, 16)] {
-        let mut o = ClientOptions::new("m", Role::Client, Key::from_secret(SECRET));
+        let mut o = ClientOptions::new("m", Role::Client, creds("m", Role::Client));
         o.batch = batch;
         o.max_in_flight = inflight;
         let c = PeerClient::new(o);
@@ -725,7 +787,7 @@ async fn measure_loopback() {
         );
     }
     // Round trip of one single-block request.
-    let c = client(SECRET);
+    let c = client();
     let p = c.peer(&addr);
     let mut lat: Vec<f64> = Vec::new();
     for h in &hashes[..2000] {
@@ -752,7 +814,7 @@ async fn measure_loopback() {
 
 /// An indexer on loopback with its store in `dir`, pushing to `parent` if any;
 /// `extra` is appended to the config.
-fn indexer_config(
+pub(crate) fn indexer_config(
     dir: &std::path::Path,
     node: &str,
     parent: Option<std::net::SocketAddr>,
@@ -761,8 +823,31 @@ fn indexer_config(
     let p = parent
         .map(|a| format!("parent = \"{a}\"\n"))
         .unwrap_or_default();
+    // Indexers speak for the hosts `hv*` in these tests; the peers file lists
+    // every node the tests make (the keys `creds` gives them).
+    const HOSTS: &[&str] = &["hv*"];
+    let key_file = dir.join(format!("{node}.key"));
+    if !key_file.exists() {
+        testing::key_of(node, Role::Indexer, HOSTS)
+            .save_new(&key_file)
+            .unwrap();
+    }
+    let peers_file = dir.join("peers.toml");
+    let none: &[&str] = &[];
+    std::fs::write(
+        &peers_file,
+        testing::peers_text(&[
+            ("g", Role::Indexer, HOSTS),
+            ("r", Role::Indexer, HOSTS),
+            ("hv5", Role::Agent, none),
+            ("cli", Role::Client, none),
+        ]),
+    )
+    .unwrap();
+    // The tests' clients check these indexers against the shared keyring.
+    let _ = testing::creds(node, Role::Indexer, HOSTS);
     super::config::IndexerConfig::parse(&format!(
-        "node = \"{node}\"\nlisten = \"127.0.0.1:0\"\nsecret = \"a test secret of some length\"\ndb = {:?}\n{p}push_interval_ms = 50\n{extra}",
+        "node = \"{node}\"\nlisten = \"127.0.0.1:0\"\nkey_file = {key_file:?}\npeers_file = {peers_file:?}\ndb = {:?}\n{p}push_interval_ms = 50\n{extra}",
         dir.join(format!("{node}.redb"))
     ))
     .unwrap()
@@ -812,7 +897,7 @@ async fn host_metrics_travel_up_the_tree() {
         .unwrap();
     let rack = r.local_addr.to_string();
     let as_role = |node: &str, role: Role| {
-        PeerClient::new(ClientOptions::new(node, role, Key::from_secret(SECRET))).peer(&rack)
+        PeerClient::new(ClientOptions::new(node, role, creds(node, role))).peer(&rack)
     };
     let m = HostMetrics {
         cpu: Some(0.25),
@@ -874,8 +959,11 @@ async fn manifest_indexer(
     parent: Option<&str>,
     max_frame: u32,
 ) -> (Arc<IndexService>, String) {
-    let key = Key::from_secret(SECRET);
-    let client = PeerClient::new(ClientOptions::new(name, Role::Indexer, key.clone()));
+    let client = PeerClient::new(ClientOptions::new(
+        name,
+        Role::Indexer,
+        creds(name, Role::Indexer),
+    ));
     let ix = Arc::new(
         IndexService::open(
             name,
@@ -887,7 +975,7 @@ async fn manifest_indexer(
     );
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let mut o = ServerOptions::new(name, Role::Indexer, key);
+    let mut o = ServerOptions::new(name, Role::Indexer, creds(name, Role::Indexer));
     o.max_frame = max_frame;
     tokio::spawn(serve(
         l,
@@ -935,7 +1023,7 @@ async fn manifests_from_the_store_then_the_parent() {
     let (_g, gaddr) = manifest_indexer(global_store, dir.path(), "global", None, 2048).await;
     let (rack, raddr) =
         manifest_indexer(rack_store, dir.path(), "rack1", Some(&gaddr), 32 << 20).await;
-    let c = client(SECRET);
+    let c = client();
     let peer = c.peer(&raddr);
 
     let found = |a: ManifestAnswer| match a {
@@ -999,7 +1087,7 @@ async fn manifests_from_the_store_then_the_parent() {
         r => panic!("{r:?}"),
     }
     // An agent (no index) refuses.
-    let (aaddr, _) = start(blocks_src(Fake::new(&[], false)), SECRET, 1 << 20).await;
+    let (aaddr, _) = start(blocks_src(Fake::new(&[], false)), 1 << 20).await;
     match c.peer(&aaddr).manifest("vm1", None, None).await {
         Err(FetchError::Remote { code, .. }) => {
             assert_eq!(code, super::proto::code::UNSUPPORTED)
