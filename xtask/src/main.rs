@@ -169,6 +169,14 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo builds: `CARGO_TARGET_DIR` when set (`.ci/run` keeps CI's builds
+/// in /var/cache/nearblock/target, outside its clean clones), else `target/`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
 fn cargo(args: &[&str]) -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root()).args(args);
@@ -200,7 +208,7 @@ fn run_lab_bin(bin: &str) -> Result<()> {
         "--bin",
         bin,
     ])
-    .env("NEARBLOCK_BIN", root().join("target/release/nearblock"))
+    .env("NEARBLOCK_BIN", target_dir().join("release/nearblock"))
     .status_ok()
 }
 

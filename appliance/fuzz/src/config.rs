@@ -3,8 +3,9 @@
 //! ([`AgentConfig::parse`], [`IndexerConfig::parse`]). Each returns a config or an
 //! error; none may panic.
 //!
-//! Texts naming a `secret_file` (or using TOML's `\u` escapes, which could spell
-//! the key) are not given to the agent and indexer parsers: they read that file,
+//! Texts naming a `key_file` or `peers_file` (or using TOML's `\u` escapes, which
+//! could spell the keys) are not given to the agent and indexer parsers: they read
+//! those files,
 //! and the fuzzer would make them read whatever path it spells on the fuzzing
 //! machine (`/dev/zero` never ends). Operators choose that path.
 
@@ -16,7 +17,10 @@ pub fn run(data: &[u8]) {
         return;
     };
     let _ = Config::parse(text);
-    let reads_a_file = text.contains("secret_file") || text.contains("\\u") || text.contains("\\U");
+    let reads_a_file = text.contains("key_file")
+        || text.contains("peers_file")
+        || text.contains("\\u")
+        || text.contains("\\U");
     if !reads_a_file {
         let _ = AgentConfig::parse(text);
         let _ = IndexerConfig::parse(text);
