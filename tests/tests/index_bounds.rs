@@ -254,6 +254,8 @@ fn oversize_changes_are_refused_and_the_indexer_stays_up() {
                     &fabric.indexer_addr(&lab, "rack1"),
                     "--secret-file",
                     fabric.secret.to_str().unwrap(),
+                    "--host",
+                    "hv1",
                     image,
                 ],
             )
