@@ -178,6 +178,29 @@ fn a_hypervisors_manifest_under_a_library_luns_name_is_never_served() {
     let l = lun(&lab);
     assert!(l.served && l.manifest_seq == 1, "{l:?}");
     assert_eq!(l.authority.as_deref(), Some(lib.as_str()));
+    // What an operator reads: the LUN's line names the authority.
+    let bin = nearblock_lab::nearblock_bin().unwrap();
+    let token = lab.api_read_token_file();
+    let out = lab
+        .exec_ok(
+            "rack1",
+            &[
+                bin.to_str().unwrap(),
+                "status",
+                "--token-file",
+                token.to_str().unwrap(),
+            ],
+        )
+        .expect("nearblock status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(&name))
+        .unwrap_or_else(|| panic!("no line for {name}:\n{text}"));
+    assert!(
+        line.contains("  served  ") && line.contains(&format!("from parent, {lib}'s holding")),
+        "{line}"
+    );
     let st = lab.status("rack1").expect("status").splicer;
     eprintln!(
         "copies served {}; passed through {} B",
