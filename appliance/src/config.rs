@@ -319,6 +319,11 @@ pub struct SplicerConfig {
     /// (0: the kernel's default).
     #[serde(default = "default_user_timeout_secs")]
     pub user_timeout_secs: u64,
+    /// The host whose index holding speaks for every index-sourced LUN that
+    /// names no `authority` of its own (usually the library host's agent name:
+    /// one library per rack). Only that host's manifest of the image is served.
+    #[serde(default)]
+    pub authority: Option<String>,
     /// LUNs served locally (declared immutable; served while a current
     /// manifest is available).
     #[serde(default)]
@@ -343,9 +348,15 @@ pub struct ServedLunConfig {
     /// indexer's parent). Default: `TARGET/LUN`, the library agent's name.
     #[serde(default)]
     pub image: Option<String>,
-    /// With `image`: which indexed block size to serve from (default: the smallest).
+    /// With `image`: which indexed block size to serve from (default: the
+    /// smallest the authority indexed).
     #[serde(default)]
     pub block_size: Option<u32>,
+    /// With an index source: the host whose holding of the image is the LUN's
+    /// manifest (default: `[splicer] authority`). Another host's manifest of
+    /// the same name is never served.
+    #[serde(default)]
+    pub authority: Option<String>,
     /// Logical block length the LUN is expected to have. Optional: the target's own
     /// (READ CAPACITY) is always what serving uses; a declared one that differs
     /// keeps the LUN from being served (`nearblock status` says why).
@@ -385,6 +396,7 @@ impl Default for SplicerConfig {
             keepalive_interval_secs: default_keepalive_interval_secs(),
             keepalive_count: default_keepalive_count(),
             user_timeout_secs: default_user_timeout_secs(),
+            authority: None,
             lun: Vec::new(),
         }
     }
@@ -429,7 +441,14 @@ impl SplicerConfig {
         catalog.login_timeout = Duration::from_secs(self.login_timeout_secs);
         catalog.prefetch_budget_mbps = self.prefetch_budget_mbps;
         for l in &self.lun {
-            catalog.declare(l.decl());
+            let decl =
+                l.decl(self.authority.as_deref())
+                    .map_err(|message| CatalogError::Invalid {
+                        target: l.target.clone(),
+                        lun: l.lun,
+                        message,
+                    })?;
+            catalog.declare(decl);
         }
         if let Some(dir) = &self.history_dir {
             std::fs::create_dir_all(dir).map_err(|source| CatalogError::Read {
@@ -443,30 +462,62 @@ impl SplicerConfig {
 }
 
 impl ServedLunConfig {
-    /// Where the manifest comes from: `manifest`, else the index image `image`,
-    /// else the index image `TARGET/LUN`.
-    pub fn source(&self) -> crate::splice::catalog::LunSource {
+    /// Where the manifest comes from: `manifest`, else the index image `image`
+    /// (default `TARGET/LUN`) as held by the LUN's authority (its own
+    /// `authority`, else `default_authority`, the `[splicer]` one). An index
+    /// source without an authority is an error: guessing which host's holding
+    /// to serve is what would let any host decide what initiators read.
+    pub fn source(
+        &self,
+        default_authority: Option<&str>,
+    ) -> Result<crate::splice::catalog::LunSource, String> {
         use crate::splice::catalog::{lun_name, LunSource};
+        let lun = format!("LUN {}/{}", self.target, self.lun);
         match (&self.manifest, &self.image) {
-            (Some(path), _) => LunSource::File(path.clone()),
-            (None, image) => LunSource::Index {
-                image: image
+            (Some(_), Some(_)) => Err(format!(
+                "{lun}: give at most one of `manifest` (a file) and `image` (in the index)"
+            )),
+            (Some(_), None) if self.authority.is_some() => Err(format!(
+                "{lun}: `authority` names whose index holding is the manifest; \
+                 this LUN's manifest is a file (`manifest`)"
+            )),
+            (Some(path), None) => Ok(LunSource::File(path.clone())),
+            (None, image) => {
+                let image = image
                     .clone()
-                    .unwrap_or_else(|| lun_name(&self.target, self.lun)),
-                block_size: self.block_size,
-            },
+                    .unwrap_or_else(|| lun_name(&self.target, self.lun));
+                let authority = match self.authority.as_deref().or(default_authority) {
+                    Some(host) if !host.trim().is_empty() => host.to_string(),
+                    Some(_) => return Err(format!("{lun}: `authority` is empty")),
+                    None => {
+                        return Err(format!(
+                            "{lun}: its manifest comes from the index (image {image}): say which \
+                             host's index holding speaks for it, `authority = \"HOST\"` (the \
+                             library host's agent name) in this [[splicer.lun]] or in [splicer]"
+                        ))
+                    }
+                };
+                Ok(LunSource::Index {
+                    image,
+                    block_size: self.block_size,
+                    authority,
+                })
+            }
         }
     }
 
-    pub fn decl(&self) -> crate::splice::catalog::LunDecl {
-        crate::splice::catalog::LunDecl {
+    pub fn decl(
+        &self,
+        default_authority: Option<&str>,
+    ) -> Result<crate::splice::catalog::LunDecl, String> {
+        Ok(crate::splice::catalog::LunDecl {
             target: self.target.clone(),
             lun: self.lun,
             design: self.design,
             logical_block_size: self.logical_block_size,
             mode: self.mode,
-            source: self.source(),
-        }
+            source: self.source(default_authority)?,
+        })
     }
 }
 
@@ -828,29 +879,23 @@ impl Config {
                     ),
                 ));
             }
-            match (&l.manifest, &l.image) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        "splicer",
-                        &key("manifest"),
-                        format!(
-                            "LUN {}/{}: give at most one of `manifest` (a file) and `image` (in the index)",
-                            l.target, l.lun
-                        ),
-                    ))
-                }
-                (None, _) if self.index.is_none() && self.indexer.is_none() => {
-                    return Err(invalid(
-                        "splicer",
-                        &key("image"),
-                        format!(
-                            "LUN {}/{}: without `manifest`, its manifest comes from the index \
-                             (`image`, default `TARGET/LUN`): add an [index] or [indexer] section",
-                            l.target, l.lun
-                        ),
-                    ))
-                }
-                _ => {}
+            if l.manifest.is_none() && self.index.is_none() && self.indexer.is_none() {
+                return Err(invalid(
+                    "splicer",
+                    &key("image"),
+                    format!(
+                        "LUN {}/{}: without `manifest`, its manifest comes from the index \
+                         (`image`, default `TARGET/LUN`): add an [index] or [indexer] section",
+                        l.target, l.lun
+                    ),
+                ));
+            }
+            if let Err(message) = l.source(self.splicer.authority.as_deref()) {
+                let which = match (&l.manifest, &l.image) {
+                    (Some(_), Some(_)) => "manifest",
+                    _ => "authority",
+                };
+                return Err(invalid("splicer", &key(which), message));
             }
         }
         if !(1..=3600).contains(&self.splicer.login_timeout_secs) {
@@ -1095,7 +1140,10 @@ image_transfer_ports = [10809, 3260]
         let lun =
             |body: &str| format!("{GOOD}\n[[splicer.lun]]\ntarget = \"iqn.x\"\nlun = 1\n{body}");
         let c = Config::parse(&lun("manifest = \"m\"\n")).unwrap();
-        assert_eq!(c.splicer.lun[0].source(), LunSource::File("m".into()));
+        assert_eq!(
+            c.splicer.lun[0].source(None),
+            Ok(LunSource::File("m".into()))
+        );
         assert_eq!(c.splicer.manifest_refresh_ms, 5000);
         for (body, key) in [
             (
@@ -1109,21 +1157,69 @@ image_transfer_ports = [10809, 3260]
             assert!(e.contains(key), "{body:?}: {e}");
         }
         let index = "\n[index]\ndb = \"i.redb\"\n";
-        // `image`, or neither: the library agent's name for the LUN.
-        for (body, image) in [("image = \"img\"\n", "img"), ("", "iqn.x/1")] {
-            let c = Config::parse(&format!("{}{index}", lun(body))).unwrap();
+        // `image`, or neither: the library agent's name for the LUN; held by
+        // the LUN's own authority, else the [splicer] one.
+        let splicer = |keys: &str| {
+            lun("").replace(
+                "[[splicer.lun]]",
+                &format!("[splicer]\n{keys}[[splicer.lun]]"),
+            )
+        };
+        for (text, image, authority) in [
+            (lun("image = \"img\"\nauthority = \"lib\"\n"), "img", "lib"),
+            (splicer("authority = \"lib\"\n"), "iqn.x/1", "lib"),
+            (
+                format!("{}authority = \"lib2\"\n", splicer("authority = \"lib\"\n")),
+                "iqn.x/1",
+                "lib2",
+            ),
+        ] {
+            let c = Config::parse(&format!("{text}{index}")).unwrap();
             let want = LunSource::Index {
                 image: image.into(),
                 block_size: None,
+                authority: authority.into(),
             };
-            assert_eq!(c.splicer.lun[0].source(), want);
+            assert_eq!(
+                c.splicer.lun[0].source(c.splicer.authority.as_deref()),
+                Ok(want)
+            );
+            assert!(c.splicer.catalog().is_ok());
         }
+        // An index source with no authority, an empty one, or an authority
+        // for a file: errors that say what to write.
+        for (text, says) in [
+            (
+                lun("image = \"img\"\n"),
+                "say which host's index holding speaks for it",
+            ),
+            (lun("authority = \"\"\n"), "`authority` is empty"),
+            (
+                lun("manifest = \"m\"\nauthority = \"lib\"\n"),
+                "this LUN's manifest is a file",
+            ),
+        ] {
+            let e = Config::parse(&format!("{text}{index}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("splicer.lun[0].authority") && e.contains(says),
+                "{text}: {e}"
+            );
+        }
+        // A file LUN needs no authority, and a [splicer] one does not touch it.
+        let c = Config::parse(&format!(
+            "{}{index}",
+            splicer("authority = \"lib\"\n").replace("lun = 1\n", "lun = 1\nmanifest = \"m\"\n")
+        ))
+        .unwrap();
+        assert_eq!(
+            c.splicer.lun[0].source(Some("lib")),
+            Ok(LunSource::File("m".into()))
+        );
         let e = Config::parse(&format!(
             "{}{index}",
-            lun("").replace(
-                "[[splicer.lun]]",
-                "[splicer]\nmanifest_refresh_ms = 0\n[[splicer.lun]]"
-            )
+            splicer("manifest_refresh_ms = 0\nauthority = \"lib\"\n")
         ))
         .unwrap_err()
         .to_string();

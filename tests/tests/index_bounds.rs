@@ -243,7 +243,7 @@ fn oversize_changes_are_refused_and_the_indexer_stays_up() {
         let cli = fabric.cli_args();
         let mut argv = vec![bin.to_str().unwrap(), "peer", "manifest", "--addr", &addr];
         argv.extend(cli.iter().map(String::as_str));
-        argv.push(image);
+        argv.extend(["--host", "hv1", image]);
         let out = lab.exec("rack1", &argv).expect("peer manifest");
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     };

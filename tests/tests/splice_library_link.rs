@@ -138,7 +138,7 @@ fn library_link_carries_only_what_no_nearer_holder_has() {
     // The agent's block service port is an image-transfer port: the classifier
     // counts its flows like iSCSI's.
     let extra_config = format!(
-        "image_transfer_ports = [{AGENT_PORT}]\n[splicer]\ncache_bytes = {}\nfetch_deadline_ms = 3000\nmanifest_refresh_ms = 500\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 2\n[cost]\ntopology = {topo:?}\n[planner]\n[indexer]\nconfig = {rack1_cfg:?}\n",
+        "image_transfer_ports = [{AGENT_PORT}]\n[splicer]\ncache_bytes = {}\nfetch_deadline_ms = 3000\nmanifest_refresh_ms = 500\nauthority = {lib:?}\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 2\n[cost]\ntopology = {topo:?}\n[planner]\n[indexer]\nconfig = {rack1_cfg:?}\n",
         2u64 << 30,
     );
     lab.start_appliance(

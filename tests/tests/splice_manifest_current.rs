@@ -100,12 +100,13 @@ fn a_changed_image_is_served_from_its_new_manifest() {
     fabric.start_indexer(&lab, "core", None).unwrap();
     fabric.start_library_agent(&lab, "core").unwrap();
     let rack1_cfg = fabric.indexer_config(&lab, "rack1", Some("core")).unwrap();
+    let lib = lab.library().to_string();
     lab.start_appliance(
         "rack1",
         ApplianceOptions {
             steer: true,
             extra_config: format!(
-                "[splicer]\nmanifest_refresh_ms = 200\nfetch_deadline_ms = 3000\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\n[indexer]\nconfig = {rack1_cfg:?}\n"
+                "[splicer]\nmanifest_refresh_ms = 200\nfetch_deadline_ms = 3000\nauthority = {lib:?}\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\n[indexer]\nconfig = {rack1_cfg:?}\n"
             ),
         },
     )

@@ -71,7 +71,7 @@ fn served_lab(design: &str) -> (Lab, Vec<u8>, String, ApplianceOptions) {
             .expect("nearblock index");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         format!(
-            "image = \"img\"\n\n[index]\ndb = {:?}\n",
+            "image = \"img\"\nauthority = \"library\"\n\n[index]\ndb = {:?}\n",
             db.display().to_string()
         )
     };

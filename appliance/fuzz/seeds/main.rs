@@ -586,6 +586,7 @@ fn peer_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "get-manifest",
             Msg::GetManifest {
+                host: "library".into(),
                 image: "debian-12-cloud.raw".into(),
                 block_size: 4096,
                 known: [0; 32],

@@ -49,13 +49,17 @@ pub enum PeerOp {
         local_only: bool,
         hashes: Vec<String>,
     },
-    /// An image's manifest (an indexer; asks its parent when it lacks it):
-    /// image, size, block size, blocks, digest; `--text FILE` also writes it in
-    /// the `nearblock-manifest 1` text form.
+    /// An image's manifest as one host holds it (an indexer; asks its parent
+    /// when it lacks it): image, size, block size, blocks, digest; `--text FILE`
+    /// also writes it in the `nearblock-manifest 1` text form.
     Manifest {
         #[arg(long)]
         addr: String,
-        /// Indexed block size in bytes (default: the smallest).
+        /// The host whose holding of IMAGE is asked for (a library LUN's:
+        /// the library host's agent name).
+        #[arg(long)]
+        host: String,
+        /// Indexed block size in bytes (default: the smallest HOST indexed).
         #[arg(long)]
         block_size: Option<u32>,
         #[arg(long)]
@@ -155,22 +159,23 @@ pub fn run(args: PeerArgs, out: &mut dyn std::io::Write) -> Result<()> {
             }
             PeerOp::Manifest {
                 addr,
+                host,
                 block_size,
                 text,
                 image,
             } => {
                 use crate::serve::client::ManifestAnswer;
-                let line = match client.peer(addr).manifest(image, *block_size, None).await? {
+                let line = match client.peer(addr).manifest(host, image, *block_size, None).await? {
                     ManifestAnswer::Found { manifest: m, digest } => {
                         if let Some(path) = text {
                             std::fs::write(path, crate::splice::catalog::manifest_to_text(&m))
                                 .with_context(|| format!("write {}", path.display()))?;
                         }
-                        serde_json::json!({"image": m.image, "found": true, "size": m.size,
+                        serde_json::json!({"image": m.image, "host": host, "found": true, "size": m.size,
                             "block_size": m.block_size, "blocks": m.blocks.len(),
                             "zero_blocks": m.zero_blocks(), "digest": hex::encode(digest)})
                     }
-                    _ => serde_json::json!({"image": image, "found": false}),
+                    _ => serde_json::json!({"image": image, "host": host, "found": false}),
                 };
                 writeln!(out, "{line}")?;
             }

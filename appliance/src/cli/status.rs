@@ -109,7 +109,7 @@ pub fn lun_line(l: &crate::splice::catalog::LunStatus) -> String {
     };
     let manifest = match (&l.image, &l.digest) {
         (Some(image), Some(d)) => format!(
-            "manifest {image} {} B, {} blocks of {} B, #{} {} from {}",
+            "manifest {image} {} B, {} blocks of {} B, #{} {} from {}{}",
             l.size,
             l.blocks,
             l.block_size,
@@ -117,6 +117,10 @@ pub fn lun_line(l: &crate::splice::catalog::LunStatus) -> String {
             &d[..d.len().min(16)],
             l.origin
                 .map(|o| format!("{o:?}").to_lowercase())
+                .unwrap_or_default(),
+            l.authority
+                .as_deref()
+                .map(|a| format!(", {a}'s holding"))
                 .unwrap_or_default(),
         ),
         _ => "no manifest".into(),
@@ -259,10 +263,11 @@ mod tests {
         (l.size, l.blocks, l.block_size, l.manifest_seq) = (8192, 2, 4096, 3);
         l.digest = Some("ab".repeat(32));
         l.origin = Some(ManifestOrigin::Parent);
+        l.authority = Some("library".into());
         l.last_error = Some("parent index: timed out".into());
         assert_eq!(
             lun_line(&l),
-            "iqn.t:lib/1  served  [index iqn.t:lib/1]  manifest iqn.t:lib/1 8192 B, 2 blocks of 4096 B, #3 abababababababab from parent; last lookup failed: parent index: timed out"
+            "iqn.t:lib/1  served  [index iqn.t:lib/1]  manifest iqn.t:lib/1 8192 B, 2 blocks of 4096 B, #3 abababababababab from parent, library's holding; last lookup failed: parent index: timed out"
         );
     }
 }

@@ -798,6 +798,32 @@ impl BlockStore for RedbStore {
         }
     }
 
+    fn host_manifest(
+        &self,
+        host: &str,
+        image: &str,
+        block_size: Option<u32>,
+    ) -> Result<Option<Manifest>> {
+        let pick = {
+            let st = rd(self.state.read());
+            st.sources
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+                .filter(|(_, s)| {
+                    &*s.host == host
+                        && &*s.image == image
+                        && block_size.is_none_or(|b| b == s.block_size)
+                })
+                .min_by_key(|(_, s)| s.block_size)
+                .map(|(i, _)| i as u32)
+        };
+        match pick {
+            Some(src) => self.manifest_by_id(src),
+            None => Ok(None),
+        }
+    }
+
     fn images(&self) -> Result<Vec<ImageInfo>> {
         let st = rd(self.state.read());
         let mut v: Vec<ImageInfo> = st.sources.iter().flatten().map(SourceInfo::info).collect();
@@ -1114,6 +1140,98 @@ mod tests {
         store.set_file_state("x", "img", 4096, &fs).unwrap();
         assert_eq!(store.file_state("x", "img", 4096).unwrap(), Some(fs));
         assert_eq!(store.file_state("x", "img", 16384).unwrap(), None);
+    }
+
+    /// The trait's own `host_manifest` (through `images` and `manifest_at`), to
+    /// check RedbStore's faster one against.
+    struct ByImages<'a>(&'a RedbStore);
+
+    impl BlockStore for ByImages<'_> {
+        fn apply(&self, changes: &[Change]) -> Result<u64> {
+            self.0.apply(changes)
+        }
+        fn holders(&self, hash: &BlockHash) -> Result<Vec<Location>> {
+            self.0.holders(hash)
+        }
+        fn manifest(&self, image: &str, bs: Option<u32>) -> Result<Option<Manifest>> {
+            self.0.manifest(image, bs)
+        }
+        fn manifest_at(&self, host: &str, image: &str, bs: u32) -> Result<Option<Manifest>> {
+            self.0.manifest_at(host, image, bs)
+        }
+        fn images(&self) -> Result<Vec<ImageInfo>> {
+            self.0.images()
+        }
+        fn seq(&self) -> u64 {
+            self.0.seq()
+        }
+        fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, Change)>> {
+            self.0.changes_since(after, limit)
+        }
+        fn trim_log(&self, upto: u64) -> Result<()> {
+            self.0.trim_log(upto)
+        }
+    }
+
+    #[test]
+    fn host_manifest_is_that_hosts_holding_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("i"), StoreOptions::default()).unwrap();
+        let m = |bs: u32, b: u8| Manifest {
+            image: "lib/1".into(),
+            size: 20000,
+            block_size: bs,
+            blocks: vec![Some(h(b)); Manifest::block_count(20000, bs)],
+        };
+        let put = |host: &str, manifest: Manifest| Change::PutImage {
+            host: host.into(),
+            manifest,
+        };
+        // The library indexes the image at two sizes; later a hypervisor puts a
+        // different image under the same name, at a smaller size and at one
+        // the library uses: the newest and smallest of any host.
+        store
+            .apply(&[put("library", m(16384, 1)), put("library", m(8192, 2))])
+            .unwrap();
+        store
+            .apply(&[put("hv1", m(8192, 9)), put("hv1", m(4096, 9))])
+            .unwrap();
+        assert_eq!(store.manifest("lib/1", None).unwrap(), Some(m(4096, 9)));
+        assert_eq!(
+            store.manifest("lib/1", Some(8192)).unwrap(),
+            Some(m(8192, 9))
+        );
+        let fallback = ByImages(&store);
+        for s in [&store as &dyn BlockStore, &fallback] {
+            let at = |host: &str, bs| s.host_manifest(host, "lib/1", bs).unwrap();
+            assert_eq!(at("library", None), Some(m(8192, 2)), "its smallest size");
+            assert_eq!(at("library", Some(8192)), Some(m(8192, 2)));
+            assert_eq!(at("library", Some(16384)), Some(m(16384, 1)));
+            assert_eq!(at("library", Some(4096)), None, "only hv1 has 4096");
+            assert_eq!(at("hv1", None), Some(m(4096, 9)));
+            assert_eq!(at("hv2", None), None);
+            assert_eq!(s.host_manifest("library", "lib/2", None).unwrap(), None);
+        }
+        // The library's holding goes: nothing, though hv1 still holds the name.
+        store
+            .apply(&[
+                Change::RemoveImage {
+                    host: "library".into(),
+                    image: "lib/1".into(),
+                    block_size: 8192,
+                },
+                Change::RemoveImage {
+                    host: "library".into(),
+                    image: "lib/1".into(),
+                    block_size: 16384,
+                },
+            ])
+            .unwrap();
+        assert_eq!(store.host_manifest("library", "lib/1", None).unwrap(), None);
+        assert_eq!(
+            fallback.host_manifest("library", "lib/1", None).unwrap(),
+            None
+        );
     }
 
     fn put(host: &str, image: &str, blocks: Vec<Option<BlockHash>>) -> Change {

@@ -406,6 +406,31 @@ pub trait BlockStore: Send + Sync {
     /// The manifest of `image` as held by `host`.
     fn manifest_at(&self, host: &str, image: &str, block_size: u32) -> Result<Option<Manifest>>;
 
+    /// The manifest of `image` as held by `host` at `block_size` (`None`: the
+    /// smallest size `host` indexed it at). Unlike [`Self::manifest`], no other
+    /// host's holding of the same name is ever the answer: a served LUN's
+    /// manifest comes from its authority only.
+    fn host_manifest(
+        &self,
+        host: &str,
+        image: &str,
+        block_size: Option<u32>,
+    ) -> Result<Option<Manifest>> {
+        let block_size = match block_size {
+            Some(bs) => Some(bs),
+            None => self
+                .images()?
+                .into_iter()
+                .filter(|i| i.host == host && i.image == image)
+                .map(|i| i.block_size)
+                .min(),
+        };
+        match block_size {
+            Some(bs) => self.manifest_at(host, image, bs),
+            None => Ok(None),
+        }
+    }
+
     /// Every indexed source.
     fn images(&self) -> Result<Vec<ImageInfo>>;
 
@@ -446,6 +471,14 @@ impl<T: BlockStore + ?Sized> BlockStore for Arc<T> {
     }
     fn manifest_at(&self, host: &str, image: &str, block_size: u32) -> Result<Option<Manifest>> {
         (**self).manifest_at(host, image, block_size)
+    }
+    fn host_manifest(
+        &self,
+        host: &str,
+        image: &str,
+        block_size: Option<u32>,
+    ) -> Result<Option<Manifest>> {
+        (**self).host_manifest(host, image, block_size)
     }
     fn images(&self) -> Result<Vec<ImageInfo>> {
         (**self).images()

@@ -625,12 +625,15 @@ impl Peer {
         Ok(out)
     }
 
-    /// `image`'s manifest from this indexer (which asks up the tree when it
-    /// lacks it), at `block_size` (`None`: the smallest indexed), unless its
-    /// digest is `known`. Large manifests come in pieces; if the manifest
-    /// changes between pieces the assembly starts again (at most 3 times).
+    /// `image`'s manifest as `host` holds it, from this indexer (which asks up
+    /// the tree when it lacks that holding), at `block_size` (`None`: the
+    /// smallest `host` indexed), unless its digest is `known`. Other hosts'
+    /// holdings of the same name are never the answer. Large manifests come in
+    /// pieces; if the manifest changes between pieces the assembly starts again
+    /// (at most 3 times).
     pub async fn manifest(
         &self,
+        host: &str,
         image: &str,
         block_size: Option<u32>,
         known: Option<[u8; 32]>,
@@ -642,6 +645,7 @@ impl Peer {
         loop {
             let reply = self
                 .request(&Msg::GetManifest {
+                    host: host.to_string(),
                     image: image.to_string(),
                     block_size: block_size.unwrap_or(0),
                     known: known.unwrap_or([0; 32]),

@@ -242,11 +242,14 @@ impl IndexService {
         Ok(out)
     }
 
-    /// A piece of `image`'s manifest (see [`Msg::GetManifest`]): from the local
-    /// store, else from the parent (which may ask its own), else
-    /// [`ManifestPiece::Absent`].
+    /// A piece of `image`'s manifest as `host` holds it (see
+    /// [`Msg::GetManifest`]): from the local store, else from the parent (asked
+    /// for the same host's holding; it may ask its own), else
+    /// [`ManifestPiece::Absent`]. Another host's manifest of the same name is
+    /// never the answer.
     pub async fn manifest_piece(
         &self,
+        host: &str,
         image: &str,
         block_size: u32,
         known: [u8; 32],
@@ -257,10 +260,10 @@ impl IndexService {
             .manifest_lookups
             .fetch_add(1, Ordering::Relaxed);
         let store = self.store.clone();
-        let name = image.to_string();
+        let (holder, name) = (host.to_string(), image.to_string());
         let local = tokio::task::spawn_blocking(move || {
             store
-                .manifest(&name, (block_size != 0).then_some(block_size))
+                .host_manifest(&holder, &name, (block_size != 0).then_some(block_size))
                 .map(|m| m.map(|m| m.encode()))
         })
         .await
@@ -276,6 +279,7 @@ impl IndexService {
             .manifest_parent_lookups
             .fetch_add(1, Ordering::Relaxed);
         let ask = Msg::GetManifest {
+            host: host.to_string(),
             image: image.to_string(),
             block_size,
             known,

@@ -205,13 +205,16 @@ pub enum Msg {
     HostMetrics {
         reports: Vec<HostReport>,
     },
-    /// An image's manifest (at `block_size`; 0: the smallest indexed), from
-    /// byte `offset` of its encoding, at most `max_len` bytes (the server may
-    /// send less). `known`: the digest the asker already has (all zero: none);
-    /// if it is still current the answer is [`ManifestPiece::Unchanged`]. An
-    /// indexer without the image asks its parent. Added after version 1 shipped,
-    /// as a new kind: an older peer answers `BAD_REQUEST`.
+    /// An image's manifest as `host` holds it (at `block_size`; 0: the smallest
+    /// `host` indexed), from byte `offset` of its encoding, at most `max_len`
+    /// bytes (the server may send less). `known`: the digest the asker already
+    /// has (all zero: none); if it is still current the answer is
+    /// [`ManifestPiece::Unchanged`]. An indexer without that holding asks its
+    /// parent (with the same host); another host's manifest of the same image
+    /// name is never the answer. An empty `host` is malformed. Added after
+    /// version 1 shipped, as a new kind: an older peer answers `BAD_REQUEST`.
     GetManifest {
+        host: String,
         image: String,
         block_size: u32,
         known: [u8; 32],
@@ -521,12 +524,14 @@ impl Msg {
             }
             Msg::Ack { seq } => b.put_u64_le(*seq),
             Msg::GetManifest {
+                host,
                 image,
                 block_size,
                 known,
                 offset,
                 max_len,
             } => {
+                put_str(&mut b, host);
                 put_str(&mut b, image);
                 b.put_u32_le(*block_size);
                 b.put_slice(known);
@@ -705,6 +710,13 @@ impl Msg {
             }
             K_ACK => Msg::Ack { seq: r.u64()? },
             K_GET_MANIFEST => Msg::GetManifest {
+                host: r.string().and_then(|h| {
+                    if h.is_empty() {
+                        Err(ProtoError::Malformed("GetManifest names no host"))
+                    } else {
+                        Ok(h)
+                    }
+                })?,
                 image: r.string()?,
                 block_size: r.u32()?,
                 known: r.arr32()?,
@@ -949,6 +961,7 @@ mod tests {
                 ],
             },
             Msg::GetManifest {
+                host: "library".into(),
                 image: "iqn.2026-11.test:lib/1".into(),
                 block_size: 4096,
                 known: [9; 32],
@@ -1177,6 +1190,23 @@ mod tests {
         assert!(piece(11, 2).is_ok());
         assert!(piece(10, 2).is_err());
         assert!(piece(11, 3).is_err());
+        // A manifest asked for without naming whose holding: refused, never
+        // answered from any host's.
+        let get_manifest = |host: &str| {
+            let mut p = BytesMut::new();
+            put_str(&mut p, host);
+            put_str(&mut p, "iqn.t:lib/1");
+            p.put_u32_le(0);
+            p.put_slice(&[0; 32]);
+            p.put_u64_le(0);
+            p.put_u32_le(MAX_MANIFEST_PIECE);
+            Msg::decode(K_GET_MANIFEST, p.freeze())
+        };
+        assert!(get_manifest("library").is_ok());
+        assert!(matches!(
+            get_manifest(""),
+            Err(ProtoError::Malformed(m)) if m.contains("no host")
+        ));
         // Too many hashes.
         let mut p = BytesMut::new();
         p.put_u32_le(MAX_HASHES as u32 + 1);

@@ -315,6 +315,7 @@ async fn handle(
             ),
         },
         Msg::GetManifest {
+            host,
             image,
             block_size,
             known,
@@ -328,11 +329,14 @@ async fn handle(
                     .min(opts.max_frame.saturating_sub(1024))
                     .max(1);
                 match ix
-                    .manifest_piece(&image, block_size, known, offset, cap)
+                    .manifest_piece(&host, &image, block_size, known, offset, cap)
                     .await
                 {
                     Ok(piece) => Msg::ManifestReply { piece },
-                    Err(e) => error(code::INTERNAL, format!("manifest of {image}: {e}")),
+                    Err(e) => error(
+                        code::INTERNAL,
+                        format!("manifest of {image} held by {host}: {e}"),
+                    ),
                 }
             }
             None => error(

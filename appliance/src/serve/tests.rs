@@ -989,11 +989,63 @@ async fn manifest_indexer(
     (ix, addr)
 }
 
-/// `GetManifest`: from the indexer's own store, else from its parent; the
-/// known digest answers `Unchanged`; an unknown image is `Absent`; a manifest
-/// larger than the server's frame limit comes in pieces; a dead parent is an
-/// error (not `Absent`: the asker must not withdraw a LUN over it); a peer
-/// without an index refuses.
+/// A hypervisor's holding under a library LUN's image name (its own copy, with
+/// other bytes: newer, in the rack's store and in the global one) is answered only to who asks for that hypervisor's holding: the
+/// library's is asked up the tree with the library's name and comes back
+/// unchanged, never replaced by the newer one.
+#[tokio::test]
+async fn a_manifest_is_only_ever_the_named_hosts_holding() {
+    use super::client::ManifestAnswer;
+    let dir = tempfile::tempdir().unwrap();
+    let (global_store, rack_store) = (store(dir.path(), "g", false), store(dir.path(), "r", false));
+    let (lib, _) = put("lib", "iqn.t:lib/1", 1);
+    global_store.apply(std::slice::from_ref(&lib)).unwrap();
+    // hv1 indexed other bytes under the same name, newer than the library's,
+    // in the rack's store and (pushed up) the global one.
+    let (hostile, _) = put("hv1", "iqn.t:lib/1", 9);
+    rack_store.apply(std::slice::from_ref(&hostile)).unwrap();
+    global_store.apply(std::slice::from_ref(&hostile)).unwrap();
+    let manifest = |c: &Change| match c {
+        Change::PutImage { manifest, .. } => manifest.clone(),
+        _ => unreachable!(),
+    };
+    let (_g, gaddr) = manifest_indexer(global_store, dir.path(), "global", None, 32 << 20).await;
+    let (rack, raddr) =
+        manifest_indexer(rack_store, dir.path(), "rack1", Some(&gaddr), 32 << 20).await;
+    let c = client();
+    for addr in [&raddr, &gaddr] {
+        match c
+            .peer(addr)
+            .manifest("lib", "iqn.t:lib/1", None, None)
+            .await
+        {
+            Ok(ManifestAnswer::Found { manifest: m, .. }) => {
+                assert_eq!(m, manifest(&lib), "{addr}")
+            }
+            r => panic!("{addr}: {r:?}"),
+        }
+    }
+    // The rack lacks the library's holding: it asked its parent, for the library's.
+    assert_eq!(
+        rack.metrics.manifest_parent_lookups.load(Ordering::Relaxed),
+        1
+    );
+    // hv1's own holding is still what it is, to whoever asks for hv1's.
+    match c
+        .peer(&raddr)
+        .manifest("hv1", "iqn.t:lib/1", None, None)
+        .await
+    {
+        Ok(ManifestAnswer::Found { manifest: m, .. }) => assert_eq!(m, manifest(&hostile)),
+        r => panic!("{r:?}"),
+    }
+}
+
+/// `GetManifest`: the named host's holding, from the indexer's own store, else
+/// from its parent; the known digest answers `Unchanged`; an unknown image is
+/// `Absent`; a manifest larger than the server's frame limit comes in pieces; a
+/// dead parent is an error (not `Absent`: the asker must not withdraw a LUN over
+/// it); a peer without an index refuses.
 #[tokio::test]
 async fn manifests_from_the_store_then_the_parent() {
     use super::client::ManifestAnswer;
@@ -1030,7 +1082,7 @@ async fn manifests_from_the_store_then_the_parent() {
         ManifestAnswer::Found { manifest, digest } => (manifest, digest),
         a => panic!("{a:?}"),
     };
-    let (m, d) = found(peer.manifest("vm1", None, None).await.unwrap());
+    let (m, d) = found(peer.manifest("hv1", "vm1", None, None).await.unwrap());
     assert_eq!(m, manifest(&own));
     assert_eq!(
         rack.metrics.manifest_parent_lookups.load(Ordering::Relaxed),
@@ -1039,7 +1091,7 @@ async fn manifests_from_the_store_then_the_parent() {
     assert_eq!(d, *blake3::hash(&m.encode()).as_bytes());
 
     let (m, d) = found(
-        peer.manifest("iqn.t:lib/1", Some(4096), None)
+        peer.manifest("lib", "iqn.t:lib/1", Some(4096), None)
             .await
             .unwrap(),
     );
@@ -1050,19 +1102,29 @@ async fn manifests_from_the_store_then_the_parent() {
         2
     );
     assert_eq!(
-        peer.manifest("iqn.t:lib/1", None, Some(d)).await.unwrap(),
+        peer.manifest("lib", "iqn.t:lib/1", None, Some(d))
+            .await
+            .unwrap(),
         ManifestAnswer::Unchanged
     );
-    // At another block size, or another name: nobody has it.
-    for (image, bs) in [("iqn.t:lib/1", Some(65536)), ("nope", None)] {
+    // At another block size, another name, or held by another host: nobody has it.
+    for (host, image, bs) in [
+        ("lib", "iqn.t:lib/1", Some(65536)),
+        ("lib", "nope", None),
+        ("hv1", "iqn.t:lib/1", None),
+    ] {
         assert_eq!(
-            peer.manifest(image, bs, None).await.unwrap(),
+            peer.manifest(host, image, bs, None).await.unwrap(),
             ManifestAnswer::Absent
         );
     }
     // In pieces (the global server's frames are 2 KiB).
     let requests = c.metrics().requests;
-    let (m, _) = found(peer.manifest("iqn.t:lib/2", None, None).await.unwrap());
+    let (m, _) = found(
+        peer.manifest("lib", "iqn.t:lib/2", None, None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(m, manifest(&big));
     assert!(
         c.metrics().requests - requests >= 6,
@@ -1082,13 +1144,17 @@ async fn manifests_from_the_store_then_the_parent() {
         32 << 20,
     )
     .await;
-    match c.peer(&oaddr).manifest("iqn.t:lib/1", None, None).await {
+    match c
+        .peer(&oaddr)
+        .manifest("lib", "iqn.t:lib/1", None, None)
+        .await
+    {
         Err(FetchError::Remote { code, .. }) => assert_eq!(code, super::proto::code::INTERNAL),
         r => panic!("{r:?}"),
     }
     // An agent (no index) refuses.
     let (aaddr, _) = start(blocks_src(Fake::new(&[], false)), 1 << 20).await;
-    match c.peer(&aaddr).manifest("vm1", None, None).await {
+    match c.peer(&aaddr).manifest("hv1", "vm1", None, None).await {
         Err(FetchError::Remote { code, .. }) => {
             assert_eq!(code, super::proto::code::UNSUPPORTED)
         }

@@ -18,9 +18,10 @@
 //! # Manifest sources
 //! [`LunSource`]: a manifest *file* in the text form of [`manifest_to_text`]
 //! (written by whoever indexed the image, e.g. the lab tests with
-//! [`manifest_of`]), or an image in the index (the appliance's own store, else
-//! its indexer's parent: see `splice::manifests`, which keeps them current). The
-//! appliance never needs the image itself.
+//! [`manifest_of`]), or an image in the index as one host holds it, the LUN's
+//! *authority* (the appliance's own store, else its indexer's parent: see
+//! `splice::manifests`, which keeps them current). The appliance never needs
+//! the image itself.
 
 use std::{
     collections::HashMap,
@@ -705,13 +706,17 @@ impl Learned {
 pub enum LunSource {
     /// A manifest file in the text form ([`manifest_to_text`]).
     File(PathBuf),
-    /// An image in the index: the appliance's own store, else its indexer's
-    /// parent (which asks up the tree). The library's agent names tgt LUNs
-    /// `IQN/LUN`.
+    /// An image in the index, as its authority holds it: the appliance's own
+    /// store, else its indexer's parent (which asks up the tree). The library's
+    /// agent names tgt LUNs `IQN/LUN`.
     Index {
         image: String,
-        /// `None`: the smallest block size indexed.
+        /// `None`: the smallest block size the authority indexed.
         block_size: Option<u32>,
+        /// The host whose holding of `image` is the LUN's manifest (the
+        /// library's agent): any other host's manifest of the same name is
+        /// that host's own copy, never what this LUN serves.
+        authority: String,
     },
     /// A manifest given in code ([`Catalog::add`]); never refreshed.
     Fixed,
@@ -772,6 +777,10 @@ pub struct LunStatus {
     pub why: Option<String>,
     #[serde(default)]
     pub origin: Option<ManifestOrigin>,
+    /// With an index origin: the host whose holding the installed manifest is
+    /// (the LUN's authority).
+    #[serde(default)]
+    pub authority: Option<String>,
     /// The installed manifest: image, size, block size, blocks, digest (blake3
     /// of its encoding, hex).
     #[serde(default)]
@@ -941,6 +950,13 @@ impl LunSlot {
             served,
             why,
             origin: current.as_ref().and(st.origin),
+            authority: match (&self.decl.source, current.as_ref().and(st.origin)) {
+                (
+                    LunSource::Index { authority, .. },
+                    Some(ManifestOrigin::Index | ManifestOrigin::Parent),
+                ) => Some(authority.clone()),
+                _ => None,
+            },
             image: m.map(|m| m.image.clone()),
             size: m.map_or(0, |m| m.size),
             block_size: m.map_or(0, |m| m.block_size),

@@ -1,9 +1,12 @@
 //! Keeping served LUNs' manifests current (issue 6, "what is served locally").
 //!
 //! Each declared LUN ([`LunSlot`]) names a [`LunSource`]. A lookup resolves it
-//! in this order: the manifest file; else the appliance's own index store; else
-//! the embedded indexer's parent over the peer protocol (`GetManifest`, which
-//! the parent answers from its store or asks its own parent). [`decide`] turns
+//! in this order: the manifest file; else the LUN's authority's holding of the
+//! image in the appliance's own index store; else the same holding from the
+//! embedded indexer's parent over the peer protocol (`GetManifest` names the
+//! host; the parent answers from its store or asks its own parent). Another
+//! host's manifest of the same image name (a hypervisor may index its own copy
+//! under the library LUN's name) is never looked at. [`decide`] turns
 //! what the lookup found into a step: keep what is installed, install a new
 //! manifest (the old `ServedLun` is tainted: sessions holding it pass through),
 //! withdraw the LUN (the image is gone: pass-through until a manifest returns),
@@ -159,13 +162,19 @@ pub async fn lookup(slot: &LunSlot, sources: &Sources) -> Result<Lookup, String>
             slot.set_stamp(stamp);
             found
         }
-        LunSource::Index { image, block_size } => {
+        LunSource::Index {
+            image,
+            block_size,
+            authority,
+        } => {
             if let Some(store) = &sources.store {
-                let (store, name, bs) = (store.clone(), image.clone(), *block_size);
-                let local = tokio::task::spawn_blocking(move || store.manifest(&name, bs))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("index store: {e:#}"))?;
+                let (store, host, name, bs) =
+                    (store.clone(), authority.clone(), image.clone(), *block_size);
+                let local =
+                    tokio::task::spawn_blocking(move || store.host_manifest(&host, &name, bs))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("index store: {e:#}"))?;
                 if let Some(manifest) = local {
                     return Ok(Lookup::Found {
                         digest: digest_of(&manifest),
@@ -175,9 +184,14 @@ pub async fn lookup(slot: &LunSlot, sources: &Sources) -> Result<Lookup, String>
                 }
             }
             let Some(parent) = &sources.parent else {
-                return Ok(Lookup::Absent(format!("{image} is not in the index")));
+                return Ok(Lookup::Absent(format!(
+                    "{authority} holds no {image} in the index"
+                )));
             };
-            match parent.manifest(image, *block_size, installed).await {
+            match parent
+                .manifest(authority, image, *block_size, installed)
+                .await
+            {
                 Ok(ManifestAnswer::Found { manifest, digest }) => Ok(Lookup::Found {
                     manifest,
                     digest,
@@ -185,7 +199,7 @@ pub async fn lookup(slot: &LunSlot, sources: &Sources) -> Result<Lookup, String>
                 }),
                 Ok(ManifestAnswer::Unchanged) => Ok(Lookup::Unchanged),
                 Ok(ManifestAnswer::Absent) => Ok(Lookup::Absent(format!(
-                    "{image} is in neither this index nor its parent's"
+                    "{authority} holds no {image} in this index or its parent's"
                 ))),
                 Err(e) => Err(format!("parent index: {e}")),
             }
@@ -394,6 +408,9 @@ mod tests {
         assert!(!slot.status().served);
     }
 
+    /// An index source's manifest is its authority's holding: another host's
+    /// manifest of the same image name (newer, same block size) in the same
+    /// store is never installed.
     #[tokio::test]
     async fn index_sources_come_from_the_local_store_first() {
         let dir = tempfile::tempdir().unwrap();
@@ -409,6 +426,7 @@ mod tests {
         let slot = catalog.declare(decl(LunSource::Index {
             image: "iqn.t:lib/1".into(),
             block_size: None,
+            authority: "lib".into(),
         }));
         target_reports(&slot, 8192);
         let sources = Sources {
@@ -420,6 +438,19 @@ mod tests {
             refresh_one(&catalog, &slot, &sources).await,
             Step::Withdraw(_)
         ));
+        // hv1 indexes other bytes under the LUN's image name: still not served.
+        let hostile = manifest_of("iqn.t:lib/1", &[6u8; 8192], 4096);
+        store
+            .apply(&[crate::index::Change::PutImage {
+                host: "hv1".into(),
+                manifest: hostile.clone(),
+            }])
+            .unwrap();
+        match refresh_one(&catalog, &slot, &sources).await {
+            Step::Withdraw(why) => assert!(why.contains("lib holds no iqn.t:lib/1"), "{why}"),
+            s => panic!("{s:?}"),
+        }
+        assert!(slot.current().is_none());
         store
             .apply(&[crate::index::Change::PutImage {
                 host: "lib".into(),
@@ -436,6 +467,17 @@ mod tests {
         assert_eq!(refresh_one(&catalog, &slot, &sources).await, Step::Keep);
         let st = slot.status();
         assert_eq!((st.served, st.origin), (true, Some(ManifestOrigin::Index)));
+        assert_eq!(st.authority.as_deref(), Some("lib"));
+        assert_eq!(slot.current().unwrap().manifest, m);
+        // hv1 re-indexes its copy (newer than the library's): nothing changes.
+        store
+            .apply(&[crate::index::Change::PutImage {
+                host: "hv1".into(),
+                manifest: manifest_of("iqn.t:lib/1", &[7u8; 8192], 4096),
+            }])
+            .unwrap();
+        assert_eq!(refresh_one(&catalog, &slot, &sources).await, Step::Keep);
+        assert_eq!(slot.current().unwrap().manifest, m);
     }
 
     #[tokio::test]
