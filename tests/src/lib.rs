@@ -97,6 +97,21 @@ pub struct LunSpec {
     pub allow: Option<IpAddr>,
 }
 
+impl LunSpec {
+    /// `backing` as LUN 1 of target 1 (`iqn`), read-only, open to any
+    /// initiator: how the tests and benches export a library image.
+    pub fn read_only(iqn: &str, backing: PathBuf) -> Self {
+        LunSpec {
+            tid: 1,
+            iqn: iqn.into(),
+            lun: 1,
+            backing,
+            readonly: true,
+            allow: None,
+        }
+    }
+}
+
 pub struct Lab {
     slot: u32,
     _slot_lock: File,
@@ -141,7 +156,40 @@ pub mod tempdir {
     }
 }
 
+/// Runs `f` on a thread inside the network namespace at `ns_path` (threads it
+/// starts stay there): sockets it opens belong to that lab node.
+pub fn in_namespace<T: Send + 'static>(
+    ns_path: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let fd = File::open(&ns_path).unwrap_or_else(|e| panic!("open {ns_path}: {e}"));
+        // SAFETY: setns on a namespace file we hold open; it changes only this
+        // thread's network namespace.
+        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "setns {ns_path}: {}",
+            std::io::Error::last_os_error()
+        );
+        f()
+    })
+    .join()
+    .expect("thread in the lab node")
+}
+
 impl Lab {
+    /// Runs `f` on a thread inside `node`'s network namespace.
+    pub fn in_node<T: Send + 'static>(
+        &self,
+        node: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        in_namespace(format!("/run/netns/{}", self.ns(node)), f)
+    }
+
     /// Build the default topology.
     pub fn default_topology() -> Result<Self> {
         Self::new(DEFAULT_TOPOLOGY)

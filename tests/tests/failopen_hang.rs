@@ -17,15 +17,7 @@ const IQN: &str = "iqn.2026-11.test.nearblock:hang";
 fn add_lun(lab: &mut Lab, mib: usize) -> Vec<u8> {
     let data = content::image(mib << 20, 17, 40);
     let backing = lab.write_file("hang.raw", &data).expect("backing file");
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN.into(),
-        lun: 1,
-        backing,
-        readonly: true,
-        allow: None,
-    })
-    .expect("lun");
+    lab.add_lun(LunSpec::read_only(IQN, backing)).expect("lun");
     data
 }
 

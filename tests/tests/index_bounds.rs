@@ -31,23 +31,6 @@ const AGENT_PORT: u16 = 7300;
 const INDEXER_PORT: u16 = 7301;
 const CAP: u64 = 4096;
 
-/// Runs `f` on a thread inside `node`'s network namespace, on a runtime of its
-/// own (sockets opened there belong to the namespace).
-fn in_node<T: Send + 'static>(lab: &Lab, node: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = format!("/run/netns/{}", lab.ns(node));
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let fd = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("open {ns}: {e}"));
-        // SAFETY: setns on a namespace file we hold open; it changes only this
-        // thread's network namespace.
-        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("thread in the lab node")
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -166,7 +149,7 @@ fn oversize_changes_are_refused_and_the_indexer_stays_up() {
     let creds = Credentials::load(&fabric.key_file("hv1"), &fabric.peers_file).expect("hv1's key");
     let addr = fabric.indexer_addr(&lab, "rack1");
     let hv1_addr = Fabric::addr(&lab, "hv1", AGENT_PORT);
-    let (r1, again, r2, st) = in_node(&lab, "hv1", move || {
+    let (r1, again, r2, st) = lab.in_node("hv1", move || {
         runtime().block_on(async move {
             let client = PeerClient::new(ClientOptions::new("hv1", Role::Agent, creds));
             let peer = client.peer(&addr);

@@ -184,15 +184,8 @@ fn hierarchy_lookup_verification_and_global_crash() {
     let pa = lab.write_file("hv1-a.raw", &a).unwrap();
     let pb = lab.write_file("hv3-b.raw", &b).unwrap();
     let pl = lab.write_file("lib-l.raw", &l).unwrap();
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN.into(),
-        lun: 1,
-        backing: pl.clone(),
-        readonly: true,
-        allow: None,
-    })
-    .expect("lun");
+    lab.add_lun(LunSpec::read_only(IQN, pl.clone()))
+        .expect("lun");
     let fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap();
     let ctx = Ctx { lab, fabric };
     let mut procs = Procs::new(); // after the lab: dropped (killed) first

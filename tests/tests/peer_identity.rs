@@ -36,23 +36,6 @@ const AGENT_PORT: u16 = 7400;
 const INDEXER_PORT: u16 = 7401;
 const IMAGE: &str = "iqn.2026-12.test.nearblock:lib/1";
 
-/// Runs `f` on a thread inside `node`'s network namespace (threads it starts
-/// stay there), on a runtime of its own.
-fn in_node<T: Send + 'static>(lab: &Lab, node: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = format!("/run/netns/{}", lab.ns(node));
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let fd = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("open {ns}: {e}"));
-        // SAFETY: setns on a namespace file we hold open; it changes only this
-        // thread's network namespace.
-        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("thread in the lab node")
-}
-
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -165,7 +148,7 @@ fn a_hypervisor_cannot_speak_for_the_library() {
             manifest: manifest(&mine),
         },
     ];
-    let (push, as_library, tampered, after) = in_node(&lab, "hv1", {
+    let (push, as_library, tampered, after) = lab.in_node("hv1", {
         let (core, hv1) = (core.clone(), hv1.clone());
         move || {
             block_on(async move {
@@ -263,7 +246,7 @@ fn a_hypervisor_cannot_speak_for_the_library() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let revoked = in_node(&lab, "hv1", {
+    let revoked = lab.in_node("hv1", {
         let (core, hv1) = (core.clone(), hv1.clone());
         move || {
             block_on(async move {
@@ -294,7 +277,7 @@ fn a_hypervisor_cannot_speak_for_the_library() {
         rotated.key.public(),
         NodeKey::load(&fabric.key_file("hv1")).unwrap().public()
     );
-    let ok = in_node(&lab, "hv1", move || {
+    let ok = lab.in_node("hv1", move || {
         block_on(async move {
             PeerClient::new(ClientOptions::new("hv1", Role::Agent, rotated))
                 .peer(&core)

@@ -62,15 +62,8 @@ fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
         .unwrap();
     // The library exports the image read-only; rack1 serves it (learning into its
     // cache from the library's Data-In).
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN.into(),
-        lun: 1,
-        backing: img_path.clone(),
-        readonly: true,
-        allow: None,
-    })
-    .unwrap();
+    lab.add_lun(LunSpec::read_only(IQN, img_path.clone()))
+        .unwrap();
     let manifest = lab
         .write_file(
             "img.manifest",

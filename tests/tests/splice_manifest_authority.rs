@@ -76,15 +76,7 @@ fn a_hypervisors_manifest_under_a_library_luns_name_is_never_served() {
     assert_ne!(digest_hex(&library_bytes), digest_hex(&hv1_bytes));
     let mut lab = Lab::default_topology().expect("lab");
     let backing = lab.write_file("lun.raw", &library_bytes).unwrap();
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN.into(),
-        lun: 1,
-        backing,
-        readonly: true,
-        allow: None,
-    })
-    .unwrap();
+    lab.add_lun(LunSpec::read_only(IQN, backing)).unwrap();
     let hv1_copy = lab.write_file("hv1-own.raw", &hv1_bytes).unwrap();
     let lib = lab.library().to_string();
     let name = format!("{IQN}/1");

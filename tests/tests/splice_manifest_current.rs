@@ -87,15 +87,8 @@ fn a_changed_image_is_served_from_its_new_manifest() {
     assert_ne!(old, new);
     let mut lab = Lab::default_topology().expect("lab");
     let backing = lab.write_file("lun.raw", &old).unwrap();
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN.into(),
-        lun: 1,
-        backing: backing.clone(),
-        readonly: true,
-        allow: None,
-    })
-    .unwrap();
+    lab.add_lun(LunSpec::read_only(IQN, backing.clone()))
+        .unwrap();
     let mut fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap();
     fabric.start_indexer(&lab, "core", None).unwrap();
     fabric.start_library_agent(&lab, "core").unwrap();

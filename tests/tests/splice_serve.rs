@@ -32,15 +32,7 @@ fn served_lab(design: &str) -> (Lab, Vec<u8>, String, ApplianceOptions) {
     let mut lab = Lab::default_topology().expect("lab");
     let data = test_image();
     let backing = lab.write_file("img.raw", &data).expect("backing");
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN.into(),
-        lun: 1,
-        backing,
-        readonly: true,
-        allow: None,
-    })
-    .expect("lun");
+    lab.add_lun(LunSpec::read_only(IQN, backing)).expect("lun");
     // The shadow design reads its manifest from a manifest file; the local design
     // from the appliance's index store, filled by `nearblock index` (both ways an
     // operator can declare a served LUN).

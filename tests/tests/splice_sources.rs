@@ -148,15 +148,7 @@ fn copies_are_identical_in_every_source_mix() {
     // keeps the per-source byte counts exact.
     image[..4096].fill(0);
     let lun = lab.write_file("lun.raw", &image).unwrap();
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN.into(),
-        lun: 1,
-        backing: lun.clone(),
-        readonly: true,
-        allow: None,
-    })
-    .unwrap();
+    lab.add_lun(LunSpec::read_only(IQN, lun.clone())).unwrap();
     // hv3 runs a VM of the same seed: the first half is the image's.
     let mut vm3 = image[..IMAGE / 2].to_vec();
     vm3.extend_from_slice(&content::image(IMAGE / 2, 62, 40));

@@ -254,16 +254,15 @@ async fn an_unlisted_key_cannot_pull_blocks() {
     assert_eq!(m.auth_failures.load(Ordering::Relaxed), 1);
 }
 
-#[tokio::test]
-async fn malformed_frames_close_only_that_connection() {
-    let bs: Vec<Vec<u8>> = vec![block(1)];
-    let (addr, m) = start(blocks_src(Fake::new(&bs, false)), 1 << 20).await;
-    // Authenticate by hand, then send garbage.
-    let (rd, wr) = tokio::net::TcpStream::connect(&addr)
+/// An authenticated channel to `addr`, for writing frames by hand.
+async fn raw_channel(
+    addr: &str,
+) -> super::auth::Secured<tokio::net::tcp::OwnedReadHalf, tokio::net::tcp::OwnedWriteHalf> {
+    let (rd, wr) = tokio::net::TcpStream::connect(addr)
         .await
         .unwrap()
         .into_split();
-    let mut s = super::auth::client_handshake(
+    super::auth::client_handshake(
         rd,
         wr,
         &creds("raw", Role::Client),
@@ -272,7 +271,15 @@ async fn malformed_frames_close_only_that_connection() {
         Duration::from_secs(5),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn malformed_frames_close_only_that_connection() {
+    let bs: Vec<Vec<u8>> = vec![block(1)];
+    let (addr, m) = start(blocks_src(Fake::new(&bs, false)), 1 << 20).await;
+    // Authenticate by hand, then send garbage.
+    let mut s = raw_channel(&addr).await;
     // Inside the channel: a frame of an unknown kind.
     s.writer
         .write_all(&[0, 0, 0, 12, 2, 250, 0, 0, 0, 0, 0, 0, 0, 1, 9, 9])
@@ -289,20 +296,7 @@ async fn malformed_frames_close_only_that_connection() {
     .expect("server closed the connection");
     assert_eq!(m.malformed.load(Ordering::Relaxed), 1);
     // An oversized length: closed as well.
-    let (rd, wr) = tokio::net::TcpStream::connect(&addr)
-        .await
-        .unwrap()
-        .into_split();
-    let mut s = super::auth::client_handshake(
-        rd,
-        wr,
-        &creds("raw", Role::Client),
-        Role::Client,
-        "raw",
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let mut s = raw_channel(&addr).await;
     s.writer.write_all(&[0x7f, 0, 0, 0]).await.unwrap();
     s.writer.flush().await.unwrap();
     let mut buf = Vec::new();

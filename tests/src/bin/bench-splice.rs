@@ -120,14 +120,7 @@ fn main() -> Result<()> {
         manifest_to_text(&manifest_of("served", &data, 4096)).as_bytes(),
     )?;
     drop(data);
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN.into(),
-        lun: 1,
-        backing,
-        readonly: true,
-        allow: None,
-    })?;
+    lab.add_lun(LunSpec::read_only(IQN, backing))?;
     let url = lab.lun_url(IQN, 1);
     let manifest = manifest.display().to_string();
     // The index fabric for the cold configuration: the library's agent indexes the

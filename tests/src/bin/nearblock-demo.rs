@@ -32,14 +32,7 @@ fn main() -> Result<()> {
         ),
     };
     let size = std::fs::metadata(&backing)?.len();
-    lab.add_lun(LunSpec {
-        tid: 1,
-        iqn: IQN.into(),
-        lun: 1,
-        backing: backing.clone(),
-        readonly: true,
-        allow: None,
-    })?;
+    lab.add_lun(LunSpec::read_only(IQN, backing.clone()))?;
     for rack in ["rack1", "rack2"] {
         lab.start_appliance(rack, ApplianceOptions::default())?;
     }
