@@ -24,7 +24,7 @@ use nearblock::{
         proto::{code, Msg, PushedChange, Role},
     },
 };
-use nearblock_lab::{content, fabric::Fabric, Lab};
+use nearblock_lab::{content, fabric::Fabric, ApplianceOptions, Lab};
 use serde_json::Value;
 
 const AGENT_PORT: u16 = 7300;
@@ -90,7 +90,20 @@ fn assert_refused(r: Result<u64, FetchError>, acked: u64, names: &[&str]) -> Str
 
 #[test]
 fn oversize_changes_are_refused_and_the_indexer_stays_up() {
-    let lab = Lab::default_topology().expect("lab");
+    oversize_changes(false);
+}
+
+/// The same pushes into the rack appliance's embedded indexer (`[indexer]`): the
+/// daemon, which also runs the datapath and the API, stays up and keeps serving.
+#[test]
+fn oversize_changes_are_refused_and_the_appliance_stays_up() {
+    oversize_changes(true);
+}
+
+/// The indexer in rack1 runs as `nearblock indexer` or, `embedded`, inside the
+/// rack appliance's daemon.
+fn oversize_changes(embedded: bool) {
+    let mut lab = Lab::default_topology().expect("lab");
     let mut fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).expect("fabric");
     let cfg = lab
         .write_file(
@@ -103,21 +116,62 @@ fn oversize_changes_are_refused_and_the_indexer_stays_up() {
             .as_bytes(),
         )
         .expect("indexer config");
-    fabric
-        .procs
-        .spawn(
-            &lab,
-            "ix-rack1",
+    if embedded {
+        lab.start_appliance(
             "rack1",
-            &["indexer", "--config", cfg.to_str().unwrap()],
+            ApplianceOptions {
+                steer: false,
+                extra_config: format!("[indexer]\nconfig = {:?}\n", cfg.display().to_string()),
+            },
         )
-        .expect("start the indexer");
-    fabric
-        .procs
-        .wait_log("ix-rack1", Duration::from_secs(20), |l| {
-            l.contains("indexer ready")
-        })
-        .expect("indexer ready");
+        .expect("start the appliance");
+    } else {
+        fabric
+            .procs
+            .spawn(
+                &lab,
+                "ix-rack1",
+                "rack1",
+                &["indexer", "--config", cfg.to_str().unwrap()],
+            )
+            .expect("start the indexer");
+    }
+    let wait_ready = |log: &dyn Fn() -> String| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !log().contains("indexer ready") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "indexer not ready: {}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let log = |lab: &Lab, fabric: &Fabric| {
+        if embedded {
+            lab.appliance_log("rack1")
+        } else {
+            fabric.procs.log("ix-rack1")
+        }
+    };
+    wait_ready(&|| log(&lab, &fabric));
+    // Up: the indexer process runs; the appliance answers its API.
+    let check_up = |lab: &Lab, fabric: &mut Fabric, when: &str| {
+        if embedded {
+            // A daemon that died cannot answer its API.
+            lab.status("rack1").unwrap_or_else(|e| {
+                panic!(
+                    "the appliance {when}: {e:#}\n{}",
+                    lab.appliance_log("rack1")
+                )
+            });
+        } else {
+            fabric
+                .procs
+                .check_alive("ix-rack1")
+                .unwrap_or_else(|e| panic!("the indexer {when}: {e:#}"));
+        }
+    };
 
     // Normal images of hv1 (real content, so their blocks have real names).
     let a = content::image(64 * 4096, 11, 30);
@@ -188,10 +242,7 @@ fn oversize_changes_are_refused_and_the_indexer_stays_up() {
             "claims 4097 blocks, more than max_image_blocks = 4096",
         ],
     );
-    fabric
-        .procs
-        .check_alive("ix-rack1")
-        .expect("the indexer survives the pushes");
+    check_up(&lab, &mut fabric, "after the pushes");
     let ix = &st["index"];
     assert_eq!(ix["metrics"]["refused"], 2, "status: {st}");
     assert_eq!(ix["children"]["acked"]["hv1"], 5, "status: {st}");
@@ -239,8 +290,5 @@ fn oversize_changes_are_refused_and_the_indexer_stays_up() {
         let out = manifest_of(gone);
         assert!(!out.contains("\"blocks\""), "{gone}: {out}");
     }
-    fabric
-        .procs
-        .check_alive("ix-rack1")
-        .expect("the indexer is still up");
+    check_up(&lab, &mut fabric, "at the end");
 }
