@@ -468,3 +468,57 @@ fn at_the_total_cap_new_connections_are_forwarded_untouched() {
         "not steered again below the total cap"
     );
 }
+
+/// Dead peers are found by keepalive (and TCP_USER_TIMEOUT), live idle sessions
+/// are never cut: hv1 logs in through rack1 and stays idle; hv2 opens a
+/// connection and then vanishes (its link to rack1 goes down, nothing is sent
+/// back, not even a reset). Within idle + interval × count (1 + 1 × 2 s here, 15 s
+/// allowed) the splicer closes hv2's connection; hv1's session outlives several
+/// keepalive periods and still reads the LUN's bytes.
+#[test]
+fn a_vanished_initiator_is_found_and_an_idle_session_is_kept() {
+    use nearblock_lab::initiator::{connect_in, Initiator, LoginOptions};
+    let mut lab = Lab::default_topology().expect("lab");
+    let data = add_lun(&mut lab, 8);
+    lab.start_appliance(
+        "rack1",
+        ApplianceOptions {
+            extra_config: "[splicer]\nkeepalive_idle_secs = 1\nkeepalive_interval_secs = 1\nkeepalive_count = 2\nuser_timeout_secs = 3\n".into(),
+            ..Default::default()
+        },
+    )
+    .expect("appliance");
+    let portal = std::net::SocketAddr::new(lab.addr4(lab.library()).into(), 3260);
+    let stream = connect_in(&lab, "hv1", portal, Duration::from_secs(10)).expect("connect");
+    let mut live = Initiator::login(
+        stream,
+        LoginOptions::new("iqn.2026-12.test.initiator:idle", IQN),
+    )
+    .expect("hv1 logs in");
+    let vanishing = IdleConnections::open(&lab, "hv2", 1, "vanishing");
+    wait_for("both connections spliced", Duration::from_secs(10), || {
+        lab.status("rack1").expect("status").splicer.active == 2
+    });
+    // hv2 vanishes: its end of the link to rack1 goes down (the kernel of rack1
+    // sees no reset; its packets to hv2 go nowhere).
+    lab.exec_ok("hv2", &["ip", "link", "set", "dev", "rack1", "down"])
+        .expect("hv2's link down");
+    let started = Instant::now();
+    wait_for(
+        "the vanished initiator's connection closed",
+        Duration::from_secs(15),
+        || lab.status("rack1").expect("status").splicer.active == 1,
+    );
+    let found_in = started.elapsed();
+    eprintln!("vanished initiator found in {found_in:?}");
+    // hv1 stays idle for several more keepalive periods: still spliced.
+    std::thread::sleep(Duration::from_secs(4));
+    let s = lab.status("rack1").expect("status").splicer;
+    assert_eq!(s.active, 1, "the live idle session was cut: {s:?}");
+    let _ = live.clear_unit_attention(1, 3);
+    let r = live.read10(1, 0, 16, 512).expect("hv1 reads after idling");
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(r.data == data[..16 * 512], "hv1 read other bytes");
+    drop(vanishing);
+    live.logout().expect("logout");
+}
