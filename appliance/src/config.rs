@@ -417,17 +417,6 @@ impl SplicerConfig {
         Duration::from_millis(self.manifest_refresh_ms)
     }
 
-    /// Keepalive and user timeout of the splicer's sockets.
-    pub fn keepalive(&self) -> crate::steer::Keepalive {
-        crate::steer::Keepalive {
-            idle: Duration::from_secs(self.keepalive_idle_secs),
-            interval: Duration::from_secs(self.keepalive_interval_secs),
-            count: self.keepalive_count,
-            user_timeout: (self.user_timeout_secs > 0)
-                .then(|| Duration::from_secs(self.user_timeout_secs)),
-        }
-    }
-
     /// The declared LUNs (no manifest loaded yet: see `splice::manifests`) and
     /// the cache.
     pub fn catalog(
@@ -1246,7 +1235,7 @@ image_transfer_ports = [10809, 3260]
             ),
             (4096, 256)
         );
-        let k = c.splicer.keepalive();
+        let k = crate::steer::Keepalive::from(&c.splicer);
         assert_eq!(
             (k.idle, k.interval, k.count, k.user_timeout),
             (
@@ -1270,7 +1259,7 @@ max_connections_per_source = 4",
         )
         .unwrap();
         assert_eq!(
-            c.splicer.keepalive().user_timeout,
+            crate::steer::Keepalive::from(&c.splicer).user_timeout,
             None,
             "0: kernel default"
         );

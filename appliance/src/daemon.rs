@@ -15,19 +15,19 @@ use std::{
 };
 
 use nearblock_common::maps::{LISTENER_V4, LISTENER_V6, ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING};
-use serde::{Deserialize, Serialize};
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
-    classify::{self, Discovery, DiscoveryTable, FlowView, LinkRate},
+    classify::{self, DiscoveryTable},
     config::Config,
-    cost::{
-        feed::{self, LinkUtilization},
-        Graph, LiveCosts, Topology,
-    },
+    cost::{feed, Graph, LiveCosts, Topology},
     datapath::{self, Datapath, LoadOptions},
-    splice::relay::{self, SplicerSnapshot, SplicerStats, UpstreamOptions},
+    splice::{
+        relay::{self, UpstreamOptions},
+        stats::SplicerStats,
+    },
+    state::{Appliance, Planner},
     steer::{self, PolicyRouting},
 };
 
@@ -58,218 +58,6 @@ pub enum DaemonError {
     },
     #[error("[api]: {0}")]
     ApiTokens(#[from] crate::api::auth::TokenError),
-}
-
-/// The running appliance's shared state.
-pub struct Appliance {
-    pub config: Config,
-    pub datapath: Mutex<Datapath>,
-    pub discovery: Mutex<DiscoveryTable>,
-    /// Latest live rate per ifindex (from the sampler).
-    pub rates: Mutex<std::collections::BTreeMap<u32, LinkRate>>,
-    /// Live network cost, when `[cost]` is configured.
-    pub live_costs: Option<Mutex<LiveCosts>>,
-    /// The planner behind `/plan/*`, when `[planner]` is configured.
-    pub planner: Option<Planner>,
-    pub splicer: Arc<SplicerStats>,
-    /// The served LUNs (with their access histories), when steering.
-    pub catalog: Option<Arc<crate::splice::catalog::Catalog>>,
-    pub started: Instant,
-}
-
-/// What the API's planner answers from.
-pub struct Planner {
-    pub store: Arc<crate::index::RedbStore>,
-    pub topology: Topology,
-    /// `[planner] metrics`: the static host metrics.
-    pub metrics: crate::plan::MetricsFile,
-    /// The embedded indexer's agent-reported host metrics (set once it runs).
-    pub reported: std::sync::OnceLock<Arc<crate::serve::hosts::HostReports>>,
-    /// Reports at most this old override the file.
-    pub stale_after: Duration,
-}
-
-impl Planner {
-    /// The metrics placement uses now: the file, with fresh reports laid over it.
-    pub fn metrics_now(&self) -> crate::plan::MetricsFile {
-        match self.reported.get() {
-            Some(r) => self
-                .metrics
-                .overlaid(&r.fresh(Instant::now(), self.stale_after)),
-            None => self.metrics.clone(),
-        }
-    }
-}
-
-impl Appliance {
-    /// The topology with each link's weight as in force now (live costs), or the
-    /// static weights.
-    pub fn priced_topology(&self, live: bool) -> Option<Topology> {
-        let planner = self.planner.as_ref()?;
-        let mut topo = planner.topology.clone();
-        if live {
-            if let Some(lc) = &self.live_costs {
-                let lc = lc.lock().unwrap_or_else(|p| p.into_inner());
-                // Graph links are the topology's links, in order.
-                for (l, g) in topo.links.iter_mut().zip(lc.graph().links()) {
-                    l.weight = g.weight;
-                }
-            }
-        }
-        Some(topo)
-    }
-}
-
-impl Appliance {
-    /// How block holders rank from this appliance: path costs over the live link
-    /// weights (static when live costs are off); `None` without a topology.
-    pub fn source_ranks(&self) -> Option<crate::fetch::SourceRanks> {
-        let name = &self.config.appliance.name;
-        match &self.live_costs {
-            Some(lc) => {
-                let lc = lc.lock().unwrap_or_else(|p| p.into_inner());
-                crate::fetch::SourceRanks::from_graph(lc.graph(), name)
-            }
-            None => {
-                let topo = &self.planner.as_ref()?.topology;
-                crate::fetch::SourceRanks::from_graph(&Graph::from_topology(topo), name)
-            }
-        }
-    }
-}
-
-/// Per-interface counters for status.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct InterfaceView {
-    pub interface: String,
-    pub ifindex: u32,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    /// Live rate over the last sample interval.
-    pub rate: LinkRate,
-}
-
-/// What `nearblock status` shows.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub appliance: String,
-    pub steering: bool,
-    pub uptime_secs: u64,
-    pub splicer: SplicerSnapshot,
-    pub verdicts: Vec<(String, u64)>,
-    pub interfaces: Vec<InterfaceView>,
-    pub flows: Vec<FlowView>,
-    pub discovery: Vec<Discovery>,
-}
-
-impl Appliance {
-    /// This appliance's own links with their measured utilisation (what
-    /// `GET /links` publishes). Only links with a configured capacity and a
-    /// topology peer are reported.
-    pub fn own_links(&self) -> Vec<LinkUtilization> {
-        let Some(cost) = &self.config.cost else {
-            return Vec::new();
-        };
-        let rates = self.rates.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut out = Vec::new();
-        for iface in &self.config.datapath.interfaces {
-            let Ok(ifindex) = datapath::if_index(iface) else {
-                continue;
-            };
-            let Some(rate) = rates.get(&ifindex) else {
-                continue;
-            };
-            let Some(u) = rate.utilization else {
-                continue;
-            };
-            out.push(LinkUtilization {
-                a: self.config.appliance.name.clone(),
-                b: cost.peer_of(iface).to_string(),
-                utilization: u,
-                rx_bps: rate.rx_bps,
-                tx_bps: rate.tx_bps,
-            });
-        }
-        out
-    }
-
-    /// Feed link reports (own or a peer's) into the live costs.
-    pub fn apply_link_reports(&self, reports: &[LinkUtilization]) {
-        let Some(live) = &self.live_costs else {
-            return;
-        };
-        let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
-        match feed::apply(&mut live, reports) {
-            Ok((changed, unknown)) => {
-                if !changed.is_empty() {
-                    tracing::debug!(links = changed.len(), "live link costs changed");
-                }
-                if !unknown.is_empty() {
-                    warn!(links = ?unknown, "utilisation reported for links not in the topology");
-                }
-            }
-            Err(e) => warn!(cause = %e, "applying link utilisation"),
-        }
-    }
-
-    pub fn status(&self) -> Result<StatusReport, datapath::DatapathError> {
-        let dp = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
-        let mut flows: Vec<FlowView> = dp
-            .flows()?
-            .into_iter()
-            .map(|f| {
-                let (src, dst) = classify::endpoints(&f.key);
-                FlowView {
-                    interface: datapath::if_name(f.key.ifindex)
-                        .unwrap_or_else(|| f.key.ifindex.to_string()),
-                    src,
-                    dst,
-                    vlan: f.key.vlan,
-                    packets: f.counters.packets,
-                    payload_bytes: f.counters.payload_bytes,
-                    retrans_bytes: f.counters.payload_bytes.saturating_sub(f.new_bytes),
-                    frame_bytes: f.counters.frame_bytes,
-                }
-            })
-            .collect();
-        flows.sort();
-        let rates = self.rates.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let interfaces = dp
-            .interfaces()?
-            .into_iter()
-            .map(|(ifindex, c)| InterfaceView {
-                rate: rates.get(&ifindex).copied().unwrap_or_default(),
-                interface: datapath::if_name(ifindex).unwrap_or_else(|| ifindex.to_string()),
-                ifindex,
-                rx_packets: c.rx_packets,
-                rx_bytes: c.rx_bytes,
-                tx_packets: c.tx_packets,
-                tx_bytes: c.tx_bytes,
-            })
-            .collect();
-        let verdicts = dp
-            .verdicts()?
-            .into_iter()
-            .map(|(n, v)| (n.to_string(), v))
-            .collect();
-        drop(dp);
-        Ok(StatusReport {
-            appliance: self.config.appliance.name.clone(),
-            steering: self.config.datapath.steer,
-            uptime_secs: self.started.elapsed().as_secs(),
-            splicer: self.splicer.snapshot(),
-            verdicts,
-            interfaces,
-            flows,
-            discovery: self
-                .discovery
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entries(),
-        })
-    }
 }
 
 /// Run the appliance until `shutdown` resolves, then drain and clean up.
@@ -377,7 +165,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 Vec::new()
             },
             catalog,
-            keepalive: config.splicer.keepalive(),
+            keepalive: steer::Keepalive::from(&config.splicer),
         };
         let caps = steer::ConnectionCaps::within_fd_limit(
             config.splicer.max_connections,

@@ -16,6 +16,7 @@
 //! - [`agent`]: `nearblock agent`: index local images, push them up, serve their blocks.
 //! - [`hostmetrics`]: a host's cpu, mem and disk used fractions, as agents measure them.
 //! - [`api`]: HTTP status and metrics.
+//! - [`state`]: the running appliance's shared state and status report.
 //! - [`daemon`]: `nearblock run`, the stages wired together.
 //! - [`cli`]: the command line, one file per subcommand.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
@@ -31,7 +32,10 @@ pub mod datapath;
 pub mod fetch;
 pub mod hostmetrics;
 pub mod index;
+#[cfg(test)]
+mod layout;
 pub mod plan;
 pub mod serve;
 pub mod splice;
+pub mod state;
 pub mod steer;

@@ -460,6 +460,19 @@ pub struct Keepalive {
     pub user_timeout: Option<Duration>,
 }
 
+impl From<&crate::config::SplicerConfig> for Keepalive {
+    /// The `[splicer]` keepalive and user-timeout keys.
+    fn from(c: &crate::config::SplicerConfig) -> Self {
+        Keepalive {
+            idle: Duration::from_secs(c.keepalive_idle_secs),
+            interval: Duration::from_secs(c.keepalive_interval_secs),
+            count: c.keepalive_count,
+            user_timeout: (c.user_timeout_secs > 0)
+                .then(|| Duration::from_secs(c.user_timeout_secs)),
+        }
+    }
+}
+
 /// Put `keepalive` on a connected TCP socket.
 pub fn set_keepalive<S: AsFd>(sock: &S, keepalive: &Keepalive) -> io::Result<()> {
     let sock = SockRef::from(sock);

@@ -28,7 +28,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use nearblock::{
     cost::{Role, Topology},
-    daemon::StatusReport,
+    state::StatusReport,
 };
 
 pub mod conformance;
@@ -965,7 +965,7 @@ impl Lab {
 }
 
 /// The splicer's served bytes by source, as `zero=N cache=N …` (for test logs).
-pub fn served_by_source(s: &nearblock::splice::relay::SplicerSnapshot) -> String {
+pub fn served_by_source(s: &nearblock::splice::stats::SplicerSnapshot) -> String {
     let parts: Vec<String> = s
         .served
         .iter()

@@ -61,7 +61,7 @@ fn iscsi_tools(lab: &Lab, node: &str, url: &str) -> (String, String) {
     (stdout(&ls), stdout(&cap))
 }
 
-fn verdict(r: &nearblock::daemon::StatusReport, name: &str) -> u64 {
+fn verdict(r: &nearblock::state::StatusReport, name: &str) -> u64 {
     r.verdicts
         .iter()
         .find(|(n, _)| n == name)
@@ -225,7 +225,7 @@ fn sigkill_fails_open_and_restart_steers_again() {
     assert!(r.splicer.accepted >= 1, "restarted daemon did not steer");
 }
 
-fn wait_discovery(lab: &Lab, node: &str, initiator: &str) -> nearblock::daemon::StatusReport {
+fn wait_discovery(lab: &Lab, node: &str, initiator: &str) -> nearblock::state::StatusReport {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let r = lab.status(node).expect("status");

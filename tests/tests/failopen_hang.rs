@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nearblock::daemon::StatusReport;
+use nearblock::state::StatusReport;
 use nearblock_lab::{content, ApplianceOptions, Lab, LunSpec, DEFAULT_TOPOLOGY};
 
 const IQN: &str = "iqn.2026-11.test.nearblock:hang";

@@ -103,7 +103,7 @@ impl Rig {
         self.lab.dir.path().join("history")
     }
 
-    fn splicer(&self) -> nearblock::splice::relay::SplicerSnapshot {
+    fn splicer(&self) -> nearblock::splice::stats::SplicerSnapshot {
         self.lab.status("rack1").unwrap().splicer
     }
 
@@ -122,7 +122,7 @@ impl Rig {
 }
 
 /// One line per mix for the log: bytes by source, and the fetcher's counters.
-fn report(mix: &str, s: &nearblock::splice::relay::SplicerSnapshot) {
+fn report(mix: &str, s: &nearblock::splice::stats::SplicerSnapshot) {
     eprintln!(
         "{mix}: served {} passed_through={} by_hops={:?} sourcing={:?}",
         nearblock_lab::served_by_source(s),
@@ -132,11 +132,11 @@ fn report(mix: &str, s: &nearblock::splice::relay::SplicerSnapshot) {
     );
 }
 
-fn bytes_of(s: &nearblock::splice::relay::SplicerSnapshot, class: SourceClass) -> u64 {
+fn bytes_of(s: &nearblock::splice::stats::SplicerSnapshot, class: SourceClass) -> u64 {
     s.served.get(&class).map_or(0, |v| v.bytes)
 }
 
-fn blocks_of(s: &nearblock::splice::relay::SplicerSnapshot, class: SourceClass) -> u64 {
+fn blocks_of(s: &nearblock::splice::stats::SplicerSnapshot, class: SourceClass) -> u64 {
     s.served.get(&class).map_or(0, |v| v.blocks)
 }
 
@@ -387,7 +387,7 @@ fn copies_are_identical_in_every_source_mix() {
     report("6 prefetched", &after);
     // Nothing was fetched or passed through for the copy; its blocks count as
     // the library's (where the prefetch got them) at their first serve.
-    let fetched = |s: &nearblock::splice::relay::SplicerSnapshot| {
+    let fetched = |s: &nearblock::splice::stats::SplicerSnapshot| {
         s.sourcing.as_ref().map_or(0, |f| f.fetched_blocks)
     };
     assert_eq!(fetched(&after), fetched(&before), "{after:?}");

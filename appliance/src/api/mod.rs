@@ -26,7 +26,7 @@ use prometheus_client::{
 };
 use tokio::sync::Semaphore;
 
-use crate::daemon::{Appliance, StatusReport};
+use crate::state::{Appliance, StatusReport};
 
 /// What the handlers share: the appliance, and the permits for heavy work.
 #[derive(Clone)]

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context;
 
-use crate::{api::auth::TOKEN_FILE_ENV, config, daemon::StatusReport};
+use crate::{api::auth::TOKEN_FILE_ENV, config, state::StatusReport};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {

@@ -25,9 +25,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::construct::{construct, ConstructReport, ConstructionPlan};
+use super::construct::{construct, ConstructionPlan};
 use super::flow::{FlowNetwork, UNBOUNDED};
 use super::image::ImageHolders;
+use super::report::{CapacityReport, ConstructReport, LinkLoad};
 use super::PlanError;
 use crate::cost::{Graph, NodeId, ShortestPaths};
 
@@ -287,31 +288,6 @@ impl<'a> FlowProblem<'a> {
         }
         Some(sources)
     }
-}
-
-/// Capacity-aware part of the construct JSON report.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CapacityReport {
-    pub util_cap: f64,
-    pub cost_slack: f64,
-    pub plain_total_cost: f64,
-    pub finish_time_s: f64,
-    pub plain_finish_time_s: f64,
-    /// Links carrying bytes in either plan.
-    pub links: Vec<LinkLoad>,
-}
-
-/// One link's load under the capacity-aware plan.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LinkLoad {
-    pub a: String,
-    pub b: String,
-    pub capacity_mbps: Option<f64>,
-    pub bytes: u64,
-    pub plain_bytes: u64,
-    /// Utilisation while the plan runs (bytes over the finish time, plus the
-    /// background), for links with a capacity.
-    pub utilisation: Option<f64>,
 }
 
 impl CapacityPlan {

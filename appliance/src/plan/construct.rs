@@ -5,24 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
-use super::capacity::CapacityReport;
 use super::image::ImageHolders;
+use super::report::{ConstructReport, SourceSummary};
 use super::tally::CostTally;
 use super::PlanError;
 use crate::cost::{Graph, LinkId, NodeId, ShortestPaths};
-
-/// What one source contributes to a plan.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct SourceSummary {
-    /// Distinct blocks fetched from it.
-    pub blocks: u64,
-    /// Their bytes.
-    pub bytes: u64,
-    /// Sum of their path costs (`blocks` times the source's path cost).
-    pub path_cost: f64,
-}
 
 /// Where every distinct non-zero block of an image comes from, for one target.
 #[derive(Clone, Debug, PartialEq)]
@@ -162,33 +149,6 @@ impl ConstructionPlan {
             blocks: None,
         }
     }
-}
-
-/// `plan construct --json` output.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ConstructReport {
-    pub image: String,
-    pub target: String,
-    pub total_cost: f64,
-    pub blocks_fetched: u64,
-    pub blocks_local: u64,
-    pub blocks_zero: u64,
-    pub by_source: BTreeMap<String, SourceSummary>,
-    /// Capacity-aware mode only: finish times and link loads.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capacity: Option<CapacityReport>,
-    /// With `--list-blocks`: every non-zero block position and its source.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blocks: Option<Vec<BlockSource>>,
-}
-
-/// One non-zero block position and where it comes from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockSource {
-    pub offset: u64,
-    pub hash: String,
-    /// The host it is fetched from (the target itself when local).
-    pub source: String,
 }
 
 /// Link loads for a plan, as `(link, bytes)` for links that carry any.

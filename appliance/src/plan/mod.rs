@@ -30,13 +30,15 @@ pub mod image;
 pub mod indexed;
 pub mod offline;
 pub mod place;
+pub mod report;
 pub mod tally;
 pub mod usage;
 
 pub use capacity::{construct_capacity_aware, CapacityConfig, CapacityPlan};
-pub use construct::{construct, ConstructionPlan, SourceSummary};
+pub use construct::{construct, ConstructionPlan};
 pub use image::{BlockHashMap, ImageBlocks, ImageHolders};
 pub use place::{place, HostMetrics, Metric, MetricsFile, Placement, Policy};
+pub use report::SourceSummary;
 pub use usage::{AccessHistory, ReadAhead};
 
 /// A host as the block index numbers it: the position in [`HolderIndex::hosts`].

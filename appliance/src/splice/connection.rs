@@ -37,9 +37,9 @@ use super::catalog::{
 };
 use super::facts::{self, Probe};
 use super::pdu::{DecodeError, Digests, EncodeError, Frame, Opcode, PduDecoder, ReceivedPdu};
-use super::relay::SplicerStats;
 use super::scsi;
 use super::session::{Design, Disposition, Event, Output, Session};
+use super::stats::SplicerStats;
 
 /// Frames queued per direction before the connection task waits for the writer.
 const WRITE_QUEUE: usize = 64;
@@ -246,7 +246,7 @@ pub async fn splice_iscsi(
             return Err(ConnectionError::Write("target or initiator"));
         };
         ctx.stats.raw_relayed.fetch_add(1, Ordering::Relaxed);
-        super::relay::relay(client, upstream, &ctx.stats).await;
+        super::bytes::relay(client, upstream, &ctx.stats).await;
         return Ok(());
     }
     match result {

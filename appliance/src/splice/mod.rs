@@ -2,7 +2,9 @@
 //! transparent upstream connection, and relays; iSCSI-aware, it answers READs of
 //! immutable LUNs from nearer copies.
 //!
-//! - [`relay`]: accept loop, upstream connect, byte relay (non-iSCSI ports).
+//! - [`relay`]: accept loop, admission and caps, upstream connect.
+//! - [`bytes`]: the plain byte relay (non-iSCSI ports, over-cap connections).
+//! - [`stats`]: the splicer's counters, as status and metrics report them.
 //! - [`connection`]: the iSCSI-aware inside: PDUs both ways through a [`session::Session`].
 //! - [`catalog`]: which LUNs are served, their manifests, assembling and learning blocks.
 //! - [`facts`]: what the target reports about a served LUN (block length, capacity, WP).
@@ -14,6 +16,7 @@
 //! - [`datain`]: locally sourced Data-In sequences.
 //! - [`session`]: the per-connection state machine (phases, tasks, sequence numbers).
 
+pub mod bytes;
 pub mod catalog;
 pub mod connection;
 pub mod datain;
@@ -24,4 +27,5 @@ pub mod pdu;
 pub mod relay;
 pub mod scsi;
 pub mod session;
+pub mod stats;
 pub mod text;

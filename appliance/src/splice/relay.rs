@@ -1,7 +1,8 @@
 //! The splicer's outside: accept steered connections, connect upstream
 //! transparently, then hand the pair to the iSCSI-aware inside
 //! ([`super::connection::splice_iscsi`]) for iSCSI ports, or to the plain byte
-//! [`relay`] for anything else (and when `splicer.iscsi_aware = false`).
+//! relay ([`super::bytes::relay`]) for anything else (and when
+//! `splicer.iscsi_aware = false`).
 //!
 //! The accept loop is also the listener's proof of life: it writes the
 //! listener's heartbeat (`steer::FailOpen::beat`), so a stopped or wedged daemon
@@ -11,16 +12,11 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
-use serde::Serialize;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -28,189 +24,11 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use nearblock_common::failopen::HEARTBEAT_INTERVAL_NS;
 
+use super::bytes::relay;
 use super::catalog::Catalog;
 use super::connection::{splice_iscsi, ConnectionError, SpliceContext};
+use super::stats::SplicerStats;
 use crate::steer::{self, Admit, FailOpen, Keepalive};
-
-/// Relay buffer per direction: large enough for a whole 256 KiB iSCSI burst.
-const RELAY_BUF: usize = 256 * 1024;
-
-/// Splicer counters (exported in status and metrics).
-#[derive(Debug, Default)]
-pub struct SplicerStats {
-    /// iSCSI connections handed to the byte relay after login (no served LUN).
-    pub raw_relayed: AtomicU64,
-    pub accepted: AtomicU64,
-    pub active: AtomicU64,
-    pub upstream_failed: AtomicU64,
-    pub bytes_to_target: AtomicU64,
-    pub bytes_to_initiator: AtomicU64,
-    /// Connections closed because a PDU could not be decoded or framed.
-    pub protocol_errors: AtomicU64,
-    /// Sessions whose login text could be read more than one way (passed through).
-    pub sessions_ambiguous: AtomicU64,
-    /// Served LUNs a session stopped being served (it may have written them, or
-    /// overflowed a per-session bound), counted per session and LUN.
-    pub sessions_tainted: AtomicU64,
-    /// Connections accepted over a connection cap, relayed as bytes.
-    pub over_cap_relayed: AtomicU64,
-    /// Accepts and upstream sockets that failed for want of file descriptors.
-    pub fd_exhausted: AtomicU64,
-    /// READs of served LUNs answered locally, per design.
-    pub reads_served_shadow: AtomicU64,
-    pub reads_served_local: AtomicU64,
-    /// READs of served LUNs passed through to the library (not all blocks at hand).
-    pub reads_passed: AtomicU64,
-    /// Per-block provenance of served READs (blocks touched, bytes sent), by
-    /// [`crate::fetch::SourceClass`] index.
-    pub served_blocks: [AtomicU64; 5],
-    pub served_bytes: [AtomicU64; 5],
-    /// Bytes served from blocks fetched from peers, by hop distance.
-    pub hop_bytes: [AtomicU64; crate::fetch::MAX_HOPS + 1],
-    /// Bytes of served LUNs' READs the library answered.
-    pub library_bytes: AtomicU64,
-    /// Blocks verified against the manifest and inserted into the cache.
-    pub learned_blocks: AtomicU64,
-    /// Library blocks whose hash did not match the manifest (the LUN is tainted).
-    pub verify_failures: AtomicU64,
-    /// The block cache, for its counters.
-    pub cache: std::sync::OnceLock<Arc<crate::fetch::BlockCache>>,
-    /// The peer fetcher, for its counters.
-    pub sourcing: std::sync::OnceLock<Arc<crate::fetch::Sourcing>>,
-    /// The served LUNs, for their prefetch status.
-    pub catalog: std::sync::OnceLock<Arc<super::catalog::Catalog>>,
-}
-
-/// Blocks and bytes served from one source class.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Served {
-    pub blocks: u64,
-    pub bytes: u64,
-}
-
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
-pub struct SplicerSnapshot {
-    #[serde(default)]
-    pub raw_relayed: u64,
-    pub accepted: u64,
-    pub active: u64,
-    pub upstream_failed: u64,
-    pub bytes_to_target: u64,
-    pub bytes_to_initiator: u64,
-    #[serde(default)]
-    pub protocol_errors: u64,
-    #[serde(default)]
-    pub sessions_ambiguous: u64,
-    #[serde(default)]
-    pub sessions_tainted: u64,
-    pub over_cap_relayed: u64,
-    #[serde(default)]
-    pub fd_exhausted: u64,
-    #[serde(default)]
-    pub reads_served_shadow: u64,
-    #[serde(default)]
-    pub reads_served_local: u64,
-    #[serde(default)]
-    pub reads_passed: u64,
-    #[serde(default)]
-    pub zero_blocks: u64,
-    #[serde(default)]
-    pub zero_bytes: u64,
-    #[serde(default)]
-    pub cache_blocks: u64,
-    #[serde(default)]
-    pub cache_bytes: u64,
-    #[serde(default)]
-    pub library_bytes: u64,
-    #[serde(default)]
-    pub learned_blocks: u64,
-    #[serde(default)]
-    pub verify_failures: u64,
-    #[serde(default)]
-    pub cache: Option<crate::fetch::CacheSnapshot>,
-    /// Served blocks by source: zero, cache, rack, other_rack, library.
-    #[serde(default)]
-    pub served: std::collections::BTreeMap<crate::fetch::SourceClass, Served>,
-    /// Bytes served from fetched blocks by the hop distance of their source.
-    #[serde(default)]
-    pub served_bytes_by_hops: std::collections::BTreeMap<u8, u64>,
-    #[serde(default)]
-    pub sourcing: Option<crate::fetch::SourcingSnapshot>,
-    /// Prefetches of LUNs in prefetch mode (latest per LUN).
-    #[serde(default)]
-    pub prefetch: Vec<crate::fetch::prefetch::PrefetchStatus>,
-    /// Every declared LUN: served or not and why, its manifest.
-    #[serde(default)]
-    pub luns: Vec<super::catalog::LunStatus>,
-}
-
-impl SplicerStats {
-    /// Add one served READ's provenance.
-    pub fn count_provenance(&self, prov: &crate::fetch::Provenance) {
-        for (i, c) in self.served_blocks.iter().enumerate() {
-            c.fetch_add(prov.blocks[i], Ordering::Relaxed);
-        }
-        for (i, c) in self.served_bytes.iter().enumerate() {
-            c.fetch_add(prov.bytes[i], Ordering::Relaxed);
-        }
-        for (i, c) in self.hop_bytes.iter().enumerate() {
-            if prov.hop_bytes[i] > 0 {
-                c.fetch_add(prov.hop_bytes[i], Ordering::Relaxed);
-            }
-        }
-    }
-
-    pub fn snapshot(&self) -> SplicerSnapshot {
-        use crate::fetch::SourceClass;
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let served_of = |class: SourceClass| Served {
-            blocks: get(&self.served_blocks[class.index()]),
-            bytes: get(&self.served_bytes[class.index()]),
-        };
-        SplicerSnapshot {
-            raw_relayed: get(&self.raw_relayed),
-            accepted: get(&self.accepted),
-            active: get(&self.active),
-            upstream_failed: get(&self.upstream_failed),
-            bytes_to_target: get(&self.bytes_to_target),
-            bytes_to_initiator: get(&self.bytes_to_initiator),
-            protocol_errors: get(&self.protocol_errors),
-            sessions_ambiguous: get(&self.sessions_ambiguous),
-            sessions_tainted: get(&self.sessions_tainted),
-            over_cap_relayed: get(&self.over_cap_relayed),
-            fd_exhausted: get(&self.fd_exhausted),
-            reads_served_shadow: get(&self.reads_served_shadow),
-            reads_served_local: get(&self.reads_served_local),
-            reads_passed: get(&self.reads_passed),
-            zero_blocks: served_of(SourceClass::Zero).blocks,
-            zero_bytes: served_of(SourceClass::Zero).bytes,
-            cache_blocks: served_of(SourceClass::Cache).blocks,
-            cache_bytes: served_of(SourceClass::Cache).bytes,
-            served: SourceClass::ALL
-                .iter()
-                .map(|&c| (c, served_of(c)))
-                .collect(),
-            served_bytes_by_hops: self
-                .hop_bytes
-                .iter()
-                .enumerate()
-                .map(|(h, c)| (h as u8, get(c)))
-                .filter(|(_, v)| *v > 0)
-                .collect(),
-            sourcing: self.sourcing.get().map(|s| s.snapshot()),
-            prefetch: self
-                .catalog
-                .get()
-                .map(|c| c.prefetches())
-                .unwrap_or_default(),
-            luns: self.catalog.get().map(|c| c.statuses()).unwrap_or_default(),
-            library_bytes: get(&self.library_bytes),
-            learned_blocks: get(&self.learned_blocks),
-            verify_failures: get(&self.verify_failures),
-            cache: self.cache.get().map(|c| c.snapshot()),
-        }
-    }
-}
 
 /// How upstream connections are made.
 #[derive(Clone, Debug)]
@@ -399,98 +217,5 @@ async fn splice_connection(
             }
             warn!(cause = %e, "connection closed");
         }
-    }
-}
-
-/// Relay both directions until both have ended; an error in one direction tears
-/// down the other (a clean EOF is passed on as a half-close).
-pub async fn relay(client: TcpStream, upstream: TcpStream, stats: &SplicerStats) -> (u64, u64) {
-    let (cr, cw) = client.into_split();
-    let (ur, uw) = upstream.into_split();
-    let up = pump(cr, uw, &stats.bytes_to_target);
-    let down = pump(ur, cw, &stats.bytes_to_initiator);
-    tokio::pin!(up, down);
-    let mut up_done = None;
-    let mut down_done = None;
-    while up_done.is_none() || down_done.is_none() {
-        tokio::select! {
-            r = &mut up, if up_done.is_none() => {
-                let failed = r.is_err();
-                up_done = Some(r.unwrap_or_else(|(n, _)| n));
-                if failed { break; }
-            }
-            r = &mut down, if down_done.is_none() => {
-                let failed = r.is_err();
-                down_done = Some(r.unwrap_or_else(|(n, _)| n));
-                if failed { break; }
-            }
-        }
-    }
-    (up_done.unwrap_or(0), down_done.unwrap_or(0))
-}
-
-/// Copy until EOF, then shut the write side down. Returns the byte count, also
-/// on error.
-async fn pump<R, W>(mut r: R, mut w: W, counter: &AtomicU64) -> Result<u64, (u64, std::io::Error)>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; RELAY_BUF];
-    let mut total = 0u64;
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) => {
-                let _ = w.shutdown().await;
-                return Ok(total);
-            }
-            Ok(n) => n,
-            Err(e) => return Err((total, e)),
-        };
-        if let Err(e) = w.write_all(&buf[..n]).await {
-            return Err((total, e));
-        }
-        total += n as u64;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The relay carries both directions intact and passes a half-close on.
-    #[tokio::test]
-    async fn relays_both_directions_and_half_close() {
-        let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (a_addr, b_addr) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
-        let client = tokio::spawn(async move {
-            let mut s = TcpStream::connect(a_addr).await.unwrap();
-            let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-            s.write_all(&data).await.unwrap();
-            s.shutdown().await.unwrap();
-            let mut back = Vec::new();
-            s.read_to_end(&mut back).await.unwrap();
-            back
-        });
-        let server = tokio::spawn(async move {
-            let (mut s, _) = lb.accept().await.unwrap();
-            let mut got = Vec::new();
-            s.read_to_end(&mut got).await.unwrap();
-            got.reverse();
-            s.write_all(&got).await.unwrap();
-        });
-        let (c, _) = la.accept().await.unwrap();
-        let u = TcpStream::connect(b_addr).await.unwrap();
-        let stats = SplicerStats::default();
-        let (up, down) = relay(c, u, &stats).await;
-        let back = client.await.unwrap();
-        server.await.unwrap();
-        let mut expect: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        expect.reverse();
-        assert_eq!(back, expect);
-        assert_eq!((up, down), (1_000_000, 1_000_000));
-        assert_eq!(stats.snapshot().bytes_to_target, 1_000_000);
     }
 }
