@@ -750,6 +750,22 @@ impl Lab {
         serde_json::from_slice(&out.stdout).context("status JSON")
     }
 
+    /// `GET /metrics` of the daemon in `node` (open route, default API address),
+    /// as curl fetches it.
+    pub fn metrics(&self, node: &str) -> Result<String> {
+        let out = self.exec_ok(
+            node,
+            &[
+                "curl",
+                "-sf",
+                "--max-time",
+                "10",
+                "http://127.0.0.1:7878/metrics",
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Kernel interface statistics (rx_bytes, tx_bytes) of every port of `node`.
     pub fn link_bytes(&self, node: &str) -> Result<Vec<(String, u64, u64)>> {
         let mut out = Vec::new();
@@ -1019,4 +1035,57 @@ mod tests {
             assert_eq!(t["api"]["read_token_file"].as_str(), Some("/lab/r"));
         }
     }
+}
+
+/// The metric names in Prometheus text: every `# TYPE` line's name, counters with
+/// the `_total` their samples carry.
+pub fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (name, kind) = (w.next()?, w.next()?);
+            Some(if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            })
+        })
+        .collect()
+}
+
+/// The metric names docs/operations.md lists under `GET /metrics` (backticked
+/// `nearblock_…` names, `{a,b}` alternatives expanded, label sets dropped).
+pub fn documented_metric_names() -> Result<std::collections::BTreeSet<String>> {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"),
+    )?;
+    let start = doc
+        .find("- `GET /metrics`")
+        .context("docs/operations.md has no `GET /metrics` entry")?;
+    let section = &doc[start..];
+    let section = &section[..section.find("\n\n").unwrap_or(section.len())];
+    let mut names = std::collections::BTreeSet::new();
+    for quoted in section.split('`').skip(1).step_by(2) {
+        let Some(name) = quoted.strip_prefix("nearblock_") else {
+            continue;
+        };
+        // Labels (`{verdict}`) follow a complete name; alternatives sit inside it.
+        let (head, tail) = match name.find('{') {
+            Some(i) => (&name[..i], &name[i..]),
+            None => (name, ""),
+        };
+        match (tail.find('}'), head.ends_with('_')) {
+            (Some(end), true) => {
+                let rest = &tail[end + 1..];
+                for alt in tail[1..end].split(',') {
+                    names.insert(format!("nearblock_{head}{alt}{rest}"));
+                }
+            }
+            _ => {
+                names.insert(format!("nearblock_{head}"));
+            }
+        }
+    }
+    Ok(names)
 }

@@ -397,6 +397,18 @@ fn copies_are_identical_in_every_source_mix() {
         prefetch_blocks * 4096,
         "{after:?}"
     );
+
+    // `/metrics` of this appliance (every stage on: datapath, splicer, cache,
+    // sourcing, sampler) exports exactly the series docs/operations.md documents.
+    let exported = nearblock_lab::metric_names(&rig.lab.metrics("rack1").unwrap());
+    let documented = nearblock_lab::documented_metric_names().unwrap();
+    assert!(documented.len() >= 20, "docs list only {documented:?}");
+    let undocumented: Vec<_> = exported.difference(&documented).collect();
+    let missing: Vec<_> = documented.difference(&exported).collect();
+    assert!(
+        undocumented.is_empty() && missing.is_empty(),
+        "exported but not in docs/operations.md: {undocumented:?}; documented but not exported: {missing:?}"
+    );
 }
 
 /// Copy the LUN from hv1 through rack1 and check it is the image.

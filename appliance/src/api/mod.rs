@@ -380,6 +380,11 @@ struct IfaceLabel {
     direction: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabel {
+    interface: String,
+}
+
 /// `GET /metrics`: open (Prometheus scrapers hold no token). It shows counters
 /// by verdict, interface name and source class only: no addresses, IQNs or
 /// image names (those are in the token-guarded `/status`).
@@ -421,6 +426,37 @@ pub fn render_metrics(r: &StatusReport) -> String {
         "interface_bytes",
         "Bytes per interface and direction",
         bytes,
+    );
+    // The sampler's live rates (bits per second over its last interval) and, for
+    // links with a configured capacity, their utilisation.
+    let rates = Family::<IfaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let utilisation = Family::<LinkLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for i in &r.interfaces {
+        for (dir, bps) in [("rx", i.rate.rx_bps), ("tx", i.rate.tx_bps)] {
+            rates
+                .get_or_create(&IfaceLabel {
+                    interface: i.interface.clone(),
+                    direction: dir.into(),
+                })
+                .set(bps);
+        }
+        if let Some(u) = i.rate.utilization {
+            utilisation
+                .get_or_create(&LinkLabel {
+                    interface: i.interface.clone(),
+                })
+                .set(u);
+        }
+    }
+    reg.register(
+        "interface_bits_per_second",
+        "Bits per second per interface and direction over the last sample interval",
+        rates,
+    );
+    reg.register(
+        "link_utilization",
+        "max(rx, tx) over the link's configured capacity",
+        utilisation,
     );
     let s = &r.splicer;
     for (name, help, v) in [

@@ -370,7 +370,7 @@ impl Holders {
 }
 
 /// Snapshot + overlay: the full holder index. Sources are dense u32 ids.
-pub struct HolderIndex {
+pub struct HolderTable {
     pub snap: Snapshot,
     coarse: Option<u32>,
     dirty: Vec<bool>,
@@ -379,7 +379,7 @@ pub struct HolderIndex {
     n_adds: usize,
 }
 
-impl HolderIndex {
+impl HolderTable {
     pub fn new(snap: Snapshot, coarse: Option<u32>) -> Self {
         Self {
             snap,

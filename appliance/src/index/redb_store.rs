@@ -27,7 +27,7 @@ use std::{
 use super::{IndexError, IoContext, Result};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::lookup::{coarse_for, entries_of, HolderIndex, Snapshot, COARSE_BIT};
+use super::lookup::{coarse_for, entries_of, HolderTable, Snapshot, COARSE_BIT};
 use super::manifest::{check_max_image_blocks, put_str, Reader, DEFAULT_MAX_IMAGE_BLOCKS};
 use super::store::{BlockStore, Change, ImageInfo, Location};
 use super::{BlockHash, DecodeError, Manifest};
@@ -191,7 +191,7 @@ fn source_key(host: &str, image: &str, block_size: u32) -> String {
 struct State {
     coarse: Option<u32>,
     sources: Vec<Option<SourceInfo>>,
-    holders: HolderIndex,
+    holders: HolderTable,
     seq: u64,
 }
 
@@ -336,7 +336,7 @@ impl RedbStore {
         report.snapshot_ms = t1.elapsed().as_secs_f64() * 1e3;
 
         let t2 = Instant::now();
-        let mut holders = HolderIndex::new(snap, opts.coarse);
+        let mut holders = HolderTable::new(snap, opts.coarse);
         let manifests = r.open_table(MANIFESTS)?;
         for (id, s) in sources.iter().enumerate() {
             if let Some(s) = s {
@@ -412,7 +412,7 @@ impl RedbStore {
             self.opts.max_image_blocks,
         )?;
         let mut st = rd(self.state.write());
-        st.holders = HolderIndex::new(snap, self.opts.coarse);
+        st.holders = HolderTable::new(snap, self.opts.coarse);
         Ok(())
     }
 
