@@ -17,9 +17,7 @@ use nearblock::config::Config;
 use nearblock::index::{BlockHash, Change, Location, Manifest};
 use nearblock::plan::place::HostMetrics;
 use nearblock::serve::config::{AgentConfig, IndexerConfig};
-use nearblock::serve::proto::{
-    BlockReply, Holder, HostReport, ManifestPiece, Msg, Role, HEADER_LEN,
-};
+use nearblock::serve::proto::{BlockReply, Holder, HostReport, ManifestPiece, Msg, HEADER_LEN};
 use nearblock::splice::pdu::{Bhs, Digests, Opcode, Pdu};
 use nearblock_fuzz::{connection as conn, input::put_chunks, pdu_stream, peer};
 
@@ -453,10 +451,10 @@ fn hash(i: u8) -> BlockHash {
 }
 
 fn message_seed(msg: &Msg) -> Vec<u8> {
-    let wire = msg.encode(1);
-    Msg::decode(wire[5], wire.slice(4 + HEADER_LEN..)).expect("a seed message decodes");
-    let mut seed = vec![peer::SELECT_MESSAGE, wire[5]];
-    seed.extend_from_slice(&wire[4 + HEADER_LEN..]);
+    let body = msg.encode(1).slice(4 + HEADER_LEN..);
+    Msg::decode(body.clone()).expect("a seed message decodes");
+    let mut seed = vec![peer::SELECT_MESSAGE];
+    seed.extend_from_slice(&body);
     seed
 }
 
@@ -493,24 +491,7 @@ fn peer_seeds() -> Vec<(&'static str, Vec<u8>)> {
         blocks: vec![(1, Some(hash(9))), (6, None)],
     };
     let messages = [
-        (
-            "hello",
-            Msg::Hello {
-                role: Role::Agent,
-                node: "hv1".into(),
-                nonce: [7; 32],
-            },
-        ),
-        (
-            "challenge",
-            Msg::Challenge {
-                role: Role::Indexer,
-                node: "rack1".into(),
-                nonce: [8; 32],
-                mac: [9; 32],
-            },
-        ),
-        ("auth", Msg::Auth { mac: [3; 32] }),
+        ("auth-ok", Msg::AuthOk),
         (
             "error",
             Msg::Error {

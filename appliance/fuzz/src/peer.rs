@@ -3,7 +3,8 @@
 //! bytes a peer (agent, indexer, client) sends.
 //!
 //! Input: a selector byte, then the bytes to decode.
-//! - [`SELECT_MESSAGE`]: a kind byte, then the frame payload.
+//! - [`SELECT_MESSAGE`]: a frame's body (postcard, the kind byte first, and the
+//!   hand-encoded tail of a `Blocks` reply or a `Fragment`).
 //! - [`SELECT_MANIFEST`]: a manifest encoding without its trailing CRC32C, which the
 //!   harness appends (a peer computes it as easily; without it the fuzzer would
 //!   stop at the checksum).
@@ -32,20 +33,15 @@ pub fn run(data: &[u8]) {
     }
 }
 
-/// The kind byte's offset in an encoded frame: after the 4-byte length and the
-/// version byte.
-const KIND_AT: usize = 5;
+/// A body's offset in an encoded frame: after the 4-byte length and the header.
+const BODY_AT: usize = 4 + HEADER_LEN;
 
-fn message(data: &[u8]) {
-    let Some((&kind, payload)) = data.split_first() else {
-        return;
-    };
-    let Ok(msg) = Msg::decode(kind, Bytes::copy_from_slice(payload)) else {
+fn message(body: &[u8]) {
+    let Ok(msg) = Msg::decode(Bytes::copy_from_slice(body)) else {
         return;
     };
     let wire = msg.encode(0);
-    let again = Msg::decode(wire[KIND_AT], wire.slice(4 + HEADER_LEN..))
-        .expect("an encoded message decodes");
+    let again = Msg::decode(wire.slice(BODY_AT..)).expect("an encoded message decodes");
     assert_eq!(
         again.encode(0),
         wire,

@@ -4,7 +4,9 @@ use std::fmt;
 
 /// blake3 hash of a block's bytes (the whole block; a short tail block is hashed as
 /// its own, shorter, bytes).
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct BlockHash(pub [u8; 32]);
 
 impl BlockHash {

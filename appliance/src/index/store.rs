@@ -16,7 +16,7 @@ use super::manifest::{put_bytes, put_str, DecodeError, Reader, DEFAULT_MAX_IMAGE
 use super::{BlockHash, IndexError, Manifest, Result};
 
 /// Where a copy of a block is: `len` bytes at `offset` of `image` on `host`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Location {
     pub host: Arc<str>,
     pub image: Arc<str>,

@@ -280,7 +280,7 @@ where
         write_message(&mut wr, &buf[..n]).await?;
         let (mut reader, writer) = secure(rd, wr, hs.into_stateless_transport_mode()?);
         match read_frame(&mut reader, VERDICT_MAX_FRAME).await? {
-            Some(f) => match Msg::decode(f.kind, f.payload)? {
+            Some(f) => match Msg::decode(f.body)? {
                 Msg::AuthOk => Ok(Secured {
                     peer: PeerInfo {
                         role: srole,

@@ -21,18 +21,20 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use tokio::{
     io::{AsyncWriteExt, BufWriter},
     net::TcpStream,
     sync::{mpsc, oneshot, Semaphore},
     task::JoinSet,
 };
+use tokio_util::codec::FramedRead;
 
 use super::{
     auth::client_handshake,
     identity::Credentials,
     proto::{
-        BlockReply, FrameReader, Holder, HostReport, ManifestPiece, Msg, PushedChange, Role,
+        BlockReply, FrameCodec, Holder, HostReport, ManifestPiece, Msg, PushedChange, Role,
         DEFAULT_MAX_FRAME, MAX_MANIFEST_PIECE,
     },
 };
@@ -307,11 +309,15 @@ impl Conn {
                 addr.to_string(),
             );
             async move {
-                let mut rd = FrameReader::new(rd, max_frame);
+                let mut rd = FramedRead::with_capacity(
+                    rd,
+                    FrameCodec::new(max_frame),
+                    FrameCodec::READ_CHUNK,
+                );
                 let why = loop {
                     match rd.next().await {
-                        Ok(Some(f)) => {
-                            let m = Msg::decode(f.kind, f.payload).map_err(|e| e.to_string());
+                        Some(Ok(f)) => {
+                            let m = Msg::decode(f.body).map_err(|e| e.to_string());
                             let bad = m.is_err();
                             let waiter = lock(&pending).as_mut().and_then(|p| p.remove(&f.id));
                             if let Some(w) = waiter {
@@ -321,8 +327,8 @@ impl Conn {
                                 break "malformed reply".to_string();
                             }
                         }
-                        Ok(None) => break "closed by peer".to_string(),
-                        Err(e) => break e.to_string(),
+                        None => break "closed by peer".to_string(),
+                        Some(Err(e)) => break e.to_string(),
                     }
                 };
                 alive.store(false, Ordering::Release);

@@ -1,15 +1,31 @@
 //! The peer protocol's frames and messages.
 //!
 //! A frame on the wire: `u32` length (big endian; counts everything after it), a
-//! version byte ([`VERSION`]), a kind byte, a `u64` request id, then the payload.
-//! A response carries the id of its request, so requests pipeline on one
-//! connection and are answered in any order. Integers inside payloads are little
-//! endian; strings and byte strings are `u32` length + bytes. Decoding never
-//! panics: every length is checked against what is left of the frame, and frames
-//! above the receiver's limit are refused before they are read.
+//! version byte ([`VERSION`]), a `u64` request id (big endian), then the message
+//! body. A response carries the id of its request, so requests pipeline on one
+//! connection and are answered in any order. [`FrameCodec`] cuts a stream into
+//! frames (`tokio_util::codec`); frames above the receiver's limit are refused
+//! before they are read.
+//!
+//! A body is the [`postcard`] encoding of a [`Msg`]: its first byte is the
+//! variant index (the message's kind), then the fields (integers as varints,
+//! strings and byte strings length-prefixed). Two kinds carry a raw tail after
+//! that, by hand, so that megabytes of block data are never copied: a
+//! [`Msg::Blocks`] reply (a postcard header per item, then the found blocks'
+//! bytes concatenated; decoded blocks are slices of the frame's buffer) and a
+//! [`Msg::Fragment`] (its piece of a larger request). Decoding never panics:
+//! every count read from the wire is checked against its limit before anything
+//! is sized by it, and anything malformed is an error.
+
+use std::{fmt, marker::PhantomData};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{
+    de::{self, DeserializeSeed, SeqAccess, Visitor},
+    Deserialize, Deserializer, Serialize,
+};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::codec::{Decoder, Encoder};
 
 use crate::{
     index::{BlockHash, Location},
@@ -17,10 +33,11 @@ use crate::{
 };
 
 /// Protocol version spoken by this build. Version 2: per-node keys and the Noise
-/// channel (`auth`); the handshake messages of version 1 are gone.
+/// channel (`auth`), the handshake messages of version 1 gone, and message
+/// bodies in postcard.
 pub const VERSION: u8 = 2;
-/// Version byte + kind byte + request id.
-pub const HEADER_LEN: usize = 1 + 1 + 8;
+/// Version byte + request id.
+pub const HEADER_LEN: usize = 1 + 8;
 /// Default limit on one frame (length field), both directions.
 pub const DEFAULT_MAX_FRAME: u32 = 32 << 20;
 /// Most hashes one `GetBlocks` or `Holders` request may carry.
@@ -28,7 +45,7 @@ pub const MAX_HASHES: usize = 16_384;
 /// Most host reports one `HostMetrics` request may carry.
 pub const MAX_REPORTS: usize = 16_384;
 /// Most changes one `Push` may carry: 2^20 (a normal push carries at most 256,
-/// a resync piece is cut at this count too). A change is at least 12 bytes on
+/// a resync piece is cut at this count too). A change is at least 2 bytes on
 /// the wire but 40 decoded, so the count is bounded, not just the bytes.
 pub const MAX_PUSH_CHANGES: usize = 1 << 20;
 /// Most host → address pairs one `Push` may carry (one per host below the child).
@@ -37,9 +54,13 @@ pub const MAX_PUSH_ADDRS: usize = 1 << 20;
 /// pieces, each asked for by offset): 16 MiB, half the default frame limit — a
 /// 1 GiB image at 4 KiB (262,144 blocks, ~8.4 MB encoded) fits in one.
 pub const MAX_MANIFEST_PIECE: u32 = 16 << 20;
+/// Most holders one `HoldersReply` may carry, over all its hashes: 2^20, about
+/// what the default frame held in version 2's first, fixed-width encoding (a
+/// holder is at least 6 bytes in postcard but ~150 decoded).
+pub const MAX_HOLDERS: usize = 1 << 20;
 
 /// What a peer is (sent in the handshake and bound into its MAC).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Role {
     /// Serves blocks of its own files.
     Agent,
@@ -98,7 +119,7 @@ pub enum BlockReply {
 }
 
 /// A copy of a block and the address of the peer serving it (if known).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub location: Location,
     /// `ip:port` of the host's block service.
@@ -107,7 +128,7 @@ pub struct Holder {
 
 /// A host's load (used fractions in [0, 1], each optional) and how long ago it
 /// was measured (relative, so the peers' clocks need not agree).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostReport {
     pub host: String,
     pub metrics: HostMetrics,
@@ -115,7 +136,7 @@ pub struct HostReport {
 }
 
 /// One piece of an image's manifest ([`Msg::ManifestReply`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ManifestPiece {
     /// Neither the server nor (when it asked) its parent has the image.
     Absent,
@@ -154,10 +175,12 @@ impl ManifestPiece {
 }
 
 /// One change of a push: the child's sequence number and the change in the
-/// index's own encoding ([`crate::index::Change::encode`]).
+/// index's own encoding ([`crate::index::Change::encode`]), opaque here.
 pub type PushedChange = (u64, Bytes);
 
-#[derive(Clone, Debug, PartialEq)]
+/// A peer message. The order of the variants is the wire's numbering of kinds
+/// (postcard's variant index): add new kinds at the end, never reorder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Msg {
     /// The server accepted the client's key (the first frame on the channel).
     AuthOk,
@@ -168,17 +191,23 @@ pub enum Msg {
         message: String,
     },
     GetBlocks {
+        #[serde(deserialize_with = "bounded::<_, _, MAX_HASHES>")]
         hashes: Vec<BlockHash>,
     },
+    /// Encoded by hand after the kind byte (see [`encode_blocks`]): the blocks
+    /// are the frame's bytes, not copies.
     Blocks {
+        #[serde(skip)]
         items: Vec<BlockReply>,
     },
     Holders {
         /// Do not ask the parent for hashes without a local holder.
         local_only: bool,
+        #[serde(deserialize_with = "bounded::<_, _, MAX_HASHES>")]
         hashes: Vec<BlockHash>,
     },
     HoldersReply {
+        #[serde(deserialize_with = "holder_lists")]
         items: Vec<Vec<Holder>>,
     },
     /// Changes of `node` (a child indexer or agent). `resync`: the changes are a
@@ -190,7 +219,9 @@ pub enum Msg {
         resync: bool,
         upto: u64,
         /// Host → block service address, as known to the child.
+        #[serde(deserialize_with = "bounded::<_, _, MAX_PUSH_ADDRS>")]
         addrs: Vec<(String, String)>,
+        #[serde(deserialize_with = "bounded::<_, _, MAX_PUSH_CHANGES>")]
         changes: Vec<PushedChange>,
     },
     /// The parent applied the child's changes up to `seq` (durably). The reply
@@ -199,10 +230,11 @@ pub enum Msg {
         seq: u64,
     },
     /// Host load reports, child → parent: an agent's own (measured or pinned),
-    /// or an indexer forwarding the latest of every host below it. Added after
-    /// version 1 shipped, as a new kind: a peer that does not know it answers
-    /// `BAD_REQUEST` and closes the connection (the sender then backs off).
+    /// or an indexer forwarding the latest of every host below it. A peer that
+    /// does not know a kind answers `BAD_REQUEST` and closes the connection (the
+    /// sender then backs off).
     HostMetrics {
+        #[serde(deserialize_with = "bounded::<_, _, MAX_REPORTS>")]
         reports: Vec<HostReport>,
     },
     /// An image's manifest as `host` holds it (at `block_size`; 0: the smallest
@@ -211,8 +243,7 @@ pub enum Msg {
     /// has (all zero: none); if it is still current the answer is
     /// [`ManifestPiece::Unchanged`]. An indexer without that holding asks its
     /// parent (with the same host); another host's manifest of the same image
-    /// name is never the answer. An empty `host` is malformed. Added after
-    /// version 1 shipped, as a new kind: an older peer answers `BAD_REQUEST`.
+    /// name is never the answer. An empty `host` is malformed.
     GetManifest {
         host: String,
         image: String,
@@ -233,32 +264,17 @@ pub enum Msg {
         json: String,
     },
     /// A piece of a request too large for one frame: the pieces of one request
-    /// share its id and, concatenated, are its kind byte followed by its payload.
-    /// The last piece completes the request.
+    /// share its id and, concatenated, are its body (kind byte included). The
+    /// last piece completes the request. `data` is the raw tail of the body.
     Fragment {
         last: bool,
+        #[serde(skip)]
         data: Bytes,
     },
 }
 
-// Kinds 1-3 were version 1's handshake (Hello, Challenge, Auth).
-const K_AUTH_OK: u8 = 4;
-const K_ERROR: u8 = 5;
-const K_GET_BLOCKS: u8 = 16;
-const K_BLOCKS: u8 = 17;
-const K_HOLDERS: u8 = 18;
-const K_HOLDERS_REPLY: u8 = 19;
-const K_PUSH: u8 = 20;
-const K_ACK: u8 = 21;
-const K_PING: u8 = 22;
-const K_PONG: u8 = 23;
-const K_STATUS: u8 = 24;
-const K_STATUS_REPLY: u8 = 25;
-const K_HOST_METRICS: u8 = 26;
-const K_GET_MANIFEST: u8 = 27;
-const K_MANIFEST_REPLY: u8 = 28;
-/// Kind of [`Msg::Fragment`].
-pub const K_FRAGMENT: u8 = 6;
+/// Kind (first body byte) of [`Msg::Fragment`]: its variant index.
+pub const K_FRAGMENT: u8 = 15;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
@@ -270,8 +286,8 @@ pub enum ProtoError {
     Short(u32),
     #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
     Version(u8),
-    #[error("unknown message kind {0}")]
-    UnknownKind(u8),
+    #[error("malformed message: {0}")]
+    Decode(#[from] postcard::Error),
     #[error("malformed message: {0}")]
     Malformed(&'static str),
 }
@@ -279,13 +295,21 @@ pub enum ProtoError {
 /// A received frame, not yet decoded.
 #[derive(Debug)]
 pub struct Frame {
-    pub kind: u8,
     pub id: u64,
-    pub payload: Bytes,
+    /// The message body ([`Msg::decode`]).
+    pub body: Bytes,
 }
 
-/// Reads one frame. `Ok(None)`: the peer closed the connection between frames.
-/// (For a stream of frames, [`FrameReader`] reads in large chunks.)
+impl Frame {
+    /// Whether the frame carries a [`Msg::Fragment`] (to be reassembled first).
+    pub fn is_fragment(&self) -> bool {
+        self.body.first() == Some(&K_FRAGMENT)
+    }
+}
+
+/// Reads exactly one frame, nothing past it (the handshake's verdict, after
+/// which the stream is handed on). `Ok(None)`: the peer closed the connection
+/// before the frame. For a stream of frames, use [`FrameCodec`].
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max_frame: u32,
@@ -297,8 +321,6 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         Err(e) => return Err(e.into()),
     }
     let len = frame_len(len, max_frame)?;
-    // Read into spare capacity: a block reply is megabytes, and zeroing it first
-    // costs a pass over memory for nothing.
     let mut buf = BytesMut::with_capacity(len);
     while buf.len() < len {
         let want = len - buf.len();
@@ -322,103 +344,289 @@ fn frame_len(prefix: [u8; 4], max_frame: u32) -> Result<usize, ProtoError> {
     Ok(len as usize)
 }
 
-/// A frame from its bytes after the length prefix (version, kind, id, payload).
+/// A frame from its bytes after the length prefix (version, id, body).
 fn parse_frame(buf: Bytes) -> Result<Frame, ProtoError> {
     if buf[0] != VERSION {
         return Err(ProtoError::Version(buf[0]));
     }
-    let kind = buf[1];
-    let id = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
+    let id = u64::from_be_bytes(buf[1..HEADER_LEN].try_into().expect("8 bytes"));
     Ok(Frame {
-        kind,
         id,
-        payload: buf.slice(HEADER_LEN..),
+        body: buf.slice(HEADER_LEN..),
     })
 }
 
-/// Frames from a stream, read in large chunks into one buffer that frames are
-/// split off (no copy): the block service's replies are megabytes, and a
-/// buffered reader in between would copy every byte once more.
-pub struct FrameReader<R> {
-    rd: R,
-    buf: BytesMut,
+/// The frame codec (`tokio_util::codec`): under a `FramedRead`, frames are split
+/// off the read buffer without a copy (a block reply is megabytes), and a frame
+/// above `max_frame` is refused on its length prefix, before it is read.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameCodec {
     max_frame: u32,
 }
 
-impl<R: AsyncRead + Unpin> FrameReader<R> {
-    /// Read at least this much at a time.
-    const CHUNK: usize = 256 << 10;
+impl FrameCodec {
+    /// Read buffer to give a `FramedRead` (`FramedRead::with_capacity`): reads
+    /// of at least this much at a time.
+    pub const READ_CHUNK: usize = 256 << 10;
 
-    pub fn new(rd: R, max_frame: u32) -> Self {
-        FrameReader {
-            rd,
-            buf: BytesMut::new(),
-            max_frame,
+    pub fn new(max_frame: u32) -> Self {
+        FrameCodec { max_frame }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = ProtoError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let prefix: [u8; 4] = src[..4].try_into().expect("4 bytes");
+        let need = 4 + frame_len(prefix, self.max_frame)?;
+        if src.len() < need {
+            // Room for the whole frame, so it arrives in few large reads.
+            src.reserve(need - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        parse_frame(src.split_to(need - 4).freeze()).map(Some)
+    }
+}
+
+/// Encodes a message with its request id.
+impl Encoder<(u64, &Msg)> for FrameCodec {
+    type Error = ProtoError;
+
+    fn encode(&mut self, (id, msg): (u64, &Msg), dst: &mut BytesMut) -> Result<(), ProtoError> {
+        let at = dst.len();
+        dst.put_u32(0); // length, patched below
+        dst.put_u8(VERSION);
+        dst.put_u64(id);
+        msg.encode_body(dst);
+        let len = (dst.len() - at - 4) as u32;
+        dst[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        Ok(())
+    }
+}
+
+/// postcard's output straight into a `BytesMut` (no intermediate vector).
+struct BufFlavor<'a>(&'a mut BytesMut);
+
+impl postcard::ser_flavors::Flavor for BufFlavor<'_> {
+    type Output = ();
+    fn try_push(&mut self, b: u8) -> postcard::Result<()> {
+        self.0.put_u8(b);
+        Ok(())
+    }
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.put_slice(data);
+        Ok(())
+    }
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+fn put<T: Serialize + ?Sized>(b: &mut BytesMut, v: &T) {
+    // Only sequences of unknown length fail to serialize; none is in a message.
+    postcard::serialize_with_flavor(v, BufFlavor(b)).expect("postcard serializes a message");
+}
+
+/// A sequence of at most `MAX` items: the count is checked before anything is
+/// sized by it, and the vector grows only with items actually decoded (its
+/// first reservation is capped at 1 MiB).
+fn bounded<'de, D, T, const MAX: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    d.deserialize_seq(BoundedSeq::<T, MAX>(PhantomData))
+}
+
+struct BoundedSeq<T, const MAX: usize>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>, const MAX: usize> Visitor<'de> for BoundedSeq<T, MAX> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a sequence of at most {MAX} items")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let n = declared_len(&seq)?;
+        if n > MAX {
+            return Err(de::Error::invalid_length(n, &self));
+        }
+        let mut v = Vec::with_capacity(n.min(first_reservation::<T>()));
+        while let Some(x) = seq.next_element()? {
+            if v.len() == MAX {
+                return Err(de::Error::invalid_length(MAX + 1, &self));
+            }
+            v.push(x);
+        }
+        Ok(v)
+    }
+}
+
+/// The count a sequence declares. postcard gives none when the count exceeds
+/// the bytes left (every item is at least a byte): refused at once.
+fn declared_len<'de, A: SeqAccess<'de>>(seq: &A) -> Result<usize, A::Error> {
+    seq.size_hint()
+        .ok_or_else(|| de::Error::custom("count exceeds payload"))
+}
+
+/// Most items a vector of `T` reserves on a count read from the wire (1 MiB).
+fn first_reservation<T>() -> usize {
+    (1 << 20) / std::mem::size_of::<T>().max(1)
+}
+
+/// `HoldersReply`'s lists: at most [`MAX_HASHES`] lists and [`MAX_HOLDERS`]
+/// holders in all (each count checked before it sizes anything).
+fn holder_lists<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<Holder>>, D::Error> {
+    struct Lists;
+    /// One list, drawing on what is left of the reply's holder budget.
+    struct List<'b>(&'b mut usize);
+
+    impl<'de> Visitor<'de> for Lists {
+        type Value = Vec<Vec<Holder>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(
+                f,
+                "at most {MAX_HASHES} holder lists of {MAX_HOLDERS} holders in all"
+            )
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let n = declared_len(&seq)?;
+            if n > MAX_HASHES {
+                return Err(de::Error::invalid_length(n, &self));
+            }
+            let mut budget = MAX_HOLDERS;
+            let mut v = Vec::with_capacity(n.min(first_reservation::<Vec<Holder>>()));
+            while let Some(list) = seq.next_element_seed(List(&mut budget))? {
+                if v.len() == MAX_HASHES {
+                    return Err(de::Error::invalid_length(MAX_HASHES + 1, &self));
+                }
+                v.push(list);
+            }
+            Ok(v)
         }
     }
+    impl<'de> DeserializeSeed<'de> for List<'_> {
+        type Value = Vec<Holder>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Holder>, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    impl<'de> Visitor<'de> for List<'_> {
+        type Value = Vec<Holder>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "at most {} more holders", self.0)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Holder>, A::Error> {
+            let n = declared_len(&seq)?;
+            if n > *self.0 {
+                return Err(de::Error::invalid_length(n, &self));
+            }
+            *self.0 -= n;
+            let mut v = Vec::with_capacity(n.min(first_reservation::<Holder>()));
+            while let Some(h) = seq.next_element()? {
+                if v.len() == n {
+                    return Err(de::Error::invalid_length(n + 1, &self));
+                }
+                v.push(h);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(Lists)
+}
 
-    /// The next frame; `Ok(None)`: the peer closed the connection between frames.
-    pub async fn next(&mut self) -> Result<Option<Frame>, ProtoError> {
-        loop {
-            let mut need = 4;
-            if self.buf.len() >= 4 {
-                let prefix: [u8; 4] = self.buf[..4].try_into().expect("4 bytes");
-                need = 4 + frame_len(prefix, self.max_frame)?;
-                if self.buf.len() >= need {
-                    self.buf.advance(4);
-                    let frame = self.buf.split_to(need - 4).freeze();
-                    return parse_frame(frame).map(Some);
-                }
+/// The postcard header of one item of a `Blocks` reply; a found block's bytes
+/// follow all the headers, in order.
+#[derive(Serialize, Deserialize)]
+enum BlockHead {
+    Found { len: u32 },
+    NotFound,
+    Skipped,
+    Failed(String),
+}
+
+/// A `Blocks` reply after its kind byte: the item count, a [`BlockHead`] per
+/// item, then the found blocks' bytes concatenated.
+fn encode_blocks(items: &[BlockReply], b: &mut BytesMut) {
+    put(b, &(items.len() as u32));
+    for it in items {
+        match it {
+            BlockReply::Found(d) => put(
+                b,
+                &BlockHead::Found {
+                    len: d.len() as u32,
+                },
+            ),
+            BlockReply::NotFound => put(b, &BlockHead::NotFound),
+            BlockReply::Skipped => put(b, &BlockHead::Skipped),
+            BlockReply::Failed(m) => {
+                put(b, &BlockHead::Failed(m.clone()));
             }
-            self.buf.reserve((need - self.buf.len()).max(Self::CHUNK));
-            if self.rd.read_buf(&mut self.buf).await? == 0 {
-                if self.buf.is_empty() {
-                    return Ok(None);
-                }
-                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-            }
+        }
+    }
+    for it in items {
+        if let BlockReply::Found(d) = it {
+            b.put_slice(d);
         }
     }
 }
 
-fn put_str(b: &mut BytesMut, s: &str) {
-    put_bytes(b, s.as_bytes());
-}
-
-fn put_bytes(b: &mut BytesMut, s: &[u8]) {
-    b.put_u32_le(s.len() as u32);
-    b.put_slice(s);
-}
-
-fn put_hashes(b: &mut BytesMut, hashes: &[BlockHash]) {
-    b.put_u32_le(hashes.len() as u32);
-    for h in hashes {
-        b.put_slice(&h.0);
+/// Decodes what [`encode_blocks`] wrote (`rest`: the body after the kind byte);
+/// found blocks are slices of `rest`'s buffer. One item per hash of the request,
+/// so at most [`MAX_HASHES`], and each header is at least a byte: what this
+/// allocates is at most [`MAX_HASHES`] items (32 bytes each) plus the failure
+/// messages' text, whatever the frame holds.
+fn decode_blocks(rest: Bytes) -> Result<Vec<BlockReply>, ProtoError> {
+    let (n, mut heads) = postcard::take_from_bytes::<u32>(&rest)?;
+    let n = n as usize;
+    if n > MAX_HASHES {
+        return Err(ProtoError::Malformed("too many items in one Blocks reply"));
     }
+    if n > heads.len() {
+        return Err(ProtoError::Malformed("count exceeds payload"));
+    }
+    let mut items = Vec::with_capacity(n);
+    // Found blocks' lengths, in order: they are sliced once the data's start is
+    // known, after the last header.
+    let mut lens = Vec::new();
+    for _ in 0..n {
+        let (head, more) = postcard::take_from_bytes::<BlockHead>(heads)?;
+        heads = more;
+        items.push(match head {
+            BlockHead::Found { len } => {
+                lens.push(len as usize);
+                BlockReply::Found(Bytes::new())
+            }
+            BlockHead::NotFound => BlockReply::NotFound,
+            BlockHead::Skipped => BlockReply::Skipped,
+            BlockHead::Failed(m) => BlockReply::Failed(m),
+        });
+    }
+    if lens.iter().map(|&l| l as u64).sum::<u64>() != heads.len() as u64 {
+        return Err(ProtoError::Malformed(
+            "block lengths do not add up to the data",
+        ));
+    }
+    let mut at = rest.len() - heads.len();
+    let found = items.iter_mut().filter_map(|it| match it {
+        BlockReply::Found(d) => Some(d),
+        _ => None,
+    });
+    for (d, len) in found.zip(lens) {
+        *d = rest.slice(at..at + len);
+        at += len;
+    }
+    Ok(items)
 }
 
 impl Msg {
-    fn kind(&self) -> u8 {
-        match self {
-            Msg::AuthOk => K_AUTH_OK,
-            Msg::Error { .. } => K_ERROR,
-            Msg::GetBlocks { .. } => K_GET_BLOCKS,
-            Msg::Blocks { .. } => K_BLOCKS,
-            Msg::Holders { .. } => K_HOLDERS,
-            Msg::HoldersReply { .. } => K_HOLDERS_REPLY,
-            Msg::Push { .. } => K_PUSH,
-            Msg::Ack { .. } => K_ACK,
-            Msg::Ping => K_PING,
-            Msg::Pong => K_PONG,
-            Msg::Status => K_STATUS,
-            Msg::StatusReply { .. } => K_STATUS_REPLY,
-            Msg::Fragment { .. } => K_FRAGMENT,
-            Msg::HostMetrics { .. } => K_HOST_METRICS,
-            Msg::GetManifest { .. } => K_GET_MANIFEST,
-            Msg::ManifestReply { .. } => K_MANIFEST_REPLY,
-        }
-    }
-
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -444,137 +652,20 @@ impl Msg {
     /// The whole frame (length prefix included) carrying this message as `id`.
     pub fn encode(&self, id: u64) -> Bytes {
         let mut b = BytesMut::with_capacity(64);
-        b.put_u32(0); // length, patched below
-        b.put_u8(VERSION);
-        b.put_u8(self.kind());
-        b.put_u64(id);
-        match self {
-            Msg::AuthOk | Msg::Ping | Msg::Pong | Msg::Status => {}
-            Msg::StatusReply { json } => put_str(&mut b, json),
-            Msg::Fragment { last, data } => {
-                b.put_u8(*last as u8);
-                b.put_slice(data);
-            }
-            Msg::Error {
-                code,
-                acked,
-                message,
-            } => {
-                b.put_u16_le(*code);
-                b.put_u64_le(*acked);
-                put_str(&mut b, message);
-            }
-            Msg::GetBlocks { hashes } => put_hashes(&mut b, hashes),
-            Msg::Blocks { items } => {
-                b.put_u32_le(items.len() as u32);
-                for it in items {
-                    match it {
-                        BlockReply::Found(d) => {
-                            b.put_u8(0);
-                            put_bytes(&mut b, d);
-                        }
-                        BlockReply::NotFound => b.put_u8(1),
-                        BlockReply::Skipped => b.put_u8(2),
-                        BlockReply::Failed(m) => {
-                            b.put_u8(3);
-                            put_str(&mut b, m);
-                        }
-                    }
-                }
-            }
-            Msg::Holders { local_only, hashes } => {
-                b.put_u8(*local_only as u8);
-                put_hashes(&mut b, hashes);
-            }
-            Msg::HoldersReply { items } => {
-                b.put_u32_le(items.len() as u32);
-                for hs in items {
-                    b.put_u32_le(hs.len() as u32);
-                    for h in hs {
-                        let l = &h.location;
-                        put_str(&mut b, &l.host);
-                        put_str(&mut b, &l.image);
-                        b.put_u32_le(l.block_size);
-                        b.put_u64_le(l.offset);
-                        b.put_u32_le(l.len);
-                        put_str(&mut b, h.addr.as_deref().unwrap_or(""));
-                    }
-                }
-            }
-            Msg::Push {
-                node,
-                resync,
-                upto,
-                addrs,
-                changes,
-            } => {
-                put_str(&mut b, node);
-                b.put_u8(*resync as u8);
-                b.put_u64_le(*upto);
-                b.put_u32_le(addrs.len() as u32);
-                for (h, a) in addrs {
-                    put_str(&mut b, h);
-                    put_str(&mut b, a);
-                }
-                b.put_u32_le(changes.len() as u32);
-                for (seq, c) in changes {
-                    b.put_u64_le(*seq);
-                    put_bytes(&mut b, c);
-                }
-            }
-            Msg::Ack { seq } => b.put_u64_le(*seq),
-            Msg::GetManifest {
-                host,
-                image,
-                block_size,
-                known,
-                offset,
-                max_len,
-            } => {
-                put_str(&mut b, host);
-                put_str(&mut b, image);
-                b.put_u32_le(*block_size);
-                b.put_slice(known);
-                b.put_u64_le(*offset);
-                b.put_u32_le(*max_len);
-            }
-            Msg::ManifestReply { piece } => match piece {
-                ManifestPiece::Absent => b.put_u8(0),
-                ManifestPiece::Unchanged => b.put_u8(1),
-                ManifestPiece::Part {
-                    digest,
-                    total,
-                    offset,
-                    data,
-                } => {
-                    b.put_u8(2);
-                    b.put_slice(digest);
-                    b.put_u64_le(*total);
-                    b.put_u64_le(*offset);
-                    put_bytes(&mut b, data);
-                }
-            },
-            Msg::HostMetrics { reports } => {
-                b.put_u32_le(reports.len() as u32);
-                for r in reports {
-                    put_str(&mut b, &r.host);
-                    let m = &r.metrics;
-                    let vals = [m.cpu, m.mem, m.disk];
-                    let flags = vals
-                        .iter()
-                        .enumerate()
-                        .fold(0u8, |f, (i, v)| f | ((v.is_some() as u8) << i));
-                    b.put_u8(flags);
-                    for v in vals.into_iter().flatten() {
-                        b.put_f64_le(v);
-                    }
-                    b.put_u64_le(r.age_ms);
-                }
-            }
-        }
-        let len = (b.len() - 4) as u32;
-        b[..4].copy_from_slice(&len.to_be_bytes());
+        FrameCodec::new(u32::MAX)
+            .encode((id, self), &mut b)
+            .expect("encoding a frame cannot fail");
         b.freeze()
+    }
+
+    /// The body: postcard, then the raw tail of the two kinds that have one.
+    fn encode_body(&self, b: &mut BytesMut) {
+        put(b, self);
+        match self {
+            Msg::Blocks { items } => encode_blocks(items, b),
+            Msg::Fragment { data, .. } => b.put_slice(data),
+            _ => {}
+        }
     }
 
     /// The frames carrying this message as `id`: one frame if it fits in
@@ -585,285 +676,84 @@ impl Msg {
         if whole.len() - 4 <= max_frame as usize {
             return vec![whole];
         }
-        // kind byte + payload, cut into pieces that fit with their own header.
-        let mut inner = BytesMut::with_capacity(whole.len() - 4 - HEADER_LEN + 1);
-        inner.put_u8(whole[5]);
-        inner.put_slice(&whole[4 + HEADER_LEN..]);
-        let inner = inner.freeze();
-        let piece = (max_frame as usize).saturating_sub(HEADER_LEN + 1).max(1);
-        let n = inner.len().div_ceil(piece);
+        // The body, cut into pieces that fit with their own header, the
+        // fragment's kind byte and its `last` flag.
+        let body = whole.slice(4 + HEADER_LEN..);
+        let piece = (max_frame as usize).saturating_sub(HEADER_LEN + 2).max(1);
+        let n = body.len().div_ceil(piece);
         (0..n)
             .map(|i| {
                 Msg::Fragment {
                     last: i + 1 == n,
-                    data: inner.slice(i * piece..((i + 1) * piece).min(inner.len())),
+                    data: body.slice(i * piece..((i + 1) * piece).min(body.len())),
                 }
                 .encode(id)
             })
             .collect()
     }
 
-    /// Decodes the payload of a frame of `kind`. Found blocks share `payload`'s
-    /// buffer (no copy).
-    pub fn decode(kind: u8, payload: Bytes) -> Result<Msg, ProtoError> {
-        let mut r = Rd {
-            buf: payload,
-            pos: 0,
+    /// Decodes a frame's body. Found blocks share `body`'s buffer (no copy).
+    pub fn decode(body: Bytes) -> Result<Msg, ProtoError> {
+        let (msg, rest) = postcard::take_from_bytes::<Msg>(&body)?;
+        let tail = body.slice(body.len() - rest.len()..);
+        let msg = match msg {
+            Msg::Blocks { .. } => Msg::Blocks {
+                items: decode_blocks(tail)?,
+            },
+            Msg::Fragment { last, .. } => Msg::Fragment { last, data: tail },
+            m if tail.is_empty() => m,
+            _ => return Err(ProtoError::Malformed("trailing bytes")),
         };
-        let m = match kind {
-            K_AUTH_OK => Msg::AuthOk,
-            K_PING => Msg::Ping,
-            K_PONG => Msg::Pong,
-            K_STATUS => Msg::Status,
-            K_STATUS_REPLY => Msg::StatusReply { json: r.string()? },
-            K_FRAGMENT => {
-                let last = r.bool()?;
-                let data = r.buf.slice(r.pos..);
-                r.pos = r.buf.len();
-                Msg::Fragment { last, data }
-            }
-            K_ERROR => Msg::Error {
-                code: r.u16()?,
-                acked: r.u64()?,
-                message: r.string()?,
-            },
-            K_GET_BLOCKS => Msg::GetBlocks {
-                hashes: r.hashes()?,
-            },
-            K_BLOCKS => {
-                let n = r.count(1)?;
-                // One item per hash of the request.
-                if n > MAX_HASHES {
-                    return Err(ProtoError::Malformed("too many items in one Blocks reply"));
-                }
-                let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    items.push(match r.u8()? {
-                        0 => BlockReply::Found(r.bytes()?),
-                        1 => BlockReply::NotFound,
-                        2 => BlockReply::Skipped,
-                        3 => BlockReply::Failed(r.string()?),
-                        _ => return Err(ProtoError::Malformed("block status")),
-                    });
-                }
-                Msg::Blocks { items }
-            }
-            K_HOLDERS => Msg::Holders {
-                local_only: r.bool()?,
-                hashes: r.hashes()?,
-            },
-            K_HOLDERS_REPLY => {
-                let n = r.count(4)?;
-                // One item per hash of the request.
-                if n > MAX_HASHES {
-                    return Err(ProtoError::Malformed("too many items in one HoldersReply"));
-                }
-                let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let m = r.count(4 + 4 + 4 + 8 + 4 + 4)?;
-                    let mut hs = Vec::with_capacity(m);
-                    for _ in 0..m {
-                        let location = Location {
-                            host: r.string()?.into(),
-                            image: r.string()?.into(),
-                            block_size: r.u32()?,
-                            offset: r.u64()?,
-                            len: r.u32()?,
-                        };
-                        let addr = r.string()?;
-                        hs.push(Holder {
-                            location,
-                            addr: (!addr.is_empty()).then_some(addr),
-                        });
-                    }
-                    items.push(hs);
-                }
-                Msg::HoldersReply { items }
-            }
-            K_PUSH => {
-                let node = r.string()?;
-                let resync = r.bool()?;
-                let upto = r.u64()?;
-                let n = r.count(8)?;
-                if n > MAX_PUSH_ADDRS {
-                    return Err(ProtoError::Malformed("too many addresses in one Push"));
-                }
-                let mut addrs = Vec::with_capacity(n);
-                for _ in 0..n {
-                    addrs.push((r.string()?, r.string()?));
-                }
-                let n = r.count(12)?;
-                if n > MAX_PUSH_CHANGES {
-                    return Err(ProtoError::Malformed("too many changes in one Push"));
-                }
-                let mut changes = Vec::with_capacity(n);
-                for _ in 0..n {
-                    changes.push((r.u64()?, r.bytes()?));
-                }
-                Msg::Push {
-                    node,
-                    resync,
-                    upto,
-                    addrs,
-                    changes,
-                }
-            }
-            K_ACK => Msg::Ack { seq: r.u64()? },
-            K_GET_MANIFEST => Msg::GetManifest {
-                host: r.string().and_then(|h| {
-                    if h.is_empty() {
-                        Err(ProtoError::Malformed("GetManifest names no host"))
-                    } else {
-                        Ok(h)
-                    }
-                })?,
-                image: r.string()?,
-                block_size: r.u32()?,
-                known: r.arr32()?,
-                offset: r.u64()?,
-                max_len: r.u32()?,
-            },
-            K_MANIFEST_REPLY => Msg::ManifestReply {
-                piece: match r.u8()? {
-                    0 => ManifestPiece::Absent,
-                    1 => ManifestPiece::Unchanged,
-                    2 => {
-                        let digest = r.arr32()?;
-                        let total = r.u64()?;
-                        let offset = r.u64()?;
-                        let data = r.bytes()?;
-                        if offset.saturating_add(data.len() as u64) > total {
-                            return Err(ProtoError::Malformed("manifest piece past its total"));
-                        }
-                        ManifestPiece::Part {
-                            digest,
-                            total,
-                            offset,
-                            data,
-                        }
-                    }
-                    _ => return Err(ProtoError::Malformed("manifest piece")),
-                },
-            },
-            K_HOST_METRICS => {
-                // host (≥ 4) + flags (1) + age (8)
-                let n = r.count(4 + 1 + 8)?;
-                if n > MAX_REPORTS {
-                    return Err(ProtoError::Malformed(
-                        "too many host reports in one request",
-                    ));
-                }
-                let mut reports = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let host = r.string()?;
-                    let flags = r.u8()?;
-                    if flags & !0b111 != 0 {
-                        return Err(ProtoError::Malformed("host metric flags"));
-                    }
-                    let mut vals = [None; 3];
-                    for (i, v) in vals.iter_mut().enumerate() {
-                        if flags & (1 << i) != 0 {
-                            let x = r.f64()?;
-                            if !(0.0..=1.0).contains(&x) {
-                                return Err(ProtoError::Malformed(
-                                    "host metric is not a fraction in [0, 1]",
-                                ));
-                            }
-                            *v = Some(x);
-                        }
-                    }
-                    let [cpu, mem, disk] = vals;
-                    reports.push(HostReport {
-                        host,
-                        metrics: HostMetrics { cpu, mem, disk },
-                        age_ms: r.u64()?,
-                    });
-                }
-                Msg::HostMetrics { reports }
-            }
-            k => return Err(ProtoError::UnknownKind(k)),
-        };
-        if r.pos != r.buf.len() {
-            return Err(ProtoError::Malformed("trailing bytes"));
-        }
-        Ok(m)
+        msg.check()?;
+        Ok(msg)
     }
-}
 
-/// Bounds-checked reader over a payload.
-struct Rd {
-    buf: Bytes,
-    pos: usize,
-}
-
-impl Rd {
-    fn take(&mut self, n: usize) -> Result<&[u8], ProtoError> {
-        if self.buf.len() - self.pos < n {
-            return Err(ProtoError::Malformed("truncated"));
+    /// What the types cannot say: the rules a decoded message must follow.
+    fn check(&self) -> Result<(), ProtoError> {
+        match self {
+            Msg::GetManifest { host, .. } if host.is_empty() => {
+                Err(ProtoError::Malformed("GetManifest names no host"))
+            }
+            Msg::ManifestReply {
+                piece:
+                    ManifestPiece::Part {
+                        total,
+                        offset,
+                        data,
+                        ..
+                    },
+            } if offset.saturating_add(data.len() as u64) > *total => {
+                Err(ProtoError::Malformed("manifest piece past its total"))
+            }
+            Msg::HostMetrics { reports }
+                if reports.iter().any(|r| {
+                    let m = &r.metrics;
+                    [m.cpu, m.mem, m.disk]
+                        .into_iter()
+                        .flatten()
+                        .any(|x| !(0.0..=1.0).contains(&x))
+                }) =>
+            {
+                Err(ProtoError::Malformed(
+                    "host metric is not a fraction in [0, 1]",
+                ))
+            }
+            _ => Ok(()),
         }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, ProtoError> {
-        Ok(self.take(1)?[0])
-    }
-    fn bool(&mut self) -> Result<bool, ProtoError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(ProtoError::Malformed("flag")),
-        }
-    }
-    fn u16(&mut self) -> Result<u16, ProtoError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
-    }
-    fn u32(&mut self) -> Result<u32, ProtoError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
-    }
-    fn u64(&mut self) -> Result<u64, ProtoError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
-    }
-    fn f64(&mut self) -> Result<f64, ProtoError> {
-        Ok(f64::from_bits(self.u64()?))
-    }
-    fn arr32(&mut self) -> Result<[u8; 32], ProtoError> {
-        Ok(self.take(32)?.try_into().expect("32"))
-    }
-    /// A count of items of at least `min_item` bytes each: refused if the rest of
-    /// the payload cannot hold that many (so a forged count cannot allocate).
-    fn count(&mut self, min_item: usize) -> Result<usize, ProtoError> {
-        let n = self.u32()? as usize;
-        if n.saturating_mul(min_item.max(1)) > self.buf.len() - self.pos {
-            return Err(ProtoError::Malformed("count exceeds payload"));
-        }
-        Ok(n)
-    }
-    fn bytes(&mut self) -> Result<Bytes, ProtoError> {
-        let n = self.u32()? as usize;
-        self.take(n)?;
-        Ok(self.buf.slice(self.pos - n..self.pos))
-    }
-    fn string(&mut self) -> Result<String, ProtoError> {
-        let n = self.u32()? as usize;
-        let s = self.take(n)?;
-        String::from_utf8(s.to_vec()).map_err(|_| ProtoError::Malformed("utf-8"))
-    }
-    fn hashes(&mut self) -> Result<Vec<BlockHash>, ProtoError> {
-        let n = self.count(32)?;
-        if n > MAX_HASHES {
-            return Err(ProtoError::Malformed("too many hashes in one request"));
-        }
-        (0..n)
-            .map(|_| Ok(BlockHash(self.arr32()?)))
-            .collect::<Result<_, _>>()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
     use proptest::prelude::*;
+    use tokio_util::codec::FramedRead;
+
+    /// A message's body, as a frame carries it.
+    fn body_of(m: &Msg) -> Bytes {
+        m.encode(1).slice(4 + HEADER_LEN..)
+    }
 
     async fn round(m: &Msg, id: u64) -> Msg {
         let wire = m.encode(id);
@@ -874,7 +764,7 @@ mod tests {
             .unwrap();
         assert_eq!(f.id, id);
         assert!(r.is_empty());
-        Msg::decode(f.kind, f.payload).unwrap()
+        Msg::decode(f.body).unwrap()
     }
 
     fn samples() -> Vec<Msg> {
@@ -1029,8 +919,12 @@ mod tests {
         }
     }
 
+    fn framed<R: AsyncRead>(r: R) -> FramedRead<R, FrameCodec> {
+        FramedRead::with_capacity(r, FrameCodec::new(DEFAULT_MAX_FRAME), 16)
+    }
+
     #[tokio::test]
-    async fn frame_reader_splits_a_stream_into_frames() {
+    async fn the_codec_splits_a_stream_into_frames() {
         let msgs = samples();
         let big = Msg::Blocks {
             items: vec![BlockReply::Found(Bytes::from(vec![7u8; 700_000]))],
@@ -1040,29 +934,53 @@ mod tests {
             wire.extend_from_slice(&m.encode(i as u64));
         }
         for step in [1, 3, 4096, 1 << 20] {
-            let mut r = FrameReader::new(Trickle { data: &wire, step }, DEFAULT_MAX_FRAME);
+            let mut r = framed(Trickle { data: &wire, step });
             for (i, m) in msgs.iter().chain([&big]).enumerate() {
                 let f = r.next().await.unwrap().unwrap();
                 assert_eq!(f.id, i as u64, "step {step}");
-                assert_eq!(&Msg::decode(f.kind, f.payload).unwrap(), m);
+                assert_eq!(&Msg::decode(f.body).unwrap(), m);
             }
-            assert!(r.next().await.unwrap().is_none());
+            assert!(r.next().await.is_none());
         }
         // Cut inside a frame: an error, not a clean close; limits still hold.
         let cut = &wire[..wire.len() - 1];
-        let mut r = FrameReader::new(
-            Trickle {
-                data: cut,
-                step: 1 << 20,
-            },
-            DEFAULT_MAX_FRAME,
-        );
+        let mut r = framed(Trickle {
+            data: cut,
+            step: 1 << 20,
+        });
         for _ in 0..msgs.len() {
             r.next().await.unwrap().unwrap();
         }
-        assert!(r.next().await.is_err());
-        let mut r = FrameReader::new(&[0xffu8, 0xff, 0xff, 0xff][..], DEFAULT_MAX_FRAME);
-        assert!(matches!(r.next().await, Err(ProtoError::TooLarge(..))));
+        assert!(r.next().await.unwrap().is_err());
+        let mut r = framed(&[0xffu8, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(
+            r.next().await,
+            Some(Err(ProtoError::TooLarge(..)))
+        ));
+    }
+
+    #[test]
+    fn the_codec_encodes_what_msg_encode_does() {
+        let mut b = BytesMut::new();
+        for (i, m) in samples().iter().enumerate() {
+            FrameCodec::new(DEFAULT_MAX_FRAME)
+                .encode((i as u64, m), &mut b)
+                .unwrap();
+            assert_eq!(b.split(), m.encode(i as u64));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_verdict_read_leaves_the_next_frame_unread() {
+        let mut wire = Msg::AuthOk.encode(0).to_vec();
+        wire.extend_from_slice(&Msg::Pong.encode(3));
+        let mut r = &wire[..];
+        let f = read_frame(&mut r, DEFAULT_MAX_FRAME)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(Msg::decode(f.body).unwrap(), Msg::AuthOk);
+        assert_eq!(r, &Msg::Pong.encode(3)[..]);
     }
 
     #[tokio::test]
@@ -1073,7 +991,7 @@ mod tests {
             read_frame(&mut &wire[..], DEFAULT_MAX_FRAME).await,
             Err(ProtoError::Version(9))
         ));
-        let short = [0u8, 0, 0, 3, 1, 22, 0];
+        let short = [0u8, 0, 0, 3, VERSION, 11, 0];
         assert!(matches!(
             read_frame(&mut &short[..], DEFAULT_MAX_FRAME).await,
             Err(ProtoError::Short(3))
@@ -1102,8 +1020,9 @@ mod tests {
         for (k, f) in frames.iter().enumerate() {
             assert!(f.len() - 4 <= 4096);
             let fr = read_frame(&mut &f[..], 4096).await.unwrap().unwrap();
-            assert_eq!((fr.kind, fr.id), (K_FRAGMENT, 7));
-            match Msg::decode(fr.kind, fr.payload).unwrap() {
+            assert!(fr.is_fragment());
+            assert_eq!(fr.id, 7);
+            match Msg::decode(fr.body).unwrap() {
                 Msg::Fragment { last, data } => {
                     assert_eq!(last, k + 1 == frames.len());
                     inner.put_slice(&data);
@@ -1111,8 +1030,7 @@ mod tests {
                 m => panic!("{m:?}"),
             }
         }
-        let inner = inner.freeze();
-        assert_eq!(Msg::decode(inner[0], inner.slice(1..)).unwrap(), m);
+        assert_eq!(Msg::decode(inner.freeze()).unwrap(), m);
         assert_eq!(m.encode_frames(7, 1 << 20).len(), 1);
     }
 
@@ -1142,131 +1060,366 @@ mod tests {
         assert_eq!(part(3, 0), (3, vec![3]), "at least one byte");
     }
 
-    #[test]
-    fn malformed_payloads_are_errors() {
-        // Unknown kind.
-        assert!(matches!(
-            Msg::decode(200, Bytes::new()),
-            Err(ProtoError::UnknownKind(200))
-        ));
-        // A forged count that the payload cannot hold.
-        let mut p = BytesMut::new();
-        p.put_u32_le(u32::MAX);
-        assert!(Msg::decode(K_GET_BLOCKS, p.freeze()).is_err());
-        // Trailing bytes.
-        let mut p = BytesMut::new();
-        p.put_u64_le(1);
-        p.put_u8(0);
-        assert!(Msg::decode(K_ACK, p.freeze()).is_err());
-        // Bad status byte.
-        let mut p = BytesMut::new();
-        p.put_u32_le(1);
-        p.put_u8(9);
-        assert!(Msg::decode(K_BLOCKS, p.freeze()).is_err());
-        // A metric outside [0, 1], and unknown metric flags.
-        let bad = |flags: u8, v: f64| {
-            let mut p = BytesMut::new();
-            p.put_u32_le(1);
-            put_str(&mut p, "hv1");
-            p.put_u8(flags);
-            p.put_f64_le(v);
-            p.put_u64_le(0);
-            Msg::decode(K_HOST_METRICS, p.freeze())
-        };
-        assert!(bad(0b001, 0.5).is_ok());
-        assert!(bad(0b001, 1.5).is_err());
-        assert!(bad(0b010, f64::NAN).is_err());
-        assert!(bad(0b1001, 0.5).is_err());
-        // A manifest piece reaching past its total, and an unknown piece state.
-        let piece = |total: u64, state: u8| {
-            let mut p = BytesMut::new();
-            p.put_u8(state);
-            p.put_slice(&[0; 32]);
-            p.put_u64_le(total);
-            p.put_u64_le(8);
-            put_bytes(&mut p, b"abc");
-            Msg::decode(K_MANIFEST_REPLY, p.freeze())
-        };
-        assert!(piece(11, 2).is_ok());
-        assert!(piece(10, 2).is_err());
-        assert!(piece(11, 3).is_err());
-        // A manifest asked for without naming whose holding: refused, never
-        // answered from any host's.
-        let get_manifest = |host: &str| {
-            let mut p = BytesMut::new();
-            put_str(&mut p, host);
-            put_str(&mut p, "iqn.t:lib/1");
-            p.put_u32_le(0);
-            p.put_slice(&[0; 32]);
-            p.put_u64_le(0);
-            p.put_u32_le(MAX_MANIFEST_PIECE);
-            Msg::decode(K_GET_MANIFEST, p.freeze())
-        };
-        assert!(get_manifest("library").is_ok());
-        assert!(matches!(
-            get_manifest(""),
-            Err(ProtoError::Malformed(m)) if m.contains("no host")
-        ));
-        // Too many hashes.
-        let mut p = BytesMut::new();
-        p.put_u32_le(MAX_HASHES as u32 + 1);
-        p.put_slice(&vec![0u8; 32 * (MAX_HASHES + 1)]);
-        assert!(Msg::decode(K_GET_BLOCKS, p.freeze()).is_err());
+    /// The kind byte of `m` (postcard's variant index).
+    fn kind_of(m: &Msg) -> u8 {
+        body_of(m)[0]
     }
 
-    /// A count the payload could hold but no honest peer sends: refused on the
-    /// count, before a vector is sized by it.
-    fn refused_count(kind: u8, payload: BytesMut, what: &str) {
-        match Msg::decode(kind, payload.freeze()) {
+    /// A body of `kind` with `fields` in postcard after it.
+    fn body<T: Serialize>(kind: u8, fields: &T) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(kind);
+        put(&mut b, fields);
+        b.freeze()
+    }
+
+    fn blocks_kind() -> u8 {
+        kind_of(&Msg::Blocks { items: vec![] })
+    }
+
+    #[test]
+    fn kinds_are_the_variant_order() {
+        // K_FRAGMENT is what the server looks for before decoding; the others
+        // pin the wire numbering (appending a variant must not move them).
+        let fragment = Msg::Fragment {
+            last: true,
+            data: Bytes::new(),
+        };
+        assert_eq!(kind_of(&fragment), K_FRAGMENT);
+        let kinds: Vec<u8> = samples().iter().map(kind_of).collect();
+        assert_eq!(
+            kinds,
+            [0, 11, 12, 1, 1, 2, 3, 4, 5, 6, 7, 13, 14, 15, 8, 9, 10, 10, 10]
+        );
+    }
+
+    #[test]
+    fn found_blocks_share_the_frame_buffer() {
+        let wire = Msg::Blocks {
+            items: vec![
+                BlockReply::NotFound,
+                BlockReply::Found(Bytes::from(vec![5u8; 4096])),
+                BlockReply::Failed("eio".into()),
+                BlockReply::Found(Bytes::from(vec![6u8; 100])),
+            ],
+        }
+        .encode(1);
+        let body = wire.slice(4 + HEADER_LEN..);
+        let range = body.as_ptr_range();
+        let Msg::Blocks { items } = Msg::decode(body.clone()).unwrap() else {
+            panic!("not a Blocks reply");
+        };
+        let found: Vec<&Bytes> = items
+            .iter()
+            .filter_map(|it| match it {
+                BlockReply::Found(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(found.len(), 2);
+        for d in found {
+            assert!(range.contains(&d.as_ptr()), "a decoded block was copied");
+        }
+        // The data is the body's tail: 4096 + 100 bytes after the headers.
+        assert_eq!(&body[body.len() - 100..], &[6u8; 100][..]);
+    }
+
+    #[test]
+    fn a_blocks_reply_of_tiny_items_is_bounded() {
+        // Items are at least a byte each on the wire but 40 in memory: a frame
+        // full of them is refused on its count, before any vector is sized.
+        let tiny = 32 << 20;
+        let mut b = BytesMut::new();
+        b.put_u8(blocks_kind());
+        put(&mut b, &(tiny as u32));
+        b.put_bytes(put_head_not_found(), tiny);
+        refused(Msg::decode(b.freeze()), "too many items");
+        // A count the body cannot hold (a byte per header at least): refused too.
+        let mut b = BytesMut::new();
+        b.put_u8(blocks_kind());
+        put(&mut b, &(MAX_HASHES as u32));
+        b.put_bytes(put_head_not_found(), 10);
+        refused(Msg::decode(b.freeze()), "count exceeds payload");
+        // At the bound: what the decoded reply holds is one item (40 bytes) a byte
+        // (the item count is at most the body's length) and MAX_HASHES items.
+        // (Failure messages add their text, which the body holds too.)
+        let m = Msg::Blocks {
+            items: vec![BlockReply::NotFound; MAX_HASHES],
+        };
+        let body = body_of(&m);
+        let Msg::Blocks { items } = Msg::decode(body.clone()).unwrap() else {
+            panic!("not a Blocks reply");
+        };
+        assert_eq!(items.len(), MAX_HASHES);
+        let decoded = items.capacity() * std::mem::size_of::<BlockReply>();
+        let item = std::mem::size_of::<BlockReply>();
+        assert!(decoded <= item * body.len(), "{decoded} for {}", body.len());
+        assert!(decoded <= MAX_HASHES * item);
+        // Lengths that do not add up to the data: refused.
+        let mut b = BytesMut::new();
+        b.put_u8(blocks_kind());
+        put(&mut b, &1u32);
+        put(&mut b, &BlockHead::Found { len: 5 });
+        b.put_slice(b"abcd");
+        refused(Msg::decode(b.freeze()), "do not add up");
+    }
+
+    /// The encoding of [`BlockHead::NotFound`] (one byte).
+    fn put_head_not_found() -> u8 {
+        let mut b = BytesMut::new();
+        put(&mut b, &BlockHead::NotFound);
+        assert_eq!(b.len(), 1);
+        b[0]
+    }
+
+    fn refused(r: Result<Msg, ProtoError>, what: &str) {
+        match r {
             Err(ProtoError::Malformed(m)) => assert!(m.contains(what), "{m}"),
             r => panic!("{what}: expected a refusal, got {r:?}"),
         }
     }
 
     #[test]
+    fn malformed_payloads_are_errors() {
+        // Unknown kind, and an empty body.
+        assert!(matches!(
+            Msg::decode(Bytes::from_static(&[200])),
+            Err(ProtoError::Decode(_))
+        ));
+        assert!(Msg::decode(Bytes::new()).is_err());
+        let get_blocks = kind_of(&Msg::GetBlocks { hashes: vec![] });
+        // A forged count that the payload cannot hold.
+        assert!(Msg::decode(body(get_blocks, &(MAX_HASHES as u32))).is_err());
+        // Trailing bytes.
+        let ack = kind_of(&Msg::Ack { seq: 0 });
+        refused(Msg::decode(body(ack, &(1u64, 0u8))), "trailing bytes");
+        // A flag that is neither 0 nor 1.
+        let holders = kind_of(&Msg::Holders {
+            local_only: false,
+            hashes: vec![],
+        });
+        assert!(Msg::decode(body(holders, &(0u8, 0u32))).is_ok());
+        assert!(Msg::decode(body(holders, &(2u8, 0u32))).is_err());
+        // Bad block status.
+        let mut b = BytesMut::new();
+        b.put_u8(blocks_kind());
+        put(&mut b, &1u32);
+        b.put_u8(9);
+        assert!(Msg::decode(b.freeze()).is_err());
+        // A metric outside [0, 1], NaN, and a bad option tag.
+        let host_metrics = kind_of(&Msg::HostMetrics { reports: vec![] });
+        let report = |tag: u8, v: f64| {
+            let mut b = BytesMut::new();
+            b.put_u8(host_metrics);
+            put(&mut b, &(1u32, "hv1"));
+            b.put_u8(tag);
+            b.put_f64_le(v);
+            put(&mut b, &(None::<f64>, None::<f64>, 0u64));
+            Msg::decode(b.freeze())
+        };
+        assert!(report(1, 0.5).is_ok());
+        refused(report(1, 1.5), "fraction");
+        refused(report(1, f64::NAN), "fraction");
+        assert!(report(2, 0.5).is_err());
+        // A manifest piece reaching past its total, and an unknown piece state.
+        let manifest_reply = kind_of(&Msg::ManifestReply {
+            piece: ManifestPiece::Absent,
+        });
+        let piece = |state: u8, total: u64| {
+            let mut b = BytesMut::new();
+            b.put_u8(manifest_reply);
+            b.put_u8(state);
+            put(
+                &mut b,
+                &([0u8; 32], total, 8u64, Bytes::from_static(b"abc")),
+            );
+            Msg::decode(b.freeze())
+        };
+        assert!(piece(2, 11).is_ok());
+        refused(piece(2, 10), "past its total");
+        assert!(piece(3, 11).is_err());
+        // A manifest asked for without naming whose holding: refused, never
+        // answered from any host's.
+        let get_manifest = |host: &str| {
+            let m = Msg::GetManifest {
+                host: host.into(),
+                image: "iqn.t:lib/1".into(),
+                block_size: 0,
+                known: [0; 32],
+                offset: 0,
+                max_len: MAX_MANIFEST_PIECE,
+            };
+            Msg::decode(body_of(&m))
+        };
+        assert!(get_manifest("library").is_ok());
+        refused(get_manifest(""), "no host");
+        // Invalid UTF-8 in a string.
+        let status_reply = kind_of(&Msg::StatusReply {
+            json: String::new(),
+        });
+        assert!(Msg::decode(body(status_reply, &Bytes::from_static(b"\xff\xfe"))).is_err());
+    }
+
+    /// Refused by a bound on a count (the only custom error the decoder raises
+    /// inside postcard), not by running out of bytes.
+    fn refused_count(body: Bytes, what: &str) {
+        match Msg::decode(body) {
+            Err(ProtoError::Decode(postcard::Error::SerdeDeCustom)) => {}
+            r => panic!("{what}: expected a refusal on the count, got {r:?}"),
+        }
+    }
+
+    /// `fields` then `zeros` zero bytes: enough for that many minimal items
+    /// (an empty string, a zero, `None`: each one zero byte in postcard).
+    fn padded<T: Serialize>(kind: u8, fields: &T, zeros: usize) -> Bytes {
+        let mut b = BytesMut::from(&body(kind, fields)[..]);
+        b.put_bytes(0, zeros);
+        b.freeze()
+    }
+
+    #[test]
     fn huge_counts_are_refused_before_allocation() {
-        // Blocks / HoldersReply: more items than a request may ask for (each
-        // item's minimum bytes present, so only the bound refuses them).
-        let mut p = BytesMut::new();
-        p.put_u32_le(MAX_HASHES as u32 + 1);
-        p.put_bytes(1, MAX_HASHES + 1);
-        refused_count(K_BLOCKS, p, "Blocks reply");
-        let mut p = BytesMut::new();
-        p.put_u32_le(MAX_HASHES as u32 + 1);
-        p.put_bytes(0, 4 * (MAX_HASHES + 1));
-        refused_count(K_HOLDERS_REPLY, p, "HoldersReply");
-        // Push: addresses and changes.
-        let push_head = |p: &mut BytesMut| {
-            put_str(p, "child");
-            p.put_u8(0);
-            p.put_u64_le(0);
-        };
-        let mut p = BytesMut::new();
-        push_head(&mut p);
-        p.put_u32_le(MAX_PUSH_ADDRS as u32 + 1);
-        p.put_bytes(0, 8 * (MAX_PUSH_ADDRS + 1));
-        refused_count(K_PUSH, p, "addresses");
-        let mut p = BytesMut::new();
-        push_head(&mut p);
-        p.put_u32_le(0);
-        p.put_u32_le(MAX_PUSH_CHANGES as u32 + 1);
-        p.put_bytes(0, 12 * (MAX_PUSH_CHANGES + 1));
-        refused_count(K_PUSH, p, "changes");
-        // A count of u32::MAX with nothing behind it: refused against the payload.
-        let mut p = BytesMut::new();
-        push_head(&mut p);
-        p.put_u32_le(0);
-        p.put_u32_le(u32::MAX);
-        refused_count(K_PUSH, p, "count exceeds payload");
-        // At the bounds, accepted.
-        let m = Msg::Blocks {
-            items: vec![BlockReply::NotFound; MAX_HASHES],
-        };
-        let wire = m.encode(1);
-        assert_eq!(
-            Msg::decode(K_BLOCKS, wire.slice(4 + HEADER_LEN..)).unwrap(),
-            m
+        // Over each bound, with every item's bytes present, so only the bound
+        // refuses them (without it they would decode).
+        let get_blocks = kind_of(&Msg::GetBlocks { hashes: vec![] });
+        let n = MAX_HASHES + 1;
+        refused_count(padded(get_blocks, &(n as u32), 32 * n), "hashes");
+        let holders_reply = kind_of(&Msg::HoldersReply { items: vec![] });
+        refused_count(padded(holders_reply, &(n as u32), n), "holder lists");
+        // A holder is 6 bytes at least; the budget is over the whole reply.
+        let n = MAX_HOLDERS + 1;
+        refused_count(padded(holders_reply, &(1u32, n as u32), 6 * n), "holders");
+        let mut b = BytesMut::from(
+            &padded(holders_reply, &(2u32, MAX_HOLDERS as u32), 6 * MAX_HOLDERS)[..],
         );
+        put(&mut b, &(1u32, [0u8; 6]));
+        refused_count(b.freeze(), "holders in all");
+        let push = kind_of(&Msg::Push {
+            node: String::new(),
+            resync: false,
+            upto: 0,
+            addrs: vec![],
+            changes: vec![],
+        });
+        let n = MAX_PUSH_ADDRS + 1;
+        refused_count(
+            padded(push, &("child", false, 0u64, n as u32), 2 * n + 1),
+            "addresses",
+        );
+        let n = MAX_PUSH_CHANGES + 1;
+        refused_count(
+            padded(push, &("child", false, 0u64, 0u32, n as u32), 2 * n),
+            "changes",
+        );
+        let host_metrics = kind_of(&Msg::HostMetrics { reports: vec![] });
+        let n = MAX_REPORTS + 1;
+        refused_count(padded(host_metrics, &(n as u32), 5 * n), "reports");
+        // A count with nothing behind it: refused on the count too.
+        refused_count(body(get_blocks, &u32::MAX), "forged count");
+        refused_count(
+            body(push, &("child", false, 0u64, 0u32, u32::MAX)),
+            "forged count",
+        );
+        // At the bounds, accepted.
+        let m = Msg::GetBlocks {
+            hashes: vec![BlockHash([1; 32]); MAX_HASHES],
+        };
+        assert_eq!(Msg::decode(body_of(&m)).unwrap(), m);
+        let m = Msg::HostMetrics {
+            reports: vec![
+                HostReport {
+                    host: "h".into(),
+                    metrics: HostMetrics::default(),
+                    age_ms: 0,
+                };
+                MAX_REPORTS
+            ],
+        };
+        assert_eq!(Msg::decode(body_of(&m)).unwrap(), m);
+    }
+
+    /// The size of a typical `Push` (256 changes of an agent's re-index) and
+    /// `HoldersReply` (64 hashes, 2 holders each) against the fixed-width
+    /// encoding postcard replaced (its size computed by that encoder's layout:
+    /// `u32` counts and lengths, fixed-width integers, a 14-byte frame head).
+    #[test]
+    fn postcard_is_smaller_than_the_fixed_width_encoding() {
+        use crate::index::Change;
+        let change = |i: u32| Change::PatchImage {
+            host: "hv12".into(),
+            image: "iqn.2026-11.lab:vm/disk0".into(),
+            block_size: 4096,
+            size: 10 << 30,
+            blocks: (0..4)
+                .map(|k| (i * 97 + k, Some(BlockHash::of(&(i + k).to_le_bytes()))))
+                .collect(),
+        };
+        let push = Msg::Push {
+            node: "hv12".into(),
+            resync: false,
+            upto: 0,
+            addrs: vec![("hv12".into(), "198.18.3.12:7900".into())],
+            changes: (0..256)
+                .map(|i| (1_000_000 + u64::from(i), Bytes::from(change(i).encode())))
+                .collect(),
+        };
+        let Msg::Push {
+            node,
+            addrs,
+            changes,
+            ..
+        } = &push
+        else {
+            unreachable!()
+        };
+        let fixed_push = 14
+            + (4 + node.len())
+            + 1
+            + 8
+            + 4
+            + addrs
+                .iter()
+                .map(|(h, a)| 8 + h.len() + a.len())
+                .sum::<usize>()
+            + 4
+            + changes.iter().map(|(_, c)| 12 + c.len()).sum::<usize>();
+        let holder = |i: u64| Holder {
+            location: Location {
+                host: "hv12".into(),
+                image: "iqn.2026-11.lab:vm/disk0".into(),
+                block_size: 4096,
+                offset: i * 4096 * 997,
+                len: 4096,
+            },
+            addr: Some("198.18.3.12:7900".into()),
+        };
+        let items: Vec<Vec<Holder>> = (0..64).map(|i| vec![holder(i), holder(i + 64)]).collect();
+        let fixed_holders = 14
+            + 4
+            + items
+                .iter()
+                .map(|hs| {
+                    4 + hs
+                        .iter()
+                        .map(|h| {
+                            let l = &h.location;
+                            4 + l.host.len()
+                                + 4
+                                + l.image.len()
+                                + 4
+                                + 8
+                                + 4
+                                + 4
+                                + h.addr.as_deref().map_or(0, str::len)
+                        })
+                        .sum::<usize>()
+                })
+                .sum::<usize>();
+        let holders = Msg::HoldersReply { items };
+        let (push_len, holders_len) = (push.encode(1).len(), holders.encode(1).len());
+        println!("Push: {fixed_push} -> {push_len} bytes; HoldersReply: {fixed_holders} -> {holders_len} bytes");
+        assert!(push_len < fixed_push);
+        assert!(holders_len < fixed_holders);
     }
 
     proptest! {
@@ -1276,25 +1429,20 @@ mod tests {
         fn decode_never_panics(i in any::<prop::sample::Index>(), cut in any::<prop::sample::Index>(), flip in any::<(usize, u8)>()) {
             let all = samples();
             let m = &all[i.index(all.len())];
-            let wire = m.encode(1);
-            let payload = wire.slice(4 + HEADER_LEN..);
-            let kind = wire[5];
-            let n = cut.index(payload.len() + 1);
-            let _ = Msg::decode(kind, payload.slice(..n));
-            let mut v = payload.to_vec();
-            if !v.is_empty() {
-                let k = flip.0 % v.len();
-                v[k] ^= flip.1;
-            }
-            let _ = Msg::decode(kind, Bytes::from(v));
+            let body = body_of(m);
+            let n = cut.index(body.len() + 1);
+            let _ = Msg::decode(body.slice(..n));
+            let mut v = body.to_vec();
+            let k = flip.0 % v.len();
+            v[k] ^= flip.1;
+            let _ = Msg::decode(Bytes::from(v));
         }
 
         #[test]
         fn get_blocks_round_trip(hs in prop::collection::vec(any::<[u8; 32]>(), 0..50), id in any::<u64>()) {
             let m = Msg::GetBlocks { hashes: hs.into_iter().map(BlockHash).collect() };
             let wire = m.encode(id);
-            let payload = wire.slice(4 + HEADER_LEN..);
-            prop_assert_eq!(Msg::decode(wire[5], payload).unwrap(), m);
+            prop_assert_eq!(Msg::decode(wire.slice(4 + HEADER_LEN..)).unwrap(), m);
         }
     }
 }

@@ -13,19 +13,19 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use tokio::{
     io::{AsyncWriteExt, BufWriter},
     net::{TcpListener, TcpStream},
     sync::{mpsc, Semaphore},
 };
+use tokio_util::codec::FramedRead;
 
 use super::{
     auth::{server_handshake, PeerInfo},
     identity::Credentials,
     indexer::IndexService,
-    proto::{
-        code, BlockReply, FrameReader, Msg, Role, DEFAULT_MAX_FRAME, K_FRAGMENT, MAX_MANIFEST_PIECE,
-    },
+    proto::{code, BlockReply, FrameCodec, Msg, Role, DEFAULT_MAX_FRAME, MAX_MANIFEST_PIECE},
 };
 use crate::index::BlockHash;
 
@@ -151,7 +151,11 @@ async fn connection(
     let info = secured.peer;
     tracing::debug!(%peer, node = %info.node, role = ?info.role, key = ?info.key, "peer authenticated");
     let info = Arc::new(info);
-    let mut rd = FrameReader::new(secured.reader, opts.max_frame);
+    let mut rd = FramedRead::with_capacity(
+        secured.reader,
+        FrameCodec::new(opts.max_frame),
+        FrameCodec::READ_CHUNK,
+    );
     let wr = secured.writer;
     let (tx, mut rx) = mpsc::channel::<Bytes>(opts.max_in_flight.max(1) * 2);
     let writer = tokio::spawn(async move {
@@ -170,17 +174,17 @@ async fn connection(
     let mut assembling_bytes = 0usize;
     loop {
         let frame = match rd.next().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => {
+            Some(Ok(f)) => f,
+            None => break,
+            Some(Err(e)) => {
                 metrics.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, node = %info.node, "closing peer connection: {e}");
                 break;
             }
         };
         let id = frame.id;
-        let (kind, payload) = if frame.kind == K_FRAGMENT {
-            let (last, data) = match Msg::decode(frame.kind, frame.payload) {
+        let body = if frame.is_fragment() {
+            let (last, data) = match Msg::decode(frame.body) {
                 Ok(Msg::Fragment { last, data }) => (last, data),
                 _ => (false, Bytes::new()),
             };
@@ -197,11 +201,11 @@ async fn connection(
             }
             let whole = assembling.remove(&id).unwrap_or_default().freeze();
             assembling_bytes -= whole.len();
-            (whole[0], whole.slice(1..))
+            whole
         } else {
-            (frame.kind, frame.payload)
+            frame.body
         };
-        let msg = match Msg::decode(kind, payload) {
+        let msg = match Msg::decode(body) {
             Ok(m) => m,
             Err(e) => {
                 metrics.malformed.fetch_add(1, Ordering::Relaxed);
