@@ -1009,34 +1009,6 @@ pub fn parse_iscsi_perf(text: &str) -> Result<(f64, f64)> {
     Ok((mbs, iops))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn parses_the_last_iscsi_perf_report() {
-        let out = "00:00:01 - lba 129408, iops current 17362 (1085 MB/s), iops average 17362 (1085 MB/s), in_flight 32, busy 0\r        iops average 18130 (1133 MB/s)   \n\nfinished.\n";
-        assert_eq!(super::parse_iscsi_perf(out).unwrap(), (1133.0, 18130.0));
-        assert!(super::parse_iscsi_perf("garbage").is_err());
-    }
-
-    #[test]
-    fn lab_tokens_join_the_tests_own_api_table_or_make_one() {
-        use std::path::Path;
-        let (r, a) = (Path::new("/lab/r"), Path::new("/lab/a"));
-        let parse = |s: &str| s.parse::<toml::Table>().unwrap();
-        let own =
-            super::with_api_tokens("\n[api]\nlisten = \"0.0.0.0:7878\"\n[cost]\nx = 1\n", r, a);
-        let t = parse(&own);
-        assert_eq!(t["api"]["listen"].as_str(), Some("0.0.0.0:7878"));
-        assert_eq!(t["api"]["read_token_file"].as_str(), Some("/lab/r"));
-        assert_eq!(t["api"]["admin_token_file"].as_str(), Some("/lab/a"));
-        assert_eq!(t["cost"]["x"].as_integer(), Some(1));
-        for extra in ["", "[splicer]\nlearn = true"] {
-            let t = parse(&super::with_api_tokens(extra, r, a));
-            assert_eq!(t["api"]["read_token_file"].as_str(), Some("/lab/r"));
-        }
-    }
-}
-
 /// The metric names in Prometheus text: every `# TYPE` line's name, counters with
 /// the `_total` their samples carry.
 pub fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
@@ -1088,4 +1060,32 @@ pub fn documented_metric_names() -> Result<std::collections::BTreeSet<String>> {
         }
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_the_last_iscsi_perf_report() {
+        let out = "00:00:01 - lba 129408, iops current 17362 (1085 MB/s), iops average 17362 (1085 MB/s), in_flight 32, busy 0\r        iops average 18130 (1133 MB/s)   \n\nfinished.\n";
+        assert_eq!(super::parse_iscsi_perf(out).unwrap(), (1133.0, 18130.0));
+        assert!(super::parse_iscsi_perf("garbage").is_err());
+    }
+
+    #[test]
+    fn lab_tokens_join_the_tests_own_api_table_or_make_one() {
+        use std::path::Path;
+        let (r, a) = (Path::new("/lab/r"), Path::new("/lab/a"));
+        let parse = |s: &str| s.parse::<toml::Table>().unwrap();
+        let own =
+            super::with_api_tokens("\n[api]\nlisten = \"0.0.0.0:7878\"\n[cost]\nx = 1\n", r, a);
+        let t = parse(&own);
+        assert_eq!(t["api"]["listen"].as_str(), Some("0.0.0.0:7878"));
+        assert_eq!(t["api"]["read_token_file"].as_str(), Some("/lab/r"));
+        assert_eq!(t["api"]["admin_token_file"].as_str(), Some("/lab/a"));
+        assert_eq!(t["cost"]["x"].as_integer(), Some(1));
+        for extra in ["", "[splicer]\nlearn = true"] {
+            let t = parse(&super::with_api_tokens(extra, r, a));
+            assert_eq!(t["api"]["read_token_file"].as_str(), Some("/lab/r"));
+        }
+    }
 }
