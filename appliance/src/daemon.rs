@@ -78,7 +78,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // LUNs) and the planner (holders).
     let indexer_config = match &config.indexer {
         Some(e) => Some(
-            crate::serve::config::IndexerConfig::load(&e.config)
+            crate::peer::config::IndexerConfig::load(&e.config)
                 .map_err(|e| DaemonError::Indexer(e.to_string()))?,
         ),
         None => None,
@@ -102,7 +102,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 }
             }
             Some(
-                crate::serve::open_indexer_store(ic)
+                crate::peer::open_indexer_store(ic)
                     .map_err(|e| DaemonError::Indexer(format!("{e:#}")))?,
             )
         }
@@ -149,7 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let local = crate::splice::manifests::Sources {
             store: index_store
                 .clone()
-                .map(|s| s as crate::serve::indexer::SharedStore),
+                .map(|s| s as crate::peer::indexer::SharedStore),
             parent: None,
         };
         crate::splice::manifests::refresh_some(&catalog, &local, &mut 0, usize::MAX).await;
@@ -270,12 +270,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let cache = splicer.cache.get().cloned();
     let indexer = match (&indexer_config, &index_store) {
         (Some(ic), Some(store)) => Some(
-            crate::serve::start_indexer_on(
+            crate::peer::start_indexer_on(
                 ic,
                 store.clone(),
                 cache
                     .clone()
-                    .map(|c| c as Arc<dyn crate::serve::server::BlockSource>),
+                    .map(|c| c as Arc<dyn crate::peer::server::BlockSource>),
             )
             .await
             .map_err(|e| DaemonError::Indexer(format!("{e:#}")))?,
@@ -290,9 +290,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .unwrap_or_else(|| crate::fetch::SourceRanks::unranked(&config.appliance.name));
             // The daemon asks under its embedded indexer's identity (one key
             // per node, listed once in the peers file).
-            let client = crate::serve::client::PeerClient::new(ic.peer.client(
+            let client = crate::peer::client::PeerClient::new(ic.peer.client(
                 &ic.node,
-                crate::serve::proto::Role::Indexer,
+                crate::peer::proto::Role::Indexer,
                 ic.credentials(),
             ));
             let s = Arc::new(crate::fetch::Sourcing::new(
@@ -318,9 +318,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .filter(|c| !c.is_empty())
         .map(|catalog| {
             let parent = indexer_config.as_ref().and_then(|ic| {
-                let client = crate::serve::client::PeerClient::new(ic.peer.client(
+                let client = crate::peer::client::PeerClient::new(ic.peer.client(
                     &ic.node,
-                    crate::serve::proto::Role::Indexer,
+                    crate::peer::proto::Role::Indexer,
                     ic.credentials(),
                 ));
                 ic.parent.map(|p| client.peer(&p.to_string()))
@@ -328,7 +328,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let sources = crate::splice::manifests::Sources {
                 store: index_store
                     .clone()
-                    .map(|s| s as crate::serve::indexer::SharedStore),
+                    .map(|s| s as crate::peer::indexer::SharedStore),
                 parent,
             };
             tokio::spawn(crate::splice::manifests::refresh_loop(

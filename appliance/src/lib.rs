@@ -12,16 +12,14 @@
 //! - [`index`]: images as manifests of blake3-named blocks.
 //! - [`cost`]: the topology and network cost between nodes (static and live).
 //! - [`plan`]: the planner: block sources for a target, and placement of images.
-//! - [`serve`]: the peer protocol: blocks by hash, holders, pushes up the index tree.
-//! - [`agent`]: `nearblock agent`: index local images, push them up, serve their blocks.
-//! - [`hostmetrics`]: a host's cpu, mem and disk used fractions, as agents measure them.
+//! - [`peer`]: the peer protocol (blocks by hash, holders, pushes up the index
+//!   tree), the agent and indexer services on it, and hosts' load reports.
 //! - [`api`]: HTTP status and metrics.
 //! - [`state`]: the running appliance's shared state and status report.
 //! - [`daemon`]: `nearblock run`, the stages wired together.
 //! - [`cli`]: the command line, one file per subcommand.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-pub mod agent;
 pub mod api;
 pub mod classify;
 pub mod cli;
@@ -30,12 +28,11 @@ pub mod cost;
 pub mod daemon;
 pub mod datapath;
 pub mod fetch;
-pub mod hostmetrics;
 pub mod index;
 #[cfg(test)]
 mod layout;
+pub mod peer;
 pub mod plan;
-pub mod serve;
 pub mod splice;
 pub mod state;
 pub mod steer;

@@ -45,7 +45,7 @@ pub struct Planner {
     /// `[planner] metrics`: the static host metrics.
     pub metrics: crate::plan::MetricsFile,
     /// The embedded indexer's agent-reported host metrics (set once it runs).
-    pub reported: std::sync::OnceLock<Arc<crate::serve::hosts::HostReports>>,
+    pub reported: std::sync::OnceLock<Arc<crate::peer::hosts::HostReports>>,
     /// Reports at most this old override the file.
     pub stale_after: Duration,
 }

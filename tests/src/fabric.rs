@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use nearblock::{cost::topology::Role as NodeRole, serve::identity::NodeKey};
+use nearblock::{cost::topology::Role as NodeRole, peer::identity::NodeKey};
 
 use crate::{procs::Procs, Lab};
 

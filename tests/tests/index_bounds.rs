@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use nearblock::{
     index::{Change, Manifest},
-    serve::{
+    peer::{
         client::{ClientOptions, FetchError, Peer, PeerClient},
         identity::Credentials,
         proto::{code, Msg, PushedChange, Role},

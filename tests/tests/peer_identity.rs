@@ -24,7 +24,7 @@ use std::{
 use bytes::Bytes;
 use nearblock::{
     index::{Change, Manifest},
-    serve::{
+    peer::{
         client::{ClientOptions, FetchError, PeerClient},
         identity::{Credentials, NodeKey},
         proto::{code, Msg, PushedChange, Role},

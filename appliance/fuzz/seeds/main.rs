@@ -15,9 +15,9 @@ extern crate libfuzzer_sys;
 use bytes::Bytes;
 use nearblock::config::Config;
 use nearblock::index::{BlockHash, Change, Location, Manifest};
+use nearblock::peer::config::{AgentConfig, IndexerConfig};
+use nearblock::peer::proto::{BlockReply, Holder, HostReport, ManifestPiece, Msg, HEADER_LEN};
 use nearblock::plan::place::HostMetrics;
-use nearblock::serve::config::{AgentConfig, IndexerConfig};
-use nearblock::serve::proto::{BlockReply, Holder, HostReport, ManifestPiece, Msg, HEADER_LEN};
 use nearblock::splice::pdu::{Bhs, Digests, Opcode, Pdu};
 use nearblock_fuzz::{connection as conn, input::put_chunks, pdu_stream, peer};
 

@@ -10,7 +10,7 @@
 //! machine (`/dev/zero` never ends). Operators choose that path.
 
 use nearblock::config::Config;
-use nearblock::serve::config::{AgentConfig, IndexerConfig};
+use nearblock::peer::config::{AgentConfig, IndexerConfig};
 
 pub fn run(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {

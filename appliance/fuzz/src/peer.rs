@@ -15,7 +15,7 @@
 
 use bytes::Bytes;
 use nearblock::index::{Change, Manifest};
-use nearblock::serve::proto::{Msg, HEADER_LEN};
+use nearblock::peer::proto::{Msg, HEADER_LEN};
 use nearblock::splice::pdu::crc32c;
 
 pub const SELECT_MESSAGE: u8 = 0;

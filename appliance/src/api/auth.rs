@@ -160,7 +160,7 @@ pub fn read_client_token(path: &Path) -> Result<String, TokenError> {
 
 /// A new token: [`TOKEN_BYTES`] from the kernel's CSPRNG, hex-encoded.
 pub fn new_token() -> String {
-    hex::encode(crate::serve::identity::random32())
+    hex::encode(crate::peer::identity::random32())
 }
 
 /// Write a new token to `path` (created with mode 0600, never overwritten).

@@ -295,7 +295,7 @@ pub struct HostsReport {
 pub struct HostView {
     pub host: String,
     /// The latest report, if any (stale or not).
-    pub reported: Option<crate::serve::hosts::ReportView>,
+    pub reported: Option<crate::peer::hosts::ReportView>,
     /// The report is at most `stale_after_secs` old, so it overrides the file.
     pub fresh: bool,
     pub file: Option<crate::plan::HostMetrics>,
@@ -307,11 +307,11 @@ pub struct HostView {
 /// [`crate::plan::MetricsFile::overlaid`] over `HostReports::fresh`).
 pub fn hosts_report(
     file: &crate::plan::MetricsFile,
-    reported: Vec<crate::serve::hosts::ReportView>,
+    reported: Vec<crate::peer::hosts::ReportView>,
     stale_after: std::time::Duration,
 ) -> HostsReport {
     use std::collections::BTreeMap;
-    let mut by_host: BTreeMap<String, Option<crate::serve::hosts::ReportView>> =
+    let mut by_host: BTreeMap<String, Option<crate::peer::hosts::ReportView>> =
         file.host.keys().map(|h| (h.clone(), None)).collect();
     for r in reported {
         by_host.insert(r.host.clone(), Some(r));
@@ -579,7 +579,7 @@ pub fn render_metrics(r: &StatusReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{plan::MetricsFile, serve::hosts::ReportView};
+    use crate::{peer::hosts::ReportView, plan::MetricsFile};
     use std::time::Duration;
 
     fn view(host: &str, cpu: Option<f64>, mem: Option<f64>, age_ms: u64) -> ReportView {

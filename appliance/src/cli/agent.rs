@@ -1,12 +1,12 @@
 //! `nearblock agent --config FILE [--check]`: index this host's images, report
 //! them to the parent indexer, rescan, and serve their blocks (see
-//! [`crate::agent`]).
+//! [`crate::peer::agent`]).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::serve::config::AgentConfig;
+use crate::peer::config::AgentConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
@@ -39,8 +39,8 @@ pub fn run(args: AgentArgs, out: &mut dyn std::io::Write) -> Result<()> {
         return Ok(());
     }
     if args.scan_once {
-        let store = crate::agent::open_store(&cfg)?;
-        let agent = crate::agent::Agent::new(&cfg, store);
+        let store = crate::peer::agent::open_store(&cfg)?;
+        let agent = crate::peer::agent::Agent::new(&cfg, store);
         let s = agent.scan()?;
         writeln!(out, "{}", serde_json::to_string(&s)?)?;
         return Ok(());
@@ -49,6 +49,6 @@ pub fn run(args: AgentArgs, out: &mut dyn std::io::Write) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(crate::agent::run(cfg))?;
+        .block_on(crate::peer::agent::run(cfg))?;
     Ok(())
 }

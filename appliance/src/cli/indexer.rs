@@ -1,12 +1,12 @@
 //! `nearblock indexer --config FILE [--check]`: a local or global indexer
 //! (receives pushes from children, answers holders, pushes up to its parent; see
-//! [`crate::serve::indexer`]).
+//! [`crate::peer::indexer`]).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::serve::config::IndexerConfig;
+use crate::peer::config::IndexerConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct IndexerArgs {
@@ -35,6 +35,6 @@ pub fn run(args: IndexerArgs, out: &mut dyn std::io::Write) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(crate::serve::run_indexer(cfg))?;
+        .block_on(crate::peer::run_indexer(cfg))?;
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use crate::serve::identity::NodeKey;
+use crate::peer::identity::NodeKey;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct KeygenArgs {

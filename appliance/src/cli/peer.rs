@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     index::BlockHash,
-    serve::{
+    peer::{
         client::{ClientOptions, PeerClient},
         identity::Credentials,
         proto::Msg,
@@ -164,7 +164,7 @@ pub fn run(args: PeerArgs, out: &mut dyn std::io::Write) -> Result<()> {
                 text,
                 image,
             } => {
-                use crate::serve::client::ManifestAnswer;
+                use crate::peer::client::ManifestAnswer;
                 let line = match client.peer(addr).manifest(host, image, *block_size, None).await? {
                     ManifestAnswer::Found { manifest: m, digest } => {
                         if let Some(path) = text {

@@ -200,13 +200,13 @@ impl BlockCache {
 }
 
 /// The appliance serves its cache to peers by hash (the receiver verifies).
-impl crate::serve::server::BlockSource for BlockCache {
+impl crate::peer::server::BlockSource for BlockCache {
     fn read_blocks(
         &self,
         hashes: &[BlockHash],
         budget: usize,
-    ) -> Vec<crate::serve::proto::BlockReply> {
-        use crate::serve::proto::BlockReply;
+    ) -> Vec<crate::peer::proto::BlockReply> {
+        use crate::peer::proto::BlockReply;
         let mut used = 0usize;
         hashes
             .iter()

@@ -36,8 +36,8 @@ use super::{BlockCache, Origin, SourceClass, MAX_HOPS};
 use crate::{
     cost::{Graph, Role},
     index::BlockHash,
+    peer::{client::PeerClient, proto::Holder},
     plan::image::{BlockHashMap, BlockHashSet},
-    serve::{client::PeerClient, proto::Holder},
 };
 
 /// The future a [`HolderLookup`] returns: per hash, its holders.
@@ -48,11 +48,11 @@ pub trait HolderLookup: Send + Sync {
     fn holders(&self, hashes: Vec<BlockHash>) -> HolderFuture;
 }
 
-impl HolderLookup for Arc<crate::serve::indexer::IndexService> {
+impl HolderLookup for Arc<crate::peer::indexer::IndexService> {
     fn holders(&self, hashes: Vec<BlockHash>) -> HolderFuture {
         let ix = self.clone();
         Box::pin(async move {
-            crate::serve::indexer::IndexService::holders(&ix, &hashes, false)
+            crate::peer::indexer::IndexService::holders(&ix, &hashes, false)
                 .await
                 .map_err(|e| format!("{e:#}"))
         })
@@ -639,10 +639,10 @@ mod tests {
     }
 
     fn test_client() -> Arc<PeerClient> {
-        Arc::new(PeerClient::new(crate::serve::client::ClientOptions::new(
+        Arc::new(PeerClient::new(crate::peer::client::ClientOptions::new(
             "rack1",
-            crate::serve::proto::Role::Client,
-            crate::serve::identity::testing::creds("rack1", crate::serve::proto::Role::Client, &[]),
+            crate::peer::proto::Role::Client,
+            crate::peer::identity::testing::creds("rack1", crate::peer::proto::Role::Client, &[]),
         )))
     }
 

@@ -25,7 +25,7 @@ use tracing::Instrument;
 use super::catalog::{manifest_from_text, Catalog, FileStamp, LunSlot, LunSource, ManifestOrigin};
 use crate::{
     index::{BlockStore, Manifest},
-    serve::{
+    peer::{
         client::{ManifestAnswer, Peer},
         indexer::SharedStore,
     },

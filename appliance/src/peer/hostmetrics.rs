@@ -1,6 +1,6 @@
 //! A host's load as used fractions in [0, 1], measured the way `top`, `free` and
 //! `df` do, for the planner's placement policies (`cpu`, `mem`, `disk`). Agents
-//! measure and report them to their parent indexer (`serve::hosts`).
+//! measure and report them to their parent indexer (`super::hosts`).
 //!
 //! - `cpu`: busy share of all CPUs between two `/proc/stat` `cpu` lines:
 //!   1 − Δ(idle + iowait) / Δ(user + nice + system + idle + iowait + irq + softirq

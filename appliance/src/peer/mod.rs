@@ -15,13 +15,19 @@
 //! - [`hosts`]: host load reports (cpu, mem, disk) kept per host and sent up the
 //!   tree.
 //! - [`config`]: the agent's and indexer's TOML.
+//! - [`agent`]: `nearblock agent`: index local images, push them up, serve their
+//!   blocks.
+//! - [`hostmetrics`]: a host's cpu, mem and disk used fractions, as agents
+//!   measure them.
 //!
 //! See `docs/peer.md`.
 
+pub mod agent;
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod hostmetrics;
 pub mod hosts;
 pub mod identity;
 pub mod indexer;

@@ -968,7 +968,7 @@ mod tests {
     fn agent(name: &str) -> PeerEntry {
         PeerEntry {
             name: name.into(),
-            role: crate::serve::proto::Role::Agent,
+            role: crate::peer::proto::Role::Agent,
             hosts: vec![],
         }
     }
@@ -1032,7 +1032,7 @@ mod tests {
         // An indexer speaks for its delegated hosts only.
         let rack = PeerEntry {
             name: "rack2".into(),
-            role: crate::serve::proto::Role::Indexer,
+            role: crate::peer::proto::Role::Indexer,
             hosts: vec!["r2-*".into()],
         };
         let batch = [put("r2-hv1", "x", 2, 5), put("library", "lun1", 4, 6)];
@@ -1279,7 +1279,7 @@ mod tests {
     async fn the_pusher_moves_past_a_refused_change() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = |node: &str, parent: Option<std::net::SocketAddr>, extra: &str| {
-            crate::serve::tests::indexer_config(dir.path(), node, parent, extra)
+            crate::peer::tests::indexer_config(dir.path(), node, parent, extra)
         };
         let g = super::super::start_indexer(&cfg("g", None, "max_image_blocks = 8\n"))
             .await

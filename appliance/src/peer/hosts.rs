@@ -1,7 +1,7 @@
 //! Host load reports (`cpu`, `mem`, `disk` used fractions) travelling up the
 //! indexer tree, for the planner's placement policies.
 //!
-//! - An agent measures its host ([`crate::hostmetrics::Sampler`]) and sends
+//! - An agent measures its host ([`crate::peer::hostmetrics::Sampler`]) and sends
 //!   `HostMetrics` to its parent every `metrics_interval_ms`.
 //! - An indexer keeps the latest report per host ([`HostReports`], in memory: a
 //!   report is worth something for seconds, the next one comes within an

@@ -376,7 +376,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::identity::{testing, Keyring, PeerEntry, Peers};
+    use crate::peer::identity::{testing, Keyring, PeerEntry, Peers};
 
     const T: Duration = Duration::from_secs(5);
 
@@ -589,7 +589,7 @@ mod tests {
         assert!(c.is_ok() && s.is_ok());
         std::fs::write(&path, line("rack1", "indexer", &server_key.public())).unwrap();
         // The keyring looks at the file at most once a second.
-        tokio::time::sleep(crate::serve::identity::RECHECK + Duration::from_millis(50)).await;
+        tokio::time::sleep(crate::peer::identity::RECHECK + Duration::from_millis(50)).await;
         let (c, s) = pair(client, "hv1", server).await;
         assert!(c.is_err() && s.is_err());
     }

@@ -10,7 +10,7 @@
 //!
 //! Every `metrics_interval_ms` the agent also reports its host's load (`cpu`,
 //! `mem`, `disk` used fractions; measured, or pinned in `[metrics]`) to the
-//! parent, for the planner's placement policies (`serve::hosts`).
+//! parent, for the planner's placement policies (`super::hosts`).
 //!
 //! Serving reads `len` bytes at the indexed offset of the file. It does not
 //! verify them: if the file changed behind the index the receiver's blake3 check
@@ -32,7 +32,7 @@ use crate::{
         delta::{self, Outcome, Policy},
         BlockHash, BlockStore, Change, Location, RedbStore, StoreOptions,
     },
-    serve::{
+    peer::{
         config::{AgentConfig, ImageConfig},
         error::{IoContext, Result, ServeError},
         proto::{BlockReply, Role},
@@ -402,10 +402,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     };
     log_scan(&agent.node, &first);
     let last_scan = Arc::new(std::sync::Mutex::new(first));
-    let push_status = Arc::new(crate::serve::indexer::PushStatus::default());
-    let metrics_status = Arc::new(crate::serve::hosts::ReportStatus::default());
+    let push_status = Arc::new(crate::peer::indexer::PushStatus::default());
+    let metrics_status = Arc::new(crate::peer::hosts::ReportStatus::default());
     let last_metrics = Arc::new(std::sync::Mutex::new(None::<crate::plan::HostMetrics>));
-    let status: crate::serve::server::StatusFn = {
+    let status: crate::peer::server::StatusFn = {
         let (l, p, parent) = (last_scan.clone(), push_status.clone(), cfg.parent);
         let (m, ms, pinned) = (last_metrics.clone(), metrics_status.clone(), cfg.metrics);
         Arc::new(move || {
@@ -416,44 +416,44 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         })
     };
     let server_opts = Arc::new(cfg.peer.server(&cfg.node, Role::Agent, creds.clone()));
-    let services = crate::serve::server::Services {
+    let services = crate::peer::server::Services {
         blocks: Some(agent.clone() as Arc<dyn BlockSource>),
         index: None,
         status: Some(status),
     };
-    let metrics = Arc::new(crate::serve::server::ServerMetrics::default());
-    let server = tokio::spawn(crate::serve::server::serve(
+    let metrics = Arc::new(crate::peer::server::ServerMetrics::default());
+    let server = tokio::spawn(crate::peer::server::serve(
         listener,
         server_opts,
         services,
         metrics,
     ));
     let wake = Arc::new(tokio::sync::Notify::new());
-    let client = crate::serve::client::PeerClient::new(cfg.peer.client(
+    let client = crate::peer::client::PeerClient::new(cfg.peer.client(
         &cfg.node,
         Role::Agent,
         creds.clone(),
     ));
     let reporter = match cfg.parent {
         Some(parent) if cfg.metrics_interval_ms > 0 => {
-            let sampler = std::sync::Mutex::new(crate::hostmetrics::Sampler::new(
+            let sampler = std::sync::Mutex::new(crate::peer::hostmetrics::Sampler::new(
                 cfg.disk_path(),
                 cfg.metrics,
             ));
             let (node, last) = (cfg.node.clone(), last_metrics.clone());
-            let collect: crate::serve::hosts::Collect = Arc::new(move || {
+            let collect: crate::peer::hosts::Collect = Arc::new(move || {
                 let m = sampler.lock().map(|mut s| s.sample()).unwrap_or_default();
                 if let Ok(mut l) = last.lock() {
                     *l = Some(m);
                 }
-                vec![crate::serve::proto::HostReport {
+                vec![crate::peer::proto::HostReport {
                     host: node.clone(),
                     metrics: m,
                     age_ms: 0,
                 }]
             });
             Some(tokio::spawn(
-                crate::serve::hosts::MetricsReporter {
+                crate::peer::hosts::MetricsReporter {
                     node: cfg.node.clone(),
                     parent: client.peer(&parent.to_string()),
                     interval: Duration::from_millis(cfg.metrics_interval_ms),
@@ -468,7 +468,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let pusher = cfg.parent.map(|parent| {
         let me = (cfg.node.clone(), cfg.advertised().to_string());
         tokio::spawn(
-            crate::serve::indexer::Pusher {
+            crate::peer::indexer::Pusher {
                 node: cfg.node.clone(),
                 store: store.clone(),
                 parent: client.peer(&parent.to_string()),

@@ -749,7 +749,7 @@ async fn two_level_push_and_parent_fallback_over_tcp() {
 }
 
 /// Loopback figures for docs/peer.md (not an assertion; the machine is shared):
-/// `cargo test -p nearblock --release --lib serve::tests::measure_loopback -- --ignored --nocapture`
+/// `cargo test -p nearblock --release --lib peer::tests::measure_loopback -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn measure_loopback() {
