@@ -221,7 +221,11 @@ fn test(extra: &[String]) -> Result<()> {
     // profile's directory so the lab finds it beside the test executables.
     phase("build", || {
         cargo(&["build", "-p", "nearblock", "--bin", "nearblock"]).status_ok()?;
-        cargo(&["test", "--workspace", "--no-run"]).status_ok()
+        // The corpus directory at build time too: tests that need it are built
+        // ignored without it (tests/build.rs).
+        cargo(&["test", "--workspace", "--no-run"])
+            .env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR)
+            .status_ok()
     })?;
     phase("test", || {
         let mut c = cargo(&["test", "--workspace"]);
