@@ -55,9 +55,6 @@ pub struct PeerInfo {
     pub role: Role,
     pub node: String,
     pub key: PublicKey,
-    /// For an indexer: the hosts it speaks for (from the peers file, at the
-    /// handshake; [`super::server`] looks them up again before each change).
-    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,13 +220,14 @@ fn remote_key(hs: &snow::HandshakeState) -> Result<PublicKey, AuthError> {
     Ok(PublicKey(k))
 }
 
-/// Is `key` listed as `node` in `role`? The reason it is not, otherwise.
+/// Is `key` listed as `node` in `role`? The reason it is not, otherwise. (What
+/// the node may change is looked up again at each change, `super::server`.)
 fn check_listed(
     creds: &Credentials,
     key: &PublicKey,
     role: Role,
     node: &str,
-) -> Result<Vec<String>, String> {
+) -> Result<(), String> {
     match creds.keyring.lookup(key) {
         None => Err(format!(
             "{node} ({role:?}) presents key {key}, which is not in the peers file"
@@ -238,7 +236,7 @@ fn check_listed(
             "{node} ({role:?}) presents the key of {} ({:?})",
             e.name, e.role
         )),
-        Some(e) => Ok(e.hosts),
+        Some(_) => Ok(()),
     }
 }
 
@@ -274,7 +272,7 @@ where
             .map_err(|_| AuthError::Rejected("the server's handshake does not verify".into()))?;
         let (srole, snode) = parse_identity(&buf[..n])?;
         let skey = remote_key(&hs)?;
-        let hosts = check_listed(creds, &skey, srole, &snode)
+        check_listed(creds, &skey, srole, &snode)
             .map_err(|why| AuthError::Rejected(format!("server {why}")))?;
         let n = hs.write_message(&identity_payload(role, node), &mut buf)?;
         write_message(&mut wr, &buf[..n]).await?;
@@ -286,7 +284,6 @@ where
                         role: srole,
                         node: snode,
                         key: skey,
-                        hosts,
                     },
                     reader,
                     writer,
@@ -343,7 +340,7 @@ where
         let ckey = remote_key(&hs)?;
         let (reader, mut writer) = secure(rd, wr, hs.into_stateless_transport_mode()?);
         match check_listed(creds, &ckey, crole, &cnode) {
-            Ok(hosts) => {
+            Ok(()) => {
                 writer.write_all(&Msg::AuthOk.encode(0)).await?;
                 writer.flush().await?;
                 Ok(Secured {
@@ -351,7 +348,6 @@ where
                         role: crole,
                         node: cnode,
                         key: ckey,
-                        hosts,
                     },
                     reader,
                     writer,

@@ -243,6 +243,8 @@ struct Conn {
     tasks: Vec<tokio::task::AbortHandle>,
     /// Requests larger than this are sent as fragments.
     max_frame: u32,
+    /// The role the server authenticated with (its peers-file entry).
+    server_role: Role,
 }
 
 impl Drop for Conn {
@@ -255,6 +257,14 @@ impl Drop for Conn {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Requests whose answer only an indexer may give.
+fn answers_for_the_index(msg: &Msg) -> bool {
+    matches!(
+        msg,
+        Msg::GetManifest { .. } | Msg::Holders { .. } | Msg::Push { .. }
+    )
 }
 
 impl Conn {
@@ -282,6 +292,7 @@ impl Conn {
             peer: addr.into(),
             message: e.to_string(),
         })?;
+        let server_role = secured.peer.role;
         let (rd, wr) = (secured.reader, secured.writer);
         let (tx, mut rx) = mpsc::channel::<Bytes>(opts.max_in_flight.max(1) * 2);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
@@ -347,6 +358,7 @@ impl Conn {
             alive,
             tasks: vec![writer.abort_handle(), reader.abort_handle()],
             max_frame: opts.max_frame,
+            server_role,
         })
     }
 
@@ -474,6 +486,19 @@ impl Peer {
             })?;
         inc(&self.0.metrics.requests, 1);
         let r = match self.conn().await {
+            // Holders and manifests decide which bytes get served: only a node the
+            // peers file lists as an indexer answers them (an agent's key at a
+            // parent's address is not one).
+            Ok(c) if answers_for_the_index(msg) && c.server_role != Role::Indexer => {
+                Err(FetchError::Protocol {
+                    peer: self.0.addr.clone(),
+                    message: format!(
+                        "{} asked of a node authenticated as {:?}, not an indexer",
+                        msg.name(),
+                        c.server_role
+                    ),
+                })
+            }
             Ok(c) => {
                 let r = c.call(&self.0.addr, msg, self.0.opts.request_timeout).await;
                 if matches!(

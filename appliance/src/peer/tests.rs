@@ -1146,12 +1146,33 @@ async fn manifests_from_the_store_then_the_parent() {
         Err(FetchError::Remote { code, .. }) => assert_eq!(code, super::proto::code::INTERNAL),
         r => panic!("{r:?}"),
     }
-    // An agent (no index) refuses.
+    // An agent is never asked: its answer could not be an index's. The client
+    // refuses before sending…
     let (aaddr, _) = start(blocks_src(Fake::new(&[], false)), 1 << 20).await;
     match c.peer(&aaddr).manifest("hv1", "vm1", None, None).await {
-        Err(FetchError::Remote { code, .. }) => {
-            assert_eq!(code, super::proto::code::UNSUPPORTED)
+        Err(FetchError::Protocol { message, .. }) => {
+            assert!(message.contains("not an indexer"), "{message}")
         }
         r => panic!("{r:?}"),
+    }
+    // …and the agent refuses a request sent anyway.
+    let mut raw = raw_channel(&aaddr).await;
+    let ask = Msg::GetManifest {
+        host: "hv1".into(),
+        image: "vm1".into(),
+        block_size: 0,
+        known: [0; 32],
+        offset: 0,
+        max_len: 1 << 20,
+    };
+    raw.writer.write_all(&ask.encode(1)).await.unwrap();
+    raw.writer.flush().await.unwrap();
+    let f = super::proto::read_frame(&mut raw.reader, 1 << 20)
+        .await
+        .unwrap()
+        .expect("a reply");
+    match Msg::decode(f.body).unwrap() {
+        Msg::Error { code, .. } => assert_eq!(code, super::proto::code::UNSUPPORTED),
+        m => panic!("{m:?}"),
     }
 }
