@@ -65,9 +65,22 @@ fn check_config_seed(name: &str, text: &str) {
     } else {
         Config::parse(text).map(drop)
     };
-    if let Err(e) = parsed {
-        panic!("config seed {name} does not parse: {e}");
+    match parsed {
+        Ok(()) => {}
+        // The agent's and indexer's seeds carry no key_file (the target does not
+        // let those parsers read files): every other key must pass validation,
+        // which runs before the key is loaded.
+        Err(e) if reads_key_files(name) && is_only_the_key_missing(&e.to_string()) => {}
+        Err(e) => panic!("config seed {name} does not parse: {e}"),
     }
+}
+
+fn reads_key_files(seed: &str) -> bool {
+    seed.ends_with("agent") || seed.ends_with("indexer")
+}
+
+fn is_only_the_key_missing(error: &str) -> bool {
+    error.contains("key_file") && error.contains("missing")
 }
 
 fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
@@ -655,15 +668,11 @@ fn config_seeds() -> Vec<(String, String)> {
             continue;
         };
         let peer = text.find("[peer]").unwrap_or(text.len());
+        // Without the lines naming files: the target keeps texts that name them
+        // away from these two parsers (they would read the path it spells).
         let inline = |part: &str| {
             part.lines()
-                .map(|l| {
-                    if l.starts_with("secret_file") {
-                        "secret = \"0123456789abcdef0123456789abcdef\""
-                    } else {
-                        l
-                    }
-                })
+                .filter(|l| !l.starts_with("key_file") && !l.starts_with("peers_file"))
                 .collect::<Vec<_>>()
                 .join("\n")
                 + "\n"
