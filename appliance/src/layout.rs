@@ -47,7 +47,7 @@ mod tests {
             // Where this file's child modules live: beside `lib.rs`/`mod.rs`, in a
             // directory named after the module otherwise.
             let dir = match path.file_name().and_then(|n| n.to_str()) {
-                Some("lib.rs") | Some("mod.rs") => path.parent().unwrap().to_path_buf(),
+                Some("lib.rs" | "mod.rs") => path.parent().unwrap().to_path_buf(),
                 _ => path.with_extension(""),
             };
             for item in &ast.items {

@@ -1,7 +1,7 @@
 //! libiscsi's conformance suite (`iscsi-test-cu`) as a judge: run it inside a node
 //! and record every test's outcome, then compare two runs test by test.
 //!
-//! CUnit counts a skipped test as passed, so a skip has to be recognised from what the
+//! `CUnit` counts a skipped test as passed, so a skip has to be recognised from what the
 //! test logged (`[SKIPPED]`). In XML mode (`-x`) the skip messages go to stdout with
 //! nothing saying which test printed them, so the suite runs in its default verbose
 //! mode instead, whose stdout names each suite and test and puts the test's messages

@@ -12,6 +12,7 @@
 //! processes are killed before the namespaces go.
 
 use std::{
+    fmt::Write as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -20,7 +21,7 @@ use anyhow::{bail, Context, Result};
 
 use nearblock::{cost::topology::Role as NodeRole, peer::identity::NodeKey};
 
-use crate::{procs::Procs, Lab};
+use crate::{procs::Procs, toml_path, Lab};
 
 /// The name the lab's operator CLI (`nearblock peer …`) is listed under.
 pub const CLI_NODE: &str = "cli";
@@ -46,17 +47,18 @@ impl Fabric {
         let mut add = |name: &str, role: &str, hosts: &[String]| -> Result<()> {
             let key = NodeKey::generate()?;
             key.save_new(&keys.join(format!("{name}.key")))?;
-            peers.push_str(&format!(
-                "[[node]]\nname = \"{name}\"\nrole = \"{role}\"\npublic_key = \"{}\"\nhosts = {hosts:?}\n\n",
+            writeln!(
+                peers,
+                "[[node]]\nname = \"{name}\"\nrole = \"{role}\"\npublic_key = \"{}\"\nhosts = {hosts:?}\n",
                 key.public()
-            ));
+            )?;
             Ok(())
         };
         for n in &lab.topology.nodes {
             match n.role {
                 NodeRole::Library | NodeRole::Hypervisor => add(&n.name, "agent", &[])?,
                 NodeRole::Appliance | NodeRole::Switch => {
-                    add(&n.name, "indexer", &Self::delegated(lab, &n.name))?
+                    add(&n.name, "indexer", &Self::delegated(lab, &n.name))?;
                 }
             }
         }
@@ -119,9 +121,9 @@ impl Fabric {
     /// The config lines giving `node` its key and the peers file.
     pub fn credential_lines(&self, node: &str) -> String {
         format!(
-            "key_file = {:?}\npeers_file = {:?}\n",
-            self.key_file(node),
-            self.peers_file
+            "key_file = {}\npeers_file = {}\n",
+            toml_path(&self.key_file(node)),
+            toml_path(&self.peers_file)
         )
     }
 
@@ -154,10 +156,10 @@ impl Fabric {
         lab.write_file(
             &format!("ix-{node}.toml"),
             format!(
-                "node = \"{node}\"\nlisten = \"0.0.0.0:{}\"\n{}db = {:?}\n{parent}push_interval_ms = 200\n",
+                "node = \"{node}\"\nlisten = \"0.0.0.0:{}\"\n{}db = {}\n{parent}push_interval_ms = 200\n",
                 self.indexer_port,
                 self.credential_lines(node),
-                lab.dir.path().join(format!("{node}.redb")),
+                toml_path(&lab.dir.path().join(format!("{node}.redb"))),
             )
             .as_bytes(),
         )
@@ -186,15 +188,19 @@ impl Fabric {
         extra: &str,
     ) -> Result<()> {
         let mut t = format!(
-            "node = \"{node}\"\nlisten = \"0.0.0.0:{port}\"\nadvertise = \"{}\"\n{}db = {:?}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\n{extra}\n",
+            "node = \"{node}\"\nlisten = \"0.0.0.0:{port}\"\nadvertise = \"{}\"\n{}db = {}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\n{extra}\n",
             Self::addr(lab, node, self.agent_port),
             self.credential_lines(node),
-            lab.dir.path().join(format!("agent-{node}.redb")),
+            toml_path(&lab.dir.path().join(format!("agent-{node}.redb"))),
             self.indexer_addr(lab, parent),
             port = self.agent_port,
         );
         for (name, path) in images {
-            t.push_str(&format!("[[image]]\nname = \"{name}\"\npath = {path:?}\n"));
+            writeln!(
+                t,
+                "[[image]]\nname = \"{name}\"\npath = {}",
+                toml_path(path)
+            )?;
         }
         let cfg = lab.write_file(&format!("agent-{node}.toml"), t.as_bytes())?;
         let cfg = cfg.to_str().context("config path")?;

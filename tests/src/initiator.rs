@@ -123,7 +123,11 @@ impl CommandResult {
     /// Whether F was set exactly at every `burst` boundary and on the last PDU.
     pub fn finals_at_bursts(&self, burst: u32) -> bool {
         let len = self.data.len() as u32;
-        let mut want: Vec<u32> = (1..).map(|i| i * burst).take_while(|&e| e < len).collect();
+        let mut want: Vec<u32> = if burst == 0 {
+            Vec::new()
+        } else {
+            (burst..len).step_by(burst as usize).collect()
+        };
         want.push(len);
         self.final_ends == want
     }
@@ -395,7 +399,7 @@ impl Initiator {
             if Instant::now() > deadline {
                 bail!("no PDU within {:?}", self.options.timeout);
             }
-            let mut chunk = [0u8; 64 * 1024];
+            let mut chunk = vec![0u8; 64 * 1024];
             match self.stream.read(&mut chunk) {
                 Ok(0) => bail!("connection closed by the peer"),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
@@ -410,12 +414,12 @@ impl Initiator {
     /// Whether the peer closed the connection (EOF or reset) within `within`.
     pub fn closed_within(&mut self, within: Duration) -> bool {
         let _ = self.stream.set_read_timeout(Some(within));
-        let mut chunk = [0u8; 64 * 1024];
+        let mut chunk = vec![0u8; 64 * 1024];
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return true,
-                Ok(_) => continue,
+                Ok(_) => {}
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     return false
                 }
@@ -447,7 +451,7 @@ impl Initiator {
             "write data above the target's MaxRecvDataSegmentLength"
         );
         ensure!(
-            self.cmd_sn.wrapping_sub(self.max_cmd_sn) as i32 <= 0,
+            self.cmd_sn.wrapping_sub(self.max_cmd_sn).cast_signed() <= 0,
             "command window closed (CmdSN {}, MaxCmdSN {})",
             self.cmd_sn,
             self.max_cmd_sn
@@ -782,7 +786,7 @@ impl Initiator {
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
-    /// Abort the connection with an RST (SO_LINGER 0, then close).
+    /// Abort the connection with an RST (`SO_LINGER` 0, then close).
     pub fn reset(self) {
         let linger = libc::linger {
             l_onoff: 1,
@@ -823,7 +827,7 @@ fn residual_of(bhs: &Bhs) -> i64 {
 }
 
 fn check_residual(r: &CommandResult, edtl: u32) -> Result<()> {
-    let expected = i64::from(edtl) - r.data.len() as i64;
+    let expected = i64::from(edtl) - i64::try_from(r.data.len())?;
     ensure!(
         r.residual == expected || (r.residual < 0 && r.data.len() as u32 == edtl),
         "residual {} but {} of {edtl} bytes arrived",

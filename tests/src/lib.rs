@@ -134,8 +134,7 @@ pub mod tempdir {
     impl Dir {
         pub fn new(prefix: &str) -> std::io::Result<Self> {
             let base = std::env::var_os("NEARBLOCK_LAB_TMP")
-                .map(PathBuf::from)
-                .unwrap_or_else(std::env::temp_dir);
+                .map_or_else(std::env::temp_dir, PathBuf::from);
             for i in 0..1000u32 {
                 let p = base.join(format!("{prefix}-{}-{i}", std::process::id()));
                 if std::fs::create_dir(&p).is_ok() {
@@ -307,7 +306,7 @@ impl Lab {
             .with_context(|| format!("veth {} - {}", l.a, l.b))?;
             for (node, iface, peer, host) in [(&l.a, &l.b, &l.b, 1u8), (&l.b, &l.a, &l.a, 2u8)] {
                 let v4 = Ipv4Addr::new(198, 18, i as u8, host);
-                let v6 = Ipv6Addr::new(0xfd00, 0x6e62, 0, i as u16, 0, 0, 0, host as u16);
+                let v6 = Ipv6Addr::new(0xfd00, 0x6e62, 0, i as u16, 0, 0, 0, u16::from(host));
                 self.exec_ok(
                     node,
                     &["ip", "addr", "add", &format!("{v4}/24"), "dev", iface],
@@ -328,7 +327,7 @@ impl Lab {
                 self.exec_ok(node, &["ip", "link", "set", iface, "up"])?;
                 if let Some(mbps) = l.capacity_mbps {
                     if lab_bool(l.lab.as_ref(), "shape") {
-                        let rate = format!("{}mbit", mbps as u64);
+                        let rate = format!("{mbps:.0}mbit");
                         self.exec_ok(
                             node,
                             &[
@@ -408,7 +407,7 @@ impl Lab {
         let mut out: BTreeMap<String, (usize, String)> = BTreeMap::new();
         let mut q = VecDeque::new();
         let mut neigh: Vec<&str> = self.topology.neighbours(from).map(|(_, o)| o).collect();
-        neigh.sort();
+        neigh.sort_unstable();
         for nb in neigh {
             if !out.contains_key(nb) {
                 out.insert(nb.to_string(), (1, nb.to_string()));
@@ -418,7 +417,7 @@ impl Lab {
         while let Some(cur) = q.pop_front() {
             let (d, hop) = out[&cur].clone();
             let mut neigh: Vec<&str> = self.topology.neighbours(&cur).map(|(_, o)| o).collect();
-            neigh.sort();
+            neigh.sort_unstable();
             for nb in neigh {
                 if nb != from && !out.contains_key(nb) {
                     out.insert(nb.to_string(), (d + 1, hop.clone()));
@@ -515,9 +514,9 @@ impl Lab {
     /// Run `tgtadm` against this lab's tgtd.
     pub fn tgtadm(&self, args: &[&str]) -> Result<String> {
         let port = self.tgt_control_port().to_string();
-        let mut argv = vec!["tgtadm", "-C", &port, "--lld", "iscsi"];
-        argv.extend_from_slice(args);
-        let out = self.exec_ok(self.library(), &argv)?;
+        let mut command = vec!["tgtadm", "-C", &port, "--lld", "iscsi"];
+        command.extend_from_slice(args);
+        let out = self.exec_ok(self.library(), &command)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -566,10 +565,7 @@ impl Lab {
                 "readonly=1",
             ])?;
         }
-        let allow = spec
-            .allow
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "ALL".into());
+        let allow = spec.allow.map_or_else(|| "ALL".into(), |a| a.to_string());
         if !self.luns.iter().any(|l| l.tid == spec.tid) {
             self.tgtadm(&[
                 "--op", "bind", "--mode", "target", "--tid", &tid, "-I", &allow,
@@ -630,6 +626,10 @@ impl Lab {
     }
 
     /// Start a nearblock daemon in `node` and wait until its API answers.
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "callers build the options in the call"
+    )]
     pub fn start_appliance(&mut self, node: &str, opts: ApplianceOptions) -> Result<()> {
         let cfg = self.appliance_config(node, &opts);
         let config_path = self.dir.path().join(format!("{node}.toml"));
@@ -704,7 +704,7 @@ impl Lab {
     ) -> Result<std::process::ExitStatus> {
         let mut p = self.take_appliance(node)?;
         // SAFETY: sending a signal to our own child's pid.
-        unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(p.child.id().cast_signed(), libc::SIGTERM) };
         let deadline = Instant::now() + within;
         loop {
             if let Some(st) = p.child.try_wait()? {
@@ -766,7 +766,7 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Kernel interface statistics (rx_bytes, tx_bytes) of every port of `node`.
+    /// Kernel interface statistics (`rx_bytes`, `tx_bytes`) of every port of `node`.
     pub fn link_bytes(&self, node: &str) -> Result<Vec<(String, u64, u64)>> {
         let mut out = Vec::new();
         for p in &self.ports[node] {
@@ -820,7 +820,11 @@ impl Drop for Lab {
 /// table: added to the test's own `[api]` if it has one (TOML allows a table
 /// once), else as a new table at the end.
 pub fn with_api_tokens(extra: &str, read: &Path, admin: &Path) -> String {
-    let keys = format!("read_token_file = {read:?}\nadmin_token_file = {admin:?}\n");
+    let keys = format!(
+        "read_token_file = {}\nadmin_token_file = {}\n",
+        toml_path(read),
+        toml_path(admin)
+    );
     let mut out = String::with_capacity(extra.len() + keys.len() + 8);
     let mut added = false;
     for line in extra.split_inclusive('\n') {
@@ -845,7 +849,7 @@ pub fn with_api_tokens(extra: &str, read: &Path, admin: &Path) -> String {
 
 fn lab_bool(t: Option<&toml::Table>, key: &str) -> bool {
     t.and_then(|t| t.get(key))
-        .and_then(|v| v.as_bool())
+        .and_then(toml::Value::as_bool)
         .unwrap_or(false)
 }
 
@@ -880,6 +884,11 @@ fn take_slot() -> Result<(u32, File)> {
 
 /// The `nearblock` binary under test: `$NEARBLOCK_BIN`, else next to the test
 /// executable's directory (`target/<profile>/nearblock`).
+/// `path` as a TOML string (quoted and escaped), for the configs tests write.
+pub fn toml_path(path: &Path) -> String {
+    toml::Value::String(path.display().to_string()).to_string()
+}
+
 pub fn nearblock_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("NEARBLOCK_BIN") {
         return Ok(PathBuf::from(p));

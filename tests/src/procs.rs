@@ -40,12 +40,12 @@ impl Procs {
             bail!("a process named {name} is already running");
         }
         let bin = nearblock_bin()?;
-        let mut argv = vec![bin.to_str().context("binary path")?];
-        argv.extend_from_slice(args);
+        let mut command = vec![bin.to_str().context("binary path")?];
+        command.extend_from_slice(args);
         let log = lab.dir.path().join(format!("{name}.log"));
         let f = File::options().create(true).append(true).open(&log)?;
         let child = lab
-            .cmd(node, &argv)
+            .cmd(node, &command)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -94,7 +94,7 @@ impl Procs {
         let p = self.get(name)?;
         // `ip netns exec` execs the command, so the child's pid is nearblock's.
         // SAFETY: signalling our own child.
-        if unsafe { libc::kill(p.child.id() as i32, sig) } != 0 {
+        if unsafe { libc::kill(p.child.id().cast_signed(), sig) } != 0 {
             bail!("kill({name}, {sig}): {}", std::io::Error::last_os_error());
         }
         Ok(())

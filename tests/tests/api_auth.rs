@@ -60,7 +60,7 @@ print(code)
 print(r.headers.get('WWW-Authenticate',''))
 sys.stdout.write(r.read().decode())
 ";
-    let token = token_file.map(|p| p.to_str().unwrap()).unwrap_or("");
+    let token = token_file.map_or("", |p| p.to_str().unwrap());
     let o = lab
         .exec_ok(node, &["python3", "-c", SCRIPT, url, token])
         .expect("HTTP request");

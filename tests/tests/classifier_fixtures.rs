@@ -1,8 +1,8 @@
-//! Packet fixtures through BPF_PROG_TEST_RUN: hand-built frames → the XDP
+//! Packet fixtures through `BPF_PROG_TEST_RUN`: hand-built frames → the XDP
 //! classifier's verdict, verdict counters, flow counters and login capture, and
 //! the TC steering program's fail-open decisions for new connections.
 //! Fast and topology-free (the program runs on the loopback device's context).
-//! Needs root (CAP_BPF).
+//! Needs root (`CAP_BPF`).
 
 use std::collections::BTreeMap;
 
@@ -118,6 +118,10 @@ fn login_pdu() -> Vec<u8> {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario, read top to bottom: each step checks what the one before set up"
+)]
 fn every_fixture_passes_with_the_expected_verdict() {
     let dp = load();
     let data = [7u8; 100];
@@ -460,7 +464,7 @@ fn login_request_is_captured_for_discovery() {
     assert_eq!(verdicts(&dp)["xdp_login_captured"], 1);
 }
 
-/// A bare SYN toward the iSCSI port from 198.18.3.2 (IPv4) or fd00:6e62:0:3::2.
+/// A bare SYN toward the iSCSI port from 198.18.3.2 (IPv4) or `fd00:6e62:0:3::2`.
 fn syn(v6: bool, sport: u16) -> Vec<u8> {
     let tcp = tcp_header(&Tcp {
         sport,

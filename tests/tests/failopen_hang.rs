@@ -22,17 +22,16 @@ fn add_lun(lab: &mut Lab, mib: usize) -> Vec<u8> {
 }
 
 fn verdict(r: &StatusReport, name: &str) -> u64 {
-    r.verdicts
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no verdict `{name}` in {:?}", r.verdicts))
+    r.verdicts.iter().find(|(n, _)| n == name).map_or_else(
+        || panic!("no verdict `{name}` in {:?}", r.verdicts),
+        |(_, v)| *v,
+    )
 }
 
 fn signal(lab: &Lab, node: &str, sig: i32) {
     let pid = lab.appliance_pid(node).expect("daemon pid");
     // SAFETY: signalling the lab's own child process.
-    let rc = unsafe { libc::kill(pid as i32, sig) };
+    let rc = unsafe { libc::kill(pid.cast_signed(), sig) };
     assert_eq!(
         rc,
         0,
@@ -130,7 +129,7 @@ impl IdleConnections {
             .stdout(Stdio::null())
             .spawn()
             .expect("python3");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         while !ready.exists() {
             if let Some(st) = child.try_wait().expect("wait") {
                 panic!("opening {count} idle connections from {node} failed: {st}");
@@ -203,8 +202,7 @@ fn sigstop_fails_open_and_sigcont_steers_again() {
     eprintln!("daemon stopped; the first copy was in flight: {was_in_flight}");
 
     std::thread::sleep(Duration::from_secs(2).saturating_sub(stopped.elapsed()));
-    let direct =
-        QemuCopy::start(&lab, "hv1", &url, "while-stopped").result(Duration::from_secs(60));
+    let direct = QemuCopy::start(&lab, "hv1", &url, "while-stopped").result(Duration::from_mins(1));
     // Resume before asserting, so a failure leaves a daemon that answers.
     signal(&lab, "rack1", libc::SIGCONT);
     let direct = direct.unwrap_or_else(|e| {
@@ -220,7 +218,7 @@ fn sigstop_fails_open_and_sigcont_steers_again() {
 
     // The stalled session resumes with the daemon.
     let resumed = inflight
-        .result(Duration::from_secs(120))
+        .result(Duration::from_mins(2))
         .expect("the copy in flight at SIGSTOP");
     assert!(resumed == data, "the copy in flight at SIGSTOP differs");
 
@@ -238,7 +236,7 @@ fn sigstop_fails_open_and_sigcont_steers_again() {
     // Steering resumes: the heartbeat is written again within a quarter second.
     std::thread::sleep(Duration::from_millis(500));
     let again = QemuCopy::start(&lab, "hv1", &url, "after-sigcont")
-        .result(Duration::from_secs(60))
+        .result(Duration::from_mins(1))
         .expect("copy after SIGCONT");
     assert!(again == data, "the copy after SIGCONT differs");
     let last = lab.status("rack1").expect("status");
@@ -276,9 +274,9 @@ fn fd_exhaustion_fails_open_and_recovers() {
     // SAFETY: valid rlimit pointer; the pid is the lab's own child.
     let rc = unsafe {
         libc::prlimit(
-            pid as i32,
+            pid.cast_signed(),
             libc::RLIMIT_NOFILE,
-            &limit,
+            &raw const limit,
             std::ptr::null_mut(),
         )
     };
@@ -294,7 +292,7 @@ fn fd_exhaustion_fails_open_and_recovers() {
             .contains("out of file descriptors")
     });
     eprintln!("daemon reported running out of descriptors before the copy: {seen}");
-    let copy = QemuCopy::start(&lab, "hv1", &url, "exhausted").result(Duration::from_secs(60));
+    let copy = QemuCopy::start(&lab, "hv1", &url, "exhausted").result(Duration::from_mins(1));
     drop(idle);
     let copy = copy.unwrap_or_else(|e| {
         panic!(
@@ -333,7 +331,7 @@ fn fd_exhaustion_fails_open_and_recovers() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let again = QemuCopy::start(&lab, "hv1", &url, "recovered")
-        .result(Duration::from_secs(60))
+        .result(Duration::from_mins(1))
         .expect("copy after the descriptors came back");
     assert!(again == data);
     let last = lab.status("rack1").expect("status");
@@ -389,7 +387,7 @@ fn a_source_over_its_cap_is_forwarded_untouched() {
     );
 
     let hv2 = QemuCopy::start(&lab, "hv2", &url, "over-cap")
-        .result(Duration::from_secs(60))
+        .result(Duration::from_mins(1))
         .expect("copy from the source at its cap");
     assert!(hv2 == data, "the over-cap source's copy differs");
     let mid = lab.status("rack1").expect("status");
@@ -404,7 +402,7 @@ fn a_source_over_its_cap_is_forwarded_untouched() {
     );
 
     let hv1 = QemuCopy::start(&lab, "hv1", &url, "other-source")
-        .result(Duration::from_secs(60))
+        .result(Duration::from_mins(1))
         .expect("copy from another source");
     assert!(hv1 == data);
     let other = lab.status("rack1").expect("status");
@@ -415,12 +413,10 @@ fn a_source_over_its_cap_is_forwarded_untouched() {
 
     drop(idle);
     wait_for("the idle connections end", Duration::from_secs(30), || {
-        lab.status("rack1")
-            .map(|r| r.splicer.active == 0)
-            .unwrap_or(false)
+        lab.status("rack1").is_ok_and(|r| r.splicer.active == 0)
     });
     let back = QemuCopy::start(&lab, "hv2", &url, "below-cap")
-        .result(Duration::from_secs(60))
+        .result(Duration::from_mins(1))
         .expect("copy from the source below its cap");
     assert!(back == data);
     let last = lab.status("rack1").expect("status");
@@ -437,7 +433,7 @@ fn at_the_total_cap_new_connections_are_forwarded_untouched() {
     let (lab, data, url, idle, before) = lab_at_cap("max_connections = 4");
 
     let copy = QemuCopy::start(&lab, "hv1", &url, "at-cap")
-        .result(Duration::from_secs(60))
+        .result(Duration::from_mins(1))
         .expect("copy at the total cap");
     assert!(copy == data, "the copy at the total cap differs");
     let at_cap = lab.status("rack1").expect("status");
@@ -453,13 +449,11 @@ fn at_the_total_cap_new_connections_are_forwarded_untouched() {
 
     drop(idle);
     wait_for("the idle connections end", Duration::from_secs(30), || {
-        lab.status("rack1")
-            .map(|r| r.splicer.active == 0)
-            .unwrap_or(false)
+        lab.status("rack1").is_ok_and(|r| r.splicer.active == 0)
     });
     std::thread::sleep(Duration::from_millis(500));
     let back = QemuCopy::start(&lab, "hv1", &url, "below-total-cap")
-        .result(Duration::from_secs(60))
+        .result(Duration::from_mins(1))
         .expect("copy below the total cap");
     assert!(back == data);
     let last = lab.status("rack1").expect("status");
@@ -469,7 +463,7 @@ fn at_the_total_cap_new_connections_are_forwarded_untouched() {
     );
 }
 
-/// Dead peers are found by keepalive (and TCP_USER_TIMEOUT), live idle sessions
+/// Dead peers are found by keepalive (and `TCP_USER_TIMEOUT`), live idle sessions
 /// are never cut: hv1 logs in through rack1 and stays idle; hv2 opens a
 /// connection and then vanishes (its link to rack1 goes down, nothing is sent
 /// back, not even a reset). Within idle + interval × count (1 + 1 × 2 s here, 15 s

@@ -24,7 +24,7 @@ use nearblock::{
         proto::{code, Msg, PushedChange, Role},
     },
 };
-use nearblock_lab::{content, fabric::Fabric, ApplianceOptions, Lab};
+use nearblock_lab::{content, fabric::Fabric, toml_path, ApplianceOptions, Lab};
 use serde_json::Value;
 
 const AGENT_PORT: u16 = 7300;
@@ -102,6 +102,10 @@ fn oversize_changes_are_refused_and_the_appliance_stays_up() {
 
 /// The indexer in rack1 runs as `nearblock indexer` or, `embedded`, inside the
 /// rack appliance's daemon.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario, read top to bottom: each step checks what the one before set up"
+)]
 fn oversize_changes(embedded: bool) {
     let mut lab = Lab::default_topology().expect("lab");
     let mut fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).expect("fabric");
@@ -109,9 +113,9 @@ fn oversize_changes(embedded: bool) {
         .write_file(
             "ix-rack1.toml",
             format!(
-                "node = \"rack1\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\n{}db = {:?}\nmax_image_blocks = {CAP}\n",
+                "node = \"rack1\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\n{}db = {}\nmax_image_blocks = {CAP}\n",
                 fabric.credential_lines("rack1"),
-                lab.dir.path().join("rack1.redb"),
+                toml_path(&lab.dir.path().join("rack1.redb")),
             )
             .as_bytes(),
         )
@@ -181,7 +185,7 @@ fn oversize_changes(embedded: bool) {
         host: "hv1".into(),
         image: "b".into(),
         block_size: 4096,
-        size: u32::MAX as u64 * 4096,
+        size: u64::from(u32::MAX) * 4096,
         blocks: vec![],
     };
     let big_put = put(

@@ -13,12 +13,15 @@
 
 use std::{
     collections::BTreeSet,
+    fmt::Write as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use nearblock::index::BlockHash;
-use nearblock_lab::{content, fabric::Fabric, nearblock_bin, procs::Procs, Lab, LunSpec};
+use nearblock_lab::{
+    content, fabric::Fabric, nearblock_bin, procs::Procs, toml_path, Lab, LunSpec,
+};
 use serde_json::Value;
 
 const AGENT_PORT: u16 = 7900;
@@ -53,9 +56,9 @@ impl Ctx {
         self.write_cfg(
             &format!("ix-{node}"),
             &format!(
-                "node = \"{node}\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\n{}db = {:?}\n{parent}push_interval_ms = 200\n",
+                "node = \"{node}\"\nlisten = \"0.0.0.0:{INDEXER_PORT}\"\n{}db = {}\n{parent}push_interval_ms = 200\n",
                 self.fabric.credential_lines(node),
-                self.lab.dir.path().join(format!("{node}.redb")),
+                toml_path(&self.lab.dir.path().join(format!("{node}.redb"))),
             ),
         )
     }
@@ -68,14 +71,19 @@ impl Ctx {
         extra: &str,
     ) -> PathBuf {
         let mut t = format!(
-            "node = \"{node}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{}\"\n{}db = {:?}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\n{extra}\n",
+            "node = \"{node}\"\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nadvertise = \"{}\"\n{}db = {}\nparent = \"{}\"\nrescan_secs = 3600\npush_interval_ms = 200\n{extra}\n",
             self.agent_addr(node),
             self.fabric.credential_lines(node),
-            self.lab.dir.path().join(format!("agent-{node}.redb")),
+            toml_path(&self.lab.dir.path().join(format!("agent-{node}.redb"))),
             self.indexer_addr(parent),
         );
         for (name, path) in images {
-            t.push_str(&format!("[[image]]\nname = \"{name}\"\npath = {path:?}\n"));
+            writeln!(
+                t,
+                "[[image]]\nname = \"{name}\"\npath = {}",
+                toml_path(path)
+            )
+            .expect("write to a String");
         }
         self.write_cfg(&format!("agent-{node}"), &t)
     }
@@ -84,11 +92,11 @@ impl Ctx {
     /// JSON lines it printed.
     fn peer(&self, node: &str, args: &[&str]) -> anyhow::Result<Vec<Value>> {
         let bin = nearblock_bin()?;
-        let mut argv = vec![bin.to_str().unwrap(), "peer"];
-        argv.extend_from_slice(args);
+        let mut command = vec![bin.to_str().unwrap(), "peer"];
+        command.extend_from_slice(args);
         let cli = self.fabric.cli_args();
-        argv.extend(cli.iter().map(String::as_str));
-        let o = self.lab.exec_ok(node, &argv)?;
+        command.extend(cli.iter().map(String::as_str));
+        let o = self.lab.exec_ok(node, &command)?;
         Ok(String::from_utf8_lossy(&o.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).expect("JSON line"))
@@ -104,7 +112,10 @@ impl Ctx {
         local_only: bool,
     ) -> anyhow::Result<Vec<BTreeSet<(String, String)>>> {
         let addr = self.indexer_addr(indexer);
-        let hs: Vec<String> = hashes.iter().map(|h| h.to_string()).collect();
+        let hs: Vec<String> = hashes
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
         let mut args = vec!["holders", "--addr", &addr];
         if local_only {
             args.push("--local-only");
@@ -174,6 +185,15 @@ fn hosts(s: &BTreeSet<(String, String)>) -> Vec<&str> {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario, read top to bottom: each step checks what the one before set up"
+)]
+#[expect(
+    clippy::similar_names,
+    clippy::many_single_char_names,
+    reason = "images a, b, l and their blocks' indexes and hashes, named alike on purpose"
+)]
 fn hierarchy_lookup_verification_and_global_crash() {
     let mut lab = Lab::default_topology().expect("lab");
     let a = content::image(8 * MIB, 1, 20);
@@ -256,7 +276,7 @@ fn hierarchy_lookup_verification_and_global_crash() {
     let before = ctx.wait_holders(
         "core",
         &sample,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         "every agent's images at the global indexer",
         |h| {
             hosts(&h[0]) == ["hv1"]
@@ -467,7 +487,7 @@ fn hierarchy_lookup_verification_and_global_crash() {
         )
         .unwrap();
     procs
-        .wait_log("ix-core", Duration::from_secs(120), |log| {
+        .wait_log("ix-core", Duration::from_mins(2), |log| {
             log.lines()
                 .filter(|l| l.contains("receiving push"))
                 .skip(n_before)
@@ -518,7 +538,7 @@ fn hierarchy_lookup_verification_and_global_crash() {
     ctx.wait_holders(
         "core",
         &hbig,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         "the interrupted large push",
         |h| h.iter().all(|s| hosts(s) == ["hv4"]),
     );

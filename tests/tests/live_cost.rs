@@ -48,6 +48,10 @@ const IQN: &str = "iqn.2026-11.test.nearblock:live";
 /// as JSON.
 fn get(lab: &Lab, node: &str, path: &str) -> serde_json::Value {
     let token_file = lab.api_read_token_file();
+    #[expect(
+        clippy::unnecessary_debug_formatting,
+        reason = "Debug quotes the path as a Python string literal"
+    )]
     let script = format!(
         "import urllib.request,sys; req=urllib.request.Request('http://127.0.0.1:7878{path}', headers={{'Authorization': 'Bearer '+open({token_file:?}).read().split()[0]}}); sys.stdout.write(urllib.request.urlopen(req, timeout=5).read().decode())"
     );
@@ -58,6 +62,10 @@ fn get(lab: &Lab, node: &str, path: &str) -> serde_json::Value {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario, read top to bottom: each step checks what the one before set up"
+)]
 fn loaded_link_raises_path_cost_here_and_at_a_polling_peer() {
     let mut lab = Lab::new(TOPOLOGY).expect("lab");
     let topo = lab

@@ -110,6 +110,10 @@ fn start_tampering_relay(upstream: String) -> String {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario, read top to bottom: each step checks what the one before set up"
+)]
 fn a_hypervisor_cannot_speak_for_the_library() {
     let lab = Lab::default_topology().expect("lab");
     let mut fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).expect("fabric");
@@ -196,7 +200,7 @@ fn a_hypervisor_cannot_speak_for_the_library() {
     }
     match as_library {
         Err(FetchError::Auth { message, .. }) => {
-            assert!(message.contains("presents the key of hv1"), "{message}")
+            assert!(message.contains("presents the key of hv1"), "{message}");
         }
         r => panic!("hv1's key under the library's name was not refused: {r:?}"),
     }
@@ -259,7 +263,7 @@ fn a_hypervisor_cannot_speak_for_the_library() {
     });
     match revoked {
         Err(FetchError::Auth { message, .. }) => {
-            assert!(message.contains("not in the peers file"), "{message}")
+            assert!(message.contains("not in the peers file"), "{message}");
         }
         r => panic!("a revoked key was accepted: {r:?}"),
     }

@@ -22,6 +22,10 @@ const STALE_SECS: u64 = 3;
 /// (HTTP status, body).
 fn get(lab: &Lab, node: &str, path: &str) -> (u16, String) {
     let token_file = lab.api_read_token_file();
+    #[expect(
+        clippy::unnecessary_debug_formatting,
+        reason = "Debug quotes the path as a Python string literal"
+    )]
     let script = format!(
         "import urllib.request,urllib.error,sys\n\
          req=urllib.request.Request('http://127.0.0.1:7878{path}', headers={{'Authorization': 'Bearer '+open({token_file:?}).read().split()[0]}})\n\
@@ -37,6 +41,18 @@ fn get(lab: &Lab, node: &str, path: &str) -> (u16, String) {
 }
 
 #[test]
+#[expect(
+    clippy::float_cmp,
+    reason = "costs of whole hop counts times block counts are exact in f64"
+)]
+#[expect(
+    clippy::many_single_char_names,
+    reason = "a scenario's short-lived results (o, v, …) beside its images"
+)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario, read top to bottom: each step checks what the one before set up"
+)]
 fn agents_push_into_the_rack_appliance_and_its_planner_uses_them() {
     let mut lab = Lab::default_topology().expect("lab");
     let topo = lab

@@ -175,7 +175,7 @@ fn a_repeated_target_name_passes_through() {
     assert!(served_reads(&lab) > warm);
 }
 
-/// A lab with `data` exported as IQN_A LUN 1 (read-only, any initiator) and rack1
+/// A lab with `data` exported as `IQN_A` LUN 1 (read-only, any initiator) and rack1
 /// serving it, warmed by one qemu-img copy from hv2.
 fn warm_served_lab(data: &[u8], splicer_keys: &str) -> Lab {
     let mut lab = Lab::default_topology().expect("lab");

@@ -104,7 +104,7 @@ fn a_changed_image_is_served_from_its_new_manifest() {
         },
     )
     .unwrap();
-    let took = wait_manifest_after(&lab, 0, Duration::from_secs(60));
+    let took = wait_manifest_after(&lab, 0, Duration::from_mins(1));
     eprintln!("first manifest installed after {took:.1?}");
     let (_, first_seq, first_digest) = lun_state(&lab);
 

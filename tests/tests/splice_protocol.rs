@@ -7,6 +7,7 @@
 //! Run as root, after `cargo build -p nearblock`.
 
 use std::{
+    fmt::Write as _,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -19,7 +20,7 @@ use nearblock::splice::{
 use nearblock_lab::{
     content,
     initiator::{connect_in, read16_cdb, CommandResult, Initiator, LoginOptions},
-    ApplianceOptions, Lab, LunSpec,
+    toml_path, ApplianceOptions, Lab, LunSpec,
 };
 
 const IQN: &str = "iqn.2026-11.test.nearblock:proto";
@@ -75,10 +76,12 @@ impl Fixture {
                     manifest_to_text(&manifest).as_bytes(),
                 )
                 .expect("manifest");
-            luns.push_str(&format!(
-                "\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = {lun}\ndesign = {design:?}\nmanifest = {:?}\n",
-                path.display().to_string()
-            ));
+            writeln!(
+                luns,
+                "\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = {lun}\ndesign = {design:?}\nmanifest = {}",
+                toml_path(&path)
+            )
+            .expect("write to a String");
         }
         let backing = lab.write_file("scratch.raw", &scratch).expect("scratch");
         lab.add_lun(LunSpec {
@@ -123,10 +126,6 @@ impl Fixture {
         } else {
             Path::Direct
         }
-    }
-
-    fn options(&self, name: &str) -> LoginOptions {
-        LoginOptions::new(&format!("iqn.2026-11.test.initiator:{name}"), IQN)
     }
 
     fn login(&self, options: LoginOptions) -> Initiator {
@@ -278,7 +277,7 @@ fn digests_crc32c() {
             f.start_appliance();
         }
         for (header, data) in [(true, true), (true, false), (false, true)] {
-            let mut o = f.options("digests");
+            let mut o = login_options("digests");
             o.header_digest = header;
             o.data_digest = data;
             let mut ini = f.login(o);
@@ -307,7 +306,7 @@ fn small_max_recv_data_segment_length() {
             f.start_appliance();
         }
         for mrdsl in [512u32, 8192] {
-            let mut o = f.options("mrdsl");
+            let mut o = login_options("mrdsl");
             o.max_recv_data_segment_length = mrdsl;
             let mut ini = f.login(o);
             for warm in f.read_cold_and_warm(&mut ini, 256 << 10) {
@@ -342,7 +341,7 @@ fn read_larger_than_max_burst_length() {
         if pass == 1 {
             f.start_appliance();
         }
-        let mut o = f.options("burst");
+        let mut o = login_options("burst");
         o.max_burst_length = burst;
         o.first_burst_length = burst;
         o.max_recv_data_segment_length = 16 * 1024;
@@ -383,9 +382,9 @@ struct ReservationOutcome {
 }
 
 fn reservation(f: &Fixture, lun: u16) -> ReservationOutcome {
-    let mut a = f.options("resv-a");
+    let mut a = login_options("resv-a");
     a.isid = [0x80, 0, 0, 0, 0xa, 1];
-    let mut b = f.options("resv-b");
+    let mut b = login_options("resv-b");
     b.isid = [0x80, 0, 0, 0, 0xb, 1];
     let mut a = f.login(a);
     let mut b = f.login(b);
@@ -433,7 +432,7 @@ fn reservation_conflict_from_a_second_initiator() {
     assert_eq!(direct[0].other_read, status::RESERVATION_CONFLICT);
     f.start_appliance();
     {
-        let mut warmer = f.login(f.options("warmer"));
+        let mut warmer = f.login(login_options("warmer"));
         f.read_cold_and_warm(&mut warmer, 1 << 20);
         warmer.logout().expect("logout");
     }
@@ -464,7 +463,7 @@ struct ReinstatementOutcome {
 }
 
 fn reinstatement(f: &Fixture) -> ReinstatementOutcome {
-    let mut o = f.options("reinstate");
+    let mut o = login_options("reinstate");
     o.isid = [0x80, 0, 0, 0, 0x5e, 1];
     let mut first = f.login(o.clone());
     let tsih1 = first.tsih;
@@ -498,7 +497,7 @@ fn session_reinstatement() {
     let direct = reinstatement(&f);
     f.start_appliance();
     {
-        let mut warmer = f.login(f.options("warmer"));
+        let mut warmer = f.login(login_options("warmer"));
         f.read_cold_and_warm(&mut warmer, 1 << 20);
         warmer.logout().expect("logout");
     }
@@ -514,7 +513,7 @@ fn session_reinstatement() {
 
 /// ABORT TASK for a large READ just sent. Returns the TMF response code.
 fn abort_during_read(f: &Fixture, lun: u16, rounds: usize) -> Vec<u8> {
-    let mut o = f.options("abort");
+    let mut o = login_options("abort");
     o.max_recv_data_segment_length = 8192;
     let mut ini = f.login(o);
     let mut responses = Vec::new();
@@ -586,7 +585,7 @@ fn abort_task_during_served_read() {
     }
     f.start_appliance();
     {
-        let mut warmer = f.login(f.options("warmer"));
+        let mut warmer = f.login(login_options("warmer"));
         f.read_cold_and_warm(&mut warmer, 1 << 20);
         warmer.logout().expect("logout");
     }
@@ -602,4 +601,8 @@ fn abort_task_during_served_read() {
     }
     eprintln!("through: {:?} in {:?}", f.served(), start.elapsed());
     assert_eq!(f.served().2, 0);
+}
+
+fn login_options(name: &str) -> LoginOptions {
+    LoginOptions::new(&format!("iqn.2026-11.test.initiator:{name}"), IQN)
 }

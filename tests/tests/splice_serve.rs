@@ -269,7 +269,7 @@ fn export_4k(lab: &mut Lab, iqn: &str, data: &[u8]) -> String {
     lab.lun_url(iqn, 1)
 }
 
-/// rack1's config serving IQN_4K LUN 1 (shadow design, manifest file), with
+/// rack1's config serving `IQN_4K` LUN 1 (shadow design, manifest file), with
 /// `logical_block_size` declared or not.
 fn options_4k(lab: &Lab, data: &[u8], declared: Option<u32>) -> ApplianceOptions {
     let manifest = manifest_of("img4k", data, BLOCK);

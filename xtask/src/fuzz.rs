@@ -171,7 +171,7 @@ fn libfuzzer(target: &str, corpora: &[PathBuf], seconds: u64) -> Result<RunStats
     Ok(stats)
 }
 
-/// CI's replay: every checked-in input of every target, then FUZZ_REPLAY_SECS of
+/// CI's replay: every checked-in input of every target, then `FUZZ_REPLAY_SECS` of
 /// fuzzing each. New inputs go to a scratch directory, never into the corpora.
 pub fn replay(targets: &[&str]) -> Result<()> {
     let mut failed = Vec::new();

@@ -44,7 +44,7 @@ const APT_PACKAGES: &[&str] = &[
     "g++",
 ];
 
-/// The cargo-fuzz targets (appliance/fuzz/fuzz_targets), in the order they run.
+/// The cargo-fuzz targets (`appliance/fuzz/fuzz_targets`), in the order they run.
 const FUZZ_TARGETS: &[&str] = &["pdu_decoder", "connection", "peer_messages", "config"];
 /// Fuzzing per target on top of replaying the corpus, in `fuzz --replay` (and so in
 /// `cargo xtask test`): keeps CI's cost small (see docs/decisions.md).
@@ -172,9 +172,7 @@ fn root() -> PathBuf {
 /// Where cargo builds: `CARGO_TARGET_DIR` when set (`.ci/run` keeps CI's builds
 /// in /var/cache/nearblock/target, outside its clean clones), else `target/`.
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
 fn cargo(args: &[&str]) -> Command {
@@ -281,16 +279,14 @@ fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 fn apt_packages() -> Result<()> {
@@ -318,8 +314,7 @@ fn bpf_linker() -> Result<()> {
     let ok = Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(" 0.13"))
-        .unwrap_or(false);
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" 0.13"));
     if ok {
         eprintln!("bootstrap: bpf-linker 0.13 present");
         return Ok(());
@@ -345,13 +340,12 @@ fn bpf_linker() -> Result<()> {
 }
 
 /// cargo-fuzz, which drives libFuzzer for `cargo xtask fuzz` (built with the stable
-/// toolchain; RUSTC_BOOTSTRAP lets it pass its -Z flags, see docs/decisions.md).
+/// toolchain; `RUSTC_BOOTSTRAP` lets it pass its -Z flags, see docs/decisions.md).
 fn cargo_fuzz() -> Result<()> {
     let present = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["fuzz", "--version"])
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+        .is_ok_and(|o| o.status.success());
     if present {
         eprintln!("bootstrap: cargo-fuzz present");
         return Ok(());
@@ -378,8 +372,7 @@ fn qemu_72() -> Result<()> {
             .arg(format!("qemu-utils={version}"))
             .arg(format!("qemu-block-extra={version}"))
             .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
+            .is_ok_and(|s| s.success())
     };
     if !download(QEMU_VERSION) {
         // The pinned build is gone: take the newest 7.2 build of both packages.
@@ -410,8 +403,7 @@ fn python_blake3() -> Result<()> {
     let have = Command::new("python3")
         .args(["-c", "import blake3"])
         .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
+        .is_ok_and(|s| s.success());
     if have {
         eprintln!("bootstrap: python blake3 present");
         return Ok(());
@@ -458,8 +450,7 @@ fn newest_72() -> Result<String> {
             Some(b) => Command::new("dpkg")
                 .args(["--compare-versions", v, "gt", b])
                 .status()
-                .map(|s| s.success())
-                .unwrap_or(false),
+                .is_ok_and(|s| s.success()),
         };
         if newer {
             best = Some(v.to_string());

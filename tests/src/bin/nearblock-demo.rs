@@ -16,8 +16,7 @@ const IQN: &str = "iqn.2026-11.demo.nearblock:image";
 
 fn corpus_image() -> Option<PathBuf> {
     let dir = std::env::var_os("NEARBLOCK_CORPUS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/nearblock/corpus".into());
+        .map_or_else(|| "/var/cache/nearblock/corpus".into(), PathBuf::from);
     let p = dir.join("images/b-bookworm-cloud.raw");
     p.exists().then_some(p)
 }
@@ -57,7 +56,7 @@ fn main() -> Result<()> {
     println!(
         "copied {} MiB in {secs:.2} s ({:.0} MiB/s); identical to the library's LUN: {}",
         size >> 20,
-        size as f64 / 1048576.0 / secs,
+        size as f64 / 1_048_576.0 / secs,
         if same { "yes" } else { "NO" }
     );
     let after = all_link_bytes(&lab)?;
@@ -106,6 +105,17 @@ fn all_link_bytes(lab: &Lab) -> Result<BTreeMap<(String, String), (u64, u64)>> {
 
 fn files_equal(a: &std::path::Path, b: &std::path::Path) -> Result<bool> {
     use std::io::Read;
+    fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            let k = f.read(&mut buf[n..])?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        Ok(n)
+    }
     let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     loop {
@@ -117,16 +127,5 @@ fn files_equal(a: &std::path::Path, b: &std::path::Path) -> Result<bool> {
         if na == 0 {
             return Ok(true);
         }
-    }
-    fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
-        let mut n = 0;
-        while n < buf.len() {
-            let k = f.read(&mut buf[n..])?;
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
-        Ok(n)
     }
 }
