@@ -215,6 +215,21 @@ fn build() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
+    // The lint gate first: it is the fastest to fail.
+    phase("lint", || {
+        cargo(&["fmt", "--all", "--check"]).status_ok()?;
+        // With the corpus directory, as the build below: tests/build.rs reads it.
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR)
+        .status_ok()
+    })?;
     // The integration tests run the nearblock binary; build it in the test
     // profile's directory so the lab finds it beside the test executables.
     phase("build", || {
