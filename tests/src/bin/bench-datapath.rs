@@ -196,7 +196,7 @@ fn report_ratios(samples: &Samples, side: Side, rounds: usize) {
 /// Old against new, figure by figure, with each side's spread.
 fn report_ab(samples: &Samples, rounds: usize) {
     println!("bench datapath A/B: the baseline (old) and this tree (new), {rounds} rounds each, alternating which runs first");
-    println!("{}", bench_ab::header());
+    println!("{}", bench_ab::header(rounds));
     for mode in Mode::ALL {
         let f = mode.figure();
         println!(

@@ -359,7 +359,7 @@ fn report(runs: &Runs, which: Option<&str>, rounds: usize) {
 /// Old against new, configuration by configuration, with each side's spread.
 fn report_ab(old: &Runs, new: &Runs, rounds: usize) {
     println!("bench splice A/B: rack1 running the baseline (old) and this tree (new), {rounds} rounds each, alternating which runs first");
-    println!("{}", bench_ab::header());
+    println!("{}", bench_ab::header(rounds));
     for (i, cfg) in Config::ALL.into_iter().enumerate().skip(1) {
         for (size, unit, name) in [(0, "MB/s", "64 KiB"), (1, "IOPS", "4 KiB")] {
             let figure = format!(

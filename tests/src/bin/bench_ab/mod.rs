@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+/// Rounds per binary below which two equal binaries too often look different
+/// (non-overlapping ranges by chance: 2 / C(2n, n), 0.8% at 5, 33% at 2).
+pub const MEANINGFUL_ROUNDS: usize = 5;
+
 /// Which binary a sample was measured with.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub enum Side {
@@ -159,12 +163,19 @@ pub fn compare(old: Spread, new: Spread) -> Comparison {
     }
 }
 
-/// The header of [`row`]'s table.
-pub fn header() -> String {
-    format!(
-        "  {:<48} {:>26} {:>26} {:>8}  {}",
-        "figure", "old min / median / max", "new min / median / max", "new/old", "difference"
-    )
+/// The header of [`row`]'s table, after a warning when `rounds` is too few for
+/// the verdicts to mean anything.
+pub fn header(rounds: usize) -> String {
+    let warning = if rounds < MEANINGFUL_ROUNDS {
+        format!("  ({rounds} rounds: too few for the verdicts below to mean anything; use {MEANINGFUL_ROUNDS} or more)\n")
+    } else {
+        String::new()
+    };
+    warning
+        + &format!(
+            "  {:<64} {:>24} {:>24} {:>8}  {}",
+            "figure", "old min / median / max", "new min / median / max", "new/old", "difference"
+        )
 }
 
 /// One figure's line: both spreads, the ratio, and whether it is beyond the
@@ -188,7 +199,7 @@ pub fn row(figure: &str, unit: &str, old: &[f64], new: &[f64]) -> String {
         _ => ("n/a".into(), "not measured"),
     };
     format!(
-        "  {:<48} {:>26} {:>26} {:>8}  {verdict}",
+        "  {:<64} {:>24} {:>24} {:>8}  {verdict}",
         format!("{figure} ({unit})"),
         fmt(o),
         fmt(n),
@@ -254,6 +265,12 @@ mod tests {
         let line = row("cold 64K", "MB/s", &[100.0, 100.0], &[150.0, 160.0]);
         assert!(line.contains("1.550"), "{line}");
         assert!(line.contains("higher, beyond the spread"), "{line}");
+    }
+
+    #[test]
+    fn few_rounds_are_flagged() {
+        assert!(header(2).contains("too few"));
+        assert!(!header(5).contains("too few"));
     }
 
     #[test]
