@@ -6,10 +6,10 @@
 //!   SYN is steered to the listener only while its heartbeat is [`Liveness::Fresh`];
 //!   a stopped (SIGSTOP), wedged or fd-starved daemon's listener is skipped and the
 //!   SYN is forwarded untouched.
-//! - [`SourceKey`]: key of `OVERCAP_SOURCES` (value: expiry, CLOCK_MONOTONIC ns):
+//! - [`SourceKey`]: key of `OVERCAP_SOURCES` (value: expiry, `CLOCK_MONOTONIC` ns):
 //!   sources at their per-source connection cap, whose new SYNs are forwarded.
 //!
-//! Clock: the kernel reads `bpf_ktime_get_ns()`, which is CLOCK_MONOTONIC; the
+//! Clock: the kernel reads `bpf_ktime_get_ns()`, which is `CLOCK_MONOTONIC`; the
 //! daemon writes `clock_gettime(CLOCK_MONOTONIC)`. (A daemon in a time namespace
 //! with a monotonic offset would disagree with the kernel: not supported.)
 
@@ -27,11 +27,15 @@ pub const HEARTBEAT_INTERVAL_NS: u64 = HEARTBEAT_STALE_NS / 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Heartbeat {
-    /// CLOCK_MONOTONIC of the write, nanoseconds. 0: never written.
+    /// `CLOCK_MONOTONIC` of the write, nanoseconds. 0: never written.
     pub mono_ns: u64,
     /// 1: the loop takes new connections; 0: it is alive but must not get any
     /// (out of file descriptors, or at its total connection cap).
     pub accepting: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding of a #[repr(C)] map type: public so both sides build values as literals, never read"
+    )]
     pub _pad: u32,
 }
 
@@ -50,6 +54,10 @@ pub enum Liveness {
 impl Heartbeat {
     /// The liveness at `now_ns` (same clock as `mono_ns`). A heartbeat written
     /// "after" `now_ns` (another CPU read the clock a moment earlier) is fresh.
+    #[expect(
+        clippy::inline_always,
+        reason = "runs in the eBPF steering program, where a BPF-to-BPF call would cost a stack frame of the verifier's 512 bytes"
+    )]
     #[inline(always)]
     pub fn liveness(&self, now_ns: u64) -> Liveness {
         if self.mono_ns == 0 || now_ns.saturating_sub(self.mono_ns) > HEARTBEAT_STALE_NS {
@@ -69,6 +77,10 @@ impl Heartbeat {
 pub struct SourceKey {
     /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
     pub family: u8,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding of a #[repr(C)] map type: public so both sides build values as literals, never read"
+    )]
     pub _pad: [u8; 3],
     pub addr: [u8; 16],
 }

@@ -41,6 +41,10 @@ pub struct FlowCounters {
     pub last_seen_ns: u64,
     /// OR of every TCP flag byte seen (SYN, FIN, RST, ...).
     pub tcp_flags: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding of a #[repr(C)] map type: public so both sides build values as literals, never read"
+    )]
     pub _pad: u32,
 }
 
@@ -54,6 +58,10 @@ pub struct FlowCounters {
 pub struct FlowSeq {
     /// Highest end sequence number seen (seq + payload length), serial arithmetic.
     pub max_end: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding of a #[repr(C)] map type: public so both sides build values as literals, never read"
+    )]
     pub _pad: u32,
     pub new_bytes: u64,
 }

@@ -29,7 +29,7 @@ pub const LISTENER_V6: u32 = 1;
 /// proof of life; a new SYN goes to a listener only while its heartbeat is fresh.
 pub const HEARTBEATS: &str = "HEARTBEATS";
 pub const HEARTBEATS_MAX: u32 = 2;
-/// LRU hash [`crate::SourceKey`] `->` expiry (CLOCK_MONOTONIC ns): sources at their
+/// LRU hash [`crate::SourceKey`] `->` expiry (`CLOCK_MONOTONIC` ns): sources at their
 /// per-source connection cap; their new SYNs are forwarded untouched until then.
 /// LRU, so a flood of sources can only evict marks (those sources are then steered
 /// again and re-marked), never fill the map.

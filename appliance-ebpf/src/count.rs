@@ -17,9 +17,8 @@ use nearblock_common::{
     FlowCounters, FlowKey, FlowSeq, IfCounters, LoginEvent, Verdict,
 };
 
-use crate::parse::{parse_tcp, TcpPacket};
+use crate::parse::{parse_tcp, TcpPacket, IPPROTO_TCP};
 
-const IPPROTO_TCP: u8 = 6;
 /// iSCSI Login Request opcode (RFC 7143 §11.12), low six bits of BHS byte 0.
 const ISCSI_OP_LOGIN_REQUEST: u8 = 0x03;
 const ISCSI_BHS_LEN: usize = 48;

@@ -1,22 +1,50 @@
 //! Bounds-checked header parsing shared by the XDP and TC programs: Ethernet with up
 //! to two 802.1Q/802.1ad tags, IPv4 (non-first fragments stop here), IPv6 with up to
 //! four extension headers, TCP. Every read goes through [`ptr_at`].
+//!
+//! Header layouts come from `network-types` (field offsets by `offset_of!`, lengths
+//! by `LEN`, protocol numbers from its enums). Fields are still read one at a time,
+//! each with its own bound check, rather than as whole header structs: a frame cut
+//! inside a header keeps the verdict of the first field it cannot hold (a cut IPv4
+//! fragment is still `Fragment`), exactly as before the crate was used.
 
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 
 use nearblock_common::{
     flow::{FAMILY_IPV4, FAMILY_IPV6},
     Verdict,
 };
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    vlan::VlanHdr,
+};
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const IPPROTO_TCP: u8 = 6;
-const IPV6_HLEN: usize = 40;
-const TCP_MIN_HLEN: usize = 20;
+/// `network-types` stores EtherType discriminants in network byte order (so a raw
+/// field compares equal); these are the host-order values `be16` returns.
+const ETH_P_IP: u16 = u16::from_be(EtherType::Ipv4 as u16);
+const ETH_P_IPV6: u16 = u16::from_be(EtherType::Ipv6 as u16);
+const ETH_P_8021Q: u16 = u16::from_be(EtherType::Ieee8021q as u16);
+const ETH_P_8021AD: u16 = u16::from_be(EtherType::Ieee8021ad as u16);
+pub const IPPROTO_TCP: u8 = IpProto::Tcp as u8;
+const IPPROTO_HOPOPTS: u8 = IpProto::HopOpt as u8;
+const IPPROTO_ROUTING: u8 = IpProto::Ipv6Route as u8;
+const IPPROTO_FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
+const IPPROTO_DSTOPTS: u8 = IpProto::Ipv6Opts as u8;
+/// The IPv6 fragment extension header is fixed-size: next header, reserved,
+/// offset+flags, identification.
+const IPV6_FRAG_HLEN: usize = 8;
+/// Offset of the 13-bit fragment offset (+ flags) in that header.
+const IPV6_FRAG_OFFSET_OFF: usize = 2;
+/// Offset of the data-offset nibble in the TCP header (the first byte of
+/// `network-types`' bitfield, which holds doff in its upper four bits).
+const TCP_DOFF_OFF: usize = offset_of!(TcpHdr, _bitfield_1);
+/// Offset of the flags byte in the TCP header (the bitfield's second byte).
+const TCP_FLAGS_OFF: usize = TCP_DOFF_OFF + 1;
+// The bitfield is the one layout `offset_of!` cannot name field by field: hold the
+// crate to RFC 9293's (doff at byte 12, flags at 13, 20-byte fixed header).
+const _: () = assert!(TCP_DOFF_OFF == 12 && TcpHdr::LEN == 20);
 
 /// TCP flag bits (byte 13 of the header).
 pub const TCP_SYN: u8 = 0x02;
@@ -75,19 +103,19 @@ fn byte(start: usize, end: usize, offset: usize) -> Result<u8, Verdict> {
 /// Parse a frame held in `[start, end)` down to its TCP header.
 #[inline(always)]
 pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
-    let mut ethertype = be16(start, end, 12)?;
-    let mut l3 = ETH_HLEN;
+    let mut ethertype = be16(start, end, offset_of!(EthHdr, ether_type))?;
+    let mut l3 = EthHdr::LEN;
     let mut vlan = 0u16;
     let mut tagged = false;
     // At most two tags (QinQ); bounded so the verifier sees a finite program.
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         tagged = true;
-        vlan = be16(start, end, l3)? & 0x0fff;
-        ethertype = be16(start, end, l3 + 2)?;
-        l3 += 4;
+        vlan = be16(start, end, l3 + offset_of!(VlanHdr, tci))? & 0x0fff;
+        ethertype = be16(start, end, l3 + offset_of!(VlanHdr, ether_type))?;
+        l3 += VlanHdr::LEN;
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            ethertype = be16(start, end, l3 + 2)?;
-            l3 += 4;
+            ethertype = be16(start, end, l3 + offset_of!(VlanHdr, ether_type))?;
+            l3 += VlanHdr::LEN;
         }
     }
     let mut pkt = TcpPacket {
@@ -108,22 +136,23 @@ pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
     let ip_payload_len: usize;
     match ethertype {
         ETH_P_IP => {
-            let vihl = byte(start, end, l3)?;
+            let vihl = byte(start, end, l3 + offset_of!(Ipv4Hdr, vihl))?;
             let ihl = ((vihl & 0x0f) as usize) * 4;
-            if ihl < 20 {
+            if ihl < Ipv4Hdr::LEN {
                 return Err(Verdict::Truncated);
             }
             pkt.family = FAMILY_IPV4;
-            pkt.dscp = byte(start, end, l3 + 1)? >> 2;
-            let total = be16(start, end, l3 + 2)? as usize;
-            let frag = be16(start, end, l3 + 6)?;
+            pkt.dscp = byte(start, end, l3 + offset_of!(Ipv4Hdr, tos))? >> 2;
+            let total = be16(start, end, l3 + offset_of!(Ipv4Hdr, tot_len))? as usize;
+            let frag = be16(start, end, l3 + offset_of!(Ipv4Hdr, frags))?;
             if frag & 0x1fff != 0 {
                 return Err(Verdict::Fragment);
             }
-            if byte(start, end, l3 + 9)? != IPPROTO_TCP {
+            if byte(start, end, l3 + offset_of!(Ipv4Hdr, proto))? != IPPROTO_TCP {
                 return Err(Verdict::NotTcp);
             }
-            let addrs: *const [u8; 8] = ptr_at(start, end, l3 + 12)?;
+            // Source and destination are adjacent: one bound check for both.
+            let addrs: *const [u8; 8] = ptr_at(start, end, l3 + offset_of!(Ipv4Hdr, src_addr))?;
             // SAFETY: bounds checked by ptr_at.
             let addrs = unsafe { *addrs };
             pkt.saddr[..4].copy_from_slice(&addrs[..4]);
@@ -133,16 +162,18 @@ pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
         }
         ETH_P_IPV6 => {
             pkt.family = FAMILY_IPV6;
-            let tc = be16(start, end, l3)?;
+            let tc = be16(start, end, l3 + offset_of!(Ipv6Hdr, vcf))?;
             pkt.dscp = ((tc >> 4) as u8) >> 2;
-            let plen = be16(start, end, l3 + 4)? as usize;
-            let mut next = byte(start, end, l3 + 6)?;
-            let addrs: *const [u8; 32] = ptr_at(start, end, l3 + 8)?;
+            let plen = be16(start, end, l3 + offset_of!(Ipv6Hdr, payload_len))? as usize;
+            let mut next = byte(start, end, l3 + offset_of!(Ipv6Hdr, next_hdr))?;
+            // Source and destination are adjacent: one bound check for both.
+            let addrs: *const [u8; 32] =
+                ptr_at(start, end, l3 + offset_of!(Ipv6Hdr, src_addr))?;
             // SAFETY: bounds checked by ptr_at.
             let addrs = unsafe { *addrs };
             pkt.saddr.copy_from_slice(&addrs[..16]);
             pkt.daddr.copy_from_slice(&addrs[16..]);
-            let mut off = l3 + IPV6_HLEN;
+            let mut off = l3 + Ipv6Hdr::LEN;
             let mut ext_len = 0usize;
             // Up to four extension headers before TCP.
             let mut i = 0;
@@ -150,7 +181,7 @@ pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
                 match next {
                     IPPROTO_TCP => break,
                     // Hop-by-hop, routing, destination options.
-                    0 | 43 | 60 => {
+                    IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                         let n = byte(start, end, off)?;
                         let len = ((byte(start, end, off + 1)? as usize) + 1) * 8;
                         next = n;
@@ -158,14 +189,14 @@ pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
                         ext_len += len;
                     }
                     // Fragment header: only a first fragment has the TCP header.
-                    44 => {
+                    IPPROTO_FRAGMENT => {
                         let n = byte(start, end, off)?;
-                        if be16(start, end, off + 2)? & 0xfff8 != 0 {
+                        if be16(start, end, off + IPV6_FRAG_OFFSET_OFF)? & 0xfff8 != 0 {
                             return Err(Verdict::Fragment);
                         }
                         next = n;
-                        off += 8;
-                        ext_len += 8;
+                        off += IPV6_FRAG_HLEN;
+                        ext_len += IPV6_FRAG_HLEN;
                     }
                     _ => return Err(Verdict::NotTcp),
                 }
@@ -179,14 +210,14 @@ pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
         }
         _ => return Err(Verdict::NotIp),
     }
-    pkt.sport = be16(start, end, l4)?;
-    pkt.dport = be16(start, end, l4 + 2)?;
-    let doff = ((byte(start, end, l4 + 12)? >> 4) as usize) * 4;
-    if doff < TCP_MIN_HLEN {
+    pkt.sport = be16(start, end, l4 + offset_of!(TcpHdr, source))?;
+    pkt.dport = be16(start, end, l4 + offset_of!(TcpHdr, dest))?;
+    let doff = ((byte(start, end, l4 + TCP_DOFF_OFF)? >> 4) as usize) * 4;
+    if doff < TcpHdr::LEN {
         return Err(Verdict::Truncated);
     }
-    pkt.tcp_flags = byte(start, end, l4 + 13)?;
-    let seq: *const [u8; 4] = ptr_at(start, end, l4 + 4)?;
+    pkt.tcp_flags = byte(start, end, l4 + TCP_FLAGS_OFF)?;
+    let seq: *const [u8; 4] = ptr_at(start, end, l4 + offset_of!(TcpHdr, seq))?;
     // SAFETY: bounds checked by ptr_at.
     pkt.seq = u32::from_be_bytes(unsafe { *seq });
     pkt.payload_off = l4 + doff;

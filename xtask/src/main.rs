@@ -6,7 +6,8 @@
 //! - `test`: bootstrap, build, and run every test (unit + namespace integration).
 //! - `demo`: bootstrap, build, and run the demo topology with one qemu-img copy.
 //! - `bench <datapath|splice|index|plan|all>`: the benchmarks, as ratios to a baseline
-//!   measured in the same run.
+//!   measured in the same run; `--baseline-rev REV` compares (datapath, splice) with
+//!   a `nearblock` built from another revision, rounds interleaved.
 //! - `fuzz [SECONDS]`: each fuzz target for SECONDS, logged in appliance/fuzz/fuzz-log.md;
 //!   `fuzz --replay`: the checked-in corpora plus 10 s per target (a phase of `test`).
 
@@ -18,6 +19,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod fuzz;
 
 /// Debian packages the project needs (see docs/decisions.md for each).
@@ -89,6 +91,18 @@ enum Cmd {
     Bench {
         #[arg(default_value = "all")]
         which: String,
+        /// Compare with a nearblock built from this git revision (datapath or
+        /// splice): both binaries run every round, alternating which goes first.
+        #[arg(long)]
+        baseline_rev: Option<String>,
+        /// Rounds (per binary) for the namespace benches (default 3, or 5 with
+        /// --baseline-rev).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: Option<u64>,
+        /// Cargo profile of the binaries (`dev` reuses the test build, for smoke
+        /// runs of the bench itself; figures come from `release`).
+        #[arg(long, default_value = "release")]
+        profile: String,
     },
     /// Fuzz each target for SECONDS (libFuzzer via cargo-fuzz), grow and minimize its
     /// checked-in corpus, and append the run to appliance/fuzz/fuzz-log.md.
@@ -135,10 +149,19 @@ fn main() -> Result<()> {
             build()?;
             run_lab_bin("nearblock-demo")
         }
-        Cmd::Bench { which } => {
+        Cmd::Bench {
+            which,
+            baseline_rev,
+            rounds,
+            profile,
+        } => {
             bootstrap()?;
-            build()?;
-            bench(&which)
+            bench::run(&bench::BenchArgs {
+                which,
+                baseline_rev,
+                rounds: rounds.and_then(|r| usize::try_from(r).ok()),
+                profile,
+            })
         }
         Cmd::Fuzz {
             seconds,
@@ -195,7 +218,7 @@ impl StatusOk for Command {
     }
 }
 
-/// Runs a lab program (demo, namespace bench) with the release daemon `build` made.
+/// Runs a lab program (the demo) with the release daemon `build` made.
 fn run_lab_bin(bin: &str) -> Result<()> {
     cargo(&[
         "run",
@@ -248,33 +271,6 @@ fn test(extra: &[String]) -> Result<()> {
     // Hostile input as a standing test: every checked-in fuzz input, plus a short run.
     phase("fuzz build", fuzz::build)?;
     phase("fuzz replay", || fuzz::replay(FUZZ_TARGETS))
-}
-
-fn bench(which: &str) -> Result<()> {
-    let all = which == "all";
-    let mut ran = false;
-    // The namespace benches run the release daemon `build` made.
-    for name in ["datapath", "splice"] {
-        if all || which == name {
-            ran = true;
-            run_lab_bin(&format!("bench-{name}"))?;
-        }
-    }
-    for name in ["index", "plan"] {
-        if all || which == name {
-            let has_bench = root().join(format!("appliance/benches/{name}.rs")).exists();
-            if has_bench {
-                ran = true;
-                cargo(&["bench", "-q", "-p", "nearblock", "--bench", name]).status_ok()?;
-            } else if !all {
-                bail!("no `{name}` benchmark in this tree yet");
-            }
-        }
-    }
-    if !ran {
-        bail!("unknown benchmark `{which}` (datapath, splice, index, plan, all)");
-    }
-    Ok(())
 }
 
 fn bootstrap() -> Result<()> {

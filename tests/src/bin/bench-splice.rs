@@ -17,8 +17,15 @@
 //! - warm-shadow / warm-local: the LUN served from a warm cache (shadow: one
 //!   zero-length READ upstream per READ; local: the target never sees the READ).
 //!
-//! Each configuration runs `ROUNDS` times, interleaved; the median is reported,
-//! with the CPU each 64 KiB run used (core-ms per MB moved, by process role).
+//! Each configuration runs `ROUNDS` times (`NEARBLOCK_BENCH_ROUNDS`), interleaved;
+//! the median is reported, with the CPU each 64 KiB run used (core-ms per MB moved,
+//! by process role).
+//!
+//! With a baseline binary (`cargo xtask bench splice --baseline-rev REV`, see
+//! `bench_ab`), rack1's appliance runs each configuration with both binaries in
+//! each round, alternating which goes first, and each figure's spread and new/old
+//! ratio are printed. The index fabric (indexers, the library's agent) and direct
+//! run once, with the binary under test.
 //!
 //! Knobs for looking into the cold path (not needed for the figures):
 //! `NEARBLOCK_BENCH_ONLY=direct,cold` runs only those configurations;
@@ -36,6 +43,11 @@ use nearblock_lab::{
     fabric::Fabric,
     ApplianceOptions, Lab, LunSpec,
 };
+
+#[path = "bench_ab/mod.rs"]
+mod bench_ab;
+
+use bench_ab::{Daemons, Side, Spread};
 
 const IQN: &str = "iqn.2026-11.bench.nearblock:served";
 const LUN_MIB: usize = 256;
@@ -111,7 +123,40 @@ struct Sourcing {
     tables: String,
 }
 
+/// One binary's measurements, indexed like `Config::ALL` (direct's are in the
+/// binary under test's, `Side::New`).
+#[derive(Default)]
+struct Runs {
+    /// `[config][0 = 64 KiB, 1 = 4 KiB]` = samples of (MB/s, IOPS).
+    results: Vec<[Vec<(f64, f64)>; 2]>,
+    /// Bytes the library sent during the config's last round.
+    library_bytes: Vec<u64>,
+    /// Per round, (CPU used during the 64 KiB run, MB it moved).
+    cpu: Vec<Vec<(CpuUse, f64)>>,
+}
+
+impl Runs {
+    fn new() -> Runs {
+        let n = Config::ALL.len();
+        Runs {
+            results: vec![Default::default(); n],
+            library_bytes: vec![0; n],
+            cpu: vec![Vec::new(); n],
+        }
+    }
+
+    /// One figure's samples: `size` 0 = 64 KiB (MB/s), 1 = 4 KiB (IOPS).
+    fn figure(&self, config: usize, size: usize) -> Vec<f64> {
+        self.results[config][size]
+            .iter()
+            .map(|x| if size == 0 { x.0 } else { x.1 })
+            .collect()
+    }
+}
+
 fn main() -> Result<()> {
+    let daemons = Daemons::from_env(ROUNDS)?;
+    let rounds = daemons.rounds;
     let mut lab = Lab::default_topology()?;
     let data = content::image(LUN_MIB << 20, 99, 0);
     let backing = lab.write_file("served.raw", &data)?;
@@ -138,38 +183,70 @@ fn main() -> Result<()> {
             .unwrap_or_default()
             .replace("\\n", "\n")
             + "fetch_deadline_ms = 3000\n",
+        // `{:?}` quotes the paths as TOML strings.
+        #[expect(
+            clippy::unnecessary_debug_formatting,
+            reason = "Debug quotes and escapes the paths, which is what TOML wants"
+        )]
         tables: format!(
             "[cost]\ntopology = {topo:?}\n[planner]\n[indexer]\nconfig = {rack1_ix:?}\n"
         ),
     };
     let probe = std::fs::read(lab.dir.path().join("served.raw"))?[..4096].to_vec();
-    fabric.wait_holder(
-        &lab,
-        "core",
-        &probe,
-        lab.library(),
-        Duration::from_secs(120),
-    )?;
-    // results[config][0 = 64 KiB, 1 = 4 KiB] = samples of (MB/s, IOPS)
-    let mut results: Vec<[Vec<(f64, f64)>; 2]> = vec![Default::default(); Config::ALL.len()];
-    let mut library_bytes = vec![0u64; Config::ALL.len()];
-    // cpu[config] = per round, (CPU used during the 64 KiB run, MB it moved)
-    let mut cpu: Vec<Vec<(CpuUse, f64)>> = vec![Vec::new(); Config::ALL.len()];
+    fabric.wait_holder(&lab, "core", &probe, lab.library(), Duration::from_mins(2))?;
+    let mut runs = measure(&mut lab, &daemons, &url, &manifest, &sourcing)?;
+    let [old, new] = &mut runs;
+    report(&*new, None, rounds);
+    if daemons.comparing() {
+        // The baseline's ratios use the same direct runs.
+        old.results[0].clone_from(&new.results[0]);
+        old.cpu[0].clone_from(&new.cpu[0]);
+        report(&*old, Some("baseline binary"), rounds);
+        report_ab(&*old, &*new, rounds);
+    }
+    Ok(())
+}
+
+/// Every round: direct, then each other configuration with each binary in the
+/// round's order. Returns the runs indexed by `Side` (old, new).
+fn measure(
+    lab: &mut Lab,
+    daemons: &Daemons,
+    url: &str,
+    manifest: &str,
+    sourcing: &Sourcing,
+) -> Result<[Runs; 2]> {
+    let rounds = daemons.rounds;
+    let mut runs = [Runs::new(), Runs::new()];
+    let slot = |side: Side| usize::from(side == Side::New);
     // NEARBLOCK_BENCH_ONLY=direct,cold (configurations by the first word of their
     // label, comma-separated) runs only those (for profiling); ratios need direct.
     let only = std::env::var("NEARBLOCK_BENCH_ONLY").ok();
-    for round in 0..ROUNDS {
-        for (i, cfg) in Config::ALL.into_iter().enumerate() {
-            let name = cfg.label().split(' ').next().unwrap_or_default();
-            if only
-                .as_deref()
-                .is_some_and(|o| !o.split(',').any(|o| o == name))
-            {
-                results[i][0].push((f64::NAN, f64::NAN));
-                results[i][1].push((f64::NAN, f64::NAN));
+    let skipped = |cfg: Config| {
+        let name = cfg.label().split(' ').next().unwrap_or_default();
+        only.as_deref()
+            .is_some_and(|o| !o.split(',').any(|o| o == name))
+    };
+    for round in 0..rounds {
+        // Direct (no appliance) once per round, then every other configuration
+        // with each binary in this round's order.
+        let mut plan = vec![(Side::New, Config::Direct)];
+        for &side in daemons.order(round) {
+            plan.extend(Config::ALL[1..].iter().map(|&cfg| (side, cfg)));
+        }
+        for (side, cfg) in plan {
+            let i = Config::ALL
+                .iter()
+                .position(|&c| c == cfg)
+                .unwrap_or_default();
+            let run = &mut runs[slot(side)];
+            if skipped(cfg) {
+                run.results[i][0].push((f64::NAN, f64::NAN));
+                run.results[i][1].push((f64::NAN, f64::NAN));
                 continue;
             }
-            if let Some(extra_config) = cfg.extra_config(&manifest, &sourcing) {
+            daemons.select(side);
+            if let Some(extra_config) = cfg.extra_config(manifest, sourcing) {
                 lab.start_appliance(
                     "rack1",
                     ApplianceOptions {
@@ -180,56 +257,68 @@ fn main() -> Result<()> {
             }
             if matches!(cfg, Config::WarmShadow | Config::WarmLocal) {
                 // Warm the cache: a sequential pass over the LUN and more.
-                perf(&lab, &url, 128)?;
+                perf(lab, url, 128)?;
             }
-            let before = lab_status_library_bytes(&lab, cfg)?;
+            let before = lab_status_library_bytes(lab, cfg)?;
             let cpu0 = CpuSample::take();
-            let r64 = perf(&lab, &url, 128)?;
-            cpu[i].push((CpuSample::take().since(&cpu0), r64.0 * f64::from(SECS)));
-            results[i][0].push(r64);
-            results[i][1].push(perf(&lab, &url, 8)?);
-            let after = lab_status_library_bytes(&lab, cfg)?;
-            library_bytes[i] = after.saturating_sub(before);
+            let r64 = perf(lab, url, 128)?;
+            run.cpu[i].push((CpuSample::take().since(&cpu0), r64.0 * f64::from(SECS)));
+            run.results[i][0].push(r64);
+            run.results[i][1].push(perf(lab, url, 8)?);
+            let after = lab_status_library_bytes(lab, cfg)?;
+            run.library_bytes[i] = after.saturating_sub(before);
             if cfg != Config::Direct {
                 let r = lab.status("rack1")?;
                 if r.splicer.accepted == 0 {
-                    bail!("{cfg:?}: nothing was steered");
+                    bail!("{cfg:?} ({} binary): nothing was steered", side.name());
                 }
                 if matches!(cfg, Config::WarmShadow | Config::WarmLocal)
                     && r.splicer.reads_served_shadow + r.splicer.reads_served_local == 0
                 {
-                    bail!("{cfg:?}: no READ was served locally");
+                    bail!(
+                        "{cfg:?} ({} binary): no READ was served locally",
+                        side.name()
+                    );
                 }
                 lab.stop_appliance("rack1", Duration::from_secs(20))?;
             }
         }
-        eprintln!("round {} of {ROUNDS} done", round + 1);
+        eprintln!("round {} of {rounds} done", round + 1);
     }
+    daemons.select(Side::New);
+    Ok(runs)
+}
 
-    let med = |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
-        let mut s: Vec<f64> = v.iter().map(pick).collect();
-        s.sort_by(|a, b| a.total_cmp(b));
-        s[s.len() / 2]
+/// One binary's figures as ratios to direct, and where the CPU went.
+fn report(runs: &Runs, which: Option<&str>, rounds: usize) {
+    let Runs {
+        results,
+        library_bytes,
+        cpu,
+    } = runs;
+    let which = which.map(|w| format!(", {w}")).unwrap_or_default();
+    let median = |config: usize, size: usize| {
+        Spread::of(&runs.figure(config, size)).map_or(f64::NAN, |s| s.median)
     };
-    let base64 = med(&results[0][0], |x| x.0);
-    let base4 = med(&results[0][1], |x| x.1);
+    let direct_mbps = median(0, 0);
+    let direct_iops = median(0, 1);
     println!(
-        "bench splice (2-core machine, hv1 → rack1 → core → library, {LUN_MIB} MiB read-only LUN, median of {ROUNDS} × {SECS} s)"
+        "bench splice (2-core machine, hv1 → rack1 → core → library, {LUN_MIB} MiB read-only LUN, median of {rounds} × {SECS} s{which})"
     );
     println!(
         "  {:<42} {:>10} {:>7} {:>10} {:>7} {:>16}",
         "configuration", "64K MB/s", "ratio", "4K IOPS", "ratio", "library bytes*"
     );
     for (i, cfg) in Config::ALL.into_iter().enumerate() {
-        let m64 = med(&results[i][0], |x| x.0);
-        let i4 = med(&results[i][1], |x| x.1);
+        let mbps = median(i, 0);
+        let iops = median(i, 1);
         println!(
             "  {:<42} {:>10.0} {:>7.3} {:>10.0} {:>7.3} {:>16}",
             cfg.label(),
-            m64,
-            m64 / base64,
-            i4,
-            i4 / base4,
+            mbps,
+            mbps / direct_mbps,
+            iops,
+            iops / direct_iops,
             library_bytes[i]
         );
     }
@@ -244,7 +333,7 @@ fn main() -> Result<()> {
             continue;
         }
         let busy = cpu[i].iter().map(|(u, _)| u.wall_fraction).sum::<f64>() / cpu[i].len() as f64;
-        let mut roles: std::collections::BTreeMap<String, f64> = Default::default();
+        let mut roles = std::collections::BTreeMap::<String, f64>::default();
         for (u, _) in &cpu[i] {
             for (r, s) in &u.by_role {
                 *roles.entry(r.clone()).or_default() += s;
@@ -265,7 +354,24 @@ fn main() -> Result<()> {
         );
     }
     println!("  raw samples (MB/s, IOPS): {results:?}");
-    Ok(())
+}
+
+/// Old against new, configuration by configuration, with each side's spread.
+fn report_ab(old: &Runs, new: &Runs, rounds: usize) {
+    println!("bench splice A/B: rack1 running the baseline (old) and this tree (new), {rounds} rounds each, alternating which runs first");
+    println!("{}", bench_ab::header(rounds));
+    for (i, cfg) in Config::ALL.into_iter().enumerate().skip(1) {
+        for (size, unit, name) in [(0, "MB/s", "64 KiB"), (1, "IOPS", "4 KiB")] {
+            let figure = format!(
+                "{} {name}",
+                cfg.label().split(' ').next().unwrap_or_default()
+            );
+            println!(
+                "{}",
+                bench_ab::row(&figure, unit, &old.figure(i, size), &new.figure(i, size))
+            );
+        }
+    }
 }
 
 /// Unique payload from the library's address (to hv1's iSCSI sessions and to
