@@ -12,7 +12,7 @@ pub enum Verdict {
     NotIp = 1,
     /// XDP: IP but not TCP.
     NotTcp = 2,
-    /// XDP: a non-first IPv4 fragment (no TCP header to read).
+    /// XDP: a non-first IPv4 or IPv6 fragment (no TCP header to read).
     Fragment = 3,
     /// XDP: TCP, but neither port is classified.
     OtherPort = 4,
@@ -24,7 +24,9 @@ pub enum Verdict {
     LoginRingFull = 7,
     /// XDP: the frame carried an 802.1Q tag (counted in addition).
     Vlan = 8,
-    /// XDP: IPv6 with an extension header before TCP (passed, not classified).
+    /// XDP: IPv6 whose chain of extension headers (hop-by-hop, routing,
+    /// destination options, fragment) does not reach TCP within four (passed, not
+    /// classified). Up to four are walked and the packet classified.
     Ipv6ExtHeader = 9,
     /// TC: packet of a flow spliced by this appliance, assigned to its socket.
     SteerEstablished = 10,
