@@ -20,19 +20,38 @@
 //! - [`cli`]: the command line, one file per subcommand.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-pub mod api;
-pub mod classify;
+/// Declares the crate's internal modules: crate-private, so the compiler reports
+/// dead code in them, and public only with the `testing` feature, which the lab,
+/// the fuzz targets and the benches turn on to reach codecs, stores and planners
+/// directly.
+macro_rules! internal_modules {
+    ($($(#[$attr:meta])* $name:ident;)*) => {$(
+        $(#[$attr])*
+        #[cfg(feature = "testing")]
+        pub mod $name;
+        $(#[$attr])*
+        #[cfg(not(feature = "testing"))]
+        pub(crate) mod $name;
+    )*};
+}
+
+internal_modules! {
+    config;
+    datapath;
+    classify;
+    steer;
+    splice;
+    fetch;
+    index;
+    cost;
+    plan;
+    peer;
+    api;
+    state;
+    daemon;
+}
+
+/// The command line: `main.rs` dispatches into it.
 pub mod cli;
-pub mod config;
-pub mod cost;
-pub mod daemon;
-pub mod datapath;
-pub mod fetch;
-pub mod index;
 #[cfg(test)]
 mod layout;
-pub mod peer;
-pub mod plan;
-pub mod splice;
-pub mod state;
-pub mod steer;

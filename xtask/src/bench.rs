@@ -91,7 +91,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let has_bench = root().join(format!("appliance/benches/{name}.rs")).exists();
             if has_bench {
                 ran = true;
-                cargo(&["bench", "-q", "-p", "nearblock", "--bench", name]).status_ok()?;
+                cargo(&[
+                    "bench",
+                    "-q",
+                    "-p",
+                    "nearblock",
+                    "--features",
+                    "testing",
+                    "--bench",
+                    name,
+                ])
+                .status_ok()?;
             } else if !all {
                 bail!("no `{name}` benchmark in this tree yet");
             }
