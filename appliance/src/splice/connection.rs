@@ -27,18 +27,25 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{tcp::OwnedWriteHalf, TcpStream},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
     sync::mpsc,
 };
 use tracing::{debug, warn};
 
-use super::catalog::{
-    lun_number, BootTrace, Catalog, Learner, LunSlot, Provenance, ServeDesign, ServedLun,
-};
+use crate::fetch::Provenance;
+
+use super::catalog::{lun_number, BootTrace, Catalog, Learner, LunSlot, ServeDesign, ServedLun};
 use super::facts::{self, Probe};
-use super::pdu::{DecodeError, Digests, EncodeError, Frame, Opcode, PduDecoder, ReceivedPdu};
+use super::pdu::{
+    Bhs, DecodeError, Digests, EncodeError, Opcode, PduDecoder, ReceivedPdu, WireChain,
+};
+use super::read_blocks::{self, BlockWait, ReadPlan};
 use super::scsi;
-use super::session::{Design, Disposition, Event, Output, Session};
+use super::scsi::ReadCommand;
+use super::session::{Disposition, Event, Output, Session};
 use super::stats::SplicerStats;
 
 /// Frames queued per direction before the connection task waits for the writer.
@@ -119,8 +126,8 @@ pub async fn splice_iscsi(
     upstream: TcpStream,
     ctx: &SpliceContext,
 ) -> Result<(), ConnectionError> {
-    let (mut cr, cw) = client.into_split();
-    let (mut ur, uw) = upstream.into_split();
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
     let (tt_tx, tt_rx) = mpsc::channel(WRITE_QUEUE);
     let (ti_tx, ti_rx) = mpsc::channel(WRITE_QUEUE);
     let stats = ctx.stats.clone();
@@ -133,92 +140,24 @@ pub async fn splice_iscsi(
         handoff.clone(),
     ));
     let w_initiator = tokio::spawn(writer(cw, ti_rx, stats, Toward::Initiator, handoff.clone()));
-    let mut conn = Conn {
-        ctx,
-        session: Session::new(),
-        from_initiator: PduDecoder::default(),
-        from_target: PduDecoder::default(),
-        digests: Digests::NONE,
-        to_target: Some(tt_tx),
-        to_initiator: Some(ti_tx),
-        luns: HashMap::new(),
-        learning: HashMap::new(),
-        writes: HashMap::new(),
-        probes: HashMap::new(),
-        tainted: HashMap::new(),
-        ready: HashMap::new(),
-        relay_raw: false,
-        boots: HashMap::new(),
+    let mut conn = Conn::new(ctx, tt_tx, ti_tx);
+    let mut reads = Reads {
+        client: cr,
+        upstream: ur,
+        from_client: BytesMut::with_capacity(READ_CHUNK),
+        from_upstream: BytesMut::with_capacity(READ_CHUNK),
+        client_done: false,
+        upstream_done: false,
     };
-    let mut held: Option<HeldRead> = None;
-    let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
-    let mut ubuf = BytesMut::with_capacity(READ_CHUNK);
-    let (mut c_done, mut u_done) = (false, false);
-    let login_deadline = tokio::time::Instant::now() + ctx.catalog.login_timeout;
-    let result: Result<(), ConnectionError> = async {
-        while !(c_done && u_done) {
-            if cbuf.capacity() - cbuf.len() < READ_CHUNK / 4 {
-                cbuf.reserve(READ_CHUNK);
-            }
-            if ubuf.capacity() - ubuf.len() < READ_CHUNK / 4 {
-                ubuf.reserve(READ_CHUNK);
-            }
-            tokio::select! {
-                // While a READ waits for its blocks, later PDUs from the initiator
-                // stay in the socket (order is kept; the target side flows on).
-                r = cr.read_buf(&mut cbuf), if !c_done && held.is_none() => match r {
-                    Ok(0) => {
-                        // Half-close passes on once everything before it is written.
-                        c_done = true;
-                        conn.to_target = None;
-                    }
-                    Ok(_) => conn.drain_initiator(&mut cbuf, &mut held).await?,
-                    Err(source) => return Err(ConnectionError::Read { side: "initiator", source }),
-                },
-                // A login that has not reached Full Feature Phase in time is closed
-                // (a slow-loris initiator holds no splicer state for long); a live
-                // idle session after login is never cut here.
-                () = tokio::time::sleep_until(login_deadline),
-                    if conn.session.phase() == super::session::Phase::Login =>
-                {
-                    return Err(ConnectionError::LoginTimeout(ctx.catalog.login_timeout));
-                }
-                timed_out = wait_held(&mut held) => {
-                    if let Some(h) = held.take() {
-                        if timed_out {
-                            if let Some(s) = conn.ctx.catalog.sourcing() {
-                                s.note_deadline_missed();
-                            }
-                        }
-                        held = conn.on_initiator(h.pdu, true).await?;
-                        conn.drain_initiator(&mut cbuf, &mut held).await?;
-                    }
-                },
-                r = ur.read_buf(&mut ubuf), if !u_done => match r {
-                    Ok(0) => {
-                        u_done = true;
-                        conn.to_initiator = None;
-                    }
-                    Ok(_) => loop {
-                        let decoded = conn.from_target.decode(&mut ubuf).map_err(|source| {
-                            ConnectionError::Decode { side: "target", source }
-                        })?;
-                        let Some(pdu) = decoded else { break };
-                        conn.on_target(pdu).await?;
-                        if conn.relay_raw {
-                            break;
-                        }
-                    },
-                    Err(source) => return Err(ConnectionError::Read { side: "target", source }),
-                },
-            }
-            if conn.relay_raw && !c_done && !u_done {
-                break;
-            }
-        }
-        Ok(())
-    }
-    .await;
+    let result = conn.pump(&mut reads).await;
+    let Reads {
+        client: cr,
+        upstream: ur,
+        from_client: mut cbuf,
+        from_upstream: mut ubuf,
+        client_done: c_done,
+        upstream_done: u_done,
+    } = reads;
     let relay_raw = conn.relay_raw && !c_done && !u_done && result.is_ok();
     if relay_raw {
         // Nothing after login needs interpreting: flush what is queued, forward the
@@ -231,7 +170,7 @@ pub async fn splice_iscsi(
         for (tx, rest) in queued {
             if let Some(tx) = tx {
                 if !rest.is_empty() {
-                    let _ = tx.send(Frame::from_wire(rest)).await;
+                    let _ = tx.send(WireChain::from_wire(rest)).await;
                 }
             }
         }
@@ -269,7 +208,7 @@ pub async fn splice_iscsi(
 /// case the write half is returned, open, with everything queued written.
 async fn writer(
     mut w: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: mpsc::Receiver<WireChain>,
     stats: Arc<SplicerStats>,
     toward: Toward,
     handoff: Arc<std::sync::atomic::AtomicBool>,
@@ -305,11 +244,28 @@ async fn writer(
     Ok(None)
 }
 
+/// Both read halves of a connection and what has been read from each.
+struct Reads {
+    client: OwnedReadHalf,
+    upstream: OwnedReadHalf,
+    from_client: BytesMut,
+    from_upstream: BytesMut,
+    client_done: bool,
+    upstream_done: bool,
+}
+
 /// A READ waiting for its missing blocks to be fetched (at most the deadline).
 struct HeldRead {
     pdu: ReceivedPdu,
-    /// Resolves `true` when the deadline passed first.
-    wait: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
+    wait: BlockWait,
+}
+
+/// Where a READ of a served LUN goes next.
+enum ReadStep {
+    /// To the session, answered as this says.
+    Go(Disposition),
+    /// Held until its blocks are fetched.
+    Hold(BlockWait),
 }
 
 /// The held READ's wait, or never.
@@ -327,8 +283,8 @@ struct Conn<'a> {
     from_target: PduDecoder,
     /// Digests of the connection once in Full Feature Phase (for PDUs we encode).
     digests: Digests,
-    to_target: Option<mpsc::Sender<Frame>>,
-    to_initiator: Option<mpsc::Sender<Frame>>,
+    to_target: Option<mpsc::Sender<WireChain>>,
+    to_initiator: Option<mpsc::Sender<WireChain>>,
     /// Declared LUNs of the target this session logged in to (each READ takes
     /// the slot's current LUN, so a manifest installed later is used at once).
     luns: HashMap<u16, Arc<LunSlot>>,
@@ -388,7 +344,99 @@ struct PendingWrite {
     writes_medium: bool,
 }
 
-impl Conn<'_> {
+impl<'a> Conn<'a> {
+    fn new(
+        ctx: &'a SpliceContext,
+        to_target: mpsc::Sender<WireChain>,
+        to_initiator: mpsc::Sender<WireChain>,
+    ) -> Self {
+        Conn {
+            ctx,
+            session: Session::new(),
+            from_initiator: PduDecoder::default(),
+            from_target: PduDecoder::default(),
+            digests: Digests::NONE,
+            to_target: Some(to_target),
+            to_initiator: Some(to_initiator),
+            luns: HashMap::new(),
+            learning: HashMap::new(),
+            writes: HashMap::new(),
+            probes: HashMap::new(),
+            tainted: HashMap::new(),
+            ready: HashMap::new(),
+            relay_raw: false,
+            boots: HashMap::new(),
+        }
+    }
+
+    /// Read both sides and handle what arrives until both have closed, an error
+    /// ends the connection, or it drops to the byte relay (`relay_raw`).
+    async fn pump(&mut self, reads: &mut Reads) -> Result<(), ConnectionError> {
+        let mut held: Option<HeldRead> = None;
+        let login_deadline = tokio::time::Instant::now() + self.ctx.catalog.login_timeout;
+        while !(reads.client_done && reads.upstream_done) {
+            if reads.from_client.capacity() - reads.from_client.len() < READ_CHUNK / 4 {
+                reads.from_client.reserve(READ_CHUNK);
+            }
+            if reads.from_upstream.capacity() - reads.from_upstream.len() < READ_CHUNK / 4 {
+                reads.from_upstream.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                // While a READ waits for its blocks, later PDUs from the initiator
+                // stay in the socket (order is kept; the target side flows on).
+                r = reads.client.read_buf(&mut reads.from_client), if !reads.client_done && held.is_none() => match r {
+                    Ok(0) => {
+                        // Half-close passes on once everything before it is written.
+                        reads.client_done = true;
+                        self.to_target = None;
+                    }
+                    Ok(_) => self.drain_initiator(&mut reads.from_client, &mut held).await?,
+                    Err(source) => return Err(ConnectionError::Read { side: "initiator", source }),
+                },
+                // A login that has not reached Full Feature Phase in time is closed
+                // (a slow-loris initiator holds no splicer state for long); a live
+                // idle session after login is never cut here.
+                () = tokio::time::sleep_until(login_deadline),
+                    if self.session.phase() == super::session::Phase::Login =>
+                {
+                    return Err(ConnectionError::LoginTimeout(self.ctx.catalog.login_timeout));
+                }
+                timed_out = wait_held(&mut held) => {
+                    if let Some(h) = held.take() {
+                        if timed_out {
+                            if let Some(s) = self.ctx.catalog.sourcing() {
+                                s.note_deadline_missed();
+                            }
+                        }
+                        held = self.on_initiator(h.pdu, true).await?;
+                        self.drain_initiator(&mut reads.from_client, &mut held).await?;
+                    }
+                },
+                r = reads.upstream.read_buf(&mut reads.from_upstream), if !reads.upstream_done => match r {
+                    Ok(0) => {
+                        reads.upstream_done = true;
+                        self.to_initiator = None;
+                    }
+                    Ok(_) => loop {
+                        let decoded = self.from_target.decode(&mut reads.from_upstream).map_err(|source| {
+                            ConnectionError::Decode { side: "target", source }
+                        })?;
+                        let Some(pdu) = decoded else { break };
+                        self.on_target(pdu).await?;
+                        if self.relay_raw {
+                            break;
+                        }
+                    },
+                    Err(source) => return Err(ConnectionError::Read { side: "target", source }),
+                },
+            }
+            if self.relay_raw && !reads.client_done && !reads.upstream_done {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// The LUN a command addresses, if it is served now in this session (per
     /// command: a read lock and an `Arc` clone).
     fn served_lun(&self, field: u64) -> Option<(Arc<ServedLun>, &Arc<LunSlot>)> {
@@ -413,7 +461,7 @@ impl Conn<'_> {
     }
 
     /// Follow a READ CAPACITY or MODE SENSE of a declared LUN to its answer.
-    fn follow_probe(&mut self, bhs: &super::pdu::Bhs) {
+    fn follow_probe(&mut self, bhs: &Bhs) {
         let Some(probe) = Probe::of(bhs.cdb()) else {
             return;
         };
@@ -457,114 +505,163 @@ impl Conn<'_> {
     /// not all at hand, when peers may hold them, is returned to be held until
     /// they are fetched (or the deadline passes: `waited`, then it is decided with
     /// what arrived).
+    ///
+    /// A READ goes through these phases, in this order:
+    /// 1. [`Self::check_task_bound`]: the task table has room.
+    /// 2. [`Self::served_read`]: a READ (per the session) of a LUN served now.
+    /// 3. [`Self::trace_boot`]: its blocks join this session's boot trace.
+    /// 4. [`read_blocks::plan_read`]: read-ahead, assembly, else a fetch to wait for.
+    /// 5. [`Self::serve_ready`] or [`Self::pass_to_library`] (learning from the
+    ///    library's answer), or the READ is held for its fetch.
+    /// 6. [`Session::from_initiator`] with the disposition, and [`Self::carry`]
+    ///    out what it says (a served READ's data goes out as Data-In from there).
+    ///
+    /// Any other command is followed for what it may tell ([`Self::follow_command`])
+    /// and passed through.
     async fn on_initiator(
         &mut self,
         received: ReceivedPdu,
         waited: bool,
     ) -> Result<Option<HeldRead>, ConnectionError> {
         let bhs = received.pdu.bhs;
-        if bhs.opcode() == Opcode::ScsiCommand && self.session.outstanding_tasks() >= MAX_TASKS {
-            return Err(ConnectionError::TooManyTasks);
-        }
-        let mut disposition = Disposition::PassThrough;
-        if let Some(read) = self.session.read_candidate(&bhs) {
-            if let Some((lun, _)) = self.served_lun(bhs.lun()) {
-                let stats = &self.ctx.stats;
-                let catalog = &self.ctx.catalog;
-                let servable = read.servable(lun.capacity_blocks())
-                    && read.byte_len(lun.logical_block_size()) <= catalog.max_served_read_bytes;
-                let sourcing = catalog.sourcing().filter(|_| servable);
-                if !waited {
-                    if let Some(l) = lun_number(bhs.lun()) {
-                        let boot = self
-                            .boots
-                            .entry(l)
-                            .or_insert_with(|| (lun.clone(), BootTrace::default()));
-                        if !Arc::ptr_eq(&boot.0, &lun) {
-                            // A new manifest since this session's last READ:
-                            // the boot so far goes to the old LUN's record.
-                            let (old, trace) =
-                                std::mem::replace(boot, (lun.clone(), BootTrace::default()));
-                            self.ctx.catalog.record_boot(&old, trace.order());
-                        }
-                        boot.1.note(lun.blocks_read(&read));
-                    }
-                }
-                if let (Some(src), false) = (sourcing, waited) {
-                    let window = catalog.readahead_blocks(lun.manifest.block_size);
-                    let ahead = lun.readahead(&read, window, &catalog.cache);
-                    if !ahead.is_empty() {
-                        // Runs on its own; nothing waits for it.
-                        drop(src.fill(&ahead));
-                    }
-                }
-                let assembled = if servable {
-                    lun.assemble(&read, &catalog.cache)
-                } else {
-                    None
-                };
-                if let (None, Some(src), false) = (&assembled, sourcing, waited) {
-                    let missing = lun.missing(&read, &catalog.cache);
-                    if !missing.is_empty() {
-                        let fill = src.fill(&missing);
-                        let deadline = src.deadline();
-                        return Ok(Some(HeldRead {
-                            pdu: received,
-                            wait: Box::pin(async move {
-                                tokio::time::timeout(deadline, fill).await.is_err()
-                            }),
-                        }));
-                    }
-                }
-                match assembled {
-                    Some(ready) => {
-                        disposition = match lun.design {
-                            ServeDesign::Shadow => Disposition::Shadow,
-                            ServeDesign::Local => Disposition::Local,
-                        };
-                        self.ready.insert(bhs.itt(), ready);
-                    }
-                    None => {
-                        stats.reads_passed.fetch_add(1, Ordering::Relaxed);
-                        let bytes = read.byte_len(lun.logical_block_size());
-                        stats.library_bytes.fetch_add(bytes, Ordering::Relaxed);
-                        if catalog.learn && bytes <= catalog.max_learn_bytes {
-                            if self.learning.len() >= MAX_LEARNING {
-                                self.learning.clear();
-                            }
-                            if let Some(learner) = lun.learner(&read) {
-                                self.learning.insert(bhs.itt(), learner);
-                            }
-                        }
-                    }
-                }
+        self.check_task_bound(&bhs)?;
+        let step = if let Some(read) = self.session.read_candidate(&bhs) {
+            self.served_read(&bhs, read, waited)
+        } else {
+            self.follow_command(&bhs);
+            None
+        };
+        let disposition = match step {
+            Some(ReadStep::Hold(wait)) => {
+                return Ok(Some(HeldRead {
+                    pdu: received,
+                    wait,
+                }))
             }
-        } else if bhs.opcode() == Opcode::ScsiCommand && scsi::command_may_write(&bhs) {
-            if let Some((lun, slot)) = self.served_lun(bhs.lun()).filter(|_| !harmless_write(&bhs))
-            {
-                if self.writes.len() >= MAX_WRITES {
-                    if let Some(number) = lun_number(bhs.lun()) {
-                        self.taint_session(
-                            number,
-                            format!("over {MAX_WRITES} outstanding commands that may write"),
-                        );
-                    }
-                } else {
-                    let write = PendingWrite {
-                        lun,
-                        slot: slot.clone(),
-                        opcode: bhs.cdb()[0],
-                        writes_medium: scsi::may_write_medium(bhs.cdb()),
-                    };
-                    self.writes.insert(bhs.itt(), write);
-                }
-            }
-        } else if bhs.opcode() == Opcode::ScsiCommand && bhs.command_read() {
-            self.follow_probe(&bhs);
-        }
+            Some(ReadStep::Go(disposition)) => disposition,
+            None => Disposition::PassThrough,
+        };
         let out = self.session.from_initiator(received, disposition);
         self.carry(out).await?;
         Ok(None)
+    }
+
+    /// More tasks outstanding than any command window allows: close.
+    fn check_task_bound(&self, bhs: &Bhs) -> Result<(), ConnectionError> {
+        if bhs.opcode() == Opcode::ScsiCommand && self.session.outstanding_tasks() >= MAX_TASKS {
+            return Err(ConnectionError::TooManyTasks);
+        }
+        Ok(())
+    }
+
+    /// The phases of a READ of a LUN served now (`None`: not served, it passes
+    /// through untouched).
+    fn served_read(&mut self, bhs: &Bhs, read: ReadCommand, waited: bool) -> Option<ReadStep> {
+        let (lun, _) = self.served_lun(bhs.lun())?;
+        if !waited {
+            self.trace_boot(bhs.lun(), &lun, &read);
+        }
+        let servable = read.servable(lun.capacity_blocks());
+        let step = match read_blocks::plan_read(&self.ctx.catalog, &lun, &read, servable, waited) {
+            ReadPlan::Ready(data, provenance) => {
+                ReadStep::Go(self.serve_ready(bhs.itt(), &lun, data, provenance))
+            }
+            ReadPlan::Fetching(wait) => ReadStep::Hold(wait),
+            ReadPlan::Library => {
+                self.pass_to_library(bhs.itt(), &lun, &read);
+                ReadStep::Go(Disposition::PassThrough)
+            }
+        };
+        Some(step)
+    }
+
+    /// Note the blocks `read` touches in this session's boot of `lun`.
+    fn trace_boot(&mut self, lun_field: u64, lun: &Arc<ServedLun>, read: &ReadCommand) {
+        let Some(number) = lun_number(lun_field) else {
+            return;
+        };
+        let boot = self
+            .boots
+            .entry(number)
+            .or_insert_with(|| (lun.clone(), BootTrace::default()));
+        if !Arc::ptr_eq(&boot.0, lun) {
+            // A new manifest since this session's last READ: the boot so far
+            // goes to the old LUN's record.
+            let (old, trace) = std::mem::replace(boot, (lun.clone(), BootTrace::default()));
+            self.ctx.catalog.record_boot(&old, trace.order());
+        }
+        boot.1.note(lun.blocks_read(read));
+    }
+
+    /// Keep a READ's assembled data until the session asks for it; how it is
+    /// answered follows the LUN's design.
+    fn serve_ready(
+        &mut self,
+        itt: u32,
+        lun: &ServedLun,
+        data: Vec<Bytes>,
+        provenance: Provenance,
+    ) -> Disposition {
+        self.ready.insert(itt, (data, provenance));
+        match lun.design {
+            ServeDesign::Shadow => Disposition::Shadow,
+            ServeDesign::Local => Disposition::Local,
+        }
+    }
+
+    /// A READ of a served LUN goes to the library: count it, and learn the
+    /// blocks of its answer when learning is on and the READ is not too long.
+    fn pass_to_library(&mut self, itt: u32, lun: &Arc<ServedLun>, read: &ReadCommand) {
+        let stats = &self.ctx.stats;
+        let catalog = &self.ctx.catalog;
+        stats.reads_passed.fetch_add(1, Ordering::Relaxed);
+        let bytes = read.byte_len(lun.logical_block_size());
+        stats.library_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if catalog.learn && bytes <= catalog.max_learn_bytes {
+            if self.learning.len() >= MAX_LEARNING {
+                self.learning.clear();
+            }
+            if let Some(learner) = Learner::new(lun, read) {
+                self.learning.insert(itt, learner);
+            }
+        }
+    }
+
+    /// A command other than a READ: one that may write a served LUN is followed
+    /// to its status (a write taints), a READ CAPACITY or MODE SENSE to its
+    /// answer (the target's facts about the LUN).
+    fn follow_command(&mut self, bhs: &Bhs) {
+        if bhs.opcode() != Opcode::ScsiCommand {
+            return;
+        }
+        if scsi::command_may_write(bhs) {
+            self.follow_write(bhs);
+        } else if bhs.command_read() {
+            self.follow_probe(bhs);
+        }
+    }
+
+    /// Follow a command that may write a served LUN to its status.
+    fn follow_write(&mut self, bhs: &Bhs) {
+        let Some((lun, slot)) = self.served_lun(bhs.lun()).filter(|_| !harmless_write(bhs)) else {
+            return;
+        };
+        if self.writes.len() >= MAX_WRITES {
+            if let Some(number) = lun_number(bhs.lun()) {
+                self.taint_session(
+                    number,
+                    format!("over {MAX_WRITES} outstanding commands that may write"),
+                );
+            }
+        } else {
+            let write = PendingWrite {
+                lun,
+                slot: slot.clone(),
+                opcode: bhs.cdb()[0],
+                writes_medium: scsi::may_write_medium(bhs.cdb()),
+            };
+            self.writes.insert(bhs.itt(), write);
+        }
     }
 
     async fn on_target(&mut self, received: ReceivedPdu) -> Result<(), ConnectionError> {
@@ -656,12 +753,12 @@ impl Conn<'_> {
                 self.on_event(event);
             }
             for item in out.to_target {
-                let frame = item.into_frame(self.digests)?;
-                send(&self.to_target, frame, Toward::Target).await?;
+                let frame = item.into_wire_chain(self.digests)?;
+                send(self.to_target.as_ref(), frame, Toward::Target).await?;
             }
             for item in out.to_initiator {
-                let frame = item.into_frame(self.digests)?;
-                send(&self.to_initiator, frame, Toward::Initiator).await?;
+                let frame = item.into_wire_chain(self.digests)?;
+                send(self.to_initiator.as_ref(), frame, Toward::Initiator).await?;
             }
             for itt in out.cancel {
                 self.ready.remove(&itt);
@@ -680,11 +777,11 @@ impl Conn<'_> {
         Ok(())
     }
 
-    fn count_served(&self, design: Design, prov: Provenance) {
+    fn count_served(&self, design: ServeDesign, prov: Provenance) {
         let stats = &self.ctx.stats;
         match design {
-            Design::Shadow => &stats.reads_served_shadow,
-            Design::Local => &stats.reads_served_local,
+            ServeDesign::Shadow => &stats.reads_served_shadow,
+            ServeDesign::Local => &stats.reads_served_local,
         }
         .fetch_add(1, Ordering::Relaxed);
         stats.count_provenance(&prov);
@@ -765,7 +862,7 @@ impl Conn<'_> {
 /// no W bit) cannot change the medium: a transfer length of 0 means no blocks for
 /// these CDBs (unlike WRITE(6) and WRITE SAME, which stay suspect). The conformance
 /// suite sends such commands, and a read-only target answers them GOOD.
-fn harmless_write(bhs: &super::pdu::Bhs) -> bool {
+fn harmless_write(bhs: &Bhs) -> bool {
     use super::scsi::opcode;
     let cdb = bhs.cdb();
     let length = match cdb[0] {
@@ -780,21 +877,18 @@ fn harmless_write(bhs: &super::pdu::Bhs) -> bool {
 }
 
 async fn send(
-    tx: &Option<mpsc::Sender<Frame>>,
-    frame: Frame,
+    tx: Option<&mpsc::Sender<WireChain>>,
+    chain: WireChain,
     toward: Toward,
 ) -> Result<(), ConnectionError> {
-    match tx {
-        Some(tx) => tx
-            .send(frame)
-            .await
-            .map_err(|_| ConnectionError::Write(toward.name())),
+    let Some(tx) = tx else {
         // That direction was half-closed: nothing more may go there.
-        None => {
-            warn!(toward = toward.name(), "PDU after half-close dropped");
-            Ok(())
-        }
-    }
+        warn!(toward = toward.name(), "PDU after half-close dropped");
+        return Ok(());
+    };
+    tx.send(chain)
+        .await
+        .map_err(|_| ConnectionError::Write(toward.name()))
 }
 
 #[cfg(test)]
@@ -899,8 +993,8 @@ mod tests {
             ),
             "{result:?}"
         );
-        let mut rest = Vec::new();
-        let n = target.read_to_end(&mut rest).await.unwrap_or(0);
+        let mut after_login = Vec::new();
+        let n = target.read_to_end(&mut after_login).await.unwrap_or(0);
         assert_eq!(n, 0, "nothing after the login reached the target");
     }
 

@@ -65,12 +65,12 @@ pub struct ReadTask {
 /// The residual for a command that needed `needed` bytes with `edtl` expected (§11.4.5.1).
 pub fn residual(edtl: u32, needed: u64) -> Residual {
     let edtl = u64::from(edtl);
-    if needed > edtl {
-        Residual::Overflow(u32::try_from(needed - edtl).unwrap_or(u32::MAX))
-    } else if needed < edtl {
-        Residual::Underflow((edtl - needed) as u32)
-    } else {
-        Residual::None
+    match needed.cmp(&edtl) {
+        std::cmp::Ordering::Greater => {
+            Residual::Overflow(u32::try_from(needed - edtl).unwrap_or(u32::MAX))
+        }
+        std::cmp::Ordering::Less => Residual::Underflow((edtl - needed) as u32),
+        std::cmp::Ordering::Equal => Residual::None,
     }
 }
 

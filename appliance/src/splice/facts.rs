@@ -39,7 +39,10 @@ pub enum Probe {
 impl Probe {
     /// The probe a CDB is, if any.
     pub fn of(cdb: &[u8; 16]) -> Option<Probe> {
-        use probe_opcode::*;
+        use probe_opcode::{
+            MODE_SENSE_10, MODE_SENSE_6, READ_CAPACITY_10, READ_CAPACITY_16_ACTION,
+            SERVICE_ACTION_IN_16,
+        };
         match cdb[0] {
             READ_CAPACITY_10 => Some(Probe::ReadCapacity10),
             SERVICE_ACTION_IN_16 if cdb[1] & 0x1f == READ_CAPACITY_16_ACTION => {
@@ -64,7 +67,7 @@ pub enum Fact {
 }
 
 /// The fact in a probe's answer (`data` from buffer offset 0), if the answer is long
-/// enough and sane. READ CAPACITY(10)'s last LBA of 0xffff_ffff means "too large,
+/// enough and sane. READ CAPACITY(10)'s last LBA of `0xffff_ffff` means "too large,
 /// ask READ CAPACITY(16)": no fact.
 pub fn parse_answer(probe: Probe, data: &[u8]) -> Option<Fact> {
     let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);

@@ -93,6 +93,10 @@ pub enum SessionType {
 /// The operational parameters in force after login (or after a Text renegotiation),
 /// with RFC 7143 §13 defaults for anything not negotiated.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each is one boolean key RFC 7143 §13 negotiates, kept under its own name"
+)]
 pub struct OperationalParams {
     pub session_type: SessionType,
     pub initiator_name: Option<String>,
@@ -423,14 +427,13 @@ impl Negotiation {
                 .unwrap_or(default)
         };
         let boolean =
-            |key: &str, default: bool| self.negotiated(key).map(|v| v == "Yes").unwrap_or(default);
+            |key: &str, default: bool| self.negotiated(key).map_or(default, |v| v == "Yes");
         let digest = |key: &str| self.negotiated(key).is_some_and(|v| v == "CRC32C");
         let mrdsl = |side: Side| {
             self.declared(side, "MaxRecvDataSegmentLength")
                 .and_then(|v| v.parse().ok())
                 // §13.12: 512 to 2^24 - 1.
-                .map(|v: u32| v.clamp(512, (1 << 24) - 1))
-                .unwrap_or(8192)
+                .map_or(8192, |v: u32| v.clamp(512, (1 << 24) - 1))
         };
         OperationalParams {
             session_type: match self.declared(Side::Initiator, "SessionType") {

@@ -2,30 +2,56 @@
 //! transparent upstream connection, and relays; iSCSI-aware, it answers READs of
 //! immutable LUNs from nearer copies.
 //!
-//! - [`relay`]: accept loop, admission and caps, upstream connect.
-//! - [`bytes`]: the plain byte relay (non-iSCSI ports, over-cap connections).
-//! - [`stats`]: the splicer's counters, as status and metrics report them.
-//! - [`connection`]: the iSCSI-aware inside: PDUs both ways through a [`session::Session`].
-//! - [`catalog`]: which LUNs are served, their manifests, assembling and learning blocks.
-//! - [`facts`]: what the target reports about a served LUN (block length, capacity, WP).
-//! - [`manifests`]: where each served LUN's manifest comes from, kept current.
-//! - [`pdu`]: the iSCSI PDU codec (BHS, AHS, digests), streaming and zero-copy.
-//! - [`text`]: iSCSI text parameters (used by passive discovery too).
-//! - [`login`]: login negotiation observed and the initiator's offer edited.
-//! - [`scsi`]: READ CDBs, the shadow rewrite, sense data.
-//! - [`datain`]: locally sourced Data-In sequences.
-//! - [`session`]: the per-connection state machine (phases, tasks, sequence numbers).
+//! The files are listed below in the order one READ meets them, from the
+//! accepted socket to the reply: read them in that order to follow it. The
+//! three after the READ path work beside it.
 
-pub mod bytes;
-pub mod catalog;
-pub mod connection;
-pub mod datain;
-pub mod facts;
-pub mod login;
-pub mod manifests;
-pub mod pdu;
+/// 1. Accept what steering (`crate::steer`) handed over, admit, connect upstream
+///    transparently, hand the pair to [`connection`] (iSCSI) or [`bytes`].
 pub mod relay;
-pub mod scsi;
-pub mod session;
-pub mod stats;
+
+/// 2. The plain byte relay: non-iSCSI ports, over-cap connections, sessions with
+///    nothing to serve once logged in.
+pub mod bytes;
+
+/// 3. One task per iSCSI connection, PDUs both ways; `Conn::on_initiator` names a
+///    READ's phases in the order they run.
+pub mod connection;
+
+/// 4. The iSCSI PDU codec: BHS, AHS, digests; streaming, zero-copy.
+pub mod pdu;
+
+/// 5. The login observed, and the initiator's offer edited.
+pub mod login;
+
+/// 6. iSCSI text parameters (the login's keys; passive discovery too).
 pub mod text;
+
+/// 7. The per-connection state machine: phases, tasks, sequence numbers; which
+///    commands are READ candidates and how each is answered.
+pub mod session;
+
+/// 8. SCSI: READ CDBs, the shadow rewrite, sense data.
+pub mod scsi;
+
+/// 9. Which LUNs are served and with what: the LUN a command addresses, its
+///    current manifest, assembly, learning, access history.
+pub mod catalog;
+
+/// 10. The blocks of one READ: read-ahead, assembly, fetch and wait, else the
+///     library.
+pub mod read_blocks;
+
+/// 11. The reply: the Data-In sequence and status carrying a served READ's data.
+pub mod datain;
+
+/// Beside the READ path: what the target reports about a served LUN (block
+/// length, capacity, write protection), learned from its answers.
+pub mod facts;
+
+/// Beside the READ path: where each served LUN's manifest comes from, kept
+/// current.
+pub mod manifests;
+
+/// Beside the READ path: the splicer's counters, as status and metrics report them.
+pub mod stats;

@@ -6,7 +6,7 @@
 //! back whole [`ReceivedPdu`]s, whose AHS and data segment are zero-copy slices of the
 //! receive buffer, together with the exact wire bytes so an unmodified PDU is forwarded
 //! without re-encoding. A PDU the splicer builds or rewrites is framed with [`encode`],
-//! which recomputes the digests and yields a [`Frame`]: a chain of buffers (header, data
+//! which recomputes the digests and yields a [`WireChain`]: a chain of buffers (header, data
 //! pieces, padding and digest) that implements [`bytes::Buf`], so a vectored write sends
 //! cached block buffers without copying them.
 //!
@@ -711,7 +711,7 @@ impl Bhs {
         self.0[36]
     }
 
-    /// AsyncVCode (byte 37).
+    /// `AsyncVCode` (byte 37).
     pub fn async_vcode(&self) -> u8 {
         self.0[37]
     }
@@ -862,7 +862,7 @@ impl Pdu {
 
     /// Frame this PDU for the wire with `digests` (BHS length fields are set from the
     /// AHS and data given).
-    pub fn encode(&self, digests: Digests) -> Result<Frame, EncodeError> {
+    pub fn encode(&self, digests: Digests) -> Result<WireChain, EncodeError> {
         encode(
             &self.bhs,
             self.ahs.clone(),
@@ -899,7 +899,7 @@ impl OutgoingPdu {
 
     /// Frame for the wire with `digests`; TotalAHSLength and DataSegmentLength are set
     /// from the AHS and data.
-    pub fn encode(&self, digests: Digests) -> Result<Frame, EncodeError> {
+    pub fn encode(&self, digests: Digests) -> Result<WireChain, EncodeError> {
         encode(&self.bhs, self.ahs.clone(), &self.data, digests)
     }
 }
@@ -1075,12 +1075,16 @@ const ZERO_PADDING: [u8; 3] = [0; 3];
 /// Frame a PDU: `bhs` with TotalAHSLength and DataSegmentLength set from `ahs` and
 /// `data` (the data segment as the concatenation of `data`'s pieces), the header digest,
 /// the data pieces themselves (shared, not copied), padding and data digest.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "PDUs carry their AHS as `Bytes`, and callers (the lab's initiator too) pass it so"
+)]
 pub fn encode(
     bhs: &Bhs,
     ahs: Bytes,
     data: &[Bytes],
     digests: Digests,
-) -> Result<Frame, EncodeError> {
+) -> Result<WireChain, EncodeError> {
     if !ahs.len().is_multiple_of(4) || ahs.len() > MAX_AHS_LEN {
         return Err(EncodeError::AhsLength(ahs.len()));
     }
@@ -1109,7 +1113,7 @@ pub fn encode(
     if digests.data && data_len > 0 {
         let digest = crc32c_of_pieces(
             data.iter()
-                .map(|piece| piece.as_ref())
+                .map(AsRef::as_ref)
                 .chain(std::iter::once(padding)),
         );
         trailer.extend_from_slice(&digest.to_le_bytes());
@@ -1118,28 +1122,29 @@ pub fn encode(
         pieces.push_back(trailer.freeze());
     }
     let remaining = pieces.iter().map(Bytes::len).sum();
-    Ok(Frame { pieces, remaining })
+    Ok(WireChain { pieces, remaining })
 }
 
-/// A framed PDU as a chain of buffers, ready for a vectored write ([`Buf`] with
-/// `chunks_vectored`).
+/// Bytes for the wire as a chain of buffers (one framed PDU, or several appended
+/// into one batch), ready for a vectored write ([`Buf`] with `chunks_vectored`).
+/// Not the peer protocol's `peer::proto::Frame`, which is one decoded message.
 #[derive(Clone, Debug, Default)]
-pub struct Frame {
+pub struct WireChain {
     pieces: VecDeque<Bytes>,
     remaining: usize,
 }
 
-impl Frame {
-    /// A frame of bytes already on the wire format (a received PDU forwarded unchanged).
-    pub fn from_wire(bytes: Bytes) -> Frame {
+impl WireChain {
+    /// A chain of bytes already in the wire format (a received PDU forwarded unchanged).
+    pub fn from_wire(bytes: Bytes) -> WireChain {
         let remaining = bytes.len();
-        Frame {
+        WireChain {
             pieces: VecDeque::from([bytes]),
             remaining,
         }
     }
 
-    /// Copy the whole frame into one contiguous buffer (tests, small PDUs).
+    /// Copy the whole chain into one contiguous buffer (tests, small PDUs).
     pub fn to_bytes(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(self.remaining);
         for piece in &self.pieces {
@@ -1148,24 +1153,24 @@ impl Frame {
         out.freeze()
     }
 
-    /// Append another frame (several PDUs in one vectored write).
-    pub fn append(&mut self, other: Frame) {
+    /// Append another chain (several PDUs in one vectored write).
+    pub fn append(&mut self, other: WireChain) {
         self.remaining += other.remaining;
         self.pieces.extend(other.pieces);
     }
 }
 
-impl Buf for Frame {
+impl Buf for WireChain {
     fn remaining(&self) -> usize {
         self.remaining
     }
 
     fn chunk(&self) -> &[u8] {
-        self.pieces.front().map(Bytes::as_ref).unwrap_or(&[])
+        self.pieces.front().map_or(&[], Bytes::as_ref)
     }
 
     fn advance(&mut self, mut cnt: usize) {
-        assert!(cnt <= self.remaining, "advance past the end of a Frame");
+        assert!(cnt <= self.remaining, "advance past the end of a WireChain");
         self.remaining -= cnt;
         while cnt > 0 {
             let Some(front) = self.pieces.front_mut() else {

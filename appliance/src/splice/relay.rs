@@ -75,7 +75,7 @@ pub async fn accept_loop(
                 if *stop.borrow() { return; }
             }
             _ = heartbeat.tick() => fail_open.beat(slot),
-            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
                 if retry_at.is_some() => retry_at = None,
             accepted = listener.accept(), if retry_at.is_none() => match accepted {
                 Ok((client, peer)) => {

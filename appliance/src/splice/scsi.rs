@@ -350,7 +350,7 @@ impl Sense {
 }
 
 /// The data segment of a SCSI Response carrying `sense` (§11.4.7.2: a 2-byte
-/// SenseLength, then the sense data).
+/// `SenseLength`, then the sense data).
 pub fn response_sense_segment(sense: &Sense) -> Bytes {
     let fixed = sense.fixed();
     let mut data = BytesMut::with_capacity(2 + fixed.len());

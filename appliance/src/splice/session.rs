@@ -39,11 +39,12 @@
 //! later PDUs wait behind it until its data is there. The relay should start fetching
 //! as soon as it sees [`Output::fetch`], which is emitted when the READ arrives.
 
+use super::catalog::ServeDesign;
 use super::datain::{self, ReadTask, StatusCounters};
 use super::login::{LoginProgress, LoginTracker, Negotiation, OperationalParams, Side};
 use super::pdu::{
-    tmf_response, Bhs, Digests, EncodeError, Frame, Opcode, OutgoingPdu, Pdu, ReceivedPdu,
-    TmfFunction, BHS_LEN, RESERVED_TAG,
+    tmf_response, Bhs, Digests, EncodeError, Opcode, OutgoingPdu, Pdu, ReceivedPdu, TmfFunction,
+    WireChain, BHS_LEN, RESERVED_TAG,
 };
 use super::scsi::{self, ReadCommand, Sense};
 use bytes::Bytes;
@@ -73,13 +74,6 @@ pub enum Disposition {
     Local,
 }
 
-/// The design a served task uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Design {
-    Shadow,
-    Local,
-}
-
 /// A PDU to write: the received bytes unchanged, or a PDU to encode.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outgoing {
@@ -88,10 +82,10 @@ pub enum Outgoing {
 }
 
 impl Outgoing {
-    /// The frame to write with the connection's current `digests`.
-    pub fn into_frame(self, digests: Digests) -> Result<Frame, EncodeError> {
+    /// The bytes to write with the connection's current `digests`.
+    pub fn into_wire_chain(self, digests: Digests) -> Result<WireChain, EncodeError> {
         match self {
-            Outgoing::Wire(bytes) => Ok(Frame::from_wire(bytes)),
+            Outgoing::Wire(bytes) => Ok(WireChain::from_wire(bytes)),
             Outgoing::Pdu(pdu) => pdu.encode(digests),
         }
     }
@@ -114,7 +108,7 @@ pub struct FetchRequest {
     pub itt: u32,
     pub lun: u64,
     pub read: ReadCommand,
-    pub design: Design,
+    pub design: ServeDesign,
 }
 
 /// Things the relay must act on besides sending PDUs.
@@ -144,10 +138,10 @@ pub struct Output {
     pub events: Vec<Event>,
 }
 
-/// A task the splicer serves itself.
+/// A READ task the splicer serves itself: how, and its data once fetched.
 #[derive(Clone, Debug)]
-struct Served {
-    design: Design,
+struct ServedRead {
+    design: ServeDesign,
     edtl: u32,
     /// The blocks, once fetched; `Err` when the fetch failed.
     data: Option<Result<Vec<Bytes>, ()>>,
@@ -161,7 +155,7 @@ struct Task {
     lun: u64,
     /// CmdSN as the target saw it (for RefCmdSN translation); `None` if never sent.
     target_cmd_sn: Option<u32>,
-    served: Option<Served>,
+    served: Option<ServedRead>,
 }
 
 /// A TMF request forwarded to the target, by its ITT.
@@ -451,8 +445,8 @@ impl Session {
             return;
         };
         let design = match disposition {
-            Disposition::Local if self.target_answered => Design::Local,
-            _ => Design::Shadow,
+            Disposition::Local if self.target_answered => ServeDesign::Local,
+            _ => ServeDesign::Shadow,
         };
         let edtl = bhs.expected_data_transfer_length();
         out.fetch.push(FetchRequest {
@@ -461,14 +455,14 @@ impl Session {
             read,
             design,
         });
-        let served = Served {
+        let served = ServedRead {
             design,
             edtl,
             data: None,
             counters: None,
         };
         match design {
-            Design::Shadow => {
+            ServeDesign::Shadow => {
                 let shadow = Pdu::header_only(scsi::shadow_command(&bhs, &read));
                 let target_cmd_sn = self.send_to_target(shadow, out);
                 self.tasks.insert(
@@ -480,7 +474,7 @@ impl Session {
                     },
                 );
             }
-            Design::Local => {
+            ServeDesign::Local => {
                 self.counters.split = true;
                 self.counters.consume_locally(&bhs);
                 self.tasks.insert(
@@ -503,7 +497,7 @@ impl Session {
         match function {
             TmfFunction::AbortTask => {
                 let local = self.tasks.get(&rtt).and_then(|task| task.served.as_ref());
-                if let Some(served) = local.filter(|s| s.design == Design::Local) {
+                if let Some(served) = local.filter(|s| s.design == ServeDesign::Local) {
                     // Answered here: the target never saw the task. If its answer already
                     // has a place in the queue it completes first; otherwise it is
                     // dropped. Either way the abort's answer is Function Complete
@@ -565,7 +559,7 @@ impl Session {
                     && task
                         .served
                         .as_ref()
-                        .is_some_and(|s| s.design == Design::Local && s.counters.is_none())
+                        .is_some_and(|s| s.design == ServeDesign::Local && s.counters.is_none())
             })
             .map(|(itt, _)| *itt)
             .collect();
@@ -716,7 +710,7 @@ impl Session {
             .tasks
             .get(&itt)
             .and_then(|task| task.served.as_ref())
-            .is_some_and(|served| served.design == Design::Shadow);
+            .is_some_and(|served| served.design == ServeDesign::Shadow);
         if !shadow {
             self.tasks.remove(&itt);
             self.forward_to_initiator(received);
@@ -857,7 +851,7 @@ impl Session {
         let counters = &mut self.counters;
         if let Some(served) = self.tasks.get_mut(&itt).and_then(|t| t.served.as_mut()) {
             served.data = Some(data);
-            if served.design == Design::Local && served.counters.is_none() {
+            if served.design == ServeDesign::Local && served.counters.is_none() {
                 // The local answer's StatSN is fixed now, and it queues in that order.
                 served.counters = Some(counters.allocate_local_status());
                 self.queue.push_back(Slot::Answer(itt));
@@ -903,19 +897,17 @@ impl Session {
             lun: task.lun,
             edtl: served.edtl,
         };
-        Some(match served.data.as_ref()? {
-            Ok(data) => {
-                let limits = self.params.as_ref()?.data_in_limits();
-                datain::read_answer(&read_task, data, limits, counters)
-            }
-            Err(()) => {
-                let aborted = Sense {
-                    key: scsi::sense_key::ABORTED_COMMAND,
-                    asc: 0,
-                    ascq: 0,
-                };
-                vec![datain::check_condition(&read_task, &aborted, counters)]
-            }
+        Some(if let Ok(data) = served.data.as_ref()? {
+            let limits = self.params.as_ref()?.data_in_limits();
+            datain::read_answer(&read_task, data, limits, counters)
+        } else {
+            // The fetch failed.
+            let aborted = Sense {
+                key: scsi::sense_key::ABORTED_COMMAND,
+                asc: 0,
+                ascq: 0,
+            };
+            vec![datain::check_condition(&read_task, &aborted, counters)]
         })
     }
 }
@@ -1074,7 +1066,7 @@ mod tests {
         assert_eq!(scsi::parse_read(shadow.cdb()).unwrap().blocks, 0);
         assert_eq!(out.fetch.len(), 1);
         assert_eq!((out.fetch[0].read.lba, out.fetch[0].read.blocks), (100, 8));
-        assert_eq!(out.fetch[0].design, Design::Shadow);
+        assert_eq!(out.fetch[0].design, ServeDesign::Shadow);
 
         // Data first, then the target's verdict.
         let out = session.data_ready(0x10, blocks(8));
@@ -1157,7 +1149,7 @@ mod tests {
             received(read10(0x10, 1, 0, 8, 4096), b""),
             Disposition::Local,
         );
-        assert_eq!(out.fetch[0].design, Design::Shadow);
+        assert_eq!(out.fetch[0].design, ServeDesign::Shadow);
         assert_eq!(out.to_target.len(), 1);
         assert!(!session.split());
     }
@@ -1171,7 +1163,7 @@ mod tests {
             Disposition::Local,
         );
         assert!(out.to_target.is_empty(), "the target never sees it");
-        assert_eq!(out.fetch[0].design, Design::Local);
+        assert_eq!(out.fetch[0].design, ServeDesign::Local);
         assert!(session.split());
         let out = session.data_ready(0x20, blocks(20));
         let pdus = bhs_of(&out.to_initiator);
@@ -1524,7 +1516,7 @@ mod tests {
     fn wire_items_frame_unchanged() {
         let rx = received(command(0x00, 1, 1), b"");
         let frame = Outgoing::Wire(rx.wire.clone())
-            .into_frame(Digests::NONE)
+            .into_wire_chain(Digests::NONE)
             .unwrap();
         assert_eq!(frame.to_bytes(), rx.wire);
     }

@@ -103,7 +103,7 @@ pub struct SplicerSnapshot {
     pub verify_failures: u64,
     #[serde(default)]
     pub cache: Option<crate::fetch::CacheSnapshot>,
-    /// Served blocks by source: zero, cache, rack, other_rack, library.
+    /// Served blocks by source: zero, cache, rack, `other_rack`, library.
     #[serde(default)]
     pub served: std::collections::BTreeMap<crate::fetch::SourceClass, ServedFromSource>,
     /// Bytes served from fetched blocks by the hop distance of their source.
