@@ -8,7 +8,6 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     os::fd::{AsFd, AsRawFd},
-    sync::Mutex,
 };
 
 use aya::{
@@ -21,6 +20,7 @@ use nearblock_common::{
     verdict::{VERDICT_COUNT, VERDICT_NAMES},
     FlowCounters, FlowKey, FlowSeq, Heartbeat, IfCounters, SourceKey,
 };
+use parking_lot::Mutex;
 
 use crate::config::XdpMode;
 
@@ -410,7 +410,6 @@ impl FailOpenMaps {
         };
         self.heartbeats
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .set(slot, hb, 0)
             .map_err(map_err(names::HEARTBEATS))
     }
@@ -420,19 +419,13 @@ impl FailOpenMaps {
     pub fn mark_over_cap(&self, source: IpAddr, until_ns: u64) -> Result<(), DatapathError> {
         self.over_cap
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .insert(SourceKey::from(source), until_ns, 0)
             .map_err(map_err(names::OVERCAP_SOURCES))
     }
 
     /// Steer `source`'s new connections again.
     pub fn unmark_over_cap(&self, source: IpAddr) -> Result<(), DatapathError> {
-        match self
-            .over_cap
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&SourceKey::from(source))
-        {
+        match self.over_cap.lock().remove(&SourceKey::from(source)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::OVERCAP_SOURCES)(e)),
         }
@@ -466,6 +459,23 @@ fn sum_flow<'a>(per_cpu: impl Iterator<Item = &'a FlowCounters>) -> FlowCounters
         s.last_seen_ns = s.last_seen_ns.max(c.last_seen_ns);
     }
     s
+}
+
+/// Forward the kernel programs' aya-log lines (rare events) to `log`/tracing,
+/// until the logger's fd cannot be polled any more (the programs were unloaded).
+pub async fn kernel_log_loop(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its fd and is moved into the AsyncFd, so the fd stays
+    // open for as long as it is registered.
+    let Ok(mut fd) = (unsafe { tokio::io::unix::AsyncFd::register(logger) }) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 /// ifindex of `iface` in the current network namespace.

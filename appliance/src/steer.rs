@@ -27,10 +27,11 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     process::Command,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use parking_lot::{Mutex, MutexGuard};
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
 use tracing::{info, warn};
 
@@ -522,8 +523,8 @@ impl FailOpen {
         })
     }
 
-    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
-        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    fn admission(&self) -> MutexGuard<'_, Admission> {
+        self.admission.lock()
     }
 
     /// Write listener `slot`'s heartbeat (called by its accept loop every
@@ -573,15 +574,12 @@ impl FailOpen {
 
     /// Give up the spare descriptor (to accept one connection and reset it).
     pub fn take_spare(&self) -> Option<std::fs::File> {
-        self.spare_fd
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        self.spare_fd.lock().take()
     }
 
     /// Take a spare descriptor again, if there is none and one can be had.
     pub fn restore_spare(&self) {
-        let mut spare = self.spare_fd.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spare = self.spare_fd.lock();
         if spare.is_none() {
             *spare = std::fs::File::open("/dev/null").ok();
         }
@@ -613,7 +611,7 @@ impl FailOpen {
     /// Re-write the marks of sources still at their cap before they expire.
     fn refresh_marks(&self) {
         {
-            let mut written = self.marks_written.lock().unwrap_or_else(|p| p.into_inner());
+            let mut written = self.marks_written.lock();
             if written.elapsed() < OVER_CAP_HOLD / 3 {
                 return;
             }

@@ -141,7 +141,7 @@ async fn costs(
         let Some(live) = &app.live_costs else {
             return Err((StatusCode::NOT_FOUND, "no [cost] section configured".into()));
         };
-        let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut live = live.lock();
         crate::cost::feed::costs_to(&mut live, &q.target).ok_or((
             StatusCode::NOT_FOUND,
             format!("`{}` is not a node of the topology", q.target),

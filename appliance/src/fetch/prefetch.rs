@@ -80,7 +80,9 @@ pub async fn run(
     let start = Instant::now();
     let base = sourcing.fetched_by_host();
     let update = |f: &dyn Fn(&mut PrefetchStatus)| {
-        let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut s);
         s.elapsed_ms = start.elapsed().as_millis() as u64;
     };
