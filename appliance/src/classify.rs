@@ -343,6 +343,10 @@ mod tests {
         assert_eq!(parse_login(&key(), &p).unwrap().initiator_iqn, "iqn.y");
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "exact values: the expected figures are exactly representable"
+    )]
     #[test]
     fn link_rate_from_samples() {
         let r = link_rate((0, 1000), (125_000_000, 1000), 1.0, Some(10_000.0));
@@ -381,7 +385,7 @@ mod tests {
         // SAFETY: LoginEvent is plain old data.
         let bytes = unsafe {
             std::slice::from_raw_parts(
-                (&ev as *const LoginEvent).cast::<u8>(),
+                (&raw const ev).cast::<u8>(),
                 std::mem::size_of::<LoginEvent>(),
             )
         };

@@ -578,8 +578,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .zip(splicing.as_ref())
         .and_then(|(ix, s)| start_sourcing(&app, &index, ix, &s.catalog));
     // The planner reads the agents' host metrics from the embedded indexer.
-    if let (Some(p), Some(ix)) = (&app.planner, &indexer) {
-        let _ = p.reported.set(ix.service.hosts.clone());
+    if let Some(planner) = &app.planner {
+        if let Some(ix) = &indexer {
+            let _ = planner.reported.set(ix.service.hosts.clone());
+        }
     }
 
     // Spawn the loops and the API.

@@ -157,7 +157,7 @@ impl PolicyRouting {
 }
 
 fn args(a: &[&str]) -> Vec<String> {
-    a.iter().map(|s| s.to_string()).collect()
+    a.iter().map(ToString::to_string).collect()
 }
 
 fn run_ip(args: &[String]) -> Result<(), SteerError> {
@@ -175,7 +175,7 @@ fn run_ip(args: &[String]) -> Result<(), SteerError> {
 }
 
 /// A listening socket that accepts connections assigned to it by `bpf_sk_assign`
-/// for any destination address (IP_TRANSPARENT; accepted sockets inherit it, so
+/// for any destination address (`IP_TRANSPARENT`; accepted sockets inherit it, so
 /// their replies may carry the original destination as source).
 pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, SteerError> {
     let err = |what: &str| {
@@ -199,7 +199,7 @@ pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, S
     Ok(sock.into())
 }
 
-/// Connect to `dst` from the initiator's own address `src` (IP_TRANSPARENT), with
+/// Connect to `dst` from the initiator's own address `src` (`IP_TRANSPARENT`), with
 /// the DSCP mark, so the library sees the real initiator and no appliance on the
 /// way steers this connection again. Tries the initiator's own port first (the
 /// library then sees the exact tuple), else an ephemeral one.
@@ -275,14 +275,15 @@ fn upstream_socket(src: SocketAddr, dscp: u8) -> Result<Socket, SteerError> {
 }
 
 fn set_tclass_v6(sock: &Socket, tclass: u32) -> io::Result<()> {
-    let v = tclass as libc::c_int;
+    // A traffic class is one byte: the conversion is exact.
+    let v = tclass.cast_signed();
     // SAFETY: valid fd, option value pointer and length for IPV6_TCLASS.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::IPPROTO_IPV6,
             libc::IPV6_TCLASS,
-            (&v as *const libc::c_int).cast(),
+            (&raw const v).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -305,7 +306,7 @@ const FD_HEADROOM_PROBE: usize = 8;
 /// every third of it while the source stays at its cap.
 pub const OVER_CAP_HOLD: Duration = Duration::from_secs(30);
 
-/// Raise RLIMIT_NOFILE's soft limit to its hard limit; returns the soft limit in
+/// Raise `RLIMIT_NOFILE`'s soft limit to its hard limit; returns the soft limit in
 /// force afterwards (unchanged if raising failed).
 pub fn raise_fd_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {
@@ -313,7 +314,7 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         rlim_max: 0,
     };
     // SAFETY: valid out-pointer for getrlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
     if lim.rlim_cur < lim.rlim_max {
@@ -322,7 +323,7 @@ pub fn raise_fd_limit() -> io::Result<u64> {
             rlim_max: lim.rlim_max,
         };
         // SAFETY: valid pointer to an rlimit for setrlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } != 0 {
             return Err(io::Error::last_os_error());
         }
         lim = raised;
@@ -450,7 +451,7 @@ impl Admission {
 
 /// Keepalive and user timeout of the splicer's sockets: a dead peer (host gone,
 /// link cut) is found; a live idle one answers the probes and is never cut
-/// (TCP_USER_TIMEOUT only counts while sent data goes unacknowledged or the
+/// (`TCP_USER_TIMEOUT` only counts while sent data goes unacknowledged or the
 /// peer's receive window stays shut, never on an idle connection).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Keepalive {

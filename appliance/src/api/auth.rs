@@ -636,21 +636,18 @@ mod tests {
                 .build()
                 .into();
             let auth = token.map(|t| format!("Bearer {t}"));
-            let resp = match method.as_str() {
-                "GET" => {
-                    let mut r = agent.get(&url);
-                    if let Some(a) = &auth {
-                        r = r.header("Authorization", a);
-                    }
-                    r.call()
+            let resp = if method == "GET" {
+                let mut r = agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
                 }
-                _ => {
-                    let mut r = agent.post(&url);
-                    if let Some(a) = &auth {
-                        r = r.header("Authorization", a);
-                    }
-                    r.send_empty()
+                r.call()
+            } else {
+                let mut r = agent.post(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
                 }
+                r.send_empty()
             }
             .unwrap();
             let challenge = resp

@@ -196,7 +196,7 @@ pub struct SourcingOptions {
 impl Default for SourcingOptions {
     fn default() -> Self {
         SourcingOptions {
-            deadline: Duration::from_millis(1000),
+            deadline: Duration::from_secs(1),
             batch: 1024,
         }
     }
@@ -380,9 +380,8 @@ impl Sourcing {
             }
             match inflight.get(h) {
                 Some(r) if !waits.iter().any(|w| w.same_channel(r)) => waits.push(r.clone()),
-                Some(_) => {}
                 None if seen.insert(*h) => new.push(*h),
-                None => {}
+                Some(_) | None => {}
             }
         }
         if !lookups_allowed {
@@ -444,21 +443,20 @@ impl Sourcing {
         .await;
         let holders = match lookup {
             Ok(Ok(h)) if h.len() == hashes.len() => h,
-            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+            Ok(Ok(_) | Err(_)) | Err(_) => {
                 let mut backoff = self.backoff.lock();
                 backoff.failed(Instant::now());
                 let pause = backoff
                     .until
                     .map(|t| t.saturating_duration_since(Instant::now()));
                 drop(backoff);
-                match &lookup {
-                    Ok(Err(e)) => {
-                        tracing::warn!(cause = %e, ?pause, "holder lookup failed; fetching backs off")
-                    }
-                    _ => tracing::warn!(
+                if let Ok(Err(e)) = &lookup {
+                    tracing::warn!(cause = %e, ?pause, "holder lookup failed; fetching backs off");
+                } else {
+                    tracing::warn!(
                         ?pause,
                         "holder lookup failed or timed out; fetching backs off"
-                    ),
+                    );
                 }
                 c.lookup_failures.fetch_add(1, Ordering::Relaxed);
                 c.failed.fetch_add(hashes.len() as u64, Ordering::Relaxed);
