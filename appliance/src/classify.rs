@@ -6,12 +6,18 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
+use aya::maps::{MapData, RingBuf};
 use nearblock_common::{flow::FAMILY_IPV4, FlowKey, LoginEvent};
+use parking_lot::Mutex;
 use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
 
-use crate::splice::text;
+use crate::{datapath::DatapathError, splice::text};
 
 /// The address pair and ports of a flow key, for display.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -81,6 +87,62 @@ pub fn link_rate(
         rx_bps,
         tx_bps,
         utilization,
+    }
+}
+
+/// `(rx_bytes, tx_bytes)` per ifindex at one instant.
+pub type ByteSample = BTreeMap<u32, (u64, u64)>;
+
+/// Every interface's rate between two samples `dt_secs` apart (pure). An
+/// interface new since `before` counts from zero.
+pub fn link_rates(
+    before: &ByteSample,
+    now: &ByteSample,
+    dt_secs: f64,
+    capacity_mbps: &BTreeMap<u32, f64>,
+) -> BTreeMap<u32, LinkRate> {
+    now.iter()
+        .map(|(ifindex, cur)| {
+            let prev = before.get(ifindex).copied().unwrap_or((0, 0));
+            let capacity = capacity_mbps.get(ifindex).copied();
+            (*ifindex, link_rate(prev, *cur, dt_secs, capacity))
+        })
+        .collect()
+}
+
+/// What the link sampler reads its counters from and hands its rates to (the
+/// running appliance: the datapath's counters in, status and live costs out).
+pub trait LinkCounters: Send + Sync {
+    /// Each interface's byte counters now.
+    fn byte_counters(&self) -> Result<ByteSample, DatapathError>;
+    /// The rates over the last interval, every interface at once.
+    fn publish_rates(&self, rates: BTreeMap<u32, LinkRate>);
+}
+
+/// Turn the kernel's per-interface byte counters into live rates (and, through
+/// `counters`, utilisation), every `interval`. `capacity_mbps`: per ifindex.
+pub async fn sample_links_loop<C: LinkCounters + ?Sized>(
+    counters: Arc<C>,
+    capacity_mbps: BTreeMap<u32, f64>,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    let mut prev: Option<(Instant, ByteSample)> = None;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let cur = match counters.byte_counters() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(cause = %e, "sampling interface counters");
+                continue;
+            }
+        };
+        if let Some((t0, before)) = &prev {
+            let dt = now.duration_since(*t0).as_secs_f64();
+            counters.publish_rates(link_rates(before, &cur, dt, &capacity_mbps));
+        }
+        prev = Some((now, cur));
     }
 }
 
@@ -177,6 +239,42 @@ pub fn decode_event(bytes: &[u8]) -> Option<(FlowKey, Vec<u8>)> {
     Some((ev.key, ev.data[..len].to_vec()))
 }
 
+/// Passive discovery: read the Login Request segments the XDP program copies to
+/// the ring buffer and record who logged in to what in `table`, until the ring
+/// cannot be polled any more (the programs were unloaded).
+pub async fn discovery_loop(table: Arc<Mutex<DiscoveryTable>>, ring: RingBuf<MapData>) {
+    // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, so the fd
+    // stays open for as long as it is registered.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(cause = %e, "discovery disabled: cannot poll the ring buffer");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            let Some((key, payload)) = decode_event(&item) else {
+                continue;
+            };
+            if let Some(seen) = parse_login(&key, &payload) {
+                info!(
+                    initiator = %seen.initiator_addr,
+                    iqn = %seen.initiator_iqn,
+                    target = ?seen.target_iqn,
+                    "login seen"
+                );
+                table.lock().record(seen);
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +343,10 @@ mod tests {
         assert_eq!(parse_login(&key(), &p).unwrap().initiator_iqn, "iqn.y");
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "exact values: the expected figures are exactly representable"
+    )]
     #[test]
     fn link_rate_from_samples() {
         let r = link_rate((0, 1000), (125_000_000, 1000), 1.0, Some(10_000.0));
@@ -260,6 +362,19 @@ mod tests {
     }
 
     #[test]
+    fn link_rates_cover_every_interface_sampled_now() {
+        let before = ByteSample::from([(1, (0, 0)), (9, (100, 100))]);
+        let now = ByteSample::from([(1, (1_000, 250)), (2, (500, 0))]);
+        let rates = link_rates(&before, &now, 2.0, &BTreeMap::from([(1, 0.01)]));
+        // Interface 9 is gone (not reported); interface 2 is new (counts from 0).
+        assert_eq!(rates.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        assert_eq!((rates[&1].rx_bps, rates[&1].tx_bps), (4_000.0, 1_000.0));
+        // 4 kb/s on a 10 kb/s link.
+        assert_eq!(rates[&1].utilization, Some(0.4));
+        assert_eq!((rates[&2].rx_bps, rates[&2].utilization), (2_000.0, None));
+    }
+
+    #[test]
     fn decodes_ring_record() {
         let mut ev = LoginEvent {
             key: key(),
@@ -270,7 +385,7 @@ mod tests {
         // SAFETY: LoginEvent is plain old data.
         let bytes = unsafe {
             std::slice::from_raw_parts(
-                (&ev as *const LoginEvent).cast::<u8>(),
+                (&raw const ev).cast::<u8>(),
                 std::mem::size_of::<LoginEvent>(),
             )
         };

@@ -8,7 +8,6 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     os::fd::{AsFd, AsRawFd},
-    sync::Mutex,
 };
 
 use aya::{
@@ -21,6 +20,7 @@ use nearblock_common::{
     verdict::{VERDICT_COUNT, VERDICT_NAMES},
     FlowCounters, FlowKey, FlowSeq, Heartbeat, IfCounters, SourceKey,
 };
+use parking_lot::Mutex;
 
 use crate::config::XdpMode;
 
@@ -273,8 +273,7 @@ impl Datapath {
         )
         .map_err(map_err(names::LISTENERS))?;
         match map.clear_index(&slot) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::LISTENERS)(e)),
         }
     }
@@ -294,13 +293,12 @@ impl Datapath {
         )
         .map_err(map_err(names::FLOW_SEQ))?;
         let mut out = Vec::new();
-        for item in map.iter() {
+        for item in &map {
             let (key, per_cpu) = item.map_err(map_err(names::FLOWS))?;
             let counters = sum_flow(per_cpu.iter());
             let new_bytes = seq
                 .get(&key, 0)
-                .map(|s| s.new_bytes)
-                .unwrap_or(counters.payload_bytes);
+                .map_or(counters.payload_bytes, |s| s.new_bytes);
             out.push(FlowRecord {
                 key,
                 counters,
@@ -319,7 +317,7 @@ impl Datapath {
         )
         .map_err(map_err(names::IF_COUNTERS))?;
         let mut out = BTreeMap::new();
-        for item in map.iter() {
+        for item in &map {
             let (ifindex, per_cpu) = item.map_err(map_err(names::IF_COUNTERS))?;
             let mut sum = IfCounters::default();
             for c in per_cpu.iter() {
@@ -363,7 +361,7 @@ impl Datapath {
         RingBuf::try_from(map).map_err(map_err(names::LOGIN_EVENTS))
     }
 
-    /// Run the XDP classifier once on `frame` with BPF_PROG_TEST_RUN (packet
+    /// Run the XDP classifier once on `frame` with `BPF_PROG_TEST_RUN` (packet
     /// fixtures); returns the XDP action. Counters are updated as for a real packet
     /// (ingress ifindex 1, loopback, unless the kernel reports otherwise).
     pub fn test_run_classifier(&self, frame: &[u8]) -> Result<u32, DatapathError> {
@@ -377,7 +375,7 @@ impl Datapath {
         prog_test_run(fd.as_fd().as_raw_fd(), frame).map_err(DatapathError::TestRun)
     }
 
-    /// Run the TC steering program once on `frame` (BPF_PROG_TEST_RUN; the skb
+    /// Run the TC steering program once on `frame` (`BPF_PROG_TEST_RUN`; the skb
     /// enters on the loopback device, ifindex 1); returns the TC action.
     pub fn test_run_steer(&self, frame: &[u8]) -> Result<u32, DatapathError> {
         let prog: &SchedClassifier = self
@@ -410,44 +408,38 @@ impl FailOpenMaps {
         };
         self.heartbeats
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .set(slot, hb, 0)
             .map_err(map_err(names::HEARTBEATS))
     }
 
     /// Forward `source`'s new connections untouched until `until_ns`
-    /// (CLOCK_MONOTONIC).
+    /// (`CLOCK_MONOTONIC`).
     pub fn mark_over_cap(&self, source: IpAddr, until_ns: u64) -> Result<(), DatapathError> {
         self.over_cap
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .insert(SourceKey::from(source), until_ns, 0)
             .map_err(map_err(names::OVERCAP_SOURCES))
     }
 
     /// Steer `source`'s new connections again.
     pub fn unmark_over_cap(&self, source: IpAddr) -> Result<(), DatapathError> {
-        match self
-            .over_cap
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&SourceKey::from(source))
-        {
+        match self.over_cap.lock().remove(&SourceKey::from(source)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::OVERCAP_SOURCES)(e)),
         }
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    // The monotonic clock is never negative.
+    ts.tv_sec.cast_unsigned() * 1_000_000_000 + ts.tv_nsec.cast_unsigned()
 }
 
 fn sum_flow<'a>(per_cpu: impl Iterator<Item = &'a FlowCounters>) -> FlowCounters {
@@ -466,6 +458,23 @@ fn sum_flow<'a>(per_cpu: impl Iterator<Item = &'a FlowCounters>) -> FlowCounters
         s.last_seen_ns = s.last_seen_ns.max(c.last_seen_ns);
     }
     s
+}
+
+/// Forward the kernel programs' aya-log lines (rare events) to `log`/tracing,
+/// until the logger's fd cannot be polled any more (the programs were unloaded).
+pub async fn kernel_log_loop(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its fd and is moved into the AsyncFd, so the fd stays
+    // open for as long as it is registered.
+    let Ok(mut fd) = (unsafe { tokio::io::unix::AsyncFd::register(logger) }) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 /// ifindex of `iface` in the current network namespace.
@@ -519,7 +528,8 @@ fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<u32> {
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     let mut out = vec![0u8; frame.len() + 256];
     let mut attr = TestAttr {
-        prog_fd: prog_fd as u32,
+        // A valid descriptor is non-negative.
+        prog_fd: prog_fd.cast_unsigned(),
         data_size_in: frame.len() as u32,
         data_size_out: out.len() as u32,
         data_in: frame.as_ptr() as u64,
@@ -533,7 +543,7 @@ fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<u32> {
         libc::syscall(
             libc::SYS_bpf,
             BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestAttr,
+            &raw mut attr,
             std::mem::size_of::<TestAttr>() as u32,
         )
     };

@@ -3,21 +3,24 @@
 //! neither depends on the other.
 
 use std::{
-    sync::{Arc, Mutex},
+    collections::BTreeMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::{
-    classify::{self, Discovery, DiscoveryTable, FlowView, LinkRate},
+    classify::{self, ByteSample, Discovery, DiscoveryTable, FlowView, LinkCounters, LinkRate},
     config::Config,
     cost::{
         feed::{self, LinkUtilization},
         Graph, LiveCosts, Topology,
     },
-    datapath::{self, Datapath},
+    datapath::{self, Datapath, DatapathError},
+    fetch::{RankFeed, SourceRanks},
     splice::stats::{SplicerSnapshot, SplicerStats},
 };
 
@@ -25,9 +28,10 @@ use crate::{
 pub struct Appliance {
     pub config: Config,
     pub datapath: Mutex<Datapath>,
-    pub discovery: Mutex<DiscoveryTable>,
-    /// Latest live rate per ifindex (from the sampler).
-    pub rates: Mutex<std::collections::BTreeMap<u32, LinkRate>>,
+    /// Who logged in to what (filled by [`classify::discovery_loop`]).
+    pub discovery: Arc<Mutex<DiscoveryTable>>,
+    /// Latest live rate per ifindex (from [`classify::sample_links_loop`]).
+    pub rates: Mutex<BTreeMap<u32, LinkRate>>,
     /// Live network cost, when `[cost]` is configured.
     pub live_costs: Option<Mutex<LiveCosts>>,
     /// The planner behind `/plan/*`, when `[planner]` is configured.
@@ -70,7 +74,7 @@ impl Appliance {
         let mut topo = planner.topology.clone();
         if live {
             if let Some(lc) = &self.live_costs {
-                let lc = lc.lock().unwrap_or_else(|p| p.into_inner());
+                let lc = lc.lock();
                 // Graph links are the topology's links, in order.
                 for (l, g) in topo.links.iter_mut().zip(lc.graph().links()) {
                     l.weight = g.weight;
@@ -84,18 +88,42 @@ impl Appliance {
 impl Appliance {
     /// How block holders rank from this appliance: path costs over the live link
     /// weights (static when live costs are off); `None` without a topology.
-    pub fn source_ranks(&self) -> Option<crate::fetch::SourceRanks> {
+    pub fn source_ranks(&self) -> Option<SourceRanks> {
         let name = &self.config.appliance.name;
-        match &self.live_costs {
-            Some(lc) => {
-                let lc = lc.lock().unwrap_or_else(|p| p.into_inner());
-                crate::fetch::SourceRanks::from_graph(lc.graph(), name)
-            }
-            None => {
-                let topo = &self.planner.as_ref()?.topology;
-                crate::fetch::SourceRanks::from_graph(&Graph::from_topology(topo), name)
-            }
+        if let Some(lc) = &self.live_costs {
+            SourceRanks::from_graph(lc.lock().graph(), name)
+        } else {
+            let topo = &self.planner.as_ref()?.topology;
+            SourceRanks::from_graph(&Graph::from_topology(topo), name)
         }
+    }
+}
+
+/// The fetcher's holder ranks follow the live link costs.
+impl RankFeed for Appliance {
+    fn version(&self) -> Option<u64> {
+        self.live_costs.as_ref().map(|lc| lc.lock().recomputes())
+    }
+
+    fn current(&self) -> Option<SourceRanks> {
+        self.source_ranks()
+    }
+}
+
+/// The link sampler reads the datapath's interface counters; its rates feed
+/// status and, as this appliance's own links, the live costs.
+impl LinkCounters for Appliance {
+    fn byte_counters(&self) -> Result<ByteSample, DatapathError> {
+        let counters = self.datapath.lock().interfaces()?;
+        Ok(counters
+            .iter()
+            .map(|(i, c)| (*i, (c.rx_bytes, c.tx_bytes)))
+            .collect())
+    }
+
+    fn publish_rates(&self, rates: BTreeMap<u32, LinkRate>) {
+        *self.rates.lock() = rates;
+        self.apply_link_reports(&self.own_links());
     }
 }
 
@@ -133,7 +161,7 @@ impl Appliance {
         let Some(cost) = &self.config.cost else {
             return Vec::new();
         };
-        let rates = self.rates.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let rates = self.rates.lock().clone();
         let mut out = Vec::new();
         for iface in &self.config.datapath.interfaces {
             let Ok(ifindex) = datapath::if_index(iface) else {
@@ -161,7 +189,7 @@ impl Appliance {
         let Some(live) = &self.live_costs else {
             return;
         };
-        let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut live = live.lock();
         match feed::apply(&mut live, reports) {
             Ok((changed, unknown)) => {
                 if !changed.is_empty() {
@@ -176,7 +204,7 @@ impl Appliance {
     }
 
     pub fn status(&self) -> Result<StatusReport, datapath::DatapathError> {
-        let dp = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let dp = self.datapath.lock();
         let mut flows: Vec<FlowView> = dp
             .flows()?
             .into_iter()
@@ -196,7 +224,7 @@ impl Appliance {
             })
             .collect();
         flows.sort();
-        let rates = self.rates.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let rates = self.rates.lock().clone();
         let interfaces = dp
             .interfaces()?
             .into_iter()
@@ -224,11 +252,7 @@ impl Appliance {
             verdicts,
             interfaces,
             flows,
-            discovery: self
-                .discovery
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entries(),
+            discovery: self.discovery.lock().entries(),
         })
     }
 }

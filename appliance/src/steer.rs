@@ -27,10 +27,11 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     process::Command,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use parking_lot::{Mutex, MutexGuard};
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
 use tracing::{info, warn};
 
@@ -156,7 +157,7 @@ impl PolicyRouting {
 }
 
 fn args(a: &[&str]) -> Vec<String> {
-    a.iter().map(|s| s.to_string()).collect()
+    a.iter().map(ToString::to_string).collect()
 }
 
 fn run_ip(args: &[String]) -> Result<(), SteerError> {
@@ -174,7 +175,7 @@ fn run_ip(args: &[String]) -> Result<(), SteerError> {
 }
 
 /// A listening socket that accepts connections assigned to it by `bpf_sk_assign`
-/// for any destination address (IP_TRANSPARENT; accepted sockets inherit it, so
+/// for any destination address (`IP_TRANSPARENT`; accepted sockets inherit it, so
 /// their replies may carry the original destination as source).
 pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, SteerError> {
     let err = |what: &str| {
@@ -198,7 +199,7 @@ pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, S
     Ok(sock.into())
 }
 
-/// Connect to `dst` from the initiator's own address `src` (IP_TRANSPARENT), with
+/// Connect to `dst` from the initiator's own address `src` (`IP_TRANSPARENT`), with
 /// the DSCP mark, so the library sees the real initiator and no appliance on the
 /// way steers this connection again. Tries the initiator's own port first (the
 /// library then sees the exact tuple), else an ephemeral one.
@@ -274,14 +275,15 @@ fn upstream_socket(src: SocketAddr, dscp: u8) -> Result<Socket, SteerError> {
 }
 
 fn set_tclass_v6(sock: &Socket, tclass: u32) -> io::Result<()> {
-    let v = tclass as libc::c_int;
+    // A traffic class is one byte: the conversion is exact.
+    let v = tclass.cast_signed();
     // SAFETY: valid fd, option value pointer and length for IPV6_TCLASS.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::IPPROTO_IPV6,
             libc::IPV6_TCLASS,
-            (&v as *const libc::c_int).cast(),
+            (&raw const v).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -304,7 +306,7 @@ const FD_HEADROOM_PROBE: usize = 8;
 /// every third of it while the source stays at its cap.
 pub const OVER_CAP_HOLD: Duration = Duration::from_secs(30);
 
-/// Raise RLIMIT_NOFILE's soft limit to its hard limit; returns the soft limit in
+/// Raise `RLIMIT_NOFILE`'s soft limit to its hard limit; returns the soft limit in
 /// force afterwards (unchanged if raising failed).
 pub fn raise_fd_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {
@@ -312,7 +314,7 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         rlim_max: 0,
     };
     // SAFETY: valid out-pointer for getrlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
     if lim.rlim_cur < lim.rlim_max {
@@ -321,7 +323,7 @@ pub fn raise_fd_limit() -> io::Result<u64> {
             rlim_max: lim.rlim_max,
         };
         // SAFETY: valid pointer to an rlimit for setrlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } != 0 {
             return Err(io::Error::last_os_error());
         }
         lim = raised;
@@ -449,7 +451,7 @@ impl Admission {
 
 /// Keepalive and user timeout of the splicer's sockets: a dead peer (host gone,
 /// link cut) is found; a live idle one answers the probes and is never cut
-/// (TCP_USER_TIMEOUT only counts while sent data goes unacknowledged or the
+/// (`TCP_USER_TIMEOUT` only counts while sent data goes unacknowledged or the
 /// peer's receive window stays shut, never on an idle connection).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Keepalive {
@@ -522,8 +524,8 @@ impl FailOpen {
         })
     }
 
-    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
-        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    fn admission(&self) -> MutexGuard<'_, Admission> {
+        self.admission.lock()
     }
 
     /// Write listener `slot`'s heartbeat (called by its accept loop every
@@ -573,15 +575,12 @@ impl FailOpen {
 
     /// Give up the spare descriptor (to accept one connection and reset it).
     pub fn take_spare(&self) -> Option<std::fs::File> {
-        self.spare_fd
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        self.spare_fd.lock().take()
     }
 
     /// Take a spare descriptor again, if there is none and one can be had.
     pub fn restore_spare(&self) {
-        let mut spare = self.spare_fd.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spare = self.spare_fd.lock();
         if spare.is_none() {
             *spare = std::fs::File::open("/dev/null").ok();
         }
@@ -613,7 +612,7 @@ impl FailOpen {
     /// Re-write the marks of sources still at their cap before they expire.
     fn refresh_marks(&self) {
         {
-            let mut written = self.marks_written.lock().unwrap_or_else(|p| p.into_inner());
+            let mut written = self.marks_written.lock();
             if written.elapsed() < OVER_CAP_HOLD / 3 {
                 return;
             }

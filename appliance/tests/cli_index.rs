@@ -12,7 +12,7 @@ struct Cli {
 fn run_cli(argv: &[&str]) -> anyhow::Result<String> {
     let cli = Cli::try_parse_from(std::iter::once("index").chain(argv.iter().copied()))?;
     let mut out = Vec::new();
-    run(cli.args, &mut out)?;
+    run(&cli.args, &mut out)?;
     Ok(String::from_utf8(out)?)
 }
 

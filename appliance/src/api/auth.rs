@@ -26,7 +26,7 @@ use std::{
     fs::Metadata,
     os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
@@ -37,6 +37,7 @@ use axum::{
     response::{IntoResponse, Response},
     Router,
 };
+use parking_lot::RwLock;
 
 /// How often the token files are looked at for edits.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
@@ -290,18 +291,15 @@ impl ApiAuth {
 
     /// Whether any token could be accepted (else every protected route is 401).
     pub fn has_tokens(&self) -> bool {
-        [&self.read, &self.admin].iter().any(|s| {
-            !s.read()
-                .unwrap_or_else(|p| p.into_inner())
-                .hashes
-                .is_empty()
-        })
+        [&self.read, &self.admin]
+            .iter()
+            .any(|s| !s.read().hashes.is_empty())
     }
 
     /// The scope `token` grants, if any.
     pub fn scope_of(&self, token: &str) -> Option<Scope> {
         let h = blake3::hash(token.as_bytes());
-        let holds = |s: &RwLock<ScopeTokens>| s.read().unwrap_or_else(|p| p.into_inner()).holds(&h);
+        let holds = |s: &RwLock<ScopeTokens>| s.read().holds(&h);
         if holds(&self.admin) {
             Some(Scope::Admin)
         } else if holds(&self.read) {
@@ -314,7 +312,7 @@ impl ApiAuth {
     /// Re-read the token files that changed; logs what happened.
     pub fn refresh(&self) {
         for (scope, s) in [(Scope::Read, &self.read), (Scope::Admin, &self.admin)] {
-            let mut s = s.write().unwrap_or_else(|p| p.into_inner());
+            let mut s = s.write();
             match s.refresh() {
                 Ok(true) => tracing::info!(
                     scope = scope.name(),
@@ -638,21 +636,18 @@ mod tests {
                 .build()
                 .into();
             let auth = token.map(|t| format!("Bearer {t}"));
-            let resp = match method.as_str() {
-                "GET" => {
-                    let mut r = agent.get(&url);
-                    if let Some(a) = &auth {
-                        r = r.header("Authorization", a);
-                    }
-                    r.call()
+            let resp = if method == "GET" {
+                let mut r = agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
                 }
-                _ => {
-                    let mut r = agent.post(&url);
-                    if let Some(a) = &auth {
-                        r = r.header("Authorization", a);
-                    }
-                    r.send_empty()
+                r.call()
+            } else {
+                let mut r = agent.post(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
                 }
+                r.send_empty()
             }
             .unwrap();
             let challenge = resp

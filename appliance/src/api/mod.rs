@@ -84,7 +84,7 @@ pub async fn serve(
 /// Heavy requests run at most this many at a time (one per core): more would
 /// only queue on the cores and the datapath lock.
 fn heavy_concurrency() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
+    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
 }
 
 /// Run `work` on the blocking pool once a heavy-work permit is free.
@@ -141,7 +141,7 @@ async fn costs(
         let Some(live) = &app.live_costs else {
             return Err((StatusCode::NOT_FOUND, "no [cost] section configured".into()));
         };
-        let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut live = live.lock();
         crate::cost::feed::costs_to(&mut live, &q.target).ok_or((
             StatusCode::NOT_FOUND,
             format!("`{}` is not a node of the topology", q.target),
@@ -263,7 +263,7 @@ fn place(app: &Appliance, q: PlaceQuery) -> Result<serde_json::Value, ApiError> 
     let metrics = app
         .planner
         .as_ref()
-        .map(|p| p.metrics_now())
+        .map(crate::state::Planner::metrics_now)
         .unwrap_or_default();
     let req = crate::plan::offline::PlaceRequest {
         image: q.image,
@@ -400,6 +400,10 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
 
 /// Prometheus text for a status report. The counters live in kernel maps, so a
 /// fresh registry is filled at every scrape with the current totals.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one registration per metric family, in the order operations.md lists them"
+)]
 pub fn render_metrics(r: &StatusReport) -> String {
     let mut reg = Registry::with_prefix("nearblock");
     let verdicts = Family::<VerdictLabel, Counter>::default();
@@ -568,7 +572,7 @@ pub fn render_metrics(r: &StatusReport) -> String {
         }
     }
     let active = Gauge::<i64>::default();
-    active.set(s.active as i64);
+    active.set(i64::try_from(s.active).unwrap_or(i64::MAX));
     reg.register("splicer_active_flows", "Connections being spliced", active);
     let mut out = String::new();
     // Writing into a String cannot fail.
@@ -603,7 +607,7 @@ mod tests {
                 view("hv1", Some(0.9), Some(0.4), 1_000),
                 view("hv2", Some(0.2), None, 61_000),
             ],
-            Duration::from_secs(60),
+            Duration::from_mins(1),
         );
         assert_eq!(r.stale_after_secs, 60);
         let names: Vec<&str> = r.hosts.iter().map(|h| h.host.as_str()).collect();

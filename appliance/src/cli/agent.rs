@@ -21,7 +21,7 @@ pub struct AgentArgs {
     pub scan_once: bool,
 }
 
-pub fn run(args: AgentArgs, out: &mut dyn std::io::Write) -> Result<()> {
+pub fn run(args: &AgentArgs, out: &mut dyn std::io::Write) -> Result<()> {
     let cfg = AgentConfig::load(&args.config)?;
     if args.check {
         writeln!(

@@ -14,6 +14,10 @@ use crate::index::{
 use anyhow::{bail, Context, Result};
 
 #[derive(clap::Args, Debug, Clone)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each bool is an independent command-line flag"
+)]
 pub struct IndexArgs {
     /// Image files or block devices to index (none: only report, with --stats).
     pub files: Vec<PathBuf>,
@@ -55,13 +59,13 @@ fn default_host() -> String {
 }
 
 fn image_name(path: &std::path::Path) -> String {
-    path.file_stem()
-        .or_else(|| path.file_name())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
+    path.file_stem().or_else(|| path.file_name()).map_or_else(
+        || path.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
 }
 
-pub fn run(args: IndexArgs, out: &mut dyn std::io::Write) -> Result<()> {
+pub fn run(args: &IndexArgs, out: &mut dyn std::io::Write) -> Result<()> {
     if args.image.is_some() && args.files.len() != 1 {
         bail!("--image names one file; give exactly one FILE");
     }
@@ -97,7 +101,7 @@ pub fn run(args: IndexArgs, out: &mut dyn std::io::Write) -> Result<()> {
             indicatif::ProgressBar::hidden()
         };
         let reports = delta::index_file(&store, &host, &image, file, &sizes, &policy, &|n| {
-            bar.inc(n)
+            bar.inc(n);
         })
         .with_context(|| format!("index {}", file.display()))?;
         bar.finish_and_clear();
@@ -126,7 +130,7 @@ pub fn run(args: IndexArgs, out: &mut dyn std::io::Write) -> Result<()> {
         }
     }
     if args.stats {
-        report_stats(&store, &args, &sizes, out)?;
+        report_stats(&store, args, &sizes, out)?;
     }
     Ok(store.close()?)
 }

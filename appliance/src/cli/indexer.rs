@@ -18,7 +18,7 @@ pub struct IndexerArgs {
     pub check: bool,
 }
 
-pub fn run(args: IndexerArgs, out: &mut dyn std::io::Write) -> Result<()> {
+pub fn run(args: &IndexerArgs, out: &mut dyn std::io::Write) -> Result<()> {
     let cfg = IndexerConfig::load(&args.config)?;
     if args.check {
         writeln!(

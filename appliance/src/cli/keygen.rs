@@ -24,7 +24,7 @@ pub struct KeygenArgs {
     pub public: Option<PathBuf>,
 }
 
-pub fn run(args: KeygenArgs, out: &mut dyn std::io::Write) -> Result<()> {
+pub fn run(args: &KeygenArgs, out: &mut dyn std::io::Write) -> Result<()> {
     let key = match (&args.out, &args.public) {
         (Some(path), _) => {
             let key = NodeKey::generate().context("generating a key")?;
@@ -49,7 +49,7 @@ mod tests {
         let path = dir.path().join("k");
         let mut made = Vec::new();
         run(
-            KeygenArgs {
+            &KeygenArgs {
                 out: Some(path.clone()),
                 public: None,
             },
@@ -58,7 +58,7 @@ mod tests {
         .unwrap();
         let mut shown = Vec::new();
         run(
-            KeygenArgs {
+            &KeygenArgs {
                 out: None,
                 public: Some(path.clone()),
             },
@@ -71,7 +71,7 @@ mod tests {
             .starts_with("public_key = \""));
         // Never over an existing key.
         assert!(run(
-            KeygenArgs {
+            &KeygenArgs {
                 out: Some(path),
                 public: None
             },

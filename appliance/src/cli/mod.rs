@@ -49,14 +49,14 @@ pub enum Command {
 /// Run one parsed command, writing its output to `out`.
 pub fn dispatch(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(a) => run::run(a),
-        Command::Status(a) => status::run(a, out),
-        Command::Index(a) => index::run(a, out),
+        Command::Run(a) => run::run(&a),
+        Command::Status(a) => status::run(&a, out),
+        Command::Index(a) => index::run(&a, out),
         Command::Plan(a) => plan::run(a, out),
-        Command::Agent(a) => agent::run(a, out),
-        Command::Indexer(a) => indexer::run(a, out),
-        Command::Keygen(a) => keygen::run(a, out),
-        Command::Peer(a) => peer::run(a, out),
+        Command::Agent(a) => agent::run(&a, out),
+        Command::Indexer(a) => indexer::run(&a, out),
+        Command::Keygen(a) => keygen::run(&a, out),
+        Command::Peer(a) => peer::run(&a, out),
         Command::Api(a) => api::run(a, out),
     }
 }

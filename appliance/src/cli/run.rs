@@ -16,7 +16,7 @@ pub struct RunArgs {
     pub check: bool,
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
+pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     // Token files are checked before anything starts (and by --check).
     config.api.auth().context("[api]")?;

@@ -27,7 +27,7 @@ pub struct StatusArgs {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TokenArgs {
     /// A file holding an API token (a line of `[api] read_token_file`; mode
-    /// 0600) [default: $NEARBLOCK_API_TOKEN_FILE].
+    /// 0600) [default: `$NEARBLOCK_API_TOKEN_FILE`].
     #[arg(long)]
     pub token_file: Option<PathBuf>,
 }
@@ -41,7 +41,7 @@ impl TokenArgs {
     }
 }
 
-pub fn run(args: StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+pub fn run(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let body = api_get(args.api, "/status", args.token.path().as_deref())?;
     if args.json {
         writeln!(out, "{body}")?;

@@ -4,12 +4,13 @@
 //! other appliances' `/links` for the links it cannot see. Both kinds of sample go
 //! through [`LiveCosts::observe`], which applies its threshold.
 //!
-//! Pure mapping here, and [`LinksClient`] (one peer's `/links`, with this
-//! appliance's token); the polling loop is in the daemon.
+//! Pure mapping here, [`LinksClient`] (one peer's `/links`, with this
+//! appliance's token), and [`poll_peers_loop`], which polls every peer with it.
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
 
 use super::{
     live::{LiveCostError, LiveCosts},
@@ -130,6 +131,35 @@ impl LinksClient {
             .read_to_string()
             .map_err(|e| unavailable(e.to_string()))?;
         serde_json::from_str(&body).map_err(|e| unavailable(format!("reply: {e}")))
+    }
+}
+
+/// Learn the utilisation of links this appliance cannot see: every `interval`,
+/// fetch each of `peers`' `/links` and hand the reports to `apply` (the live
+/// costs). `client` is built once and kept (its agent reuses connections); its
+/// calls block, so each runs on the blocking pool, off the async workers.
+pub async fn poll_peers_loop<A>(
+    client: LinksClient,
+    peers: Vec<String>,
+    interval: Duration,
+    apply: A,
+) where
+    A: Fn(&[LinkUtilization]) + Send + Sync,
+{
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        for peer in &peers {
+            let (client, p) = (client.clone(), peer.clone());
+            match tokio::task::spawn_blocking(move || client.fetch(&p)).await {
+                Ok(Ok(reports)) => apply(&reports),
+                Ok(Err(e @ (FeedError::Refused { .. } | FeedError::Token(_)))) => {
+                    warn!(%peer, cause = %e, "peer /links not polled: token refused or unreadable");
+                }
+                Ok(Err(e)) => debug!(%peer, cause = %e, "peer /links unavailable"),
+                Err(e) => warn!(cause = %e, "peer poll task"),
+            }
+        }
     }
 }
 

@@ -154,6 +154,10 @@ impl LiveCosts {
 
     /// Feed utilisation samples `(link, utilisation 0..1)`. Returns the links whose
     /// weight changed (those that moved by at least the threshold).
+    #[expect(
+        clippy::float_cmp,
+        reason = "only a weight that did not change at all leaves the cached paths valid"
+    )]
     pub fn observe(&mut self, samples: &[(LinkId, f64)]) -> Result<Vec<LinkId>, LiveCostError> {
         let mut changed = Vec::new();
         for &(link, util) in samples {
@@ -207,6 +211,10 @@ mod tests {
     use crate::cost::paths::tests::topo;
     use proptest::prelude::*;
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "exact values: the expected figures are exactly representable"
+    )]
     #[test]
     fn formula_shape_and_clamp() {
         let c = LiveCostConfig::default();
@@ -223,6 +231,10 @@ mod tests {
         assert_eq!(off.effective_weight(3.0, 0.9), 3.0);
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "exact values: the expected figures are exactly representable"
+    )]
     #[test]
     fn counters_to_utilisation() {
         // 62.5 MB in 1 s on a 1000 Mb/s link: half used.
@@ -232,6 +244,10 @@ mod tests {
         assert_eq!(utilisation_from_counter(10, 1.0, 0.0), 0.0);
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "exact values: the expected figures are exactly representable"
+    )]
     #[test]
     fn config_is_validated() {
         let bad = LiveCostConfig {
@@ -313,7 +329,7 @@ mod tests {
             let links: Vec<_> = links
                 .into_iter()
                 .filter(|(a, b, _)| a != b)
-                .map(|(a, b, w)| (names[a as usize], names[b as usize], w as f64))
+                .map(|(a, b, w)| (names[a as usize], names[b as usize], f64::from(w)))
                 .collect();
             prop_assume!(!links.is_empty());
             let g = Graph::from_topology(&topo(&names, &links));

@@ -258,12 +258,13 @@ pub(crate) mod tests {
 
     /// A topology from `(a, b, weight)` triples; every node a hypervisor.
     pub(crate) fn topo(nodes: &[&str], links: &[(&str, &str, f64)]) -> Topology {
+        use std::fmt::Write as _;
         let mut text = String::new();
         for n in nodes {
-            text += &format!("[[node]]\nname = \"{n}\"\nrole = \"hypervisor\"\n");
+            let _ = write!(text, "[[node]]\nname = \"{n}\"\nrole = \"hypervisor\"\n");
         }
         for (a, b, w) in links {
-            text += &format!("[[link]]\na = \"{a}\"\nb = \"{b}\"\nweight = {w:?}\n");
+            let _ = write!(text, "[[link]]\na = \"{a}\"\nb = \"{b}\"\nweight = {w:?}\n");
         }
         Topology::parse(&text).unwrap()
     }
@@ -277,6 +278,10 @@ pub(crate) mod tests {
         assert_eq!(g.name(2), "b");
     }
 
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "variables named like the topology's nodes"
+    )]
     #[test]
     fn cheapest_path_not_fewest_hops() {
         // a - b costs 5 directly, 1 + 1 through c.
@@ -297,6 +302,14 @@ pub(crate) mod tests {
         assert_eq!(p.path_links(a).count(), 0);
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "exact values: the expected figures are exactly representable"
+    )]
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "variables named like the topology's nodes"
+    )]
     #[test]
     fn default_weight_counts_hops() {
         let t = Topology::parse(

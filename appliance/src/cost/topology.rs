@@ -192,6 +192,10 @@ b = "core"
 capacity_mbps = 1000
 "#;
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "exact values: the expected figures are exactly representable"
+    )]
     #[test]
     fn parses_defaults_and_lab_tables() {
         let t = Topology::parse(SMALL).unwrap();

@@ -97,6 +97,7 @@ mod tests {
 
     proptest! {
         /// The property placement relies on, checked against the full matrix.
+        #[expect(clippy::float_cmp, reason = "exact values: the expected figures are exactly representable")]
         #[test]
         fn twins_have_equal_costs(
             links in proptest::collection::vec((0u32..7, 0u32..7, 1u32..3), 1..14),
@@ -105,7 +106,7 @@ mod tests {
             let links: Vec<_> = links
                 .into_iter()
                 .filter(|(a, b, _)| a != b)
-                .map(|(a, b, w)| (names[a as usize], names[b as usize], w as f64))
+                .map(|(a, b, w)| (names[a as usize], names[b as usize], f64::from(w)))
                 .collect();
             let g = Graph::from_topology(&topo(&names, &links));
             let m = CostMatrix::compute(&g);

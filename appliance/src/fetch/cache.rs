@@ -1,9 +1,10 @@
 //! The memory tier: blocks by hash, least recently used evicted first, bounded by the
 //! sum of block lengths.
 
-use std::{collections::BTreeMap, sync::Mutex};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use super::Origin;
@@ -63,8 +64,8 @@ impl BlockCache {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     /// The block named `hash`, marking it recently used.
@@ -111,7 +112,7 @@ impl BlockCache {
     /// Insert a block the caller has verified to hash to `hash`. Blocks larger than
     /// the whole cache are not kept.
     pub fn insert(&self, hash: BlockHash, data: Bytes) {
-        self.insert_from(hash, data, None)
+        self.insert_from(hash, data, None);
     }
 
     /// [`Self::insert`], remembering where the block was fetched from until it is
@@ -235,6 +236,10 @@ mod tests {
         (BlockHash::of(&data), data)
     }
 
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "blocks a, b, c and their data da, db, dc, as the comments name them"
+    )]
     #[test]
     fn evicts_least_recently_used_within_the_byte_bound() {
         let cache = BlockCache::new(300);

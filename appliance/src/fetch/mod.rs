@@ -20,7 +20,9 @@ pub mod sourcing;
 use bytes::Bytes;
 
 pub use cache::{BlockCache, CacheSnapshot};
-pub use sourcing::{SourceRanks, Sourcing, SourcingOptions, SourcingSnapshot};
+pub use sourcing::{
+    rerank_loop, RankFeed, SourceRanks, Sourcing, SourcingOptions, SourcingSnapshot,
+};
 
 /// Where the bytes of a served block came from, as an operator asks it: generated,
 /// this appliance's cache, this rack, another rack, the library.

@@ -41,8 +41,8 @@ pub struct PrefetchStatus {
 /// How long to wait so that no link's average rate since the start exceeds the
 /// budget: the busiest link's bytes at `budget_mbps` take that long, minus what
 /// has already elapsed.
-pub fn pacing_delay(
-    link_bytes: &HashMap<String, u64>,
+pub fn pacing_delay<S: std::hash::BuildHasher>(
+    link_bytes: &HashMap<String, u64, S>,
     elapsed: Duration,
     budget_mbps: f64,
 ) -> Duration {
@@ -80,7 +80,9 @@ pub async fn run(
     let start = Instant::now();
     let base = sourcing.fetched_by_host();
     let update = |f: &dyn Fn(&mut PrefetchStatus)| {
-        let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut s);
         s.elapsed_ms = start.elapsed().as_millis() as u64;
     };

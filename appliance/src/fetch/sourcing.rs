@@ -17,6 +17,8 @@
 //! backs off ([`LookupBackoff`]: 1 s, doubling to 30 s): meanwhile READs pass
 //! through at once instead of each waiting out the deadline for a lookup that
 //! will fail the same way.
+//!
+//! [`rerank_loop`] re-ranks the holders whenever the live link costs change.
 
 use std::{
     collections::HashMap,
@@ -24,11 +26,12 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, RwLock,
+        Arc,
     },
     time::{Duration, Instant},
 };
 
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -193,7 +196,7 @@ pub struct SourcingOptions {
 impl Default for SourcingOptions {
     fn default() -> Self {
         SourcingOptions {
-            deadline: Duration::from_millis(1000),
+            deadline: Duration::from_secs(1),
             batch: 1024,
         }
     }
@@ -270,6 +273,33 @@ pub struct SourcingSnapshot {
     pub backed_off: u64,
 }
 
+/// Where the holder ranking comes from (the running appliance: its live link
+/// costs over the topology).
+pub trait RankFeed: Send + Sync {
+    /// Changes whenever the ranks may have (the live costs' recompute count);
+    /// `None` while ranks are static.
+    fn version(&self) -> Option<u64>;
+    /// The ranks as of now; `None` without a topology.
+    fn current(&self) -> Option<SourceRanks>;
+}
+
+/// Keep `sourcing`'s holder ranking in step with `feed`, checked every second.
+pub async fn rerank_loop<F: RankFeed + ?Sized>(sourcing: Arc<Sourcing>, feed: Arc<F>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut seen = None;
+    loop {
+        tick.tick().await;
+        let version = feed.version();
+        if version == seen {
+            continue;
+        }
+        seen = version;
+        if let Some(ranks) = feed.current() {
+            sourcing.set_ranks(ranks);
+        }
+    }
+}
+
 /// Fetches missing blocks into the cache (see the module doc).
 pub struct Sourcing {
     lookup: Box<dyn HolderLookup>,
@@ -291,10 +321,6 @@ impl std::fmt::Debug for Sourcing {
             .field("opts", &self.opts)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Sourcing {
@@ -324,11 +350,11 @@ impl Sourcing {
 
     /// Re-rank holders (link costs changed).
     pub fn set_ranks(&self, ranks: SourceRanks) {
-        *self.ranks.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ranks);
+        *self.ranks.write() = Arc::new(ranks);
     }
 
     pub fn ranks(&self) -> Arc<SourceRanks> {
-        self.ranks.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.ranks.read().clone()
     }
 
     /// A READ gave up waiting for its blocks.
@@ -344,8 +370,8 @@ impl Sourcing {
     /// not stop the fetch. Must be called inside a tokio runtime.
     pub fn fill(self: &Arc<Self>, hashes: &[BlockHash]) -> impl Future<Output = ()> + Send {
         let mut waits: Vec<watch::Receiver<bool>> = Vec::new();
-        let lookups_allowed = lock(&self.backoff).allows(Instant::now());
-        let mut inflight = lock(&self.inflight);
+        let lookups_allowed = self.backoff.lock().allows(Instant::now());
+        let mut inflight = self.inflight.lock();
         let mut new = Vec::new();
         let mut seen = BlockHashSet::default();
         for h in hashes {
@@ -354,9 +380,8 @@ impl Sourcing {
             }
             match inflight.get(h) {
                 Some(r) if !waits.iter().any(|w| w.same_channel(r)) => waits.push(r.clone()),
-                Some(_) => {}
                 None if seen.insert(*h) => new.push(*h),
-                None => {}
+                Some(_) | None => {}
             }
         }
         if !lookups_allowed {
@@ -397,7 +422,7 @@ impl Sourcing {
     ) {
         self.fetch_batch(&hashes).await;
         {
-            let mut inflight = lock(&self.inflight);
+            let mut inflight = self.inflight.lock();
             for h in &hashes {
                 if inflight.get(h).is_some_and(|r| r.same_channel(&ours)) {
                     inflight.remove(h);
@@ -418,28 +443,27 @@ impl Sourcing {
         .await;
         let holders = match lookup {
             Ok(Ok(h)) if h.len() == hashes.len() => h,
-            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
-                let mut backoff = lock(&self.backoff);
+            Ok(Ok(_) | Err(_)) | Err(_) => {
+                let mut backoff = self.backoff.lock();
                 backoff.failed(Instant::now());
                 let pause = backoff
                     .until
                     .map(|t| t.saturating_duration_since(Instant::now()));
                 drop(backoff);
-                match &lookup {
-                    Ok(Err(e)) => {
-                        tracing::warn!(cause = %e, ?pause, "holder lookup failed; fetching backs off")
-                    }
-                    _ => tracing::warn!(
+                if let Ok(Err(e)) = &lookup {
+                    tracing::warn!(cause = %e, ?pause, "holder lookup failed; fetching backs off");
+                } else {
+                    tracing::warn!(
                         ?pause,
                         "holder lookup failed or timed out; fetching backs off"
-                    ),
+                    );
                 }
                 c.lookup_failures.fetch_add(1, Ordering::Relaxed);
                 c.failed.fetch_add(hashes.len() as u64, Ordering::Relaxed);
                 return;
             }
         };
-        lock(&self.backoff).succeeded();
+        self.backoff.lock().succeeded();
         let ranks = self.ranks();
         let mut wants: Vec<(BlockHash, Vec<String>)> = Vec::with_capacity(hashes.len());
         // Address → who answers there (the same for every block).
@@ -468,7 +492,7 @@ impl Sourcing {
                         .fetch_add(f.data.len() as u64, Ordering::Relaxed);
                     let source = sources.get(&f.from);
                     if let Some(s) = source {
-                        *lock(&self.by_host).entry(s.host.clone()).or_default() +=
+                        *self.by_host.lock().entry(s.host.clone()).or_default() +=
                             f.data.len() as u64;
                     }
                     self.cache
@@ -484,7 +508,7 @@ impl Sourcing {
 
     /// Bytes fetched so far per holder host.
     pub fn fetched_by_host(&self) -> HashMap<String, u64> {
-        lock(&self.by_host).clone()
+        self.by_host.lock().clone()
     }
 
     pub fn snapshot(&self) -> SourcingSnapshot {
@@ -688,7 +712,7 @@ mod tests {
             .unwrap();
         let snap = s.snapshot();
         assert_eq!((snap.requested, snap.no_holder), (1, 1));
-        assert!(lock(&s.inflight).is_empty());
+        assert!(s.inflight.lock().is_empty());
         assert!(!cache.contains(&h));
     }
 }

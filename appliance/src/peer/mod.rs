@@ -24,6 +24,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod cache_holder;
 pub mod client;
 pub mod config;
 pub mod error;
