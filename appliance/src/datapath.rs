@@ -26,6 +26,7 @@ use crate::config::XdpMode;
 
 /// The listener slots and interface roles, for callers outside the daemon
 /// (packet fixtures) that drive the steering maps directly.
+#[cfg(feature = "testing")]
 pub use nearblock_common::maps::{
     LISTENER_V4, LISTENER_V6, ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING,
 };

@@ -444,6 +444,7 @@ impl Admission {
             .collect()
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn active(&self) -> usize {
         self.total
     }

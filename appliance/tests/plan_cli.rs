@@ -23,6 +23,10 @@ fn block(seed: u8) -> Vec<u8> {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario, read top to bottom: each step checks what the one before set up"
+)]
 fn index_then_construct_and_place() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();

@@ -173,14 +173,14 @@ impl Connection {
                 chosen = disposition(op);
             }
         }
-        let out = self.session.from_initiator(received, chosen);
+        let out = self.session.on_initiator_pdu(received, chosen);
         self.carry(out, block_size)
     }
 
     fn on_target(&mut self, received: ReceivedPdu) -> Result<(), Closed> {
         self.check_text(Side::Target, &received);
         let _ = scsi::sense_from_response_segment(&received.pdu.data);
-        let out = self.session.from_target(received);
+        let out = self.session.on_target_pdu(received);
         // Fetches are only asked for on initiator READs; the size is irrelevant here.
         self.carry(out, 512)
     }

@@ -42,6 +42,7 @@ use parking_lot::RwLock;
 /// How often the token files are looked at for edits.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Bytes of randomness in a token made by [`new_token`] (hex-encoded: 64 characters).
+#[cfg(any(test, feature = "testing"))]
 pub const TOKEN_BYTES: usize = 32;
 /// Shortest token accepted: 128 bits as hex. Shorter ones are guessable.
 pub const MIN_TOKEN_LEN: usize = 32;

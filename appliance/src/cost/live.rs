@@ -87,6 +87,7 @@ impl LiveCostConfig {
 /// Utilisation of a link from an interface byte counter: `bytes` moved in
 /// `seconds` over a link of `capacity_mbps` (one direction), clamped to 0..1.
 /// Zero when the capacity or interval is unknown or zero.
+#[cfg(any(test, feature = "testing"))]
 pub fn utilisation_from_counter(bytes: u64, seconds: f64, capacity_mbps: f64) -> f64 {
     if !(seconds > 0.0 && capacity_mbps > 0.0) {
         return 0.0;

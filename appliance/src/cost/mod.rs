@@ -16,7 +16,11 @@ pub mod paths;
 pub mod topology;
 pub mod twins;
 
-pub use live::{LiveCostConfig, LiveCostError, LiveCosts};
-pub use paths::{CostMatrix, Graph, GraphLink, LinkId, NodeId, ShortestPaths};
-pub use topology::{Link, Node, Role, Topology, TopologyError};
+pub use live::{LiveCostError, LiveCosts};
+#[cfg(test)]
+pub use live::LiveCostConfig;
+pub use paths::{Graph, LinkId, NodeId, ShortestPaths};
+#[cfg(test)]
+pub use paths::CostMatrix;
+pub use topology::{Role, Topology, TopologyError};
 pub use twins::TwinClasses;

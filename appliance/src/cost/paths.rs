@@ -231,11 +231,13 @@ pub fn shortest_paths(graph: &Graph, source: NodeId) -> ShortestPaths {
 
 /// Path costs between every pair of nodes (one Dijkstra per node).
 #[derive(Clone, Debug, PartialEq)]
+#[cfg(test)]
 pub struct CostMatrix {
     n: usize,
     dist: Vec<f64>,
 }
 
+#[cfg(test)]
 impl CostMatrix {
     pub fn compute(graph: &Graph) -> Self {
         let n = graph.node_count();

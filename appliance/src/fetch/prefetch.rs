@@ -10,7 +10,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -75,14 +75,12 @@ pub async fn run(
     sourcing: Arc<Sourcing>,
     cache: Arc<BlockCache>,
     budget_mbps: f64,
-    status: Arc<Mutex<PrefetchStatus>>,
+    status: Arc<parking_lot::Mutex<PrefetchStatus>>,
 ) {
     let start = Instant::now();
     let base = sourcing.fetched_by_host();
     let update = |f: &dyn Fn(&mut PrefetchStatus)| {
-        let mut s = status
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = status.lock();
         f(&mut s);
         s.elapsed_ms = start.elapsed().as_millis() as u64;
     };

@@ -541,7 +541,7 @@ impl<'a> Conn<'a> {
             Some(ReadStep::Go(disposition)) => disposition,
             None => Disposition::PassThrough,
         };
-        let out = self.session.from_initiator(received, disposition);
+        let out = self.session.on_initiator_pdu(received, disposition);
         self.carry(out).await?;
         Ok(None)
     }
@@ -719,7 +719,7 @@ impl<'a> Conn<'a> {
             }
             _ => {}
         }
-        let out = self.session.from_target(received);
+        let out = self.session.on_target_pdu(received);
         self.carry(out).await
     }
 

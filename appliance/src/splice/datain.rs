@@ -24,6 +24,13 @@ pub struct DataInLimits {
 
 /// The target-side sequence numbers a status-bearing PDU carries toward the initiator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    not(feature = "testing"),
+    expect(
+        clippy::struct_field_names,
+        reason = "the RFC 7143 fields: StatSN, ExpCmdSN, MaxCmdSN"
+    )
+)]
 pub struct StatusCounters {
     pub stat_sn: u32,
     pub exp_cmd_sn: u32,
@@ -150,19 +157,19 @@ pub fn scsi_response(
     bhs.set_data_sn(exp_data_sn);
     counters.stamp(&mut bhs);
     let data = sense
-        .map(|sense| vec![scsi::response_sense_segment(sense)])
+        .map(|sense| vec![scsi::response_sense_segment(*sense)])
         .unwrap_or_default();
     OutgoingPdu::new(bhs, data)
 }
 
 /// A CHECK CONDITION answer for a READ served locally (local design, e.g. LBA OUT OF
 /// RANGE): nothing transferred, so the residual is an underflow of the whole EDTL.
-pub fn check_condition(task: &ReadTask, sense: &Sense, counters: StatusCounters) -> OutgoingPdu {
+pub fn check_condition(task: &ReadTask, sense: Sense, counters: StatusCounters) -> OutgoingPdu {
     let residual = residual(task.edtl, 0);
     scsi_response(
         task,
         scsi::status::CHECK_CONDITION,
-        Some(sense),
+        Some(&sense),
         residual,
         counters,
         0,
@@ -392,7 +399,7 @@ mod tests {
 
     #[test]
     fn check_condition_carries_sense_and_full_underflow() {
-        let pdu = check_condition(&task(4096), &Sense::LBA_OUT_OF_RANGE, COUNTERS);
+        let pdu = check_condition(&task(4096), Sense::LBA_OUT_OF_RANGE, COUNTERS);
         assert_eq!(pdu.bhs.opcode(), Opcode::ScsiResponse);
         assert_eq!(pdu.bhs.status(), scsi::status::CHECK_CONDITION);
         assert_eq!(pdu.bhs.residual(), Residual::Underflow(4096));

@@ -498,12 +498,14 @@ impl LoginTracker {
     }
 
     /// The ISID the initiator gave (with InitiatorName, the session's identity).
+    #[cfg(any(test, feature = "testing"))]
     pub fn isid(&self) -> [u8; 6] {
         self.isid
     }
 
     /// The TSIH: what the initiator sent (0 for a new session, or the session being
     /// reinstated/joined), then what the target assigned in its final response.
+    #[cfg(any(test, feature = "testing"))]
     pub fn tsih(&self) -> u16 {
         self.tsih
     }
@@ -514,6 +516,7 @@ impl LoginTracker {
     }
 
     /// The negotiation, continued into Full Feature Phase.
+    #[cfg(any(test, feature = "testing"))]
     pub fn into_negotiation(self) -> Negotiation {
         let mut negotiation = self.negotiation;
         negotiation.enter_full_feature();

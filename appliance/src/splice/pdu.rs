@@ -174,14 +174,17 @@ pub mod command_flags {
     /// Write: data is expected from the initiator.
     pub const WRITE: u8 = 0x20;
     /// Task attributes (untagged, simple, ordered, head of queue, ACA).
+    #[cfg(any(test, feature = "testing"))]
     pub const ATTR_MASK: u8 = 0x07;
 }
 
 /// SCSI Data-In flags, byte 1 (§11.7.1–11.7.3).
 pub mod data_in_flags {
     /// Final: last PDU of a sequence.
+    #[cfg(any(test, feature = "testing"))]
     pub const FINAL: u8 = 0x80;
     /// Acknowledge requested (ERL > 0 only).
+    #[cfg(any(test, feature = "testing"))]
     pub const ACKNOWLEDGE: u8 = 0x40;
     /// Residual overflow.
     pub const OVERFLOW: u8 = 0x04;
@@ -194,13 +197,11 @@ pub mod data_in_flags {
 /// SCSI Response flags, byte 1 (§11.4.5).
 pub mod response_flags {
     /// Bidirectional read residual overflow.
+    #[cfg(any(test, feature = "testing"))]
     pub const BIDI_OVERFLOW: u8 = 0x10;
     /// Bidirectional read residual underflow.
+    #[cfg(any(test, feature = "testing"))]
     pub const BIDI_UNDERFLOW: u8 = 0x08;
-    /// Residual overflow.
-    pub const OVERFLOW: u8 = 0x04;
-    /// Residual underflow.
-    pub const UNDERFLOW: u8 = 0x02;
 }
 
 /// Login and Text flags, byte 1 (§11.10.1, §11.12.1).
@@ -243,6 +244,7 @@ fn write_u32(bytes: &mut [u8; BHS_LEN], at: usize, value: u32) {
     bytes[at..at + 4].copy_from_slice(&value.to_be_bytes());
 }
 
+#[cfg(any(test, feature = "testing"))]
 fn write_u16(bytes: &mut [u8; BHS_LEN], at: usize, value: u16) {
     bytes[at..at + 2].copy_from_slice(&value.to_be_bytes());
 }
@@ -281,6 +283,7 @@ impl Bhs {
     }
 
     /// The F (final) bit, byte 1 bit 7. For Login and Text this is the T / F bit.
+    #[cfg(any(test, feature = "testing"))]
     pub fn final_bit(&self) -> bool {
         self.0[1] & FINAL_BIT != 0
     }
@@ -344,6 +347,7 @@ impl Bhs {
     }
 
     /// ExpStatSN (bytes 28–31) of every initiator PDU except SNACK's reserved use.
+    #[cfg(any(test, feature = "testing"))]
     pub fn exp_stat_sn(&self) -> u32 {
         read_u32(&self.0, 28)
     }
@@ -420,6 +424,7 @@ impl Bhs {
 
     /// DataSN (Data-In/Out), R2TSN (R2T), ExpDataSN (SCSI Response, TMF request) or the
     /// DataSN/R2TSN of a Reject: bytes 36–39.
+    #[cfg(any(test, feature = "testing"))]
     pub fn data_sn(&self) -> u32 {
         read_u32(&self.0, 36)
     }
@@ -439,6 +444,7 @@ impl Bhs {
 
     /// Residual Count (bytes 44–47): Data-In (with S), SCSI Response. For R2T this is the
     /// Desired Data Transfer Length.
+    #[cfg(any(test, feature = "testing"))]
     pub fn residual_count(&self) -> u32 {
         read_u32(&self.0, 44)
     }
@@ -463,15 +469,18 @@ impl Bhs {
         self.0[1] & command_flags::WRITE != 0
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_command_write(&mut self, set: bool) {
         set_bit(&mut self.0[1], command_flags::WRITE, set);
     }
 
     /// Task attribute (ATTR, 3 bits).
+    #[cfg(any(test, feature = "testing"))]
     pub fn command_attr(&self) -> u8 {
         self.0[1] & command_flags::ATTR_MASK
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_command_attr(&mut self, attr: u8) {
         self.0[1] = (self.0[1] & !command_flags::ATTR_MASK) | (attr & command_flags::ATTR_MASK);
     }
@@ -497,6 +506,7 @@ impl Bhs {
     // ---- SCSI Data-In (§11.7) ----
 
     /// A bit: acknowledge requested (only at ErrorRecoveryLevel > 0).
+    #[cfg(any(test, feature = "testing"))]
     pub fn data_in_acknowledge(&self) -> bool {
         self.0[1] & data_in_flags::ACKNOWLEDGE != 0
     }
@@ -507,11 +517,13 @@ impl Bhs {
     }
 
     /// O bit (Data-In and SCSI Response): residual overflow.
+    #[cfg(any(test, feature = "testing"))]
     pub fn residual_overflow(&self) -> bool {
         self.0[1] & data_in_flags::OVERFLOW != 0
     }
 
     /// U bit (Data-In and SCSI Response): residual underflow.
+    #[cfg(any(test, feature = "testing"))]
     pub fn residual_underflow(&self) -> bool {
         self.0[1] & data_in_flags::UNDERFLOW != 0
     }
@@ -530,6 +542,7 @@ impl Bhs {
     }
 
     /// The residual as the O/U flags and ResidualCount say.
+    #[cfg(any(test, feature = "testing"))]
     pub fn residual(&self) -> Residual {
         if self.residual_overflow() {
             Residual::Overflow(self.residual_count())
@@ -562,6 +575,7 @@ impl Bhs {
     }
 
     /// Bidirectional read residual overflow (o) / underflow (u) flags.
+    #[cfg(any(test, feature = "testing"))]
     pub fn bidi_residual_flags(&self) -> (bool, bool) {
         (
             self.0[1] & response_flags::BIDI_OVERFLOW != 0,
@@ -570,6 +584,7 @@ impl Bhs {
     }
 
     /// Bidirectional Read Residual Count (bytes 40–43) of a SCSI Response.
+    #[cfg(any(test, feature = "testing"))]
     pub fn bidi_read_residual_count(&self) -> u32 {
         read_u32(&self.0, 40)
     }
@@ -581,6 +596,7 @@ impl Bhs {
         TmfFunction::from_code(self.0[1] & 0x7f)
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_tmf_function(&mut self, function: TmfFunction) {
         self.0[1] = FINAL_BIT | function.code();
     }
@@ -590,6 +606,7 @@ impl Bhs {
         read_u32(&self.0, 20)
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_referenced_task_tag(&mut self, rtt: u32) {
         write_u32(&mut self.0, 20, rtt);
     }
@@ -610,6 +627,7 @@ impl Bhs {
         self.0[1] & login_flags::TRANSIT != 0
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_login_transit(&mut self, set: bool) {
         set_bit(&mut self.0[1], login_flags::TRANSIT, set);
     }
@@ -619,11 +637,13 @@ impl Bhs {
         self.0[1] & login_flags::CONTINUE != 0
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_text_continue(&mut self, set: bool) {
         set_bit(&mut self.0[1], login_flags::CONTINUE, set);
     }
 
     /// Current Stage (CSG, byte 1 bits 3–2).
+    #[cfg(any(test, feature = "testing"))]
     pub fn login_csg(&self) -> LoginStage {
         LoginStage::from_code((self.0[1] >> 2) & 0x03)
     }
@@ -633,16 +653,19 @@ impl Bhs {
         LoginStage::from_code(self.0[1] & 0x03)
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_login_stages(&mut self, csg: LoginStage, nsg: LoginStage) {
         self.0[1] = (self.0[1] & 0xf0) | (csg.code() << 2) | nsg.code();
     }
 
     /// Version-max (byte 2) of a login request/response.
+    #[cfg(any(test, feature = "testing"))]
     pub fn login_version_max(&self) -> u8 {
         self.0[2]
     }
 
     /// Version-min (request) / Version-active (response), byte 3.
+    #[cfg(any(test, feature = "testing"))]
     pub fn login_version_min_or_active(&self) -> u8 {
         self.0[3]
     }
@@ -652,6 +675,7 @@ impl Bhs {
         self.0[8..14].try_into().unwrap_or([0; 6])
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_isid(&mut self, isid: [u8; 6]) {
         self.0[8..14].copy_from_slice(&isid);
     }
@@ -661,11 +685,13 @@ impl Bhs {
         read_u16(&self.0, 14)
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_tsih(&mut self, tsih: u16) {
         write_u16(&mut self.0, 14, tsih);
     }
 
     /// CID (bytes 20–21) of Login request and Logout request.
+    #[cfg(any(test, feature = "testing"))]
     pub fn cid(&self) -> u16 {
         read_u16(&self.0, 20)
     }
@@ -681,6 +707,7 @@ impl Bhs {
         self.0[37]
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_login_status(&mut self, class: u8, detail: u8) {
         self.0[36] = class;
         self.0[37] = detail;
@@ -690,16 +717,19 @@ impl Bhs {
 
     /// Logout request reason code (byte 1, low 7 bits): 0 close session, 1 close
     /// connection, 2 remove connection for recovery.
+    #[cfg(any(test, feature = "testing"))]
     pub fn logout_reason(&self) -> u8 {
         self.0[1] & 0x7f
     }
 
     /// Time2Wait (bytes 40–41) of a Logout response.
+    #[cfg(any(test, feature = "testing"))]
     pub fn logout_time2wait(&self) -> u16 {
         read_u16(&self.0, 40)
     }
 
     /// Time2Retain (bytes 42–43) of a Logout response.
+    #[cfg(any(test, feature = "testing"))]
     pub fn logout_time2retain(&self) -> u16 {
         read_u16(&self.0, 42)
     }
@@ -707,16 +737,19 @@ impl Bhs {
     // ---- Asynchronous Message (§11.9) ----
 
     /// AsyncEvent (byte 36).
+    #[cfg(any(test, feature = "testing"))]
     pub fn async_event(&self) -> u8 {
         self.0[36]
     }
 
     /// `AsyncVCode` (byte 37).
+    #[cfg(any(test, feature = "testing"))]
     pub fn async_vcode(&self) -> u8 {
         self.0[37]
     }
 
     /// Parameter1–3 (bytes 38–43).
+    #[cfg(any(test, feature = "testing"))]
     pub fn async_parameters(&self) -> [u16; 3] {
         [
             read_u16(&self.0, 38),
@@ -728,6 +761,7 @@ impl Bhs {
     // ---- Reject (§11.17) ----
 
     /// Reject reason (byte 2).
+    #[cfg(any(test, feature = "testing"))]
     pub fn reject_reason(&self) -> u8 {
         self.0[2]
     }
@@ -735,6 +769,7 @@ impl Bhs {
     // ---- SNACK (§11.16) ----
 
     /// SNACK type (byte 1, low 4 bits).
+    #[cfg(any(test, feature = "testing"))]
     pub fn snack_type(&self) -> u8 {
         self.0[1] & 0x0f
     }
@@ -778,6 +813,7 @@ impl LoginStage {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn code(self) -> u8 {
         match self {
             LoginStage::SecurityNegotiation => 0,
@@ -817,6 +853,7 @@ impl TmfFunction {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn code(self) -> u8 {
         match self {
             TmfFunction::AbortTask => 1,
@@ -835,10 +872,8 @@ impl TmfFunction {
 /// TMF response codes (§11.6.1).
 pub mod tmf_response {
     pub const FUNCTION_COMPLETE: u8 = 0;
+    #[cfg(any(test, feature = "testing"))]
     pub const TASK_DOES_NOT_EXIST: u8 = 1;
-    pub const LUN_DOES_NOT_EXIST: u8 = 2;
-    pub const FUNCTION_NOT_SUPPORTED: u8 = 5;
-    pub const FUNCTION_REJECTED: u8 = 255;
 }
 
 /// A PDU: its BHS, AHS and unpadded data segment. The AHS and data are `Bytes` so a
@@ -862,6 +897,7 @@ impl Pdu {
 
     /// Frame this PDU for the wire with `digests` (BHS length fields are set from the
     /// AHS and data given).
+    #[cfg(any(test, feature = "testing"))]
     pub fn encode(&self, digests: Digests) -> Result<WireChain, EncodeError> {
         encode(
             &self.bhs,
@@ -893,6 +929,7 @@ impl OutgoingPdu {
     }
 
     /// Length of the data segment.
+    #[cfg(any(test, feature = "testing"))]
     pub fn data_len(&self) -> usize {
         self.data.iter().map(Bytes::len).sum()
     }
@@ -977,6 +1014,7 @@ impl PduDecoder {
         }
     }
 
+    #[cfg(feature = "testing")]
     pub fn digests(&self) -> Digests {
         self.digests
     }
@@ -1145,6 +1183,7 @@ impl WireChain {
     }
 
     /// Copy the whole chain into one contiguous buffer (tests, small PDUs).
+    #[cfg(any(test, feature = "testing"))]
     pub fn to_bytes(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(self.remaining);
         for piece in &self.pieces {

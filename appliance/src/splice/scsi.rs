@@ -49,19 +49,15 @@ pub mod opcode {
 pub mod status {
     pub const GOOD: u8 = 0x00;
     pub const CHECK_CONDITION: u8 = 0x02;
-    pub const BUSY: u8 = 0x08;
+    #[cfg(feature = "testing")]
     pub const RESERVATION_CONFLICT: u8 = 0x18;
-    pub const TASK_SET_FULL: u8 = 0x28;
-    pub const TASK_ABORTED: u8 = 0x40;
 }
 
 /// Sense keys (SPC-4 §4.5.6).
 pub mod sense_key {
-    pub const NO_SENSE: u8 = 0x0;
-    pub const NOT_READY: u8 = 0x2;
-    pub const MEDIUM_ERROR: u8 = 0x3;
-    pub const HARDWARE_ERROR: u8 = 0x4;
+    #[cfg(any(test, feature = "testing"))]
     pub const ILLEGAL_REQUEST: u8 = 0x5;
+    #[cfg(any(test, feature = "testing"))]
     pub const UNIT_ATTENTION: u8 = 0x6;
     pub const ABORTED_COMMAND: u8 = 0xb;
 }
@@ -296,23 +292,15 @@ pub struct Sense {
 }
 
 impl Sense {
+    #[cfg(any(test, feature = "testing"))]
     pub const LBA_OUT_OF_RANGE: Sense = Sense {
         key: sense_key::ILLEGAL_REQUEST,
         asc: 0x21,
         ascq: 0x00,
     };
-    pub const INVALID_FIELD_IN_CDB: Sense = Sense {
-        key: sense_key::ILLEGAL_REQUEST,
-        asc: 0x24,
-        ascq: 0x00,
-    };
-    pub const UNRECOVERED_READ_ERROR: Sense = Sense {
-        key: sense_key::MEDIUM_ERROR,
-        asc: 0x11,
-        ascq: 0x00,
-    };
     /// Power on, reset, or bus device reset occurred (what tgt reports on a session's
     /// first command).
+    #[cfg(any(test, feature = "testing"))]
     pub const POWER_ON_RESET: Sense = Sense {
         key: sense_key::UNIT_ATTENTION,
         asc: 0x29,
@@ -321,7 +309,7 @@ impl Sense {
 
     /// Fixed-format sense data (response code 0x70, current error; SPC-4 §4.5.3), 18
     /// bytes.
-    pub fn fixed(&self) -> [u8; 18] {
+    pub fn fixed(self) -> [u8; 18] {
         let mut sense = [0u8; 18];
         sense[0] = 0x70;
         sense[2] = self.key & 0x0f;
@@ -332,6 +320,7 @@ impl Sense {
     }
 
     /// Parse fixed (0x70/0x71) or descriptor (0x72/0x73) sense data.
+    #[cfg(any(test, feature = "testing"))]
     pub fn parse(sense: &[u8]) -> Option<Sense> {
         match sense.first()? & 0x7f {
             0x70 | 0x71 => Some(Sense {
@@ -351,7 +340,7 @@ impl Sense {
 
 /// The data segment of a SCSI Response carrying `sense` (§11.4.7.2: a 2-byte
 /// `SenseLength`, then the sense data).
-pub fn response_sense_segment(sense: &Sense) -> Bytes {
+pub fn response_sense_segment(sense: Sense) -> Bytes {
     let fixed = sense.fixed();
     let mut data = BytesMut::with_capacity(2 + fixed.len());
     data.put_u16(fixed.len() as u16);
@@ -360,6 +349,7 @@ pub fn response_sense_segment(sense: &Sense) -> Bytes {
 }
 
 /// The sense in a SCSI Response's data segment, if any.
+#[cfg(any(test, feature = "testing"))]
 pub fn sense_from_response_segment(data: &[u8]) -> Option<Sense> {
     let len = usize::from(u16::from_be_bytes([*data.first()?, *data.get(1)?]));
     Sense::parse(data.get(2..2 + len)?)
@@ -584,7 +574,7 @@ mod tests {
         assert_eq!(sense[2], 0x05);
         assert_eq!(sense[7], 10);
         assert_eq!((sense[12], sense[13]), (0x21, 0x00));
-        let segment = response_sense_segment(&Sense::LBA_OUT_OF_RANGE);
+        let segment = response_sense_segment(Sense::LBA_OUT_OF_RANGE);
         assert_eq!(&segment[..2], &[0, 18]);
         assert_eq!(&segment[2..], &sense);
         assert_eq!(

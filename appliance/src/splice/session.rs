@@ -91,6 +91,7 @@ impl Outgoing {
     }
 
     /// The BHS of a built PDU (tests and logging); `None` for raw wire bytes.
+    #[cfg(any(test, feature = "testing"))]
     pub fn bhs(&self) -> Option<Bhs> {
         match self {
             Outgoing::Wire(bytes) => {
@@ -325,11 +326,13 @@ impl Session {
     }
 
     /// The parameters in force (after login).
+    #[cfg(any(test, feature = "testing"))]
     pub fn params(&self) -> Option<&OperationalParams> {
         self.params.as_ref()
     }
 
     /// Digests for PDUs the relay encodes now.
+    #[cfg(any(test, feature = "testing"))]
     pub fn digests(&self) -> Digests {
         match (&self.params, self.phase) {
             (Some(params), Phase::FullFeature | Phase::LoggingOut) => params.digests(),
@@ -338,11 +341,13 @@ impl Session {
     }
 
     /// The ISID and TSIH of the session (its identity with InitiatorName).
+    #[cfg(any(test, feature = "testing"))]
     pub fn isid_tsih(&self) -> ([u8; 6], u16) {
         (self.login.isid(), self.login.tsih())
     }
 
     /// Whether the split counters are in use.
+    #[cfg(any(test, feature = "testing"))]
     pub fn split(&self) -> bool {
         self.counters.split
     }
@@ -379,7 +384,7 @@ impl Session {
 
     /// Handle a PDU from the initiator. `disposition` matters only for a PDU
     /// [`Session::read_candidate`] accepted; pass [`Disposition::PassThrough`] otherwise.
-    pub fn from_initiator(&mut self, received: ReceivedPdu, disposition: Disposition) -> Output {
+    pub fn on_initiator_pdu(&mut self, received: ReceivedPdu, disposition: Disposition) -> Output {
         let mut out = Output::default();
         let bhs = received.pdu.bhs;
         match self.phase {
@@ -622,7 +627,7 @@ impl Session {
     // ---- Target → initiator ----
 
     /// Handle a PDU from the target.
-    pub fn from_target(&mut self, received: ReceivedPdu) -> Output {
+    pub fn on_target_pdu(&mut self, received: ReceivedPdu) -> Output {
         let mut out = Output::default();
         let bhs = received.pdu.bhs;
         self.counters.observe_target(&bhs);
@@ -907,7 +912,7 @@ impl Session {
                 asc: 0,
                 ascq: 0,
             };
-            vec![datain::check_condition(&read_task, &aborted, counters)]
+            vec![datain::check_condition(&read_task, aborted, counters)]
         })
     }
 }
@@ -958,7 +963,7 @@ mod tests {
             "InitiatorName=iqn.i\0TargetName=iqn.t\0SessionType={session_type}\0\
              ErrorRecoveryLevel=2\0MaxRecvDataSegmentLength=8192\0"
         );
-        let out = session.from_initiator(received(req, text.as_bytes()), Disposition::PassThrough);
+        let out = session.on_initiator_pdu(received(req, text.as_bytes()), Disposition::PassThrough);
         let Outgoing::Pdu(edited) = &out.to_target[0] else {
             panic!("offer not edited");
         };
@@ -971,7 +976,7 @@ mod tests {
         resp.set_stat_sn(0);
         resp.set_exp_cmd_sn(1);
         resp.set_max_cmd_sn(128);
-        let out = session.from_target(received(resp, b"ErrorRecoveryLevel=0\0"));
+        let out = session.on_target_pdu(received(resp, b"ErrorRecoveryLevel=0\0"));
         assert_eq!(out.to_initiator.len(), 1);
         assert!(matches!(out.events[..], [Event::FullFeature(_)]));
         assert_eq!(session.phase(), Phase::FullFeature);
@@ -1027,9 +1032,9 @@ mod tests {
     /// Pass one command through and answer it, so local serving is allowed.
     fn first_command_answered(session: &mut Session) {
         let out =
-            session.from_initiator(received(command(0x00, 1, 1), b""), Disposition::PassThrough);
+            session.on_initiator_pdu(received(command(0x00, 1, 1), b""), Disposition::PassThrough);
         assert!(matches!(out.to_target[..], [Outgoing::Wire(_)]));
-        let out = session.from_target(received(response(1, 0, 1, 2), b""));
+        let out = session.on_target_pdu(received(response(1, 0, 1, 2), b""));
         assert!(matches!(out.to_initiator[..], [Outgoing::Wire(_)]));
     }
 
@@ -1038,12 +1043,12 @@ mod tests {
         let mut session = logged_in("Discovery");
         let read = read10(5, 1, 0, 8, 4096);
         assert_eq!(session.read_candidate(&read), None);
-        let out = session.from_initiator(received(read, b""), Disposition::Shadow);
+        let out = session.on_initiator_pdu(received(read, b""), Disposition::Shadow);
         assert!(matches!(out.to_target[..], [Outgoing::Wire(_)]));
         assert!(out.fetch.is_empty());
         let mut text = Bhs::new(Opcode::TextRequest);
         text.set_final_bit(true);
-        let out = session.from_initiator(
+        let out = session.on_initiator_pdu(
             received(text, b"SendTargets=All\0"),
             Disposition::PassThrough,
         );
@@ -1055,7 +1060,7 @@ mod tests {
         let mut session = logged_in("Normal");
         let read = read10(0x10, 1, 100, 8, 4096);
         assert!(session.read_candidate(&read).is_some());
-        let out = session.from_initiator(received(read, b""), Disposition::Shadow);
+        let out = session.on_initiator_pdu(received(read, b""), Disposition::Shadow);
         let [shadow] = &bhs_of(&out.to_target)[..] else {
             panic!()
         };
@@ -1071,7 +1076,7 @@ mod tests {
         // Data first, then the target's verdict.
         let out = session.data_ready(0x10, blocks(8));
         assert!(out.to_initiator.is_empty(), "waits for the target's status");
-        let out = session.from_target(received(response(0x10, 0, 1, 2), b""));
+        let out = session.on_target_pdu(received(response(0x10, 0, 1, 2), b""));
         let pdus = bhs_of(&out.to_initiator);
         assert_eq!(pdus.len(), 1, "4096 bytes fit in MRDSL 8192");
         let last = pdus[0];
@@ -1087,17 +1092,17 @@ mod tests {
     #[test]
     fn shadow_answer_holds_later_pdus_in_statsn_order() {
         let mut session = logged_in("Normal");
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x10, 1, 0, 8, 4096), b""),
             Disposition::Shadow,
         );
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(command(0x00, 0x11, 2), b""),
             Disposition::PassThrough,
         );
-        let out = session.from_target(received(response(0x10, 0, 1, 2), b""));
+        let out = session.on_target_pdu(received(response(0x10, 0, 1, 2), b""));
         assert!(out.to_initiator.is_empty());
-        let out = session.from_target(received(response(0x11, 0, 2, 3), b""));
+        let out = session.on_target_pdu(received(response(0x11, 0, 2, 3), b""));
         assert!(out.to_initiator.is_empty(), "StatSN 2 waits for StatSN 1");
         let out = session.data_ready(0x10, blocks(8));
         let stat_sns: Vec<u32> = bhs_of(&out.to_initiator).iter().map(Bhs::stat_sn).collect();
@@ -1107,12 +1112,12 @@ mod tests {
     #[test]
     fn shadow_failure_is_forwarded_with_full_underflow() {
         let mut session = logged_in("Normal");
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x10, 1, 0, 8, 4096), b""),
             Disposition::Shadow,
         );
-        let sense = scsi::response_sense_segment(&Sense::POWER_ON_RESET);
-        let out = session.from_target(received(response(0x10, 2, 1, 2), &sense));
+        let sense = scsi::response_sense_segment(Sense::POWER_ON_RESET);
+        let out = session.on_target_pdu(received(response(0x10, 2, 1, 2), &sense));
         assert_eq!(out.cancel, [0x10]);
         let [Outgoing::Pdu(pdu)] = &out.to_initiator[..] else {
             panic!()
@@ -1127,11 +1132,11 @@ mod tests {
     #[test]
     fn failed_fetch_answers_aborted_command() {
         let mut session = logged_in("Normal");
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x10, 1, 0, 8, 4096), b""),
             Disposition::Shadow,
         );
-        session.from_target(received(response(0x10, 0, 1, 2), b""));
+        session.on_target_pdu(received(response(0x10, 0, 1, 2), b""));
         let out = session.data_failed(0x10);
         let [Outgoing::Pdu(pdu)] = &out.to_initiator[..] else {
             panic!()
@@ -1145,7 +1150,7 @@ mod tests {
     #[test]
     fn local_is_downgraded_to_shadow_until_the_target_answered() {
         let mut session = logged_in("Normal");
-        let out = session.from_initiator(
+        let out = session.on_initiator_pdu(
             received(read10(0x10, 1, 0, 8, 4096), b""),
             Disposition::Local,
         );
@@ -1158,7 +1163,7 @@ mod tests {
     fn local_read_splits_the_counters() {
         let mut session = logged_in("Normal");
         first_command_answered(&mut session); // CmdSN 1 used, target StatSN 1, ExpCmdSN 2
-        let out = session.from_initiator(
+        let out = session.on_initiator_pdu(
             received(read10(0x20, 2, 0, 20, 10240), b""),
             Disposition::Local,
         );
@@ -1178,14 +1183,14 @@ mod tests {
         // The next forwarded command is renumbered into the target's space...
         let mut next = command(0x00, 0x21, 3);
         next.set_exp_stat_sn(3);
-        let out = session.from_initiator(received(next, b""), Disposition::PassThrough);
+        let out = session.on_initiator_pdu(received(next, b""), Disposition::PassThrough);
         let [fwd] = &bhs_of(&out.to_target)[..] else {
             panic!()
         };
         assert_eq!(fwd.cmd_sn(), 2);
         assert_eq!(fwd.exp_stat_sn(), 2, "acknowledges what the target sent");
         // ...and its response back into the initiator's.
-        let out = session.from_target(received(response(0x21, 0, 2, 3), b""));
+        let out = session.on_target_pdu(received(response(0x21, 0, 2, 3), b""));
         let [back] = &bhs_of(&out.to_initiator)[..] else {
             panic!()
         };
@@ -1199,7 +1204,7 @@ mod tests {
     fn abort_of_a_local_task_is_answered_locally() {
         let mut session = logged_in("Normal");
         first_command_answered(&mut session);
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x20, 2, 0, 8, 4096), b""),
             Disposition::Local,
         );
@@ -1210,7 +1215,7 @@ mod tests {
         tmf.set_referenced_task_tag(0x20);
         tmf.set_cmd_sn(3);
         tmf.set_ref_cmd_sn(2);
-        let out = session.from_initiator(received(tmf, b""), Disposition::PassThrough);
+        let out = session.on_initiator_pdu(received(tmf, b""), Disposition::PassThrough);
         assert!(out.to_target.is_empty());
         assert_eq!(out.cancel, [0x20]);
         let [resp] = &bhs_of(&out.to_initiator)[..] else {
@@ -1228,11 +1233,11 @@ mod tests {
     fn abort_of_a_forwarded_task_translates_ref_cmd_sn() {
         let mut session = logged_in("Normal");
         first_command_answered(&mut session);
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x20, 2, 0, 8, 4096), b""),
             Disposition::Local,
         );
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(command(0x00, 0x21, 3), b""),
             Disposition::PassThrough,
         );
@@ -1243,7 +1248,7 @@ mod tests {
         tmf.set_referenced_task_tag(0x21);
         tmf.set_cmd_sn(4);
         tmf.set_ref_cmd_sn(3);
-        let out = session.from_initiator(received(tmf, b""), Disposition::PassThrough);
+        let out = session.on_initiator_pdu(received(tmf, b""), Disposition::PassThrough);
         let [fwd] = &bhs_of(&out.to_target)[..] else {
             panic!()
         };
@@ -1256,7 +1261,7 @@ mod tests {
     fn lun_reset_cancels_local_tasks_and_goes_to_the_target() {
         let mut session = logged_in("Normal");
         first_command_answered(&mut session);
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x20, 2, 0, 8, 4096), b""),
             Disposition::Local,
         );
@@ -1267,7 +1272,7 @@ mod tests {
         tmf.set_itt(0x30);
         tmf.set_referenced_task_tag(RESERVED_TAG);
         tmf.set_cmd_sn(3);
-        let out = session.from_initiator(received(tmf, b""), Disposition::PassThrough);
+        let out = session.on_initiator_pdu(received(tmf, b""), Disposition::PassThrough);
         assert_eq!(out.cancel, [0x20]);
         let [fwd] = &bhs_of(&out.to_target)[..] else {
             panic!()
@@ -1279,7 +1284,7 @@ mod tests {
     #[test]
     fn lun_reset_response_forgets_shadow_tasks_the_target_aborted() {
         let mut session = logged_in("Normal");
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x10, 1, 0, 8, 4096), b""),
             Disposition::Shadow,
         );
@@ -1289,7 +1294,7 @@ mod tests {
         tmf.set_lun(LUN1);
         tmf.set_itt(0x30);
         tmf.set_cmd_sn(2);
-        let out = session.from_initiator(received(tmf, b""), Disposition::PassThrough);
+        let out = session.on_initiator_pdu(received(tmf, b""), Disposition::PassThrough);
         assert!(
             matches!(out.to_target[..], [Outgoing::Wire(_)]),
             "shared counters"
@@ -1300,7 +1305,7 @@ mod tests {
         resp.set_stat_sn(1);
         resp.set_exp_cmd_sn(2);
         resp.set_max_cmd_sn(129);
-        let out = session.from_target(received(resp, b""));
+        let out = session.on_target_pdu(received(resp, b""));
         assert_eq!(out.cancel, [0x10]);
         assert_eq!(out.to_initiator.len(), 1);
         assert!(session.data_ready(0x10, blocks(8)).to_initiator.is_empty());
@@ -1321,7 +1326,7 @@ mod tests {
     #[test]
     fn target_pings_pass_through_with_shared_counters() {
         let mut session = logged_in("Normal");
-        let out = session.from_target(received(nop_in_ping(7), b""));
+        let out = session.on_target_pdu(received(nop_in_ping(7), b""));
         assert!(matches!(out.to_initiator[..], [Outgoing::Wire(_)]));
         assert!(out.to_target.is_empty());
     }
@@ -1330,11 +1335,11 @@ mod tests {
     fn target_pings_are_answered_with_split_counters() {
         let mut session = logged_in("Normal");
         first_command_answered(&mut session);
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x20, 2, 0, 8, 4096), b""),
             Disposition::Local,
         );
-        let out = session.from_target(received(nop_in_ping(7), b""));
+        let out = session.on_target_pdu(received(nop_in_ping(7), b""));
         assert!(out.to_initiator.is_empty());
         let [answer] = &bhs_of(&out.to_target)[..] else {
             panic!()
@@ -1354,7 +1359,7 @@ mod tests {
         let mut session = logged_in("Normal");
         let mut write = command(0x2a, 0x40, 1);
         write.set_command_write(true);
-        let out = session.from_initiator(received(write, b""), Disposition::PassThrough);
+        let out = session.on_initiator_pdu(received(write, b""), Disposition::PassThrough);
         assert_eq!(out.events, [Event::MediumMayChange { lun: LUN1 }]);
         assert_eq!(out.to_target.len(), 1);
     }
@@ -1362,7 +1367,7 @@ mod tests {
     #[test]
     fn data_in_for_forwarded_reads_passes_and_completes_the_task() {
         let mut session = logged_in("Normal");
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x10, 1, 0, 1, 512), b""),
             Disposition::PassThrough,
         );
@@ -1370,7 +1375,7 @@ mod tests {
         data_in.set_flags(data_in_flags::FINAL | data_in_flags::STATUS);
         data_in.set_itt(0x10);
         data_in.set_stat_sn(1);
-        let out = session.from_target(received(data_in, &[0; 512]));
+        let out = session.on_target_pdu(received(data_in, &[0; 512]));
         assert!(matches!(out.to_initiator[..], [Outgoing::Wire(_)]));
         assert!(session.tasks.is_empty());
     }
@@ -1380,7 +1385,7 @@ mod tests {
         let mut session = logged_in("Normal");
         let mut req = Bhs::new(Opcode::TextRequest);
         req.set_final_bit(true);
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(req, b"MaxRecvDataSegmentLength=65536\0"),
             Disposition::PassThrough,
         );
@@ -1392,7 +1397,7 @@ mod tests {
     fn async_events_are_reflected_translated() {
         let mut session = logged_in("Normal");
         first_command_answered(&mut session);
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x20, 2, 0, 1, 512), b""),
             Disposition::Local,
         );
@@ -1404,7 +1409,7 @@ mod tests {
         event.set_stat_sn(2);
         event.set_exp_cmd_sn(2);
         event.set_max_cmd_sn(129);
-        let out = session.from_target(received(event, b""));
+        let out = session.on_target_pdu(received(event, b""));
         let [fwd] = &bhs_of(&out.to_initiator)[..] else {
             panic!()
         };
@@ -1416,11 +1421,11 @@ mod tests {
     fn reject_translates_the_embedded_header() {
         let mut session = logged_in("Normal");
         first_command_answered(&mut session);
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x20, 2, 0, 1, 512), b""),
             Disposition::Local,
         );
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(command(0x00, 0x21, 3), b""),
             Disposition::PassThrough,
         );
@@ -1432,7 +1437,7 @@ mod tests {
         reject.set_stat_sn(2);
         reject.set_exp_cmd_sn(3);
         reject.set_max_cmd_sn(130);
-        let out = session.from_target(received(reject, &sent.0));
+        let out = session.on_target_pdu(received(reject, &sent.0));
         let [Outgoing::Pdu(pdu)] = &out.to_initiator[..] else {
             panic!()
         };
@@ -1446,7 +1451,7 @@ mod tests {
     fn logout_cancels_local_tasks_and_ends_the_session() {
         let mut session = logged_in("Normal");
         first_command_answered(&mut session);
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(read10(0x20, 2, 0, 1, 512), b""),
             Disposition::Local,
         );
@@ -1455,7 +1460,7 @@ mod tests {
         logout.set_flags(0x80);
         logout.set_itt(0x50);
         logout.set_cmd_sn(3);
-        let out = session.from_initiator(received(logout, b""), Disposition::PassThrough);
+        let out = session.on_initiator_pdu(received(logout, b""), Disposition::PassThrough);
         assert_eq!(out.cancel, [0x20]);
         let [fwd] = &bhs_of(&out.to_target)[..] else {
             panic!()
@@ -1466,7 +1471,7 @@ mod tests {
         resp.set_final_bit(true);
         resp.set_itt(0x50);
         resp.set_stat_sn(2);
-        let out = session.from_target(received(resp, b""));
+        let out = session.on_target_pdu(received(resp, b""));
         assert_eq!(out.events, [Event::LoggedOut]);
         assert_eq!(
             bhs_of(&out.to_initiator)[0].stat_sn(),
@@ -1481,7 +1486,7 @@ mod tests {
         let mut session = Session::new();
         let mut resp = Bhs::new(Opcode::LoginResponse);
         resp.set_login_status(2, 0);
-        let out = session.from_target(received(resp, b""));
+        let out = session.on_target_pdu(received(resp, b""));
         assert!(matches!(
             out.events[..],
             [Event::LoginEnded(LoginProgress::Failed { .. })]
@@ -1495,14 +1500,14 @@ mod tests {
         assert_eq!(session.digests(), Digests::NONE);
         let mut req = Bhs::new(Opcode::LoginRequest);
         req.set_flags(0x87);
-        session.from_initiator(
+        session.on_initiator_pdu(
             received(req, b"HeaderDigest=CRC32C,None\0DataDigest=CRC32C,None\0"),
             Disposition::PassThrough,
         );
         assert_eq!(session.digests(), Digests::NONE);
         let mut resp = Bhs::new(Opcode::LoginResponse);
         resp.set_flags(0x87);
-        session.from_target(received(resp, b"HeaderDigest=CRC32C\0DataDigest=CRC32C\0"));
+        session.on_target_pdu(received(resp, b"HeaderDigest=CRC32C\0DataDigest=CRC32C\0"));
         assert_eq!(
             session.digests(),
             Digests {

@@ -68,6 +68,7 @@ pub fn manifest_from_text(text: &str) -> Result<Manifest, (usize, String)> {
 }
 
 /// Index `data` into a manifest (blocks of `block_size`, zero blocks marked).
+#[cfg(any(test, feature = "testing"))]
 pub fn manifest_of(image: &str, data: &[u8], block_size: u32) -> Manifest {
     let blocks = data
         .chunks(block_size as usize)

@@ -41,17 +41,19 @@ pub mod served_lun;
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, OnceLock, PoisonError},
+    sync::{Arc, OnceLock},
 };
 
 use crate::fetch::BlockCache;
 use crate::index::Manifest;
 
 pub use access_history::{history_path, keeps_history, BootTrace};
-pub use learner::{Learned, Learner};
+pub use learner::Learner;
 pub use lun_address::{lun_name, lun_number};
 pub use lun_slot::{FileStamp, LunDecl, LunSlot, LunSource, LunStatus, ManifestOrigin};
-pub use manifest_text::{manifest_from_text, manifest_of, manifest_to_text};
+pub use manifest_text::{manifest_from_text, manifest_to_text};
+#[cfg(any(test, feature = "testing"))]
+pub use manifest_text::manifest_of;
 pub use served_lun::{FetchMode, ServeDesign, ServedLun};
 
 use access_history::{read_history, save_history};
@@ -119,7 +121,7 @@ impl Catalog {
             return;
         };
         {
-            let mut st = lun.prefetch.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut st = lun.prefetch.lock();
             if st.running {
                 return;
             }
@@ -150,10 +152,7 @@ impl Catalog {
             .values()
             .filter_map(|s| s.current())
             .map(|l| {
-                l.prefetch
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone()
+                l.prefetch.lock().clone()
             })
             .filter(|s| !s.lun.is_empty())
             .collect();

@@ -61,7 +61,7 @@ pub struct ServedLun {
     history: Mutex<UsageState>,
     pub mode: FetchMode,
     /// The latest prefetch of this LUN.
-    pub prefetch: Arc<std::sync::Mutex<crate::fetch::prefetch::PrefetchStatus>>,
+    pub prefetch: Arc<parking_lot::Mutex<crate::fetch::prefetch::PrefetchStatus>>,
 }
 
 /// A LUN's access history and the read-ahead order derived from it.
