@@ -251,7 +251,7 @@ impl Connection {
     /// one PDU that decodes with the connection's digests.
     fn write(&mut self, item: Outgoing) -> Result<(), Closed> {
         let built = matches!(item, Outgoing::Pdu(_));
-        let frame = item.into_frame(self.digests).map_err(|_| Closed)?;
+        let frame = item.into_wire_chain(self.digests).map_err(|_| Closed)?;
         if built {
             let mut bytes = BytesMut::from(&frame.to_bytes()[..]);
             let decoded = PduDecoder::new(self.digests)
