@@ -34,7 +34,7 @@ use crate::{
     },
     peer::{
         config::{AgentConfig, ImageConfig},
-        error::{IoContext, Result, ServeError},
+        error::{AnnotateIo, PeerError, Result},
         proto::{BlockReply, Role},
         server::BlockSource,
     },
@@ -126,7 +126,7 @@ impl Agent {
                 .output()
                 .io_context(|| format!("running {tgtadm}"))?;
             if !o.status.success() {
-                return Err(ServeError::Tgt(format!(
+                return Err(PeerError::Tgt(format!(
                     "{tgtadm} --op show failed: {}",
                     String::from_utf8_lossy(&o.stderr).trim()
                 )));

@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 
 use super::{
     client::{FetchError, Peer},
-    error::{IoContext, Result, ServeError},
+    error::{AnnotateIo, PeerError, Result},
     identity::PeerEntry,
     proto::{code, Holder, ManifestPiece, Msg, PushedChange, MAX_PUSH_CHANGES},
 };
@@ -64,12 +64,12 @@ pub struct ChildState {
 impl ChildState {
     pub fn load(path: &Path) -> Result<Self> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|source| ServeError::Json {
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| PeerError::Json {
                 what: format!("parse {}", path.display()),
                 source,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(ServeError::io(format!("read {}", path.display()), e)),
+            Err(e) => Err(PeerError::io(format!("read {}", path.display()), e)),
         }
     }
 
@@ -846,7 +846,7 @@ impl Pusher {
                     self.status.pushes.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(node = %self.node, changes = n, acked = seq, "pushed");
                     if seq < last {
-                        return Err(ServeError::Protocol(format!(
+                        return Err(PeerError::Protocol(format!(
                             "parent acknowledged {seq}, expected {last}"
                         )));
                     }

@@ -36,7 +36,7 @@ pub mod server;
 
 use std::{sync::Arc, time::Duration};
 
-use error::{IoContext, Result};
+use error::{AnnotateIo, Result};
 
 use crate::index::{BlockStore, RedbStore, StoreOptions};
 
