@@ -17,10 +17,12 @@ use std::{
     collections::BTreeMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use super::{
     client::{FetchError, Peer},
@@ -65,10 +67,6 @@ pub struct ReportView {
     pub via: String,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -78,7 +76,7 @@ impl HostReports {
     /// what is held for its host (it came the long way round) is ignored.
     /// Returns how many were recorded.
     pub fn record(&self, via: &str, reports: &[HostReport], now: Instant) -> usize {
-        let mut hosts = lock(&self.hosts);
+        let mut hosts = self.hosts.lock();
         hosts.retain(|_, e| now.saturating_duration_since(e.measured_at) < FORGET_AFTER);
         let mut n = 0;
         for r in reports {
@@ -113,7 +111,8 @@ impl HostReports {
 
     /// Metrics of the hosts whose report is at most `max_age` old at `now`.
     pub fn fresh(&self, now: Instant, max_age: Duration) -> BTreeMap<String, HostMetrics> {
-        lock(&self.hosts)
+        self.hosts
+            .lock()
             .iter()
             .filter(|(_, e)| now.saturating_duration_since(e.measured_at) <= max_age)
             .map(|(h, e)| (h.clone(), e.metrics))
@@ -123,7 +122,8 @@ impl HostReports {
     /// Every report held (not yet forgotten), with its age at `now`: what an
     /// indexer forwards to its parent.
     pub fn to_forward(&self, now: Instant) -> Vec<HostReport> {
-        lock(&self.hosts)
+        self.hosts
+            .lock()
             .iter()
             .filter(|(_, e)| now.saturating_duration_since(e.measured_at) < FORGET_AFTER)
             .map(|(h, e)| HostReport {
@@ -136,7 +136,8 @@ impl HostReports {
 
     /// Every report held, by host name.
     pub fn view(&self, now: Instant) -> Vec<ReportView> {
-        lock(&self.hosts)
+        self.hosts
+            .lock()
             .iter()
             .map(|(h, e)| ReportView {
                 host: h.clone(),
@@ -158,6 +159,7 @@ pub struct ReportStatus {
     pub failures: AtomicU64,
     /// Reports in the last accepted round.
     pub last_reports: AtomicU64,
+    #[serde(serialize_with = "super::serialize_locked")]
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -195,11 +197,11 @@ impl MetricsReporter {
         loop {
             let r = self.round().await;
             match &r {
-                Ok(()) => *lock(&self.status.last_error) = None,
+                Ok(()) => *self.status.last_error.lock() = None,
                 Err(e) => {
                     self.status.failures.fetch_add(1, Ordering::Relaxed);
                     let msg = e.to_string();
-                    let mut last = lock(&self.status.last_error);
+                    let mut last = self.status.last_error.lock();
                     if last.as_deref() != Some(msg.as_str()) {
                         tracing::warn!(node = %self.node, parent = %self.parent.addr(),
                             "host metrics: {msg}");
