@@ -172,10 +172,7 @@ pub struct CostConfig {
 impl CostConfig {
     /// The node at the other end of `iface`.
     pub fn peer_of<'a>(&'a self, iface: &'a str) -> &'a str {
-        self.link_peers
-            .get(iface)
-            .map(String::as_str)
-            .unwrap_or(iface)
+        self.link_peers.get(iface).map_or(iface, String::as_str)
     }
 }
 
@@ -317,7 +314,7 @@ pub struct SplicerConfig {
     /// Unanswered probes before the peer is dead.
     #[serde(default = "default_keepalive_count")]
     pub keepalive_count: u32,
-    /// TCP_USER_TIMEOUT, seconds: how long sent data may go unacknowledged (or
+    /// `TCP_USER_TIMEOUT`, seconds: how long sent data may go unacknowledged (or
     /// the peer's receive window stay shut) before the connection is closed
     /// (0: the kernel's default).
     #[serde(default = "default_user_timeout_secs")]
@@ -694,6 +691,10 @@ impl Config {
         ports
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one check after another in the file's order; each is two lines of condition and message"
+    )]
     fn validate(&self, text: &str) -> Result<(), ConfigError> {
         let lines = KeyLines::new(text);
         let invalid = |table: &str, key: &str, message: String| {
@@ -1262,7 +1263,7 @@ image_transfer_ports = [10809, 3260]
                 Duration::from_secs(30),
                 Duration::from_secs(10),
                 3,
-                Some(Duration::from_secs(60))
+                Some(Duration::from_mins(1))
             )
         );
         let with = |body: &str| {

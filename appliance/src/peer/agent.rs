@@ -383,6 +383,10 @@ pub fn open_store(cfg: &AgentConfig) -> Result<Arc<RedbStore>> {
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the agent's start-up in order: scan, server, pusher, reporter, rescan loop"
+)]
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let store = open_store(&cfg)?;
@@ -539,6 +543,10 @@ pub fn image_path(agent: &Agent, image: &str) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
+    #[expect(
+        clippy::unnecessary_wraps,
+        reason = "a read plan's steps hold an Option<Location> per block"
+    )]
     fn loc(image: &str, offset: u64) -> Option<Location> {
         Some(Location {
             host: "lib".into(),

@@ -150,7 +150,7 @@ impl ClientOptions {
             max_in_flight: 16,
             batch: 64,
             max_frame: DEFAULT_MAX_FRAME,
-            penalty: Duration::from_secs(300),
+            penalty: Duration::from_mins(5),
         }
     }
 }
@@ -383,14 +383,13 @@ impl Conn {
                 .map_err(|_| conn_err("connection lost".into()))?
                 .map_err(conn_err)
         };
-        match tokio::time::timeout(timeout, sent).await {
-            Ok(r) => r,
-            Err(_) => {
-                if let Some(p) = self.pending.lock().as_mut() {
-                    p.remove(&id);
-                }
-                Err(FetchError::Timeout { peer: peer.into() })
+        if let Ok(r) = tokio::time::timeout(timeout, sent).await {
+            r
+        } else {
+            if let Some(p) = self.pending.lock().as_mut() {
+                p.remove(&id);
             }
+            Err(FetchError::Timeout { peer: peer.into() })
         }
     }
 }
@@ -839,7 +838,7 @@ impl PeerClient {
                         out[i] = Some(Err(failed[i]
                             .last()
                             .cloned()
-                            .unwrap_or(FetchError::NoHolders)))
+                            .unwrap_or(FetchError::NoHolders)));
                     }
                 }
             }
@@ -864,7 +863,7 @@ impl PeerClient {
                                 data,
                                 from: addr.clone(),
                                 failed: std::mem::take(&mut failed[i]),
-                            }))
+                            }));
                         }
                         Err(e) => {
                             failed[i].push(e);

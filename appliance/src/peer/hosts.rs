@@ -33,10 +33,10 @@ use crate::plan::HostMetrics;
 /// Hosts one indexer keeps reports of; reports of further hosts are dropped.
 pub const MAX_HOSTS: usize = 65_536;
 /// Reports older than this are forgotten (and not forwarded).
-pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
+pub const FORGET_AFTER: Duration = Duration::from_hours(1);
 /// How long a reporter waits before trying a parent that refused `HostMetrics`
 /// (an older build that does not know the message).
-pub const REFUSED_BACKOFF: Duration = Duration::from_secs(600);
+pub const REFUSED_BACKOFF: Duration = Duration::from_mins(10);
 
 #[derive(Clone, Debug)]
 struct Entry {
@@ -89,12 +89,11 @@ impl HostReports {
             };
             match hosts.get(&r.host) {
                 Some(e) if e.measured_at > measured_at => continue,
-                Some(_) => {}
                 None if hosts.len() >= MAX_HOSTS => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                None => {}
+                _ => {}
             }
             hosts.insert(
                 r.host.clone(),
@@ -252,7 +251,7 @@ mod tests {
         // Via another path, measured earlier: ignored.
         let t1 = t0 + Duration::from_secs(2);
         assert_eq!(r.record("rack9", &[report("hv1", 0.9, 3000)], t1), 0);
-        assert_eq!(r.fresh(t1, Duration::from_secs(60))["hv1"].cpu, Some(0.5));
+        assert_eq!(r.fresh(t1, Duration::from_mins(1))["hv1"].cpu, Some(0.5));
         // Measured later: replaces it, and says where it came from.
         assert_eq!(r.record("rack9", &[report("hv1", 0.7, 1000)], t1), 1);
         let v = r.view(t1);
@@ -275,7 +274,7 @@ mod tests {
             &[report("hv1", 0.1, 0), report("hv2", 0.2, 59_000)],
             t0,
         );
-        let bound = Duration::from_secs(60);
+        let bound = Duration::from_mins(1);
         assert_eq!(r.fresh(t0, bound).len(), 2);
         let later = t0 + Duration::from_secs(2);
         let fresh = r.fresh(later, bound);

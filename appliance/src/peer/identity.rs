@@ -386,6 +386,10 @@ pub struct Keyring {
     state: RwLock<KeyringState>,
 }
 
+#[expect(
+    clippy::missing_fields_in_debug,
+    reason = "the state is every peer's key; a Keyring is told apart by its file"
+)]
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keyring").field("path", &self.path).finish()
@@ -546,7 +550,7 @@ pub(crate) mod testing {
                 PeerEntry {
                     name: name.into(),
                     role,
-                    hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                    hosts: hosts.iter().map(ToString::to_string).collect(),
                 },
             );
         }
@@ -563,6 +567,7 @@ pub(crate) mod testing {
 
     /// A peers file's text listing `nodes` with the keys [`creds`] gives them.
     pub fn peers_text(nodes: &[(&str, Role, &[&str])]) -> String {
+        use std::fmt::Write as _;
         let mut t = String::new();
         for (name, role, hosts) in nodes {
             let role_name = match role {
@@ -570,11 +575,12 @@ pub(crate) mod testing {
                 Role::Indexer => "indexer",
                 Role::Client => "client",
             };
-            t.push_str(&format!(
-                "[[node]]\nname = \"{name}\"\nrole = \"{role_name}\"\npublic_key = \"{}\"\nhosts = {:?}\n",
-                key_of(name, *role, hosts).public(),
-                hosts
-            ));
+            let public_key = key_of(name, *role, hosts).public();
+            write!(
+                t,
+                "[[node]]\nname = \"{name}\"\nrole = \"{role_name}\"\npublic_key = \"{public_key}\"\nhosts = {hosts:?}\n"
+            )
+            .expect("a String takes any text");
         }
         t
     }

@@ -287,6 +287,10 @@ impl IndexService {
     /// node as the peers file names it now: a change about a host it does not
     /// speak for ([`PeerEntry::speaks_for`]) is refused and logged, the rest
     /// apply; an address for such a host is ignored.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one push applied under one lock: dedup, gap check, apply, record, as a single sequence"
+    )]
     pub async fn push(
         &self,
         child: &PeerEntry,
@@ -311,14 +315,14 @@ impl IndexService {
         let _g = self.apply.lock().await;
         let (acked, addrs_changed) = {
             let mut st = self.state.lock();
-            let mut changed = false;
+            let mut any_new = false;
             for (h, a) in addrs {
                 if st.addrs.get(&h) != Some(&a) {
                     st.addrs.insert(h, a);
-                    changed = true;
+                    any_new = true;
                 }
             }
-            (st.acked.get(child).copied().unwrap_or(0), changed)
+            (st.acked.get(child).copied().unwrap_or(0), any_new)
         };
         let fresh: Vec<&PushedChange> = if resync {
             changes.iter().collect()
@@ -532,10 +536,10 @@ impl IndexService {
         );
         message.push_str(&refusals[..refusals.len().min(MAX_REFUSALS_NAMED)].join("; "));
         if refusals.len() > MAX_REFUSALS_NAMED {
-            message.push_str(&format!(
-                "; and {} more",
-                refusals.len() - MAX_REFUSALS_NAMED
-            ));
+            let more = refusals.len() - MAX_REFUSALS_NAMED;
+            message.push_str("; and ");
+            message.push_str(&more.to_string());
+            message.push_str(" more");
         }
         Msg::Error {
             code: code::REFUSED,
@@ -574,6 +578,10 @@ enum Pending {
 /// [`BlockStore::apply_checked`] does; the rest apply. A failure of the store
 /// stops at that group (earlier groups stay applied; the child resends the
 /// push and those changes apply again, to the same result).
+#[expect(
+    clippy::many_single_char_names,
+    reason = "index names for changes, groups and sources inside short loops"
+)]
 fn apply_in_groups(
     store: &dyn BlockStore,
     raw: &[Bytes],
@@ -736,8 +744,8 @@ impl Pusher {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
-                _ = self.wake.notified() => {}
+                () = tokio::time::sleep(self.interval) => {}
+                () = self.wake.notified() => {}
             }
         }
     }
@@ -782,25 +790,24 @@ impl Pusher {
     }
 
     async fn round(&self, acked: &mut Option<u64>) -> Result<()> {
-        let a = match *acked {
-            Some(a) => a,
-            None => {
-                // An empty push: the parent answers what it has of ours.
-                let a = self
-                    .parent
-                    .push(&self.node, false, 0, (self.addrs)(), Vec::new())
-                    .await?;
-                let ours = self.store.seq();
-                if a > ours {
-                    tracing::warn!(node = %self.node, parent_acked = a, ours,
-                        "the parent has acknowledged more than this store holds: resync");
-                    self.resync(acked).await?;
-                    return Ok(());
-                }
-                *acked = Some(a);
-                self.blocking(move |s| s.trim_log(a)).await?;
-                a
+        let a = if let Some(a) = *acked {
+            a
+        } else {
+            // An empty push: the parent answers what it has of ours.
+            let a = self
+                .parent
+                .push(&self.node, false, 0, (self.addrs)(), Vec::new())
+                .await?;
+            let ours = self.store.seq();
+            if a > ours {
+                tracing::warn!(node = %self.node, parent_acked = a, ours,
+                    "the parent has acknowledged more than this store holds: resync");
+                self.resync(acked).await?;
+                return Ok(());
             }
+            *acked = Some(a);
+            self.blocking(move |s| s.trim_log(a)).await?;
+            a
         };
         let mut a = a;
         let mut sent_any = false;
@@ -931,7 +938,7 @@ mod tests {
             host: host.into(),
             image: image.into(),
             block_size: 4096,
-            size: u32::MAX as u64 * 4096,
+            size: u64::from(u32::MAX) * 4096,
             blocks: vec![],
         }
     }

@@ -1,7 +1,7 @@
 //! The peer protocol: blocks served by hash, the index hierarchy over the network.
 //!
 //! - [`proto`]: length-prefixed, versioned frames with request ids (pipelined),
-//!   and the messages (GetBlocks, Holders, Push, …).
+//!   and the messages (`GetBlocks`, `Holders`, `Push`, …).
 //! - [`identity`]: each node's own key, and the peers file (public keys, roles,
 //!   the hosts an indexer speaks for), re-read when it changes.
 //! - [`auth`]: the Noise XX handshake on those keys, and the encrypted,
