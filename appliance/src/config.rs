@@ -17,6 +17,9 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use serde::Deserialize;
 
+mod key_lines;
+pub(crate) use key_lines::KeyLines;
+
 /// Default DSCP codepoint the splicer puts on its upstream connections. 5 is
 /// unassigned in the IANA DSCP registry's standard pool, so it does not collide
 /// with a PHB an operator already uses.
@@ -169,10 +172,7 @@ pub struct CostConfig {
 impl CostConfig {
     /// The node at the other end of `iface`.
     pub fn peer_of<'a>(&'a self, iface: &'a str) -> &'a str {
-        self.link_peers
-            .get(iface)
-            .map(String::as_str)
-            .unwrap_or(iface)
+        self.link_peers.get(iface).map_or(iface, String::as_str)
     }
 }
 
@@ -314,7 +314,7 @@ pub struct SplicerConfig {
     /// Unanswered probes before the peer is dead.
     #[serde(default = "default_keepalive_count")]
     pub keepalive_count: u32,
-    /// TCP_USER_TIMEOUT, seconds: how long sent data may go unacknowledged (or
+    /// `TCP_USER_TIMEOUT`, seconds: how long sent data may go unacknowledged (or
     /// the peer's receive window stay shut) before the connection is closed
     /// (0: the kernel's default).
     #[serde(default = "default_user_timeout_secs")]
@@ -691,11 +691,19 @@ impl Config {
         ports
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one check after another in the file's order; each is two lines of condition and message"
+    )]
     fn validate(&self, text: &str) -> Result<(), ConfigError> {
-        let invalid = |table: &str, key: &str, message: String| ConfigError::Invalid {
-            key: format!("{table}.{key}"),
-            line: key_line(text, table, key),
-            message,
+        let lines = KeyLines::new(text);
+        let invalid = |table: &str, key: &str, message: String| {
+            let key = format!("{table}.{key}");
+            ConfigError::Invalid {
+                line: lines.line(&key),
+                key,
+                message,
+            }
         };
         let dp = &self.datapath;
         if self.appliance.name.trim().is_empty() {
@@ -957,27 +965,6 @@ impl Config {
     }
 }
 
-/// 1-based line of `key = …` inside `[table]` or `[[table]]` (`""`: top level),
-/// for error messages that name the key and its line.
-pub(crate) fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
-    let mut current = String::new();
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
-            continue;
-        }
-        if current == table {
-            if let Some((k, _)) = t.split_once('=') {
-                if k.trim() == key {
-                    return Some(i + 1);
-                }
-            }
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1215,6 +1202,40 @@ image_transfer_ports = [10809, 3260]
         assert!(e.contains("manifest_refresh_ms"), "{e}");
     }
 
+    /// Two `[[splicer.lun]]` tables after `GOOD` (lines 11..=14 and 16..=19),
+    /// the second with `body` added on line 20.
+    fn two_luns(body: &str) -> String {
+        format!(
+            "{GOOD}\n[[splicer.lun]]\ntarget = \"iqn.x\"\nlun = 1\nmanifest = \"m\"\n\n\
+             [[splicer.lun]]\ntarget = \"iqn.x\"\nlun = 2\nmanifest = \"m2\"\n{body}"
+        )
+    }
+
+    #[test]
+    fn keys_of_the_second_served_lun_are_named_at_their_line() {
+        let c = Config::parse(&two_luns("")).unwrap();
+        assert_eq!(c.splicer.lun[1].lun, 2);
+        // Checked after parsing: the line of the key in the second table.
+        let e = Config::parse(&two_luns("").replace("lun = 2", "lun = 20000"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("splicer.lun[1].lun (line 18)"), "{e}");
+        let e = Config::parse(&two_luns("authority = \"lib\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("splicer.lun[1].authority (line 20)"), "{e}");
+        // Rejected while parsing: the parser's own position of the key.
+        let e = Config::parse(&two_luns("bogus = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus") && e.contains("line 20"), "{e}");
+        // A key the LUN does not give is located at its `[[splicer.lun]]`.
+        let e = Config::parse(&two_luns("").replace("manifest = \"m2\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("splicer.lun[1].image (line 16)"), "{e}");
+    }
+
     #[test]
     fn monitor_only_needs_no_client_facing() {
         let text = "[appliance]\nname = \"a\"\n[datapath]\ninterfaces = [\"x\"]\nsteer = false\n";
@@ -1242,7 +1263,7 @@ image_transfer_ports = [10809, 3260]
                 Duration::from_secs(30),
                 Duration::from_secs(10),
                 3,
-                Some(Duration::from_secs(60))
+                Some(Duration::from_mins(1))
             )
         );
         let with = |body: &str| {

@@ -21,11 +21,13 @@ use std::{
     fs::File,
     os::unix::fs::FileExt,
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
 use bytes::Bytes;
+
+use parking_lot::{Mutex, RwLock};
 
 use crate::{
     index::{
@@ -34,7 +36,7 @@ use crate::{
     },
     peer::{
         config::{AgentConfig, ImageConfig},
-        error::{IoContext, Result, ServeError},
+        error::{AnnotateIo, PeerError, Result},
         proto::{BlockReply, Role},
         server::BlockSource,
     },
@@ -69,14 +71,7 @@ pub struct Agent {
     /// replaced file is reopened).
     files: RwLock<HashMap<String, Open>>,
     /// Serialises scans.
-    scan_lock: std::sync::Mutex<()>,
-}
-
-fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
+    scan_lock: Mutex<()>,
 }
 
 impl Agent {
@@ -92,7 +87,7 @@ impl Agent {
             configured: cfg.image.clone(),
             tgt: cfg.tgt_control_port.map(|p| (cfg.tgtadm.clone(), p)),
             files: RwLock::new(HashMap::new()),
-            scan_lock: std::sync::Mutex::new(()),
+            scan_lock: Mutex::new(()),
         }
     }
 
@@ -126,7 +121,7 @@ impl Agent {
                 .output()
                 .io_context(|| format!("running {tgtadm}"))?;
             if !o.status.success() {
-                return Err(ServeError::Tgt(format!(
+                return Err(PeerError::Tgt(format!(
                     "{tgtadm} --op show failed: {}",
                     String::from_utf8_lossy(&o.stderr).trim()
                 )));
@@ -142,14 +137,14 @@ impl Agent {
     /// Index every wanted image (only what changed is recorded), remove images that
     /// are gone. Errors of single images are collected, not fatal.
     pub fn scan(&self) -> Result<ScanSummary> {
-        let _g = self.scan_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.scan_lock.lock();
         let wanted = self.wanted()?;
         let mut sum = ScanSummary {
             images: wanted.len(),
             ..Default::default()
         };
         // Files are reopened after a scan (a replaced file has a new inode).
-        *write_lock(&self.files) = wanted
+        *self.files.write() = wanted
             .iter()
             .map(|(n, p)| {
                 (
@@ -207,12 +202,12 @@ impl Agent {
     }
 
     fn file(&self, image: &str) -> Option<Arc<File>> {
-        if let Some(o) = read_lock(&self.files).get(image) {
+        if let Some(o) = self.files.read().get(image) {
             if let Some(f) = &o.file {
                 return Some(f.clone());
             }
         }
-        let mut w = write_lock(&self.files);
+        let mut w = self.files.write();
         let o = w.get_mut(image)?;
         if o.file.is_none() {
             o.file = File::open(&o.path).ok().map(Arc::new);
@@ -388,6 +383,10 @@ pub fn open_store(cfg: &AgentConfig) -> Result<Arc<RedbStore>> {
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the agent's start-up in order: scan, server, pusher, reporter, rescan loop"
+)]
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let store = open_store(&cfg)?;
@@ -401,16 +400,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tokio::task::spawn_blocking(move || a.scan()).await??
     };
     log_scan(&agent.node, &first);
-    let last_scan = Arc::new(std::sync::Mutex::new(first));
+    let last_scan = Arc::new(Mutex::new(first));
     let push_status = Arc::new(crate::peer::indexer::PushStatus::default());
     let metrics_status = Arc::new(crate::peer::hosts::ReportStatus::default());
-    let last_metrics = Arc::new(std::sync::Mutex::new(None::<crate::plan::HostMetrics>));
+    let last_metrics = Arc::new(Mutex::new(None::<crate::plan::HostMetrics>));
     let status: crate::peer::server::StatusFn = {
         let (l, p, parent) = (last_scan.clone(), push_status.clone(), cfg.parent);
         let (m, ms, pinned) = (last_metrics.clone(), metrics_status.clone(), cfg.metrics);
         Arc::new(move || {
-            let scan = l.lock().map(|s| s.clone()).unwrap_or_default();
-            let last = m.lock().map(|m| *m).unwrap_or_default();
+            let scan = l.lock().clone();
+            let last = *m.lock();
             serde_json::json!({ "parent": parent, "last_scan": scan, "push": &*p,
                 "metrics": { "last": last, "pinned": pinned, "report": &*ms } })
         })
@@ -436,16 +435,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     ));
     let reporter = match cfg.parent {
         Some(parent) if cfg.metrics_interval_ms > 0 => {
-            let sampler = std::sync::Mutex::new(crate::peer::hostmetrics::Sampler::new(
+            let sampler = Mutex::new(crate::peer::hostmetrics::Sampler::new(
                 cfg.disk_path(),
                 cfg.metrics,
             ));
             let (node, last) = (cfg.node.clone(), last_metrics.clone());
             let collect: crate::peer::hosts::Collect = Arc::new(move || {
-                let m = sampler.lock().map(|mut s| s.sample()).unwrap_or_default();
-                if let Ok(mut l) = last.lock() {
-                    *l = Some(m);
-                }
+                let m = sampler.lock().sample();
+                *last.lock() = Some(m);
                 vec![crate::peer::proto::HostReport {
                     host: node.clone(),
                     metrics: m,
@@ -504,9 +501,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 if s.seq != before {
                     wake.notify_one();
                 }
-                if let Ok(mut l) = last_scan.lock() {
-                    *l = s;
-                }
+                *last_scan.lock() = s;
             }
             Ok(Err(e)) => tracing::warn!("rescan: {e:#}"),
             Err(e) => tracing::warn!("rescan: {e}"),
@@ -541,13 +536,17 @@ fn log_scan(node: &str, s: &ScanSummary) {
 
 /// For tests: the path of an image as the agent resolves it.
 pub fn image_path(agent: &Agent, image: &str) -> Option<PathBuf> {
-    read_lock(&agent.files).get(image).map(|o| o.path.clone())
+    agent.files.read().get(image).map(|o| o.path.clone())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[expect(
+        clippy::unnecessary_wraps,
+        reason = "a read plan's steps hold an Option<Location> per block"
+    )]
     fn loc(image: &str, offset: u64) -> Option<Location> {
         Some(Location {
             host: "lib".into(),

@@ -383,6 +383,10 @@ mod tests {
         tokio::io::split(s)
     }
 
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "the two ends and their streams, as in the handshake's description"
+    )]
     async fn pair(
         client: Credentials,
         client_name: &str,
@@ -482,6 +486,10 @@ mod tests {
         );
     }
 
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "the two ends and their streams, as in the handshake's description"
+    )]
     #[tokio::test]
     async fn an_altered_record_closes_the_channel() {
         // Client and server through a relay that flips one bit of the first

@@ -15,7 +15,7 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -29,6 +29,8 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::codec::FramedRead;
+
+use parking_lot::Mutex;
 
 use super::{
     auth::client_handshake,
@@ -148,7 +150,7 @@ impl ClientOptions {
             max_in_flight: 16,
             batch: 64,
             max_frame: DEFAULT_MAX_FRAME,
-            penalty: Duration::from_secs(300),
+            penalty: Duration::from_mins(5),
         }
     }
 }
@@ -255,10 +257,6 @@ impl Drop for Conn {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Requests whose answer only an indexer may give.
 fn answers_for_the_index(msg: &Msg) -> bool {
     matches!(
@@ -330,7 +328,7 @@ impl Conn {
                         Some(Ok(f)) => {
                             let m = Msg::decode(f.body).map_err(|e| e.to_string());
                             let bad = m.is_err();
-                            let waiter = lock(&pending).as_mut().and_then(|p| p.remove(&f.id));
+                            let waiter = pending.lock().as_mut().and_then(|p| p.remove(&f.id));
                             if let Some(w) = waiter {
                                 let _ = w.send(m);
                             }
@@ -344,7 +342,7 @@ impl Conn {
                 };
                 alive.store(false, Ordering::Release);
                 tracing::debug!(%peer, "peer connection ended: {why}");
-                if let Some(p) = lock(&pending).take() {
+                if let Some(p) = pending.lock().take() {
                     for (_, w) in p {
                         let _ = w.send(Err(why.clone()));
                     }
@@ -369,7 +367,7 @@ impl Conn {
         };
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
-        match lock(&self.pending).as_mut() {
+        match self.pending.lock().as_mut() {
             Some(p) => p.insert(id, wtx),
             None => return Err(conn_err("connection lost".into())),
         };
@@ -385,14 +383,13 @@ impl Conn {
                 .map_err(|_| conn_err("connection lost".into()))?
                 .map_err(conn_err)
         };
-        match tokio::time::timeout(timeout, sent).await {
-            Ok(r) => r,
-            Err(_) => {
-                if let Some(p) = lock(&self.pending).as_mut() {
-                    p.remove(&id);
-                }
-                Err(FetchError::Timeout { peer: peer.into() })
+        if let Ok(r) = tokio::time::timeout(timeout, sent).await {
+            r
+        } else {
+            if let Some(p) = self.pending.lock().as_mut() {
+                p.remove(&id);
             }
+            Err(FetchError::Timeout { peer: peer.into() })
         }
     }
 }
@@ -440,18 +437,20 @@ impl Peer {
 
     /// Served a corrupt block within the penalty period.
     pub fn is_penalised(&self) -> bool {
-        lock(&self.0.health)
+        self.0
+            .health
+            .lock()
             .penalised_until
             .is_some_and(|t| t > Instant::now())
     }
 
     /// Corrupt blocks this peer served (since this client started).
     pub fn mismatches(&self) -> u64 {
-        lock(&self.0.health).mismatches
+        self.0.health.lock().mismatches
     }
 
     fn penalise(&self) {
-        let mut h = lock(&self.0.health);
+        let mut h = self.0.health.lock();
         h.mismatches += 1;
         h.penalised_until = Some(Instant::now() + self.0.opts.penalty);
         inc(&self.0.metrics.mismatches, 1);
@@ -780,7 +779,8 @@ impl PeerClient {
 
     /// The peer at `addr` (`ip:port`), created on first use.
     pub fn peer(&self, addr: &str) -> Peer {
-        lock(&self.peers)
+        self.peers
+            .lock()
             .entry(addr.to_string())
             .or_insert_with(|| Peer::new(addr, self.opts.clone(), self.metrics.clone()))
             .clone()
@@ -838,7 +838,7 @@ impl PeerClient {
                         out[i] = Some(Err(failed[i]
                             .last()
                             .cloned()
-                            .unwrap_or(FetchError::NoHolders)))
+                            .unwrap_or(FetchError::NoHolders)));
                     }
                 }
             }
@@ -863,7 +863,7 @@ impl PeerClient {
                                 data,
                                 from: addr.clone(),
                                 failed: std::mem::take(&mut failed[i]),
-                            }))
+                            }));
                         }
                         Err(e) => {
                             failed[i].push(e);

@@ -50,7 +50,6 @@
 //! max_image_blocks = 134217728          # a change or manifest claiming more blocks is refused
 //! ```
 
-use crate::config::key_line;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -65,7 +64,7 @@ use super::{
     proto::{Role, DEFAULT_MAX_FRAME},
     server::ServerOptions,
 };
-use crate::config::ConfigError;
+use crate::config::{ConfigError, KeyLines};
 
 /// `[peer]`: protocol tuning shared by server and client.
 #[derive(Clone, Debug, Deserialize)]
@@ -261,19 +260,24 @@ fn default_tgtadm() -> String {
     "tgtadm".into()
 }
 
+/// Builds the errors of the checks that run after parsing, each naming its key
+/// and the key's line.
 struct Validator<'a> {
-    text: &'a str,
+    lines: KeyLines<'a>,
 }
 
 impl Validator<'_> {
+    /// `key` inside `table` (`""`: top level; `key` may index an array of
+    /// tables, `image[1].path`).
     fn err(&self, table: &str, key: &str, message: &str) -> ConfigError {
+        let key = if table.is_empty() {
+            key.to_string()
+        } else {
+            format!("{table}.{key}")
+        };
         ConfigError::Invalid {
-            key: if table.is_empty() {
-                key.to_string()
-            } else {
-                format!("{table}.{key}")
-            },
-            line: key_line(self.text, table, key),
+            line: self.lines.line(&key),
+            key,
             message: message.into(),
         }
     }
@@ -323,7 +327,9 @@ impl AgentConfig {
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let mut c: AgentConfig = toml::from_str(text)?;
-        let v = Validator { text };
+        let v = Validator {
+            lines: KeyLines::new(text),
+        };
         v.node(&c.node)?;
         c.creds = Some(v.credentials(&c.key_file, &c.peers_file)?);
         if c.listen.ip().is_unspecified() && c.advertise.is_none() {
@@ -367,25 +373,21 @@ impl AgentConfig {
         let mut names = std::collections::BTreeSet::new();
         for (i, im) in c.image.iter().enumerate() {
             if im.name.trim().is_empty() {
-                return Err(ConfigError::Invalid {
-                    key: format!("image[{i}].name"),
-                    line: None,
-                    message: "must not be empty".into(),
-                });
+                return Err(v.err("", &format!("image[{i}].name"), "must not be empty"));
             }
             if !names.insert(im.name.clone()) {
-                return Err(ConfigError::Invalid {
-                    key: format!("image[{i}].name"),
-                    line: None,
-                    message: format!("`{}` is listed twice", im.name),
-                });
+                return Err(v.err(
+                    "",
+                    &format!("image[{i}].name"),
+                    &format!("`{}` is listed twice", im.name),
+                ));
             }
             if !im.path.is_absolute() {
-                return Err(ConfigError::Invalid {
-                    key: format!("image[{i}].path"),
-                    line: None,
-                    message: format!("`{}` must be absolute", im.path.display()),
-                });
+                return Err(v.err(
+                    "",
+                    &format!("image[{i}].path"),
+                    &format!("`{}` must be absolute", im.path.display()),
+                ));
             }
         }
         c.peer.validate(&v)?;
@@ -420,7 +422,9 @@ impl IndexerConfig {
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let mut c: IndexerConfig = toml::from_str(text)?;
-        let v = Validator { text };
+        let v = Validator {
+            lines: KeyLines::new(text),
+        };
         v.node(&c.node)?;
         c.creds = Some(v.credentials(&c.key_file, &c.peers_file)?);
         if c.push_interval_ms == 0 {
@@ -543,7 +547,14 @@ mod tests {
         let s = e(&format!(
             "{agent}\n[[image]]\nname = \"vm1\"\npath = \"/x\"\n"
         ));
-        assert!(s.contains("image[1].name") && s.contains("twice"), "{s}");
+        assert!(
+            s.contains("image[1].name (line 14)") && s.contains("twice"),
+            "{s}"
+        );
+        let s = e(&format!(
+            "{agent}\n[[image]]\nname = \"vm2\"\npath = \"relative\"\n"
+        ));
+        assert!(s.contains("image[1].path (line 15)"), "{s}");
         let s = e(&format!("block_sizes = [\"3KiB\"]\n{agent}"));
         assert!(s.contains("block_sizes"), "{s}");
         let peers_line = agent.lines().nth(5).unwrap().to_string();

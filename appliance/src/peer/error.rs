@@ -1,10 +1,12 @@
 //! The errors of the peer services — indexers and agents — as the library's
-//! `thiserror` type; the binary adds context with anyhow at its edge.
+//! `thiserror` type ([`PeerError`]); the binary adds context with anyhow at its
+//! edge.
 
 use super::client::FetchError;
 
+/// Why an indexer or agent operation failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ServeError {
+pub enum PeerError {
     /// A file, socket, signal or process operation failed; `what` names the
     /// operation and its object.
     #[error("{what}: {source}")]
@@ -24,7 +26,7 @@ pub enum ServeError {
     Index(#[from] crate::index::IndexError),
     /// The parent (or another peer) failed or refused a request.
     #[error(transparent)]
-    Peer(#[from] FetchError),
+    Remote(#[from] FetchError),
     /// A blocking task (store work off the runtime) panicked or was cancelled.
     #[error("blocking task: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -36,39 +38,40 @@ pub enum ServeError {
     Protocol(String),
 }
 
-pub type Result<T, E = ServeError> = std::result::Result<T, E>;
+pub type Result<T, E = PeerError> = std::result::Result<T, E>;
 
-impl ServeError {
+impl PeerError {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        ServeError::Io {
+        PeerError::Io {
             what: what.into(),
             source,
         }
     }
 }
 
-impl From<std::io::Error> for ServeError {
+impl From<std::io::Error> for PeerError {
     fn from(source: std::io::Error) -> Self {
-        ServeError::io("I/O", source)
+        PeerError::io("I/O", source)
     }
 }
 
-impl From<serde_json::Error> for ServeError {
+impl From<serde_json::Error> for PeerError {
     fn from(source: serde_json::Error) -> Self {
-        ServeError::Json {
+        PeerError::Json {
             what: "JSON".into(),
             source,
         }
     }
 }
 
-/// Attach the operation and its object to an I/O error.
-pub trait IoContext<T> {
+/// Attach the operation and its object to an I/O error (`open /x/y`), making it
+/// a [`PeerError::Io`].
+pub trait AnnotateIo<T> {
     fn io_context(self, what: impl FnOnce() -> String) -> Result<T>;
 }
 
-impl<T> IoContext<T> for std::io::Result<T> {
+impl<T> AnnotateIo<T> for std::io::Result<T> {
     fn io_context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| ServeError::io(what(), e))
+        self.map_err(|e| PeerError::io(what(), e))
     }
 }

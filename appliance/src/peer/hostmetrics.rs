@@ -169,38 +169,38 @@ impl Sampler {
     /// One sample. A measurement that fails leaves its metric unknown (`None`)
     /// and is logged when its error changes.
     pub fn sample(&mut self) -> HostMetrics {
-        let cpu = match self.pinned.cpu {
-            Some(v) => Some(v),
-            None => {
-                let now = read_cpu_times();
-                let v = match (&now, self.last_cpu) {
-                    (Ok(n), Some(b)) => cpu_busy_fraction(b, *n),
-                    _ => None,
-                };
-                self.last_cpu = now.as_ref().ok().copied();
-                self.note(0, now.err());
-                v
-            }
+        let pinned = self.pinned;
+        HostMetrics {
+            cpu: pinned.cpu.or_else(|| self.measure_cpu()),
+            mem: pinned.mem.or_else(|| self.measure_mem()),
+            disk: pinned.disk.or_else(|| self.measure_disk()),
+        }
+    }
+
+    /// Busy fraction since the last sample (unknown at the first).
+    fn measure_cpu(&mut self) -> Option<f64> {
+        let now = read_cpu_times();
+        let v = match (&now, self.last_cpu) {
+            (Ok(n), Some(b)) => cpu_busy_fraction(b, *n),
+            _ => None,
         };
-        let mem = match self.pinned.mem {
-            Some(v) => Some(v),
-            None => {
-                let r = read_mem();
-                let v = r.as_ref().ok().copied();
-                self.note(1, r.err());
-                v
-            }
-        };
-        let disk = match self.pinned.disk {
-            Some(v) => Some(v),
-            None => {
-                let r = read_disk(&self.disk_path);
-                let v = r.as_ref().ok().copied();
-                self.note(2, r.err());
-                v
-            }
-        };
-        HostMetrics { cpu, mem, disk }
+        self.last_cpu = now.as_ref().ok().copied();
+        self.note(0, now.err());
+        v
+    }
+
+    fn measure_mem(&mut self) -> Option<f64> {
+        let r = read_mem();
+        let v = r.as_ref().ok().copied();
+        self.note(1, r.err());
+        v
+    }
+
+    fn measure_disk(&mut self) -> Option<f64> {
+        let r = read_disk(&self.disk_path);
+        let v = r.as_ref().ok().copied();
+        self.note(2, r.err());
+        v
     }
 
     fn note(&mut self, i: usize, e: Option<MeasureError>) {

@@ -17,10 +17,12 @@ use std::{
     collections::BTreeMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use super::{
     client::{FetchError, Peer},
@@ -31,10 +33,10 @@ use crate::plan::HostMetrics;
 /// Hosts one indexer keeps reports of; reports of further hosts are dropped.
 pub const MAX_HOSTS: usize = 65_536;
 /// Reports older than this are forgotten (and not forwarded).
-pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
+pub const FORGET_AFTER: Duration = Duration::from_hours(1);
 /// How long a reporter waits before trying a parent that refused `HostMetrics`
 /// (an older build that does not know the message).
-pub const REFUSED_BACKOFF: Duration = Duration::from_secs(600);
+pub const REFUSED_BACKOFF: Duration = Duration::from_mins(10);
 
 #[derive(Clone, Debug)]
 struct Entry {
@@ -65,10 +67,6 @@ pub struct ReportView {
     pub via: String,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -78,7 +76,7 @@ impl HostReports {
     /// what is held for its host (it came the long way round) is ignored.
     /// Returns how many were recorded.
     pub fn record(&self, via: &str, reports: &[HostReport], now: Instant) -> usize {
-        let mut hosts = lock(&self.hosts);
+        let mut hosts = self.hosts.lock();
         hosts.retain(|_, e| now.saturating_duration_since(e.measured_at) < FORGET_AFTER);
         let mut n = 0;
         for r in reports {
@@ -91,12 +89,11 @@ impl HostReports {
             };
             match hosts.get(&r.host) {
                 Some(e) if e.measured_at > measured_at => continue,
-                Some(_) => {}
                 None if hosts.len() >= MAX_HOSTS => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                None => {}
+                _ => {}
             }
             hosts.insert(
                 r.host.clone(),
@@ -113,7 +110,8 @@ impl HostReports {
 
     /// Metrics of the hosts whose report is at most `max_age` old at `now`.
     pub fn fresh(&self, now: Instant, max_age: Duration) -> BTreeMap<String, HostMetrics> {
-        lock(&self.hosts)
+        self.hosts
+            .lock()
             .iter()
             .filter(|(_, e)| now.saturating_duration_since(e.measured_at) <= max_age)
             .map(|(h, e)| (h.clone(), e.metrics))
@@ -123,7 +121,8 @@ impl HostReports {
     /// Every report held (not yet forgotten), with its age at `now`: what an
     /// indexer forwards to its parent.
     pub fn to_forward(&self, now: Instant) -> Vec<HostReport> {
-        lock(&self.hosts)
+        self.hosts
+            .lock()
             .iter()
             .filter(|(_, e)| now.saturating_duration_since(e.measured_at) < FORGET_AFTER)
             .map(|(h, e)| HostReport {
@@ -136,7 +135,8 @@ impl HostReports {
 
     /// Every report held, by host name.
     pub fn view(&self, now: Instant) -> Vec<ReportView> {
-        lock(&self.hosts)
+        self.hosts
+            .lock()
             .iter()
             .map(|(h, e)| ReportView {
                 host: h.clone(),
@@ -158,6 +158,7 @@ pub struct ReportStatus {
     pub failures: AtomicU64,
     /// Reports in the last accepted round.
     pub last_reports: AtomicU64,
+    #[serde(serialize_with = "super::serialize_locked")]
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -195,11 +196,11 @@ impl MetricsReporter {
         loop {
             let r = self.round().await;
             match &r {
-                Ok(()) => *lock(&self.status.last_error) = None,
+                Ok(()) => *self.status.last_error.lock() = None,
                 Err(e) => {
                     self.status.failures.fetch_add(1, Ordering::Relaxed);
                     let msg = e.to_string();
-                    let mut last = lock(&self.status.last_error);
+                    let mut last = self.status.last_error.lock();
                     if last.as_deref() != Some(msg.as_str()) {
                         tracing::warn!(node = %self.node, parent = %self.parent.addr(),
                             "host metrics: {msg}");
@@ -250,7 +251,7 @@ mod tests {
         // Via another path, measured earlier: ignored.
         let t1 = t0 + Duration::from_secs(2);
         assert_eq!(r.record("rack9", &[report("hv1", 0.9, 3000)], t1), 0);
-        assert_eq!(r.fresh(t1, Duration::from_secs(60))["hv1"].cpu, Some(0.5));
+        assert_eq!(r.fresh(t1, Duration::from_mins(1))["hv1"].cpu, Some(0.5));
         // Measured later: replaces it, and says where it came from.
         assert_eq!(r.record("rack9", &[report("hv1", 0.7, 1000)], t1), 1);
         let v = r.view(t1);
@@ -273,7 +274,7 @@ mod tests {
             &[report("hv1", 0.1, 0), report("hv2", 0.2, 59_000)],
             t0,
         );
-        let bound = Duration::from_secs(60);
+        let bound = Duration::from_mins(1);
         assert_eq!(r.fresh(t0, bound).len(), 2);
         let later = t0 + Duration::from_secs(2);
         let fresh = r.fresh(later, bound);

@@ -31,13 +31,18 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use serde::Deserialize;
 
-use super::proto::Role;
+use parking_lot::RwLock;
+
+use super::{
+    durable_file::{self, Existing},
+    proto::Role,
+};
 
 /// The Noise protocol both sides run (see `auth`): mutual authentication by
 /// static X25519 keys, ChaCha20-Poly1305 for everything after the handshake.
@@ -70,24 +75,10 @@ fn invalid(path: &Path, message: impl Into<String>) -> IdentityError {
 /// 32 bytes from the kernel's CSPRNG (API tokens; keys come from `snow`).
 pub fn random32() -> [u8; 32] {
     let mut b = [0u8; 32];
-    let mut got = 0;
-    while got < b.len() {
-        // SAFETY: writing at most the remaining length into our own buffer.
-        let n = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), b.len() - got, 0) };
-        if n > 0 {
-            got += n as usize;
-        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            // getrandom(2) cannot fail on a 32-byte request after boot; fall back
-            // to /dev/urandom rather than predictable bytes.
-            use std::io::Read;
-            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-                if f.read_exact(&mut b).is_ok() {
-                    return b;
-                }
-            }
-            panic!("no source of randomness");
-        }
-    }
+    // getrandom(2) (or /dev/urandom where it is missing) does not fail on a
+    // 32-byte request once the pool is initialised; predictable bytes instead
+    // would be worse than stopping.
+    getrandom::fill(&mut b).expect("the kernel's CSPRNG answers a 32-byte request");
     b
 }
 
@@ -169,21 +160,14 @@ impl NodeKey {
     }
 
     /// Write a new key file (never over an existing one), readable by its owner
-    /// only.
+    /// only from its creation, whole or not at all.
     pub fn save_new(&self, path: &Path) -> Result<(), IdentityError> {
-        use std::{io::Write, os::unix::fs::OpenOptionsExt};
-        let io = |source| IdentityError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io)?;
-        f.write_all(self.to_file_text().as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)
+        durable_file::write(path, self.to_file_text().as_bytes(), Existing::Keep).map_err(
+            |source| IdentityError::Io {
+                path: path.display().to_string(),
+                source,
+            },
+        )
     }
 
     /// Read a key file. Refused if others may read it, if it is malformed, or if
@@ -402,6 +386,10 @@ pub struct Keyring {
     state: RwLock<KeyringState>,
 }
 
+#[expect(
+    clippy::missing_fields_in_debug,
+    reason = "the state is every peer's key; a Keyring is told apart by its file"
+)]
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keyring").field("path", &self.path).finish()
@@ -441,18 +429,14 @@ impl Keyring {
     /// The node that holds `key`, as the peers file says now.
     pub fn lookup(&self, key: &PublicKey) -> Option<PeerEntry> {
         self.refresh();
-        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let st = self.state.read();
         st.peers.get(key).cloned()
     }
 
     /// Nodes listed now.
     pub fn len(&self) -> usize {
         self.refresh();
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .peers
-            .len()
+        self.state.read().peers.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -462,12 +446,12 @@ impl Keyring {
     fn refresh(&self) {
         let Some(path) = &self.path else { return };
         {
-            let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let st = self.state.read();
             if st.checked.elapsed() < RECHECK {
                 return;
             }
         }
-        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.write();
         if st.checked.elapsed() < RECHECK {
             return;
         }
@@ -560,13 +544,13 @@ pub(crate) mod testing {
         let k = key_of(name, role, hosts);
         let r = ring();
         {
-            let mut st = r.state.write().unwrap();
+            let mut st = r.state.write();
             Arc::make_mut(&mut st.peers).insert(
                 k.public(),
                 PeerEntry {
                     name: name.into(),
                     role,
-                    hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                    hosts: hosts.iter().map(ToString::to_string).collect(),
                 },
             );
         }
@@ -583,6 +567,7 @@ pub(crate) mod testing {
 
     /// A peers file's text listing `nodes` with the keys [`creds`] gives them.
     pub fn peers_text(nodes: &[(&str, Role, &[&str])]) -> String {
+        use std::fmt::Write as _;
         let mut t = String::new();
         for (name, role, hosts) in nodes {
             let role_name = match role {
@@ -590,11 +575,12 @@ pub(crate) mod testing {
                 Role::Indexer => "indexer",
                 Role::Client => "client",
             };
-            t.push_str(&format!(
-                "[[node]]\nname = \"{name}\"\nrole = \"{role_name}\"\npublic_key = \"{}\"\nhosts = {:?}\n",
-                key_of(name, *role, hosts).public(),
-                hosts
-            ));
+            let public_key = key_of(name, *role, hosts).public();
+            write!(
+                t,
+                "[[node]]\nname = \"{name}\"\nrole = \"{role_name}\"\npublic_key = \"{public_key}\"\nhosts = {hosts:?}\n"
+            )
+            .expect("a String takes any text");
         }
         t
     }
@@ -702,15 +688,15 @@ mod tests {
             entry("hv1", "agent", &a, "") + &entry("hv1", "agent", &b, ""),
         )
         .unwrap();
-        ring.state.write().unwrap().checked -= RECHECK;
+        ring.state.write().checked -= RECHECK;
         assert!(ring.lookup(&a).is_some() && ring.lookup(&b).is_some());
         std::fs::write(&path, entry("hv1", "agent", &b, "")).unwrap();
-        ring.state.write().unwrap().checked -= RECHECK;
+        ring.state.write().checked -= RECHECK;
         assert!(ring.lookup(&a).is_none(), "revoked");
         assert!(ring.lookup(&b).is_some());
         // A broken edit keeps the last good file.
         std::fs::write(&path, "[[node]]\nname = ").unwrap();
-        ring.state.write().unwrap().checked -= RECHECK;
+        ring.state.write().checked -= RECHECK;
         assert!(ring.lookup(&b).is_some());
     }
 }

@@ -28,7 +28,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
@@ -36,9 +36,12 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use parking_lot::Mutex;
+
 use super::{
     client::{FetchError, Peer},
-    error::{IoContext, Result, ServeError},
+    durable_file::{self, Existing},
+    error::{AnnotateIo, PeerError, Result},
     identity::PeerEntry,
     proto::{code, Holder, ManifestPiece, Msg, PushedChange, MAX_PUSH_CHANGES},
 };
@@ -64,33 +67,20 @@ pub struct ChildState {
 impl ChildState {
     pub fn load(path: &Path) -> Result<Self> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|source| ServeError::Json {
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| PeerError::Json {
                 what: format!("parse {}", path.display()),
                 source,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(ServeError::io(format!("read {}", path.display()), e)),
+            Err(e) => Err(PeerError::io(format!("read {}", path.display()), e)),
         }
     }
 
-    /// Written to a temporary file, fsynced, renamed over, directory fsynced.
+    /// Replaces the file whole and durably (see [`durable_file`]).
     pub fn save(&self, path: &Path) -> Result<()> {
-        use std::io::Write;
-        let tmp = path.with_extension("tmp");
-        let mut f =
-            std::fs::File::create(&tmp).io_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(self)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            let d = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            std::fs::File::open(d)?.sync_all()?;
-        }
-        Ok(())
+        let json = serde_json::to_vec_pretty(self)?;
+        durable_file::write(path, &json, Existing::Replace)
+            .io_context(|| format!("write {}", path.display()))
     }
 }
 
@@ -116,6 +106,7 @@ pub struct IndexMetrics {
     /// the rest of their push was applied.
     pub refused: AtomicU64,
     /// The last refusal, naming the child, its change and why.
+    #[serde(serialize_with = "super::serialize_locked")]
     pub last_refused: Mutex<Option<String>>,
 }
 
@@ -144,10 +135,6 @@ pub struct IndexService {
     pub metrics: IndexMetrics,
     /// The latest load report of every host below this indexer.
     pub hosts: Arc<super::hosts::HostReports>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl IndexService {
@@ -179,7 +166,8 @@ impl IndexService {
 
     /// Every host → address this indexer knows.
     pub fn addrs(&self) -> Vec<(String, String)> {
-        lock(&self.state)
+        self.state
+            .lock()
             .addrs
             .iter()
             .map(|(h, a)| (h.clone(), a.clone()))
@@ -187,7 +175,7 @@ impl IndexService {
     }
 
     pub fn child_state(&self) -> ChildState {
-        lock(&self.state).clone()
+        self.state.lock().clone()
     }
 
     /// Holders of `hashes` with addresses; hashes without a local holder are
@@ -205,7 +193,7 @@ impl IndexService {
         let hs = hashes.to_vec();
         let locs = tokio::task::spawn_blocking(move || store.holders_many(&hs)).await??;
         let mut out: Vec<Vec<Holder>> = {
-            let st = lock(&self.state);
+            let st = self.state.lock();
             locs.into_iter()
                 .map(|ls| {
                     ls.into_iter()
@@ -299,6 +287,10 @@ impl IndexService {
     /// node as the peers file names it now: a change about a host it does not
     /// speak for ([`PeerEntry::speaks_for`]) is refused and logged, the rest
     /// apply; an address for such a host is ignored.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one push applied under one lock: dedup, gap check, apply, record, as a single sequence"
+    )]
     pub async fn push(
         &self,
         child: &PeerEntry,
@@ -322,15 +314,15 @@ impl IndexService {
         }
         let _g = self.apply.lock().await;
         let (acked, addrs_changed) = {
-            let mut st = lock(&self.state);
-            let mut changed = false;
+            let mut st = self.state.lock();
+            let mut any_new = false;
             for (h, a) in addrs {
                 if st.addrs.get(&h) != Some(&a) {
                     st.addrs.insert(h, a);
-                    changed = true;
+                    any_new = true;
                 }
             }
-            (st.acked.get(child).copied().unwrap_or(0), changed)
+            (st.acked.get(child).copied().unwrap_or(0), any_new)
         };
         let fresh: Vec<&PushedChange> = if resync {
             changes.iter().collect()
@@ -384,7 +376,7 @@ impl IndexService {
         let is_foreign = |i: usize| foreign.binary_search_by_key(&i, |(j, _)| *j).is_ok();
         // The hosts this child speaks for, as its pushes show them.
         let hosts_changed = {
-            let mut st = lock(&self.state);
+            let mut st = self.state.lock();
             let set = st.hosts.entry(child.to_string()).or_default();
             let before = set.len();
             set.extend(
@@ -398,7 +390,7 @@ impl IndexService {
             set.len() != before
         };
         if resync {
-            let mut r = lock(&self.resyncing);
+            let mut r = self.resyncing.lock();
             let seen = r.entry(child.to_string()).or_default();
             for (_, p) in peeks
                 .iter()
@@ -418,8 +410,10 @@ impl IndexService {
         if resync && upto != RESYNC_MORE {
             // The last piece of a resync: sources of this child's hosts that it
             // did not restate are gone; removed with the rest of the push.
-            let seen = lock(&self.resyncing).remove(child).unwrap_or_default();
-            let hosts = lock(&self.state)
+            let seen = self.resyncing.lock().remove(child).unwrap_or_default();
+            let hosts = self
+                .state
+                .lock()
                 .hosts
                 .get(child)
                 .cloned()
@@ -509,11 +503,11 @@ impl IndexService {
             for r in refusals.iter().take(MAX_REFUSALS_NAMED) {
                 tracing::warn!(node = %self.node, %child, "refused {r}");
             }
-            *lock(&self.metrics.last_refused) = refusals.last().cloned();
+            *self.metrics.last_refused.lock() = refusals.last().cloned();
         }
         if new_acked != acked || addrs_changed || hosts_changed {
             let snapshot = {
-                let mut st = lock(&self.state);
+                let mut st = self.state.lock();
                 st.acked.insert(child.to_string(), new_acked);
                 st.clone()
             };
@@ -542,10 +536,10 @@ impl IndexService {
         );
         message.push_str(&refusals[..refusals.len().min(MAX_REFUSALS_NAMED)].join("; "));
         if refusals.len() > MAX_REFUSALS_NAMED {
-            message.push_str(&format!(
-                "; and {} more",
-                refusals.len() - MAX_REFUSALS_NAMED
-            ));
+            let more = refusals.len() - MAX_REFUSALS_NAMED;
+            message.push_str("; and ");
+            message.push_str(&more.to_string());
+            message.push_str(" more");
         }
         Msg::Error {
             code: code::REFUSED,
@@ -584,6 +578,10 @@ enum Pending {
 /// [`BlockStore::apply_checked`] does; the rest apply. A failure of the store
 /// stops at that group (earlier groups stay applied; the child resends the
 /// push and those changes apply again, to the same result).
+#[expect(
+    clippy::many_single_char_names,
+    reason = "index names for changes, groups and sources inside short loops"
+)]
 fn apply_in_groups(
     store: &dyn BlockStore,
     raw: &[Bytes],
@@ -706,10 +704,12 @@ pub struct PushStatus {
     pub pushes: AtomicU64,
     pub failures: AtomicU64,
     pub resyncs: AtomicU64,
+    #[serde(serialize_with = "super::serialize_locked")]
     pub last_error: Mutex<Option<String>>,
     /// Pushes of which the parent refused some changes (and applied the rest).
     pub refused: AtomicU64,
     /// The parent's last refusal (which changes, why).
+    #[serde(serialize_with = "super::serialize_locked")]
     pub last_refused: Mutex<Option<String>>,
 }
 
@@ -735,17 +735,17 @@ impl Pusher {
         let mut acked: Option<u64> = None;
         loop {
             match self.round(&mut acked).await {
-                Ok(()) => *lock(&self.status.last_error) = None,
+                Ok(()) => *self.status.last_error.lock() = None,
                 Err(e) => {
                     self.status.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(node = %self.node, parent = %self.parent.addr(), "push: {e:#}");
-                    *lock(&self.status.last_error) = Some(format!("{e:#}"));
+                    *self.status.last_error.lock() = Some(format!("{e:#}"));
                     acked = None; // ask the parent where we stand
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
-                _ = self.wake.notified() => {}
+                () = tokio::time::sleep(self.interval) => {}
+                () = self.wake.notified() => {}
             }
         }
     }
@@ -774,7 +774,7 @@ impl Pusher {
                 self.status.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(node = %self.node, parent = %self.parent.addr(), acked,
                     "parent refused changes: {message}");
-                *lock(&self.status.last_refused) = Some(message);
+                *self.status.last_refused.lock() = Some(message);
                 Ok(acked)
             }
             r => r,
@@ -790,25 +790,24 @@ impl Pusher {
     }
 
     async fn round(&self, acked: &mut Option<u64>) -> Result<()> {
-        let a = match *acked {
-            Some(a) => a,
-            None => {
-                // An empty push: the parent answers what it has of ours.
-                let a = self
-                    .parent
-                    .push(&self.node, false, 0, (self.addrs)(), Vec::new())
-                    .await?;
-                let ours = self.store.seq();
-                if a > ours {
-                    tracing::warn!(node = %self.node, parent_acked = a, ours,
-                        "the parent has acknowledged more than this store holds: resync");
-                    self.resync(acked).await?;
-                    return Ok(());
-                }
-                *acked = Some(a);
-                self.blocking(move |s| s.trim_log(a)).await?;
-                a
+        let a = if let Some(a) = *acked {
+            a
+        } else {
+            // An empty push: the parent answers what it has of ours.
+            let a = self
+                .parent
+                .push(&self.node, false, 0, (self.addrs)(), Vec::new())
+                .await?;
+            let ours = self.store.seq();
+            if a > ours {
+                tracing::warn!(node = %self.node, parent_acked = a, ours,
+                    "the parent has acknowledged more than this store holds: resync");
+                self.resync(acked).await?;
+                return Ok(());
             }
+            *acked = Some(a);
+            self.blocking(move |s| s.trim_log(a)).await?;
+            a
         };
         let mut a = a;
         let mut sent_any = false;
@@ -846,7 +845,7 @@ impl Pusher {
                     self.status.pushes.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(node = %self.node, changes = n, acked = seq, "pushed");
                     if seq < last {
-                        return Err(ServeError::Protocol(format!(
+                        return Err(PeerError::Protocol(format!(
                             "parent acknowledged {seq}, expected {last}"
                         )));
                     }
@@ -939,7 +938,7 @@ mod tests {
             host: host.into(),
             image: image.into(),
             block_size: 4096,
-            size: u32::MAX as u64 * 4096,
+            size: u64::from(u32::MAX) * 4096,
             blocks: vec![],
         }
     }
@@ -1090,7 +1089,10 @@ mod tests {
         assert_eq!(store.holders(&h(1)).unwrap().len(), 1);
         assert_eq!(store.holders(&h(3)).unwrap().len(), 1);
         assert_eq!(ix.metrics.refused.load(Ordering::Relaxed), 1);
-        assert!(lock(&ix.metrics.last_refused)
+        assert!(ix
+            .metrics
+            .last_refused
+            .lock()
             .as_deref()
             .is_some_and(|m| m.contains("change 2")));
         assert_eq!(ix.child_state().acked["hv1"], 3);
@@ -1179,7 +1181,7 @@ mod tests {
 
     impl BlockStore for Recording {
         fn apply(&self, changes: &[Change]) -> crate::index::Result<u64> {
-            lock(&self.batches).push(changes.len());
+            self.batches.lock().push(changes.len());
             self.inner.apply(changes)
         }
         fn max_image_blocks(&self) -> u64 {
@@ -1233,7 +1235,7 @@ mod tests {
         };
         // An existing 9-block source: replacing it expands 9 + its new blocks.
         store.apply(&[put("hv1", "x", 9, 9)]).unwrap();
-        lock(&store.batches).clear();
+        store.batches.lock().clear();
         let mut enc: Vec<Bytes> = [
             put("hv1", "a", 8, 1),
             put("hv1", "b", 8, 2),
@@ -1255,7 +1257,7 @@ mod tests {
         // a+b = 16; x (3 + 9 current) starts a group; the refused patch expands
         // nothing; d (8) fits with x; the garbage is refused; removing a (8)
         // fits with x and d? 12 + 8 + 8 > 20: a group of its own.
-        assert_eq!(*lock(&store.batches), [2, 3, 1]);
+        assert_eq!(*store.batches.lock(), [2, 3, 1]);
         let refused: Vec<usize> = done.refused.iter().map(|(i, _)| *i).collect();
         assert_eq!(refused, [3, 5]);
         assert!(done.refused[0]
@@ -1306,7 +1308,10 @@ mod tests {
         };
         wait_acked(2).await;
         assert_eq!(r.push_status.refused.load(Ordering::Relaxed), 1);
-        let last = lock(&r.push_status.last_refused)
+        let last = r
+            .push_status
+            .last_refused
+            .lock()
             .clone()
             .unwrap_or_default();
         assert!(

@@ -1,7 +1,7 @@
 //! The peer protocol: blocks served by hash, the index hierarchy over the network.
 //!
 //! - [`proto`]: length-prefixed, versioned frames with request ids (pipelined),
-//!   and the messages (GetBlocks, Holders, Push, …).
+//!   and the messages (`GetBlocks`, `Holders`, `Push`, …).
 //! - [`identity`]: each node's own key, and the peers file (public keys, roles,
 //!   the hosts an indexer speaks for), re-read when it changes.
 //! - [`auth`]: the Noise XX handshake on those keys, and the encrypted,
@@ -15,6 +15,8 @@
 //! - [`hosts`]: host load reports (cpu, mem, disk) kept per host and sent up the
 //!   tree.
 //! - [`config`]: the agent's and indexer's TOML.
+//! - [`durable_file`]: crash-safe whole-file writes (key files, the indexer's
+//!   children state).
 //! - [`agent`]: `nearblock agent`: index local images, push them up, serve their
 //!   blocks.
 //! - [`hostmetrics`]: a host's cpu, mem and disk used fractions, as agents
@@ -27,6 +29,7 @@ pub mod auth;
 pub mod cache_holder;
 pub mod client;
 pub mod config;
+pub mod durable_file;
 pub mod error;
 pub mod hostmetrics;
 pub mod hosts;
@@ -37,9 +40,18 @@ pub mod server;
 
 use std::{sync::Arc, time::Duration};
 
-use error::{IoContext, Result};
+use error::{AnnotateIo, Result};
 
 use crate::index::{BlockStore, RedbStore, StoreOptions};
+
+/// Serialises what a lock holds (status and metrics structs that are
+/// reported as JSON keep their last error behind a lock).
+fn serialize_locked<T: serde::Serialize, S: serde::Serializer>(
+    value: &parking_lot::Mutex<T>,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    value.lock().serialize(serializer)
+}
 
 /// A running indexer (server + upward pusher); dropping it stops both. For
 /// embedding in another process (e.g. the rack appliance's daemon).

@@ -336,7 +336,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 fn frame_len(prefix: [u8; 4], max_frame: u32) -> Result<usize, ProtoError> {
     let len = u32::from_be_bytes(prefix);
     if len > max_frame {
-        return Err(ProtoError::TooLarge(len as u64, max_frame));
+        return Err(ProtoError::TooLarge(u64::from(len), max_frame));
     }
     if (len as usize) < HEADER_LEN {
         return Err(ProtoError::Short(len));
@@ -345,6 +345,10 @@ fn frame_len(prefix: [u8; 4], max_frame: u32) -> Result<usize, ProtoError> {
 }
 
 /// A frame from its bytes after the length prefix (version, id, body).
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the buffer is handed over as the codec split it off; what is kept of it are slices (no copy)"
+)]
 fn parse_frame(buf: Bytes) -> Result<Frame, ProtoError> {
     if buf[0] != VERSION {
         return Err(ProtoError::Version(buf[0]));
@@ -583,6 +587,10 @@ fn encode_blocks(items: &[BlockReply], b: &mut BytesMut) {
 /// so at most [`MAX_HASHES`], and each header is at least a byte: what this
 /// allocates is at most [`MAX_HASHES`] items (32 bytes each) plus the failure
 /// messages' text, whatever the frame holds.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the buffer is handed over as the codec split it off; what is kept of it are slices (no copy)"
+)]
 fn decode_blocks(rest: Bytes) -> Result<Vec<BlockReply>, ProtoError> {
     let (n, mut heads) = postcard::take_from_bytes::<u32>(&rest)?;
     let n = n as usize;
@@ -693,6 +701,10 @@ impl Msg {
     }
 
     /// Decodes a frame's body. Found blocks share `body`'s buffer (no copy).
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "the buffer is handed over as the codec split it off; what is kept of it are slices (no copy)"
+    )]
     pub fn decode(body: Bytes) -> Result<Msg, ProtoError> {
         let (msg, rest) = postcard::take_from_bytes::<Msg>(&body)?;
         let tail = body.slice(body.len() - rest.len()..);
@@ -767,6 +779,7 @@ mod tests {
         Msg::decode(f.body).unwrap()
     }
 
+    #[expect(clippy::too_many_lines, reason = "one sample of every message, listed")]
     fn samples() -> Vec<Msg> {
         let h = BlockHash::of(b"x");
         let loc = Location {

@@ -120,6 +120,10 @@ fn block(i: u32) -> Vec<u8> {
         .collect()
 }
 
+#[expect(
+    clippy::many_single_char_names,
+    reason = "short names for the test's server, client and blocks"
+)]
 #[tokio::test]
 async fn fetch_many_blocks_batched_and_pipelined() {
     let bs: Vec<Vec<u8>> = (0..100).map(block).collect();
@@ -172,10 +176,14 @@ async fn replies_above_the_frame_limit_are_split() {
     let c = PeerClient::new(o);
     let hashes: Vec<BlockHash> = bs.iter().map(|b| BlockHash::of(b)).collect();
     let r = c.peer(&addr).fetch_blocks(&hashes).await;
-    assert!(r.iter().all(|r| r.is_ok()));
+    assert!(r.iter().all(Result::is_ok));
     assert!(c.metrics().requests >= 4, "{:?}", c.metrics());
 }
 
+#[expect(
+    clippy::many_single_char_names,
+    reason = "short names for the test's server, client and blocks"
+)]
 #[tokio::test]
 async fn corrupt_copy_is_rejected_penalised_and_fetched_elsewhere() {
     let bs: Vec<Vec<u8>> = (0..5).map(block).collect();
@@ -373,6 +381,10 @@ fn put(host: &str, image: &str, seed: u8) -> (Change, Vec<u8>) {
 
 /// A push larger than one frame (the `PutImage` of a big image) is sent in
 /// fragments and applied whole; other requests on the connection are unaffected.
+#[expect(
+    clippy::many_single_char_names,
+    reason = "short names for the test's server, client and blocks"
+)]
 #[tokio::test]
 async fn large_push_is_fragmented() {
     let dir = tempfile::tempdir().unwrap();
@@ -439,6 +451,7 @@ async fn large_push_is_fragmented() {
     assert_eq!(ix.child_state().acked["rack"], 1);
 }
 
+#[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
 #[tokio::test]
 async fn push_is_idempotent_and_gaps_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -576,6 +589,11 @@ async fn push_is_idempotent_and_gaps_are_refused() {
 /// agent store → pusher → rack indexer (server) → pusher → global indexer
 /// (server); holders asked at the rack fall back to the global; a global restart
 /// with a new (empty) store makes the rack resync.
+#[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
+#[expect(
+    clippy::many_single_char_names,
+    reason = "short names for the scenario's nodes and stores"
+)]
 #[tokio::test]
 async fn two_level_push_and_parent_fallback_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
@@ -750,8 +768,12 @@ async fn two_level_push_and_parent_fallback_over_tcp() {
 
 /// Loopback figures for docs/peer.md (not an assertion; the machine is shared):
 /// `cargo test -p nearblock --release --lib peer::tests::measure_loopback -- --ignored --nocapture`
+#[expect(
+    clippy::many_single_char_names,
+    reason = "short names for the test's server, client and blocks"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
+#[ignore = "a measurement that prints throughput, not a check: run by hand"]
 async fn measure_loopback() {
     let n = 8192u32;
     let bs: Vec<Vec<u8>> = (0..n)
@@ -773,11 +795,11 @@ async fn measure_loopback() {
         let t = std::time::Instant::now();
         let r = p.fetch_blocks(&hashes).await;
         let dt = t.elapsed().as_secs_f64();
-        assert!(r.iter().all(|r| r.is_ok()));
+        assert!(r.iter().all(Result::is_ok));
         println!(
             "batch {batch:>3}, in flight {inflight:>2}: {:>8.0} blocks/s, {:>7.1} MB/s (verified)",
-            n as f64 / dt,
-            n as f64 * 4096.0 / dt / 1e6
+            f64::from(n) / dt,
+            f64::from(n) * 4096.0 / dt / 1e6
         );
     }
     // Round trip of one single-block request.
@@ -789,7 +811,7 @@ async fn measure_loopback() {
         assert!(p.fetch_blocks(std::slice::from_ref(h)).await[0].is_ok());
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    lat.sort_by(|a, b| a.total_cmp(b));
+    lat.sort_by(f64::total_cmp);
     println!(
         "single-block request: p50 {:.0} µs, p99 {:.0} µs",
         lat[lat.len() / 2],
@@ -802,7 +824,7 @@ async fn measure_loopback() {
     }
     println!(
         "verification alone: {:.0} blocks/s",
-        n as f64 / t.elapsed().as_secs_f64()
+        f64::from(n) / t.elapsed().as_secs_f64()
     );
 }
 
@@ -814,12 +836,12 @@ pub(crate) fn indexer_config(
     parent: Option<std::net::SocketAddr>,
     extra: &str,
 ) -> super::config::IndexerConfig {
-    let p = parent
-        .map(|a| format!("parent = \"{a}\"\n"))
-        .unwrap_or_default();
     // Indexers speak for the hosts `hv*` in these tests; the peers file lists
     // every node the tests make (the keys `creds` gives them).
     const HOSTS: &[&str] = &["hv*"];
+    let p = parent
+        .map(|a| format!("parent = \"{a}\"\n"))
+        .unwrap_or_default();
     let key_file = dir.join(format!("{node}.key"));
     if !key_file.exists() {
         testing::key_of(node, Role::Indexer, HOSTS)
@@ -827,14 +849,14 @@ pub(crate) fn indexer_config(
             .unwrap();
     }
     let peers_file = dir.join("peers.toml");
-    let none: &[&str] = &[];
+    let no_hosts: &[&str] = &[];
     std::fs::write(
         &peers_file,
         testing::peers_text(&[
             ("g", Role::Indexer, HOSTS),
             ("r", Role::Indexer, HOSTS),
-            ("hv5", Role::Agent, none),
-            ("cli", Role::Client, none),
+            ("hv5", Role::Agent, no_hosts),
+            ("cli", Role::Client, no_hosts),
         ]),
     )
     .unwrap();
@@ -1014,7 +1036,7 @@ async fn a_manifest_is_only_ever_the_named_hosts_holding() {
             .await
         {
             Ok(ManifestAnswer::Found { manifest: m, .. }) => {
-                assert_eq!(m, manifest(&lib), "{addr}")
+                assert_eq!(m, manifest(&lib), "{addr}");
             }
             r => panic!("{addr}: {r:?}"),
         }
@@ -1040,6 +1062,7 @@ async fn a_manifest_is_only_ever_the_named_hosts_holding() {
 /// `Absent`; a manifest larger than the server's frame limit comes in pieces; a
 /// dead parent is an error (not `Absent`: the asker must not withdraw a LUN over
 /// it); a peer without an index refuses.
+#[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
 #[tokio::test]
 async fn manifests_from_the_store_then_the_parent() {
     use super::client::ManifestAnswer;
@@ -1151,7 +1174,7 @@ async fn manifests_from_the_store_then_the_parent() {
     let (aaddr, _) = start(blocks_src(Fake::new(&[], false)), 1 << 20).await;
     match c.peer(&aaddr).manifest("hv1", "vm1", None, None).await {
         Err(FetchError::Protocol { message, .. }) => {
-            assert!(message.contains("not an indexer"), "{message}")
+            assert!(message.contains("not an indexer"), "{message}");
         }
         r => panic!("{r:?}"),
     }
