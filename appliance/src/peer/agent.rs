@@ -91,14 +91,6 @@ impl Agent {
         }
     }
 
-    pub fn store(&self) -> &Arc<RedbStore> {
-        &self.store
-    }
-
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     /// The images this agent should offer now: configured ones, then tgtd's LUNs.
     pub fn wanted(&self) -> Result<BTreeMap<String, PathBuf>> {
         let mut out: BTreeMap<String, PathBuf> = self
@@ -532,11 +524,6 @@ fn log_scan(node: &str, s: &ScanSummary) {
     for e in &s.errors {
         tracing::warn!(node, "scan: {e}");
     }
-}
-
-/// For tests: the path of an image as the agent resolves it.
-pub fn image_path(agent: &Agent, image: &str) -> Option<PathBuf> {
-    agent.files.read().get(image).map(|o| o.path.clone())
 }
 
 #[cfg(test)]

@@ -57,11 +57,14 @@ fn serialize_locked<T: serde::Serialize, S: serde::Serializer>(
 /// embedding in another process (e.g. the rack appliance's daemon).
 pub struct IndexerHandle {
     pub service: Arc<indexer::IndexService>,
+    /// Upward pushes (the tests watch them; the daemon does not report them yet).
+    #[cfg(test)]
     pub push_status: Arc<indexer::PushStatus>,
     /// Forwarding of host load reports to the parent.
+    #[cfg(test)]
     pub metrics_status: Arc<hosts::ReportStatus>,
-    pub server_metrics: Arc<server::ServerMetrics>,
     /// The address the server listens on (with port 0 resolved).
+    #[cfg(test)]
     pub local_addr: std::net::SocketAddr,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -145,7 +148,7 @@ pub async fn start_indexer_on(
                 index: Some(ix.clone()),
                 status: Some(status),
             },
-            server_metrics.clone(),
+            server_metrics,
         );
         async move {
             if let Err(e) = f.await {
@@ -189,9 +192,11 @@ pub async fn start_indexer_on(
         open_ms = t0.elapsed().as_millis() as u64, "indexer ready");
     Ok(IndexerHandle {
         service: ix,
+        #[cfg(test)]
         push_status,
+        #[cfg(test)]
         metrics_status,
-        server_metrics,
+        #[cfg(test)]
         local_addr,
         tasks,
     })
