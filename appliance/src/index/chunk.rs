@@ -12,7 +12,7 @@ use std::{
     path::Path,
 };
 
-use super::{IndexError, IoContext, Result};
+use super::{IndexError, IndexIoContext, Result};
 use rayon::prelude::*;
 
 use super::{BlockHash, Manifest};

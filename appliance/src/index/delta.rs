@@ -19,7 +19,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::{IndexError, IoContext, Result};
+use super::{IndexError, IndexIoContext, Result};
 
 use super::chunk::ImageFile;
 use super::redb_store::{FileState, RedbStore};

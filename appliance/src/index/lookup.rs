@@ -25,7 +25,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{IndexError, IoContext, Result};
+use super::{IndexError, IndexIoContext, Result};
 use rayon::prelude::*;
 
 use super::{BlockHash, Manifest};

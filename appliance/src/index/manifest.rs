@@ -50,11 +50,28 @@ pub struct Manifest {
     pub blocks: Vec<Option<BlockHash>>,
 }
 
-/// Errors decoding a stored manifest.
+/// Errors decoding a stored manifest or record.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("manifest encoding: {0}")]
+    #[error("index encoding: {0}")]
     Corrupt(&'static str),
+    /// A record written in another format version ([`super::record`]): refused,
+    /// never read as this one.
+    #[error(
+        "{record} record of format version {found}; this build reads version {want} \
+         (written by another nearblock version)"
+    )]
+    Version {
+        record: &'static str,
+        found: u8,
+        want: u8,
+    },
+    #[error("{record} record: {source}")]
+    Postcard {
+        record: &'static str,
+        #[source]
+        source: postcard::Error,
+    },
     /// The manifest claims more blocks than the reader accepts; refused before
     /// anything was allocated for them.
     #[error(
@@ -289,10 +306,11 @@ pub fn coarse_name(group: &[Option<BlockHash>]) -> Option<BlockHash> {
     Some(BlockHash(*h.finalize().as_bytes()))
 }
 
-pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
+/// Reads a manifest's fixed-width fields in order.
+struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
-    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.0.len() < n {
             return Err(DecodeError::Corrupt("truncated"));
         }
@@ -300,37 +318,16 @@ impl<'a> Reader<'a> {
         self.0 = b;
         Ok(a)
     }
-    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
+    fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().expect("4 bytes"),
         ))
     }
-    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
+    fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
-    pub(crate) fn str(&mut self) -> Result<String, DecodeError> {
-        let n = self.u32()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError::Corrupt("utf-8"))
-    }
-    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
-        let n = self.u64()? as usize;
-        self.take(n)
-    }
-}
-
-pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-pub(crate) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-    out.extend_from_slice(b);
 }
 
 #[cfg(test)]
@@ -433,7 +430,8 @@ mod tests {
         b.extend_from_slice(&(n * 4096).to_le_bytes());
         b.extend_from_slice(&4096u32.to_le_bytes());
         b.extend_from_slice(&n.to_le_bytes());
-        put_str(&mut b, "huge");
+        b.extend_from_slice(&4u32.to_le_bytes());
+        b.extend_from_slice(b"huge");
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         assert!(matches!(

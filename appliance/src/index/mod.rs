@@ -12,8 +12,9 @@ pub mod chunk;
 pub mod delta;
 mod error;
 mod manifest;
+mod record;
 
-pub use error::{IndexError, IoContext, Result};
+pub use error::{IndexError, IndexIoContext, Result};
 pub use manifest::{
     check_max_image_blocks, BlockHash, DecodeError, Manifest, DEFAULT_MAX_IMAGE_BLOCKS,
     MAX_IMAGE_BLOCKS_LIMIT,

@@ -10,12 +10,15 @@
 //! served by the holder snapshot, which is derived data and rebuilt from redb if lost.
 //!
 //! Tables:
-//! - `meta`: `seq` (last change), `next_src` (source id counter);
+//! - `meta`: `format` ([`STORE_FORMAT`]), `seq` (last change), `next_src` (source
+//!   id counter);
 //! - `source_ids`: "host\0image\0block_size" → source id (never reused);
 //! - `sources`: id → host, image, block size, size, counts, seq of last change;
 //! - `manifests`: id → [`Manifest::encode`] (one value per source, so indexing an
 //!   image is one insert, not one per block);
 //! - `log`: seq → [`Change::encode`] (for the upward push; optional, trimmed);
+//!   this and the `sources` and `file_state` rows are versioned records
+//!   ([`super::record`]);
 //! - `file_state`: source key → what the file looked like when last indexed.
 
 use std::{
@@ -24,11 +27,12 @@ use std::{
     time::Instant,
 };
 
-use super::{IndexError, IoContext, Result};
+use super::{IndexError, IndexIoContext, Result};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::lookup::{coarse_for, entries_of, HolderTable, Snapshot, COARSE_BIT};
-use super::manifest::{check_max_image_blocks, put_str, Reader, DEFAULT_MAX_IMAGE_BLOCKS};
+use super::manifest::{check_max_image_blocks, DEFAULT_MAX_IMAGE_BLOCKS};
+use super::record;
 use super::store::{BlockStore, Change, ImageInfo, Location};
 use super::{BlockHash, DecodeError, Manifest};
 
@@ -38,6 +42,36 @@ const SOURCES: TableDefinition<u32, &[u8]> = TableDefinition::new("sources");
 const MANIFESTS: TableDefinition<u32, &[u8]> = TableDefinition::new("manifests");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const FILE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("file_state");
+
+/// `meta` key of the store's format.
+const FORMAT_KEY: &str = "format";
+
+/// The store's format, recorded under [`FORMAT_KEY`]. Format 2: every record
+/// (`sources`, `log`, `file_state`) starts with a version byte and is postcard
+/// ([`super::record`]). Format 1 (hand-written records) recorded no format; a
+/// store of it is refused, not migrated (docs/decisions.md, "Index records").
+pub const STORE_FORMAT: u64 = 2;
+
+/// What [`store_format_verdict`] decided about a store being opened.
+#[derive(Debug, PartialEq, Eq)]
+enum FormatVerdict {
+    /// Written in [`STORE_FORMAT`].
+    Current,
+    /// Empty and without a format: a new store, to be marked with this one.
+    New,
+    /// Another format, or records without a format (format 1).
+    Refuse,
+}
+
+/// The verdict on a store whose recorded format is `found` and which holds
+/// records (`holds_records`) or not.
+fn store_format_verdict(found: Option<u64>, holds_records: bool) -> FormatVerdict {
+    match found {
+        Some(STORE_FORMAT) => FormatVerdict::Current,
+        None if !holds_records => FormatVerdict::New,
+        _ => FormatVerdict::Refuse,
+    }
+}
 
 /// How to open a [`RedbStore`].
 #[derive(Clone, Debug)]
@@ -87,7 +121,7 @@ pub struct OpenReport {
 }
 
 /// What a file looked like when last indexed (for the cheap re-index).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct FileState {
     pub path: String,
     pub len: u64,
@@ -100,33 +134,15 @@ pub struct FileState {
 
 impl FileState {
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        put_str(&mut v, &self.path);
-        for x in [
-            self.len,
-            self.mtime_ns as u64,
-            self.ino,
-            self.dev,
-            self.full_scan_unix,
-        ] {
-            v.extend_from_slice(&x.to_le_bytes());
-        }
-        v
+        record::encode(self)
     }
     fn decode(b: &[u8]) -> Result<Self> {
-        let mut r = Reader(b);
-        Ok(Self {
-            path: r.str()?,
-            len: r.u64()?,
-            mtime_ns: r.u64()? as i64,
-            ino: r.u64()?,
-            dev: r.u64()?,
-            full_scan_unix: r.u64()?,
-        })
+        Ok(record::decode("file state", b)?)
     }
 }
 
-#[derive(Clone, Debug)]
+/// A source's row (`sources`). The field order is the record's format.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct SourceInfo {
     host: Arc<str>,
     image: Arc<str>,
@@ -150,26 +166,10 @@ impl SourceInfo {
         }
     }
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        put_str(&mut v, &self.host);
-        put_str(&mut v, &self.image);
-        v.extend_from_slice(&self.block_size.to_le_bytes());
-        for x in [self.size, self.blocks, self.zero_blocks, self.seq] {
-            v.extend_from_slice(&x.to_le_bytes());
-        }
-        v
+        record::encode(self)
     }
     fn decode(b: &[u8]) -> Result<Self> {
-        let mut r = Reader(b);
-        Ok(Self {
-            host: r.str()?.into(),
-            image: r.str()?.into(),
-            block_size: r.u32()?,
-            size: r.u64()?,
-            blocks: r.u64()?,
-            zero_blocks: r.u64()?,
-            seq: r.u64()?,
-        })
+        Ok(record::decode("source", b)?)
     }
     fn info(&self) -> ImageInfo {
         ImageInfo {
@@ -268,12 +268,28 @@ impl RedbStore {
         {
             let mut w = db.begin_write()?;
             w.set_quick_repair(true);
-            w.open_table(META)?;
             w.open_table(SOURCE_IDS)?;
-            w.open_table(SOURCES)?;
             w.open_table(MANIFESTS)?;
-            w.open_table(LOG)?;
-            w.open_table(FILE_STATE)?;
+            let holds_records = !w.open_table(SOURCES)?.is_empty()?
+                || !w.open_table(LOG)?.is_empty()?
+                || !w.open_table(FILE_STATE)?.is_empty()?;
+            let mut meta = w.open_table(META)?;
+            let found = meta.get(FORMAT_KEY)?.map(|v| v.value());
+            match store_format_verdict(found, holds_records || meta.get("seq")?.is_some()) {
+                FormatVerdict::Current => {}
+                FormatVerdict::New => {
+                    meta.insert(FORMAT_KEY, STORE_FORMAT)?;
+                }
+                FormatVerdict::Refuse => {
+                    // Dropping the transaction uncommitted leaves the file as it was.
+                    return Err(IndexError::Format {
+                        path: path.display().to_string(),
+                        found,
+                        want: STORE_FORMAT,
+                    });
+                }
+            }
+            drop(meta);
             w.commit()?;
         }
         let mut report = OpenReport {
@@ -1425,5 +1441,140 @@ mod tests {
         let store = RedbStore::open(&p, opts).unwrap();
         assert!(store.open_report().rebuilt_snapshot);
         assert_eq!(store.holders(&h(1)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn format_verdicts() {
+        use FormatVerdict::{Current, New, Refuse};
+        assert_eq!(store_format_verdict(Some(STORE_FORMAT), true), Current);
+        assert_eq!(store_format_verdict(Some(STORE_FORMAT), false), Current);
+        assert_eq!(store_format_verdict(None, false), New);
+        assert_eq!(store_format_verdict(None, true), Refuse);
+        assert_eq!(store_format_verdict(Some(STORE_FORMAT + 1), false), Refuse);
+        assert_eq!(store_format_verdict(Some(1), true), Refuse);
+    }
+
+    /// A store as format 1 left it: rows, no `format` key.
+    fn write_format_1_store(path: &Path) {
+        let db = Database::create(path).unwrap();
+        let w = db.begin_write().unwrap();
+        w.open_table(META).unwrap().insert("seq", 3).unwrap();
+        // Format 1's source row: host, image as u32-length strings, then fields.
+        let mut row = Vec::new();
+        for s in ["hv1", "vm1"] {
+            row.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            row.extend_from_slice(s.as_bytes());
+        }
+        row.extend_from_slice(&4096u32.to_le_bytes());
+        for x in [4096u64, 1, 0, 3] {
+            row.extend_from_slice(&x.to_le_bytes());
+        }
+        w.open_table(SOURCES)
+            .unwrap()
+            .insert(0, row.as_slice())
+            .unwrap();
+        w.commit().unwrap();
+    }
+
+    #[test]
+    fn a_store_of_the_old_format_is_refused_with_what_to_do_and_left_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        write_format_1_store(&path);
+        let before = std::fs::read(&path).unwrap();
+        let e = RedbStore::open(&path, StoreOptions::default())
+            .err()
+            .expect("a format 1 store must be refused");
+        assert!(matches!(
+            e,
+            IndexError::Format {
+                found: None,
+                want: STORE_FORMAT,
+                ..
+            }
+        ));
+        let m = e.to_string();
+        assert!(
+            m.contains("index.redb") && m.contains("format 1") && m.contains("aside"),
+            "{m}"
+        );
+        // Refused again on the next open: nothing was marked or rewritten.
+        assert!(RedbStore::open(&path, StoreOptions::default()).is_err());
+        assert_eq!(std::fs::read(&path).unwrap().len(), before.len());
+    }
+
+    #[test]
+    fn a_store_of_a_newer_format_is_refused_and_a_new_one_is_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        RedbStore::open(&path, StoreOptions::default())
+            .unwrap()
+            .close()
+            .unwrap();
+        {
+            let db = Database::create(&path).unwrap();
+            let r = db.begin_read().unwrap();
+            let meta = r.open_table(META).unwrap();
+            assert_eq!(meta.get(FORMAT_KEY).unwrap().unwrap().value(), STORE_FORMAT);
+            drop(meta);
+            drop(r);
+            let w = db.begin_write().unwrap();
+            w.open_table(META)
+                .unwrap()
+                .insert(FORMAT_KEY, STORE_FORMAT + 1)
+                .unwrap();
+            w.commit().unwrap();
+        }
+        let m = RedbStore::open(&path, StoreOptions::default())
+            .err()
+            .expect("a newer format must be refused")
+            .to_string();
+        assert!(m.contains(&format!("format {}", STORE_FORMAT + 1)), "{m}");
+    }
+
+    proptest! {
+        #[test]
+        fn file_state_round_trip(
+            path in ".{0,40}", len: u64, mtime_ns: i64, ino: u64, dev: u64, full_scan_unix: u64
+        ) {
+            let fs = FileState { path, len, mtime_ns, ino, dev, full_scan_unix };
+            prop_assert_eq!(FileState::decode(&fs.encode()).unwrap(), fs);
+        }
+
+        #[test]
+        fn source_row_round_trip(
+            host in "[a-z]{0,12}", image in ".{0,20}", block_size: u32,
+            size: u64, blocks: u64, zero_blocks: u64, seq: u64
+        ) {
+            let s = SourceInfo {
+                host: host.as_str().into(), image: image.as_str().into(),
+                block_size, size, blocks, zero_blocks, seq,
+            };
+            let back = SourceInfo::decode(&s.encode()).unwrap();
+            prop_assert_eq!(back.info(), s.info());
+        }
+    }
+
+    #[test]
+    fn rows_of_another_version_are_refused() {
+        let mut rec = FileState::default().encode();
+        rec[0] ^= 0xff;
+        assert!(matches!(
+            FileState::decode(&rec),
+            Err(IndexError::Decode(DecodeError::Version { .. }))
+        ));
+        let m = Manifest {
+            image: "i".into(),
+            size: 4096,
+            block_size: 4096,
+            blocks: vec![None],
+        };
+        let s = SourceInfo::of("h", &m, 1);
+        let mut rec = s.encode();
+        rec[0] = 1;
+        assert!(matches!(
+            SourceInfo::decode(&rec),
+            Err(IndexError::Decode(DecodeError::Version { found: 1, .. }))
+        ));
     }
 }
