@@ -22,11 +22,13 @@ use std::{
     collections::{HashMap, HashSet},
     fs::File,
     io::{BufWriter, Write},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use super::{IndexError, IndexIoContext, Result};
 use rayon::prelude::*;
+use rustc_hash::FxBuildHasher;
+use tempfile::NamedTempFile;
 
 use super::{BlockHash, Manifest};
 
@@ -143,9 +145,13 @@ impl Snapshot {
         let hcrc = crc32c::crc32c(&header[..36]);
         header[36..40].copy_from_slice(&hcrc.to_le_bytes());
 
-        let tmp = tmp_path(path);
-        let f = File::create(&tmp).io_context(|| format!("create {}", tmp.display()))?;
-        let mut w = BufWriter::with_capacity(4 << 20, f);
+        let parent = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let tmp = NamedTempFile::new_in(parent)
+            .io_context(|| format!("create a temporary file in {}", parent.display()))?;
+        let mut w = BufWriter::with_capacity(4 << 20, tmp);
         w.write_all(&header)?;
         w.write_all(&dir_bytes)?;
         let mut buf = [0u8; ENTRY];
@@ -155,18 +161,18 @@ impl Snapshot {
             buf[20..24].copy_from_slice(&e.idx.to_le_bytes());
             w.write_all(&buf)?;
         }
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            let d = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            File::open(d)?.sync_all()?;
-        }
+        let tmp = w
+            .into_inner()
+            .map_err(std::io::IntoInnerError::into_error)?;
+        tmp.as_file()
+            .sync_all()
+            .io_context(|| format!("sync {}", tmp.path().display()))?;
+        tmp.persist(path)
+            .map_err(|e| IndexError::io(format!("rename to {}", path.display()), e.error))?;
+        // The rename is durable only once the directory is.
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .io_context(|| format!("sync {}", parent.display()))?;
         Ok(())
     }
 
@@ -323,37 +329,6 @@ impl Snapshot {
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
-
-/// Keys are prefixes of blake3 names, already uniform: hash them by their low 64
-/// bits instead of running SipHash (3-4× faster overlay builds on reopen).
-#[derive(Default, Clone, Copy)]
-pub struct PrefixHasher(u64);
-
-impl std::hash::Hasher for PrefixHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ b as u64;
-        }
-    }
-    fn write_u128(&mut self, k: u128) {
-        self.0 = k as u64;
-    }
-    fn write_u64(&mut self, k: u64) {
-        // (source, block) positions: mix, they are not uniform.
-        self.0 = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type BuildPrefix = std::hash::BuildHasherDefault<PrefixHasher>;
-
 /// The overlay's holders of one name: almost always one, stored inline.
 enum Holders {
     One((u32, u32)),
@@ -369,13 +344,16 @@ impl Holders {
     }
 }
 
-/// Snapshot + overlay: the full holder index. Sources are dense u32 ids.
+/// Snapshot + overlay: the full holder index. Sources are dense u32 ids. The
+/// overlay's maps hash with Fx (rustc-hash): their keys are blake3 prefixes and
+/// (source, block) positions, neither chosen freely by anyone (see
+/// docs/decisions.md, "Index records and hashers").
 pub struct HolderTable {
     pub snap: Snapshot,
     coarse: Option<u32>,
     dirty: Vec<bool>,
-    tomb: HashSet<u64, BuildPrefix>,
-    adds: HashMap<u128, Holders, BuildPrefix>,
+    tomb: HashSet<u64, FxBuildHasher>,
+    adds: HashMap<u128, Holders, FxBuildHasher>,
     n_adds: usize,
 }
 

@@ -80,7 +80,9 @@ pub fn take<'a, T: Deserialize<'a>>(
 #[derive(Debug)]
 pub enum SeqError {
     /// The sequence declares `count` items, more than the limit.
-    TooLong { count: u64 },
+    TooLong {
+        count: u64,
+    },
     Decode(DecodeError),
 }
 

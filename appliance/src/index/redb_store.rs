@@ -23,11 +23,12 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::Arc,
     time::Instant,
 };
 
 use super::{IndexError, IndexIoContext, Result};
+use parking_lot::{Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::lookup::{coarse_for, entries_of, HolderTable, Snapshot, COARSE_BIT};
@@ -235,15 +236,14 @@ pub struct RedbStore {
     db: Database,
     snap_path: PathBuf,
     opts: StoreOptions,
+    /// Serialises writers (redb has one write transaction at a time anyway;
+    /// this also orders the in-memory updates after each commit).
     write: Mutex<()>,
+    /// Not poisoned by a panic (parking_lot): a panic mid-update leaves the
+    /// in-memory index as it was before that update at worst, and it is
+    /// rebuilt from redb on the next open.
     state: RwLock<State>,
     open_report: OpenReport,
-}
-
-fn rd<T>(r: std::sync::LockResult<T>) -> T {
-    // A panic while holding the lock leaves the in-memory index as it was before the
-    // panicking update at worst; it is rebuilt from redb on the next open.
-    r.unwrap_or_else(|p| p.into_inner())
 }
 
 impl RedbStore {
@@ -392,7 +392,7 @@ impl RedbStore {
     /// not have to rebuild it (keeps a clean reopen well under a second). Dropping
     /// the store without `close` is safe too (it is what a crash does).
     pub fn close(self) -> Result<()> {
-        let big = rd(self.state.read()).holders.overlay_len() > self.opts.close_compact_min;
+        let big = self.state.read().holders.overlay_len() > self.opts.close_compact_min;
         if big {
             self.compact()?;
         }
@@ -410,13 +410,13 @@ impl RedbStore {
 
     /// Entries in the holder snapshot and in the overlay.
     pub fn holder_counts(&self) -> (u64, usize) {
-        let st = rd(self.state.read());
+        let st = self.state.read();
         (st.holders.snap.len, st.holders.overlay_len())
     }
 
     /// Rewrites the holder snapshot from the manifests and empties the overlay.
     pub fn compact(&self) -> Result<()> {
-        let _w = rd(self.write.lock());
+        let _w = self.write.lock();
         self.compact_locked()
     }
 
@@ -427,7 +427,7 @@ impl RedbStore {
             self.opts.coarse,
             self.opts.max_image_blocks,
         )?;
-        let mut st = rd(self.state.write());
+        let mut st = self.state.write();
         st.holders = HolderTable::new(snap, self.opts.coarse);
         Ok(())
     }
@@ -435,7 +435,7 @@ impl RedbStore {
     /// Calls `f(location)` for every holder of `hash` (no allocation per lookup
     /// beyond what `f` does).
     pub fn for_each_holder(&self, hash: &BlockHash, mut f: impl FnMut(Location)) {
-        let st = rd(self.state.read());
+        let st = self.state.read();
         st.holders
             .lookup(u128::from_be_bytes(hash.prefix()), |s, i| {
                 if let Some(l) = st.location(s, i) {
@@ -446,7 +446,7 @@ impl RedbStore {
 
     /// Number of holders of `hash` (the cheapest lookup).
     pub fn holder_count(&self, hash: &BlockHash) -> usize {
-        let st = rd(self.state.read());
+        let st = self.state.read();
         let mut n = 0;
         st.holders
             .lookup(u128::from_be_bytes(hash.prefix()), |s, _| {
@@ -477,7 +477,7 @@ impl RedbStore {
         block_size: u32,
         fs: &FileState,
     ) -> Result<()> {
-        let _w = rd(self.write.lock());
+        let _w = self.write.lock();
         let mut w = self.db.begin_write()?;
         w.set_quick_repair(true);
         {
@@ -646,7 +646,7 @@ impl RedbStore {
         }
         w.commit()?;
 
-        let mut st = rd(self.state.write());
+        let mut st = self.state.write();
         for e in effects {
             match e {
                 Effect::Replace { src, old, new } => {
@@ -726,9 +726,9 @@ fn build_snapshot(
 
 impl BlockStore for RedbStore {
     fn apply(&self, changes: &[Change]) -> Result<u64> {
-        let _w = rd(self.write.lock());
+        let _w = self.write.lock();
         if changes.is_empty() {
-            return Ok(rd(self.state.read()).seq);
+            return Ok(self.state.read().seq);
         }
         self.apply_locked(changes)
     }
@@ -747,7 +747,7 @@ impl BlockStore for RedbStore {
         else {
             return Ok(0);
         };
-        let st = rd(self.state.read());
+        let st = self.state.read();
         Ok(st
             .sources
             .get(id as usize)
@@ -762,7 +762,7 @@ impl BlockStore for RedbStore {
     }
 
     fn holders_many(&self, hashes: &[BlockHash]) -> Result<Vec<Vec<Location>>> {
-        let st = rd(self.state.read());
+        let st = self.state.read();
         Ok(hashes
             .iter()
             .map(|h| {
@@ -779,7 +779,7 @@ impl BlockStore for RedbStore {
 
     fn manifest(&self, image: &str, block_size: Option<u32>) -> Result<Option<Manifest>> {
         let pick = {
-            let st = rd(self.state.read());
+            let st = self.state.read();
             st.sources
                 .iter()
                 .enumerate()
@@ -821,7 +821,7 @@ impl BlockStore for RedbStore {
         block_size: Option<u32>,
     ) -> Result<Option<Manifest>> {
         let pick = {
-            let st = rd(self.state.read());
+            let st = self.state.read();
             st.sources
                 .iter()
                 .enumerate()
@@ -841,14 +841,14 @@ impl BlockStore for RedbStore {
     }
 
     fn images(&self) -> Result<Vec<ImageInfo>> {
-        let st = rd(self.state.read());
+        let st = self.state.read();
         let mut v: Vec<ImageInfo> = st.sources.iter().flatten().map(SourceInfo::info).collect();
         v.sort_by(|a, b| (&a.image, &a.host, a.block_size).cmp(&(&b.image, &b.host, b.block_size)));
         Ok(v)
     }
 
     fn seq(&self) -> u64 {
-        rd(self.state.read()).seq
+        self.state.read().seq
     }
 
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, Change)>> {
@@ -866,7 +866,7 @@ impl BlockStore for RedbStore {
     }
 
     fn trim_log(&self, upto: u64) -> Result<()> {
-        let _w = rd(self.write.lock());
+        let _w = self.write.lock();
         let mut w = self.db.begin_write()?;
         w.set_quick_repair(true);
         {

@@ -165,8 +165,8 @@ impl Change {
             size,
         } = head
         {
-            let blocks = record::bounded_seq(CHANGE_RECORD, rest, max_blocks).map_err(|e| {
-                match e {
+            let blocks =
+                record::bounded_seq(CHANGE_RECORD, rest, max_blocks).map_err(|e| match e {
                     SeqError::TooLong { count } => DecodeError::TooLarge {
                         image: image.to_owned(),
                         block_size,
@@ -174,8 +174,7 @@ impl Change {
                         max: max_blocks,
                     },
                     SeqError::Decode(e) => e,
-                }
-            })?;
+                })?;
             return Ok(Change::PatchImage {
                 host: host.to_owned(),
                 image: image.to_owned(),

@@ -6,12 +6,13 @@ use std::io::Write;
 
 use super::capacity::{construct_capacity_aware, CapacityConfig};
 use super::construct::construct;
-use super::image::{BlockHashMap, ImageHolders};
+use super::image::ImageHolders;
 use super::place::{place, Candidate, MetricsFile, PlaceReport, Policy};
 use super::report::{BlockSource, ConstructReport};
 use super::usage::AccessHistory;
 use super::{HolderIndex, HolderIndexError, PlanError};
 use crate::cost::{Graph, Topology};
+use crate::index::BlockHashMap;
 use crate::index::Manifest;
 
 /// What the offline commands need from an index store.

@@ -23,7 +23,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::construct::unreachable_error;
-use super::image::{FxBuild, ImageHolders};
+use rustc_hash::FxBuildHasher;
+
+use super::image::ImageHolders;
 use super::tally::CostTally;
 use super::PlanError;
 use crate::cost::{Graph, NodeId, TwinClasses};
@@ -365,7 +367,7 @@ struct ClassGroups {
 
 impl ClassGroups {
     fn of(image: &ImageHolders, twins: &TwinClasses) -> Self {
-        let mut index: HashMap<Box<[u32]>, u32, FxBuild> = HashMap::default();
+        let mut index: HashMap<Box<[u32]>, u32, FxBuildHasher> = HashMap::default();
         let mut sets = Vec::new();
         let mut blocks = Vec::new();
         let mut of_group = Vec::with_capacity(image.group_count());

@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::image::{BlockHashMap, ImageBlocks};
+use super::image::ImageBlocks;
+use crate::index::BlockHashMap;
 use crate::index::Manifest;
 
 /// How one block was read across the recorded boots.
