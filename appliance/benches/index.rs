@@ -25,23 +25,17 @@ use std::{
 
 use nearblock::index::{
     chunk::{self, ImageFile},
+    synthetic::splitmix64,
     BlockHash, BlockStore, Change, Manifest, RedbStore, StoreOptions,
 };
 use rayon::prelude::*;
 
 const BLOCKS_PER_IMAGE: usize = 250_000;
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
 /// The synthetic name of block `i` of image `s`: 30% come from a shared pool of
 /// 1M names (so some names have several holders), the rest are distinct.
 fn name(s: u64, i: u64) -> BlockHash {
-    let k = splitmix((s << 32) | i);
+    let k = splitmix64((s << 32) | i);
     let id = if k % 10 < 3 {
         (1 << 63) | ((k >> 8) % 1_000_000)
     } else {
@@ -49,7 +43,7 @@ fn name(s: u64, i: u64) -> BlockHash {
     };
     let mut h = [0u8; 32];
     for (j, c) in h.chunks_mut(8).enumerate() {
-        c.copy_from_slice(&splitmix(id.wrapping_mul(4).wrapping_add(j as u64)).to_le_bytes());
+        c.copy_from_slice(&splitmix64(id.wrapping_mul(4).wrapping_add(j as u64)).to_le_bytes());
     }
     BlockHash(h)
 }
@@ -102,7 +96,7 @@ fn bench_hashing(dir: &Path) {
     let len = 256usize << 20;
     let mut buf = vec![0u8; len];
     buf.par_chunks_mut(1 << 20).enumerate().for_each(|(j, c)| {
-        let mut x = splitmix(j as u64) | 1;
+        let mut x = splitmix64(j as u64) | 1;
         for w in c.chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -296,7 +290,7 @@ fn bench_store(dir: &Path, total: usize) {
     let nq = 2_000_000usize;
     let queries: Vec<BlockHash> = (0..nq as u64)
         .map(|q| {
-            let r = splitmix(q ^ 0xabcdef);
+            let r = splitmix64(q ^ 0xabcdef);
             let s = r % images;
             let n = BLOCKS_PER_IMAGE.min(total - s as usize * BLOCKS_PER_IMAGE) as u64;
             name(s, (r >> 20) % n)

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use nearblock::cost::{Graph, NodeId, Topology, TwinClasses};
-use nearblock::index::{BlockHash, Manifest};
+use nearblock::index::{synthetic::SplitMix64, BlockHash, Manifest};
 use nearblock::plan::{
     construct, construct_capacity_aware, place, CapacityConfig, HolderIndex, ImageHolders,
     MemoryIndex,
@@ -20,31 +20,6 @@ const RACK: usize = 20;
 const RACKS_PER_POD: usize = 10;
 const LIBRARIES: usize = 2;
 const HOT_HOSTS: usize = 8;
-
-/// splitmix64: small, fast, and enough for synthetic data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn hash(&mut self) -> BlockHash {
-        let mut b = [0u8; 32];
-        for chunk in b.chunks_mut(8) {
-            chunk.copy_from_slice(&self.next().to_le_bytes());
-        }
-        BlockHash(b)
-    }
-}
 
 fn host_name(i: usize) -> String {
     if i < LIBRARIES {
@@ -116,7 +91,7 @@ fn rack_members(rack: usize) -> std::ops::Range<usize> {
 }
 
 /// A skewed host: the libraries and a few hot hypervisors hold most blocks.
-fn skewed_host(rng: &mut Rng) -> usize {
+fn skewed_host(rng: &mut SplitMix64) -> usize {
     let u = rng.unit();
     if u < 0.45 {
         rng.below(LIBRARIES)
@@ -137,7 +112,7 @@ struct Data {
 }
 
 fn data(blocks: usize, seed: u64) -> Data {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut index = MemoryIndex::new();
     for i in 0..HOSTS {
         index.host(&host_name(i));
