@@ -8,7 +8,7 @@
 //!    million blocks, reopen time after a clean shutdown, random lookups/s of
 //!    indexed keys (1 thread and all cores) vs a plain redb B-tree of the same keys.
 //! 3. Crash: a child process (this binary, re-executed) indexes more images into
-//!    the same store and is SIGKILLed mid-transaction; the reopen time and that no
+//!    the same store and is `SIGKILLed` mid-transaction; the reopen time and that no
 //!    committed change is lost are reported.
 //!
 //! Environment: `NB_BENCH_BLOCKS` (default 10,000,000), `NB_BENCH_DIR` (default a
@@ -84,7 +84,7 @@ fn file_bytes(p: &Path) -> u64 {
 }
 
 fn mib(b: f64) -> f64 {
-    b / (1 << 20) as f64
+    b / f64::from(1 << 20)
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -134,7 +134,7 @@ fn bench_hashing(dir: &Path) {
     let par_f = || {
         buf.par_chunks(4096).for_each(|c| {
             black_box(blake3::hash(c));
-        })
+        });
     };
     let mut t = [Duration::MAX; 5];
     for _ in 0..5 {
@@ -497,15 +497,14 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000_000);
     let tmp;
-    let dir = match std::env::var_os("NB_BENCH_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("nearblock-bench-index")
-                .tempdir_in("/var/tmp")
-                .expect("tempdir");
-            tmp.path().to_path_buf()
-        }
+    let dir = if let Some(d) = std::env::var_os("NB_BENCH_DIR") {
+        PathBuf::from(d)
+    } else {
+        tmp = tempfile::Builder::new()
+            .prefix("nearblock-bench-index")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        tmp.path().to_path_buf()
     };
     std::fs::create_dir_all(&dir).expect("bench dir");
     bench_hashing(&dir);

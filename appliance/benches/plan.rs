@@ -195,7 +195,7 @@ fn naive_cost(
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -300,7 +300,7 @@ fn main() {
         candidates.len(),
         secs(place_time),
         best.host,
-        best.cost.as_ref().map(|c| c.total_cost).unwrap_or(f64::NAN),
+        best.cost.as_ref().map_or(f64::NAN, |c| c.total_cost),
         ok
     );
     // One construction per candidate (the resolved image shared).

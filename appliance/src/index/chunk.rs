@@ -171,8 +171,8 @@ impl ImageFile {
 
     /// Name of block `i` at `block_size`.
     pub fn hash_block(&self, i: usize, block_size: u32) -> Option<BlockHash> {
-        let start = i as u64 * block_size as u64;
-        let end = (start + block_size as u64).min(self.size);
+        let start = i as u64 * u64::from(block_size);
+        let end = (start + u64::from(block_size)).min(self.size);
         if self.is_hole(start, end) {
             return None;
         }
@@ -214,8 +214,8 @@ impl ImageFile {
         let mut start = 0u64;
         while start < self.size {
             let end = (start + WINDOW).min(self.size);
-            for m in out.iter_mut() {
-                let bs = m.block_size as u64;
+            for m in &mut out {
+                let bs = u64::from(m.block_size);
                 let (a, b) = ((start / bs) as usize, end.div_ceil(bs) as usize);
                 m.blocks.extend(self.hash_range(a..b, m.block_size));
             }

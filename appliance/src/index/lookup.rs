@@ -55,7 +55,8 @@ pub const COARSE_BIT: u32 = 1 << 31;
 /// largest block size (4 KiB × 16 = 64 KiB; none above 64 KiB leaves at factor 16).
 pub fn coarse_for(block_size: u32, coarse: Option<u32>) -> Option<u32> {
     let f = coarse?;
-    (f > 1 && (block_size as u64) * (f as u64) <= super::chunk::MAX_BLOCK_SIZE as u64).then_some(f)
+    (f > 1 && u64::from(block_size) * u64::from(f) <= u64::from(super::chunk::MAX_BLOCK_SIZE))
+        .then_some(f)
 }
 
 fn key_of(h: &super::BlockHash) -> u128 {
@@ -303,7 +304,7 @@ impl Snapshot {
         let b = (key >> (128 - self.bits)) as usize;
         let (mut lo, mut hi) = (self.dir(b), self.dir(b + 1));
         while lo < hi {
-            let mid = (lo + hi) / 2;
+            let mid = usize::midpoint(lo, hi);
             if self.key_at(mid) < key {
                 lo = mid + 1;
             } else {
@@ -393,12 +394,12 @@ impl HolderTable {
             if !self.is_dirty(e.src)
                 && (self.tomb.is_empty() || !self.tomb.contains(&pos(e.src, e.idx)))
             {
-                f(e.src, e.idx)
+                f(e.src, e.idx);
             }
         });
         if let Some(v) = self.adds.get(&key) {
             for &(s, i) in v.as_slice() {
-                f(s, i)
+                f(s, i);
             }
         }
     }
@@ -508,7 +509,7 @@ impl HolderTable {
 
 #[inline]
 fn pos(s: u32, i: u32) -> u64 {
-    ((s as u64) << 32) | i as u64
+    (u64::from(s) << 32) | u64::from(i)
 }
 
 /// Little-endian integers at fixed offsets of the (length-checked) header.
@@ -546,7 +547,7 @@ mod tests {
                     x ^= x << 17;
                     Entry {
                         // Few distinct keys when small, so duplicates occur.
-                        key: (x as u128) << 64 | (i % 3) as u128,
+                        key: u128::from(x) << 64 | (i % 3) as u128,
                         src: (i % 7) as u32,
                         idx: i as u32,
                     }
@@ -609,7 +610,7 @@ mod tests {
         let p = dir.path().join("h");
         let mut e: Vec<Entry> = (0..40u32)
             .map(|i| Entry {
-                key: (i as u128) << 120,
+                key: u128::from(i) << 120,
                 src: 0,
                 idx: i,
             })

@@ -116,13 +116,13 @@ const HEADER_LEN: usize = 4 + 8 + 4 + 8 + 4;
 impl Manifest {
     /// Byte length of block `i` (the last one may be short).
     pub fn block_len(&self, i: usize) -> u64 {
-        let start = i as u64 * self.block_size as u64;
-        (self.size - start).min(self.block_size as u64)
+        let start = i as u64 * u64::from(self.block_size);
+        (self.size - start).min(u64::from(self.block_size))
     }
 
     /// Number of blocks an image of `size` bytes has at `block_size`.
     pub fn block_count(size: u64, block_size: u32) -> usize {
-        size.div_ceil(block_size as u64) as usize
+        size.div_ceil(u64::from(block_size)) as usize
     }
 
     /// Number of all-zero blocks.
@@ -275,7 +275,7 @@ impl<'a> Header<'a> {
         let size = r.u64()?;
         let block_size = r.u32()?;
         let blocks = r.u64()?;
-        if block_size == 0 || blocks != size.div_ceil(block_size as u64) {
+        if block_size == 0 || blocks != size.div_ceil(u64::from(block_size)) {
             return Err(Corrupt("block count"));
         }
         let name_len = r.u32()? as usize;
@@ -301,7 +301,7 @@ pub fn coarse_name(group: &[Option<BlockHash>]) -> Option<BlockHash> {
     h.update(b"nearblock-coarse");
     h.update(&(group.len() as u32).to_le_bytes());
     for b in group {
-        h.update(&b.map(|b| b.0).unwrap_or([0; 32]));
+        h.update(&b.map_or([0; 32], |b| b.0));
     }
     Some(BlockHash(*h.finalize().as_bytes()))
 }
@@ -424,7 +424,7 @@ mod tests {
     fn the_default_cap_refuses_a_forged_count_without_allocating() {
         // Header of a 2^32 - 1 block image with its bitmap cut off: the claim is
         // refused on the header alone (before the fix this allocated 141 GB).
-        let n = u32::MAX as u64;
+        let n = u64::from(u32::MAX);
         let mut b = Vec::new();
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&(n * 4096).to_le_bytes());

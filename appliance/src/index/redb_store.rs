@@ -12,7 +12,7 @@
 //! Tables:
 //! - `meta`: `format` ([`STORE_FORMAT`]), `seq` (last change), `next_src` (source
 //!   id counter);
-//! - `source_ids`: "host\0image\0block_size" → source id (never reused);
+//! - `source_ids`: "`host\0image\0block_size`" → source id (never reused);
 //! - `sources`: id → host, image, block size, size, counts, seq of last change;
 //! - `manifests`: id → [`Manifest::encode`] (one value per source, so indexing an
 //!   image is one insert, not one per block);
@@ -204,13 +204,13 @@ impl State {
         } else {
             s.block_size
         };
-        let offset = (idx & !COARSE_BIT) as u64 * bs as u64;
+        let offset = u64::from(idx & !COARSE_BIT) * u64::from(bs);
         Some(Location {
             host: s.host.clone(),
             image: s.image.clone(),
             block_size: bs,
             offset,
-            len: (s.size.saturating_sub(offset)).min(bs as u64) as u32,
+            len: (s.size.saturating_sub(offset)).min(u64::from(bs)) as u32,
         })
     }
 }
@@ -239,7 +239,7 @@ pub struct RedbStore {
     /// Serialises writers (redb has one write transaction at a time anyway;
     /// this also orders the in-memory updates after each commit).
     write: Mutex<()>,
-    /// Not poisoned by a panic (parking_lot): a panic mid-update leaves the
+    /// Not poisoned by a panic (`parking_lot)`: a panic mid-update leaves the
     /// in-memory index as it was before that update at worst, and it is
     /// rebuilt from redb on the next open.
     state: RwLock<State>,
@@ -439,7 +439,7 @@ impl RedbStore {
         st.holders
             .lookup(u128::from_be_bytes(hash.prefix()), |s, i| {
                 if let Some(l) = st.location(s, i) {
-                    f(l)
+                    f(l);
                 }
             });
     }
@@ -451,7 +451,7 @@ impl RedbStore {
         st.holders
             .lookup(u128::from_be_bytes(hash.prefix()), |s, _| {
                 if st.sources.get(s as usize).is_some_and(Option::is_some) {
-                    n += 1
+                    n += 1;
                 }
             });
         n
@@ -769,7 +769,7 @@ impl BlockStore for RedbStore {
                 let mut v = Vec::new();
                 st.holders.lookup(u128::from_be_bytes(h.prefix()), |s, i| {
                     if let Some(l) = st.location(s, i) {
-                        v.push(l)
+                        v.push(l);
                     }
                 });
                 v
@@ -959,7 +959,7 @@ mod tests {
                             host.clone(),
                             image.clone(),
                             *bs,
-                            i as u64 * *bs as u64,
+                            i as u64 * u64::from(*bs),
                             m.block_len(i) as u32,
                         ));
                     }
@@ -1046,8 +1046,8 @@ mod tests {
             let gbs = bs * f;
             for (g, c) in m.coarse(f as usize).into_iter().enumerate() {
                 if let Some(c) = c {
-                    let off = g as u64 * gbs as u64;
-                    let len = (m.size - off).min(gbs as u64) as u32;
+                    let off = g as u64 * u64::from(gbs);
+                    let len = (m.size - off).min(u64::from(gbs)) as u32;
                     want.entry(c)
                         .or_default()
                         .insert((host.clone(), image.clone(), gbs, off, len));
@@ -1159,7 +1159,7 @@ mod tests {
     }
 
     /// The trait's own `host_manifest` (through `images` and `manifest_at`), to
-    /// check RedbStore's faster one against.
+    /// check `RedbStore`'s faster one against.
     struct ByImages<'a>(&'a RedbStore);
 
     impl BlockStore for ByImages<'_> {
@@ -1273,7 +1273,7 @@ mod tests {
             host: "hv1".into(),
             image: "b".into(),
             block_size: 4096,
-            size: u32::MAX as u64 * 4096,
+            size: u64::from(u32::MAX) * 4096,
             blocks: vec![],
         };
         let e = store.apply(std::slice::from_ref(&huge)).unwrap_err();
@@ -1393,7 +1393,7 @@ mod tests {
             let w = db.begin_write().unwrap();
             w.open_table(META)
                 .unwrap()
-                .insert("next_src", u32::MAX as u64)
+                .insert("next_src", u64::from(u32::MAX))
                 .unwrap();
             w.commit().unwrap();
         }

@@ -48,7 +48,7 @@ pub fn compute(manifests: &[&Manifest]) -> Vec<ImageStats> {
                 .entry(h.0)
                 .and_modify(|o| {
                     if *o != i as u32 {
-                        *o = MANY
+                        *o = MANY;
                     }
                 })
                 .or_insert(i as u32);

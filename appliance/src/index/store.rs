@@ -301,7 +301,7 @@ impl Change {
         };
         let invalid = |why: String| IndexError::Invalid(format!("{}: {why}", self.describe()));
         super::chunk::check_block_size(block_size).map_err(|e| invalid(e.to_string()))?;
-        let n = size.div_ceil(block_size as u64);
+        let n = size.div_ceil(u64::from(block_size));
         if n > max_blocks {
             return Err(IndexError::TooLarge {
                 change: self.describe(),
@@ -318,7 +318,7 @@ impl Change {
                 )))
             }
             Change::PatchImage { blocks, .. } => {
-                match blocks.iter().find(|(i, _)| *i as u64 >= n) {
+                match blocks.iter().find(|(i, _)| u64::from(*i) >= n) {
                     Some((i, _)) => Err(invalid(format!("block {i} past the end ({n} blocks)"))),
                     None => Ok(()),
                 }
@@ -595,10 +595,10 @@ mod tests {
             }
             match &c {
                 Change::PutImage { manifest, .. } => {
-                    prop_assert_eq!(p.blocks, Some(manifest.blocks.len() as u64))
+                    prop_assert_eq!(p.blocks, Some(manifest.blocks.len() as u64));
                 }
                 Change::PatchImage { size, block_size, .. } if *block_size != 0 => {
-                    prop_assert_eq!(p.blocks, Some(size.div_ceil(*block_size as u64)))
+                    prop_assert_eq!(p.blocks, Some(size.div_ceil(u64::from(*block_size))));
                 }
                 Change::PatchImage { .. } => prop_assert_eq!(p.blocks, Some(0)),
                 _ => prop_assert_eq!(p.blocks, None),
@@ -619,11 +619,11 @@ mod tests {
     #[test]
     fn check_refuses_oversize_and_malformed_changes_naming_them() {
         // 2^32 - 1 blocks implied by the size alone: refused on arithmetic.
-        let e = patch(u32::MAX as u64 * 4096, vec![])
+        let e = patch(u64::from(u32::MAX) * 4096, vec![])
             .check(1 << 27)
             .unwrap_err();
         let m = e.to_string();
-        assert!(matches!(e, IndexError::TooLarge { blocks, .. } if blocks == u32::MAX as u64));
+        assert!(matches!(e, IndexError::TooLarge { blocks, .. } if blocks == u64::from(u32::MAX)));
         assert!(
             m.contains("PatchImage of `vm1` held by hv1") && m.contains("max_image_blocks"),
             "{m}"

@@ -132,7 +132,7 @@ pub fn construct_capacity_aware(
     let links = graph.links().len();
     let plain_link_bytes = plain.link_bytes(paths, links);
     let plain_finish = finish_time_s(&plain_link_bytes, &usable);
-    let block_bytes = image.blocks.block_size as f64;
+    let block_bytes = f64::from(image.blocks.block_size);
     let problem = FlowProblem::new(image, graph, paths, &usable, block_bytes);
     let plain_blocks_finish = problem.finish_in_blocks(&plain);
     let budget = plain.total_cost * (1.0 + config.cost_slack) * (1.0 + 1e-12) + 1e-12;
@@ -404,12 +404,12 @@ capacity_mbps = 300
                 counts[(c % 3) as usize] += 1;
                 c /= 3;
             }
-            let total: f64 = (0..3).map(|i| counts[i] as f64 * cost[i]).sum();
+            let total: f64 = (0..3).map(|i| f64::from(counts[i]) * cost[i]).sum();
             if total > budget + 1e-9 {
                 continue;
             }
             let t = (0..3)
-                .map(|i| counts[i] as f64 * bs / usable[i])
+                .map(|i| f64::from(counts[i]) * bs / usable[i])
                 .fold(0.0, f64::max);
             if t < best.0 - 1e-12 || ((t - best.0).abs() <= 1e-12 && total < best.1) {
                 best = (t, total);

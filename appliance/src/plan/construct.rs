@@ -103,7 +103,7 @@ impl ConstructionPlan {
             s.bytes += block.len;
         }
         let mut tally = CostTally::new();
-        for (&src, s) in by_source.iter_mut() {
+        for (&src, s) in &mut by_source {
             let d = paths.dist[src as usize];
             s.path_cost = d * s.blocks as f64;
             tally.add(d, s.blocks);

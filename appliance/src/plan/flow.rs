@@ -300,7 +300,7 @@ mod tests {
                 if mask >> i & 1 == 1 {
                     bal[u] -= 1;
                     bal[v] += 1;
-                    cost += c as f64;
+                    cost += f64::from(c);
                 }
             }
             let f = bal[nodes - 1];
@@ -324,7 +324,7 @@ mod tests {
             let edges: Vec<_> = edges.into_iter().filter(|(u, v, _)| u != v).collect();
             let mut n = FlowNetwork::new(5);
             for &(u, v, c) in &edges {
-                n.add_edge(u, v, 1, c as f64);
+                n.add_edge(u, v, 1, f64::from(c));
             }
             let r = n.min_cost_flow(0, 4, k);
             let (bf, bc) = brute(5, &edges, k).unwrap_or((0, 0.0));

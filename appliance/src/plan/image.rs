@@ -62,7 +62,7 @@ impl ImageBlocks {
 
     /// Byte offset of a distinct block's first occurrence.
     pub fn offset(&self, block: u32) -> u64 {
-        self.distinct[block as usize].first_index * self.block_size as u64
+        self.distinct[block as usize].first_index * u64::from(self.block_size)
     }
 }
 

@@ -133,7 +133,7 @@ pub fn construct_report(
                     let hash = manifest.blocks[pos as usize]?;
                     let source = sources[*distinct.get(&hash)? as usize];
                     Some(BlockSource {
-                        offset: pos * manifest.block_size as u64,
+                        offset: pos * u64::from(manifest.block_size),
                         hash: hash.to_string(),
                         source: graph.name(source).to_owned(),
                     })

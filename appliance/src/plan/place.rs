@@ -272,7 +272,7 @@ pub fn place(
     }
     let mut held_by: HashMap<NodeId, Vec<u32>> = HashMap::new();
     for (g, group) in image.groups().enumerate() {
-        for &h in group.holders.iter() {
+        for &h in group.holders {
             if is_candidate[h as usize] {
                 held_by.entry(h).or_default().push(g as u32);
             }
@@ -377,15 +377,14 @@ impl ClassGroups {
             scratch.extend(group.holders.iter().map(|&h| twins.class_of(h)));
             scratch.sort_unstable();
             scratch.dedup();
-            let cg = match index.get(scratch.as_slice()) {
-                Some(&cg) => cg,
-                None => {
-                    let cg = sets.len() as u32;
-                    index.insert(scratch.clone().into_boxed_slice(), cg);
-                    sets.push(scratch.clone().into_boxed_slice());
-                    blocks.push(0);
-                    cg
-                }
+            let cg = if let Some(&cg) = index.get(scratch.as_slice()) {
+                cg
+            } else {
+                let cg = sets.len() as u32;
+                index.insert(scratch.clone().into_boxed_slice(), cg);
+                sets.push(scratch.clone().into_boxed_slice());
+                blocks.push(0);
+                cg
             };
             blocks[cg as usize] += group.blocks.len() as u64;
             of_group.push(cg);
@@ -480,7 +479,7 @@ impl Placement {
                         cpu: m.cpu,
                         mem: m.mem,
                         disk: m.disk,
-                        error: c.cost.as_ref().err().map(|e| e.to_string()),
+                        error: c.cost.as_ref().err().map(std::string::ToString::to_string),
                     }
                 })
                 .collect(),
@@ -524,7 +523,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn names(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| s.to_string()).collect()
+        v.iter().map(std::string::ToString::to_string).collect()
     }
 
     fn placed(m: &Manifest, idx: &MemoryIndex, cands: &[&str]) -> Placement {
@@ -787,9 +786,9 @@ mod tests {
             image in proptest::collection::vec(0u8..11, 1..14),
         ) {
             let names: Vec<String> = (0..8).map(|i| format!("n{i}")).collect();
-            let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            let refs: Vec<&str> = names.iter().map(std::string::String::as_str).collect();
             let links: Vec<(usize, usize, f64)> =
-                links.into_iter().filter(|(a, b, _)| a != b).map(|(a, b, w)| (a, b, w as f64)).collect();
+                links.into_iter().filter(|(a, b, _)| a != b).map(|(a, b, w)| (a, b, f64::from(w))).collect();
             let tl: Vec<(&str, &str, f64)> = links.iter().map(|&(a, b, w)| (refs[a], refs[b], w)).collect();
             let g = Graph::from_topology(&topo(&refs, &tl));
             let d = floyd(8, &links);

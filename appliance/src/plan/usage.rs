@@ -62,7 +62,7 @@ impl AccessHistory {
     pub fn probability(&self, block: u64) -> f64 {
         match (self.boots, self.blocks.get(&block)) {
             (0, _) | (_, None) => 0.0,
-            (boots, Some(u)) => u.boots_read as f64 / boots as f64,
+            (boots, Some(u)) => f64::from(u.boots_read) / f64::from(boots),
         }
     }
 
@@ -71,7 +71,7 @@ impl AccessHistory {
         self.blocks
             .get(&block)
             .filter(|u| u.boots_read > 0)
-            .map(|u| u.rank_sum as f64 / u.boots_read as f64)
+            .map(|u| u.rank_sum as f64 / f64::from(u.boots_read))
     }
 
     /// Per manifest position: the read probability (0 for zero blocks).
