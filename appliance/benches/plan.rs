@@ -5,6 +5,7 @@
 //! (the scaling is printed). Figures are printed, never asserted.
 
 use std::collections::HashSet;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use nearblock::cost::{Graph, NodeId, Topology, TwinClasses};
@@ -35,8 +36,9 @@ fn host_name(i: usize) -> String {
 /// on 40, pods on 100.
 fn topology() -> Topology {
     let mut t = String::new();
-    let mut node =
-        |name: &str, role: &str| t += &format!("[[node]]\nname = \"{name}\"\nrole = \"{role}\"\n");
+    let mut node = |name: &str, role: &str| {
+        let _ = writeln!(t, "[[node]]\nname = \"{name}\"\nrole = \"{role}\"");
+    };
     node("core", "switch");
     let hypervisors = HOSTS - LIBRARIES;
     let racks = hypervisors.div_ceil(RACK);
@@ -58,7 +60,10 @@ fn topology() -> Topology {
         );
     }
     let mut link = |a: &str, b: &str, mbps: u32| {
-        t += &format!("[[link]]\na = \"{a}\"\nb = \"{b}\"\ncapacity_mbps = {mbps}\n");
+        let _ = writeln!(
+            t,
+            "[[link]]\na = \"{a}\"\nb = \"{b}\"\ncapacity_mbps = {mbps}"
+        );
     };
     for p in 0..pods {
         link(&format!("pod{p}"), "core", 100_000);
@@ -99,7 +104,9 @@ fn skewed_host(rng: &mut SplitMix64) -> usize {
         LIBRARIES + rng.below(HOT_HOSTS) * 97 % (HOSTS - LIBRARIES)
     } else {
         // Power-law over everyone else.
-        ((HOSTS as f64) * rng.unit().powi(3)) as usize % HOSTS
+        #[expect(clippy::cast_sign_loss, reason = "unit() is in [0, 1)")]
+        let host = ((HOSTS as f64) * rng.unit().powi(3)) as usize;
+        host % HOSTS
     }
 }
 
@@ -135,6 +142,7 @@ fn data(blocks: usize, seed: u64) -> Data {
         }
         let hash = rng.hash();
         // 1..=8 holders, mostly few.
+        #[expect(clippy::cast_sign_loss, reason = "unit() is in [0, 1)")]
         let extra = (rng.unit().powi(2) * 8.0) as usize;
         let mut holders = vec![skewed_host(&mut rng)];
         for _ in 0..extra.min(7) {
@@ -208,6 +216,10 @@ fn machine() -> String {
     format!("{cpus} cores, {model}")
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario printed step by step; split, it would only pass its state around"
+)]
 fn main() {
     println!("planner bench on {}", machine());
     let t0 = Instant::now();
@@ -272,11 +284,16 @@ fn main() {
         .filter(|&i| plan.sources[i] != target)
         .map(|i| paths.dist[plan.sources[i] as usize])
         .sum();
+    #[expect(
+        clippy::float_cmp,
+        reason = "both are sums of integer link weights, exact in f64"
+    )]
+    let sample_costs_agree = naive_sample == planned_sample;
     println!(
         "construct, naive per-block scan of every host: {:.1} s (extrapolated from {} blocks; sample costs agree: {})",
         naive_construct,
         sample,
-        naive_sample == planned_sample
+        sample_costs_agree
     );
     println!(
         "construct speedup over naive: {:.0}x",

@@ -233,7 +233,7 @@ fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
     let whole = if size == 0 { vec![] } else { vec![(0, size)] };
     let mut out = Vec::new();
     let mut pos: i64 = 0;
-    while (pos as u64) < size {
+    while pos.cast_unsigned() < size {
         // SAFETY: plain syscalls on a valid fd; they move the file offset only.
         let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
         if data < 0 {
@@ -248,7 +248,8 @@ fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
         if hole < 0 {
             return whole;
         }
-        out.push((data as u64, (hole as u64).min(size)));
+        // Both non-negative: checked above.
+        out.push((data.cast_unsigned(), hole.cast_unsigned().min(size)));
         pos = hole;
     }
     out

@@ -404,32 +404,32 @@ impl HolderTable {
         }
     }
 
-    fn add(&mut self, key: u128, s: u32, i: u32) {
+    fn add(&mut self, key: u128, src: u32, idx: u32) {
         use std::collections::hash_map::Entry as E;
         match self.adds.entry(key) {
             E::Vacant(v) => {
-                v.insert(Holders::One((s, i)));
+                v.insert(Holders::One((src, idx)));
             }
             E::Occupied(mut o) => {
                 let h = o.get_mut();
                 match h {
-                    Holders::One(x) => *h = Holders::Many(vec![*x, (s, i)]),
-                    Holders::Many(v) => v.push((s, i)),
+                    Holders::One(x) => *h = Holders::Many(vec![*x, (src, idx)]),
+                    Holders::Many(v) => v.push((src, idx)),
                 }
             }
         }
         self.n_adds += 1;
     }
 
-    fn remove_add(&mut self, key: u128, s: u32, i: u32) {
+    fn remove_add(&mut self, key: u128, src: u32, idx: u32) {
         let Some(h) = self.adds.get_mut(&key) else {
             return;
         };
         let empty = match h {
-            Holders::One(x) if *x == (s, i) => true,
+            Holders::One(x) if *x == (src, idx) => true,
             Holders::One(_) => return,
             Holders::Many(v) => {
-                let Some(p) = v.iter().position(|&x| x == (s, i)) else {
+                let Some(p) = v.iter().position(|&x| x == (src, idx)) else {
                     return;
                 };
                 v.swap_remove(p);

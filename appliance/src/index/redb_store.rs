@@ -249,6 +249,10 @@ pub struct RedbStore {
 impl RedbStore {
     /// Opens (creating if needed) the store at `path`; the holder snapshot lives
     /// next to it as `path.holders`.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the steps of opening in order (format, sources, snapshot, overlay), each timed for the report"
+    )]
     pub fn open(path: &Path, opts: StoreOptions) -> Result<Self> {
         check_max_image_blocks(opts.max_image_blocks)
             .map_err(|e| IndexError::Invalid(format!("max_image_blocks: {e}")))?;
@@ -489,6 +493,10 @@ impl RedbStore {
         Ok(())
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one write transaction: each kind of change is a few lines against the same open tables"
+    )]
     fn apply_locked(&self, changes: &[Change]) -> Result<u64> {
         // Everything that can be refused without the store is refused before a
         // transaction starts or a block list is sized.
@@ -502,7 +510,7 @@ impl RedbStore {
         let seq;
         {
             let mut meta = w.open_table(META)?;
-            let mut ids = w.open_table(SOURCE_IDS)?;
+            let mut source_ids = w.open_table(SOURCE_IDS)?;
             let mut sources = w.open_table(SOURCES)?;
             let mut manifests = w.open_table(MANIFESTS)?;
             let mut log = w.open_table(LOG)?;
@@ -510,20 +518,20 @@ impl RedbStore {
             let mut next_src = meta.get("next_src")?.map_or(0, |v| v.value());
             // The in-memory source table is indexed by id: a counter that ran
             // ahead of the ids actually issued would size it to the counter.
-            let issued = ids.len()?;
+            let issued = source_ids.len()?;
             if next_src != issued {
                 return Err(IndexError::Corrupt(format!(
                     "index meta: next source id {next_src} but {issued} ids were issued"
                 )));
             }
-            let mut id_for = |ids: &mut redb::Table<&str, u32>,
+            let mut id_for = |source_ids: &mut redb::Table<&str, u32>,
                               host: &str,
                               image: &str,
                               bs: u32,
                               create: bool|
              -> Result<Option<u32>> {
                 let k = source_key(host, image, bs);
-                if let Some(v) = ids.get(k.as_str())? {
+                if let Some(v) = source_ids.get(k.as_str())? {
                     return Ok(Some(v.value()));
                 }
                 if !create {
@@ -532,16 +540,21 @@ impl RedbStore {
                 let id = u32::try_from(next_src)
                     .map_err(|_| IndexError::Invalid("source ids exhausted".into()))?;
                 next_src += 1;
-                ids.insert(k.as_str(), id)?;
+                source_ids.insert(k.as_str(), id)?;
                 Ok(Some(id))
             };
             for c in changes {
                 s += 1;
                 match c {
                     Change::PutImage { host, manifest } => {
-                        let src =
-                            id_for(&mut ids, host, &manifest.image, manifest.block_size, true)?
-                                .expect("created");
+                        let src = id_for(
+                            &mut source_ids,
+                            host,
+                            &manifest.image,
+                            manifest.block_size,
+                            true,
+                        )?
+                        .expect("created");
                         let old = match manifests.insert(src, manifest.encode().as_slice())? {
                             Some(v) => decode_stored(src, v.value(), max)?,
                             None => None,
@@ -561,8 +574,8 @@ impl RedbStore {
                         size,
                         blocks,
                     } => {
-                        let src =
-                            id_for(&mut ids, host, image, *block_size, true)?.expect("created");
+                        let src = id_for(&mut source_ids, host, image, *block_size, true)?
+                            .expect("created");
                         let old = match manifests.get(src)? {
                             Some(v) => decode_stored(src, v.value(), max)?,
                             None => None,
@@ -601,7 +614,8 @@ impl RedbStore {
                         image,
                         block_size,
                     } => {
-                        if let Some(src) = id_for(&mut ids, host, image, *block_size, false)? {
+                        if let Some(src) = id_for(&mut source_ids, host, image, *block_size, false)?
+                        {
                             let old = match manifests.remove(src)? {
                                 Some(v) => decode_stored(src, v.value(), max)?,
                                 None => None,

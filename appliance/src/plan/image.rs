@@ -10,7 +10,7 @@ use rustc_hash::{FxBuildHasher, FxHasher};
 
 use super::{HolderIndex, HolderLists, PlanError};
 use crate::cost::{Graph, NodeId};
-use crate::index::{BlockHash, BlockHashMap, Manifest};
+use crate::index::{BlockHash, BlockHashMap, BlockHashSet, Manifest};
 
 /// One distinct non-zero block of an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +34,7 @@ pub struct ImageBlocks {
 
 impl ImageBlocks {
     pub fn of(manifest: &Manifest) -> Self {
-        let mut seen: BlockHashMap<()> = BlockHashMap::default();
+        let mut seen = BlockHashSet::default();
         seen.reserve(manifest.blocks.len());
         let mut distinct = Vec::new();
         let mut zero_positions = 0;
@@ -42,7 +42,7 @@ impl ImageBlocks {
             match block {
                 None => zero_positions += 1,
                 Some(hash) => {
-                    if seen.insert(*hash, ()).is_none() {
+                    if seen.insert(*hash) {
                         distinct.push(DistinctBlock {
                             hash: *hash,
                             first_index: i as u64,

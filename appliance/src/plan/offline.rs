@@ -337,6 +337,10 @@ mod tests {
         assert_eq!(e, "image `img` is not in the index at block size 8192");
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "costs are sums of integer link weights, exact in f64"
+    )]
     #[test]
     fn construct_capacity_and_history() {
         let mut history = AccessHistory::new("img");

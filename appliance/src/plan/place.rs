@@ -60,6 +60,7 @@ impl HostMetrics {
     }
 
     /// Each metric from `self` where known, else from `fallback`.
+    #[must_use]
     pub fn or(self, fallback: HostMetrics) -> HostMetrics {
         HostMetrics {
             cpu: self.cpu.or(fallback.cpu),
@@ -213,6 +214,7 @@ impl MetricsFile {
     /// This file with `reported` values laid over it: per host and metric, a
     /// reported value wins; a metric the report lacks keeps the file's value.
     /// (The caller passes only reports it considers fresh.)
+    #[must_use]
     pub fn overlaid(&self, reported: &BTreeMap<String, HostMetrics>) -> MetricsFile {
         let mut out = self.clone();
         for (host, r) in reported {
@@ -731,6 +733,10 @@ mod tests {
         ));
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "costs are sums of integer link weights, exact in f64"
+    )]
     #[test]
     fn placement_agrees_with_construction() {
         let idx = index(&[
@@ -779,6 +785,7 @@ mod tests {
         /// Random small topologies and placements: construction's total equals the
         /// brute-force optimum (every block from its cheapest holder), and placement
         /// orders candidates as sorting them by that brute-force cost does.
+        #[expect(clippy::float_cmp, reason = "costs are sums of integer link weights, exact in f64")]
         #[test]
         fn construction_and_placement_match_brute_force(
             links in proptest::collection::vec((0usize..8, 0usize..8, 0u32..4), 0..16),

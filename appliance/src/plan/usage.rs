@@ -220,6 +220,10 @@ mod tests {
         manifest("img", &[1, 2, 3, 0, 5, 6, 7], None)
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "the expected values are exact in binary floating point"
+    )]
     #[test]
     fn probabilities_and_ranks() {
         let h = history();
