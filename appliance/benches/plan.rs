@@ -290,10 +290,7 @@ fn main() {
     )]
     let sample_costs_agree = naive_sample == planned_sample;
     println!(
-        "construct, naive per-block scan of every host: {:.1} s (extrapolated from {} blocks; sample costs agree: {})",
-        naive_construct,
-        sample,
-        sample_costs_agree
+        "construct, naive per-block scan of every host: {naive_construct:.1} s (extrapolated from {sample} blocks; sample costs agree: {sample_costs_agree})"
     );
     println!(
         "construct speedup over naive: {:.0}x",

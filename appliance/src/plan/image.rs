@@ -10,7 +10,7 @@ use rustc_hash::{FxBuildHasher, FxHasher};
 
 use super::{HolderIndex, HolderLists, PlanError};
 use crate::cost::{Graph, NodeId};
-use crate::index::{BlockHash, BlockHashMap, BlockHashSet, Manifest};
+use crate::index::{BlockHash, BlockHashSet, Manifest};
 
 /// One distinct non-zero block of an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -273,6 +273,7 @@ mod tests {
     use super::super::testutil::*;
     use super::*;
     use crate::cost::paths::tests::topo;
+    use crate::index::BlockHashMap;
 
     #[test]
     fn distinct_blocks_zero_positions_and_tail() {
