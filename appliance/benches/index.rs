@@ -8,7 +8,7 @@
 //!    million blocks, reopen time after a clean shutdown, random lookups/s of
 //!    indexed keys (1 thread and all cores) vs a plain redb B-tree of the same keys.
 //! 3. Crash: a child process (this binary, re-executed) indexes more images into
-//!    the same store and is SIGKILLed mid-transaction; the reopen time and that no
+//!    the same store and is `SIGKILLed` mid-transaction; the reopen time and that no
 //!    committed change is lost are reported.
 //!
 //! Environment: `NB_BENCH_BLOCKS` (default 10,000,000), `NB_BENCH_DIR` (default a
@@ -25,23 +25,17 @@ use std::{
 
 use nearblock::index::{
     chunk::{self, ImageFile},
+    synthetic::splitmix64,
     BlockHash, BlockStore, Change, Manifest, RedbStore, StoreOptions,
 };
 use rayon::prelude::*;
 
 const BLOCKS_PER_IMAGE: usize = 250_000;
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
 /// The synthetic name of block `i` of image `s`: 30% come from a shared pool of
 /// 1M names (so some names have several holders), the rest are distinct.
 fn name(s: u64, i: u64) -> BlockHash {
-    let k = splitmix((s << 32) | i);
+    let k = splitmix64((s << 32) | i);
     let id = if k % 10 < 3 {
         (1 << 63) | ((k >> 8) % 1_000_000)
     } else {
@@ -49,7 +43,7 @@ fn name(s: u64, i: u64) -> BlockHash {
     };
     let mut h = [0u8; 32];
     for (j, c) in h.chunks_mut(8).enumerate() {
-        c.copy_from_slice(&splitmix(id.wrapping_mul(4).wrapping_add(j as u64)).to_le_bytes());
+        c.copy_from_slice(&splitmix64(id.wrapping_mul(4).wrapping_add(j as u64)).to_le_bytes());
     }
     BlockHash(h)
 }
@@ -90,7 +84,7 @@ fn file_bytes(p: &Path) -> u64 {
 }
 
 fn mib(b: f64) -> f64 {
-    b / (1 << 20) as f64
+    b / f64::from(1 << 20)
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -102,7 +96,7 @@ fn bench_hashing(dir: &Path) {
     let len = 256usize << 20;
     let mut buf = vec![0u8; len];
     buf.par_chunks_mut(1 << 20).enumerate().for_each(|(j, c)| {
-        let mut x = splitmix(j as u64) | 1;
+        let mut x = splitmix64(j as u64) | 1;
         for w in c.chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -140,7 +134,7 @@ fn bench_hashing(dir: &Path) {
     let par_f = || {
         buf.par_chunks(4096).for_each(|c| {
             black_box(blake3::hash(c));
-        })
+        });
     };
     let mut t = [Duration::MAX; 5];
     for _ in 0..5 {
@@ -252,6 +246,10 @@ fn opts() -> StoreOptions {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one measured sequence (build, reopen, look up) printed step by step"
+)]
 fn bench_store(dir: &Path, total: usize) {
     let db = dir.join("index.redb");
     let images = total.div_ceil(BLOCKS_PER_IMAGE) as u64;
@@ -296,7 +294,7 @@ fn bench_store(dir: &Path, total: usize) {
     let nq = 2_000_000usize;
     let queries: Vec<BlockHash> = (0..nq as u64)
         .map(|q| {
-            let r = splitmix(q ^ 0xabcdef);
+            let r = splitmix64(q ^ 0x00ab_cdef);
             let s = r % images;
             let n = BLOCKS_PER_IMAGE.min(total - s as usize * BLOCKS_PER_IMAGE) as u64;
             name(s, (r >> 20) % n)
@@ -376,6 +374,10 @@ fn bench_store(dir: &Path, total: usize) {
 
 /// The same keys in a plain redb table (16-byte prefix → u64), looked up one by one
 /// in one read transaction: what the holder snapshot replaces.
+#[expect(
+    clippy::many_single_char_names,
+    reason = "the same short names as bench_store: s image, i block, t timer, p path, r result"
+)]
 fn redb_baseline(dir: &Path, total: usize, images: u64, queries: &[BlockHash]) {
     use redb::{ReadableDatabase, TableDefinition};
     const T: TableDefinition<&[u8; 16], u64> = TableDefinition::new("holders");
@@ -503,15 +505,14 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000_000);
     let tmp;
-    let dir = match std::env::var_os("NB_BENCH_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("nearblock-bench-index")
-                .tempdir_in("/var/tmp")
-                .expect("tempdir");
-            tmp.path().to_path_buf()
-        }
+    let dir = if let Some(d) = std::env::var_os("NB_BENCH_DIR") {
+        PathBuf::from(d)
+    } else {
+        tmp = tempfile::Builder::new()
+            .prefix("nearblock-bench-index")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        tmp.path().to_path_buf()
     };
     std::fs::create_dir_all(&dir).expect("bench dir");
     bench_hashing(&dir);

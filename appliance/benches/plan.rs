@@ -5,10 +5,11 @@
 //! (the scaling is printed). Figures are printed, never asserted.
 
 use std::collections::HashSet;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use nearblock::cost::{Graph, NodeId, Topology, TwinClasses};
-use nearblock::index::{BlockHash, Manifest};
+use nearblock::index::{synthetic::SplitMix64, BlockHash, Manifest};
 use nearblock::plan::{
     construct, construct_capacity_aware, place, CapacityConfig, HolderIndex, ImageHolders,
     MemoryIndex,
@@ -20,31 +21,6 @@ const RACK: usize = 20;
 const RACKS_PER_POD: usize = 10;
 const LIBRARIES: usize = 2;
 const HOT_HOSTS: usize = 8;
-
-/// splitmix64: small, fast, and enough for synthetic data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn hash(&mut self) -> BlockHash {
-        let mut b = [0u8; 32];
-        for chunk in b.chunks_mut(8) {
-            chunk.copy_from_slice(&self.next().to_le_bytes());
-        }
-        BlockHash(b)
-    }
-}
 
 fn host_name(i: usize) -> String {
     if i < LIBRARIES {
@@ -60,8 +36,9 @@ fn host_name(i: usize) -> String {
 /// on 40, pods on 100.
 fn topology() -> Topology {
     let mut t = String::new();
-    let mut node =
-        |name: &str, role: &str| t += &format!("[[node]]\nname = \"{name}\"\nrole = \"{role}\"\n");
+    let mut node = |name: &str, role: &str| {
+        let _ = writeln!(t, "[[node]]\nname = \"{name}\"\nrole = \"{role}\"");
+    };
     node("core", "switch");
     let hypervisors = HOSTS - LIBRARIES;
     let racks = hypervisors.div_ceil(RACK);
@@ -83,7 +60,10 @@ fn topology() -> Topology {
         );
     }
     let mut link = |a: &str, b: &str, mbps: u32| {
-        t += &format!("[[link]]\na = \"{a}\"\nb = \"{b}\"\ncapacity_mbps = {mbps}\n");
+        let _ = writeln!(
+            t,
+            "[[link]]\na = \"{a}\"\nb = \"{b}\"\ncapacity_mbps = {mbps}"
+        );
     };
     for p in 0..pods {
         link(&format!("pod{p}"), "core", 100_000);
@@ -116,7 +96,7 @@ fn rack_members(rack: usize) -> std::ops::Range<usize> {
 }
 
 /// A skewed host: the libraries and a few hot hypervisors hold most blocks.
-fn skewed_host(rng: &mut Rng) -> usize {
+fn skewed_host(rng: &mut SplitMix64) -> usize {
     let u = rng.unit();
     if u < 0.45 {
         rng.below(LIBRARIES)
@@ -124,7 +104,9 @@ fn skewed_host(rng: &mut Rng) -> usize {
         LIBRARIES + rng.below(HOT_HOSTS) * 97 % (HOSTS - LIBRARIES)
     } else {
         // Power-law over everyone else.
-        ((HOSTS as f64) * rng.unit().powi(3)) as usize % HOSTS
+        #[expect(clippy::cast_sign_loss, reason = "unit() is in [0, 1)")]
+        let host = ((HOSTS as f64) * rng.unit().powi(3)) as usize;
+        host % HOSTS
     }
 }
 
@@ -137,7 +119,7 @@ struct Data {
 }
 
 fn data(blocks: usize, seed: u64) -> Data {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut index = MemoryIndex::new();
     for i in 0..HOSTS {
         index.host(&host_name(i));
@@ -160,6 +142,7 @@ fn data(blocks: usize, seed: u64) -> Data {
         }
         let hash = rng.hash();
         // 1..=8 holders, mostly few.
+        #[expect(clippy::cast_sign_loss, reason = "unit() is in [0, 1)")]
         let extra = (rng.unit().powi(2) * 8.0) as usize;
         let mut holders = vec![skewed_host(&mut rng)];
         for _ in 0..extra.min(7) {
@@ -220,7 +203,7 @@ fn naive_cost(
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -233,6 +216,10 @@ fn machine() -> String {
     format!("{cpus} cores, {model}")
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario printed step by step; split, it would only pass its state around"
+)]
 fn main() {
     println!("planner bench on {}", machine());
     let t0 = Instant::now();
@@ -297,11 +284,13 @@ fn main() {
         .filter(|&i| plan.sources[i] != target)
         .map(|i| paths.dist[plan.sources[i] as usize])
         .sum();
+    #[expect(
+        clippy::float_cmp,
+        reason = "both are sums of integer link weights, exact in f64"
+    )]
+    let sample_costs_agree = naive_sample == planned_sample;
     println!(
-        "construct, naive per-block scan of every host: {:.1} s (extrapolated from {} blocks; sample costs agree: {})",
-        naive_construct,
-        sample,
-        naive_sample == planned_sample
+        "construct, naive per-block scan of every host: {naive_construct:.1} s (extrapolated from {sample} blocks; sample costs agree: {sample_costs_agree})"
     );
     println!(
         "construct speedup over naive: {:.0}x",
@@ -325,7 +314,7 @@ fn main() {
         candidates.len(),
         secs(place_time),
         best.host,
-        best.cost.as_ref().map(|c| c.total_cost).unwrap_or(f64::NAN),
+        best.cost.as_ref().map_or(f64::NAN, |c| c.total_cost),
         ok
     );
     // One construction per candidate (the resolved image shared).

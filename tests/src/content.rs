@@ -1,12 +1,15 @@
 //! Deterministic image contents for tests: pseudo-random blocks mixed with zero
 //! blocks, reproducible from a seed, so a test can write a LUN and check a copy.
 
+use nearblock::index::synthetic::splitmix64;
+
 /// `size` bytes: 4 KiB blocks, each either zero (with probability `zero_pct`%) or
 /// pseudo-random (xorshift64*, seeded per block so blocks can be recomputed).
 pub fn image(size: usize, seed: u64, zero_pct: u64) -> Vec<u8> {
     let mut out = vec![0u8; size];
     for (i, block) in out.chunks_mut(4096).enumerate() {
-        let mut x = splitmix(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        // Odd, so never the all-zero state xorshift cannot leave.
+        let mut x = splitmix64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
         if x % 100 < zero_pct {
             continue;
         }
@@ -19,13 +22,6 @@ pub fn image(size: usize, seed: u64, zero_pct: u64) -> Vec<u8> {
         }
     }
     out
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) | 1
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Inner {
     /// Keyed by blake3 names, already uniform: a cheap hasher will do.
-    blocks: crate::plan::image::BlockHashMap<Entry>,
+    blocks: crate::index::BlockHashMap<Entry>,
     /// last-use stamp → hash (oldest first)
     lru: BTreeMap<u64, BlockHash>,
     bytes: u64,

@@ -38,9 +38,8 @@ use tokio::sync::watch;
 use super::{BlockCache, Origin, SourceClass, MAX_HOPS};
 use crate::{
     cost::{Graph, Role},
-    index::BlockHash,
+    index::{BlockHash, BlockHashMap, BlockHashSet},
     peer::{client::PeerClient, proto::Holder},
-    plan::image::{BlockHashMap, BlockHashSet},
 };
 
 /// The future a [`HolderLookup`] returns: per hash, its holders.

@@ -12,7 +12,7 @@ use std::{
     path::Path,
 };
 
-use super::{IndexError, IoContext, Result};
+use super::{IndexError, IndexIoContext, Result};
 use rayon::prelude::*;
 
 use super::{BlockHash, Manifest};
@@ -171,8 +171,8 @@ impl ImageFile {
 
     /// Name of block `i` at `block_size`.
     pub fn hash_block(&self, i: usize, block_size: u32) -> Option<BlockHash> {
-        let start = i as u64 * block_size as u64;
-        let end = (start + block_size as u64).min(self.size);
+        let start = i as u64 * u64::from(block_size);
+        let end = (start + u64::from(block_size)).min(self.size);
         if self.is_hole(start, end) {
             return None;
         }
@@ -214,8 +214,8 @@ impl ImageFile {
         let mut start = 0u64;
         while start < self.size {
             let end = (start + WINDOW).min(self.size);
-            for m in out.iter_mut() {
-                let bs = m.block_size as u64;
+            for m in &mut out {
+                let bs = u64::from(m.block_size);
                 let (a, b) = ((start / bs) as usize, end.div_ceil(bs) as usize);
                 m.blocks.extend(self.hash_range(a..b, m.block_size));
             }
@@ -233,7 +233,7 @@ fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
     let whole = if size == 0 { vec![] } else { vec![(0, size)] };
     let mut out = Vec::new();
     let mut pos: i64 = 0;
-    while (pos as u64) < size {
+    while pos.cast_unsigned() < size {
         // SAFETY: plain syscalls on a valid fd; they move the file offset only.
         let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
         if data < 0 {
@@ -248,7 +248,8 @@ fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
         if hole < 0 {
             return whole;
         }
-        out.push((data as u64, (hole as u64).min(size)));
+        // Both non-negative: checked above.
+        out.push((data.cast_unsigned(), hole.cast_unsigned().min(size)));
         pos = hole;
     }
     out

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::{IndexError, IoContext, Result};
+use super::{IndexError, IndexIoContext, Result};
 
 use super::chunk::ImageFile;
 use super::redb_store::{FileState, RedbStore};
@@ -66,7 +66,7 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Self {
-            rescan_after: Duration::from_secs(24 * 3600),
+            rescan_after: Duration::from_hours(24),
             force: false,
         }
     }
@@ -119,7 +119,7 @@ pub fn index_file(
     // would refuse before hashing (and allocating for) it.
     let max = store.max_image_blocks();
     for &bs in sizes {
-        let blocks = img.size().div_ceil(bs as u64);
+        let blocks = img.size().div_ceil(u64::from(bs));
         if blocks > max {
             return Err(IndexError::TooLarge {
                 change: format!("image `{image}` ({}) at {bs}-byte blocks", path.display()),

@@ -40,6 +40,29 @@ pub enum IndexError {
     Corrupt(String),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The database file was written in another store format (see
+    /// `STORE_FORMAT` in `redb_store`): refused before any record is read.
+    #[error("{path}: {}", format_refusal(*found, *want))]
+    Format {
+        path: String,
+        /// `None`: a store from before the format was recorded (format 1).
+        found: Option<u64>,
+        want: u64,
+    },
+}
+
+/// Why a store of another format is refused, and what to do about it.
+fn format_refusal(found: Option<u64>, want: u64) -> String {
+    let found = match found {
+        None => "index store of format 1 (hand-written records, before formats were recorded)"
+            .to_string(),
+        Some(f) => format!("index store of format {f}"),
+    };
+    format!(
+        "{found}; this build reads format {want} only. Move the file (and its .holders \
+         snapshot) aside and start with an empty index: an agent re-indexes its images, \
+         an indexer is refilled by its children's resync"
+    )
 }
 
 pub type Result<T, E = IndexError> = std::result::Result<T, E>;
@@ -79,12 +102,13 @@ from_redb!(
     redb::CompactionError
 );
 
-/// Attach the operation and path to an I/O error.
-pub trait IoContext<T> {
+/// Turns an I/O result into the index's, naming the operation and path that
+/// failed (the peer module has its own, for its own error type).
+pub trait IndexIoContext<T> {
     fn io_context(self, what: impl FnOnce() -> String) -> Result<T>;
 }
 
-impl<T> IoContext<T> for std::io::Result<T> {
+impl<T> IndexIoContext<T> for std::io::Result<T> {
     fn io_context(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| IndexError::io(what(), e))
     }

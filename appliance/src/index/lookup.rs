@@ -22,11 +22,13 @@ use std::{
     collections::{HashMap, HashSet},
     fs::File,
     io::{BufWriter, Write},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
-use super::{IndexError, IoContext, Result};
+use super::{IndexError, IndexIoContext, Result};
 use rayon::prelude::*;
+use rustc_hash::FxBuildHasher;
+use tempfile::NamedTempFile;
 
 use super::{BlockHash, Manifest};
 
@@ -53,7 +55,8 @@ pub const COARSE_BIT: u32 = 1 << 31;
 /// largest block size (4 KiB × 16 = 64 KiB; none above 64 KiB leaves at factor 16).
 pub fn coarse_for(block_size: u32, coarse: Option<u32>) -> Option<u32> {
     let f = coarse?;
-    (f > 1 && (block_size as u64) * (f as u64) <= super::chunk::MAX_BLOCK_SIZE as u64).then_some(f)
+    (f > 1 && u64::from(block_size) * u64::from(f) <= u64::from(super::chunk::MAX_BLOCK_SIZE))
+        .then_some(f)
 }
 
 fn key_of(h: &super::BlockHash) -> u128 {
@@ -143,9 +146,13 @@ impl Snapshot {
         let hcrc = crc32c::crc32c(&header[..36]);
         header[36..40].copy_from_slice(&hcrc.to_le_bytes());
 
-        let tmp = tmp_path(path);
-        let f = File::create(&tmp).io_context(|| format!("create {}", tmp.display()))?;
-        let mut w = BufWriter::with_capacity(4 << 20, f);
+        let parent = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let tmp = NamedTempFile::new_in(parent)
+            .io_context(|| format!("create a temporary file in {}", parent.display()))?;
+        let mut w = BufWriter::with_capacity(4 << 20, tmp);
         w.write_all(&header)?;
         w.write_all(&dir_bytes)?;
         let mut buf = [0u8; ENTRY];
@@ -155,18 +162,18 @@ impl Snapshot {
             buf[20..24].copy_from_slice(&e.idx.to_le_bytes());
             w.write_all(&buf)?;
         }
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            let d = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            File::open(d)?.sync_all()?;
-        }
+        let tmp = w
+            .into_inner()
+            .map_err(std::io::IntoInnerError::into_error)?;
+        tmp.as_file()
+            .sync_all()
+            .io_context(|| format!("sync {}", tmp.path().display()))?;
+        tmp.persist(path)
+            .map_err(|e| IndexError::io(format!("rename to {}", path.display()), e.error))?;
+        // The rename is durable only once the directory is.
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .io_context(|| format!("sync {}", parent.display()))?;
         Ok(())
     }
 
@@ -297,7 +304,7 @@ impl Snapshot {
         let b = (key >> (128 - self.bits)) as usize;
         let (mut lo, mut hi) = (self.dir(b), self.dir(b + 1));
         while lo < hi {
-            let mid = (lo + hi) / 2;
+            let mid = usize::midpoint(lo, hi);
             if self.key_at(mid) < key {
                 lo = mid + 1;
             } else {
@@ -323,37 +330,6 @@ impl Snapshot {
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
-
-/// Keys are prefixes of blake3 names, already uniform: hash them by their low 64
-/// bits instead of running SipHash (3-4× faster overlay builds on reopen).
-#[derive(Default, Clone, Copy)]
-pub struct PrefixHasher(u64);
-
-impl std::hash::Hasher for PrefixHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ b as u64;
-        }
-    }
-    fn write_u128(&mut self, k: u128) {
-        self.0 = k as u64;
-    }
-    fn write_u64(&mut self, k: u64) {
-        // (source, block) positions: mix, they are not uniform.
-        self.0 = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type BuildPrefix = std::hash::BuildHasherDefault<PrefixHasher>;
-
 /// The overlay's holders of one name: almost always one, stored inline.
 enum Holders {
     One((u32, u32)),
@@ -369,13 +345,16 @@ impl Holders {
     }
 }
 
-/// Snapshot + overlay: the full holder index. Sources are dense u32 ids.
+/// Snapshot + overlay: the full holder index. Sources are dense u32 ids. The
+/// overlay's maps hash with Fx (rustc-hash): their keys are blake3 prefixes and
+/// (source, block) positions, neither chosen freely by anyone (see
+/// docs/decisions.md, "Index records and hashers").
 pub struct HolderTable {
     pub snap: Snapshot,
     coarse: Option<u32>,
     dirty: Vec<bool>,
-    tomb: HashSet<u64, BuildPrefix>,
-    adds: HashMap<u128, Holders, BuildPrefix>,
+    tomb: HashSet<u64, FxBuildHasher>,
+    adds: HashMap<u128, Holders, FxBuildHasher>,
     n_adds: usize,
 }
 
@@ -415,42 +394,42 @@ impl HolderTable {
             if !self.is_dirty(e.src)
                 && (self.tomb.is_empty() || !self.tomb.contains(&pos(e.src, e.idx)))
             {
-                f(e.src, e.idx)
+                f(e.src, e.idx);
             }
         });
         if let Some(v) = self.adds.get(&key) {
             for &(s, i) in v.as_slice() {
-                f(s, i)
+                f(s, i);
             }
         }
     }
 
-    fn add(&mut self, key: u128, s: u32, i: u32) {
+    fn add(&mut self, key: u128, src: u32, idx: u32) {
         use std::collections::hash_map::Entry as E;
         match self.adds.entry(key) {
             E::Vacant(v) => {
-                v.insert(Holders::One((s, i)));
+                v.insert(Holders::One((src, idx)));
             }
             E::Occupied(mut o) => {
                 let h = o.get_mut();
                 match h {
-                    Holders::One(x) => *h = Holders::Many(vec![*x, (s, i)]),
-                    Holders::Many(v) => v.push((s, i)),
+                    Holders::One(x) => *h = Holders::Many(vec![*x, (src, idx)]),
+                    Holders::Many(v) => v.push((src, idx)),
                 }
             }
         }
         self.n_adds += 1;
     }
 
-    fn remove_add(&mut self, key: u128, s: u32, i: u32) {
+    fn remove_add(&mut self, key: u128, src: u32, idx: u32) {
         let Some(h) = self.adds.get_mut(&key) else {
             return;
         };
         let empty = match h {
-            Holders::One(x) if *x == (s, i) => true,
+            Holders::One(x) if *x == (src, idx) => true,
             Holders::One(_) => return,
             Holders::Many(v) => {
-                let Some(p) = v.iter().position(|&x| x == (s, i)) else {
+                let Some(p) = v.iter().position(|&x| x == (src, idx)) else {
                     return;
                 };
                 v.swap_remove(p);
@@ -530,7 +509,7 @@ impl HolderTable {
 
 #[inline]
 fn pos(s: u32, i: u32) -> u64 {
-    ((s as u64) << 32) | i as u64
+    (u64::from(s) << 32) | u64::from(i)
 }
 
 /// Little-endian integers at fixed offsets of the (length-checked) header.
@@ -568,7 +547,7 @@ mod tests {
                     x ^= x << 17;
                     Entry {
                         // Few distinct keys when small, so duplicates occur.
-                        key: (x as u128) << 64 | (i % 3) as u128,
+                        key: u128::from(x) << 64 | (i % 3) as u128,
                         src: (i % 7) as u32,
                         idx: i as u32,
                     }
@@ -631,7 +610,7 @@ mod tests {
         let p = dir.path().join("h");
         let mut e: Vec<Entry> = (0..40u32)
             .map(|i| Entry {
-                key: (i as u128) << 120,
+                key: u128::from(i) << 120,
                 src: 0,
                 idx: i,
             })

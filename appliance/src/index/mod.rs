@@ -1,19 +1,23 @@
 //! The block index: images split into fixed-size blocks named by their blake3 hash.
 //!
-//! - [`BlockHash`]: a block's name.
+//! - [`BlockHash`]: a block's name; [`BlockHashMap`], [`BlockHashSet`]: keyed by it.
 //! - [`Manifest`]: an image as an ordered list of block names (zero blocks marked).
 //! - [`chunk`]: splitting files and block devices into blocks, hashing on all cores.
 //! - [`store`]: the [`BlockStore`] trait and the [`Change`]s it applies;
 //!   [`redb_store`]: the embedded implementation; [`lookup`]: its holder index.
 //! - [`delta`]: (re-)indexing a file, recording only what changed.
 //! - [`stats`]: zero / unique / shared fractions.
+//! - [`synthetic`]: the seeded generator synthetic images are drawn from (benches, lab tests).
 
+mod block_map;
 pub mod chunk;
 pub mod delta;
 mod error;
 mod manifest;
+mod record;
 
-pub use error::{IndexError, IoContext, Result};
+pub use block_map::{BlockHashMap, BlockHashSet};
+pub use error::{IndexError, IndexIoContext, Result};
 pub use manifest::{
     check_max_image_blocks, BlockHash, DecodeError, Manifest, DEFAULT_MAX_IMAGE_BLOCKS,
     MAX_IMAGE_BLOCKS_LIMIT,
@@ -22,6 +26,7 @@ pub mod lookup;
 pub mod redb_store;
 pub mod stats;
 pub mod store;
+pub mod synthetic;
 
 pub use redb_store::{FileState, RedbStore, StoreOptions};
 pub use store::{Applied, BlockStore, Change, ImageInfo, Location};

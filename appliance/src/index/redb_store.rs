@@ -10,25 +10,30 @@
 //! served by the holder snapshot, which is derived data and rebuilt from redb if lost.
 //!
 //! Tables:
-//! - `meta`: `seq` (last change), `next_src` (source id counter);
-//! - `source_ids`: "host\0image\0block_size" → source id (never reused);
+//! - `meta`: `format` ([`STORE_FORMAT`]), `seq` (last change), `next_src` (source
+//!   id counter);
+//! - `source_ids`: "`host\0image\0block_size`" → source id (never reused);
 //! - `sources`: id → host, image, block size, size, counts, seq of last change;
 //! - `manifests`: id → [`Manifest::encode`] (one value per source, so indexing an
 //!   image is one insert, not one per block);
 //! - `log`: seq → [`Change::encode`] (for the upward push; optional, trimmed);
+//!   this and the `sources` and `file_state` rows are versioned records
+//!   ([`super::record`]);
 //! - `file_state`: source key → what the file looked like when last indexed.
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::Arc,
     time::Instant,
 };
 
-use super::{IndexError, IoContext, Result};
+use super::{IndexError, IndexIoContext, Result};
+use parking_lot::{Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::lookup::{coarse_for, entries_of, HolderTable, Snapshot, COARSE_BIT};
-use super::manifest::{check_max_image_blocks, put_str, Reader, DEFAULT_MAX_IMAGE_BLOCKS};
+use super::manifest::{check_max_image_blocks, DEFAULT_MAX_IMAGE_BLOCKS};
+use super::record;
 use super::store::{BlockStore, Change, ImageInfo, Location};
 use super::{BlockHash, DecodeError, Manifest};
 
@@ -38,6 +43,36 @@ const SOURCES: TableDefinition<u32, &[u8]> = TableDefinition::new("sources");
 const MANIFESTS: TableDefinition<u32, &[u8]> = TableDefinition::new("manifests");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const FILE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("file_state");
+
+/// `meta` key of the store's format.
+const FORMAT_KEY: &str = "format";
+
+/// The store's format, recorded under [`FORMAT_KEY`]. Format 2: every record
+/// (`sources`, `log`, `file_state`) starts with a version byte and is postcard
+/// ([`super::record`]). Format 1 (hand-written records) recorded no format; a
+/// store of it is refused, not migrated (docs/decisions.md, "Index records").
+pub const STORE_FORMAT: u64 = 2;
+
+/// What [`store_format_verdict`] decided about a store being opened.
+#[derive(Debug, PartialEq, Eq)]
+enum FormatVerdict {
+    /// Written in [`STORE_FORMAT`].
+    Current,
+    /// Empty and without a format: a new store, to be marked with this one.
+    New,
+    /// Another format, or records without a format (format 1).
+    Refuse,
+}
+
+/// The verdict on a store whose recorded format is `found` and which holds
+/// records (`holds_records`) or not.
+fn store_format_verdict(found: Option<u64>, holds_records: bool) -> FormatVerdict {
+    match found {
+        Some(STORE_FORMAT) => FormatVerdict::Current,
+        None if !holds_records => FormatVerdict::New,
+        _ => FormatVerdict::Refuse,
+    }
+}
 
 /// How to open a [`RedbStore`].
 #[derive(Clone, Debug)]
@@ -87,7 +122,7 @@ pub struct OpenReport {
 }
 
 /// What a file looked like when last indexed (for the cheap re-index).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct FileState {
     pub path: String,
     pub len: u64,
@@ -100,33 +135,15 @@ pub struct FileState {
 
 impl FileState {
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        put_str(&mut v, &self.path);
-        for x in [
-            self.len,
-            self.mtime_ns as u64,
-            self.ino,
-            self.dev,
-            self.full_scan_unix,
-        ] {
-            v.extend_from_slice(&x.to_le_bytes());
-        }
-        v
+        record::encode(self)
     }
     fn decode(b: &[u8]) -> Result<Self> {
-        let mut r = Reader(b);
-        Ok(Self {
-            path: r.str()?,
-            len: r.u64()?,
-            mtime_ns: r.u64()? as i64,
-            ino: r.u64()?,
-            dev: r.u64()?,
-            full_scan_unix: r.u64()?,
-        })
+        Ok(record::decode("file state", b)?)
     }
 }
 
-#[derive(Clone, Debug)]
+/// A source's row (`sources`). The field order is the record's format.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct SourceInfo {
     host: Arc<str>,
     image: Arc<str>,
@@ -150,26 +167,10 @@ impl SourceInfo {
         }
     }
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        put_str(&mut v, &self.host);
-        put_str(&mut v, &self.image);
-        v.extend_from_slice(&self.block_size.to_le_bytes());
-        for x in [self.size, self.blocks, self.zero_blocks, self.seq] {
-            v.extend_from_slice(&x.to_le_bytes());
-        }
-        v
+        record::encode(self)
     }
     fn decode(b: &[u8]) -> Result<Self> {
-        let mut r = Reader(b);
-        Ok(Self {
-            host: r.str()?.into(),
-            image: r.str()?.into(),
-            block_size: r.u32()?,
-            size: r.u64()?,
-            blocks: r.u64()?,
-            zero_blocks: r.u64()?,
-            seq: r.u64()?,
-        })
+        Ok(record::decode("source", b)?)
     }
     fn info(&self) -> ImageInfo {
         ImageInfo {
@@ -203,13 +204,13 @@ impl State {
         } else {
             s.block_size
         };
-        let offset = (idx & !COARSE_BIT) as u64 * bs as u64;
+        let offset = u64::from(idx & !COARSE_BIT) * u64::from(bs);
         Some(Location {
             host: s.host.clone(),
             image: s.image.clone(),
             block_size: bs,
             offset,
-            len: (s.size.saturating_sub(offset)).min(bs as u64) as u32,
+            len: (s.size.saturating_sub(offset)).min(u64::from(bs)) as u32,
         })
     }
 }
@@ -235,20 +236,23 @@ pub struct RedbStore {
     db: Database,
     snap_path: PathBuf,
     opts: StoreOptions,
+    /// Serialises writers (redb has one write transaction at a time anyway;
+    /// this also orders the in-memory updates after each commit).
     write: Mutex<()>,
+    /// Not poisoned by a panic (`parking_lot)`: a panic mid-update leaves the
+    /// in-memory index as it was before that update at worst, and it is
+    /// rebuilt from redb on the next open.
     state: RwLock<State>,
     open_report: OpenReport,
-}
-
-fn rd<T>(r: std::sync::LockResult<T>) -> T {
-    // A panic while holding the lock leaves the in-memory index as it was before the
-    // panicking update at worst; it is rebuilt from redb on the next open.
-    r.unwrap_or_else(|p| p.into_inner())
 }
 
 impl RedbStore {
     /// Opens (creating if needed) the store at `path`; the holder snapshot lives
     /// next to it as `path.holders`.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the steps of opening in order (format, sources, snapshot, overlay), each timed for the report"
+    )]
     pub fn open(path: &Path, opts: StoreOptions) -> Result<Self> {
         check_max_image_blocks(opts.max_image_blocks)
             .map_err(|e| IndexError::Invalid(format!("max_image_blocks: {e}")))?;
@@ -268,12 +272,28 @@ impl RedbStore {
         {
             let mut w = db.begin_write()?;
             w.set_quick_repair(true);
-            w.open_table(META)?;
             w.open_table(SOURCE_IDS)?;
-            w.open_table(SOURCES)?;
             w.open_table(MANIFESTS)?;
-            w.open_table(LOG)?;
-            w.open_table(FILE_STATE)?;
+            let holds_records = !w.open_table(SOURCES)?.is_empty()?
+                || !w.open_table(LOG)?.is_empty()?
+                || !w.open_table(FILE_STATE)?.is_empty()?;
+            let mut meta = w.open_table(META)?;
+            let found = meta.get(FORMAT_KEY)?.map(|v| v.value());
+            match store_format_verdict(found, holds_records || meta.get("seq")?.is_some()) {
+                FormatVerdict::Current => {}
+                FormatVerdict::New => {
+                    meta.insert(FORMAT_KEY, STORE_FORMAT)?;
+                }
+                FormatVerdict::Refuse => {
+                    // Dropping the transaction uncommitted leaves the file as it was.
+                    return Err(IndexError::Format {
+                        path: path.display().to_string(),
+                        found,
+                        want: STORE_FORMAT,
+                    });
+                }
+            }
+            drop(meta);
             w.commit()?;
         }
         let mut report = OpenReport {
@@ -376,7 +396,7 @@ impl RedbStore {
     /// not have to rebuild it (keeps a clean reopen well under a second). Dropping
     /// the store without `close` is safe too (it is what a crash does).
     pub fn close(self) -> Result<()> {
-        let big = rd(self.state.read()).holders.overlay_len() > self.opts.close_compact_min;
+        let big = self.state.read().holders.overlay_len() > self.opts.close_compact_min;
         if big {
             self.compact()?;
         }
@@ -394,13 +414,13 @@ impl RedbStore {
 
     /// Entries in the holder snapshot and in the overlay.
     pub fn holder_counts(&self) -> (u64, usize) {
-        let st = rd(self.state.read());
+        let st = self.state.read();
         (st.holders.snap.len, st.holders.overlay_len())
     }
 
     /// Rewrites the holder snapshot from the manifests and empties the overlay.
     pub fn compact(&self) -> Result<()> {
-        let _w = rd(self.write.lock());
+        let _w = self.write.lock();
         self.compact_locked()
     }
 
@@ -411,7 +431,7 @@ impl RedbStore {
             self.opts.coarse,
             self.opts.max_image_blocks,
         )?;
-        let mut st = rd(self.state.write());
+        let mut st = self.state.write();
         st.holders = HolderTable::new(snap, self.opts.coarse);
         Ok(())
     }
@@ -419,23 +439,23 @@ impl RedbStore {
     /// Calls `f(location)` for every holder of `hash` (no allocation per lookup
     /// beyond what `f` does).
     pub fn for_each_holder(&self, hash: &BlockHash, mut f: impl FnMut(Location)) {
-        let st = rd(self.state.read());
+        let st = self.state.read();
         st.holders
             .lookup(u128::from_be_bytes(hash.prefix()), |s, i| {
                 if let Some(l) = st.location(s, i) {
-                    f(l)
+                    f(l);
                 }
             });
     }
 
     /// Number of holders of `hash` (the cheapest lookup).
     pub fn holder_count(&self, hash: &BlockHash) -> usize {
-        let st = rd(self.state.read());
+        let st = self.state.read();
         let mut n = 0;
         st.holders
             .lookup(u128::from_be_bytes(hash.prefix()), |s, _| {
                 if st.sources.get(s as usize).is_some_and(Option::is_some) {
-                    n += 1
+                    n += 1;
                 }
             });
         n
@@ -461,7 +481,7 @@ impl RedbStore {
         block_size: u32,
         fs: &FileState,
     ) -> Result<()> {
-        let _w = rd(self.write.lock());
+        let _w = self.write.lock();
         let mut w = self.db.begin_write()?;
         w.set_quick_repair(true);
         {
@@ -473,6 +493,10 @@ impl RedbStore {
         Ok(())
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one write transaction: each kind of change is a few lines against the same open tables"
+    )]
     fn apply_locked(&self, changes: &[Change]) -> Result<u64> {
         // Everything that can be refused without the store is refused before a
         // transaction starts or a block list is sized.
@@ -486,7 +510,7 @@ impl RedbStore {
         let seq;
         {
             let mut meta = w.open_table(META)?;
-            let mut ids = w.open_table(SOURCE_IDS)?;
+            let mut source_ids = w.open_table(SOURCE_IDS)?;
             let mut sources = w.open_table(SOURCES)?;
             let mut manifests = w.open_table(MANIFESTS)?;
             let mut log = w.open_table(LOG)?;
@@ -494,20 +518,20 @@ impl RedbStore {
             let mut next_src = meta.get("next_src")?.map_or(0, |v| v.value());
             // The in-memory source table is indexed by id: a counter that ran
             // ahead of the ids actually issued would size it to the counter.
-            let issued = ids.len()?;
+            let issued = source_ids.len()?;
             if next_src != issued {
                 return Err(IndexError::Corrupt(format!(
                     "index meta: next source id {next_src} but {issued} ids were issued"
                 )));
             }
-            let mut id_for = |ids: &mut redb::Table<&str, u32>,
+            let mut id_for = |source_ids: &mut redb::Table<&str, u32>,
                               host: &str,
                               image: &str,
                               bs: u32,
                               create: bool|
              -> Result<Option<u32>> {
                 let k = source_key(host, image, bs);
-                if let Some(v) = ids.get(k.as_str())? {
+                if let Some(v) = source_ids.get(k.as_str())? {
                     return Ok(Some(v.value()));
                 }
                 if !create {
@@ -516,16 +540,21 @@ impl RedbStore {
                 let id = u32::try_from(next_src)
                     .map_err(|_| IndexError::Invalid("source ids exhausted".into()))?;
                 next_src += 1;
-                ids.insert(k.as_str(), id)?;
+                source_ids.insert(k.as_str(), id)?;
                 Ok(Some(id))
             };
             for c in changes {
                 s += 1;
                 match c {
                     Change::PutImage { host, manifest } => {
-                        let src =
-                            id_for(&mut ids, host, &manifest.image, manifest.block_size, true)?
-                                .expect("created");
+                        let src = id_for(
+                            &mut source_ids,
+                            host,
+                            &manifest.image,
+                            manifest.block_size,
+                            true,
+                        )?
+                        .expect("created");
                         let old = match manifests.insert(src, manifest.encode().as_slice())? {
                             Some(v) => decode_stored(src, v.value(), max)?,
                             None => None,
@@ -545,8 +574,8 @@ impl RedbStore {
                         size,
                         blocks,
                     } => {
-                        let src =
-                            id_for(&mut ids, host, image, *block_size, true)?.expect("created");
+                        let src = id_for(&mut source_ids, host, image, *block_size, true)?
+                            .expect("created");
                         let old = match manifests.get(src)? {
                             Some(v) => decode_stored(src, v.value(), max)?,
                             None => None,
@@ -585,7 +614,8 @@ impl RedbStore {
                         image,
                         block_size,
                     } => {
-                        if let Some(src) = id_for(&mut ids, host, image, *block_size, false)? {
+                        if let Some(src) = id_for(&mut source_ids, host, image, *block_size, false)?
+                        {
                             let old = match manifests.remove(src)? {
                                 Some(v) => decode_stored(src, v.value(), max)?,
                                 None => None,
@@ -630,7 +660,7 @@ impl RedbStore {
         }
         w.commit()?;
 
-        let mut st = rd(self.state.write());
+        let mut st = self.state.write();
         for e in effects {
             match e {
                 Effect::Replace { src, old, new } => {
@@ -710,9 +740,9 @@ fn build_snapshot(
 
 impl BlockStore for RedbStore {
     fn apply(&self, changes: &[Change]) -> Result<u64> {
-        let _w = rd(self.write.lock());
+        let _w = self.write.lock();
         if changes.is_empty() {
-            return Ok(rd(self.state.read()).seq);
+            return Ok(self.state.read().seq);
         }
         self.apply_locked(changes)
     }
@@ -731,7 +761,7 @@ impl BlockStore for RedbStore {
         else {
             return Ok(0);
         };
-        let st = rd(self.state.read());
+        let st = self.state.read();
         Ok(st
             .sources
             .get(id as usize)
@@ -746,14 +776,14 @@ impl BlockStore for RedbStore {
     }
 
     fn holders_many(&self, hashes: &[BlockHash]) -> Result<Vec<Vec<Location>>> {
-        let st = rd(self.state.read());
+        let st = self.state.read();
         Ok(hashes
             .iter()
             .map(|h| {
                 let mut v = Vec::new();
                 st.holders.lookup(u128::from_be_bytes(h.prefix()), |s, i| {
                     if let Some(l) = st.location(s, i) {
-                        v.push(l)
+                        v.push(l);
                     }
                 });
                 v
@@ -763,7 +793,7 @@ impl BlockStore for RedbStore {
 
     fn manifest(&self, image: &str, block_size: Option<u32>) -> Result<Option<Manifest>> {
         let pick = {
-            let st = rd(self.state.read());
+            let st = self.state.read();
             st.sources
                 .iter()
                 .enumerate()
@@ -805,7 +835,7 @@ impl BlockStore for RedbStore {
         block_size: Option<u32>,
     ) -> Result<Option<Manifest>> {
         let pick = {
-            let st = rd(self.state.read());
+            let st = self.state.read();
             st.sources
                 .iter()
                 .enumerate()
@@ -825,14 +855,14 @@ impl BlockStore for RedbStore {
     }
 
     fn images(&self) -> Result<Vec<ImageInfo>> {
-        let st = rd(self.state.read());
+        let st = self.state.read();
         let mut v: Vec<ImageInfo> = st.sources.iter().flatten().map(SourceInfo::info).collect();
         v.sort_by(|a, b| (&a.image, &a.host, a.block_size).cmp(&(&b.image, &b.host, b.block_size)));
         Ok(v)
     }
 
     fn seq(&self) -> u64 {
-        rd(self.state.read()).seq
+        self.state.read().seq
     }
 
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, Change)>> {
@@ -850,7 +880,7 @@ impl BlockStore for RedbStore {
     }
 
     fn trim_log(&self, upto: u64) -> Result<()> {
-        let _w = rd(self.write.lock());
+        let _w = self.write.lock();
         let mut w = self.db.begin_write()?;
         w.set_quick_repair(true);
         {
@@ -943,7 +973,7 @@ mod tests {
                             host.clone(),
                             image.clone(),
                             *bs,
-                            i as u64 * *bs as u64,
+                            i as u64 * u64::from(*bs),
                             m.block_len(i) as u32,
                         ));
                     }
@@ -1030,8 +1060,8 @@ mod tests {
             let gbs = bs * f;
             for (g, c) in m.coarse(f as usize).into_iter().enumerate() {
                 if let Some(c) = c {
-                    let off = g as u64 * gbs as u64;
-                    let len = (m.size - off).min(gbs as u64) as u32;
+                    let off = g as u64 * u64::from(gbs);
+                    let len = (m.size - off).min(u64::from(gbs)) as u32;
                     want.entry(c)
                         .or_default()
                         .insert((host.clone(), image.clone(), gbs, off, len));
@@ -1143,7 +1173,7 @@ mod tests {
     }
 
     /// The trait's own `host_manifest` (through `images` and `manifest_at`), to
-    /// check RedbStore's faster one against.
+    /// check `RedbStore`'s faster one against.
     struct ByImages<'a>(&'a RedbStore);
 
     impl BlockStore for ByImages<'_> {
@@ -1257,7 +1287,7 @@ mod tests {
             host: "hv1".into(),
             image: "b".into(),
             block_size: 4096,
-            size: u32::MAX as u64 * 4096,
+            size: u64::from(u32::MAX) * 4096,
             blocks: vec![],
         };
         let e = store.apply(std::slice::from_ref(&huge)).unwrap_err();
@@ -1377,7 +1407,7 @@ mod tests {
             let w = db.begin_write().unwrap();
             w.open_table(META)
                 .unwrap()
-                .insert("next_src", u32::MAX as u64)
+                .insert("next_src", u64::from(u32::MAX))
                 .unwrap();
             w.commit().unwrap();
         }
@@ -1425,5 +1455,140 @@ mod tests {
         let store = RedbStore::open(&p, opts).unwrap();
         assert!(store.open_report().rebuilt_snapshot);
         assert_eq!(store.holders(&h(1)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn format_verdicts() {
+        use FormatVerdict::{Current, New, Refuse};
+        assert_eq!(store_format_verdict(Some(STORE_FORMAT), true), Current);
+        assert_eq!(store_format_verdict(Some(STORE_FORMAT), false), Current);
+        assert_eq!(store_format_verdict(None, false), New);
+        assert_eq!(store_format_verdict(None, true), Refuse);
+        assert_eq!(store_format_verdict(Some(STORE_FORMAT + 1), false), Refuse);
+        assert_eq!(store_format_verdict(Some(1), true), Refuse);
+    }
+
+    /// A store as format 1 left it: rows, no `format` key.
+    fn write_format_1_store(path: &Path) {
+        let db = Database::create(path).unwrap();
+        let w = db.begin_write().unwrap();
+        w.open_table(META).unwrap().insert("seq", 3).unwrap();
+        // Format 1's source row: host, image as u32-length strings, then fields.
+        let mut row = Vec::new();
+        for s in ["hv1", "vm1"] {
+            row.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            row.extend_from_slice(s.as_bytes());
+        }
+        row.extend_from_slice(&4096u32.to_le_bytes());
+        for x in [4096u64, 1, 0, 3] {
+            row.extend_from_slice(&x.to_le_bytes());
+        }
+        w.open_table(SOURCES)
+            .unwrap()
+            .insert(0, row.as_slice())
+            .unwrap();
+        w.commit().unwrap();
+    }
+
+    #[test]
+    fn a_store_of_the_old_format_is_refused_with_what_to_do_and_left_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        write_format_1_store(&path);
+        let before = std::fs::read(&path).unwrap();
+        let e = RedbStore::open(&path, StoreOptions::default())
+            .err()
+            .expect("a format 1 store must be refused");
+        assert!(matches!(
+            e,
+            IndexError::Format {
+                found: None,
+                want: STORE_FORMAT,
+                ..
+            }
+        ));
+        let m = e.to_string();
+        assert!(
+            m.contains("index.redb") && m.contains("format 1") && m.contains("aside"),
+            "{m}"
+        );
+        // Refused again on the next open: nothing was marked or rewritten.
+        assert!(RedbStore::open(&path, StoreOptions::default()).is_err());
+        assert_eq!(std::fs::read(&path).unwrap().len(), before.len());
+    }
+
+    #[test]
+    fn a_store_of_a_newer_format_is_refused_and_a_new_one_is_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        RedbStore::open(&path, StoreOptions::default())
+            .unwrap()
+            .close()
+            .unwrap();
+        {
+            let db = Database::create(&path).unwrap();
+            let r = db.begin_read().unwrap();
+            let meta = r.open_table(META).unwrap();
+            assert_eq!(meta.get(FORMAT_KEY).unwrap().unwrap().value(), STORE_FORMAT);
+            drop(meta);
+            drop(r);
+            let w = db.begin_write().unwrap();
+            w.open_table(META)
+                .unwrap()
+                .insert(FORMAT_KEY, STORE_FORMAT + 1)
+                .unwrap();
+            w.commit().unwrap();
+        }
+        let m = RedbStore::open(&path, StoreOptions::default())
+            .err()
+            .expect("a newer format must be refused")
+            .to_string();
+        assert!(m.contains(&format!("format {}", STORE_FORMAT + 1)), "{m}");
+    }
+
+    proptest! {
+        #[test]
+        fn file_state_round_trip(
+            path in ".{0,40}", len: u64, mtime_ns: i64, ino: u64, dev: u64, full_scan_unix: u64
+        ) {
+            let fs = FileState { path, len, mtime_ns, ino, dev, full_scan_unix };
+            prop_assert_eq!(FileState::decode(&fs.encode()).unwrap(), fs);
+        }
+
+        #[test]
+        fn source_row_round_trip(
+            host in "[a-z]{0,12}", image in ".{0,20}", block_size: u32,
+            size: u64, blocks: u64, zero_blocks: u64, seq: u64
+        ) {
+            let s = SourceInfo {
+                host: host.as_str().into(), image: image.as_str().into(),
+                block_size, size, blocks, zero_blocks, seq,
+            };
+            let back = SourceInfo::decode(&s.encode()).unwrap();
+            prop_assert_eq!(back.info(), s.info());
+        }
+    }
+
+    #[test]
+    fn rows_of_another_version_are_refused() {
+        let mut rec = FileState::default().encode();
+        rec[0] ^= 0xff;
+        assert!(matches!(
+            FileState::decode(&rec),
+            Err(IndexError::Decode(DecodeError::Version { .. }))
+        ));
+        let m = Manifest {
+            image: "i".into(),
+            size: 4096,
+            block_size: 4096,
+            blocks: vec![None],
+        };
+        let s = SourceInfo::of("h", &m, 1);
+        let mut rec = s.encode();
+        rec[0] = 1;
+        assert!(matches!(
+            SourceInfo::decode(&rec),
+            Err(IndexError::Decode(DecodeError::Version { found: 1, .. }))
+        ));
     }
 }

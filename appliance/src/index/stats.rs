@@ -11,6 +11,7 @@
 //!   `unique_pct` = 100·unique/nonzero (0 when the denominator is 0).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 
 use super::Manifest;
 
@@ -48,7 +49,7 @@ pub fn compute(manifests: &[&Manifest]) -> Vec<ImageStats> {
                 .entry(h.0)
                 .and_modify(|o| {
                     if *o != i as u32 {
-                        *o = MANY
+                        *o = MANY;
                     }
                 })
                 .or_insert(i as u32);
@@ -96,15 +97,17 @@ pub fn table(stats: &[ImageStats]) -> String {
         "image", "block", "blocks", "zero%", "unique%", "shared%"
     );
     for s in stats {
-        out.push_str(&format!(
-            "{:<w$} {:>6} {:>9} {:>7.2} {:>8.2} {:>8.2}\n",
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            out,
+            "{:<w$} {:>6} {:>9} {:>7.2} {:>8.2} {:>8.2}",
             s.image,
             super::chunk::format_block_size(s.block_size),
             s.blocks,
             s.zero_pct,
             s.unique_pct,
             s.shared_pct
-        ));
+        );
     }
     out
 }
@@ -114,6 +117,10 @@ mod tests {
     use super::*;
     use crate::index::BlockHash;
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "the expected values are exact in binary floating point"
+    )]
     #[test]
     fn fractions() {
         let h = |x: u8| Some(BlockHash([x; 32]));

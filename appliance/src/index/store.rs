@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 
-use super::manifest::{put_bytes, put_str, DecodeError, Reader, DEFAULT_MAX_IMAGE_BLOCKS};
+use super::manifest::{DecodeError, DEFAULT_MAX_IMAGE_BLOCKS};
+use super::record::{self, SeqError};
 use super::{BlockHash, IndexError, Manifest, Result};
 
 /// Where a copy of a block is: `len` bytes at `offset` of `image` on `host`.
@@ -64,10 +65,39 @@ pub enum Change {
     RemoveHost { host: String },
 }
 
-const TAG_PUT: u8 = 1;
-const TAG_PATCH: u8 = 2;
-const TAG_REMOVE: u8 = 3;
-const TAG_REMOVE_HOST: u8 = 4;
+/// A stored change's head ([`super::record`]): the change without a patch's
+/// entries, which follow it as a postcard sequence (decoded against
+/// `max_image_blocks`, [`Change::decode_limited`]). A put's manifest is its own
+/// checksummed encoding ([`Manifest::encode`]), kept as bytes so that it is
+/// weighed ([`Manifest::peek`]) before it is expanded. The order of the
+/// variants is the format (postcard's variant index): add at the end, never
+/// reorder, and bump [`RECORD_VERSION`](super::record::RECORD_VERSION) on any
+/// other change.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum ChangeHead<'a> {
+    PutImage {
+        host: &'a str,
+        #[serde(serialize_with = "record::as_bytes")]
+        manifest: &'a [u8],
+    },
+    PatchImage {
+        host: &'a str,
+        image: &'a str,
+        block_size: u32,
+        size: u64,
+    },
+    RemoveImage {
+        host: &'a str,
+        image: &'a str,
+        block_size: u32,
+    },
+    RemoveHost {
+        host: &'a str,
+    },
+}
+
+/// What a record names its changes in errors.
+const CHANGE_RECORD: &str = "change";
 
 impl Change {
     pub fn host(&self) -> &str {
@@ -79,15 +109,14 @@ impl Change {
         }
     }
 
-    /// Compact binary encoding (for the change log and the upward push).
+    /// The change as a record (for the change log and the upward push): the
+    /// format version, [`ChangeHead`], then a patch's entries.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
         match self {
-            Change::PutImage { host, manifest } => {
-                out.push(TAG_PUT);
-                put_str(&mut out, host);
-                put_bytes(&mut out, &manifest.encode());
-            }
+            Change::PutImage { host, manifest } => record::encode(&ChangeHead::PutImage {
+                host,
+                manifest: &manifest.encode(),
+            }),
             Change::PatchImage {
                 host,
                 image,
@@ -95,39 +124,26 @@ impl Change {
                 size,
                 blocks,
             } => {
-                out.push(TAG_PATCH);
-                put_str(&mut out, host);
-                put_str(&mut out, image);
-                out.extend_from_slice(&block_size.to_le_bytes());
-                out.extend_from_slice(&size.to_le_bytes());
-                out.extend_from_slice(&(blocks.len() as u64).to_le_bytes());
-                for (i, h) in blocks {
-                    out.extend_from_slice(&i.to_le_bytes());
-                    match h {
-                        Some(h) => {
-                            out.push(1);
-                            out.extend_from_slice(&h.0);
-                        }
-                        None => out.push(0),
-                    }
-                }
+                let mut out = record::encode(&ChangeHead::PatchImage {
+                    host,
+                    image,
+                    block_size: *block_size,
+                    size: *size,
+                });
+                record::append(&mut out, blocks);
+                out
             }
             Change::RemoveImage {
                 host,
                 image,
                 block_size,
-            } => {
-                out.push(TAG_REMOVE);
-                put_str(&mut out, host);
-                put_str(&mut out, image);
-                out.extend_from_slice(&block_size.to_le_bytes());
-            }
-            Change::RemoveHost { host } => {
-                out.push(TAG_REMOVE_HOST);
-                put_str(&mut out, host);
-            }
+            } => record::encode(&ChangeHead::RemoveImage {
+                host,
+                image,
+                block_size: *block_size,
+            }),
+            Change::RemoveHost { host } => record::encode(&ChangeHead::RemoveHost { host }),
         }
-        out
     }
 
     /// [`Self::decode_limited`] at [`DEFAULT_MAX_IMAGE_BLOCKS`].
@@ -135,53 +151,60 @@ impl Change {
         Self::decode_limited(buf, DEFAULT_MAX_IMAGE_BLOCKS)
     }
 
-    /// Decodes [`Self::encode`]'s bytes; a `PutImage` whose manifest claims more
-    /// than `max_blocks` blocks is refused before its block list is allocated
-    /// (a `PatchImage` allocates only what its bytes list; its size is checked by
+    /// Decodes [`Self::encode`]'s bytes (a record of another format version is
+    /// refused). A `PutImage` whose manifest claims more than `max_blocks`
+    /// blocks, or a `PatchImage` listing more than `max_blocks` entries, is
+    /// refused before its list is allocated (a patch's size is checked by
     /// [`Self::check`]).
     pub fn decode_limited(buf: &[u8], max_blocks: u64) -> Result<Self, DecodeError> {
-        let mut r = Reader(buf);
-        let c = match r.u8()? {
-            TAG_PUT => Change::PutImage {
-                host: r.str()?,
-                manifest: Manifest::decode_limited(r.bytes()?, max_blocks)?,
-            },
-            TAG_PATCH => {
-                let host = r.str()?;
-                let image = r.str()?;
-                let block_size = r.u32()?;
-                let size = r.u64()?;
-                let n = r.u64()? as usize;
-                let mut blocks = Vec::with_capacity(n.min(buf.len() / 5));
-                for _ in 0..n {
-                    let i = r.u32()?;
-                    let h = match r.u8()? {
-                        0 => None,
-                        1 => Some(BlockHash(r.take(32)?.try_into().expect("32 bytes"))),
-                        _ => return Err(DecodeError::Corrupt("patch flag")),
-                    };
-                    blocks.push((i, h));
-                }
-                Change::PatchImage {
-                    host,
-                    image,
-                    block_size,
-                    size,
-                    blocks,
-                }
-            }
-            TAG_REMOVE => Change::RemoveImage {
-                host: r.str()?,
-                image: r.str()?,
-                block_size: r.u32()?,
-            },
-            TAG_REMOVE_HOST => Change::RemoveHost { host: r.str()? },
-            _ => return Err(DecodeError::Corrupt("change tag")),
-        };
-        if !r.0.is_empty() {
+        let (head, rest) = record::take(CHANGE_RECORD, record::body(CHANGE_RECORD, buf)?)?;
+        if let ChangeHead::PatchImage {
+            host,
+            image,
+            block_size,
+            size,
+        } = head
+        {
+            let blocks =
+                record::bounded_seq(CHANGE_RECORD, rest, max_blocks).map_err(|e| match e {
+                    SeqError::TooLong { count } => DecodeError::TooLarge {
+                        image: image.to_owned(),
+                        block_size,
+                        blocks: count,
+                        max: max_blocks,
+                    },
+                    SeqError::Decode(e) => e,
+                })?;
+            return Ok(Change::PatchImage {
+                host: host.to_owned(),
+                image: image.to_owned(),
+                block_size,
+                size,
+                blocks,
+            });
+        }
+        if !rest.is_empty() {
             return Err(DecodeError::Corrupt("trailing bytes"));
         }
-        Ok(c)
+        Ok(match head {
+            ChangeHead::PutImage { host, manifest } => Change::PutImage {
+                host: host.to_owned(),
+                manifest: Manifest::decode_limited(manifest, max_blocks)?,
+            },
+            ChangeHead::RemoveImage {
+                host,
+                image,
+                block_size,
+            } => Change::RemoveImage {
+                host: host.to_owned(),
+                image: image.to_owned(),
+                block_size,
+            },
+            ChangeHead::RemoveHost { host } => Change::RemoveHost {
+                host: host.to_owned(),
+            },
+            ChangeHead::PatchImage { .. } => unreachable!("decoded above"),
+        })
     }
 }
 
@@ -205,28 +228,37 @@ impl Change {
     /// What an encoded change is about, read without expanding it (to weigh it
     /// before decoding, and to name and drop the source of one that is refused).
     pub fn peek(buf: &[u8]) -> Option<Peeked> {
-        let mut r = Reader(buf);
-        let tag = r.u8().ok()?;
-        let host = r.str().ok()?;
-        let (source, blocks) = match tag {
-            TAG_PUT => {
-                let (image, block_size, blocks) = Manifest::peek(r.bytes().ok()?).ok()?;
-                (Some((image, block_size)), Some(blocks))
+        let body = record::body(CHANGE_RECORD, buf).ok()?;
+        let (head, _) = record::take::<ChangeHead>(CHANGE_RECORD, body).ok()?;
+        let (put, host, source, blocks) = match head {
+            ChangeHead::PutImage { host, manifest } => {
+                let (image, block_size, blocks) = Manifest::peek(manifest).ok()?;
+                (true, host, Some((image, block_size)), Some(blocks))
             }
-            TAG_PATCH => {
-                let image = r.str().ok()?;
-                let block_size = r.u32().ok()?;
-                let size = r.u64().ok()?;
-                let blocks = (block_size != 0).then(|| size.div_ceil(block_size as u64));
-                (Some((image, block_size)), Some(blocks.unwrap_or(0)))
+            ChangeHead::PatchImage {
+                host,
+                image,
+                block_size,
+                size,
+            } => {
+                let blocks = (block_size != 0).then(|| size.div_ceil(u64::from(block_size)));
+                (
+                    false,
+                    host,
+                    Some((image.to_owned(), block_size)),
+                    Some(blocks.unwrap_or(0)),
+                )
             }
-            TAG_REMOVE => (Some((r.str().ok()?, r.u32().ok()?)), None),
-            TAG_REMOVE_HOST => (None, None),
-            _ => return None,
+            ChangeHead::RemoveImage {
+                host,
+                image,
+                block_size,
+            } => (false, host, Some((image.to_owned(), block_size)), None),
+            ChangeHead::RemoveHost { host } => (false, host, None, None),
         };
         Some(Peeked {
-            put: tag == TAG_PUT,
-            host,
+            put,
+            host: host.to_owned(),
             source,
             blocks,
         })
@@ -269,7 +301,7 @@ impl Change {
         };
         let invalid = |why: String| IndexError::Invalid(format!("{}: {why}", self.describe()));
         super::chunk::check_block_size(block_size).map_err(|e| invalid(e.to_string()))?;
-        let n = size.div_ceil(block_size as u64);
+        let n = size.div_ceil(u64::from(block_size));
         if n > max_blocks {
             return Err(IndexError::TooLarge {
                 change: self.describe(),
@@ -286,7 +318,7 @@ impl Change {
                 )))
             }
             Change::PatchImage { blocks, .. } => {
-                match blocks.iter().find(|(i, _)| *i as u64 >= n) {
+                match blocks.iter().find(|(i, _)| u64::from(*i) >= n) {
                     Some((i, _)) => Err(invalid(format!("block {i} past the end ({n} blocks)"))),
                     None => Ok(()),
                 }
@@ -563,10 +595,10 @@ mod tests {
             }
             match &c {
                 Change::PutImage { manifest, .. } => {
-                    prop_assert_eq!(p.blocks, Some(manifest.blocks.len() as u64))
+                    prop_assert_eq!(p.blocks, Some(manifest.blocks.len() as u64));
                 }
                 Change::PatchImage { size, block_size, .. } if *block_size != 0 => {
-                    prop_assert_eq!(p.blocks, Some(size.div_ceil(*block_size as u64)))
+                    prop_assert_eq!(p.blocks, Some(size.div_ceil(u64::from(*block_size))));
                 }
                 Change::PatchImage { .. } => prop_assert_eq!(p.blocks, Some(0)),
                 _ => prop_assert_eq!(p.blocks, None),
@@ -587,11 +619,11 @@ mod tests {
     #[test]
     fn check_refuses_oversize_and_malformed_changes_naming_them() {
         // 2^32 - 1 blocks implied by the size alone: refused on arithmetic.
-        let e = patch(u32::MAX as u64 * 4096, vec![])
+        let e = patch(u64::from(u32::MAX) * 4096, vec![])
             .check(1 << 27)
             .unwrap_err();
         let m = e.to_string();
-        assert!(matches!(e, IndexError::TooLarge { blocks, .. } if blocks == u32::MAX as u64));
+        assert!(matches!(e, IndexError::TooLarge { blocks, .. } if blocks == u64::from(u32::MAX)));
         assert!(
             m.contains("PatchImage of `vm1` held by hv1") && m.contains("max_image_blocks"),
             "{m}"
@@ -653,5 +685,40 @@ mod tests {
         let p = Change::peek(&enc).unwrap();
         assert_eq!((p.host.as_str(), p.blocks), ("hv1", Some(11)));
         assert_eq!(p.source, Some(("vm1".into(), 4096)));
+    }
+
+    #[test]
+    fn a_change_of_another_version_is_refused_not_misread() {
+        let c = Change::RemoveHost { host: "hv1".into() };
+        let mut enc = c.encode();
+        assert_eq!(Change::decode(&enc).unwrap(), c);
+        for v in [0u8, 1, 4, super::record::RECORD_VERSION + 1] {
+            enc[0] = v;
+            assert!(
+                matches!(Change::decode(&enc), Err(DecodeError::Version { found, .. }) if found == v),
+                "version {v}"
+            );
+            assert!(Change::peek(&enc).is_none());
+        }
+    }
+
+    #[test]
+    fn a_patch_listing_more_entries_than_the_cap_is_refused_on_its_count() {
+        let c = patch(4096 * 20, (0..11).map(|i| (i, None)).collect());
+        let enc = c.encode();
+        assert!(matches!(
+            Change::decode_limited(&enc, 10),
+            Err(DecodeError::TooLarge {
+                blocks: 11,
+                max: 10,
+                ..
+            })
+        ));
+        assert_eq!(Change::decode_limited(&enc, 11).unwrap(), c);
+        // Cut short or padded: malformed.
+        assert!(Change::decode(&enc[..enc.len() - 1]).is_err());
+        let mut long = enc.clone();
+        long.push(0);
+        assert!(Change::decode(&long).is_err());
     }
 }

@@ -132,7 +132,7 @@ pub fn construct_capacity_aware(
     let links = graph.links().len();
     let plain_link_bytes = plain.link_bytes(paths, links);
     let plain_finish = finish_time_s(&plain_link_bytes, &usable);
-    let block_bytes = image.blocks.block_size as f64;
+    let block_bytes = f64::from(image.blocks.block_size);
     let problem = FlowProblem::new(image, graph, paths, &usable, block_bytes);
     let plain_blocks_finish = problem.finish_in_blocks(&plain);
     let budget = plain.total_cost * (1.0 + config.cost_slack) * (1.0 + 1e-12) + 1e-12;
@@ -154,21 +154,21 @@ pub fn construct_capacity_aware(
             }
         }
     }
-    let plan = match best {
+    let searched = match best {
         Some(sources) => ConstructionPlan::from_sources(image, paths, sources),
         // Nothing constrained on the way, or the plain plan is already the fastest.
         None => plain.clone(),
     };
-    let link_bytes = plan.link_bytes(paths, links);
+    let link_bytes = searched.link_bytes(paths, links);
     let finish = finish_time_s(&link_bytes, &usable);
     // Float noise could make the search's plan a hair slower: never return worse.
-    let (plan, link_bytes, finish) = if finish > plain_finish {
+    let (chosen, link_bytes, finish) = if finish > plain_finish {
         (plain.clone(), plain_link_bytes.clone(), plain_finish)
     } else {
-        (plan, link_bytes, finish)
+        (searched, link_bytes, finish)
     };
     Ok(CapacityPlan {
-        plan,
+        plan: chosen,
         plain,
         finish_time_s: finish,
         plain_finish_time_s: plain_finish,
@@ -230,6 +230,10 @@ impl<'a> FlowProblem<'a> {
                 blocks[link as usize] += s.blocks;
             }
         }
+        #[expect(
+            clippy::cast_sign_loss,
+            reason = "block counts and sizes are non-negative"
+        )]
         let bytes: Vec<u64> = blocks
             .iter()
             .map(|&b| (b as f64 * self.block_bytes) as u64)
@@ -257,6 +261,10 @@ impl<'a> FlowProblem<'a> {
         let mut total = 0i64;
         let mut holder_edges: Vec<Vec<(NodeId, usize)>> = Vec::with_capacity(self.fetched.len());
         for (k, (g, holders)) in self.fetched.iter().enumerate() {
+            #[expect(
+                clippy::cast_possible_wrap,
+                reason = "a group has at most max_image_blocks (< 2^31) blocks"
+            )]
             let n = self.image.group(*g).blocks.len() as i64;
             let node = graph_nodes + 1 + k;
             total += n;
@@ -281,7 +289,9 @@ impl<'a> FlowProblem<'a> {
         for ((g, _), edges) in self.fetched.iter().zip(&holder_edges) {
             let mut blocks = self.image.group(*g).blocks.iter();
             for &(h, e) in edges {
-                for &b in blocks.by_ref().take(net.flow(e) as usize) {
+                // A flow is never negative.
+                let flow = usize::try_from(net.flow(e)).unwrap_or(0);
+                for &b in blocks.by_ref().take(flow) {
                     sources[b as usize] = h;
                 }
             }
@@ -404,12 +414,12 @@ capacity_mbps = 300
                 counts[(c % 3) as usize] += 1;
                 c /= 3;
             }
-            let total: f64 = (0..3).map(|i| counts[i] as f64 * cost[i]).sum();
+            let total: f64 = (0..3).map(|i| f64::from(counts[i]) * cost[i]).sum();
             if total > budget + 1e-9 {
                 continue;
             }
             let t = (0..3)
-                .map(|i| counts[i] as f64 * bs / usable[i])
+                .map(|i| f64::from(counts[i]) * bs / usable[i])
                 .fold(0.0, f64::max);
             if t < best.0 - 1e-12 || ((t - best.0).abs() <= 1e-12 && total < best.1) {
                 best = (t, total);
@@ -418,6 +428,10 @@ capacity_mbps = 300
         best
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "costs are sums of integer link weights, exact in f64"
+    )]
     #[test]
     fn spreads_load_off_a_saturated_cheap_link() {
         let g = lab();
@@ -487,6 +501,10 @@ capacity_mbps = 300
         assert_eq!(cp.plan, cp.plain);
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "costs are sums of integer link weights, exact in f64"
+    )]
     #[test]
     fn unconstrained_links_keep_the_plain_plan() {
         let t =

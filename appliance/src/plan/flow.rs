@@ -73,6 +73,10 @@ impl FlowNetwork {
     }
 
     /// Send up to `limit` units from `s` to `t` at minimum total cost.
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "the textbook's names: s source, t sink, u and v nodes, e edge, f flow"
+    )]
     pub fn min_cost_flow(&mut self, s: usize, t: usize, limit: i64) -> FlowResult {
         let n = self.node_count();
         let max_cost = self.cost.iter().fold(0.0f64, |m, c| m.max(c.abs()));
@@ -85,7 +89,7 @@ impl FlowNetwork {
         let mut next_edge = vec![0usize; n];
         while flow < limit {
             // Dijkstra on reduced costs.
-            dist.iter_mut().for_each(|d| *d = f64::INFINITY);
+            dist.fill(f64::INFINITY);
             dist[s] = 0.0;
             let mut heap = BinaryHeap::new();
             heap.push(Reverse((Key(0.0), s)));
@@ -118,7 +122,7 @@ impl FlowNetwork {
                 if !self.bfs_levels(s, t, &potential, eps, &mut level) {
                     break;
                 }
-                next_edge.iter_mut().for_each(|i| *i = 0);
+                next_edge.fill(0);
                 let pushed = self.blocking_flow(
                     s,
                     t,
@@ -158,7 +162,7 @@ impl FlowNetwork {
         eps: f64,
         level: &mut [u32],
     ) -> bool {
-        level.iter_mut().for_each(|l| *l = u32::MAX);
+        level.fill(u32::MAX);
         level[s] = 0;
         let mut queue = VecDeque::from([s]);
         while let Some(u) = queue.pop_front() {
@@ -175,7 +179,14 @@ impl FlowNetwork {
     }
 
     /// Iterative blocking flow (no recursion: residual paths can be long).
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "the textbook's names: s source, t sink, u and v nodes, e edge, f flow"
+    )]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one phase's inputs and its two scratch arrays, reused across phases"
+    )]
     fn blocking_flow(
         &mut self,
         s: usize,
@@ -265,6 +276,10 @@ mod tests {
         assert_eq!((n.flow(sa), n.flow(sb)), (2, 2));
     }
 
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "the textbook's names: s source, t sink, u and v nodes, e edge, f flow"
+    )]
     #[test]
     fn reroutes_through_residual_edges() {
         // s-a-b-t is the cheapest path (cost 1) but takes b-t from s-b: the second
@@ -300,7 +315,7 @@ mod tests {
                 if mask >> i & 1 == 1 {
                     bal[u] -= 1;
                     bal[v] += 1;
-                    cost += c as f64;
+                    cost += f64::from(c);
                 }
             }
             let f = bal[nodes - 1];
@@ -316,6 +331,7 @@ mod tests {
     }
 
     proptest! {
+        #[expect(clippy::float_cmp, reason = "costs are sums of integer link weights, exact in f64")]
         #[test]
         fn matches_brute_force(
             edges in proptest::collection::vec((0usize..5, 0usize..5, 0u32..5), 0..10),
@@ -324,7 +340,7 @@ mod tests {
             let edges: Vec<_> = edges.into_iter().filter(|(u, v, _)| u != v).collect();
             let mut n = FlowNetwork::new(5);
             for &(u, v, c) in &edges {
-                n.add_edge(u, v, 1, c as f64);
+                n.add_edge(u, v, 1, f64::from(c));
             }
             let r = n.min_cost_flow(0, 4, k);
             let (bf, bc) = brute(5, &edges, k).unwrap_or((0, 0.0));

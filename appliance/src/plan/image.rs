@@ -4,71 +4,13 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
+
+use rustc_hash::{FxBuildHasher, FxHasher};
 
 use super::{HolderIndex, HolderLists, PlanError};
 use crate::cost::{Graph, NodeId};
-use crate::index::{BlockHash, Manifest};
-
-/// A fast multiplicative hasher (FxHash-like) for the planner's hot maps: keys
-/// are blake3 output (already uniform) or short lists of small integers, and a
-/// map lookup per block must cost nanoseconds, not SipHash's tens. Not for keys an
-/// attacker chooses freely.
-#[derive(Default, Clone, Copy)]
-pub struct FxHasher(u64);
-
-const FX_SEED: u64 = 0x51_7C_C1_B7_27_22_0A_95;
-
-impl FxHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
-    }
-}
-
-impl Hasher for FxHasher {
-    fn finish(&self) -> u64 {
-        // A final avalanche so the high bits (used by the table) depend on all input.
-        let mut z = self.0;
-        z = (z ^ (z >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z ^ (z >> 29)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(c);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.add(n as u64);
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-}
-
-/// Build hasher for [`FxHasher`].
-pub type FxBuild = BuildHasherDefault<FxHasher>;
-
-/// A hash map keyed by [`BlockHash`].
-pub type BlockHashMap<V> = HashMap<BlockHash, V, FxBuild>;
-
-/// A set of [`BlockHash`]es.
-pub type BlockHashSet = std::collections::HashSet<BlockHash, FxBuild>;
+use crate::index::{BlockHash, BlockHashSet, Manifest};
 
 /// One distinct non-zero block of an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,7 +34,7 @@ pub struct ImageBlocks {
 
 impl ImageBlocks {
     pub fn of(manifest: &Manifest) -> Self {
-        let mut seen: BlockHashMap<()> = BlockHashMap::default();
+        let mut seen = BlockHashSet::default();
         seen.reserve(manifest.blocks.len());
         let mut distinct = Vec::new();
         let mut zero_positions = 0;
@@ -100,7 +42,7 @@ impl ImageBlocks {
             match block {
                 None => zero_positions += 1,
                 Some(hash) => {
-                    if seen.insert(*hash, ()).is_none() {
+                    if seen.insert(*hash) {
                         distinct.push(DistinctBlock {
                             hash: *hash,
                             first_index: i as u64,
@@ -120,7 +62,7 @@ impl ImageBlocks {
 
     /// Byte offset of a distinct block's first occurrence.
     pub fn offset(&self, block: u32) -> u64 {
-        self.distinct[block as usize].first_index * self.block_size as u64
+        self.distinct[block as usize].first_index * u64::from(self.block_size)
     }
 }
 
@@ -135,8 +77,8 @@ fn set_key(set: &[NodeId]) -> u64 {
 /// checked against the pool (no allocation per lookup); a set whose hash is
 /// already taken by a different set lives in `overflow`.
 struct SetInterner {
-    by_hash: HashMap<u64, u32, FxBuild>,
-    overflow: HashMap<Vec<NodeId>, u32, FxBuild>,
+    by_hash: HashMap<u64, u32, FxBuildHasher>,
+    overflow: HashMap<Vec<NodeId>, u32, FxBuildHasher>,
     /// Set `i` is `pool[start[i]..start[i + 1]]`.
     start: Vec<u32>,
     pool: Vec<NodeId>,
@@ -331,6 +273,7 @@ mod tests {
     use super::super::testutil::*;
     use super::*;
     use crate::cost::paths::tests::topo;
+    use crate::index::BlockHashMap;
 
     #[test]
     fn distinct_blocks_zero_positions_and_tail() {

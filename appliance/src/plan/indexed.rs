@@ -134,7 +134,7 @@ mod tests {
         assert_eq!(idx.hosts(), ["hv2", "lib"]);
         let mut out = Vec::new();
         idx.holders(&b, &mut out).unwrap();
-        out.sort();
+        out.sort_unstable();
         assert_eq!(out, [0, 1]);
         let topo = crate::cost::Topology::parse(
             "[[node]]\nname=\"lib\"\nrole=\"library\"\n[[node]]\nname=\"sw\"\nrole=\"switch\"\n\

@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::index::{BlockHash, Manifest};
+use crate::index::{BlockHash, BlockHashMap, Manifest};
 
 pub mod capacity;
 pub mod construct;
@@ -36,7 +36,7 @@ pub mod usage;
 
 pub use capacity::{construct_capacity_aware, CapacityConfig, CapacityPlan};
 pub use construct::{construct, ConstructionPlan};
-pub use image::{BlockHashMap, ImageBlocks, ImageHolders};
+pub use image::{ImageBlocks, ImageHolders};
 pub use place::{place, HostMetrics, Metric, MetricsFile, Placement, Policy};
 pub use report::SourceSummary;
 pub use usage::{AccessHistory, ReadAhead};

@@ -6,12 +6,13 @@ use std::io::Write;
 
 use super::capacity::{construct_capacity_aware, CapacityConfig};
 use super::construct::construct;
-use super::image::{BlockHashMap, ImageHolders};
+use super::image::ImageHolders;
 use super::place::{place, Candidate, MetricsFile, PlaceReport, Policy};
 use super::report::{BlockSource, ConstructReport};
 use super::usage::AccessHistory;
 use super::{HolderIndex, HolderIndexError, PlanError};
 use crate::cost::{Graph, Topology};
+use crate::index::BlockHashMap;
 use crate::index::Manifest;
 
 /// What the offline commands need from an index store.
@@ -132,7 +133,7 @@ pub fn construct_report(
                     let hash = manifest.blocks[pos as usize]?;
                     let source = sources[*distinct.get(&hash)? as usize];
                     Some(BlockSource {
-                        offset: pos * manifest.block_size as u64,
+                        offset: pos * u64::from(manifest.block_size),
                         hash: hash.to_string(),
                         source: graph.name(source).to_owned(),
                     })
@@ -336,6 +337,10 @@ mod tests {
         assert_eq!(e, "image `img` is not in the index at block size 8192");
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "costs are sums of integer link weights, exact in f64"
+    )]
     #[test]
     fn construct_capacity_and_history() {
         let mut history = AccessHistory::new("img");

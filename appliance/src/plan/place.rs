@@ -23,7 +23,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::construct::unreachable_error;
-use super::image::{FxBuild, ImageHolders};
+use rustc_hash::FxBuildHasher;
+
+use super::image::ImageHolders;
 use super::tally::CostTally;
 use super::PlanError;
 use crate::cost::{Graph, NodeId, TwinClasses};
@@ -58,6 +60,7 @@ impl HostMetrics {
     }
 
     /// Each metric from `self` where known, else from `fallback`.
+    #[must_use]
     pub fn or(self, fallback: HostMetrics) -> HostMetrics {
         HostMetrics {
             cpu: self.cpu.or(fallback.cpu),
@@ -211,6 +214,7 @@ impl MetricsFile {
     /// This file with `reported` values laid over it: per host and metric, a
     /// reported value wins; a metric the report lacks keeps the file's value.
     /// (The caller passes only reports it considers fresh.)
+    #[must_use]
     pub fn overlaid(&self, reported: &BTreeMap<String, HostMetrics>) -> MetricsFile {
         let mut out = self.clone();
         for (host, r) in reported {
@@ -270,7 +274,7 @@ pub fn place(
     }
     let mut held_by: HashMap<NodeId, Vec<u32>> = HashMap::new();
     for (g, group) in image.groups().enumerate() {
-        for &h in group.holders.iter() {
+        for &h in group.holders {
             if is_candidate[h as usize] {
                 held_by.entry(h).or_default().push(g as u32);
             }
@@ -365,7 +369,7 @@ struct ClassGroups {
 
 impl ClassGroups {
     fn of(image: &ImageHolders, twins: &TwinClasses) -> Self {
-        let mut index: HashMap<Box<[u32]>, u32, FxBuild> = HashMap::default();
+        let mut index: HashMap<Box<[u32]>, u32, FxBuildHasher> = HashMap::default();
         let mut sets = Vec::new();
         let mut blocks = Vec::new();
         let mut of_group = Vec::with_capacity(image.group_count());
@@ -375,15 +379,14 @@ impl ClassGroups {
             scratch.extend(group.holders.iter().map(|&h| twins.class_of(h)));
             scratch.sort_unstable();
             scratch.dedup();
-            let cg = match index.get(scratch.as_slice()) {
-                Some(&cg) => cg,
-                None => {
-                    let cg = sets.len() as u32;
-                    index.insert(scratch.clone().into_boxed_slice(), cg);
-                    sets.push(scratch.clone().into_boxed_slice());
-                    blocks.push(0);
-                    cg
-                }
+            let cg = if let Some(&cg) = index.get(scratch.as_slice()) {
+                cg
+            } else {
+                let cg = sets.len() as u32;
+                index.insert(scratch.clone().into_boxed_slice(), cg);
+                sets.push(scratch.clone().into_boxed_slice());
+                blocks.push(0);
+                cg
             };
             blocks[cg as usize] += group.blocks.len() as u64;
             of_group.push(cg);
@@ -478,7 +481,7 @@ impl Placement {
                         cpu: m.cpu,
                         mem: m.mem,
                         disk: m.disk,
-                        error: c.cost.as_ref().err().map(|e| e.to_string()),
+                        error: c.cost.as_ref().err().map(std::string::ToString::to_string),
                     }
                 })
                 .collect(),
@@ -522,7 +525,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn names(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| s.to_string()).collect()
+        v.iter().map(std::string::ToString::to_string).collect()
     }
 
     fn placed(m: &Manifest, idx: &MemoryIndex, cands: &[&str]) -> Placement {
@@ -730,6 +733,10 @@ mod tests {
         ));
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "costs are sums of integer link weights, exact in f64"
+    )]
     #[test]
     fn placement_agrees_with_construction() {
         let idx = index(&[
@@ -778,6 +785,7 @@ mod tests {
         /// Random small topologies and placements: construction's total equals the
         /// brute-force optimum (every block from its cheapest holder), and placement
         /// orders candidates as sorting them by that brute-force cost does.
+        #[expect(clippy::float_cmp, reason = "costs are sums of integer link weights, exact in f64")]
         #[test]
         fn construction_and_placement_match_brute_force(
             links in proptest::collection::vec((0usize..8, 0usize..8, 0u32..4), 0..16),
@@ -785,9 +793,9 @@ mod tests {
             image in proptest::collection::vec(0u8..11, 1..14),
         ) {
             let names: Vec<String> = (0..8).map(|i| format!("n{i}")).collect();
-            let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            let refs: Vec<&str> = names.iter().map(std::string::String::as_str).collect();
             let links: Vec<(usize, usize, f64)> =
-                links.into_iter().filter(|(a, b, _)| a != b).map(|(a, b, w)| (a, b, w as f64)).collect();
+                links.into_iter().filter(|(a, b, _)| a != b).map(|(a, b, w)| (a, b, f64::from(w))).collect();
             let tl: Vec<(&str, &str, f64)> = links.iter().map(|&(a, b, w)| (refs[a], refs[b], w)).collect();
             let g = Graph::from_topology(&topo(&refs, &tl));
             let d = floyd(8, &links);

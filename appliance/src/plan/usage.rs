@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::image::{BlockHashMap, ImageBlocks};
+use super::image::ImageBlocks;
+use crate::index::BlockHashMap;
 use crate::index::Manifest;
 
 /// How one block was read across the recorded boots.
@@ -61,7 +62,7 @@ impl AccessHistory {
     pub fn probability(&self, block: u64) -> f64 {
         match (self.boots, self.blocks.get(&block)) {
             (0, _) | (_, None) => 0.0,
-            (boots, Some(u)) => u.boots_read as f64 / boots as f64,
+            (boots, Some(u)) => f64::from(u.boots_read) / f64::from(boots),
         }
     }
 
@@ -70,7 +71,7 @@ impl AccessHistory {
         self.blocks
             .get(&block)
             .filter(|u| u.boots_read > 0)
-            .map(|u| u.rank_sum as f64 / u.boots_read as f64)
+            .map(|u| u.rank_sum as f64 / f64::from(u.boots_read))
     }
 
     /// Per manifest position: the read probability (0 for zero blocks).
@@ -219,6 +220,10 @@ mod tests {
         manifest("img", &[1, 2, 3, 0, 5, 6, 7], None)
     }
 
+    #[expect(
+        clippy::float_cmp,
+        reason = "the expected values are exact in binary floating point"
+    )]
     #[test]
     fn probabilities_and_ranks() {
         let h = history();

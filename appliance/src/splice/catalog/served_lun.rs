@@ -248,7 +248,7 @@ impl ServedLun {
         positions: impl IntoIterator<Item = usize>,
         cache: &BlockCache,
     ) -> Vec<BlockHash> {
-        let mut seen = crate::plan::image::BlockHashSet::default();
+        let mut seen = crate::index::BlockHashSet::default();
         positions
             .into_iter()
             .filter_map(|p| self.manifest.blocks.get(p).copied().flatten())
