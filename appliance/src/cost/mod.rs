@@ -19,7 +19,7 @@ pub mod twins;
 pub use live::{LiveCostError, LiveCosts};
 #[cfg(test)]
 pub use live::LiveCostConfig;
-pub use paths::{Graph, LinkId, NodeId, ShortestPaths};
+pub use paths::{Graph, NodeId, ShortestPaths};
 #[cfg(test)]
 pub use paths::CostMatrix;
 pub use topology::{Role, Topology, TopologyError};

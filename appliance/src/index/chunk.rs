@@ -19,7 +19,6 @@ use super::{BlockHash, Manifest};
 
 pub const MIN_BLOCK_SIZE: u32 = 4096;
 pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
-pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// Bytes processed between progress reports; a multiple of every block size.
 pub const WINDOW: u64 = 64 << 20;
 
@@ -94,6 +93,7 @@ pub fn hash_block(buf: &[u8]) -> Option<BlockHash> {
 }
 
 /// Names of the blocks of `data` (the last one may be short), in parallel.
+#[cfg(any(test, feature = "testing"))]
 pub fn hash_blocks(data: &[u8], block_size: u32) -> Vec<Option<BlockHash>> {
     let mut out = Vec::new();
     data.par_chunks(block_size as usize)
@@ -104,6 +104,7 @@ pub fn hash_blocks(data: &[u8], block_size: u32) -> Vec<Option<BlockHash>> {
 }
 
 /// The manifest of an in-memory image.
+#[cfg(any(test, feature = "testing"))]
 pub fn manifest_of_bytes(image: &str, data: &[u8], block_size: u32) -> Manifest {
     Manifest {
         image: image.to_string(),
@@ -155,6 +156,7 @@ impl ImageFile {
     }
 
     /// Bytes of the image inside data extents (what will actually be read).
+    #[cfg(feature = "testing")]
     pub fn data_bytes(&self) -> u64 {
         self.data.iter().map(|(a, b)| b - a).sum()
     }

@@ -320,11 +320,13 @@ impl Snapshot {
     }
 
     /// Every entry, in key order.
+    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = Entry> + '_ {
         (0..self.len as usize).map(|i| self.entry(i))
     }
 
     /// Bytes of the snapshot file.
+    #[cfg(feature = "testing")]
     pub fn file_bytes(&self) -> u64 {
         self.map.as_ref().map_or(0, |m| m.len() as u64)
     }

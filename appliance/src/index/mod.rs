@@ -20,13 +20,13 @@ pub use block_map::{BlockHashMap, BlockHashSet};
 pub use error::{IndexError, IndexIoContext, Result};
 pub use manifest::{
     check_max_image_blocks, BlockHash, DecodeError, Manifest, DEFAULT_MAX_IMAGE_BLOCKS,
-    MAX_IMAGE_BLOCKS_LIMIT,
 };
 pub mod lookup;
 pub mod redb_store;
 pub mod stats;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
 pub mod synthetic;
 
-pub use redb_store::{FileState, RedbStore, StoreOptions};
-pub use store::{Applied, BlockStore, Change, ImageInfo, Location};
+pub use redb_store::{RedbStore, StoreOptions};
+pub use store::{BlockStore, Change, Location};

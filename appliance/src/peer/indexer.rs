@@ -1204,7 +1204,7 @@ mod tests {
         ) -> crate::index::Result<Option<Manifest>> {
             self.inner.manifest_at(host, i, bs)
         }
-        fn images(&self) -> crate::index::Result<Vec<crate::index::ImageInfo>> {
+        fn images(&self) -> crate::index::Result<Vec<crate::index::store::ImageInfo>> {
             self.inner.images()
         }
         fn seq(&self) -> u64 {

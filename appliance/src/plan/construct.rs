@@ -9,7 +9,7 @@ use super::image::ImageHolders;
 use super::report::{ConstructReport, SourceSummary};
 use super::tally::CostTally;
 use super::PlanError;
-use crate::cost::{Graph, LinkId, NodeId, ShortestPaths};
+use crate::cost::{Graph, NodeId, ShortestPaths};
 
 /// Where every distinct non-zero block of an image comes from, for one target.
 #[derive(Clone, Debug, PartialEq)]
@@ -152,12 +152,13 @@ impl ConstructionPlan {
 }
 
 /// Link loads for a plan, as `(link, bytes)` for links that carry any.
-pub fn loaded_links(bytes: &[u64]) -> impl Iterator<Item = (LinkId, u64)> + '_ {
+#[cfg(test)]
+pub fn loaded_links(bytes: &[u64]) -> impl Iterator<Item = (crate::cost::paths::LinkId, u64)> + '_ {
     bytes
         .iter()
         .enumerate()
         .filter(|(_, &b)| b > 0)
-        .map(|(l, &b)| (l as LinkId, b))
+        .map(|(l, &b)| (l as crate::cost::paths::LinkId, b))
 }
 
 #[cfg(test)]

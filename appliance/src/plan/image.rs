@@ -143,8 +143,10 @@ pub struct HolderGroup<'a> {
 pub struct ImageHolders {
     pub blocks: ImageBlocks,
     /// Per distinct block: its group.
+    #[cfg(test)]
     pub group_of: Vec<u32>,
     /// Index hosts that hold some block of the image but are not in the topology.
+    #[cfg(test)]
     pub hosts_outside_topology: Vec<String>,
     holder_start: Vec<u32>,
     holder_pool: Vec<NodeId>,
@@ -215,6 +217,7 @@ impl ImageHolders {
             fill[g as usize] += 1;
         }
 
+        #[cfg(test)]
         let hosts_outside_topology = host_names
             .into_iter()
             .zip(outside_seen)
@@ -222,7 +225,9 @@ impl ImageHolders {
             .collect();
         Ok(ImageHolders {
             blocks,
+            #[cfg(test)]
             group_of,
+            #[cfg(test)]
             hosts_outside_topology,
             holder_start,
             holder_pool,

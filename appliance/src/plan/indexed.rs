@@ -32,10 +32,6 @@ impl<S: BlockStore> IndexedStore<S> {
             .collect();
         Ok(Self { store, hosts, ids })
     }
-
-    pub fn store(&self) -> &S {
-        &self.store
-    }
 }
 
 impl<S: BlockStore> HolderIndex for IndexedStore<S> {

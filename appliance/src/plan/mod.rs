@@ -19,26 +19,33 @@
 //! byte order). Index hosts missing from the topology are unreachable: never a
 //! source, never a target.
 
-use std::collections::{BTreeMap, HashMap};
-
-use crate::index::{BlockHash, BlockHashMap, Manifest};
+use crate::index::BlockHash;
 
 pub mod capacity;
 pub mod construct;
 pub mod flow;
 pub mod image;
 pub mod indexed;
+#[cfg(any(test, feature = "testing"))]
+pub mod memory_index;
 pub mod offline;
 pub mod place;
 pub mod report;
 pub mod tally;
 pub mod usage;
 
-pub use capacity::{construct_capacity_aware, CapacityConfig, CapacityPlan};
-pub use construct::{construct, ConstructionPlan};
-pub use image::{ImageBlocks, ImageHolders};
-pub use place::{place, HostMetrics, Metric, MetricsFile, Placement, Policy};
-pub use report::SourceSummary;
+pub use capacity::CapacityConfig;
+#[cfg(any(test, feature = "testing"))]
+pub use memory_index::MemoryIndex;
+#[cfg(feature = "testing")]
+pub use capacity::construct_capacity_aware;
+#[cfg(feature = "testing")]
+pub use construct::construct;
+#[cfg(feature = "testing")]
+pub use image::ImageHolders;
+#[cfg(feature = "testing")]
+pub use place::place;
+pub use place::{HostMetrics, MetricsFile, Policy};
 pub use usage::{AccessHistory, ReadAhead};
 
 /// A host as the block index numbers it: the position in [`HolderIndex::hosts`].
@@ -142,131 +149,12 @@ pub enum PlanError {
     AlreadyHeld(String),
 }
 
-/// An in-memory block index: host names and, per hash, the hosts holding it. Used
-/// by tests and the bench, and as the shape the persistent store adapts to.
-#[derive(Clone, Debug, Default)]
-pub struct MemoryIndex {
-    hosts: Vec<String>,
-    host_ids: HashMap<String, HostId>,
-    holders: BlockHashMap<HostList>,
-    /// Manifests by (image, block size), for [`offline::PlanStore`].
-    manifests: BTreeMap<(String, u32), Manifest>,
-}
-
-impl MemoryIndex {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The id of `name`, registering it on first use.
-    pub fn host(&mut self, name: &str) -> HostId {
-        if let Some(&id) = self.host_ids.get(name) {
-            return id;
-        }
-        let id = self.hosts.len() as HostId;
-        self.hosts.push(name.to_owned());
-        self.host_ids.insert(name.to_owned(), id);
-        id
-    }
-
-    /// Record that `host` holds `hash`.
-    pub fn add_block(&mut self, host: HostId, hash: BlockHash) {
-        self.holders.entry(hash).or_default().insert(host);
-    }
-
-    /// Record that `host` indexed `manifest`: it holds every non-zero block, and the
-    /// manifest becomes known for its image and block size.
-    pub fn add_manifest(&mut self, host: &str, manifest: &Manifest) {
-        let id = self.host(host);
-        for hash in manifest.blocks.iter().flatten() {
-            self.add_block(id, *hash);
-        }
-        self.manifests
-            .entry((manifest.image.clone(), manifest.block_size))
-            .or_insert_with(|| manifest.clone());
-    }
-
-    /// The manifest of `image` at `block_size`, or at its smallest indexed size.
-    pub fn manifest(&self, image: &str, block_size: Option<u32>) -> Option<&Manifest> {
-        self.manifests
-            .range((image.to_owned(), 0)..=(image.to_owned(), u32::MAX))
-            .find(|((_, size), _)| block_size.is_none_or(|b| b == *size))
-            .map(|(_, m)| m)
-    }
-
-    /// Number of distinct hashes indexed.
-    pub fn hash_count(&self) -> usize {
-        self.holders.len()
-    }
-}
-
-/// Holders of one hash: inline while few (the common case, one cache line with
-/// the key), spilled to the heap beyond that.
-#[derive(Clone, Debug)]
-enum HostList {
-    Inline {
-        len: u8,
-        ids: [HostId; HostList::INLINE],
-    },
-    Spilled(Vec<HostId>),
-}
-
-impl Default for HostList {
-    fn default() -> Self {
-        HostList::Inline {
-            len: 0,
-            ids: [0; HostList::INLINE],
-        }
-    }
-}
-
-impl HostList {
-    const INLINE: usize = 6;
-
-    fn as_slice(&self) -> &[HostId] {
-        match self {
-            HostList::Inline { len, ids } => &ids[..*len as usize],
-            HostList::Spilled(v) => v,
-        }
-    }
-
-    /// Add `host` unless present.
-    fn insert(&mut self, host: HostId) {
-        if self.as_slice().contains(&host) {
-            return;
-        }
-        match self {
-            HostList::Inline { len, ids } if (*len as usize) < Self::INLINE => {
-                ids[*len as usize] = host;
-                *len += 1;
-            }
-            HostList::Inline { ids, .. } => {
-                let mut v = ids.to_vec();
-                v.push(host);
-                *self = HostList::Spilled(v);
-            }
-            HostList::Spilled(v) => v.push(host),
-        }
-    }
-}
-
-impl HolderIndex for MemoryIndex {
-    fn hosts(&self) -> Vec<String> {
-        self.hosts.clone()
-    }
-
-    fn holders(&self, hash: &BlockHash, out: &mut Vec<HostId>) -> Result<(), HolderIndexError> {
-        if let Some(h) = self.holders.get(hash) {
-            out.extend_from_slice(h.as_slice());
-        }
-        Ok(())
-    }
-}
 
 #[cfg(test)]
 pub(crate) mod testutil {
     //! Small builders shared by the planner's tests.
     use super::*;
+    use crate::index::Manifest;
 
     pub fn h(n: u8) -> BlockHash {
         BlockHash([n; 32])
@@ -325,6 +213,7 @@ mod tests {
 
     #[test]
     fn host_lists_spill_past_inline() {
+        use super::memory_index::HostList;
         let mut l = HostList::default();
         for h in [3, 1, 3, 4, 5, 6, 7, 8, 1, 9] {
             l.insert(h);

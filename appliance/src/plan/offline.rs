@@ -26,6 +26,7 @@ pub trait PlanStore: HolderIndex {
     ) -> Result<Option<Manifest>, HolderIndexError>;
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl PlanStore for super::MemoryIndex {
     fn manifest(
         &self,

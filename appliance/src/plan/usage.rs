@@ -185,6 +185,7 @@ impl ReadAhead {
     /// After reading `block`, up to `count` blocks to fetch next: those following
     /// it in prefetch order (from the front when `block` was never read before)
     /// that are likely enough and not `present` yet.
+    #[cfg(test)]
     pub fn after(&self, block: u64, count: usize, present: impl Fn(u64) -> bool) -> Vec<u64> {
         let start = match self.place.get(&block) {
             Some(&i) if self.probability[i] >= self.min_probability => i + 1,
