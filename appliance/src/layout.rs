@@ -31,7 +31,7 @@ mod tests {
             a.path().is_ident("cfg")
                 && a.meta
                     .require_list()
-                    .is_ok_and(|l| l.tokens.to_string().split_whitespace().any(|t| t == "test"))
+                    .is_ok_and(|l| l.tokens.to_string().trim() == "test")
         })
     }
 
@@ -51,11 +51,17 @@ mod tests {
                 _ => path.with_extension(""),
             };
             for item in &ast.items {
-                if let syn::Item::Mod(m) = item {
-                    if m.content.is_some() || is_cfg_test(&m.attrs) {
-                        continue;
+                let names = match item {
+                    syn::Item::Mod(m) if m.content.is_none() && !is_cfg_test(&m.attrs) => {
+                        vec![m.ident.to_string()]
                     }
-                    let name = m.ident.to_string();
+                    // lib.rs declares its internal modules through a macro.
+                    syn::Item::Macro(m) if m.mac.path.is_ident("internal_modules") => {
+                        macro_module_names(m.mac.tokens.clone())
+                    }
+                    _ => continue,
+                };
+                for name in names {
                     let file = [
                         dir.join(format!("{name}.rs")),
                         dir.join(&name).join("mod.rs"),
@@ -71,6 +77,23 @@ mod tests {
             out.push(SourceFile { module, path, ast });
         }
         out
+    }
+
+    /// The module names in an `internal_modules! { a; b; }` invocation: each
+    /// identifier followed by `;` (attributes before a name are skipped).
+    fn macro_module_names(tokens: proc_macro2::TokenStream) -> Vec<String> {
+        let tokens: Vec<_> = tokens.into_iter().collect();
+        tokens
+            .windows(2)
+            .filter_map(|w| match (&w[0], &w[1]) {
+                (proc_macro2::TokenTree::Ident(i), proc_macro2::TokenTree::Punct(p))
+                    if p.as_char() == ';' =>
+                {
+                    Some(i.to_string())
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Paths named in a file, each as written (with `crate`/`super`/`self`), and
