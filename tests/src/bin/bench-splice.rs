@@ -247,6 +247,9 @@ fn measure(
             }
             daemons.select(side);
             if let Some(extra_config) = cfg.extra_config(manifest, sourcing) {
+                // Each run starts with rack1's index store empty: a cold run starts
+                // cold, and the baseline's store format may not be this tree's.
+                remove_index_store(lab, "rack1")?;
                 lab.start_appliance(
                     "rack1",
                     ApplianceOptions {
@@ -392,4 +395,17 @@ fn lab_status_library_bytes(lab: &Lab, cfg: Config) -> Result<u64> {
 /// (MB/s, IOPS) for `blocks` 512-byte blocks per READ at QD32.
 fn perf(lab: &Lab, url: &str, blocks: u32) -> Result<(f64, f64)> {
     lab.iscsi_perf("hv1", url, 32, blocks, SECS)
+}
+
+/// Removes `node`'s index store (`<node>.redb`) and the files beside it
+/// (`<node>.redb.*`: the holder snapshot, the children state).
+fn remove_index_store(lab: &Lab, node: &str) -> Result<()> {
+    let prefix = format!("{node}.redb");
+    for entry in std::fs::read_dir(lab.dir.path())? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
