@@ -297,6 +297,18 @@ impl Validator<'_> {
         crate::index::check_max_image_blocks(max).map_err(|e| self.err("", "max_image_blocks", &e))
     }
 
+    /// The node name checked, then its key and the peers file loaded: what an
+    /// agent's and an indexer's config both start with.
+    fn identity(
+        &self,
+        node: &str,
+        key_file: &Path,
+        peers_file: &Path,
+    ) -> Result<Credentials, ConfigError> {
+        self.node(node)?;
+        self.credentials(key_file, peers_file)
+    }
+
     fn node(&self, node: &str) -> Result<(), ConfigError> {
         if node.trim().is_empty() || node.len() > 255 {
             return Err(self.err("", "node", "must be 1..=255 characters"));
@@ -330,8 +342,7 @@ impl AgentConfig {
         let v = Validator {
             lines: KeyLines::new(text),
         };
-        v.node(&c.node)?;
-        c.creds = Some(v.credentials(&c.key_file, &c.peers_file)?);
+        c.creds = Some(v.identity(&c.node, &c.key_file, &c.peers_file)?);
         if c.listen.ip().is_unspecified() && c.advertise.is_none() {
             return Err(v.err(
                 "",
@@ -425,8 +436,7 @@ impl IndexerConfig {
         let v = Validator {
             lines: KeyLines::new(text),
         };
-        v.node(&c.node)?;
-        c.creds = Some(v.credentials(&c.key_file, &c.peers_file)?);
+        c.creds = Some(v.identity(&c.node, &c.key_file, &c.peers_file)?);
         if c.push_interval_ms == 0 {
             return Err(v.err("", "push_interval_ms", "must be > 0"));
         }
