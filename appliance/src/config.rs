@@ -53,6 +53,37 @@ pub struct Config {
     /// Run this rack's indexer inside the daemon (optional), on the index store.
     #[serde(default)]
     pub indexer: Option<EmbeddedIndexer>,
+    /// The manager (optional; on the appliance whose indexer is the global one):
+    /// inventory and place-and-build jobs. Needs `[indexer]` and `[planner]`.
+    #[serde(default)]
+    pub manager: Option<ManagerConfig>,
+}
+
+/// `[manager]`: inventory and jobs (`crate::manage`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagerConfig {
+    /// The jobs file (redb).
+    #[serde(default = "default_manager_db")]
+    pub db: std::path::PathBuf,
+    /// A host whose agent has not reported for this long is no candidate.
+    #[serde(default = "default_manager_stale_secs")]
+    pub stale_secs: u64,
+    /// How long a built disk may take to appear in the global index.
+    #[serde(default = "default_manager_index_wait_secs")]
+    pub index_wait_secs: u64,
+}
+
+fn default_manager_db() -> std::path::PathBuf {
+    "/var/lib/nearblock/manager.redb".into()
+}
+
+fn default_manager_stale_secs() -> u64 {
+    10
+}
+
+fn default_manager_index_wait_secs() -> u64 {
+    60
 }
 
 /// `[indexer]`: the local (rack) or global indexer, run in-process so agents push
@@ -854,6 +885,25 @@ impl Config {
                 "the planner needs the topology and the index: add [cost] and [index] sections"
                     .into(),
             ));
+        }
+        if let Some(m) = &self.manager {
+            if self.indexer.is_none() || self.planner.is_none() {
+                return Err(invalid(
+                    "manager",
+                    "db",
+                    "the manager plans over the global index: add [indexer] and [planner]".into(),
+                ));
+            }
+            if !(1..=86_400).contains(&m.stale_secs) {
+                return Err(invalid("manager", "stale_secs", "must be within 1..=86400".into()));
+            }
+            if !(1..=86_400).contains(&m.index_wait_secs) {
+                return Err(invalid(
+                    "manager",
+                    "index_wait_secs",
+                    "must be within 1..=86400".into(),
+                ));
+            }
         }
         if let Some(p) = &self.planner {
             if !(1..=86_400).contains(&p.metrics_stale_secs) {

@@ -62,6 +62,8 @@ pub enum DaemonError {
     Index(#[from] crate::index::IndexError),
     #[error("[indexer]: {0}")]
     Indexer(String),
+    #[error("[manager]: {0}")]
+    Manager(String),
     #[error(transparent)]
     Catalog(#[from] crate::splice::catalog::CatalogError),
     #[error("API listen on {addr}: {source}")]
@@ -168,6 +170,35 @@ fn check_one_store(index: &IndexConfig, indexer: &IndexerConfig) -> Result<(), D
 /// (one key per node, listed once in the peers file).
 fn indexer_client(ic: &IndexerConfig) -> PeerClient {
     PeerClient::new(ic.peer.client(&ic.node, Role::Indexer, ic.credentials()))
+}
+
+/// The manager over the embedded (global) indexer, when `[manager]` is set.
+fn start_manager(
+    app: &Appliance,
+    index: &IndexRole,
+    indexer: Option<&IndexerHandle>,
+) -> Result<Option<Arc<crate::manage::Manager>>, DaemonError> {
+    let Some(mc) = &app.config.manager else {
+        return Ok(None);
+    };
+    let (Some(ic), Some(store), Some(ix)) = (index.indexer_config(), index.store(), indexer) else {
+        return Err(DaemonError::Manager("[manager] needs [indexer]".into()));
+    };
+    let options = crate::manage::ManagerOptions {
+        stale_after: Duration::from_secs(mc.stale_secs),
+        index_wait: Duration::from_secs(mc.index_wait_secs),
+        ..crate::manage::ManagerOptions::default()
+    };
+    let manager = crate::manage::Manager::open(
+        &mc.db,
+        ix.service.clone(),
+        store.clone(),
+        Arc::new(indexer_client(ic)),
+        options,
+    )
+    .map_err(|e| DaemonError::Manager(e.to_string()))?;
+    info!(db = %mc.db.display(), "manager running");
+    Ok(Some(manager))
 }
 
 /// Every spliced connection holds two descriptors: take all the hard limit allows.
@@ -569,6 +600,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         rates: Mutex::default(),
         splicer: splicer.clone(),
         catalog: splicing.as_ref().map(|s| s.catalog.clone()),
+        manager: std::sync::OnceLock::new(),
         started: Instant::now(),
     });
     let cache = splicer.cache.get().cloned();
@@ -582,6 +614,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         if let Some(ix) = &indexer {
             let _ = planner.reported.set(ix.service.hosts.clone());
         }
+    }
+    if let Some(manager) = start_manager(&app, &index, indexer.as_ref())? {
+        let _ = app.manager.set(manager);
     }
 
     // Spawn the loops and the API.

@@ -12,9 +12,11 @@
 //! - [`index`]: images as manifests of blake3-named blocks.
 //! - [`cost`]: the topology and network cost between nodes (static and live).
 //! - [`plan`]: the planner: block sources for a target, and placement of images.
+//! - [`hypervisor`]: the hook into a hypervisor host: its VMs, building their disks.
 //! - [`peer`]: the peer protocol (blocks by hash, holders, pushes up the index
 //!   tree), the agent and indexer services on it, and hosts' load reports.
-//! - [`api`]: HTTP status and metrics.
+//! - [`manage`]: the manager: inventory, and jobs that place and build VMs.
+//! - [`api`]: HTTP status and metrics; the versioned operator API.
 //! - [`state`]: the running appliance's shared state and status report.
 //! - [`daemon`]: `nearblock run`, the stages wired together.
 //! - [`cli`]: the command line, one file per subcommand.
@@ -45,7 +47,9 @@ internal_modules! {
     index;
     cost;
     plan;
+    hypervisor;
     peer;
+    manage;
     api;
     state;
     daemon;

@@ -39,7 +39,25 @@ pub struct Appliance {
     pub splicer: Arc<SplicerStats>,
     /// The served LUNs (with their access histories), when steering.
     pub catalog: Option<Arc<crate::splice::catalog::Catalog>>,
+    /// Inventory and jobs, when `[manager]` is configured (set once the
+    /// embedded indexer runs).
+    pub manager: std::sync::OnceLock<Arc<crate::manage::Manager>>,
     pub started: Instant,
+}
+
+/// The manager plans with the appliance's live-priced topology and its host
+/// metrics.
+impl crate::manage::PlanningView for Appliance {
+    fn topology(&self) -> Option<Topology> {
+        self.priced_topology(true)
+    }
+
+    fn host_metrics(&self) -> crate::plan::MetricsFile {
+        self.planner
+            .as_ref()
+            .map(Planner::metrics_now)
+            .unwrap_or_default()
+    }
 }
 
 /// What the API's planner answers from.

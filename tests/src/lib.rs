@@ -40,6 +40,8 @@ pub mod procs;
 
 /// The default lab: library ─ core ─ rack1, rack2 ─ hv1, hv2 / hv3, hv4.
 pub const DEFAULT_TOPOLOGY: &str = include_str!("../topologies/default.toml");
+/// Three racks of three hypervisors, the library's appliance on core.
+pub const THREE_RACKS_TOPOLOGY: &str = include_str!("../topologies/three_racks.toml");
 
 /// The lab's API token files, in its directory (`nearblock api token new`).
 const API_READ_TOKEN_FILE: &str = "api-read.token";

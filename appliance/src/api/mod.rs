@@ -9,6 +9,7 @@
 //! the splicer and the peer service share.
 
 pub mod auth;
+pub mod v1;
 
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ use crate::state::{Appliance, StatusReport};
 
 /// What the handlers share: the appliance, and the permits for heavy work.
 #[derive(Clone)]
-struct ApiState {
+pub struct ApiState {
     app: Arc<Appliance>,
     heavy: Arc<Semaphore>,
 }
@@ -67,9 +68,9 @@ pub async fn serve(
         .route("/costs", get(costs))
         .route("/plan/construct", get(plan_construct))
         .route("/plan/place", get(plan_place))
-        .route("/hosts", get(hosts));
-    // No route changes state yet; those that will go here.
-    let admin = Router::new();
+        .route("/hosts", get(hosts))
+        .merge(v1::read_routes());
+    let admin = v1::admin_routes();
     let router = auth::layout(auth.clone(), open, read, admin).with_state(state);
     tokio::select! {
         r = axum::serve(listener, router) => {
@@ -594,6 +595,8 @@ mod tests {
             disk: None,
             age_ms,
             via: "rack1".into(),
+            resources: crate::peer::proto::HostResources::default(),
+            vms: Vec::new(),
         }
     }
 

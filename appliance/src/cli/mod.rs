@@ -12,6 +12,7 @@ pub mod peer;
 pub mod plan;
 pub mod run;
 pub mod status;
+pub mod vm;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +45,8 @@ pub enum Command {
     Peer(peer::PeerArgs),
     /// The HTTP API's bearer tokens (`api token new --out FILE`).
     Api(api::ApiArgs),
+    /// The manager's VMs and jobs: list, place and build, watch, cancel.
+    Vm(vm::VmArgs),
 }
 
 /// Run one parsed command, writing its output to `out`.
@@ -58,5 +61,6 @@ pub fn dispatch(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
         Command::Keygen(a) => keygen::run(&a, out),
         Command::Peer(a) => peer::run(&a, out),
         Command::Api(a) => api::run(a, out),
+        Command::Vm(a) => vm::run(&a, out),
     }
 }

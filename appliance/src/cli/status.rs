@@ -54,6 +54,26 @@ pub fn run(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 /// `GET path` on the daemon at `api` with the token in `token_file` (if any);
 /// the body of a 200, else an error that says what to do.
 pub fn api_get(api: SocketAddr, path: &str, token_file: Option<&Path>) -> anyhow::Result<String> {
+    api_call(api, "GET", path, token_file, None)
+}
+
+/// `POST path` with a JSON `body`; the body of a 200 or 202.
+pub fn api_post(
+    api: SocketAddr,
+    path: &str,
+    token_file: Option<&Path>,
+    body: &serde_json::Value,
+) -> anyhow::Result<String> {
+    api_call(api, "POST", path, token_file, Some(body))
+}
+
+fn api_call(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    token_file: Option<&Path>,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<String> {
     let token = token_file
         .map(crate::api::auth::read_client_token)
         .transpose()?;
@@ -61,20 +81,29 @@ pub fn api_get(api: SocketAddr, path: &str, token_file: Option<&Path>) -> anyhow
         .http_status_as_error(false)
         .build()
         .into();
-    let mut req = agent.get(&format!("http://{api}{path}"));
-    if let Some(t) = &token {
-        req = req.header("Authorization", &format!("Bearer {t}"));
+    let url = format!("http://{api}{path}");
+    let auth = token.as_ref().map(|t| format!("Bearer {t}"));
+    let resp = if method == "POST" {
+        let mut req = agent.post(&url);
+        if let Some(a) = &auth {
+            req = req.header("Authorization", a);
+        }
+        req.send_json(body.cloned().unwrap_or(serde_json::Value::Null))
+    } else {
+        let mut req = agent.get(&url);
+        if let Some(a) = &auth {
+            req = req.header("Authorization", a);
+        }
+        req.call()
     }
-    let resp = req
-        .call()
-        .with_context(|| format!("no nearblock daemon answering at {api} (is it running?)"))?;
+    .with_context(|| format!("no nearblock daemon answering at {api} (is it running?)"))?;
     let status = resp.status().as_u16();
     let body = resp
         .into_body()
         .read_to_string()
         .with_context(|| format!("reading the reply to {path}"))?;
     match status {
-        200 => Ok(body),
+        200 | 202 => Ok(body),
         _ => Err(anyhow::anyhow!(refusal(
             api,
             path,
@@ -87,6 +116,11 @@ pub fn api_get(api: SocketAddr, path: &str, token_file: Option<&Path>) -> anyhow
 
 /// What to tell the user when the daemon did not answer 200.
 fn refusal(api: SocketAddr, path: &str, status: u16, had_token: bool, body: &str) -> String {
+    // The v1 routes answer `{"error": "…"}`.
+    let error = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned));
+    let body = error.as_deref().unwrap_or(body);
     match (status, had_token) {
         (401, false) => format!(
             "the daemon at {api} wants an API token: pass --token-file FILE or set \

@@ -30,14 +30,15 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
 use crate::{
+    hypervisor::{vm_image_name, Hypervisor},
     index::{
         delta::{self, Outcome, Policy},
         BlockHash, BlockStore, Change, Location, RedbStore, StoreOptions,
     },
     peer::{
-        config::{AgentConfig, ImageConfig},
+        config::{AgentConfig, ImageConfig, ResourcePins},
         error::{AnnotateIo, PeerError, Result},
-        proto::{BlockReply, Role},
+        proto::{BlockReply, HostResources, Role, VmReport},
         server::BlockSource,
     },
 };
@@ -72,10 +73,16 @@ pub struct Agent {
     files: RwLock<HashMap<String, Open>>,
     /// Serialises scans.
     scan_lock: Mutex<()>,
+    /// The host's VMs, whose disks are offered as `vm/<name>`.
+    hypervisor: Option<Arc<dyn Hypervisor>>,
 }
 
 impl Agent {
-    pub fn new(cfg: &AgentConfig, store: Arc<RedbStore>) -> Self {
+    pub fn new(
+        cfg: &AgentConfig,
+        store: Arc<RedbStore>,
+        hypervisor: Option<Arc<dyn Hypervisor>>,
+    ) -> Self {
         Self {
             node: cfg.node.clone(),
             store,
@@ -88,16 +95,23 @@ impl Agent {
             tgt: cfg.tgt_control_port.map(|p| (cfg.tgtadm.clone(), p)),
             files: RwLock::new(HashMap::new()),
             scan_lock: Mutex::new(()),
+            hypervisor,
         }
     }
 
-    /// The images this agent should offer now: configured ones, then tgtd's LUNs.
+    /// The images this agent should offer now: configured ones, the VMs' disks,
+    /// then tgtd's LUNs.
     pub fn wanted(&self) -> Result<BTreeMap<String, PathBuf>> {
         let mut out: BTreeMap<String, PathBuf> = self
             .configured
             .iter()
             .map(|i| (i.name.clone(), i.path.clone()))
             .collect();
+        if let Some(hv) = &self.hypervisor {
+            for vm in hv.vms()? {
+                out.entry(vm_image_name(&vm.name)).or_insert(vm.path);
+            }
+        }
         if let Some((tgtadm, port)) = &self.tgt {
             let o = std::process::Command::new(tgtadm)
                 .args([
@@ -374,6 +388,60 @@ pub fn open_store(cfg: &AgentConfig) -> Result<Arc<RedbStore>> {
     Ok(Arc::new(RedbStore::open(&cfg.db, opts)?))
 }
 
+/// The hook `[hypervisor]` configures, if any.
+pub fn hypervisor_of(cfg: &AgentConfig) -> Result<Option<Arc<dyn Hypervisor>>> {
+    let Some(h) = &cfg.hypervisor else {
+        return Ok(None);
+    };
+    Ok(Some(Arc::new(crate::hypervisor::PlainFiles::open(&h.vm_dir)?)))
+}
+
+/// The host's absolute resources: pinned, else measured (cores, memory from
+/// `/proc/meminfo`, free disk from the hook).
+fn resources(pins: ResourcePins, hv: Option<&dyn Hypervisor>) -> HostResources {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let mem = |field: &str| {
+        meminfo
+            .as_deref()
+            .and_then(|t| crate::peer::hostmetrics::meminfo_bytes(t, field))
+    };
+    HostResources {
+        cores: pins.cores.or_else(|| {
+            std::thread::available_parallelism()
+                .ok()
+                .and_then(|n| u32::try_from(n.get()).ok())
+        }),
+        mem_bytes: pins.mem_bytes.or_else(|| mem("MemTotal")),
+        mem_free_bytes: pins.mem_free_bytes.or_else(|| mem("MemAvailable")),
+        disk_free_bytes: pins
+            .disk_free_bytes
+            .or_else(|| hv.and_then(|h| h.free_bytes().ok())),
+    }
+}
+
+/// The host's VMs as reported up.
+fn vm_reports(hv: Option<&dyn Hypervisor>) -> Vec<VmReport> {
+    let Some(hv) = hv else {
+        return Vec::new();
+    };
+    match hv.vms() {
+        Ok(vms) => vms
+            .into_iter()
+            .take(crate::peer::proto::MAX_VMS)
+            .map(|v| VmReport {
+                name: v.name,
+                image: v.image,
+                size: v.size,
+                state: v.state,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!("listing VMs: {e}");
+            Vec::new()
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 #[expect(
     clippy::too_many_lines,
@@ -382,7 +450,8 @@ pub fn open_store(cfg: &AgentConfig) -> Result<Arc<RedbStore>> {
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let store = open_store(&cfg)?;
-    let agent = Arc::new(Agent::new(&cfg, store.clone()));
+    let hypervisor = hypervisor_of(&cfg)?;
+    let agent = Arc::new(Agent::new(&cfg, store.clone(), hypervisor.clone()));
     let creds = cfg.credentials();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -407,9 +476,30 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         })
     };
     let server_opts = Arc::new(cfg.peer.server(&cfg.node, Role::Agent, creds.clone()));
+    let client = Arc::new(crate::peer::client::PeerClient::new(cfg.peer.client(
+        &cfg.node,
+        Role::Agent,
+        creds.clone(),
+    )));
+    // A finished build is rescanned at once, so its disk is offered and pushed.
+    let built = Arc::new(tokio::sync::Notify::new());
+    let builds = hypervisor.clone().map(|hv| {
+        Arc::new(crate::peer::builder::Builder::new(
+            &cfg.node,
+            hv,
+            client.clone(),
+            cfg.parent.map(|p| client.peer(&p.to_string())),
+            cfg.hypervisor
+                .as_ref()
+                .map(|h| h.managers.clone())
+                .unwrap_or_default(),
+            built.clone(),
+        ))
+    });
     let services = crate::peer::server::Services {
         blocks: Some(agent.clone() as Arc<dyn BlockSource>),
         index: None,
+        builds,
         status: Some(status),
     };
     let metrics = Arc::new(crate::peer::server::ServerMetrics::default());
@@ -420,11 +510,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         metrics,
     ));
     let wake = Arc::new(tokio::sync::Notify::new());
-    let client = crate::peer::client::PeerClient::new(cfg.peer.client(
-        &cfg.node,
-        Role::Agent,
-        creds.clone(),
-    ));
     let reporter = match cfg.parent {
         Some(parent) if cfg.metrics_interval_ms > 0 => {
             let sampler = Mutex::new(crate::peer::hostmetrics::Sampler::new(
@@ -432,6 +517,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 cfg.metrics,
             ));
             let (node, last) = (cfg.node.clone(), last_metrics.clone());
+            let (pins, hv) = (cfg.resources, hypervisor.clone());
             let collect: crate::peer::hosts::Collect = Arc::new(move || {
                 let m = sampler.lock().sample();
                 *last.lock() = Some(m);
@@ -439,6 +525,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     host: node.clone(),
                     metrics: m,
                     age_ms: 0,
+                    resources: resources(pins, hv.as_deref()),
+                    vms: vm_reports(hv.as_deref()),
                 }]
             });
             Some(tokio::spawn(
@@ -483,6 +571,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => tracing::info!("SIGHUP: rescanning"),
+            () = built.notified() => tracing::info!("a build finished: rescanning"),
             _ = tick.tick() => {}
         }
         let before = store.seq();

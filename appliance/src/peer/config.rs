@@ -146,6 +146,38 @@ impl PeerTuning {
     }
 }
 
+/// `[hypervisor]` of an agent: the host's VMs, through the hook
+/// (`crate::hypervisor`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypervisorConfig {
+    /// The hook; `plain` (the only one built in): raw image files in `vm_dir`.
+    #[serde(default = "default_hook")]
+    pub kind: String,
+    /// Where the VMs' disks live.
+    pub vm_dir: PathBuf,
+    /// Nodes (by their name in the peers file) whose build orders this agent
+    /// follows: the manager's appliance. Empty: no builds.
+    #[serde(default)]
+    pub managers: Vec<String>,
+}
+
+fn default_hook() -> String {
+    "plain".into()
+}
+
+/// `[resources]` of an agent: absolute resources reported as given instead of
+/// measured (namespaces share `/proc`, so a lab pins them; so may an operator
+/// who reserves part of a host).
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcePins {
+    pub cores: Option<u32>,
+    pub mem_bytes: Option<u64>,
+    pub mem_free_bytes: Option<u64>,
+    pub disk_free_bytes: Option<u64>,
+}
+
 /// `[[image]]` of an agent.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -198,6 +230,11 @@ pub struct AgentConfig {
     /// is reported as an error and not indexed).
     #[serde(default = "default_max_image_blocks")]
     pub max_image_blocks: u64,
+    /// The host's VMs and build orders (a hypervisor's agent).
+    #[serde(default)]
+    pub hypervisor: Option<HypervisorConfig>,
+    #[serde(default)]
+    pub resources: ResourcePins,
     #[serde(default)]
     pub peer: PeerTuning,
     /// Loaded from `key_file` and `peers_file` by validation.
@@ -248,7 +285,7 @@ fn default_push_ms() -> u64 {
     1000
 }
 fn default_metrics_ms() -> u64 {
-    5000
+    1000
 }
 fn default_max_image_blocks() -> u64 {
     crate::index::DEFAULT_MAX_IMAGE_BLOCKS
@@ -401,6 +438,18 @@ impl AgentConfig {
                 ));
             }
         }
+        if let Some(h) = &c.hypervisor {
+            if h.kind != "plain" {
+                return Err(v.err(
+                    "hypervisor",
+                    "kind",
+                    &format!("`{}`: the built-in hook is `plain`", h.kind),
+                ));
+            }
+            if !h.vm_dir.is_absolute() {
+                return Err(v.err("hypervisor", "vm_dir", "must be absolute"));
+            }
+        }
         c.peer.validate(&v)?;
         Ok(c)
     }
@@ -499,7 +548,7 @@ mod tests {
         assert_eq!(c.rescan_secs, 60);
         assert_eq!(c.advertised().to_string(), "198.18.3.2:7900");
         assert_eq!(c.peer.batch, 64);
-        assert_eq!(c.metrics_interval_ms, 5000);
+        assert_eq!(c.metrics_interval_ms, 1000);
         assert_eq!(c.metrics, crate::plan::HostMetrics::default());
         assert_eq!(c.disk_path(), PathBuf::from("/var/lib/nearblock"));
     }

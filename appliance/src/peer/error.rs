@@ -33,6 +33,9 @@ pub enum PeerError {
     /// tgtd's control interface failed.
     #[error("{0}")]
     Tgt(String),
+    /// The hypervisor hook failed (listing VMs, building a disk).
+    #[error("hypervisor: {0}")]
+    Hypervisor(#[from] crate::hypervisor::HookError),
     /// The parent broke the push protocol.
     #[error("{0}")]
     Protocol(String),

@@ -74,6 +74,18 @@ pub fn cpu_busy_fraction(before: CpuTimes, after: CpuTimes) -> Option<f64> {
     Some(clamp01(1.0 - idle as f64 / total as f64))
 }
 
+/// A `/proc/meminfo` field (given in kB) in bytes.
+pub fn meminfo_bytes(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix(':')?;
+        rest.split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()?
+            .checked_mul(1024)
+    })
+}
+
 /// Used memory fraction from `/proc/meminfo`.
 pub fn parse_meminfo(text: &str) -> Option<f64> {
     let field = |name: &str| -> Option<u64> {
@@ -126,6 +138,18 @@ pub fn read_mem() -> Result<f64, MeasureError> {
 
 /// Used fraction of the filesystem holding `path`.
 pub fn read_disk(path: &Path) -> Result<f64, MeasureError> {
+    let st = statvfs(path)?;
+    disk_used_fraction(st.f_blocks, st.f_bfree, st.f_bavail).ok_or(MeasureError::Parse("statvfs"))
+}
+
+/// Bytes available to unprivileged users on the filesystem holding `path`
+/// (what `df` prints as Avail).
+pub fn read_disk_free(path: &Path) -> Result<u64, MeasureError> {
+    let st = statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+fn statvfs(path: &Path) -> Result<libc::statvfs, MeasureError> {
     use std::os::unix::ffi::OsStrExt;
     let err = |source| MeasureError::Statvfs {
         path: path.display().to_string(),
@@ -141,8 +165,7 @@ pub fn read_disk(path: &Path) -> Result<f64, MeasureError> {
         return Err(err(std::io::Error::last_os_error()));
     }
     // SAFETY: statvfs returned 0, so it initialised the struct (and it was zeroed).
-    let st = unsafe { st.assume_init() };
-    disk_used_fraction(st.f_blocks, st.f_bfree, st.f_bavail).ok_or(MeasureError::Parse("statvfs"))
+    Ok(unsafe { st.assume_init() })
 }
 
 /// Measures a host at each call: cpu over the time since the previous call (the

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 
 use super::{
     client::{FetchError, Peer},
-    proto::{code, HostReport},
+    proto::{code, HostReport, HostResources, VmReport},
 };
 use crate::plan::HostMetrics;
 
@@ -41,6 +41,8 @@ pub const REFUSED_BACKOFF: Duration = Duration::from_mins(10);
 #[derive(Clone, Debug)]
 struct Entry {
     metrics: HostMetrics,
+    resources: HostResources,
+    vms: Vec<VmReport>,
     measured_at: Instant,
     /// The child it came from (the host itself, or a child indexer).
     via: String,
@@ -65,6 +67,8 @@ pub struct ReportView {
     pub age_ms: u64,
     /// The child that sent it.
     pub via: String,
+    pub resources: HostResources,
+    pub vms: Vec<VmReport>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -99,6 +103,8 @@ impl HostReports {
                 r.host.clone(),
                 Entry {
                     metrics: r.metrics,
+                    resources: r.resources,
+                    vms: r.vms.clone(),
                     measured_at,
                     via: via.to_string(),
                 },
@@ -129,6 +135,8 @@ impl HostReports {
                 host: h.clone(),
                 metrics: e.metrics,
                 age_ms: ms(now.saturating_duration_since(e.measured_at)),
+                resources: e.resources,
+                vms: e.vms.clone(),
             })
             .collect()
     }
@@ -145,6 +153,8 @@ impl HostReports {
                 disk: e.metrics.disk,
                 age_ms: ms(now.saturating_duration_since(e.measured_at)),
                 via: e.via.clone(),
+                resources: e.resources,
+                vms: e.vms.clone(),
             })
             .collect()
     }
@@ -240,6 +250,8 @@ mod tests {
                 ..Default::default()
             },
             age_ms,
+            resources: HostResources::default(),
+            vms: Vec::new(),
         }
     }
 

@@ -26,6 +26,8 @@
 
 pub mod agent;
 pub mod auth;
+pub mod build_order;
+pub mod builder;
 pub mod cache_holder;
 pub mod client;
 pub mod config;
@@ -146,6 +148,7 @@ pub async fn start_indexer_on(
             server::Services {
                 blocks,
                 index: Some(ix.clone()),
+                builds: None,
                 status: Some(status),
             },
             server_metrics,

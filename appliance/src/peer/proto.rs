@@ -27,6 +27,7 @@ use serde::{
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::{Decoder, Encoder};
 
+use super::build_order::{BuildOrder, BuildReport};
 use crate::{
     index::{BlockHash, Location},
     plan::HostMetrics,
@@ -34,8 +35,9 @@ use crate::{
 
 /// Protocol version spoken by this build. Version 2: per-node keys and the Noise
 /// channel (`auth`), the handshake messages of version 1 gone, and message
-/// bodies in postcard.
-pub const VERSION: u8 = 2;
+/// bodies in postcard. Version 3: host reports carry absolute resources and the
+/// host's VMs; build orders (`Build`, `BuildStatus`, `BuildCancel`).
+pub const VERSION: u8 = 3;
 /// Version byte + request id.
 pub const HEADER_LEN: usize = 1 + 8;
 /// Default limit on one frame (length field), both directions.
@@ -133,6 +135,34 @@ pub struct HostReport {
     pub host: String,
     pub metrics: HostMetrics,
     pub age_ms: u64,
+    /// Absolute resources, as far as the agent knows them.
+    pub resources: HostResources,
+    /// The host's VMs (an agent with a hypervisor hook; empty otherwise).
+    #[serde(deserialize_with = "bounded::<_, _, MAX_VMS>")]
+    pub vms: Vec<VmReport>,
+}
+
+/// Most VMs one host report may list.
+pub const MAX_VMS: usize = 4096;
+
+/// A host's absolute resources (unknown when absent).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostResources {
+    pub cores: Option<u32>,
+    pub mem_bytes: Option<u64>,
+    pub mem_free_bytes: Option<u64>,
+    /// Free for new VM disks (the hook's filesystem).
+    pub disk_free_bytes: Option<u64>,
+}
+
+/// One VM as its host's agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmReport {
+    pub name: String,
+    /// The image it was built from, when known.
+    pub image: Option<String>,
+    pub size: u64,
+    pub state: crate::hypervisor::VmState,
 }
 
 /// One piece of an image's manifest ([`Msg::ManifestReply`]).
@@ -270,6 +300,29 @@ pub enum Msg {
         last: bool,
         #[serde(skip)]
         data: Bytes,
+    },
+    /// Manager → agent: build a VM's disk ([`super::build_order`]); a second
+    /// order for a job waiting in `NeedsSources` is its re-plan. The reply is a
+    /// [`Msg::BuildReply`].
+    Build {
+        order: Box<BuildOrder>,
+    },
+    /// Manager → agent: where build `job` is.
+    BuildStatus {
+        job: u64,
+    },
+    /// Manager → agent: stop build `job` and remove what it wrote.
+    BuildCancel {
+        job: u64,
+    },
+    BuildReply {
+        report: Box<BuildReport>,
+    },
+    /// Manager → agent: start, pause, resume or retire a VM through the hook.
+    /// The reply is `Ack{seq: 0}` or an error.
+    VmAction {
+        vm: String,
+        action: crate::hypervisor::VmAction,
     },
 }
 
@@ -440,7 +493,7 @@ fn put<T: Serialize + ?Sized>(b: &mut BytesMut, v: &T) {
 /// A sequence of at most `MAX` items: the count is checked before anything is
 /// sized by it, and the vector grows only with items actually decoded (its
 /// first reservation is capped at 1 MiB).
-fn bounded<'de, D, T, const MAX: usize>(d: D) -> Result<Vec<T>, D::Error>
+pub(super) fn bounded<'de, D, T, const MAX: usize>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,
@@ -651,6 +704,11 @@ impl Msg {
             Msg::Status => "Status",
             Msg::StatusReply { .. } => "StatusReply",
             Msg::Fragment { .. } => "Fragment",
+            Msg::Build { .. } => "Build",
+            Msg::BuildStatus { .. } => "BuildStatus",
+            Msg::BuildCancel { .. } => "BuildCancel",
+            Msg::BuildReply { .. } => "BuildReply",
+            Msg::VmAction { .. } => "VmAction",
             Msg::HostMetrics { .. } => "HostMetrics",
             Msg::GetManifest { .. } => "GetManifest",
             Msg::ManifestReply { .. } => "ManifestReply",
@@ -855,11 +913,25 @@ mod tests {
                             disk: Some(1.0),
                         },
                         age_ms: 1500,
+                        resources: HostResources {
+                            cores: Some(8),
+                            mem_bytes: Some(1 << 34),
+                            mem_free_bytes: None,
+                            disk_free_bytes: Some(1 << 40),
+                        },
+                        vms: vec![VmReport {
+                            name: "web1".into(),
+                            image: Some("iqn.2026-11.test:lib/1".into()),
+                            size: 1 << 30,
+                            state: crate::hypervisor::VmState::Running,
+                        }],
                     },
                     HostReport {
                         host: "hv2".into(),
                         metrics: HostMetrics::default(),
                         age_ms: 0,
+                        resources: HostResources::default(),
+                        vms: Vec::new(),
                     },
                 ],
             },
@@ -1227,7 +1299,9 @@ mod tests {
             put(&mut b, &(1u32, "hv1"));
             b.put_u8(tag);
             b.put_f64_le(v);
+            // mem, disk, age; resources (four absent); no VMs.
             put(&mut b, &(None::<f64>, None::<f64>, 0u64));
+            put(&mut b, &(None::<u32>, None::<u64>, None::<u64>, None::<u64>, 0u32));
             Msg::decode(b.freeze())
         };
         assert!(report(1, 0.5).is_ok());
@@ -1344,6 +1418,8 @@ mod tests {
                     host: "h".into(),
                     metrics: HostMetrics::default(),
                     age_ms: 0,
+                    resources: HostResources::default(),
+                    vms: Vec::new(),
                 };
                 MAX_REPORTS
             ],

@@ -76,6 +76,8 @@ pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 pub struct Services {
     pub blocks: Option<Arc<dyn BlockSource>>,
     pub index: Option<Arc<IndexService>>,
+    /// Build orders from the manager (an agent with a hypervisor hook).
+    pub builds: Option<Arc<super::builder::Builder>>,
     pub status: Option<StatusFn>,
 }
 
@@ -424,6 +426,55 @@ async fn handle(
                 format!("{} is not an indexer", opts.node),
             ),
         },
+        Msg::Build { .. }
+        | Msg::BuildStatus { .. }
+        | Msg::BuildCancel { .. }
+        | Msg::VmAction { .. } => build_request(msg, services, opts, info).await,
         m => error(code::BAD_REQUEST, format!("{} is not a request", m.name())),
+    }
+}
+
+/// A manager's build order, status query or cancel: only from a node the
+/// agent's `[hypervisor] managers` names, whose key the peers file still lists.
+async fn build_request(msg: Msg, services: &Services, opts: &ServerOptions, info: &PeerInfo) -> Msg {
+    let Some(builds) = &services.builds else {
+        return error(
+            code::UNSUPPORTED,
+            format!("{} builds no VMs (no [hypervisor])", opts.node),
+        );
+    };
+    let listed = opts
+        .creds
+        .keyring
+        .lookup(&info.key)
+        .is_some_and(|e| e.name == info.node && e.role == info.role);
+    if !listed || info.role == Role::Agent || !builds.is_manager(&info.node) {
+        tracing::warn!(node = %info.node, role = ?info.role, "build request refused: not a manager of this agent");
+        return error(
+            code::AUTH,
+            format!("{}: {} may not order builds here", opts.node, info.node),
+        );
+    }
+    let report = match msg {
+        Msg::Build { order } => builds.order(*order),
+        Msg::BuildStatus { job } => builds
+            .status(job)
+            .ok_or_else(|| format!("no build {job} here")),
+        Msg::BuildCancel { job } => builds
+            .cancel(job)
+            .ok_or_else(|| format!("no build {job} here")),
+        Msg::VmAction { vm, action } => {
+            return match builds.vm_action(vm, action).await {
+                Ok(()) => Msg::Ack { seq: 0 },
+                Err(e) => error(code::BAD_REQUEST, e),
+            };
+        }
+        _ => unreachable!("only build messages come here"),
+    };
+    match report {
+        Ok(r) => Msg::BuildReply {
+            report: Box::new(r),
+        },
+        Err(e) => error(code::BAD_REQUEST, e),
     }
 }

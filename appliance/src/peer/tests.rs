@@ -924,6 +924,16 @@ async fn host_metrics_travel_up_the_tree() {
         host: host.into(),
         metrics: m,
         age_ms: 0,
+        resources: crate::peer::proto::HostResources {
+            disk_free_bytes: Some(1 << 30),
+            ..Default::default()
+        },
+        vms: vec![crate::peer::proto::VmReport {
+            name: "web1".into(),
+            image: Some("lib/1".into()),
+            size: 4096,
+            state: crate::hypervisor::VmState::Stored,
+        }],
     };
     let hv5 = as_role("hv5", Role::Agent);
     assert_eq!(hv5.report_metrics(vec![report("hv5")]).await.unwrap(), 1);
@@ -952,6 +962,9 @@ async fn host_metrics_travel_up_the_tree() {
     assert_eq!(up.len(), 1, "{up:?}");
     assert_eq!((up[0].host.as_str(), up[0].via.as_str()), ("hv5", "r"));
     assert_eq!((up[0].cpu, up[0].mem, up[0].disk), (m.cpu, m.mem, m.disk));
+    // The host's VMs and free disk travel with its load.
+    assert_eq!(up[0].vms, report("hv5").vms);
+    assert_eq!(up[0].resources, report("hv5").resources);
     assert!(up[0].age_ms < 5_000, "{}", up[0].age_ms);
     assert!(r.metrics_status.sent.load(Ordering::Relaxed) >= 1);
     // Both show it in their status.

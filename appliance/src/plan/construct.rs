@@ -152,7 +152,6 @@ impl ConstructionPlan {
 }
 
 /// Link loads for a plan, as `(link, bytes)` for links that carry any.
-#[cfg(test)]
 pub fn loaded_links(bytes: &[u64]) -> impl Iterator<Item = (crate::cost::paths::LinkId, u64)> + '_ {
     bytes
         .iter()

@@ -1,0 +1,216 @@
+//! The versioned operator API, `/api/v1`: the manager's inventory and jobs.
+//! Every error is JSON, `{"error": "…"}`, with its status code. Reads need a
+//! read token; creating and cancelling jobs an admin token.
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `GET /api/v1/vms` | the inventory: library images, hosts, VMs, discovery |
+//! | `POST /api/v1/vms/{image}/place` | create a place-and-build job (202) |
+//! | `GET /api/v1/jobs` | every job |
+//! | `GET /api/v1/jobs/{id}` | one job: state, placement, plan, progress, events |
+//! | `GET /api/v1/jobs/{id}/events` | the job as server-sent events, until it ends |
+//! | `POST /api/v1/jobs/{id}/cancel` | cancel a running job |
+//! | `POST /api/v1/hosts/{host}/vms/{name}/{action}` | start, pause, resume or retire a VM |
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    response::{
+        sse::{Event, KeepAlive, Sse},
+        IntoResponse, Response,
+    },
+    routing::{get, post},
+    Json, Router,
+};
+use serde::Deserialize;
+
+use super::ApiState;
+use crate::{
+    manage::{BuildMode, Job, ManageError, Manager, PlaceSpec, PlanningView},
+    state::Appliance,
+};
+
+/// A v1 error: its status and message, sent as JSON.
+#[derive(Debug)]
+pub struct V1Error(StatusCode, String);
+
+impl IntoResponse for V1Error {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ManageError> for V1Error {
+    fn from(e: ManageError) -> Self {
+        let code = match &e {
+            ManageError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ManageError::UnknownImage(_) | ManageError::NoJob(_) => StatusCode::NOT_FOUND,
+            ManageError::NotBuilt => StatusCode::NOT_IMPLEMENTED,
+            ManageError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        V1Error(code, e.to_string())
+    }
+}
+
+pub fn read_routes() -> Router<ApiState> {
+    Router::new()
+        .route("/api/v1/vms", get(vms))
+        .route("/api/v1/jobs", get(jobs))
+        .route("/api/v1/jobs/{id}", get(job))
+        .route("/api/v1/jobs/{id}/events", get(events))
+}
+
+pub fn admin_routes() -> Router<ApiState> {
+    Router::new()
+        .route("/api/v1/vms/{image}/place", post(place))
+        .route("/api/v1/jobs/{id}/cancel", post(cancel))
+        .route("/api/v1/hosts/{host}/vms/{name}/{action}", post(vm_action))
+}
+
+async fn vm_action(
+    State(s): State<ApiState>,
+    Path((host, name, action)): Path<(String, String, String)>,
+) -> Result<Json<serde_json::Value>, V1Error> {
+    let action: crate::hypervisor::VmAction = action
+        .parse()
+        .map_err(|e| V1Error(StatusCode::BAD_REQUEST, format!("action {e}")))?;
+    manager(&s.app)?.vm_action(&host, &name, action).await?;
+    Ok(Json(serde_json::json!({ "host": host, "vm": name, "action": action })))
+}
+
+fn manager(app: &Appliance) -> Result<&Arc<Manager>, V1Error> {
+    app.manager.get().ok_or_else(|| {
+        V1Error(
+            StatusCode::NOT_FOUND,
+            "this appliance runs no manager (no [manager] section)".into(),
+        )
+    })
+}
+
+async fn vms(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, V1Error> {
+    let app = s.app.clone();
+    let _permit = s
+        .heavy
+        .acquire()
+        .await
+        .map_err(|e| V1Error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    tokio::task::spawn_blocking(move || {
+        let m = manager(&app)?;
+        let topology = app.topology().ok_or_else(|| {
+            V1Error(StatusCode::NOT_FOUND, "no topology ([cost] and [planner])".into())
+        })?;
+        let mut inv = m.inventory(&topology)?;
+        inv.discovery = app.discovery.lock().entries();
+        serde_json::to_value(inv).map_err(|e| V1Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    })
+    .await
+    .map_err(|e| V1Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map(Json)
+}
+
+/// The body of `POST /api/v1/vms/{image}/place`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceBody {
+    pub name: String,
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    #[serde(default = "default_mode")]
+    pub mode: BuildMode,
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Only these hosts or racks.
+    #[serde(default)]
+    pub within: Vec<String>,
+}
+
+fn default_policy() -> String {
+    "best".into()
+}
+
+fn default_mode() -> BuildMode {
+    BuildMode::Agent
+}
+
+async fn place(
+    State(s): State<ApiState>,
+    Path(image): Path<String>,
+    body: Result<Json<PlaceBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Job>), V1Error> {
+    let Json(body) = body.map_err(|e| V1Error(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let m = manager(&s.app)?;
+    let spec = PlaceSpec {
+        image,
+        name: body.name,
+        policy: body.policy,
+        mode: body.mode,
+        target: body.target,
+        within: body.within,
+    };
+    let view: Arc<dyn PlanningView> = s.app.clone();
+    let m = m.clone();
+    // Placement checks read the store: off the async workers.
+    let job = tokio::task::spawn_blocking(move || m.place(view, spec))
+        .await
+        .map_err(|e| V1Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+async fn jobs(State(s): State<ApiState>) -> Result<Json<Vec<Job>>, V1Error> {
+    Ok(Json(manager(&s.app)?.jobs()))
+}
+
+fn parse_id(id: &str) -> Result<u64, V1Error> {
+    id.parse()
+        .map_err(|_| V1Error(StatusCode::BAD_REQUEST, format!("job id `{id}` is not a number")))
+}
+
+async fn job(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Json<Job>, V1Error> {
+    let id = parse_id(&id)?;
+    manager(&s.app)?
+        .job(id)
+        .map(Json)
+        .ok_or_else(|| ManageError::NoJob(id).into())
+}
+
+async fn cancel(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Json<Job>, V1Error> {
+    let id = parse_id(&id)?;
+    Ok(Json(manager(&s.app)?.cancel(id)?))
+}
+
+/// The job now, then again at each change, until it ends (`event: job`, the
+/// job's JSON as data; the last has a final state).
+async fn events(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, V1Error> {
+    let id = parse_id(&id)?;
+    let m = manager(&s.app)?.clone();
+    let rx = m.subscribe();
+    let first = m.job(id).ok_or(ManageError::NoJob(id))?;
+    let state = (m, rx, Some(first), false);
+    let stream = futures_util::stream::unfold(state, move |(m, mut rx, pending, done)| async move {
+        if done {
+            return None;
+        }
+        let job = match pending {
+            Some(j) => j,
+            None => loop {
+                match rx.recv().await {
+                    Ok(changed) if changed == id => break m.job(id)?,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            },
+        };
+        let last = job.state.is_final();
+        let event = Event::default()
+            .event("job")
+            .json_data(&job)
+            .unwrap_or_else(|_| Event::default().event("error"));
+        Some((Ok(event), (m, rx, None, last)))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10))))
+}

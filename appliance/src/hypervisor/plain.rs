@@ -1,0 +1,343 @@
+//! The default hook: VMs as raw sparse image files in one directory.
+//!
+//! VM `NAME` is `NAME.raw` (its disk) and `NAME.vm.json` (the image it was built
+//! from, its size and state). A build writes `.NAME.raw.part`, syncs it, and
+//! renames it into place before the state file is written, so a crash leaves
+//! either no VM or a whole one (a stale `.part` is replaced by the next build of
+//! that name). There is no VM process behind a plain file: start, pause, resume
+//! and retire record the state an adapter for a real hypervisor would act on.
+
+use std::{
+    collections::HashSet,
+    fs::{File, OpenOptions},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::{check_vm_name, DiskBuild, HookError, Hypervisor, VmDisk, VmState};
+use crate::peer::durable_file::{self, Existing};
+
+const DISK_SUFFIX: &str = ".raw";
+const STATE_SUFFIX: &str = ".vm.json";
+
+/// What `NAME.vm.json` holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StateFile {
+    image: Option<String>,
+    size: u64,
+    state: VmState,
+}
+
+/// VMs as image files in `dir`.
+pub struct PlainFiles {
+    dir: PathBuf,
+    /// Names with a build in progress (a second build of one is refused).
+    building: Arc<Mutex<HashSet<String>>>,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HookError {
+    let what = what.into();
+    move |source| HookError::Io { what, source }
+}
+
+impl PlainFiles {
+    /// VMs in `dir` (created if missing).
+    pub fn open(dir: &Path) -> Result<Self, HookError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            building: Arc::default(),
+        })
+    }
+
+    fn disk_path(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}{DISK_SUFFIX}"))
+    }
+
+    fn state_path(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}{STATE_SUFFIX}"))
+    }
+
+    fn read_state(&self, vm: &str) -> Result<StateFile, HookError> {
+        check_vm_name(vm)?;
+        let path = self.state_path(vm);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(HookError::NoSuchVm(vm.to_owned()))
+            }
+            Err(e) => return Err(io(format!("read {}", path.display()))(e)),
+        };
+        serde_json::from_slice(&text).map_err(|_| HookError::Corrupt(path.display().to_string()))
+    }
+
+    fn write_state(&self, vm: &str, st: &StateFile) -> Result<(), HookError> {
+        let path = self.state_path(vm);
+        let bytes = serde_json::to_vec_pretty(st).expect("a state file serialises");
+        durable_file::write(&path, &bytes, Existing::Replace)
+            .map_err(io(format!("write {}", path.display())))
+    }
+
+    /// Moves `vm` from one of `from` to `to`.
+    fn transition(
+        &self,
+        vm: &str,
+        from: &[VmState],
+        to: VmState,
+        action: &'static str,
+    ) -> Result<(), HookError> {
+        let mut st = self.read_state(vm)?;
+        if !from.contains(&st.state) {
+            return Err(HookError::WrongState {
+                vm: vm.to_owned(),
+                state: st.state,
+                action,
+            });
+        }
+        st.state = to;
+        self.write_state(vm, &st)
+    }
+}
+
+impl Hypervisor for PlainFiles {
+    fn vms(&self) -> Result<Vec<VmDisk>, HookError> {
+        let mut out = Vec::new();
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(io(format!("list {}", self.dir.display())))?;
+        for e in entries {
+            let e = e.map_err(io(format!("list {}", self.dir.display())))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(vm) = name.strip_suffix(STATE_SUFFIX) else {
+                continue;
+            };
+            if check_vm_name(vm).is_err() {
+                continue;
+            }
+            // A state file without its disk (removed by hand) is no VM.
+            let path = self.disk_path(vm);
+            if !path.exists() {
+                continue;
+            }
+            match self.read_state(vm) {
+                Ok(st) => out.push(VmDisk {
+                    name: vm.to_owned(),
+                    image: st.image,
+                    path,
+                    size: st.size,
+                    state: st.state,
+                }),
+                Err(e) => tracing::warn!(vm, "skipping VM: {e}"),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn create_disk(
+        &self,
+        vm: &str,
+        image: &str,
+        size: u64,
+    ) -> Result<Box<dyn DiskBuild>, HookError> {
+        check_vm_name(vm)?;
+        if !self.building.lock().insert(vm.to_owned()) {
+            return Err(HookError::Exists(vm.to_owned()));
+        }
+        let guard = BuildingGuard {
+            set: self.building.clone(),
+            vm: vm.to_owned(),
+        };
+        if self.state_path(vm).exists() || self.disk_path(vm).exists() {
+            return Err(HookError::Exists(vm.to_owned()));
+        }
+        let part = self.dir.join(format!(".{vm}{DISK_SUFFIX}.part"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&part)
+            .map_err(io(format!("create {}", part.display())))?;
+        // Sparse: blocks never written (the image's zero blocks) take no space.
+        file.set_len(size)
+            .map_err(io(format!("size {}", part.display())))?;
+        Ok(Box::new(PlainBuild {
+            file,
+            part,
+            disk: self.disk_path(vm),
+            state_path: self.state_path(vm),
+            state: StateFile {
+                image: Some(image.to_owned()),
+                size,
+                state: VmState::Stored,
+            },
+            vm: vm.to_owned(),
+            finished: std::sync::atomic::AtomicBool::new(false),
+            _guard: guard,
+        }))
+    }
+
+    fn start(&self, vm: &str) -> Result<(), HookError> {
+        self.transition(vm, &[VmState::Stored], VmState::Running, "start")
+    }
+
+    fn pause(&self, vm: &str) -> Result<(), HookError> {
+        self.transition(vm, &[VmState::Running], VmState::Paused, "pause")
+    }
+
+    fn resume(&self, vm: &str) -> Result<(), HookError> {
+        self.transition(vm, &[VmState::Paused], VmState::Running, "resume")
+    }
+
+    fn retire(&self, vm: &str) -> Result<(), HookError> {
+        self.read_state(vm)?;
+        let disk = self.disk_path(vm);
+        match std::fs::remove_file(&disk) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("remove {}", disk.display()))(e)),
+        }
+        let state = self.state_path(vm);
+        std::fs::remove_file(&state).map_err(io(format!("remove {}", state.display())))
+    }
+
+    fn free_bytes(&self) -> Result<u64, HookError> {
+        crate::peer::hostmetrics::read_disk_free(&self.dir).map_err(|e| HookError::Io {
+            what: format!("free space of {}", self.dir.display()),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+}
+
+/// Removes a name from the building set when its build ends, however it ends.
+struct BuildingGuard {
+    set: Arc<Mutex<HashSet<String>>>,
+    vm: String,
+}
+
+impl Drop for BuildingGuard {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.vm);
+    }
+}
+
+struct PlainBuild {
+    file: File,
+    part: PathBuf,
+    disk: PathBuf,
+    state_path: PathBuf,
+    state: StateFile,
+    vm: String,
+    finished: std::sync::atomic::AtomicBool,
+    _guard: BuildingGuard,
+}
+
+impl DiskBuild for PlainBuild {
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), HookError> {
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.state.size {
+            return Err(HookError::Io {
+                what: format!("write to {}", self.part.display()),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("bytes {offset}..{end} past the disk's {} bytes", self.state.size),
+                ),
+            });
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(io(format!("write {}", self.part.display())))
+    }
+
+    fn finish(&self) -> Result<VmDisk, HookError> {
+        use std::sync::atomic::Ordering;
+        if self.finished.swap(true, Ordering::AcqRel) {
+            return Err(HookError::Exists(self.vm.clone()));
+        }
+        self.file
+            .sync_all()
+            .map_err(io(format!("sync {}", self.part.display())))?;
+        // The disk first, then the state file that makes it a VM.
+        std::fs::rename(&self.part, &self.disk)
+            .map_err(io(format!("rename {}", self.part.display())))?;
+        let bytes = serde_json::to_vec_pretty(&self.state).expect("a state file serialises");
+        durable_file::write(&self.state_path, &bytes, Existing::Keep)
+            .map_err(io(format!("write {}", self.state_path.display())))?;
+        Ok(VmDisk {
+            name: self.vm.clone(),
+            image: self.state.image.clone(),
+            path: self.disk.clone(),
+            size: self.state.size,
+            state: self.state.state,
+        })
+    }
+}
+
+impl Drop for PlainBuild {
+    fn drop(&mut self) {
+        if !self.finished.load(std::sync::atomic::Ordering::Acquire) {
+            let _ = std::fs::remove_file(&self.part);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_becomes_a_stored_vm_whose_unwritten_blocks_read_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let hv = PlainFiles::open(dir.path()).unwrap();
+        let b = hv.create_disk("web1", "lib/1", 3 * 4096).unwrap();
+        assert!(hv.vms().unwrap().is_empty(), "a build in progress is no VM");
+        b.write_at(&[7u8; 4096], 4096).unwrap();
+        assert!(b.write_at(&[1u8; 4096], 9000).is_err(), "past the end");
+        let disk = b.finish().unwrap();
+        assert_eq!(disk.state, VmState::Stored);
+        let bytes = std::fs::read(&disk.path).unwrap();
+        assert_eq!(bytes.len(), 3 * 4096);
+        assert!(bytes[..4096].iter().all(|&x| x == 0));
+        assert!(bytes[4096..8192].iter().all(|&x| x == 7));
+        assert_eq!(hv.vms().unwrap(), vec![disk]);
+    }
+
+    #[test]
+    fn an_abandoned_build_leaves_nothing_and_a_name_is_built_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let hv = PlainFiles::open(dir.path()).unwrap();
+        let b = hv.create_disk("vm", "img", 4096).unwrap();
+        assert!(matches!(
+            hv.create_disk("vm", "img", 4096),
+            Err(HookError::Exists(_))
+        ));
+        drop(b);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        hv.create_disk("vm", "img", 4096).unwrap().finish().unwrap();
+        assert!(matches!(
+            hv.create_disk("vm", "img", 4096),
+            Err(HookError::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn lifecycle_follows_the_states_and_retire_removes_the_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let hv = PlainFiles::open(dir.path()).unwrap();
+        hv.create_disk("a", "img", 4096).unwrap().finish().unwrap();
+        assert!(matches!(hv.resume("a"), Err(HookError::WrongState { .. })));
+        hv.start("a").unwrap();
+        hv.pause("a").unwrap();
+        assert_eq!(hv.vms().unwrap()[0].state, VmState::Paused);
+        hv.resume("a").unwrap();
+        assert_eq!(hv.vms().unwrap()[0].state, VmState::Running);
+        hv.retire("a").unwrap();
+        assert!(hv.vms().unwrap().is_empty());
+        assert!(matches!(hv.start("a"), Err(HookError::NoSuchVm(_))));
+        assert!(matches!(hv.start("../x"), Err(HookError::BadName(_))));
+    }
+}

@@ -1,0 +1,285 @@
+//! Jobs: what the operator asked for (place and build an image as a VM), where
+//! it is, and what happened, kept in the manager's own redb file so a restart
+//! never forgets one. A job that was running when the manager stopped is failed
+//! on the next start with a reason that says so (its agent's build, if any, is
+//! cancelled): resuming half a plan against an index that moved on would be a
+//! guess.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::place::PlaceReport;
+
+const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+/// Most events one job keeps (the oldest go first).
+pub const MAX_EVENTS: usize = 256;
+
+/// How the disk is built (the seed's two ways).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildMode {
+    /// All at once: the target's agent writes the disk from the plan's sources.
+    Agent,
+    /// On demand: the hypervisor's own tool reads its LUN through the rack
+    /// appliance, which pre-stages the plan's blocks.
+    Transparent,
+}
+
+/// `POST /api/v1/vms/{image}/place`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceSpec {
+    pub image: String,
+    /// The new VM's name.
+    pub name: String,
+    /// `best`, `top:X:METRIC` or `within:P%:METRIC`.
+    pub policy: String,
+    pub mode: BuildMode,
+    /// Build here instead of where the policy says (it must be a candidate).
+    pub target: Option<String>,
+    /// Only these hosts or racks are candidates (empty: every hypervisor).
+    pub within: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Placing,
+    Building,
+    Indexing,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Done | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// One thing that happened to a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// Unix time, milliseconds.
+    pub at_ms: u64,
+    pub message: String,
+}
+
+/// Bytes a build received from one source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceBytes {
+    pub blocks: u64,
+    pub bytes: u64,
+    /// Hops from the source to the target.
+    pub hops: Option<u32>,
+    /// `self`, `rack`, `peer` or `library` as seen from the target.
+    pub class: String,
+}
+
+/// The construction plan a job follows (its latest re-plan).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlanView {
+    pub target: String,
+    pub blocks_total: u64,
+    pub blocks_local: u64,
+    pub blocks_fetched: u64,
+    pub blocks_zero: u64,
+    pub total_cost: f64,
+    /// Source → planned blocks.
+    pub by_source: BTreeMap<String, u64>,
+    /// Link (`a-b`) → planned bytes.
+    pub by_link: BTreeMap<String, u64>,
+    /// Sources left out after they failed.
+    pub excluded: Vec<String>,
+    pub replans: u32,
+}
+
+/// A build's progress as its agent last reported it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub blocks_total: u64,
+    pub blocks_done: u64,
+    pub bytes_written: u64,
+    pub by_source: BTreeMap<String, SourceBytes>,
+    /// Bytes by class of source (`self`, `rack`, `peer`, `library`).
+    pub by_class: BTreeMap<String, u64>,
+    /// Bytes by hop distance.
+    pub by_hops: BTreeMap<u32, u64>,
+    /// Link (`a-b`) → bytes that crossed it (each source's bytes along its path).
+    pub by_link: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub spec: PlaceSpec,
+    pub state: JobState,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub placement: Option<PlaceReport>,
+    pub plan: Option<PlanView>,
+    pub progress: Progress,
+    /// Milliseconds from the end of the build until the global index listed
+    /// the new disk.
+    pub indexed_after_ms: Option<u64>,
+    pub events: Vec<JobEvent>,
+    pub error: Option<String>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Job {
+    pub fn new(id: u64, spec: PlaceSpec) -> Self {
+        let now = now_ms();
+        Self {
+            id,
+            spec,
+            state: JobState::Placing,
+            created_ms: now,
+            updated_ms: now,
+            placement: None,
+            plan: None,
+            progress: Progress::default(),
+            indexed_after_ms: None,
+            events: Vec::new(),
+            error: None,
+        }
+    }
+
+    pub fn event(&mut self, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(job = self.id, "{message}");
+        self.events.push(JobEvent {
+            at_ms: now_ms(),
+            message,
+        });
+        if self.events.len() > MAX_EVENTS {
+            let over = self.events.len() - MAX_EVENTS;
+            self.events.drain(..over);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobStoreError {
+    #[error("jobs store {path}: {message}")]
+    Store { path: String, message: String },
+}
+
+/// The jobs file.
+pub struct JobStore {
+    db: Arc<redb::Database>,
+    path: String,
+}
+
+impl JobStore {
+    pub fn open(path: &Path) -> Result<Self, JobStoreError> {
+        let p = path.display().to_string();
+        let err = |e: &dyn std::fmt::Display| JobStoreError::Store {
+            path: p.clone(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        let db = redb::Database::create(path).map_err(|e| err(&e))?;
+        let tx = db.begin_write().map_err(|e| err(&e))?;
+        tx.open_table(JOBS).map_err(|e| err(&e))?;
+        tx.commit().map_err(|e| err(&e))?;
+        Ok(Self {
+            db: Arc::new(db),
+            path: p,
+        })
+    }
+
+    fn err(&self, e: &dyn std::fmt::Display) -> JobStoreError {
+        JobStoreError::Store {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Writes `job` durably (a committed redb transaction).
+    pub fn save(&self, job: &Job) -> Result<(), JobStoreError> {
+        let bytes = serde_json::to_vec(job).map_err(|e| self.err(&e))?;
+        let tx = self.db.begin_write().map_err(|e| self.err(&e))?;
+        {
+            let mut t = tx.open_table(JOBS).map_err(|e| self.err(&e))?;
+            t.insert(job.id, bytes.as_slice())
+                .map_err(|e| self.err(&e))?;
+        }
+        tx.commit().map_err(|e| self.err(&e))
+    }
+
+    /// Every job, by id.
+    pub fn all(&self) -> Result<Vec<Job>, JobStoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(&e))?;
+        let t = tx.open_table(JOBS).map_err(|e| self.err(&e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.err(&e))? {
+            let (k, v) = row.map_err(|e| self.err(&e))?;
+            match serde_json::from_slice::<Job>(v.value()) {
+                Ok(j) => out.push(j),
+                Err(e) => tracing::warn!(job = k.value(), "unreadable job record: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next free id.
+    pub fn next_id(&self) -> Result<u64, JobStoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(&e))?;
+        let t = tx.open_table(JOBS).map_err(|e| self.err(&e))?;
+        let last = t.last().map_err(|e| self.err(&e))?;
+        Ok(last.map_or(1, |(k, _)| k.value() + 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> PlaceSpec {
+        PlaceSpec {
+            image: "lib/1".into(),
+            name: "web1".into(),
+            policy: "best".into(),
+            mode: BuildMode::Agent,
+            target: None,
+            within: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn jobs_survive_reopening_and_ids_follow_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let store = JobStore::open(&path).unwrap();
+        assert_eq!(store.next_id().unwrap(), 1);
+        let mut j = Job::new(1, spec());
+        j.event("placed");
+        store.save(&j).unwrap();
+        j.state = JobState::Building;
+        store.save(&j).unwrap();
+        drop(store);
+        let store = JobStore::open(&path).unwrap();
+        assert_eq!(store.all().unwrap(), vec![j]);
+        assert_eq!(store.next_id().unwrap(), 2);
+    }
+
+    #[test]
+    fn events_are_bounded() {
+        let mut j = Job::new(1, spec());
+        for i in 0..MAX_EVENTS + 10 {
+            j.event(format!("e{i}"));
+        }
+        assert_eq!(j.events.len(), MAX_EVENTS);
+        assert_eq!(j.events[0].message, "e10");
+    }
+}

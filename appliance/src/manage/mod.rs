@@ -1,0 +1,296 @@
+//! The manager: on the appliance that guards the library, beside the global
+//! indexer (the seed: placement is "executed on the global indexer machine").
+//! It owns the inventory (library images, hypervisors and their VMs) and the
+//! jobs that place an image as a new VM and build it: rank the candidate hosts
+//! over the global index, choose by the operator's policy, plan the
+//! construction, order the target's agent to build, follow and re-plan, and
+//! wait until the global index lists the new disk.
+//!
+//! - [`inventory`]: the inventory view, assembled from the index and reports.
+//! - [`jobs`]: job records, persisted in the manager's redb file.
+//! - [`runner`]: one job from placement to the indexed disk.
+
+pub mod inventory;
+pub mod jobs;
+mod runner;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cost::Topology,
+    hypervisor::check_vm_name,
+    index::{BlockStore, RedbStore},
+    peer::{client::PeerClient, indexer::IndexService, proto::Msg},
+    plan::{MetricsFile, Policy},
+};
+pub use jobs::{BuildMode, Job, JobState, PlaceSpec};
+
+/// What the manager reads of the running appliance at planning time.
+pub trait PlanningView: Send + Sync + 'static {
+    /// The topology with each link's weight as in force now (live costs).
+    fn topology(&self) -> Option<Topology>;
+    /// Host metrics for the placement policies (reports over the file).
+    fn host_metrics(&self) -> MetricsFile;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManageError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("image `{0}` is not in the global index")]
+    UnknownImage(String),
+    #[error("no job {0}")]
+    NoJob(u64),
+    #[error("mode `transparent` is not built yet in this version: use `agent`")]
+    NotBuilt,
+    #[error(transparent)]
+    Store(#[from] jobs::JobStoreError),
+}
+
+/// `[manager]` settings.
+#[derive(Clone, Debug)]
+pub struct ManagerOptions {
+    /// Agent reports older than this make a host no candidate.
+    pub stale_after: Duration,
+    /// How often a build's agent is asked for progress.
+    pub poll: Duration,
+    /// How long a finished disk may take to appear in the global index.
+    pub index_wait: Duration,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        Self {
+            stale_after: Duration::from_secs(10),
+            poll: Duration::from_millis(250),
+            index_wait: Duration::from_mins(1),
+        }
+    }
+}
+
+pub struct Manager {
+    index: Arc<IndexService>,
+    store: Arc<RedbStore>,
+    client: Arc<PeerClient>,
+    options: ManagerOptions,
+    db: jobs::JobStore,
+    jobs: Mutex<BTreeMap<u64, Job>>,
+    running: Mutex<HashMap<u64, CancellationToken>>,
+    /// The id of every job that changed (for event streams).
+    updates: broadcast::Sender<u64>,
+}
+
+impl Manager {
+    /// Opens the jobs file; jobs that were running when the manager stopped are
+    /// failed (and their agents' builds cancelled, best effort).
+    pub fn open(
+        path: &std::path::Path,
+        index: Arc<IndexService>,
+        store: Arc<RedbStore>,
+        client: Arc<PeerClient>,
+        options: ManagerOptions,
+    ) -> Result<Arc<Self>, ManageError> {
+        let db = jobs::JobStore::open(path)?;
+        let mut jobs = BTreeMap::new();
+        let mut interrupted = Vec::new();
+        for mut j in db.all()? {
+            if !j.state.is_final() {
+                let was = j.state;
+                j.state = JobState::Failed;
+                j.error = Some(format!(
+                    "the manager restarted while the job was {was:?}; place it again"
+                ));
+                j.event(format!("failed: the manager restarted while {was:?}"));
+                j.updated_ms = jobs::now_ms();
+                db.save(&j)?;
+                if let Some(target) = j.plan.as_ref().map(|p| p.target.clone()) {
+                    interrupted.push((j.id, target));
+                }
+            }
+            jobs.insert(j.id, j);
+        }
+        let (updates, _) = broadcast::channel(1024);
+        let me = Arc::new(Self {
+            index,
+            store,
+            client,
+            options,
+            db,
+            jobs: Mutex::new(jobs),
+            running: Mutex::new(HashMap::new()),
+            updates,
+        });
+        for (job, target) in interrupted {
+            let me = me.clone();
+            tokio::spawn(async move {
+                if let Some(addr) = me.addr_of(&target) {
+                    let _ = me
+                        .client
+                        .peer(&addr)
+                        .request(&Msg::BuildCancel { job })
+                        .await;
+                }
+            });
+        }
+        Ok(me)
+    }
+
+    /// Every job, newest last.
+    pub fn jobs(&self) -> Vec<Job> {
+        self.jobs.lock().values().cloned().collect()
+    }
+
+    pub fn job(&self, id: u64) -> Option<Job> {
+        self.jobs.lock().get(&id).cloned()
+    }
+
+    /// A receiver of job ids as they change.
+    pub fn subscribe(&self) -> broadcast::Receiver<u64> {
+        self.updates.subscribe()
+    }
+
+    /// Checks `spec`, records the job and starts it.
+    pub fn place(
+        self: &Arc<Self>,
+        view: Arc<dyn PlanningView>,
+        spec: PlaceSpec,
+    ) -> Result<Job, ManageError> {
+        check_vm_name(&spec.name).map_err(|e| ManageError::BadRequest(e.to_string()))?;
+        spec.policy
+            .parse::<Policy>()
+            .map_err(|e| ManageError::BadRequest(format!("policy: {e}")))?;
+        if spec.mode == BuildMode::Transparent {
+            return Err(ManageError::NotBuilt);
+        }
+        let known = self
+            .store
+            .images()
+            .map_err(|e| ManageError::BadRequest(e.to_string()))?
+            .iter()
+            .any(|i| i.image == spec.image);
+        if !known {
+            return Err(ManageError::UnknownImage(spec.image));
+        }
+        let job = {
+            let mut jobs = self.jobs.lock();
+            let id = self
+                .db
+                .next_id()?
+                .max(jobs.keys().next_back().map_or(1, |k| k + 1));
+            let mut job = Job::new(id, spec);
+            job.event(format!(
+                "created: place {} as {} ({})",
+                job.spec.image, job.spec.name, job.spec.policy
+            ));
+            self.db.save(&job)?;
+            jobs.insert(id, job.clone());
+            job
+        };
+        let token = CancellationToken::new();
+        self.running.lock().insert(job.id, token.clone());
+        let me = self.clone();
+        let id = job.id;
+        tokio::spawn(async move {
+            me.clone().run(view, id, token).await;
+            me.running.lock().remove(&id);
+        });
+        Ok(job)
+    }
+
+    /// Cancels a running job (its agent's build too); a finished job is left.
+    pub fn cancel(&self, id: u64) -> Result<Job, ManageError> {
+        let job = self.job(id).ok_or(ManageError::NoJob(id))?;
+        if let Some(t) = self.running.lock().get(&id) {
+            t.cancel();
+        }
+        Ok(job)
+    }
+
+    /// Changes a job, saves it and tells the subscribers.
+    fn update(&self, id: u64, f: impl FnOnce(&mut Job)) {
+        let snapshot = {
+            let mut jobs = self.jobs.lock();
+            let Some(j) = jobs.get_mut(&id) else {
+                return;
+            };
+            f(j);
+            j.updated_ms = jobs::now_ms();
+            j.clone()
+        };
+        if let Err(e) = self.db.save(&snapshot) {
+            tracing::warn!(job = id, "saving the job: {e}");
+        }
+        let _ = self.updates.send(id);
+    }
+
+    /// Starts, pauses, resumes or retires VM `vm` on `host` (its agent applies
+    /// it through the hypervisor hook).
+    pub async fn vm_action(
+        &self,
+        host: &str,
+        vm: &str,
+        action: crate::hypervisor::VmAction,
+    ) -> Result<(), ManageError> {
+        check_vm_name(vm).map_err(|e| ManageError::BadRequest(e.to_string()))?;
+        let addr = self
+            .addr_of(host)
+            .ok_or_else(|| ManageError::BadRequest(format!("no agent address known for {host}")))?;
+        let reply = self
+            .client
+            .peer(&addr)
+            .request(&Msg::VmAction {
+                vm: vm.to_owned(),
+                action,
+            })
+            .await
+            .map_err(|e| ManageError::BadRequest(format!("{host}: {e}")))?;
+        match reply {
+            Msg::Ack { .. } => {
+                tracing::info!(host, vm, ?action, "VM lifecycle");
+                Ok(())
+            }
+            m => Err(ManageError::BadRequest(format!(
+                "{host} answered {}",
+                m.name()
+            ))),
+        }
+    }
+
+    /// A host's block service address, as the index learned it.
+    fn addr_of(&self, host: &str) -> Option<String> {
+        self.index
+            .addrs()
+            .into_iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, a)| a)
+    }
+
+    /// The inventory now (blocking: it reads the store).
+    pub fn inventory(&self, topology: &Topology) -> Result<inventory::Inventory, ManageError> {
+        let images = self
+            .store
+            .images()
+            .map_err(|e| ManageError::BadRequest(e.to_string()))?;
+        let now = std::time::Instant::now();
+        let reports: Vec<_> = self
+            .index
+            .hosts
+            .view(now)
+            .into_iter()
+            .map(|r| {
+                let fresh = Duration::from_millis(r.age_ms) <= self.options.stale_after;
+                (r, fresh)
+            })
+            .collect();
+        let shares = runner::held_elsewhere(&self.store, &images);
+        Ok(inventory::assemble(topology, &images, &reports, &shares))
+    }
+}

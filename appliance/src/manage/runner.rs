@@ -1,0 +1,575 @@
+//! One job from placement to the indexed disk (agent mode): candidates from
+//! the agents' reports (hypervisors only, with room for the disk, without a VM
+//! of that name), ranked over the global index by construction cost and chosen
+//! by the policy; then the construction plan is sent to the target's agent as a
+//! build order, its progress followed, and the plan remade without a source
+//! that failed; last, the job waits until the global index lists the new disk.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    jobs::{JobState, PlanView, Progress, SourceBytes},
+    Manager, PlanningView,
+};
+use crate::{
+    cost::{topology::Role, Graph, NodeId, ShortestPaths, Topology},
+    hypervisor::vm_image_name,
+    index::{BlockStore, Manifest, RedbStore},
+    peer::{
+        build_order::{to_runs, BuildOrder, BuildReport, BuildSource, BuildState, MAX_RUNS},
+        proto::Msg,
+    },
+    plan::{
+        construct::{construct, ConstructionPlan},
+        image::ImageHolders,
+        indexed::IndexedStore,
+        place::place,
+        HolderIndex, HolderIndexError, HolderLists, HostId, Policy,
+    },
+};
+
+/// Re-plans one job may make before it gives up.
+const MAX_REPLANS: u32 = 16;
+
+type Store = IndexedStore<Arc<RedbStore>>;
+
+/// The planner's view of the index without some hosts (sources that failed).
+struct Excluding<'a> {
+    inner: &'a Store,
+    excluded: HashSet<HostId>,
+}
+
+impl HolderIndex for Excluding<'_> {
+    fn hosts(&self) -> Vec<String> {
+        self.inner.hosts()
+    }
+
+    fn holders(&self, hash: &crate::index::BlockHash, out: &mut Vec<HostId>) -> Result<(), HolderIndexError> {
+        let from = out.len();
+        self.inner.holders(hash, out)?;
+        let mut i = from;
+        while i < out.len() {
+            if self.excluded.contains(&out[i]) {
+                out.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn holders_of_all(
+        &self,
+        hashes: &[crate::index::BlockHash],
+        out: &mut HolderLists,
+    ) -> Result<(), HolderIndexError> {
+        let mut all = HolderLists::default();
+        self.inner.holders_of_all(hashes, &mut all)?;
+        out.clear();
+        for i in 0..all.len() {
+            out.hosts
+                .extend(all.of(i).iter().filter(|h| !self.excluded.contains(h)));
+            out.close_list();
+        }
+        Ok(())
+    }
+}
+
+/// What placement decided, for the build.
+struct Placed {
+    topology: Topology,
+    manifest: Manifest,
+    manifest_host: String,
+    target: String,
+}
+
+/// The class of a source as seen from the target.
+fn class_of(graph: &Graph, paths: &ShortestPaths, source: NodeId) -> &'static str {
+    if source == paths.source {
+        return "self";
+    }
+    if graph.role(source) == Role::Library {
+        return "library";
+    }
+    if paths.path_links(source).count() <= 2 {
+        "rack"
+    } else {
+        "other_rack"
+    }
+}
+
+/// Per (host, image) of every indexed VM disk and library image: the share of
+/// its distinct non-zero blocks another host also holds.
+pub(super) fn held_elsewhere(
+    store: &RedbStore,
+    images: &[crate::index::store::ImageInfo],
+) -> BTreeMap<(String, String), f64> {
+    let mut out = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for i in images {
+        if !seen.insert((i.host.clone(), i.image.clone())) {
+            continue; // one block size is enough
+        }
+        let Ok(Some(m)) = store.manifest_at(&i.host, &i.image, i.block_size) else {
+            continue;
+        };
+        let blocks = crate::plan::image::ImageBlocks::of(&m);
+        if blocks.distinct.is_empty() {
+            continue;
+        }
+        let hashes: Vec<_> = blocks.distinct.iter().map(|d| d.hash).collect();
+        let Ok(lists) = store.holders_many(&hashes) else {
+            continue;
+        };
+        let elsewhere = lists
+            .iter()
+            .filter(|l| l.iter().any(|loc| *loc.host != *i.host))
+            .count();
+        out.insert(
+            (i.host.clone(), i.image.clone()),
+            elsewhere as f64 / hashes.len() as f64,
+        );
+    }
+    out
+}
+
+impl Manager {
+    pub(super) async fn run(self: Arc<Self>, view: Arc<dyn PlanningView>, id: u64, cancel: CancellationToken) {
+        let result = tokio::select! {
+            r = self.place_and_build(&view, id, &cancel) => r,
+            () = cancel.cancelled() => Err("cancelled by the operator".into()),
+        };
+        match result {
+            Ok(()) => self.update(id, |j| {
+                j.state = JobState::Done;
+                j.event("done");
+            }),
+            Err(e) if cancel.is_cancelled() => {
+                let target = self.job(id).and_then(|j| j.plan.map(|p| p.target));
+                if let Some(addr) = target.and_then(|t| self.addr_of(&t)) {
+                    let _ = self
+                        .client
+                        .peer(&addr)
+                        .request(&Msg::BuildCancel { job: id })
+                        .await;
+                }
+                self.update(id, |j| {
+                    j.state = JobState::Cancelled;
+                    j.event(e);
+                });
+            }
+            Err(e) => self.update(id, |j| {
+                j.state = JobState::Failed;
+                j.event(format!("failed: {e}"));
+                j.error = Some(e);
+            }),
+        }
+    }
+
+    async fn place_and_build(
+        self: &Arc<Self>,
+        view: &Arc<dyn PlanningView>,
+        id: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        let placed = {
+            let (me, view) = (self.clone(), view.clone());
+            tokio::task::spawn_blocking(move || me.choose(&*view, id))
+                .await
+                .map_err(|e| format!("placement task: {e}"))??
+        };
+        self.update(id, |j| {
+            j.state = JobState::Building;
+            j.event(format!("building on {}", placed.target));
+        });
+        self.build(id, &placed, cancel).await?;
+        self.update(id, |j| {
+            j.state = JobState::Indexing;
+            j.event("built; waiting for the global index to list it");
+        });
+        let spec = self.job(id).ok_or("job vanished")?.spec;
+        let image = vm_image_name(&spec.name);
+        let started = Instant::now();
+        loop {
+            let listed = self
+                .store
+                .images()
+                .map_err(|e| e.to_string())?
+                .iter()
+                .any(|i| i.host == placed.target && i.image == image);
+            if listed {
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.update(id, |j| {
+                    j.indexed_after_ms = Some(ms);
+                    j.event(format!("the global index lists {image} on {} ({ms} ms)", placed.target));
+                });
+                return Ok(());
+            }
+            if started.elapsed() > self.options.index_wait {
+                return Err(format!(
+                    "built, but the global index did not list {image} on {} within {:?}",
+                    placed.target, self.options.index_wait
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Candidates, ranking and the policy's choice (blocking: reads the store).
+    fn choose(&self, view: &dyn PlanningView, id: u64) -> Result<Placed, String> {
+        let spec = self.job(id).ok_or("job vanished")?.spec;
+        let topology = view.topology().ok_or("no topology: the manager needs [cost] topology")?;
+        let graph = Graph::from_topology(&topology);
+        let (manifest_host, manifest) = self.library_manifest(&topology, &spec.image)?;
+        let need = manifest.blocks.iter().filter(|b| b.is_some()).count() as u64
+            * u64::from(manifest.block_size);
+        let now = Instant::now();
+        let mut candidates = Vec::new();
+        let mut notes = Vec::new();
+        for r in self.index.hosts.view(now) {
+            if graph.node_id(&r.host).map(|n| graph.role(n)) != Some(Role::Hypervisor) {
+                continue;
+            }
+            let rack = super::inventory::rack_of(&topology, &r.host);
+            if !spec.within.is_empty()
+                && !spec
+                    .within
+                    .iter()
+                    .any(|w| *w == r.host || Some(w) == rack.as_ref())
+            {
+                continue;
+            }
+            if Duration::from_millis(r.age_ms) > self.options.stale_after {
+                notes.push(format!("{}: its agent's last report is {} ms old", r.host, r.age_ms));
+                continue;
+            }
+            match r.resources.disk_free_bytes {
+                Some(free) if free < need => {
+                    notes.push(format!("{}: {free} bytes free, the disk needs {need}", r.host));
+                    continue;
+                }
+                None => {
+                    notes.push(format!("{}: reports no free disk (no [hypervisor])", r.host));
+                    continue;
+                }
+                Some(_) => {}
+            }
+            if r.vms.iter().any(|v| v.name == spec.name) {
+                notes.push(format!("{}: has a VM named {} already", r.host, spec.name));
+                continue;
+            }
+            candidates.push(r.host);
+        }
+        for n in notes {
+            self.update(id, |j| j.event(format!("not a candidate: {n}")));
+        }
+        if candidates.is_empty() {
+            return Err("no candidate host (see the job's events)".into());
+        }
+        let store = Store::new(self.store.clone()).map_err(|e| e.to_string())?;
+        let image = ImageHolders::resolve(&manifest, &store, &graph).map_err(|e| e.to_string())?;
+        let placement = place(&image, &graph, &candidates).map_err(|e| e.to_string())?;
+        let policy: Policy = spec.policy.parse().map_err(|e| format!("policy: {e}"))?;
+        let metrics = view.host_metrics();
+        let report = placement.report(&spec.image, policy, &metrics);
+        let target = match &spec.target {
+            Some(t) => {
+                let ok = report
+                    .candidates
+                    .iter()
+                    .any(|c| c.host == *t && c.total_cost.is_some());
+                if !ok {
+                    return Err(format!("target {t} is not a candidate that can build the image"));
+                }
+                t.clone()
+            }
+            None => report.chosen.clone().ok_or("no candidate can build the image")?,
+        };
+        let ranked: Vec<String> = report
+            .candidates
+            .iter()
+            .map(|c| match c.total_cost {
+                Some(k) => format!("{} {k}", c.host),
+                None => format!("{} -", c.host),
+            })
+            .collect();
+        self.update(id, |j| {
+            j.event(format!("ranked: {}; chose {target}", ranked.join(", ")));
+            j.placement = Some(report);
+        });
+        Ok(Placed {
+            topology,
+            manifest,
+            manifest_host,
+            target,
+        })
+    }
+
+    /// The image's manifest at its smallest block size, preferring the library's
+    /// copy.
+    fn library_manifest(&self, topology: &Topology, image: &str) -> Result<(String, Manifest), String> {
+        let role = |n: &str| topology.nodes.iter().find(|x| x.name == n).map(|x| x.role);
+        let mut infos: Vec<_> = self
+            .store
+            .images()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|i| i.image == image)
+            .collect();
+        infos.sort_by_key(|i| (role(&i.host) != Some(Role::Library), i.block_size, i.host.clone()));
+        let info = infos.first().ok_or_else(|| format!("image {image} is not in the global index"))?;
+        let m = self
+            .store
+            .manifest_at(&info.host, image, info.block_size)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("image {image} of {} vanished from the index", info.host))?;
+        Ok((info.host.clone(), m))
+    }
+
+    /// The construction plan without `excluded` sources, as a build order.
+    fn plan_order(
+        &self,
+        id: u64,
+        placed: &Placed,
+        excluded: &BTreeSet<String>,
+    ) -> Result<(BuildOrder, PlanView, ShortestPaths), String> {
+        let spec = self.job(id).ok_or("job vanished")?.spec;
+        let graph = Graph::from_topology(&placed.topology);
+        let store = Store::new(self.store.clone()).map_err(|e| e.to_string())?;
+        let hosts = store.hosts();
+        let excluded_ids = hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| excluded.contains(*h))
+            .map(|(i, _)| i as HostId)
+            .collect();
+        let index = Excluding {
+            inner: &store,
+            excluded: excluded_ids,
+        };
+        let image = ImageHolders::resolve(&placed.manifest, &index, &graph).map_err(|e| e.to_string())?;
+        let target = graph
+            .node_id(&placed.target)
+            .ok_or_else(|| format!("{} is not in the topology", placed.target))?;
+        let paths = graph.shortest_paths(target);
+        let plan: ConstructionPlan = construct(&image, &graph, &paths).map_err(|e| e.to_string())?;
+        let addrs: BTreeMap<String, String> = self.index.addrs().into_iter().collect();
+        let mut sources: Vec<BuildSource> = Vec::new();
+        let mut index_of: BTreeMap<NodeId, u16> = BTreeMap::new();
+        for &n in &plan.sources {
+            if index_of.contains_key(&n) {
+                continue;
+            }
+            let node = graph.name(n).to_owned();
+            let addr = addrs
+                .get(&node)
+                .ok_or_else(|| format!("no block service address known for {node}"))?;
+            let i = u16::try_from(sources.len()).map_err(|_| "too many sources")?;
+            index_of.insert(n, i);
+            sources.push(BuildSource {
+                node,
+                addr: addr.clone(),
+            });
+        }
+        let runs = to_runs(plan.sources.iter().map(|n| index_of.get(n).copied()));
+        if runs.len() > MAX_RUNS {
+            return Err(format!("the plan has {} runs, at most {MAX_RUNS}", runs.len()));
+        }
+        let mut by_source = BTreeMap::new();
+        for &n in &plan.sources {
+            *by_source.entry(graph.name(n).to_owned()).or_insert(0u64) += 1;
+        }
+        let link_bytes = plan.link_bytes(&paths, graph.links().len());
+        let by_link = crate::plan::construct::loaded_links(&link_bytes)
+            .map(|(l, b)| {
+                let gl = graph.link(l);
+                (format!("{}-{}", graph.name(gl.a), graph.name(gl.b)), b)
+            })
+            .collect();
+        let view = PlanView {
+            target: placed.target.clone(),
+            blocks_total: image.blocks.distinct.len() as u64,
+            blocks_local: plan.blocks_local,
+            blocks_fetched: plan.blocks_fetched,
+            blocks_zero: plan.blocks_zero,
+            total_cost: plan.total_cost,
+            by_source,
+            by_link,
+            excluded: excluded.iter().cloned().collect(),
+            replans: 0,
+        };
+        let order = BuildOrder {
+            job: id,
+            vm: spec.name,
+            image: spec.image,
+            manifest_host: placed.manifest_host.clone(),
+            block_size: placed.manifest.block_size,
+            digest: *blake3::hash(&placed.manifest.encode()).as_bytes(),
+            sources,
+            runs,
+        };
+        Ok((order, view, paths))
+    }
+
+    /// Orders the build, follows it and re-plans around failed sources.
+    async fn build(self: &Arc<Self>, id: u64, placed: &Placed, cancel: &CancellationToken) -> Result<(), String> {
+        let target_addr = self
+            .addr_of(&placed.target)
+            .ok_or_else(|| format!("no block service address known for {}", placed.target))?;
+        let agent = self.client.peer(&target_addr);
+        let mut excluded = BTreeSet::new();
+        let mut replans = 0;
+        loop {
+            let (order, mut plan_view, paths) = {
+                let (me, placed_ex) = (self.clone(), excluded.clone());
+                // Planning reads the store: off the async workers.
+                let placed = Placed {
+                    topology: placed.topology.clone(),
+                    manifest: placed.manifest.clone(),
+                    manifest_host: placed.manifest_host.clone(),
+                    target: placed.target.clone(),
+                };
+                tokio::task::spawn_blocking(move || me.plan_order(id, &placed, &placed_ex))
+                    .await
+                    .map_err(|e| format!("planning task: {e}"))??
+            };
+            plan_view.replans = replans;
+            let summary = plan_view
+                .by_source
+                .iter()
+                .map(|(s, b)| format!("{s}: {b}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.update(id, |j| {
+                j.event(if replans == 0 {
+                    format!("plan: {} distinct blocks ({summary})", plan_view.blocks_total)
+                } else {
+                    format!("re-plan {replans} without {}: {summary}", plan_view.excluded.join(", "))
+                });
+                j.plan = Some(plan_view);
+            });
+            let reply = agent
+                .request(&Msg::Build {
+                    order: Box::new(order),
+                })
+                .await
+                .map_err(|e| format!("build order to {}: {e}", placed.target))?;
+            if !matches!(reply, Msg::BuildReply { .. }) {
+                return Err(format!("{} answered the build order with {}", placed.target, reply.name()));
+            }
+            let graph = Graph::from_topology(&placed.topology);
+            let report = self.follow(id, &agent, &graph, &paths, cancel).await?;
+            match report.state {
+                BuildState::Done => return Ok(()),
+                BuildState::NeedsSources => {
+                    let newly: Vec<String> = report
+                        .failures
+                        .iter()
+                        .map(|f| f.node.clone())
+                        .filter(|n| !excluded.contains(n))
+                        .collect();
+                    for f in report.failures.iter().filter(|f| newly.contains(&f.node)) {
+                        self.update(id, |j| {
+                            j.event(format!(
+                                "source {} failed ({}); {} of its blocks missing",
+                                f.node, f.reason, f.blocks_missing
+                            ));
+                        });
+                    }
+                    if newly.is_empty() {
+                        return Err("blocks missing but no source newly failed".into());
+                    }
+                    excluded.extend(newly);
+                    replans += 1;
+                    if replans > MAX_REPLANS {
+                        return Err(format!("gave up after {MAX_REPLANS} re-plans"));
+                    }
+                }
+                BuildState::Failed => {
+                    return Err(report.error.unwrap_or_else(|| "the agent's build failed".into()))
+                }
+                BuildState::Cancelled => return Err("the agent cancelled the build".into()),
+                BuildState::Fetching => unreachable!("follow returns at a settled state"),
+            }
+        }
+    }
+
+    /// Polls the agent until the build settles (done, failed, or waiting for
+    /// sources), recording progress.
+    async fn follow(
+        &self,
+        id: u64,
+        agent: &crate::peer::client::Peer,
+        graph: &Graph,
+        paths: &ShortestPaths,
+        cancel: &CancellationToken,
+    ) -> Result<BuildReport, String> {
+        let mut failures_in_a_row = 0;
+        loop {
+            if cancel.is_cancelled() {
+                return Err("cancelled by the operator".into());
+            }
+            tokio::time::sleep(self.options.poll).await;
+            let report = match agent.request(&Msg::BuildStatus { job: id }).await {
+                Ok(Msg::BuildReply { report }) => *report,
+                Ok(m) => return Err(format!("status answered with {}", m.name())),
+                Err(e) => {
+                    failures_in_a_row += 1;
+                    if failures_in_a_row >= 20 {
+                        return Err(format!("the target's agent stopped answering: {e}"));
+                    }
+                    continue;
+                }
+            };
+            failures_in_a_row = 0;
+            let progress = progress_of(&report, graph, paths);
+            self.update(id, |j| j.progress = progress);
+            if report.state != BuildState::Fetching {
+                return Ok(report);
+            }
+        }
+    }
+}
+
+/// A build report in bytes by source, class, hop count and link.
+fn progress_of(report: &BuildReport, graph: &Graph, paths: &ShortestPaths) -> Progress {
+    let mut p = Progress {
+        blocks_total: report.blocks_total,
+        blocks_done: report.blocks_done,
+        bytes_written: report.bytes_written,
+        ..Progress::default()
+    };
+    for t in &report.by_source {
+        let node = graph.node_id(&t.node);
+        let hops = node.map(|n| paths.path_links(n).count() as u32);
+        let class = node.map_or("unknown", |n| class_of(graph, paths, n)).to_owned();
+        *p.by_class.entry(class.clone()).or_default() += t.bytes;
+        if let Some(h) = hops {
+            *p.by_hops.entry(h).or_default() += t.bytes;
+        }
+        if let Some(n) = node {
+            for l in paths.path_links(n) {
+                let gl = graph.link(l);
+                *p.by_link
+                    .entry(format!("{}-{}", graph.name(gl.a), graph.name(gl.b)))
+                    .or_default() += t.bytes;
+            }
+        }
+        p.by_source.insert(
+            t.node.clone(),
+            SourceBytes {
+                blocks: t.blocks,
+                bytes: t.bytes,
+                hops,
+                class,
+            },
+        );
+    }
+    p
+}

@@ -1,0 +1,487 @@
+//! The agent's side of build orders ([`super::build_order`]): fetch the image's
+//! manifest from the parent indexer (checked against the order's digest), then
+//! every distinct non-zero block from the source the order assigns it, verified
+//! (blake3, by the peer client), written at each of its positions through the
+//! hypervisor hook. Zero blocks are never fetched: the disk is sparse.
+//!
+//! A source that fails (dead, refusing, serving a corrupt or missing block) is
+//! not asked again in this pass; when the pass ends with blocks missing, the
+//! build waits in `NeedsSources` for the manager's re-plan (the same job, new
+//! runs), up to [`REPLAN_WAIT`], keeping what it wrote. When every block is in,
+//! the disk is synced and becomes the VM's, and the agent rescans so the new
+//! disk is indexed and pushed up as a holder.
+//!
+//! Only the nodes named in `[hypervisor] managers` may order, query or cancel
+//! builds.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+use super::{
+    build_order::{
+        expand_runs, BuildOrder, BuildReport, BuildState, SourceFailure, SourceTally,
+    },
+    client::{ManifestAnswer, Peer, PeerClient},
+};
+use crate::{
+    hypervisor::{check_vm_name, DiskBuild, Hypervisor, VmAction},
+    index::{BlockHash, BlockHashMap, Manifest},
+};
+
+/// How long a build waits in `NeedsSources` for a re-plan before it gives up
+/// (and removes what it wrote).
+pub const REPLAN_WAIT: Duration = Duration::from_mins(1);
+/// Distinct blocks asked of one source per round (the peer client batches and
+/// pipelines within it).
+const ROUND_BLOCKS: usize = 1024;
+/// Finished builds' reports kept for status queries.
+const KEEP_FINISHED: usize = 256;
+
+/// One build in progress (or finished, for its report).
+struct Build {
+    order: Mutex<BuildOrder>,
+    report: Mutex<BuildReport>,
+    /// A re-plan arrived (wakes a build waiting in `NeedsSources`).
+    replanned: Notify,
+    cancelled: AtomicBool,
+    bytes_written: AtomicU64,
+}
+
+impl Build {
+    fn set_state(&self, state: BuildState, error: Option<String>) {
+        let mut r = self.report.lock();
+        r.state = state;
+        if error.is_some() {
+            r.error = error;
+        }
+    }
+
+    fn snapshot(&self) -> BuildReport {
+        let mut r = self.report.lock().clone();
+        r.bytes_written = self.bytes_written.load(Ordering::Relaxed);
+        r
+    }
+}
+
+/// The agent's builds.
+pub struct Builder {
+    node: String,
+    hypervisor: Arc<dyn Hypervisor>,
+    client: Arc<PeerClient>,
+    /// Where manifests come from (the agent's parent indexer).
+    parent: Option<Peer>,
+    managers: Vec<String>,
+    /// Told when a disk is finished (the agent rescans on it).
+    built: Arc<Notify>,
+    builds: Mutex<HashMap<u64, Arc<Build>>>,
+    /// Finished jobs, oldest first (trimmed to [`KEEP_FINISHED`]).
+    finished: Mutex<std::collections::VecDeque<u64>>,
+}
+
+impl Builder {
+    pub fn new(
+        node: &str,
+        hypervisor: Arc<dyn Hypervisor>,
+        client: Arc<PeerClient>,
+        parent: Option<Peer>,
+        managers: Vec<String>,
+        built: Arc<Notify>,
+    ) -> Self {
+        Self {
+            node: node.to_owned(),
+            hypervisor,
+            client,
+            parent,
+            managers,
+            built,
+            builds: Mutex::new(HashMap::new()),
+            finished: Mutex::default(),
+        }
+    }
+
+    /// May `node` order builds here?
+    pub fn is_manager(&self, node: &str) -> bool {
+        self.managers.iter().any(|m| m == node)
+    }
+
+    /// Starts a build, or re-plans one waiting for sources.
+    pub fn order(self: &Arc<Self>, order: BuildOrder) -> Result<BuildReport, String> {
+        check_vm_name(&order.vm).map_err(|e| e.to_string())?;
+        if let Some(b) = self.builds.lock().get(&order.job).cloned() {
+            let state = b.report.lock().state;
+            if state != BuildState::NeedsSources {
+                return Err(format!("build {} is {state:?}, not waiting for sources", order.job));
+            }
+            {
+                let mut current = b.order.lock();
+                if current.vm != order.vm || current.digest != order.digest {
+                    return Err(format!("build {} is of another VM or image", order.job));
+                }
+                *current = order;
+            }
+            b.set_state(BuildState::Fetching, None);
+            b.replanned.notify_one();
+            return Ok(b.snapshot());
+        }
+        let b = Arc::new(Build {
+            report: Mutex::new(BuildReport {
+                job: order.job,
+                vm: order.vm.clone(),
+                state: BuildState::Fetching,
+                blocks_total: 0,
+                blocks_done: 0,
+                bytes_written: 0,
+                by_source: Vec::new(),
+                failures: Vec::new(),
+                error: None,
+            }),
+            order: Mutex::new(order.clone()),
+            replanned: Notify::new(),
+            cancelled: AtomicBool::new(false),
+            bytes_written: AtomicU64::new(0),
+        });
+        self.builds.lock().insert(order.job, b.clone());
+        let me = self.clone();
+        let span = tracing::info_span!("build", node = %self.node, job = order.job, vm = %order.vm, image = %order.image);
+        tokio::spawn(
+            async move {
+                let result = me.run(&b).await;
+                match result {
+                    Ok(()) => {
+                        b.set_state(BuildState::Done, None);
+                        tracing::info!("built");
+                        me.built.notify_one();
+                    }
+                    Err(_) if b.cancelled.load(Ordering::Relaxed) => {
+                        b.set_state(BuildState::Cancelled, None);
+                        tracing::info!("cancelled");
+                    }
+                    Err(e) => {
+                        tracing::warn!("build failed: {e}");
+                        b.set_state(BuildState::Failed, Some(e));
+                    }
+                }
+                me.retire_finished(b.report.lock().job);
+            }
+            .instrument(span),
+        );
+        Ok(self.status(order.job).expect("just inserted"))
+    }
+
+    /// A lifecycle change of a VM; the agent rescans after it (a retired VM's
+    /// disk leaves the index).
+    pub async fn vm_action(&self, vm: String, action: VmAction) -> Result<(), String> {
+        check_vm_name(&vm).map_err(|e| e.to_string())?;
+        let hv = self.hypervisor.clone();
+        tokio::task::spawn_blocking(move || crate::hypervisor::apply(&*hv, &vm, action))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.built.notify_one();
+        Ok(())
+    }
+
+    pub fn status(&self, job: u64) -> Option<BuildReport> {
+        self.builds.lock().get(&job).map(|b| b.snapshot())
+    }
+
+    /// Stops a build (what it wrote is removed); its report says `Cancelled`.
+    pub fn cancel(&self, job: u64) -> Option<BuildReport> {
+        let b = self.builds.lock().get(&job).cloned()?;
+        b.cancelled.store(true, Ordering::Relaxed);
+        b.replanned.notify_one();
+        Some(b.snapshot())
+    }
+
+    fn retire_finished(&self, job: u64) {
+        let mut f = self.finished.lock();
+        f.push_back(job);
+        while f.len() > KEEP_FINISHED {
+            if let Some(old) = f.pop_front() {
+                self.builds.lock().remove(&old);
+            }
+        }
+    }
+
+    async fn manifest(&self, order: &BuildOrder) -> Result<Manifest, String> {
+        let parent = self
+            .parent
+            .as_ref()
+            .ok_or("this agent has no parent indexer to get manifests from")?;
+        let answer = parent
+            .manifest(
+                &order.manifest_host,
+                &order.image,
+                Some(order.block_size),
+                None,
+            )
+            .await
+            .map_err(|e| format!("manifest of {}: {e}", order.image))?;
+        match answer {
+            ManifestAnswer::Found { manifest, digest } if digest == order.digest => Ok(manifest),
+            ManifestAnswer::Found { .. } => Err(format!(
+                "the index's manifest of {} is not the one the order names (the image changed)",
+                order.image
+            )),
+            ManifestAnswer::Absent | ManifestAnswer::Unchanged => Err(format!(
+                "{} of {} is not in the index",
+                order.image, order.manifest_host
+            )),
+        }
+    }
+
+    async fn run(&self, b: &Arc<Build>) -> Result<(), String> {
+        let order = b.order.lock().clone();
+        let manifest = self.manifest(&order).await?;
+        let blocks = crate::plan::image::ImageBlocks::of(&manifest);
+        let positions = positions_of(&manifest, &blocks);
+        let total = blocks.distinct.len();
+        b.report.lock().blocks_total = total as u64;
+        let hv = self.hypervisor.clone();
+        let (vm, image, size) = (order.vm.clone(), order.image.clone(), manifest.size);
+        let disk: Arc<dyn DiskBuild> = Arc::from(
+            tokio::task::spawn_blocking(move || hv.create_disk(&vm, &image, size))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?,
+        );
+        let mut done = vec![false; total];
+        let mut done_count = 0usize;
+        let ctx = Arc::new(Pass {
+            blocks,
+            positions,
+            block_size: u64::from(manifest.block_size),
+            disk: disk.clone(),
+            build: b.clone(),
+        });
+        loop {
+            let order = b.order.lock().clone();
+            let failures = self
+                .pass(&ctx, &order, &mut done, &mut done_count)
+                .await?;
+            if b.cancelled.load(Ordering::Relaxed) {
+                return Err("cancelled".into());
+            }
+            if done_count == total {
+                break;
+            }
+            {
+                let mut r = b.report.lock();
+                r.failures.extend(failures);
+                r.state = BuildState::NeedsSources;
+            }
+            tracing::info!(
+                missing = total - done_count,
+                "blocks missing: waiting for a re-plan"
+            );
+            if tokio::time::timeout(REPLAN_WAIT, b.replanned.notified())
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "{} blocks missing and no re-plan within {REPLAN_WAIT:?}",
+                    total - done_count
+                ));
+            }
+            if b.cancelled.load(Ordering::Relaxed) {
+                return Err("cancelled".into());
+            }
+        }
+        drop(ctx);
+        tokio::task::spawn_blocking(move || disk.finish())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+impl Builder {
+    /// One pass over the order: every source's blocks not yet done, fetched in
+    /// parallel (one task per source). Returns the sources that failed.
+    async fn pass(
+        &self,
+        ctx: &Arc<Pass>,
+        order: &BuildOrder,
+        done: &mut [bool],
+        done_count: &mut usize,
+    ) -> Result<Vec<SourceFailure>, String> {
+        let assigned = expand_runs(&order.runs, order.sources.len(), done.len() as u64)
+            .map_err(|e| e.to_string())?;
+        let mut by_source: Vec<Vec<u32>> = vec![Vec::new(); order.sources.len()];
+        for (i, a) in assigned.iter().enumerate() {
+            if let (Some(s), false) = (a, done[i]) {
+                by_source[usize::from(*s)].push(i as u32);
+            }
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (s, list) in by_source.into_iter().enumerate() {
+            if list.is_empty() {
+                continue;
+            }
+            let src = order.sources[s].clone();
+            let peer = self.client.peer(&src.addr);
+            let ctx = ctx.clone();
+            tasks.spawn(async move { (src.node.clone(), ctx.fetch_from(&peer, &list).await) });
+        }
+        let mut failures = Vec::new();
+        while let Some(j) = tasks.join_next().await {
+            let (node, outcome) = j.map_err(|e| format!("fetch task: {e}"))?;
+            for &i in &outcome.written {
+                if !done[i as usize] {
+                    done[i as usize] = true;
+                    *done_count += 1;
+                }
+            }
+            {
+                let mut r = ctx.build.report.lock();
+                r.blocks_done = *done_count as u64;
+                tally(&mut r.by_source, &node, outcome.written.len() as u64, outcome.bytes);
+            }
+            if let Some(reason) = outcome.failure {
+                tracing::warn!(source = %node, missing = outcome.missing, "source failed: {reason}");
+                failures.push(SourceFailure {
+                    node,
+                    reason,
+                    blocks_missing: outcome.missing,
+                });
+            }
+        }
+        Ok(failures)
+    }
+}
+
+fn tally(list: &mut Vec<SourceTally>, node: &str, blocks: u64, bytes: u64) {
+    if let Some(t) = list.iter_mut().find(|t| t.node == node) {
+        t.blocks += blocks;
+        t.bytes += bytes;
+    } else {
+        list.push(SourceTally {
+            node: node.to_owned(),
+            blocks,
+            bytes,
+        });
+    }
+}
+
+/// Every position of each distinct block, by distinct index.
+fn positions_of(manifest: &Manifest, blocks: &crate::plan::image::ImageBlocks) -> Vec<Vec<u64>> {
+    let index: BlockHashMap<u32> = blocks
+        .distinct
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.hash, i as u32))
+        .collect();
+    let mut out = vec![Vec::new(); blocks.distinct.len()];
+    for (pos, h) in manifest.blocks.iter().enumerate() {
+        if let Some(i) = h.as_ref().and_then(|h| index.get(h)) {
+            out[*i as usize].push(pos as u64);
+        }
+    }
+    out
+}
+
+/// What one pass shares between its sources' tasks.
+struct Pass {
+    blocks: crate::plan::image::ImageBlocks,
+    positions: Vec<Vec<u64>>,
+    block_size: u64,
+    disk: Arc<dyn DiskBuild>,
+    build: Arc<Build>,
+}
+
+/// What one source gave in a pass.
+struct SourceOutcome {
+    written: Vec<u32>,
+    bytes: u64,
+    /// Why the source was given up (its remaining blocks are missing).
+    failure: Option<String>,
+    missing: u64,
+}
+
+impl Pass {
+    /// Fetches `list` (distinct indices) from `peer` round by round and writes
+    /// them; stops at the source's first failure.
+    async fn fetch_from(self: &Arc<Self>, peer: &Peer, list: &[u32]) -> SourceOutcome {
+        let mut out = SourceOutcome {
+            written: Vec::with_capacity(list.len()),
+            bytes: 0,
+            failure: None,
+            missing: 0,
+        };
+        for (n, round) in list.chunks(ROUND_BLOCKS).enumerate() {
+            if self.build.cancelled.load(Ordering::Relaxed) {
+                out.failure = Some("cancelled".into());
+                out.missing = (list.len() - n * ROUND_BLOCKS) as u64;
+                return out;
+            }
+            let hashes: Vec<BlockHash> = round
+                .iter()
+                .map(|&i| self.blocks.distinct[i as usize].hash)
+                .collect();
+            let results = peer.fetch_blocks(&hashes).await;
+            let mut good: Vec<(u32, Bytes)> = Vec::with_capacity(round.len());
+            for (&i, r) in round.iter().zip(results) {
+                match r {
+                    Ok(data) => good.push((i, data)),
+                    Err(e) if out.failure.is_none() => out.failure = Some(e.to_string()),
+                    Err(_) => {}
+                }
+            }
+            let me = self.clone();
+            let written = tokio::task::spawn_blocking(move || me.write(good)).await;
+            match written {
+                Ok(Ok((ids, bytes))) => {
+                    out.bytes += bytes;
+                    out.written.extend(ids);
+                }
+                Ok(Err(e)) => {
+                    out.failure.get_or_insert(e);
+                }
+                Err(e) => {
+                    out.failure.get_or_insert(format!("write task: {e}"));
+                }
+            }
+            if out.failure.is_some() {
+                break;
+            }
+        }
+        out.missing = (list.len() - out.written.len()) as u64;
+        out
+    }
+
+    /// Writes verified blocks at every position they occupy: (written distinct
+    /// indices, block bytes received).
+    fn write(&self, blocks: Vec<(u32, Bytes)>) -> Result<(Vec<u32>, u64), String> {
+        let mut ids = Vec::with_capacity(blocks.len());
+        let mut bytes = 0;
+        for (i, data) in blocks {
+            let want = self.blocks.distinct[i as usize].len;
+            if data.len() as u64 != want {
+                return Err(format!("block {i}: {} bytes, the manifest says {want}", data.len()));
+            }
+            for &pos in &self.positions[i as usize] {
+                self.disk
+                    .write_at(&data, pos * self.block_size)
+                    .map_err(|e| e.to_string())?;
+                self.build
+                    .bytes_written
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            bytes += data.len() as u64;
+            ids.push(i);
+        }
+        Ok((ids, bytes))
+    }
+}

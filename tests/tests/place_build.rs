@@ -1,0 +1,387 @@
+//! Place and build (issue 12) on the 3 racks × 3 hypervisors lab: core's
+//! appliance runs the global indexer and the manager; rack1..3 run indexers;
+//! the library's agent exports tgtd's LUN; hv1..hv9 run agents with the plain
+//! hypervisor hook. Run as root. One lab for every scenario, in order:
+//!
+//! 1. `nearblock vm list` shows the library's image, the hosts (racks, free
+//!    disk) and hv4's stored VM with the share of its blocks held elsewhere; an
+//!    agent started later (hv9) shows its VM within 5 s.
+//! 2. Three jobs, each policy choosing a different host by the agents'
+//!    pinned metrics (top:3:cpu → hv6, within:400%:mem → hv5, best → hv4),
+//!    each built bit-identical to the library's image, the job's events naming
+//!    the ranking, and the global index listing the new disk within 5 s (the
+//!    job's own measure, and the holders of a block through core).
+//! 3. A source serving corrupt blocks (hv4's old VM changed behind its index):
+//!    the job re-plans without it and completes bit-identical; its events say
+//!    which source failed and why.
+//! 4. Lifecycle: start, pause and retire through the hook, seen in the
+//!    inventory.
+//! 5. Bad requests get clear errors: an unknown image, a bad name or policy, a
+//!    read token placing, mode `transparent` (not built yet), a host without
+//!    room never a candidate.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use nearblock_lab::{
+    content, fabric::Fabric, toml_path, ApplianceOptions, Lab, LunSpec, THREE_RACKS_TOPOLOGY,
+};
+use serde_json::Value;
+
+const IQN: &str = "iqn.2026-12.test.nearblock:place";
+const AGENT_PORT: u16 = 7300;
+const INDEXER_PORT: u16 = 7301;
+const MIB: usize = 1 << 20;
+/// The library image: 8 MiB, a fifth of its blocks zero.
+const IMAGE_BYTES: usize = 8 * MIB;
+
+struct Ctx {
+    lab: Lab,
+    fabric: Fabric,
+    image: Vec<u8>,
+}
+
+impl Ctx {
+    fn image_name() -> String {
+        format!("{IQN}/1")
+    }
+
+    fn vm_dir(&self, hv: &str) -> PathBuf {
+        self.lab.dir.path().join(format!("vms-{hv}"))
+    }
+
+    /// `nearblock vm ARGS…` in core with `token` (a token file): (success,
+    /// stdout, stderr).
+    fn vm(&self, token: &Path, words: &[&str]) -> (bool, String, String) {
+        let bin = nearblock_lab::nearblock_bin().unwrap();
+        let token = token.display().to_string();
+        let mut command = vec![bin.to_str().unwrap(), "vm", "--token-file", &token];
+        command.extend_from_slice(words);
+        let o = self.lab.exec("core", &command).expect("running nearblock vm");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    fn inventory(&self) -> Value {
+        let (ok, out, err) = self.vm(&self.lab.api_read_token_file(), &["list", "--json"]);
+        assert!(ok, "vm list: {err}");
+        serde_json::from_str(&out).expect("inventory JSON")
+    }
+
+    /// Starts hypervisor `hv`'s agent under its rack's indexer, with pinned
+    /// load and free disk.
+    fn start_hv(&mut self, hv: &str, cpu: f64, mem: f64, disk_free: u64) {
+        let n: u32 = hv[2..].parse().unwrap();
+        let rack = format!("rack{}", (n - 1) / 3 + 1);
+        let extra = format!(
+            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\n[metrics]\ncpu = {cpu}\nmem = {mem}\n[resources]\ndisk_free_bytes = {disk_free}\n",
+            toml_path(&self.vm_dir(hv))
+        );
+        self.fabric
+            .start_agent(&self.lab, hv, &rack, &[], &extra)
+            .unwrap();
+    }
+
+    /// Places the image as `name`, following the job to its end: the job.
+    fn place(&self, name: &str, policy: &str, within: &str) -> Value {
+        let image = Self::image_name();
+        let mut args = vec!["place", &image, "--name", name, "--policy", policy, "--watch", "--json"];
+        if !within.is_empty() {
+            args.extend(["--within", within]);
+        }
+        let (ok, out, err) = self.vm(&self.lab.api_admin_token_file(), &args);
+        let job: Value = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+        assert!(ok, "placing {name} ({policy}) failed: {err}\n{job:#}");
+        job
+    }
+
+    /// The VM's disk is the library image, byte for byte.
+    fn assert_identical(&self, hv: &str, name: &str) {
+        let disk = std::fs::read(self.vm_dir(hv).join(format!("{name}.raw"))).unwrap();
+        assert_eq!(disk.len(), self.image.len(), "{hv}/{name}: size");
+        assert!(disk == self.image, "{hv}/{name}: not the library's image");
+    }
+
+    fn events(job: &Value) -> String {
+        job["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Waits (bounded) until `f` holds; the time it took.
+fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+/// Writes a stored VM `name` into `dir` (the plain hook's layout).
+fn write_vm(dir: &Path, name: &str, image: &str, disk: &[u8]) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.raw")), disk).unwrap();
+    std::fs::write(
+        dir.join(format!("{name}.vm.json")),
+        serde_json::json!({"image": image, "size": disk.len(), "state": "running"}).to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one lab, its scenarios in order: each builds on the state the one before left"
+)]
+fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
+    let lab = Lab::new(THREE_RACKS_TOPOLOGY).expect("lab");
+    let topo = lab
+        .write_file("topology.toml", THREE_RACKS_TOPOLOGY.as_bytes())
+        .unwrap();
+    let fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap();
+    let image = content::image(IMAGE_BYTES, 1212, 20);
+    let mut ctx = Ctx { lab, fabric, image };
+    let lib_path = ctx.lab.write_file("lib.raw", &ctx.image).unwrap();
+    ctx.lab
+        .add_lun(LunSpec::read_only(IQN, lib_path))
+        .unwrap();
+
+    // core: the global indexer and the manager.
+    let ix = ctx.fabric.indexer_config(&ctx.lab, "core", None).unwrap();
+    let extra_config = format!(
+        "[cost]\ntopology = {}\n[planner]\n[manager]\ndb = {}\nstale_secs = 5\nindex_wait_secs = 30\n[indexer]\nconfig = {}\n",
+        toml_path(&topo),
+        toml_path(&ctx.lab.dir.path().join("manager.redb")),
+        toml_path(&ix),
+    );
+    ctx.lab
+        .start_appliance(
+            "core",
+            ApplianceOptions {
+                steer: false,
+                extra_config,
+            },
+        )
+        .expect("core");
+    for rack in ["rack1", "rack2", "rack3"] {
+        ctx.fabric.start_indexer(&ctx.lab, rack, Some("core")).unwrap();
+    }
+    ctx.fabric.start_library_agent(&ctx.lab, "core").unwrap();
+
+    // hv4 runs a VM of the same seed: the image's first three quarters.
+    let mut old = ctx.image.clone();
+    let quarter = IMAGE_BYTES / 4;
+    old[3 * quarter..].fill(0);
+    write_vm(&ctx.vm_dir("hv4"), "old1", &Ctx::image_name(), &old);
+    // Pinned load: rack2's three differ so each policy picks another; hv7 has
+    // no room for the disk.
+    let hosts: [(&str, f64, f64, u64); 8] = [
+        ("hv1", 0.3, 0.3, 1 << 34),
+        ("hv2", 0.3, 0.3, 1 << 34),
+        ("hv3", 0.3, 0.3, 1 << 34),
+        ("hv4", 0.9, 0.9, 1 << 34),
+        ("hv5", 0.5, 0.1, 1 << 34),
+        ("hv6", 0.2, 0.5, 1 << 34),
+        ("hv7", 0.01, 0.01, 1 << 20),
+        ("hv8", 0.3, 0.3, 1 << 34),
+    ];
+    for (hv, cpu, mem, free) in hosts {
+        ctx.start_hv(hv, cpu, mem, free);
+    }
+
+    // 1. The inventory, once every agent reports and the library is indexed.
+    let image_name = Ctx::image_name();
+    within(Duration::from_secs(30), "the inventory fills", || {
+        let inv = ctx.inventory();
+        let reporting = inv["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["reporting"] == true)
+            .count();
+        let image = inv["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["image"] == image_name.as_str() && i["host"] == "library");
+        let old1 = inv["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "old1" && v["indexed"] == true);
+        reporting == 8 && image && old1
+    });
+    let inv = ctx.inventory();
+    let old1 = inv["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "old1")
+        .unwrap()
+        .clone();
+    assert_eq!(old1["host"], "hv4");
+    assert_eq!(old1["rack"], "rack2");
+    assert_eq!(old1["state"], "running");
+    assert_eq!(old1["image"], image_name.as_str());
+    // Its non-zero blocks are all the library's.
+    assert_eq!(old1["held_elsewhere"].as_f64(), Some(1.0), "{old1}");
+    let (ok, text, err) = ctx.vm(&ctx.lab.api_read_token_file(), &["list"]);
+    assert!(ok, "{err}");
+    for want in ["old1", "hv4", "rack2", image_name.as_str(), "held elsewhere 100.0%"] {
+        assert!(text.contains(want), "`vm list` lacks {want}:\n{text}");
+    }
+    // A newly started agent's VM appears within 5 s.
+    write_vm(&ctx.vm_dir("hv9"), "late1", "unknown", &[0u8; 4 * 4096]);
+    let started = Instant::now();
+    ctx.start_hv("hv9", 0.3, 0.3, 1 << 34);
+    within(Duration::from_secs(5), "hv9's VM in the inventory", || {
+        ctx.inventory()["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "late1" && v["host"] == "hv9")
+    });
+    eprintln!("hv9's VM listed {:?} after its agent started", started.elapsed());
+
+    // 2. Three policies, three hosts. Costs (hops × blocks): hv4 holds 3/4 of
+    // the image; rack2's others fetch 3/4 from hv4 (2 hops) and the rest from
+    // the library (3 hops); other racks everything from the library.
+    let job = ctx.place("vm-top", "top:3:cpu", "rack2");
+    assert_eq!(job["placement"]["chosen"], "hv6", "{job:#}");
+    let ranked: Vec<&str> = job["placement"]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(ranked[0], "hv4", "cheapest first: {ranked:?}");
+    ctx.assert_identical("hv6", "vm-top");
+    let ev = Ctx::events(&job);
+    assert!(ev.contains("chose hv6"), "{ev}");
+    assert!(job["indexed_after_ms"].as_u64().unwrap() < 5_000, "{job:#}");
+    // Blocks came from hv4 (in rack) and the library; none from elsewhere.
+    let by_source = job["progress"]["by_source"].as_object().unwrap();
+    assert!(by_source.contains_key("hv4"), "{by_source:?}");
+    assert!(by_source.keys().all(|s| s == "hv4" || s == "library" || s == "hv6"), "{by_source:?}");
+    // Zero blocks are never fetched: what came is what the plan said.
+    let fetched: u64 = by_source.values().map(|s| s["blocks"].as_u64().unwrap()).sum();
+    assert_eq!(fetched, job["plan"]["blocks_total"].as_u64().unwrap(), "{job:#}");
+
+    let job = ctx.place(
+        "vm-within",
+        "within:400%:mem",
+        "hv1,hv2,hv3,hv4,hv5,hv7,hv8,hv9",
+    );
+    assert_eq!(job["placement"]["chosen"], "hv5", "{job:#}");
+    ctx.assert_identical("hv5", "vm-within");
+    // hv7 has no room: never ranked.
+    let ev = Ctx::events(&job);
+    assert!(ev.contains("not a candidate: hv7"), "{ev}");
+    assert!(
+        !job["placement"]["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["host"] == "hv7"),
+        "{job:#}"
+    );
+
+    let job = ctx.place("vm-best", "best", "hv1,hv2,hv3,hv4,hv7,hv8,hv9");
+    assert_eq!(job["placement"]["chosen"], "hv4", "{job:#}");
+    ctx.assert_identical("hv4", "vm-best");
+    // The global index lists the new disk: a block only the image has, at hv4
+    // through core.
+    let block = ctx.image[3 * quarter..]
+        .chunks(4096)
+        .find(|b| b.iter().any(|&x| x != 0))
+        .unwrap();
+    ctx.fabric
+        .wait_holder(&ctx.lab, "core", block, "hv4", Duration::from_secs(5))
+        .unwrap();
+
+    // 3. hv6's copy changes behind its index (a running VM writing): it now
+    // serves blocks that fail verification. A build in rack2 plans from it,
+    // finds it lying, and re-plans.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(ctx.vm_dir("hv6").join("vm-top.raw"))
+            .unwrap();
+        let mut flipped = ctx.image.clone();
+        for b in flipped.chunks_mut(4096) {
+            b[0] ^= 0xff;
+        }
+        f.write_all_at(&flipped, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    let job = ctx.place("vm-replan", "best", "hv6");
+    assert_eq!(job["placement"]["chosen"], "hv6", "{job:#}");
+    ctx.assert_identical("hv6", "vm-replan");
+    let ev = Ctx::events(&job);
+    assert!(
+        ev.contains("source hv6 failed") && ev.contains("verification"),
+        "the events name the lying source: {ev}"
+    );
+    assert!(ev.contains("re-plan 1 without hv6"), "{ev}");
+
+    // 4. The VMs' lifecycle through the hook: start and pause hv4's new VM,
+    // retire hv5's (its disk goes, and the inventory follows).
+    let read = ctx.lab.api_read_token_file();
+    let admin = ctx.lab.api_admin_token_file();
+    let vm_state = |host: &str, name: &str| -> Option<String> {
+        ctx.inventory()["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["host"] == host && v["name"] == name)
+            .map(|v| v["state"].as_str().unwrap().to_string())
+    };
+    for action in ["start", "pause"] {
+        let (ok, _, err) = ctx.vm(&admin, &["set", "hv4", "vm-best", action]);
+        assert!(ok, "{action}: {err}");
+    }
+    within(Duration::from_secs(5), "vm-best paused", || {
+        vm_state("hv4", "vm-best").as_deref() == Some("paused")
+    });
+    let (ok, _, err) = ctx.vm(&admin, &["set", "hv4", "vm-best", "start"]);
+    assert!(!ok && err.contains("cannot start"), "a paused VM resumes: {err}");
+    let (ok, _, err) = ctx.vm(&read, &["set", "hv5", "vm-within", "retire"]);
+    assert!(!ok && err.contains("refused"), "a read token cannot retire: {err}");
+    let (ok, _, err) = ctx.vm(&admin, &["set", "hv5", "vm-within", "retire"]);
+    assert!(ok, "retire: {err}");
+    assert!(!ctx.vm_dir("hv5").join("vm-within.raw").exists());
+    within(Duration::from_secs(5), "vm-within gone", || {
+        vm_state("hv5", "vm-within").is_none()
+    });
+    let (ok, _, err) = ctx.vm(&admin, &["set", "hv5", "vm-within", "start"]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+
+    // 5. Refusals.
+    let (ok, _, err) = ctx.vm(&read, &["place", &image_name, "--name", "x"]);
+    assert!(!ok && err.contains("refused"), "a read token cannot place: {err}");
+    let (ok, _, err) = ctx.vm(&admin, &["place", "no-such-image", "--name", "x"]);
+    assert!(!ok && err.contains("not in the global index"), "{err}");
+    let (ok, _, err) = ctx.vm(&admin, &["place", &image_name, "--name", "../x"]);
+    assert!(!ok && err.contains("VM name"), "{err}");
+    let (ok, _, err) = ctx.vm(&admin, &["place", &image_name, "--name", "x", "--policy", "worst"]);
+    assert!(!ok && err.contains("policy"), "{err}");
+    let (ok, _, err) = ctx.vm(
+        &admin,
+        &["place", &image_name, "--name", "x", "--mode", "transparent"],
+    );
+    assert!(!ok && err.contains("transparent"), "{err}");
+    let (ok, out, err) = ctx.vm(&read, &["job", "999"]);
+    assert!(!ok && err.contains("no job 999"), "{out}{err}");
+}
