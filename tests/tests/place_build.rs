@@ -16,7 +16,10 @@
 //!    which source failed and why.
 //! 4. Lifecycle: start, pause and retire through the hook, seen in the
 //!    inventory.
-//! 5. Bad requests get clear errors: an unknown image, a bad name or policy, a
+//! 5. A source killed mid-build (its link slowed so the build takes seconds):
+//!    the job re-plans without it and completes bit-identical; the job's
+//!    server-sent events end with its final state.
+//! 6. Bad requests get clear errors: an unknown image, a bad name or policy, a
 //!    read token placing, mode `transparent` (not built yet), a host without
 //!    room never a candidate.
 
@@ -59,7 +62,10 @@ impl Ctx {
         let token = token.display().to_string();
         let mut command = vec![bin.to_str().unwrap(), "vm", "--token-file", &token];
         command.extend_from_slice(words);
-        let o = self.lab.exec("core", &command).expect("running nearblock vm");
+        let o = self
+            .lab
+            .exec("core", &command)
+            .expect("running nearblock vm");
         (
             o.status.success(),
             String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -90,7 +96,9 @@ impl Ctx {
     /// Places the image as `name`, following the job to its end: the job.
     fn place(&self, name: &str, policy: &str, within: &str) -> Value {
         let image = Self::image_name();
-        let mut args = vec!["place", &image, "--name", name, "--policy", policy, "--watch", "--json"];
+        let mut args = vec![
+            "place", &image, "--name", name, "--policy", policy, "--watch", "--json",
+        ];
         if !within.is_empty() {
             args.extend(["--within", within]);
         }
@@ -153,9 +161,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     let image = content::image(IMAGE_BYTES, 1212, 20);
     let mut ctx = Ctx { lab, fabric, image };
     let lib_path = ctx.lab.write_file("lib.raw", &ctx.image).unwrap();
-    ctx.lab
-        .add_lun(LunSpec::read_only(IQN, lib_path))
-        .unwrap();
+    ctx.lab.add_lun(LunSpec::read_only(IQN, lib_path)).unwrap();
 
     // core: the global indexer and the manager.
     let ix = ctx.fabric.indexer_config(&ctx.lab, "core", None).unwrap();
@@ -175,7 +181,9 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         )
         .expect("core");
     for rack in ["rack1", "rack2", "rack3"] {
-        ctx.fabric.start_indexer(&ctx.lab, rack, Some("core")).unwrap();
+        ctx.fabric
+            .start_indexer(&ctx.lab, rack, Some("core"))
+            .unwrap();
     }
     ctx.fabric.start_library_agent(&ctx.lab, "core").unwrap();
 
@@ -238,7 +246,13 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     assert_eq!(old1["held_elsewhere"].as_f64(), Some(1.0), "{old1}");
     let (ok, text, err) = ctx.vm(&ctx.lab.api_read_token_file(), &["list"]);
     assert!(ok, "{err}");
-    for want in ["old1", "hv4", "rack2", image_name.as_str(), "held elsewhere 100.0%"] {
+    for want in [
+        "old1",
+        "hv4",
+        "rack2",
+        image_name.as_str(),
+        "held elsewhere 100.0%",
+    ] {
         assert!(text.contains(want), "`vm list` lacks {want}:\n{text}");
     }
     // A newly started agent's VM appears within 5 s.
@@ -252,7 +266,10 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
             .iter()
             .any(|v| v["name"] == "late1" && v["host"] == "hv9")
     });
-    eprintln!("hv9's VM listed {:?} after its agent started", started.elapsed());
+    eprintln!(
+        "hv9's VM listed {:?} after its agent started",
+        started.elapsed()
+    );
 
     // 2. Three policies, three hosts. Costs (hops × blocks): hv4 holds 3/4 of
     // the image; rack2's others fetch 3/4 from hv4 (2 hops) and the rest from
@@ -273,10 +290,22 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     // Blocks came from hv4 (in rack) and the library; none from elsewhere.
     let by_source = job["progress"]["by_source"].as_object().unwrap();
     assert!(by_source.contains_key("hv4"), "{by_source:?}");
-    assert!(by_source.keys().all(|s| s == "hv4" || s == "library" || s == "hv6"), "{by_source:?}");
+    assert!(
+        by_source
+            .keys()
+            .all(|s| s == "hv4" || s == "library" || s == "hv6"),
+        "{by_source:?}"
+    );
     // Zero blocks are never fetched: what came is what the plan said.
-    let fetched: u64 = by_source.values().map(|s| s["blocks"].as_u64().unwrap()).sum();
-    assert_eq!(fetched, job["plan"]["blocks_total"].as_u64().unwrap(), "{job:#}");
+    let fetched: u64 = by_source
+        .values()
+        .map(|s| s["blocks"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        fetched,
+        job["plan"]["blocks_total"].as_u64().unwrap(),
+        "{job:#}"
+    );
 
     let job = ctx.place(
         "vm-within",
@@ -356,9 +385,15 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         vm_state("hv4", "vm-best").as_deref() == Some("paused")
     });
     let (ok, _, err) = ctx.vm(&admin, &["set", "hv4", "vm-best", "start"]);
-    assert!(!ok && err.contains("cannot start"), "a paused VM resumes: {err}");
+    assert!(
+        !ok && err.contains("cannot start"),
+        "a paused VM resumes: {err}"
+    );
     let (ok, _, err) = ctx.vm(&read, &["set", "hv5", "vm-within", "retire"]);
-    assert!(!ok && err.contains("refused"), "a read token cannot retire: {err}");
+    assert!(
+        !ok && err.contains("refused"),
+        "a read token cannot retire: {err}"
+    );
     let (ok, _, err) = ctx.vm(&admin, &["set", "hv5", "vm-within", "retire"]);
     assert!(ok, "retire: {err}");
     assert!(!ctx.vm_dir("hv5").join("vm-within.raw").exists());
@@ -368,14 +403,100 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     let (ok, _, err) = ctx.vm(&admin, &["set", "hv5", "vm-within", "start"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
 
-    // 5. Refusals.
+    // 5. A source killed mid-build. hv4 is rack2's cheapest holder of every
+    // block (hv6 ties, and loses on its name); its link is slowed so the build
+    // takes seconds, and its agent is killed once the first blocks are in.
+    let port = ctx.lab.port_toward("hv4", "rack2").unwrap().iface.clone();
+    ctx.lab
+        .exec_ok(
+            "hv4",
+            &[
+                "tc", "qdisc", "add", "dev", &port, "root", "tbf", "rate", "16mbit", "burst",
+                "32kb", "latency", "500ms",
+            ],
+        )
+        .unwrap();
+    let (ok, out, err) = ctx.vm(
+        &admin,
+        &[
+            "place",
+            &image_name,
+            "--name",
+            "vm-killed",
+            "--within",
+            "hv5",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let job_now = || -> Value {
+        let (ok, out, err) = ctx.vm(&read, &["job", &id, "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    within(Duration::from_secs(30), "the first blocks from hv4", || {
+        let j = job_now();
+        j["progress"]["by_source"]["hv4"]["blocks"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    });
+    let j = job_now();
+    assert_eq!(j["state"], "building", "killed mid-build, not after: {j:#}");
+    ctx.fabric.procs.kill("agent-hv4").unwrap();
+    let (ok, out, err) = ctx.vm(&read, &["job", &id, "--watch", "--json"]);
+    assert!(ok, "the job completes without hv4: {err}\n{out}");
+    let job: Value = serde_json::from_str(out.trim()).unwrap();
+    ctx.assert_identical("hv5", "vm-killed");
+    let ev = Ctx::events(&job);
+    assert!(ev.contains("source hv4 failed"), "{ev}");
+    assert!(ev.contains("re-plan 1 without hv4"), "{ev}");
+    let by_source = job["progress"]["by_source"].as_object().unwrap();
+    assert!(
+        by_source.contains_key("hv4") && by_source.contains_key("hv6"),
+        "{by_source:?}"
+    );
+
+    // The job as server-sent events: one `job` event per change, the last one
+    // final, then the stream ends.
+    let token = std::fs::read_to_string(&read).unwrap();
+    let o = ctx
+        .lab
+        .exec_ok(
+            "core",
+            &[
+                "curl",
+                "-sN",
+                "--max-time",
+                "10",
+                "-H",
+                &format!("Authorization: Bearer {}", token.trim()),
+                &format!("http://127.0.0.1:7878/api/v1/jobs/{id}/events"),
+            ],
+        )
+        .unwrap();
+    let sse = String::from_utf8_lossy(&o.stdout);
+    assert!(sse.starts_with("event: job\ndata: {"), "{sse}");
+    assert!(sse.contains("\"state\":\"done\""), "{sse}");
+
+    // 6. Refusals.
     let (ok, _, err) = ctx.vm(&read, &["place", &image_name, "--name", "x"]);
-    assert!(!ok && err.contains("refused"), "a read token cannot place: {err}");
+    assert!(
+        !ok && err.contains("refused"),
+        "a read token cannot place: {err}"
+    );
     let (ok, _, err) = ctx.vm(&admin, &["place", "no-such-image", "--name", "x"]);
     assert!(!ok && err.contains("not in the global index"), "{err}");
     let (ok, _, err) = ctx.vm(&admin, &["place", &image_name, "--name", "../x"]);
     assert!(!ok && err.contains("VM name"), "{err}");
-    let (ok, _, err) = ctx.vm(&admin, &["place", &image_name, "--name", "x", "--policy", "worst"]);
+    let (ok, _, err) = ctx.vm(
+        &admin,
+        &["place", &image_name, "--name", "x", "--policy", "worst"],
+    );
     assert!(!ok && err.contains("policy"), "{err}");
     let (ok, _, err) = ctx.vm(
         &admin,

@@ -16,7 +16,13 @@ use bytes::Bytes;
 use nearblock::config::Config;
 use nearblock::index::{BlockHash, Change, Location, Manifest};
 use nearblock::peer::config::{AgentConfig, IndexerConfig};
-use nearblock::peer::proto::{BlockReply, Holder, HostReport, ManifestPiece, Msg, HEADER_LEN};
+use nearblock::hypervisor::{VmAction, VmState};
+use nearblock::peer::build_order::{
+    BuildOrder, BuildReport, BuildSource, BuildState, SourceFailure, SourceRun, SourceTally,
+};
+use nearblock::peer::proto::{
+    BlockReply, Holder, HostReport, HostResources, ManifestPiece, Msg, VmReport, HEADER_LEN,
+};
 use nearblock::plan::place::HostMetrics;
 use nearblock::splice::pdu::{Bhs, Digests, Opcode, Pdu};
 use nearblock_fuzz::{connection as conn, input::put_chunks, pdu_stream, peer};
@@ -574,7 +580,72 @@ fn peer_seeds() -> Vec<(&'static str, Vec<u8>)> {
                         disk: Some(0.5),
                     },
                     age_ms: 1500,
+                    resources: HostResources {
+                        cores: Some(16),
+                        mem_bytes: Some(1 << 36),
+                        mem_free_bytes: None,
+                        disk_free_bytes: Some(1 << 40),
+                    },
+                    vms: vec![VmReport {
+                        name: "web1".into(),
+                        image: Some("iqn.2026-11.test:lib/1".into()),
+                        size: 1 << 30,
+                        state: VmState::Running,
+                    }],
                 }],
+            },
+        ),
+        (
+            "build",
+            Msg::Build {
+                order: Box::new(BuildOrder {
+                    job: 7,
+                    vm: "web1".into(),
+                    image: "iqn.2026-11.test:lib/1".into(),
+                    manifest_host: "library".into(),
+                    block_size: 4096,
+                    digest: [3; 32],
+                    sources: vec![BuildSource {
+                        node: "hv2".into(),
+                        addr: "10.0.1.12:7900".into(),
+                    }],
+                    runs: vec![
+                        SourceRun { source: 0, count: 9 },
+                        SourceRun { source: u16::MAX, count: 2 },
+                    ],
+                }),
+            },
+        ),
+        ("build-status", Msg::BuildStatus { job: 7 }),
+        (
+            "build-reply",
+            Msg::BuildReply {
+                report: Box::new(BuildReport {
+                    job: 7,
+                    vm: "web1".into(),
+                    state: BuildState::NeedsSources,
+                    blocks_total: 11,
+                    blocks_done: 9,
+                    bytes_written: 36_864,
+                    by_source: vec![SourceTally {
+                        node: "hv2".into(),
+                        blocks: 9,
+                        bytes: 36_864,
+                    }],
+                    failures: vec![SourceFailure {
+                        node: "hv3".into(),
+                        reason: "connection refused".into(),
+                        blocks_missing: 2,
+                    }],
+                    error: None,
+                }),
+            },
+        ),
+        (
+            "vm-action",
+            Msg::VmAction {
+                vm: "web1".into(),
+                action: VmAction::Pause,
             },
         ),
         (

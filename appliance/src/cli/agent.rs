@@ -40,7 +40,8 @@ pub fn run(args: &AgentArgs, out: &mut dyn std::io::Write) -> Result<()> {
     }
     if args.scan_once {
         let store = crate::peer::agent::open_store(&cfg)?;
-        let agent = crate::peer::agent::Agent::new(&cfg, store, crate::peer::agent::hypervisor_of(&cfg)?);
+        let agent =
+            crate::peer::agent::Agent::new(&cfg, store, crate::peer::agent::hypervisor_of(&cfg)?);
         let s = agent.scan()?;
         writeln!(out, "{}", serde_json::to_string(&s)?)?;
         return Ok(());

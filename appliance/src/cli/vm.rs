@@ -127,7 +127,11 @@ pub fn run(args: &VmArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             if p.json {
                 writeln!(out, "{reply}")?;
             } else {
-                writeln!(out, "job {} created: place {} as {}", job.id, p.image, p.name)?;
+                writeln!(
+                    out,
+                    "job {} created: place {} as {}",
+                    job.id, p.image, p.name
+                )?;
             }
             Ok(())
         }
@@ -274,7 +278,11 @@ fn print_inventory(inv: &Inventory, out: &mut dyn Write) -> anyhow::Result<()> {
             "  {:10} rack {:8} {} cpu {:>5} mem {:>5} free disk {:>14} VMs {}",
             h.host,
             h.rack.as_deref().unwrap_or("-"),
-            if h.reporting { "reporting" } else { "silent   " },
+            if h.reporting {
+                "reporting"
+            } else {
+                "silent   "
+            },
             h.cpu.map_or("-".into(), |k| format!("{k:.2}")),
             h.mem.map_or("-".into(), |k| format!("{k:.2}")),
             h.resources

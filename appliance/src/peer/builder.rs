@@ -43,8 +43,11 @@ use crate::{
 /// (and removes what it wrote).
 pub const REPLAN_WAIT: Duration = Duration::from_mins(1);
 /// Distinct blocks asked of one source per round (the peer client batches and
-/// pipelines within it).
-const ROUND_BLOCKS: usize = 1024;
+/// pipelines within it); progress is reported per round.
+const ROUND_BLOCKS: usize = 256;
+/// Rounds asked of one source at a time: enough to keep its pipe full, few
+/// enough that a source that dies has not been asked for the whole image.
+const ROUNDS_IN_FLIGHT: usize = 4;
 /// Finished builds' reports kept for status queries.
 const KEEP_FINISHED: usize = 256;
 
@@ -333,7 +336,10 @@ impl Builder {
             let src = order.sources[s].clone();
             let peer = self.client.peer(&src.addr);
             let ctx = ctx.clone();
-            tasks.spawn(async move { (src.node.clone(), ctx.fetch_from(&peer, &list).await) });
+            tasks.spawn(async move {
+                let outcome = ctx.fetch_from(&src.node, &peer, &list).await;
+                (src.node, outcome)
+            });
         }
         let mut failures = Vec::new();
         while let Some(j) = tasks.join_next().await {
@@ -344,11 +350,7 @@ impl Builder {
                     *done_count += 1;
                 }
             }
-            {
-                let mut r = ctx.build.report.lock();
-                r.blocks_done = *done_count as u64;
-                tally(&mut r.by_source, &node, outcome.written.len() as u64, outcome.bytes);
-            }
+            ctx.build.report.lock().blocks_done = *done_count as u64;
             if let Some(reason) = outcome.failure {
                 tracing::warn!(source = %node, missing = outcome.missing, "source failed: {reason}");
                 failures.push(SourceFailure {
@@ -404,33 +406,44 @@ struct Pass {
 /// What one source gave in a pass.
 struct SourceOutcome {
     written: Vec<u32>,
-    bytes: u64,
     /// Why the source was given up (its remaining blocks are missing).
     failure: Option<String>,
     missing: u64,
 }
 
 impl Pass {
-    /// Fetches `list` (distinct indices) from `peer` round by round and writes
-    /// them; stops at the source's first failure.
-    async fn fetch_from(self: &Arc<Self>, peer: &Peer, list: &[u32]) -> SourceOutcome {
+    /// Fetches `list` (distinct indices) from `peer` in rounds, up to
+    /// [`ROUNDS_IN_FLIGHT`] at a time, and writes them; stops asking at the
+    /// source's first failure.
+    async fn fetch_from(self: &Arc<Self>, node: &str, peer: &Peer, list: &[u32]) -> SourceOutcome {
+        use futures_util::StreamExt;
         let mut out = SourceOutcome {
             written: Vec::with_capacity(list.len()),
-            bytes: 0,
             failure: None,
             missing: 0,
         };
-        for (n, round) in list.chunks(ROUND_BLOCKS).enumerate() {
+        let owned: Vec<Vec<u32>> = list.chunks(ROUND_BLOCKS).map(<[u32]>::to_vec).collect();
+        let (me, source) = (self.clone(), peer.clone());
+        let mut rounds = futures_util::stream::iter(owned)
+            .map(move |round| {
+                let (me, source) = (me.clone(), source.clone());
+                let fetch: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+                    Box::pin(async move {
+                        let hashes: Vec<BlockHash> = round
+                            .iter()
+                            .map(|&i| me.blocks.distinct[i as usize].hash)
+                            .collect();
+                        let results = source.fetch_blocks(&hashes).await;
+                        (round, results)
+                    });
+                fetch
+            })
+            .buffered(ROUNDS_IN_FLIGHT);
+        while let Some((round, results)) = rounds.next().await {
             if self.build.cancelled.load(Ordering::Relaxed) {
                 out.failure = Some("cancelled".into());
-                out.missing = (list.len() - n * ROUND_BLOCKS) as u64;
-                return out;
+                break;
             }
-            let hashes: Vec<BlockHash> = round
-                .iter()
-                .map(|&i| self.blocks.distinct[i as usize].hash)
-                .collect();
-            let results = peer.fetch_blocks(&hashes).await;
             let mut good: Vec<(u32, Bytes)> = Vec::with_capacity(round.len());
             for (&i, r) in round.iter().zip(results) {
                 match r {
@@ -440,10 +453,14 @@ impl Pass {
                 }
             }
             let me = self.clone();
-            let written = tokio::task::spawn_blocking(move || me.write(good)).await;
-            match written {
+            match tokio::task::spawn_blocking(move || me.write(good)).await {
                 Ok(Ok((ids, bytes))) => {
-                    out.bytes += bytes;
+                    // Progress per round, so the manager sees a long build move.
+                    {
+                        let mut r = self.build.report.lock();
+                        r.blocks_done += ids.len() as u64;
+                        tally(&mut r.by_source, node, ids.len() as u64, bytes);
+                    }
                     out.written.extend(ids);
                 }
                 Ok(Err(e)) => {
