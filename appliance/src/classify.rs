@@ -147,7 +147,7 @@ pub async fn sample_links_loop<C: LinkCounters + ?Sized>(
 }
 
 /// One learned (initiator, target) association.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Discovery {
     pub initiator_addr: String,
     pub initiator_iqn: String,

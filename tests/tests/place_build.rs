@@ -482,6 +482,27 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     let sse = String::from_utf8_lossy(&o.stdout);
     assert!(sse.starts_with("event: job\ndata: {"), "{sse}");
     assert!(sse.contains("\"state\":\"done\""), "{sse}");
+    // The OpenAPI document is served.
+    let o = ctx
+        .lab
+        .exec_ok(
+            "core",
+            &[
+                "curl",
+                "-sf",
+                "--max-time",
+                "10",
+                "-H",
+                &format!("Authorization: Bearer {}", token.trim()),
+                "http://127.0.0.1:7878/api/v1/openapi.json",
+            ],
+        )
+        .unwrap();
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        doc["paths"]["/api/v1/vms/{image}/place"]["post"].is_object(),
+        "{doc}"
+    );
 
     // 6. Refusals.
     let (ok, _, err) = ctx.vm(&read, &["place", &image_name, "--name", "x"]);

@@ -11,6 +11,7 @@
 //! | `GET /api/v1/jobs/{id}/events` | the job as server-sent events, until it ends |
 //! | `POST /api/v1/jobs/{id}/cancel` | cancel a running job |
 //! | `POST /api/v1/hosts/{host}/vms/{name}/{action}` | start, pause, resume or retire a VM |
+//! | `GET /api/v1/openapi.json` | this API as an OpenAPI 3.1 document, generated from these handlers ([`ApiDoc`]) |
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -54,8 +55,31 @@ impl From<ManageError> for V1Error {
     }
 }
 
+/// The error body of every v1 route.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// The v1 API's OpenAPI document, from the handlers' annotations.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "nearblock operator API", version = "1"),
+    paths(vms, place, jobs, job, events, cancel, vm_action, openapi),
+    components(schemas(ErrorBody, PlaceBody, Job, crate::manage::inventory::Inventory))
+)]
+pub struct ApiDoc;
+
+/// `GET /api/v1/openapi.json`.
+#[utoipa::path(get, path = "/api/v1/openapi.json",
+    responses((status = 200, description = "this document")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
 pub fn read_routes() -> Router<ApiState> {
     Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/vms", get(vms))
         .route("/api/v1/jobs", get(jobs))
         .route("/api/v1/jobs/{id}", get(job))
@@ -69,6 +93,11 @@ pub fn admin_routes() -> Router<ApiState> {
         .route("/api/v1/hosts/{host}/vms/{name}/{action}", post(vm_action))
 }
 
+/// Start, pause, resume or retire a VM through its host's hook.
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/vms/{name}/{action}",
+    params(("host" = String, Path), ("name" = String, Path),
+        ("action" = String, Path, description = "start, pause, resume or retire")),
+    responses((status = 200, description = "{host, vm, action}"), (status = 400, body = ErrorBody)))]
 async fn vm_action(
     State(s): State<ApiState>,
     Path((host, name, action)): Path<(String, String, String)>,
@@ -89,6 +118,10 @@ fn manager(app: &Appliance) -> Result<&Arc<Manager>, V1Error> {
     })
 }
 
+/// The inventory: library images, hosts, VMs, discovery.
+#[utoipa::path(get, path = "/api/v1/vms", responses(
+    (status = 200, body = crate::manage::inventory::Inventory),
+    (status = 404, body = ErrorBody, description = "no [manager] here")))]
 async fn vms(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, V1Error> {
     let app = s.app.clone();
     let _permit = s
@@ -111,7 +144,7 @@ async fn vms(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, V1Err
 }
 
 /// The body of `POST /api/v1/vms/{image}/place`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceBody {
     pub name: String,
@@ -134,6 +167,15 @@ fn default_mode() -> BuildMode {
     BuildMode::Agent
 }
 
+/// Create a place-and-build job.
+#[utoipa::path(post, path = "/api/v1/vms/{image}/place",
+    params(("image" = String, Path, description = "the library image, percent-encoded")),
+    request_body = PlaceBody,
+    responses(
+        (status = 202, body = Job),
+        (status = 400, body = ErrorBody, description = "bad JSON, VM name or policy"),
+        (status = 404, body = ErrorBody, description = "the image is not in the global index"),
+        (status = 501, body = ErrorBody, description = "mode transparent")))]
 async fn place(
     State(s): State<ApiState>,
     Path(image): Path<String>,
@@ -158,6 +200,8 @@ async fn place(
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
+/// Every job.
+#[utoipa::path(get, path = "/api/v1/jobs", responses((status = 200, body = Vec<Job>)))]
 async fn jobs(State(s): State<ApiState>) -> Result<Json<Vec<Job>>, V1Error> {
     Ok(Json(manager(&s.app)?.jobs()))
 }
@@ -167,6 +211,9 @@ fn parse_id(id: &str) -> Result<u64, V1Error> {
         .map_err(|_| V1Error(StatusCode::BAD_REQUEST, format!("job id `{id}` is not a number")))
 }
 
+/// One job.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", params(("id" = u64, Path)),
+    responses((status = 200, body = Job), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn job(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Json<Job>, V1Error> {
     let id = parse_id(&id)?;
     manager(&s.app)?
@@ -175,6 +222,9 @@ async fn job(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Json<J
         .ok_or_else(|| ManageError::NoJob(id).into())
 }
 
+/// Cancel a running job.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", params(("id" = u64, Path)),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
 async fn cancel(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Json<Job>, V1Error> {
     let id = parse_id(&id)?;
     Ok(Json(manager(&s.app)?.cancel(id)?))
@@ -182,6 +232,10 @@ async fn cancel(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Jso
 
 /// The job now, then again at each change, until it ends (`event: job`, the
 /// job's JSON as data; the last has a final state).
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", params(("id" = u64, Path)),
+    responses((status = 200, content_type = "text/event-stream",
+        description = "`event: job` with the job's JSON, at each change, until a final state"),
+        (status = 404, body = ErrorBody)))]
 async fn events(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -213,4 +267,35 @@ async fn events(
         Some((Ok(event), (m, rx, None, last)))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa::OpenApi as _;
+
+    #[test]
+    fn the_openapi_document_lists_every_route_with_its_method() {
+        let doc = ApiDoc::openapi();
+        let json = serde_json::to_value(&doc).unwrap();
+        let paths = json["paths"].as_object().unwrap();
+        for (path, method) in [
+            ("/api/v1/vms", "get"),
+            ("/api/v1/vms/{image}/place", "post"),
+            ("/api/v1/jobs", "get"),
+            ("/api/v1/jobs/{id}", "get"),
+            ("/api/v1/jobs/{id}/events", "get"),
+            ("/api/v1/jobs/{id}/cancel", "post"),
+            ("/api/v1/hosts/{host}/vms/{name}/{action}", "post"),
+            ("/api/v1/openapi.json", "get"),
+        ] {
+            assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{path} {method}");
+        }
+        assert_eq!(paths.len(), 8, "a route without its document entry: {:?}", paths.keys());
+        // The job's schema is the one the handlers serialise.
+        let job = &json["components"]["schemas"]["Job"]["properties"];
+        for field in ["id", "spec", "state", "placement", "plan", "progress", "events", "error"] {
+            assert!(job.get(field).is_some(), "Job.{field}");
+        }
+    }
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_VM_NAME: usize = 64;
 
 /// A VM's lifecycle state as the hypervisor reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
     /// The disk exists; the VM does not run.
@@ -102,7 +102,7 @@ pub trait Hypervisor: Send + Sync {
 }
 
 /// A lifecycle change the operator asks for (through the manager).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VmAction {
     Start,

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// An image of the library (what can be placed).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageEntry {
     pub image: String,
     pub host: String,
@@ -26,7 +26,7 @@ pub struct ImageEntry {
 }
 
 /// A hypervisor host as placement sees it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostEntry {
     pub host: String,
     pub rack: Option<String>,
@@ -40,7 +40,7 @@ pub struct HostEntry {
 }
 
 /// A VM on a hypervisor.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmEntry {
     pub name: String,
     pub host: String,
@@ -55,7 +55,7 @@ pub struct VmEntry {
     pub held_elsewhere: Option<f64>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Inventory {
     pub images: Vec<ImageEntry>,
     pub hosts: Vec<HostEntry>,

@@ -17,7 +17,7 @@ const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 pub const MAX_EVENTS: usize = 256;
 
 /// How the disk is built (the seed's two ways).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BuildMode {
     /// All at once: the target's agent writes the disk from the plan's sources.
@@ -28,7 +28,7 @@ pub enum BuildMode {
 }
 
 /// `POST /api/v1/vms/{image}/place`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlaceSpec {
     pub image: String,
     /// The new VM's name.
@@ -42,7 +42,7 @@ pub struct PlaceSpec {
     pub within: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Placing,
@@ -60,7 +60,7 @@ impl JobState {
 }
 
 /// One thing that happened to a job.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobEvent {
     /// Unix time, milliseconds.
     pub at_ms: u64,
@@ -68,7 +68,7 @@ pub struct JobEvent {
 }
 
 /// Bytes a build received from one source.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SourceBytes {
     pub blocks: u64,
     pub bytes: u64,
@@ -79,7 +79,7 @@ pub struct SourceBytes {
 }
 
 /// The construction plan a job follows (its latest re-plan).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlanView {
     pub target: String,
     pub blocks_total: u64,
@@ -97,7 +97,7 @@ pub struct PlanView {
 }
 
 /// A build's progress as its agent last reported it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub blocks_total: u64,
     pub blocks_done: u64,
@@ -111,7 +111,7 @@ pub struct Progress {
     pub by_link: BTreeMap<String, u64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: u64,
     pub spec: PlaceSpec,

@@ -146,7 +146,7 @@ pub struct HostReport {
 pub const MAX_VMS: usize = 4096;
 
 /// A host's absolute resources (unknown when absent).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostResources {
     pub cores: Option<u32>,
     pub mem_bytes: Option<u64>,

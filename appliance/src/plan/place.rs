@@ -490,7 +490,7 @@ impl Placement {
 }
 
 /// `plan place --json` output.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlaceReport {
     pub image: String,
     pub policy: String,
@@ -499,7 +499,7 @@ pub struct PlaceReport {
 }
 
 /// One candidate in [`PlaceReport`]; costs are null when it cannot be built.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CandidateReport {
     pub host: String,
     pub total_cost: Option<f64>,
