@@ -125,6 +125,8 @@ pub struct Lab {
     tgtd: Option<Child>,
     appliances: Vec<ApplianceProc>,
     luns: Vec<LunSpec>,
+    /// Node → lines added to its appliance's `[datapath]` table.
+    datapath_extra: BTreeMap<String, String>,
 }
 
 /// A temporary directory removed on drop (std only, no extra crate).
@@ -226,6 +228,7 @@ impl Lab {
             tgtd: None,
             appliances: Vec::new(),
             luns: Vec::new(),
+            datapath_extra: BTreeMap::new(),
         };
         lab.cleanup_stale();
         lab.build().context("building the lab topology")?;
@@ -587,6 +590,13 @@ impl Lab {
         format!("iscsi://[{}]/{iqn}/{lun}", self.addr6(self.library()))
     }
 
+    /// Adds `lines` to the `[datapath]` table of `node`'s appliance config
+    /// (e.g. `image_transfer_ports = [7300]`), for appliances started after.
+    pub fn set_datapath_extra(&mut self, node: &str, lines: &str) {
+        self.datapath_extra
+            .insert(node.to_owned(), lines.to_owned());
+    }
+
     /// The appliance config for `node`: XDP on every port; the port toward the
     /// library is upstream-facing, the others client-facing.
     pub fn appliance_config(&self, node: &str, opts: &ApplianceOptions) -> String {
@@ -613,12 +623,13 @@ impl Lab {
             })
             .collect();
         format!(
-            "[appliance]\nname = {node:?}\n\n[datapath]\ninterfaces = [{}]\nclient_facing = [{}]\nupstream_facing = [{}]\nsteer = {}\nxdp_mode = \"skb\"\nlink_capacity_mbps = {{ {} }}\n{}\n",
+            "[appliance]\nname = {node:?}\n\n[datapath]\ninterfaces = [{}]\nclient_facing = [{}]\nupstream_facing = [{}]\nsteer = {}\nxdp_mode = \"skb\"\nlink_capacity_mbps = {{ {} }}\n{}\n{}\n",
             all.join(", "),
             client.join(", "),
             up.join(", "),
             opts.steer,
             capacity.join(", "),
+            self.datapath_extra.get(node).map_or("", String::as_str),
             with_api_tokens(
                 &opts.extra_config,
                 &self.api_read_token_file(),

@@ -163,7 +163,10 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     let lib_path = ctx.lab.write_file("lib.raw", &ctx.image).unwrap();
     ctx.lab.add_lun(LunSpec::read_only(IQN, lib_path)).unwrap();
 
-    // core: the global indexer and the manager.
+    // core: the global indexer and the manager; its XDP counts the peer
+    // protocol's flows too (per flow, unique payload), for the bytes check.
+    ctx.lab
+        .set_datapath_extra("core", &format!("image_transfer_ports = [{AGENT_PORT}]"));
     let ix = ctx.fabric.indexer_config(&ctx.lab, "core", None).unwrap();
     let extra_config = format!(
         "[cost]\ntopology = {}\n[planner]\n[manager]\ndb = {}\nstale_secs = 5\nindex_wait_secs = 30\n[indexer]\nconfig = {}\n",
@@ -306,6 +309,46 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         job["plan"]["blocks_total"].as_u64().unwrap(),
         "{job:#}"
     );
+    // The job's bytes on the library link (its connection to the library's
+    // agent, both ways, framing and sealing included) against core's BPF
+    // per-flow unique payload counters for that connection: within 2%.
+    let lib = format!("{}:{AGENT_PORT}", ctx.lab.addr4("library"));
+    let hv6 = format!("{}:", ctx.lab.addr4("hv6"));
+    let status = ctx.lab.status("core").unwrap();
+    let bpf: u64 = status
+        .flows
+        .iter()
+        .filter(|f| {
+            (f.src == lib && f.dst.starts_with(&hv6)) || (f.dst == lib && f.src.starts_with(&hv6))
+        })
+        .map(|f| f.payload_bytes - f.retrans_bytes)
+        .sum();
+    let job_lib = job["progress"]["by_link"]["library-core"].as_u64().unwrap();
+    let diff = job_lib.abs_diff(bpf) as f64 / bpf as f64;
+    eprintln!(
+        "library link: job {job_lib} B, BPF {bpf} B ({:.3}%)",
+        diff * 100.0
+    );
+    assert!(
+        diff <= 0.02,
+        "job {job_lib} B vs BPF {bpf} B on the library link"
+    );
+    // The library link carries at most the blocks no nearer holder had (hv4's
+    // old VM, 2 hops from hv6), plus 1% of the virtual size.
+    let hashes = |bytes: &[u8]| -> std::collections::HashSet<[u8; 32]> {
+        bytes
+            .chunks(4096)
+            .filter(|b| b.iter().any(|&x| x != 0))
+            .map(|b| *blake3::hash(b).as_bytes())
+            .collect()
+    };
+    let nearer = hashes(&old);
+    let only_library = hashes(&ctx.image).difference(&nearer).count() as u64 * 4096;
+    let bound = only_library + IMAGE_BYTES as u64 / 100;
+    eprintln!(
+        "library link: {bpf} B, bound {bound} B ({only_library} B of blocks only the library had)"
+    );
+    assert!(bpf <= bound, "{bpf} B on the library link, bound {bound} B");
 
     let job = ctx.place(
         "vm-within",

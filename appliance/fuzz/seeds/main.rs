@@ -631,6 +631,7 @@ fn peer_seeds() -> Vec<(&'static str, Vec<u8>)> {
                         node: "hv2".into(),
                         blocks: 9,
                         bytes: 36_864,
+                        wire_bytes: 38_001,
                     }],
                     failures: vec![SourceFailure {
                         node: "hv3".into(),

@@ -6,7 +6,7 @@
 //!
 //! [`PlainFiles`] is the default implementation (raw sparse image files in one
 //! directory, the VM's state in a small JSON file beside each); the lab and the
-//! tests use it. A libvirt or `OpenStack` adapter is another implementation of the
+//! tests use it. A libvirt or OpenStack adapter is another implementation of the
 //! same trait: `vms` from the domain list, `create_disk` into a storage pool
 //! volume, `start`/`pause`/`resume`/`retire` as domain calls.
 //!

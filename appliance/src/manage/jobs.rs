@@ -71,7 +71,10 @@ pub struct JobEvent {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SourceBytes {
     pub blocks: u64,
+    /// Verified block bytes.
     pub bytes: u64,
+    /// TCP payload of the build's connections to this source, both ways.
+    pub wire_bytes: u64,
     /// Hops from the source to the target.
     pub hops: Option<u32>,
     /// `self`, `rack`, `peer` or `library` as seen from the target.
@@ -107,7 +110,8 @@ pub struct Progress {
     pub by_class: BTreeMap<String, u64>,
     /// Bytes by hop distance.
     pub by_hops: BTreeMap<u32, u64>,
-    /// Link (`a-b`) → bytes that crossed it (each source's bytes along its path).
+    /// Link (`a-b`) → TCP payload that crossed it (each source's connection
+    /// bytes, both ways, on every link of its path to the target).
     pub by_link: BTreeMap<String, u64>,
 }
 

@@ -558,7 +558,7 @@ fn progress_of(report: &BuildReport, graph: &Graph, paths: &ShortestPaths) -> Pr
                 let gl = graph.link(l);
                 *p.by_link
                     .entry(format!("{}-{}", graph.name(gl.a), graph.name(gl.b)))
-                    .or_default() += t.bytes;
+                    .or_default() += t.wire_bytes;
             }
         }
         p.by_source.insert(
@@ -566,6 +566,7 @@ fn progress_of(report: &BuildReport, graph: &Graph, paths: &ShortestPaths) -> Pr
             SourceBytes {
                 blocks: t.blocks,
                 bytes: t.bytes,
+                wire_bytes: t.wire_bytes,
                 hops,
                 class,
             },

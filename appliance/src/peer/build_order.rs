@@ -79,6 +79,9 @@ pub struct SourceTally {
     pub blocks: u64,
     /// Block bytes received (verified).
     pub bytes: u64,
+    /// TCP payload to and from the source on this build's own connections
+    /// (handshake, requests, framing and sealing included).
+    pub wire_bytes: u64,
 }
 
 /// A source the build stopped using, and why.

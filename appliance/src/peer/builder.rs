@@ -262,6 +262,7 @@ impl Builder {
         let mut done = vec![false; total];
         let mut done_count = 0usize;
         let ctx = Arc::new(Pass {
+            client: PeerClient::new(self.client.options().clone()),
             blocks,
             positions,
             block_size: u64::from(manifest.block_size),
@@ -334,7 +335,7 @@ impl Builder {
                 continue;
             }
             let src = order.sources[s].clone();
-            let peer = self.client.peer(&src.addr);
+            let peer = ctx.client.peer(&src.addr);
             let ctx = ctx.clone();
             tasks.spawn(async move {
                 let outcome = ctx.fetch_from(&src.node, &peer, &list).await;
@@ -364,15 +365,19 @@ impl Builder {
     }
 }
 
-fn tally(list: &mut Vec<SourceTally>, node: &str, blocks: u64, bytes: u64) {
+/// Adds a round's blocks and bytes to `node`'s tally; `wire_bytes` is the
+/// source connection's running total.
+fn tally(list: &mut Vec<SourceTally>, node: &str, blocks: u64, bytes: u64, wire_bytes: u64) {
     if let Some(t) = list.iter_mut().find(|t| t.node == node) {
         t.blocks += blocks;
         t.bytes += bytes;
+        t.wire_bytes = t.wire_bytes.max(wire_bytes);
     } else {
         list.push(SourceTally {
             node: node.to_owned(),
             blocks,
             bytes,
+            wire_bytes,
         });
     }
 }
@@ -396,6 +401,9 @@ fn positions_of(manifest: &Manifest, blocks: &crate::plan::image::ImageBlocks) -
 
 /// What one pass shares between its sources' tasks.
 struct Pass {
+    /// The build's own client: its connections carry only this build's
+    /// traffic, so their wire bytes are the build's.
+    client: PeerClient,
     blocks: crate::plan::image::ImageBlocks,
     positions: Vec<Vec<u64>>,
     block_size: u64,
@@ -459,7 +467,7 @@ impl Pass {
                     {
                         let mut r = self.build.report.lock();
                         r.blocks_done += ids.len() as u64;
-                        tally(&mut r.by_source, node, ids.len() as u64, bytes);
+                        tally(&mut r.by_source, node, ids.len() as u64, bytes, peer.wire_bytes());
                     }
                     out.written.extend(ids);
                 }

@@ -266,7 +266,11 @@ fn answers_for_the_index(msg: &Msg) -> bool {
 }
 
 impl Conn {
-    async fn open(addr: &str, opts: &ClientOptions) -> Result<Conn, FetchError> {
+    async fn open(
+        addr: &str,
+        opts: &ClientOptions,
+        wire: &Arc<super::wire_count::WireBytes>,
+    ) -> Result<Conn, FetchError> {
         let conn_err = |message: String| FetchError::Connection {
             peer: addr.into(),
             message,
@@ -277,6 +281,11 @@ impl Conn {
             .map_err(|e| conn_err(e.to_string()))?;
         let _ = s.set_nodelay(true);
         let (rd, wr) = s.into_split();
+        // Counted below the handshake and the records: what crosses the wire.
+        let (rd, wr) = (
+            super::wire_count::Counted::new(rd, wire.clone()),
+            super::wire_count::Counted::new(wr, wire.clone()),
+        );
         let secured = client_handshake(
             rd,
             wr,
@@ -407,6 +416,8 @@ struct PeerInner {
     sem: Semaphore,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     health: Mutex<Health>,
+    /// Bytes on the wire to and from this peer, every connection.
+    wire: Arc<super::wire_count::WireBytes>,
 }
 
 /// One peer (an agent's or indexer's service address). Cheap to clone.
@@ -428,11 +439,18 @@ impl Peer {
             metrics,
             conn: tokio::sync::Mutex::new(None),
             health: Mutex::new(Health::default()),
+            wire: Arc::default(),
         }))
     }
 
     pub fn addr(&self) -> &str {
         &self.0.addr
+    }
+
+    /// Bytes on the wire to and from this peer (TCP payload: handshakes,
+    /// frames, sealed records), over every connection so far.
+    pub fn wire_bytes(&self) -> u64 {
+        self.0.wire.total()
     }
 
     /// Served a corrupt block within the penalty period.
@@ -467,7 +485,7 @@ impl Peer {
             }
         }
         inc(&self.0.metrics.connects, 1);
-        let c = Arc::new(Conn::open(&self.0.addr, &self.0.opts).await?);
+        let c = Arc::new(Conn::open(&self.0.addr, &self.0.opts, &self.0.wire).await?);
         *g = Some(c.clone());
         Ok(c)
     }

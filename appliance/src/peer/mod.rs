@@ -39,6 +39,7 @@ pub mod identity;
 pub mod indexer;
 pub mod proto;
 pub mod server;
+pub mod wire_count;
 
 use std::{sync::Arc, time::Duration};
 
