@@ -39,6 +39,8 @@ const INDEXER_PORT: u16 = 7301;
 const MIB: usize = 1 << 20;
 /// The library image: 8 MiB, a fifth of its blocks zero.
 const IMAGE_BYTES: usize = 8 * MIB;
+/// LUN 2, built twice at once over core–rack3's 200 Mbit/s budget.
+const BIG_BYTES: usize = 64 * MIB;
 
 struct Ctx {
     lab: Lab,
@@ -162,6 +164,15 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     let mut ctx = Ctx { lab, fabric, image };
     let lib_path = ctx.lab.write_file("lib.raw", &ctx.image).unwrap();
     ctx.lab.add_lun(LunSpec::read_only(IQN, lib_path)).unwrap();
+    // A larger image for the budget check: LUN 2.
+    let big = content::image(BIG_BYTES, 4242, 20);
+    let big_path = ctx.lab.write_file("big.raw", &big).unwrap();
+    ctx.lab
+        .add_lun(LunSpec {
+            lun: 2,
+            ..LunSpec::read_only(IQN, big_path)
+        })
+        .unwrap();
 
     // core: the global indexer and the manager; its XDP counts the peer
     // protocol's flows too (per flow, unique payload), for the bytes check.
@@ -381,6 +392,113 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     ctx.fabric
         .wait_holder(&ctx.lab, "core", block, "hv4", Duration::from_secs(5))
         .unwrap();
+
+    // 2b. Two builds at once over core–rack3 (budget 200 Mbit/s): hv8 and hv9
+    // each build LUN 2 from the library. core's BPF flow counters, sampled,
+    // give nearblock's rate on the link in every 1-second window after the
+    // first: at most 210 Mbit/s. Each job's predicted finish (its last
+    // allocation) is within 20% of the measured one.
+    let big_name = format!("{IQN}/2");
+    let ids: Vec<String> = [("vm-b1", "hv8"), ("vm-b2", "hv9")]
+        .iter()
+        .map(|(name, host)| {
+            let (ok, out, err) = ctx.vm(
+                &ctx.lab.api_admin_token_file(),
+                &[
+                    "place", &big_name, "--name", name, "--within", host, "--json",
+                ],
+            );
+            assert!(ok, "{err}");
+            serde_json::from_str::<Value>(&out).unwrap()["id"]
+                .as_u64()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let lib = format!("{}:{AGENT_PORT}", ctx.lab.addr4("library"));
+    let rack3_hosts = [
+        format!("{}:", ctx.lab.addr4("hv8")),
+        format!("{}:", ctx.lab.addr4("hv9")),
+    ];
+    let on_link = || -> u64 {
+        ctx.lab
+            .status("core")
+            .unwrap()
+            .flows
+            .iter()
+            .filter(|f| {
+                rack3_hosts.iter().any(|h| {
+                    (f.src == lib && f.dst.starts_with(h.as_str()))
+                        || (f.dst == lib && f.src.starts_with(h.as_str()))
+                })
+            })
+            .map(|f| f.payload_bytes - f.retrans_bytes)
+            .sum()
+    };
+    let read_token = ctx.lab.api_read_token_file();
+    let job_of = |id: &str| -> Value {
+        let (ok, out, err) = ctx.vm(&read_token, &["job", id, "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let started = Instant::now();
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    loop {
+        samples.push((started.elapsed().as_secs_f64(), on_link()));
+        let all_done = ids.iter().all(|id| job_of(id)["state"] == "done");
+        if all_done {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_mins(2),
+            "budgeted builds did not end"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut peak: f64 = 0.0;
+    for (i, &(t0, b0)) in samples.iter().enumerate() {
+        if t0 < 1.0 {
+            continue;
+        }
+        if let Some(&(t1, b1)) = samples[i..].iter().find(|(t, _)| *t - t0 >= 1.0) {
+            peak = peak.max((b1 - b0) as f64 * 8.0 / (t1 - t0) / 1e6);
+        }
+    }
+    let total = samples.last().unwrap().1;
+    eprintln!(
+        "budget: {total} B on core–rack3 in {:.1} s, peak 1-s window {peak:.1} Mbit/s",
+        samples.last().unwrap().0
+    );
+    assert!(
+        total > 2 * 40 * MIB as u64,
+        "both builds crossed the link: {total} B"
+    );
+    assert!(
+        peak <= 210.0,
+        "nearblock's rate on core–rack3 peaked at {peak:.1} Mbit/s"
+    );
+    for id in &ids {
+        let job = job_of(id);
+        let created = job["created_ms"].as_u64().unwrap();
+        let built = job["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["message"].as_str().unwrap().starts_with("built;"))
+            .unwrap()["at_ms"]
+            .as_u64()
+            .unwrap();
+        let predicted = job["plan"]["predicted_finish_ms"].as_u64().unwrap();
+        let (measured, predicted) = (
+            (built - created) as f64,
+            predicted.saturating_sub(created) as f64,
+        );
+        eprintln!("job {id}: predicted {predicted} ms, measured {measured} ms");
+        assert!(
+            (predicted - measured).abs() <= 0.2 * measured,
+            "job {id}: predicted {predicted} ms, measured {measured} ms\n{job:#}"
+        );
+    }
 
     // 3. hv6's copy changes behind its index (a running VM writing): it now
     // serves blocks that fail verification. A build in rack2 plans from it,

@@ -613,10 +613,18 @@ fn peer_seeds() -> Vec<(&'static str, Vec<u8>)> {
                         SourceRun { source: 0, count: 9 },
                         SourceRun { source: u16::MAX, count: 2 },
                     ],
+                    rates: vec![12_500_000],
                 }),
             },
         ),
         ("build-status", Msg::BuildStatus { job: 7 }),
+        (
+            "build-rates",
+            Msg::BuildRates {
+                job: 7,
+                rates: vec![6_250_000, 0],
+            },
+        ),
         (
             "build-reply",
             Msg::BuildReply {

@@ -36,6 +36,11 @@ pub struct Link {
     pub weight: f64,
     #[serde(default)]
     pub capacity_mbps: Option<f64>,
+    /// The most traffic nearblock itself may start on this link (builds,
+    /// pre-staging, peer fetches), Mbit/s; the manager shares it among the jobs
+    /// crossing the link. None: no budget.
+    #[serde(default)]
+    pub budget_mbps: Option<f64>,
     /// Lab-only settings; ignored by the planner.
     #[serde(default)]
     pub lab: Option<toml::Table>,
@@ -82,7 +87,7 @@ pub enum TopologyError {
         b: String,
         weight: f64,
     },
-    #[error("link {index} (`{a}` - `{b}`) has capacity_mbps {capacity}: must be finite and > 0")]
+    #[error("link {index} (`{a}` - `{b}`) has capacity_mbps or budget_mbps {capacity}: must be finite and > 0")]
     BadCapacity {
         index: usize,
         a: String,
@@ -142,7 +147,7 @@ impl Topology {
                     weight: l.weight,
                 });
             }
-            if let Some(c) = l.capacity_mbps {
+            for c in [l.capacity_mbps, l.budget_mbps].into_iter().flatten() {
                 if !c.is_finite() || c <= 0.0 {
                     return Err(TopologyError::BadCapacity {
                         index,

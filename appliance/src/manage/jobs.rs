@@ -97,6 +97,12 @@ pub struct PlanView {
     /// Sources left out after they failed.
     pub excluded: Vec<String>,
     pub replans: u32,
+    /// Pacing per source, bytes/s of block data (0: none): its share of the
+    /// links' budgets, as last allocated.
+    pub rates: BTreeMap<String, u64>,
+    /// When the build should end at those rates (unix ms; when every source is
+    /// paced), as of the last allocation.
+    pub predicted_finish_ms: Option<u64>,
 }
 
 /// A build's progress as its agent last reported it.

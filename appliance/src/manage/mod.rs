@@ -9,7 +9,9 @@
 //! - [`inventory`]: the inventory view, assembled from the index and reports.
 //! - [`jobs`]: job records, persisted in the manager's redb file.
 //! - [`runner`]: one job from placement to the indexed disk.
+//! - [`budget`]: per-link budgets shared among the running builds.
 
+pub mod budget;
 pub mod inventory;
 pub mod jobs;
 mod runner;
@@ -86,6 +88,18 @@ pub struct Manager {
     running: Mutex<HashMap<u64, CancellationToken>>,
     /// The id of every job that changed (for event streams).
     updates: broadcast::Sender<u64>,
+    /// The running builds' flows, for the budget allocator.
+    flows: Mutex<BTreeMap<u64, RunningBuild>>,
+}
+
+/// A running build as the allocator sees it.
+struct RunningBuild {
+    /// Its target's agent.
+    agent: String,
+    /// Its order's sources, in order: (node, links of its path, planned bytes).
+    sources: Vec<(String, Vec<usize>, u64)>,
+    /// Link budgets (Mbit/s) of the topology it was planned on.
+    budgets: Vec<Option<f64>>,
 }
 
 impl Manager {
@@ -127,6 +141,7 @@ impl Manager {
             jobs: Mutex::new(jobs),
             running: Mutex::new(HashMap::new()),
             updates,
+            flows: Mutex::new(BTreeMap::new()),
         });
         for (job, target) in interrupted {
             let me = me.clone();

@@ -14,6 +14,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    budget,
     jobs::{JobState, PlanView, Progress, SourceBytes},
     Manager, PlanningView,
 };
@@ -38,6 +39,10 @@ use crate::{
 const MAX_REPLANS: u32 = 16;
 
 type Store = IndexedStore<Arc<RedbStore>>;
+
+/// A source of a build as the budget allocator sees it: its node, the
+/// topology links of its path to the target, the bytes planned from it.
+pub(super) type SourceFlow = (String, Vec<usize>, u64);
 
 /// The planner's view of the index without some hosts (sources that failed).
 struct Excluding<'a> {
@@ -140,11 +145,94 @@ pub(super) fn held_elsewhere(
 }
 
 impl Manager {
+    /// Shares the links' budgets among the running builds, tells every build's
+    /// agent but `skip`'s its new rates, and updates the jobs' predicted finish
+    /// times. Returns the rates (bytes/s per source, 0: none) by job.
+    async fn reallocate(&self, skip: Option<u64>) -> BTreeMap<u64, Vec<u64>> {
+        let (rates, agents) = {
+            let builds = self.flows.lock();
+            let budgets = builds
+                .values()
+                .next_back()
+                .map(|b| b.budgets.clone())
+                .unwrap_or_default();
+            let mut all = Vec::new();
+            for (&job, b) in builds.iter() {
+                for (node, links, _) in &b.sources {
+                    all.push(budget::Flow {
+                        job,
+                        source: node.clone(),
+                        links: links.clone(),
+                    });
+                }
+            }
+            let shares = budget::allocate(&budgets, &all);
+            let mut rates: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+            for (f, r) in all.iter().zip(shares) {
+                // Rates are positive and far below 2^64: the cast is exact enough.
+                #[expect(clippy::cast_sign_loss, reason = "a share of a positive budget")]
+                let bytes_per_s = r.map_or(0, |r| r.max(1.0) as u64);
+                rates.entry(f.job).or_default().push(bytes_per_s);
+            }
+            let agents: BTreeMap<u64, (String, Vec<(String, u64)>)> = builds
+                .iter()
+                .map(|(&j, b)| {
+                    let planned = b.sources.iter().map(|(n, _, bytes)| (n.clone(), *bytes)).collect();
+                    (j, (b.agent.clone(), planned))
+                })
+                .collect();
+            (rates, agents)
+        };
+        let now = std::time::SystemTime::now();
+        for (job, r) in &rates {
+            let Some((agent, planned)) = agents.get(job) else {
+                continue;
+            };
+            if Some(*job) != skip {
+                let _ = self
+                    .client
+                    .peer(agent)
+                    .request(&Msg::BuildRates {
+                        job: *job,
+                        rates: r.clone(),
+                    })
+                    .await;
+            }
+            let done = self.job(*job).map(|j| j.progress.by_source).unwrap_or_default();
+            // Every source paced: the slowest one's remaining bytes decide.
+            let finish = planned
+                .iter()
+                .zip(r)
+                .map(|((node, bytes), &rate)| {
+                    let got = done.get(node).map_or(0, |s| s.bytes);
+                    (rate > 0).then(|| budget::seconds(bytes.saturating_sub(got), rate as f64))
+                })
+                .try_fold(0.0f64, |acc, s| s.map(|s| acc.max(s)));
+            let rates_by_node: BTreeMap<String, u64> =
+                planned.iter().map(|(n, _)| n.clone()).zip(r.iter().copied()).collect();
+            self.update(*job, |j| {
+                if let Some(p) = &mut j.plan {
+                    p.rates = rates_by_node;
+                    p.predicted_finish_ms = finish.map(|s| {
+                        let at = now + Duration::from_secs_f64(s);
+                        at.duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    });
+                }
+            });
+        }
+        rates
+    }
+
     pub(super) async fn run(self: Arc<Self>, view: Arc<dyn PlanningView>, id: u64, cancel: CancellationToken) {
         let result = tokio::select! {
             r = self.place_and_build(&view, id, &cancel) => r,
             () = cancel.cancelled() => Err("cancelled by the operator".into()),
         };
+        // Its share of the budgets goes to the builds still running.
+        if self.flows.lock().remove(&id).is_some() {
+            self.reallocate(None).await;
+        }
         match result {
             Ok(()) => self.update(id, |j| {
                 j.state = JobState::Done;
@@ -338,7 +426,7 @@ impl Manager {
         id: u64,
         placed: &Placed,
         excluded: &BTreeSet<String>,
-    ) -> Result<(BuildOrder, PlanView, ShortestPaths), String> {
+    ) -> Result<(BuildOrder, PlanView, ShortestPaths, Vec<SourceFlow>), String> {
         let spec = self.job(id).ok_or("job vanished")?.spec;
         let graph = Graph::from_topology(&placed.topology);
         let store = Store::new(self.store.clone()).map_err(|e| e.to_string())?;
@@ -403,6 +491,8 @@ impl Manager {
             by_link,
             excluded: excluded.iter().cloned().collect(),
             replans: 0,
+            rates: BTreeMap::new(),
+            predicted_finish_ms: None,
         };
         let order = BuildOrder {
             job: id,
@@ -413,8 +503,23 @@ impl Manager {
             digest: *blake3::hash(&placed.manifest.encode()).as_bytes(),
             sources,
             runs,
+            rates: Vec::new(),
         };
-        Ok((order, view, paths))
+        // Per source: the links of its path and the bytes planned from it.
+        let mut flows: Vec<SourceFlow> = order
+            .sources
+            .iter()
+            .map(|src| {
+                let n = graph.node_id(&src.node).expect("sources are topology nodes");
+                (src.node.clone(), paths.path_links(n).map(|l| l as usize).collect(), 0)
+            })
+            .collect();
+        for (&n, d) in plan.sources.iter().zip(&image.blocks.distinct) {
+            if let Some(&i) = index_of.get(&n) {
+                flows[usize::from(i)].2 += d.len;
+            }
+        }
+        Ok((order, view, paths, flows))
     }
 
     /// Orders the build, follows it and re-plans around failed sources.
@@ -426,7 +531,7 @@ impl Manager {
         let mut excluded = BTreeSet::new();
         let mut replans = 0;
         loop {
-            let (order, mut plan_view, paths) = {
+            let (mut order, mut plan_view, paths, flows) = {
                 let (me, placed_ex) = (self.clone(), excluded.clone());
                 // Planning reads the store: off the async workers.
                 let placed = Placed {
@@ -440,6 +545,18 @@ impl Manager {
                     .map_err(|e| format!("planning task: {e}"))??
             };
             plan_view.replans = replans;
+            // This build's flows join the budget allocation; the others' rates
+            // change with it.
+            self.flows.lock().insert(
+                id,
+                super::RunningBuild {
+                    agent: target_addr.clone(),
+                    sources: flows,
+                    budgets: placed.topology.links.iter().map(|l| l.budget_mbps).collect(),
+                },
+            );
+            let shares = self.reallocate(Some(id)).await;
+            order.rates = shares.get(&id).cloned().unwrap_or_default();
             let summary = plan_view
                 .by_source
                 .iter()

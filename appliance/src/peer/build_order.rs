@@ -49,6 +49,10 @@ pub struct BuildOrder {
     pub sources: Vec<BuildSource>,
     #[serde(deserialize_with = "super::proto::bounded::<_, _, MAX_RUNS>")]
     pub runs: Vec<SourceRun>,
+    /// Pacing per source, bytes/s of block data (0: none), in `sources`' order
+    /// (empty: none); the manager's share of the links' budgets.
+    #[serde(deserialize_with = "super::proto::bounded::<_, _, MAX_SOURCES>")]
+    pub rates: Vec<u64>,
 }
 
 /// Where an agent's build is.

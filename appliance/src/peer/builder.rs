@@ -59,9 +59,25 @@ struct Build {
     replanned: Notify,
     cancelled: AtomicBool,
     bytes_written: AtomicU64,
+    /// Pacing per source node, bytes/s (absent or 0: none).
+    rates: Mutex<HashMap<String, u64>>,
 }
 
 impl Build {
+    fn set_rates(&self, order: &BuildOrder, rates: &[u64]) {
+        let mut r = self.rates.lock();
+        r.clear();
+        for (s, &rate) in order.sources.iter().zip(rates) {
+            if rate > 0 {
+                r.insert(s.node.clone(), rate);
+            }
+        }
+    }
+
+    fn rate_of(&self, node: &str) -> u64 {
+        self.rates.lock().get(node).copied().unwrap_or(0)
+    }
+
     fn set_state(&self, state: BuildState, error: Option<String>) {
         let mut r = self.report.lock();
         r.state = state;
@@ -131,6 +147,7 @@ impl Builder {
                 if current.vm != order.vm || current.digest != order.digest {
                     return Err(format!("build {} is of another VM or image", order.job));
                 }
+                b.set_rates(&order, &order.rates);
                 *current = order;
             }
             b.set_state(BuildState::Fetching, None);
@@ -153,7 +170,9 @@ impl Builder {
             replanned: Notify::new(),
             cancelled: AtomicBool::new(false),
             bytes_written: AtomicU64::new(0),
+            rates: Mutex::new(HashMap::new()),
         });
+        b.set_rates(&order, &order.rates);
         self.builds.lock().insert(order.job, b.clone());
         let me = self.clone();
         let span = tracing::info_span!("build", node = %self.node, job = order.job, vm = %order.vm, image = %order.image);
@@ -193,6 +212,19 @@ impl Builder {
             .map_err(|e| e.to_string())?;
         self.built.notify_one();
         Ok(())
+    }
+
+    /// New pacing for a running build's sources (in its order's source order).
+    pub fn set_rates(&self, job: u64, rates: &[u64]) -> Result<BuildReport, String> {
+        let b = self
+            .builds
+            .lock()
+            .get(&job)
+            .cloned()
+            .ok_or_else(|| format!("no build {job} here"))?;
+        let order = b.order.lock().clone();
+        b.set_rates(&order, rates);
+        Ok(b.snapshot())
     }
 
     pub fn status(&self, job: u64) -> Option<BuildReport> {
@@ -430,13 +462,42 @@ impl Pass {
             failure: None,
             missing: 0,
         };
-        let owned: Vec<Vec<u32>> = list.chunks(ROUND_BLOCKS).map(<[u32]>::to_vec).collect();
+        // A paced source gets rounds of about 50 ms of its rate, so a round's
+        // burst stays small against the 1-second windows budgets are kept in.
+        let rate = self.build.rate_of(node);
+        let round_blocks = if rate > 0 {
+            usize::try_from(rate / 20 / self.block_size.max(1))
+                .unwrap_or(ROUND_BLOCKS)
+                .clamp(16, ROUND_BLOCKS)
+        } else {
+            ROUND_BLOCKS
+        };
+        let owned: Vec<Vec<u32>> = list.chunks(round_blocks).map(<[u32]>::to_vec).collect();
         let (me, source) = (self.clone(), peer.clone());
+        let pacer: Arc<Mutex<Option<tokio::time::Instant>>> = Arc::default();
+        let node_name = node.to_owned();
         let mut rounds = futures_util::stream::iter(owned)
             .map(move |round| {
-                let (me, source) = (me.clone(), source.clone());
+                let (me, source, pacer, node) =
+                    (me.clone(), source.clone(), pacer.clone(), node_name.clone());
                 let fetch: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
                     Box::pin(async move {
+                        let rate = me.build.rate_of(&node);
+                        if rate > 0 {
+                            // Reserve this round's slot on the source's timeline.
+                            let bytes: u64 = round
+                                .iter()
+                                .map(|&i| me.blocks.distinct[i as usize].len)
+                                .sum();
+                            let start = {
+                                let mut next = pacer.lock();
+                                let now = tokio::time::Instant::now();
+                                let start = next.map_or(now, |n| n.max(now));
+                                *next = Some(start + Duration::from_secs_f64(bytes as f64 / rate as f64));
+                                start
+                            };
+                            tokio::time::sleep_until(start).await;
+                        }
                         let hashes: Vec<BlockHash> = round
                             .iter()
                             .map(|&i| me.blocks.distinct[i as usize].hash)

@@ -324,6 +324,14 @@ pub enum Msg {
         vm: String,
         action: crate::hypervisor::VmAction,
     },
+    /// Manager → agent: new pacing for build `job`'s sources (bytes/s, 0:
+    /// none, in the order's source order), when the budgets' shares change.
+    /// The reply is a [`Msg::BuildReply`].
+    BuildRates {
+        job: u64,
+        #[serde(deserialize_with = "bounded::<_, _, { super::build_order::MAX_SOURCES }>")]
+        rates: Vec<u64>,
+    },
 }
 
 /// Kind (first body byte) of [`Msg::Fragment`]: its variant index.
@@ -709,6 +717,7 @@ impl Msg {
             Msg::BuildCancel { .. } => "BuildCancel",
             Msg::BuildReply { .. } => "BuildReply",
             Msg::VmAction { .. } => "VmAction",
+            Msg::BuildRates { .. } => "BuildRates",
             Msg::HostMetrics { .. } => "HostMetrics",
             Msg::GetManifest { .. } => "GetManifest",
             Msg::ManifestReply { .. } => "ManifestReply",

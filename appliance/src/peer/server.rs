@@ -429,7 +429,8 @@ async fn handle(
         Msg::Build { .. }
         | Msg::BuildStatus { .. }
         | Msg::BuildCancel { .. }
-        | Msg::VmAction { .. } => build_request(msg, services, opts, info).await,
+        | Msg::VmAction { .. }
+        | Msg::BuildRates { .. } => build_request(msg, services, opts, info).await,
         m => error(code::BAD_REQUEST, format!("{} is not a request", m.name())),
     }
 }
@@ -463,6 +464,7 @@ async fn build_request(msg: Msg, services: &Services, opts: &ServerOptions, info
         Msg::BuildCancel { job } => builds
             .cancel(job)
             .ok_or_else(|| format!("no build {job} here")),
+        Msg::BuildRates { job, rates } => builds.set_rates(job, &rates),
         Msg::VmAction { vm, action } => {
             return match builds.vm_action(vm, action).await {
                 Ok(()) => Msg::Ack { seq: 0 },

@@ -1,0 +1,80 @@
+//! Per-link budgets (`[[link]] budget_mbps`): the traffic nearblock itself
+//! starts on a link stays within its budget. The manager is the one allocator:
+//! each running build's connection to each of its sources is a flow over the
+//! links of its path; a link's budget is shared equally by the flows crossing
+//! it, and a flow's rate is its smallest share along its path. Re-allocated
+//! whenever a build starts, re-plans or ends. Pure; the runner sends the rates.
+
+/// Builds pace their block bytes at this fraction of their share, so that the
+/// peer protocol's framing and sealing (about 1–2%) and the pacing's round
+/// granularity keep the wire within the budget.
+pub const PACE: f64 = 0.95;
+
+/// One build's connection to one source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Flow {
+    pub job: u64,
+    pub source: String,
+    /// Topology link indices on its path.
+    pub links: Vec<usize>,
+}
+
+/// The pacing rate of every flow in bytes/s (`None`: no budget on its path),
+/// from the links' budgets in Mbit/s (by topology link index).
+pub fn allocate(budgets_mbps: &[Option<f64>], flows: &[Flow]) -> Vec<Option<f64>> {
+    let mut crossing = vec![0usize; budgets_mbps.len()];
+    for f in flows {
+        for &l in &f.links {
+            if let Some(c) = crossing.get_mut(l) {
+                *c += 1;
+            }
+        }
+    }
+    flows
+        .iter()
+        .map(|f| {
+            f.links
+                .iter()
+                .filter_map(|&l| {
+                    let budget = budgets_mbps.get(l).copied().flatten()?;
+                    Some(budget * 1e6 / 8.0 / crossing[l] as f64 * PACE)
+                })
+                .reduce(f64::min)
+        })
+        .collect()
+}
+
+/// Seconds to move `bytes` at `rate` bytes/s.
+pub fn seconds(bytes: u64, rate: f64) -> f64 {
+    bytes as f64 / rate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(job: u64, links: &[usize]) -> Flow {
+        Flow {
+            job,
+            source: "s".into(),
+            links: links.to_vec(),
+        }
+    }
+
+    #[test]
+    #[expect(clippy::float_cmp, reason = "exact shares of round numbers")]
+    fn a_link_budget_is_shared_by_the_flows_crossing_it() {
+        // Link 0 has 200 Mbit/s, link 1 none, link 2 80 Mbit/s.
+        let budgets = [Some(200.0), None, Some(80.0)];
+        let one = allocate(&budgets, &[flow(1, &[0, 1])]);
+        assert_eq!(one, [Some(25e6 * PACE)]);
+        let two = allocate(&budgets, &[flow(1, &[0, 1]), flow(2, &[1, 0])]);
+        assert_eq!(two, [Some(12.5e6 * PACE), Some(12.5e6 * PACE)]);
+        // The smallest share on the path wins: 80/1 < 200/2.
+        let mixed = allocate(&budgets, &[flow(1, &[0]), flow(2, &[0, 2])]);
+        assert_eq!(mixed, [Some(12.5e6 * PACE), Some(10e6 * PACE)]);
+        // No budget on the path: unpaced.
+        assert_eq!(allocate(&budgets, &[flow(1, &[1])]), [None]);
+        assert_eq!(seconds(25, 12.5), 2.0);
+    }
+}
