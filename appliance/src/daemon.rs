@@ -252,7 +252,19 @@ impl Splicing {
     ) -> Result<Self, DaemonError> {
         let routing = policy_routing(config);
         routing.install()?;
-        let catalog = Arc::new(config.splicer.catalog()?);
+        let mut catalog = config.splicer.catalog()?;
+        // The topology's budget on this appliance's uplink supersedes
+        // `splicer.prefetch_budget_mbps` (the default for links without one).
+        if let Some(budget) = config
+            .cost
+            .as_ref()
+            .and_then(|c| Topology::load(&c.topology).ok())
+            .and_then(|t| t.uplink_budget_mbps(&config.appliance.name))
+        {
+            info!(budget_mbps = budget, "prefetch paced to the uplink's budget");
+            catalog.prefetch_budget_mbps = budget;
+        }
+        let catalog = Arc::new(catalog);
         // Files and the local index now (quick); the parent's answers come with
         // the refresh loop's first tick. A LUN without a manifest is declared but
         // passed through.

@@ -161,6 +161,40 @@ impl Topology {
         Ok(())
     }
 
+    /// The budget of `node`'s first link toward the nearest library (fewest
+    /// hops; ties by link order), if that link has one: what an appliance's own
+    /// prefetching may use of its uplink.
+    pub fn uplink_budget_mbps(&self, node: &str) -> Option<f64> {
+        use std::collections::{HashSet, VecDeque};
+        // Breadth-first from every library; the first link that reaches `node`
+        // is its uplink.
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut queue: VecDeque<&str> = VecDeque::new();
+        for n in self.nodes.iter().filter(|n| n.role == Role::Library) {
+            seen.insert(&n.name);
+            queue.push_back(&n.name);
+        }
+        while let Some(at) = queue.pop_front() {
+            for l in &self.links {
+                let next = if l.a == at {
+                    l.b.as_str()
+                } else if l.b == at {
+                    l.a.as_str()
+                } else {
+                    continue;
+                };
+                if !seen.insert(next) {
+                    continue;
+                }
+                if next == node {
+                    return l.budget_mbps;
+                }
+                queue.push_back(next);
+            }
+        }
+        None
+    }
+
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
     }
@@ -208,9 +242,47 @@ capacity_mbps = 1000
         assert_eq!(t.nodes[0].role, Role::Library);
         assert_eq!(t.links[0].weight, 1.0);
         assert_eq!(t.links[0].capacity_mbps, Some(1000.0));
+        assert_eq!(t.links[0].budget_mbps, None);
         assert!(t.nodes[1].lab.as_ref().unwrap().contains_key("appliance"));
         let n: Vec<_> = t.neighbours("core").map(|(_, o)| o).collect();
         assert_eq!(n, ["lib"]);
+    }
+
+    #[test]
+    fn an_appliance_uplink_budget_is_its_first_link_toward_the_library() {
+        let t = Topology::parse(
+            r#"
+[[node]]
+name = "lib"
+role = "library"
+[[node]]
+name = "core"
+role = "switch"
+[[node]]
+name = "rack1"
+role = "appliance"
+[[node]]
+name = "rack2"
+role = "appliance"
+[[link]]
+a = "lib"
+b = "core"
+budget_mbps = 500
+[[link]]
+a = "core"
+b = "rack1"
+budget_mbps = 200
+[[link]]
+a = "rack2"
+b = "core"
+"#,
+        )
+        .unwrap();
+        assert_eq!(t.uplink_budget_mbps("rack1"), Some(200.0));
+        assert_eq!(t.uplink_budget_mbps("core"), Some(500.0));
+        assert_eq!(t.uplink_budget_mbps("rack2"), None, "no budget on its uplink");
+        assert_eq!(t.uplink_budget_mbps("lib"), None);
+        assert!(Topology::parse(&SMALL.replace("capacity_mbps = 1000", "budget_mbps = 0")).is_err());
     }
 
     #[test]
