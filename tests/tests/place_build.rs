@@ -19,6 +19,8 @@
 //! 5. A source killed mid-build (its link slowed so the build takes seconds):
 //!    the job re-plans without it and completes bit-identical; the job's
 //!    server-sent events end with its final state.
+//!    The manager restarted mid-build fails the job with a reason and cancels
+//!    the agent's build (no VM, no partial disk).
 //! 6. Bad requests get clear errors: an unknown image, a bad name or policy, a
 //!    read token placing, mode `transparent` (not built yet), a host without
 //!    room never a candidate.
@@ -117,6 +119,13 @@ impl Ctx {
         assert!(disk == self.image, "{hv}/{name}: not the library's image");
     }
 
+    /// Job `id` as `vm job --json` prints it.
+    fn job(&self, id: &str) -> Value {
+        let (ok, out, err) = self.vm(&self.lab.api_read_token_file(), &["job", id, "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
     fn events(job: &Value) -> String {
         job["events"]
             .as_array()
@@ -185,14 +194,12 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         toml_path(&ctx.lab.dir.path().join("manager.redb")),
         toml_path(&ix),
     );
+    let core_opts = ApplianceOptions {
+        steer: false,
+        extra_config,
+    };
     ctx.lab
-        .start_appliance(
-            "core",
-            ApplianceOptions {
-                steer: false,
-                extra_config,
-            },
-        )
+        .start_appliance("core", core_opts.clone())
         .expect("core");
     for rack in ["rack1", "rack2", "rack3"] {
         ctx.fabric
@@ -664,6 +671,74 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         doc["paths"]["/api/v1/vms/{image}/place"]["post"].is_object(),
         "{doc}"
     );
+
+    // 5b. The manager restarts mid-build (core's daemon killed and started
+    // again; the library's uplink slowed so the build is still running; hv1's
+    // cheapest holder of LUN 2 is the library, rack3's copies are farther): the
+    // job is not forgotten but failed with a reason that says so, and the
+    // agent's build is cancelled — no VM, no partial disk left.
+    let lib_port = ctx
+        .lab
+        .port_toward("library", "core")
+        .unwrap()
+        .iface
+        .clone();
+    ctx.lab
+        .exec_ok(
+            "library",
+            &[
+                "tc", "qdisc", "add", "dev", &lib_port, "root", "tbf", "rate", "8mbit", "burst",
+                "32kb", "latency", "500ms",
+            ],
+        )
+        .unwrap();
+    let (ok, out, err) = ctx.vm(
+        &admin,
+        &[
+            "place",
+            &big_name,
+            "--name",
+            "vm-restart",
+            "--within",
+            "hv1",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    within(Duration::from_secs(30), "the build under way", || {
+        let j = ctx.job(&id);
+        j["state"] == "building" && j["progress"]["blocks_done"].as_u64().unwrap_or(0) > 0
+    });
+    let partial = ctx.vm_dir("hv1").join(".vm-restart.raw.part");
+    assert!(
+        partial.exists(),
+        "the build writes its partial disk: {:?}\n{:#}",
+        std::fs::read_dir(ctx.vm_dir("hv1"))
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect::<Vec<_>>())
+            .unwrap_or_default(),
+        ctx.job(&id)
+    );
+    ctx.lab.kill_appliance("core").unwrap();
+    ctx.lab.start_appliance("core", core_opts.clone()).unwrap();
+    let job = ctx.job(&id);
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert!(
+        job["error"].as_str().unwrap().contains("restarted"),
+        "{job:#}"
+    );
+    within(
+        Duration::from_secs(10),
+        "the agent's build cancelled",
+        || !partial.exists(),
+    );
+    assert!(!ctx.vm_dir("hv1").join("vm-restart.raw").exists());
+    ctx.lab
+        .exec_ok("library", &["tc", "qdisc", "del", "dev", &lib_port, "root"])
+        .unwrap();
 
     // 6. Refusals.
     let (ok, _, err) = ctx.vm(&read, &["place", &image_name, "--name", "x"]);

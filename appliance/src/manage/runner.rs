@@ -545,18 +545,6 @@ impl Manager {
                     .map_err(|e| format!("planning task: {e}"))??
             };
             plan_view.replans = replans;
-            // This build's flows join the budget allocation; the others' rates
-            // change with it.
-            self.flows.lock().insert(
-                id,
-                super::RunningBuild {
-                    agent: target_addr.clone(),
-                    sources: flows,
-                    budgets: placed.topology.links.iter().map(|l| l.budget_mbps).collect(),
-                },
-            );
-            let shares = self.reallocate(Some(id)).await;
-            order.rates = shares.get(&id).cloned().unwrap_or_default();
             let summary = plan_view
                 .by_source
                 .iter()
@@ -571,6 +559,19 @@ impl Manager {
                 });
                 j.plan = Some(plan_view);
             });
+            // This build's flows join the budget allocation (which records its
+            // rates and predicted finish in the plan above); the others' rates
+            // change with it.
+            self.flows.lock().insert(
+                id,
+                super::RunningBuild {
+                    agent: target_addr.clone(),
+                    sources: flows,
+                    budgets: placed.topology.links.iter().map(|l| l.budget_mbps).collect(),
+                },
+            );
+            let shares = self.reallocate(Some(id)).await;
+            order.rates = shares.get(&id).cloned().unwrap_or_default();
             let reply = agent
                 .request(&Msg::Build {
                     order: Box::new(order),
