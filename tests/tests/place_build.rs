@@ -137,6 +137,20 @@ impl Ctx {
     }
 }
 
+/// Shapes `node`'s port toward `peer` to `rate` (tc tbf), or removes the
+/// shaping (`None`).
+fn shape(lab: &Lab, node: &str, peer: &str, rate: Option<&str>) {
+    let port = lab.port_toward(node, peer).unwrap().iface.clone();
+    let mut argv = vec!["tc", "qdisc"];
+    match rate {
+        Some(rate) => argv.extend([
+            "add", "dev", &port, "root", "tbf", "rate", rate, "burst", "32kb", "latency", "500ms",
+        ]),
+        None => argv.extend(["del", "dev", &port, "root"]),
+    }
+    lab.exec_ok(node, &argv).unwrap();
+}
+
 /// Waits (bounded) until `f` holds; the time it took.
 fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -574,16 +588,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     // 5. A source killed mid-build. hv4 is rack2's cheapest holder of every
     // block (hv6 ties, and loses on its name); its link is slowed so the build
     // takes seconds, and its agent is killed once the first blocks are in.
-    let port = ctx.lab.port_toward("hv4", "rack2").unwrap().iface.clone();
-    ctx.lab
-        .exec_ok(
-            "hv4",
-            &[
-                "tc", "qdisc", "add", "dev", &port, "root", "tbf", "rate", "16mbit", "burst",
-                "32kb", "latency", "500ms",
-            ],
-        )
-        .unwrap();
+    shape(&ctx.lab, "hv4", "rack2", Some("16mbit"));
     let (ok, out, err) = ctx.vm(
         &admin,
         &[
@@ -677,21 +682,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     // cheapest holder of LUN 2 is the library, rack3's copies are farther): the
     // job is not forgotten but failed with a reason that says so, and the
     // agent's build is cancelled — no VM, no partial disk left.
-    let lib_port = ctx
-        .lab
-        .port_toward("library", "core")
-        .unwrap()
-        .iface
-        .clone();
-    ctx.lab
-        .exec_ok(
-            "library",
-            &[
-                "tc", "qdisc", "add", "dev", &lib_port, "root", "tbf", "rate", "8mbit", "burst",
-                "32kb", "latency", "500ms",
-            ],
-        )
-        .unwrap();
+    shape(&ctx.lab, "library", "core", Some("8mbit"));
     let (ok, out, err) = ctx.vm(
         &admin,
         &[
@@ -736,9 +727,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         || !partial.exists(),
     );
     assert!(!ctx.vm_dir("hv1").join("vm-restart.raw").exists());
-    ctx.lab
-        .exec_ok("library", &["tc", "qdisc", "del", "dev", &lib_port, "root"])
-        .unwrap();
+    shape(&ctx.lab, "library", "core", None);
 
     // 6. Refusals.
     let (ok, _, err) = ctx.vm(&read, &["place", &image_name, "--name", "x"]);

@@ -175,14 +175,7 @@ impl Topology {
             queue.push_back(&n.name);
         }
         while let Some(at) = queue.pop_front() {
-            for l in &self.links {
-                let next = if l.a == at {
-                    l.b.as_str()
-                } else if l.b == at {
-                    l.a.as_str()
-                } else {
-                    continue;
-                };
+            for (l, next) in self.neighbours(at) {
                 if !seen.insert(next) {
                     continue;
                 }

@@ -66,21 +66,11 @@ pub struct Inventory {
 
 /// The rack of `host`: its neighbour in the topology that is an appliance.
 pub fn rack_of(topology: &Topology, host: &str) -> Option<String> {
-    let is_appliance = |n: &str| {
-        topology
-            .nodes
-            .iter()
-            .any(|x| x.name == n && x.role == Role::Appliance)
-    };
-    topology.links.iter().find_map(|l| {
-        if l.a == host && is_appliance(&l.b) {
-            Some(l.b.clone())
-        } else if l.b == host && is_appliance(&l.a) {
-            Some(l.a.clone())
-        } else {
-            None
-        }
-    })
+    topology
+        .neighbours(host)
+        .map(|(_, other)| other)
+        .find(|other| topology.node(other).is_some_and(|n| n.role == Role::Appliance))
+        .map(str::to_owned)
 }
 
 /// Assembles the inventory. `reports`: the freshest report per host with
