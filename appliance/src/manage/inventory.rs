@@ -64,6 +64,9 @@ pub struct Inventory {
     pub discovery: Vec<crate::classify::Discovery>,
 }
 
+/// Per (host, image name): the share of its distinct blocks another host holds.
+pub type Shares = BTreeMap<(String, String), f64>;
+
 /// The rack of `host`: its neighbour in the topology that is an appliance.
 pub fn rack_of(topology: &Topology, host: &str) -> Option<String> {
     topology
@@ -80,7 +83,7 @@ pub fn assemble(
     topology: &Topology,
     images: &[ImageInfo],
     reports: &[(ReportView, bool)],
-    held_elsewhere: &BTreeMap<(String, String), f64>,
+    held_elsewhere: &Shares,
 ) -> Inventory {
     let role = |n: &str| topology.nodes.iter().find(|x| x.name == n).map(|x| x.role);
     // One entry per library image, at its smallest block size.

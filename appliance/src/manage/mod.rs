@@ -90,6 +90,9 @@ pub struct Manager {
     updates: broadcast::Sender<u64>,
     /// The running builds' flows, for the budget allocator.
     flows: Mutex<BTreeMap<u64, RunningBuild>>,
+    /// The inventory's "held elsewhere" shares, at the index sequence number
+    /// they were computed at.
+    shares: Mutex<Option<(u64, inventory::Shares)>>,
 }
 
 /// A running build as the allocator sees it.
@@ -142,6 +145,7 @@ impl Manager {
             running: Mutex::new(HashMap::new()),
             updates,
             flows: Mutex::new(BTreeMap::new()),
+            shares: Mutex::new(None),
         });
         for (job, target) in interrupted {
             let me = me.clone();
@@ -305,7 +309,20 @@ impl Manager {
                 (r, fresh)
             })
             .collect();
-        let shares = runner::held_elsewhere(&self.store, &images);
+        // The shares read every indexed image's manifest and holders: computed
+        // once per index state (its sequence number), not per request.
+        let seq = self.store.seq();
+        let shares = {
+            let mut cached = self.shares.lock();
+            match &*cached {
+                Some((at, shares)) if *at == seq => shares.clone(),
+                _ => {
+                    let shares = runner::held_elsewhere(&self.store, &images);
+                    *cached = Some((seq, shares.clone()));
+                    shares
+                }
+            }
+        };
         Ok(inventory::assemble(topology, &images, &reports, &shares))
     }
 }

@@ -114,7 +114,7 @@ fn class_of(graph: &Graph, paths: &ShortestPaths, source: NodeId) -> &'static st
 pub(super) fn held_elsewhere(
     store: &RedbStore,
     images: &[crate::index::store::ImageInfo],
-) -> BTreeMap<(String, String), f64> {
+) -> super::inventory::Shares {
     let mut out = BTreeMap::new();
     let mut seen = BTreeSet::new();
     for i in images {
