@@ -1041,6 +1041,26 @@ image_transfer_ports = [10809, 3260]
     }
 
     #[test]
+    fn the_manager_needs_the_global_indexer_and_the_planner() {
+        let e = Config::parse(&format!("{GOOD}\n[manager]\ndb = \"/tmp/m.redb\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("manager") && e.contains("[indexer]"), "{e}");
+        let e = Config::parse(&format!(
+            "{GOOD}\n[cost]\ntopology = \"/t.toml\"\n[planner]\n[indexer]\nconfig = \"/ix.toml\"\n[manager]\nstale_secs = 0\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("stale_secs"), "{e}");
+        let c = Config::parse(&format!(
+            "{GOOD}\n[cost]\ntopology = \"/t.toml\"\n[planner]\n[indexer]\nconfig = \"/ix.toml\"\n[manager]\n"
+        ))
+        .unwrap();
+        let m = c.manager.unwrap();
+        assert_eq!((m.stale_secs, m.index_wait_secs), (10, 60));
+    }
+
+    #[test]
     fn unknown_key_names_key_and_line() {
         let e = Config::parse(
             &GOOD
