@@ -119,6 +119,20 @@ impl Ctx {
         assert!(disk == self.image, "{hv}/{name}: not the library's image");
     }
 
+    /// Creates a job placing `image` as `name` on `host` (the only candidate),
+    /// without following it: the job's id.
+    fn start_job(&self, image: &str, name: &str, host: &str) -> String {
+        let (ok, out, err) = self.vm(
+            &self.lab.api_admin_token_file(),
+            &["place", image, "--name", name, "--within", host, "--json"],
+        );
+        assert!(ok, "placing {name} on {host}: {err}");
+        serde_json::from_str::<Value>(&out).unwrap()["id"]
+            .as_u64()
+            .unwrap()
+            .to_string()
+    }
+
     /// Job `id` as `vm job --json` prints it.
     fn job(&self, id: &str) -> Value {
         let (ok, out, err) = self.vm(&self.lab.api_read_token_file(), &["job", id, "--json"]);
@@ -422,19 +436,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     let big_name = format!("{IQN}/2");
     let ids: Vec<String> = [("vm-b1", "hv8"), ("vm-b2", "hv9")]
         .iter()
-        .map(|(name, host)| {
-            let (ok, out, err) = ctx.vm(
-                &ctx.lab.api_admin_token_file(),
-                &[
-                    "place", &big_name, "--name", name, "--within", host, "--json",
-                ],
-            );
-            assert!(ok, "{err}");
-            serde_json::from_str::<Value>(&out).unwrap()["id"]
-                .as_u64()
-                .unwrap()
-                .to_string()
-        })
+        .map(|(name, host)| ctx.start_job(&big_name, name, host))
         .collect();
     let lib = format!("{}:{AGENT_PORT}", ctx.lab.addr4("library"));
     let rack3_hosts = [
@@ -589,23 +591,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     // block (hv6 ties, and loses on its name); its link is slowed so the build
     // takes seconds, and its agent is killed once the first blocks are in.
     shape(&ctx.lab, "hv4", "rack2", Some("16mbit"));
-    let (ok, out, err) = ctx.vm(
-        &admin,
-        &[
-            "place",
-            &image_name,
-            "--name",
-            "vm-killed",
-            "--within",
-            "hv5",
-            "--json",
-        ],
-    );
-    assert!(ok, "{err}");
-    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_u64()
-        .unwrap()
-        .to_string();
+    let id = ctx.start_job(&image_name, "vm-killed", "hv5");
     let job_now = || -> Value {
         let (ok, out, err) = ctx.vm(&read, &["job", &id, "--json"]);
         assert!(ok, "{err}");
@@ -683,23 +669,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     // job is not forgotten but failed with a reason that says so, and the
     // agent's build is cancelled — no VM, no partial disk left.
     shape(&ctx.lab, "library", "core", Some("8mbit"));
-    let (ok, out, err) = ctx.vm(
-        &admin,
-        &[
-            "place",
-            &big_name,
-            "--name",
-            "vm-restart",
-            "--within",
-            "hv1",
-            "--json",
-        ],
-    );
-    assert!(ok, "{err}");
-    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_u64()
-        .unwrap()
-        .to_string();
+    let id = ctx.start_job(&big_name, "vm-restart", "hv1");
     within(Duration::from_secs(30), "the build under way", || {
         let j = ctx.job(&id);
         j["state"] == "building" && j["progress"]["blocks_done"].as_u64().unwrap_or(0) > 0
