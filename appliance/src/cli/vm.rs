@@ -7,7 +7,7 @@
 //! - `vm job ID [--watch]`, `vm cancel ID`.
 //! - `vm set HOST NAME start|pause|resume|retire`.
 
-use std::{fmt::Write as _, io::Write, net::SocketAddr, time::Duration};
+use std::{io::Write, net::SocketAddr, time::Duration};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -86,18 +86,10 @@ pub struct PlaceArgs {
     pub json: bool,
 }
 
-/// A path segment with everything but unreserved characters percent-encoded
-/// (image names hold `/` and `:`).
+/// A path segment with everything but ASCII letters and digits
+/// percent-encoded (image names hold `/` and `:`).
 pub fn path_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 pub fn run(args: &VmArgs, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -316,7 +308,7 @@ mod tests {
     fn image_names_are_one_path_segment() {
         assert_eq!(
             path_segment("iqn.2026-11.test:lib/1"),
-            "iqn.2026-11.test%3Alib%2F1"
+            "iqn%2E2026%2D11%2Etest%3Alib%2F1"
         );
         assert_eq!(path_segment("a b"), "a%20b");
     }

@@ -6,15 +6,15 @@
 //! whenever a build starts, re-plans or ends. Pure; the runner sends the rates.
 
 /// Builds pace their block bytes at this fraction of their share, so that the
-/// peer protocol's framing and sealing (about 1–2%) and the pacing's round
-/// granularity keep the wire within the budget.
+/// peer protocol's framing and sealing (0.9% measured in the lab: 1,649,359 B
+/// on the wire for 1,634,304 B of blocks) and the pacing's round granularity
+/// keep the wire within the budget.
 pub const PACE: f64 = 0.95;
 
 /// One build's connection to one source.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Flow {
     pub job: u64,
-    pub source: String,
     /// Topology link indices on its path.
     pub links: Vec<usize>,
 }
@@ -56,7 +56,6 @@ mod tests {
     fn flow(job: u64, links: &[usize]) -> Flow {
         Flow {
             job,
-            source: "s".into(),
             links: links.to_vec(),
         }
     }

@@ -235,6 +235,17 @@ impl Manager {
 
     /// Changes a job, saves it and tells the subscribers.
     fn update(&self, id: u64, f: impl FnOnce(&mut Job)) {
+        self.change(id, true, f);
+    }
+
+    /// A build's progress: shown at once, written to the jobs file with the
+    /// job's next event (a restart fails a running job anyway, so a commit per
+    /// poll would buy nothing).
+    fn update_progress(&self, id: u64, progress: jobs::Progress) {
+        self.change(id, false, |j| j.progress = progress);
+    }
+
+    fn change(&self, id: u64, persist: bool, f: impl FnOnce(&mut Job)) {
         let snapshot = {
             let mut jobs = self.jobs.lock();
             let Some(j) = jobs.get_mut(&id) else {
@@ -242,10 +253,12 @@ impl Manager {
             };
             f(j);
             j.updated_ms = jobs::now_ms();
-            j.clone()
+            persist.then(|| j.clone())
         };
-        if let Err(e) = self.db.save(&snapshot) {
-            tracing::warn!(job = id, "saving the job: {e}");
+        if let Some(job) = snapshot {
+            if let Err(e) = self.db.save(&job) {
+                tracing::warn!(job = id, "saving the job: {e}");
+            }
         }
         let _ = self.updates.send(id);
     }

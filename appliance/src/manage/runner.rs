@@ -158,10 +158,9 @@ impl Manager {
                 .unwrap_or_default();
             let mut all = Vec::new();
             for (&job, b) in builds.iter() {
-                for (node, links, _) in &b.sources {
+                for (_, links, _) in &b.sources {
                     all.push(budget::Flow {
                         job,
-                        source: node.clone(),
                         links: links.clone(),
                     });
                 }
@@ -647,7 +646,7 @@ impl Manager {
             };
             failures_in_a_row = 0;
             let progress = progress_of(&report, graph, paths);
-            self.update(id, |j| j.progress = progress);
+            self.update_progress(id, progress);
             if report.state != BuildState::Fetching {
                 return Ok(report);
             }

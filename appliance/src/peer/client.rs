@@ -283,8 +283,8 @@ impl Conn {
         let (rd, wr) = s.into_split();
         // Counted below the handshake and the records: what crosses the wire.
         let (rd, wr) = (
-            super::wire_count::Counted::new(rd, wire.clone()),
-            super::wire_count::Counted::new(wr, wire.clone()),
+            super::wire_count::counted_reader(rd, wire),
+            super::wire_count::counted_writer(wr, wire),
         );
         let secured = client_handshake(
             rd,

@@ -88,12 +88,7 @@ pub fn meminfo_bytes(text: &str, name: &str) -> Option<u64> {
 
 /// Used memory fraction from `/proc/meminfo`.
 pub fn parse_meminfo(text: &str) -> Option<f64> {
-    let field = |name: &str| -> Option<u64> {
-        text.lines().find_map(|l| {
-            let rest = l.strip_prefix(name)?.strip_prefix(':')?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-    };
+    let field = |name: &str| meminfo_bytes(text, name);
     let total = field("MemTotal")?;
     if total == 0 {
         return None;

@@ -1,20 +1,17 @@
-//! Bytes a peer connection carried on the wire: a reader or writer wrapped so
-//! that every byte through it is counted — handshake, frame headers and sealed
-//! records included, i.e. the connection's TCP payload, what the datapath's
-//! per-flow counters see. A build reports them per source, so its traffic can be
-//! checked against the BPF counters link by link.
+//! Bytes a peer connection carried on the wire: the socket's reader and writer
+//! are wrapped (`tokio_util::io::InspectReader`/`InspectWriter`) so that every
+//! byte through them is counted — handshake, frame headers and sealed records
+//! included, i.e. the connection's TCP payload, what the datapath's per-flow
+//! counters see. A build reports them per source, so its traffic can be checked
+//! against the BPF counters link by link.
 
-use std::{
-    io,
-    pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    task::{Context, Poll},
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::io::{InspectReader, InspectWriter};
 
 /// Bytes received and sent, over every connection to one peer.
 #[derive(Debug, Default)]
@@ -30,52 +27,20 @@ impl WireBytes {
     }
 }
 
-/// `inner`, counting into `wire` (reads as received, writes as sent).
-pub struct Counted<T> {
-    inner: T,
-    wire: Arc<WireBytes>,
+/// `rd`, counting what it reads into `wire.received`.
+pub fn counted_reader<R: AsyncRead>(rd: R, wire: &Arc<WireBytes>) -> InspectReader<R, impl FnMut(&[u8])> {
+    let wire = wire.clone();
+    InspectReader::new(rd, move |b: &[u8]| {
+        wire.received.fetch_add(b.len() as u64, Ordering::Relaxed);
+    })
 }
 
-impl<T> Counted<T> {
-    pub fn new(inner: T, wire: Arc<WireBytes>) -> Self {
-        Self { inner, wire }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.wire.received.fetch_add(n as u64, Ordering::Relaxed);
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            self.wire.sent.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+/// `wr`, counting what it writes into `wire.sent`.
+pub fn counted_writer<W: AsyncWrite>(wr: W, wire: &Arc<WireBytes>) -> InspectWriter<W, impl FnMut(&[u8])> {
+    let wire = wire.clone();
+    InspectWriter::new(wr, move |b: &[u8]| {
+        wire.sent.fetch_add(b.len() as u64, Ordering::Relaxed);
+    })
 }
 
 #[cfg(test)]
@@ -87,14 +52,15 @@ mod tests {
     async fn every_byte_through_is_counted() {
         let wire = Arc::new(WireBytes::default());
         let (a, b) = tokio::io::duplex(64);
-        let mut a = Counted::new(a, wire.clone());
+        let (a_rd, a_wr) = tokio::io::split(a);
+        let (mut a_rd, mut a_wr) = (counted_reader(a_rd, &wire), counted_writer(a_wr, &wire));
         let mut b = b;
-        a.write_all(b"hello world").await.unwrap();
+        a_wr.write_all(b"hello world").await.unwrap();
         let mut got = [0u8; 11];
         b.read_exact(&mut got).await.unwrap();
         b.write_all(b"0123456789").await.unwrap();
         let mut back = [0u8; 10];
-        a.read_exact(&mut back).await.unwrap();
+        a_rd.read_exact(&mut back).await.unwrap();
         assert_eq!(wire.sent.load(Ordering::Relaxed), 11);
         assert_eq!(wire.received.load(Ordering::Relaxed), 10);
         assert_eq!(wire.total(), 21);
