@@ -580,6 +580,10 @@ impl Manager {
             if !matches!(reply, Msg::BuildReply { .. }) {
                 return Err(format!("{} answered the build order with {}", placed.target, reply.name()));
             }
+            // Another build's allocation may have sent this one new rates before
+            // its agent had the order (refused: no such build): send every build
+            // the rates in force now that the agent has it.
+            self.reallocate(None).await;
             let graph = Graph::from_topology(&placed.topology);
             let report = self.follow(id, &agent, &graph, &paths, cancel).await?;
             match report.state {
