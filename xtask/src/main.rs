@@ -237,7 +237,60 @@ fn build() -> Result<()> {
     cargo(&["build", "--release", "-p", "nearblock"]).status_ok()
 }
 
+/// The build caches outside the clone grow at every run (cargo never collects
+/// stale artifacts or incremental sessions; a full disk failed CI once): above
+/// this size a cache loses its incremental sessions, and if still above, all of it.
+const CACHE_LIMIT_BYTES: u64 = 24 << 30;
+
+/// Keeps a build cache under [`CACHE_LIMIT_BYTES`]: a rebuild costs minutes, a
+/// full disk costs the run.
+fn prune_build_cache(dir: &Path) -> Result<()> {
+    if dir.starts_with(root()) || !dir.exists() {
+        return Ok(());
+    }
+    let size = disk_usage(dir)?;
+    if size <= CACHE_LIMIT_BYTES {
+        return Ok(());
+    }
+    for profile in std::fs::read_dir(dir)? {
+        let incremental = profile?.path().join("incremental");
+        if incremental.is_dir() {
+            std::fs::remove_dir_all(&incremental)
+                .with_context(|| format!("removing {}", incremental.display()))?;
+        }
+    }
+    let after = disk_usage(dir)?;
+    eprintln!(
+        "xtask: {} was {} MiB: incremental sessions removed, now {} MiB",
+        dir.display(),
+        size >> 20,
+        after >> 20
+    );
+    if after > CACHE_LIMIT_BYTES {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        eprintln!("xtask: {} removed (a cold build follows)", dir.display());
+    }
+    Ok(())
+}
+
+/// Bytes under `dir`, as `du` counts them.
+fn disk_usage(dir: &Path) -> Result<u64> {
+    let out = Command::new("du").arg("-sb").arg(dir).output()?;
+    if !out.status.success() {
+        bail!("du -sb {} failed: {}", dir.display(), out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("du -sb {}: unexpected output", dir.display()))
+}
+
 fn test(extra: &[String]) -> Result<()> {
+    phase("cache", || {
+        prune_build_cache(&target_dir())?;
+        prune_build_cache(Path::new(fuzz::FUZZ_TARGET_DIR))
+    })?;
     // The lint gate first: it is the fastest to fail.
     phase("lint", || {
         cargo(&["fmt", "--all", "--check"]).status_ok()?;
