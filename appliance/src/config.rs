@@ -72,6 +72,11 @@ pub struct ManagerConfig {
     /// How long a built disk may take to appear in the global index.
     #[serde(default = "default_manager_index_wait_secs")]
     pub index_wait_secs: u64,
+    /// The library's iSCSI portal (`ADDR:3260`): transparent builds have the
+    /// hypervisor's own image tool read `iscsi://PORTAL/TARGET/LUN`, which its
+    /// rack's appliance answers. Unset: mode `transparent` is refused.
+    #[serde(default)]
+    pub library_portal: Option<std::net::SocketAddr>,
 }
 
 fn default_manager_db() -> std::path::PathBuf {
@@ -322,6 +327,11 @@ pub struct SplicerConfig {
     /// Prefetch (LUNs with `mode = "prefetch"`): bandwidth budget per link, Mbit/s.
     #[serde(default = "default_prefetch_budget")]
     pub prefetch_budget_mbps: f64,
+    /// Nodes (by their name in the embedded indexer's peers file) whose
+    /// pre-staging orders this appliance follows into its cache: the manager's
+    /// appliance (transparent builds). Empty: none.
+    #[serde(default)]
+    pub managers: Vec<String>,
     /// How often each declared LUN's manifest source is looked at again
     /// (a changed manifest replaces the LUN; a vanished one withdraws it),
     /// milliseconds.
@@ -420,6 +430,7 @@ impl Default for SplicerConfig {
             fetch_batch_blocks: default_fetch_batch_blocks(),
             history_dir: None,
             prefetch_budget_mbps: default_prefetch_budget(),
+            managers: Vec::new(),
             manifest_refresh_ms: default_manifest_refresh_ms(),
             max_connections: default_max_connections(),
             max_connections_per_source: default_max_connections_per_source(),
@@ -886,6 +897,16 @@ impl Config {
                     .into(),
             ));
         }
+        if !self.splicer.managers.is_empty() && self.indexer.is_none() {
+            return Err(invalid(
+                "splicer",
+                "managers",
+                "pre-staging orders arrive on the embedded indexer's port: add [indexer]".into(),
+            ));
+        }
+        if self.splicer.managers.iter().any(String::is_empty) {
+            return Err(invalid("splicer", "managers", "an empty node name".into()));
+        }
         if let Some(m) = &self.manager {
             if self.indexer.is_none() || self.planner.is_none() {
                 return Err(invalid(
@@ -1052,6 +1073,10 @@ image_transfer_ports = [10809, 3260]
         .unwrap_err()
         .to_string();
         assert!(e.contains("stale_secs"), "{e}");
+        let e = Config::parse(&format!("{GOOD}\n[splicer]\nmanagers = [\"core\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("managers") && e.contains("[indexer]"), "{e}");
         let c = Config::parse(&format!(
             "{GOOD}\n[cost]\ntopology = \"/t.toml\"\n[planner]\n[indexer]\nconfig = \"/ix.toml\"\n[manager]\n"
         ))

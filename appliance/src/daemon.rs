@@ -187,6 +187,7 @@ fn start_manager(
     let options = crate::manage::ManagerOptions {
         stale_after: Duration::from_secs(mc.stale_secs),
         index_wait: Duration::from_secs(mc.index_wait_secs),
+        library_portal: mc.library_portal,
         ..crate::manage::ManagerOptions::default()
     };
     let manager = crate::manage::Manager::open(
@@ -408,8 +409,10 @@ fn planner(config: &Config, index: &IndexRole) -> Result<Option<Planner>, Daemon
 }
 
 /// Start the embedded indexer on the shared store, serving the block cache's
-/// blocks besides the index.
+/// blocks besides the index, and following `[splicer] managers`' pre-staging
+/// orders into the cache.
 async fn start_indexer(
+    app: &Arc<Appliance>,
     index: &IndexRole,
     cache: Option<&Arc<BlockCache>>,
 ) -> Result<Option<IndexerHandle>, DaemonError> {
@@ -417,7 +420,35 @@ async fn start_indexer(
         return Ok(None);
     };
     let blocks = cache.map(|c| c.clone() as Arc<dyn BlockSource>);
-    let handle = crate::peer::start_indexer_on(config, store.clone(), blocks)
+    let managers = &app.config.splicer.managers;
+    let builds = cache.filter(|_| !managers.is_empty()).map(|cache| {
+        let client = Arc::new(indexer_client(config));
+        let parent = config.parent.map(|p| client.peer(&p.to_string()));
+        // Sourcing starts after the indexer (it asks the indexer's service):
+        // staged blocks are ranked through it once it is there.
+        let splicer = app.splicer.clone();
+        let origin_of: crate::peer::builder::OriginOf = Arc::new(move |node: &str| {
+            splicer.sourcing.get().map(|s| {
+                let rank = s.ranks().rank(node);
+                crate::fetch::Origin {
+                    class: rank.class,
+                    hops: rank.hops,
+                }
+            })
+        });
+        Arc::new(crate::peer::builder::Builder::new(
+            &config.node,
+            crate::peer::builder::BuildTarget::Cache {
+                cache: cache.clone(),
+                origin_of,
+            },
+            client,
+            parent,
+            managers.clone(),
+            Arc::new(tokio::sync::Notify::new()),
+        ))
+    });
+    let handle = crate::peer::start_indexer_on(config, store.clone(), blocks, builds)
         .await
         .map_err(|e| DaemonError::Indexer(format!("{e:#}")))?;
     Ok(Some(handle))
@@ -616,7 +647,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         started: Instant::now(),
     });
     let cache = splicer.cache.get().cloned();
-    let indexer = start_indexer(&index, cache.as_ref()).await?;
+    let indexer = start_indexer(&app, &index, cache.as_ref()).await?;
     let sourcing = indexer
         .as_ref()
         .zip(splicing.as_ref())

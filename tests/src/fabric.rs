@@ -74,7 +74,8 @@ impl Fabric {
     }
 
     /// The hosts an indexer in `node` speaks for: a rack appliance for the
-    /// agents linked to it; a switch (the top of the lab's tree) for every agent.
+    /// agents linked to it and itself (its block cache is a holder); a switch
+    /// (the top of the lab's tree) for every agent.
     fn delegated(lab: &Lab, node: &str) -> Vec<String> {
         let is_agent = |name: &str| {
             lab.topology.nodes.iter().any(|n| {
@@ -96,7 +97,8 @@ impl Fabric {
                 .map(|n| n.name.clone())
                 .collect();
         }
-        lab.topology
+        let mut hosts: Vec<String> = lab
+            .topology
             .links
             .iter()
             .filter_map(|l| {
@@ -110,7 +112,9 @@ impl Fabric {
             })
             .filter(|n| is_agent(n))
             .cloned()
-            .collect()
+            .collect();
+        hosts.push(node.to_owned());
+        hosts
     }
 
     /// `node`'s key file.

@@ -1,5 +1,6 @@
 //! Place and build (issue 12) on the 3 racks × 3 hypervisors lab: core's
-//! appliance runs the global indexer and the manager; rack1..3 run indexers;
+//! appliance runs the global indexer and the manager; rack1's appliance steers
+//! and splices iSCSI with its rack's indexer embedded; rack2, rack3 run indexers;
 //! the library's agent exports tgtd's LUN; hv1..hv9 run agents with the plain
 //! hypervisor hook. Run as root. One lab for every scenario, in order:
 //!
@@ -11,6 +12,10 @@
 //!    each built bit-identical to the library's image, the job's events naming
 //!    the ranking, and the global index listing the new disk within 5 s (the
 //!    job's own measure, and the holders of a block through core).
+//!    Mode transparent: rack1's appliance stages the plan's blocks in its
+//!    cache, then the target's agent imports the disk with qemu-img from the
+//!    library's LUN; rack1 answers every READ from the staged blocks (none
+//!    passes to the library) and the disk is bit-identical and indexed.
 //! 3. A source serving corrupt blocks (hv4's old VM changed behind its index):
 //!    the job re-plans without it and completes bit-identical; its events say
 //!    which source failed and why.
@@ -22,8 +27,8 @@
 //!    The manager restarted mid-build fails the job with a reason and cancels
 //!    the agent's build (no VM, no partial disk).
 //! 6. Bad requests get clear errors: an unknown image, a bad name or policy, a
-//!    read token placing, mode `transparent` (not built yet), a host without
-//!    room never a candidate.
+//!    read token placing, mode `transparent` of an image that is no LUN, a
+//!    host without room never a candidate.
 
 use std::{
     path::{Path, PathBuf},
@@ -88,9 +93,12 @@ impl Ctx {
     fn start_hv(&mut self, hv: &str, cpu: f64, mem: f64, disk_free: u64) {
         let n: u32 = hv[2..].parse().unwrap();
         let rack = format!("rack{}", (n - 1) / 3 + 1);
+        let (qemu_img, modules) = nearblock_lab::qemu_img().unwrap();
         let extra = format!(
-            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\n[metrics]\ncpu = {cpu}\nmem = {mem}\n[resources]\ndisk_free_bytes = {disk_free}\n",
-            toml_path(&self.vm_dir(hv))
+            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\nqemu_img = {}\nqemu_module_dir = {}\n[metrics]\ncpu = {cpu}\nmem = {mem}\n[resources]\ndisk_free_bytes = {disk_free}\n",
+            toml_path(&self.vm_dir(hv)),
+            toml_path(&qemu_img),
+            toml_path(&modules),
         );
         self.fabric
             .start_agent(&self.lab, hv, &rack, &[], &extra)
@@ -99,9 +107,15 @@ impl Ctx {
 
     /// Places the image as `name`, following the job to its end: the job.
     fn place(&self, name: &str, policy: &str, within: &str) -> Value {
+        self.place_in_mode(name, policy, within, "agent")
+    }
+
+    /// [`Self::place`] in build mode `mode`.
+    fn place_in_mode(&self, name: &str, policy: &str, within: &str, mode: &str) -> Value {
         let image = Self::image_name();
         let mut args = vec![
-            "place", &image, "--name", name, "--policy", policy, "--watch", "--json",
+            "place", &image, "--name", name, "--policy", policy, "--mode", mode, "--watch",
+            "--json",
         ];
         if !within.is_empty() {
             args.extend(["--within", within]);
@@ -217,9 +231,10 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         .set_datapath_extra("core", &format!("image_transfer_ports = [{AGENT_PORT}]"));
     let ix = ctx.fabric.indexer_config(&ctx.lab, "core", None).unwrap();
     let extra_config = format!(
-        "[cost]\ntopology = {}\n[planner]\n[manager]\ndb = {}\nstale_secs = 5\nindex_wait_secs = 30\n[indexer]\nconfig = {}\n",
+        "[cost]\ntopology = {}\n[planner]\n[manager]\ndb = {}\nstale_secs = 5\nindex_wait_secs = 30\nlibrary_portal = \"{}:3260\"\n[indexer]\nconfig = {}\n",
         toml_path(&topo),
         toml_path(&ctx.lab.dir.path().join("manager.redb")),
+        ctx.lab.addr4("library"),
         toml_path(&ix),
     );
     let core_opts = ApplianceOptions {
@@ -229,7 +244,34 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     ctx.lab
         .start_appliance("core", core_opts.clone())
         .expect("core");
-    for rack in ["rack1", "rack2", "rack3"] {
+    // rack1: a steering appliance with its rack's indexer embedded, serving
+    // the library's LUN 1 from the index; core's manager may stage blocks in
+    // its cache, asked at the address its indexer advertises.
+    let ix1 = ctx
+        .fabric
+        .indexer_config(&ctx.lab, "rack1", Some("core"))
+        .unwrap();
+    let mut ix1_text = std::fs::read_to_string(&ix1).unwrap();
+    ix1_text.push_str(&format!(
+        "advertise = \"{}\"\n",
+        Fabric::addr(&ctx.lab, "rack1", INDEXER_PORT)
+    ));
+    std::fs::write(&ix1, ix1_text).unwrap();
+    let rack1_config = format!(
+        "[splicer]\nmanagers = [\"core\"]\nauthority = \"library\"\nmanifest_refresh_ms = 500\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\n[cost]\ntopology = {}\n[indexer]\nconfig = {}\n",
+        toml_path(&topo),
+        toml_path(&ix1),
+    );
+    ctx.lab
+        .start_appliance(
+            "rack1",
+            ApplianceOptions {
+                steer: true,
+                extra_config: rack1_config,
+            },
+        )
+        .expect("rack1");
+    for rack in ["rack2", "rack3"] {
         ctx.fabric
             .start_indexer(&ctx.lab, rack, Some("core"))
             .unwrap();
@@ -427,6 +469,91 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     ctx.fabric
         .wait_holder(&ctx.lab, "core", block, "hv4", Duration::from_secs(5))
         .unwrap();
+
+    // Mode transparent, in rack1: rack1's appliance stages the blocks, then
+    // the target's qemu-img reads the LUN through it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Its manifest from the index tree (served from the first READ CAPACITY on).
+    while ctx.lab.status("rack1").unwrap().splicer.luns[0]
+        .digest
+        .is_none()
+    {
+        if Instant::now() > deadline {
+            let bin = nearblock_lab::nearblock_bin().unwrap();
+            let mut argv: Vec<String> = vec![
+                bin.display().to_string(),
+                "peer".into(),
+                "manifest".into(),
+                "--addr".into(),
+                ctx.fabric.indexer_addr(&ctx.lab, "core"),
+                "--host".into(),
+                "library".into(),
+            ];
+            argv.extend(ctx.fabric.cli_args());
+            argv.push(image_name.clone());
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let o = ctx.lab.exec("rack1", &argv).unwrap();
+            panic!(
+                "rack1 has no manifest for the LUN: {:?}\nmanifest from core: {}{}\n{}",
+                ctx.lab.status("rack1").unwrap().splicer.luns,
+                String::from_utf8_lossy(&o.stdout)
+                    .chars()
+                    .take(600)
+                    .collect::<String>(),
+                String::from_utf8_lossy(&o.stderr),
+                ctx.lab.appliance_log("rack1")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = ctx.lab.status("rack1").unwrap().splicer;
+    let job = ctx.place_in_mode("vm-tr", "best", "rack1", "transparent");
+    let chosen = job["placement"]["chosen"].as_str().unwrap().to_owned();
+    assert!(["hv1", "hv2", "hv3"].contains(&chosen.as_str()), "{job:#}");
+    ctx.assert_identical(&chosen, "vm-tr");
+    assert_eq!(job["plan"]["staged_at"], "rack1", "{job:#}");
+    let ev = Ctx::events(&job);
+    for want in [
+        "staged at rack1",
+        "imports iscsi://",
+        "imported on",
+        "the global index lists vm/vm-tr",
+    ] {
+        assert!(ev.contains(want), "events lack {want}:\n{ev}");
+    }
+    // Staged from the library (2 hops from rack1; rack2's holders are 3).
+    let staged = job["progress"]["by_source"].as_object().unwrap();
+    let staged_blocks: u64 = staged.values().map(|s| s["blocks"].as_u64().unwrap()).sum();
+    assert_eq!(
+        staged_blocks,
+        job["plan"]["blocks_total"].as_u64().unwrap(),
+        "{job:#}"
+    );
+    let after = ctx.lab.status("rack1").unwrap().splicer;
+    let served = (after.reads_served_shadow + after.reads_served_local)
+        - (before.reads_served_shadow + before.reads_served_local);
+    eprintln!(
+        "transparent on {chosen}: staged {staged:?}; rack1 served {served} READs, passed {}, library bytes {}",
+        after.reads_passed - before.reads_passed,
+        after.library_bytes - before.library_bytes
+    );
+    assert!(
+        served > 0,
+        "rack1 served no READ: {after:?}\n{}",
+        ctx.lab.appliance_log("rack1")
+    );
+    assert_eq!(
+        after.reads_passed, before.reads_passed,
+        "every READ answered from the staged cache"
+    );
+    // Each staged block served once as the library's (its first use), the
+    // rest of the image zero blocks or repeats.
+    let lib_class = nearblock::fetch::SourceClass::Library;
+    assert_eq!(
+        after.served[&lib_class].blocks - before.served[&lib_class].blocks,
+        staged_blocks,
+        "{after:?}"
+    );
 
     // 2b. Two builds at once over core–rack3 (budget 200 Mbit/s): hv8 and hv9
     // each build LUN 2 from the library. core's BPF flow counters, sampled,
@@ -716,9 +843,16 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     assert!(!ok && err.contains("policy"), "{err}");
     let (ok, _, err) = ctx.vm(
         &admin,
-        &["place", &image_name, "--name", "x", "--mode", "transparent"],
+        &[
+            "place",
+            "vm/vm-best",
+            "--name",
+            "x",
+            "--mode",
+            "transparent",
+        ],
     );
-    assert!(!ok && err.contains("transparent"), "{err}");
+    assert!(!ok && err.contains("no TARGET/LUN"), "{err}");
     let (ok, out, err) = ctx.vm(&read, &["job", "999"]);
     assert!(!ok && err.contains("no job 999"), "{out}{err}");
 }

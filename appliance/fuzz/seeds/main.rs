@@ -619,6 +619,16 @@ fn peer_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("build-status", Msg::BuildStatus { job: 7 }),
         (
+            "import",
+            Msg::Import {
+                job: 7,
+                vm: "web1".into(),
+                image: "iqn.2026-12.example:img/1".into(),
+                size: 1 << 30,
+                source: "iscsi://198.18.0.1:3260/iqn.2026-12.example:img/1".into(),
+            },
+        ),
+        (
             "build-rates",
             Msg::BuildRates {
                 job: 7,

@@ -48,7 +48,7 @@ impl From<ManageError> for V1Error {
         let code = match &e {
             ManageError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ManageError::UnknownImage(_) | ManageError::NoJob(_) => StatusCode::NOT_FOUND,
-            ManageError::NotBuilt => StatusCode::NOT_IMPLEMENTED,
+            ManageError::NoPortal => StatusCode::NOT_IMPLEMENTED,
             ManageError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         V1Error(code, e.to_string())
@@ -175,7 +175,7 @@ fn default_mode() -> BuildMode {
         (status = 202, body = Job),
         (status = 400, body = ErrorBody, description = "bad JSON, VM name or policy"),
         (status = 404, body = ErrorBody, description = "the image is not in the global index"),
-        (status = 501, body = ErrorBody, description = "mode transparent")))]
+        (status = 501, body = ErrorBody, description = "mode transparent without [manager] library_portal")))]
 async fn place(
     State(s): State<ApiState>,
     Path(image): Path<String>,

@@ -64,6 +64,11 @@ impl BlockCache {
         }
     }
 
+    /// The bound, bytes of block data.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock()
     }

@@ -1,6 +1,7 @@
 //! The hypervisor hook: what nearblock asks of a hypervisor host, and nothing
 //! more. An agent lists its host's VMs with their disks and state, builds a VM's
-//! disk from blocks it is handed, and starts, pauses, resumes and retires VMs
+//! disk from blocks it is handed (or has the host's own image tool import it
+//! through the rack's appliance: `import_disk`), and starts, pauses, resumes and retires VMs
 //! through a [`Hypervisor`]. The manager never touches a disk itself: it sends
 //! build orders to the agent, which writes through this interface.
 //!
@@ -8,14 +9,15 @@
 //! directory, the VM's state in a small JSON file beside each); the lab and the
 //! tests use it. A libvirt or OpenStack adapter is another implementation of the
 //! same trait: `vms` from the domain list, `create_disk` into a storage pool
-//! volume, `start`/`pause`/`resume`/`retire` as domain calls.
+//! volume, `import_disk` as the pool's own volume upload from the URL,
+//! `start`/`pause`/`resume`/`retire` as domain calls.
 //!
 //! Not here yet (the migration issue): the extents a running VM dirtied since a
 //! token.
 
 mod plain;
 
-pub use plain::PlainFiles;
+pub use plain::{ImageTool, PlainFiles};
 
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +70,12 @@ pub enum HookError {
     },
     #[error("{0}: corrupt state file")]
     Corrupt(String),
+    #[error("import source `{0}`: an iscsi:// URL of A-Z a-z 0-9 . : / - _ [ ] %")]
+    BadSource(String),
+    #[error("importing VM `{vm}`: {reason}")]
+    Import { vm: String, reason: String },
+    #[error("VM `{0}`: cancelled")]
+    Cancelled(String),
 }
 
 /// A disk being built: blocks are written at their offsets (anything never
@@ -92,6 +100,19 @@ pub trait Hypervisor: Send + Sync {
         image: &str,
         size: u64,
     ) -> Result<Box<dyn DiskBuild>, HookError>;
+    /// Builds the disk of a new VM `vm` of `size` bytes from `image` with the
+    /// host's own image tool reading `source` (an `iscsi://PORTAL/TARGET/LUN`
+    /// URL, see [`check_import_source`]): the transparent way, whose reads the
+    /// rack's appliance answers. Blocks until the disk is whole and durable, or
+    /// `cancel` is set (nothing is left behind then).
+    fn import_disk(
+        &self,
+        vm: &str,
+        image: &str,
+        size: u64,
+        source: &str,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<VmDisk, HookError>;
     fn start(&self, vm: &str) -> Result<(), HookError>;
     fn pause(&self, vm: &str) -> Result<(), HookError>;
     fn resume(&self, vm: &str) -> Result<(), HookError>;
@@ -150,6 +171,25 @@ pub fn check_vm_name(name: &str) -> Result<(), HookError> {
     }
 }
 
+/// Checks an import source: an `iscsi://` URL of plain characters only. It
+/// becomes one argument of the image tool (no shell), and the tool must not be
+/// handed its other syntaxes (`json:`, file names, options).
+pub fn check_import_source(source: &str) -> Result<(), HookError> {
+    let ok = source.len() <= 1024
+        && source.strip_prefix("iscsi://").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest.bytes().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b'.' | b':' | b'/' | b'-' | b'_' | b'[' | b']' | b'%')
+                })
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(HookError::BadSource(source.to_owned()))
+    }
+}
+
 /// The index image name a VM's disk is offered under: `vm/<name>`, apart from
 /// library images (`IQN/LUN`) and configured ones.
 pub fn vm_image_name(vm: &str) -> String {
@@ -159,6 +199,27 @@ pub fn vm_image_name(vm: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn import_sources_are_iscsi_urls_of_plain_characters() {
+        for good in [
+            "iscsi://198.18.0.1:3260/iqn.2026-12.x:img/1",
+            "iscsi://[fd00::1]:3260/iqn.x/2",
+        ] {
+            assert!(check_import_source(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "iscsi://",
+            "json:{\"driver\":\"file\"}",
+            "/etc/shadow",
+            "iscsi://h/t/1 -o x",
+            "iscsi://h/t/1;rm",
+            "nbd://h/x",
+        ] {
+            assert!(check_import_source(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn vm_names_are_checked() {

@@ -32,9 +32,22 @@ struct StateFile {
     state: VmState,
 }
 
+/// The image tool `import_disk` runs: `qemu-img` (with its iSCSI driver).
+#[derive(Clone, Debug, Default)]
+pub struct ImageTool {
+    /// The `qemu-img` binary (default: `qemu-img` on the PATH).
+    pub qemu_img: Option<PathBuf>,
+    /// Its block-driver modules (`QEMU_MODULE_DIR`), for an unpacked build.
+    pub module_dir: Option<PathBuf>,
+}
+
+/// How long an import may run before it is given up.
+const IMPORT_LIMIT: std::time::Duration = std::time::Duration::from_hours(4);
+
 /// VMs as image files in `dir`.
 pub struct PlainFiles {
     dir: PathBuf,
+    tool: ImageTool,
     /// Names with a build in progress (a second build of one is refused).
     building: Arc<Mutex<HashSet<String>>>,
 }
@@ -46,10 +59,11 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HookError {
 
 impl PlainFiles {
     /// VMs in `dir` (created if missing).
-    pub fn open(dir: &Path) -> Result<Self, HookError> {
+    pub fn open(dir: &Path, tool: ImageTool) -> Result<Self, HookError> {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         Ok(Self {
             dir: dir.to_owned(),
+            tool,
             building: Arc::default(),
         })
     }
@@ -181,6 +195,75 @@ impl Hypervisor for PlainFiles {
         }))
     }
 
+    fn import_disk(
+        &self,
+        vm: &str,
+        image: &str,
+        size: u64,
+        source: &str,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<VmDisk, HookError> {
+        super::check_import_source(source)?;
+        let build = self.create_disk(vm, image, size)?;
+        let part = self.dir.join(format!(".{vm}{DISK_SUFFIX}.part"));
+        // Into the sized sparse `.part` (`-n`: no creation, so the file stays
+        // the build's); zero ranges become holes.
+        let mut cmd = std::process::Command::new(
+            self.tool
+                .qemu_img
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("qemu-img")),
+        );
+        cmd.args(["convert", "-n", "-f", "raw", "-O", "raw", source])
+            .arg(&part)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if let Some(m) = &self.tool.module_dir {
+            cmd.env("QEMU_MODULE_DIR", m);
+        }
+        let failed = |reason: String| HookError::Import {
+            vm: vm.to_owned(),
+            reason,
+        };
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| failed(format!("starting qemu-img: {e}")))?;
+        // stderr is drained beside the wait, so a chatty tool never blocks.
+        let mut stderr = child.stderr.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        });
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child
+                .try_wait()
+                .map_err(|e| failed(format!("waiting for qemu-img: {e}")))?
+            {
+                break st;
+            }
+            let over = started.elapsed() > IMPORT_LIMIT;
+            if over || cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(if over {
+                    failed(format!("qemu-img ran longer than {IMPORT_LIMIT:?}"))
+                } else {
+                    HookError::Cancelled(vm.to_owned())
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let text = reader.join().unwrap_or_default();
+        if !status.success() {
+            let tail: String = text.trim().chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
+            return Err(failed(format!("qemu-img {status}: {tail}")));
+        }
+        build.finish()
+    }
+
     fn start(&self, vm: &str) -> Result<(), HookError> {
         self.transition(vm, &[VmState::Stored], VmState::Running, "start")
     }
@@ -292,7 +375,7 @@ mod tests {
     #[test]
     fn a_build_becomes_a_stored_vm_whose_unwritten_blocks_read_zero() {
         let dir = tempfile::tempdir().unwrap();
-        let hv = PlainFiles::open(dir.path()).unwrap();
+        let hv = PlainFiles::open(dir.path(), ImageTool::default()).unwrap();
         let b = hv.create_disk("web1", "lib/1", 3 * 4096).unwrap();
         assert!(hv.vms().unwrap().is_empty(), "a build in progress is no VM");
         b.write_at(&[7u8; 4096], 4096).unwrap();
@@ -309,7 +392,7 @@ mod tests {
     #[test]
     fn an_abandoned_build_leaves_nothing_and_a_name_is_built_once() {
         let dir = tempfile::tempdir().unwrap();
-        let hv = PlainFiles::open(dir.path()).unwrap();
+        let hv = PlainFiles::open(dir.path(), ImageTool::default()).unwrap();
         let b = hv.create_disk("vm", "img", 4096).unwrap();
         assert!(matches!(
             hv.create_disk("vm", "img", 4096),
@@ -327,7 +410,7 @@ mod tests {
     #[test]
     fn lifecycle_follows_the_states_and_retire_removes_the_vm() {
         let dir = tempfile::tempdir().unwrap();
-        let hv = PlainFiles::open(dir.path()).unwrap();
+        let hv = PlainFiles::open(dir.path(), ImageTool::default()).unwrap();
         hv.create_disk("a", "img", 4096).unwrap().finish().unwrap();
         assert!(matches!(hv.resume("a"), Err(HookError::WrongState { .. })));
         hv.start("a").unwrap();

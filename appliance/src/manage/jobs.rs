@@ -85,6 +85,10 @@ pub struct SourceBytes {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlanView {
     pub target: String,
+    /// Mode transparent: the appliance that stages the blocks in its cache
+    /// (the plan's sources, links and hops are toward it).
+    #[serde(default)]
+    pub staged_at: Option<String>,
     pub blocks_total: u64,
     pub blocks_local: u64,
     pub blocks_fetched: u64,

@@ -51,8 +51,8 @@ pub enum ManageError {
     UnknownImage(String),
     #[error("no job {0}")]
     NoJob(u64),
-    #[error("mode `transparent` is not built yet in this version: use `agent`")]
-    NotBuilt,
+    #[error("mode `transparent` needs the library's iSCSI portal: set [manager] library_portal")]
+    NoPortal,
     #[error(transparent)]
     Store(#[from] jobs::JobStoreError),
 }
@@ -66,6 +66,8 @@ pub struct ManagerOptions {
     pub poll: Duration,
     /// How long a finished disk may take to appear in the global index.
     pub index_wait: Duration,
+    /// The library's iSCSI portal, for transparent builds.
+    pub library_portal: Option<std::net::SocketAddr>,
 }
 
 impl Default for ManagerOptions {
@@ -74,6 +76,7 @@ impl Default for ManagerOptions {
             stale_after: Duration::from_secs(10),
             poll: Duration::from_millis(250),
             index_wait: Duration::from_mins(1),
+            library_portal: None,
         }
     }
 }
@@ -187,7 +190,15 @@ impl Manager {
             .parse::<Policy>()
             .map_err(|e| ManageError::BadRequest(format!("policy: {e}")))?;
         if spec.mode == BuildMode::Transparent {
-            return Err(ManageError::NotBuilt);
+            if self.options.library_portal.is_none() {
+                return Err(ManageError::NoPortal);
+            }
+            if runner::lun_of(&spec.image).is_none() {
+                return Err(ManageError::BadRequest(format!(
+                    "mode transparent reads the image as an iSCSI LUN: `{}` is no TARGET/LUN name",
+                    spec.image
+                )));
+            }
         }
         let known = self
             .store

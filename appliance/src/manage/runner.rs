@@ -1,9 +1,15 @@
-//! One job from placement to the indexed disk (agent mode): candidates from
-//! the agents' reports (hypervisors only, with room for the disk, without a VM
-//! of that name), ranked over the global index by construction cost and chosen
-//! by the policy; then the construction plan is sent to the target's agent as a
-//! build order, its progress followed, and the plan remade without a source
-//! that failed; last, the job waits until the global index lists the new disk.
+//! One job from placement to the indexed disk: candidates from the agents'
+//! reports (hypervisors only, with room for the disk, without a VM of that
+//! name), ranked over the global index by construction cost and chosen by the
+//! policy; then the construction plan is sent as a build order, its progress
+//! followed, and the plan remade without a source that failed; last, the job
+//! waits until the global index lists the new disk.
+//!
+//! Mode `agent`: the order goes to the target's agent, which writes the disk.
+//! Mode `transparent`: the order goes to the target's rack appliance, which
+//! stages the blocks in its cache; then the target's agent imports the disk
+//! with the host's own image tool from the library's LUN, whose READs that
+//! appliance answers from the staged blocks.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -15,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     budget,
-    jobs::{JobState, PlanView, Progress, SourceBytes},
+    jobs::{BuildMode, JobState, PlanView, Progress, SourceBytes},
     Manager, PlanningView,
 };
 use crate::{
@@ -87,11 +93,30 @@ impl HolderIndex for Excluding<'_> {
 }
 
 /// What placement decided, for the build.
+#[derive(Clone)]
 struct Placed {
     topology: Topology,
     manifest: Manifest,
     manifest_host: String,
     target: String,
+    /// Who follows the build order: the target's agent, or (transparent) its
+    /// rack's appliance.
+    builder: String,
+    mode: BuildMode,
+}
+
+/// The target and LUN of a library image named `TARGET/LUN` (the library
+/// agent's name for a tgt LUN).
+pub(super) fn lun_of(image: &str) -> Option<(&str, u32)> {
+    let (target, lun) = image.rsplit_once('/')?;
+    let lun = lun.parse().ok()?;
+    (!target.is_empty() && !target.contains('/')).then_some((target, lun))
+}
+
+/// The URL the target's image tool reads the library LUN from.
+fn import_source(portal: std::net::SocketAddr, image: &str) -> Option<String> {
+    let (target, lun) = lun_of(image)?;
+    Some(format!("iscsi://{portal}/{target}/{lun}"))
 }
 
 /// The class of a source as seen from the target.
@@ -238,8 +263,12 @@ impl Manager {
                 j.event("done");
             }),
             Err(e) if cancel.is_cancelled() => {
-                let target = self.job(id).and_then(|j| j.plan.map(|p| p.target));
-                if let Some(addr) = target.and_then(|t| self.addr_of(&t)) {
+                let nodes = self
+                    .job(id)
+                    .and_then(|j| j.plan)
+                    .map(|p| p.staged_at.into_iter().chain([p.target]).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                for addr in nodes.iter().filter_map(|n| self.addr_of(n)) {
                     let _ = self
                         .client
                         .peer(&addr)
@@ -273,9 +302,29 @@ impl Manager {
         };
         self.update(id, |j| {
             j.state = JobState::Building;
-            j.event(format!("building on {}", placed.target));
+            j.event(match placed.mode {
+                BuildMode::Agent => format!("building on {}", placed.target),
+                BuildMode::Transparent => format!(
+                    "building on {}: {} stages the blocks, then {}'s image tool reads the LUN through it",
+                    placed.target, placed.builder, placed.target
+                ),
+            });
         });
-        self.build(id, &placed, cancel).await?;
+        match placed.mode {
+            BuildMode::Agent => self.build(id, &placed, cancel).await?,
+            BuildMode::Transparent => {
+                if let Err(e) = self.build(id, &placed, cancel).await {
+                    if cancel.is_cancelled() {
+                        return Err(e);
+                    }
+                    // The import still works: the appliance sources on demand.
+                    self.update(id, |j| {
+                        j.event(format!("staging at {} failed: {e}; the reads are sourced on demand", placed.builder));
+                    });
+                }
+                self.import(id, &placed, cancel).await?;
+            }
+        }
         self.update(id, |j| {
             j.state = JobState::Indexing;
             j.event("built; waiting for the global index to list it");
@@ -390,11 +439,18 @@ impl Manager {
             j.event(format!("ranked: {}; chose {target}", ranked.join(", ")));
             j.placement = Some(report);
         });
+        let builder = match spec.mode {
+            BuildMode::Agent => target.clone(),
+            BuildMode::Transparent => super::inventory::rack_of(&topology, &target)
+                .ok_or_else(|| format!("{target} has no rack node in the topology to stage at"))?,
+        };
         Ok(Placed {
             topology,
             manifest,
             manifest_host,
             target,
+            builder,
+            mode: spec.mode,
         })
     }
 
@@ -430,10 +486,13 @@ impl Manager {
         let graph = Graph::from_topology(&placed.topology);
         let store = Store::new(self.store.clone()).map_err(|e| e.to_string())?;
         let hosts = store.hosts();
+        let addrs: BTreeMap<String, String> = self.index.addrs().into_iter().collect();
+        // Failed sources, and holders nobody can ask (no address known: an
+        // appliance's cache whose indexer advertises none).
         let excluded_ids = hosts
             .iter()
             .enumerate()
-            .filter(|(_, h)| excluded.contains(*h))
+            .filter(|(_, h)| excluded.contains(*h) || !addrs.contains_key(*h))
             .map(|(i, _)| i as HostId)
             .collect();
         let index = Excluding {
@@ -441,12 +500,11 @@ impl Manager {
             excluded: excluded_ids,
         };
         let image = ImageHolders::resolve(&placed.manifest, &index, &graph).map_err(|e| e.to_string())?;
-        let target = graph
-            .node_id(&placed.target)
-            .ok_or_else(|| format!("{} is not in the topology", placed.target))?;
-        let paths = graph.shortest_paths(target);
+        let builder = graph
+            .node_id(&placed.builder)
+            .ok_or_else(|| format!("{} is not in the topology", placed.builder))?;
+        let paths = graph.shortest_paths(builder);
         let plan: ConstructionPlan = construct(&image, &graph, &paths).map_err(|e| e.to_string())?;
-        let addrs: BTreeMap<String, String> = self.index.addrs().into_iter().collect();
         let mut sources: Vec<BuildSource> = Vec::new();
         let mut index_of: BTreeMap<NodeId, u16> = BTreeMap::new();
         for &n in &plan.sources {
@@ -481,6 +539,7 @@ impl Manager {
             .collect();
         let view = PlanView {
             target: placed.target.clone(),
+            staged_at: (placed.builder != placed.target).then(|| placed.builder.clone()),
             blocks_total: image.blocks.distinct.len() as u64,
             blocks_local: plan.blocks_local,
             blocks_fetched: plan.blocks_fetched,
@@ -521,11 +580,15 @@ impl Manager {
         Ok((order, view, paths, flows))
     }
 
-    /// Orders the build, follows it and re-plans around failed sources.
+    /// Orders the build (or the staging), follows it and re-plans around
+    /// failed sources.
     async fn build(self: &Arc<Self>, id: u64, placed: &Placed, cancel: &CancellationToken) -> Result<(), String> {
-        let target_addr = self
-            .addr_of(&placed.target)
-            .ok_or_else(|| format!("no block service address known for {}", placed.target))?;
+        let target_addr = self.addr_of(&placed.builder).ok_or_else(|| {
+            format!(
+                "no peer address known for {} (an appliance's indexer advertises one with `advertise`)",
+                placed.builder
+            )
+        })?;
         let agent = self.client.peer(&target_addr);
         let mut excluded = BTreeSet::new();
         let mut replans = 0;
@@ -533,12 +596,7 @@ impl Manager {
             let (mut order, mut plan_view, paths, flows) = {
                 let (me, placed_ex) = (self.clone(), excluded.clone());
                 // Planning reads the store: off the async workers.
-                let placed = Placed {
-                    topology: placed.topology.clone(),
-                    manifest: placed.manifest.clone(),
-                    manifest_host: placed.manifest_host.clone(),
-                    target: placed.target.clone(),
-                };
+                let placed = placed.clone();
                 tokio::task::spawn_blocking(move || me.plan_order(id, &placed, &placed_ex))
                     .await
                     .map_err(|e| format!("planning task: {e}"))??
@@ -576,18 +634,26 @@ impl Manager {
                     order: Box::new(order),
                 })
                 .await
-                .map_err(|e| format!("build order to {}: {e}", placed.target))?;
+                .map_err(|e| format!("build order to {}: {e}", placed.builder))?;
             if !matches!(reply, Msg::BuildReply { .. }) {
-                return Err(format!("{} answered the build order with {}", placed.target, reply.name()));
+                return Err(format!("{} answered the build order with {}", placed.builder, reply.name()));
             }
             // Another build's allocation may have sent this one new rates before
             // its agent had the order (refused: no such build): send every build
             // the rates in force now that the agent has it.
             self.reallocate(None).await;
             let graph = Graph::from_topology(&placed.topology);
-            let report = self.follow(id, &agent, &graph, &paths, cancel).await?;
+            let report = self.follow(id, &agent, Some((&graph, &paths)), cancel).await?;
             match report.state {
-                BuildState::Done => return Ok(()),
+                BuildState::Done => {
+                    if placed.mode == BuildMode::Transparent {
+                        let staged = self.job(id).map_or(0, |j| j.progress.bytes_written);
+                        self.update(id, |j| {
+                            j.event(format!("staged at {}: {staged} bytes", placed.builder));
+                        });
+                    }
+                    return Ok(());
+                }
                 BuildState::NeedsSources => {
                     let newly: Vec<String> = report
                         .failures
@@ -621,14 +687,53 @@ impl Manager {
         }
     }
 
-    /// Polls the agent until the build settles (done, failed, or waiting for
-    /// sources), recording progress.
+    /// Has the target's agent import the disk with the host's image tool from
+    /// the library's LUN (transparent mode), and follows it.
+    async fn import(&self, id: u64, placed: &Placed, cancel: &CancellationToken) -> Result<(), String> {
+        let portal = self.options.library_portal.ok_or("no [manager] library_portal")?;
+        let spec = self.job(id).ok_or("job vanished")?.spec;
+        let source = import_source(portal, &spec.image)
+            .ok_or_else(|| format!("`{}` is no TARGET/LUN name", spec.image))?;
+        let addr = self
+            .addr_of(&placed.target)
+            .ok_or_else(|| format!("no block service address known for {}", placed.target))?;
+        let agent = self.client.peer(&addr);
+        self.update(id, |j| j.event(format!("{} imports {source}", placed.target)));
+        let started = Instant::now();
+        let reply = agent
+            .request(&Msg::Import {
+                job: id,
+                vm: spec.name,
+                image: spec.image,
+                size: placed.manifest.size,
+                source,
+            })
+            .await
+            .map_err(|e| format!("import order to {}: {e}", placed.target))?;
+        if !matches!(reply, Msg::BuildReply { .. }) {
+            return Err(format!("{} answered the import order with {}", placed.target, reply.name()));
+        }
+        let report = self.follow(id, &agent, None, cancel).await?;
+        match report.state {
+            BuildState::Done => {
+                let ms = started.elapsed().as_millis();
+                self.update(id, |j| {
+                    j.event(format!("imported on {} in {ms} ms", placed.target));
+                });
+                Ok(())
+            }
+            BuildState::Cancelled => Err("the agent cancelled the import".into()),
+            _ => Err(report.error.unwrap_or_else(|| "the import failed".into())),
+        }
+    }
+
+    /// Polls the builder until the build settles (done, failed, or waiting for
+    /// sources), recording progress when `plan` (its graph and paths) is given.
     async fn follow(
         &self,
         id: u64,
         agent: &crate::peer::client::Peer,
-        graph: &Graph,
-        paths: &ShortestPaths,
+        plan: Option<(&Graph, &ShortestPaths)>,
         cancel: &CancellationToken,
     ) -> Result<BuildReport, String> {
         let mut failures_in_a_row = 0;
@@ -649,8 +754,9 @@ impl Manager {
                 }
             };
             failures_in_a_row = 0;
-            let progress = progress_of(&report, graph, paths);
-            self.update_progress(id, progress);
+            if let Some((graph, paths)) = plan {
+                self.update_progress(id, progress_of(&report, graph, paths));
+            }
             if report.state != BuildState::Fetching {
                 return Ok(report);
             }

@@ -393,7 +393,13 @@ pub fn hypervisor_of(cfg: &AgentConfig) -> Result<Option<Arc<dyn Hypervisor>>> {
     let Some(h) = &cfg.hypervisor else {
         return Ok(None);
     };
-    Ok(Some(Arc::new(crate::hypervisor::PlainFiles::open(&h.vm_dir)?)))
+    let tool = crate::hypervisor::ImageTool {
+        qemu_img: h.qemu_img.clone(),
+        module_dir: h.qemu_module_dir.clone(),
+    };
+    Ok(Some(Arc::new(crate::hypervisor::PlainFiles::open(
+        &h.vm_dir, tool,
+    )?)))
 }
 
 /// The host's absolute resources: pinned, else measured (cores, memory from
@@ -486,7 +492,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let builds = hypervisor.clone().map(|hv| {
         Arc::new(crate::peer::builder::Builder::new(
             &cfg.node,
-            hv,
+            crate::peer::builder::BuildTarget::Disks(hv),
             client.clone(),
             cfg.parent.map(|p| client.peer(&p.to_string())),
             cfg.hypervisor

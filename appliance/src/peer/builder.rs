@@ -11,8 +11,13 @@
 //! the disk is synced and becomes the VM's, and the agent rescans so the new
 //! disk is indexed and pushed up as a holder.
 //!
-//! Only the nodes named in `[hypervisor] managers` may order, query or cancel
-//! builds.
+//! An appliance follows the same orders into its block cache instead
+//! ([`BuildTarget::Cache`]): pre-staging a transparent build's blocks ahead of
+//! the hypervisor's own reads. An agent also imports disks with the host's own
+//! image tool ([`Builder::import`], followed and cancelled like a build).
+//!
+//! Only the nodes named in `[hypervisor] managers` (an appliance: `[splicer]
+//! managers`) may order, query or cancel builds.
 
 use std::{
     collections::HashMap,
@@ -35,9 +40,26 @@ use super::{
     client::{ManifestAnswer, Peer, PeerClient},
 };
 use crate::{
-    hypervisor::{check_vm_name, DiskBuild, Hypervisor, VmAction},
+    fetch::{BlockCache, Origin},
+    hypervisor::{check_import_source, check_vm_name, DiskBuild, Hypervisor, VmAction},
     index::{BlockHash, BlockHashMap, Manifest},
 };
+
+/// Where a staged block's source sits from this appliance (`None`: not known
+/// yet), so its first READ is counted by where it came from.
+pub type OriginOf = Arc<dyn Fn(&str) -> Option<Origin> + Send + Sync>;
+
+/// What a builder's orders fill.
+#[derive(Clone)]
+pub enum BuildTarget {
+    /// An agent: VM disks, through the hypervisor hook.
+    Disks(Arc<dyn Hypervisor>),
+    /// An appliance: its block cache (pre-staging).
+    Cache {
+        cache: Arc<BlockCache>,
+        origin_of: OriginOf,
+    },
+}
 
 /// How long a build waits in `NeedsSources` for a re-plan before it gives up
 /// (and removes what it wrote).
@@ -96,7 +118,7 @@ impl Build {
 /// The agent's builds.
 pub struct Builder {
     node: String,
-    hypervisor: Arc<dyn Hypervisor>,
+    target: BuildTarget,
     client: Arc<PeerClient>,
     /// Where manifests come from (the agent's parent indexer).
     parent: Option<Peer>,
@@ -111,7 +133,7 @@ pub struct Builder {
 impl Builder {
     pub fn new(
         node: &str,
-        hypervisor: Arc<dyn Hypervisor>,
+        target: BuildTarget,
         client: Arc<PeerClient>,
         parent: Option<Peer>,
         managers: Vec<String>,
@@ -119,7 +141,7 @@ impl Builder {
     ) -> Self {
         Self {
             node: node.to_owned(),
-            hypervisor,
+            target,
             client,
             parent,
             managers,
@@ -154,7 +176,23 @@ impl Builder {
             b.replanned.notify_one();
             return Ok(b.snapshot());
         }
-        let b = Arc::new(Build {
+        let b = Self::new_build(order.clone());
+        b.set_rates(&order, &order.rates);
+        self.builds.lock().insert(order.job, b.clone());
+        let me = self.clone();
+        let span = tracing::info_span!("build", node = %self.node, job = order.job, vm = %order.vm, image = %order.image);
+        tokio::spawn(
+            async move {
+                let result = me.run(&b).await;
+                me.settle(&b, result);
+            }
+            .instrument(span),
+        );
+        Ok(self.status(order.job).expect("just inserted"))
+    }
+
+    fn new_build(order: BuildOrder) -> Arc<Build> {
+        Arc::new(Build {
             report: Mutex::new(BuildReport {
                 job: order.job,
                 vm: order.vm.clone(),
@@ -166,46 +204,97 @@ impl Builder {
                 failures: Vec::new(),
                 error: None,
             }),
-            order: Mutex::new(order.clone()),
+            order: Mutex::new(order),
             replanned: Notify::new(),
             cancelled: AtomicBool::new(false),
             bytes_written: AtomicU64::new(0),
             rates: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Records how a build (or import) ended.
+    fn settle(&self, b: &Build, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                b.set_state(BuildState::Done, None);
+                tracing::info!("built");
+                self.built.notify_one();
+            }
+            Err(_) if b.cancelled.load(Ordering::Relaxed) => {
+                b.set_state(BuildState::Cancelled, None);
+                tracing::info!("cancelled");
+            }
+            Err(e) => {
+                tracing::warn!("build failed: {e}");
+                b.set_state(BuildState::Failed, Some(e));
+            }
+        }
+        self.retire_finished(b.report.lock().job);
+    }
+
+    fn hypervisor(&self) -> Result<&Arc<dyn Hypervisor>, String> {
+        match &self.target {
+            BuildTarget::Disks(hv) => Ok(hv),
+            BuildTarget::Cache { .. } => Err(format!("{} has no hypervisor (an appliance)", self.node)),
+        }
+    }
+
+    /// Imports VM `vm`'s disk with the host's own image tool reading `source`
+    /// (transparent mode): a build without sources, followed and cancelled by
+    /// its job like any other.
+    pub fn import(
+        self: &Arc<Self>,
+        job: u64,
+        vm: String,
+        image: String,
+        size: u64,
+        source: String,
+    ) -> Result<BuildReport, String> {
+        let hv = self.hypervisor()?.clone();
+        check_vm_name(&vm).map_err(|e| e.to_string())?;
+        check_import_source(&source).map_err(|e| e.to_string())?;
+        if self.builds.lock().contains_key(&job) {
+            return Err(format!("build {job} exists here"));
+        }
+        let b = Self::new_build(BuildOrder {
+            job,
+            vm: vm.clone(),
+            image: image.clone(),
+            manifest_host: String::new(),
+            block_size: 0,
+            digest: [0; 32],
+            sources: Vec::new(),
+            runs: Vec::new(),
+            rates: Vec::new(),
         });
-        b.set_rates(&order, &order.rates);
-        self.builds.lock().insert(order.job, b.clone());
+        self.builds.lock().insert(job, b.clone());
         let me = self.clone();
-        let span = tracing::info_span!("build", node = %self.node, job = order.job, vm = %order.vm, image = %order.image);
+        let span = tracing::info_span!("import", node = %self.node, job, vm = %vm, source = %source);
         tokio::spawn(
             async move {
-                let result = me.run(&b).await;
-                match result {
-                    Ok(()) => {
-                        b.set_state(BuildState::Done, None);
-                        tracing::info!("built");
-                        me.built.notify_one();
-                    }
-                    Err(_) if b.cancelled.load(Ordering::Relaxed) => {
-                        b.set_state(BuildState::Cancelled, None);
-                        tracing::info!("cancelled");
-                    }
-                    Err(e) => {
-                        tracing::warn!("build failed: {e}");
-                        b.set_state(BuildState::Failed, Some(e));
-                    }
-                }
-                me.retire_finished(b.report.lock().job);
+                let bb = b.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    hv.import_disk(&vm, &image, size, &source, &bb.cancelled)
+                        .map(|disk| {
+                            bb.bytes_written.store(disk.size, Ordering::Relaxed);
+                        })
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| format!("import task: {e}"))
+                .and_then(|r| r);
+                me.settle(&b, result);
             }
             .instrument(span),
         );
-        Ok(self.status(order.job).expect("just inserted"))
+        Ok(self.status(job).expect("just inserted"))
     }
 
     /// A lifecycle change of a VM; the agent rescans after it (a retired VM's
     /// disk leaves the index).
     pub async fn vm_action(&self, vm: String, action: VmAction) -> Result<(), String> {
         check_vm_name(&vm).map_err(|e| e.to_string())?;
-        let hv = self.hypervisor.clone();
+        let hv = self.hypervisor()?.clone();
         tokio::task::spawn_blocking(move || crate::hypervisor::apply(&*hv, &vm, action))
             .await
             .map_err(|e| e.to_string())?
@@ -283,22 +372,49 @@ impl Builder {
         let positions = positions_of(&manifest, &blocks);
         let total = blocks.distinct.len();
         b.report.lock().blocks_total = total as u64;
-        let hv = self.hypervisor.clone();
-        let (vm, image, size) = (order.vm.clone(), order.image.clone(), manifest.size);
-        let disk: Arc<dyn DiskBuild> = Arc::from(
-            tokio::task::spawn_blocking(move || hv.create_disk(&vm, &image, size))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?,
-        );
+        let sink = match &self.target {
+            BuildTarget::Disks(hv) => {
+                let hv = hv.clone();
+                let (vm, image, size) = (order.vm.clone(), order.image.clone(), manifest.size);
+                Sink::Disk(Arc::from(
+                    tokio::task::spawn_blocking(move || hv.create_disk(&vm, &image, size))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?,
+                ))
+            }
+            BuildTarget::Cache { cache, origin_of } => {
+                let bytes: u64 = blocks.distinct.iter().map(|d| d.len).sum();
+                if bytes > cache.capacity() {
+                    return Err(format!(
+                        "the cache holds {} bytes, the image's distinct blocks are {bytes}: not staged (its reads are sourced on demand)",
+                        cache.capacity()
+                    ));
+                }
+                Sink::Cache {
+                    cache: cache.clone(),
+                    origin_of: origin_of.clone(),
+                }
+            }
+        };
         let mut done = vec![false; total];
         let mut done_count = 0usize;
+        // Staging: what the cache holds already is not fetched again.
+        if let Sink::Cache { cache, .. } = &sink {
+            for (d, slot) in blocks.distinct.iter().zip(done.iter_mut()) {
+                if cache.contains(&d.hash) {
+                    *slot = true;
+                    done_count += 1;
+                }
+            }
+            b.report.lock().blocks_done = done_count as u64;
+        }
         let ctx = Arc::new(Pass {
             client: PeerClient::new(self.client.options().clone()),
             blocks,
             positions,
             block_size: u64::from(manifest.block_size),
-            disk: disk.clone(),
+            sink,
             build: b.clone(),
         });
         loop {
@@ -334,11 +450,14 @@ impl Builder {
                 return Err("cancelled".into());
             }
         }
-        drop(ctx);
-        tokio::task::spawn_blocking(move || disk.finish())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        if let Sink::Disk(disk) = &ctx.sink {
+            let disk = disk.clone();
+            drop(ctx);
+            tokio::task::spawn_blocking(move || disk.finish())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
 }
@@ -439,8 +558,19 @@ struct Pass {
     blocks: crate::plan::image::ImageBlocks,
     positions: Vec<Vec<u64>>,
     block_size: u64,
-    disk: Arc<dyn DiskBuild>,
+    sink: Sink,
     build: Arc<Build>,
+}
+
+/// Where a pass's verified blocks go.
+enum Sink {
+    /// At each of the block's positions in the VM's disk.
+    Disk(Arc<dyn DiskBuild>),
+    /// Into the appliance's cache, once, tagged with where it came from.
+    Cache {
+        cache: Arc<BlockCache>,
+        origin_of: OriginOf,
+    },
 }
 
 /// What one source gave in a pass.
@@ -521,8 +651,8 @@ impl Pass {
                     Err(_) => {}
                 }
             }
-            let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.write(good)).await {
+            let (me, from) = (self.clone(), node.to_owned());
+            match tokio::task::spawn_blocking(move || me.write(&from, good)).await {
                 Ok(Ok((ids, bytes))) => {
                     // Progress per round, so the manager sees a long build move.
                     {
@@ -547,9 +677,9 @@ impl Pass {
         out
     }
 
-    /// Writes verified blocks at every position they occupy: (written distinct
-    /// indices, block bytes received).
-    fn write(&self, blocks: Vec<(u32, Bytes)>) -> Result<(Vec<u32>, u64), String> {
+    /// Writes verified blocks from `from` at every position they occupy (a
+    /// cache: once): (written distinct indices, block bytes received).
+    fn write(&self, from: &str, blocks: Vec<(u32, Bytes)>) -> Result<(Vec<u32>, u64), String> {
         let mut ids = Vec::with_capacity(blocks.len());
         let mut bytes = 0;
         for (i, data) in blocks {
@@ -557,13 +687,23 @@ impl Pass {
             if data.len() as u64 != want {
                 return Err(format!("block {i}: {} bytes, the manifest says {want}", data.len()));
             }
-            for &pos in &self.positions[i as usize] {
-                self.disk
-                    .write_at(&data, pos * self.block_size)
-                    .map_err(|e| e.to_string())?;
-                self.build
-                    .bytes_written
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            match &self.sink {
+                Sink::Disk(disk) => {
+                    for &pos in &self.positions[i as usize] {
+                        disk.write_at(&data, pos * self.block_size)
+                            .map_err(|e| e.to_string())?;
+                        self.build
+                            .bytes_written
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                Sink::Cache { cache, origin_of } => {
+                    let origin = origin_of(from);
+                    self.build
+                        .bytes_written
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    cache.insert_from(self.blocks.distinct[i as usize].hash, data.clone(), origin);
+                }
             }
             bytes += data.len() as u64;
             ids.push(i);

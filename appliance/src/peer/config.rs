@@ -160,6 +160,13 @@ pub struct HypervisorConfig {
     /// follows: the manager's appliance. Empty: no builds.
     #[serde(default)]
     pub managers: Vec<String>,
+    /// The image tool of transparent builds (`qemu-img` with its iSCSI
+    /// driver; default: `qemu-img` on the PATH).
+    #[serde(default)]
+    pub qemu_img: Option<PathBuf>,
+    /// Its block-driver modules (`QEMU_MODULE_DIR`), for an unpacked build.
+    #[serde(default)]
+    pub qemu_module_dir: Option<PathBuf>,
 }
 
 fn default_hook() -> String {
@@ -250,6 +257,10 @@ pub struct AgentConfig {
 pub struct IndexerConfig {
     pub node: String,
     pub listen: SocketAddr,
+    /// How peers reach this indexer (an appliance's cache blocks, pre-staging
+    /// orders): pushed to the parent as this node's address. Unset: not pushed.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
     /// This node's private key (`nearblock keygen`).
     pub key_file: PathBuf,
     /// Every node's public key, role and delegated hosts.

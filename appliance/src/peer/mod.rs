@@ -84,7 +84,7 @@ impl Drop for IndexerHandle {
 /// runtime).
 pub async fn start_indexer(cfg: &config::IndexerConfig) -> Result<IndexerHandle> {
     let store = open_indexer_store(cfg)?;
-    start_indexer_on(cfg, store, None).await
+    start_indexer_on(cfg, store, None, None).await
 }
 
 /// Open the store an indexer configured by `cfg` works on (with a change log
@@ -108,11 +108,12 @@ pub fn open_indexer_store(cfg: &config::IndexerConfig) -> Result<Arc<RedbStore>>
 /// Start the index service, and the upward pusher if `cfg` has a parent, on an
 /// open store (the daemon shares its store with the splicer and the planner).
 /// `blocks`: what the server serves by hash besides the index (the appliance's
-/// block cache).
+/// block cache); `builds`: pre-staging orders into that cache.
 pub async fn start_indexer_on(
     cfg: &config::IndexerConfig,
     store: Arc<RedbStore>,
     blocks: Option<Arc<dyn server::BlockSource>>,
+    builds: Option<Arc<builder::Builder>>,
 ) -> Result<IndexerHandle> {
     let t0 = std::time::Instant::now();
     let creds = cfg.credentials();
@@ -149,7 +150,7 @@ pub async fn start_indexer_on(
             server::Services {
                 blocks,
                 index: Some(ix.clone()),
-                builds: None,
+                builds,
                 status: Some(status),
             },
             server_metrics,
@@ -177,12 +178,15 @@ pub async fn start_indexer_on(
     }
     tasks.extend(parent.map(|parent| {
         let ix2 = ix.clone();
+        // Its own address too, when it advertises one: its cache's blocks and
+        // pre-staging orders are asked of it there.
+        let own = cfg.advertise.map(|a| (cfg.node.clone(), a.to_string()));
         tokio::spawn(
             indexer::Pusher {
                 node: cfg.node.clone(),
                 store: store.clone(),
                 parent,
-                addrs: Arc::new(move || ix2.addrs()),
+                addrs: Arc::new(move || ix2.addrs().into_iter().chain(own.clone()).collect()),
                 interval: Duration::from_millis(cfg.push_interval_ms),
                 max_changes: 256,
                 max_bytes: ((cfg.peer.max_frame_mib << 20) / 2) as usize,

@@ -332,6 +332,18 @@ pub enum Msg {
         #[serde(deserialize_with = "bounded::<_, _, { super::build_order::MAX_SOURCES }>")]
         rates: Vec<u64>,
     },
+    /// Manager → agent: build VM `vm`'s disk (`size` bytes of `image`) with the
+    /// host's own image tool reading `source`, an `iscsi://` URL whose reads
+    /// the rack's appliance answers (transparent mode). Followed and cancelled
+    /// as a build (`BuildStatus`, `BuildCancel`); the reply is a
+    /// [`Msg::BuildReply`].
+    Import {
+        job: u64,
+        vm: String,
+        image: String,
+        size: u64,
+        source: String,
+    },
 }
 
 /// Kind (first body byte) of [`Msg::Fragment`]: its variant index.
@@ -718,6 +730,7 @@ impl Msg {
             Msg::BuildReply { .. } => "BuildReply",
             Msg::VmAction { .. } => "VmAction",
             Msg::BuildRates { .. } => "BuildRates",
+            Msg::Import { .. } => "Import",
             Msg::HostMetrics { .. } => "HostMetrics",
             Msg::GetManifest { .. } => "GetManifest",
             Msg::ManifestReply { .. } => "ManifestReply",

@@ -430,7 +430,8 @@ async fn handle(
         | Msg::BuildStatus { .. }
         | Msg::BuildCancel { .. }
         | Msg::VmAction { .. }
-        | Msg::BuildRates { .. } => build_request(msg, services, opts, info).await,
+        | Msg::BuildRates { .. }
+        | Msg::Import { .. } => build_request(msg, services, opts, info).await,
         m => error(code::BAD_REQUEST, format!("{} is not a request", m.name())),
     }
 }
@@ -465,6 +466,13 @@ async fn build_request(msg: Msg, services: &Services, opts: &ServerOptions, info
             .cancel(job)
             .ok_or_else(|| format!("no build {job} here")),
         Msg::BuildRates { job, rates } => builds.set_rates(job, &rates),
+        Msg::Import {
+            job,
+            vm,
+            image,
+            size,
+            source,
+        } => builds.import(job, vm, image, size, source),
         Msg::VmAction { vm, action } => {
             return match builds.vm_action(vm, action).await {
                 Ok(()) => Msg::Ack { seq: 0 },
