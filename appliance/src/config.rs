@@ -77,6 +77,11 @@ pub struct ManagerConfig {
     /// rack's appliance answers. Unset: mode `transparent` is refused.
     #[serde(default)]
     pub library_portal: Option<std::net::SocketAddr>,
+    /// Access histories of library LUNs (`TARGET_LUN.history.json`, as a rack
+    /// appliance's `[splicer] history_dir` keeps them): usage-weighted
+    /// placement. Unset: every block at full cost.
+    #[serde(default)]
+    pub history_dir: Option<std::path::PathBuf>,
 }
 
 fn default_manager_db() -> std::path::PathBuf {

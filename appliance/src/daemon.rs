@@ -188,6 +188,7 @@ fn start_manager(
         stale_after: Duration::from_secs(mc.stale_secs),
         index_wait: Duration::from_secs(mc.index_wait_secs),
         library_portal: mc.library_portal,
+        history_dir: mc.history_dir.clone(),
         ..crate::manage::ManagerOptions::default()
     };
     let manager = crate::manage::Manager::open(

@@ -31,6 +31,7 @@
 //!    host without room never a candidate.
 
 use std::{
+    fmt::Write as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -252,10 +253,12 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         .indexer_config(&ctx.lab, "rack1", Some("core"))
         .unwrap();
     let mut ix1_text = std::fs::read_to_string(&ix1).unwrap();
-    ix1_text.push_str(&format!(
-        "advertise = \"{}\"\n",
+    writeln!(
+        ix1_text,
+        "advertise = \"{}\"",
         Fabric::addr(&ctx.lab, "rack1", INDEXER_PORT)
-    ));
+    )
+    .unwrap();
     std::fs::write(&ix1, ix1_text).unwrap();
     let rack1_config = format!(
         "[splicer]\nmanagers = [\"core\"]\nauthority = \"library\"\nmanifest_refresh_ms = 500\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\n[cost]\ntopology = {}\n[indexer]\nconfig = {}\n",

@@ -44,6 +44,14 @@ const APT_PACKAGES: &[&str] = &[
     "python3-pip",
     // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
     "g++",
+    // qemu-system-x86 7.2 (unpacked, see QEMU_SYSTEM_DIR) links these; debugfs
+    // copies a corpus image's kernel out for the recorded boot.
+    "libcapstone4",
+    "libfdt1",
+    "libpmem1",
+    "libslirp0",
+    "libvdeplug2",
+    "e2fsprogs",
 ];
 
 /// The cargo-fuzz targets (`appliance/fuzz/fuzz_targets`), in the order they run.
@@ -55,6 +63,14 @@ const FUZZ_REPLAY_SECS: u64 = 10;
 /// qemu-img with its iSCSI driver: Debian bookworm's 7.2 build, unpacked, not installed.
 const QEMU_VERSION: &str = "1:7.2+dfsg-7+deb12u18+b3";
 const QEMU_DIR: &str = "/var/cache/nearblock/qemu-7.2";
+
+/// qemu-system-x86 7.2 (same build as the qemu-img above, with its iSCSI
+/// module): boots a corpus image once per machine to record its reads.
+const QEMU_SYSTEM_DIR: &str = "/var/cache/nearblock/qemu-system-7.2";
+
+/// The recorded boot of corpus image b: its access history (see
+/// `tests/src/bin/record-boot.rs`).
+const BOOT_HISTORY: &str = "/var/cache/nearblock/corpus/history/b-bookworm-cloud.boot.history.json";
 
 /// The VM-image corpus (real, similar Debian images): built once per machine.
 const CORPUS_DIR: &str = "/var/cache/nearblock/corpus";
@@ -328,6 +344,7 @@ fn test(extra: &[String]) -> Result<()> {
             .env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR)
             .status_ok()
     })?;
+    phase("corpus: boot history", boot_history)?;
     phase("test", || {
         let mut c = cargo(&["test", "--workspace"]);
         c.args(extra).env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR);
@@ -346,6 +363,7 @@ fn bootstrap() -> Result<()> {
     phase("bootstrap: bpf-linker", bpf_linker)?;
     phase("bootstrap: cargo-fuzz", cargo_fuzz)?;
     phase("bootstrap: qemu-img 7.2", qemu_72)?;
+    phase("bootstrap: qemu-system 7.2", qemu_system_72)?;
     phase("bootstrap: python blake3", python_blake3)?;
     phase("bootstrap: corpus", corpus)?;
     Ok(())
@@ -472,6 +490,77 @@ fn qemu_72() -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     eprintln!("bootstrap: qemu-img 7.2 unpacked into {QEMU_DIR}");
     Ok(())
+}
+
+/// qemu-system-x86 7.2 unpacked into [`QEMU_SYSTEM_DIR`]: the emulator, its TCG
+/// module (qemu-system-common), the firmware (qemu-system-data, seabios,
+/// ipxe-qemu), and the iSCSI block module of the qemu-img 7.2 build beside it
+/// (`QEMU_MODULE_DIR` names one directory).
+fn qemu_system_72() -> Result<()> {
+    let dir = Path::new(QEMU_SYSTEM_DIR);
+    if dir.join("usr/bin/qemu-system-x86_64").exists() {
+        eprintln!("bootstrap: qemu-system 7.2 present in {QEMU_SYSTEM_DIR}");
+        return Ok(());
+    }
+    let tmp = dir.with_extension("download");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let download = |version: &str| {
+        Command::new("apt-get")
+            .current_dir(&tmp)
+            .args(["download", "-qq", "seabios", "ipxe-qemu"])
+            .arg(format!("qemu-system-x86={version}"))
+            .arg(format!("qemu-system-common={version}"))
+            .arg(format!("qemu-system-data={version}"))
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !download(QEMU_VERSION) {
+        let version = newest_72()?;
+        eprintln!("bootstrap: {QEMU_VERSION} unavailable, using {version}");
+        if !download(&version) {
+            bail!("cannot download qemu-system-x86 {version}");
+        }
+    }
+    let staging = dir.with_extension("staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    for deb in std::fs::read_dir(&tmp)? {
+        Command::new("dpkg")
+            .arg("-x")
+            .arg(deb?.path())
+            .arg(&staging)
+            .status_ok()?;
+    }
+    let modules = "usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so";
+    std::fs::copy(Path::new(QEMU_DIR).join(modules), staging.join(modules))
+        .context("the iSCSI module of qemu-img 7.2 (bootstrap installs it first)")?;
+    std::fs::rename(&staging, dir)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!("bootstrap: qemu-system 7.2 unpacked into {QEMU_SYSTEM_DIR}");
+    Ok(())
+}
+
+/// One boot of corpus image b under qemu-system through an appliance,
+/// recorded once per machine (about 30 s; needs the built daemon).
+fn boot_history() -> Result<()> {
+    if Path::new(BOOT_HISTORY).exists() {
+        eprintln!("corpus: boot history present in {BOOT_HISTORY}");
+        return Ok(());
+    }
+    let image = Path::new(CORPUS_DIR).join("images/b-bookworm-cloud.raw");
+    cargo(&[
+        "run",
+        "-q",
+        "-p",
+        "nearblock-lab",
+        "--bin",
+        "record-boot",
+        "--",
+    ])
+    .arg(image)
+    .arg(BOOT_HISTORY)
+    .env("NEARBLOCK_BIN", target_dir().join("debug/nearblock"))
+    .status_ok()
 }
 
 /// PyPI's blake3 for the independent corpus computation (tests/corpus).

@@ -65,8 +65,8 @@ pub struct ErrorBody {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "nearblock operator API", version = "1"),
-    paths(vms, place, jobs, job, events, cancel, vm_action, openapi),
-    components(schemas(ErrorBody, PlaceBody, Job, crate::manage::inventory::Inventory))
+    paths(vms, targets, place, jobs, job, events, cancel, vm_action, openapi),
+    components(schemas(ErrorBody, PlaceBody, Job, Targets, crate::manage::inventory::Inventory))
 )]
 pub struct ApiDoc;
 
@@ -81,6 +81,7 @@ pub fn read_routes() -> Router<ApiState> {
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/vms", get(vms))
+        .route("/api/v1/vms/{image}/targets", get(targets))
         .route("/api/v1/jobs", get(jobs))
         .route("/api/v1/jobs/{id}", get(job))
         .route("/api/v1/jobs/{id}/events", get(events))
@@ -157,6 +158,80 @@ pub struct PlaceBody {
     /// Only these hosts or racks.
     #[serde(default)]
     pub within: Vec<String>,
+    /// `usage` or `none` (default: `usage` for mode transparent when the image
+    /// has an access history).
+    #[serde(default)]
+    pub weighting: Option<crate::manage::jobs::Weighting>,
+}
+
+/// The query of `GET /api/v1/vms/{image}/targets`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TargetsQuery {
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    #[serde(default = "default_mode")]
+    pub mode: BuildMode,
+    /// Hosts or racks, comma-separated.
+    #[serde(default)]
+    pub within: Option<String>,
+    #[serde(default)]
+    pub weighting: Option<crate::manage::jobs::Weighting>,
+}
+
+/// The hypervisors ranked for an image, as a placement would rank them now.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Targets {
+    pub image: String,
+    pub mode: BuildMode,
+    pub weighting: crate::manage::jobs::Weighting,
+    /// Hosts left out and why; how the blocks were priced.
+    pub notes: Vec<String>,
+    pub placement: crate::plan::place::PlaceReport,
+}
+
+/// The ranked targets for an image (nothing is built).
+#[utoipa::path(get, path = "/api/v1/vms/{image}/targets",
+    params(("image" = String, Path, description = "the library image, percent-encoded"), TargetsQuery),
+    responses(
+        (status = 200, body = Targets),
+        (status = 400, body = ErrorBody, description = "bad policy, no candidate, no history for weighting usage"),
+        (status = 404, body = ErrorBody, description = "the image is not in the global index")))]
+async fn targets(
+    State(s): State<ApiState>,
+    Path(image): Path<String>,
+    query: Result<axum::extract::Query<TargetsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Targets>, V1Error> {
+    let axum::extract::Query(q) = query.map_err(|e| V1Error(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let m = manager(&s.app)?.clone();
+    let spec = PlaceSpec {
+        image: image.clone(),
+        name: String::new(),
+        policy: q.policy,
+        mode: q.mode,
+        target: None,
+        within: q
+            .within
+            .map(|w| w.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default(),
+        weighting: q.weighting,
+    };
+    let view: Arc<dyn PlanningView> = s.app.clone();
+    let _permit = s
+        .heavy
+        .acquire()
+        .await
+        .map_err(|e| V1Error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let ranked = tokio::task::spawn_blocking(move || m.targets(&*view, &spec))
+        .await
+        .map_err(|e| V1Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(Targets {
+        image,
+        mode: q.mode,
+        weighting: ranked.weighting,
+        notes: ranked.notes,
+        placement: ranked.report,
+    }))
 }
 
 fn default_policy() -> String {
@@ -190,6 +265,7 @@ async fn place(
         mode: body.mode,
         target: body.target,
         within: body.within,
+        weighting: body.weighting,
     };
     let view: Arc<dyn PlanningView> = s.app.clone();
     let m = m.clone();
@@ -281,6 +357,7 @@ mod tests {
         let paths = json["paths"].as_object().unwrap();
         for (path, method) in [
             ("/api/v1/vms", "get"),
+            ("/api/v1/vms/{image}/targets", "get"),
             ("/api/v1/vms/{image}/place", "post"),
             ("/api/v1/jobs", "get"),
             ("/api/v1/jobs/{id}", "get"),
@@ -291,7 +368,7 @@ mod tests {
         ] {
             assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{path} {method}");
         }
-        assert_eq!(paths.len(), 8, "a route without its document entry: {:?}", paths.keys());
+        assert_eq!(paths.len(), 9, "a route without its document entry: {:?}", paths.keys());
         // The job's schema is the one the handlers serialise.
         let job = &json["components"]["schemas"]["Job"]["properties"];
         for field in ["id", "spec", "state", "placement", "plan", "progress", "events", "error"] {

@@ -2,6 +2,8 @@
 //! daemon's `/api/v1` (the appliance that runs `[manager]`).
 //!
 //! - `vm list`: library images, hosts and their VMs.
+//! - `vm targets IMAGE [--mode …] [--weighting …]`: the hypervisors ranked
+//!   for IMAGE now (nothing is built).
 //! - `vm place IMAGE --name NAME [--policy …] [--target HOST] [--mode …]
 //!   [--watch]`: create a job; `--watch` follows it with a progress bar.
 //! - `vm job ID [--watch]`, `vm cancel ID`.
@@ -36,6 +38,8 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The hypervisors ranked for IMAGE, as a placement would rank them now.
+    Targets(TargetsArgs),
     /// Place IMAGE as a new VM and build it (needs an admin token).
     Place(PlaceArgs),
     /// Show a job (`--watch`: follow it to the end).
@@ -61,6 +65,26 @@ pub enum VmCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct TargetsArgs {
+    /// The library image (as `vm list` names it).
+    pub image: String,
+    /// best | top:X:METRIC | within:P%:METRIC.
+    #[arg(long, default_value = "best")]
+    pub policy: String,
+    /// agent or transparent.
+    #[arg(long, default_value = "agent")]
+    pub mode: String,
+    /// usage | none (default: usage for transparent with a history).
+    #[arg(long)]
+    pub weighting: Option<String>,
+    /// Only these hosts or racks (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub within: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct PlaceArgs {
     /// The library image (as `vm list` names it).
     pub image: String,
@@ -79,6 +103,10 @@ pub struct PlaceArgs {
     /// Only these hosts or racks are candidates (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub within: Vec<String>,
+    /// usage | none: price blocks by their read probability (default: usage
+    /// for transparent when the image has an access history).
+    #[arg(long)]
+    pub weighting: Option<String>,
     /// Follow the job to its end with a progress bar.
     #[arg(long)]
     pub watch: bool,
@@ -105,10 +133,11 @@ pub fn run(args: &VmArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             let inv: Inventory = serde_json::from_str(&body).context("parsing the inventory")?;
             print_inventory(&inv, out)
         }
+        VmCommand::Targets(t) => targets(args.api, token, t, out),
         VmCommand::Place(p) => {
             let body = serde_json::json!({
                 "name": p.name, "policy": p.policy, "mode": p.mode,
-                "target": p.target, "within": p.within,
+                "target": p.target, "within": p.within, "weighting": p.weighting,
             });
             let path = format!("/api/v1/vms/{}/place", path_segment(&p.image));
             let reply = api_post(args.api, &path, token, &body)?;
@@ -162,6 +191,64 @@ pub fn run(args: &VmArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `vm targets`: the ranking the manager would make now.
+fn targets(
+    api: SocketAddr,
+    token: Option<&std::path::Path>,
+    t: &TargetsArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let mut query = vec![
+        format!("policy={}", path_segment(&t.policy)),
+        format!("mode={}", path_segment(&t.mode)),
+    ];
+    if let Some(w) = &t.weighting {
+        query.push(format!("weighting={}", path_segment(w)));
+    }
+    if !t.within.is_empty() {
+        query.push(format!("within={}", path_segment(&t.within.join(","))));
+    }
+    let path = format!(
+        "/api/v1/vms/{}/targets?{}",
+        path_segment(&t.image),
+        query.join("&")
+    );
+    let body = api_get(api, &path, token)?;
+    if t.json {
+        writeln!(out, "{body}")?;
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).context("parsing the targets")?;
+    writeln!(
+        out,
+        "{} ({}, weighting {}):",
+        t.image,
+        t.mode,
+        v["weighting"].as_str().unwrap_or("?")
+    )?;
+    for n in v["notes"].as_array().into_iter().flatten() {
+        writeln!(out, "  {}", n.as_str().unwrap_or_default())?;
+    }
+    let chosen = v["placement"]["chosen"].as_str();
+    for c in v["placement"]["candidates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let host = c["host"].as_str().unwrap_or_default();
+        let cost = c["total_cost"]
+            .as_f64()
+            .map_or_else(|| "-".to_owned(), |k| format!("{k:.1}"));
+        let mark = if Some(host) == chosen { "*" } else { " " };
+        writeln!(
+            out,
+            "{mark} {host:12} cost {cost:>14}  local {}  fetched {}",
+            c["blocks_local"], c["blocks_fetched"]
+        )?;
+    }
+    Ok(())
 }
 
 /// Polls the job every 250 ms (bounded by the job ending), printing its new

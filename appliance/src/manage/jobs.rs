@@ -40,6 +40,21 @@ pub struct PlaceSpec {
     pub target: Option<String>,
     /// Only these hosts or racks are candidates (empty: every hypervisor).
     pub within: Vec<String>,
+    /// How blocks are priced in the ranking (default: `usage` for mode
+    /// transparent when the image has an access history, else `none`).
+    #[serde(default)]
+    pub weighting: Option<Weighting>,
+}
+
+/// How placement prices an image's blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Weighting {
+    /// Every block at full cost (it will all be fetched: agent builds).
+    None,
+    /// Each block by its probability of being read, from the image's access
+    /// history (on-demand builds: a block no boot reads never crosses a link).
+    Usage,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -267,6 +282,7 @@ mod tests {
             mode: BuildMode::Agent,
             target: None,
             within: Vec::new(),
+            weighting: None,
         }
     }
 

@@ -14,7 +14,7 @@
 pub mod budget;
 pub mod inventory;
 pub mod jobs;
-mod runner;
+pub mod runner;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -68,6 +68,8 @@ pub struct ManagerOptions {
     pub index_wait: Duration,
     /// The library's iSCSI portal, for transparent builds.
     pub library_portal: Option<std::net::SocketAddr>,
+    /// Library LUNs' access histories, for usage-weighted placement.
+    pub history_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ManagerOptions {
@@ -77,6 +79,7 @@ impl Default for ManagerOptions {
             poll: Duration::from_millis(250),
             index_wait: Duration::from_mins(1),
             library_portal: None,
+            history_dir: None,
         }
     }
 }
@@ -189,6 +192,12 @@ impl Manager {
         spec.policy
             .parse::<Policy>()
             .map_err(|e| ManageError::BadRequest(format!("policy: {e}")))?;
+        if spec.weighting == Some(jobs::Weighting::Usage) && self.history(&spec.image).is_none() {
+            return Err(ManageError::BadRequest(format!(
+                "weighting usage: no access history of {} (see [manager] history_dir)",
+                spec.image
+            )));
+        }
         if spec.mode == BuildMode::Transparent {
             if self.options.library_portal.is_none() {
                 return Err(ManageError::NoPortal);
@@ -233,6 +242,24 @@ impl Manager {
             me.running.lock().remove(&id);
         });
         Ok(job)
+    }
+
+    /// The hypervisors ranked for `spec` now, as a job would rank them
+    /// (blocking: reads the store). Nothing is built.
+    pub fn targets(&self, view: &dyn PlanningView, spec: &PlaceSpec) -> Result<runner::Ranked, ManageError> {
+        spec.policy
+            .parse::<Policy>()
+            .map_err(|e| ManageError::BadRequest(format!("policy: {e}")))?;
+        let known = self
+            .store
+            .images()
+            .map_err(|e| ManageError::BadRequest(e.to_string()))?
+            .iter()
+            .any(|i| i.image == spec.image);
+        if !known {
+            return Err(ManageError::UnknownImage(spec.image.clone()));
+        }
+        self.rank(view, spec).map_err(ManageError::BadRequest)
     }
 
     /// Cancels a running job (its agent's build too); a finished job is left.
@@ -308,6 +335,15 @@ impl Manager {
     }
 
     /// A host's block service address, as the index learned it.
+    /// The access history of library image `image` (`TARGET/LUN`), if
+    /// `[manager] history_dir` has one with at least one boot.
+    pub fn history(&self, image: &str) -> Option<crate::plan::AccessHistory> {
+        let dir = self.options.history_dir.as_ref()?;
+        let (target, lun) = runner::lun_of(image)?;
+        let path = crate::splice::catalog::history_path(dir, target, u16::try_from(lun).ok()?);
+        crate::splice::catalog::access_history::read_history(&path).filter(|h| h.boots > 0)
+    }
+
     fn addr_of(&self, host: &str) -> Option<String> {
         self.index
             .addrs()

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     budget,
-    jobs::{BuildMode, JobState, PlanView, Progress, SourceBytes},
+    jobs::{BuildMode, JobState, PlaceSpec, PlanView, Progress, SourceBytes, Weighting},
     Manager, PlanningView,
 };
 use crate::{
@@ -36,7 +36,7 @@ use crate::{
         construct::{construct, ConstructionPlan},
         image::ImageHolders,
         indexed::IndexedStore,
-        place::place,
+        place::{place, place_weighted, PlaceReport},
         HolderIndex, HolderIndexError, HolderLists, HostId, Policy,
     },
 };
@@ -117,6 +117,18 @@ pub(super) fn lun_of(image: &str) -> Option<(&str, u32)> {
 fn import_source(portal: std::net::SocketAddr, image: &str) -> Option<String> {
     let (target, lun) = lun_of(image)?;
     Some(format!("iscsi://{portal}/{target}/{lun}"))
+}
+
+/// A ranking of the hypervisors for one image (a job's, or the targets view).
+pub struct Ranked {
+    topology: Topology,
+    manifest: Manifest,
+    manifest_host: String,
+    pub report: PlaceReport,
+    /// How the blocks were priced.
+    pub weighting: Weighting,
+    /// Hosts left out and why; how the blocks were priced.
+    pub notes: Vec<String>,
 }
 
 /// The class of a source as seen from the target.
@@ -360,6 +372,61 @@ impl Manager {
     /// Candidates, ranking and the policy's choice (blocking: reads the store).
     fn choose(&self, view: &dyn PlanningView, id: u64) -> Result<Placed, String> {
         let spec = self.job(id).ok_or("job vanished")?.spec;
+        let Ranked {
+            topology,
+            manifest,
+            manifest_host,
+            report,
+            weighting: _,
+            notes,
+        } = self.rank(view, &spec)?;
+        for n in notes {
+            self.update(id, |j| j.event(n));
+        }
+        let target = match &spec.target {
+            Some(t) => {
+                let ok = report
+                    .candidates
+                    .iter()
+                    .any(|c| c.host == *t && c.total_cost.is_some());
+                if !ok {
+                    return Err(format!("target {t} is not a candidate that can build the image"));
+                }
+                t.clone()
+            }
+            None => report.chosen.clone().ok_or("no candidate can build the image")?,
+        };
+        let ranked: Vec<String> = report
+            .candidates
+            .iter()
+            .map(|c| match c.total_cost {
+                Some(k) => format!("{} {k}", c.host),
+                None => format!("{} -", c.host),
+            })
+            .collect();
+        self.update(id, |j| {
+            j.event(format!("ranked: {}; chose {target}", ranked.join(", ")));
+            j.placement = Some(report);
+        });
+        let builder = match spec.mode {
+            BuildMode::Agent => target.clone(),
+            BuildMode::Transparent => super::inventory::rack_of(&topology, &target)
+                .ok_or_else(|| format!("{target} has no rack node in the topology to stage at"))?,
+        };
+        Ok(Placed {
+            topology,
+            manifest,
+            manifest_host,
+            target,
+            builder,
+            mode: spec.mode,
+        })
+    }
+
+    /// The hypervisors that could take a VM of `spec.image`, ranked by
+    /// construction cost over the global index and chosen by `spec.policy`
+    /// (blocking: reads the store).
+    pub fn rank(&self, view: &dyn PlanningView, spec: &PlaceSpec) -> Result<Ranked, String> {
         let topology = view.topology().ok_or("no topology: the manager needs [cost] topology")?;
         let graph = Graph::from_topology(&topology);
         let (manifest_host, manifest) = self.library_manifest(&topology, &spec.image)?;
@@ -402,55 +469,44 @@ impl Manager {
             }
             candidates.push(r.host);
         }
-        for n in notes {
-            self.update(id, |j| j.event(format!("not a candidate: {n}")));
-        }
+        let mut notes: Vec<String> = notes.into_iter().map(|n| format!("not a candidate: {n}")).collect();
         if candidates.is_empty() {
-            return Err("no candidate host (see the job's events)".into());
+            return Err(format!("no candidate host: {}", notes.join("; ")));
         }
         let store = Store::new(self.store.clone()).map_err(|e| e.to_string())?;
         let image = ImageHolders::resolve(&manifest, &store, &graph).map_err(|e| e.to_string())?;
-        let placement = place(&image, &graph, &candidates).map_err(|e| e.to_string())?;
+        let weighting = spec.weighting.unwrap_or(match spec.mode {
+            BuildMode::Transparent if self.history(&spec.image).is_some() => Weighting::Usage,
+            _ => Weighting::None,
+        });
+        let placement = match weighting {
+            Weighting::None => place(&image, &graph, &candidates),
+            Weighting::Usage => {
+                let history = self
+                    .history(&spec.image)
+                    .ok_or_else(|| format!("no access history of {}", spec.image))?;
+                let weights = history.distinct_weights(&manifest, &image.blocks);
+                let read = weights.iter().filter(|&&w| w > 0.0).count();
+                notes.push(format!(
+                    "priced by usage: {} of {} distinct blocks read in {} recorded boot(s)",
+                    read,
+                    weights.len(),
+                    history.boots
+                ));
+                place_weighted(&image, &graph, &candidates, &weights)
+            }
+        }
+        .map_err(|e| e.to_string())?;
         let policy: Policy = spec.policy.parse().map_err(|e| format!("policy: {e}"))?;
         let metrics = view.host_metrics();
         let report = placement.report(&spec.image, policy, &metrics);
-        let target = match &spec.target {
-            Some(t) => {
-                let ok = report
-                    .candidates
-                    .iter()
-                    .any(|c| c.host == *t && c.total_cost.is_some());
-                if !ok {
-                    return Err(format!("target {t} is not a candidate that can build the image"));
-                }
-                t.clone()
-            }
-            None => report.chosen.clone().ok_or("no candidate can build the image")?,
-        };
-        let ranked: Vec<String> = report
-            .candidates
-            .iter()
-            .map(|c| match c.total_cost {
-                Some(k) => format!("{} {k}", c.host),
-                None => format!("{} -", c.host),
-            })
-            .collect();
-        self.update(id, |j| {
-            j.event(format!("ranked: {}; chose {target}", ranked.join(", ")));
-            j.placement = Some(report);
-        });
-        let builder = match spec.mode {
-            BuildMode::Agent => target.clone(),
-            BuildMode::Transparent => super::inventory::rack_of(&topology, &target)
-                .ok_or_else(|| format!("{target} has no rack node in the topology to stage at"))?,
-        };
-        Ok(Placed {
+        Ok(Ranked {
             topology,
             manifest,
             manifest_host,
-            target,
-            builder,
-            mode: spec.mode,
+            report,
+            weighting,
+            notes,
         })
     }
 

@@ -44,7 +44,7 @@ pub use construct::construct;
 #[cfg(feature = "testing")]
 pub use image::ImageHolders;
 #[cfg(feature = "testing")]
-pub use place::place;
+pub use place::{place, place_weighted};
 pub use place::{HostMetrics, MetricsFile, Policy};
 pub use usage::{AccessHistory, ReadAhead};
 

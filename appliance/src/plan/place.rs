@@ -344,6 +344,83 @@ pub fn place(
     Ok(Placement { candidates: out })
 }
 
+/// [`place`] with each distinct block priced by its probability of being read
+/// (`weights`, in [`super::image::ImageBlocks::distinct`] order; a missing
+/// weight counts as 1): the expected cost of building the image on demand,
+/// where a block nobody reads never crosses a link (the seed's usage-weighted
+/// cost). `blocks_fetched` and `blocks_local` still count every block.
+pub fn place_weighted(
+    image: &ImageHolders,
+    graph: &Graph,
+    candidates: &[String],
+    weights: &[f64],
+) -> Result<Placement, PlanError> {
+    if candidates.is_empty() {
+        return Err(PlanError::NoCandidates);
+    }
+    let mut seen = std::collections::HashSet::new();
+    let names: Vec<&str> = candidates
+        .iter()
+        .map(String::as_str)
+        .filter(|c| seen.insert(*c))
+        .collect();
+    let group_weight: Vec<f64> = image
+        .groups()
+        .map(|g| {
+            g.blocks
+                .iter()
+                .map(|&b| weights.get(b as usize).copied().unwrap_or(1.0))
+                .sum()
+        })
+        .collect();
+    let distinct = image.blocks.distinct.len() as u64;
+    let mut out: Vec<Candidate> = names
+        .iter()
+        .map(|&name| {
+            let Some(node) = graph.node_id(name) else {
+                return Candidate {
+                    host: name.to_owned(),
+                    cost: Err(PlanError::UnknownHost(name.to_owned())),
+                };
+            };
+            let paths = graph.shortest_paths(node);
+            let (mut total, mut local) = (0.0f64, 0u64);
+            let mut failing = Vec::new();
+            for (g, group) in image.groups().enumerate() {
+                if group.holders.contains(&node) {
+                    local += group.blocks.len() as u64;
+                    continue;
+                }
+                let cheapest = group
+                    .holders
+                    .iter()
+                    .map(|&h| paths.dist[h as usize])
+                    .fold(f64::INFINITY, f64::min);
+                if cheapest.is_infinite() {
+                    failing.push(g as u32);
+                } else {
+                    total += cheapest * group_weight[g];
+                }
+            }
+            let cost = if let Some((block, more)) = image.first_block_of(failing) {
+                Err(unreachable_error(image, block, more, name))
+            } else {
+                Ok(CandidateCost {
+                    total_cost: total,
+                    blocks_fetched: distinct - local,
+                    blocks_local: local,
+                })
+            };
+            Candidate {
+                host: name.to_owned(),
+                cost,
+            }
+        })
+        .collect();
+    sort_candidates(&mut out);
+    Ok(Placement { candidates: out })
+}
+
 /// Increasing cost, then host name; failures last, by host name.
 fn sort_candidates(c: &mut [Candidate]) {
     c.sort_by(|a, b| match (&a.cost, &b.cost) {
@@ -661,6 +738,36 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert!(json["candidates"][6]["total_cost"].is_null());
         assert_eq!(json["candidates"][2]["blocks_local"], 1);
+    }
+
+    #[test]
+    fn weights_price_blocks_by_their_read_probability() {
+        // Blocks 1..=4. h1 holds 1, 2, 3 (never read); h3 holds 4 (always read).
+        let idx = index(&[("h1", &[1, 2, 3]), ("h3", &[4]), ("lib", &[1, 2, 3, 4])]);
+        let m = manifest("img", &[1, 2, 3, 4], None);
+        let g = Graph::from_topology(&dc());
+        let image = ImageHolders::resolve(&m, &idx, &g).unwrap();
+        let cands = names(&["h1", "h3"]);
+        let unweighted = place(&image, &g, &cands).unwrap();
+        assert_eq!(unweighted.candidates[0].host, "h1", "{unweighted:?}");
+        // Equal weights reproduce the unweighted costs.
+        let ones = place_weighted(&image, &g, &cands, &[1.0; 4]).unwrap();
+        for (a, b) in ones.candidates.iter().zip(&unweighted.candidates) {
+            assert_eq!(a.host, b.host);
+            assert_eq!(a.cost.as_ref().unwrap(), b.cost.as_ref().unwrap());
+        }
+        // A boot reads only block 4 (position 3): h3 needs nothing it reads.
+        let mut history = crate::plan::AccessHistory::new("img");
+        history.record_boot([3]);
+        let w = history.distinct_weights(&m, &image.blocks);
+        assert_eq!(w, [0.0, 0.0, 0.0, 1.0]);
+        let weighted = place_weighted(&image, &g, &cands, &w).unwrap();
+        assert_eq!(weighted.candidates[0].host, "h3", "{weighted:?}");
+        let h3 = weighted.candidates[0].cost.as_ref().unwrap();
+        assert_eq!((h3.total_cost, h3.blocks_local, h3.blocks_fetched), (0.0, 1, 3));
+        // Unreachable blocks still fail, weighted or not.
+        let p = place_weighted(&image, &g, &names(&["island"]), &w).unwrap();
+        assert!(p.candidates[0].cost.is_err());
     }
 
     #[test]

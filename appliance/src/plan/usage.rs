@@ -112,6 +112,27 @@ impl AccessHistory {
         read.into_iter().map(|(_, _, i)| i).chain(never).collect()
     }
 
+    /// Per distinct block (indices into [`ImageBlocks::distinct`]): the
+    /// probability it is read, the highest of its positions' (a block read at
+    /// any of its positions has to be there).
+    pub fn distinct_weights(&self, manifest: &Manifest, blocks: &ImageBlocks) -> Vec<f64> {
+        let id: BlockHashMap<u32> = blocks
+            .distinct
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.hash, i as u32))
+            .collect();
+        let mut out = vec![0.0f64; blocks.distinct.len()];
+        for &pos in self.blocks.keys() {
+            let hash = manifest.blocks.get(pos as usize).copied().flatten();
+            if let Some(&i) = hash.as_ref().and_then(|h| id.get(h)) {
+                let w = &mut out[i as usize];
+                *w = w.max(self.probability(pos));
+            }
+        }
+        out
+    }
+
     /// Distinct blocks (indices into [`ImageBlocks::distinct`]) in prefetch order:
     /// a hash comes at the first of its positions in that order.
     pub fn prefetch_distinct(&self, manifest: &Manifest, blocks: &ImageBlocks) -> Vec<u32> {
