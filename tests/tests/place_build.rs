@@ -216,15 +216,18 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     let mut ctx = Ctx { lab, fabric, image };
     let lib_path = ctx.lab.write_file("lib.raw", &ctx.image).unwrap();
     ctx.lab.add_lun(LunSpec::read_only(IQN, lib_path)).unwrap();
-    // A larger image for the budget check: LUN 2.
-    let big = content::image(BIG_BYTES, 4242, 20);
-    let big_path = ctx.lab.write_file("big.raw", &big).unwrap();
-    ctx.lab
-        .add_lun(LunSpec {
-            lun: 2,
-            ..LunSpec::read_only(IQN, big_path)
-        })
-        .unwrap();
+    // Two larger images for the budget check: LUNs 2 and 3 (two images, so
+    // the manager's fan-out does not make one build wait for the other).
+    for (lun, seed) in [(2, 4242), (3, 4343)] {
+        let big = content::image(BIG_BYTES, seed, 20);
+        let big_path = ctx.lab.write_file(&format!("big{lun}.raw"), &big).unwrap();
+        ctx.lab
+            .add_lun(LunSpec {
+                lun,
+                ..LunSpec::read_only(IQN, big_path)
+            })
+            .unwrap();
+    }
 
     // core: the global indexer and the manager; its XDP counts the peer
     // protocol's flows too (per flow, unique payload), for the bytes check.
@@ -558,15 +561,15 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         "{after:?}"
     );
 
-    // 2b. Two builds at once over core–rack3 (budget 200 Mbit/s): hv8 and hv9
-    // each build LUN 2 from the library. core's BPF flow counters, sampled,
+    // 2b. Two builds at once over core–rack3 (budget 200 Mbit/s): hv8 builds
+    // LUN 2, hv9 LUN 3, from the library. core's BPF flow counters, sampled,
     // give nearblock's rate on the link in every 1-second window after the
     // first: at most 210 Mbit/s. Each job's predicted finish (its last
     // allocation) is within 20% of the measured one.
     let big_name = format!("{IQN}/2");
-    let ids: Vec<String> = [("vm-b1", "hv8"), ("vm-b2", "hv9")]
+    let ids: Vec<String> = [("vm-b1", "hv8", 2), ("vm-b2", "hv9", 3)]
         .iter()
-        .map(|(name, host)| ctx.start_job(&big_name, name, host))
+        .map(|(name, host, lun)| ctx.start_job(&format!("{IQN}/{lun}"), name, host))
         .collect();
     let lib = format!("{}:{AGENT_PORT}", ctx.lab.addr4("library"));
     let rack3_hosts = [
@@ -652,6 +655,46 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
             "job {id}: predicted {predicted} ms, measured {measured} ms\n{job:#}"
         );
     }
+
+    // 2c. Fan-out: two jobs of LUN 3 at once in rack1. The first seeds (from
+    // the library); the second waits for it, then sources only from its copy
+    // in the rack (2 hops; the library is 3).
+    let lun3 = format!("{IQN}/3");
+    let seed = ctx.start_job(&lun3, "vm-f1", "hv2");
+    let follower = ctx.start_job(&lun3, "vm-f2", "hv3");
+    let deadline = Instant::now() + Duration::from_mins(2);
+    let (seed_job, follower_job) = loop {
+        let (a, b) = (ctx.job(&seed), ctx.job(&follower));
+        if a["state"] != "placing"
+            && a["state"] != "building"
+            && a["state"] != "indexing"
+            && b["state"] != "placing"
+            && b["state"] != "building"
+            && b["state"] != "indexing"
+        {
+            break (a, b);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fan-out jobs not done:\n{a:#}\n{b:#}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(seed_job["state"], "done", "{seed_job:#}");
+    assert_eq!(follower_job["state"], "done", "{follower_job:#}");
+    let ev = Ctx::events(&follower_job);
+    assert!(ev.contains(&format!("waiting for job {seed}")), "{ev}");
+    let sources: Vec<&String> = follower_job["progress"]["by_source"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(sources, ["hv2"], "{follower_job:#}");
+    assert!(
+        std::fs::read(ctx.vm_dir("hv3").join("vm-f2.raw")).unwrap()
+            == std::fs::read(ctx.lab.dir.path().join("big3.raw")).unwrap(),
+        "vm-f2 is not LUN 3's image"
+    );
 
     // 3. hv6's copy changes behind its index (a running VM writing): it now
     // serves blocks that fail verification. A build in rack2 plans from it,

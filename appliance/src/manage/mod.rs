@@ -96,6 +96,10 @@ pub struct Manager {
     updates: broadcast::Sender<u64>,
     /// The running builds' flows, for the budget allocator.
     flows: Mutex<BTreeMap<u64, RunningBuild>>,
+    /// Per image being built: the first job building it (the seed) and the
+    /// signal its end sends to the jobs of that image that wait to source from
+    /// its copy (`runner`'s fan-out).
+    seeds: Mutex<HashMap<String, (u64, tokio::sync::watch::Sender<bool>)>>,
     /// The inventory's "held elsewhere" shares, at the index sequence number
     /// they were computed at.
     shares: Mutex<Option<(u64, inventory::Shares)>>,
@@ -151,6 +155,7 @@ impl Manager {
             running: Mutex::new(HashMap::new()),
             updates,
             flows: Mutex::new(BTreeMap::new()),
+            seeds: Mutex::new(HashMap::new()),
             shares: Mutex::new(None),
         });
         for (job, target) in interrupted {

@@ -265,6 +265,8 @@ impl Manager {
             r = self.place_and_build(&view, id, &cancel) => r,
             () = cancel.cancelled() => Err("cancelled by the operator".into()),
         };
+        // Jobs waiting for this one's copy go on.
+        self.release_seed(id);
         // Its share of the budgets goes to the builds still running.
         if self.flows.lock().remove(&id).is_some() {
             self.reallocate(None).await;
@@ -312,6 +314,7 @@ impl Manager {
                 .await
                 .map_err(|e| format!("placement task: {e}"))??
         };
+        self.fan_out_gate(id, cancel).await?;
         self.update(id, |j| {
             j.state = JobState::Building;
             j.event(match placed.mode {
@@ -366,6 +369,49 @@ impl Manager {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Fan-out: of the jobs that build one image at the same time, the first
+    /// (the seed) builds at once; the others wait until it ends, then plan with
+    /// its copy in the index, so the image crosses the library's link once and
+    /// spreads from host to host (the plan prices each source by its path).
+    async fn fan_out_gate(&self, id: u64, cancel: &CancellationToken) -> Result<(), String> {
+        let image = self.job(id).ok_or("job vanished")?.spec.image;
+        let wait = {
+            let mut seeds = self.seeds.lock();
+            match seeds.get(&image) {
+                Some((seed, tx)) if *seed != id => Some((*seed, tx.subscribe())),
+                Some(_) => None,
+                None => {
+                    seeds.insert(image.clone(), (id, tokio::sync::watch::channel(false).0));
+                    None
+                }
+            }
+        };
+        let Some((seed, mut done)) = wait else {
+            return Ok(());
+        };
+        self.update(id, |j| {
+            j.event(format!(
+                "waiting for job {seed}, the first build of {image}, to source from its copy"
+            ));
+        });
+        tokio::select! {
+            _ = done.wait_for(|d| *d) => Ok(()),
+            () = cancel.cancelled() => Err("cancelled by the operator".into()),
+        }
+    }
+
+    /// The end of job `id`: if it seeded its image, the jobs waiting on it go on.
+    fn release_seed(&self, id: u64) {
+        let mut seeds = self.seeds.lock();
+        let image = seeds
+            .iter()
+            .find(|(_, (seed, _))| *seed == id)
+            .map(|(image, _)| image.clone());
+        if let Some((_, tx)) = image.and_then(|i| seeds.remove(&i)) {
+            tx.send_replace(true);
         }
     }
 
