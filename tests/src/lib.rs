@@ -42,6 +42,8 @@ pub mod procs;
 pub const DEFAULT_TOPOLOGY: &str = include_str!("../topologies/default.toml");
 /// Three racks of three hypervisors, the library's appliance on core.
 pub const THREE_RACKS_TOPOLOGY: &str = include_str!("../topologies/three_racks.toml");
+/// Three racks of three hypervisors, shaped uplinks: the fan-out bench's lab.
+pub const FANOUT_TOPOLOGY: &str = include_str!("../topologies/fanout.toml");
 
 /// The lab's API token files, in its directory (`nearblock api token new`).
 const API_READ_TOKEN_FILE: &str = "api-read.token";

@@ -104,6 +104,13 @@ pub struct PlanView {
     /// (the plan's sources, links and hops are toward it).
     #[serde(default)]
     pub staged_at: Option<String>,
+    /// With link capacities or budgets: the capacity-aware plan's estimated
+    /// finish (links at most at 80% of capacity, or at their budget), and the
+    /// plain plan's, seconds.
+    #[serde(default)]
+    pub capacity_finish_s: Option<f64>,
+    #[serde(default)]
+    pub plain_finish_s: Option<f64>,
     pub blocks_total: u64,
     pub blocks_local: u64,
     pub blocks_fetched: u64,
@@ -261,6 +268,18 @@ impl JobStore {
         Ok(out)
     }
 
+    /// Forgets jobs `ids` (one transaction).
+    pub fn remove(&self, ids: &[u64]) -> Result<(), JobStoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(&e))?;
+        {
+            let mut t = tx.open_table(JOBS).map_err(|e| self.err(&e))?;
+            for id in ids {
+                t.remove(*id).map_err(|e| self.err(&e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(&e))
+    }
+
     /// The next free id.
     pub fn next_id(&self) -> Result<u64, JobStoreError> {
         let tx = self.db.begin_read().map_err(|e| self.err(&e))?;
@@ -301,6 +320,11 @@ mod tests {
         let store = JobStore::open(&path).unwrap();
         assert_eq!(store.all().unwrap(), vec![j]);
         assert_eq!(store.next_id().unwrap(), 2);
+        store.save(&Job::new(2, spec())).unwrap();
+        store.remove(&[1]).unwrap();
+        let left: Vec<u64> = store.all().unwrap().iter().map(|j| j.id).collect();
+        assert_eq!(left, [2]);
+        assert_eq!(store.next_id().unwrap(), 3);
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub enum ManageError {
     Store(#[from] jobs::JobStoreError),
 }
 
+/// Jobs kept (the file and the list): beyond it the oldest finished ones are
+/// forgotten when a job is created.
+pub const KEEP_JOBS: usize = 1000;
+
 /// `[manager]` settings.
 #[derive(Clone, Debug)]
 pub struct ManagerOptions {
@@ -236,6 +240,20 @@ impl Manager {
             ));
             self.db.save(&job)?;
             jobs.insert(id, job.clone());
+            // The oldest finished jobs go beyond KEEP_JOBS (running ones stay).
+            let excess = jobs.len().saturating_sub(KEEP_JOBS);
+            let old: Vec<u64> = jobs
+                .values()
+                .filter(|j| j.state.is_final())
+                .take(excess)
+                .map(|j| j.id)
+                .collect();
+            if !old.is_empty() {
+                self.db.remove(&old)?;
+                for id in &old {
+                    jobs.remove(id);
+                }
+            }
             job
         };
         let token = CancellationToken::new();

@@ -33,6 +33,7 @@ use crate::{
         proto::Msg,
     },
     plan::{
+        capacity::{construct_capacity_aware, CapacityConfig},
         construct::{construct, ConstructionPlan},
         image::ImageHolders,
         indexed::IndexedStore,
@@ -40,6 +41,21 @@ use crate::{
         HolderIndex, HolderIndexError, HolderLists, HostId, Policy,
     },
 };
+
+/// The share of a job's blocks another image's seed must hold for the job to
+/// wait for it (fan-out across similar images).
+const SHARED_FOR_SEED: f64 = 0.25;
+
+/// The share of `mine` that `theirs` holds (0 for an empty `mine`).
+fn shared_share(
+    mine: &HashSet<crate::index::BlockHash>,
+    theirs: &HashSet<crate::index::BlockHash>,
+) -> f64 {
+    if mine.is_empty() {
+        return 0.0;
+    }
+    mine.iter().filter(|h| theirs.contains(*h)).count() as f64 / mine.len() as f64
+}
 
 /// Re-plans one job may make before it gives up.
 const MAX_REPLANS: u32 = 16;
@@ -129,6 +145,61 @@ pub struct Ranked {
     pub weighting: Weighting,
     /// Hosts left out and why; how the blocks were priced.
     pub notes: Vec<String>,
+}
+
+/// The job event that announces a plan (or a re-plan).
+fn plan_event(plan: &PlanView) -> String {
+    let summary = plan
+        .by_source
+        .iter()
+        .map(|(s, b)| format!("{s}: {b}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let finish = match (plan.capacity_finish_s, plan.plain_finish_s) {
+        (Some(c), Some(p)) => format!("; capacity-aware, est. {c:.1} s (plain {p:.1} s)"),
+        _ => String::new(),
+    };
+    if plan.replans == 0 {
+        format!("plan: {} distinct blocks ({summary}){finish}", plan.blocks_total)
+    } else {
+        format!(
+            "re-plan {} without {}: {summary}{finish}",
+            plan.replans,
+            plan.excluded.join(", ")
+        )
+    }
+}
+
+/// The construction plan: capacity-aware when links have capacities (or
+/// budgets), blocks spread over other holders where that finishes sooner
+/// within 25% more cost; with (capacity-aware, plain) finish estimates, s.
+fn plan_of(
+    image: &ImageHolders,
+    graph: &Graph,
+    paths: &ShortestPaths,
+    capacity: &CapacityConfig,
+) -> Result<(ConstructionPlan, Option<(f64, f64)>), String> {
+    if graph.links().iter().any(|l| l.capacity_mbps.is_some()) {
+        let cp = construct_capacity_aware(image, graph, paths, capacity).map_err(|e| e.to_string())?;
+        let finish = Some((cp.finish_time_s, cp.plain_finish_time_s));
+        Ok((cp.plan, finish))
+    } else {
+        Ok((construct(image, graph, paths).map_err(|e| e.to_string())?, None))
+    }
+}
+
+/// The topology as the capacity-aware plan prices it: a link with a budget
+/// offers nearblock its budget (capacity budget / `util_cap`, so the usable
+/// rate under the cap is the budget), whatever its line rate.
+fn budgets_as_capacity(topology: &Topology, util_cap: f64) -> Topology {
+    let mut t = topology.clone();
+    for l in &mut t.links {
+        if let Some(b) = l.budget_mbps {
+            let cap = b / util_cap;
+            l.capacity_mbps = Some(l.capacity_mbps.map_or(cap, |c| c.min(cap)));
+        }
+    }
+    t
 }
 
 /// The class of a source as seen from the target.
@@ -375,31 +446,81 @@ impl Manager {
     /// Fan-out: of the jobs that build one image at the same time, the first
     /// (the seed) builds at once; the others wait until it ends, then plan with
     /// its copy in the index, so the image crosses the library's link once and
-    /// spreads from host to host (the plan prices each source by its path).
-    async fn fan_out_gate(&self, id: u64, cancel: &CancellationToken) -> Result<(), String> {
+    /// spreads from host to host (the plan prices each source by its path). A
+    /// job also waits for the seed of another image that holds at least
+    /// [`SHARED_FOR_SEED`] of its blocks, so similar images cross once too.
+    async fn fan_out_gate(self: &Arc<Self>, id: u64, cancel: &CancellationToken) -> Result<(), String> {
         let image = self.job(id).ok_or("job vanished")?.spec.image;
-        let wait = {
-            let mut seeds = self.seeds.lock();
-            match seeds.get(&image) {
-                Some((seed, tx)) if *seed != id => Some((*seed, tx.subscribe())),
-                Some(_) => None,
-                None => {
-                    seeds.insert(image.clone(), (id, tokio::sync::watch::channel(false).0));
-                    None
+        let mine = {
+            let (me, image) = (self.clone(), image.clone());
+            tokio::task::spawn_blocking(move || me.distinct_hashes(&image))
+                .await
+                .map_err(|e| format!("fan-out task: {e}"))?
+        };
+        // Each round either waits for a seed's end or sees a new seed: bounded
+        // by the jobs running.
+        loop {
+            let running_seeds: Vec<(String, u64, tokio::sync::watch::Receiver<bool>)> = self
+                .seeds
+                .lock()
+                .iter()
+                .filter(|(_, (seed, _))| *seed != id)
+                .map(|(i, (seed, tx))| (i.clone(), *seed, tx.subscribe()))
+                .collect();
+            let mut wait_for = None;
+            for (other, seed, rx) in &running_seeds {
+                let shared = if *other == image {
+                    1.0
+                } else {
+                    let (me, o) = (self.clone(), other.clone());
+                    let theirs = tokio::task::spawn_blocking(move || me.distinct_hashes(&o))
+                        .await
+                        .map_err(|e| format!("fan-out task: {e}"))?;
+                    shared_share(&mine, &theirs)
+                };
+                if shared >= SHARED_FOR_SEED {
+                    wait_for = Some((other.clone(), *seed, rx.clone(), shared));
+                    break;
                 }
             }
+            let Some((other, seed, mut done, shared)) = wait_for else {
+                let mut seeds = self.seeds.lock();
+                let new_seed = seeds
+                    .values()
+                    .any(|(s, _)| *s != id && !running_seeds.iter().any(|(_, x, _)| x == s));
+                if new_seed {
+                    continue;
+                }
+                seeds
+                    .entry(image)
+                    .or_insert_with(|| (id, tokio::sync::watch::channel(false).0));
+                return Ok(());
+            };
+            self.update(id, |j| {
+                j.event(format!(
+                    "waiting for job {seed}, the first build of {other} ({:.0}% of this image's blocks), to source from its copy",
+                    shared * 100.0
+                ));
+            });
+            tokio::select! {
+                _ = done.wait_for(|d| *d) => {}
+                () = cancel.cancelled() => return Err("cancelled by the operator".into()),
+            }
+        }
+    }
+
+    /// The distinct non-zero blocks of `image` as the index holds it (empty
+    /// when it cannot be read: such a job waits only for its own image).
+    fn distinct_hashes(&self, image: &str) -> HashSet<crate::index::BlockHash> {
+        let Ok(infos) = self.store.images() else {
+            return HashSet::new();
         };
-        let Some((seed, mut done)) = wait else {
-            return Ok(());
+        let Some(info) = infos.iter().find(|i| i.image == image) else {
+            return HashSet::new();
         };
-        self.update(id, |j| {
-            j.event(format!(
-                "waiting for job {seed}, the first build of {image}, to source from its copy"
-            ));
-        });
-        tokio::select! {
-            _ = done.wait_for(|d| *d) => Ok(()),
-            () = cancel.cancelled() => Err("cancelled by the operator".into()),
+        match self.store.manifest_at(&info.host, image, info.block_size) {
+            Ok(Some(m)) => m.blocks.iter().flatten().copied().collect(),
+            _ => HashSet::new(),
         }
     }
 
@@ -585,7 +706,8 @@ impl Manager {
         excluded: &BTreeSet<String>,
     ) -> Result<(BuildOrder, PlanView, ShortestPaths, Vec<SourceFlow>), String> {
         let spec = self.job(id).ok_or("job vanished")?.spec;
-        let graph = Graph::from_topology(&placed.topology);
+        let capacity = CapacityConfig::default();
+        let graph = Graph::from_topology(&budgets_as_capacity(&placed.topology, capacity.util_cap));
         let store = Store::new(self.store.clone()).map_err(|e| e.to_string())?;
         let hosts = store.hosts();
         let addrs: BTreeMap<String, String> = self.index.addrs().into_iter().collect();
@@ -606,7 +728,7 @@ impl Manager {
             .node_id(&placed.builder)
             .ok_or_else(|| format!("{} is not in the topology", placed.builder))?;
         let paths = graph.shortest_paths(builder);
-        let plan: ConstructionPlan = construct(&image, &graph, &paths).map_err(|e| e.to_string())?;
+        let (plan, finish) = plan_of(&image, &graph, &paths, &capacity)?;
         let mut sources: Vec<BuildSource> = Vec::new();
         let mut index_of: BTreeMap<NodeId, u16> = BTreeMap::new();
         for &n in &plan.sources {
@@ -640,6 +762,8 @@ impl Manager {
             })
             .collect();
         let view = PlanView {
+            capacity_finish_s: finish.map(|f| f.0),
+            plain_finish_s: finish.map(|f| f.1),
             target: placed.target.clone(),
             staged_at: (placed.builder != placed.target).then(|| placed.builder.clone()),
             blocks_total: image.blocks.distinct.len() as u64,
@@ -704,18 +828,9 @@ impl Manager {
                     .map_err(|e| format!("planning task: {e}"))??
             };
             plan_view.replans = replans;
-            let summary = plan_view
-                .by_source
-                .iter()
-                .map(|(s, b)| format!("{s}: {b}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let message = plan_event(&plan_view);
             self.update(id, |j| {
-                j.event(if replans == 0 {
-                    format!("plan: {} distinct blocks ({summary})", plan_view.blocks_total)
-                } else {
-                    format!("re-plan {replans} without {}: {summary}", plan_view.excluded.join(", "))
-                });
+                j.event(message);
                 j.plan = Some(plan_view);
             });
             // This build's flows join the budget allocation (which records its
@@ -902,4 +1017,47 @@ fn progress_of(report: &BuildReport, graph: &Graph, paths: &ShortestPaths) -> Pr
         );
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_become_capacities_under_the_cap() {
+        let t = Topology::parse(
+            "[[node]]\nname = \"a\"\nrole = \"library\"\n[[node]]\nname = \"b\"\nrole = \"hypervisor\"\n[[node]]\nname = \"c\"\nrole = \"hypervisor\"\n\
+             [[link]]\na = \"a\"\nb = \"b\"\ncapacity_mbps = 10000\nbudget_mbps = 200\n\
+             [[link]]\na = \"a\"\nb = \"c\"\nbudget_mbps = 400\n\
+             [[link]]\na = \"b\"\nb = \"c\"\ncapacity_mbps = 1000\n",
+        )
+        .unwrap();
+        let caps: Vec<Option<f64>> = budgets_as_capacity(&t, 0.8)
+            .links
+            .iter()
+            .map(|l| l.capacity_mbps)
+            .collect();
+        assert_eq!(caps, [Some(250.0), Some(500.0), Some(1000.0)]);
+    }
+
+    #[test]
+    fn shared_share_is_the_part_of_mine_theirs_hold() {
+        let h = |n: u8| crate::index::BlockHash([n; 32]);
+        let mine: HashSet<_> = [h(1), h(2), h(3), h(4)].into();
+        let theirs: HashSet<_> = [h(2), h(4), h(9)].into();
+        assert!((shared_share(&mine, &theirs) - 0.5).abs() < 1e-12);
+        assert!(shared_share(&HashSet::new(), &theirs).abs() < 1e-12);
+    }
+
+    #[test]
+    fn library_images_are_target_and_lun() {
+        assert_eq!(lun_of("iqn.2026-12.x:img/3"), Some(("iqn.2026-12.x:img", 3)));
+        for bad in ["vm/web1", "img", "/1", "a/b/1", "iqn.x/one"] {
+            assert_eq!(lun_of(bad), None, "{bad}");
+        }
+        assert_eq!(
+            import_source("198.18.0.1:3260".parse().unwrap(), "iqn.x:y/2").as_deref(),
+            Some("iscsi://198.18.0.1:3260/iqn.x:y/2")
+        );
+    }
 }

@@ -500,7 +500,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 .map(|h| h.managers.clone())
                 .unwrap_or_default(),
             built.clone(),
-        ))
+        )
+        .with_local_blocks(agent.clone() as Arc<dyn BlockSource>))
     });
     let services = crate::peer::server::Services {
         blocks: Some(agent.clone() as Arc<dyn BlockSource>),

@@ -37,7 +37,9 @@ use super::{
     build_order::{
         expand_runs, BuildOrder, BuildReport, BuildState, SourceFailure, SourceTally,
     },
-    client::{ManifestAnswer, Peer, PeerClient},
+    client::{FetchError, ManifestAnswer, Peer, PeerClient},
+    proto::BlockReply,
+    server::BlockSource,
 };
 use crate::{
     fetch::{BlockCache, Origin},
@@ -119,6 +121,9 @@ impl Build {
 pub struct Builder {
     node: String,
     target: BuildTarget,
+    /// This node's own blocks, read from its disks when the plan names this
+    /// node as a source (no connection, no sealing), verified like any other.
+    local: Option<Arc<dyn BlockSource>>,
     client: Arc<PeerClient>,
     /// Where manifests come from (the agent's parent indexer).
     parent: Option<Peer>,
@@ -142,6 +147,7 @@ impl Builder {
         Self {
             node: node.to_owned(),
             target,
+            local: None,
             client,
             parent,
             managers,
@@ -149,6 +155,13 @@ impl Builder {
             builds: Mutex::new(HashMap::new()),
             finished: Mutex::default(),
         }
+    }
+
+    /// Reads the plan's blocks from this node itself through `local`.
+    #[must_use]
+    pub fn with_local_blocks(mut self, local: Arc<dyn BlockSource>) -> Self {
+        self.local = Some(local);
+        self
     }
 
     /// May `node` order builds here?
@@ -416,6 +429,7 @@ impl Builder {
             block_size: u64::from(manifest.block_size),
             sink,
             build: b.clone(),
+            local: self.local.clone().map(|l| (self.node.clone(), l)),
         });
         loop {
             let order = b.order.lock().clone();
@@ -533,6 +547,47 @@ fn tally(list: &mut Vec<SourceTally>, node: &str, blocks: u64, bytes: u64, wire_
     }
 }
 
+/// `hashes` read from this node's own disks, each verified (blake3) as a
+/// peer's would be: a disk changed behind the index fails like a lying peer.
+fn read_local(local: &dyn BlockSource, hashes: &[BlockHash]) -> Vec<Result<Bytes, FetchError>> {
+    let peer = || "self".to_owned();
+    let mut out: Vec<Option<Result<Bytes, FetchError>>> = vec![None; hashes.len()];
+    let mut todo: Vec<usize> = (0..hashes.len()).collect();
+    // Each call answers at least one block (the budget is far above a block),
+    // so this ends within `hashes.len()` calls.
+    for _ in 0..=hashes.len() {
+        if todo.is_empty() {
+            break;
+        }
+        let ask: Vec<BlockHash> = todo.iter().map(|&i| hashes[i]).collect();
+        let replies = local.read_blocks(&ask, 64 << 20);
+        let mut again = Vec::new();
+        for (&i, r) in todo.iter().zip(replies) {
+            out[i] = match r {
+                BlockReply::Found(data) if *blake3::hash(&data).as_bytes() == hashes[i].0 => Some(Ok(data)),
+                BlockReply::Found(_) => Some(Err(FetchError::Mismatch { peer: peer() })),
+                BlockReply::NotFound => Some(Err(FetchError::NotFound { peer: peer() })),
+                BlockReply::Failed(message) => Some(Err(FetchError::Unavailable { peer: peer(), message })),
+                BlockReply::Skipped => {
+                    again.push(i);
+                    None
+                }
+            };
+        }
+        todo = again;
+    }
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(FetchError::Unavailable {
+                    peer: peer(),
+                    message: "not answered".into(),
+                })
+            })
+        })
+        .collect()
+}
+
 /// Every position of each distinct block, by distinct index.
 fn positions_of(manifest: &Manifest, blocks: &crate::plan::image::ImageBlocks) -> Vec<Vec<u64>> {
     let index: BlockHashMap<u32> = blocks
@@ -560,6 +615,8 @@ struct Pass {
     block_size: u64,
     sink: Sink,
     build: Arc<Build>,
+    /// This node's name and its own blocks.
+    local: Option<(String, Arc<dyn BlockSource>)>,
 }
 
 /// Where a pass's verified blocks go.
@@ -632,7 +689,18 @@ impl Pass {
                             .iter()
                             .map(|&i| me.blocks.distinct[i as usize].hash)
                             .collect();
-                        let results = source.fetch_blocks(&hashes).await;
+                        let local = me.local.as_ref().filter(|(n, _)| *n == node).map(|(_, l)| l.clone());
+                        let results = match local {
+                            Some(l) => tokio::task::spawn_blocking(move || read_local(&*l, &hashes))
+                                .await
+                                .unwrap_or_else(|e| {
+                                    vec![Err(FetchError::Unavailable {
+                                        peer: "self".into(),
+                                        message: e.to_string(),
+                                    })]
+                                }),
+                            None => source.fetch_blocks(&hashes).await,
+                        };
                         (round, results)
                     });
                 fetch
