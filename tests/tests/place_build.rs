@@ -518,6 +518,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     assert!(["hv1", "hv2", "hv3"].contains(&chosen.as_str()), "{job:#}");
     ctx.assert_identical(&chosen, "vm-tr");
     assert_eq!(job["plan"]["staged_at"], "rack1", "{job:#}");
+    assert!(job["indexed_after_ms"].as_u64().unwrap() < 5_000, "{job:#}");
     let ev = Ctx::events(&job);
     for want in [
         "staged at rack1",
