@@ -254,18 +254,22 @@ fn build() -> Result<()> {
 }
 
 /// The build caches outside the clone grow at every run (cargo never collects
-/// stale artifacts or incremental sessions; a full disk failed CI once): above
-/// this size a cache loses its incremental sessions, and if still above, all of it.
-const CACHE_LIMIT_BYTES: u64 = 24 << 30;
+/// stale artifacts or incremental sessions; a full disk failed CI once). Above
+/// this size a cache loses its incremental sessions (the next build is about a
+/// minute slower)...
+const INCREMENTAL_LIMIT_BYTES: u64 = 16 << 30;
+/// ...and above this one, after that, all of it (a cold build, minutes): the
+/// stale artifacts of many dependency and toolchain updates.
+const CACHE_LIMIT_BYTES: u64 = 40 << 30;
 
-/// Keeps a build cache under [`CACHE_LIMIT_BYTES`]: a rebuild costs minutes, a
+/// Keeps a build cache outside the clone bounded: a rebuild costs minutes, a
 /// full disk costs the run.
 fn prune_build_cache(dir: &Path) -> Result<()> {
     if dir.starts_with(root()) || !dir.exists() {
         return Ok(());
     }
     let size = disk_usage(dir)?;
-    if size <= CACHE_LIMIT_BYTES {
+    if size <= INCREMENTAL_LIMIT_BYTES {
         return Ok(());
     }
     for profile in std::fs::read_dir(dir)? {
