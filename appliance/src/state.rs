@@ -58,6 +58,13 @@ impl crate::manage::PlanningView for Appliance {
             .map(Planner::metrics_now)
             .unwrap_or_default()
     }
+
+    fn link_utilisation(&self) -> Vec<f64> {
+        self.live_costs
+            .as_ref()
+            .map(|lc| lc.lock().applied_utilisation().to_vec())
+            .unwrap_or_default()
+    }
 }
 
 /// What the API's planner answers from.

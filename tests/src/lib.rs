@@ -44,6 +44,8 @@ pub const DEFAULT_TOPOLOGY: &str = include_str!("../topologies/default.toml");
 pub const THREE_RACKS_TOPOLOGY: &str = include_str!("../topologies/three_racks.toml");
 /// Three racks of three hypervisors, shaped uplinks: the fan-out bench's lab.
 pub const FANOUT_TOPOLOGY: &str = include_str!("../topologies/fanout.toml");
+/// A shaped library uplink and a second way round it: re-planning on load.
+pub const LOAD_TOPOLOGY: &str = include_str!("../topologies/load.toml");
 
 /// The lab's API token files, in its directory (`nearblock api token new`).
 const API_READ_TOKEN_FILE: &str = "api-read.token";

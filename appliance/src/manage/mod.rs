@@ -41,6 +41,11 @@ pub trait PlanningView: Send + Sync + 'static {
     fn topology(&self) -> Option<Topology>;
     /// Host metrics for the placement policies (reports over the file).
     fn host_metrics(&self) -> MetricsFile;
+    /// Per topology link (in order): its measured utilisation now, 0..1 and
+    /// more (empty when the appliance measures none).
+    fn link_utilisation(&self) -> Vec<f64> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -161,6 +161,8 @@ fn plan_event(plan: &PlanView) -> String {
     };
     if plan.replans == 0 {
         format!("plan: {} distinct blocks ({summary}){finish}", plan.blocks_total)
+    } else if plan.excluded.is_empty() {
+        format!("re-plan {}: {summary}{finish}", plan.replans)
     } else {
         format!(
             "re-plan {} without {}: {summary}{finish}",
@@ -397,9 +399,9 @@ impl Manager {
             });
         });
         match placed.mode {
-            BuildMode::Agent => self.build(id, &placed, cancel).await?,
+            BuildMode::Agent => self.build(view.as_ref(), id, &placed, cancel).await?,
             BuildMode::Transparent => {
-                if let Err(e) = self.build(id, &placed, cancel).await {
+                if let Err(e) = self.build(view.as_ref(), id, &placed, cancel).await {
                     if cancel.is_cancelled() {
                         return Err(e);
                     }
@@ -808,7 +810,14 @@ impl Manager {
 
     /// Orders the build (or the staging), follows it and re-plans around
     /// failed sources.
-    async fn build(self: &Arc<Self>, id: u64, placed: &Placed, cancel: &CancellationToken) -> Result<(), String> {
+    async fn build(
+        self: &Arc<Self>,
+        view: &dyn PlanningView,
+        id: u64,
+        placed: &Placed,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        let mut placed = placed.clone();
         let target_addr = self.addr_of(&placed.builder).ok_or_else(|| {
             format!(
                 "no peer address known for {} (an appliance's indexer advertises one with `advertise`)",
@@ -860,7 +869,20 @@ impl Manager {
             // the rates in force now that the agent has it.
             self.reallocate(None).await;
             let graph = Graph::from_topology(&placed.topology);
-            let report = self.follow(id, &agent, Some((&graph, &paths)), cancel).await?;
+            let report = match self.follow(id, &agent, Some((&graph, &paths, view)), cancel).await? {
+                Followed::Settled(report) => report,
+                Followed::Loaded(why) => {
+                    replans += 1;
+                    if replans > MAX_REPLANS {
+                        return Err(format!("gave up after {MAX_REPLANS} re-plans"));
+                    }
+                    self.update(id, |j| j.event(format!("{why}: re-planning with the live link costs")));
+                    if let Some(t) = view.topology() {
+                        placed.topology = t;
+                    }
+                    continue;
+                }
+            };
             match report.state {
                 BuildState::Done => {
                     if placed.mode == BuildMode::Transparent {
@@ -872,20 +894,7 @@ impl Manager {
                     return Ok(());
                 }
                 BuildState::NeedsSources => {
-                    let newly: Vec<String> = report
-                        .failures
-                        .iter()
-                        .map(|f| f.node.clone())
-                        .filter(|n| !excluded.contains(n))
-                        .collect();
-                    for f in report.failures.iter().filter(|f| newly.contains(&f.node)) {
-                        self.update(id, |j| {
-                            j.event(format!(
-                                "source {} failed ({}); {} of its blocks missing",
-                                f.node, f.reason, f.blocks_missing
-                            ));
-                        });
-                    }
+                    let newly = self.newly_failed(id, &report, &excluded);
                     if newly.is_empty() {
                         return Err("blocks missing but no source newly failed".into());
                     }
@@ -902,6 +911,26 @@ impl Manager {
                 BuildState::Fetching => unreachable!("follow returns at a settled state"),
             }
         }
+    }
+
+    /// The sources of `report` that failed and were not left out yet, each
+    /// named in an event.
+    fn newly_failed(&self, id: u64, report: &BuildReport, excluded: &BTreeSet<String>) -> Vec<String> {
+        let newly: Vec<String> = report
+            .failures
+            .iter()
+            .map(|f| f.node.clone())
+            .filter(|n| !excluded.contains(n))
+            .collect();
+        for f in report.failures.iter().filter(|f| newly.contains(&f.node)) {
+            self.update(id, |j| {
+                j.event(format!(
+                    "source {} failed ({}); {} of its blocks missing",
+                    f.node, f.reason, f.blocks_missing
+                ));
+            });
+        }
+        newly
     }
 
     /// Has the target's agent import the disk with the host's image tool from
@@ -930,7 +959,9 @@ impl Manager {
         if !matches!(reply, Msg::BuildReply { .. }) {
             return Err(format!("{} answered the import order with {}", placed.target, reply.name()));
         }
-        let report = self.follow(id, &agent, None, cancel).await?;
+        let Followed::Settled(report) = self.follow(id, &agent, None, cancel).await? else {
+            unreachable!("an import is followed without load checks");
+        };
         match report.state {
             BuildState::Done => {
                 let ms = started.elapsed().as_millis();
@@ -945,15 +976,18 @@ impl Manager {
     }
 
     /// Polls the builder until the build settles (done, failed, or waiting for
-    /// sources), recording progress when `plan` (its graph and paths) is given.
+    /// sources), recording progress when `plan` (its graph and paths) is given,
+    /// and then also watching its links' load: a link at its cap with others'
+    /// traffic on it, twice in a row, ends the follow with [`Followed::Loaded`].
     async fn follow(
         &self,
         id: u64,
         agent: &crate::peer::client::Peer,
-        plan: Option<(&Graph, &ShortestPaths)>,
+        plan: Option<(&Graph, &ShortestPaths, &dyn PlanningView)>,
         cancel: &CancellationToken,
-    ) -> Result<BuildReport, String> {
+    ) -> Result<Followed, String> {
         let mut failures_in_a_row = 0;
+        let mut load = LoadWatch::default();
         loop {
             if cancel.is_cancelled() {
                 return Err("cancelled by the operator".into());
@@ -971,14 +1005,116 @@ impl Manager {
                 }
             };
             failures_in_a_row = 0;
-            if let Some((graph, paths)) = plan {
-                self.update_progress(id, progress_of(&report, graph, paths));
-            }
             if report.state != BuildState::Fetching {
-                return Ok(report);
+                if let Some((graph, paths, _)) = plan {
+                    self.update_progress(id, progress_of(&report, graph, paths));
+                }
+                return Ok(Followed::Settled(report));
+            }
+            if let Some((graph, paths, view)) = plan {
+                self.update_progress(id, progress_of(&report, graph, paths));
+                let ours = link_wire_bytes(&report, graph, paths);
+                if let Some(why) = load.check(graph, &ours, &view.link_utilisation()) {
+                    return Ok(Followed::Loaded(why));
+                }
             }
         }
     }
+}
+
+/// How following a build ended.
+enum Followed {
+    /// Done, failed, cancelled or waiting for sources.
+    Settled(BuildReport),
+    /// Still fetching, but a link of its plan is loaded by others.
+    Loaded(String),
+}
+
+/// The utilisation at which a link of a running build's plan counts as loaded
+/// (the capacity-aware plan's cap).
+const LOAD_CAP: f64 = 0.8;
+/// Others' share of a loaded link's capacity (its utilisation minus this
+/// build's) at which the build re-plans: what it planned on is not there.
+const LOAD_OTHERS: f64 = 0.25;
+/// Polls in a row a link must be loaded so, to re-plan.
+const LOAD_STRIKES: u32 = 2;
+
+/// A running build's own rate per link (from its connections' wire bytes)
+/// against the links' measured utilisation.
+#[derive(Default)]
+struct LoadWatch {
+    /// When the window started, and the build's wire bytes per link then.
+    window: Option<(Instant, Vec<u64>)>,
+    /// The build's own utilisation per link over the last full window.
+    ours: Vec<f64>,
+    strikes: Vec<u32>,
+}
+
+impl LoadWatch {
+    /// Why the plan should change, if a link carrying this build is at
+    /// [`LOAD_CAP`] with others' traffic at least [`LOAD_OTHERS`] of it.
+    fn check(&mut self, graph: &Graph, bytes: &[u64], util: &[f64]) -> Option<String> {
+        let now = Instant::now();
+        match &self.window {
+            None => {
+                self.window = Some((now, bytes.to_vec()));
+                return None;
+            }
+            Some((t0, b0)) if now.duration_since(*t0) >= Duration::from_secs(1) => {
+                let dt = now.duration_since(*t0).as_secs_f64();
+                self.ours = bytes
+                    .iter()
+                    .zip(b0.iter().chain(std::iter::repeat(&0)))
+                    .enumerate()
+                    .map(|(l, (b, a))| {
+                        graph.link(l as crate::cost::paths::LinkId).capacity_mbps.map_or(0.0, |c| {
+                            b.saturating_sub(*a) as f64 * 8.0 / dt / (c * 1e6)
+                        })
+                    })
+                    .collect();
+                self.window = Some((now, bytes.to_vec()));
+            }
+            Some(_) => {}
+        }
+        if self.ours.is_empty() {
+            return None; // no full window yet: the build's own share is unknown
+        }
+        self.strikes.resize(bytes.len(), 0);
+        for (l, &b) in bytes.iter().enumerate() {
+            let u = util.get(l).copied().unwrap_or(0.0);
+            let mine = self.ours.get(l).copied().unwrap_or(0.0);
+            if b > 0 && u >= LOAD_CAP && u - mine >= LOAD_OTHERS {
+                self.strikes[l] += 1;
+            } else {
+                self.strikes[l] = 0;
+            }
+            if self.strikes[l] >= LOAD_STRIKES {
+                let gl = graph.link(l as crate::cost::paths::LinkId);
+                return Some(format!(
+                    "link {}-{} at {:.0}% of its capacity, this build {:.0}%",
+                    graph.name(gl.a),
+                    graph.name(gl.b),
+                    u * 100.0,
+                    mine * 100.0
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// A build's wire bytes per link (each source's connection bytes on every
+/// link of its path).
+fn link_wire_bytes(report: &BuildReport, graph: &Graph, paths: &ShortestPaths) -> Vec<u64> {
+    let mut out = vec![0u64; graph.links().len()];
+    for t in &report.by_source {
+        if let Some(n) = graph.node_id(&t.node) {
+            for l in paths.path_links(n) {
+                out[l as usize] += t.wire_bytes;
+            }
+        }
+    }
+    out
 }
 
 /// A build report in bytes by source, class, hop count and link.

@@ -501,7 +501,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 .unwrap_or_default(),
             built.clone(),
         )
-        .with_local_blocks(agent.clone() as Arc<dyn BlockSource>))
+        .with_local_blocks({
+            let agent = agent.clone();
+            Arc::new(move |hashes: &[BlockHash], budget: usize| agent.read_blocks(hashes, budget))
+        }))
     });
     let services = crate::peer::server::Services {
         blocks: Some(agent.clone() as Arc<dyn BlockSource>),

@@ -39,8 +39,11 @@ use super::{
     },
     client::{FetchError, ManifestAnswer, Peer, PeerClient},
     proto::BlockReply,
-    server::BlockSource,
 };
+
+/// This node's own blocks by hash, read from its disks (the agent's block
+/// source): one reply per hash, at most about `budget` bytes of them.
+pub type LocalBlocks = Arc<dyn Fn(&[BlockHash], usize) -> Vec<BlockReply> + Send + Sync>;
 use crate::{
     fetch::{BlockCache, Origin},
     hypervisor::{check_import_source, check_vm_name, DiskBuild, Hypervisor, VmAction},
@@ -81,6 +84,9 @@ struct Build {
     report: Mutex<BuildReport>,
     /// A re-plan arrived (wakes a build waiting in `NeedsSources`).
     replanned: Notify,
+    /// A re-plan arrived while fetching (a link got loaded): the pass stops
+    /// asking its sources and the next one follows the new order.
+    switch: AtomicBool,
     cancelled: AtomicBool,
     bytes_written: AtomicU64,
     /// Pacing per source node, bytes/s (absent or 0: none).
@@ -123,7 +129,7 @@ pub struct Builder {
     target: BuildTarget,
     /// This node's own blocks, read from its disks when the plan names this
     /// node as a source (no connection, no sealing), verified like any other.
-    local: Option<Arc<dyn BlockSource>>,
+    local: Option<LocalBlocks>,
     client: Arc<PeerClient>,
     /// Where manifests come from (the agent's parent indexer).
     parent: Option<Peer>,
@@ -159,7 +165,7 @@ impl Builder {
 
     /// Reads the plan's blocks from this node itself through `local`.
     #[must_use]
-    pub fn with_local_blocks(mut self, local: Arc<dyn BlockSource>) -> Self {
+    pub fn with_local_blocks(mut self, local: LocalBlocks) -> Self {
         self.local = Some(local);
         self
     }
@@ -174,8 +180,8 @@ impl Builder {
         check_vm_name(&order.vm).map_err(|e| e.to_string())?;
         if let Some(b) = self.builds.lock().get(&order.job).cloned() {
             let state = b.report.lock().state;
-            if state != BuildState::NeedsSources {
-                return Err(format!("build {} is {state:?}, not waiting for sources", order.job));
+            if !matches!(state, BuildState::NeedsSources | BuildState::Fetching) {
+                return Err(format!("build {} is {state:?}: too late to re-plan", order.job));
             }
             {
                 let mut current = b.order.lock();
@@ -186,7 +192,11 @@ impl Builder {
                 *current = order;
             }
             b.set_state(BuildState::Fetching, None);
-            b.replanned.notify_one();
+            if state == BuildState::Fetching {
+                b.switch.store(true, Ordering::Relaxed);
+            } else {
+                b.replanned.notify_one();
+            }
             return Ok(b.snapshot());
         }
         let b = Self::new_build(order.clone());
@@ -219,6 +229,7 @@ impl Builder {
             }),
             order: Mutex::new(order),
             replanned: Notify::new(),
+            switch: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
             bytes_written: AtomicU64::new(0),
             rates: Mutex::new(HashMap::new()),
@@ -442,6 +453,12 @@ impl Builder {
             if done_count == total {
                 break;
             }
+            if b.switch.swap(false, Ordering::Relaxed) {
+                // Re-planned while fetching: the rest from the new order's sources.
+                b.report.lock().failures.extend(failures);
+                tracing::info!(missing = total - done_count, "re-planned while fetching");
+                continue;
+            }
             {
                 let mut r = b.report.lock();
                 r.failures.extend(failures);
@@ -549,7 +566,7 @@ fn tally(list: &mut Vec<SourceTally>, node: &str, blocks: u64, bytes: u64, wire_
 
 /// `hashes` read from this node's own disks, each verified (blake3) as a
 /// peer's would be: a disk changed behind the index fails like a lying peer.
-fn read_local(local: &dyn BlockSource, hashes: &[BlockHash]) -> Vec<Result<Bytes, FetchError>> {
+fn read_local(local: &LocalBlocks, hashes: &[BlockHash]) -> Vec<Result<Bytes, FetchError>> {
     let peer = || "self".to_owned();
     let mut out: Vec<Option<Result<Bytes, FetchError>>> = vec![None; hashes.len()];
     let mut todo: Vec<usize> = (0..hashes.len()).collect();
@@ -560,7 +577,7 @@ fn read_local(local: &dyn BlockSource, hashes: &[BlockHash]) -> Vec<Result<Bytes
             break;
         }
         let ask: Vec<BlockHash> = todo.iter().map(|&i| hashes[i]).collect();
-        let replies = local.read_blocks(&ask, 64 << 20);
+        let replies = local(&ask, 64 << 20);
         let mut again = Vec::new();
         for (&i, r) in todo.iter().zip(replies) {
             out[i] = match r {
@@ -616,7 +633,7 @@ struct Pass {
     sink: Sink,
     build: Arc<Build>,
     /// This node's name and its own blocks.
-    local: Option<(String, Arc<dyn BlockSource>)>,
+    local: Option<(String, LocalBlocks)>,
 }
 
 /// Where a pass's verified blocks go.
@@ -691,7 +708,7 @@ impl Pass {
                             .collect();
                         let local = me.local.as_ref().filter(|(n, _)| *n == node).map(|(_, l)| l.clone());
                         let results = match local {
-                            Some(l) => tokio::task::spawn_blocking(move || read_local(&*l, &hashes))
+                            Some(l) => tokio::task::spawn_blocking(move || read_local(&l, &hashes))
                                 .await
                                 .unwrap_or_else(|e| {
                                     vec![Err(FetchError::Unavailable {
@@ -711,38 +728,53 @@ impl Pass {
                 out.failure = Some("cancelled".into());
                 break;
             }
-            let mut good: Vec<(u32, Bytes)> = Vec::with_capacity(round.len());
-            for (&i, r) in round.iter().zip(results) {
-                match r {
-                    Ok(data) => good.push((i, data)),
-                    Err(e) if out.failure.is_none() => out.failure = Some(e.to_string()),
-                    Err(_) => {}
-                }
-            }
-            let (me, from) = (self.clone(), node.to_owned());
-            match tokio::task::spawn_blocking(move || me.write(&from, good)).await {
-                Ok(Ok((ids, bytes))) => {
-                    // Progress per round, so the manager sees a long build move.
-                    {
-                        let mut r = self.build.report.lock();
-                        r.blocks_done += ids.len() as u64;
-                        tally(&mut r.by_source, node, ids.len() as u64, bytes, peer.wire_bytes());
-                    }
-                    out.written.extend(ids);
-                }
-                Ok(Err(e)) => {
-                    out.failure.get_or_insert(e);
-                }
-                Err(e) => {
-                    out.failure.get_or_insert(format!("write task: {e}"));
-                }
-            }
-            if out.failure.is_some() {
+            self.keep(node, peer, &round, results, &mut out).await;
+            // A failed source is not asked again; a new order (re-planned while
+            // fetching) takes over from here.
+            if out.failure.is_some() || self.build.switch.load(Ordering::Relaxed) {
                 break;
             }
         }
         out.missing = (list.len() - out.written.len()) as u64;
         out
+    }
+
+    /// Writes what one round fetched from `node` and tallies it; the round's
+    /// first error becomes the source's failure.
+    async fn keep(
+        self: &Arc<Self>,
+        node: &str,
+        peer: &Peer,
+        round: &[u32],
+        results: Vec<Result<Bytes, FetchError>>,
+        out: &mut SourceOutcome,
+    ) {
+        let mut good: Vec<(u32, Bytes)> = Vec::with_capacity(round.len());
+        for (&i, r) in round.iter().zip(results) {
+            match r {
+                Ok(data) => good.push((i, data)),
+                Err(e) if out.failure.is_none() => out.failure = Some(e.to_string()),
+                Err(_) => {}
+            }
+        }
+        let (me, from) = (self.clone(), node.to_owned());
+        match tokio::task::spawn_blocking(move || me.write(&from, good)).await {
+            Ok(Ok((ids, bytes))) => {
+                // Progress per round, so the manager sees a long build move.
+                {
+                    let mut r = self.build.report.lock();
+                    r.blocks_done += ids.len() as u64;
+                    tally(&mut r.by_source, node, ids.len() as u64, bytes, peer.wire_bytes());
+                }
+                out.written.extend(ids);
+            }
+            Ok(Err(e)) => {
+                out.failure.get_or_insert(e);
+            }
+            Err(e) => {
+                out.failure.get_or_insert(format!("write task: {e}"));
+            }
+        }
     }
 
     /// Writes verified blocks from `from` at every position they occupy (a
