@@ -169,6 +169,33 @@ impl Fabric {
         )
     }
 
+    /// Starts the manager's appliance in `node`, monitor-only (it counts and
+    /// does not steer): the global indexer, `[cost]` over `topology`,
+    /// `[planner]`, and `[manager]` (its jobs in the lab directory) with
+    /// `manager_lines` added.
+    pub fn start_manager(
+        &self,
+        lab: &mut Lab,
+        node: &str,
+        topology: &Path,
+        manager_lines: &str,
+    ) -> Result<()> {
+        let ix = self.indexer_config(lab, node, None)?;
+        let extra_config = format!(
+            "[cost]\ntopology = {}\n[planner]\n[manager]\ndb = {}\n{manager_lines}\n[indexer]\nconfig = {}\n",
+            toml_path(topology),
+            toml_path(&lab.dir.path().join("manager.redb")),
+            toml_path(&ix),
+        );
+        lab.start_appliance(
+            node,
+            crate::ApplianceOptions {
+                steer: false,
+                extra_config,
+            },
+        )
+    }
+
     /// Starts a standalone indexer (`ix-<node>`) in `node`.
     pub fn start_indexer(&mut self, lab: &Lab, node: &str, parent: Option<&str>) -> Result<()> {
         let cfg = self.indexer_config(lab, node, parent)?;

@@ -13,9 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nearblock_lab::{
-    content, fabric::Fabric, toml_path, ApplianceOptions, Lab, LunSpec, LOAD_TOPOLOGY,
-};
+use nearblock_lab::{content, fabric::Fabric, toml_path, Lab, LunSpec, LOAD_TOPOLOGY};
 use serde_json::Value;
 
 const IQN: &str = "iqn.2026-12.test.nearblock:load";
@@ -75,21 +73,9 @@ fn a_build_replans_around_a_loaded_link() {
     )
     .unwrap();
 
-    let ix = fabric.indexer_config(&lab, "core", None).unwrap();
-    let extra_config = format!(
-        "[cost]\ntopology = {}\n[planner]\n[manager]\ndb = {}\n[indexer]\nconfig = {}\n",
-        toml_path(&topo),
-        toml_path(&lab.dir.path().join("manager.redb")),
-        toml_path(&ix),
-    );
-    lab.start_appliance(
-        "core",
-        ApplianceOptions {
-            steer: false,
-            extra_config,
-        },
-    )
-    .expect("core");
+    fabric
+        .start_manager(&mut lab, "core", &topo, "")
+        .expect("core");
     for rack in ["rack1", "rack2"] {
         fabric.start_indexer(&lab, rack, Some("core")).unwrap();
     }

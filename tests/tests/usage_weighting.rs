@@ -16,9 +16,7 @@ use std::{
 };
 
 use nearblock::plan::AccessHistory;
-use nearblock_lab::{
-    fabric::Fabric, toml_path, ApplianceOptions, Lab, LunSpec, THREE_RACKS_TOPOLOGY,
-};
+use nearblock_lab::{fabric::Fabric, toml_path, Lab, LunSpec, THREE_RACKS_TOPOLOGY};
 use serde_json::Value;
 
 const IQN: &str = "iqn.2026-12.test.nearblock:usage";
@@ -110,23 +108,14 @@ fn a_real_boots_reads_change_the_ranking() {
         nearblock::splice::catalog::history_path(&history_dir, IQN, 1),
     )
     .unwrap();
-    let ix = fabric.indexer_config(&lab, "core", None).unwrap();
-    let extra_config = format!(
-        "[cost]\ntopology = {}\n[planner]\n[manager]\ndb = {}\nhistory_dir = {}\nlibrary_portal = \"{}:3260\"\n[indexer]\nconfig = {}\n",
-        toml_path(&topo),
-        toml_path(&lab.dir.path().join("manager.redb")),
+    let manager_lines = format!(
+        "history_dir = {}\nlibrary_portal = \"{}:3260\"",
         toml_path(&history_dir),
-        lab.addr4("library"),
-        toml_path(&ix),
+        lab.addr4("library")
     );
-    lab.start_appliance(
-        "core",
-        ApplianceOptions {
-            steer: false,
-            extra_config,
-        },
-    )
-    .expect("core");
+    fabric
+        .start_manager(&mut lab, "core", &topo, &manager_lines)
+        .expect("core");
     for rack in ["rack1", "rack2"] {
         fabric.start_indexer(&lab, rack, Some("core")).unwrap();
     }
