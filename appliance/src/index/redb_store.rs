@@ -576,11 +576,16 @@ impl RedbStore {
                     } => {
                         let src = id_for(&mut source_ids, host, image, *block_size, true)?
                             .expect("created");
-                        let old = match manifests.get(src)? {
+                        let stored = match manifests.get(src)? {
                             Some(v) => decode_stored(src, v.value(), max)?,
                             None => None,
-                        }
-                        .unwrap_or_else(|| Manifest {
+                        };
+                        // A patch that creates its source replaces it whole: the
+                        // holder snapshot may still hold entries of an earlier
+                        // source under this id (removed before a reopen, when
+                        // nothing marks it), which only a replacement masks.
+                        let created = stored.is_none();
+                        let old = stored.unwrap_or_else(|| Manifest {
                             image: image.clone(),
                             size: 0,
                             block_size: *block_size,
@@ -601,12 +606,20 @@ impl RedbStore {
                         manifests.insert(src, new.encode().as_slice())?;
                         let info = SourceInfo::of(host, &new, s);
                         sources.insert(src, info.encode().as_slice())?;
-                        effects.push(Effect::Patch {
-                            src,
-                            old,
-                            new,
-                            info,
-                            idxs,
+                        effects.push(if created {
+                            Effect::Replace {
+                                src,
+                                old: None,
+                                new: Some((new, info)),
+                            }
+                        } else {
+                            Effect::Patch {
+                                src,
+                                old,
+                                new,
+                                info,
+                                idxs,
+                            }
                         });
                     }
                     Change::RemoveImage {
