@@ -480,20 +480,26 @@ fn qemu_72() -> Result<()> {
             bail!("cannot download qemu-utils/qemu-block-extra {version}");
         }
     }
-    let staging = dir.with_extension("staging");
-    let _ = std::fs::remove_dir_all(&staging);
-    for deb in std::fs::read_dir(&tmp)? {
-        let deb = deb?.path();
-        Command::new("dpkg")
-            .arg("-x")
-            .arg(&deb)
-            .arg(&staging)
-            .status_ok()?;
-    }
+    let staging = unpack_debs(&tmp, dir)?;
     std::fs::rename(&staging, dir)?;
     let _ = std::fs::remove_dir_all(&tmp);
     eprintln!("bootstrap: qemu-img 7.2 unpacked into {QEMU_DIR}");
     Ok(())
+}
+
+/// Every .deb in `debs` unpacked (`dpkg -x`) into `dir`'s staging directory
+/// (returned; the caller renames it into place).
+fn unpack_debs(debs: &Path, dir: &Path) -> Result<PathBuf> {
+    let staging = dir.with_extension("staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    for deb in std::fs::read_dir(debs)? {
+        Command::new("dpkg")
+            .arg("-x")
+            .arg(deb?.path())
+            .arg(&staging)
+            .status_ok()?;
+    }
+    Ok(staging)
 }
 
 /// qemu-system-x86 7.2 unpacked into [`QEMU_SYSTEM_DIR`]: the emulator, its TCG
@@ -526,15 +532,7 @@ fn qemu_system_72() -> Result<()> {
             bail!("cannot download qemu-system-x86 {version}");
         }
     }
-    let staging = dir.with_extension("staging");
-    let _ = std::fs::remove_dir_all(&staging);
-    for deb in std::fs::read_dir(&tmp)? {
-        Command::new("dpkg")
-            .arg("-x")
-            .arg(deb?.path())
-            .arg(&staging)
-            .status_ok()?;
-    }
+    let staging = unpack_debs(&tmp, dir)?;
     let modules = "usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so";
     std::fs::copy(Path::new(QEMU_DIR).join(modules), staging.join(modules))
         .context("the iSCSI module of qemu-img 7.2 (bootstrap installs it first)")?;

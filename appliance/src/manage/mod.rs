@@ -223,15 +223,7 @@ impl Manager {
                 )));
             }
         }
-        let known = self
-            .store
-            .images()
-            .map_err(|e| ManageError::BadRequest(e.to_string()))?
-            .iter()
-            .any(|i| i.image == spec.image);
-        if !known {
-            return Err(ManageError::UnknownImage(spec.image));
-        }
+        self.check_known(&spec.image)?;
         let job = {
             let mut jobs = self.jobs.lock();
             let id = self
@@ -272,21 +264,28 @@ impl Manager {
         Ok(job)
     }
 
+    /// `image` is in the global index, or [`ManageError::UnknownImage`].
+    fn check_known(&self, image: &str) -> Result<(), ManageError> {
+        let known = self
+            .store
+            .images()
+            .map_err(|e| ManageError::BadRequest(e.to_string()))?
+            .iter()
+            .any(|i| i.image == image);
+        if known {
+            Ok(())
+        } else {
+            Err(ManageError::UnknownImage(image.to_owned()))
+        }
+    }
+
     /// The hypervisors ranked for `spec` now, as a job would rank them
     /// (blocking: reads the store). Nothing is built.
     pub fn targets(&self, view: &dyn PlanningView, spec: &PlaceSpec) -> Result<runner::Ranked, ManageError> {
         spec.policy
             .parse::<Policy>()
             .map_err(|e| ManageError::BadRequest(format!("policy: {e}")))?;
-        let known = self
-            .store
-            .images()
-            .map_err(|e| ManageError::BadRequest(e.to_string()))?
-            .iter()
-            .any(|i| i.image == spec.image);
-        if !known {
-            return Err(ManageError::UnknownImage(spec.image.clone()));
-        }
+        self.check_known(&spec.image)?;
         self.rank(view, spec).map_err(ManageError::BadRequest)
     }
 
