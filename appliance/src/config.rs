@@ -82,6 +82,29 @@ pub struct ManagerConfig {
     /// placement. Unset: every block at full cost.
     #[serde(default)]
     pub history_dir: Option<std::path::PathBuf>,
+    /// Migration: once a pre-copy round's writes are at most this many MiB,
+    /// the VM is paused and the last round moves.
+    #[serde(default = "default_migrate_final_mib")]
+    pub migrate_final_mib: u64,
+    /// Migration: pre-copy rounds at most (then it pauses whatever the delta).
+    #[serde(default = "default_migrate_max_rounds")]
+    pub migrate_max_rounds: u32,
+    /// Migration: how long the source's copy is kept after the VM runs on the
+    /// target and its disk is verified, before it is retired.
+    #[serde(default = "default_retire_grace_secs")]
+    pub retire_grace_secs: u64,
+}
+
+fn default_migrate_final_mib() -> u64 {
+    8
+}
+
+fn default_migrate_max_rounds() -> u32 {
+    10
+}
+
+fn default_retire_grace_secs() -> u64 {
+    60
 }
 
 fn default_manager_db() -> std::path::PathBuf {
@@ -475,7 +498,7 @@ impl SplicerConfig {
         catalog.readahead_bytes = self.readahead_bytes;
         catalog.max_served_read_bytes = self.max_served_read_bytes;
         catalog.login_timeout = Duration::from_secs(self.login_timeout_secs);
-        catalog.prefetch_budget_mbps = self.prefetch_budget_mbps;
+        catalog.prefetch_pace = std::sync::Arc::new(crate::fetch::prefetch::PrefetchPace::new(self.prefetch_budget_mbps));
         for l in &self.lun {
             let decl =
                 l.decl(self.authority.as_deref())

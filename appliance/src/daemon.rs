@@ -189,6 +189,9 @@ fn start_manager(
         index_wait: Duration::from_secs(mc.index_wait_secs),
         library_portal: mc.library_portal,
         history_dir: mc.history_dir.clone(),
+        migrate_final_bytes: mc.migrate_final_mib << 20,
+        migrate_max_rounds: mc.migrate_max_rounds,
+        retire_grace: Duration::from_secs(mc.retire_grace_secs),
         ..crate::manage::ManagerOptions::default()
     };
     let manager = crate::manage::Manager::open(
@@ -264,7 +267,7 @@ impl Splicing {
             .and_then(|t| t.uplink_budget_mbps(&config.appliance.name))
         {
             info!(budget_mbps = budget, "prefetch paced to the uplink's budget");
-            catalog.prefetch_budget_mbps = budget;
+            catalog.prefetch_pace = Arc::new(crate::fetch::prefetch::PrefetchPace::new(budget));
         }
         let catalog = Arc::new(catalog);
         // Files and the local index now (quick); the parent's answers come with
@@ -423,6 +426,10 @@ async fn start_indexer(
     let blocks = cache.map(|c| c.clone() as Arc<dyn BlockSource>);
     let managers = &app.config.splicer.managers;
     let builds = cache.filter(|_| !managers.is_empty()).map(|cache| {
+        let prefetch_pace: crate::peer::builder::PrefetchPaceOf = {
+            let splicer = app.splicer.clone();
+            Arc::new(move || splicer.catalog.get().map(|c| c.prefetch_pace.clone()))
+        };
         let client = Arc::new(indexer_client(config));
         let parent = config.parent.map(|p| client.peer(&p.to_string()));
         // Sourcing starts after the indexer (it asks the indexer's service):
@@ -442,6 +449,7 @@ async fn start_indexer(
             crate::peer::builder::BuildTarget::Cache {
                 cache: cache.clone(),
                 origin_of,
+                prefetch_pace,
             },
             client,
             parent,

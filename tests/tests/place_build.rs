@@ -42,6 +42,10 @@ use nearblock_lab::{
 use serde_json::Value;
 
 const IQN: &str = "iqn.2026-12.test.nearblock:place";
+/// A second target: its LUN rack1 prefetches at login (2c).
+const IQN_PREFETCH: &str = "iqn.2026-12.test.nearblock:prefetch";
+/// core–rack1's budget in this test, Mbit/s.
+const RACK1_BUDGET_MBPS: f64 = 100.0;
 const AGENT_PORT: u16 = 7300;
 const INDEXER_PORT: u16 = 7301;
 const MIB: usize = 1 << 20;
@@ -208,8 +212,16 @@ fn write_vm(dir: &Path, name: &str, image: &str, disk: &[u8]) {
 )]
 fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     let lab = Lab::new(THREE_RACKS_TOPOLOGY).expect("lab");
+    // core–rack1 gets a budget too: rack1's prefetching shares it with the
+    // builds crossing it (2c).
+    let uplink = "a = \"core\"\nb = \"rack1\"\ncapacity_mbps = 10000\n";
+    assert!(THREE_RACKS_TOPOLOGY.contains(uplink));
+    let topology = THREE_RACKS_TOPOLOGY.replace(
+        uplink,
+        &format!("{uplink}budget_mbps = {RACK1_BUDGET_MBPS:?}\n"),
+    );
     let topo = lab
-        .write_file("topology.toml", THREE_RACKS_TOPOLOGY.as_bytes())
+        .write_file("topology.toml", topology.as_bytes())
         .unwrap();
     let fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap();
     let image = content::image(IMAGE_BYTES, 1212, 20);
@@ -228,6 +240,16 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
             })
             .unwrap();
     }
+
+    // Target 2: a 48 MiB image rack1 prefetches when an initiator logs in.
+    let prefetch_image = content::image(48 * MIB, 4444, 20);
+    let prefetch_path = ctx.lab.write_file("prefetch.raw", &prefetch_image).unwrap();
+    ctx.lab
+        .add_lun(LunSpec {
+            tid: 2,
+            ..LunSpec::read_only(IQN_PREFETCH, prefetch_path)
+        })
+        .unwrap();
 
     // core: the global indexer and the manager; its XDP counts the peer
     // protocol's flows too (per flow, unique payload), for the bytes check.
@@ -264,7 +286,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     .unwrap();
     std::fs::write(&ix1, ix1_text).unwrap();
     let rack1_config = format!(
-        "[splicer]\nmanagers = [\"core\"]\nauthority = \"library\"\nmanifest_refresh_ms = 500\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\n[cost]\ntopology = {}\n[indexer]\nconfig = {}\n",
+        "[splicer]\nmanagers = [\"core\"]\nauthority = \"library\"\nmanifest_refresh_ms = 500\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\n[[splicer.lun]]\ntarget = {IQN_PREFETCH:?}\nlun = 1\nmode = \"prefetch\"\n[cost]\ntopology = {}\n[indexer]\nconfig = {}\n",
         toml_path(&topo),
         toml_path(&ix1),
     );
@@ -660,9 +682,127 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     // 2c. Fan-out: two jobs of LUN 3 at once in rack1. The first seeds (from
     // the library); the second waits for it, then sources only from its copy
     // in the rack (2 hops; the library is 3).
+    //
+    // Meanwhile rack1 prefetches target 2's LUN (an initiator logs in): the
+    // manager counts its prefetching as a flow on core–rack1 beside the
+    // seed's build, so each gets half the budget, and nearblock's rate on
+    // core–rack1 stays within it; once no build crosses it, rack1's own
+    // budget is back.
     let lun3 = format!("{IQN}/3");
     let seed = ctx.start_job(&lun3, "vm-f1", "hv2");
     let follower = ctx.start_job(&lun3, "vm-f2", "hv3");
+    let half = RACK1_BUDGET_MBPS / 2.0 * 0.95;
+    let library_rate = |job: &Value| job["plan"]["rates"]["library"].as_u64().unwrap_or(0) as f64;
+    let pace = || {
+        ctx.lab
+            .status("rack1")
+            .unwrap()
+            .splicer
+            .prefetch_pace
+            .unwrap()
+    };
+    within(
+        Duration::from_secs(30),
+        "rack1's prefetch LUN installed",
+        || {
+            ctx.lab
+                .status("rack1")
+                .unwrap()
+                .splicer
+                .luns
+                .iter()
+                .any(|l| l.target == IQN_PREFETCH && l.lun == 1 && l.blocks > 0)
+        },
+    );
+    within(
+        Duration::from_secs(30),
+        "the seed building, rack1 offered a share",
+        || {
+            let p = pace();
+            ctx.job(&seed)["state"] == "building" && p.shared_by_manager
+        },
+    );
+    let alone = library_rate(&ctx.job(&seed));
+    let offered = pace().budget_mbps;
+    assert!(
+        (alone * 8.0 / 1e6 - RACK1_BUDGET_MBPS * 0.95).abs() < 0.5,
+        "the seed alone on core–rack1: {alone} B/s"
+    );
+    assert!(
+        (offered - half).abs() < 0.5,
+        "rack1 offered {offered} Mbit/s"
+    );
+    let rack1_side: Vec<String> = ["rack1", "hv1", "hv2", "hv3"]
+        .iter()
+        .map(|n| format!("{}:", ctx.lab.addr4(n)))
+        .collect();
+    let lib = format!("{}:{AGENT_PORT}", ctx.lab.addr4("library"));
+    let on_uplink = || -> u64 {
+        ctx.lab
+            .status("core")
+            .unwrap()
+            .flows
+            .iter()
+            .filter(|f| {
+                rack1_side.iter().any(|h| {
+                    (f.src == lib && f.dst.starts_with(h.as_str()))
+                        || (f.dst == lib && f.src.starts_with(h.as_str()))
+                })
+            })
+            .map(|f| f.payload_bytes - f.retrans_bytes)
+            .sum()
+    };
+    let url = format!("iscsi://{}/{IQN_PREFETCH}/1", ctx.lab.addr4("library"));
+    ctx.lab.exec_ok("hv1", &["iscsi-inq", &url]).unwrap();
+    let started = Instant::now();
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let mut shared = None;
+    loop {
+        samples.push((started.elapsed().as_secs_f64(), on_uplink()));
+        let job = ctx.job(&seed);
+        let p = pace();
+        if shared.is_none() && p.running > 0 && (library_rate(&job) * 8.0 / 1e6 - half).abs() < 0.5
+        {
+            shared = Some((p, library_rate(&job)));
+        }
+        if job["state"] != "building" && job["state"] != "placing" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_mins(1),
+            "the seed's build did not end: {job:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (p, rate) = shared.expect("rack1's prefetch and the seed's build shared core–rack1");
+    eprintln!(
+        "prefetch share: rack1 prefetching at {:.2} Mbit/s (own budget {:.0}), the seed at {:.2} Mbit/s",
+        p.budget_mbps,
+        p.default_mbps,
+        rate * 8.0 / 1e6
+    );
+    assert!(
+        (p.budget_mbps - half).abs() < 0.5 && p.shared_by_manager,
+        "{p:?}"
+    );
+    let mut peak: f64 = 0.0;
+    for (i, &(t0, b0)) in samples.iter().enumerate() {
+        if t0 < 1.0 {
+            continue;
+        }
+        if let Some(&(t1, b1)) = samples[i..].iter().find(|(t, _)| *t - t0 >= 1.0) {
+            peak = peak.max((b1 - b0) as f64 * 8.0 / (t1 - t0) / 1e6);
+        }
+    }
+    let total = samples.last().unwrap().1 - samples[0].1;
+    eprintln!(
+        "prefetch share: {total} B on core–rack1 in {:.1} s, peak 1-s window {peak:.1} Mbit/s",
+        samples.last().unwrap().0
+    );
+    assert!(
+        peak <= RACK1_BUDGET_MBPS * 1.05,
+        "nearblock's rate on core–rack1 peaked at {peak:.1} Mbit/s"
+    );
     let deadline = Instant::now() + Duration::from_mins(2);
     let (seed_job, follower_job) = loop {
         let (a, b) = (ctx.job(&seed), ctx.job(&follower));
@@ -691,6 +831,10 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         .keys()
         .collect();
     assert_eq!(sources, ["hv2"], "{follower_job:#}");
+    within(Duration::from_secs(5), "rack1's own budget back", || {
+        let p = pace();
+        !p.shared_by_manager && (p.budget_mbps - RACK1_BUDGET_MBPS).abs() < 1e-9
+    });
     assert!(
         std::fs::read(ctx.vm_dir("hv3").join("vm-f2.raw")).unwrap()
             == std::fs::read(ctx.lab.dir.path().join("big3.raw")).unwrap(),

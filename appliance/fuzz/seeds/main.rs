@@ -629,6 +629,14 @@ fn peer_seeds() -> Vec<(&'static str, Vec<u8>)> {
             },
         ),
         (
+            "prefetch-share",
+            Msg::PrefetchShare {
+                bytes_per_s: 12_500_000,
+                counted: true,
+            },
+        ),
+        ("prefetch-state", Msg::PrefetchState { prefetching: true }),
+        (
             "build-rates",
             Msg::BuildRates {
                 job: 7,

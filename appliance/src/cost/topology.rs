@@ -165,6 +165,12 @@ impl Topology {
     /// hops; ties by link order), if that link has one: what an appliance's own
     /// prefetching may use of its uplink.
     pub fn uplink_budget_mbps(&self, node: &str) -> Option<f64> {
+        self.links[self.uplink(node)?].budget_mbps
+    }
+
+    /// The index of `node`'s first link toward the nearest library (fewest
+    /// hops; ties by link order): its uplink.
+    pub fn uplink(&self, node: &str) -> Option<usize> {
         use std::collections::{HashSet, VecDeque};
         // Breadth-first from every library; the first link that reaches `node`
         // is its uplink.
@@ -175,12 +181,19 @@ impl Topology {
             queue.push_back(&n.name);
         }
         while let Some(at) = queue.pop_front() {
-            for (l, next) in self.neighbours(at) {
+            for (i, l) in self.links.iter().enumerate() {
+                let next = if l.a == at {
+                    l.b.as_str()
+                } else if l.b == at {
+                    l.a.as_str()
+                } else {
+                    continue;
+                };
                 if !seen.insert(next) {
                     continue;
                 }
                 if next == node {
-                    return l.budget_mbps;
+                    return Some(i);
                 }
                 queue.push_back(next);
             }

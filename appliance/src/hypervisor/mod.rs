@@ -12,11 +12,16 @@
 //! volume, `import_disk` as the pool's own volume upload from the URL,
 //! `start`/`pause`/`resume`/`retire` as domain calls.
 //!
-//! Not here yet (the migration issue): the extents a running VM dirtied since a
-//! token.
+//! For migration, the hook says which extents of a running VM's disk were
+//! written since a token ([`Hypervisor::dirty_since`], [`dirty`]): exactly,
+//! from qemu's dirty bitmaps when the disk is served by qemu-storage-daemon,
+//! or every allocated extent (a rescan) when nothing tracks writes.
 
+pub mod dirty;
 mod plain;
+pub mod qmp;
 
+pub use dirty::{Dirty, StorageDaemon, Tracking};
 pub use plain::{ImageTool, PlainFiles};
 
 use serde::{Deserialize, Serialize};
@@ -76,6 +81,10 @@ pub enum HookError {
     Import { vm: String, reason: String },
     #[error("VM `{0}`: cancelled")]
     Cancelled(String),
+    #[error("VM `{vm}`: tracking its writes: {reason}")]
+    Tracking { vm: String, reason: String },
+    #[error("VM `{vm}`: its process: {reason}")]
+    Process { vm: String, reason: String },
 }
 
 /// A disk being built: blocks are written at their offsets (anything never
@@ -100,6 +109,9 @@ pub trait Hypervisor: Send + Sync {
         image: &str,
         size: u64,
     ) -> Result<Box<dyn DiskBuild>, HookError>;
+    /// Opens stored VM `vm`'s disk to be patched in place (a migration's
+    /// rounds after the first); it stays stored, whole or not, until started.
+    fn patch_disk(&self, vm: &str) -> Result<Box<dyn DiskBuild>, HookError>;
     /// Builds the disk of a new VM `vm` of `size` bytes from `image` with the
     /// host's own image tool reading `source` (an `iscsi://PORTAL/TARGET/LUN`
     /// URL, see [`check_import_source`]): the transparent way, whose reads the
@@ -120,6 +132,13 @@ pub trait Hypervisor: Send + Sync {
     fn retire(&self, vm: &str) -> Result<(), HookError>;
     /// Bytes free for new disks.
     fn free_bytes(&self) -> Result<u64, HookError>;
+    /// The extents of `vm`'s disk written since `since` (the token an earlier
+    /// call returned) and the token for the next call; with no token it starts
+    /// tracking (no extents). A host that tracks nothing answers every
+    /// allocated extent (the caller rehashes them: a rescan).
+    fn dirty_since(&self, vm: &str, since: Option<&str>) -> Result<Dirty, HookError>;
+    /// Stops tracking `vm`'s writes (the migration ended or was given up).
+    fn stop_tracking(&self, vm: &str) -> Result<(), HookError>;
 }
 
 /// A lifecycle change the operator asks for (through the manager).

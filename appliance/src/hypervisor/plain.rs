@@ -23,6 +23,23 @@ use crate::peer::durable_file::{self, Existing};
 
 const DISK_SUFFIX: &str = ".raw";
 const STATE_SUFFIX: &str = ".vm.json";
+const RUN_SUFFIX: &str = ".run.json";
+/// How long a paused VM's last writes may take to land.
+const QUIESCE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `NAME.run.json`, written by whatever runs the VM (the lab's workload
+/// launcher; an adapter for a real hypervisor asks the hypervisor instead):
+/// the VM's process group leader, whose group pause, resume and retire stop,
+/// continue and kill, and the storage daemon serving its disk, whose dirty
+/// bitmaps say what it wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    #[serde(default)]
+    pub pid: Option<i32>,
+    #[serde(default)]
+    pub storage_daemon: Option<super::StorageDaemon>,
+}
 
 /// What `NAME.vm.json` holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +56,21 @@ pub struct ImageTool {
     pub qemu_img: Option<PathBuf>,
     /// Its block-driver modules (`QEMU_MODULE_DIR`), for an unpacked build.
     pub module_dir: Option<PathBuf>,
+}
+
+impl ImageTool {
+    /// `qemu-img`, with its modules' directory when one is set.
+    pub fn command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(
+            self.qemu_img
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("qemu-img")),
+        );
+        if let Some(m) = &self.module_dir {
+            cmd.env("QEMU_MODULE_DIR", m);
+        }
+        cmd
+    }
 }
 
 /// How long an import may run before it is given up.
@@ -94,6 +126,65 @@ impl PlainFiles {
         let bytes = serde_json::to_vec_pretty(st).expect("a state file serialises");
         durable_file::write(&path, &bytes, Existing::Replace)
             .map_err(io(format!("write {}", path.display())))
+    }
+
+    fn run_file(&self, vm: &str) -> Result<RunFile, HookError> {
+        check_vm_name(vm)?;
+        let path = self.dir.join(format!("{vm}{RUN_SUFFIX}"));
+        match std::fs::read(&path) {
+            Ok(t) => serde_json::from_slice(&t)
+                .map_err(|_| HookError::Corrupt(path.display().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RunFile::default()),
+            Err(e) => Err(io(format!("read {}", path.display()))(e)),
+        }
+    }
+
+    /// Sends `signal` to the VM's process group, if its run file names one.
+    fn signal(&self, vm: &str, signal: libc::c_int) -> Result<(), HookError> {
+        let Some(pid) = self.run_file(vm)?.pid.filter(|&p| p > 1) else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) of a process group (a negative pid above -1) with a
+        // constant signal.
+        if unsafe { libc::kill(-pid, signal) } != 0 {
+            return Err(HookError::Process {
+                vm: vm.to_owned(),
+                reason: format!("signal to {pid}: {}", std::io::Error::last_os_error()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits until the storage daemon's write count for the disk stops moving
+    /// (the stopped process's last requests have landed).
+    fn quiesce(&self, vm: &str) -> Result<(), HookError> {
+        let Some(sd) = self.run_file(vm)?.storage_daemon else {
+            return Ok(());
+        };
+        let failed = |reason: String| HookError::Process {
+            vm: vm.to_owned(),
+            reason,
+        };
+        let mut qmp = super::qmp::Qmp::connect(&sd.qmp).map_err(|e| failed(e.to_string()))?;
+        let started = std::time::Instant::now();
+        let mut last = None;
+        while started.elapsed() < QUIESCE_WITHIN {
+            let stats = qmp
+                .execute("query-blockstats", serde_json::json!({"query-nodes": true}))
+                .map_err(|e| failed(e.to_string()))?;
+            let writes = stats
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["node-name"].as_str() == Some(sd.node.as_str()))
+                .and_then(|s| s["stats"]["wr_operations"].as_u64());
+            if writes.is_some() && writes == last {
+                return Ok(());
+            }
+            last = writes;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Err(failed(format!("its disk's writes did not stop within {QUIESCE_WITHIN:?}")))
     }
 
     /// Moves `vm` from one of `from` to `to`.
@@ -195,6 +286,36 @@ impl Hypervisor for PlainFiles {
         }))
     }
 
+    fn patch_disk(&self, vm: &str) -> Result<Box<dyn DiskBuild>, HookError> {
+        let st = self.read_state(vm)?;
+        if st.state != VmState::Stored {
+            return Err(HookError::WrongState {
+                vm: vm.to_owned(),
+                state: st.state,
+                action: "patch its disk",
+            });
+        }
+        if !self.building.lock().insert(vm.to_owned()) {
+            return Err(HookError::Exists(vm.to_owned()));
+        }
+        let guard = BuildingGuard {
+            set: self.building.clone(),
+            vm: vm.to_owned(),
+        };
+        let disk = self.disk_path(vm);
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .map_err(io(format!("open {}", disk.display())))?;
+        Ok(Box::new(PlainPatch {
+            file,
+            disk,
+            vm: vm.to_owned(),
+            state: st,
+            _guard: guard,
+        }))
+    }
+
     fn import_disk(
         &self,
         vm: &str,
@@ -208,20 +329,12 @@ impl Hypervisor for PlainFiles {
         let part = self.dir.join(format!(".{vm}{DISK_SUFFIX}.part"));
         // Into the sized sparse `.part` (`-n`: no creation, so the file stays
         // the build's); zero ranges become holes.
-        let mut cmd = std::process::Command::new(
-            self.tool
-                .qemu_img
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("qemu-img")),
-        );
+        let mut cmd = self.tool.command();
         cmd.args(["convert", "-n", "-f", "raw", "-O", "raw", source])
             .arg(&part)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
-        if let Some(m) = &self.tool.module_dir {
-            cmd.env("QEMU_MODULE_DIR", m);
-        }
         let failed = |reason: String| HookError::Import {
             vm: vm.to_owned(),
             reason,
@@ -269,29 +382,110 @@ impl Hypervisor for PlainFiles {
     }
 
     fn pause(&self, vm: &str) -> Result<(), HookError> {
-        self.transition(vm, &[VmState::Running], VmState::Paused, "pause")
+        self.transition(vm, &[VmState::Running], VmState::Paused, "pause")?;
+        self.signal(vm, libc::SIGSTOP)?;
+        self.quiesce(vm)
     }
 
     fn resume(&self, vm: &str) -> Result<(), HookError> {
-        self.transition(vm, &[VmState::Paused], VmState::Running, "resume")
+        self.transition(vm, &[VmState::Paused], VmState::Running, "resume")?;
+        self.signal(vm, libc::SIGCONT)
     }
 
     fn retire(&self, vm: &str) -> Result<(), HookError> {
         self.read_state(vm)?;
+        // Its process, if one runs it, ends first (a stopped one too).
+        match self.signal(vm, libc::SIGKILL) {
+            Ok(()) | Err(HookError::Process { .. }) => {}
+            Err(e) => return Err(e),
+        }
         let disk = self.disk_path(vm);
         match std::fs::remove_file(&disk) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(format!("remove {}", disk.display()))(e)),
         }
+        let run = self.dir.join(format!("{vm}{RUN_SUFFIX}"));
+        match std::fs::remove_file(&run) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("remove {}", run.display()))(e)),
+        }
         let state = self.state_path(vm);
         std::fs::remove_file(&state).map_err(io(format!("remove {}", state.display())))
+    }
+
+    fn dirty_since(&self, vm: &str, since: Option<&str>) -> Result<super::Dirty, HookError> {
+        let st = self.read_state(vm)?;
+        if let Some(sd) = self.run_file(vm)?.storage_daemon {
+            return sd.dirty_since(vm, since, &self.tool);
+        }
+        // Nothing tracks writes to a plain file: from the start, every
+        // allocated extent may have changed.
+        let extents = if since.is_some() {
+            let path = self.disk_path(vm);
+            let f = File::open(&path).map_err(io(format!("open {}", path.display())))?;
+            crate::index::chunk::data_extents(&f, st.size)
+                .into_iter()
+                .map(|(start, end)| (start, end - start))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(super::Dirty {
+            extents,
+            token: "rescan".into(),
+            tracking: super::Tracking::Rescan,
+        })
+    }
+
+    fn stop_tracking(&self, vm: &str) -> Result<(), HookError> {
+        match self.run_file(vm)?.storage_daemon {
+            Some(sd) => sd.stop(vm),
+            None => Ok(()),
+        }
     }
 
     fn free_bytes(&self) -> Result<u64, HookError> {
         crate::peer::hostmetrics::read_disk_free(&self.dir).map_err(|e| HookError::Io {
             what: format!("free space of {}", self.dir.display()),
             source: std::io::Error::other(e.to_string()),
+        })
+    }
+}
+
+/// A stored VM's disk patched in place (a migration's later rounds).
+struct PlainPatch {
+    file: File,
+    disk: PathBuf,
+    vm: String,
+    state: StateFile,
+    _guard: BuildingGuard,
+}
+
+impl DiskBuild for PlainPatch {
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), HookError> {
+        if offset.saturating_add(data.len() as u64) > self.state.size {
+            return Err(HookError::Io {
+                what: format!("patch {}", self.disk.display()),
+                source: std::io::Error::other("a write past the disk's size"),
+            });
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(io(format!("write {}", self.disk.display())))
+    }
+
+    fn finish(&self) -> Result<VmDisk, HookError> {
+        self.file
+            .sync_data()
+            .map_err(io(format!("sync {}", self.disk.display())))?;
+        Ok(VmDisk {
+            name: self.vm.clone(),
+            image: self.state.image.clone(),
+            path: self.disk.clone(),
+            size: self.state.size,
+            state: self.state.state,
         })
     }
 }

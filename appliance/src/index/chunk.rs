@@ -228,9 +228,9 @@ impl ImageFile {
     }
 }
 
-/// Data extents of a regular file via `SEEK_DATA`/`SEEK_HOLE`; `[(0, size)]` if
-/// unsupported (block devices, some file systems).
-fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
+/// Data extents of a regular file via `SEEK_DATA`/`SEEK_HOLE`, as `(start,
+/// end)`; `[(0, size)]` if unsupported (block devices, some file systems).
+pub fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
     let fd = file.as_raw_fd();
     let whole = if size == 0 { vec![] } else { vec![(0, size)] };
     let mut out = Vec::new();

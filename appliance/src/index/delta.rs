@@ -215,6 +215,129 @@ pub fn index_file(
     Ok(reports)
 }
 
+/// What [`index_extents`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtentsReport {
+    /// Bytes read and hashed (the touched blocks, summed over sizes).
+    pub bytes_hashed: u64,
+    /// Blocks recorded as changed, summed over sizes.
+    pub changed: u64,
+    /// Sequence number after the change.
+    pub seq: u64,
+}
+
+/// The blocks at `block_size` that byte ranges `extents` touch, in order,
+/// each once, below `blocks`.
+pub fn blocks_touched(extents: &[(u64, u64)], block_size: u32, blocks: usize) -> Vec<usize> {
+    let bs = u64::from(block_size);
+    let mut out: Vec<usize> = Vec::new();
+    for &(off, len) in extents {
+        if len == 0 {
+            continue;
+        }
+        let first = usize::try_from(off / bs).unwrap_or(usize::MAX);
+        let end = usize::try_from((off + len).div_ceil(bs)).unwrap_or(usize::MAX);
+        for i in first.max(out.last().map_or(0, |l| l + 1))..end.min(blocks) {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// Re-indexes only the blocks of `path` that `extents` touch (byte ranges
+/// that may have changed, from a hypervisor's dirty bitmap; sorted and
+/// disjoint), at every size `image` is indexed at: reads those blocks alone,
+/// records what differs as one patch per size, and records the file's state
+/// so the periodic stat check does not rehash the whole disk for these writes
+/// (the full rescan stays due when it was). An image not indexed yet, or whose
+/// size changed, is indexed whole ([`index_file`]).
+pub fn index_extents(
+    store: &RedbStore,
+    host: &str,
+    image: &str,
+    path: &Path,
+    sizes: &[u32],
+    extents: &[(u64, u64)],
+) -> Result<ExtentsReport> {
+    let img = ImageFile::open(path)?;
+    let mut changes = Vec::new();
+    let mut states = Vec::new();
+    let mut report = ExtentsReport {
+        bytes_hashed: 0,
+        changed: 0,
+        seq: store.seq(),
+    };
+    for &bs in sizes {
+        super::chunk::check_block_size(bs)?;
+        let (Some(old), Some(old_state)) = (
+            store.manifest_at(host, image, bs)?,
+            store.file_state(host, image, bs)?,
+        ) else {
+            return whole(store, host, image, path, sizes, &img);
+        };
+        if old.size != img.size() {
+            return whole(store, host, image, path, sizes, &img);
+        }
+        let touched = blocks_touched(extents, bs, old.blocks.len());
+        let mut differing = Vec::new();
+        for &i in &touched {
+            let new = img.hash_block(i, bs);
+            if new != old.blocks[i] {
+                differing.push((i as u32, new));
+            }
+        }
+        report.bytes_hashed += touched.len() as u64 * u64::from(bs);
+        report.changed += differing.len() as u64;
+        if !differing.is_empty() {
+            changes.push(Change::PatchImage {
+                host: host.to_string(),
+                image: image.to_string(),
+                block_size: bs,
+                size: old.size,
+                blocks: differing,
+            });
+        }
+        let mut state = file_state(path, img.size())?;
+        state.full_scan_unix = old_state.full_scan_unix;
+        states.push((bs, state));
+    }
+    if !changes.is_empty() {
+        report.seq = store.apply(&changes)?;
+    }
+    for (bs, state) in states {
+        store.set_file_state(host, image, bs, &state)?;
+    }
+    Ok(report)
+}
+
+/// [`index_extents`]'s fallback: the whole image, forced.
+fn whole(
+    store: &RedbStore,
+    host: &str,
+    image: &str,
+    path: &Path,
+    sizes: &[u32],
+    img: &ImageFile,
+) -> Result<ExtentsReport> {
+    let policy = Policy {
+        force: true,
+        ..Policy::default()
+    };
+    let reports = index_file(store, host, image, path, sizes, &policy, &|_| {})?;
+    Ok(ExtentsReport {
+        bytes_hashed: img.size() * sizes.len() as u64,
+        changed: reports
+            .iter()
+            .map(|r| match r.outcome {
+                Outcome::New { blocks, .. } => blocks,
+                Outcome::Delta { changed } => changed,
+                Outcome::Unchanged => 0,
+            })
+            .sum(),
+        seq: reports.iter().map(|r| r.seq).max().unwrap_or(store.seq()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +442,40 @@ mod tests {
         let holders = store.holders(&want.blocks[10].unwrap()).unwrap();
         assert_eq!(holders.len(), 1);
         assert_eq!(holders[0].offset, 10 * 4096);
+    }
+
+    #[test]
+    fn touched_blocks_of_extents() {
+        assert_eq!(blocks_touched(&[(0, 1), (4095, 2), (3 * 4096, 4096)], 4096, 10), [0, 1, 3]);
+        assert_eq!(blocks_touched(&[(8 * 4096, 1 << 20)], 4096, 10), [8, 9]);
+        assert_eq!(blocks_touched(&[(0, 0)], 4096, 10), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn extents_rehash_only_their_blocks() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("i"), StoreOptions::default()).unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, data(64 * 4096, 9)).unwrap();
+        let sizes = [4096, 16384];
+        // Not indexed yet: the whole image.
+        let r = index_extents(&store, "h", "img", &path, &sizes, &[(0, 1)]).unwrap();
+        assert_eq!(r.bytes_hashed, 2 * 64 * 4096);
+        // Two blocks written, one of them back to what it held.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"new", 5 * 4096).unwrap();
+        f.write_all_at(&data(64 * 4096, 9)[40 * 4096..41 * 4096], 40 * 4096).unwrap();
+        let r = index_extents(&store, "h", "img", &path, &sizes, &[(5 * 4096, 4096), (40 * 4096, 4096)])
+            .unwrap();
+        // 4 KiB: blocks 5 and 40; 16 KiB: blocks 1 and 10.
+        assert_eq!(r.bytes_hashed, 2 * 4096 + 2 * 16384);
+        assert_eq!(r.changed, 2, "one block per size changed");
+        let want = manifest_of_bytes("img", &std::fs::read(&path).unwrap(), 4096);
+        assert_eq!(store.manifest_at("h", "img", 4096).unwrap().unwrap(), want);
+        // The file's state is recorded: the stat check reads nothing.
+        let r = index_file(&store, "h", "img", &path, &sizes, &Policy::default(), &|_| {}).unwrap();
+        assert!(r.iter().all(|r| r.outcome == Outcome::Unchanged), "{r:?}");
     }
 
     #[test]

@@ -147,10 +147,60 @@ pub struct Progress {
     pub by_link: BTreeMap<String, u64>,
 }
 
+/// What a job does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// Build a new VM from an image.
+    #[default]
+    Place,
+    /// Move a running VM's disk to the chosen host (pre-copy rounds, a short
+    /// stop, resume there).
+    Migrate,
+}
+
+/// One pre-copy round of a migration (round 0 is the whole disk).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RoundView {
+    pub round: u32,
+    /// Bytes the source's hook named as written since the last round.
+    pub bytes_dirty: u64,
+    /// Bytes the source read and hashed to re-index them.
+    pub bytes_hashed: u64,
+    /// Blocks whose content changed since the last round.
+    pub blocks_changed: u64,
+    /// Verified block bytes the target received, by source.
+    pub bytes_by_source: BTreeMap<String, u64>,
+    /// The round's wall time, ms (tracking, indexing, the target's patch).
+    pub ms: u64,
+    /// Taken with the VM paused (the last round).
+    pub paused: bool,
+}
+
+/// A migration's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MigrationView {
+    /// The host the VM ran on.
+    pub source: String,
+    /// How the source knows what the VM wrote.
+    pub tracking: Option<crate::hypervisor::Tracking>,
+    pub rounds: Vec<RoundView>,
+    /// From the pause on the source to the resume on the target, ms.
+    pub pause_to_resume_ms: Option<u64>,
+    /// The target's indexed disk equals the source's at the pause.
+    pub verified: bool,
+    /// The source's copy was retired (after the grace period).
+    pub source_retired: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: u64,
     pub spec: PlaceSpec,
+    #[serde(default)]
+    pub kind: JobKind,
+    #[serde(default)]
+    pub migration: Option<MigrationView>,
     pub state: JobState,
     pub created_ms: u64,
     pub updated_ms: u64,
@@ -176,6 +226,8 @@ impl Job {
         Self {
             id,
             spec,
+            kind: JobKind::Place,
+            migration: None,
             state: JobState::Placing,
             created_ms: now,
             updated_ms: now,

@@ -9,11 +9,16 @@
 //! - [`inventory`]: the inventory view, assembled from the index and reports.
 //! - [`jobs`]: job records, persisted in the manager's redb file.
 //! - [`runner`]: one job from placement to the indexed disk.
-//! - [`budget`]: per-link budgets shared among the running builds.
+//! - [`budget`]: per-link budgets shared among the running builds and the
+//!   appliances prefetching.
+//! - [`prefetchers`]: rack appliances' prefetching as flows in that sharing.
+//! - [`migrate`]: a running VM's disk moved in pre-copy rounds.
 
 pub mod budget;
 pub mod inventory;
 pub mod jobs;
+pub mod migrate;
+pub mod prefetchers;
 pub mod runner;
 
 use std::{
@@ -79,6 +84,14 @@ pub struct ManagerOptions {
     pub library_portal: Option<std::net::SocketAddr>,
     /// Library LUNs' access histories, for usage-weighted placement.
     pub history_dir: Option<std::path::PathBuf>,
+    /// Migration: a round with at most this many written bytes is followed by
+    /// the pause and the last round.
+    pub migrate_final_bytes: u64,
+    /// Migration: pre-copy rounds at most.
+    pub migrate_max_rounds: u32,
+    /// Migration: the source's copy is retired this long after the VM runs on
+    /// the target.
+    pub retire_grace: Duration,
 }
 
 impl Default for ManagerOptions {
@@ -89,6 +102,9 @@ impl Default for ManagerOptions {
             index_wait: Duration::from_mins(1),
             library_portal: None,
             history_dir: None,
+            migrate_final_bytes: 8 << 20,
+            migrate_max_rounds: 10,
+            retire_grace: Duration::from_mins(1),
         }
     }
 }
@@ -105,6 +121,12 @@ pub struct Manager {
     updates: broadcast::Sender<u64>,
     /// The running builds' flows, for the budget allocator.
     flows: Mutex<BTreeMap<u64, RunningBuild>>,
+    /// The topology the latest build was planned on (appliances' uplinks).
+    budget_topology: Mutex<Option<Arc<Topology>>>,
+    /// Appliances whose uplinks running builds cross, by node.
+    prefetchers: Mutex<BTreeMap<String, prefetchers::Prefetcher>>,
+    /// Appliances that refused a share, and when.
+    refused: Mutex<HashMap<String, std::time::Instant>>,
     /// Per image being built: the first job building it (the seed) and the
     /// signal its end sends to the jobs of that image that wait to source from
     /// its copy (`runner`'s fan-out).
@@ -116,6 +138,8 @@ pub struct Manager {
 
 /// A running build as the allocator sees it.
 struct RunningBuild {
+    /// Its id at its builder (the job's, or a migration round's).
+    build: u64,
     /// Its target's agent.
     agent: String,
     /// Its order's sources, in order: (node, links of its path, planned bytes).
@@ -164,9 +188,13 @@ impl Manager {
             running: Mutex::new(HashMap::new()),
             updates,
             flows: Mutex::new(BTreeMap::new()),
+            budget_topology: Mutex::new(None),
+            prefetchers: Mutex::new(BTreeMap::new()),
+            refused: Mutex::new(HashMap::new()),
             seeds: Mutex::new(HashMap::new()),
             shares: Mutex::new(None),
         });
+        tokio::spawn(prefetchers::run(Arc::downgrade(&me)));
         for (job, target) in interrupted {
             let me = me.clone();
             tokio::spawn(async move {
@@ -224,6 +252,7 @@ impl Manager {
             }
         }
         self.check_known(&spec.image)?;
+        let migrating_from = self.running_vm_host(&spec)?;
         let job = {
             let mut jobs = self.jobs.lock();
             let id = self
@@ -231,10 +260,23 @@ impl Manager {
                 .next_id()?
                 .max(jobs.keys().next_back().map_or(1, |k| k + 1));
             let mut job = Job::new(id, spec);
-            job.event(format!(
-                "created: place {} as {} ({})",
-                job.spec.image, job.spec.name, job.spec.policy
-            ));
+            match migrating_from {
+                Some(source) => {
+                    job.kind = jobs::JobKind::Migrate;
+                    job.event(format!(
+                        "created: migrate running VM {} from {source} ({})",
+                        job.spec.name, job.spec.policy
+                    ));
+                    job.migration = Some(jobs::MigrationView {
+                        source,
+                        ..jobs::MigrationView::default()
+                    });
+                }
+                None => job.event(format!(
+                    "created: place {} as {} ({})",
+                    job.spec.image, job.spec.name, job.spec.policy
+                )),
+            }
             self.db.save(&job)?;
             jobs.insert(id, job.clone());
             // The oldest finished jobs go beyond KEEP_JOBS (running ones stay).

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     budget,
+    prefetchers::Allocation,
     jobs::{BuildMode, JobState, PlaceSpec, PlanView, Progress, SourceBytes, Weighting},
     Manager, PlanningView,
 };
@@ -110,15 +111,35 @@ impl HolderIndex for Excluding<'_> {
 
 /// What placement decided, for the build.
 #[derive(Clone)]
-struct Placed {
-    topology: Topology,
-    manifest: Manifest,
-    manifest_host: String,
-    target: String,
+pub(super) struct Placed {
+    pub(super) topology: Topology,
+    pub(super) manifest: Manifest,
+    pub(super) manifest_host: String,
+    pub(super) target: String,
     /// Who follows the build order: the target's agent, or (transparent) its
     /// rack's appliance.
-    builder: String,
-    mode: BuildMode,
+    pub(super) builder: String,
+    pub(super) mode: BuildMode,
+    /// A patch of these positions of the target's existing disk (a
+    /// migration's round after the first), not a new disk.
+    pub(super) patch: Option<Vec<(u32, u32)>>,
+    /// The build's id at its builder: the job's, or a migration round's.
+    pub(super) build: u64,
+}
+
+impl Placed {
+    /// The message that orders `order`: a build, or a patch of the positions.
+    fn order_msg(&self, order: BuildOrder) -> Msg {
+        match &self.patch {
+            Some(positions) => Msg::Patch {
+                order: Box::new(order),
+                positions: positions.clone(),
+            },
+            None => Msg::Build {
+                order: Box::new(order),
+            },
+        }
+    }
 }
 
 /// The target and LUN of a library image named `TARGET/LUN` (the library
@@ -205,6 +226,31 @@ fn budgets_as_capacity(topology: &Topology, util_cap: f64) -> Topology {
 }
 
 /// The class of a source as seen from the target.
+/// Per source of `order`: the links of its path and the bytes planned from it.
+fn source_flows(
+    order: &BuildOrder,
+    graph: &Graph,
+    paths: &ShortestPaths,
+    plan: &ConstructionPlan,
+    image: &ImageHolders,
+    index_of: &BTreeMap<NodeId, u16>,
+) -> Vec<SourceFlow> {
+    let mut flows: Vec<SourceFlow> = order
+        .sources
+        .iter()
+        .map(|src| {
+            let n = graph.node_id(&src.node).expect("sources are topology nodes");
+            (src.node.clone(), paths.path_links(n).map(|l| l as usize).collect(), 0)
+        })
+        .collect();
+    for (&n, d) in plan.sources.iter().zip(&image.blocks.distinct) {
+        if let Some(&i) = index_of.get(&n) {
+            flows[usize::from(i)].2 += d.len;
+        }
+    }
+    flows
+}
+
 fn class_of(graph: &Graph, paths: &ShortestPaths, source: NodeId) -> &'static str {
     if source == paths.source {
         return "self";
@@ -255,46 +301,26 @@ pub(super) fn held_elsewhere(
 }
 
 impl Manager {
-    /// Shares the links' budgets among the running builds, tells every build's
-    /// agent but `skip`'s its new rates, and updates the jobs' predicted finish
-    /// times. Returns the rates (bytes/s per source, 0: none) by job.
-    async fn reallocate(&self, skip: Option<u64>) -> BTreeMap<u64, Vec<u64>> {
-        let (rates, agents) = {
-            let builds = self.flows.lock();
-            let budgets = builds
-                .values()
-                .next_back()
-                .map(|b| b.budgets.clone())
-                .unwrap_or_default();
-            let mut all = Vec::new();
-            for (&job, b) in builds.iter() {
-                for (_, links, _) in &b.sources {
-                    all.push(budget::Flow {
-                        job,
-                        links: links.clone(),
-                    });
-                }
-            }
-            let shares = budget::allocate(&budgets, &all);
-            let mut rates: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-            for (f, r) in all.iter().zip(shares) {
-                // Rates are positive and far below 2^64: the cast is exact enough.
-                #[expect(clippy::cast_sign_loss, reason = "a share of a positive budget")]
-                let bytes_per_s = r.map_or(0, |r| r.max(1.0) as u64);
-                rates.entry(f.job).or_default().push(bytes_per_s);
-            }
-            let agents: BTreeMap<u64, (String, Vec<(String, u64)>)> = builds
-                .iter()
-                .map(|(&j, b)| {
-                    let planned = b.sources.iter().map(|(n, _, bytes)| (n.clone(), *bytes)).collect();
-                    (j, (b.agent.clone(), planned))
-                })
-                .collect();
-            (rates, agents)
-        };
+    /// Shares the links' budgets among the running builds and the appliances
+    /// prefetching across their uplinks, tells every build's agent but
+    /// `skip`'s its new rates (and every appliance its share), and updates the
+    /// jobs' predicted finish times. Returns the rates (bytes/s per source, 0:
+    /// none) by job.
+    pub(super) async fn reallocate(&self, skip: Option<u64>) -> BTreeMap<u64, Vec<u64>> {
+        let Allocation {
+            rates,
+            agents,
+            prefetch,
+        } = self.allocation();
+        self.tell_prefetchers(&prefetch).await;
         let now = std::time::SystemTime::now();
         for (job, r) in &rates {
-            let Some((agent, planned)) = agents.get(job) else {
+            let Some(super::prefetchers::BuildAt {
+                addr: agent,
+                build,
+                planned,
+            }) = agents.get(job)
+            else {
                 continue;
             };
             if Some(*job) != skip {
@@ -302,7 +328,7 @@ impl Manager {
                     .client
                     .peer(agent)
                     .request(&Msg::BuildRates {
-                        job: *job,
+                        job: *build,
                         rates: r.clone(),
                     })
                     .await;
@@ -333,10 +359,83 @@ impl Manager {
         rates
     }
 
+    /// The budgets' shares now: every running build's sources and every
+    /// appliance prefetching across its uplink are flows.
+    pub(super) fn allocation(&self) -> Allocation {
+        let builds = self.flows.lock();
+        let prefetchers = self.prefetchers.lock();
+        let budgets = builds
+            .values()
+            .next_back()
+            .map(|b| b.budgets.clone())
+            .unwrap_or_default();
+        let mut all = Vec::new();
+        let mut owners = Vec::new();
+        for (&job, b) in builds.iter() {
+            for (_, links, _) in &b.sources {
+                all.push(budget::Flow { links: links.clone() });
+                owners.push(job);
+            }
+        }
+        let from_builds = all.len();
+        for p in prefetchers.values().filter(|p| p.prefetching) {
+            all.push(budget::Flow {
+                links: vec![p.uplink],
+            });
+        }
+        let shares = budget::allocate(&budgets, &all);
+        // Rates are positive and far below 2^64: the cast is exact enough.
+        #[expect(clippy::cast_sign_loss, reason = "a share of a positive budget")]
+        let bytes_per_s = |r: Option<f64>| r.map_or(0, |r| r.max(1.0) as u64);
+        let mut rates: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for (&job, &r) in owners.iter().zip(&shares) {
+            rates.entry(job).or_default().push(bytes_per_s(r));
+        }
+        let mut counted = shares[from_builds..].iter();
+        let prefetch = prefetchers
+            .iter()
+            .map(|(node, p)| {
+                // Counted: its share; not yet: what it gets when it starts.
+                let share = if p.prefetching {
+                    counted.next().copied().flatten()
+                } else {
+                    budget::joining_share(&budgets, &all, &[p.uplink])
+                };
+                (node.clone(), p.addr.clone(), bytes_per_s(share), p.prefetching)
+            })
+            .collect();
+        let agents = builds
+            .iter()
+            .map(|(&j, b)| {
+                let planned = b.sources.iter().map(|(n, _, bytes)| (n.clone(), *bytes)).collect();
+                (
+                    j,
+                    super::prefetchers::BuildAt {
+                        addr: b.agent.clone(),
+                        build: b.build,
+                        planned,
+                    },
+                )
+            })
+            .collect();
+        Allocation {
+            rates,
+            agents,
+            prefetch,
+        }
+    }
+
     pub(super) async fn run(self: Arc<Self>, view: Arc<dyn PlanningView>, id: u64, cancel: CancellationToken) {
-        let result = tokio::select! {
-            r = self.place_and_build(&view, id, &cancel) => r,
-            () = cancel.cancelled() => Err("cancelled by the operator".into()),
+        let migrate = self.job(id).is_some_and(|j| j.kind == super::jobs::JobKind::Migrate);
+        let result = if migrate {
+            // A migration undoes what it did itself when cancelled (the VM
+            // must keep running on its source).
+            self.migrate(&view, id, &cancel).await
+        } else {
+            tokio::select! {
+                r = self.place_and_build(&view, id, &cancel) => r,
+                () = cancel.cancelled() => Err("cancelled by the operator".into()),
+            }
         };
         // Jobs waiting for this one's copy go on.
         self.release_seed(id);
@@ -539,7 +638,7 @@ impl Manager {
     }
 
     /// Candidates, ranking and the policy's choice (blocking: reads the store).
-    fn choose(&self, view: &dyn PlanningView, id: u64) -> Result<Placed, String> {
+    pub(super) fn choose(&self, view: &dyn PlanningView, id: u64) -> Result<Placed, String> {
         let spec = self.job(id).ok_or("job vanished")?.spec;
         let Ranked {
             topology,
@@ -589,6 +688,8 @@ impl Manager {
             target,
             builder,
             mode: spec.mode,
+            patch: None,
+            build: id,
         })
     }
 
@@ -725,7 +826,15 @@ impl Manager {
             inner: &store,
             excluded: excluded_ids,
         };
-        let image = ImageHolders::resolve(&placed.manifest, &index, &graph).map_err(|e| e.to_string())?;
+        let image = match &placed.patch {
+            Some(p) => ImageHolders::resolve_blocks(
+                crate::plan::image::ImageBlocks::at_positions(&placed.manifest, p),
+                &index,
+                &graph,
+            ),
+            None => ImageHolders::resolve(&placed.manifest, &index, &graph),
+        }
+        .map_err(|e| e.to_string())?;
         let builder = graph
             .node_id(&placed.builder)
             .ok_or_else(|| format!("{} is not in the topology", placed.builder))?;
@@ -781,7 +890,7 @@ impl Manager {
             predicted_finish_ms: None,
         };
         let order = BuildOrder {
-            job: id,
+            job: placed.build,
             vm: spec.name,
             image: spec.image,
             manifest_host: placed.manifest_host.clone(),
@@ -791,26 +900,13 @@ impl Manager {
             runs,
             rates: Vec::new(),
         };
-        // Per source: the links of its path and the bytes planned from it.
-        let mut flows: Vec<SourceFlow> = order
-            .sources
-            .iter()
-            .map(|src| {
-                let n = graph.node_id(&src.node).expect("sources are topology nodes");
-                (src.node.clone(), paths.path_links(n).map(|l| l as usize).collect(), 0)
-            })
-            .collect();
-        for (&n, d) in plan.sources.iter().zip(&image.blocks.distinct) {
-            if let Some(&i) = index_of.get(&n) {
-                flows[usize::from(i)].2 += d.len;
-            }
-        }
+        let flows = source_flows(&order, &graph, &paths, &plan, &image, &index_of);
         Ok((order, view, paths, flows))
     }
 
     /// Orders the build (or the staging), follows it and re-plans around
     /// failed sources.
-    async fn build(
+    pub(super) async fn build(
         self: &Arc<Self>,
         view: &dyn PlanningView,
         id: u64,
@@ -845,9 +941,11 @@ impl Manager {
             // This build's flows join the budget allocation (which records its
             // rates and predicted finish in the plan above); the others' rates
             // change with it.
+            *self.budget_topology.lock() = Some(Arc::new(placed.topology.clone()));
             self.flows.lock().insert(
                 id,
                 super::RunningBuild {
+                    build: placed.build,
                     agent: target_addr.clone(),
                     sources: flows,
                     budgets: placed.topology.links.iter().map(|l| l.budget_mbps).collect(),
@@ -856,9 +954,7 @@ impl Manager {
             let shares = self.reallocate(Some(id)).await;
             order.rates = shares.get(&id).cloned().unwrap_or_default();
             let reply = agent
-                .request(&Msg::Build {
-                    order: Box::new(order),
-                })
+                .request(&placed.order_msg(order))
                 .await
                 .map_err(|e| format!("build order to {}: {e}", placed.builder))?;
             if !matches!(reply, Msg::BuildReply { .. }) {
@@ -869,7 +965,10 @@ impl Manager {
             // the rates in force now that the agent has it.
             self.reallocate(None).await;
             let graph = Graph::from_topology(&placed.topology);
-            let report = match self.follow(id, &agent, Some((&graph, &paths, view)), cancel).await? {
+            let report = match self
+                .follow(id, placed.build, &agent, Some((&graph, &paths, view)), cancel)
+                .await?
+            {
                 Followed::Settled(report) => report,
                 Followed::Loaded(why) => {
                     replans += 1;
@@ -959,7 +1058,7 @@ impl Manager {
         if !matches!(reply, Msg::BuildReply { .. }) {
             return Err(format!("{} answered the import order with {}", placed.target, reply.name()));
         }
-        let Followed::Settled(report) = self.follow(id, &agent, None, cancel).await? else {
+        let Followed::Settled(report) = self.follow(id, id, &agent, None, cancel).await? else {
             unreachable!("an import is followed without load checks");
         };
         match report.state {
@@ -982,18 +1081,23 @@ impl Manager {
     async fn follow(
         &self,
         id: u64,
+        build: u64,
         agent: &crate::peer::client::Peer,
         plan: Option<(&Graph, &ShortestPaths, &dyn PlanningView)>,
         cancel: &CancellationToken,
     ) -> Result<Followed, String> {
         let mut failures_in_a_row = 0;
         let mut load = LoadWatch::default();
+        // Short builds (a migration's last round, with the VM paused) are seen
+        // to end at once: the first polls come quickly, then every `poll`.
+        let mut interval = Duration::from_millis(10).min(self.options.poll);
         loop {
             if cancel.is_cancelled() {
                 return Err("cancelled by the operator".into());
             }
-            tokio::time::sleep(self.options.poll).await;
-            let report = match agent.request(&Msg::BuildStatus { job: id }).await {
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(self.options.poll);
+            let report = match agent.request(&Msg::BuildStatus { job: build }).await {
                 Ok(Msg::BuildReply { report }) => *report,
                 Ok(m) => return Err(format!("status answered with {}", m.name())),
                 Err(e) => {

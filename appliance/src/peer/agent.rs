@@ -38,7 +38,7 @@ use crate::{
     peer::{
         config::{AgentConfig, ImageConfig, ResourcePins},
         error::{AnnotateIo, PeerError, Result},
-        proto::{BlockReply, HostResources, Role, VmReport},
+        proto::{BlockReply, HostResources, Role, TrackReport, VmReport},
         server::BlockSource,
     },
 };
@@ -75,6 +75,8 @@ pub struct Agent {
     scan_lock: Mutex<()>,
     /// The host's VMs, whose disks are offered as `vm/<name>`.
     hypervisor: Option<Arc<dyn Hypervisor>>,
+    /// Images of VMs a migration tracks: re-indexed by its rounds only.
+    tracked: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Agent {
@@ -96,6 +98,7 @@ impl Agent {
             files: RwLock::new(HashMap::new()),
             scan_lock: Mutex::new(()),
             hypervisor,
+            tracked: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -140,6 +143,79 @@ impl Agent {
         Ok(out)
     }
 
+    /// Migration's source side: what VM `vm` wrote since `since` (a token
+    /// from the last call; none starts tracking), re-indexed. Starting indexes
+    /// the whole disk once so the manifest is current from the token on; a
+    /// round rehashes only the extents the hook names (with a dirty bitmap,
+    /// what was written; without, every allocated extent). Blocking.
+    pub fn track(&self, vm: &str, since: Option<&str>) -> std::result::Result<TrackReport, String> {
+        let hv = self
+            .hypervisor
+            .as_ref()
+            .ok_or_else(|| format!("{} has no hypervisor hook", self.node))?;
+        let disk = hv
+            .vms()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|d| d.name == vm)
+            .ok_or_else(|| format!("no VM {vm} on {}", self.node))?;
+        let image = vm_image_name(vm);
+        let _scanning = self.scan_lock.lock();
+        let dirty = hv.dirty_since(vm, since).map_err(|e| e.to_string())?;
+        // From now on only the rounds re-index it (a scan would rehash the
+        // whole disk each time it changed).
+        self.tracked.lock().insert(image.clone());
+        let bytes_dirty = dirty.bytes();
+        let (bytes_hashed, changed) = if since.is_none() {
+            let force = Policy {
+                force: true,
+                ..self.policy.clone()
+            };
+            let reports = delta::index_file(&self.store, &self.node, &image, &disk.path, &self.sizes, &force, &|_| {})
+                .map_err(|e| e.to_string())?;
+            let changed = reports
+                .iter()
+                .map(|r| match r.outcome {
+                    Outcome::Delta { changed } => changed,
+                    Outcome::New { blocks, .. } => blocks,
+                    Outcome::Unchanged => 0,
+                })
+                .sum();
+            (disk.size * self.sizes.len() as u64, changed)
+        } else {
+            let r = delta::index_extents(&self.store, &self.node, &image, &disk.path, &self.sizes, &dirty.extents)
+                .map_err(|e| e.to_string())?;
+            (r.bytes_hashed, r.changed)
+        };
+        let block_size = self.sizes.iter().copied().min().unwrap_or(4096);
+        let manifest = self
+            .store
+            .manifest_at(&self.node, &image, block_size)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{image} is not indexed at {block_size}"))?;
+        Ok(TrackReport {
+            vm: vm.to_owned(),
+            token: dirty.token,
+            tracking: dirty.tracking,
+            bytes_dirty,
+            bytes_hashed,
+            changed,
+            seq: self.store.seq(),
+            block_size,
+            digest: *blake3::hash(&manifest.encode()).as_bytes(),
+        })
+    }
+
+    /// Stops tracking VM `vm`: its disk is scanned as any other again.
+    pub fn untrack(&self, vm: &str) -> std::result::Result<(), String> {
+        self.tracked.lock().remove(&vm_image_name(vm));
+        let hv = self
+            .hypervisor
+            .as_ref()
+            .ok_or_else(|| format!("{} has no hypervisor hook", self.node))?;
+        hv.stop_tracking(vm).map_err(|e| e.to_string())
+    }
+
     /// Index every wanted image (only what changed is recorded), remove images that
     /// are gone. Errors of single images are collected, not fatal.
     pub fn scan(&self) -> Result<ScanSummary> {
@@ -163,7 +239,14 @@ impl Agent {
             })
             .collect();
         let mut present = BTreeSet::new();
+        let tracked = self.tracked.lock().clone();
         for (name, path) in &wanted {
+            if tracked.contains(name) {
+                // A migration's rounds re-index it.
+                present.insert(name.clone());
+                sum.unchanged += 1;
+                continue;
+            }
             match delta::index_file(
                 &self.store,
                 &self.node,
@@ -489,6 +572,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     )));
     // A finished build is rescanned at once, so its disk is offered and pushed.
     let built = Arc::new(tokio::sync::Notify::new());
+    // Wakes the pusher: the index changed.
+    let wake = Arc::new(tokio::sync::Notify::new());
     let builds = hypervisor.clone().map(|hv| {
         Arc::new(crate::peer::builder::Builder::new(
             &cfg.node,
@@ -504,7 +589,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .with_local_blocks({
             let agent = agent.clone();
             Arc::new(move |hashes: &[BlockHash], budget: usize| agent.read_blocks(hashes, budget))
-        }))
+        })
+        .with_tracker(Arc::new(Tracking {
+            agent: agent.clone(),
+            wake: wake.clone(),
+        })))
     });
     let services = crate::peer::server::Services {
         blocks: Some(agent.clone() as Arc<dyn BlockSource>),
@@ -519,7 +608,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         services,
         metrics,
     ));
-    let wake = Arc::new(tokio::sync::Notify::new());
     let reporter = match cfg.parent {
         Some(parent) if cfg.metrics_interval_ms > 0 => {
             let sampler = Mutex::new(crate::peer::hostmetrics::Sampler::new(
@@ -607,6 +695,25 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         r.abort();
     }
     Ok(())
+}
+
+/// The agent's side of migrations: each round's re-index pushed upward at
+/// once, so the manager sees the new manifest.
+struct Tracking {
+    agent: Arc<Agent>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl crate::peer::builder::VmTracker for Tracking {
+    fn track(&self, vm: &str, since: Option<&str>) -> std::result::Result<TrackReport, String> {
+        let r = self.agent.track(vm, since);
+        self.wake.notify_one();
+        r
+    }
+
+    fn untrack(&self, vm: &str) -> std::result::Result<(), String> {
+        self.agent.untrack(vm)
+    }
 }
 
 fn log_scan(node: &str, s: &ScanSummary) {

@@ -45,14 +45,26 @@ use super::{
 /// source): one reply per hash, at most about `budget` bytes of them.
 pub type LocalBlocks = Arc<dyn Fn(&[BlockHash], usize) -> Vec<BlockReply> + Send + Sync>;
 use crate::{
-    fetch::{BlockCache, Origin},
+    fetch::{prefetch::PrefetchPace, BlockCache, Origin},
     hypervisor::{check_import_source, check_vm_name, DiskBuild, Hypervisor, VmAction},
     index::{BlockHash, BlockHashMap, Manifest},
 };
 
+/// Migration's source side (the agent): a running VM's writes tracked and
+/// re-indexed round by round. Blocking.
+pub trait VmTracker: Send + Sync {
+    /// VM `vm`'s writes since `since` (none: start tracking), re-indexed.
+    fn track(&self, vm: &str, since: Option<&str>) -> Result<super::proto::TrackReport, String>;
+    /// Stops tracking `vm` (its disk is rescanned as any other again).
+    fn untrack(&self, vm: &str) -> Result<(), String>;
+}
+
 /// Where a staged block's source sits from this appliance (`None`: not known
 /// yet), so its first READ is counted by where it came from.
 pub type OriginOf = Arc<dyn Fn(&str) -> Option<Origin> + Send + Sync>;
+
+/// The appliance's prefetch pace, once its splicer runs.
+pub type PrefetchPaceOf = Arc<dyn Fn() -> Option<Arc<PrefetchPace>> + Send + Sync>;
 
 /// What a builder's orders fill.
 #[derive(Clone)]
@@ -63,6 +75,9 @@ pub enum BuildTarget {
     Cache {
         cache: Arc<BlockCache>,
         origin_of: OriginOf,
+        /// The appliance's prefetch pace (`None` until its splicer runs): a
+        /// manager shares the uplink's budget with it.
+        prefetch_pace: PrefetchPaceOf,
     },
 }
 
@@ -81,6 +96,9 @@ const KEEP_FINISHED: usize = 256;
 /// One build in progress (or finished, for its report).
 struct Build {
     order: Mutex<BuildOrder>,
+    /// A patch of these positions (runs `(start, count)`) of the existing
+    /// VM's disk, not a new disk (a migration's later rounds).
+    patch: Option<Vec<(u32, u32)>>,
     report: Mutex<BuildReport>,
     /// A re-plan arrived (wakes a build waiting in `NeedsSources`).
     replanned: Notify,
@@ -130,6 +148,8 @@ pub struct Builder {
     /// This node's own blocks, read from its disks when the plan names this
     /// node as a source (no connection, no sealing), verified like any other.
     local: Option<LocalBlocks>,
+    /// The agent's write tracking for migrations (`None`: not an agent).
+    tracker: Option<Arc<dyn VmTracker>>,
     client: Arc<PeerClient>,
     /// Where manifests come from (the agent's parent indexer).
     parent: Option<Peer>,
@@ -154,6 +174,7 @@ impl Builder {
             node: node.to_owned(),
             target,
             local: None,
+            tracker: None,
             client,
             parent,
             managers,
@@ -170,6 +191,37 @@ impl Builder {
         self
     }
 
+    /// A migration source's write tracking (the agent's).
+    #[must_use]
+    pub fn with_tracker(mut self, tracker: Arc<dyn VmTracker>) -> Self {
+        self.tracker = Some(tracker);
+        self
+    }
+
+    /// VM `vm`'s writes since `since`, re-indexed (a migration's round).
+    pub async fn track(&self, vm: String, since: Option<String>) -> Result<super::proto::TrackReport, String> {
+        check_vm_name(&vm).map_err(|e| e.to_string())?;
+        let tracker = self
+            .tracker
+            .clone()
+            .ok_or_else(|| format!("{} tracks no VM writes (not an agent)", self.node))?;
+        tokio::task::spawn_blocking(move || tracker.track(&vm, since.as_deref()))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Stops tracking VM `vm`'s writes.
+    pub async fn stop_tracking(&self, vm: String) -> Result<(), String> {
+        check_vm_name(&vm).map_err(|e| e.to_string())?;
+        let tracker = self
+            .tracker
+            .clone()
+            .ok_or_else(|| format!("{} tracks no VM writes (not an agent)", self.node))?;
+        tokio::task::spawn_blocking(move || tracker.untrack(&vm))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
     /// May `node` order builds here?
     pub fn is_manager(&self, node: &str) -> bool {
         self.managers.iter().any(|m| m == node)
@@ -177,6 +229,30 @@ impl Builder {
 
     /// Starts a build, or re-plans one waiting for sources.
     pub fn order(self: &Arc<Self>, order: BuildOrder) -> Result<BuildReport, String> {
+        self.order_or_patch(order, None)
+    }
+
+    /// Patches the positions `positions` (runs `(start, count)`) of stored VM
+    /// `order.vm`'s disk to the order's manifest: the blocks there fetched as
+    /// the order assigns them (the distinct non-zero blocks at those positions,
+    /// [`crate::plan::image::ImageBlocks::at_positions`]), zero blocks written
+    /// as zeros. A second order for the same job is its re-plan.
+    pub fn patch(
+        self: &Arc<Self>,
+        order: BuildOrder,
+        positions: Vec<(u32, u32)>,
+    ) -> Result<BuildReport, String> {
+        if matches!(self.target, BuildTarget::Cache { .. }) {
+            return Err(format!("{} patches no disks (an appliance)", self.node));
+        }
+        self.order_or_patch(order, Some(positions))
+    }
+
+    fn order_or_patch(
+        self: &Arc<Self>,
+        order: BuildOrder,
+        patch: Option<Vec<(u32, u32)>>,
+    ) -> Result<BuildReport, String> {
         check_vm_name(&order.vm).map_err(|e| e.to_string())?;
         if let Some(b) = self.builds.lock().get(&order.job).cloned() {
             let state = b.report.lock().state;
@@ -185,8 +261,8 @@ impl Builder {
             }
             {
                 let mut current = b.order.lock();
-                if current.vm != order.vm || current.digest != order.digest {
-                    return Err(format!("build {} is of another VM or image", order.job));
+                if current.vm != order.vm || current.digest != order.digest || b.patch != patch {
+                    return Err(format!("build {} is of another VM, image or patch", order.job));
                 }
                 b.set_rates(&order, &order.rates);
                 *current = order;
@@ -199,7 +275,7 @@ impl Builder {
             }
             return Ok(b.snapshot());
         }
-        let b = Self::new_build(order.clone());
+        let b = Self::new_build(order.clone(), patch);
         b.set_rates(&order, &order.rates);
         self.builds.lock().insert(order.job, b.clone());
         let me = self.clone();
@@ -214,8 +290,9 @@ impl Builder {
         Ok(self.status(order.job).expect("just inserted"))
     }
 
-    fn new_build(order: BuildOrder) -> Arc<Build> {
+    fn new_build(order: BuildOrder, patch: Option<Vec<(u32, u32)>>) -> Arc<Build> {
         Arc::new(Build {
+            patch,
             report: Mutex::new(BuildReport {
                 job: order.job,
                 vm: order.vm.clone(),
@@ -290,7 +367,7 @@ impl Builder {
             sources: Vec::new(),
             runs: Vec::new(),
             rates: Vec::new(),
-        });
+        }, None);
         self.builds.lock().insert(job, b.clone());
         let me = self.clone();
         let span = tracing::info_span!("import", node = %self.node, job, vm = %vm, source = %source);
@@ -338,6 +415,17 @@ impl Builder {
         let order = b.order.lock().clone();
         b.set_rates(&order, rates);
         Ok(b.snapshot())
+    }
+
+    /// A manager's share of the uplink for this appliance's prefetches
+    /// (bytes/s, 0: none) and whether it counted them; returns whether a
+    /// prefetch runs now.
+    pub fn prefetch_share(&self, bytes_per_s: u64, counted: bool) -> Result<bool, String> {
+        match &self.target {
+            BuildTarget::Cache { prefetch_pace, .. } => Ok(prefetch_pace()
+                .is_some_and(|p| p.told(bytes_per_s, counted))),
+            BuildTarget::Disks(_) => Err(format!("{} prefetches nothing (an agent)", self.node)),
+        }
     }
 
     pub fn status(&self, job: u64) -> Option<BuildReport> {
@@ -389,25 +477,50 @@ impl Builder {
         }
     }
 
-    async fn run(&self, b: &Arc<Build>) -> Result<(), String> {
-        let order = b.order.lock().clone();
-        let manifest = self.manifest(&order).await?;
-        let blocks = crate::plan::image::ImageBlocks::of(&manifest);
-        let positions = positions_of(&manifest, &blocks);
-        let total = blocks.distinct.len();
-        b.report.lock().blocks_total = total as u64;
-        let sink = match &self.target {
+    /// Where a build's verified blocks go: a new disk, a patched one, or the
+    /// appliance's cache.
+    async fn open_sink(
+        &self,
+        b: &Build,
+        order: &BuildOrder,
+        manifest: &Manifest,
+        blocks: &crate::plan::image::ImageBlocks,
+    ) -> Result<Sink, String> {
+        Ok(match &self.target {
             BuildTarget::Disks(hv) => {
                 let hv = hv.clone();
                 let (vm, image, size) = (order.vm.clone(), order.image.clone(), manifest.size);
+                let patch = b.patch.clone();
+                let zeros: Vec<usize> = patch
+                    .as_deref()
+                    .map(|p| {
+                        crate::plan::image::positions_in(p, manifest.blocks.len())
+                            .filter(|&i| manifest.blocks[i].is_none())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let block_size = u64::from(manifest.block_size);
+                let lens: Vec<u64> = zeros.iter().map(|&i| manifest.block_len(i)).collect();
                 Sink::Disk(Arc::from(
-                    tokio::task::spawn_blocking(move || hv.create_disk(&vm, &image, size))
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?,
+                    tokio::task::spawn_blocking(move || {
+                        if patch.is_none() {
+                            return hv.create_disk(&vm, &image, size);
+                        }
+                        // A patch: the disk exists; its zeroed positions are
+                        // written as zeros first.
+                        let disk = hv.patch_disk(&vm)?;
+                        let zero = vec![0u8; usize::try_from(block_size).unwrap_or(0)];
+                        for (&i, &len) in zeros.iter().zip(&lens) {
+                            disk.write_at(&zero[..usize::try_from(len).unwrap_or(0)], i as u64 * block_size)?;
+                        }
+                        Ok(disk)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?,
                 ))
             }
-            BuildTarget::Cache { cache, origin_of } => {
+            BuildTarget::Cache { cache, origin_of, .. } => {
                 let bytes: u64 = blocks.distinct.iter().map(|d| d.len).sum();
                 if bytes > cache.capacity() {
                     return Err(format!(
@@ -420,7 +533,20 @@ impl Builder {
                     origin_of: origin_of.clone(),
                 }
             }
+        })
+    }
+
+    async fn run(&self, b: &Arc<Build>) -> Result<(), String> {
+        let order = b.order.lock().clone();
+        let manifest = self.manifest(&order).await?;
+        let blocks = match &b.patch {
+            Some(p) => crate::plan::image::ImageBlocks::at_positions(&manifest, p),
+            None => crate::plan::image::ImageBlocks::of(&manifest),
         };
+        let positions = positions_of(&manifest, &blocks, b.patch.as_deref());
+        let total = blocks.distinct.len();
+        b.report.lock().blocks_total = total as u64;
+        let sink = self.open_sink(b, &order, &manifest, &blocks).await?;
         let mut done = vec![false; total];
         let mut done_count = 0usize;
         // Staging: what the cache holds already is not fetched again.
@@ -605,8 +731,13 @@ fn read_local(local: &LocalBlocks, hashes: &[BlockHash]) -> Vec<Result<Bytes, Fe
         .collect()
 }
 
-/// Every position of each distinct block, by distinct index.
-fn positions_of(manifest: &Manifest, blocks: &crate::plan::image::ImageBlocks) -> Vec<Vec<u64>> {
+/// Every position of each distinct block, by distinct index (in a patch,
+/// only the patched positions).
+fn positions_of(
+    manifest: &Manifest,
+    blocks: &crate::plan::image::ImageBlocks,
+    patch: Option<&[(u32, u32)]>,
+) -> Vec<Vec<u64>> {
     let index: BlockHashMap<u32> = blocks
         .distinct
         .iter()
@@ -614,10 +745,14 @@ fn positions_of(manifest: &Manifest, blocks: &crate::plan::image::ImageBlocks) -
         .map(|(i, d)| (d.hash, i as u32))
         .collect();
     let mut out = vec![Vec::new(); blocks.distinct.len()];
-    for (pos, h) in manifest.blocks.iter().enumerate() {
-        if let Some(i) = h.as_ref().and_then(|h| index.get(h)) {
+    let mut add = |pos: usize| {
+        if let Some(i) = manifest.blocks[pos].as_ref().and_then(|h| index.get(h)) {
             out[*i as usize].push(pos as u64);
         }
+    };
+    match patch {
+        Some(p) => crate::plan::image::positions_in(p, manifest.blocks.len()).for_each(&mut add),
+        None => (0..manifest.blocks.len()).for_each(&mut add),
     }
     out
 }

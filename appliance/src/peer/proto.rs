@@ -344,6 +344,63 @@ pub enum Msg {
         size: u64,
         source: String,
     },
+    /// Manager → rack appliance: its prefetches' share of its uplink's budget
+    /// (bytes/s; 0: none, its own budget again) while builds cross that
+    /// uplink, and whether the manager counted it as prefetching. The reply
+    /// is a [`Msg::PrefetchState`].
+    PrefetchShare {
+        bytes_per_s: u64,
+        counted: bool,
+    },
+    /// Whether a prefetch runs on the appliance now.
+    PrefetchState {
+        prefetching: bool,
+    },
+    /// Manager → agent: patch stored VM `order.vm`'s disk at `positions`
+    /// (runs `(start, count)`) to the order's manifest (a migration's round
+    /// after the first). Followed like a build; the reply is a
+    /// [`Msg::BuildReply`].
+    Patch {
+        order: Box<super::build_order::BuildOrder>,
+        #[serde(deserialize_with = "bounded::<_, _, { super::build_order::MAX_RUNS }>")]
+        positions: Vec<(u32, u32)>,
+    },
+    /// Manager → migration source's agent: VM `vm`'s writes since `since`
+    /// (none: start tracking), re-indexed and pushed. The reply is a
+    /// [`Msg::Tracked`].
+    Track {
+        vm: String,
+        since: Option<String>,
+    },
+    Tracked {
+        report: Box<TrackReport>,
+    },
+    /// Manager → agent: stop tracking VM `vm`'s writes. The reply is
+    /// `Ack{seq: 0}`.
+    Untrack {
+        vm: String,
+    },
+}
+
+/// One round of a migration source's write tracking.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackReport {
+    pub vm: String,
+    /// For the next round.
+    pub token: String,
+    pub tracking: crate::hypervisor::Tracking,
+    /// Bytes the hook named as possibly written.
+    pub bytes_dirty: u64,
+    /// Bytes read and hashed to re-index them.
+    pub bytes_hashed: u64,
+    /// Blocks recorded as changed.
+    pub changed: u64,
+    /// The agent's index sequence number after it.
+    pub seq: u64,
+    /// The manifest the agent now holds at `block_size` (blake3 of its
+    /// encoding): the manager waits for the global index to have it.
+    pub block_size: u32,
+    pub digest: [u8; 32],
 }
 
 /// Kind (first body byte) of [`Msg::Fragment`]: its variant index.
@@ -731,6 +788,12 @@ impl Msg {
             Msg::VmAction { .. } => "VmAction",
             Msg::BuildRates { .. } => "BuildRates",
             Msg::Import { .. } => "Import",
+            Msg::PrefetchShare { .. } => "PrefetchShare",
+            Msg::PrefetchState { .. } => "PrefetchState",
+            Msg::Patch { .. } => "Patch",
+            Msg::Track { .. } => "Track",
+            Msg::Tracked { .. } => "Tracked",
+            Msg::Untrack { .. } => "Untrack",
             Msg::HostMetrics { .. } => "HostMetrics",
             Msg::GetManifest { .. } => "GetManifest",
             Msg::ManifestReply { .. } => "ManifestReply",
@@ -979,6 +1042,29 @@ mod tests {
                     data: Bytes::from_static(b"abc"),
                 },
             },
+            Msg::PrefetchShare {
+                bytes_per_s: 12_500_000,
+                counted: false,
+            },
+            Msg::PrefetchState { prefetching: true },
+            Msg::Track {
+                vm: "web1".into(),
+                since: Some("bitmap:3".into()),
+            },
+            Msg::Tracked {
+                report: Box::new(TrackReport {
+                    vm: "web1".into(),
+                    token: "bitmap:4".into(),
+                    tracking: crate::hypervisor::Tracking::DirtyBitmap,
+                    bytes_dirty: 8192,
+                    bytes_hashed: 8192,
+                    changed: 2,
+                    seq: 17,
+                    block_size: 4096,
+                    digest: [5; 32],
+                }),
+            },
+            Msg::Untrack { vm: "web1".into() },
         ]
     }
 
@@ -1196,7 +1282,7 @@ mod tests {
         let kinds: Vec<u8> = samples().iter().map(kind_of).collect();
         assert_eq!(
             kinds,
-            [0, 11, 12, 1, 1, 2, 3, 4, 5, 6, 7, 13, 14, 15, 8, 9, 10, 10, 10]
+            [0, 11, 12, 1, 1, 2, 3, 4, 5, 6, 7, 13, 14, 15, 8, 9, 10, 10, 10, 23, 24, 26, 27, 28]
         );
     }
 

@@ -431,7 +431,11 @@ async fn handle(
         | Msg::BuildCancel { .. }
         | Msg::VmAction { .. }
         | Msg::BuildRates { .. }
-        | Msg::Import { .. } => build_request(msg, services, opts, info).await,
+        | Msg::Import { .. }
+        | Msg::PrefetchShare { .. }
+        | Msg::Patch { .. }
+        | Msg::Track { .. }
+        | Msg::Untrack { .. } => build_request(msg, services, opts, info).await,
         m => error(code::BAD_REQUEST, format!("{} is not a request", m.name())),
     }
 }
@@ -473,6 +477,30 @@ async fn build_request(msg: Msg, services: &Services, opts: &ServerOptions, info
             size,
             source,
         } => builds.import(job, vm, image, size, source),
+        Msg::PrefetchShare {
+            bytes_per_s,
+            counted,
+        } => {
+            return match builds.prefetch_share(bytes_per_s, counted) {
+                Ok(prefetching) => Msg::PrefetchState { prefetching },
+                Err(e) => error(code::BAD_REQUEST, e),
+            };
+        }
+        Msg::Patch { order, positions } => builds.patch(*order, positions),
+        Msg::Track { vm, since } => {
+            return match builds.track(vm, since).await {
+                Ok(report) => Msg::Tracked {
+                    report: Box::new(report),
+                },
+                Err(e) => error(code::BAD_REQUEST, e),
+            };
+        }
+        Msg::Untrack { vm } => {
+            return match builds.stop_tracking(vm).await {
+                Ok(()) => Msg::Ack { seq: 0 },
+                Err(e) => error(code::BAD_REQUEST, e),
+            };
+        }
         Msg::VmAction { vm, action } => {
             return match builds.vm_action(vm, action).await {
                 Ok(()) => Msg::Ack { seq: 0 },

@@ -32,6 +32,26 @@ pub struct ImageBlocks {
     pub zero_positions: u64,
 }
 
+/// Every position of runs `(start, count)` below `len`, in order.
+pub fn positions_in(runs: &[(u32, u32)], len: usize) -> impl Iterator<Item = usize> + '_ {
+    runs.iter().flat_map(move |&(start, count)| {
+        let start = start as usize;
+        start.min(len)..(start + count as usize).min(len)
+    })
+}
+
+/// Runs `(start, count)` of sorted, distinct positions.
+pub fn position_runs(positions: impl IntoIterator<Item = u32>) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for p in positions {
+        match out.last_mut() {
+            Some((start, count)) if *start + *count == p => *count += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
+}
+
 impl ImageBlocks {
     pub fn of(manifest: &Manifest) -> Self {
         let mut seen = BlockHashSet::default();
@@ -45,6 +65,36 @@ impl ImageBlocks {
                     if seen.insert(*hash) {
                         distinct.push(DistinctBlock {
                             hash: *hash,
+                            first_index: i as u64,
+                            len: manifest.block_len(i),
+                        });
+                    }
+                }
+            }
+        }
+        ImageBlocks {
+            image: manifest.image.clone(),
+            block_size: manifest.block_size,
+            distinct,
+            zero_positions,
+        }
+    }
+
+    /// The distinct non-zero blocks at `positions` (runs of `(start,
+    /// count)`, sorted; positions past the manifest's end are ignored), in
+    /// order of first occurrence among them: what a patch of those positions
+    /// fetches. `zero_positions` counts the zero blocks among them.
+    pub fn at_positions(manifest: &Manifest, positions: &[(u32, u32)]) -> Self {
+        let mut seen = BlockHashSet::default();
+        let mut distinct = Vec::new();
+        let mut zero_positions = 0;
+        for i in positions_in(positions, manifest.blocks.len()) {
+            match manifest.blocks[i] {
+                None => zero_positions += 1,
+                Some(hash) => {
+                    if seen.insert(hash) {
+                        distinct.push(DistinctBlock {
+                            hash,
                             first_index: i as u64,
                             len: manifest.block_len(i),
                         });
@@ -163,7 +213,16 @@ impl ImageHolders {
         index: &dyn HolderIndex,
         graph: &Graph,
     ) -> Result<Self, PlanError> {
-        let blocks = ImageBlocks::of(manifest);
+        Self::resolve_blocks(ImageBlocks::of(manifest), index, graph)
+    }
+
+    /// [`Self::resolve`] for a given set of distinct blocks (a patch's:
+    /// [`ImageBlocks::at_positions`]).
+    pub fn resolve_blocks(
+        blocks: ImageBlocks,
+        index: &dyn HolderIndex,
+        graph: &Graph,
+    ) -> Result<Self, PlanError> {
         let host_names = index.hosts();
         let to_node: Vec<Option<NodeId>> = host_names.iter().map(|n| graph.node_id(n)).collect();
         let mut outside_seen = vec![false; host_names.len()];
@@ -288,6 +347,18 @@ mod tests {
         let firsts: Vec<_> = b.distinct.iter().map(|d| (d.first_index, d.len)).collect();
         assert_eq!(firsts, [(0, 4096), (2, 4096), (5, 100)]);
         assert_eq!(b.offset(2), 5 * 4096);
+    }
+
+    #[test]
+    fn a_patch_fetches_the_distinct_blocks_at_its_positions() {
+        let m = manifest("img", &[1, 0, 2, 1, 0, 3], Some(100));
+        assert_eq!(position_runs([1, 2, 3, 5, 9]), [(1, 3), (5, 1), (9, 1)]);
+        let runs = position_runs([1, 3, 4, 5, 9]);
+        let b = ImageBlocks::at_positions(&m, &runs);
+        assert_eq!(b.zero_positions, 2, "positions 1 and 4");
+        let firsts: Vec<_> = b.distinct.iter().map(|d| (d.first_index, d.len)).collect();
+        assert_eq!(firsts, [(3, 4096), (5, 100)], "9 is past the end");
+        assert_eq!(positions_in(&[(4, 10)], 6).collect::<Vec<_>>(), [4, 5]);
     }
 
     #[test]

@@ -114,6 +114,9 @@ pub struct SplicerSnapshot {
     /// Prefetches of LUNs in prefetch mode (latest per LUN).
     #[serde(default)]
     pub prefetch: Vec<crate::fetch::prefetch::PrefetchStatus>,
+    /// The prefetches' rate: the appliance's own budget or a manager's share.
+    #[serde(default)]
+    pub prefetch_pace: Option<crate::fetch::prefetch::PaceStatus>,
     /// Every declared LUN: served or not and why, its manifest.
     #[serde(default)]
     pub luns: Vec<super::catalog::LunStatus>,
@@ -179,6 +182,7 @@ impl SplicerStats {
                 .map(|c| c.prefetches())
                 .unwrap_or_default(),
             luns: self.catalog.get().map(|c| c.statuses()).unwrap_or_default(),
+            prefetch_pace: self.catalog.get().map(|c| c.prefetch_pace.status()),
             library_bytes: get(&self.library_bytes),
             learned_blocks: get(&self.learned_blocks),
             verify_failures: get(&self.verify_failures),

@@ -94,8 +94,9 @@ pub struct Catalog {
     sourcing: OnceLock<Arc<crate::fetch::Sourcing>>,
     /// Where each LUN's access history is kept (`None`: memory only).
     pub history_dir: Option<PathBuf>,
-    /// Prefetch bandwidth budget per link, Mbit/s.
-    pub prefetch_budget_mbps: f64,
+    /// The prefetches' rate per link: the appliance's budget or a manager's
+    /// share of it.
+    pub prefetch_pace: Arc<crate::fetch::prefetch::PrefetchPace>,
 }
 
 impl Catalog {
@@ -110,7 +111,7 @@ impl Catalog {
             readahead_bytes: 8 << 20,
             sourcing: OnceLock::new(),
             history_dir: None,
-            prefetch_budget_mbps: 1000.0,
+            prefetch_pace: Arc::new(crate::fetch::prefetch::PrefetchPace::new(1000.0)),
         }
     }
 
@@ -140,7 +141,7 @@ impl Catalog {
             lun.manifest.block_size,
             sourcing,
             self.cache.clone(),
-            self.prefetch_budget_mbps,
+            self.prefetch_pace.clone(),
             lun.prefetch.clone(),
         ));
     }

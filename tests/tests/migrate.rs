@@ -1,0 +1,451 @@
+//! Migration (issue 13) on the 3 racks × 3 hypervisors lab, with corpus image
+//! b (1 GiB, Debian cloud) as the library's LUN.
+//!
+//! hv1 runs VM `web1`: its disk a copy of b, served by qemu-storage-daemon
+//! (dirty bitmaps on), written by a workload through the daemon's NBD export
+//! at 4 MiB/s (the lab's "guest"). hv4 runs `other1`, another VM of seed b.
+//! `nearblock vm place vm/web1` (candidates hv5, hv6: rack2) is a migration:
+//!
+//! 1. The target's disk equals the source's at the pause (compared byte for
+//!    byte before the source's copy is retired); the bytes that left hv1 (the
+//!    job's per-source bytes, and core's BPF flow counters) are at most the
+//!    blocks only hv1 held at the start plus the blocks the workload wrote
+//!    until the pause, plus 1% of the virtual size.
+//! 2. At least 90% of the moved bytes came from rack2 (other1 on hv4), by the
+//!    job's per-source bytes.
+//! 3. The pause-to-resume time is reported, and each round's rehashed bytes
+//!    are what the dirty bitmap named (4 KiB granularity), not the disk's
+//!    allocated bytes.
+//! 4. The source's copy is retired after the grace period, its workload
+//!    killed; the VM runs on the target.
+//! 5. A second VM (`web2` on hv2, no write tracking: the rescan default)
+//!    whose source agent is killed mid-migration: the job fails cleanly, the
+//!    VM is still running on hv2, and nothing of it is left on the target.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use nearblock_lab::{fabric::Fabric, toml_path, Lab, LunSpec, THREE_RACKS_TOPOLOGY};
+use serde_json::{json, Value};
+
+const IQN: &str = "iqn.2026-12.test.nearblock:migrate";
+const AGENT_PORT: u16 = 7340;
+const INDEXER_PORT: u16 = 7341;
+const BLOCK: usize = 4096;
+/// The workload's write rate and write size.
+const RATE: u64 = 4 << 20;
+const WRITE: u64 = 64 << 10;
+
+fn corpus_dir() -> PathBuf {
+    std::env::var_os("NEARBLOCK_CORPUS_DIR")
+        .map_or_else(|| "/var/cache/nearblock/corpus".into(), PathBuf::from)
+}
+
+fn qemu_storage_daemon() -> PathBuf {
+    PathBuf::from(
+        std::env::var_os("NEARBLOCK_QEMU_SYSTEM")
+            .unwrap_or_else(|| "/var/cache/nearblock/qemu-system-7.2".into()),
+    )
+    .join("usr/bin/qemu-storage-daemon")
+}
+
+/// Kills the daemon and the workload however the test ends.
+struct Killed(Vec<Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            // The workload leads a process group (with its qemu-io).
+            if let Ok(pid) = i32::try_from(c.id()) {
+                // SAFETY: kill(2) of a child's process group.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn vm(lab: &Lab, token: &Path, words: &[&str]) -> Value {
+    let bin = nearblock_lab::nearblock_bin().unwrap();
+    let token = token.display().to_string();
+    let mut argv = vec![bin.to_str().unwrap(), "vm", "--token-file", &token];
+    argv.extend_from_slice(words);
+    let o = lab.exec("core", &argv).unwrap();
+    assert!(
+        o.status.success(),
+        "vm {words:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A sparse copy of `from`.
+fn sparse_copy(from: &Path, to: &Path) {
+    let ok = Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp {} {}", from.display(), to.display());
+}
+
+fn state_file(dir: &Path, name: &str, size: u64) {
+    std::fs::write(
+        dir.join(format!("{name}.vm.json")),
+        json!({"image": format!("{IQN}/1"), "size": size, "state": "running"}).to_string(),
+    )
+    .unwrap();
+}
+
+fn block_hashes(data: &[u8]) -> std::collections::HashSet<[u8; 32]> {
+    data.chunks(BLOCK)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .map(|b| *blake3::hash(b).as_bytes())
+        .collect()
+}
+
+fn workload_bytes(stats: &Path) -> u64 {
+    std::fs::read(stats)
+        .ok()
+        .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
+        .and_then(|v| v["bytes"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Follows job `id` until it ends; calls `at_run` once when it reaches
+/// `indexing` (the VM runs on the target).
+fn follow(
+    lab: &Lab,
+    read: &Path,
+    id: &str,
+    limit: Duration,
+    mut at_run: impl FnMut(&Value),
+) -> Value {
+    let deadline = Instant::now() + limit;
+    let mut ran = false;
+    loop {
+        let job = vm(lab, read, &["job", id, "--json"]);
+        let state = job["state"].as_str().unwrap_or("").to_owned();
+        if !ran && (state == "indexing" || state == "done") {
+            ran = true;
+            at_run(&job);
+        }
+        if matches!(state.as_str(), "done" | "failed" | "cancelled") {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} not done: {job:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(nearblock_corpus),
+    ignore = "needs the corpus: build and run with NEARBLOCK_CORPUS_DIR"
+)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one lab, its scenarios in order: the migration, then the failed one"
+)]
+fn a_running_vm_migrates_and_only_what_nobody_nearer_holds_leaves_its_host() {
+    let image_path = corpus_dir().join("images/b-bookworm-cloud.raw");
+    let image = std::fs::read(&image_path).unwrap();
+    let size = image.len() as u64;
+    let seed_blocks = block_hashes(&image);
+
+    let lab = Lab::new(THREE_RACKS_TOPOLOGY).expect("lab");
+    let topo = lab
+        .write_file("topology.toml", THREE_RACKS_TOPOLOGY.as_bytes())
+        .unwrap();
+    let mut fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap();
+    let mut lab = lab;
+    let mut children = Killed(Vec::new());
+    lab.add_lun(LunSpec::read_only(IQN, image_path.clone()))
+        .unwrap();
+    lab.set_datapath_extra("core", &format!("image_transfer_ports = [{AGENT_PORT}]"));
+    fabric
+        .start_manager(
+            &mut lab,
+            "core",
+            &topo,
+            "stale_secs = 5\nindex_wait_secs = 60\nmigrate_final_mib = 4\nretire_grace_secs = 10",
+        )
+        .expect("core");
+    for rack in ["rack1", "rack2"] {
+        fabric.start_indexer(&lab, rack, Some("core")).unwrap();
+    }
+    fabric.start_library_agent(&lab, "core").unwrap();
+
+    // hv1: web1, its disk served by qemu-storage-daemon and written by the
+    // workload; hv2: web2 (no tracking); hv4: other1, of the same seed.
+    let dir = |hv: &str| lab.dir.path().join(format!("vms-{hv}"));
+    for hv in ["hv1", "hv2", "hv4", "hv5", "hv6"] {
+        std::fs::create_dir_all(dir(hv)).unwrap();
+    }
+    for (hv, name) in [("hv1", "web1"), ("hv2", "web2"), ("hv4", "other1")] {
+        sparse_copy(&image_path, &dir(hv).join(format!("{name}.raw")));
+        state_file(&dir(hv), name, size);
+    }
+    let qmp = lab.dir.path().join("web1.qmp");
+    let nbd = lab.dir.path().join("web1.nbd");
+    let web1 = dir("hv1").join("web1.raw");
+    children.0.push(
+        Command::new(qemu_storage_daemon())
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,filename={}",
+                web1.display()
+            ))
+            .args(["--blockdev", "driver=raw,node-name=disk,file=file0"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
+            .args([
+                "--export",
+                "type=nbd,id=disk,node-name=disk,name=disk,writable=on",
+            ])
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qmp0",
+                qmp.display()
+            ))
+            .args(["--monitor", "chardev=qmp0"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon"),
+    );
+    within(
+        Duration::from_secs(10),
+        "the storage daemon listening",
+        || nbd.exists() && qmp.exists(),
+    );
+    let (qemu_img, modules) = nearblock_lab::qemu_img().unwrap();
+    for (hv, rack) in [
+        ("hv1", "rack1"),
+        ("hv2", "rack1"),
+        ("hv4", "rack2"),
+        ("hv5", "rack2"),
+        ("hv6", "rack2"),
+    ] {
+        let extra = format!(
+            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\nqemu_img = {}\nqemu_module_dir = {}\n[resources]\ndisk_free_bytes = {}\n",
+            toml_path(&dir(hv)),
+            toml_path(&qemu_img),
+            toml_path(&modules),
+            1u64 << 36
+        );
+        fabric.start_agent(&lab, hv, rack, &[], &extra).unwrap();
+    }
+    let read = lab.api_read_token_file();
+    let admin = lab.api_admin_token_file();
+    within(
+        Duration::from_mins(2),
+        "the VMs and the library indexed",
+        || {
+            let inv = vm(&lab, &read, &["list", "--json"]);
+            let indexed = |name: &str| {
+                inv["vms"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|v| v["name"] == name && v["indexed"] == true))
+            };
+            let library = inv["images"]
+                .as_array()
+                .is_some_and(|i| i.iter().any(|i| i["host"] == "library"));
+            library && indexed("web1") && indexed("web2") && indexed("other1")
+        },
+    );
+
+    // The "guest" starts writing; its process group is the VM's process.
+    let stats = lab.dir.path().join("web1.workload.json");
+    let workload = Command::new(env!("CARGO_BIN_EXE_vm-workload"))
+        .arg(&nbd)
+        .args([
+            "disk",
+            &size.to_string(),
+            &RATE.to_string(),
+            &WRITE.to_string(),
+            "7",
+        ])
+        .arg(&stats)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("vm-workload");
+    let workload_pid = workload.id();
+    children.0.push(workload);
+    std::fs::write(
+        dir("hv1").join("web1.run.json"),
+        json!({"pid": workload_pid, "storage_daemon": {"qmp": qmp, "nbd": nbd, "node": "disk"}})
+            .to_string(),
+    )
+    .unwrap();
+    within(Duration::from_secs(10), "the workload writing", || {
+        workload_bytes(&stats) > 0
+    });
+
+    // 1–4. The migration.
+    let written_before = workload_bytes(&stats);
+    let job = vm(
+        &lab,
+        &admin,
+        &[
+            "place", "vm/web1", "--name", "web1", "--within", "hv5,hv6", "--json",
+        ],
+    );
+    assert_eq!(job["kind"], "migrate", "{job:#}");
+    let id = job["id"].as_u64().unwrap().to_string();
+    let mut compared = None;
+    let mut written_at_pause = 0;
+    let job = follow(&lab, &read, &id, Duration::from_mins(5), |job| {
+        // The VM runs on the target; the source's copy is kept for the grace
+        // period: both disks now, byte for byte.
+        written_at_pause = workload_bytes(&stats);
+        let target = job["plan"]["target"].as_str().unwrap().to_owned();
+        let source = std::fs::read(&web1).unwrap();
+        let moved = std::fs::read(dir(&target).join("web1.raw")).unwrap();
+        compared = Some((target, source == moved, source));
+    });
+    assert_eq!(job["state"], "done", "{job:#}");
+    let (target, equal, source_at_pause) = compared.expect("the job reached `indexing`");
+    assert!(equal, "{target}'s disk is not hv1's at the pause");
+    let migration = &job["migration"];
+    eprintln!("migration: {migration:#}");
+    assert_eq!(migration["tracking"], "dirty_bitmap");
+    assert_eq!(migration["verified"], true);
+    assert_eq!(migration["source_retired"], true);
+    let pause_ms = migration["pause_to_resume_ms"].as_u64().expect("reported");
+    let rounds = migration["rounds"].as_array().unwrap();
+    assert!(
+        rounds.len() >= 2,
+        "round 0 and the paused round: {rounds:#?}"
+    );
+    assert!(rounds.last().unwrap()["paused"] == true);
+    // Each tracked round rehashed what the bitmap named, never the disk.
+    for r in &rounds[1..] {
+        let (dirty, hashed) = (
+            r["bytes_dirty"].as_u64().unwrap(),
+            r["bytes_hashed"].as_u64().unwrap(),
+        );
+        assert_eq!(hashed, dirty, "round {r}: rehashed what was written");
+        assert!(hashed < size / 4, "round {r}: not the whole disk");
+    }
+    // 1. Bytes that left hv1: the blocks only hv1 held at the start (none:
+    // web1 was the seed's copy) plus what the workload wrote until the
+    // pause, plus 1% of the virtual size.
+    let from_hv1: u64 = rounds
+        .iter()
+        .map(|r| r["bytes_by_source"]["hv1"].as_u64().unwrap_or(0))
+        .sum();
+    let only_hv1_at_start = 0u64;
+    let dirtied = written_at_pause - written_before + RATE; // the workload's last second in flight
+    let bound = only_hv1_at_start + dirtied + size / 100;
+    eprintln!(
+        "from hv1: {from_hv1} B (bound {bound}: {dirtied} B written during the migration); pause to resume {pause_ms} ms"
+    );
+    assert!(from_hv1 <= bound, "{from_hv1} B left hv1, bound {bound}");
+    let hv1 = format!("{}:{AGENT_PORT}", lab.addr4("hv1"));
+    let bpf_from_hv1: u64 = lab
+        .status("core")
+        .unwrap()
+        .flows
+        .iter()
+        .filter(|f| f.src == hv1)
+        .map(|f| f.payload_bytes - f.retrans_bytes)
+        .sum();
+    eprintln!("core's BPF counters: {bpf_from_hv1} B of payload from hv1's block service");
+    assert!(
+        bpf_from_hv1 <= bound + bound / 50,
+        "BPF: {bpf_from_hv1} B from hv1, bound {bound}"
+    );
+    // 2. In-rack holders gave at least 90% of what moved.
+    let mut total = 0u64;
+    let mut in_rack = 0u64;
+    for r in rounds {
+        for (node, bytes) in r["bytes_by_source"].as_object().unwrap() {
+            let b = bytes.as_u64().unwrap();
+            total += b;
+            if ["hv4", "hv5", "hv6", "rack2"].contains(&node.as_str()) {
+                in_rack += b;
+            }
+        }
+    }
+    let nonzero = source_at_pause
+        .chunks(BLOCK)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count() as u64
+        * BLOCK as u64;
+    eprintln!("moved {total} B ({in_rack} B from rack2) for a disk of {nonzero} non-zero bytes");
+    assert!(
+        in_rack * 10 >= total * 9,
+        "{in_rack} of {total} B from rack2"
+    );
+    // Unique blocks at the pause: what hv1 alone could give.
+    let unique = block_hashes(&source_at_pause)
+        .difference(&seed_blocks)
+        .count();
+    eprintln!("blocks only web1 held at the pause: {unique}");
+    // 4. The source's copy is gone, its workload killed; the VM runs on the
+    // target.
+    assert!(!web1.exists(), "hv1's copy retired");
+    let inv = vm(&lab, &read, &["list", "--json"]);
+    let running_on: Vec<&str> = inv["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == "web1")
+        .filter_map(|v| v["host"].as_str())
+        .collect();
+    assert_eq!(running_on, [target.as_str()], "{inv:#}");
+
+    // 5. web2's source agent dies mid-migration: the job fails cleanly, web2
+    // still runs on hv2, and the target has nothing of it.
+    let job = vm(
+        &lab,
+        &admin,
+        &[
+            "place", "vm/web2", "--name", "web2", "--within", "hv5,hv6", "--json",
+        ],
+    );
+    let id2 = job["id"].as_u64().unwrap().to_string();
+    within(Duration::from_mins(1), "web2's round 0 under way", || {
+        let j = vm(&lab, &read, &["job", &id2, "--json"]);
+        j["state"] == "building" && j["progress"]["blocks_done"].as_u64().unwrap_or(0) > 0
+    });
+    fabric.procs.kill("agent-hv2").unwrap();
+    let job = follow(&lab, &read, &id2, Duration::from_mins(3), |_| {});
+    assert_eq!(job["state"], "failed", "{job:#}");
+    let events: Vec<&str> = job["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        events.iter().any(|e| e.contains("migration undone")),
+        "{events:#?}"
+    );
+    let st: Value =
+        serde_json::from_slice(&std::fs::read(dir("hv2").join("web2.vm.json")).unwrap()).unwrap();
+    assert_eq!(st["state"], "running", "web2 keeps running on hv2");
+    for hv in ["hv5", "hv6"] {
+        let left: Vec<_> = std::fs::read_dir(dir(hv))
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("web2"))
+            .collect();
+        assert!(left.is_empty(), "{hv} kept {left:?}");
+    }
+}
