@@ -7,9 +7,9 @@
 //! It leads its own process group (with its `qemu-io` child), so the
 //! hypervisor hook's pause (SIGSTOP to the group) stops both. Writes go to
 //! consecutive offsets from a seeded start, wrapping at the disk's end, each
-//! filled with a pattern byte that changes per write; after every write the
-//! total written is in `STATS_FILE` (`{"writes": N, "bytes": B}`). It runs
-//! until killed.
+//! of fresh pseudo-random bytes (no two blocks alike, as file contents);
+//! after every write the total written is in `STATS_FILE` (`{"writes": N,
+//! "bytes": B}`). It runs until killed.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -53,11 +53,18 @@ fn main() -> Result<()> {
     let mut output = BufReader::new(child.stdout.take().context("qemu-io stdout")?);
     let slots = disk / write;
     let mut slot = seed % slots;
+    // qemu-io fills each write from this file (`write -s`).
+    let buffer = format!("{stats}.data");
+    let mut random = nearblock::index::synthetic::SplitMix64::new(seed);
+    let mut data = vec![0u8; usize::try_from(write)?];
     let started = Instant::now();
     let (mut writes, mut bytes) = (0u64, 0u64);
     loop {
-        let pattern = (seed.wrapping_add(writes) % 255 + 1) as u8;
-        writeln!(input, "write -P {pattern} {} {write}", slot * write)?;
+        for chunk in data.chunks_mut(8) {
+            chunk.copy_from_slice(&random.next_u64().to_le_bytes()[..chunk.len()]);
+        }
+        std::fs::write(&buffer, &data)?;
+        writeln!(input, "write -s {buffer} {} {write}", slot * write)?;
         input.flush()?;
         // qemu-io answers each write with "wrote N/N bytes at offset O" and a
         // line of timing.
