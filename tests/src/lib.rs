@@ -37,6 +37,7 @@ pub mod cpu;
 pub mod fabric;
 pub mod initiator;
 pub mod procs;
+pub mod vmlab;
 
 /// The default lab: library ─ core ─ rack1, rack2 ─ hv1, hv2 / hv3, hv4.
 pub const DEFAULT_TOPOLOGY: &str = include_str!("../topologies/default.toml");

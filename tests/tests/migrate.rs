@@ -24,12 +24,11 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use nearblock_lab::{fabric::Fabric, toml_path, Lab, LunSpec, THREE_RACKS_TOPOLOGY};
-use serde_json::{json, Value};
+use nearblock_lab::{fabric::Fabric, toml_path, vmlab, Lab, LunSpec, THREE_RACKS_TOPOLOGY};
+use serde_json::Value;
 
 const IQN: &str = "iqn.2026-12.test.nearblock:migrate";
 const AGENT_PORT: u16 = 7340;
@@ -42,31 +41,6 @@ const WRITE: u64 = 64 << 10;
 fn corpus_dir() -> PathBuf {
     std::env::var_os("NEARBLOCK_CORPUS_DIR")
         .map_or_else(|| "/var/cache/nearblock/corpus".into(), PathBuf::from)
-}
-
-fn qemu_storage_daemon() -> PathBuf {
-    PathBuf::from(
-        std::env::var_os("NEARBLOCK_QEMU_SYSTEM")
-            .unwrap_or_else(|| "/var/cache/nearblock/qemu-system-7.2".into()),
-    )
-    .join("usr/bin/qemu-storage-daemon")
-}
-
-/// Kills the daemon and the workload however the test ends.
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            // The workload leads a process group (with its qemu-io).
-            if let Ok(pid) = i32::try_from(c.id()) {
-                // SAFETY: kill(2) of a child's process group.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn vm(lab: &Lab, token: &Path, words: &[&str]) -> Value {
@@ -91,39 +65,11 @@ fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A sparse copy of `from`.
-fn sparse_copy(from: &Path, to: &Path) {
-    let ok = Command::new("cp")
-        .args(["--sparse=always"])
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "cp {} {}", from.display(), to.display());
-}
-
-fn state_file(dir: &Path, name: &str, size: u64) {
-    std::fs::write(
-        dir.join(format!("{name}.vm.json")),
-        json!({"image": format!("{IQN}/1"), "size": size, "state": "running"}).to_string(),
-    )
-    .unwrap();
-}
-
 fn block_hashes(data: &[u8]) -> std::collections::HashSet<[u8; 32]> {
     data.chunks(BLOCK)
         .filter(|b| b.iter().any(|&x| x != 0))
         .map(|b| *blake3::hash(b).as_bytes())
         .collect()
-}
-
-fn workload_bytes(stats: &Path) -> u64 {
-    std::fs::read(stats)
-        .ok()
-        .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
-        .and_then(|v| v["bytes"].as_u64())
-        .unwrap_or(0)
 }
 
 /// Follows job `id` until it ends; calls `at_run` once when it reaches
@@ -173,7 +119,7 @@ fn a_running_vm_migrates_and_only_what_nobody_nearer_holds_leaves_its_host() {
         .unwrap();
     let mut fabric = Fabric::new(&lab, AGENT_PORT, INDEXER_PORT).unwrap();
     let mut lab = lab;
-    let mut children = Killed(Vec::new());
+    let mut children = vmlab::Children::default();
     lab.add_lun(LunSpec::read_only(IQN, image_path.clone()))
         .unwrap();
     lab.set_datapath_extra("core", &format!("image_transfer_ports = [{AGENT_PORT}]"));
@@ -196,42 +142,13 @@ fn a_running_vm_migrates_and_only_what_nobody_nearer_holds_leaves_its_host() {
     for hv in ["hv1", "hv2", "hv4", "hv5", "hv6"] {
         std::fs::create_dir_all(dir(hv)).unwrap();
     }
+    let lun = format!("{IQN}/1");
     for (hv, name) in [("hv1", "web1"), ("hv2", "web2"), ("hv4", "other1")] {
-        sparse_copy(&image_path, &dir(hv).join(format!("{name}.raw")));
-        state_file(&dir(hv), name, size);
+        vmlab::sparse_copy(&image_path, &dir(hv).join(format!("{name}.raw"))).unwrap();
+        vmlab::write_vm_files(&dir(hv), name, &lun, size, None, None).unwrap();
     }
-    let qmp = lab.dir.path().join("web1.qmp");
-    let nbd = lab.dir.path().join("web1.nbd");
     let web1 = dir("hv1").join("web1.raw");
-    children.0.push(
-        Command::new(qemu_storage_daemon())
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={}",
-                web1.display()
-            ))
-            .args(["--blockdev", "driver=raw,node-name=disk,file=file0"])
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-            .args([
-                "--export",
-                "type=nbd,id=disk,node-name=disk,name=disk,writable=on",
-            ])
-            .arg("--chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=qmp0",
-                qmp.display()
-            ))
-            .args(["--monitor", "chardev=qmp0"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon"),
-    );
-    within(
-        Duration::from_secs(10),
-        "the storage daemon listening",
-        || nbd.exists() && qmp.exists(),
-    );
+    let served = vmlab::serve_disk(lab.dir.path(), "web1", &web1, &mut children).unwrap();
     let (qemu_img, modules) = nearblock_lab::qemu_img().unwrap();
     for (hv, rack) in [
         ("hv1", "rack1"),
@@ -270,33 +187,24 @@ fn a_running_vm_migrates_and_only_what_nobody_nearer_holds_leaves_its_host() {
 
     // The "guest" starts writing; its process group is the VM's process.
     let stats = lab.dir.path().join("web1.workload.json");
-    let workload = Command::new(env!("CARGO_BIN_EXE_vm-workload"))
-        .arg(&nbd)
-        .args([
-            "disk",
-            &size.to_string(),
-            &RATE.to_string(),
-            &WRITE.to_string(),
-            "7",
-        ])
-        .arg(&stats)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("vm-workload");
-    let workload_pid = workload.id();
-    children.0.push(workload);
-    std::fs::write(
-        dir("hv1").join("web1.run.json"),
-        json!({"pid": workload_pid, "storage_daemon": {"qmp": qmp, "nbd": nbd, "node": "disk"}})
-            .to_string(),
-    )
-    .unwrap();
-    within(Duration::from_secs(10), "the workload writing", || {
-        workload_bytes(&stats) > 0
-    });
+    let workload = vmlab::Workload {
+        rate: RATE,
+        write: WRITE,
+        seed: 7,
+    };
+    let pid = workload
+        .start(
+            Path::new(env!("CARGO_BIN_EXE_vm-workload")),
+            &served,
+            size,
+            &stats,
+            &mut children,
+        )
+        .unwrap();
+    vmlab::write_vm_files(&dir("hv1"), "web1", &lun, size, Some(pid), Some(&served)).unwrap();
 
     // 1–4. The migration.
-    let written_before = workload_bytes(&stats);
+    let written_before = vmlab::workload_bytes(&stats);
     let job = vm(
         &lab,
         &admin,
@@ -311,7 +219,7 @@ fn a_running_vm_migrates_and_only_what_nobody_nearer_holds_leaves_its_host() {
     let job = follow(&lab, &read, &id, Duration::from_mins(5), |job| {
         // The VM runs on the target; the source's copy is kept for the grace
         // period: both disks now, byte for byte.
-        written_at_pause = workload_bytes(&stats);
+        written_at_pause = vmlab::workload_bytes(&stats);
         let target = job["plan"]["target"].as_str().unwrap().to_owned();
         let source = std::fs::read(&web1).unwrap();
         let moved = std::fs::read(dir(&target).join("web1.raw")).unwrap();

@@ -45,12 +45,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "all" => &["datapath", "splice"],
         "datapath" => &["datapath"],
         "splice" => &["splice"],
-        // Minutes long (16 corpus VMs twice): asked for by name only.
+        // Minutes long (16 corpus VMs twice; three corpus VMs migrated):
+        // asked for by name only.
         "fanout" => &["fanout"],
+        "migrate" => &["migrate"],
         _ => &[],
     };
     if args.baseline_rev.is_some()
-        && (namespace.is_empty() || args.which == "all" || args.which == "fanout")
+        && (namespace.is_empty() || matches!(args.which.as_str(), "all" | "fanout" | "migrate"))
     {
         bail!("--baseline-rev compares one namespace bench: `bench datapath` or `bench splice`");
     }
@@ -63,6 +65,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .rounds
         .or(baseline.as_ref().map(|_| AB_ROUNDS))
         .map(|r| r.to_string());
+    if namespace.contains(&"migrate") {
+        // The lab's guest, beside the bench's binary.
+        cargo(&[
+            "build",
+            "--profile",
+            &args.profile,
+            "-q",
+            "-p",
+            "nearblock-lab",
+            "--bin",
+            "vm-workload",
+        ])
+        .status_ok()?;
+    }
     for name in namespace {
         let mut c = cargo(&[
             "run",
@@ -113,7 +129,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if !ran {
         bail!(
-            "unknown benchmark `{}` (datapath, splice, index, plan, fanout, all)",
+            "unknown benchmark `{}` (datapath, splice, index, plan, fanout, migrate, all)",
             args.which
         );
     }

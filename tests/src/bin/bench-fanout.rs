@@ -17,7 +17,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Child,
     time::{Duration, Instant},
 };
@@ -170,18 +170,6 @@ impl Bench {
     }
 }
 
-fn free_bytes(dir: &Path) -> Result<u64> {
-    let o = std::process::Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(dir)
-        .output()?;
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .context("df output")
-}
-
 #[expect(
     clippy::too_many_lines,
     reason = "one run, top to bottom: the lab, the three measurements, the ratios"
@@ -200,7 +188,7 @@ fn main() -> Result<()> {
     }
     let t_setup = Instant::now();
     let lab = Lab::new(FANOUT_TOPOLOGY)?;
-    let free = free_bytes(lab.dir.path())?;
+    let free = nearblock_lab::vmlab::free_bytes(lab.dir.path())?;
     if free < NEED_FREE {
         bail!(
             "{} GiB free in {}, the bench needs {} GiB",

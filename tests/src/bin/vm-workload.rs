@@ -78,7 +78,11 @@ fn main() -> Result<()> {
                 break;
             }
             if line.contains("error") || line.contains("failed") {
-                bail!("qemu-io: {}", line.trim());
+                bail!(
+                    "qemu-io on {socket}, write {writes} at {}: {}",
+                    slot * write,
+                    line.trim()
+                );
             }
         }
         writes += 1;
