@@ -93,6 +93,13 @@ pub struct ManagerConfig {
     /// target and its disk is verified, before it is retired.
     #[serde(default = "default_retire_grace_secs")]
     pub retire_grace_secs: u64,
+    /// Pre-staging: how often a VM's staged blocks are refreshed.
+    #[serde(default = "default_prestage_refresh_secs")]
+    pub prestage_refresh_secs: u64,
+}
+
+fn default_prestage_refresh_secs() -> u64 {
+    30
 }
 
 fn default_migrate_final_mib() -> u64 {
@@ -322,6 +329,10 @@ pub struct SplicerConfig {
     /// Memory block cache bound, bytes (content-addressed, LRU).
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
+    /// The share of the cache that blocks pre-staged for VMs likely to move
+    /// may pin (0..1).
+    #[serde(default = "default_pin_share")]
+    pub pin_share: f64,
     /// Learn verified blocks from READs the library answers.
     #[serde(default = "yes")]
     pub learn: bool,
@@ -449,6 +460,7 @@ impl Default for SplicerConfig {
             iscsi_aware: true,
             iscsi_ports: default_iscsi_ports(),
             cache_bytes: default_cache_bytes(),
+            pin_share: default_pin_share(),
             learn: true,
             fetch_from_peers: true,
             fetch_deadline_ms: default_fetch_deadline_ms(),
@@ -493,7 +505,7 @@ impl SplicerConfig {
         &self,
     ) -> Result<crate::splice::catalog::Catalog, crate::splice::catalog::CatalogError> {
         use crate::splice::catalog::{Catalog, CatalogError};
-        let cache = std::sync::Arc::new(crate::fetch::BlockCache::new(self.cache_bytes));
+        let cache = std::sync::Arc::new(crate::fetch::BlockCache::with_pin_share(self.cache_bytes, self.pin_share));
         let mut catalog = Catalog::new(cache, self.learn);
         catalog.readahead_bytes = self.readahead_bytes;
         catalog.max_served_read_bytes = self.max_served_read_bytes;
@@ -692,6 +704,10 @@ fn default_drain_timeout() -> u64 {
 fn default_iscsi_ports() -> Vec<u16> {
     vec![3260]
 }
+fn default_pin_share() -> f64 {
+    crate::fetch::DEFAULT_PIN_SHARE
+}
+
 fn default_cache_bytes() -> u64 {
     256 << 20
 }
@@ -776,6 +792,13 @@ impl Config {
             }
         };
         let dp = &self.datapath;
+        if !(0.0..=1.0).contains(&self.splicer.pin_share) {
+            return Err(invalid(
+                "splicer",
+                "pin_share",
+                format!("{} is not a share in 0..1", self.splicer.pin_share),
+            ));
+        }
         if self.appliance.name.trim().is_empty() {
             return Err(invalid("appliance", "name", "must not be empty".into()));
         }

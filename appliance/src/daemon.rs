@@ -192,6 +192,7 @@ fn start_manager(
         migrate_final_bytes: mc.migrate_final_mib << 20,
         migrate_max_rounds: mc.migrate_max_rounds,
         retire_grace: Duration::from_secs(mc.retire_grace_secs),
+        prestage_refresh: Duration::from_secs(mc.prestage_refresh_secs.max(1)),
         ..crate::manage::ManagerOptions::default()
     };
     let manager = crate::manage::Manager::open(

@@ -637,6 +637,20 @@ fn peer_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("prefetch-state", Msg::PrefetchState { prefetching: true }),
         (
+            "track",
+            Msg::Track {
+                vm: "web1".into(),
+                since: Some("bitmap:2".into()),
+            },
+        ),
+        ("untrack", Msg::Untrack { vm: "web1".into() }),
+        (
+            "unpin",
+            Msg::Unpin {
+                owner: "hv1/web1".into(),
+            },
+        ),
+        (
             "build-rates",
             Msg::BuildRates {
                 job: 7,

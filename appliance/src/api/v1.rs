@@ -97,17 +97,31 @@ pub fn admin_routes() -> Router<ApiState> {
 /// Start, pause, resume or retire a VM through its host's hook.
 #[utoipa::path(post, path = "/api/v1/hosts/{host}/vms/{name}/{action}",
     params(("host" = String, Path), ("name" = String, Path),
-        ("action" = String, Path, description = "start, pause, resume or retire")),
-    responses((status = 200, description = "{host, vm, action}"), (status = 400, body = ErrorBody)))]
+        ("action" = String, Path, description = "start, pause, resume, retire, or prestage (a job)")),
+    responses((status = 200, description = "{host, vm, action}"),
+        (status = 202, body = Job, description = "prestage: the pre-staging job"),
+        (status = 400, body = ErrorBody)))]
 async fn vm_action(
     State(s): State<ApiState>,
     Path((host, name, action)): Path<(String, String, String)>,
-) -> Result<Json<serde_json::Value>, V1Error> {
+) -> Result<(StatusCode, Json<serde_json::Value>), V1Error> {
+    if action == "prestage" {
+        let m = manager(&s.app)?.clone();
+        let view: Arc<dyn PlanningView> = s.app.clone();
+        let job = tokio::task::spawn_blocking(move || m.prestage_vm(view, &host, &name))
+            .await
+            .map_err(|e| V1Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        let body = serde_json::to_value(&job).map_err(|e| V1Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        return Ok((StatusCode::ACCEPTED, Json(body)));
+    }
     let action: crate::hypervisor::VmAction = action
         .parse()
         .map_err(|e| V1Error(StatusCode::BAD_REQUEST, format!("action {e}")))?;
     manager(&s.app)?.vm_action(&host, &name, action).await?;
-    Ok(Json(serde_json::json!({ "host": host, "vm": name, "action": action })))
+    Ok((
+        StatusCode::OK,
+        Json(serde_json::json!({ "host": host, "vm": name, "action": action })),
+    ))
 }
 
 fn manager(app: &Appliance) -> Result<&Arc<Manager>, V1Error> {

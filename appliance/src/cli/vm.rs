@@ -59,7 +59,8 @@ pub enum VmCommand {
         host: String,
         /// The VM's name.
         name: String,
-        /// start | pause | resume | retire
+        /// start | pause | resume | retire, or prestage (a job that keeps the
+        /// VM's unique blocks pinned at its top targets' rack caches)
         action: String,
     },
 }
@@ -175,8 +176,16 @@ pub fn run(args: &VmArgs, out: &mut dyn Write) -> anyhow::Result<()> {
                 path_segment(name),
                 path_segment(action)
             );
-            api_post(args.api, &path, token, &serde_json::Value::Null)?;
-            writeln!(out, "{host}/{name}: {action}")?;
+            let body = api_post(args.api, &path, token, &serde_json::Value::Null)?;
+            let job: Option<serde_json::Value> = serde_json::from_str(&body).ok();
+            match job
+                .as_ref()
+                .and_then(|j| j.get("id"))
+                .and_then(serde_json::Value::as_u64)
+            {
+                Some(id) => writeln!(out, "{host}/{name}: {action} (job {id})")?,
+                None => writeln!(out, "{host}/{name}: {action}")?,
+            }
             Ok(())
         }
         VmCommand::Cancel { id } => {

@@ -1,7 +1,13 @@
 //! The memory tier: blocks by hash, least recently used evicted first, bounded by the
 //! sum of block lengths.
+//!
+//! Blocks can be pinned by an owner (a VM's pre-staged blocks: the manager's
+//! `Prestage` orders): a pinned block is out of the eviction order, so ordinary
+//! traffic cannot push it out, and the pinned bytes are bounded by a share of
+//! the capacity ([`DEFAULT_PIN_SHARE`]); pins beyond it are refused (the block
+//! stays, evictable). An owner's pins are replaced or dropped as a whole.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
@@ -9,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use super::Origin;
 use crate::index::BlockHash;
+
+/// The share of the capacity pinned blocks may take by default.
+pub const DEFAULT_PIN_SHARE: f64 = 0.25;
 
 /// One cached block.
 #[derive(Debug)]
@@ -19,6 +28,8 @@ struct Entry {
     /// Where it was fetched from, until it is served for the first time (then
     /// it counts as a cache hit like any other).
     origin: Option<Origin>,
+    /// Owners pinning it (pinned blocks are not in the eviction order).
+    pins: u32,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +44,10 @@ struct Inner {
     misses: u64,
     inserted: u64,
     evicted: u64,
+    /// Owner → the blocks it pins.
+    owners: HashMap<String, crate::index::BlockHashSet>,
+    pinned_bytes: u64,
+    pins_refused: u64,
 }
 
 /// A bounded content-addressed block cache, shared by every connection (one short
@@ -40,6 +55,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct BlockCache {
     capacity: u64,
+    /// Most bytes pinned blocks may take.
+    pin_limit: u64,
     inner: Mutex<Inner>,
 }
 
@@ -53,13 +70,41 @@ pub struct CacheSnapshot {
     pub misses: u64,
     pub inserted: u64,
     pub evicted: u64,
+    #[serde(default)]
+    pub pinned_bytes: u64,
+    #[serde(default)]
+    pub pinned_blocks: u64,
+    #[serde(default)]
+    pub pin_limit_bytes: u64,
+    /// Pins refused because the pinned share was full.
+    #[serde(default)]
+    pub pins_refused: u64,
+}
+
+/// What [`BlockCache::pin`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinReport {
+    /// Blocks the owner pins now.
+    pub pinned: u64,
+    /// Blocks not pinned: the pinned share was full.
+    pub refused: u64,
+    /// Blocks not in the cache (nothing to pin).
+    pub absent: u64,
 }
 
 impl BlockCache {
     /// A cache holding at most `capacity` bytes of block data.
     pub fn new(capacity: u64) -> BlockCache {
+        Self::with_pin_share(capacity, DEFAULT_PIN_SHARE)
+    }
+
+    /// A cache whose pinned blocks may take `share` (0..1) of `capacity`.
+    pub fn with_pin_share(capacity: u64, share: f64) -> BlockCache {
+        #[expect(clippy::cast_sign_loss, reason = "a share in 0..1 of a positive capacity")]
+        let pin_limit = (capacity as f64 * share.clamp(0.0, 1.0)) as u64;
         BlockCache {
             capacity,
+            pin_limit,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -103,8 +148,10 @@ impl BlockCache {
         let old = std::mem::replace(&mut entry.stamp, now);
         let data = entry.data.clone();
         let origin = if first_use { entry.origin.take() } else { None };
-        inner.lru.remove(&old);
-        inner.lru.insert(now, *hash);
+        if entry.pins == 0 {
+            inner.lru.remove(&old);
+            inner.lru.insert(now, *hash);
+        }
         inner.hits += 1;
         Some((data, origin))
     }
@@ -132,13 +179,16 @@ impl BlockCache {
         let now = inner.clock;
         if let Some(entry) = inner.blocks.get_mut(&hash) {
             let old = std::mem::replace(&mut entry.stamp, now);
-            inner.lru.remove(&old);
-            inner.lru.insert(now, hash);
+            if entry.pins == 0 {
+                inner.lru.remove(&old);
+                inner.lru.insert(now, hash);
+            }
             return;
         }
         while inner.bytes + len > self.capacity {
             let Some((_, victim)) = inner.lru.pop_first() else {
-                break;
+                // Only pinned blocks left: no room.
+                return;
             };
             if let Some(gone) = inner.blocks.remove(&victim) {
                 inner.bytes -= gone.data.len() as u64;
@@ -151,6 +201,7 @@ impl BlockCache {
                 data,
                 stamp: now,
                 origin,
+                pins: 0,
             },
         );
         inner.lru.insert(now, hash);
@@ -185,6 +236,80 @@ impl BlockCache {
             .collect()
     }
 
+    /// Makes `hashes` the blocks `owner` pins: its earlier pins not among
+    /// them are released; blocks in the cache are pinned while the pinned
+    /// bytes stay within the pinned share.
+    pub fn pin(&self, owner: &str, hashes: &[BlockHash]) -> PinReport {
+        let mut inner = self.lock();
+        let want: crate::index::BlockHashSet = hashes.iter().copied().collect();
+        let had = inner.owners.remove(owner).unwrap_or_default();
+        for h in had.difference(&want) {
+            Self::release(&mut inner, h);
+        }
+        let mut report = PinReport::default();
+        let mut kept = crate::index::BlockHashSet::default();
+        for h in &want {
+            if had.contains(h) {
+                kept.insert(*h);
+                report.pinned += 1;
+                continue;
+            }
+            let Inner {
+                blocks,
+                lru,
+                pinned_bytes,
+                pins_refused,
+                ..
+            } = &mut *inner;
+            let Some(entry) = blocks.get_mut(h) else {
+                report.absent += 1;
+                continue;
+            };
+            let len = entry.data.len() as u64;
+            if entry.pins == 0 {
+                if *pinned_bytes + len > self.pin_limit {
+                    report.refused += 1;
+                    *pins_refused += 1;
+                    continue;
+                }
+                lru.remove(&entry.stamp);
+                *pinned_bytes += len;
+            }
+            entry.pins += 1;
+            kept.insert(*h);
+            report.pinned += 1;
+        }
+        if !kept.is_empty() {
+            inner.owners.insert(owner.to_owned(), kept);
+        }
+        report
+    }
+
+    /// Releases every pin of `owner`.
+    pub fn unpin(&self, owner: &str) {
+        let mut inner = self.lock();
+        for h in inner.owners.remove(owner).unwrap_or_default() {
+            Self::release(&mut inner, &h);
+        }
+    }
+
+    /// One owner's pin of `hash` goes; unpinned, the block rejoins the
+    /// eviction order as just used.
+    fn release(inner: &mut Inner, hash: &BlockHash) {
+        inner.clock += 1;
+        let now = inner.clock;
+        let Some(entry) = inner.blocks.get_mut(hash) else {
+            return;
+        };
+        entry.pins = entry.pins.saturating_sub(1);
+        if entry.pins == 0 {
+            let len = entry.data.len() as u64;
+            entry.stamp = now;
+            inner.pinned_bytes = inner.pinned_bytes.saturating_sub(len);
+            inner.lru.insert(now, *hash);
+        }
+    }
+
     /// Cache counters that change whenever the contents do.
     pub fn generation(&self) -> (u64, u64) {
         let inner = self.lock();
@@ -201,6 +326,10 @@ impl BlockCache {
             misses: inner.misses,
             inserted: inner.inserted,
             evicted: inner.evicted,
+            pinned_bytes: inner.pinned_bytes,
+            pinned_blocks: inner.blocks.values().filter(|e| e.pins > 0).count() as u64,
+            pin_limit_bytes: self.pin_limit,
+            pins_refused: inner.pins_refused,
         }
     }
 }
@@ -264,6 +393,55 @@ mod tests {
         );
         let s = cache.snapshot();
         assert_eq!((s.bytes, s.blocks, s.evicted), (300, 3, 1));
+    }
+
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "blocks a, b and their data da, db, as the comments name them"
+    )]
+    #[test]
+    fn pinned_blocks_outlive_ordinary_traffic_within_their_share() {
+        // 1000 bytes, pins up to half of it.
+        let cache = BlockCache::with_pin_share(1000, 0.5);
+        let (a, da) = block(1, 300);
+        let (b, db) = block(2, 300);
+        cache.insert(a, da.clone());
+        cache.insert(b, db);
+        let r = cache.pin("vm1", &[a, b, block(9, 10).0]);
+        assert_eq!(r, PinReport { pinned: 1, refused: 1, absent: 1 }, "600 > 500: b not pinned");
+        // Ordinary traffic fills the cache many times over: a stays.
+        for i in 10..40 {
+            let (h, d) = block(i, 100);
+            cache.insert(h, d);
+        }
+        assert_eq!(cache.get(&a), Some(da), "pinned");
+        assert!(!cache.contains(&b), "b was evictable");
+        let s = cache.snapshot();
+        assert_eq!((s.pinned_bytes, s.pinned_blocks, s.pin_limit_bytes, s.pins_refused), (300, 1, 500, 1));
+        assert!(s.bytes <= 1000);
+        // Two owners: the block stays pinned until both let go.
+        cache.pin("vm2", &[a]);
+        cache.unpin("vm1");
+        assert_eq!(cache.snapshot().pinned_blocks, 1);
+        cache.pin("vm2", &[]);
+        assert_eq!(cache.snapshot().pinned_bytes, 0);
+        for i in 40..60 {
+            let (h, d) = block(i, 100);
+            cache.insert(h, d);
+        }
+        assert!(!cache.contains(&a), "unpinned, it ages out like any block");
+    }
+
+    #[test]
+    fn a_cache_of_pinned_blocks_takes_nothing_over_its_bound() {
+        let cache = BlockCache::with_pin_share(200, 1.0);
+        let (a, da) = block(1, 200);
+        cache.insert(a, da);
+        cache.pin("vm", &[a]);
+        let (b, db) = block(2, 100);
+        cache.insert(b, db);
+        assert!(!cache.contains(&b) && cache.contains(&a));
+        assert_eq!(cache.snapshot().bytes, 200);
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod sourcing;
 
 use bytes::Bytes;
 
-pub use cache::{BlockCache, CacheSnapshot};
+pub use cache::{BlockCache, CacheSnapshot, DEFAULT_PIN_SHARE};
 pub use sourcing::{
     rerank_loop, RankFeed, SourceRanks, Sourcing, SourcingOptions, SourcingSnapshot,
 };

@@ -157,6 +157,9 @@ pub enum JobKind {
     /// Move a running VM's disk to the chosen host (pre-copy rounds, a short
     /// stop, resume there).
     Migrate,
+    /// Keep a running VM's unique blocks staged, pinned, at its top targets'
+    /// rack caches (until cancelled or the VM migrates).
+    Prestage,
 }
 
 /// One pre-copy round of a migration (round 0 is the whole disk).
@@ -193,6 +196,19 @@ pub struct MigrationView {
     pub source_retired: bool,
 }
 
+/// A pre-staging job's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PrestageView {
+    /// The host the VM runs on.
+    pub source: String,
+    /// Refresh rounds done.
+    pub rounds: u32,
+    /// The VM's blocks only its host held at the last round.
+    pub unique_blocks: u64,
+    /// Appliance → bytes it staged in its last round.
+    pub staged_at: BTreeMap<String, u64>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: u64,
@@ -201,6 +217,8 @@ pub struct Job {
     pub kind: JobKind,
     #[serde(default)]
     pub migration: Option<MigrationView>,
+    #[serde(default)]
+    pub prestage: Option<PrestageView>,
     pub state: JobState,
     pub created_ms: u64,
     pub updated_ms: u64,
@@ -228,6 +246,7 @@ impl Job {
             spec,
             kind: JobKind::Place,
             migration: None,
+            prestage: None,
             state: JobState::Placing,
             created_ms: now,
             updated_ms: now,

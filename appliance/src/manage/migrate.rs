@@ -97,7 +97,7 @@ impl Manager {
     }
 
     /// Asks the source's agent for the VM's writes since `since`, re-indexed.
-    async fn track(&self, source: &str, vm: &str, since: Option<String>) -> Result<TrackReport, String> {
+    pub(super) async fn track(&self, source: &str, vm: &str, since: Option<String>) -> Result<TrackReport, String> {
         let addr = self
             .addr_of(source)
             .ok_or_else(|| format!("no agent address known for {source}"))?;
@@ -118,7 +118,7 @@ impl Manager {
 
     /// Waits until the global index holds `host`'s manifest of `image` at
     /// `block_size` with `digest`; returns it.
-    async fn wait_for_manifest(
+    pub(super) async fn wait_for_manifest(
         &self,
         host: &str,
         image: &str,
@@ -256,6 +256,9 @@ impl Manager {
             }
         };
 
+        // A pre-staging of this VM ends first (its tracking is the one the
+        // migration restarts); what it staged stays cached.
+        self.end_prestage(&source, &vm).await;
         // 1. Tracking starts; the manifest from then on.
         let started = Instant::now();
         undo.tracking = true;

@@ -13,12 +13,15 @@
 //!   appliances prefetching.
 //! - [`prefetchers`]: rack appliances' prefetching as flows in that sharing.
 //! - [`migrate`]: a running VM's disk moved in pre-copy rounds.
+//! - [`prestage`]: a VM likely to move has its unique blocks pinned at its
+//!   top targets' rack caches.
 
 pub mod budget;
 pub mod inventory;
 pub mod jobs;
 pub mod migrate;
 pub mod prefetchers;
+pub mod prestage;
 pub mod runner;
 
 use std::{
@@ -92,6 +95,8 @@ pub struct ManagerOptions {
     /// Migration: the source's copy is retired this long after the VM runs on
     /// the target.
     pub retire_grace: Duration,
+    /// Pre-staging: how often a VM's staged blocks are refreshed.
+    pub prestage_refresh: Duration,
 }
 
 impl Default for ManagerOptions {
@@ -105,6 +110,7 @@ impl Default for ManagerOptions {
             migrate_final_bytes: 8 << 20,
             migrate_max_rounds: 10,
             retire_grace: Duration::from_mins(1),
+            prestage_refresh: Duration::from_secs(30),
         }
     }
 }
@@ -253,6 +259,33 @@ impl Manager {
         }
         self.check_known(&spec.image)?;
         let migrating_from = self.running_vm_host(&spec)?;
+        self.start_job(view, spec, |job| match migrating_from {
+            Some(source) => {
+                job.kind = jobs::JobKind::Migrate;
+                job.event(format!(
+                    "created: migrate running VM {} from {source} ({})",
+                    job.spec.name, job.spec.policy
+                ));
+                job.migration = Some(jobs::MigrationView {
+                    source,
+                    ..jobs::MigrationView::default()
+                });
+            }
+            None => job.event(format!(
+                "created: place {} as {} ({})",
+                job.spec.image, job.spec.name, job.spec.policy
+            )),
+        })
+    }
+
+    /// Records a new job for `spec` (`init` sets its kind and first event)
+    /// and starts it.
+    fn start_job(
+        self: &Arc<Self>,
+        view: Arc<dyn PlanningView>,
+        spec: PlaceSpec,
+        init: impl FnOnce(&mut Job),
+    ) -> Result<Job, ManageError> {
         let job = {
             let mut jobs = self.jobs.lock();
             let id = self
@@ -260,23 +293,7 @@ impl Manager {
                 .next_id()?
                 .max(jobs.keys().next_back().map_or(1, |k| k + 1));
             let mut job = Job::new(id, spec);
-            match migrating_from {
-                Some(source) => {
-                    job.kind = jobs::JobKind::Migrate;
-                    job.event(format!(
-                        "created: migrate running VM {} from {source} ({})",
-                        job.spec.name, job.spec.policy
-                    ));
-                    job.migration = Some(jobs::MigrationView {
-                        source,
-                        ..jobs::MigrationView::default()
-                    });
-                }
-                None => job.event(format!(
-                    "created: place {} as {} ({})",
-                    job.spec.image, job.spec.name, job.spec.policy
-                )),
-            }
+            init(&mut job);
             self.db.save(&job)?;
             jobs.insert(id, job.clone());
             // The oldest finished jobs go beyond KEEP_JOBS (running ones stay).

@@ -158,7 +158,7 @@ fn import_source(portal: std::net::SocketAddr, image: &str) -> Option<String> {
 
 /// A ranking of the hypervisors for one image (a job's, or the targets view).
 pub struct Ranked {
-    topology: Topology,
+    pub topology: Topology,
     manifest: Manifest,
     manifest_host: String,
     pub report: PlaceReport,
@@ -426,11 +426,14 @@ impl Manager {
     }
 
     pub(super) async fn run(self: Arc<Self>, view: Arc<dyn PlanningView>, id: u64, cancel: CancellationToken) {
-        let migrate = self.job(id).is_some_and(|j| j.kind == super::jobs::JobKind::Migrate);
-        let result = if migrate {
+        let kind = self.job(id).map(|j| j.kind);
+        let result = if kind == Some(super::jobs::JobKind::Migrate) {
             // A migration undoes what it did itself when cancelled (the VM
             // must keep running on its source).
             self.migrate(&view, id, &cancel).await
+        } else if kind == Some(super::jobs::JobKind::Prestage) {
+            // Runs until cancelled; releases its pins itself.
+            self.prestage(&view, id, &cancel).await
         } else {
             tokio::select! {
                 r = self.place_and_build(&view, id, &cancel) => r,
@@ -953,12 +956,9 @@ impl Manager {
             );
             let shares = self.reallocate(Some(id)).await;
             order.rates = shares.get(&id).cloned().unwrap_or_default();
-            let reply = agent
-                .request(&placed.order_msg(order))
-                .await
-                .map_err(|e| format!("build order to {}: {e}", placed.builder))?;
-            if !matches!(reply, Msg::BuildReply { .. }) {
-                return Err(format!("{} answered the build order with {}", placed.builder, reply.name()));
+            if self.send_order(&placed, &agent, order, replans).await? {
+                self.update(id, |j| j.event("the build ended before its re-plan arrived"));
+                return Ok(());
             }
             // Another build's allocation may have sent this one new rates before
             // its agent had the order (refused: no such build): send every build
@@ -1010,6 +1010,31 @@ impl Manager {
                 BuildState::Fetching => unreachable!("follow returns at a settled state"),
             }
         }
+    }
+
+    /// Sends `order` (a build or its re-plan) to the builder. Returns whether
+    /// the build had already ended: a re-plan can cross the build's end.
+    async fn send_order(
+        &self,
+        placed: &Placed,
+        agent: &crate::peer::client::Peer,
+        order: BuildOrder,
+        replans: u32,
+    ) -> Result<bool, String> {
+        let reply = match agent.request(&placed.order_msg(order)).await {
+            Ok(r) => r,
+            Err(e) if replans > 0 => {
+                return match agent.request(&Msg::BuildStatus { job: placed.build }).await {
+                    Ok(Msg::BuildReply { report }) if report.state == BuildState::Done => Ok(true),
+                    _ => Err(format!("build order to {}: {e}", placed.builder)),
+                };
+            }
+            Err(e) => return Err(format!("build order to {}: {e}", placed.builder)),
+        };
+        if !matches!(reply, Msg::BuildReply { .. }) {
+            return Err(format!("{} answered the build order with {}", placed.builder, reply.name()));
+        }
+        Ok(false)
     }
 
     /// The sources of `report` that failed and were not left out yet, each
@@ -1071,6 +1096,21 @@ impl Manager {
             }
             BuildState::Cancelled => Err("the agent cancelled the import".into()),
             _ => Err(report.error.unwrap_or_else(|| "the import failed".into())),
+        }
+    }
+
+    /// Follows build `build` of job `id` at `agent` until it settles (no load
+    /// checks, no progress).
+    pub(super) async fn follow_build(
+        &self,
+        id: u64,
+        build: u64,
+        agent: &crate::peer::client::Peer,
+        cancel: &CancellationToken,
+    ) -> Result<BuildReport, String> {
+        match self.follow(id, build, agent, None, cancel).await? {
+            Followed::Settled(r) => Ok(r),
+            Followed::Loaded(_) => unreachable!("followed without load checks"),
         }
     }
 
@@ -1140,7 +1180,7 @@ const LOAD_CAP: f64 = 0.8;
 /// Others' share of a loaded link's capacity (its utilisation minus this
 /// build's) at which the build re-plans: what it planned on is not there.
 const LOAD_OTHERS: f64 = 0.25;
-/// Polls in a row a link must be loaded so, to re-plan.
+/// 1-second windows in a row a link must be loaded so, to re-plan.
 const LOAD_STRIKES: u32 = 2;
 
 /// A running build's own rate per link (from its connections' wire bytes)
@@ -1178,16 +1218,17 @@ impl LoadWatch {
                     .collect();
                 self.window = Some((now, bytes.to_vec()));
             }
-            Some(_) => {}
-        }
-        if self.ours.is_empty() {
-            return None; // no full window yet: the build's own share is unknown
+            // Strikes count windows, not polls: a poll inside a window has
+            // nothing new to judge.
+            Some(_) => return None,
         }
         self.strikes.resize(bytes.len(), 0);
-        for (l, &b) in bytes.iter().enumerate() {
+        for l in 0..bytes.len() {
             let u = util.get(l).copied().unwrap_or(0.0);
             let mine = self.ours.get(l).copied().unwrap_or(0.0);
-            if b > 0 && u >= LOAD_CAP && u - mine >= LOAD_OTHERS {
+            // Only links this build used in the window: after a re-plan, the
+            // links it left are not its business.
+            if mine > 0.0 && u >= LOAD_CAP && u - mine >= LOAD_OTHERS {
                 self.strikes[l] += 1;
             } else {
                 self.strikes[l] = 0;

@@ -99,6 +99,9 @@ struct Build {
     /// A patch of these positions (runs `(start, count)`) of the existing
     /// VM's disk, not a new disk (a migration's later rounds).
     patch: Option<Vec<(u32, u32)>>,
+    /// Pre-staging for this owner: the staged blocks are pinned in the cache
+    /// under its name.
+    pin: Option<String>,
     report: Mutex<BuildReport>,
     /// A re-plan arrived (wakes a build waiting in `NeedsSources`).
     replanned: Notify,
@@ -229,7 +232,31 @@ impl Builder {
 
     /// Starts a build, or re-plans one waiting for sources.
     pub fn order(self: &Arc<Self>, order: BuildOrder) -> Result<BuildReport, String> {
-        self.order_or_patch(order, None)
+        self.order_or_patch(order, None, None)
+    }
+
+    /// Pre-stages the blocks `order` assigns to a source (the others are
+    /// SKIP) in this appliance's cache and pins them for `owner` (a VM likely
+    /// to move): they stay until the owner's pins are replaced or released.
+    pub fn prestage(self: &Arc<Self>, order: BuildOrder, owner: String) -> Result<BuildReport, String> {
+        if !matches!(self.target, BuildTarget::Cache { .. }) {
+            return Err(format!("{} has no cache to pre-stage in (an agent)", self.node));
+        }
+        if owner.is_empty() || owner.len() > 256 {
+            return Err("a pin owner is 1 to 256 bytes".into());
+        }
+        self.order_or_patch(order, None, Some(owner))
+    }
+
+    /// Releases every block pinned for `owner`.
+    pub fn unpin(&self, owner: &str) -> Result<(), String> {
+        match &self.target {
+            BuildTarget::Cache { cache, .. } => {
+                cache.unpin(owner);
+                Ok(())
+            }
+            BuildTarget::Disks(_) => Err(format!("{} has no cache (an agent)", self.node)),
+        }
     }
 
     /// Patches the positions `positions` (runs `(start, count)`) of stored VM
@@ -245,13 +272,14 @@ impl Builder {
         if matches!(self.target, BuildTarget::Cache { .. }) {
             return Err(format!("{} patches no disks (an appliance)", self.node));
         }
-        self.order_or_patch(order, Some(positions))
+        self.order_or_patch(order, Some(positions), None)
     }
 
     fn order_or_patch(
         self: &Arc<Self>,
         order: BuildOrder,
         patch: Option<Vec<(u32, u32)>>,
+        pin: Option<String>,
     ) -> Result<BuildReport, String> {
         check_vm_name(&order.vm).map_err(|e| e.to_string())?;
         if let Some(b) = self.builds.lock().get(&order.job).cloned() {
@@ -275,7 +303,7 @@ impl Builder {
             }
             return Ok(b.snapshot());
         }
-        let b = Self::new_build(order.clone(), patch);
+        let b = Self::new_build(order.clone(), patch, pin);
         b.set_rates(&order, &order.rates);
         self.builds.lock().insert(order.job, b.clone());
         let me = self.clone();
@@ -290,9 +318,10 @@ impl Builder {
         Ok(self.status(order.job).expect("just inserted"))
     }
 
-    fn new_build(order: BuildOrder, patch: Option<Vec<(u32, u32)>>) -> Arc<Build> {
+    fn new_build(order: BuildOrder, patch: Option<Vec<(u32, u32)>>, pin: Option<String>) -> Arc<Build> {
         Arc::new(Build {
             patch,
+            pin,
             report: Mutex::new(BuildReport {
                 job: order.job,
                 vm: order.vm.clone(),
@@ -367,7 +396,7 @@ impl Builder {
             sources: Vec::new(),
             runs: Vec::new(),
             rates: Vec::new(),
-        }, None);
+        }, None, None);
         self.builds.lock().insert(job, b.clone());
         let me = self.clone();
         let span = tracing::info_span!("import", node = %self.node, job, vm = %vm, source = %source);
@@ -536,6 +565,35 @@ impl Builder {
         })
     }
 
+    /// A pre-staging order's staged blocks (not the skipped ones) pinned for
+    /// its owner.
+    fn pin_staged(&self, b: &Build, ctx: &Pass) -> Result<(), String> {
+        if let (Some(owner), Sink::Cache { cache, .. }) = (&b.pin, &ctx.sink) {
+            // Pinned: what the order staged (not what it skipped).
+            let order = b.order.lock().clone();
+            let assigned = expand_runs(&order.runs, order.sources.len(), ctx.blocks.distinct.len() as u64)
+                .map_err(|e| e.to_string())?;
+            let staged: Vec<BlockHash> = ctx
+                .blocks
+                .distinct
+                .iter()
+                .zip(&assigned)
+                .filter(|(_, a)| a.is_some())
+                .map(|(d, _)| d.hash)
+                .collect();
+            let report = cache.pin(owner, &staged);
+            tracing::info!(owner, pinned = report.pinned, refused = report.refused, absent = report.absent, "pre-staged blocks pinned");
+            if report.refused > 0 {
+                b.report.lock().failures.push(SourceFailure {
+                    node: self.node.clone(),
+                    reason: format!("{} blocks not pinned: the cache's pinned share is full", report.refused),
+                    blocks_missing: report.refused,
+                });
+            }
+        }
+        Ok(())
+    }
+
     async fn run(&self, b: &Arc<Build>) -> Result<(), String> {
         let order = b.order.lock().clone();
         let manifest = self.manifest(&order).await?;
@@ -607,6 +665,7 @@ impl Builder {
                 return Err("cancelled".into());
             }
         }
+        self.pin_staged(b, &ctx)?;
         if let Sink::Disk(disk) = &ctx.sink {
             let disk = disk.clone();
             drop(ctx);
@@ -633,8 +692,15 @@ impl Builder {
             .map_err(|e| e.to_string())?;
         let mut by_source: Vec<Vec<u32>> = vec![Vec::new(); order.sources.len()];
         for (i, a) in assigned.iter().enumerate() {
-            if let (Some(s), false) = (a, done[i]) {
-                by_source[usize::from(*s)].push(i as u32);
+            match (a, done[i]) {
+                (Some(s), false) => by_source[usize::from(*s)].push(i as u32),
+                // SKIP: the order wants it not fetched (a pre-staging order
+                // stages only the blocks no one else holds).
+                (None, false) => {
+                    done[i] = true;
+                    *done_count += 1;
+                }
+                (_, true) => {}
             }
         }
         let mut tasks = tokio::task::JoinSet::new();

@@ -380,6 +380,19 @@ pub enum Msg {
     Untrack {
         vm: String,
     },
+    /// Manager → rack appliance: stage the blocks `order` assigns to a source
+    /// (SKIP: not wanted) in the cache and pin them for `owner` (a VM likely
+    /// to move), replacing its earlier pins. Followed like a build; the reply
+    /// is a [`Msg::BuildReply`].
+    Prestage {
+        order: Box<super::build_order::BuildOrder>,
+        owner: String,
+    },
+    /// Manager → rack appliance: release `owner`'s pins. The reply is
+    /// `Ack{seq: 0}`.
+    Unpin {
+        owner: String,
+    },
 }
 
 /// One round of a migration source's write tracking.
@@ -794,6 +807,8 @@ impl Msg {
             Msg::Track { .. } => "Track",
             Msg::Tracked { .. } => "Tracked",
             Msg::Untrack { .. } => "Untrack",
+            Msg::Prestage { .. } => "Prestage",
+            Msg::Unpin { .. } => "Unpin",
             Msg::HostMetrics { .. } => "HostMetrics",
             Msg::GetManifest { .. } => "GetManifest",
             Msg::ManifestReply { .. } => "ManifestReply",
@@ -1065,6 +1080,9 @@ mod tests {
                 }),
             },
             Msg::Untrack { vm: "web1".into() },
+            Msg::Unpin {
+                owner: "hv1/web1".into(),
+            },
         ]
     }
 
@@ -1282,7 +1300,7 @@ mod tests {
         let kinds: Vec<u8> = samples().iter().map(kind_of).collect();
         assert_eq!(
             kinds,
-            [0, 11, 12, 1, 1, 2, 3, 4, 5, 6, 7, 13, 14, 15, 8, 9, 10, 10, 10, 23, 24, 26, 27, 28]
+            [0, 11, 12, 1, 1, 2, 3, 4, 5, 6, 7, 13, 14, 15, 8, 9, 10, 10, 10, 23, 24, 26, 27, 28, 30]
         );
     }
 

@@ -435,7 +435,9 @@ async fn handle(
         | Msg::PrefetchShare { .. }
         | Msg::Patch { .. }
         | Msg::Track { .. }
-        | Msg::Untrack { .. } => build_request(msg, services, opts, info).await,
+        | Msg::Untrack { .. }
+        | Msg::Prestage { .. }
+        | Msg::Unpin { .. } => build_request(msg, services, opts, info).await,
         m => error(code::BAD_REQUEST, format!("{} is not a request", m.name())),
     }
 }
@@ -487,6 +489,13 @@ async fn build_request(msg: Msg, services: &Services, opts: &ServerOptions, info
             };
         }
         Msg::Patch { order, positions } => builds.patch(*order, positions),
+        Msg::Prestage { order, owner } => builds.prestage(*order, owner),
+        Msg::Unpin { owner } => {
+            return match builds.unpin(&owner) {
+                Ok(()) => Msg::Ack { seq: 0 },
+                Err(e) => error(code::BAD_REQUEST, e),
+            };
+        }
         Msg::Track { vm, since } => {
             return match builds.track(vm, since).await {
                 Ok(report) => Msg::Tracked {
