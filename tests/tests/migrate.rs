@@ -369,3 +369,242 @@ fn a_running_vm_migrates_and_only_what_nobody_nearer_holds_leaves_its_host() {
         assert!(left.is_empty(), "{hv} kept {left:?}");
     }
 }
+
+/// Item 4: `web1` (hv1) holds 128 MiB no one else has; marked likely to move,
+/// its top-2 targets' rack appliances (rack1, rack2: steering appliances with
+/// caches) get those blocks, pinned (status: pinned bytes); a migration to
+/// hv5 (rack2) then moves from hv1 at most what the guest wrote since the
+/// last pre-stage, plus 1% of the virtual size.
+#[test]
+#[cfg_attr(
+    not(nearblock_corpus),
+    ignore = "needs the corpus: build and run with NEARBLOCK_CORPUS_DIR"
+)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario, read top to bottom: the lab, the marking, the migration"
+)]
+fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
+    use std::{fmt::Write as _, os::unix::fs::FileExt};
+    const UNIQUE: usize = 128 << 20;
+    let image_path = corpus_dir().join("images/b-bookworm-cloud.raw");
+    let size = std::fs::metadata(&image_path).unwrap().len();
+
+    let lab = Lab::new(THREE_RACKS_TOPOLOGY).expect("lab");
+    let topo = lab
+        .write_file("topology.toml", THREE_RACKS_TOPOLOGY.as_bytes())
+        .unwrap();
+    let mut fabric = Fabric::new(&lab, AGENT_PORT + 10, INDEXER_PORT + 10).unwrap();
+    let mut lab = lab;
+    let mut children = vmlab::Children::default();
+    lab.add_lun(LunSpec::read_only(IQN, image_path.clone()))
+        .unwrap();
+    lab.set_datapath_extra(
+        "core",
+        &format!("image_transfer_ports = [{}]", AGENT_PORT + 10),
+    );
+    fabric
+        .start_manager(
+            &mut lab,
+            "core",
+            &topo,
+            "stale_secs = 5\nindex_wait_secs = 60\nmigrate_final_mib = 4\nretire_grace_secs = 2\nprestage_refresh_secs = 1",
+        )
+        .expect("core");
+    // rack1, rack2: appliances with caches the manager may stage in.
+    for rack in ["rack1", "rack2"] {
+        let ix = fabric.indexer_config(&lab, rack, Some("core")).unwrap();
+        let mut text = std::fs::read_to_string(&ix).unwrap();
+        writeln!(
+            text,
+            "advertise = \"{}\"",
+            Fabric::addr(&lab, rack, INDEXER_PORT + 10)
+        )
+        .unwrap();
+        std::fs::write(&ix, text).unwrap();
+        let config = format!(
+            "[splicer]\nmanagers = [\"core\"]\ncache_bytes = {}\npin_share = 0.5\n[cost]\ntopology = {}\n[indexer]\nconfig = {}\n",
+            1u64 << 30,
+            toml_path(&topo),
+            toml_path(&ix),
+        );
+        lab.start_appliance(
+            rack,
+            nearblock_lab::ApplianceOptions {
+                steer: true,
+                extra_config: config,
+            },
+        )
+        .expect(rack);
+    }
+    fabric.start_indexer(&lab, "rack3", Some("core")).unwrap();
+    fabric.start_library_agent(&lab, "core").unwrap();
+
+    let dir = |hv: &str| lab.dir.path().join(format!("vms-{hv}"));
+    for hv in ["hv1", "hv2", "hv4", "hv5"] {
+        std::fs::create_dir_all(dir(hv)).unwrap();
+    }
+    let lun = format!("{IQN}/1");
+    let web1 = dir("hv1").join("web1.raw");
+    vmlab::sparse_copy(&image_path, &web1).unwrap();
+    vmlab::sparse_copy(&image_path, &dir("hv4").join("other1.raw")).unwrap();
+    vmlab::write_vm_files(&dir("hv4"), "other1", &lun, size, None, None).unwrap();
+    // What web1 alone holds: 128 MiB of its own data.
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&web1).unwrap();
+        let mut random = nearblock::index::synthetic::SplitMix64::new(99);
+        let data: Vec<u8> = (0..UNIQUE / 8)
+            .flat_map(|_| random.next_u64().to_le_bytes())
+            .collect();
+        f.write_all_at(&data, 600 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    let served = vmlab::serve_disk(lab.dir.path(), "web1", &web1, &mut children).unwrap();
+    let stats = lab.dir.path().join("web1.workload.json");
+    let pid = vmlab::Workload {
+        rate: RATE,
+        write: WRITE,
+        seed: 5,
+    }
+    .start(
+        Path::new(env!("CARGO_BIN_EXE_vm-workload")),
+        &served,
+        size,
+        &stats,
+        &mut children,
+    )
+    .unwrap();
+    vmlab::write_vm_files(&dir("hv1"), "web1", &lun, size, Some(pid), Some(&served)).unwrap();
+    let (qemu_img, modules) = nearblock_lab::qemu_img().unwrap();
+    for (hv, rack) in [
+        ("hv1", "rack1"),
+        ("hv2", "rack1"),
+        ("hv4", "rack2"),
+        ("hv5", "rack2"),
+    ] {
+        let extra = format!(
+            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\nqemu_img = {}\nqemu_module_dir = {}\n[resources]\ndisk_free_bytes = {}\n",
+            toml_path(&dir(hv)),
+            toml_path(&qemu_img),
+            toml_path(&modules),
+            1u64 << 36
+        );
+        fabric.start_agent(&lab, hv, rack, &[], &extra).unwrap();
+    }
+    let read = lab.api_read_token_file();
+    let admin = lab.api_admin_token_file();
+    within(
+        Duration::from_mins(2),
+        "the VMs and the library indexed",
+        || {
+            let inv = vm(&lab, &read, &["list", "--json"]);
+            let indexed = |name: &str| {
+                inv["vms"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|v| v["name"] == name && v["indexed"] == true))
+            };
+            inv["images"]
+                .as_array()
+                .is_some_and(|i| i.iter().any(|i| i["host"] == "library"))
+                && indexed("web1")
+                && indexed("other1")
+        },
+    );
+
+    // Marked likely to move: a pre-staging job.
+    let bin = nearblock_lab::nearblock_bin().unwrap();
+    let token = admin.display().to_string();
+    let o = lab
+        .exec(
+            "core",
+            &[
+                bin.to_str().unwrap(),
+                "vm",
+                "--token-file",
+                &token,
+                "set",
+                "hv1",
+                "web1",
+                "prestage",
+            ],
+        )
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let prestage_id = said
+        .rsplit("(job ")
+        .next()
+        .and_then(|t| t.trim().trim_end_matches(')').parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no job id in {said:?}"))
+        .to_string();
+    let mut staged = Value::Null;
+    within(
+        Duration::from_mins(2),
+        "web1's unique blocks staged at two racks, twice",
+        || {
+            staged = vm(&lab, &read, &["job", &prestage_id, "--json"]);
+            staged["prestage"]["rounds"].as_u64().unwrap_or(0) >= 2
+                && staged["prestage"]["staged_at"]
+                    .as_object()
+                    .is_some_and(|m| m.len() == 2)
+        },
+    );
+    eprintln!("pre-staged: {:#}", staged["prestage"]);
+    let racks: Vec<String> = staged["prestage"]["staged_at"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    for rack in &racks {
+        let cache = lab.status(rack).unwrap().splicer.cache.unwrap();
+        eprintln!("{rack}'s cache: {cache:?}");
+        assert!(
+            cache.pinned_bytes >= UNIQUE as u64,
+            "{rack} pins {} B of web1's {UNIQUE} unique bytes",
+            cache.pinned_bytes
+        );
+        assert!(cache.pinned_bytes <= cache.pin_limit_bytes);
+    }
+    assert!(racks.contains(&"rack2".to_owned()), "{racks:?}");
+
+    // The migration to rack2: hv1 gives what was written since the last
+    // pre-stage (a round each second, each under a second), not its 128 MiB.
+    let written_before = vmlab::workload_bytes(&stats);
+    let job = vm(
+        &lab,
+        &admin,
+        &[
+            "place", "vm/web1", "--name", "web1", "--within", "hv5", "--json",
+        ],
+    );
+    let id = job["id"].as_u64().unwrap().to_string();
+    let mut written_at_pause = 0;
+    let job = follow(&lab, &read, &id, Duration::from_mins(5), |_| {
+        written_at_pause = vmlab::workload_bytes(&stats);
+    });
+    assert_eq!(job["state"], "done", "{job:#}");
+    let from_hv1: u64 = job["migration"]["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["bytes_by_source"]["hv1"].as_u64().unwrap_or(0))
+        .sum();
+    let since_last_prestage = written_at_pause - written_before + 3 * RATE;
+    let bound = since_last_prestage + size / 100;
+    eprintln!(
+        "after pre-staging: {from_hv1} B left hv1 (bound {bound}; web1's unique data {UNIQUE} B); rounds {:#}",
+        job["migration"]["rounds"]
+    );
+    assert!(from_hv1 <= bound, "{from_hv1} B from hv1, bound {bound}");
+    assert!(from_hv1 < UNIQUE as u64 / 2);
+    let ended = vm(&lab, &read, &["job", &prestage_id, "--json"]);
+    assert!(
+        ended["state"] == "cancelled" || ended["state"] == "failed",
+        "the migration ends the pre-staging: {ended:#}"
+    );
+}
