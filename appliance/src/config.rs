@@ -96,6 +96,18 @@ pub struct ManagerConfig {
     /// Pre-staging: how often a VM's staged blocks are refreshed.
     #[serde(default = "default_prestage_refresh_secs")]
     pub prestage_refresh_secs: u64,
+    /// Pre-staging: a host whose CPU or memory (used fraction, 0..1) stays at
+    /// or above this has its running VMs marked likely to move. Unset: only
+    /// the operator marks them.
+    #[serde(default)]
+    pub prestage_when_load_above: Option<f64>,
+    /// ... for this long.
+    #[serde(default = "default_prestage_after_secs")]
+    pub prestage_after_secs: u64,
+}
+
+fn default_prestage_after_secs() -> u64 {
+    60
 }
 
 fn default_prestage_refresh_secs() -> u64 {
@@ -792,6 +804,15 @@ impl Config {
             }
         };
         let dp = &self.datapath;
+        if let Some(t) = self.manager.as_ref().and_then(|m| m.prestage_when_load_above) {
+            if !(t > 0.0 && t <= 1.0) {
+                return Err(invalid(
+                    "manager",
+                    "prestage_when_load_above",
+                    format!("{t} is not a used fraction in (0, 1]"),
+                ));
+            }
+        }
         if !(0.0..=1.0).contains(&self.splicer.pin_share) {
             return Err(invalid(
                 "splicer",

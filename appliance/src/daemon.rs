@@ -193,6 +193,8 @@ fn start_manager(
         migrate_max_rounds: mc.migrate_max_rounds,
         retire_grace: Duration::from_secs(mc.retire_grace_secs),
         prestage_refresh: Duration::from_secs(mc.prestage_refresh_secs.max(1)),
+        prestage_when_load_above: mc.prestage_when_load_above,
+        prestage_after: Duration::from_secs(mc.prestage_after_secs),
         ..crate::manage::ManagerOptions::default()
     };
     let manager = crate::manage::Manager::open(
@@ -669,6 +671,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     if let Some(manager) = start_manager(&app, &index, indexer.as_ref())? {
+        if manager.watches_load() {
+            let view: Arc<dyn crate::manage::PlanningView> = app.clone();
+            tokio::spawn(crate::manage::prestage::watch_load(Arc::downgrade(&manager), view));
+        }
         let _ = app.manager.set(manager);
     }
 

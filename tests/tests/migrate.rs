@@ -408,7 +408,7 @@ fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
             &mut lab,
             "core",
             &topo,
-            "stale_secs = 5\nindex_wait_secs = 60\nmigrate_final_mib = 4\nretire_grace_secs = 2\nprestage_refresh_secs = 1",
+            "stale_secs = 5\nindex_wait_secs = 60\nmigrate_final_mib = 4\nretire_grace_secs = 2\nprestage_refresh_secs = 1\nprestage_when_load_above = 0.9\nprestage_after_secs = 1",
         )
         .expect("core");
     // rack1, rack2: appliances with caches the manager may stage in.
@@ -449,6 +449,9 @@ fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
     vmlab::sparse_copy(&image_path, &web1).unwrap();
     vmlab::sparse_copy(&image_path, &dir("hv4").join("other1.raw")).unwrap();
     vmlab::write_vm_files(&dir("hv4"), "other1", &lun, size, None, None).unwrap();
+    // hv2 stays loaded (its CPU pinned at 95%): its VM is marked on its own.
+    vmlab::sparse_copy(&image_path, &dir("hv2").join("busy1.raw")).unwrap();
+    vmlab::write_vm_files(&dir("hv2"), "busy1", &lun, size, None, None).unwrap();
     // What web1 alone holds: 128 MiB of its own data.
     {
         let f = std::fs::OpenOptions::new().write(true).open(&web1).unwrap();
@@ -476,14 +479,14 @@ fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
     .unwrap();
     vmlab::write_vm_files(&dir("hv1"), "web1", &lun, size, Some(pid), Some(&served)).unwrap();
     let (qemu_img, modules) = nearblock_lab::qemu_img().unwrap();
-    for (hv, rack) in [
-        ("hv1", "rack1"),
-        ("hv2", "rack1"),
-        ("hv4", "rack2"),
-        ("hv5", "rack2"),
+    for (hv, rack, cpu) in [
+        ("hv1", "rack1", 0.3),
+        ("hv2", "rack1", 0.95),
+        ("hv4", "rack2", 0.3),
+        ("hv5", "rack2", 0.3),
     ] {
         let extra = format!(
-            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\nqemu_img = {}\nqemu_module_dir = {}\n[resources]\ndisk_free_bytes = {}\n",
+            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\nqemu_img = {}\nqemu_module_dir = {}\n[metrics]\ncpu = {cpu}\nmem = 0.3\n[resources]\ndisk_free_bytes = {}\n",
             toml_path(&dir(hv)),
             toml_path(&qemu_img),
             toml_path(&modules),
@@ -493,6 +496,28 @@ fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
     }
     let read = lab.api_read_token_file();
     let admin = lab.api_admin_token_file();
+    // busy1's host stays at 95% CPU (at least 90% for 1 s): marked on its own.
+    within(
+        Duration::from_secs(30),
+        "busy1 marked likely to move by its host's load",
+        || {
+            vm(&lab, &read, &["jobs", "--json"])
+                .as_array()
+                .is_some_and(|a| {
+                    a.iter().any(|j| {
+                        j["kind"] == "prestage"
+                            && j["spec"]["name"] == "busy1"
+                            && j["events"].as_array().is_some_and(|e| {
+                                e.iter().any(|e| {
+                                    e["message"]
+                                        .as_str()
+                                        .is_some_and(|m| m.contains("marked likely to move"))
+                                })
+                            })
+                    })
+                })
+        },
+    );
     within(
         Duration::from_mins(2),
         "the VMs and the library indexed",

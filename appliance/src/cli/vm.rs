@@ -6,7 +6,7 @@
 //!   for IMAGE now (nothing is built).
 //! - `vm place IMAGE --name NAME [--policy …] [--target HOST] [--mode …]
 //!   [--watch]`: create a job; `--watch` follows it with a progress bar.
-//! - `vm job ID [--watch]`, `vm cancel ID`.
+//! - `vm job ID [--watch]`, `vm jobs`, `vm cancel ID`.
 //! - `vm set HOST NAME start|pause|resume|retire`.
 
 use std::{io::Write, net::SocketAddr, time::Duration};
@@ -47,6 +47,11 @@ pub enum VmCommand {
         id: u64,
         #[arg(long)]
         watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every job: id, kind, state, VM (`--json`: as the API gives them).
+    Jobs {
         #[arg(long)]
         json: bool,
     },
@@ -168,6 +173,26 @@ pub fn run(args: &VmArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             }
             let job: Job = serde_json::from_str(&body).context("parsing the job")?;
             print_job(&job, out)
+        }
+        VmCommand::Jobs { json } => {
+            let body = api_get(args.api, "/api/v1/jobs", token)?;
+            if *json {
+                writeln!(out, "{body}")?;
+                return Ok(());
+            }
+            let jobs: Vec<Job> = serde_json::from_str(&body).context("parsing the jobs")?;
+            for j in &jobs {
+                writeln!(
+                    out,
+                    "{:>6} {:<9} {:<10} {} ({})",
+                    j.id,
+                    format!("{:?}", j.kind).to_lowercase(),
+                    format!("{:?}", j.state).to_lowercase(),
+                    j.spec.name,
+                    j.spec.image
+                )?;
+            }
+            Ok(())
         }
         VmCommand::Set { host, name, action } => {
             let path = format!(

@@ -174,6 +174,10 @@ pub struct RoundView {
     pub blocks_changed: u64,
     /// Verified block bytes the target received, by source.
     pub bytes_by_source: BTreeMap<String, u64>,
+    /// Link (`a-b`) → the round's TCP payload on it (its connections' bytes,
+    /// both ways, on every link of each source's path).
+    #[serde(default)]
+    pub bytes_by_link: BTreeMap<String, u64>,
     /// The round's wall time, ms (tracking, indexing, the target's patch).
     pub ms: u64,
     /// Taken with the VM paused (the last round).

@@ -157,8 +157,13 @@ impl Manager {
             .iter()
             .map(|(n, b)| format!("{n} {b} B"))
             .collect();
+        let by_link: Vec<String> = view
+            .bytes_by_link
+            .iter()
+            .map(|(l, b)| format!("{l} {b} B"))
+            .collect();
         let message = format!(
-            "round {}{}: {} B written, {} B rehashed, {} blocks changed; moved {}; {} ms",
+            "round {}{}: {} B written, {} B rehashed, {} blocks changed; moved {}{}; {} ms",
             view.round,
             if view.paused { " (paused)" } else { "" },
             view.bytes_dirty,
@@ -168,6 +173,11 @@ impl Manager {
                 "nothing".to_owned()
             } else {
                 by_source.join(", ")
+            },
+            if by_link.is_empty() {
+                String::new()
+            } else {
+                format!(" (links: {})", by_link.join(", "))
             },
             view.ms
         );
@@ -179,15 +189,19 @@ impl Manager {
         });
     }
 
-    /// The bytes each source gave the job's latest build.
-    fn build_bytes(&self, id: u64) -> BTreeMap<String, u64> {
+    /// The bytes each source gave the job's latest build, and its bytes by
+    /// link.
+    fn build_bytes(&self, id: u64) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
         self.job(id)
             .map(|j| {
-                j.progress
-                    .by_source
-                    .into_iter()
-                    .map(|(n, s)| (n, s.bytes))
-                    .collect()
+                (
+                    j.progress
+                        .by_source
+                        .into_iter()
+                        .map(|(n, s)| (n, s.bytes))
+                        .collect(),
+                    j.progress.by_link,
+                )
             })
             .unwrap_or_default()
     }
@@ -297,6 +311,7 @@ impl Manager {
         });
         self.build(view.as_ref(), id, &placed, cancel).await?;
         undo.target_built = true;
+        let (bytes_by_source, bytes_by_link) = self.build_bytes(id);
         self.round_event(
             id,
             RoundView {
@@ -304,7 +319,8 @@ impl Manager {
                 bytes_dirty: 0,
                 bytes_hashed: first.bytes_hashed,
                 blocks_changed: 0,
-                bytes_by_source: self.build_bytes(id),
+                bytes_by_source,
+                bytes_by_link,
                 ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 paused: false,
             },
@@ -371,7 +387,7 @@ impl Manager {
                 .await?;
             let changed = crate::index::delta::diff(current, &next);
             let runs = position_runs(changed.iter().map(|c| c.0));
-            let mut moved = BTreeMap::new();
+            let mut moved = (BTreeMap::new(), BTreeMap::new());
             if !runs.is_empty() {
                 placed.manifest = next.clone();
                 placed.patch = Some(runs);
@@ -388,7 +404,8 @@ impl Manager {
                     bytes_dirty: r.bytes_dirty,
                     bytes_hashed: r.bytes_hashed,
                     blocks_changed: changed.len() as u64,
-                    bytes_by_source: moved,
+                    bytes_by_source: moved.0,
+                    bytes_by_link: moved.1,
                     ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
                     paused: paused_at.is_some(),
                 },

@@ -97,6 +97,11 @@ pub struct ManagerOptions {
     pub retire_grace: Duration,
     /// Pre-staging: how often a VM's staged blocks are refreshed.
     pub prestage_refresh: Duration,
+    /// Pre-staging: a host whose CPU or memory stays at or above this used
+    /// fraction for `prestage_after` has its running VMs marked likely to
+    /// move (`None`: only the operator marks them).
+    pub prestage_when_load_above: Option<f64>,
+    pub prestage_after: Duration,
 }
 
 impl Default for ManagerOptions {
@@ -111,6 +116,8 @@ impl Default for ManagerOptions {
             migrate_max_rounds: 10,
             retire_grace: Duration::from_mins(1),
             prestage_refresh: Duration::from_secs(30),
+            prestage_when_load_above: None,
+            prestage_after: Duration::from_mins(1),
         }
     }
 }
@@ -133,6 +140,8 @@ pub struct Manager {
     prefetchers: Mutex<BTreeMap<String, prefetchers::Prefetcher>>,
     /// Appliances that refused a share, and when.
     refused: Mutex<HashMap<String, std::time::Instant>>,
+    /// Hosts at or above the pre-staging load threshold, since when.
+    loaded_since: Mutex<HashMap<String, std::time::Instant>>,
     /// Per image being built: the first job building it (the seed) and the
     /// signal its end sends to the jobs of that image that wait to source from
     /// its copy (`runner`'s fan-out).
@@ -197,6 +206,7 @@ impl Manager {
             budget_topology: Mutex::new(None),
             prefetchers: Mutex::new(BTreeMap::new()),
             refused: Mutex::new(HashMap::new()),
+            loaded_since: Mutex::new(HashMap::new()),
             seeds: Mutex::new(HashMap::new()),
             shares: Mutex::new(None),
         });
@@ -214,6 +224,12 @@ impl Manager {
             });
         }
         Ok(me)
+    }
+
+    /// Whether hosts' load marks their VMs for pre-staging
+    /// (`prestage_when_load_above`).
+    pub fn watches_load(&self) -> bool {
+        self.options.prestage_when_load_above.is_some()
     }
 
     /// Every job, newest last.

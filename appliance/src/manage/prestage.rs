@@ -15,7 +15,8 @@
 
 use std::{
     collections::BTreeSet,
-    sync::Arc,
+    sync::{Arc, Weak},
+    time::Duration,
 };
 
 use tokio_util::sync::CancellationToken;
@@ -75,6 +76,61 @@ impl Manager {
                 ..PrestageView::default()
             });
         })
+    }
+
+    /// One look at the hosts' load ([`watch_load`]): a host whose CPU or
+    /// memory has stayed at or above `prestage_when_load_above` for
+    /// `prestage_after` has each of its running VMs marked likely to move.
+    fn mark_loaded_hosts(self: &Arc<Self>, view: &Arc<dyn PlanningView>) {
+        let Some(threshold) = self.options.prestage_when_load_above else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let mut loaded = Vec::new();
+        {
+            let mut since = self.loaded_since.lock();
+            let reports = self.index.hosts.view(now);
+            since.retain(|h, _| reports.iter().any(|r| r.host == *h));
+            for r in reports {
+                if Duration::from_millis(r.age_ms) > self.options.stale_after {
+                    since.remove(&r.host);
+                    continue;
+                }
+                let hot = [r.cpu, r.mem]
+                    .into_iter()
+                    .flatten()
+                    .find(|&v| v >= threshold);
+                match hot {
+                    Some(v) => {
+                        let first = *since.entry(r.host.clone()).or_insert(now);
+                        if now.duration_since(first) >= self.options.prestage_after {
+                            loaded.push((r.host.clone(), v, r.vms));
+                        }
+                    }
+                    None => {
+                        since.remove(&r.host);
+                    }
+                }
+            }
+        }
+        for (host, load, vms) in loaded {
+            for v in vms.iter().filter(|v| v.state == crate::hypervisor::VmState::Running) {
+                if self.running_prestage(&host, &v.name).is_some() {
+                    continue;
+                }
+                match self.prestage_vm(view.clone(), &host, &v.name) {
+                    Ok(job) => self.update(job.id, |j| {
+                        j.event(format!(
+                            "marked likely to move: {host}'s load at {:.0}% for {:?} (at least {:.0}%)",
+                            load * 100.0,
+                            self.options.prestage_after,
+                            threshold * 100.0
+                        ));
+                    }),
+                    Err(e) => tracing::warn!(%host, vm = %v.name, "pre-staging a loaded host's VM: {e}"),
+                }
+            }
+        }
     }
 
     /// The running pre-staging job of `host`'s VM `vm`, if any.
@@ -326,5 +382,27 @@ impl Manager {
                 () = cancel.cancelled() => return Err("cancelled by the operator".into()),
             }
         }
+    }
+}
+
+/// How often [`watch_load`] looks at the hosts' load.
+pub const LOAD_LOOK: Duration = Duration::from_secs(1);
+
+/// Marks the running VMs of hosts that stay loaded as likely to move
+/// (`[manager] prestage_when_load_above`), while the manager lives.
+pub async fn watch_load(manager: Weak<Manager>, view: Arc<dyn PlanningView>) {
+    let mut tick = tokio::time::interval(LOAD_LOOK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(m) = manager.upgrade() else {
+            return;
+        };
+        if m.options.prestage_when_load_above.is_none() {
+            return;
+        }
+        let view = view.clone();
+        // It reads the index and may create jobs: off the async workers.
+        let _ = tokio::task::spawn_blocking(move || m.mark_loaded_hosts(&view)).await;
     }
 }
