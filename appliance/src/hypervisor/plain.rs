@@ -84,6 +84,16 @@ pub struct PlainFiles {
     building: Arc<Mutex<HashSet<String>>>,
 }
 
+/// Removes `path`; one already gone is fine.
+fn remove_if_present(path: &Path) -> Result<(), HookError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(io(format!("remove {}", path.display()))(e))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HookError {
     let what = what.into();
     move |source| HookError::Io { what, source }
@@ -399,18 +409,8 @@ impl Hypervisor for PlainFiles {
             Ok(()) | Err(HookError::Process { .. }) => {}
             Err(e) => return Err(e),
         }
-        let disk = self.disk_path(vm);
-        match std::fs::remove_file(&disk) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(format!("remove {}", disk.display()))(e)),
-        }
-        let run = self.dir.join(format!("{vm}{RUN_SUFFIX}"));
-        match std::fs::remove_file(&run) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(format!("remove {}", run.display()))(e)),
-        }
+        remove_if_present(&self.disk_path(vm))?;
+        remove_if_present(&self.dir.join(format!("{vm}{RUN_SUFFIX}")))?;
         let state = self.state_path(vm);
         std::fs::remove_file(&state).map_err(io(format!("remove {}", state.display())))
     }

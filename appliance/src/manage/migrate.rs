@@ -298,10 +298,8 @@ impl Manager {
                 .await
                 .map_err(|e| format!("placement task: {e}"))??
         };
-        if placed.manifest != current {
-            // Ranked on the manifest the index had; build the one tracked.
-            placed.manifest = current.clone();
-        }
+        // Build the manifest tracking started from (ranking read the index).
+        placed.manifest = current.clone();
         placed.manifest_host.clone_from(&source);
         undo.target = Some(placed.target.clone());
         undo.build = Some(placed.build);

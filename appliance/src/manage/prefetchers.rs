@@ -185,8 +185,3 @@ pub(super) async fn run(manager: Weak<Manager>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    // The polling is I/O against appliances: the lab's place_build test
-    // follows it; the shares it sends are `budget`'s, tested there.
-}

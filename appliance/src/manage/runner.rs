@@ -956,9 +956,12 @@ impl Manager {
             );
             let shares = self.reallocate(Some(id)).await;
             order.rates = shares.get(&id).cloned().unwrap_or_default();
-            if self.send_order(&placed, &agent, order, replans).await? {
-                self.update(id, |j| j.event("the build ended before its re-plan arrived"));
-                return Ok(());
+            let reply = agent
+                .request(&placed.order_msg(order))
+                .await
+                .map_err(|e| format!("build order to {}: {e}", placed.builder))?;
+            if !matches!(reply, Msg::BuildReply { .. }) {
+                return Err(format!("{} answered the build order with {}", placed.builder, reply.name()));
             }
             // Another build's allocation may have sent this one new rates before
             // its agent had the order (refused: no such build): send every build
@@ -1010,31 +1013,6 @@ impl Manager {
                 BuildState::Fetching => unreachable!("follow returns at a settled state"),
             }
         }
-    }
-
-    /// Sends `order` (a build or its re-plan) to the builder. Returns whether
-    /// the build had already ended: a re-plan can cross the build's end.
-    async fn send_order(
-        &self,
-        placed: &Placed,
-        agent: &crate::peer::client::Peer,
-        order: BuildOrder,
-        replans: u32,
-    ) -> Result<bool, String> {
-        let reply = match agent.request(&placed.order_msg(order)).await {
-            Ok(r) => r,
-            Err(e) if replans > 0 => {
-                return match agent.request(&Msg::BuildStatus { job: placed.build }).await {
-                    Ok(Msg::BuildReply { report }) if report.state == BuildState::Done => Ok(true),
-                    _ => Err(format!("build order to {}: {e}", placed.builder)),
-                };
-            }
-            Err(e) => return Err(format!("build order to {}: {e}", placed.builder)),
-        };
-        if !matches!(reply, Msg::BuildReply { .. }) {
-            return Err(format!("{} answered the build order with {}", placed.builder, reply.name()));
-        }
-        Ok(false)
     }
 
     /// The sources of `report` that failed and were not left out yet, each

@@ -590,7 +590,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             let agent = agent.clone();
             Arc::new(move |hashes: &[BlockHash], budget: usize| agent.read_blocks(hashes, budget))
         })
-        .with_tracker(Arc::new(Tracking {
+        .with_tracker(Arc::new(AgentTracker {
             agent: agent.clone(),
             wake: wake.clone(),
         })))
@@ -699,12 +699,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
 /// The agent's side of migrations: each round's re-index pushed upward at
 /// once, so the manager sees the new manifest.
-struct Tracking {
+struct AgentTracker {
     agent: Arc<Agent>,
     wake: Arc<tokio::sync::Notify>,
 }
 
-impl crate::peer::builder::VmTracker for Tracking {
+impl crate::peer::builder::VmTracker for AgentTracker {
     fn track(&self, vm: &str, since: Option<&str>) -> std::result::Result<TrackReport, String> {
         let r = self.agent.track(vm, since);
         self.wake.notify_one();

@@ -284,17 +284,22 @@ impl Builder {
         check_vm_name(&order.vm).map_err(|e| e.to_string())?;
         if let Some(b) = self.builds.lock().get(&order.job).cloned() {
             let state = b.report.lock().state;
+            let same = {
+                let current = b.order.lock();
+                current.vm == order.vm && current.digest == order.digest && b.patch == patch
+            };
+            // A re-plan that crossed the build's end: nothing is left to do.
+            if state == BuildState::Done && same {
+                return Ok(b.snapshot());
+            }
             if !matches!(state, BuildState::NeedsSources | BuildState::Fetching) {
                 return Err(format!("build {} is {state:?}: too late to re-plan", order.job));
             }
-            {
-                let mut current = b.order.lock();
-                if current.vm != order.vm || current.digest != order.digest || b.patch != patch {
-                    return Err(format!("build {} is of another VM, image or patch", order.job));
-                }
-                b.set_rates(&order, &order.rates);
-                *current = order;
+            if !same {
+                return Err(format!("build {} is of another VM, image or patch", order.job));
             }
+            b.set_rates(&order, &order.rates);
+            *b.order.lock() = order;
             b.set_state(BuildState::Fetching, None);
             if state == BuildState::Fetching {
                 b.switch.store(true, Ordering::Relaxed);

@@ -54,30 +54,7 @@ pub fn position_runs(positions: impl IntoIterator<Item = u32>) -> Vec<(u32, u32)
 
 impl ImageBlocks {
     pub fn of(manifest: &Manifest) -> Self {
-        let mut seen = BlockHashSet::default();
-        seen.reserve(manifest.blocks.len());
-        let mut distinct = Vec::new();
-        let mut zero_positions = 0;
-        for (i, block) in manifest.blocks.iter().enumerate() {
-            match block {
-                None => zero_positions += 1,
-                Some(hash) => {
-                    if seen.insert(*hash) {
-                        distinct.push(DistinctBlock {
-                            hash: *hash,
-                            first_index: i as u64,
-                            len: manifest.block_len(i),
-                        });
-                    }
-                }
-            }
-        }
-        ImageBlocks {
-            image: manifest.image.clone(),
-            block_size: manifest.block_size,
-            distinct,
-            zero_positions,
-        }
+        Self::over(manifest, 0..manifest.blocks.len())
     }
 
     /// The distinct non-zero blocks at `positions` (runs of `(start,
@@ -85,10 +62,17 @@ impl ImageBlocks {
     /// order of first occurrence among them: what a patch of those positions
     /// fetches. `zero_positions` counts the zero blocks among them.
     pub fn at_positions(manifest: &Manifest, positions: &[(u32, u32)]) -> Self {
+        Self::over(manifest, positions_in(positions, manifest.blocks.len()))
+    }
+
+    /// The distinct non-zero blocks of `manifest` at `positions` (in
+    /// range), in order of first occurrence.
+    fn over(manifest: &Manifest, positions: impl Iterator<Item = usize>) -> Self {
         let mut seen = BlockHashSet::default();
+        seen.reserve(positions.size_hint().0);
         let mut distinct = Vec::new();
         let mut zero_positions = 0;
-        for i in positions_in(positions, manifest.blocks.len()) {
+        for i in positions {
             match manifest.blocks[i] {
                 None => zero_positions += 1,
                 Some(hash) => {
