@@ -198,3 +198,54 @@ pub fn free_bytes(dir: &Path) -> Result<u64> {
         .and_then(|l| l.trim().parse().ok())
         .context("df output")
 }
+
+/// `nearblock vm WORDS…` in `node` with the token in `token`, its stdout as
+/// JSON (a failing command is an error naming its stderr).
+pub fn vm_json(lab: &crate::Lab, node: &str, token: &Path, words: &[&str]) -> Result<Value> {
+    let bin = crate::nearblock_bin()?;
+    let token = token.display().to_string();
+    let mut argv = vec![
+        bin.to_str().context("binary path")?,
+        "vm",
+        "--token-file",
+        &token,
+    ];
+    argv.extend_from_slice(words);
+    let o = lab.exec(node, &argv)?;
+    if !o.status.success() {
+        bail!("vm {words:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(serde_json::from_slice(&o.stdout)?)
+}
+
+/// The highest rate, Mbit/s, over any window of at least a second that starts
+/// after the first second, in `(seconds, cumulative bytes)` samples.
+pub fn peak_mbps(samples: &[(f64, u64)]) -> f64 {
+    let mut peak: f64 = 0.0;
+    for (i, &(t0, b0)) in samples.iter().enumerate() {
+        if t0 < 1.0 {
+            continue;
+        }
+        if let Some(&(t1, b1)) = samples[i..].iter().find(|(t, _)| *t - t0 >= 1.0) {
+            peak = peak.max(b1.saturating_sub(b0) as f64 * 8.0 / (t1 - t0) / 1e6);
+        }
+    }
+    peak
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peak_over_one_second_windows_after_the_first() {
+        // 1 MB/s, then 2 MB in the next second; the first second is skipped.
+        let samples = [
+            (0.0, 0),
+            (0.5, 5_000_000),
+            (1.0, 6_000_000),
+            (2.0, 7_000_000),
+            (3.0, 9_000_000),
+        ];
+        assert!((super::peak_mbps(&samples) - 16.0).abs() < 1e-9);
+        assert!(super::peak_mbps(&[]).abs() < f64::EPSILON);
+    }
+}

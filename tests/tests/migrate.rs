@@ -43,18 +43,44 @@ fn corpus_dir() -> PathBuf {
         .map_or_else(|| "/var/cache/nearblock/corpus".into(), PathBuf::from)
 }
 
-fn vm(lab: &Lab, token: &Path, words: &[&str]) -> Value {
-    let bin = nearblock_lab::nearblock_bin().unwrap();
-    let token = token.display().to_string();
-    let mut argv = vec![bin.to_str().unwrap(), "vm", "--token-file", &token];
-    argv.extend_from_slice(words);
-    let o = lab.exec("core", &argv).unwrap();
-    assert!(
-        o.status.success(),
-        "vm {words:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
+fn vm(lab: &Lab, token: &std::path::Path, words: &[&str]) -> Value {
+    nearblock_lab::vmlab::vm_json(lab, "core", token, words).unwrap()
+}
+
+/// Agents on `hosts` (hypervisor, rack, pinned CPU load) with the plain
+/// hook in `vms-HV`, managed by core.
+fn start_hv_agents(lab: &Lab, fabric: &mut Fabric, hosts: &[(&str, &str, f64)]) {
+    let (qemu_img, modules) = nearblock_lab::qemu_img().unwrap();
+    for &(hv, rack, cpu) in hosts {
+        let extra = format!(
+            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\nqemu_img = {}\nqemu_module_dir = {}\n[metrics]\ncpu = {cpu}\nmem = 0.3\n[resources]\ndisk_free_bytes = {}\n",
+            toml_path(&lab.dir.path().join(format!("vms-{hv}"))),
+            toml_path(&qemu_img),
+            toml_path(&modules),
+            1u64 << 36
+        );
+        fabric.start_agent(lab, hv, rack, &[], &extra).unwrap();
+    }
+}
+
+/// Waits until the global index lists the library's image and `vms`.
+fn wait_indexed(lab: &Lab, read: &Path, vms: &[&str]) {
+    within(
+        Duration::from_mins(2),
+        "the VMs and the library indexed",
+        || {
+            let inv = vm(lab, read, &["list", "--json"]);
+            let indexed = |name: &str| {
+                inv["vms"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|v| v["name"] == name && v["indexed"] == true))
+            };
+            let library = inv["images"]
+                .as_array()
+                .is_some_and(|i| i.iter().any(|i| i["host"] == "library"));
+            library && vms.iter().all(|v| indexed(v))
+        },
     );
-    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
@@ -149,41 +175,20 @@ fn a_running_vm_migrates_and_only_what_nobody_nearer_holds_leaves_its_host() {
     }
     let web1 = dir("hv1").join("web1.raw");
     let served = vmlab::serve_disk(lab.dir.path(), "web1", &web1, &mut children).unwrap();
-    let (qemu_img, modules) = nearblock_lab::qemu_img().unwrap();
-    for (hv, rack) in [
-        ("hv1", "rack1"),
-        ("hv2", "rack1"),
-        ("hv4", "rack2"),
-        ("hv5", "rack2"),
-        ("hv6", "rack2"),
-    ] {
-        let extra = format!(
-            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\nqemu_img = {}\nqemu_module_dir = {}\n[resources]\ndisk_free_bytes = {}\n",
-            toml_path(&dir(hv)),
-            toml_path(&qemu_img),
-            toml_path(&modules),
-            1u64 << 36
-        );
-        fabric.start_agent(&lab, hv, rack, &[], &extra).unwrap();
-    }
+    start_hv_agents(
+        &lab,
+        &mut fabric,
+        &[
+            ("hv1", "rack1", 0.3),
+            ("hv2", "rack1", 0.3),
+            ("hv4", "rack2", 0.3),
+            ("hv5", "rack2", 0.3),
+            ("hv6", "rack2", 0.3),
+        ],
+    );
     let read = lab.api_read_token_file();
     let admin = lab.api_admin_token_file();
-    within(
-        Duration::from_mins(2),
-        "the VMs and the library indexed",
-        || {
-            let inv = vm(&lab, &read, &["list", "--json"]);
-            let indexed = |name: &str| {
-                inv["vms"]
-                    .as_array()
-                    .is_some_and(|v| v.iter().any(|v| v["name"] == name && v["indexed"] == true))
-            };
-            let library = inv["images"]
-                .as_array()
-                .is_some_and(|i| i.iter().any(|i| i["host"] == "library"));
-            library && indexed("web1") && indexed("web2") && indexed("other1")
-        },
-    );
+    wait_indexed(&lab, &read, &["web1", "web2", "other1"]);
 
     // The "guest" starts writing; its process group is the VM's process.
     let stats = lab.dir.path().join("web1.workload.json");
@@ -478,22 +483,16 @@ fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
     )
     .unwrap();
     vmlab::write_vm_files(&dir("hv1"), "web1", &lun, size, Some(pid), Some(&served)).unwrap();
-    let (qemu_img, modules) = nearblock_lab::qemu_img().unwrap();
-    for (hv, rack, cpu) in [
-        ("hv1", "rack1", 0.3),
-        ("hv2", "rack1", 0.95),
-        ("hv4", "rack2", 0.3),
-        ("hv5", "rack2", 0.3),
-    ] {
-        let extra = format!(
-            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\nqemu_img = {}\nqemu_module_dir = {}\n[metrics]\ncpu = {cpu}\nmem = 0.3\n[resources]\ndisk_free_bytes = {}\n",
-            toml_path(&dir(hv)),
-            toml_path(&qemu_img),
-            toml_path(&modules),
-            1u64 << 36
-        );
-        fabric.start_agent(&lab, hv, rack, &[], &extra).unwrap();
-    }
+    start_hv_agents(
+        &lab,
+        &mut fabric,
+        &[
+            ("hv1", "rack1", 0.3),
+            ("hv2", "rack1", 0.95),
+            ("hv4", "rack2", 0.3),
+            ("hv5", "rack2", 0.3),
+        ],
+    );
     let read = lab.api_read_token_file();
     let admin = lab.api_admin_token_file();
     // busy1's host stays at 95% CPU (at least 90% for 1 s): marked on its own.
@@ -518,23 +517,7 @@ fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
                 })
         },
     );
-    within(
-        Duration::from_mins(2),
-        "the VMs and the library indexed",
-        || {
-            let inv = vm(&lab, &read, &["list", "--json"]);
-            let indexed = |name: &str| {
-                inv["vms"]
-                    .as_array()
-                    .is_some_and(|v| v.iter().any(|v| v["name"] == name && v["indexed"] == true))
-            };
-            inv["images"]
-                .as_array()
-                .is_some_and(|i| i.iter().any(|i| i["host"] == "library"))
-                && indexed("web1")
-                && indexed("other1")
-        },
-    );
+    wait_indexed(&lab, &read, &["web1", "other1"]);
 
     // Marked likely to move: a pre-staging job.
     let bin = nearblock_lab::nearblock_bin().unwrap();

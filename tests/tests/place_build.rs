@@ -634,15 +634,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let mut peak: f64 = 0.0;
-    for (i, &(t0, b0)) in samples.iter().enumerate() {
-        if t0 < 1.0 {
-            continue;
-        }
-        if let Some(&(t1, b1)) = samples[i..].iter().find(|(t, _)| *t - t0 >= 1.0) {
-            peak = peak.max((b1 - b0) as f64 * 8.0 / (t1 - t0) / 1e6);
-        }
-    }
+    let peak = nearblock_lab::vmlab::peak_mbps(&samples);
     let total = samples.last().unwrap().1;
     eprintln!(
         "budget: {total} B on core–rack3 in {:.1} s, peak 1-s window {peak:.1} Mbit/s",
@@ -785,15 +777,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         (p.budget_mbps - half).abs() < 0.5 && p.shared_by_manager,
         "{p:?}"
     );
-    let mut peak: f64 = 0.0;
-    for (i, &(t0, b0)) in samples.iter().enumerate() {
-        if t0 < 1.0 {
-            continue;
-        }
-        if let Some(&(t1, b1)) = samples[i..].iter().find(|(t, _)| *t - t0 >= 1.0) {
-            peak = peak.max((b1 - b0) as f64 * 8.0 / (t1 - t0) / 1e6);
-        }
-    }
+    let peak = nearblock_lab::vmlab::peak_mbps(&samples);
     let total = samples.last().unwrap().1 - samples[0].1;
     eprintln!(
         "prefetch share: {total} B on core–rack1 in {:.1} s, peak 1-s window {peak:.1} Mbit/s",

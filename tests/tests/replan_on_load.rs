@@ -34,17 +34,7 @@ impl Drop for Killed {
 }
 
 fn vm(lab: &Lab, token: &std::path::Path, words: &[&str]) -> Value {
-    let bin = nearblock_lab::nearblock_bin().unwrap();
-    let token = token.display().to_string();
-    let mut argv = vec![bin.to_str().unwrap(), "vm", "--token-file", &token];
-    argv.extend_from_slice(words);
-    let o = lab.exec("core", &argv).unwrap();
-    assert!(
-        o.status.success(),
-        "vm {words:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
+    nearblock_lab::vmlab::vm_json(lab, "core", token, words).unwrap()
 }
 
 #[test]

@@ -74,15 +74,7 @@ impl Bench {
     }
 
     fn vm_cli(&self, words: &[&str]) -> Result<Value> {
-        let bin = nearblock_lab::nearblock_bin()?;
-        let token = self.lab.api_admin_token_file().display().to_string();
-        let mut argv = vec![bin.to_str().context("path")?, "vm", "--token-file", &token];
-        argv.extend_from_slice(words);
-        let o = self.lab.exec("core", &argv)?;
-        if !o.status.success() {
-            bail!("vm {words:?}: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        Ok(serde_json::from_slice(&o.stdout)?)
+        vmlab::vm_json(&self.lab, "core", &self.lab.api_admin_token_file(), words)
     }
 
     /// Bytes of payload core's BPF counters saw from `node`'s `port`.
