@@ -616,3 +616,198 @@ fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
         "the migration ends the pre-staging: {ended:#}"
     );
 }
+
+/// "Both hosts' link budgets hold during migration": hv1–rack1 (the
+/// source's link) and hv5–rack2 (the target's) get budgets for nearblock's
+/// traffic. web1 (hv1, a generated 256 MiB image plus 48 MiB of its own data,
+/// its guest writing 1 MiB/s) migrates to hv5; hv4 (rack2) runs another VM of
+/// the same seed. rack1's and rack2's monitor-only appliances count every
+/// flow of the block service; in every 1-second window after the first,
+/// nearblock's rate out of hv1 and into hv5 stays within 5% of its link's
+/// budget, and each link carried enough that the check is not vacuous.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario, read top to bottom: the lab, the migration, the two links"
+)]
+fn a_migration_keeps_within_both_hosts_link_budgets() {
+    use std::os::unix::fs::FileExt;
+    const SIZE: usize = 256 << 20;
+    const UNIQUE: usize = 48 << 20;
+    const SOURCE_BUDGET_MBPS: f64 = 40.0;
+    const TARGET_BUDGET_MBPS: f64 = 160.0;
+    let port = AGENT_PORT + 20;
+
+    let mut topology = THREE_RACKS_TOPOLOGY.to_owned();
+    for (host, rack, budget) in [
+        ("hv1", "rack1", SOURCE_BUDGET_MBPS),
+        ("hv5", "rack2", TARGET_BUDGET_MBPS),
+    ] {
+        let link = format!("a = \"{rack}\"\nb = \"{host}\"\ncapacity_mbps = 10000\n");
+        assert!(topology.contains(&link));
+        topology = topology.replace(&link, &format!("{link}budget_mbps = {budget:?}\n"));
+    }
+    let lab = Lab::new(&topology).expect("lab");
+    let topo = lab
+        .write_file("topology.toml", topology.as_bytes())
+        .unwrap();
+    let mut fabric = Fabric::new(&lab, port, INDEXER_PORT + 20).unwrap();
+    let mut lab = lab;
+    let mut children = vmlab::Children::default();
+    let image = nearblock_lab::content::image(SIZE, 1313, 20);
+    let image_path = lab.write_file("seed.raw", &image).unwrap();
+    drop(image);
+    lab.add_lun(LunSpec::read_only(IQN, image_path.clone()))
+        .unwrap();
+    for node in ["core", "rack1", "rack2"] {
+        lab.set_datapath_extra(node, &format!("image_transfer_ports = [{port}]"));
+    }
+    fabric
+        .start_manager(
+            &mut lab,
+            "core",
+            &topo,
+            "stale_secs = 5\nindex_wait_secs = 60\nmigrate_final_mib = 4\nretire_grace_secs = 2",
+        )
+        .expect("core");
+    for rack in ["rack1", "rack2"] {
+        fabric.start_indexer(&lab, rack, Some("core")).unwrap();
+        // Monitor-only: they count the hosts' flows, steer nothing.
+        lab.start_appliance(
+            rack,
+            nearblock_lab::ApplianceOptions {
+                steer: false,
+                extra_config: String::new(),
+            },
+        )
+        .expect(rack);
+    }
+    fabric.start_library_agent(&lab, "core").unwrap();
+
+    let dir = |hv: &str| lab.dir.path().join(format!("vms-{hv}"));
+    for hv in ["hv1", "hv4", "hv5"] {
+        std::fs::create_dir_all(dir(hv)).unwrap();
+    }
+    let lun = format!("{IQN}/1");
+    let web1 = dir("hv1").join("web1.raw");
+    vmlab::sparse_copy(&image_path, &web1).unwrap();
+    vmlab::sparse_copy(&image_path, &dir("hv4").join("other1.raw")).unwrap();
+    vmlab::write_vm_files(&dir("hv4"), "other1", &lun, SIZE as u64, None, None).unwrap();
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&web1).unwrap();
+        let mut random = nearblock::index::synthetic::SplitMix64::new(77);
+        let data: Vec<u8> = (0..UNIQUE / 8)
+            .flat_map(|_| random.next_u64().to_le_bytes())
+            .collect();
+        f.write_all_at(&data, 128 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    let served = vmlab::serve_disk(lab.dir.path(), "web1", &web1, &mut children).unwrap();
+    let stats = lab.dir.path().join("web1.workload.json");
+    let pid = vmlab::Workload {
+        rate: 1 << 20,
+        write: WRITE,
+        seed: 9,
+    }
+    .start(
+        Path::new(env!("CARGO_BIN_EXE_vm-workload")),
+        &served,
+        SIZE as u64,
+        &stats,
+        &mut children,
+    )
+    .unwrap();
+    vmlab::write_vm_files(
+        &dir("hv1"),
+        "web1",
+        &lun,
+        SIZE as u64,
+        Some(pid),
+        Some(&served),
+    )
+    .unwrap();
+    start_hv_agents(
+        &lab,
+        &mut fabric,
+        &[
+            ("hv1", "rack1", 0.3),
+            ("hv4", "rack2", 0.3),
+            ("hv5", "rack2", 0.3),
+        ],
+    );
+    let read = lab.api_read_token_file();
+    let admin = lab.api_admin_token_file();
+    wait_indexed(&lab, &read, &["web1", "other1"]);
+
+    // nearblock's bytes out of hv1 (rack1 sees all of them) and into hv5
+    // (rack2 sees all of them), from the BPF flow counters.
+    let hv1 = format!("{}:{port}", lab.addr4("hv1"));
+    let hv5 = format!("{}:", lab.addr4("hv5"));
+    let counted = |node: &str, pick: &dyn Fn(&str, &str) -> bool| -> u64 {
+        lab.status(node)
+            .unwrap()
+            .flows
+            .iter()
+            .filter(|f| pick(&f.src, &f.dst))
+            .map(|f| f.payload_bytes - f.retrans_bytes)
+            .sum()
+    };
+    let out_of_hv1 = || counted("rack1", &|src, _| src == hv1);
+    let into_hv5 = || {
+        counted("rack2", &|src, dst| {
+            dst.starts_with(hv5.as_str()) && src.ends_with(&format!(":{port}"))
+        })
+    };
+    let base = (out_of_hv1(), into_hv5());
+    let job = vm(
+        &lab,
+        &admin,
+        &[
+            "place", "vm/web1", "--name", "web1", "--within", "hv5", "--json",
+        ],
+    );
+    assert_eq!(job["kind"], "migrate", "{job:#}");
+    let id = job["id"].as_u64().unwrap().to_string();
+    let started = Instant::now();
+    let (mut source, mut target) = (Vec::new(), Vec::new());
+    let job = loop {
+        let t = started.elapsed().as_secs_f64();
+        source.push((t, out_of_hv1() - base.0));
+        target.push((t, into_hv5() - base.1));
+        let job = vm(&lab, &read, &["job", &id, "--json"]);
+        if matches!(job["state"].as_str(), Some("done" | "failed" | "cancelled")) {
+            break job;
+        }
+        assert!(
+            started.elapsed() < Duration::from_mins(4),
+            "job {id} not done: {job:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(job["state"], "done", "{job:#}");
+    let migration = &job["migration"];
+    let (peak_source, peak_target) = (vmlab::peak_mbps(&source), vmlab::peak_mbps(&target));
+    let (sent, received) = (source.last().unwrap().1, target.last().unwrap().1);
+    eprintln!(
+        "budgets: hv1–rack1 {sent} B, peak {peak_source:.1} Mbit/s (budget {SOURCE_BUDGET_MBPS}); hv5–rack2 {received} B, peak {peak_target:.1} Mbit/s (budget {TARGET_BUDGET_MBPS}); {:.1} s; pause to resume {} ms; rounds {:#}",
+        source.last().unwrap().0,
+        migration["pause_to_resume_ms"],
+        migration["rounds"]
+    );
+    assert!(
+        sent >= UNIQUE as u64 && received >= (SIZE / 2) as u64,
+        "both links carried the migration: {sent} B out of hv1, {received} B into hv5"
+    );
+    assert!(
+        peak_source <= SOURCE_BUDGET_MBPS * 1.05,
+        "out of hv1: {peak_source:.1} Mbit/s, budget {SOURCE_BUDGET_MBPS}"
+    );
+    assert!(
+        peak_target <= TARGET_BUDGET_MBPS * 1.05,
+        "into hv5: {peak_target:.1} Mbit/s, budget {TARGET_BUDGET_MBPS}"
+    );
+    // The job's own account agrees: every round names its bytes by link.
+    for r in migration["rounds"].as_array().unwrap() {
+        assert!(r["bytes_by_link"].is_object(), "{r}");
+    }
+}

@@ -463,21 +463,21 @@ fn qemu_72() -> Result<()> {
     let tmp = dir.with_extension("download");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    let download = |version: &str| {
+    let download = |utils: &str, extra: &str| {
         Command::new("apt-get")
             .current_dir(&tmp)
             .args(["download", "-qq"])
-            .arg(format!("qemu-utils={version}"))
-            .arg(format!("qemu-block-extra={version}"))
+            .arg(format!("qemu-utils={utils}"))
+            .arg(format!("qemu-block-extra={extra}"))
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !download(QEMU_VERSION) {
-        // The pinned build is gone: take the newest 7.2 build of both packages.
-        let version = newest_72()?;
-        eprintln!("bootstrap: {QEMU_VERSION} unavailable, using {version}");
-        if !download(&version) {
-            bail!("cannot download qemu-utils/qemu-block-extra {version}");
+    if !download(QEMU_VERSION, QEMU_VERSION) {
+        // The pinned build is gone: take each package's newest 7.2 build.
+        let (utils, extra) = (newest_72("qemu-utils")?, newest_72("qemu-block-extra")?);
+        eprintln!("bootstrap: {QEMU_VERSION} unavailable, using {utils} / {extra}");
+        if !download(&utils, &extra) {
+            bail!("cannot download qemu-utils {utils} / qemu-block-extra {extra}");
         }
     }
     let staging = unpack_debs(&tmp, dir)?;
@@ -515,21 +515,35 @@ fn qemu_system_72() -> Result<()> {
     let tmp = dir.with_extension("download");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    let download = |version: &str| {
+    let packages = ["qemu-system-x86", "qemu-system-common", "qemu-system-data"];
+    let download = |versions: &[String]| {
         Command::new("apt-get")
             .current_dir(&tmp)
             .args(["download", "-qq", "seabios", "ipxe-qemu"])
-            .arg(format!("qemu-system-x86={version}"))
-            .arg(format!("qemu-system-common={version}"))
-            .arg(format!("qemu-system-data={version}"))
+            .args(
+                packages
+                    .iter()
+                    .zip(versions)
+                    .map(|(p, v)| format!("{p}={v}")),
+            )
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !download(QEMU_VERSION) {
-        let version = newest_72()?;
-        eprintln!("bootstrap: {QEMU_VERSION} unavailable, using {version}");
-        if !download(&version) {
-            bail!("cannot download qemu-system-x86 {version}");
+    if !download(&[
+        QEMU_VERSION.to_owned(),
+        QEMU_VERSION.to_owned(),
+        QEMU_VERSION.to_owned(),
+    ]) {
+        // Each package's own newest 7.2 build: qemu-system-data is
+        // architecture-independent, so a binNMU (`+bN`) of the others is not
+        // one of its versions.
+        let versions = packages
+            .iter()
+            .map(|p| newest_72(p))
+            .collect::<Result<Vec<_>>>()?;
+        eprintln!("bootstrap: {QEMU_VERSION} unavailable, using {versions:?}");
+        if !download(&versions) {
+            bail!("cannot download {packages:?} {versions:?}");
         }
     }
     let staging = unpack_debs(&tmp, dir)?;
@@ -598,9 +612,10 @@ fn corpus() -> Result<()> {
         .status_ok()
 }
 
-fn newest_72() -> Result<String> {
+/// The newest 7.2 version of `package` in the package lists.
+fn newest_72(package: &str) -> Result<String> {
     let out = Command::new("apt-cache")
-        .args(["madison", "qemu-utils"])
+        .args(["madison", package])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut best: Option<String> = None;
@@ -623,5 +638,5 @@ fn newest_72() -> Result<String> {
             best = Some(v.to_string());
         }
     }
-    best.context("no qemu-utils 7.2 build in the package lists")
+    best.with_context(|| format!("no {package} 7.2 build in the package lists"))
 }
