@@ -601,6 +601,31 @@ fn spawn_background(
     loops
 }
 
+/// The manager's watches over the running appliance: hosts' load (pre-staging)
+/// and the console's network view (the appliances polled with the token the
+/// cost feed presents to them).
+fn spawn_manager_watches(app: &Arc<Appliance>, manager: &Arc<crate::manage::Manager>) {
+    if manager.watches_load() {
+        let view: Arc<dyn crate::manage::PlanningView> = app.clone();
+        tokio::spawn(crate::manage::prestage::watch_load(Arc::downgrade(manager), view));
+    }
+    let (client, peers) = app.config.cost.as_ref().map_or((None, Vec::new()), |c| {
+        (
+            c.peer_token_file
+                .clone()
+                .map(|t| feed::LinksClient::new(t, PEER_POLL_TIMEOUT)),
+            c.peers.clone(),
+        )
+    });
+    let view: Arc<dyn crate::manage::PlanningView> = app.clone();
+    tokio::spawn(crate::manage::network::watch(
+        Arc::downgrade(manager),
+        view,
+        client,
+        peers,
+    ));
+}
+
 /// How long one peer's `/links` may take.
 const PEER_POLL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -671,10 +696,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     if let Some(manager) = start_manager(&app, &index, indexer.as_ref())? {
-        if manager.watches_load() {
-            let view: Arc<dyn crate::manage::PlanningView> = app.clone();
-            tokio::spawn(crate::manage::prestage::watch_load(Arc::downgrade(&manager), view));
-        }
+        spawn_manager_watches(&app, &manager);
         let _ = app.manager.set(manager);
     }
 
@@ -687,6 +709,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let background = spawn_background(&app, &index, splicing.as_ref(), inputs);
     let api = serve_api(&app).await?;
+    if let Some(period) = crate::service::watchdog() {
+        if splicing.is_none() {
+            tokio::spawn(crate::service::watchdog_loop(period));
+        }
+    }
+    crate::service::ready();
     info!(
         appliance = %app.config.appliance.name,
         steering = app.config.datapath.steer,

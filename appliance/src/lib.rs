@@ -19,6 +19,7 @@
 //! - [`api`]: HTTP status and metrics; the versioned operator API.
 //! - [`state`]: the running appliance's shared state and status report.
 //! - [`daemon`]: `nearblock run`, the stages wired together.
+//! - [`service`]: systemd's readiness and watchdog notifications.
 //! - [`cli`]: the command line, one file per subcommand.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
@@ -53,6 +54,7 @@ internal_modules! {
     api;
     state;
     daemon;
+    service;
 }
 
 /// The command line: `main.rs` dispatches into it.

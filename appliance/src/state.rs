@@ -228,6 +228,25 @@ impl Appliance {
         }
     }
 
+    /// This appliance's own account for the manager's network view (`GET
+    /// /api/v1/appliance`): no kernel map is walked.
+    pub fn appliance_view(&self) -> crate::manage::network::ApplianceView {
+        let splicer = self.splicer.snapshot();
+        crate::manage::network::ApplianceView {
+            name: self.config.appliance.name.clone(),
+            steering: self.config.datapath.steer,
+            uptime_secs: self.started.elapsed().as_secs(),
+            cache: splicer.cache,
+            luns: splicer.luns,
+            served_bytes: splicer
+                .served
+                .iter()
+                .map(|(class, s)| (class.name().to_owned(), s.bytes))
+                .collect(),
+            discovered: self.discovery.lock().entries().len(),
+        }
+    }
+
     pub fn status(&self) -> Result<StatusReport, datapath::DatapathError> {
         let dp = self.datapath.lock();
         let mut flows: Vec<FlowView> = dp

@@ -499,6 +499,8 @@ pub struct FailOpen {
     spare_fd: Mutex<Option<std::fs::File>>,
     /// When the over-cap marks were last written (they expire in the kernel).
     marks_written: Mutex<Instant>,
+    /// systemd's watchdog period, pinged with the heartbeat.
+    watchdog: Option<std::time::Duration>,
 }
 
 /// One counted connection; dropping it releases the count (and the source's
@@ -522,6 +524,7 @@ impl FailOpen {
             admission: Mutex::new(Admission::new(caps)),
             spare_fd: Mutex::new(std::fs::File::open("/dev/null").ok()),
             marks_written: Mutex::new(Instant::now()),
+            watchdog: crate::service::watchdog(),
         })
     }
 
@@ -540,8 +543,14 @@ impl FailOpen {
         }
         self.refresh_marks();
         let accepting = self.admission().accepting();
-        if let Err(e) = self.maps.beat(slot, accepting) {
-            warn!(cause = %e, "writing the heartbeat");
+        match self.maps.beat(slot, accepting) {
+            Err(e) => warn!(cause = %e, "writing the heartbeat"),
+            // Alive for the kernel, alive for systemd.
+            Ok(()) => {
+                if let Some(period) = self.watchdog {
+                    crate::service::ping(period);
+                }
+            }
         }
     }
 

@@ -180,9 +180,22 @@ impl Fabric {
         topology: &Path,
         manager_lines: &str,
     ) -> Result<()> {
+        self.start_manager_with(lab, node, topology, manager_lines, "")
+    }
+
+    /// [`Self::start_manager`] with `cost_lines` in its `[cost]` section
+    /// (e.g. the peers it polls).
+    pub fn start_manager_with(
+        &self,
+        lab: &mut Lab,
+        node: &str,
+        topology: &Path,
+        manager_lines: &str,
+        cost_lines: &str,
+    ) -> Result<()> {
         let ix = self.indexer_config(lab, node, None)?;
         let extra_config = format!(
-            "[cost]\ntopology = {}\n[planner]\n[manager]\ndb = {}\n{manager_lines}\n[indexer]\nconfig = {}\n",
+            "[cost]\ntopology = {}\n{cost_lines}\n[planner]\n[manager]\ndb = {}\n{manager_lines}\n[indexer]\nconfig = {}\n",
             toml_path(topology),
             toml_path(&lab.dir.path().join("manager.redb")),
             toml_path(&ix),
@@ -241,6 +254,30 @@ impl Fabric {
             node,
             &["agent", "--config", cfg],
         )
+    }
+
+    /// Starts hypervisor `hv`'s agent under `rack`'s indexer with the plain
+    /// hook over `vm_dir`, managed by `manager`, its load pinned (CPU, memory)
+    /// and `disk_free` bytes free.
+    #[expect(clippy::too_many_arguments, reason = "one host's whole description")]
+    pub fn start_hypervisor(
+        &mut self,
+        lab: &Lab,
+        hv: &str,
+        rack: &str,
+        vm_dir: &Path,
+        manager: &str,
+        (cpu, mem): (f64, f64),
+        disk_free: u64,
+    ) -> Result<()> {
+        let (qemu_img, modules) = crate::qemu_img()?;
+        let extra = format!(
+            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"{manager}\"]\nqemu_img = {}\nqemu_module_dir = {}\n[metrics]\ncpu = {cpu}\nmem = {mem}\n[resources]\ndisk_free_bytes = {disk_free}\n",
+            toml_path(vm_dir),
+            toml_path(&qemu_img),
+            toml_path(&modules),
+        );
+        self.start_agent(lab, hv, rack, &[], &extra)
     }
 
     /// Starts the library host's agent: it indexes every LUN of the lab's tgtd

@@ -1056,12 +1056,23 @@ pub fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
 /// The metric names docs/operations.md lists under `GET /metrics` (backticked
 /// `nearblock_…` names, `{a,b}` alternatives expanded, label sets dropped).
 pub fn documented_metric_names() -> Result<std::collections::BTreeSet<String>> {
+    documented_metric_names_under("- `GET /metrics`")
+}
+
+/// The metric names docs/operations.md lists for the manager's appliance only.
+pub fn documented_manager_metric_names() -> Result<std::collections::BTreeSet<String>> {
+    documented_metric_names_under("- On the manager's appliance, `/metrics` also has")
+}
+
+/// The metric names in the paragraph of docs/operations.md that starts with
+/// `entry` (up to the next blank line).
+fn documented_metric_names_under(entry: &str) -> Result<std::collections::BTreeSet<String>> {
     let doc = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"),
     )?;
     let start = doc
-        .find("- `GET /metrics`")
-        .context("docs/operations.md has no `GET /metrics` entry")?;
+        .find(entry)
+        .with_context(|| format!("docs/operations.md has no {entry:?} entry"))?;
     let section = &doc[start..];
     let section = &section[..section.find("\n\n").unwrap_or(section.len())];
     let mut names = std::collections::BTreeSet::new();

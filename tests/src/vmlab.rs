@@ -233,6 +233,17 @@ pub fn peak_mbps(samples: &[(f64, u64)]) -> f64 {
     peak
 }
 
+/// A counter's reading `read()` stamped with the seconds since `started` at
+/// the middle of the reading: reading the kernel's counters through the CLI
+/// takes tens of milliseconds, and a stamp taken before it would skew the
+/// 1-second windows of [`peak_mbps`] by as much.
+pub fn stamped(started: Instant, read: impl FnOnce() -> u64) -> (f64, u64) {
+    let before = started.elapsed().as_secs_f64();
+    let value = read();
+    let after = started.elapsed().as_secs_f64();
+    (f64::midpoint(before, after), value)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -50,16 +50,11 @@ fn vm(lab: &Lab, token: &std::path::Path, words: &[&str]) -> Value {
 /// Agents on `hosts` (hypervisor, rack, pinned CPU load) with the plain
 /// hook in `vms-HV`, managed by core.
 fn start_hv_agents(lab: &Lab, fabric: &mut Fabric, hosts: &[(&str, &str, f64)]) {
-    let (qemu_img, modules) = nearblock_lab::qemu_img().unwrap();
     for &(hv, rack, cpu) in hosts {
-        let extra = format!(
-            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\nqemu_img = {}\nqemu_module_dir = {}\n[metrics]\ncpu = {cpu}\nmem = 0.3\n[resources]\ndisk_free_bytes = {}\n",
-            toml_path(&lab.dir.path().join(format!("vms-{hv}"))),
-            toml_path(&qemu_img),
-            toml_path(&modules),
-            1u64 << 36
-        );
-        fabric.start_agent(lab, hv, rack, &[], &extra).unwrap();
+        let vm_dir = lab.dir.path().join(format!("vms-{hv}"));
+        fabric
+            .start_hypervisor(lab, hv, rack, &vm_dir, "core", (cpu, 0.3), 1 << 36)
+            .unwrap();
     }
 }
 
@@ -771,9 +766,8 @@ fn a_migration_keeps_within_both_hosts_link_budgets() {
     let started = Instant::now();
     let (mut source, mut target) = (Vec::new(), Vec::new());
     let job = loop {
-        let t = started.elapsed().as_secs_f64();
-        source.push((t, out_of_hv1() - base.0));
-        target.push((t, into_hv5() - base.1));
+        source.push(vmlab::stamped(started, || out_of_hv1() - base.0));
+        target.push(vmlab::stamped(started, || into_hv5() - base.1));
         let job = vm(&lab, &read, &["job", &id, "--json"]);
         if matches!(job["state"].as_str(), Some("done" | "failed" | "cancelled")) {
             break job;

@@ -98,15 +98,9 @@ impl Ctx {
     fn start_hv(&mut self, hv: &str, cpu: f64, mem: f64, disk_free: u64) {
         let n: u32 = hv[2..].parse().unwrap();
         let rack = format!("rack{}", (n - 1) / 3 + 1);
-        let (qemu_img, modules) = nearblock_lab::qemu_img().unwrap();
-        let extra = format!(
-            "metrics_interval_ms = 200\n[hypervisor]\nvm_dir = {}\nmanagers = [\"core\"]\nqemu_img = {}\nqemu_module_dir = {}\n[metrics]\ncpu = {cpu}\nmem = {mem}\n[resources]\ndisk_free_bytes = {disk_free}\n",
-            toml_path(&self.vm_dir(hv)),
-            toml_path(&qemu_img),
-            toml_path(&modules),
-        );
+        let vm_dir = self.vm_dir(hv);
         self.fabric
-            .start_agent(&self.lab, hv, &rack, &[], &extra)
+            .start_hypervisor(&self.lab, hv, &rack, &vm_dir, "core", (cpu, mem), disk_free)
             .unwrap();
     }
 
@@ -623,7 +617,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     let started = Instant::now();
     let mut samples: Vec<(f64, u64)> = Vec::new();
     loop {
-        samples.push((started.elapsed().as_secs_f64(), on_link()));
+        samples.push(nearblock_lab::vmlab::stamped(started, on_link));
         let all_done = ids.iter().all(|id| job_of(id)["state"] == "done");
         if all_done {
             break;
@@ -750,7 +744,7 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut shared = None;
     loop {
-        samples.push((started.elapsed().as_secs_f64(), on_uplink()));
+        samples.push(nearblock_lab::vmlab::stamped(started, on_uplink));
         let job = ctx.job(&seed);
         let p = pace();
         if shared.is_none() && p.running > 0 && (library_rate(&job) * 8.0 / 1e6 - half).abs() < 0.5

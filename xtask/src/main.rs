@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod fuzz;
+mod package;
 
 /// Debian packages the project needs (see docs/decisions.md for each).
 const APT_PACKAGES: &[&str] = &[
@@ -52,7 +53,14 @@ const APT_PACKAGES: &[&str] = &[
     "libslirp0",
     "libvdeplug2",
     "e2fsprogs",
+    // The console's browser test: headless Chromium (driven by playwright-core).
+    "chromium",
 ];
+
+/// playwright-core, the browser test's driver, from npm (the newest release
+/// that runs on Debian's Node.js 18 as well as newer), into [`BROWSER_DIR`].
+const PLAYWRIGHT_CORE: &str = "1.61.1";
+const BROWSER_DIR: &str = "/var/cache/nearblock/browser";
 
 /// The cargo-fuzz targets (`appliance/fuzz/fuzz_targets`), in the order they run.
 const FUZZ_TARGETS: &[&str] = &["pdu_decoder", "connection", "peer_messages", "config"];
@@ -103,6 +111,13 @@ enum Cmd {
     },
     /// Bootstrap, build, and run the demo topology.
     Demo,
+    /// Build a .deb (binary, systemd units, default config) from the binary
+    /// already built, and check it.
+    Package {
+        /// Cargo profile of the binary to package.
+        #[arg(long, default_value = "release")]
+        profile: String,
+    },
     /// Run a benchmark (after bootstrap and build).
     Bench {
         #[arg(default_value = "all")]
@@ -159,6 +174,10 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             bootstrap()?;
             test(&args)
+        }
+        Cmd::Package { profile } => {
+            let deb = phase("package", || package::build(&profile))?;
+            phase("package: check", || package::check(&deb))
         }
         Cmd::Demo => {
             bootstrap()?;
@@ -348,6 +367,8 @@ fn test(extra: &[String]) -> Result<()> {
             .env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR)
             .status_ok()
     })?;
+    // The .deb of the binary just built, and its check (contents, units).
+    phase("package", || package::check(&package::build("dev")?))?;
     phase("corpus: boot history", boot_history)?;
     phase("test", || {
         let mut c = cargo(&["test", "--workspace"]);
@@ -369,6 +390,7 @@ fn bootstrap() -> Result<()> {
     phase("bootstrap: qemu-img 7.2", qemu_72)?;
     phase("bootstrap: qemu-system 7.2", qemu_system_72)?;
     phase("bootstrap: python blake3", python_blake3)?;
+    phase("bootstrap: browser driver", browser_driver)?;
     phase("bootstrap: corpus", corpus)?;
     Ok(())
 }
@@ -405,6 +427,51 @@ fn apt_packages() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
+        .status_ok()
+}
+
+/// Node.js (Debian's, unless one is installed) and playwright-core
+/// [`PLAYWRIGHT_CORE`] in [`BROWSER_DIR`] (`node_modules`; the test sets
+/// `NODE_PATH`). Chromium itself is a Debian package: playwright's own browser
+/// download cannot work without the internet.
+fn browser_driver() -> Result<()> {
+    let has = |cmd: &str| {
+        Command::new(cmd)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has("node") || !has("npm") {
+        eprintln!("bootstrap: installing nodejs npm");
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "nodejs",
+                "npm",
+            ])
+            .status_ok()?;
+    }
+    let manifest = Path::new(BROWSER_DIR).join("node_modules/playwright-core/package.json");
+    let present = std::fs::read_to_string(&manifest)
+        .is_ok_and(|t| t.contains(&format!("\"version\": \"{PLAYWRIGHT_CORE}\"")));
+    if present {
+        eprintln!("bootstrap: playwright-core {PLAYWRIGHT_CORE} present in {BROWSER_DIR}");
+        return Ok(());
+    }
+    std::fs::create_dir_all(BROWSER_DIR)?;
+    Command::new("npm")
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+            BROWSER_DIR,
+        ])
+        .arg(format!("playwright-core@{PLAYWRIGHT_CORE}"))
         .status_ok()
 }
 

@@ -378,27 +378,30 @@ pub fn authorize(auth: &ApiAuth, headers: &HeaderMap, needed: Scope) -> Result<S
 impl IntoResponse for Denied {
     fn into_response(self) -> Response {
         // RFC 6750 §3: no error code when no credentials were sent.
-        let (status, challenge, body) = match self {
+        let (status, code, challenge, body) = match self {
             Denied::Missing => (
                 StatusCode::UNAUTHORIZED,
+                "unauthorized",
                 "Bearer realm=\"nearblock\"".to_string(),
-                "this route needs `Authorization: Bearer TOKEN` (a token of [api] read_token_file or admin_token_file)\n".to_string(),
+                "this route needs `Authorization: Bearer TOKEN` (a token of [api] read_token_file or admin_token_file)".to_string(),
             ),
             Denied::Invalid => (
                 StatusCode::UNAUTHORIZED,
+                "invalid_token",
                 "Bearer realm=\"nearblock\", error=\"invalid_token\"".to_string(),
-                "the token is not one the daemon's token files hold\n".to_string(),
+                "the token is not one the daemon's token files hold".to_string(),
             ),
             Denied::Insufficient { needed } => (
                 StatusCode::FORBIDDEN,
+                "insufficient_scope",
                 format!(
                     "Bearer realm=\"nearblock\", error=\"insufficient_scope\", scope=\"{}\"",
                     needed.name()
                 ),
-                format!("this route needs a token of scope {}\n", needed.name()),
+                format!("this route needs a token of scope {}", needed.name()),
             ),
         };
-        let mut r = (status, body).into_response();
+        let mut r = super::error::error_response(status, code, body);
         if let Ok(v) = HeaderValue::from_str(&challenge) {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
@@ -698,6 +701,8 @@ mod tests {
             (401, Some("Bearer realm=\"nearblock\""))
         );
         assert!(body.contains("Authorization: Bearer"), "{body}");
+        let refusal: super::super::error::ErrorBody = serde_json::from_str(&body).unwrap();
+        assert_eq!(refusal.code, "unauthorized");
         let (code, challenge, _) = call(
             addr,
             "GET",

@@ -1,14 +1,17 @@
 //! The HTTP API: `GET /status` (JSON: flows, interfaces, verdicts, splicer,
 //! discovery), `GET /metrics` (Prometheus text), `/links`, `/costs`, `/plan/*`,
-//! `GET /hosts` (the host metrics placement uses, and where they come from) and
-//! `GET /healthz`.
+//! `GET /hosts` (the host metrics placement uses, and where they come from),
+//! `GET /healthz`, the versioned API ([`v1`]) and the console ([`console`]).
 //!
-//! Every route but `/metrics` and `/healthz` needs a bearer token ([`auth`]).
+//! Every route but `/metrics`, `/healthz` and the console's static files
+//! needs a bearer token ([`auth`]).
 //! Work that walks kernel maps or plans runs on the blocking pool, a few
 //! requests at a time, so a burst of requests cannot stall the async workers
 //! the splicer and the peer service share.
 
 pub mod auth;
+pub mod console;
+pub mod error;
 pub mod v1;
 
 use std::sync::Arc;
@@ -22,7 +25,7 @@ use axum::{
 };
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tokio::sync::Semaphore;
@@ -61,7 +64,8 @@ pub async fn serve(
     };
     let open = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz));
+        .route("/healthz", get(healthz))
+        .merge(console::routes());
     let read = Router::new()
         .route("/status", get(status))
         .route("/links", get(links))
@@ -392,11 +396,87 @@ struct LinkLabel {
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     let app = s.app.clone();
     offload(&s.heavy, move || {
+        let manager = app.manager.get().map(|m| ManagerMetrics {
+            jobs: m.jobs(),
+            links: m.network.lock().as_ref().map(|n| n.links.clone()).unwrap_or_default(),
+        });
         app.status()
-            .map(|r| render_metrics(&r))
+            .map(|r| render_metrics(&r, manager.as_ref()))
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
     })
     .await
+}
+
+/// What a manager's appliance adds to `/metrics`: its jobs and its view of
+/// the topology's links.
+pub struct ManagerMetrics {
+    pub jobs: Vec<crate::manage::Job>,
+    pub links: Vec<crate::manage::network::LinkView>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabel {
+    kind: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopologyLinkLabel {
+    link: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HopsLabel {
+    hops: String,
+}
+
+/// Finished jobs' durations, seconds: a build of a small image takes
+/// seconds, a migration of a large disk tens of minutes.
+const JOB_SECONDS_BUCKETS: [f64; 10] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+
+/// The manager's series: jobs by kind and state, finished jobs' durations,
+/// and per topology link its utilisation and nearblock's rate.
+fn register_manager(reg: &mut Registry, m: &ManagerMetrics) {
+    let label = |j: &crate::manage::Job| JobLabel {
+        kind: j.kind.name().to_owned(),
+        state: j.state.name().to_owned(),
+    };
+    let jobs = Family::<JobLabel, Gauge>::default();
+    let durations = Family::<JobLabel, Histogram>::new_with_constructor(|| {
+        Histogram::new(JOB_SECONDS_BUCKETS.iter().copied())
+    });
+    for j in &m.jobs {
+        jobs.get_or_create(&label(j)).inc();
+        if j.state.is_final() {
+            let secs = j.updated_ms.saturating_sub(j.created_ms) as f64 / 1000.0;
+            durations.get_or_create(&label(j)).observe(secs);
+        }
+    }
+    reg.register("jobs", "Jobs by kind and state", jobs);
+    reg.register(
+        "job_duration_seconds",
+        "Finished jobs' durations, creation to final state, by kind and final state",
+        durations,
+    );
+    let utilisation = Family::<TopologyLinkLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let nearblock = Family::<TopologyLinkLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for l in &m.links {
+        let key = TopologyLinkLabel { link: l.name.clone() };
+        if let Some(u) = l.utilisation {
+            utilisation.get_or_create(&key).set(u);
+        }
+        nearblock.get_or_create(&key).set(l.nearblock_mbps * 1e6);
+    }
+    reg.register(
+        "topology_link_utilization",
+        "Topology links' utilisation as the appliances measure them (the manager's view)",
+        utilisation,
+    );
+    reg.register(
+        "topology_link_nearblock_bits_per_second",
+        "nearblock's own builds' rate on each topology link over the last second",
+        nearblock,
+    );
 }
 
 /// Prometheus text for a status report. The counters live in kernel maps, so a
@@ -405,7 +485,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     clippy::too_many_lines,
     reason = "one registration per metric family, in the order operations.md lists them"
 )]
-pub fn render_metrics(r: &StatusReport) -> String {
+pub fn render_metrics(r: &StatusReport, manager: Option<&ManagerMetrics>) -> String {
     let mut reg = Registry::with_prefix("nearblock");
     let verdicts = Family::<VerdictLabel, Counter>::default();
     for (name, v) in &r.verdicts {
@@ -534,6 +614,40 @@ pub fn render_metrics(r: &StatusReport) -> String {
         "Bytes of served LUNs' READs by source (passed_through: answered by the library's target)",
         served,
     );
+    let by_hops = Family::<HopsLabel, Counter>::default();
+    for (hops, v) in &s.served_bytes_by_hops {
+        by_hops
+            .get_or_create(&HopsLabel {
+                hops: hops.to_string(),
+            })
+            .inc_by(*v);
+    }
+    reg.register(
+        "splicer_served_hop_bytes",
+        "Bytes of served READs from fetched blocks, by the hop distance of their source",
+        by_hops,
+    );
+    if let Some(c) = &s.cache {
+        for (name, help, v) in [
+            ("cache_hits", "Block cache lookups that found the block", c.hits),
+            ("cache_misses", "Block cache lookups that did not", c.misses),
+        ] {
+            let counter = Counter::<u64>::default();
+            counter.inc_by(v);
+            reg.register(name, help, counter);
+        }
+        for (name, help, v) in [
+            ("cache_bytes", "Bytes of blocks in the cache", c.bytes),
+            ("cache_pinned_bytes", "Bytes of pinned (pre-staged) blocks in the cache", c.pinned_bytes),
+        ] {
+            let g = Gauge::<i64>::default();
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+            reg.register(name, help, g);
+        }
+    }
+    if let Some(m) = manager {
+        register_manager(&mut reg, m);
+    }
     if let Some(f) = &s.sourcing {
         for (name, help, v) in [
             (

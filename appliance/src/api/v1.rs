@@ -1,5 +1,6 @@
 //! The versioned operator API, `/api/v1`: the manager's inventory and jobs.
-//! Every error is JSON, `{"error": "…"}`, with its status code. Reads need a
+//! Every error is JSON, `{"code": "…", "message": "…"}` ([`ErrorBody`]), with
+//! its status code. Reads need a
 //! read token; creating and cancelling jobs an admin token.
 //!
 //! | route | what |
@@ -11,7 +12,10 @@
 //! | `GET /api/v1/jobs/{id}/events` | the job as server-sent events, until it ends |
 //! | `POST /api/v1/jobs/{id}/cancel` | cancel a running job |
 //! | `POST /api/v1/hosts/{host}/vms/{name}/{action}` | start, pause, resume or retire a VM |
-//! | `GET /api/v1/openapi.json` | this API as an OpenAPI 3.1 document, generated from these handlers ([`ApiDoc`]) |
+//! | `GET /api/v1/appliance` | this appliance: cache, LUNs, bytes served by source class |
+//! | `GET /api/v1/network` | links (capacity, budget, utilisation, nearblock's rate), appliances, discovery |
+//! | `GET /api/v1/events` | the console's live feed (server-sent events): inventory, network, jobs |
+//! | `GET /api/v1/openapi.json` | this API as an OpenAPI 3.1 document, generated from these handlers as the routers register them ([`document`]) |
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -22,14 +26,20 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
         IntoResponse, Response,
     },
-    routing::{get, post},
     Json, Router,
 };
 use serde::Deserialize;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::ApiState;
+use super::{
+    error::{error_code, error_response, ErrorBody},
+    ApiState,
+};
 use crate::{
-    manage::{BuildMode, Job, ManageError, Manager, PlaceSpec, PlanningView},
+    manage::{
+        network::{ApplianceView, NetworkView},
+        BuildMode, Job, ManageError, Manager, PlaceSpec, PlanningView,
+    },
     state::Appliance,
 };
 
@@ -39,7 +49,7 @@ pub struct V1Error(StatusCode, String);
 
 impl IntoResponse for V1Error {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        error_response(self.0, error_code(self.0), self.1)
     }
 }
 
@@ -55,43 +65,62 @@ impl From<ManageError> for V1Error {
     }
 }
 
-/// The error body of every v1 route.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    pub error: String,
-}
-
-/// The v1 API's OpenAPI document, from the handlers' annotations.
+/// The v1 API's OpenAPI document: its title and shared schemas here; every
+/// path is added by the router that serves it ([`read_router`],
+/// [`admin_router`]), so the document lists exactly the routes served.
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "nearblock operator API", version = "1"),
-    paths(vms, targets, place, jobs, job, events, cancel, vm_action, openapi),
-    components(schemas(ErrorBody, PlaceBody, Job, Targets, crate::manage::inventory::Inventory))
+    components(schemas(ErrorBody, PlaceBody, Job, JobSummary, Targets, ApplianceView, NetworkView,
+        crate::manage::inventory::Inventory))
 )]
 pub struct ApiDoc;
+
+/// The routes a read token may call, each registered with its OpenAPI entry
+/// (one `routes!` per handler: a route cannot be served undocumented).
+fn read_router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(openapi))
+        .routes(routes!(vms))
+        .routes(routes!(appliance))
+        .routes(routes!(network))
+        .routes(routes!(follow))
+        .routes(routes!(targets))
+        .routes(routes!(jobs))
+        .routes(routes!(job))
+        .routes(routes!(events))
+}
+
+/// The routes that change state (an admin token).
+fn admin_router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::default()
+        .routes(routes!(place))
+        .routes(routes!(cancel))
+        .routes(routes!(vm_action))
+}
+
+/// The document of both routers.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = read_router().split_for_parts().1;
+    doc.merge(admin_router().split_for_parts().1);
+    doc
+}
+
+static DOCUMENT: std::sync::LazyLock<utoipa::openapi::OpenApi> = std::sync::LazyLock::new(document);
 
 /// `GET /api/v1/openapi.json`.
 #[utoipa::path(get, path = "/api/v1/openapi.json",
     responses((status = 200, description = "this document")))]
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(<ApiDoc as utoipa::OpenApi>::openapi())
+    Json(DOCUMENT.clone())
 }
 
 pub fn read_routes() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/openapi.json", get(openapi))
-        .route("/api/v1/vms", get(vms))
-        .route("/api/v1/vms/{image}/targets", get(targets))
-        .route("/api/v1/jobs", get(jobs))
-        .route("/api/v1/jobs/{id}", get(job))
-        .route("/api/v1/jobs/{id}/events", get(events))
+    read_router().split_for_parts().0
 }
 
 pub fn admin_routes() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/vms/{image}/place", post(place))
-        .route("/api/v1/jobs/{id}/cancel", post(cancel))
-        .route("/api/v1/hosts/{host}/vms/{name}/{action}", post(vm_action))
+    admin_router().split_for_parts().0
 }
 
 /// Start, pause, resume or retire a VM through its host's hook.
@@ -137,7 +166,12 @@ fn manager(app: &Appliance) -> Result<&Arc<Manager>, V1Error> {
 #[utoipa::path(get, path = "/api/v1/vms", responses(
     (status = 200, body = crate::manage::inventory::Inventory),
     (status = 404, body = ErrorBody, description = "no [manager] here")))]
-async fn vms(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, V1Error> {
+async fn vms(State(s): State<ApiState>) -> Result<Json<crate::manage::inventory::Inventory>, V1Error> {
+    inventory(&s).await.map(Json)
+}
+
+/// The inventory, assembled on the blocking pool (it reads the store).
+async fn inventory(s: &ApiState) -> Result<crate::manage::inventory::Inventory, V1Error> {
     let app = s.app.clone();
     let _permit = s
         .heavy
@@ -151,11 +185,168 @@ async fn vms(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, V1Err
         })?;
         let mut inv = m.inventory(&topology)?;
         inv.discovery = app.discovery.lock().entries();
-        serde_json::to_value(inv).map_err(|e| V1Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        Ok(inv)
     })
     .await
     .map_err(|e| V1Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map(Json)
+}
+
+/// This appliance's own account: cache, LUNs, bytes served by source class.
+#[utoipa::path(get, path = "/api/v1/appliance",
+    responses((status = 200, body = ApplianceView)))]
+async fn appliance(State(s): State<ApiState>) -> Json<ApplianceView> {
+    Json(s.app.appliance_view())
+}
+
+/// The network: every link with its capacity, budget, utilisation and
+/// nearblock's measured rate; every appliance's cache and LUNs (the manager's
+/// own first); the discovery table.
+#[utoipa::path(get, path = "/api/v1/network",
+    responses((status = 200, body = NetworkView),
+        (status = 404, body = ErrorBody, description = "no [manager] here")))]
+async fn network(State(s): State<ApiState>) -> Result<Json<NetworkView>, V1Error> {
+    network_now(&s.app).map(Json)
+}
+
+fn network_now(app: &Appliance) -> Result<NetworkView, V1Error> {
+    let m = manager(app)?;
+    let mut view = m.network.lock().clone().unwrap_or_default();
+    view.appliances.insert(
+        0,
+        crate::manage::network::ApplianceEntry {
+            api: "local".into(),
+            view: Some(app.appliance_view()),
+            error: None,
+        },
+    );
+    view.discovery = app.discovery.lock().entries();
+    Ok(view)
+}
+
+/// One line of the job list.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct JobSummary {
+    pub id: u64,
+    pub kind: crate::manage::jobs::JobKind,
+    pub state: crate::manage::JobState,
+    pub name: String,
+    pub image: String,
+    pub target: Option<String>,
+    pub blocks_done: u64,
+    pub blocks_total: u64,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub error: Option<String>,
+}
+
+impl From<&Job> for JobSummary {
+    fn from(j: &Job) -> Self {
+        Self {
+            id: j.id,
+            kind: j.kind,
+            state: j.state,
+            name: j.spec.name.clone(),
+            image: j.spec.image.clone(),
+            target: j.plan.as_ref().map(|p| p.target.clone()),
+            blocks_done: j.progress.blocks_done,
+            blocks_total: j.progress.blocks_total,
+            created_ms: j.created_ms,
+            updated_ms: j.updated_ms,
+            error: j.error.clone(),
+        }
+    }
+}
+
+/// What the console's pages follow, as server-sent events.
+struct Follow {
+    s: ApiState,
+    m: Arc<Manager>,
+    rx: tokio::sync::broadcast::Receiver<u64>,
+    tick: tokio::time::Interval,
+    ticks: u64,
+    jobs_changed: bool,
+    last_inventory: Option<String>,
+    last_network: Option<String>,
+    queue: std::collections::VecDeque<Event>,
+}
+
+impl Follow {
+    /// The next tick's events: the network when it changed (each second), the
+    /// inventory when it changed (every other second), the job list when a
+    /// job changed.
+    async fn collect(&mut self) {
+        if let Ok(net) = network_now(&self.s.app) {
+            push_changed(&mut self.queue, &mut self.last_network, "network", &net);
+        }
+        if self.ticks.is_multiple_of(2) {
+            if let Ok(inv) = inventory(&self.s).await {
+                push_changed(&mut self.queue, &mut self.last_inventory, "inventory", &inv);
+            }
+        }
+        if std::mem::take(&mut self.jobs_changed) {
+            let jobs: Vec<JobSummary> = self.m.jobs().iter().rev().map(JobSummary::from).collect();
+            if let Ok(e) = Event::default().event("jobs").json_data(&jobs) {
+                self.queue.push_back(e);
+            }
+        }
+        self.ticks += 1;
+    }
+}
+
+/// Queues `value` as event `name` unless it is what was sent last.
+fn push_changed<T: serde::Serialize>(
+    queue: &mut std::collections::VecDeque<Event>,
+    last: &mut Option<String>,
+    name: &str,
+    value: &T,
+) {
+    let Ok(text) = serde_json::to_string(value) else { return };
+    if last.as_deref() != Some(text.as_str()) {
+        queue.push_back(Event::default().event(name).data(&text));
+        *last = Some(text);
+    }
+}
+
+/// The console's live feed.
+#[utoipa::path(get, path = "/api/v1/events",
+    responses((status = 200, content_type = "text/event-stream",
+        description = "`event: inventory` (the inventory, when it changed; checked every 2 s), \
+            `event: network` (the network view, when it changed; each second), \
+            `event: jobs` (every job's summary, newest first, when one changed); \
+            each sent once at the start"),
+        (status = 404, body = ErrorBody, description = "no [manager] here")))]
+async fn follow(
+    State(s): State<ApiState>,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, V1Error> {
+    let m = manager(&s.app)?.clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = Follow {
+        s,
+        rx: m.subscribe(),
+        m,
+        tick,
+        ticks: 0,
+        jobs_changed: true,
+        last_inventory: None,
+        last_network: None,
+        queue: std::collections::VecDeque::new(),
+    };
+    let stream = futures_util::stream::unfold(state, |mut f| async move {
+        loop {
+            if let Some(e) = f.queue.pop_front() {
+                return Some((Ok(e), f));
+            }
+            tokio::select! {
+                _ = f.tick.tick() => f.collect().await,
+                r = f.rx.recv() => match r {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => f.jobs_changed = true,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                },
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10))))
 }
 
 /// The body of `POST /api/v1/vms/{image}/place`.
@@ -362,11 +553,10 @@ async fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use utoipa::OpenApi as _;
 
     #[test]
     fn the_openapi_document_lists_every_route_with_its_method() {
-        let doc = ApiDoc::openapi();
+        let doc = document();
         let json = serde_json::to_value(&doc).unwrap();
         let paths = json["paths"].as_object().unwrap();
         for (path, method) in [
@@ -378,11 +568,14 @@ mod tests {
             ("/api/v1/jobs/{id}/events", "get"),
             ("/api/v1/jobs/{id}/cancel", "post"),
             ("/api/v1/hosts/{host}/vms/{name}/{action}", "post"),
+            ("/api/v1/appliance", "get"),
+            ("/api/v1/network", "get"),
+            ("/api/v1/events", "get"),
             ("/api/v1/openapi.json", "get"),
         ] {
             assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{path} {method}");
         }
-        assert_eq!(paths.len(), 9, "a route without its document entry: {:?}", paths.keys());
+        assert_eq!(paths.len(), 12, "a route without its document entry: {:?}", paths.keys());
         // The job's schema is the one the handlers serialise.
         let job = &json["components"]["schemas"]["Job"]["properties"];
         for field in ["id", "spec", "state", "placement", "plan", "progress", "events", "error"] {

@@ -116,10 +116,10 @@ fn api_call(
 
 /// What to tell the user when the daemon did not answer 200.
 fn refusal(api: SocketAddr, path: &str, status: u16, had_token: bool, body: &str) -> String {
-    // The v1 routes answer `{"error": "…"}`.
-    let error = serde_json::from_str::<serde_json::Value>(body)
+    // Refusals and the v1 routes answer `{"code": "…", "message": "…"}`.
+    let error = serde_json::from_str::<crate::api::error::ErrorBody>(body)
         .ok()
-        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned));
+        .map(|e| e.message);
     let body = error.as_deref().unwrap_or(body);
     match (status, had_token) {
         (401, false) => format!(

@@ -79,11 +79,12 @@ pub enum FeedError {
         "{peer} refused our token (HTTP {status}): it must be in the peer's [api] read_token_file"
     )]
     Refused { peer: String, status: u16 },
-    #[error("{peer}/links: {message}")]
+    #[error("{peer}: {message}")]
     Unavailable { peer: String, message: String },
 }
 
-/// Fetches other appliances' `GET /links` with this appliance's read token.
+/// Fetches other appliances' `GET /links` (and, for the manager's network
+/// view, `GET /api/v1/appliance`) with this appliance's read token.
 /// Blocking (run it with `spawn_blocking`); one agent, so connections are reused
 /// across polls. The token file is read at every fetch, so a rotated token is
 /// used from the next poll on.
@@ -105,14 +106,24 @@ impl LinksClient {
 
     /// `peer`'s links (`host:port` of its API).
     pub fn fetch(&self, peer: &str) -> Result<Vec<LinkUtilization>, FeedError> {
+        self.get_json(peer, "/links")
+    }
+
+    /// `GET path` of `peer`'s API (`host:port`) with this appliance's read
+    /// token, as JSON.
+    pub fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        peer: &str,
+        path: &str,
+    ) -> Result<T, FeedError> {
         let token = crate::api::auth::read_client_token(&self.token_file)?;
         let unavailable = |message: String| FeedError::Unavailable {
-            peer: peer.to_string(),
+            peer: format!("{peer}{path}"),
             message,
         };
         let resp = self
             .agent
-            .get(&format!("http://{peer}/links"))
+            .get(&format!("http://{peer}{path}"))
             .header("Authorization", &format!("Bearer {token}"))
             .call()
             .map_err(|e| unavailable(e.to_string()))?;

@@ -72,6 +72,18 @@ impl JobState {
     pub fn is_final(self) -> bool {
         matches!(self, Self::Done | Self::Failed | Self::Cancelled)
     }
+
+    /// Its name in JSON and in metrics' labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Placing => "placing",
+            Self::Building => "building",
+            Self::Indexing => "indexing",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// One thing that happened to a job.
@@ -160,6 +172,17 @@ pub enum JobKind {
     /// Keep a running VM's unique blocks staged, pinned, at its top targets'
     /// rack caches (until cancelled or the VM migrates).
     Prestage,
+}
+
+impl JobKind {
+    /// Its name in JSON and in metrics' labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Place => "place",
+            Self::Migrate => "migrate",
+            Self::Prestage => "prestage",
+        }
+    }
 }
 
 /// One pre-copy round of a migration (round 0 is the whole disk).
@@ -367,6 +390,23 @@ impl JobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_the_json_names() {
+        for k in [JobKind::Place, JobKind::Migrate, JobKind::Prestage] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.name());
+        }
+        for st in [
+            JobState::Placing,
+            JobState::Building,
+            JobState::Indexing,
+            JobState::Done,
+            JobState::Failed,
+            JobState::Cancelled,
+        ] {
+            assert_eq!(serde_json::to_value(st).unwrap(), st.name());
+        }
+    }
 
     fn spec() -> PlaceSpec {
         PlaceSpec {

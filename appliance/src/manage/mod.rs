@@ -15,11 +15,14 @@
 //! - [`migrate`]: a running VM's disk moved in pre-copy rounds.
 //! - [`prestage`]: a VM likely to move has its unique blocks pinned at its
 //!   top targets' rack caches.
+//! - [`network`]: the links, nearblock's measured rate on each, and the
+//!   appliances' caches and LUNs, for the console.
 
 pub mod budget;
 pub mod inventory;
 pub mod jobs;
 pub mod migrate;
+pub mod network;
 pub mod prefetchers;
 pub mod prestage;
 pub mod runner;
@@ -149,6 +152,8 @@ pub struct Manager {
     /// The inventory's "held elsewhere" shares, at the index sequence number
     /// they were computed at.
     shares: Mutex<Option<(u64, inventory::Shares)>>,
+    /// The Network page's data, kept current by [`network::watch`].
+    pub network: Mutex<Option<network::NetworkView>>,
 }
 
 /// A running build as the allocator sees it.
@@ -209,6 +214,7 @@ impl Manager {
             loaded_since: Mutex::new(HashMap::new()),
             seeds: Mutex::new(HashMap::new()),
             shares: Mutex::new(None),
+            network: Mutex::new(None),
         });
         tokio::spawn(prefetchers::run(Arc::downgrade(&me)));
         for (job, target) in interrupted {

@@ -225,7 +225,6 @@ fn budgets_as_capacity(topology: &Topology, util_cap: f64) -> Topology {
     t
 }
 
-/// The class of a source as seen from the target.
 /// Per source of `order`: the links of its path and the bytes planned from it.
 fn source_flows(
     order: &BuildOrder,
@@ -251,18 +250,55 @@ fn source_flows(
     flows
 }
 
+/// The class of a source as seen from the target (`paths`' source): `self`,
+/// `library`, `cache` (an appliance's block cache), `rack` (a host two links
+/// away: the same rack) or `other_rack` — the splicer's classes.
 fn class_of(graph: &Graph, paths: &ShortestPaths, source: NodeId) -> &'static str {
     if source == paths.source {
         return "self";
     }
-    if graph.role(source) == Role::Library {
-        return "library";
+    match graph.role(source) {
+        Role::Library => "library",
+        Role::Appliance | Role::Switch => "cache",
+        Role::Hypervisor if paths.path_links(source).count() <= 2 => "rack",
+        Role::Hypervisor => "other_rack",
     }
-    if paths.path_links(source).count() <= 2 {
-        "rack"
-    } else {
-        "other_rack"
+}
+
+/// Candidates given their bytes by source class (of the distinct non-zero
+/// blocks, as a build there would take them), at most this many, in rank
+/// order: each costs one construction plan.
+const CLASSED_CANDIDATES: usize = 16;
+
+/// Fills the first [`CLASSED_CANDIDATES`] buildable candidates'
+/// `bytes_by_class` from a construction plan on each.
+fn classify_candidates(report: &mut PlaceReport, image: &ImageHolders, graph: &Graph) {
+    for c in report
+        .candidates
+        .iter_mut()
+        .filter(|c| c.total_cost.is_some())
+        .take(CLASSED_CANDIDATES)
+    {
+        let Some(n) = graph.node_id(&c.host) else { continue };
+        let paths = graph.shortest_paths(n);
+        if let Ok(plan) = construct(image, graph, &paths) {
+            c.bytes_by_class = bytes_by_class(&plan, image, graph, &paths);
+        }
     }
+}
+
+/// A plan's distinct blocks' bytes by the class of their source.
+fn bytes_by_class(
+    plan: &ConstructionPlan,
+    image: &ImageHolders,
+    graph: &Graph,
+    paths: &ShortestPaths,
+) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (&source, d) in plan.sources.iter().zip(&image.blocks.distinct) {
+        *out.entry(class_of(graph, paths, source).to_owned()).or_default() += d.len;
+    }
+    out
 }
 
 /// Per (host, image) of every indexed VM disk and library image: the share of
@@ -772,7 +808,8 @@ impl Manager {
         .map_err(|e| e.to_string())?;
         let policy: Policy = spec.policy.parse().map_err(|e| format!("policy: {e}"))?;
         let metrics = view.host_metrics();
-        let report = placement.report(&spec.image, policy, &metrics);
+        let mut report = placement.report(&spec.image, policy, &metrics);
+        classify_candidates(&mut report, &image, &graph);
         Ok(Ranked {
             topology,
             manifest,

@@ -501,49 +501,60 @@ impl ClassGroups {
 }
 
 impl Placement {
-    /// Index into `candidates` of the host `policy` picks, if any can be built.
+    /// Index into `candidates` of the host `policy` picks, if any can be built
+    /// (the head of [`Self::ranking`]).
+    #[cfg(test)]
     pub fn choose(&self, policy: Policy, metrics: &MetricsFile) -> Option<usize> {
+        self.ranking(policy, metrics).first().copied()
+    }
+
+    /// The buildable candidates in the order `policy` prefers them: `best`
+    /// by cost; `top:X:M` the X cheapest by metric M, then the rest by cost;
+    /// `within:P%:M` those within P% of the cheapest by M, then the rest by
+    /// cost. Unknown metrics rank after known ones; ties keep cost order.
+    pub fn ranking(&self, policy: Policy, metrics: &MetricsFile) -> Vec<usize> {
         let ok: Vec<(usize, f64)> = self
             .candidates
             .iter()
             .enumerate()
             .filter_map(|(i, c)| c.cost.as_ref().ok().map(|k| (i, k.total_cost)))
             .collect();
-        let &(first, cheapest) = ok.first()?;
+        let Some(&(_, cheapest)) = ok.first() else {
+            return Vec::new();
+        };
         let (eligible, metric) = match policy {
-            Policy::Best => return Some(first),
-            Policy::Top { count, metric } => (&ok[..count.min(ok.len())], metric),
+            Policy::Best => return ok.iter().map(|&(i, _)| i).collect(),
+            Policy::Top { count, metric } => (count.min(ok.len()), metric),
             Policy::Within { percent, metric } => {
                 // A relative tolerance so that float noise does not exclude a tie.
                 let limit = cheapest * (1.0 + percent / 100.0) * (1.0 + 1e-12);
-                let n = ok.iter().take_while(|&&(_, c)| c <= limit).count();
-                (&ok[..n], metric)
+                (ok.iter().take_while(|&&(_, c)| c <= limit).count(), metric)
             }
         };
-        // Lowest metric; unknown metrics rank after known ones; ties keep cost order.
-        eligible
-            .iter()
-            .min_by(|&&(a, _), &&(b, _)| {
-                let ma = metrics.get(&self.candidates[a].host).get(metric);
-                let mb = metrics.get(&self.candidates[b].host).get(metric);
-                match (ma, mb) {
-                    (Some(x), Some(y)) => x.total_cmp(&y),
-                    (Some(_), None) => std::cmp::Ordering::Less,
-                    (None, Some(_)) => std::cmp::Ordering::Greater,
-                    (None, None) => std::cmp::Ordering::Equal,
-                }
-                .then(a.cmp(&b))
-            })
-            .map(|&(i, _)| i)
+        let mut head: Vec<usize> = ok[..eligible].iter().map(|&(i, _)| i).collect();
+        head.sort_by(|&a, &b| {
+            let ma = metrics.get(&self.candidates[a].host).get(metric);
+            let mb = metrics.get(&self.candidates[b].host).get(metric);
+            match (ma, mb) {
+                (Some(x), Some(y)) => x.total_cmp(&y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            }
+            .then(a.cmp(&b))
+        });
+        head.extend(ok[eligible..].iter().map(|&(i, _)| i));
+        head
     }
 
     /// The JSON report (`docs/planner.md`).
     pub fn report(&self, image: &str, policy: Policy, metrics: &MetricsFile) -> PlaceReport {
-        let chosen = self.choose(policy, metrics);
+        let ranking = self.ranking(policy, metrics);
         PlaceReport {
             image: image.to_owned(),
             policy: policy.to_string(),
-            chosen: chosen.map(|i| self.candidates[i].host.clone()),
+            chosen: ranking.first().map(|&i| self.candidates[i].host.clone()),
+            ranked: ranking.iter().map(|&i| self.candidates[i].host.clone()).collect(),
             candidates: self
                 .candidates
                 .iter()
@@ -559,6 +570,7 @@ impl Placement {
                         mem: m.mem,
                         disk: m.disk,
                         error: c.cost.as_ref().err().map(std::string::ToString::to_string),
+                        bytes_by_class: std::collections::BTreeMap::new(),
                     }
                 })
                 .collect(),
@@ -572,6 +584,10 @@ pub struct PlaceReport {
     pub image: String,
     pub policy: String,
     pub chosen: Option<String>,
+    /// The buildable candidates in the policy's order (`chosen` first); the
+    /// console's ranking. `candidates` stay in cost order.
+    #[serde(default)]
+    pub ranked: Vec<String>,
     pub candidates: Vec<CandidateReport>,
 }
 
@@ -587,6 +603,12 @@ pub struct CandidateReport {
     pub disk: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes of the distinct non-zero blocks by the class of the source a
+    /// build here would take them from (`self`, `cache`, `rack`,
+    /// `other_rack`, `library`); filled by the manager for the top
+    /// candidates, empty otherwise.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub bytes_by_class: std::collections::BTreeMap<String, u64>,
 }
 
 #[cfg(test)]
@@ -825,6 +847,35 @@ mod tests {
         );
         assert_eq!(pick("within:300%:cpu"), "h3");
         assert_eq!(pick("within:299%:cpu"), "h2");
+    }
+
+    #[test]
+    fn the_ranking_puts_the_policys_eligible_hosts_first_by_metric() {
+        // Costs: lib 0, h1 4, h2 6, h3 8, h4 8.
+        let idx = index(&[("h1", &[1]), ("lib", &[1, 2])]);
+        let p = placed(
+            &manifest("img", &[1, 2], None),
+            &idx,
+            &["h1", "h2", "h3", "h4", "lib"],
+        );
+        let metrics = MetricsFile::parse(
+            "[host.lib]\ncpu = 0.9\n[host.h1]\ncpu = 0.5\n[host.h2]\ncpu = 0.1\n[host.h3]\ncpu = 0.0\n",
+        )
+        .unwrap();
+        let ranked = |s: &str| -> Vec<String> {
+            let policy: Policy = s.parse().unwrap();
+            let r = p.ranking(policy, &metrics);
+            assert_eq!(r.first().copied(), p.choose(policy, &metrics), "{s}");
+            r.iter().map(|&i| p.candidates[i].host.clone()).collect()
+        };
+        assert_eq!(ranked("best"), ["lib", "h1", "h2", "h3", "h4"]);
+        assert_eq!(ranked("top:3:cpu"), ["h2", "h1", "lib", "h3", "h4"]);
+        // h4's cpu is unknown: after the known ones.
+        assert_eq!(ranked("top:9:cpu"), ["h3", "h2", "h1", "lib", "h4"]);
+        let report = p.report("img", "top:3:cpu".parse().unwrap(), &metrics);
+        assert_eq!(report.chosen.as_deref(), Some("h2"));
+        assert_eq!(report.ranked, ["h2", "h1", "lib", "h3", "h4"]);
+        assert_eq!(report.candidates[0].host, "lib", "candidates stay in cost order");
     }
 
     #[test]
