@@ -34,6 +34,7 @@ use nearblock::{
 pub mod conformance;
 pub mod content;
 pub mod cpu;
+pub mod datacenter;
 pub mod fabric;
 pub mod initiator;
 pub mod procs;

@@ -109,8 +109,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Bootstrap, build, and run the demo topology.
-    Demo,
+    /// Bootstrap, build, and run the demo: placement, builds, a migration and
+    /// the naive way, on 3 racks × 3 hypervisors, with a report.
+    Demo {
+        /// Small generated images (what CI runs, so the demo cannot rot).
+        #[arg(long)]
+        quick: bool,
+        /// Keep the lab and the console up until Ctrl-C.
+        #[arg(long)]
+        hold: bool,
+    },
     /// Build a .deb (binary, systemd units, default config) from the binary
     /// already built, and check it.
     Package {
@@ -179,10 +187,10 @@ fn main() -> Result<()> {
             let deb = phase("package", || package::build(&profile))?;
             phase("package: check", || package::check(&deb))
         }
-        Cmd::Demo => {
+        Cmd::Demo { quick, hold } => {
             bootstrap()?;
             build()?;
-            run_lab_bin("nearblock-demo")
+            demo("release", quick, hold)
         }
         Cmd::Bench {
             which,
@@ -253,19 +261,23 @@ impl StatusOk for Command {
     }
 }
 
-/// Runs a lab program (the demo) with the release daemon `build` made.
-fn run_lab_bin(bin: &str) -> Result<()> {
-    cargo(&[
-        "run",
-        "--release",
-        "-q",
-        "-p",
-        "nearblock-lab",
-        "--bin",
-        bin,
-    ])
-    .env("NEARBLOCK_BIN", target_dir().join("release/nearblock"))
-    .status_ok()
+/// The demo (`tests/src/bin/nearblock-demo.rs`) against the nearblock binary
+/// of `profile` (built already), with its guest workload beside it.
+fn demo(profile: &str, quick: bool, hold: bool) -> Result<()> {
+    let dir = if profile == "dev" { "debug" } else { profile };
+    let mut build = cargo(&["build", "-q", "--profile", profile, "-p", "nearblock-lab"]);
+    build.args(["--bin", "nearblock-demo", "--bin", "vm-workload"]);
+    build.status_ok()?;
+    let mut c = Command::new(target_dir().join(dir).join("nearblock-demo"));
+    if quick {
+        c.arg("--quick");
+    }
+    if hold {
+        c.arg("--hold");
+    }
+    c.env("NEARBLOCK_BIN", target_dir().join(dir).join("nearblock"))
+        .env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR)
+        .status_ok()
 }
 
 fn build() -> Result<()> {
@@ -375,6 +387,8 @@ fn test(extra: &[String]) -> Result<()> {
         c.args(extra).env("NEARBLOCK_CORPUS_DIR", CORPUS_DIR);
         c.status_ok()
     })?;
+    // The demo's story on small images, so it cannot rot.
+    phase("demo --quick", || demo("dev", true, false))?;
     // Hostile input as a standing test: every checked-in fuzz input, plus a short run.
     phase("fuzz build", fuzz::build)?;
     phase("fuzz replay", || fuzz::replay(FUZZ_TARGETS))
