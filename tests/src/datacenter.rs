@@ -312,12 +312,8 @@ pub struct LinkSamples(Vec<(f64, BTreeMap<String, u64>)>);
 
 impl LinkSamples {
     pub fn take(&mut self, lab: &Lab, start: Instant) -> Result<()> {
-        let mut read = Ok(BTreeMap::new());
-        let sample = crate::vmlab::stamped(start, || {
-            read = link_bytes(lab);
-            0
-        });
-        self.0.push((sample.0, read?));
+        let (at, bytes) = crate::vmlab::stamped(start, || link_bytes(lab));
+        self.0.push((at, bytes?));
         Ok(())
     }
 

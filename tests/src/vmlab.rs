@@ -172,6 +172,20 @@ pub fn write_vm_files(
     Ok(())
 }
 
+/// Writes `len` bytes of seeded random data (no block of it held anywhere
+/// else) into `disk` at `offset`, synced: data only this VM holds.
+pub fn write_random(disk: &Path, offset: u64, len: usize, seed: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(disk)?;
+    let mut random = nearblock::index::synthetic::SplitMix64::new(seed);
+    let data: Vec<u8> = (0..len / 8)
+        .flat_map(|_| random.next_u64().to_le_bytes())
+        .collect();
+    f.write_all_at(&data, offset)?;
+    f.sync_all()?;
+    Ok(())
+}
+
 /// A sparse copy of `from` at `to`.
 pub fn sparse_copy(from: &Path, to: &Path) -> Result<()> {
     let ok = Command::new("cp")
@@ -237,7 +251,7 @@ pub fn peak_mbps(samples: &[(f64, u64)]) -> f64 {
 /// the middle of the reading: reading the kernel's counters through the CLI
 /// takes tens of milliseconds, and a stamp taken before it would skew the
 /// 1-second windows of [`peak_mbps`] by as much.
-pub fn stamped(started: Instant, read: impl FnOnce() -> u64) -> (f64, u64) {
+pub fn stamped<T>(started: Instant, read: impl FnOnce() -> T) -> (f64, T) {
     let before = started.elapsed().as_secs_f64();
     let value = read();
     let after = started.elapsed().as_secs_f64();

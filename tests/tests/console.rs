@@ -119,26 +119,13 @@ fn the_console_shows_the_lab_reranks_places_and_follows_the_build() {
             .unwrap();
     }
     // The library's image and hv1's VM indexed: the ranking is meaningful.
-    let bin = nearblock_lab::nearblock_bin().unwrap();
     let read = lab.api_read_token_file();
     within(
         Duration::from_mins(2),
         "the image and stored1 indexed",
         || {
-            let o = lab
-                .exec(
-                    "core",
-                    &[
-                        bin.to_str().unwrap(),
-                        "vm",
-                        "--token-file",
-                        read.to_str().unwrap(),
-                        "list",
-                        "--json",
-                    ],
-                )
-                .unwrap();
-            let inv: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+            let inv = nearblock_lab::vmlab::vm_json(&lab, "core", &read, &["list", "--json"])
+                .unwrap_or(Value::Null);
             let vm_indexed = inv["vms"].as_array().is_some_and(|v| {
                 v.iter()
                     .any(|v| v["name"] == "stored1" && v["indexed"] == true)
@@ -211,18 +198,7 @@ fn the_console_shows_the_lab_reranks_places_and_follows_the_build() {
         let listing: Vec<_> = std::fs::read_dir(vm_dir("hv2"))
             .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
             .unwrap_or_default();
-        let job = lab.exec(
-            "core",
-            &[
-                bin.to_str().unwrap(),
-                "vm",
-                "--token-file",
-                read.to_str().unwrap(),
-                "job",
-                "1",
-                "--json",
-            ],
-        );
+        let job = nearblock_lab::vmlab::vm_json(&lab, "core", &read, &["job", "1", "--json"]);
         panic!("hv2's web-console.raw: {e}; hv2 holds {listing:?}; job: {job:?}")
     });
     assert!(built == image, "hv2's web-console.raw is not the image");

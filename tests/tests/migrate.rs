@@ -385,7 +385,7 @@ fn a_running_vm_migrates_and_only_what_nobody_nearer_holds_leaves_its_host() {
     reason = "one scenario, read top to bottom: the lab, the marking, the migration"
 )]
 fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
-    use std::{fmt::Write as _, os::unix::fs::FileExt};
+    use std::fmt::Write as _;
     const UNIQUE: usize = 128 << 20;
     let image_path = corpus_dir().join("images/b-bookworm-cloud.raw");
     let size = std::fs::metadata(&image_path).unwrap().len();
@@ -453,15 +453,7 @@ fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
     vmlab::sparse_copy(&image_path, &dir("hv2").join("busy1.raw")).unwrap();
     vmlab::write_vm_files(&dir("hv2"), "busy1", &lun, size, None, None).unwrap();
     // What web1 alone holds: 128 MiB of its own data.
-    {
-        let f = std::fs::OpenOptions::new().write(true).open(&web1).unwrap();
-        let mut random = nearblock::index::synthetic::SplitMix64::new(99);
-        let data: Vec<u8> = (0..UNIQUE / 8)
-            .flat_map(|_| random.next_u64().to_le_bytes())
-            .collect();
-        f.write_all_at(&data, 600 << 20).unwrap();
-        f.sync_all().unwrap();
-    }
+    vmlab::write_random(&web1, 600 << 20, UNIQUE, 99).unwrap();
     let served = vmlab::serve_disk(lab.dir.path(), "web1", &web1, &mut children).unwrap();
     let stats = lab.dir.path().join("web1.workload.json");
     let pid = vmlab::Workload {
@@ -626,7 +618,6 @@ fn a_vm_likely_to_move_has_its_unique_blocks_pinned_at_its_targets_racks() {
     reason = "one scenario, read top to bottom: the lab, the migration, the two links"
 )]
 fn a_migration_keeps_within_both_hosts_link_budgets() {
-    use std::os::unix::fs::FileExt;
     const SIZE: usize = 256 << 20;
     const UNIQUE: usize = 48 << 20;
     const SOURCE_BUDGET_MBPS: f64 = 40.0;
@@ -688,15 +679,7 @@ fn a_migration_keeps_within_both_hosts_link_budgets() {
     vmlab::sparse_copy(&image_path, &web1).unwrap();
     vmlab::sparse_copy(&image_path, &dir("hv4").join("other1.raw")).unwrap();
     vmlab::write_vm_files(&dir("hv4"), "other1", &lun, SIZE as u64, None, None).unwrap();
-    {
-        let f = std::fs::OpenOptions::new().write(true).open(&web1).unwrap();
-        let mut random = nearblock::index::synthetic::SplitMix64::new(77);
-        let data: Vec<u8> = (0..UNIQUE / 8)
-            .flat_map(|_| random.next_u64().to_le_bytes())
-            .collect();
-        f.write_all_at(&data, 128 << 20).unwrap();
-        f.sync_all().unwrap();
-    }
+    vmlab::write_random(&web1, 128 << 20, UNIQUE, 77).unwrap();
     let served = vmlab::serve_disk(lab.dir.path(), "web1", &web1, &mut children).unwrap();
     let stats = lab.dir.path().join("web1.workload.json");
     let pid = vmlab::Workload {

@@ -501,14 +501,8 @@ impl ClassGroups {
 }
 
 impl Placement {
-    /// Index into `candidates` of the host `policy` picks, if any can be built
-    /// (the head of [`Self::ranking`]).
-    #[cfg(test)]
-    pub fn choose(&self, policy: Policy, metrics: &MetricsFile) -> Option<usize> {
-        self.ranking(policy, metrics).first().copied()
-    }
-
-    /// The buildable candidates in the order `policy` prefers them: `best`
+    /// The buildable candidates in the order `policy` prefers them (its pick
+    /// first, none when no candidate can be built): `best`
     /// by cost; `top:X:M` the X cheapest by metric M, then the rest by cost;
     /// `within:P%:M` those within P% of the cheapest by M, then the rest by
     /// cost. Unknown metrics rank after known ones; ties keep cost order.
@@ -805,9 +799,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn policy_picks_by_metric() {
-        // Costs: lib 0, h1 4, h2 6, h3 8, h4 8 (as above, without the island).
+    /// Costs: lib 0, h1 4, h2 6, h3 8, h4 8 (as above, without the island);
+    /// CPU: lib 0.9, h1 0.5, h2 0.1, h3 0, h4 unknown.
+    fn five_hosts_by_cpu() -> (Placement, MetricsFile) {
         let idx = index(&[("h1", &[1]), ("lib", &[1, 2])]);
         let p = placed(
             &manifest("img", &[1, 2], None),
@@ -818,11 +812,19 @@ mod tests {
             "[host.lib]\ncpu = 0.9\n[host.h1]\ncpu = 0.5\n[host.h2]\ncpu = 0.1\n[host.h3]\ncpu = 0.0\n",
         )
         .unwrap();
-        let pick = |s: &str| {
-            p.candidates[p.choose(s.parse().unwrap(), &metrics).unwrap()]
-                .host
-                .clone()
-        };
+        (p, metrics)
+    }
+
+    /// The host `policy` picks: the head of the ranking.
+    fn pick_of(p: &Placement, metrics: &MetricsFile, policy: &str) -> Option<String> {
+        let first = p.ranking(policy.parse().unwrap(), metrics).first().copied();
+        first.map(|i| p.candidates[i].host.clone())
+    }
+
+    #[test]
+    fn policy_picks_by_metric() {
+        let (p, metrics) = five_hosts_by_cpu();
+        let pick = |s: &str| pick_of(&p, &metrics, s).unwrap();
         assert_eq!(pick("best"), "lib");
         assert_eq!(pick("top:2:cpu"), "h1");
         assert_eq!(pick("top:3:cpu"), "h2");
@@ -835,11 +837,7 @@ mod tests {
         let p = placed(&manifest("img", &[1, 2], None), &idx, &["h1", "h2", "h3"]);
         // h1 2, h2 2, h3 8: within 0% keeps h1, h2.
         let metrics = MetricsFile::parse("[host.h2]\ncpu = 0.2\n[host.h3]\ncpu = 0.0\n").unwrap();
-        let pick = |s: &str| {
-            p.candidates[p.choose(s.parse().unwrap(), &metrics).unwrap()]
-                .host
-                .clone()
-        };
+        let pick = |s: &str| pick_of(&p, &metrics, s).unwrap();
         assert_eq!(
             pick("within:0%:cpu"),
             "h2",
@@ -851,21 +849,9 @@ mod tests {
 
     #[test]
     fn the_ranking_puts_the_policys_eligible_hosts_first_by_metric() {
-        // Costs: lib 0, h1 4, h2 6, h3 8, h4 8.
-        let idx = index(&[("h1", &[1]), ("lib", &[1, 2])]);
-        let p = placed(
-            &manifest("img", &[1, 2], None),
-            &idx,
-            &["h1", "h2", "h3", "h4", "lib"],
-        );
-        let metrics = MetricsFile::parse(
-            "[host.lib]\ncpu = 0.9\n[host.h1]\ncpu = 0.5\n[host.h2]\ncpu = 0.1\n[host.h3]\ncpu = 0.0\n",
-        )
-        .unwrap();
+        let (p, metrics) = five_hosts_by_cpu();
         let ranked = |s: &str| -> Vec<String> {
-            let policy: Policy = s.parse().unwrap();
-            let r = p.ranking(policy, &metrics);
-            assert_eq!(r.first().copied(), p.choose(policy, &metrics), "{s}");
+            let r = p.ranking(s.parse().unwrap(), &metrics);
             r.iter().map(|&i| p.candidates[i].host.clone()).collect()
         };
         assert_eq!(ranked("best"), ["lib", "h1", "h2", "h3", "h4"]);
@@ -882,7 +868,7 @@ mod tests {
     fn no_buildable_candidate_chooses_nothing() {
         let idx = index(&[("lib", &[1])]);
         let p = placed(&manifest("img", &[1], None), &idx, &["island", "zzz"]);
-        assert_eq!(p.choose(Policy::Best, &MetricsFile::default()), None);
+        assert_eq!(pick_of(&p, &MetricsFile::default(), "best"), None);
         let g = Graph::from_topology(&dc());
         let image = ImageHolders::resolve(&manifest("img", &[1], None), &idx, &g).unwrap();
         assert!(matches!(
