@@ -51,6 +51,7 @@ pub const GLOBAL_STEER_MARK: &str = "STEER_MARK";
 
 /// Program names (the functions in appliance-ebpf).
 pub const PROG_XDP_CLASSIFY: &str = "nb_classify";
+pub const PROG_TC_CLASSIFY: &str = "nb_classify_skb";
 pub const PROG_TC_STEER: &str = "nb_steer";
 pub const PROG_TC_EGRESS: &str = "nb_egress_count";
 

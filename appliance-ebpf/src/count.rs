@@ -1,10 +1,13 @@
 //! Classification and counting: per-flow, per-interface and verdict counters, and
-//! the Login Request capture for passive discovery. Owns every map the XDP and TC
-//! egress programs write.
+//! the Login Request capture for passive discovery. Owns every map the classifier
+//! (XDP or TC ingress, whichever the interface got) and the TC egress counter
+//! write. The classifier is one function over [`Frame`], so both attachments
+//! count, classify and capture identically.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::map,
     maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{TcContext, XdpContext},
@@ -17,7 +20,7 @@ use nearblock_common::{
     FlowCounters, FlowKey, FlowSeq, IfCounters, LoginEvent, Verdict,
 };
 
-use crate::parse::{parse_tcp, TcpPacket, IPPROTO_TCP};
+use crate::parse::{parse_tcp, pull_headers, TcpPacket, IPPROTO_TCP};
 
 /// iSCSI Login Request opcode (RFC 7143 §11.12), low six bits of BHS byte 0.
 const ISCSI_OP_LOGIN_REQUEST: u8 = 0x03;
@@ -57,23 +60,107 @@ pub fn is_classified_port(port: u16) -> bool {
     unsafe { PORTS.get(&port).is_some() }
 }
 
-/// XDP: count the frame on its interface, and if it is a classified TCP segment,
-/// on its flow; copy Login Request segments to user space.
+/// What the classifier needs from the context it runs in.
+pub trait Frame: EbpfContext {
+    /// The linear bytes `[start, end)`: at least the headers.
+    fn linear(&self) -> (usize, usize);
+    /// The whole frame's length, Ethernet header included (for a GSO
+    /// super-packet, all of it: what the interface carries).
+    fn frame_len(&self) -> u64;
+    /// The interface the frame arrived on.
+    fn ifindex(&self) -> u32;
+    /// A VLAN id the driver took out of the frame (TC sees offloaded tags in the
+    /// skb; XDP sees tags only in the frame).
+    fn offloaded_vlan(&self) -> Option<u16>;
+    /// Copy `len` bytes at `off` (from the frame's start, linear or not) to `dst`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for `len` bytes.
+    unsafe fn load(&self, off: u32, dst: *mut c_void, len: u32) -> i64;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn linear(&self) -> (usize, usize) {
+        (self.data(), self.data_end())
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u64 {
+        (self.data_end() - self.data()) as u64
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ingress_ifindex() as u32
+    }
+    #[inline(always)]
+    fn offloaded_vlan(&self) -> Option<u16> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn load(&self, off: u32, dst: *mut c_void, len: u32) -> i64 {
+        // SAFETY: the caller vouches for `dst`; the helper bounds-checks `off`.
+        unsafe { bpf_xdp_load_bytes(self.as_ptr().cast(), off, dst, len) }
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn linear(&self) -> (usize, usize) {
+        (self.data(), self.data_end())
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u64 {
+        u64::from(self.len())
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of the context the kernel passed in.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+    #[inline(always)]
+    fn offloaded_vlan(&self) -> Option<u16> {
+        // SAFETY: as above.
+        let (present, tci) = unsafe { ((*self.skb.skb).vlan_present, (*self.skb.skb).vlan_tci) };
+        (present != 0).then_some((tci & 0x0fff) as u16)
+    }
+    #[inline(always)]
+    unsafe fn load(&self, off: u32, dst: *mut c_void, len: u32) -> i64 {
+        // SAFETY: the caller vouches for `dst`; the helper bounds-checks `off`.
+        unsafe { bpf_skb_load_bytes(self.as_ptr().cast(), off, dst, len) }
+    }
+}
+
+/// TC ingress: the classifier where XDP would cost a copy (veth, generic-only
+/// drivers). Makes sure the headers are linear first (a bounded pull: at most
+/// the header bytes, never the payload).
 #[inline(always)]
-pub fn classify(ctx: &XdpContext) {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    let frame_len = (end - start) as u64;
-    let ifindex = ctx.ingress_ifindex() as u32;
+pub fn classify_skb(ctx: &TcContext) {
+    pull_headers(ctx);
+    classify(ctx);
+}
+
+/// Count the frame on its interface, and if it is a classified TCP segment, on
+/// its flow; copy Login Request segments to user space.
+#[inline(always)]
+pub fn classify<F: Frame>(ctx: &F) {
+    let (start, end) = ctx.linear();
+    let frame_len = ctx.frame_len();
+    let ifindex = ctx.ifindex();
     count_interface(ifindex, frame_len, true);
 
-    let pkt = match parse_tcp(start, end) {
+    let mut pkt = match parse_tcp(start, end) {
         Ok(p) => p,
         Err(v) => {
             bump(v);
             return;
         }
     };
+    if !pkt.tagged {
+        if let Some(vlan) = ctx.offloaded_vlan() {
+            pkt.tagged = true;
+            pkt.vlan = vlan;
+        }
+    }
     if pkt.tagged {
         bump(Verdict::Vlan);
     }
@@ -94,13 +181,13 @@ pub fn classify(ctx: &XdpContext) {
     count_flow(&key, frame_len, payload_len, pkt.tcp_flags);
 
     if toward_port && payload_len >= ISCSI_BHS_LEN as u64 {
-        // Four bytes, not one: a one-byte bound check compiles to a form the
-        // verifier cannot use (`ptr >= end`), and the payload is >= 48 bytes.
-        if let Ok(bhs) = crate::parse::ptr_at::<[u8; 4]>(start, end, pkt.payload_off) {
-            // SAFETY: bounds checked by ptr_at.
-            if unsafe { (*bhs)[0] } & 0x3f == ISCSI_OP_LOGIN_REQUEST {
-                capture_login(ctx, &key, pkt.payload_off, payload_len);
-            }
+        // Loaded, not read in place: in an skb the payload may start in a page
+        // fragment, outside the linear headers.
+        let mut opcode = [0u8; 4];
+        // SAFETY: `opcode` is a 4-byte stack buffer.
+        let rc = unsafe { ctx.load(pkt.payload_off as u32, opcode.as_mut_ptr().cast(), 4) };
+        if rc == 0 && opcode[0] & 0x3f == ISCSI_OP_LOGIN_REQUEST {
+            capture_login(ctx, &key, pkt.payload_off, payload_len);
         }
     }
 }
@@ -221,34 +308,27 @@ fn add_to_flow(c: *mut FlowCounters, frame_len: u64, payload_len: u64, flags: u8
 }
 
 #[inline(always)]
-fn capture_login(ctx: &XdpContext, key: &FlowKey, payload_off: usize, payload_len: u64) {
+fn capture_login<F: Frame>(ctx: &F, key: &FlowKey, payload_off: usize, payload_len: u64) {
     let Some(mut entry) = LOGIN_EVENTS.reserve::<LoginEvent>(0) else {
         bump(Verdict::LoginRingFull);
         aya_log_ebpf::warn!(ctx, "login ring buffer full: a Login Request was not captured");
         return;
     };
+    // 1..=LOGIN_CAPTURE_MAX in a form the verifier can follow to the helper
+    // (whose length must be non-zero): `payload_len` is at least a BHS here.
+    const _: () = assert!(LOGIN_CAPTURE_MAX.is_power_of_two());
     let mut len = payload_len as u32;
     if len > LOGIN_CAPTURE_MAX as u32 {
         len = LOGIN_CAPTURE_MAX as u32;
     }
-    // Bound for the verifier: 1..=LOGIN_CAPTURE_MAX.
-    let len = len & (2 * LOGIN_CAPTURE_MAX as u32 - 1);
-    if len == 0 || len > LOGIN_CAPTURE_MAX as u32 {
-        entry.discard(0);
-        return;
-    }
+    let len = (len.wrapping_sub(1) & (LOGIN_CAPTURE_MAX as u32 - 1)) + 1;
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved ring-buffer slot, sized for a LoginEvent; the
     // helper copies `len` (≤ LOGIN_CAPTURE_MAX) bytes into its data array.
     let rc = unsafe {
         (*ev).key = *key;
         (*ev).len = len;
-        bpf_xdp_load_bytes(
-            ctx.as_ptr().cast(),
-            payload_off as u32,
-            (&raw mut (*ev).data).cast(),
-            len,
-        )
+        ctx.load(payload_off as u32, (&raw mut (*ev).data).cast(), len)
     };
     if rc != 0 {
         entry.discard(0);

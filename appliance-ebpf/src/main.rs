@@ -1,9 +1,11 @@
 //! nearblock's kernel programs. Entry points only; parsing lives in `parse`,
 //! counting in `count`, steering in `steer`.
 //!
-//! - `nb_classify` (XDP, every appliance interface): classify iSCSI / image-transfer
-//!   flows, count bytes per flow and per interface, copy Login Request segments to
-//!   user space. Always `XDP_PASS`: an inline appliance never drops.
+//! - `nb_classify` (XDP) or `nb_classify_skb` (TC ingress), one per appliance
+//!   interface, whichever costs less there (docs/decisions.md, "Where to
+//!   classify"): classify iSCSI / image-transfer flows, count bytes per flow and
+//!   per interface, copy Login Request segments to user space. Always `XDP_PASS` /
+//!   `TC_ACT_UNSPEC` (TCX: run the next program): an inline appliance never drops.
 //! - `nb_steer` (TC ingress, client- and upstream-facing interfaces): hand new
 //!   classified connections to the splicer's listener and replies to its
 //!   transparent upstream sockets (`bpf_sk_assign` + mark for policy routing).
@@ -17,7 +19,7 @@ mod parse;
 mod steer;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_UNSPEC},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -26,6 +28,12 @@ use aya_ebpf::{
 pub fn nb_classify(ctx: XdpContext) -> u32 {
     count::classify(&ctx);
     xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn nb_classify_skb(ctx: TcContext) -> i32 {
+    count::classify_skb(&ctx);
+    TC_ACT_UNSPEC
 }
 
 #[classifier]

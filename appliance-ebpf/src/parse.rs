@@ -14,6 +14,7 @@ use nearblock_common::{
     flow::{FAMILY_IPV4, FAMILY_IPV6},
     Verdict,
 };
+use aya_ebpf::programs::TcContext;
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
@@ -71,6 +72,21 @@ pub struct TcpPacket {
     pub payload_len: usize,
     /// Whether the frame carried a VLAN tag.
     pub tagged: bool,
+}
+
+/// Enough linear bytes for Ethernet + two VLAN tags + IPv6 + 4 ext headers' worth
+/// of common cases + a TCP header with options.
+const PULL_LEN: u32 = 14 + 8 + 40 + 16 + 60;
+
+/// TC: make the headers linear when the skb holds fewer than [`PULL_LEN`] bytes
+/// there (at most that many bytes move; the payload stays where it is).
+#[inline(always)]
+pub fn pull_headers(ctx: &TcContext) {
+    let linear = ctx.data_end() - ctx.data();
+    if (linear as u32) < PULL_LEN && ctx.len() > linear as u32 {
+        let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
+        let _ = ctx.pull_data(want);
+    }
 }
 
 /// Pointer to a `T` at `offset` from `start`, or `Truncated` if it does not fit

@@ -44,7 +44,7 @@ use nearblock_common::{
 
 use crate::{
     count::{bump, is_classified_port},
-    parse::{parse_tcp, TcpPacket, TCP_ACK, TCP_SYN},
+    parse::{parse_tcp, pull_headers, TcpPacket, TCP_ACK, TCP_SYN},
 };
 
 #[map]
@@ -67,17 +67,9 @@ static DSCP_MARK: u8 = 0;
 #[no_mangle]
 static STEER_MARK: u32 = 0;
 
-/// Enough linear bytes for Ethernet + two VLAN tags + IPv6 + 4 ext headers' worth
-/// of common cases + a TCP header with options.
-const PULL_LEN: u32 = 14 + 8 + 40 + 16 + 60;
-
 #[inline(always)]
 pub fn steer(ctx: &TcContext) {
-    let linear = ctx.data_end() - ctx.data();
-    if (linear as u32) < PULL_LEN && ctx.len() > linear as u32 {
-        let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
-        let _ = ctx.pull_data(want);
-    }
+    pull_headers(ctx);
     let Ok(pkt) = parse_tcp(ctx.data(), ctx.data_end()) else {
         return;
     };

@@ -6,7 +6,7 @@
 //! name = "rack1"
 //!
 //! [datapath]
-//! interfaces = ["hv1", "hv2", "up"]  # XDP classifier + tx counters on each
+//! interfaces = ["hv1", "hv2", "up"]  # classifier (XDP or TC) + tx counters on each
 //! client_facing = ["hv1", "hv2"]     # new iSCSI connections entering here are steered
 //! upstream_facing = ["up"]           # replies to the splicer's upstream sockets
 //! image_transfer_ports = []          # classified in addition to 3260
@@ -252,6 +252,16 @@ pub struct CostConfig {
     pub live: crate::cost::live::LiveCostConfig,
 }
 
+impl DatapathConfig {
+    /// Where `iface`'s classifier runs, as configured.
+    pub fn classifier_of(&self, iface: &str) -> ClassifierPlacement {
+        self.classifier_for
+            .get(iface)
+            .copied()
+            .unwrap_or(self.classifier)
+    }
+}
+
 impl CostConfig {
     /// The node at the other end of `iface`.
     pub fn peer_of<'a>(&'a self, iface: &'a str) -> &'a str {
@@ -266,7 +276,21 @@ pub struct ApplianceConfig {
     pub name: String,
 }
 
-/// How XDP is attached.
+/// Where an interface's classifier runs (docs/decisions.md, "Where to classify").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassifierPlacement {
+    /// TC on veth and on drivers without native XDP (where XDP would copy every
+    /// frame into a linear buffer first); native XDP elsewhere.
+    #[default]
+    Auto,
+    /// XDP, in `xdp_mode`.
+    Xdp,
+    /// TC ingress (clsact/TCX), ahead of the steering program.
+    Tc,
+}
+
+/// How XDP is attached (when the classifier is XDP).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
@@ -296,6 +320,13 @@ pub struct DatapathConfig {
     /// `false`: monitor only (classify, count, discover; nothing is steered).
     #[serde(default = "yes")]
     pub steer: bool,
+    /// Where the classifier runs on every interface without an entry in
+    /// `classifier_for`.
+    #[serde(default)]
+    pub classifier: ClassifierPlacement,
+    /// Per-interface exceptions to `classifier` (`{ eth0 = "xdp" }`).
+    #[serde(default)]
+    pub classifier_for: std::collections::BTreeMap<String, ClassifierPlacement>,
     #[serde(default)]
     pub xdp_mode: XdpMode,
     /// DSCP codepoint (0..=63, not 0) marking nearblock's own upstream flows.
@@ -852,6 +883,17 @@ impl Config {
                     ));
                 }
             }
+        }
+        if let Some(name) = dp
+            .classifier_for
+            .keys()
+            .find(|n| !dp.interfaces.contains(n))
+        {
+            return Err(invalid(
+                "datapath",
+                "classifier_for",
+                format!("`{name}` is not listed in datapath.interfaces"),
+            ));
         }
         if let Some(both) = dp
             .client_facing
@@ -1411,6 +1453,27 @@ image_transfer_ports = [10809, 3260]
             .unwrap_err()
             .to_string();
         assert!(e.contains("client_facing"), "{e}");
+    }
+
+    #[test]
+    fn classifier_placement_defaults_to_auto_with_per_interface_exceptions() {
+        let text = "[appliance]\nname = \"a\"\n[datapath]\ninterfaces = [\"x\", \"y\"]\nsteer = false\n";
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.datapath.classifier_of("x"), ClassifierPlacement::Auto);
+        let c = Config::parse(&format!(
+            "{text}classifier = \"tc\"\nclassifier_for = {{ y = \"xdp\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.datapath.classifier_of("x"), ClassifierPlacement::Tc);
+        assert_eq!(c.datapath.classifier_of("y"), ClassifierPlacement::Xdp);
+        let e = Config::parse(&format!("{text}classifier_for = {{ z = \"tc\" }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("classifier_for") && e.contains("`z`"), "{e}");
+        let e = Config::parse(&format!("{text}classifier = \"ebpf\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("classifier"), "{e}");
     }
 
     #[test]

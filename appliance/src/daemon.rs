@@ -669,7 +669,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None
     };
     for iface in &config.datapath.interfaces {
-        dp.attach_classifier(iface, config.datapath.xdp_mode)?;
+        dp.attach_classifier(
+            iface,
+            config.datapath.classifier_of(iface),
+            config.datapath.xdp_mode,
+        )?;
     }
     let app = Arc::new(Appliance {
         live_costs: live_costs(&config)?,

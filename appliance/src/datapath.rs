@@ -12,7 +12,12 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SockMap},
-    programs::{tc::TcAttachType, xdp::XdpMode as AyaXdpMode, SchedClassifier, Xdp},
+    programs::{
+        links::LinkOrder,
+        tc::{TcAttachOptions, TcAttachType},
+        xdp::XdpMode as AyaXdpMode,
+        SchedClassifier, Xdp,
+    },
     Ebpf, EbpfLoader,
 };
 use nearblock_common::{
@@ -22,7 +27,7 @@ use nearblock_common::{
 };
 use parking_lot::Mutex;
 
-use crate::config::XdpMode;
+use crate::config::{ClassifierPlacement, XdpMode};
 
 /// The listener slots and interface roles, for callers outside the daemon
 /// (packet fixtures) that drive the steering maps directly.
@@ -92,12 +97,47 @@ pub struct LoadOptions {
     pub steer_mark: u32,
 }
 
+/// Where an interface's classifier was attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClassifierAttachment {
+    /// TC ingress (TCX, ahead of the steering program).
+    Tc,
+    /// XDP in the driver.
+    XdpNative,
+    /// XDP in generic (skb) mode: every frame is made linear first.
+    XdpGeneric,
+}
+
+impl ClassifierAttachment {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tc => "tc",
+            Self::XdpNative => "xdp-native",
+            Self::XdpGeneric => "xdp-generic",
+        }
+    }
+}
+
+/// Where `auto` puts the classifier for an interface whose driver is `driver`,
+/// before trying anything: `Some(Tc)` where XDP is known to copy every frame
+/// (veth: its native mode makes a GSO skb linear just as generic XDP does),
+/// `None` to try native XDP first (and take TC if the driver refuses it).
+pub fn auto_placement(driver: Option<&str>) -> Option<ClassifierAttachment> {
+    match driver {
+        Some("veth") => Some(ClassifierAttachment::Tc),
+        _ => None,
+    }
+}
+
 /// The loaded programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
     /// Forwards the kernel programs' rare-event log lines (aya-log) to tracing;
     /// taken by the daemon to poll.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Interface name → where its classifier runs.
+    attachments: BTreeMap<String, ClassifierAttachment>,
 }
 
 /// Summed counters of one directional flow.
@@ -143,7 +183,11 @@ impl Datapath {
             .try_into()
             .map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
         xdp.load().map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
-        for name in [names::PROG_TC_STEER, names::PROG_TC_EGRESS] {
+        for name in [
+            names::PROG_TC_CLASSIFY,
+            names::PROG_TC_STEER,
+            names::PROG_TC_EGRESS,
+        ] {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingMap(name))?
@@ -151,19 +195,62 @@ impl Datapath {
                 .map_err(prog_err(name))?;
             p.load().map_err(prog_err(name))?;
         }
-        Ok(Self { ebpf, logger })
+        Ok(Self {
+            ebpf,
+            logger,
+            attachments: BTreeMap::new(),
+        })
     }
 
-    /// Attach the XDP classifier and the egress counter to `iface`.
-    pub fn attach_classifier(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
+    /// Attach the classifier (where `placement` and the driver say) and the
+    /// egress counter to `iface`; returns where the classifier went.
+    pub fn attach_classifier(
+        &mut self,
+        iface: &str,
+        placement: ClassifierPlacement,
+        mode: XdpMode,
+    ) -> Result<ClassifierAttachment, DatapathError> {
         if_index(iface)?;
+        let attached = match placement {
+            ClassifierPlacement::Tc => self.attach_tc_classifier(iface)?,
+            ClassifierPlacement::Xdp => self.attach_xdp(iface, mode)?,
+            ClassifierPlacement::Auto => {
+                let driver = driver_name(iface);
+                match auto_placement(driver.as_deref()) {
+                    Some(ClassifierAttachment::Tc) => self.attach_tc_classifier(iface)?,
+                    _ => match self.attach_xdp(iface, XdpMode::Driver) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::debug!(iface, driver, cause = %e, "no native XDP: classifying in TC");
+                            self.attach_tc_classifier(iface)?
+                        }
+                    },
+                }
+            }
+        };
+        tracing::info!(iface, classifier = attached.name(), "classifier attached");
+        self.attachments.insert(iface.to_string(), attached);
+        self.attach_tc(names::PROG_TC_EGRESS, iface, TcAttachType::Egress)?;
+        Ok(attached)
+    }
+
+    /// Where each interface's classifier is attached.
+    pub fn attachments(&self) -> &BTreeMap<String, ClassifierAttachment> {
+        &self.attachments
+    }
+
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        mode: XdpMode,
+    ) -> Result<ClassifierAttachment, DatapathError> {
         let xdp: &mut Xdp = self
             .ebpf
             .program_mut(names::PROG_XDP_CLASSIFY)
             .ok_or(DatapathError::MissingMap(names::PROG_XDP_CLASSIFY))?
             .try_into()
             .map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
-        let attach = |xdp: &mut Xdp, flags| {
+        let mut attach = |flags| {
             xdp.attach(iface, flags)
                 .map_err(|source| DatapathError::AttachXdp {
                     iface: iface.to_string(),
@@ -171,18 +258,50 @@ impl Datapath {
                     source,
                 })
         };
-        match mode {
-            XdpMode::Skb => attach(xdp, AyaXdpMode::Skb)?,
-            XdpMode::Driver => attach(xdp, AyaXdpMode::Driver)?,
-            XdpMode::Auto => match attach(xdp, AyaXdpMode::Driver) {
-                Ok(id) => id,
+        Ok(match mode {
+            XdpMode::Skb => {
+                attach(AyaXdpMode::Skb)?;
+                ClassifierAttachment::XdpGeneric
+            }
+            XdpMode::Driver => {
+                attach(AyaXdpMode::Driver)?;
+                ClassifierAttachment::XdpNative
+            }
+            XdpMode::Auto => match attach(AyaXdpMode::Driver) {
+                Ok(_) => ClassifierAttachment::XdpNative,
                 Err(e) => {
                     tracing::debug!(iface, cause = %e, "native XDP unavailable, using generic");
-                    attach(xdp, AyaXdpMode::Skb)?
+                    attach(AyaXdpMode::Skb)?;
+                    ClassifierAttachment::XdpGeneric
                 }
             },
-        };
-        self.attach_tc(names::PROG_TC_EGRESS, iface, TcAttachType::Egress)
+        })
+    }
+
+    /// The TC classifier goes first on ingress: it hands on to the next program
+    /// (`TC_ACT_UNSPEC`), and the steering program, which ends the chain, must
+    /// see every packet after it.
+    fn attach_tc_classifier(&mut self, iface: &str) -> Result<ClassifierAttachment, DatapathError> {
+        let name = names::PROG_TC_CLASSIFY;
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        let first = TcAttachOptions::TcxOrder(LinkOrder::first());
+        if let Err(e) = p.attach_with_options(iface, TcAttachType::Ingress, first) {
+            // Before 6.6 there is no TCX: netlink's automatic priorities also put
+            // a later filter ahead of earlier ones.
+            tracing::debug!(iface, cause = %e, "no TCX ordering: attaching through netlink");
+            p.attach(iface, TcAttachType::Ingress)
+                .map_err(|source| DatapathError::AttachTc {
+                    iface: iface.to_string(),
+                    dir: "ingress",
+                    source,
+                })?;
+        }
+        Ok(ClassifierAttachment::Tc)
     }
 
     /// Attach the steering program to `iface`'s ingress with the given role bits.
@@ -376,6 +495,19 @@ impl Datapath {
         prog_test_run(fd.as_fd().as_raw_fd(), frame).map_err(DatapathError::TestRun)
     }
 
+    /// Run the TC classifier once on `frame` (`BPF_PROG_TEST_RUN`, as
+    /// [`Self::test_run_classifier`]); returns the TC action.
+    pub fn test_run_tc_classifier(&self, frame: &[u8]) -> Result<u32, DatapathError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(names::PROG_TC_CLASSIFY)
+            .ok_or(DatapathError::MissingMap(names::PROG_TC_CLASSIFY))?
+            .try_into()
+            .map_err(prog_err(names::PROG_TC_CLASSIFY))?;
+        let fd = prog.fd().map_err(prog_err(names::PROG_TC_CLASSIFY))?;
+        prog_test_run(fd.as_fd().as_raw_fd(), frame).map_err(DatapathError::TestRun)
+    }
+
     /// Run the TC steering program once on `frame` (`BPF_PROG_TEST_RUN`; the skb
     /// enters on the loopback device, ifindex 1); returns the TC action.
     pub fn test_run_steer(&self, frame: &[u8]) -> Result<u32, DatapathError> {
@@ -501,6 +633,56 @@ pub fn if_name(ifindex: u32) -> Option<String> {
     // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
     let s = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Some(s.to_string_lossy().into_owned())
+}
+
+/// The kernel driver behind `iface` (`ETHTOOL_GDRVINFO`), if it says.
+pub fn driver_name(iface: &str) -> Option<String> {
+    // struct ethtool_drvinfo (include/uapi/linux/ethtool.h): driver is the
+    // 32 bytes after `cmd`; the rest is not read.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    // struct ifreq: the name, then a union whose member here is a pointer.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    if iface.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &raw mut info,
+        _pad: [0; 16],
+    };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: plain socket call; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `req` is a valid ifreq whose data pointer points at `info`, a
+    // drvinfo buffer at least as large as the kernel's; both outlive the call.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &raw mut req) };
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return None;
+    }
+    let len = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
 /// `bpf(BPF_PROG_TEST_RUN)` on an XDP or TC program; aya 0.14 has no wrapper.

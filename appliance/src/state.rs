@@ -157,6 +157,10 @@ impl LinkCounters for Appliance {
 pub struct InterfaceView {
     pub interface: String,
     pub ifindex: u32,
+    /// Where the classifier runs here: `tc`, `xdp-native` or `xdp-generic`
+    /// (absent for an interface the daemon did not attach).
+    #[serde(default)]
+    pub classifier: Option<String>,
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub tx_packets: u64,
@@ -272,14 +276,19 @@ impl Appliance {
         let interfaces = dp
             .interfaces()?
             .into_iter()
-            .map(|(ifindex, c)| InterfaceView {
+            .map(|(ifindex, c)| {
+                let interface =
+                    datapath::if_name(ifindex).unwrap_or_else(|| ifindex.to_string());
+                InterfaceView {
                 rate: rates.get(&ifindex).copied().unwrap_or_default(),
-                interface: datapath::if_name(ifindex).unwrap_or_else(|| ifindex.to_string()),
+                classifier: dp.attachments().get(&interface).map(|a| a.name().to_owned()),
+                interface,
                 ifindex,
                 rx_packets: c.rx_packets,
                 rx_bytes: c.rx_bytes,
                 tx_packets: c.tx_packets,
                 tx_bytes: c.tx_bytes,
+                }
             })
             .collect();
         let verdicts = dp

@@ -177,7 +177,65 @@ fn other_tcp_is_forwarded_untouched() {
     );
     let r = lab.status("rack1").expect("status");
     assert_eq!(r.splicer.accepted, 0, "a non-iSCSI flow was steered");
-    assert!(verdict(&r, "xdp_other_port") > 100, "{:?}", r.verdicts);
+    assert!(verdict(&r, "classify_other_port") > 100, "{:?}", r.verdicts);
+}
+
+/// The classifier in TC (what `auto` picks on veth) and in XDP count the same
+/// transfer alike: the same application bytes from the target on the flow, the
+/// same login in the discovery table; status says where each runs.
+#[test]
+fn tc_and_xdp_classifiers_count_and_discover_alike() {
+    let (mut lab, _) = lab_with_lun(true, None);
+    let url = lab.lun_url(IQN, 1);
+    let hv1 = lab.addr4("hv1").to_string();
+    let mut from_target = Vec::new();
+    for (placement, shown) in [("auto", "tc"), ("xdp", "xdp-generic")] {
+        lab.set_datapath_extra("rack1", &format!("classifier = {placement:?}"));
+        lab.start_appliance(
+            "rack1",
+            ApplianceOptions {
+                steer: false,
+                ..Default::default()
+            },
+        )
+        .expect("appliance");
+        copy_ok(&lab, "hv1", &url, &format!("copy-{placement}.raw"));
+        let r = wait_discovery(&lab, "rack1", &hv1);
+        assert!(
+            r.discovery
+                .iter()
+                .any(|d| d.initiator_addr == hv1 && d.target_iqn == IQN),
+            "{placement}: {:?}",
+            r.discovery
+        );
+        assert!(
+            !r.interfaces.is_empty()
+                && r.interfaces
+                    .iter()
+                    .all(|i| i.classifier.as_deref() == Some(shown)),
+            "{placement}: {:?}",
+            r.interfaces
+        );
+        let bytes: u64 = r
+            .flows
+            .iter()
+            .filter(|f| f.src.ends_with(":3260") && f.dst.starts_with(&format!("{hv1}:")))
+            .map(|f| f.payload_bytes - f.retrans_bytes)
+            .sum();
+        assert!(
+            bytes >= (LUN_MIB << 20) as u64,
+            "{placement}: {bytes} bytes from the target, fewer than the LUN"
+        );
+        assert!(verdict(&r, "classify_login_captured") >= 1, "{placement}");
+        from_target.push(bytes);
+        lab.stop_appliance("rack1", Duration::from_secs(10))
+            .expect("stop");
+    }
+    let (tc, xdp) = (from_target[0] as f64, from_target[1] as f64);
+    assert!(
+        (tc - xdp).abs() / xdp < 0.001,
+        "TC counted {tc} bytes from the target, XDP {xdp}"
+    );
 }
 
 /// Done-when 4: SIGKILL of the daemon during a copy: a new copy 2 s after the kill
