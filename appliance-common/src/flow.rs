@@ -77,6 +77,24 @@ pub struct IfCounters {
     pub tx_bytes: u64,
 }
 
+/// A portal (address and port) whose new connections are steered: the key of
+/// the `SERVED_PORTALS` map. The address is laid out as in [`FlowKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortalKey {
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding of a #[repr(C)] map type: public so both sides build values as literals, never read"
+    )]
+    pub _pad: u8,
+    /// Host byte order.
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<PortalKey>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
 const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
 const _: () = assert!(core::mem::size_of::<FlowCounters>() == 48);

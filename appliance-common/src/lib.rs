@@ -19,7 +19,7 @@ pub mod verdict;
 
 pub use event::LoginEvent;
 pub use failopen::{Heartbeat, SourceKey};
-pub use flow::{FlowCounters, FlowKey, FlowSeq, IfCounters};
+pub use flow::{FlowCounters, FlowKey, FlowSeq, IfCounters, PortalKey};
 pub use verdict::Verdict;
 
 #[cfg(feature = "user")]
@@ -32,4 +32,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowSeq {}
     unsafe impl aya::Pod for super::Heartbeat {}
     unsafe impl aya::Pod for super::SourceKey {}
+    unsafe impl aya::Pod for super::PortalKey {}
 }

@@ -36,6 +36,11 @@ pub const HEARTBEATS_MAX: u32 = 2;
 pub const OVERCAP_SOURCES: &str = "OVERCAP_SOURCES";
 pub const OVERCAP_SOURCES_MAX: u32 = 4096;
 
+/// Hash [`crate::PortalKey`] `-> 1`: portals that export a served LUN; with
+/// [`GLOBAL_STEER_SERVED_ONLY`] set, only SYNs to these are steered.
+pub const SERVED_PORTALS: &str = "SERVED_PORTALS";
+pub const SERVED_PORTALS_MAX: u32 = 4096;
+
 /// Role bit: new connections entering here toward a classified port are steered.
 pub const ROLE_CLIENT_FACING: u32 = 1;
 /// Role bit: replies entering here from a classified port to one of the splicer's
@@ -48,6 +53,10 @@ pub const GLOBAL_DSCP_MARK: &str = "DSCP_MARK";
 /// Global (set before load): the skb mark the steering program sets so that policy
 /// routing delivers the packet locally.
 pub const GLOBAL_STEER_MARK: &str = "STEER_MARK";
+
+/// Global (set before load): non-zero = steer new connections only to
+/// `SERVED_PORTALS`; zero = to every classified port.
+pub const GLOBAL_STEER_SERVED_ONLY: &str = "STEER_SERVED_ONLY";
 
 /// Program names (the functions in appliance-ebpf).
 pub const PROG_XDP_CLASSIFY: &str = "nb_classify";

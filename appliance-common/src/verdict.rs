@@ -6,25 +6,25 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// XDP: frame too short for the header being parsed.
+    /// Classifier: frame too short for the header being parsed.
     Truncated = 0,
-    /// XDP: not IPv4/IPv6 (ARP, LLDP, ...).
+    /// Classifier: not IPv4/IPv6 (ARP, LLDP, ...).
     NotIp = 1,
-    /// XDP: IP but not TCP.
+    /// Classifier: IP but not TCP.
     NotTcp = 2,
-    /// XDP: a non-first IPv4 or IPv6 fragment (no TCP header to read).
+    /// Classifier: a non-first IPv4 or IPv6 fragment (no TCP header to read).
     Fragment = 3,
-    /// XDP: TCP, but neither port is classified.
+    /// Classifier: TCP, but neither port is classified.
     OtherPort = 4,
-    /// XDP: classified and counted.
+    /// Classifier: classified and counted.
     Classified = 5,
-    /// XDP: a Login Request segment copied to the ring buffer.
+    /// Classifier: a Login Request segment copied to the ring buffer.
     LoginCaptured = 6,
-    /// XDP: a Login Request segment seen but the ring buffer was full.
+    /// Classifier: a Login Request segment seen but the ring buffer was full.
     LoginRingFull = 7,
-    /// XDP: the frame carried an 802.1Q tag (counted in addition).
+    /// Classifier: the frame carried an 802.1Q tag (counted in addition).
     Vlan = 8,
-    /// XDP: IPv6 whose chain of extension headers (hop-by-hop, routing,
+    /// Classifier: IPv6 whose chain of extension headers (hop-by-hop, routing,
     /// destination options, fragment) does not reach TCP within four (passed, not
     /// classified). Up to four are walked and the packet classified.
     Ipv6ExtHeader = 9,
@@ -52,10 +52,13 @@ pub enum Verdict {
     /// TC: a new connection's SYN from a source at its per-source connection cap,
     /// forwarded untouched.
     SteerOverCapSource = 19,
+    /// TC: a new connection's SYN to a portal that exports no served LUN,
+    /// forwarded untouched (only served portals are steered; `steer_portals`).
+    SteerNotServed = 20,
 }
 
 /// Number of slots in the verdict array.
-pub const VERDICT_COUNT: u32 = 20;
+pub const VERDICT_COUNT: u32 = 21;
 
 /// Names for export, indexed by the verdict's value.
 pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
@@ -79,4 +82,5 @@ pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
     "tc_steer_stale_heartbeat",
     "tc_steer_not_accepting",
     "tc_steer_over_cap_source",
+    "tc_steer_not_served",
 ];

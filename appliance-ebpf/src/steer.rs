@@ -9,6 +9,10 @@
 //! steering mark, which the daemon's policy rules (`fwmark M iif IFACE lookup T`,
 //! table T: `local default dev lo`) deliver locally.
 //!
+//! Only portals that can be served are steered: with `STEER_SERVED_ONLY`, a SYN
+//! to a portal missing from `SERVED_PORTALS` (no served LUN behind it) is
+//! forwarded untouched, counted and discovered like any other classified flow.
+//!
 //! Fail-open: no listener in the map means the SYN is forwarded untouched; flows
 //! carrying the nearblock DSCP mark (another appliance's upstream connection) are
 //! never touched. A new SYN is also forwarded untouched when the listener's accept
@@ -37,9 +41,9 @@ use nearblock_common::{
     flow::FAMILY_IPV4,
     maps::{
         HEARTBEATS_MAX, IFACE_ROLES_MAX, LISTENER_V4, LISTENER_V6, OVERCAP_SOURCES_MAX,
-        ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING,
+        ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING, SERVED_PORTALS_MAX,
     },
-    Heartbeat, SourceKey, Verdict,
+    Heartbeat, PortalKey, SourceKey, Verdict,
 };
 
 use crate::{
@@ -60,9 +64,16 @@ pub static HEARTBEATS: Array<Heartbeat> = Array::with_max_entries(HEARTBEATS_MAX
 pub static OVERCAP_SOURCES: LruHashMap<SourceKey, u64> =
     LruHashMap::with_max_entries(OVERCAP_SOURCES_MAX, 0);
 
+#[map]
+pub static SERVED_PORTALS: HashMap<PortalKey, u8> =
+    HashMap::with_max_entries(SERVED_PORTALS_MAX, 0);
+
 /// Set by the loader before load (read-only global).
 #[no_mangle]
 static DSCP_MARK: u8 = 0;
+/// Set by the loader before load (read-only global).
+#[no_mangle]
+static STEER_SERVED_ONLY: u8 = 0;
 /// Set by the loader before load (read-only global).
 #[no_mangle]
 static STEER_MARK: u32 = 0;
@@ -116,6 +127,12 @@ fn steer_from_client(ctx: &TcContext, pkt: &TcpPacket) {
         // A flow this appliance does not splice (started before steering, or
         // spliced by a previous daemon that died): forward it.
         bump(Verdict::SteerPassthrough);
+        return;
+    }
+    if !portal_served(pkt) {
+        // Nothing there can be answered here: the kernel forwards it at full
+        // speed instead of the splicer relaying it.
+        bump(Verdict::SteerNotServed);
         return;
     }
     assign_listener(ctx, pkt);
@@ -189,6 +206,24 @@ fn assign_owner(ctx: &TcContext, pkt: &TcpPacket, syn: bool, verdict: Verdict) -
     mark(ctx);
     bump(verdict);
     Owner::Assigned
+}
+
+/// Whether new connections to the packet's destination may be steered: every
+/// portal, or only those that export a served LUN.
+#[inline(always)]
+fn portal_served(pkt: &TcpPacket) -> bool {
+    // SAFETY: read-only global set before load.
+    if unsafe { core::ptr::read_volatile(&STEER_SERVED_ONLY) } == 0 {
+        return true;
+    }
+    let portal = PortalKey {
+        family: pkt.family,
+        _pad: 0,
+        port: pkt.dport,
+        addr: pkt.daddr,
+    };
+    // SAFETY: the value is only tested for presence.
+    unsafe { SERVED_PORTALS.get(&portal).is_some() }
 }
 
 /// Assign a new connection's SYN to the splicer's listener for its family.

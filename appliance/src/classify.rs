@@ -239,10 +239,14 @@ pub fn decode_event(bytes: &[u8]) -> Option<(FlowKey, Vec<u8>)> {
     Some((ev.key, ev.data[..len].to_vec()))
 }
 
-/// Passive discovery: read the Login Request segments the XDP program copies to
-/// the ring buffer and record who logged in to what in `table`, until the ring
-/// cannot be polled any more (the programs were unloaded).
-pub async fn discovery_loop(table: Arc<Mutex<DiscoveryTable>>, ring: RingBuf<MapData>) {
+/// Passive discovery: read the Login Request segments the classifier copies to
+/// the ring buffer, record who logged in to what in `table` and tell `on_login`,
+/// until the ring cannot be polled any more (the programs were unloaded).
+pub async fn discovery_loop(
+    table: Arc<Mutex<DiscoveryTable>>,
+    ring: RingBuf<MapData>,
+    on_login: impl Fn(&LoginSeen) + Send + 'static,
+) {
     // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, so the fd
     // stays open for as long as it is registered.
     let mut fd = match unsafe { AsyncFd::register(ring) } {
@@ -268,6 +272,7 @@ pub async fn discovery_loop(table: Arc<Mutex<DiscoveryTable>>, ring: RingBuf<Map
                     target = ?seen.target_iqn,
                     "login seen"
                 );
+                on_login(&seen);
                 table.lock().record(seen);
             }
         }

@@ -290,6 +290,19 @@ pub enum ClassifierPlacement {
     Tc,
 }
 
+/// Which new connections the steering program hands to the splicer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SteerPortals {
+    /// Only connections to portals that export a served LUN (`served_portals`,
+    /// and portals learned from logins to targets with a declared LUN); the
+    /// rest are forwarded by the kernel untouched.
+    #[default]
+    Served,
+    /// Every classified connection (the splicer relays what it cannot serve).
+    All,
+}
+
 /// How XDP is attached (when the classifier is XDP).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -320,6 +333,14 @@ pub struct DatapathConfig {
     /// `false`: monitor only (classify, count, discover; nothing is steered).
     #[serde(default = "yes")]
     pub steer: bool,
+    /// `served` (default): steer new connections only to portals that export a
+    /// served LUN; `all`: every classified connection.
+    #[serde(default)]
+    pub steer_portals: SteerPortals,
+    /// Portals (`ADDR:PORT`) known to export served LUNs before any login is
+    /// seen (e.g. the image library's). Others are learned from logins.
+    #[serde(default)]
+    pub served_portals: Vec<SocketAddr>,
     /// Where the classifier runs on every interface without an entry in
     /// `classifier_for`.
     #[serde(default)]

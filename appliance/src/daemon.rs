@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::{
     classify::{self, DiscoveryTable},
-    config::{Config, IndexConfig},
+    config::{Config, IndexConfig, SteerPortals},
     cost::{feed, Graph, LiveCosts, Topology},
     datapath::{self, Datapath, LoadOptions},
     fetch::{BlockCache, Sourcing, SourcingOptions},
@@ -545,7 +545,10 @@ fn spawn_background(
     }
     loops.spawn(
         "discovery",
-        classify::discovery_loop(app.discovery.clone(), inputs.login_events),
+        classify::discovery_loop(app.discovery.clone(), inputs.login_events, {
+            let app = app.clone();
+            move |seen| app.learn_served_portal(seen)
+        }),
     );
     let capacity = config
         .datapath
@@ -659,7 +662,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         classified_ports: config.classified_ports(),
         dscp_mark: config.datapath.dscp_mark,
         steer_mark: config.datapath.steer_mark,
+        steer_served_only: config.datapath.steer_portals == SteerPortals::Served,
     })?;
+    for &portal in &config.datapath.served_portals {
+        dp.serve_portal(portal)?;
+    }
     let login_events = dp.take_login_events()?;
     let kernel_log = dp.take_logger();
     let splicer = Arc::new(SplicerStats::default());

@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
 };
 
@@ -23,7 +23,7 @@ use aya::{
 use nearblock_common::{
     maps::{self as names},
     verdict::{VERDICT_COUNT, VERDICT_NAMES},
-    FlowCounters, FlowKey, FlowSeq, Heartbeat, IfCounters, SourceKey,
+    FlowCounters, FlowKey, FlowSeq, Heartbeat, IfCounters, PortalKey, SourceKey,
 };
 use parking_lot::Mutex;
 
@@ -95,6 +95,9 @@ pub struct LoadOptions {
     pub classified_ports: Vec<u16>,
     pub dscp_mark: u8,
     pub steer_mark: u32,
+    /// Steer new connections only to portals added with
+    /// [`Datapath::serve_portal`].
+    pub steer_served_only: bool,
 }
 
 /// Where an interface's classifier was attached.
@@ -158,6 +161,11 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_DSCP_MARK, &opts.dscp_mark, true)
             .override_global(names::GLOBAL_STEER_MARK, &opts.steer_mark, true)
+            .override_global(
+                names::GLOBAL_STEER_SERVED_ONLY,
+                &u8::from(opts.steer_served_only),
+                true,
+            )
             .load(EBPF_OBJECT)?;
         // Before the programs load: the logger takes the log map out of `ebpf`.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -323,6 +331,44 @@ impl Datapath {
         roles
             .insert(ifindex, role, 0)
             .map_err(map_err(names::IFACE_ROLES))
+    }
+
+    /// Steer new connections to `portal` (it exports a served LUN). Returns
+    /// whether it was new.
+    pub fn serve_portal(&mut self, portal: SocketAddr) -> Result<bool, DatapathError> {
+        let mut map: HashMap<&mut MapData, PortalKey, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::SERVED_PORTALS)
+                .ok_or(DatapathError::MissingMap(names::SERVED_PORTALS))?,
+        )
+        .map_err(map_err(names::SERVED_PORTALS))?;
+        let key = portal_key(portal);
+        if map.get(&key, 0).is_ok() {
+            return Ok(false);
+        }
+        map.insert(key, 1, 0)
+            .map_err(map_err(names::SERVED_PORTALS))?;
+        Ok(true)
+    }
+
+    /// The portals whose new connections are steered.
+    pub fn served_portals(&self) -> Result<Vec<SocketAddr>, DatapathError> {
+        let map: HashMap<&MapData, PortalKey, u8> = HashMap::try_from(
+            self.ebpf
+                .map(names::SERVED_PORTALS)
+                .ok_or(DatapathError::MissingMap(names::SERVED_PORTALS))?,
+        )
+        .map_err(map_err(names::SERVED_PORTALS))?;
+        let mut out: Vec<SocketAddr> = map
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| {
+                let ip = crate::classify::addr_of(k.family, &k.addr);
+                SocketAddr::new(ip, k.port)
+            })
+            .collect();
+        out.sort();
+        Ok(out)
     }
 
     /// Take the maps through which the daemon tells the steering program it is
@@ -633,6 +679,27 @@ pub fn if_name(ifindex: u32) -> Option<String> {
     // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
     let s = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Some(s.to_string_lossy().into_owned())
+}
+
+/// The `SERVED_PORTALS` key of a portal.
+pub fn portal_key(portal: SocketAddr) -> PortalKey {
+    let mut addr = [0u8; 16];
+    let family = match portal.ip() {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            nearblock_common::flow::FAMILY_IPV4
+        }
+        IpAddr::V6(v6) => {
+            addr.copy_from_slice(&v6.octets());
+            nearblock_common::flow::FAMILY_IPV6
+        }
+    };
+    PortalKey {
+        family,
+        _pad: 0,
+        port: portal.port(),
+        addr,
+    }
 }
 
 /// The kernel driver behind `iface` (`ETHTOOL_GDRVINFO`), if it says.

@@ -178,6 +178,9 @@ pub struct StatusReport {
     pub splicer: SplicerSnapshot,
     pub verdicts: Vec<(String, u64)>,
     pub interfaces: Vec<InterfaceView>,
+    /// Portals whose new connections are steered (`steer_portals = "served"`).
+    #[serde(default)]
+    pub served_portals: Vec<String>,
     pub flows: Vec<FlowView>,
     pub discovery: Vec<Discovery>,
 }
@@ -251,6 +254,30 @@ impl Appliance {
         }
     }
 
+    /// A login to a target with a declared LUN: its portal exports a served LUN,
+    /// so new connections to it are steered from now on (`steer_portals =
+    /// "served"`). Sessions already running to it keep going where they go.
+    pub fn learn_served_portal(&self, seen: &crate::classify::LoginSeen) {
+        let dp_config = &self.config.datapath;
+        if !dp_config.steer || dp_config.steer_portals != crate::config::SteerPortals::Served {
+            return;
+        }
+        let (Some(catalog), Some(target)) = (&self.catalog, &seen.target_iqn) else {
+            return;
+        };
+        if catalog.for_target(target).is_empty() {
+            return;
+        }
+        let Ok(portal) = seen.portal.parse::<std::net::SocketAddr>() else {
+            return;
+        };
+        match self.datapath.lock().serve_portal(portal) {
+            Ok(true) => tracing::info!(%portal, target, "portal exports a served LUN: steering new connections to it"),
+            Ok(false) => {}
+            Err(e) => warn!(%portal, cause = %e, "cannot steer a served portal"),
+        }
+    }
+
     pub fn status(&self) -> Result<StatusReport, datapath::DatapathError> {
         let dp = self.datapath.lock();
         let mut flows: Vec<FlowView> = dp
@@ -296,8 +323,14 @@ impl Appliance {
             .into_iter()
             .map(|(n, v)| (n.to_string(), v))
             .collect();
+        let served_portals = dp
+            .served_portals()?
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect();
         drop(dp);
         Ok(StatusReport {
+            served_portals,
             appliance: self.config.appliance.name.clone(),
             steering: self.config.datapath.steer,
             uptime_secs: self.started.elapsed().as_secs(),

@@ -449,6 +449,28 @@ impl Lab {
         self.ports[node][0].v4
     }
 
+    /// Give `node` a second IPv4 address on its first port's subnet (host part
+    /// `host`): the lab's routes reach it as they reach the first. For the
+    /// library, tgtd (listening on every address) answers there too: a second
+    /// portal.
+    pub fn add_address(&self, node: &str, host: u8) -> Result<Ipv4Addr> {
+        let port = &self.ports[node][0];
+        let [a, b, c, _] = port.v4.octets();
+        let addr = Ipv4Addr::new(a, b, c, host);
+        self.exec_ok(
+            node,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                &port.iface,
+            ],
+        )?;
+        Ok(addr)
+    }
+
     /// The (first) IPv6 address of `node`.
     pub fn addr6(&self, node: &str) -> Ipv6Addr {
         self.ports[node][0].v6
@@ -603,8 +625,9 @@ impl Lab {
             .insert(node.to_owned(), lines.to_owned());
     }
 
-    /// The appliance config for `node`: XDP on every port; the port toward the
-    /// library is upstream-facing, the others client-facing.
+    /// The appliance config for `node`: the classifier on every port; the port
+    /// toward the library is upstream-facing, the others client-facing; the
+    /// library's portal (v4 and v6, port 3260) is served.
     pub fn appliance_config(&self, node: &str, opts: &ApplianceOptions) -> String {
         let lib = self.library().to_string();
         let hops = self.first_hops(node);
@@ -628,14 +651,26 @@ impl Lab {
                 Some(format!("{:?} = {c:?}", p.iface))
             })
             .collect();
+        let extra = self.datapath_extra.get(node).map_or("", String::as_str);
+        // The library's portal serves (the lab's tests declare its LUNs); a test
+        // that says which portals are steered says so itself.
+        let served = if extra.contains("served_portals") || extra.contains("steer_portals") {
+            String::new()
+        } else {
+            format!(
+                "served_portals = [\"{}:3260\", \"[{}]:3260\"]\n",
+                self.addr4(&lib),
+                self.addr6(&lib)
+            )
+        };
         format!(
-            "[appliance]\nname = {node:?}\n\n[datapath]\ninterfaces = [{}]\nclient_facing = [{}]\nupstream_facing = [{}]\nsteer = {}\nxdp_mode = \"skb\"\nlink_capacity_mbps = {{ {} }}\n{}\n{}\n",
+            "[appliance]\nname = {node:?}\n\n[datapath]\ninterfaces = [{}]\nclient_facing = [{}]\nupstream_facing = [{}]\nsteer = {}\nxdp_mode = \"skb\"\nlink_capacity_mbps = {{ {} }}\n{served}{}\n{}\n",
             all.join(", "),
             client.join(", "),
             up.join(", "),
             opts.steer,
             capacity.join(", "),
-            self.datapath_extra.get(node).map_or("", String::as_str),
+            extra,
             with_api_tokens(
                 &opts.extra_config,
                 &self.api_read_token_file(),

@@ -22,6 +22,7 @@ fn load() -> Datapath {
         classified_ports: vec![3260, 10809],
         dscp_mark: 5,
         steer_mark: 0x6e62,
+        steer_served_only: false,
     })
     .expect("load the eBPF programs (root, and built by cargo xtask build)")
 }

@@ -238,6 +238,115 @@ fn tc_and_xdp_classifiers_count_and_discover_alike() {
     );
 }
 
+/// Only portals that export a served LUN are steered: with none configured,
+/// the library's portal is learned from the first login to a target with a
+/// declared LUN (that session goes direct, later ones are steered); a second
+/// portal of the same tgtd, with nothing served behind it, is forwarded by the
+/// kernel untouched, still counted and discovered.
+#[test]
+fn only_portals_that_export_a_served_lun_are_steered() {
+    use nearblock::splice::catalog::{manifest_of, manifest_to_text};
+    let (mut lab, data) = lab_with_lun(true, None);
+    let library = lab.library().to_string();
+    let other = lab
+        .add_address(&library, 77)
+        .expect("second library address");
+    // A target nobody serves, reached on the second portal.
+    let unserved_iqn = "iqn.2026-11.test.nearblock:unserved";
+    let backing = lab
+        .write_file("unserved.raw", &content::image(1 << 20, 5, 0))
+        .expect("backing");
+    lab.add_lun(LunSpec {
+        tid: 2,
+        iqn: unserved_iqn.into(),
+        lun: 1,
+        backing,
+        readonly: true,
+        allow: None,
+    })
+    .expect("second target");
+    let manifest = lab
+        .write_file(
+            "img1.manifest",
+            manifest_to_text(&manifest_of("img1", &data, 4096)).as_bytes(),
+        )
+        .expect("manifest");
+    lab.set_datapath_extra("rack1", "steer_portals = \"served\"");
+    lab.start_appliance(
+        "rack1",
+        ApplianceOptions {
+            extra_config: format!(
+                "\n[splicer]\n[[splicer.lun]]\ntarget = {IQN:?}\nlun = 1\nmanifest = {manifest:?}\n"
+            ),
+            ..Default::default()
+        },
+    )
+    .expect("appliance");
+    let served = format!("{}:3260", lab.addr4(&library));
+    assert!(lab
+        .status("rack1")
+        .expect("status")
+        .served_portals
+        .is_empty());
+
+    // The first session: not steered, but its login teaches the portal.
+    let url = lab.lun_url(IQN, 1);
+    assert!(
+        copy_ok(&lab, "hv1", &url, "first.raw") == data,
+        "first copy"
+    );
+    let r = lab.status("rack1").expect("status");
+    assert_eq!(r.splicer.accepted, 0, "steered before the portal was known");
+    assert_eq!(r.served_portals, [served.clone()], "{:?}", r.served_portals);
+    assert!(verdict(&r, "tc_steer_not_served") >= 1, "{:?}", r.verdicts);
+
+    // The next session to it is steered (and served, bit-identical).
+    assert!(
+        copy_ok(&lab, "hv1", &url, "second.raw") == data,
+        "second copy"
+    );
+    let r = lab.status("rack1").expect("status");
+    assert!(r.splicer.accepted >= 1, "the served portal was not steered");
+
+    // The second portal, to a target with no declared LUN: nothing steered
+    // (the portal is unknown) and nothing learned (nothing served); the flow is
+    // still counted on the classifier and its login discovered.
+    let before = (r.splicer.accepted, verdict(&r, "tc_steer_not_served"));
+    let other_url = format!("iscsi://{other}/{unserved_iqn}/1");
+    let iqn = "iqn.2026-11.test.nearblock:other-portal";
+    lab.exec_ok("hv1", &["iscsi-inq", "-i", iqn, &other_url])
+        .expect("iscsi-inq on the second portal");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        let r = lab.status("rack1").expect("status");
+        if r.discovery.iter().any(|d| d.initiator_iqn == iqn) || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        r.splicer.accepted, before.0,
+        "a portal with nothing served was steered"
+    );
+    assert!(
+        verdict(&r, "tc_steer_not_served") > before.1,
+        "{:?}",
+        r.verdicts
+    );
+    assert!(
+        r.discovery.iter().any(|d| d.initiator_iqn == iqn
+            && d.target_iqn == unserved_iqn
+            && d.portal == format!("{other}:3260")),
+        "{:?}",
+        r.discovery
+    );
+    assert!(
+        r.flows.iter().any(|f| f.dst == format!("{other}:3260")),
+        "the second portal's flow was not counted"
+    );
+    assert_eq!(r.served_portals, [served], "the second portal was learned");
+}
+
 /// Done-when 4: SIGKILL of the daemon during a copy: a new copy 2 s after the kill
 /// succeeds directly; restarting the daemon steers again.
 #[test]
