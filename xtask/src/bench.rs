@@ -20,7 +20,7 @@ use crate::{cargo, root, target_dir, StatusOk};
 const BASELINE_ROOT: &str = "/var/cache/nearblock/bench-baseline";
 /// Rounds per binary in an A/B run unless `--rounds` says otherwise: fewer do not
 /// give a spread worth comparing.
-pub const AB_ROUNDS: usize = 5;
+pub const AB_ROUNDS: usize = 7;
 
 /// What `cargo xtask bench` was asked for.
 pub struct BenchArgs {

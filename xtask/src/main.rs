@@ -134,8 +134,8 @@ enum Cmd {
         /// splice): both binaries run every round, alternating which goes first.
         #[arg(long)]
         baseline_rev: Option<String>,
-        /// Rounds (per binary) for the namespace benches (default 3, or 5 with
-        /// --baseline-rev).
+        /// Rounds (per binary) for the namespace benches (default 7: the
+        /// machine's noise needs that many for a median and a spread).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
         rounds: Option<u64>,
         /// Cargo profile of the binaries (`dev` reuses the test build, for smoke

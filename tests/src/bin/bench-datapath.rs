@@ -1,16 +1,27 @@
-//! `cargo xtask bench datapath`: what the datapath costs, as ratios to plain
-//! forwarding measured in the same run, on the default lab topology (hv1 → rack1 →
-//! core → library).
+//! `cargo xtask bench datapath`: what the appliance costs the traffic it does not
+//! serve, as ratios to plain forwarding measured in the same run, on the default
+//! lab topology (hv1 → rack1 → core → library), and the CPU each configuration
+//! adds.
 //!
-//! - iSCSI: `iscsi-perf -m 32 -b 128` (64 KiB reads, QD32) against tgtd for
-//!   forwarding only (no nearblock), classifier attached (monitor-only: XDP +
-//!   egress counters), steering through the transparent byte relay, and steering
-//!   through the iSCSI-aware splicer (LUN not served: every PDU parsed, passed on).
-//! - Other traffic: an iperf3 bulk TCP transfer without and with all programs
-//!   attached (steering appliance; iperf's port is not classified).
+//! Loads: `iscsi-perf` against tgtd at 64 KiB QD32 (`-b 128`) and 4 KiB QD32
+//! (`-b 8`), and an iperf3 bulk TCP transfer (its port is not classified).
+//! Configurations (rack1's appliance):
+//! - forwarding only: no nearblock (the baseline of every ratio);
+//! - classifier (TC): monitor-only, `classifier = "auto"`, which on the lab's
+//!   veths is TC ingress;
+//! - classifier (XDP): monitor-only, `classifier = "xdp"` (generic XDP on veth:
+//!   what `auto` replaced);
+//! - steered, LUN not served: steering, the library's portal served (config),
+//!   the session's target has no declared LUN: the splicer relays it in the
+//!   kernel after login; bulk TCP runs here too, with every program attached;
+//! - portal not served: steering, but the library's portal is not among the
+//!   served ones: the kernel forwards it (ratio to the TC classifier's).
 //!
-//! Each configuration runs `ROUNDS` times (`NEARBLOCK_BENCH_ROUNDS`), interleaved;
-//! the median is reported.
+//! Every configuration runs once per round, in the same order, for `ROUNDS`
+//! rounds (`NEARBLOCK_BENCH_ROUNDS`); each figure's median, minimum and maximum
+//! are printed, with its ratio of medians and the range of its per-round ratios
+//! (each round's figure over that round's baseline), and the CPU it used:
+//! core-ms per MB moved by process role, and what that adds to its baseline's.
 //!
 //! With a baseline binary (`cargo xtask bench datapath --baseline-rev REV`, see
 //! `bench_ab`), every configuration that runs nearblock runs with both binaries in
@@ -20,7 +31,11 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use nearblock_lab::{content, ApplianceOptions, Lab, LunSpec};
+use nearblock_lab::{
+    content,
+    cpu::{CpuSample, CpuUse},
+    ApplianceOptions, Lab, LunSpec,
+};
 
 #[path = "bench_ab/mod.rs"]
 mod bench_ab;
@@ -29,54 +44,183 @@ use bench_ab::{Daemons, Side, Spread};
 
 const IQN: &str = "iqn.2026-11.bench.nearblock:lun";
 const SECS: u32 = 4;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 7;
 
-/// Figure names (samples are keyed by side and these).
-const FORWARD: &str = "iSCSI 64 KiB QD32: forwarding only";
-const BULK_FORWARD: &str = "bulk TCP (iperf3): no programs";
-const BULK_PROGRAMS: &str = "bulk TCP (iperf3): programs attached";
-
-#[derive(Clone, Copy, PartialEq)]
-enum Mode {
-    Classifier,
-    /// Steered into the transparent byte relay (`iscsi_aware = false`).
-    Relay,
-    /// Steered into the iSCSI-aware splicer, LUN not served (pass-through).
-    Splicer,
+/// What a figure counts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Load {
+    /// iSCSI READs, 64 KiB at QD32: MB/s.
+    Iscsi64k,
+    /// iSCSI READs, 4 KiB at QD32: IOPS.
+    Iscsi4k,
+    /// iperf3: Mbit/s.
+    Bulk,
 }
 
-impl Mode {
-    const ALL: [Mode; 3] = [Mode::Classifier, Mode::Relay, Mode::Splicer];
-
-    fn figure(self) -> &'static str {
+impl Load {
+    fn unit(self) -> &'static str {
         match self {
-            Mode::Classifier => "iSCSI 64 KiB QD32: classifier attached",
-            Mode::Relay => "iSCSI 64 KiB QD32: steered, transparent relay",
-            Mode::Splicer => "iSCSI 64 KiB QD32: steered, iSCSI-aware splicer",
+            Load::Iscsi64k => "MB/s",
+            Load::Iscsi4k => "IOPS",
+            Load::Bulk => "Mb/s",
+        }
+    }
+
+    /// MB moved in one measurement at `value`.
+    fn megabytes(self, value: f64) -> f64 {
+        let per_sec = match self {
+            Load::Iscsi64k => value,
+            Load::Iscsi4k => value * 4096.0 / 1e6,
+            Load::Bulk => value / 8.0,
+        };
+        per_sec * f64::from(SECS)
+    }
+}
+
+/// rack1's appliance for a configuration.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Setup {
+    Forwarding,
+    ClassifierTc,
+    ClassifierXdp,
+    Steered,
+    PortalNotServed,
+}
+
+impl Setup {
+    const ALL: [Setup; 5] = [
+        Setup::Forwarding,
+        Setup::ClassifierTc,
+        Setup::ClassifierXdp,
+        Setup::Steered,
+        Setup::PortalNotServed,
+    ];
+
+    fn loads(self) -> &'static [Load] {
+        match self {
+            Setup::Forwarding => &[Load::Iscsi64k, Load::Iscsi4k, Load::Bulk],
+            Setup::ClassifierTc | Setup::ClassifierXdp => &[Load::Iscsi64k, Load::Bulk],
+            Setup::Steered => &[Load::Iscsi64k, Load::Iscsi4k, Load::Bulk],
+            Setup::PortalNotServed => &[Load::Iscsi64k],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Forwarding => "forwarding only",
+            Setup::ClassifierTc => "classifier attached (TC, auto on veth)",
+            Setup::ClassifierXdp => "classifier attached (generic XDP)",
+            Setup::Steered => "steered, LUN not served (kernel relay)",
+            Setup::PortalNotServed => "portal with no served LUN",
+        }
+    }
+
+    /// The `[datapath]` lines and whether it steers (`None`: no appliance).
+    fn appliance(self) -> Option<(&'static str, bool)> {
+        match self {
+            Setup::Forwarding => None,
+            Setup::ClassifierTc => Some(("classifier = \"auto\"", false)),
+            Setup::ClassifierXdp => Some(("classifier = \"xdp\"", false)),
+            Setup::Steered => Some(("", true)),
+            // A documentation address (RFC 5737): nothing the lab reaches.
+            Setup::PortalNotServed => Some(("served_portals = [\"192.0.2.1:3260\"]", true)),
+        }
+    }
+
+    /// What a figure of this setup is a ratio to, and the target.
+    fn baseline(self, load: Load) -> (Setup, &'static str) {
+        match (self, load) {
+            (Setup::Forwarding, _) => (Setup::Forwarding, "1.000"),
+            (Setup::ClassifierTc, _) => (Setup::Forwarding, ">= 0.97"),
+            (Setup::ClassifierXdp, _) => (Setup::Forwarding, ""),
+            (Setup::Steered, Load::Bulk) => (Setup::Forwarding, ""),
+            (Setup::Steered, _) => (Setup::Forwarding, ">= 0.95"),
+            (Setup::PortalNotServed, _) => (Setup::ClassifierTc, ">= 0.99"),
         }
     }
 }
 
-/// Samples by side and figure name.
+type Key = (Side, Setup, LoadKey);
+
+/// `Load` as an ordered map key.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+struct LoadKey(u8);
+
+impl From<Load> for LoadKey {
+    fn from(l: Load) -> Self {
+        LoadKey(l as u8)
+    }
+}
+
+/// Samples by side, setup and load: one value per round, with the CPU it used
+/// and the MB it moved.
 #[derive(Default, Debug)]
-struct Samples(BTreeMap<(Side, &'static str), Vec<f64>>);
+struct Samples {
+    values: BTreeMap<Key, Vec<f64>>,
+    cpu: BTreeMap<Key, Vec<(CpuUse, f64)>>,
+}
 
 impl Samples {
-    fn push(&mut self, side: Side, figure: &'static str, value: f64) {
-        self.0.entry((side, figure)).or_default().push(value);
+    fn push(&mut self, side: Side, setup: Setup, load: Load, value: f64, cpu: CpuUse) {
+        let key = (side, setup, load.into());
+        self.values.entry(key).or_default().push(value);
+        self.cpu
+            .entry(key)
+            .or_default()
+            .push((cpu, load.megabytes(value)));
     }
 
-    fn get(&self, side: Side, figure: &str) -> &[f64] {
-        self.0
+    fn get(&self, side: Side, setup: Setup, load: Load) -> &[f64] {
+        self.values
+            .get(&(side, setup, load.into()))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The forwarding and no-appliance figures are measured once, as `New`.
+    fn baseline_side(setup: Setup, side: Side) -> Side {
+        if setup == Setup::Forwarding {
+            Side::New
+        } else {
+            side
+        }
+    }
+
+    /// Per-round ratios of `setup`'s figure to its baseline's.
+    fn ratios(&self, side: Side, setup: Setup, load: Load) -> Vec<f64> {
+        let (base, _) = setup.baseline(load);
+        let b = self.get(Self::baseline_side(base, side), base, load);
+        self.get(side, setup, load)
             .iter()
-            .find(|((s, f), _)| *s == side && *f == figure)
-            .map_or(&[], |(_, v)| v.as_slice())
+            .zip(b)
+            .map(|(v, b)| v / b)
+            .collect()
     }
 
-    /// The median of a figure's samples (NaN when it has none).
-    fn median(&self, side: Side, figure: &str) -> f64 {
-        Spread::of(self.get(side, figure)).map_or(f64::NAN, |s| s.median)
+    /// Core-ms per MB over all rounds: the total and by role.
+    fn core_ms_per_mb(&self, side: Side, setup: Setup, load: Load) -> Option<CpuPerMb> {
+        let runs = self.cpu.get(&(side, setup, load.into()))?;
+        let mb: f64 = runs.iter().map(|(_, mb)| mb).sum();
+        if runs.is_empty() || mb <= 0.0 {
+            return None;
+        }
+        let mut by_role: BTreeMap<String, f64> = BTreeMap::new();
+        for (u, _) in runs {
+            for (role, s) in &u.by_role {
+                *by_role.entry(role.clone()).or_default() += s * 1e3 / mb;
+            }
+        }
+        Some(CpuPerMb {
+            busy: runs.iter().map(|(u, _)| u.wall_fraction).sum::<f64>() / runs.len() as f64,
+            total: runs.iter().map(|(u, _)| u.core_seconds).sum::<f64>() * 1e3 / mb,
+            by_role,
+        })
     }
+}
+
+struct CpuPerMb {
+    busy: f64,
+    total: f64,
+    by_role: BTreeMap<String, f64>,
 }
 
 fn main() -> Result<()> {
@@ -102,132 +246,95 @@ fn main() -> Result<()> {
         .spawn()
         .context("iperf3 server (cargo xtask bootstrap installs iperf3)")?;
     std::thread::sleep(Duration::from_millis(300));
+    let result = run_rounds(&mut lab, &daemons, &url, &lib, &mut samples);
+    let _ = iperf.kill();
+    let _ = iperf.wait();
+    result?;
+
+    report(&samples, Side::New, rounds);
+    if daemons.comparing() {
+        report(&samples, Side::Old, rounds);
+        report_ab(&samples, rounds);
+    }
+    println!("  raw samples: {:?}", samples.values);
+    Ok(())
+}
+
+fn run_rounds(
+    lab: &mut Lab,
+    daemons: &Daemons,
+    url: &str,
+    lib: &str,
+    samples: &mut Samples,
+) -> Result<()> {
+    let rounds = daemons.rounds;
     for round in 0..rounds {
-        // Forwarding only: no appliance, one reference per round.
-        samples.push(Side::New, FORWARD, iscsi_perf(&lab, &url)?);
-        samples.push(Side::New, BULK_FORWARD, iperf3(&lab, &lib)?);
-        for &side in daemons.order(round) {
-            daemons.select(side);
-            for mode in Mode::ALL {
+        for setup in Setup::ALL {
+            let Some((datapath, steer)) = setup.appliance() else {
+                for &load in setup.loads() {
+                    let (v, cpu) = measure(lab, load, url, lib)?;
+                    samples.push(Side::New, setup, load, v, cpu);
+                }
+                continue;
+            };
+            for &side in daemons.order(round) {
+                daemons.select(side);
+                lab.set_datapath_extra("rack1", datapath);
                 lab.start_appliance(
                     "rack1",
                     ApplianceOptions {
-                        steer: matches!(mode, Mode::Relay | Mode::Splicer),
-                        extra_config: if mode == Mode::Relay {
-                            "[splicer]\niscsi_aware = false\n".into()
-                        } else {
-                            String::new()
-                        },
+                        steer,
+                        extra_config: String::new(),
                     },
                 )?;
-                samples.push(side, mode.figure(), iscsi_perf(&lab, &url)?);
-                if mode == Mode::Splicer {
-                    samples.push(side, BULK_PROGRAMS, iperf3(&lab, &lib)?);
+                for &load in setup.loads() {
+                    let (v, cpu) = measure(lab, load, url, lib)?;
+                    samples.push(side, setup, load, v, cpu);
                 }
-                if matches!(mode, Mode::Relay | Mode::Splicer) {
-                    let r = lab.status("rack1")?;
-                    if r.splicer.accepted == 0 {
-                        bail!(
-                            "round {round} ({} binary): nothing was steered",
-                            side.name()
-                        );
-                    }
-                }
+                check_steering(lab, setup, side, round)?;
                 lab.stop_appliance("rack1", Duration::from_secs(20))?;
             }
         }
         eprintln!("round {} of {rounds} done", round + 1);
     }
-    let _ = iperf.kill();
-    let _ = iperf.wait();
-
-    report_ratios(&samples, Side::New, rounds);
-    if daemons.comparing() {
-        report_ratios(&samples, Side::Old, rounds);
-        report_ab(&samples, rounds);
-    }
-    println!("  raw samples (iSCSI MB/s, bulk Mb/s): {samples:?}");
+    lab.set_datapath_extra("rack1", "");
     Ok(())
 }
 
-/// One binary's figures as ratios to forwarding (the report without a baseline).
-fn report_ratios(samples: &Samples, side: Side, rounds: usize) {
-    let fwd = samples.median(Side::New, FORWARD);
-    let bfwd = samples.median(Side::New, BULK_FORWARD);
-    let which = if side == Side::Old {
-        ", baseline binary"
-    } else {
-        ""
-    };
-    println!("bench datapath (2-core machine, hv1 → rack1 → core → library, median of {rounds} × {SECS} s{which})");
-    println!(
-        "  {:<48} {:>12} {:>8} {:>8}",
-        "configuration", "throughput", "ratio", "target"
-    );
-    let row = |name: &str, v: f64, base: f64, unit: &str, target: &str| {
-        println!(
-            "  {:<48} {:>7.0} {unit} {:>8.3} {:>8}",
-            name,
-            v,
-            v / base,
-            target
-        );
-    };
-    row(FORWARD, fwd, fwd, "MB/s", "1.000");
-    for (mode, target) in Mode::ALL.into_iter().zip([">= 0.97", ">= 0.80", ""]) {
-        row(
-            mode.figure(),
-            samples.median(side, mode.figure()),
-            fwd,
-            "MB/s",
-            target,
-        );
+/// The configuration did what it is named for.
+fn check_steering(lab: &Lab, setup: Setup, side: Side, round: usize) -> Result<()> {
+    let r = lab.status("rack1")?;
+    let not_served = r
+        .verdicts
+        .iter()
+        .find(|(n, _)| n == "tc_steer_not_served")
+        .map_or(0, |(_, v)| *v);
+    let which = format!("round {round}, {} binary, {}", side.name(), setup.name());
+    match setup {
+        Setup::Steered if r.splicer.accepted == 0 => bail!("{which}: nothing was steered"),
+        // The baseline binary may predate the kernel relay's counter.
+        Setup::Steered if r.splicer.raw_relayed == 0 && side == Side::New => {
+            bail!("{which}: no session dropped to the relay")
+        }
+        Setup::PortalNotServed if r.splicer.accepted != 0 => {
+            bail!("{which}: a portal with nothing served was steered")
+        }
+        Setup::PortalNotServed if not_served == 0 && side == Side::New => {
+            bail!("{which}: tc_steer_not_served never counted")
+        }
+        _ => Ok(()),
     }
-    row(BULK_FORWARD, bfwd, bfwd, "Mb/s", "1.000");
-    row(
-        BULK_PROGRAMS,
-        samples.median(side, BULK_PROGRAMS),
-        bfwd,
-        "Mb/s",
-        ">= 0.90",
-    );
 }
 
-/// Old against new, figure by figure, with each side's spread.
-fn report_ab(samples: &Samples, rounds: usize) {
-    println!("bench datapath A/B: the baseline (old) and this tree (new), {rounds} rounds each, alternating which runs first");
-    println!("{}", bench_ab::header(rounds));
-    for mode in Mode::ALL {
-        let f = mode.figure();
-        println!(
-            "{}",
-            bench_ab::row(
-                f,
-                "MB/s",
-                samples.get(Side::Old, f),
-                samples.get(Side::New, f)
-            )
-        );
-    }
-    println!(
-        "{}",
-        bench_ab::row(
-            BULK_PROGRAMS,
-            "Mb/s",
-            samples.get(Side::Old, BULK_PROGRAMS),
-            samples.get(Side::New, BULK_PROGRAMS)
-        )
-    );
-    println!(
-        "  forwarding only (no nearblock, one run per round): {:.0} MB/s iSCSI, {:.0} Mb/s bulk (medians)",
-        samples.median(Side::New, FORWARD),
-        samples.median(Side::New, BULK_FORWARD)
-    );
-}
-
-/// MB/s average that iscsi-perf reports at the end (64 KiB reads, QD32).
-fn iscsi_perf(lab: &Lab, url: &str) -> Result<f64> {
-    Ok(lab.iscsi_perf("hv1", url, 32, 128, SECS)?.0)
+/// One measurement and the CPU it used.
+fn measure(lab: &Lab, load: Load, url: &str, lib: &str) -> Result<(f64, CpuUse)> {
+    let cpu0 = CpuSample::take();
+    let v = match load {
+        Load::Iscsi64k => lab.iscsi_perf("hv1", url, 32, 128, SECS)?.0,
+        Load::Iscsi4k => lab.iscsi_perf("hv1", url, 32, 8, SECS)?.1,
+        Load::Bulk => iperf3(lab, lib)?,
+    };
+    Ok((v, CpuSample::take().since(&cpu0)))
 }
 
 /// Mbit/s received, from iperf3's JSON summary.
@@ -243,18 +350,148 @@ fn iperf3(lab: &Lab, server: &str) -> Result<f64> {
     Ok(bps / 1e6)
 }
 
+fn load_name(load: Load) -> &'static str {
+    match load {
+        Load::Iscsi64k => "iSCSI 64 KiB QD32",
+        Load::Iscsi4k => "iSCSI 4 KiB QD32",
+        Load::Bulk => "bulk TCP",
+    }
+}
+
+/// One binary's figures: spread, ratios to their baselines, CPU.
+fn report(samples: &Samples, side: Side, rounds: usize) {
+    let which = if side == Side::Old {
+        ", baseline binary"
+    } else {
+        ""
+    };
+    println!("bench datapath (2-core machine, hv1 → rack1 → core → library, {rounds} rounds × {SECS} s per figure{which})");
+    println!(
+        "  {:<58} {:>28} {:>7} {:>21} {:>8}",
+        "figure", "min / median / max", "ratio", "per-round ratios", "target"
+    );
+    for setup in Setup::ALL {
+        for &load in setup.loads() {
+            let s = Samples::baseline_side(setup, side);
+            let Some(v) = Spread::of(samples.get(s, setup, load)) else {
+                continue;
+            };
+            let (base, target) = setup.baseline(load);
+            let b = Spread::of(samples.get(Samples::baseline_side(base, side), base, load));
+            let ratio = b.map_or(f64::NAN, |b| v.median / b.median);
+            let per_round = Spread::of(&samples.ratios(s, setup, load)).map_or_else(
+                || "n/a".to_string(),
+                |r| format!("{:.3}–{:.3}", r.min, r.max),
+            );
+            println!(
+                "  {:<58} {:>28} {:>7.3} {:>21} {:>8}",
+                format!("{}: {}", load_name(load), setup.name()),
+                format!(
+                    "{:.0} / {:.0} / {:.0} {}",
+                    v.min,
+                    v.median,
+                    v.max,
+                    load.unit()
+                ),
+                ratio,
+                per_round,
+                target
+            );
+        }
+    }
+    println!("  where the CPU goes (2 cores; core-ms per MB moved over all rounds; adds = total − the baseline's total; other = the clients, kernel work outside these processes):");
+    println!(
+        "  {:<58} {:>5} {:>7} {:>7} {:>10} {:>7} {:>7} {:>7}",
+        "figure", "busy", "total", "adds", "appliance", "tgtd", "iperf3", "other"
+    );
+    for setup in Setup::ALL {
+        for &load in setup.loads() {
+            let s = Samples::baseline_side(setup, side);
+            let Some(c) = samples.core_ms_per_mb(s, setup, load) else {
+                continue;
+            };
+            let (base, _) = setup.baseline(load);
+            let adds = samples
+                .core_ms_per_mb(Samples::baseline_side(base, side), base, load)
+                .map_or(f64::NAN, |b| c.total - b.total);
+            let role = |r: &str| c.by_role.get(r).copied().unwrap_or(0.0);
+            println!(
+                "  {:<58} {:>4.0}% {:>7.2} {:>7.2} {:>10.2} {:>7.2} {:>7.2} {:>7.2}",
+                format!("{}: {}", load_name(load), setup.name()),
+                c.busy * 100.0,
+                c.total,
+                adds,
+                role("appliance"),
+                role("tgtd"),
+                role("iperf3"),
+                role("other")
+            );
+        }
+    }
+}
+
+/// Old against new, figure by figure, with each side's spread.
+fn report_ab(samples: &Samples, rounds: usize) {
+    println!("bench datapath A/B: the baseline (old) and this tree (new), {rounds} rounds each, alternating which runs first");
+    println!("{}", bench_ab::header(rounds));
+    for setup in Setup::ALL.into_iter().filter(|s| *s != Setup::Forwarding) {
+        for &load in setup.loads() {
+            println!(
+                "{}",
+                bench_ab::row(
+                    &format!("{}: {}", load_name(load), setup.name()),
+                    load.unit(),
+                    samples.get(Side::Old, setup, load),
+                    samples.get(Side::New, setup, load)
+                )
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn samples_by_side_and_figure() {
+    fn ratios_are_per_round_against_the_baseline() {
         let mut s = Samples::default();
-        s.push(Side::Old, "a", 1.0);
-        s.push(Side::New, "a", 3.0);
-        s.push(Side::New, "a", 5.0);
-        assert_eq!(s.get(Side::Old, "a"), &[1.0]);
-        assert!((s.median(Side::New, "a") - 4.0).abs() < 1e-12);
-        assert!(s.median(Side::Old, "b").is_nan());
+        for (f, c) in [(100.0, 90.0), (200.0, 190.0)] {
+            s.push(
+                Side::New,
+                Setup::Forwarding,
+                Load::Iscsi64k,
+                f,
+                CpuUse::default(),
+            );
+            s.push(
+                Side::New,
+                Setup::ClassifierTc,
+                Load::Iscsi64k,
+                c,
+                CpuUse::default(),
+            );
+        }
+        let r = s.ratios(Side::New, Setup::ClassifierTc, Load::Iscsi64k);
+        assert_eq!(r, [0.9, 0.95]);
+        // A baseline binary's figures compare with the one forwarding run.
+        s.push(
+            Side::Old,
+            Setup::ClassifierTc,
+            Load::Iscsi64k,
+            50.0,
+            CpuUse::default(),
+        );
+        assert_eq!(
+            s.ratios(Side::Old, Setup::ClassifierTc, Load::Iscsi64k),
+            [0.5]
+        );
+    }
+
+    #[test]
+    fn megabytes_per_load() {
+        assert!((Load::Iscsi64k.megabytes(100.0) - 400.0).abs() < 1e-9);
+        assert!((Load::Bulk.megabytes(8000.0) - 4000.0).abs() < 1e-9);
+        assert!((Load::Iscsi4k.megabytes(1e6 / 4096.0) - 4.0).abs() < 1e-9);
     }
 }

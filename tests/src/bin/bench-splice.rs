@@ -52,7 +52,7 @@ use bench_ab::{Daemons, Side, Spread};
 const IQN: &str = "iqn.2026-11.bench.nearblock:served";
 const LUN_MIB: usize = 256;
 const SECS: u32 = 4;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 7;
 const AGENT_PORT: u16 = 7500;
 const INDEXER_PORT: u16 = 7501;
 
