@@ -9,9 +9,10 @@
 //! steering mark, which the daemon's policy rules (`fwmark M iif IFACE lookup T`,
 //! table T: `local default dev lo`) deliver locally.
 //!
-//! Only portals that can be served are steered: with `STEER_SERVED_ONLY`, a SYN
-//! to a portal missing from `SERVED_PORTALS` (no served LUN behind it) is
-//! forwarded untouched, counted and discovered like any other classified flow.
+//! Only portals that can be served are steered: with `STEER_SERVED_ONLY`, every
+//! packet to or from a portal missing from `SERVED_PORTALS` (no served LUN
+//! behind it) is forwarded untouched without a socket lookup, counted and
+//! discovered like any other classified flow.
 //!
 //! Fail-open: no listener in the map means the SYN is forwarded untouched; flows
 //! carrying the nearblock DSCP mark (another appliance's upstream connection) are
@@ -102,9 +103,21 @@ pub fn steer(ctx: &TcContext) {
         bump(Verdict::SteerMarkedPass);
         return;
     }
+    // A portal with nothing served has no splicer socket in any of its flows
+    // (portals are only ever added), so its packets skip the socket lookup too:
+    // the kernel forwards them as if nearblock were not there.
     if toward && role & ROLE_CLIENT_FACING != 0 {
+        if !portal_served(pkt.family, &pkt.daddr, pkt.dport) {
+            if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                bump(Verdict::SteerNotServed);
+            }
+            return;
+        }
         steer_from_client(ctx, &pkt);
     } else if from && role & ROLE_UPSTREAM_FACING != 0 {
+        if !portal_served(pkt.family, &pkt.saddr, pkt.sport) {
+            return;
+        }
         steer_reply(ctx, &pkt);
     }
 }
@@ -127,12 +140,6 @@ fn steer_from_client(ctx: &TcContext, pkt: &TcpPacket) {
         // A flow this appliance does not splice (started before steering, or
         // spliced by a previous daemon that died): forward it.
         bump(Verdict::SteerPassthrough);
-        return;
-    }
-    if !portal_served(pkt) {
-        // Nothing there can be answered here: the kernel forwards it at full
-        // speed instead of the splicer relaying it.
-        bump(Verdict::SteerNotServed);
         return;
     }
     assign_listener(ctx, pkt);
@@ -208,19 +215,19 @@ fn assign_owner(ctx: &TcContext, pkt: &TcpPacket, syn: bool, verdict: Verdict) -
     Owner::Assigned
 }
 
-/// Whether new connections to the packet's destination may be steered: every
-/// portal, or only those that export a served LUN.
+/// Whether connections to this portal may be steered: every portal, or only
+/// those that export a served LUN.
 #[inline(always)]
-fn portal_served(pkt: &TcpPacket) -> bool {
+fn portal_served(family: u8, addr: &[u8; 16], port: u16) -> bool {
     // SAFETY: read-only global set before load.
     if unsafe { core::ptr::read_volatile(&STEER_SERVED_ONLY) } == 0 {
         return true;
     }
     let portal = PortalKey {
-        family: pkt.family,
+        family,
         _pad: 0,
-        port: pkt.dport,
-        addr: pkt.daddr,
+        port,
+        addr: *addr,
     };
     // SAFETY: the value is only tested for presence.
     unsafe { SERVED_PORTALS.get(&portal).is_some() }
