@@ -1,68 +1,281 @@
-//! The plain byte relay: both directions copied until both end, a clean EOF
-//! passed on as a half-close. For non-iSCSI ports, over-cap connections, and
-//! iSCSI sessions with nothing to serve once logged in.
+//! The plain byte relay: both directions carried until both end, a clean EOF
+//! passed on as a half-close, an error in either direction ending both. For
+//! non-iSCSI ports, over-cap connections, and iSCSI sessions with nothing to
+//! serve once logged in.
+//!
+//! The bytes move with splice(2), socket → pipe → socket, one pipe per
+//! direction: no byte crosses a user-space buffer, because the kernel moves
+//! page references from the source socket's receive queue into the pipe and
+//! on to the destination's send path. This relay inspects nothing, so copying
+//! every byte out to user space and back in would be pure overhead. When no
+//! pipe can be had (out of file descriptors), the connection is still relayed,
+//! through a user-space buffer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    io,
+    net::Shutdown,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    ptr,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
     net::TcpStream,
 };
+use tracing::{debug, warn};
 
 use super::stats::SplicerStats;
 
-/// Relay buffer per direction: large enough for a whole 256 KiB iSCSI burst.
+/// Relay buffer per direction of the user-space fallback: large enough for a
+/// whole 256 KiB iSCSI burst.
 const RELAY_BUF: usize = 256 * 1024;
 
+/// Pipe size asked for: a few iSCSI bursts in flight per direction. Only the
+/// slot array is allocated up front; pages are held only while bytes sit in
+/// the pipe.
+const PIPE_WANT: usize = 1024 * 1024;
+
+/// The kernel's default pipe size, assumed if it cannot even be read back.
+const PIPE_DEFAULT: usize = 64 * 1024;
+
+/// SPLICE_F_MOVE is advisory (the kernel moves page references regardless);
+/// SPLICE_F_NONBLOCK keeps the pipe end from waiting, and the sockets are
+/// nonblocking already, so a call never parks a runtime thread. No
+/// SPLICE_F_MORE: the kernel already sets MSG_MORE while the pipe holds more,
+/// and setting it on the last piece would delay it.
+const SPLICE_FLAGS: libc::c_uint = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+
 /// Relay both directions until both have ended; an error in one direction tears
-/// down the other (a clean EOF is passed on as a half-close).
+/// down the other (a clean EOF is passed on as a half-close). Returns the bytes
+/// that reached the upstream and the client, also when torn down.
 pub async fn relay(client: TcpStream, upstream: TcpStream, stats: &SplicerStats) -> (u64, u64) {
-    let (cr, cw) = client.into_split();
-    let (ur, uw) = upstream.into_split();
-    let up = pump(cr, uw, &stats.bytes_to_target);
-    let down = pump(ur, cw, &stats.bytes_to_initiator);
-    tokio::pin!(up, down);
-    let mut up_done = None;
-    let mut down_done = None;
-    while up_done.is_none() || down_done.is_none() {
-        tokio::select! {
-            r = &mut up, if up_done.is_none() => {
-                let failed = r.is_err();
-                up_done = Some(r.unwrap_or_else(|(n, _)| n));
-                if failed { break; }
-            }
-            r = &mut down, if down_done.is_none() => {
-                let failed = r.is_err();
-                down_done = Some(r.unwrap_or_else(|(n, _)| n));
-                if failed { break; }
-            }
+    let pipes = Pipe::open().and_then(|up| Ok((up, Pipe::open()?)));
+    let (up_pipe, down_pipe) = match pipes {
+        Ok(pipes) => pipes,
+        Err(e) => {
+            warn!(cause = %e, "no pipe for splice(2): relaying through user space");
+            return relay_copied(client, upstream, stats).await;
         }
+    };
+    let (mut to_target, mut to_initiator) = (0, 0);
+    let up = splice_pump(
+        &client,
+        &upstream,
+        &up_pipe,
+        &stats.bytes_to_target,
+        &mut to_target,
+    );
+    let down = splice_pump(
+        &upstream,
+        &client,
+        &down_pipe,
+        &stats.bytes_to_initiator,
+        &mut to_initiator,
+    );
+    if let Err(e) = tokio::try_join!(up, down) {
+        debug!(cause = %e, "byte relay torn down");
     }
-    (up_done.unwrap_or(0), down_done.unwrap_or(0))
+    (to_target, to_initiator)
 }
 
-/// Copy until EOF, then shut the write side down. Returns the byte count, also
-/// on error.
-async fn pump<R, W>(mut r: R, mut w: W, counter: &AtomicU64) -> Result<u64, (u64, std::io::Error)>
+/// One direction: fill the pipe from `src`, drain it all into `dst`, repeat;
+/// at EOF shut `dst`'s write side. Adds what reached `dst` to `moved` and
+/// `counter` as it goes.
+///
+/// The pipe is filled only when empty. A full pipe answers EAGAIN exactly as
+/// an empty socket does, and clearing the socket's readiness on that EAGAIN
+/// would strand the bytes already queued on it (readiness is edge-triggered:
+/// no new edge comes for them). With an empty pipe, EAGAIN means the socket.
+/// It also gives backpressure for free: while `dst` cannot take the pipe's
+/// bytes, `src` is not read, so its receive window closes.
+async fn splice_pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    counter: &AtomicU64,
+    moved: &mut u64,
+) -> io::Result<()> {
+    loop {
+        let filled = fill(src, pipe).await?;
+        if filled == 0 {
+            // Only ever reached with the pipe empty: everything read has gone on.
+            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        drain(pipe, filled, dst, counter, moved).await?;
+    }
+}
+
+/// Move what `src` has queued (up to the pipe's size) into the empty pipe;
+/// waits for at least one byte. 0 is EOF.
+async fn fill(src: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
+    loop {
+        src.readable().await?;
+        match src.try_io(Interest::READABLE, || {
+            splice_once(src.as_fd(), pipe.writer.as_fd(), pipe.size)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Move all `len` bytes in the pipe into `dst`, counting each piece as it
+/// lands in `dst`'s send queue.
+async fn drain(
+    pipe: &Pipe,
+    mut len: usize,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+    moved: &mut u64,
+) -> io::Result<()> {
+    while len > 0 {
+        dst.writable().await?;
+        match dst.try_io(Interest::WRITABLE, || {
+            splice_once(pipe.reader.as_fd(), dst.as_fd(), len)
+        }) {
+            // The pipe is known to hold `len` bytes, so 0 would loop forever.
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                len -= n;
+                *moved += n as u64;
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One splice(2) of up to `len` bytes, retried on EINTR.
+///
+/// Splicing into a socket whose peer has gone raises SIGPIPE (the kernel does
+/// not add MSG_NOSIGNAL); Rust's runtime ignores SIGPIPE, so it surfaces as
+/// EPIPE instead.
+fn splice_once(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: both descriptors are borrowed, so open for the whole call;
+        // null offsets are what pipes and sockets require (no file position).
+        let n = unsafe {
+            libc::splice(
+                from.as_raw_fd(),
+                ptr::null_mut(),
+                to.as_raw_fd(),
+                ptr::null_mut(),
+                len,
+                SPLICE_FLAGS,
+            )
+        };
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// A nonblocking pipe, both ends closed on drop.
+struct Pipe {
+    reader: OwnedFd,
+    writer: OwnedFd,
+    /// Bytes it holds at most (as the kernel granted it).
+    size: usize,
+}
+
+impl Pipe {
+    fn open() -> io::Result<Self> {
+        let mut fds: [libc::c_int; 2] = [-1; 2];
+        // SAFETY: `fds` is a writable array of two c_ints, as pipe2 requires.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both are open descriptors that nothing
+        // else owns; from here they are closed on every path.
+        let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let size = grow(writer.as_fd());
+        Ok(Self {
+            reader,
+            writer,
+            size,
+        })
+    }
+}
+
+/// Grow the pipe to [`PIPE_WANT`], else to the unprivileged limit
+/// (/proc/sys/fs/pipe-max-size), else leave it; returns its size. A smaller
+/// pipe only means more splice(2) calls, so no failure here is an error.
+fn grow(pipe: BorrowedFd<'_>) -> usize {
+    if let Some(size) = set_pipe_size(pipe, PIPE_WANT) {
+        return size;
+    }
+    let limit = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|text| parse_size(&text))
+        .and_then(|max| capped_retry(PIPE_WANT, max));
+    if let Some(size) = limit.and_then(|limit| set_pipe_size(pipe, limit)) {
+        return size;
+    }
+    pipe_size(pipe).unwrap_or(PIPE_DEFAULT)
+}
+
+fn parse_size(text: &str) -> Option<usize> {
+    text.trim().parse().ok()
+}
+
+/// The size worth a second try after `want` was refused: the limit, if it is
+/// below what was asked and above the default a pipe has anyway.
+fn capped_retry(want: usize, limit: usize) -> Option<usize> {
+    (limit < want && limit > PIPE_DEFAULT).then_some(limit)
+}
+
+fn set_pipe_size(pipe: BorrowedFd<'_>, size: usize) -> Option<usize> {
+    let size = libc::c_int::try_from(size).ok()?;
+    // SAFETY: F_SETPIPE_SZ takes an int and touches no memory of ours; the
+    // descriptor is borrowed, so open.
+    let granted = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+    usize::try_from(granted).ok()
+}
+
+fn pipe_size(pipe: BorrowedFd<'_>) -> Option<usize> {
+    // SAFETY: F_GETPIPE_SZ takes no argument; the descriptor is borrowed, so open.
+    let size = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    usize::try_from(size).ok().filter(|&size| size > 0)
+}
+
+/// The user-space relay, for when no pipe is to be had: the same half-close
+/// and tear-down, each byte copied through a buffer.
+async fn relay_copied(client: TcpStream, upstream: TcpStream, stats: &SplicerStats) -> (u64, u64) {
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    let (mut to_target, mut to_initiator) = (0, 0);
+    let up = pump(cr, uw, &stats.bytes_to_target, &mut to_target);
+    let down = pump(ur, cw, &stats.bytes_to_initiator, &mut to_initiator);
+    if let Err(e) = tokio::try_join!(up, down) {
+        debug!(cause = %e, "byte relay torn down");
+    }
+    (to_target, to_initiator)
+}
+
+/// Copy until EOF, then shut the write side down. Adds what was written to
+/// `moved` and `counter` as it goes.
+async fn pump<R, W>(mut r: R, mut w: W, counter: &AtomicU64, moved: &mut u64) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; RELAY_BUF];
-    let mut total = 0u64;
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) => {
-                let _ = w.shutdown().await;
-                return Ok(total);
-            }
-            Ok(n) => n,
-            Err(e) => return Err((total, e)),
-        };
-        if let Err(e) = w.write_all(&buf[..n]).await {
-            return Err((total, e));
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(());
         }
-        total += n as u64;
+        w.write_all(&buf[..n]).await?;
+        *moved += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
