@@ -282,8 +282,18 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::Arc,
+        time::{Duration, Instant},
+    };
+
+    use tokio::{net::TcpListener, task::JoinHandle, time::timeout};
+
     use super::*;
-    use tokio::net::TcpListener;
+
+    /// Bound on any one wait; generous, as the whole suite runs on two cores.
+    const WAIT: Duration = Duration::from_secs(10);
 
     /// The relay carries both directions intact and passes a half-close on.
     #[tokio::test]
@@ -318,5 +328,336 @@ mod tests {
         assert_eq!(back, expect);
         assert_eq!((up, down), (1_000_000, 1_000_000));
         assert_eq!(stats.snapshot().bytes_to_target, 1_000_000);
+    }
+
+    /// A reader slower than the writer: the relay stops taking from the writer
+    /// (it is still writing well after the reader's slow stretch) and delivers
+    /// every byte once, in order, the EOF only after the last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_reader_holds_the_sender_back_and_loses_nothing() {
+        const TOTAL: u64 = 64 << 20;
+        const SLOW_FOR: Duration = Duration::from_millis(1500);
+        let Relayed {
+            client,
+            mut server,
+            relay,
+            stats,
+        } = relayed(Path::Splice).await;
+        let sender = tokio::spawn(async move {
+            let mut client = client;
+            send_pattern(&mut client, TOTAL).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+
+        let start = Instant::now();
+        let mut at = 0u64;
+        let mut buf = vec![0u8; 16 * 1024];
+        while start.elapsed() < SLOW_FOR {
+            let n = timeout(WAIT, server.read(&mut buf)).await.unwrap().unwrap();
+            assert_ne!(n, 0, "EOF after {at} bytes while reading slowly");
+            check_pattern(&buf[..n], at);
+            at += n as u64;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let relayed_so_far = stats.snapshot().bytes_to_target;
+        assert!(
+            !sender.is_finished(),
+            "the sender got all {TOTAL} bytes away while {at} were read"
+        );
+        assert!(relayed_so_far < TOTAL);
+        println!("after the slow stretch: {at} bytes read, {relayed_so_far} relayed");
+
+        let (rest, end) = timeout(WAIT, receive_pattern(&mut server, at, u64::MAX))
+            .await
+            .unwrap();
+        end.unwrap();
+        assert_eq!(at + rest, TOTAL);
+        server.shutdown().await.unwrap();
+        let mut client = timeout(WAIT, sender).await.unwrap().unwrap();
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+        let moved = timeout(WAIT, relay).await.unwrap().unwrap();
+        assert_eq!(moved, (TOTAL, 0));
+        assert_eq!(stats.snapshot().bytes_to_target, TOTAL);
+    }
+
+    /// The server half-closes first; the client's direction stays open and all
+    /// it sends after seeing the server's EOF arrives.
+    #[tokio::test]
+    async fn server_half_close_first_leaves_the_client_direction_open() {
+        half_close_first(Path::Splice, Side::Server).await;
+    }
+
+    /// The client half-closes first; the server's direction stays open.
+    #[tokio::test]
+    async fn client_half_close_first_leaves_the_server_direction_open() {
+        half_close_first(Path::Splice, Side::Client).await;
+    }
+
+    /// The server resets mid-transfer: the relay ends, the client's
+    /// connection ends, and what reached the client is a prefix.
+    #[tokio::test]
+    async fn server_reset_mid_transfer_ends_the_relay() {
+        reset_mid_transfer(Path::Splice, Side::Server).await;
+    }
+
+    /// The client resets mid-transfer: the same, the other way round.
+    #[tokio::test]
+    async fn client_reset_mid_transfer_ends_the_relay() {
+        reset_mid_transfer(Path::Splice, Side::Client).await;
+    }
+
+    /// The user-space fallback keeps the same semantics: both directions,
+    /// half-close from either side, reset from either side.
+    #[tokio::test]
+    async fn copy_fallback_relays_half_close_and_reset() {
+        let Relayed {
+            mut client,
+            mut server,
+            relay,
+            stats,
+        } = relayed(Path::Copy).await;
+        let (got_by_client, got_by_server) = tokio::join!(
+            async {
+                send_pattern(&mut client, 3 << 20).await.unwrap();
+                client.shutdown().await.unwrap();
+                receive_pattern(&mut client, 0, u64::MAX).await
+            },
+            async {
+                send_pattern(&mut server, 2 << 20).await.unwrap();
+                server.shutdown().await.unwrap();
+                receive_pattern(&mut server, 0, u64::MAX).await
+            },
+        );
+        assert_eq!(got_by_client.0, 2 << 20);
+        assert_eq!(got_by_server.0, 3 << 20);
+        let moved = timeout(WAIT, relay).await.unwrap().unwrap();
+        assert_eq!(moved, (3 << 20, 2 << 20));
+        assert_eq!(stats.snapshot().bytes_to_initiator, 2 << 20);
+
+        half_close_first(Path::Copy, Side::Server).await;
+        half_close_first(Path::Copy, Side::Client).await;
+        reset_mid_transfer(Path::Copy, Side::Server).await;
+        reset_mid_transfer(Path::Copy, Side::Client).await;
+    }
+
+    #[test]
+    fn pipe_size_retry_only_between_the_default_and_what_was_asked() {
+        assert_eq!(capped_retry(PIPE_WANT, 512 * 1024), Some(512 * 1024));
+        assert_eq!(capped_retry(PIPE_WANT, PIPE_WANT), None);
+        assert_eq!(capped_retry(PIPE_WANT, 4 * PIPE_WANT), None);
+        assert_eq!(capped_retry(PIPE_WANT, PIPE_DEFAULT), None);
+        assert_eq!(capped_retry(PIPE_WANT, 4096), None);
+        assert_eq!(parse_size("1048576\n"), Some(1_048_576));
+        assert_eq!(parse_size("lots"), None);
+    }
+
+    #[test]
+    fn a_pipe_reports_the_size_the_kernel_granted() {
+        let pipe = Pipe::open().unwrap();
+        assert_eq!(pipe_size(pipe.writer.as_fd()), Some(pipe.size));
+        assert!((4096..=PIPE_WANT).contains(&pipe.size), "{}", pipe.size);
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Path {
+        Splice,
+        Copy,
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Side {
+        Client,
+        Server,
+    }
+
+    /// Both endpoints of a relayed connection, and the relay running between.
+    struct Relayed {
+        client: TcpStream,
+        server: TcpStream,
+        relay: JoinHandle<(u64, u64)>,
+        stats: Arc<SplicerStats>,
+    }
+
+    async fn relayed(path: Path) -> Relayed {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, c) = connected(&front).await;
+        let (u, server) = connected(&back).await;
+        let stats = Arc::new(SplicerStats::default());
+        let counters = stats.clone();
+        let relay = tokio::spawn(async move {
+            match path {
+                Path::Splice => relay(c, u, &counters).await,
+                Path::Copy => relay_copied(c, u, &counters).await,
+            }
+        });
+        Relayed {
+            client,
+            server,
+            relay,
+            stats,
+        }
+    }
+
+    /// A connection to `listener`: (connecting end, accepted end).
+    async fn connected(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let (connecting, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (connecting.unwrap(), accepted.unwrap().0)
+    }
+
+    /// `first` sends 1 MiB and half-closes; the other end reads it to EOF, then
+    /// sends 8 MiB the other way and closes; `first` gets all of it.
+    async fn half_close_first(path: Path, first: Side) {
+        const BEFORE: u64 = 1 << 20;
+        const AFTER: u64 = 8 << 20;
+        let Relayed {
+            client,
+            server,
+            relay,
+            ..
+        } = relayed(path).await;
+        let (closer, stayer) = match first {
+            Side::Client => (client, server),
+            Side::Server => (server, client),
+        };
+        let closer = tokio::spawn(async move {
+            let mut s = closer;
+            send_pattern(&mut s, BEFORE).await.unwrap();
+            s.shutdown().await.unwrap();
+            let (n, end) = receive_pattern(&mut s, 0, u64::MAX).await;
+            end.unwrap();
+            n
+        });
+        let stayer = tokio::spawn(async move {
+            let mut s = stayer;
+            let (n, end) = receive_pattern(&mut s, 0, u64::MAX).await;
+            end.unwrap();
+            // EOF seen: everything from here on crosses a half-closed relay.
+            send_pattern(&mut s, AFTER).await.unwrap();
+            s.shutdown().await.unwrap();
+            n
+        });
+        let got_by_stayer = timeout(WAIT, stayer).await.unwrap().unwrap();
+        let got_by_closer = timeout(WAIT, closer).await.unwrap().unwrap();
+        assert_eq!((got_by_stayer, got_by_closer), (BEFORE, AFTER), "{path:?}");
+        let moved = timeout(WAIT, relay).await.unwrap().unwrap();
+        let expect = match first {
+            Side::Client => (BEFORE, AFTER),
+            Side::Server => (AFTER, BEFORE),
+        };
+        assert_eq!(moved, expect, "{path:?}, {first:?} first");
+    }
+
+    /// Both ends stream to each other; `resetter` sends 2 MiB, reads 1 MiB,
+    /// then closes with SO_LINGER 0 (a reset). The relay must end promptly,
+    /// the other end's connection must end, and each side has only seen a
+    /// prefix of the other's stream.
+    async fn reset_mid_transfer(path: Path, resetter: Side) {
+        const SENT: u64 = 2 << 20;
+        const READ: u64 = 1 << 20;
+        let Relayed {
+            client,
+            server,
+            relay,
+            ..
+        } = relayed(path).await;
+        let (mut resetting, other) = match resetter {
+            Side::Client => (client, server),
+            Side::Server => (server, client),
+        };
+        let (mut other_r, mut other_w) = other.into_split();
+        let other_writer =
+            tokio::spawn(async move { send_pattern(&mut other_w, u64::MAX).await.is_err() });
+        let other_reader =
+            tokio::spawn(async move { receive_pattern(&mut other_r, 0, u64::MAX).await.0 });
+
+        timeout(WAIT, send_pattern(&mut resetting, SENT))
+            .await
+            .unwrap()
+            .unwrap();
+        let (read, end) = timeout(WAIT, receive_pattern(&mut resetting, 0, READ))
+            .await
+            .unwrap();
+        end.unwrap();
+        assert_eq!(read, READ);
+        socket2::SockRef::from(&resetting)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(resetting);
+
+        let (up, down) = timeout(Duration::from_secs(5), relay)
+            .await
+            .expect("the relay outlived a reset by 5 s")
+            .unwrap();
+        assert!(timeout(WAIT, other_writer).await.unwrap().unwrap(), "{path:?}");
+        let got_by_other = timeout(WAIT, other_reader).await.unwrap().unwrap();
+        let (to_resetter, from_resetter) = match resetter {
+            Side::Client => (down, up),
+            Side::Server => (up, down),
+        };
+        assert!(to_resetter >= READ, "{path:?}: {to_resetter}");
+        assert!(got_by_other <= from_resetter && from_resetter <= SENT, "{path:?}");
+    }
+
+    /// The test stream's bytes from `start`: each 8-byte word a hash of its
+    /// index, so a byte lost, repeated or moved shows.
+    fn fill_pattern(buf: &mut [u8], start: u64) {
+        for (i, b) in buf.iter_mut().enumerate() {
+            let pos = start + i as u64;
+            *b = splitmix64(pos / 8).to_le_bytes()[(pos % 8) as usize];
+        }
+    }
+
+    fn check_pattern(buf: &[u8], start: u64) {
+        let mut expect = vec![0u8; buf.len()];
+        fill_pattern(&mut expect, start);
+        if let Some(i) = buf.iter().zip(&expect).position(|(a, b)| a != b) {
+            panic!("byte {} of the stream is out of place", start + i as u64);
+        }
+    }
+
+    fn splitmix64(x: u64) -> u64 {
+        let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Write the first `total` bytes of the stream.
+    async fn send_pattern<W: AsyncWrite + Unpin>(w: &mut W, total: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut at = 0u64;
+        while at < total {
+            let n = buf.len().min(usize::try_from(total - at).unwrap_or(usize::MAX));
+            fill_pattern(&mut buf[..n], at);
+            w.write_all(&buf[..n]).await?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Read the stream from byte `start` until EOF, an error, or `upto` bytes,
+    /// checking every byte; returns how many were read and how it ended.
+    async fn receive_pattern<R: AsyncRead + Unpin>(
+        r: &mut R,
+        start: u64,
+        upto: u64,
+    ) -> (u64, io::Result<()>) {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0u64;
+        while got < upto {
+            let want = buf.len().min(usize::try_from(upto - got).unwrap_or(usize::MAX));
+            match r.read(&mut buf[..want]).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    check_pattern(&buf[..n], start + got);
+                    got += n as u64;
+                }
+                Err(e) => return (got, Err(e)),
+            }
+        }
+        (got, Ok(()))
     }
 }
