@@ -113,12 +113,64 @@ async fn fill(src: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
     loop {
         src.readable().await?;
         match src.try_io(Interest::READABLE, || {
-            splice_once(src.as_fd(), pipe.writer.as_fd(), pipe.size)
+            let spliced = splice_once(src.as_fd(), pipe.writer.as_fd(), pipe.size);
+            if says_nothing(&spliced) {
+                return recv_into_pipe(src.as_fd(), pipe);
+            }
+            spliced
         }) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return r,
         }
     }
+}
+
+/// Whether splice(2) reported an empty socket or an EOF, which it also does
+/// in front of TCP urgent data.
+fn says_nothing(spliced: &io::Result<usize>) -> bool {
+    match spliced {
+        Ok(n) => *n == 0,
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+    }
+}
+
+/// recv(2) has the last word when splice(2) says "nothing", into the empty
+/// pipe.
+///
+/// splice(2) never passes TCP urgent data (tcp_read_sock stops at the mark and
+/// leaves it to recv): it answers EAGAIN there with bytes queued behind the
+/// mark, which would stall the direction for good, or 0 once a FIN is queued
+/// too, which would cut the stream short. recv(2) steps over the urgent byte
+/// as any plain read does (the user-space path drops it the same way), and
+/// its EAGAIN or 0 is the truth. Otherwise this costs one more syscall per
+/// wait for readiness.
+fn recv_into_pipe(src: BorrowedFd<'_>, pipe: &Pipe) -> io::Result<usize> {
+    let mut buf = [0u8; libc::PIPE_BUF];
+    let got = retrying(|| {
+        // SAFETY: `buf` is writable for its whole length; the descriptor is
+        // borrowed, so open.
+        unsafe {
+            libc::recv(
+                src.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        }
+    })?;
+    if got == 0 {
+        return Ok(0);
+    }
+    // An empty pipe takes up to PIPE_BUF bytes in one write, whole.
+    let put = retrying(|| {
+        // SAFETY: the first `got` bytes of `buf` are initialised and readable;
+        // the descriptor is borrowed, so open.
+        unsafe { libc::write(pipe.writer.as_raw_fd(), buf.as_ptr().cast(), got) }
+    })?;
+    if put != got {
+        return Err(io::Error::other("short write into an empty pipe"));
+    }
+    Ok(got)
 }
 
 /// Move all `len` bytes in the pipe into `dst`, counting each piece as it
@@ -149,16 +201,16 @@ async fn drain(
     Ok(())
 }
 
-/// One splice(2) of up to `len` bytes, retried on EINTR.
+/// One splice(2) of up to `len` bytes.
 ///
 /// Splicing into a socket whose peer has gone raises SIGPIPE (the kernel does
 /// not add MSG_NOSIGNAL); Rust's runtime ignores SIGPIPE, so it surfaces as
 /// EPIPE instead.
 fn splice_once(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-    loop {
+    retrying(|| {
         // SAFETY: both descriptors are borrowed, so open for the whole call;
         // null offsets are what pipes and sockets require (no file position).
-        let n = unsafe {
+        unsafe {
             libc::splice(
                 from.as_raw_fd(),
                 ptr::null_mut(),
@@ -167,8 +219,15 @@ fn splice_once(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Resu
                 len,
                 SPLICE_FLAGS,
             )
-        };
-        if let Ok(n) = usize::try_from(n) {
+        }
+    })
+}
+
+/// A byte-count syscall's result, its errno as the error; EINTR retried (a
+/// signal's handler ran, nothing moved).
+fn retrying(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        if let Ok(n) = usize::try_from(call()) {
             return Ok(n);
         }
         let e = io::Error::last_os_error();
@@ -439,6 +498,56 @@ mod tests {
         half_close_first(Path::Copy, Side::Client).await;
         reset_mid_transfer(Path::Copy, Side::Server).await;
         reset_mid_transfer(Path::Copy, Side::Client).await;
+    }
+
+    /// TCP urgent data stops splice(2) short of the bytes behind it; they must
+    /// still arrive, with or without a FIN queued behind them, and the urgent
+    /// byte is dropped as a plain read drops it.
+    #[tokio::test]
+    async fn urgent_data_neither_stalls_nor_truncates_the_stream() {
+        for path in [Path::Splice, Path::Copy] {
+            for fin_queued in [false, true] {
+                let Relayed {
+                    client,
+                    mut server,
+                    relay,
+                    ..
+                } = relayed(path).await;
+                // Sent without yielding, so all of it is queued at the relay
+                // before the relay first looks.
+                let sock = socket2::SockRef::from(&client);
+                assert_eq!(sock.send(b"abc").unwrap(), 3);
+                assert_eq!(sock.send_out_of_band(b"X").unwrap(), 1);
+                assert_eq!(sock.send(b"def").unwrap(), 3);
+                if fin_queued {
+                    sock.shutdown(Shutdown::Write).unwrap();
+                }
+                let mut got = [0u8; 6];
+                timeout(WAIT, server.read_exact(&mut got))
+                    .await
+                    .unwrap_or_else(|_| panic!("{path:?}, FIN queued {fin_queued}: stalled"))
+                    .unwrap();
+                assert_eq!(&got, b"abcdef", "{path:?}, FIN queued {fin_queued}");
+                sock.shutdown(Shutdown::Write).ok();
+                let mut rest = Vec::new();
+                timeout(WAIT, server.read_to_end(&mut rest))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(rest, b"");
+                drop(server);
+                drop(client);
+                timeout(WAIT, relay).await.unwrap().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn only_an_empty_or_ended_splice_asks_recv() {
+        assert!(says_nothing(&Ok(0)));
+        assert!(says_nothing(&Err(io::ErrorKind::WouldBlock.into())));
+        assert!(!says_nothing(&Ok(1)));
+        assert!(!says_nothing(&Err(io::ErrorKind::ConnectionReset.into())));
     }
 
     #[test]
