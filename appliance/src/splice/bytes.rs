@@ -39,10 +39,10 @@ const PIPE_WANT: usize = 1024 * 1024;
 /// The kernel's default pipe size, assumed if it cannot even be read back.
 const PIPE_DEFAULT: usize = 64 * 1024;
 
-/// SPLICE_F_MOVE is advisory (the kernel moves page references regardless);
-/// SPLICE_F_NONBLOCK keeps the pipe end from waiting, and the sockets are
+/// `SPLICE_F_MOVE` is advisory (the kernel moves page references regardless);
+/// `SPLICE_F_NONBLOCK` keeps the pipe end from waiting, and the sockets are
 /// nonblocking already, so a call never parks a runtime thread. No
-/// SPLICE_F_MORE: the kernel already sets MSG_MORE while the pipe holds more,
+/// `SPLICE_F_MORE`: the kernel already sets `MSG_MORE` while the pipe holds more,
 /// and setting it on the last piece would delay it.
 const SPLICE_FLAGS: libc::c_uint = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
 
@@ -119,7 +119,7 @@ async fn fill(src: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
             }
             spliced
         }) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             r => return r,
         }
     }
@@ -134,10 +134,10 @@ fn says_nothing(spliced: &io::Result<usize>) -> bool {
     }
 }
 
-/// recv(2) has the last word when splice(2) says "nothing", into the empty
-/// pipe.
+/// When splice(2) says "nothing", recv(2) has the last word; what it reads
+/// goes into the empty pipe.
 ///
-/// splice(2) never passes TCP urgent data (tcp_read_sock stops at the mark and
+/// splice(2) never passes TCP urgent data (`tcp_read_sock` stops at the mark and
 /// leaves it to recv): it answers EAGAIN there with bytes queued behind the
 /// mark, which would stall the direction for good, or 0 once a FIN is queued
 /// too, which would cut the stream short. recv(2) steps over the urgent byte
@@ -174,7 +174,8 @@ fn recv_into_pipe(src: BorrowedFd<'_>, pipe: &Pipe) -> io::Result<usize> {
 }
 
 /// Move all `len` bytes in the pipe into `dst`, counting each piece as it
-/// lands in `dst`'s send queue.
+/// lands in `dst`'s send queue. With the pipe known to hold bytes, EAGAIN can
+/// only mean `dst`'s send buffer is full, so clearing its readiness is right.
 async fn drain(
     pipe: &Pipe,
     mut len: usize,
@@ -204,7 +205,7 @@ async fn drain(
 /// One splice(2) of up to `len` bytes.
 ///
 /// Splicing into a socket whose peer has gone raises SIGPIPE (the kernel does
-/// not add MSG_NOSIGNAL); Rust's runtime ignores SIGPIPE, so it surfaces as
+/// not add `MSG_NOSIGNAL`); Rust's runtime ignores SIGPIPE, so it surfaces as
 /// EPIPE instead.
 fn splice_once(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
     retrying(|| {
@@ -660,7 +661,7 @@ mod tests {
     }
 
     /// Both ends stream to each other; `resetter` sends 2 MiB, reads 1 MiB,
-    /// then closes with SO_LINGER 0 (a reset). The relay must end promptly,
+    /// then closes with `SO_LINGER` 0 (a reset). The relay must end promptly,
     /// the other end's connection must end, and each side has only seen a
     /// prefix of the other's stream.
     async fn reset_mid_transfer(path: Path, resetter: Side) {
