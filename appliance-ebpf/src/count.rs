@@ -20,7 +20,7 @@ use nearblock_common::{
     FlowCounters, FlowKey, FlowSeq, IfCounters, LoginEvent, Verdict,
 };
 
-use crate::parse::{parse_tcp, pull_headers, TcpPacket, IPPROTO_TCP};
+use crate::parse::{parse_skb, parse_tcp, TcpPacket, IPPROTO_TCP};
 
 /// iSCSI Login Request opcode (RFC 7143 §11.12), low six bits of BHS byte 0.
 const ISCSI_OP_LOGIN_REQUEST: u8 = 0x03;
@@ -62,8 +62,8 @@ pub fn is_classified_port(port: u16) -> bool {
 
 /// What the classifier needs from the context it runs in.
 pub trait Frame: EbpfContext {
-    /// The linear bytes `[start, end)`: at least the headers.
-    fn linear(&self) -> (usize, usize);
+    /// The packet's headers down to TCP.
+    fn parse(&self) -> Result<TcpPacket, Verdict>;
     /// The whole frame's length, Ethernet header included (for a GSO
     /// super-packet, all of it: what the interface carries).
     fn frame_len(&self) -> u64;
@@ -81,8 +81,8 @@ pub trait Frame: EbpfContext {
 
 impl Frame for XdpContext {
     #[inline(always)]
-    fn linear(&self) -> (usize, usize) {
-        (self.data(), self.data_end())
+    fn parse(&self) -> Result<TcpPacket, Verdict> {
+        parse_tcp(self.data(), self.data_end())
     }
     #[inline(always)]
     fn frame_len(&self) -> u64 {
@@ -105,8 +105,8 @@ impl Frame for XdpContext {
 
 impl Frame for TcContext {
     #[inline(always)]
-    fn linear(&self) -> (usize, usize) {
-        (self.data(), self.data_end())
+    fn parse(&self) -> Result<TcpPacket, Verdict> {
+        parse_skb(self)
     }
     #[inline(always)]
     fn frame_len(&self) -> u64 {
@@ -130,25 +130,15 @@ impl Frame for TcContext {
     }
 }
 
-/// TC ingress: the classifier where XDP would cost a copy (veth, generic-only
-/// drivers). Makes sure the headers are linear first (a bounded pull: at most
-/// the header bytes, never the payload).
-#[inline(always)]
-pub fn classify_skb(ctx: &TcContext) {
-    pull_headers(ctx);
-    classify(ctx);
-}
-
 /// Count the frame on its interface, and if it is a classified TCP segment, on
 /// its flow; copy Login Request segments to user space.
 #[inline(always)]
 pub fn classify<F: Frame>(ctx: &F) {
-    let (start, end) = ctx.linear();
     let frame_len = ctx.frame_len();
     let ifindex = ctx.ifindex();
     count_interface(ifindex, frame_len, true);
 
-    let mut pkt = match parse_tcp(start, end) {
+    let mut pkt = match ctx.parse() {
         Ok(p) => p,
         Err(v) => {
             bump(v);

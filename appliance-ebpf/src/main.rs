@@ -32,7 +32,7 @@ pub fn nb_classify(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn nb_classify_skb(ctx: TcContext) -> i32 {
-    count::classify_skb(&ctx);
+    count::classify(&ctx);
     TC_ACT_UNSPEC
 }
 

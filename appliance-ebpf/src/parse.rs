@@ -78,14 +78,24 @@ pub struct TcpPacket {
 /// of common cases + a TCP header with options.
 const PULL_LEN: u32 = 14 + 8 + 40 + 16 + 60;
 
-/// TC: make the headers linear when the skb holds fewer than [`PULL_LEN`] bytes
-/// there (at most that many bytes move; the payload stays where it is).
+/// TC: parse the skb's headers where they are, and only if they run past its
+/// linear part, pull up to [`PULL_LEN`] bytes into it and parse again. Pulling
+/// is not free: a forwarded TCP skb is usually a clone, and making its head
+/// writable reallocates and copies it; the headers of nearly every packet are
+/// already linear.
 #[inline(always)]
-pub fn pull_headers(ctx: &TcContext) {
-    let linear = ctx.data_end() - ctx.data();
-    if (linear as u32) < PULL_LEN && ctx.len() > linear as u32 {
-        let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
-        let _ = ctx.pull_data(want);
+pub fn parse_skb(ctx: &TcContext) -> Result<TcpPacket, Verdict> {
+    let parsed = parse_tcp(ctx.data(), ctx.data_end());
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    match parsed {
+        Err(Verdict::Truncated) if linear < PULL_LEN && ctx.len() > linear => {
+            let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
+            if ctx.pull_data(want).is_err() {
+                return Err(Verdict::Truncated);
+            }
+            parse_tcp(ctx.data(), ctx.data_end())
+        }
+        other => other,
     }
 }
 

@@ -49,7 +49,7 @@ use nearblock_common::{
 
 use crate::{
     count::{bump, is_classified_port},
-    parse::{parse_tcp, pull_headers, TcpPacket, TCP_ACK, TCP_SYN},
+    parse::{parse_skb, TcpPacket, TCP_ACK, TCP_SYN},
 };
 
 #[map]
@@ -81,8 +81,7 @@ static STEER_MARK: u32 = 0;
 
 #[inline(always)]
 pub fn steer(ctx: &TcContext) {
-    pull_headers(ctx);
-    let Ok(pkt) = parse_tcp(ctx.data(), ctx.data_end()) else {
+    let Ok(pkt) = parse_skb(ctx) else {
         return;
     };
     // SAFETY: reading a field of the context the kernel passed in.

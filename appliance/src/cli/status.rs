@@ -204,14 +204,22 @@ pub fn print_report(r: &StatusReport, out: &mut dyn Write) -> anyhow::Result<()>
             .unwrap_or_default();
         writeln!(
             out,
-            "  {:<12} rx {:>14} B {:>10} pkts {:>9.1} Mb/s   tx {:>14} B {:>10} pkts {:>9.1} Mb/s{util}",
+            "  {:<12} {:<11} rx {:>14} B {:>10} pkts {:>9.1} Mb/s   tx {:>14} B {:>10} pkts {:>9.1} Mb/s{util}",
             i.interface,
+            i.classifier.as_deref().unwrap_or("-"),
             i.rx_bytes,
             i.rx_packets,
             i.rate.rx_bps / 1e6,
             i.tx_bytes,
             i.tx_packets,
             i.rate.tx_bps / 1e6
+        )?;
+    }
+    if !r.served_portals.is_empty() {
+        writeln!(
+            out,
+            "\nserved portals (new connections steered): {}",
+            r.served_portals.join(", ")
         )?;
     }
     writeln!(

@@ -18,8 +18,11 @@
 //!   zero-length READ upstream per READ; local: the target never sees the READ).
 //!
 //! Each configuration runs `ROUNDS` times (`NEARBLOCK_BENCH_ROUNDS`), interleaved;
-//! the median is reported, with the CPU each 64 KiB run used (core-ms per MB moved,
-//! by process role).
+//! the median is reported with the minimum and maximum and the range of the
+//! per-round ratios to direct, and the CPU each 64 KiB run used (core-ms per MB
+//! moved, by process role, and what it adds to direct's). Direct, relay and
+//! warm-shadow also run with every hypervisor of rack1 reading at once (4
+//! sessions each): the rack's aggregate throughput.
 //!
 //! With a baseline binary (`cargo xtask bench splice --baseline-rev REV`, see
 //! `bench_ab`), rack1's appliance runs each configuration with both binaries in
@@ -75,6 +78,11 @@ impl Config {
         Config::WarmShadow,
         Config::WarmLocal,
     ];
+
+    /// Measured with every hypervisor of the rack reading at once too.
+    fn in_rack_run(self) -> bool {
+        matches!(self, Config::Direct | Config::Relay | Config::WarmShadow)
+    }
 
     fn label(self) -> &'static str {
         match self {
@@ -133,6 +141,9 @@ struct Runs {
     library_bytes: Vec<u64>,
     /// Per round, (CPU used during the 64 KiB run, MB it moved).
     cpu: Vec<Vec<(CpuUse, f64)>>,
+    /// Per round, aggregate MB/s of every hypervisor of rack1 reading at once
+    /// (direct, relay and warm-shadow only).
+    rack: Vec<Vec<f64>>,
 }
 
 impl Runs {
@@ -142,6 +153,7 @@ impl Runs {
             results: vec![Default::default(); n],
             library_bytes: vec![0; n],
             cpu: vec![Vec::new(); n],
+            rack: vec![Vec::new(); n],
         }
     }
 
@@ -201,6 +213,7 @@ fn main() -> Result<()> {
         // The baseline's ratios use the same direct runs.
         old.results[0].clone_from(&new.results[0]);
         old.cpu[0].clone_from(&new.cpu[0]);
+        old.rack[0].clone_from(&new.rack[0]);
         report(&*old, Some("baseline binary"), rounds);
         report_ab(&*old, &*new, rounds);
     }
@@ -268,6 +281,9 @@ fn measure(
             run.cpu[i].push((CpuSample::take().since(&cpu0), r64.0 * f64::from(SECS)));
             run.results[i][0].push(r64);
             run.results[i][1].push(perf(lab, url, 8)?);
+            if cfg.in_rack_run() {
+                run.rack[i].push(rack_aggregate(lab, url)?);
+            }
             let after = lab_status_library_bytes(lab, cfg)?;
             run.library_bytes[i] = after.saturating_sub(before);
             if cfg != Config::Direct {
@@ -298,6 +314,7 @@ fn report(runs: &Runs, which: Option<&str>, rounds: usize) {
         results,
         library_bytes,
         cpu,
+        rack,
     } = runs;
     let which = which.map(|w| format!(", {w}")).unwrap_or_default();
     let median = |config: usize, size: usize| {
@@ -309,27 +326,73 @@ fn report(runs: &Runs, which: Option<&str>, rounds: usize) {
         "bench splice (2-core machine, hv1 → rack1 → core → library, {LUN_MIB} MiB read-only LUN, median of {rounds} × {SECS} s{which})"
     );
     println!(
-        "  {:<42} {:>10} {:>7} {:>10} {:>7} {:>16}",
-        "configuration", "64K MB/s", "ratio", "4K IOPS", "ratio", "library bytes*"
+        "  {:<42} {:>20} {:>7} {:>13} {:>24} {:>7} {:>13} {:>16}",
+        "configuration",
+        "64K MB/s (min–max)",
+        "ratio",
+        "per round",
+        "4K IOPS (min–max)",
+        "ratio",
+        "per round",
+        "library bytes*"
     );
+    let spread = |v: &[f64], digits: usize| {
+        Spread::of(v).map_or_else(
+            || "n/a".to_string(),
+            |s| format!("{:.digits$}–{:.digits$}", s.min, s.max),
+        )
+    };
+    let per_round = |config: usize, size: usize| {
+        let ratios: Vec<f64> = runs
+            .figure(config, size)
+            .iter()
+            .zip(runs.figure(0, size))
+            .map(|(v, d)| v / d)
+            .collect();
+        spread(&ratios, 2)
+    };
     for (i, cfg) in Config::ALL.into_iter().enumerate() {
         let mbps = median(i, 0);
         let iops = median(i, 1);
         println!(
-            "  {:<42} {:>10.0} {:>7.3} {:>10.0} {:>7.3} {:>16}",
+            "  {:<42} {:>20} {:>7.3} {:>13} {:>24} {:>7.3} {:>13} {:>16}",
             cfg.label(),
-            mbps,
+            format!("{mbps:.0} ({})", spread(&runs.figure(i, 0), 0)),
             mbps / direct_mbps,
-            iops,
+            per_round(i, 0),
+            format!("{iops:.0} ({})", spread(&runs.figure(i, 1), 0)),
             iops / direct_iops,
+            per_round(i, 1),
             library_bytes[i]
+        );
+    }
+    let direct_rack = Spread::of(&rack[0]).map_or(f64::NAN, |s| s.median);
+    println!(
+        "  rack1's hypervisors ({}) reading at once, {RACK_SESSIONS} sessions each (64 KiB, QD8 per session): aggregate MB/s",
+        RACK_HOSTS.join(", ")
+    );
+    for (i, cfg) in Config::ALL.into_iter().enumerate() {
+        let Some(s) = Spread::of(&rack[i]) else {
+            continue;
+        };
+        println!(
+            "  {:<42} {:>20} {:>7.3}",
+            cfg.label(),
+            format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max),
+            s.median / direct_rack
         );
     }
     println!("  targets at 64 KiB: cold >= 0.8, warm-shadow >= 1.0 (no data from the library), warm-local >= 1.5");
     println!("  * bytes the library sent (iSCSI and its agent's block service) during the last round's two measurements (BPF flow counters on rack1's upstream port; n/a without nearblock)");
     println!(
-        "  where the CPU goes in the 64 KiB runs (2 cores; core-ms per MB moved, summed over the rounds; other = iscsi-perf, kernel work outside these processes):"
+        "  where the CPU goes in the 64 KiB runs (2 cores; core-ms per MB moved, summed over the rounds; adds = total − direct's; other = iscsi-perf, kernel work outside these processes):"
     );
+    let per_mb = |i: usize| {
+        let mb: f64 = cpu[i].iter().map(|(_, mb)| mb).sum();
+        let total: f64 = cpu[i].iter().map(|(u, _)| u.core_seconds).sum();
+        total * 1e3 / mb
+    };
+    let direct_total = per_mb(0);
     for (i, cfg) in Config::ALL.into_iter().enumerate() {
         let mb: f64 = cpu[i].iter().map(|(_, mb)| mb).sum();
         if cpu[i].is_empty() || mb <= 0.0 {
@@ -349,10 +412,11 @@ fn report(runs: &Runs, which: Option<&str>, rounds: usize) {
             .map(|(r, s)| format!("{r} {:.3}", s * 1e3 / mb))
             .collect();
         println!(
-            "  {:<42} busy {:>4.0}%  total {:.3}: {}",
+            "  {:<42} busy {:>4.0}%  total {:.3}  adds {:.3}: {}",
             cfg.label(),
             busy * 100.0,
             total * 1e3 / mb,
+            total * 1e3 / mb - direct_total,
             parts.join(", ")
         );
     }
@@ -390,6 +454,62 @@ fn lab_status_library_bytes(lab: &Lab, cfg: Config) -> Result<u64> {
         .filter(|f| f.interface == "core" && f.src.starts_with(&lib))
         .map(|f| f.payload_bytes - f.retrans_bytes)
         .sum())
+}
+
+/// The hypervisors behind rack1 and the sessions each opens in the rack run.
+const RACK_HOSTS: [&str; 2] = ["hv1", "hv2"];
+const RACK_SESSIONS: usize = 4;
+
+/// Every hypervisor of rack1 reading at once, `RACK_SESSIONS` sessions each
+/// (64 KiB READs, QD8 per session: QD32 per host), each session its own
+/// initiator name: their MB/s summed.
+fn rack_aggregate(lab: &Lab, url: &str) -> Result<f64> {
+    let mut children = Vec::new();
+    for host in RACK_HOSTS {
+        for k in 0..RACK_SESSIONS {
+            let name = format!("iqn.2026-11.bench.nearblock:{host}-s{k}");
+            let child = lab
+                .cmd(
+                    host,
+                    &[
+                        "iscsi-perf",
+                        "-i",
+                        &name,
+                        "-m",
+                        "8",
+                        "-b",
+                        "128",
+                        "-t",
+                        &SECS.to_string(),
+                        url,
+                    ],
+                )
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()?;
+            children.push((host, k, child));
+        }
+    }
+    let mut total = 0.0;
+    let mut failed = None;
+    for (host, k, child) in children {
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match nearblock_lab::parse_iscsi_perf(&text) {
+            Ok((mbs, _)) if out.status.success() => total += mbs,
+            _ => {
+                failed.get_or_insert(format!(
+                    "{host} session {k}: {} {}",
+                    text,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+    }
+    if let Some(why) = failed {
+        bail!("rack run: {why}");
+    }
+    Ok(total)
 }
 
 /// (MB/s, IOPS) for `blocks` 512-byte blocks per READ at QD32.
