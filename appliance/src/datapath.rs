@@ -362,10 +362,7 @@ impl Datapath {
         let mut out: Vec<SocketAddr> = map
             .keys()
             .filter_map(Result::ok)
-            .map(|k| {
-                let ip = crate::classify::addr_of(k.family, &k.addr);
-                SocketAddr::new(ip, k.port)
-            })
+            .map(|k| portal_addr(&k))
             .collect();
         out.sort();
         Ok(out)
@@ -702,6 +699,16 @@ pub fn portal_key(portal: SocketAddr) -> PortalKey {
     }
 }
 
+/// The portal a `SERVED_PORTALS` key names (the inverse of [`portal_key`]).
+fn portal_addr(k: &PortalKey) -> SocketAddr {
+    let ip = if k.family == nearblock_common::flow::FAMILY_IPV4 {
+        IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
+    } else {
+        IpAddr::from(k.addr)
+    };
+    SocketAddr::new(ip, k.port)
+}
+
 /// The kernel driver behind `iface` (`ETHTOOL_GDRVINFO`), if it says.
 pub fn driver_name(iface: &str) -> Option<String> {
     // struct ethtool_drvinfo (include/uapi/linux/ethtool.h): driver is the
@@ -801,4 +808,26 @@ fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<u32> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(attr.retval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn portal_keys_round_trip_both_families() {
+        for p in ["198.18.0.1:3260", "[fd00:6e62::1]:3260"] {
+            let portal: SocketAddr = p.parse().unwrap();
+            assert_eq!(portal_addr(&portal_key(portal)), portal);
+        }
+        let k = portal_key("198.18.0.1:3260".parse().unwrap());
+        assert_eq!(k.addr[4..], [0; 12], "IPv4 in the first four bytes");
+    }
+
+    #[test]
+    fn auto_takes_tc_on_veth_and_tries_native_xdp_elsewhere() {
+        assert_eq!(auto_placement(Some("veth")), Some(ClassifierAttachment::Tc));
+        assert_eq!(auto_placement(Some("mlx5_core")), None);
+        assert_eq!(auto_placement(None), None);
+    }
 }

@@ -138,10 +138,6 @@ fn login_pdu() -> Vec<u8> {
 }
 
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one scenario, read top to bottom: each step checks what the one before set up"
-)]
 fn every_fixture_passes_with_the_expected_verdict() {
     for c in BOTH {
         fixtures_pass_with_the_expected_verdict(c);

@@ -299,7 +299,12 @@ fn only_portals_that_export_a_served_lun_are_steered() {
     );
     let r = lab.status("rack1").expect("status");
     assert_eq!(r.splicer.accepted, 0, "steered before the portal was known");
-    assert_eq!(r.served_portals, [served.clone()], "{:?}", r.served_portals);
+    assert_eq!(
+        r.served_portals,
+        std::slice::from_ref(&served),
+        "{:?}",
+        r.served_portals
+    );
     assert!(verdict(&r, "tc_steer_not_served") >= 1, "{:?}", r.verdicts);
 
     // The next session to it is steered (and served, bit-identical).

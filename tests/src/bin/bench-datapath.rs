@@ -98,9 +98,8 @@ impl Setup {
 
     fn loads(self) -> &'static [Load] {
         match self {
-            Setup::Forwarding => &[Load::Iscsi64k, Load::Iscsi4k, Load::Bulk],
+            Setup::Forwarding | Setup::Steered => &[Load::Iscsi64k, Load::Iscsi4k, Load::Bulk],
             Setup::ClassifierTc | Setup::ClassifierXdp => &[Load::Iscsi64k, Load::Bulk],
-            Setup::Steered => &[Load::Iscsi64k, Load::Iscsi4k, Load::Bulk],
             Setup::PortalNotServed => &[Load::Iscsi64k],
         }
     }
@@ -132,8 +131,7 @@ impl Setup {
         match (self, load) {
             (Setup::Forwarding, _) => (Setup::Forwarding, "1.000"),
             (Setup::ClassifierTc, _) => (Setup::Forwarding, ">= 0.97"),
-            (Setup::ClassifierXdp, _) => (Setup::Forwarding, ""),
-            (Setup::Steered, Load::Bulk) => (Setup::Forwarding, ""),
+            (Setup::ClassifierXdp, _) | (Setup::Steered, Load::Bulk) => (Setup::Forwarding, ""),
             (Setup::Steered, _) => (Setup::Forwarding, ">= 0.95"),
             (Setup::PortalNotServed, _) => (Setup::ClassifierTc, ">= 0.99"),
         }

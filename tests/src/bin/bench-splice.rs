@@ -366,22 +366,7 @@ fn report(runs: &Runs, which: Option<&str>, rounds: usize) {
             library_bytes[i]
         );
     }
-    let direct_rack = Spread::of(&rack[0]).map_or(f64::NAN, |s| s.median);
-    println!(
-        "  rack1's hypervisors ({}) reading at once, {RACK_SESSIONS} sessions each (64 KiB, QD8 per session): aggregate MB/s",
-        RACK_HOSTS.join(", ")
-    );
-    for (i, cfg) in Config::ALL.into_iter().enumerate() {
-        let Some(s) = Spread::of(&rack[i]) else {
-            continue;
-        };
-        println!(
-            "  {:<42} {:>20} {:>7.3}",
-            cfg.label(),
-            format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max),
-            s.median / direct_rack
-        );
-    }
+    report_rack(rack);
     println!("  targets at 64 KiB: cold >= 0.8, warm-shadow >= 1.0 (no data from the library), warm-local >= 1.5");
     println!("  * bytes the library sent (iSCSI and its agent's block service) during the last round's two measurements (BPF flow counters on rack1's upstream port; n/a without nearblock)");
     println!(
@@ -421,6 +406,26 @@ fn report(runs: &Runs, which: Option<&str>, rounds: usize) {
         );
     }
     println!("  raw samples (MB/s, IOPS): {results:?}");
+}
+
+/// The rack run: every hypervisor of rack1 at once, aggregate MB/s.
+fn report_rack(rack: &[Vec<f64>]) {
+    let direct_rack = Spread::of(&rack[0]).map_or(f64::NAN, |s| s.median);
+    println!(
+        "  rack1's hypervisors ({}) reading at once, {RACK_SESSIONS} sessions each (64 KiB, QD8 per session): aggregate MB/s",
+        RACK_HOSTS.join(", ")
+    );
+    for (i, cfg) in Config::ALL.into_iter().enumerate() {
+        let Some(s) = Spread::of(&rack[i]) else {
+            continue;
+        };
+        println!(
+            "  {:<42} {:>20} {:>7.3}",
+            cfg.label(),
+            format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max),
+            s.median / direct_rack
+        );
+    }
 }
 
 /// Old against new, configuration by configuration, with each side's spread.
