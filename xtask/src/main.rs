@@ -228,11 +228,15 @@ fn main() -> Result<()> {
     }
 }
 
+/// The checkout this xtask runs for. `cargo xtask` (`cargo run`) sets
+/// `CARGO_MANIFEST_DIR` for the run to the invoking checkout's xtask; the value
+/// compiled in names whichever checkout last built the binary, which is
+/// another one when several share a target directory (CI's clones and a
+/// developer's tree under /var/cache/nearblock/target).
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir.parent().expect("workspace root").to_path_buf()
 }
 
 /// Where cargo builds: `CARGO_TARGET_DIR` when set (`.ci/run` keeps CI's builds
