@@ -4,8 +4,14 @@
 //!
 //! `vm-workload SOCKET EXPORT DISK_BYTES RATE_BYTES_PER_S WRITE_BYTES SEED STATS_FILE`
 //!
-//! It leads its own process group (with its `qemu-io` child), so the
-//! hypervisor hook's pause (SIGSTOP to the group) stops both. Writes go to
+//! It leads its own process group, so the hypervisor hook's pause (SIGSTOP to
+//! the group) stops the writer. Its `qemu-io` child, the disk's NBD client,
+//! has a group of its own, as a hypervisor's device emulation finishes the
+//! requests in flight when the guest is paused: stopped with half a request
+//! sent, it would leave the storage daemon's drain (the dirty-bitmap
+//! transaction of the next migration round) waiting for the rest. With the
+//! writer stopped it gets no more commands, and it ends when the writer does
+//! (its standard input closes). Writes go to
 //! consecutive offsets from a seeded start, wrapping at the disk's end, each
 //! of fresh pseudo-random bytes (no two blocks alike, as file contents);
 //! after every write the total written is in `STATS_FILE` (`{"writes": N,
@@ -13,6 +19,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
+    os::unix::process::CommandExt,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -47,6 +54,7 @@ fn main() -> Result<()> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", qemu_io.display()))?;
     let mut input = child.stdin.take().context("qemu-io stdin")?;
