@@ -13,8 +13,6 @@
 //! daemon writes `clock_gettime(CLOCK_MONOTONIC)`. (A daemon in a time namespace
 //! with a monotonic offset would disagree with the kernel: not supported.)
 
-use crate::flow::{FAMILY_IPV4, FAMILY_IPV6};
-
 /// A heartbeat older than this means the accept loop is not running: 1 s. Long
 /// enough that a loaded machine's scheduling delays never trip it (the loop writes
 /// every 250 ms), short enough that an initiator's SYN retransmission (1 s, then
@@ -75,7 +73,7 @@ impl Heartbeat {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SourceKey {
-    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    /// [`crate::flow::FAMILY_IPV4`] or [`crate::flow::FAMILY_IPV6`].
     pub family: u8,
     #[expect(
         clippy::pub_underscore_fields,
@@ -87,17 +85,7 @@ pub struct SourceKey {
 
 impl From<core::net::IpAddr> for SourceKey {
     fn from(ip: core::net::IpAddr) -> Self {
-        let mut addr = [0u8; 16];
-        let family = match ip {
-            core::net::IpAddr::V4(a) => {
-                addr[..4].copy_from_slice(&a.octets());
-                FAMILY_IPV4
-            }
-            core::net::IpAddr::V6(a) => {
-                addr = a.octets();
-                FAMILY_IPV6
-            }
-        };
+        let (family, addr) = crate::flow::raw_addr(ip);
         Self {
             family,
             _pad: [0; 3],
@@ -114,6 +102,7 @@ const _: () = assert!(core::mem::align_of::<SourceKey>() == 1);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::{FAMILY_IPV4, FAMILY_IPV6};
 
     #[test]
     fn heartbeat_liveness() {

@@ -3,10 +3,34 @@
 //! A flow is directional: the two directions of one TCP connection are two keys, each
 //! counted on the interface where its packets enter the appliance.
 
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
 /// Address family tag stored in [`FlowKey::family`].
 pub const FAMILY_IPV4: u8 = 4;
 /// Address family tag stored in [`FlowKey::family`].
 pub const FAMILY_IPV6: u8 = 6;
+
+/// An address as every map key holds it: the family tag and 16 bytes, an IPv4
+/// address in the first four (the rest zero).
+pub fn raw_addr(ip: IpAddr) -> (u8, [u8; 16]) {
+    let mut raw = [0u8; 16];
+    match ip {
+        IpAddr::V4(a) => {
+            raw[..4].copy_from_slice(&a.octets());
+            (FAMILY_IPV4, raw)
+        }
+        IpAddr::V6(a) => (FAMILY_IPV6, a.octets()),
+    }
+}
+
+/// The address a map key's family tag and 16 bytes hold ([`raw_addr`]'s inverse).
+pub fn ip_of(family: u8, raw: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_IPV4 {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*raw))
+    }
+}
 
 /// Directional 5-tuple plus the ingress interface. Ports are in host byte order;
 /// IPv4 addresses occupy the first 4 bytes of the 16-byte fields (the rest zero).
@@ -94,9 +118,43 @@ pub struct PortalKey {
     pub addr: [u8; 16],
 }
 
+impl From<SocketAddr> for PortalKey {
+    fn from(portal: SocketAddr) -> Self {
+        let (family, addr) = raw_addr(portal.ip());
+        Self {
+            family,
+            _pad: 0,
+            port: portal.port(),
+            addr,
+        }
+    }
+}
+
+impl PortalKey {
+    /// The portal this key names.
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(ip_of(self.family, &self.addr), self.port)
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<PortalKey>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
 const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
 const _: () = assert!(core::mem::size_of::<FlowCounters>() == 48);
 const _: () = assert!(core::mem::size_of::<IfCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowSeq>() == 16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn portal_keys_round_trip_both_families() {
+        for p in ["198.18.0.1:3260", "[fd00:6e62::1]:3260"] {
+            let portal: SocketAddr = p.parse().unwrap();
+            assert_eq!(PortalKey::from(portal).socket_addr(), portal);
+        }
+        let k = PortalKey::from("198.18.0.1:3260".parse::<SocketAddr>().unwrap());
+        assert_eq!((k.family, &k.addr[4..]), (FAMILY_IPV4, &[0u8; 12][..]));
+    }
+}

@@ -5,13 +5,13 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
-use nearblock_common::{flow::FAMILY_IPV4, FlowKey, LoginEvent};
+use nearblock_common::{flow::ip_of, FlowKey, LoginEvent};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
@@ -35,14 +35,6 @@ pub struct FlowView {
     pub frame_bytes: u64,
 }
 
-pub fn addr_of(family: u8, raw: &[u8; 16]) -> IpAddr {
-    if family == FAMILY_IPV4 {
-        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(*raw))
-    }
-}
-
 fn sock_str(ip: IpAddr, port: u16) -> String {
     match ip {
         IpAddr::V4(a) => format!("{a}:{port}"),
@@ -53,8 +45,8 @@ fn sock_str(ip: IpAddr, port: u16) -> String {
 /// Source and destination of a flow key as `addr:port` strings.
 pub fn endpoints(key: &FlowKey) -> (String, String) {
     (
-        sock_str(addr_of(key.family, &key.saddr), key.sport),
-        sock_str(addr_of(key.family, &key.daddr), key.dport),
+        sock_str(ip_of(key.family, &key.saddr), key.sport),
+        sock_str(ip_of(key.family, &key.daddr), key.dport),
     )
 }
 
@@ -187,8 +179,8 @@ pub fn parse_login(key: &FlowKey, payload: &[u8]) -> Option<LoginSeen> {
         .unwrap_or("Normal")
         .to_string();
     Some(LoginSeen {
-        initiator_addr: addr_of(key.family, &key.saddr),
-        portal: sock_str(addr_of(key.family, &key.daddr), key.dport),
+        initiator_addr: ip_of(key.family, &key.saddr),
+        portal: sock_str(ip_of(key.family, &key.daddr), key.dport),
         initiator_iqn: initiator,
         target_iqn: text::value(data, "TargetName").map(str::to_string),
         session_type,
@@ -283,6 +275,7 @@ pub async fn discovery_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nearblock_common::flow::FAMILY_IPV4;
 
     fn login_pdu(text: &[u8]) -> Vec<u8> {
         let mut p = vec![0u8; BHS_LEN];

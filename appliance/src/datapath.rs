@@ -342,7 +342,7 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap(names::SERVED_PORTALS))?,
         )
         .map_err(map_err(names::SERVED_PORTALS))?;
-        let key = portal_key(portal);
+        let key = PortalKey::from(portal);
         if map.get(&key, 0).is_ok() {
             return Ok(false);
         }
@@ -362,7 +362,7 @@ impl Datapath {
         let mut out: Vec<SocketAddr> = map
             .keys()
             .filter_map(Result::ok)
-            .map(|k| portal_addr(&k))
+            .map(|k| k.socket_addr())
             .collect();
         out.sort();
         Ok(out)
@@ -528,39 +528,28 @@ impl Datapath {
     /// fixtures); returns the XDP action. Counters are updated as for a real packet
     /// (ingress ifindex 1, loopback, unless the kernel reports otherwise).
     pub fn test_run_classifier(&self, frame: &[u8]) -> Result<u32, DatapathError> {
-        let prog: &Xdp = self
-            .ebpf
-            .program(names::PROG_XDP_CLASSIFY)
-            .ok_or(DatapathError::MissingMap(names::PROG_XDP_CLASSIFY))?
-            .try_into()
-            .map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
-        let fd = prog.fd().map_err(prog_err(names::PROG_XDP_CLASSIFY))?;
-        prog_test_run(fd.as_fd().as_raw_fd(), frame).map_err(DatapathError::TestRun)
+        self.test_run(names::PROG_XDP_CLASSIFY, frame)
     }
 
-    /// Run the TC classifier once on `frame` (`BPF_PROG_TEST_RUN`, as
-    /// [`Self::test_run_classifier`]); returns the TC action.
+    /// Run the TC classifier once on `frame` (as [`Self::test_run_classifier`]);
+    /// returns the TC action.
     pub fn test_run_tc_classifier(&self, frame: &[u8]) -> Result<u32, DatapathError> {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(names::PROG_TC_CLASSIFY)
-            .ok_or(DatapathError::MissingMap(names::PROG_TC_CLASSIFY))?
-            .try_into()
-            .map_err(prog_err(names::PROG_TC_CLASSIFY))?;
-        let fd = prog.fd().map_err(prog_err(names::PROG_TC_CLASSIFY))?;
-        prog_test_run(fd.as_fd().as_raw_fd(), frame).map_err(DatapathError::TestRun)
+        self.test_run(names::PROG_TC_CLASSIFY, frame)
     }
 
     /// Run the TC steering program once on `frame` (`BPF_PROG_TEST_RUN`; the skb
     /// enters on the loopback device, ifindex 1); returns the TC action.
     pub fn test_run_steer(&self, frame: &[u8]) -> Result<u32, DatapathError> {
-        let prog: &SchedClassifier = self
+        self.test_run(names::PROG_TC_STEER, frame)
+    }
+
+    fn test_run(&self, name: &'static str, frame: &[u8]) -> Result<u32, DatapathError> {
+        let fd = self
             .ebpf
-            .program(names::PROG_TC_STEER)
-            .ok_or(DatapathError::MissingMap(names::PROG_TC_STEER))?
-            .try_into()
-            .map_err(prog_err(names::PROG_TC_STEER))?;
-        let fd = prog.fd().map_err(prog_err(names::PROG_TC_STEER))?;
+            .program(name)
+            .ok_or(DatapathError::MissingMap(name))?
+            .fd()
+            .map_err(prog_err(name))?;
         prog_test_run(fd.as_fd().as_raw_fd(), frame).map_err(DatapathError::TestRun)
     }
 }
@@ -678,37 +667,6 @@ pub fn if_name(ifindex: u32) -> Option<String> {
     Some(s.to_string_lossy().into_owned())
 }
 
-/// The `SERVED_PORTALS` key of a portal.
-pub fn portal_key(portal: SocketAddr) -> PortalKey {
-    let mut addr = [0u8; 16];
-    let family = match portal.ip() {
-        IpAddr::V4(v4) => {
-            addr[..4].copy_from_slice(&v4.octets());
-            nearblock_common::flow::FAMILY_IPV4
-        }
-        IpAddr::V6(v6) => {
-            addr.copy_from_slice(&v6.octets());
-            nearblock_common::flow::FAMILY_IPV6
-        }
-    };
-    PortalKey {
-        family,
-        _pad: 0,
-        port: portal.port(),
-        addr,
-    }
-}
-
-/// The portal a `SERVED_PORTALS` key names (the inverse of [`portal_key`]).
-fn portal_addr(k: &PortalKey) -> SocketAddr {
-    let ip = if k.family == nearblock_common::flow::FAMILY_IPV4 {
-        IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
-    } else {
-        IpAddr::from(k.addr)
-    };
-    SocketAddr::new(ip, k.port)
-}
-
 /// The kernel driver behind `iface` (`ETHTOOL_GDRVINFO`), if it says.
 pub fn driver_name(iface: &str) -> Option<String> {
     // struct ethtool_drvinfo (include/uapi/linux/ethtool.h): driver is the
@@ -813,16 +771,6 @@ fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn portal_keys_round_trip_both_families() {
-        for p in ["198.18.0.1:3260", "[fd00:6e62::1]:3260"] {
-            let portal: SocketAddr = p.parse().unwrap();
-            assert_eq!(portal_addr(&portal_key(portal)), portal);
-        }
-        let k = portal_key("198.18.0.1:3260".parse().unwrap());
-        assert_eq!(k.addr[4..], [0; 12], "IPv4 in the first four bytes");
-    }
 
     #[test]
     fn auto_takes_tc_on_veth_and_tries_native_xdp_elsewhere() {

@@ -47,7 +47,7 @@ const SECS: u32 = 4;
 const ROUNDS: usize = 7;
 
 /// What a figure counts.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Load {
     /// iSCSI READs, 64 KiB at QD32: MB/s.
     Iscsi64k,
@@ -138,17 +138,7 @@ impl Setup {
     }
 }
 
-type Key = (Side, Setup, LoadKey);
-
-/// `Load` as an ordered map key.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-struct LoadKey(u8);
-
-impl From<Load> for LoadKey {
-    fn from(l: Load) -> Self {
-        LoadKey(l as u8)
-    }
-}
+type Key = (Side, Setup, Load);
 
 /// Samples by side, setup and load: one value per round, with the CPU it used
 /// and the MB it moved.
@@ -160,7 +150,7 @@ struct Samples {
 
 impl Samples {
     fn push(&mut self, side: Side, setup: Setup, load: Load, value: f64, cpu: CpuUse) {
-        let key = (side, setup, load.into());
+        let key = (side, setup, load);
         self.values.entry(key).or_default().push(value);
         self.cpu
             .entry(key)
@@ -170,7 +160,7 @@ impl Samples {
 
     fn get(&self, side: Side, setup: Setup, load: Load) -> &[f64] {
         self.values
-            .get(&(side, setup, load.into()))
+            .get(&(side, setup, load))
             .map_or(&[], Vec::as_slice)
     }
 
@@ -196,7 +186,7 @@ impl Samples {
 
     /// Core-ms per MB over all rounds: the total and by role.
     fn core_ms_per_mb(&self, side: Side, setup: Setup, load: Load) -> Option<CpuPerMb> {
-        let runs = self.cpu.get(&(side, setup, load.into()))?;
+        let runs = self.cpu.get(&(side, setup, load))?;
         let mb: f64 = runs.iter().map(|(_, mb)| mb).sum();
         if runs.is_empty() || mb <= 0.0 {
             return None;
