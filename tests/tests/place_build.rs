@@ -628,10 +628,10 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let peak = nearblock_lab::vmlab::peak_mbps(&samples);
+    let peak = nearblock_lab::vmlab::peak_mbps(&samples, 2.0);
     let total = samples.last().unwrap().1;
     eprintln!(
-        "budget: {total} B on core–rack3 in {:.1} s, peak 1-s window {peak:.1} Mbit/s",
+        "budget: {total} B on core–rack3 in {:.1} s, peak 2-s window {peak:.1} Mbit/s",
         samples.last().unwrap().0
     );
     assert!(
@@ -771,10 +771,10 @@ fn placed_vms_are_built_from_the_cheapest_sources_and_indexed() {
         (p.budget_mbps - half).abs() < 0.5 && p.shared_by_manager,
         "{p:?}"
     );
-    let peak = nearblock_lab::vmlab::peak_mbps(&samples);
+    let peak = nearblock_lab::vmlab::peak_mbps(&samples, 2.0);
     let total = samples.last().unwrap().1 - samples[0].1;
     eprintln!(
-        "prefetch share: {total} B on core–rack1 in {:.1} s, peak 1-s window {peak:.1} Mbit/s",
+        "prefetch share: {total} B on core–rack1 in {:.1} s, peak 2-s window {peak:.1} Mbit/s",
         samples.last().unwrap().0
     );
     assert!(
