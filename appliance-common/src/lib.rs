@@ -9,17 +9,21 @@
 //! - [`maps`]: map names, sizes, interface roles and load-time globals.
 //! - [`failopen`]: the heartbeat and over-cap source records (fail open on a hung
 //!   daemon).
+//! - [`handoff`]: connections handed from the splicer to the kernel, rewritten
+//!   packet by packet.
 #![no_std]
 
 pub mod event;
 pub mod failopen;
 pub mod flow;
+pub mod handoff;
 pub mod maps;
 pub mod verdict;
 
 pub use event::LoginEvent;
 pub use failopen::{Heartbeat, SourceKey};
 pub use flow::{FlowCounters, FlowKey, FlowSeq, IfCounters, PortalKey};
+pub use handoff::{HandoffKey, HandoffRewrite};
 pub use verdict::Verdict;
 
 #[cfg(feature = "user")]
@@ -33,4 +37,6 @@ mod pod {
     unsafe impl aya::Pod for super::Heartbeat {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::PortalKey {}
+    unsafe impl aya::Pod for super::HandoffKey {}
+    unsafe impl aya::Pod for super::HandoffRewrite {}
 }

@@ -41,6 +41,13 @@ pub const OVERCAP_SOURCES_MAX: u32 = 4096;
 pub const SERVED_PORTALS: &str = "SERVED_PORTALS";
 pub const SERVED_PORTALS_MAX: u32 = 4096;
 
+/// Hash [`crate::HandoffKey`] `->` [`crate::HandoffRewrite`]: one entry per
+/// direction of each connection the splicer handed to the kernel. Not LRU: an
+/// entry evicted under a live connection would break it; when the map is full
+/// the splicer keeps relaying instead.
+pub const HANDOFFS: &str = "HANDOFFS";
+pub const HANDOFFS_MAX: u32 = 16_384;
+
 /// Role bit: new connections entering here toward a classified port are steered.
 pub const ROLE_CLIENT_FACING: u32 = 1;
 /// Role bit: replies entering here from a classified port to one of the splicer's

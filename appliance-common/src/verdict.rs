@@ -55,10 +55,17 @@ pub enum Verdict {
     /// TC: a new connection's SYN to a portal that exports no served LUN,
     /// forwarded untouched (only served portals are steered; `steer_portals`).
     SteerNotServed = 20,
+    /// TC: a packet of a connection handed to the kernel, rewritten into the
+    /// other end's numbering and forwarded (no socket).
+    SteerHandoff = 21,
+    /// TC: a handed-off connection's packet without its timestamps where
+    /// every mainstream stack puts them: dropped, never forwarded in the wrong
+    /// numbering (docs/decisions.md, "Kernel handoff").
+    SteerHandoffUnparsed = 22,
 }
 
 /// Number of slots in the verdict array.
-pub const VERDICT_COUNT: u32 = 21;
+pub const VERDICT_COUNT: u32 = 23;
 
 /// Names for export, indexed by the verdict's value.
 pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
@@ -83,4 +90,6 @@ pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
     "tc_steer_not_accepting",
     "tc_steer_over_cap_source",
     "tc_steer_not_served",
+    "tc_steer_handoff",
+    "tc_steer_handoff_unparsed",
 ];

@@ -9,17 +9,20 @@
 //! - `nb_steer` (TC ingress, client- and upstream-facing interfaces): hand new
 //!   classified connections to the splicer's listener and replies to its
 //!   transparent upstream sockets (`bpf_sk_assign` + mark for policy routing).
-//!   Always `TC_ACT_OK`.
+//!   Packets of connections the splicer handed to the kernel are rewritten and
+//!   forwarded instead (`handoff`). `TC_ACT_OK`, except a handed-off
+//!   connection's packet that cannot be rewritten: dropped, as if lost.
 //! - `nb_egress_count` (TC egress, every appliance interface): per-interface tx bytes.
 #![no_std]
 #![no_main]
 
 mod count;
+mod handoff;
 mod parse;
 mod steer;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_UNSPEC},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -38,8 +41,10 @@ pub fn nb_classify_skb(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn nb_steer(ctx: TcContext) -> i32 {
-    steer::steer(&ctx);
-    TC_ACT_OK as i32
+    match steer::steer(&ctx) {
+        steer::Action::Pass => TC_ACT_OK as i32,
+        steer::Action::Drop => TC_ACT_SHOT as i32,
+    }
 }
 
 #[classifier]

@@ -65,6 +65,8 @@ pub struct TcpPacket {
     pub tcp_flags: u8,
     /// Sequence number of the segment's first byte.
     pub seq: u32,
+    /// Offset of the TCP header from the start of the frame.
+    pub l4_off: usize,
     /// Offset of the TCP payload from the start of the frame.
     pub payload_off: usize,
     /// TCP payload length from the IP header (0 for BIG TCP super-packets, which
@@ -154,6 +156,7 @@ pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
         dport: 0,
         tcp_flags: 0,
         seq: 0,
+        l4_off: 0,
         payload_off: 0,
         payload_len: 0,
         tagged,
@@ -246,6 +249,7 @@ pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
     let seq: *const [u8; 4] = ptr_at(start, end, l4 + offset_of!(TcpHdr, seq))?;
     // SAFETY: bounds checked by ptr_at.
     pkt.seq = u32::from_be_bytes(unsafe { *seq });
+    pkt.l4_off = l4;
     pkt.payload_off = l4 + doff;
     pkt.payload_len = ip_payload_len.saturating_sub(doff);
     Ok(pkt)

@@ -14,6 +14,9 @@
 //! behind it) is forwarded untouched without a socket lookup, counted and
 //! discovered like any other classified flow.
 //!
+//! A connection the splicer handed to the kernel (`handoff`) is rewritten and
+//! forwarded instead of assigned: its sockets are gone.
+//!
 //! Fail-open: no listener in the map means the SYN is forwarded untouched; flows
 //! carrying the nearblock DSCP mark (another appliance's upstream connection) are
 //! never touched. A new SYN is also forwarded untouched when the listener's accept
@@ -49,6 +52,7 @@ use nearblock_common::{
 
 use crate::{
     count::{bump, is_classified_port},
+    handoff::{self, Handoff},
     parse::{parse_skb, TcpPacket, TCP_ACK, TCP_SYN},
 };
 
@@ -79,28 +83,36 @@ static STEER_SERVED_ONLY: u8 = 0;
 #[no_mangle]
 static STEER_MARK: u32 = 0;
 
+/// What `nb_steer` returns for a packet.
+pub enum Action {
+    /// Go on (assigned to a socket, rewritten, or untouched).
+    Pass,
+    /// Drop: a handed-off connection's packet that could not be rewritten.
+    Drop,
+}
+
 #[inline(always)]
-pub fn steer(ctx: &TcContext) {
+pub fn steer(ctx: &TcContext) -> Action {
     let Ok(pkt) = parse_skb(ctx) else {
-        return;
+        return Action::Pass;
     };
     // SAFETY: reading a field of the context the kernel passed in.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is copied out immediately.
     let role = match unsafe { IFACE_ROLES.get(&ifindex) } {
         Some(r) => *r,
-        None => return,
+        None => return Action::Pass,
     };
     let toward = is_classified_port(pkt.dport);
     let from = is_classified_port(pkt.sport);
     if !toward && !from {
-        return;
+        return Action::Pass;
     }
     // SAFETY: read-only global set before load.
     let dscp_mark = unsafe { core::ptr::read_volatile(&DSCP_MARK) };
     if dscp_mark != 0 && pkt.dscp == dscp_mark {
         bump(Verdict::SteerMarkedPass);
-        return;
+        return Action::Pass;
     }
     // A portal with nothing served has no splicer socket in any of its flows
     // (portals are only ever added), so its packets skip the socket lookup too:
@@ -110,15 +122,24 @@ pub fn steer(ctx: &TcContext) {
             if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
                 bump(Verdict::SteerNotServed);
             }
-            return;
+            return Action::Pass;
         }
-        steer_from_client(ctx, &pkt);
+        match handoff::forward(ctx, &pkt) {
+            Handoff::NotOurs => steer_from_client(ctx, &pkt),
+            Handoff::Forward => {}
+            Handoff::Drop => return Action::Drop,
+        }
     } else if from && role & ROLE_UPSTREAM_FACING != 0 {
         if !portal_served(pkt.family, &pkt.saddr, pkt.sport) {
-            return;
+            return Action::Pass;
         }
-        steer_reply(ctx, &pkt);
+        match handoff::forward(ctx, &pkt) {
+            Handoff::NotOurs => steer_reply(ctx, &pkt),
+            Handoff::Forward => {}
+            Handoff::Drop => return Action::Drop,
+        }
     }
+    Action::Pass
 }
 
 /// Outcome of looking up the socket that owns a packet's own tuple.

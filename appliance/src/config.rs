@@ -371,6 +371,10 @@ pub struct DatapathConfig {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent on/off keys of the [splicer] table, as operators write them"
+)]
 pub struct SplicerConfig {
     /// Where the steered IPv4 connections are accepted (any local address).
     #[serde(default = "default_listen_v4")]
@@ -387,6 +391,12 @@ pub struct SplicerConfig {
     /// `false`: relay every connection as bytes (no iSCSI interpretation at all).
     #[serde(default = "yes")]
     pub iscsi_aware: bool,
+    /// Hand an iSCSI connection with no served LUN behind its target to the
+    /// kernel after login (its packets rewritten and forwarded by the steering
+    /// program, no socket of the splicer's in between); `false`: relay it in
+    /// user space.
+    #[serde(default = "yes")]
+    pub kernel_handoff: bool,
     /// Destination ports whose connections are spliced as iSCSI.
     #[serde(default = "default_iscsi_ports")]
     pub iscsi_ports: Vec<u16>,
@@ -522,6 +532,7 @@ impl Default for SplicerConfig {
             connect_timeout_secs: default_connect_timeout(),
             drain_timeout_secs: default_drain_timeout(),
             iscsi_aware: true,
+            kernel_handoff: true,
             iscsi_ports: default_iscsi_ports(),
             cache_bytes: default_cache_bytes(),
             pin_share: default_pin_share(),

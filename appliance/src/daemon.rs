@@ -279,7 +279,15 @@ impl Splicing {
         manifests::refresh_some(&catalog, &index.manifest_sources(false), &mut 0, usize::MAX).await;
         let _ = splicer.cache.set(catalog.cache.clone());
         let _ = splicer.catalog.set(catalog.clone());
-        let upstream = upstream_options(config, catalog.clone());
+        let handoff = if config.splicer.kernel_handoff {
+            Some(Arc::new(dp.take_handoff_map()?))
+        } else {
+            None
+        };
+        if let Some(map) = &handoff {
+            let _ = splicer.handoffs.set(map.clone());
+        }
+        let upstream = upstream_options(config, catalog.clone(), handoff.clone());
         let caps = steer::ConnectionCaps::within_fd_limit(
             config.splicer.max_connections,
             config.splicer.max_connections_per_source,
@@ -325,6 +333,12 @@ impl Splicing {
                 },
             )));
         }
+        if let Some(map) = handoff {
+            accept_tasks.push(tokio::spawn(crate::splice::handoff::sweep(
+                map,
+                stop_rx.clone(),
+            )));
+        }
         for iface in &config.datapath.client_facing {
             dp.attach_steering(iface, ROLE_CLIENT_FACING)?;
         }
@@ -358,7 +372,11 @@ impl Splicing {
     }
 }
 
-fn upstream_options(config: &Config, catalog: Arc<Catalog>) -> UpstreamOptions {
+fn upstream_options(
+    config: &Config,
+    catalog: Arc<Catalog>,
+    handoff: Option<Arc<crate::datapath::HandoffMap>>,
+) -> UpstreamOptions {
     UpstreamOptions {
         dscp: config.datapath.dscp_mark,
         connect_timeout: config.splicer.connect_timeout(),
@@ -369,6 +387,7 @@ fn upstream_options(config: &Config, catalog: Arc<Catalog>) -> UpstreamOptions {
         },
         catalog,
         keepalive: steer::Keepalive::from(&config.splicer),
+        handoff,
     }
 }
 

@@ -23,7 +23,8 @@ use aya::{
 use nearblock_common::{
     maps::{self as names},
     verdict::{VERDICT_COUNT, VERDICT_NAMES},
-    FlowCounters, FlowKey, FlowSeq, Heartbeat, IfCounters, PortalKey, SourceKey,
+    FlowCounters, FlowKey, FlowSeq, HandoffKey, HandoffRewrite, Heartbeat, IfCounters, PortalKey,
+    SourceKey,
 };
 use parking_lot::Mutex;
 
@@ -385,6 +386,18 @@ impl Datapath {
         })
     }
 
+    /// Take the map of connections handed to the kernel; the splicer writes
+    /// it at handoff and a sweeper removes ended connections.
+    pub fn take_handoff_map(&mut self) -> Result<HandoffMap, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(names::HANDOFFS)
+            .ok_or(DatapathError::MissingMap(names::HANDOFFS))?;
+        Ok(HandoffMap {
+            map: Mutex::new(HashMap::try_from(map).map_err(map_err(names::HANDOFFS))?),
+        })
+    }
+
     fn attach_tc(
         &mut self,
         prog: &'static str,
@@ -592,6 +605,57 @@ impl FailOpenMaps {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::OVERCAP_SOURCES)(e)),
         }
+    }
+}
+
+/// The `HANDOFFS` map: one entry per direction of every connection the
+/// splicer handed to the kernel (`splice::handoff`).
+pub struct HandoffMap {
+    map: Mutex<HashMap<MapData, HandoffKey, HandoffRewrite>>,
+}
+
+impl std::fmt::Debug for HandoffMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandoffMap")
+    }
+}
+
+impl HandoffMap {
+    /// Install both directions of a connection; on failure (the map is full)
+    /// neither is left behind.
+    pub fn install(
+        &self,
+        one: (HandoffKey, HandoffRewrite),
+        other: (HandoffKey, HandoffRewrite),
+    ) -> Result<(), DatapathError> {
+        // BPF_NOEXIST: a stale entry of an earlier connection on this tuple
+        // is not overwritten silently; the sweeper removes it first.
+        const NOEXIST: u64 = 1;
+        let mut map = self.map.lock();
+        map.insert(one.0, one.1, NOEXIST)
+            .map_err(map_err(names::HANDOFFS))?;
+        if let Err(e) = map.insert(other.0, other.1, NOEXIST) {
+            let _ = map.remove(&one.0);
+            return Err(map_err(names::HANDOFFS)(e));
+        }
+        Ok(())
+    }
+
+    /// Remove both directions of a connection.
+    pub fn remove(&self, key: &HandoffKey) {
+        let mut map = self.map.lock();
+        let _ = map.remove(key);
+        let _ = map.remove(&key.reversed());
+    }
+
+    /// The entry of one direction, as the kernel last wrote it.
+    pub fn get(&self, key: &HandoffKey) -> Option<HandoffRewrite> {
+        self.map.lock().get(key, 0).ok()
+    }
+
+    /// Every direction's entry.
+    pub fn entries(&self) -> Vec<(HandoffKey, HandoffRewrite)> {
+        self.map.lock().iter().filter_map(Result::ok).collect()
     }
 }
 

@@ -102,13 +102,31 @@ fn real_clients_through_rack_appliance_match_direct() {
         r.splicer.accepted
     );
     assert!(verdict(&r, "tc_steer_new_flow") >= 4, "{:?}", r.verdicts);
-    // No LUN is served here: after login every session drops to the byte relay.
+    // No LUN is served here: after login every session is handed to the
+    // kernel, which forwards its packets rewritten; the splicer carried the
+    // logins only.
     assert!(r.splicer.raw_relayed >= 2, "{:?}", r.splicer);
+    assert_eq!(
+        r.splicer.handed_off, r.splicer.raw_relayed,
+        "{:?}",
+        r.splicer
+    );
+    assert!(verdict(&r, "tc_steer_handoff") > 0, "{:?}", r.verdicts);
+    assert_eq!(
+        verdict(&r, "tc_steer_handoff_unparsed"),
+        0,
+        "{:?}",
+        r.verdicts
+    );
     assert!(
-        r.splicer.bytes_to_initiator >= data.len() as u64,
-        "splicer relayed {} B to the initiator, image is {} B",
-        r.splicer.bytes_to_initiator,
-        data.len()
+        r.splicer.bytes_to_initiator < 1 << 20,
+        "the splicer carried {} B to the initiator: more than logins",
+        r.splicer.bytes_to_initiator
+    );
+    assert_eq!(
+        r.splicer.active, 0,
+        "no splicer socket left: {:?}",
+        r.splicer
     );
 
     // Counted where the data enters the appliance: from the library toward hv1, on
@@ -620,4 +638,133 @@ fn clean_stop_drains_flows() {
         "policy rules left behind"
     );
     assert!(Path::new(&out).exists());
+}
+
+/// Logged-in sessions (tgtd's `I_T nexus` entries) of every target now.
+fn target_sessions(lab: &Lab) -> usize {
+    lab.tgtadm(&["--op", "show", "--mode", "target"])
+        .expect("tgtadm show")
+        .matches("I_T nexus:")
+        .count()
+}
+
+/// Kernel handoff (issue 15): a session with nothing served, handed to the
+/// kernel after login, keeps every byte under backpressure (the rack→hv1 link
+/// throttled far below what the target sends: the windows the rewrite rescales
+/// are what slow the target down), ends cleanly on logout (FINs both ways,
+/// the handoff then closing), and a reset from the initiator mid-transfer
+/// reaches the target (a reset is only accepted at the exact sequence number
+/// the target expects: the rewrite must be exact) and ends its session.
+#[test]
+fn handed_off_sessions_keep_every_byte_under_backpressure_and_end_on_reset() {
+    let (mut lab, data) = lab_with_lun(false, None);
+    let url = lab.lun_url(IQN, 1);
+    lab.start_appliance("rack1", ApplianceOptions::default())
+        .expect("appliance");
+    let toward_hv1 = lab
+        .port_toward("rack1", "hv1")
+        .expect("rack1–hv1")
+        .iface
+        .clone();
+    lab.exec_ok(
+        "rack1",
+        &[
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            &toward_hv1,
+            "root",
+            "tbf",
+            "rate",
+            "60mbit",
+            "burst",
+            "64kb",
+            "latency",
+            "400ms",
+        ],
+    )
+    .expect("throttle rack1→hv1");
+    let started = Instant::now();
+    let copy = copy_ok(&lab, "hv1", &url, "slow.raw");
+    eprintln!(
+        "handoff: {} MiB through a 60 Mbit/s link in {:.1} s",
+        data.len() >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(copy == data, "the throttled copy differs from the LUN");
+    lab.exec_ok("rack1", &["tc", "qdisc", "del", "dev", &toward_hv1, "root"])
+        .expect("unthrottle");
+    let r = lab.status("rack1").expect("status");
+    assert!(r.splicer.handed_off >= 1, "{:?}", r.splicer);
+    assert_eq!(r.splicer.handoff_declined, 0, "{:?}", r.splicer);
+    // qemu-img logged out: FIN both ways through the rewrite, nothing open.
+    assert_eq!(r.splicer.handoffs_open, 0, "{:?}", r.splicer);
+    assert!(r.splicer.handoffs_closing >= 1, "{:?}", r.splicer);
+    assert_eq!(target_sessions(&lab), 0, "tgtd still has a session");
+
+    // An initiator killed mid-transfer: its kernel resets the connection.
+    let mut perf = lab
+        .cmd(
+            "hv1",
+            &["iscsi-perf", "-m", "8", "-b", "128", "-t", "60", &url],
+        )
+        .spawn()
+        .expect("iscsi-perf");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lab.status("rack1").expect("status").splicer.handoffs_open == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "iscsi-perf's session was not handed off"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(target_sessions(&lab), 1, "tgtd has iscsi-perf's session");
+    std::thread::sleep(Duration::from_millis(500));
+    perf.kill().expect("kill iscsi-perf");
+    let _ = perf.wait();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while target_sessions(&lab) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "tgtd kept the killed initiator's session: the reset did not reach it"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = lab.status("rack1").expect("status");
+    assert_eq!(r.splicer.handoffs_open, 0, "{:?}", r.splicer);
+    assert_eq!(
+        verdict(&r, "tc_steer_handoff_unparsed"),
+        0,
+        "{:?}",
+        r.verdicts
+    );
+}
+
+/// With `kernel_handoff = false` a session with nothing served stays in the
+/// user-space byte relay after login, still identical to direct.
+#[test]
+fn with_handoff_off_sessions_stay_in_the_user_space_relay() {
+    let (mut lab, data) = lab_with_lun(false, None);
+    let url = lab.lun_url(IQN, 1);
+    lab.start_appliance(
+        "rack1",
+        ApplianceOptions {
+            extra_config: "[splicer]\nkernel_handoff = false\n".into(),
+            ..ApplianceOptions::default()
+        },
+    )
+    .expect("appliance");
+    let copy = copy_ok(&lab, "hv1", &url, "relayed.raw");
+    assert!(copy == data, "the relayed copy differs from the LUN");
+    let r = lab.status("rack1").expect("status");
+    assert!(r.splicer.raw_relayed >= 1, "{:?}", r.splicer);
+    assert_eq!(r.splicer.handed_off, 0, "{:?}", r.splicer);
+    assert_eq!(verdict(&r, "tc_steer_handoff"), 0, "{:?}", r.verdicts);
+    assert!(
+        r.splicer.bytes_to_initiator >= data.len() as u64,
+        "the splicer relayed {} B to the initiator, the image is {} B",
+        r.splicer.bytes_to_initiator,
+        data.len()
+    );
 }

@@ -763,7 +763,10 @@ fn a_migration_keeps_within_both_hosts_link_budgets() {
     };
     assert_eq!(job["state"], "done", "{job:#}");
     let migration = &job["migration"];
-    let (peak_source, peak_target) = (vmlab::peak_mbps(&source, 1.0), vmlab::peak_mbps(&target, 1.0));
+    let (peak_source, peak_target) = (
+        vmlab::peak_mbps(&source, 1.0),
+        vmlab::peak_mbps(&target, 1.0),
+    );
     let (sent, received) = (source.last().unwrap().1, target.last().unwrap().1);
     eprintln!(
         "budgets: hv1–rack1 {sent} B, peak {peak_source:.1} Mbit/s (budget {SOURCE_BUDGET_MBPS}); hv5–rack2 {received} B, peak {peak_target:.1} Mbit/s (budget {TARGET_BUDGET_MBPS}); {:.1} s; pause to resume {} ms; rounds {:#}",

@@ -581,6 +581,21 @@ pub fn render_metrics(r: &StatusReport, manager: Option<&ManagerMetrics>) -> Str
             s.sessions_tainted,
         ),
         (
+            "splicer_raw_relayed",
+            "iSCSI connections with nothing to serve, relayed after login",
+            s.raw_relayed,
+        ),
+        (
+            "splicer_handed_off",
+            "Of those, connections handed to the kernel (forwarded by TC, rewritten)",
+            s.handed_off,
+        ),
+        (
+            "splicer_handoff_declined",
+            "Handoffs not made: the connection stayed in the user-space relay",
+            s.handoff_declined,
+        ),
+        (
             "splicer_over_cap_relayed",
             "Connections accepted over a connection cap, relayed as bytes",
             s.over_cap_relayed,

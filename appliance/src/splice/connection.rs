@@ -77,6 +77,9 @@ const MIN_SEGMENT_LIMIT: u32 = 256 * 1024;
 pub struct SpliceContext {
     pub catalog: Arc<Catalog>,
     pub stats: Arc<SplicerStats>,
+    /// Where a session with nothing to serve is handed to the kernel after
+    /// login (`None`: the user-space byte relay takes it).
+    pub handoff: Option<Arc<crate::datapath::HandoffMap>>,
 }
 
 /// Why a connection ended early.
@@ -102,6 +105,8 @@ pub enum ConnectionError {
     TooManyTasks,
     #[error("the login did not reach Full Feature Phase within {0:?}")]
     LoginTimeout(std::time::Duration),
+    #[error("handing the connection to the kernel: {0}")]
+    Handoff(&'static str),
 }
 
 #[derive(Clone, Copy)]
@@ -131,15 +136,15 @@ pub async fn splice_iscsi(
     let (tt_tx, tt_rx) = mpsc::channel(WRITE_QUEUE);
     let (ti_tx, ti_rx) = mpsc::channel(WRITE_QUEUE);
     let stats = ctx.stats.clone();
-    let handoff = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let to_relay = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let w_target = tokio::spawn(writer(
         uw,
         tt_rx,
         stats.clone(),
         Toward::Target,
-        handoff.clone(),
+        to_relay.clone(),
     ));
-    let w_initiator = tokio::spawn(writer(cw, ti_rx, stats, Toward::Initiator, handoff.clone()));
+    let w_initiator = tokio::spawn(writer(cw, ti_rx, stats, Toward::Initiator, to_relay.clone()));
     let mut conn = Conn::new(ctx, tt_tx, ti_tx);
     let mut reads = Reads {
         client: cr,
@@ -159,10 +164,24 @@ pub async fn splice_iscsi(
         upstream_done: u_done,
     } = reads;
     let relay_raw = conn.relay_raw && !c_done && !u_done && result.is_ok();
+    // The final login response, held back when the session may go to the
+    // kernel: it is the last thing sent before the switch.
+    let held = std::mem::take(&mut conn.held_for_handoff);
+    let kernel = ctx
+        .handoff
+        .clone()
+        .filter(|_| relay_raw && !held.is_empty() && cbuf.is_empty() && ubuf.is_empty());
     if relay_raw {
         // Nothing after login needs interpreting: flush what is queued, forward the
         // undecoded rest as it came, and relay bytes from here on.
-        handoff.store(true, Ordering::Release);
+        to_relay.store(true, Ordering::Release);
+        if kernel.is_none() {
+            if let Some(tx) = &conn.to_initiator {
+                for frame in held.iter().cloned() {
+                    let _ = tx.send(frame).await;
+                }
+            }
+        }
         let queued = [
             (conn.to_target.take(), cbuf.split().freeze()),
             (conn.to_initiator.take(), ubuf.split().freeze()),
@@ -184,9 +203,7 @@ pub async fn splice_iscsi(
         let (Ok(client), Ok(upstream)) = (cr.reunite(cw), ur.reunite(uw)) else {
             return Err(ConnectionError::Write("target or initiator"));
         };
-        ctx.stats.raw_relayed.fetch_add(1, Ordering::Relaxed);
-        super::bytes::relay(client, upstream, &ctx.stats).await;
-        return Ok(());
+        return relay_after_login(client, upstream, held, kernel, ctx).await;
     }
     match result {
         Ok(()) => {
@@ -203,15 +220,62 @@ pub async fn splice_iscsi(
     }
 }
 
+/// A session with nothing to serve, after login: to the kernel (`kernel`: the
+/// held login response is sent as the switch's last step), or, declined or
+/// not asked, to the user-space byte relay.
+async fn relay_after_login(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    held: Vec<WireChain>,
+    kernel: Option<Arc<crate::datapath::HandoffMap>>,
+    ctx: &SpliceContext,
+) -> Result<(), ConnectionError> {
+    use super::handoff::{hand_over, Handoff};
+    ctx.stats.raw_relayed.fetch_add(1, Ordering::Relaxed);
+    if let Some(map) = kernel {
+        let mut bytes = Vec::new();
+        for mut frame in held {
+            while frame.has_remaining() {
+                let chunk = frame.chunk();
+                bytes.extend_from_slice(chunk);
+                let n = chunk.len();
+                frame.advance(n);
+            }
+        }
+        match hand_over(client, upstream, &bytes, &map).await {
+            Handoff::Done => {
+                ctx.stats.handed_off.fetch_add(1, Ordering::Relaxed);
+                debug!("handed to the kernel");
+                return Ok(());
+            }
+            Handoff::Declined {
+                why,
+                client: c,
+                upstream: u,
+            } => {
+                ctx.stats.handoff_declined.fetch_add(1, Ordering::Relaxed);
+                debug!(why, "kernel handoff declined: relayed in user space");
+                (client, upstream) = (c, u);
+                if client.write_all(&bytes).await.is_err() {
+                    return Err(ConnectionError::Write("initiator"));
+                }
+            }
+            Handoff::Broken(why) => return Err(ConnectionError::Handoff(why)),
+        }
+    }
+    super::bytes::relay(client, upstream, &ctx.stats).await;
+    Ok(())
+}
+
 /// Write queued frames (gathered, vectored) until the queue closes, then half-close
-/// — unless the connection is being handed to the byte relay (`handoff`), in which
+/// — unless the connection is dropping to the byte relay (`to_relay`), in which
 /// case the write half is returned, open, with everything queued written.
 async fn writer(
     mut w: OwnedWriteHalf,
     mut rx: mpsc::Receiver<WireChain>,
     stats: Arc<SplicerStats>,
     toward: Toward,
-    handoff: Arc<std::sync::atomic::AtomicBool>,
+    to_relay: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<Option<OwnedWriteHalf>> {
     let counter = match toward {
         Toward::Target => &stats.bytes_to_target,
@@ -237,7 +301,7 @@ async fn writer(
         }
         counter.fetch_add(total as u64, Ordering::Relaxed);
     }
-    if handoff.load(Ordering::Acquire) {
+    if to_relay.load(Ordering::Acquire) {
         return Ok(Some(w));
     }
     w.shutdown().await?;
@@ -304,6 +368,10 @@ struct Conn<'a> {
     /// Set at Full Feature Phase when the session's target has no served LUN:
     /// nothing more needs interpreting, so the connection drops to the byte relay.
     relay_raw: bool,
+    /// With a kernel handoff to make: what goes to the initiator once the
+    /// session drops to the relay (the final Login Response), held so it is
+    /// the last thing sent before the switch.
+    held_for_handoff: Vec<WireChain>,
     /// Per served LUN: the blocks this session read, in first-read order (one
     /// boot of the LUN's access history, recorded when the connection ends).
     boots: HashMap<u16, (Arc<ServedLun>, BootTrace)>,
@@ -365,6 +433,7 @@ impl<'a> Conn<'a> {
             tainted: HashMap::new(),
             ready: HashMap::new(),
             relay_raw: false,
+            held_for_handoff: Vec::new(),
             boots: HashMap::new(),
         }
     }
@@ -758,6 +827,10 @@ impl<'a> Conn<'a> {
             }
             for item in out.to_initiator {
                 let frame = item.into_wire_chain(self.digests)?;
+                if self.relay_raw && self.ctx.handoff.is_some() {
+                    self.held_for_handoff.push(frame);
+                    continue;
+                }
                 send(self.to_initiator.as_ref(), frame, Toward::Initiator).await?;
             }
             for itt in out.cancel {
@@ -940,6 +1013,7 @@ mod tests {
         let ctx = SpliceContext {
             catalog: Arc::new(catalog),
             stats: Arc::new(SplicerStats::default()),
+            handoff: None,
         };
         let splicer = tokio::spawn(async move { splice_iscsi(client, upstream, &ctx).await });
 
@@ -1011,6 +1085,7 @@ mod tests {
         let ctx = SpliceContext {
             catalog: Arc::new(catalog),
             stats: Arc::new(SplicerStats::default()),
+            handoff: None,
         };
         let splicer = tokio::spawn(async move { splice_iscsi(client, upstream, &ctx).await });
         let pdu = login(
@@ -1043,6 +1118,7 @@ mod tests {
         let ctx = SpliceContext {
             catalog: Arc::new(Catalog::empty()),
             stats: stats.clone(),
+            handoff: None,
         };
         let splicer = tokio::spawn(async move { splice_iscsi(client, upstream, &ctx).await });
         initiator

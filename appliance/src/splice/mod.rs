@@ -14,6 +14,10 @@ pub mod relay;
 ///    nothing to serve once logged in.
 pub mod bytes;
 
+/// 2b. Sessions with nothing to serve handed to the kernel after login: the
+///     steering program forwards their packets, rewritten (no relay at all).
+pub mod handoff;
+
 /// 3. One task per iSCSI connection, PDUs both ways; `Conn::on_initiator` names a
 ///    READ's phases in the order they run.
 pub mod connection;

@@ -41,6 +41,9 @@ pub struct UpstreamOptions {
     pub catalog: Arc<Catalog>,
     /// Keepalive and user timeout of both sockets of a connection.
     pub keepalive: Keepalive,
+    /// Where sessions with nothing to serve are handed to the kernel (`None`:
+    /// they stay in the user-space relay).
+    pub handoff: Option<Arc<crate::datapath::HandoffMap>>,
 }
 
 /// Which listener an accept loop serves, and the fail-open state it reports to.
@@ -202,6 +205,7 @@ async fn splice_connection(
     let ctx = SpliceContext {
         catalog: opts.catalog.clone(),
         stats: stats.clone(),
+        handoff: opts.handoff.clone(),
     };
     match splice_iscsi(client, upstream, &ctx).await {
         Ok(()) => debug!("flow ended"),

@@ -15,6 +15,12 @@ use serde::Serialize;
 pub struct SplicerStats {
     /// iSCSI connections handed to the byte relay after login (no served LUN).
     pub raw_relayed: AtomicU64,
+    /// Of those, connections handed to the kernel (`splice::handoff`): their
+    /// sockets closed, their packets rewritten and forwarded by TC.
+    pub handed_off: AtomicU64,
+    /// Handoffs not made (the connection stays in the user-space relay), by
+    /// the first reason met.
+    pub handoff_declined: AtomicU64,
     pub accepted: AtomicU64,
     pub active: AtomicU64,
     pub upstream_failed: AtomicU64,
@@ -54,6 +60,8 @@ pub struct SplicerStats {
     pub sourcing: std::sync::OnceLock<Arc<crate::fetch::Sourcing>>,
     /// The served LUNs, for their prefetch status.
     pub catalog: std::sync::OnceLock<Arc<super::catalog::Catalog>>,
+    /// Connections handed to the kernel, for how many are open now.
+    pub handoffs: std::sync::OnceLock<Arc<crate::datapath::HandoffMap>>,
 }
 
 /// Blocks and bytes served from one source class.
@@ -67,6 +75,16 @@ pub struct ServedFromSource {
 pub struct SplicerSnapshot {
     #[serde(default)]
     pub raw_relayed: u64,
+    #[serde(default)]
+    pub handed_off: u64,
+    #[serde(default)]
+    pub handoff_declined: u64,
+    /// Handed-off connections the kernel forwards now (neither side has sent
+    /// a FIN or RST), and those closing but still remembered.
+    #[serde(default)]
+    pub handoffs_open: u64,
+    #[serde(default)]
+    pub handoffs_closing: u64,
     pub accepted: u64,
     pub active: u64,
     pub upstream_failed: u64,
@@ -145,8 +163,33 @@ impl SplicerStats {
             blocks: get(&self.served_blocks[class.index()]),
             bytes: get(&self.served_bytes[class.index()]),
         };
+        // Both directions of a connection have an entry; it is closing once
+        // either direction has carried a FIN or RST.
+        let handoffs = self.handoffs.get().map_or((0, 0), |m| {
+            let closing: std::collections::HashMap<_, _> = m
+                .entries()
+                .into_iter()
+                .map(|(k, e)| (k, e.closing != 0))
+                .collect();
+            // Each connection once: by the direction whose key sorts first.
+            closing.iter().fold((0, 0), |(open, ended), (k, c)| {
+                let rev = k.reversed();
+                if closing.contains_key(&rev) && (rev.sport, rev.saddr) < (k.sport, k.saddr) {
+                    return (open, ended);
+                }
+                if *c || closing.get(&rev).copied().unwrap_or(false) {
+                    (open, ended + 1)
+                } else {
+                    (open + 1, ended)
+                }
+            })
+        });
         SplicerSnapshot {
             raw_relayed: get(&self.raw_relayed),
+            handed_off: get(&self.handed_off),
+            handoff_declined: get(&self.handoff_declined),
+            handoffs_open: handoffs.0,
+            handoffs_closing: handoffs.1,
             accepted: get(&self.accepted),
             active: get(&self.active),
             upstream_failed: get(&self.upstream_failed),
