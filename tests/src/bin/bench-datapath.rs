@@ -109,7 +109,7 @@ impl Setup {
             Setup::Forwarding => "forwarding only",
             Setup::ClassifierTc => "classifier attached (TC, auto on veth)",
             Setup::ClassifierXdp => "classifier attached (generic XDP)",
-            Setup::Steered => "steered, LUN not served (kernel relay)",
+            Setup::Steered => "steered, LUN not served (handed to the kernel)",
             Setup::PortalNotServed => "portal with no served LUN",
         }
     }
@@ -303,6 +303,11 @@ fn check_steering(lab: &Lab, setup: Setup, side: Side, round: usize) -> Result<(
         // The baseline binary may predate the kernel relay's counter.
         Setup::Steered if r.splicer.raw_relayed == 0 && side == Side::New => {
             bail!("{which}: no session dropped to the relay")
+        }
+        // iSCSI sessions go to the kernel after login (bulk TCP on the iSCSI
+        // port is not iSCSI: it stays in the byte relay).
+        Setup::Steered if r.splicer.handed_off == 0 && side == Side::New => {
+            bail!("{which}: no session was handed to the kernel")
         }
         Setup::PortalNotServed if r.splicer.accepted != 0 => {
             bail!("{which}: a portal with nothing served was steered")
