@@ -62,10 +62,13 @@ pub enum Verdict {
     /// every mainstream stack puts them: dropped, never forwarded in the wrong
     /// numbering (docs/decisions.md, "Kernel handoff").
     SteerHandoffUnparsed = 22,
+    /// TC: a handed-off connection's packet whose header could not be read or
+    /// written: dropped (its sender retransmits).
+    SteerHandoffDropped = 23,
 }
 
 /// Number of slots in the verdict array.
-pub const VERDICT_COUNT: u32 = 23;
+pub const VERDICT_COUNT: u32 = 24;
 
 /// Names for export, indexed by the verdict's value.
 pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
@@ -92,4 +95,5 @@ pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
     "tc_steer_not_served",
     "tc_steer_handoff",
     "tc_steer_handoff_unparsed",
+    "tc_steer_handoff_dropped",
 ];

@@ -45,6 +45,8 @@ const ACK_OFF: usize = 8;
 const WINDOW_OFF: usize = 14;
 const CHECK_OFF: usize = 16;
 const FIXED_LEN: usize = 20;
+/// `last_seen_ns` is refreshed at most this often.
+const LAST_SEEN_GRAIN_NS: u64 = 1_000_000_000;
 
 /// What became of a packet.
 pub enum Handoff {
@@ -55,6 +57,9 @@ pub enum Handoff {
     /// A handed-off connection's packet that could not be rewritten: dropped
     /// (its sender retransmits), never forwarded in the wrong numbering.
     Drop,
+    /// Dropped too: its timestamps are not where they were looked for
+    /// (counted apart).
+    Unparsed,
 }
 
 /// A TCP header, whole, on the stack, and the checksum difference of what was
@@ -124,8 +129,12 @@ pub fn forward(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
     let rw = unsafe { &mut *rw };
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    rw.last_seen_ns = now;
-    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    // Both directions' entries are written from both CPUs: store only what
+    // changed (the sweeper needs seconds, not every packet's time).
+    if now.wrapping_sub(rw.last_seen_ns) > LAST_SEEN_GRAIN_NS {
+        rw.last_seen_ns = now;
+    }
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 && rw.closing == 0 {
         rw.closing = 1;
     }
     let len = (pkt.payload_off.wrapping_sub(pkt.l4_off) & 0x3c) as u32;
@@ -151,11 +160,11 @@ pub fn forward(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
     let (timestamps_at, sack_at, sack_len) = find_options(&hdr, len as usize);
     if rw.timestamps != 0 && timestamps_at == 0 && pkt.tcp_flags & TCP_RST == 0 {
         bump(Verdict::SteerHandoffUnparsed);
-        return Handoff::Drop;
+        return Handoff::Unparsed;
     }
     hdr.add32(SEQ_OFF, rw.seq_delta);
     let ack = hdr.add32(ACK_OFF, rw.ack_delta);
-    if pkt.tcp_flags & TCP_ACK != 0 && ack.wrapping_sub(rw.watch_ack) as i32 >= 0 {
+    if rw.acked == 0 && pkt.tcp_flags & TCP_ACK != 0 && ack.wrapping_sub(rw.watch_ack) as i32 >= 0 {
         rw.acked = 1;
     }
     if rw.window_shift != 0 {

@@ -127,7 +127,11 @@ pub fn steer(ctx: &TcContext) -> Action {
         match handoff::forward(ctx, &pkt) {
             Handoff::NotOurs => steer_from_client(ctx, &pkt),
             Handoff::Forward => {}
-            Handoff::Drop => return Action::Drop,
+            Handoff::Drop => {
+                bump(Verdict::SteerHandoffDropped);
+                return Action::Drop;
+            }
+            Handoff::Unparsed => return Action::Drop,
         }
     } else if from && role & ROLE_UPSTREAM_FACING != 0 {
         if !portal_served(pkt.family, &pkt.saddr, pkt.sport) {
@@ -136,7 +140,11 @@ pub fn steer(ctx: &TcContext) -> Action {
         match handoff::forward(ctx, &pkt) {
             Handoff::NotOurs => steer_reply(ctx, &pkt),
             Handoff::Forward => {}
-            Handoff::Drop => return Action::Drop,
+            Handoff::Drop => {
+                bump(Verdict::SteerHandoffDropped);
+                return Action::Drop;
+            }
+            Handoff::Unparsed => return Action::Drop,
         }
     }
     Action::Pass
