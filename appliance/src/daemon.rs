@@ -664,12 +664,18 @@ async fn serve_api(app: &Arc<Appliance>) -> Result<JoinHandle<()>, DaemonError> 
 }
 
 /// Let the spliced flows finish, up to `timeout`; returns how many were left.
+/// Sessions handed to the kernel count as long as neither side has closed:
+/// they need the steering program, which goes with the daemon.
 async fn drain_flows(splicer: &SplicerStats, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
-    while splicer.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    let left = || {
+        let handed_off = splicer.handoffs.get().map_or(0, |m| m.open_connections());
+        splicer.active.load(Ordering::Relaxed) + handed_off
+    };
+    while left() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    splicer.active.load(Ordering::Relaxed)
+    left()
 }
 
 /// Run the appliance until `shutdown` resolves, then drain and clean up.
@@ -759,8 +765,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(s) = &mut splicing {
         s.stop_accepting(&app).await;
     }
-    // Existing flows keep their steering (their sockets own their tuples) while
-    // they drain.
+    // Existing flows keep their steering (their sockets own their tuples, or
+    // their entries in HANDOFFS) while they drain.
     let left = drain_flows(&splicer, app.config.splicer.drain_timeout()).await;
     if left > 0 {
         warn!(flows = left, "drain timeout: closing remaining flows");

@@ -657,6 +657,36 @@ impl HandoffMap {
     pub fn entries(&self) -> Vec<(HandoffKey, HandoffRewrite)> {
         self.map.lock().iter().filter_map(Result::ok).collect()
     }
+
+    /// Connections handed off and still open, and those closing (a FIN or
+    /// RST seen in either direction), each counted once.
+    pub fn connections(&self) -> (u64, u64) {
+        count_connections(&self.entries())
+    }
+
+    /// Connections handed off and still open.
+    pub fn open_connections(&self) -> u64 {
+        self.connections().0
+    }
+}
+
+/// (open, closing) connections among `HANDOFFS` entries: each connection has
+/// an entry per direction and is closing once either has carried a FIN or RST.
+fn count_connections(entries: &[(HandoffKey, HandoffRewrite)]) -> (u64, u64) {
+    let closing: std::collections::HashMap<HandoffKey, bool> =
+        entries.iter().map(|(k, e)| (*k, e.closing != 0)).collect();
+    closing.iter().fold((0, 0), |(open, ended), (key, c)| {
+        let rev = key.reversed();
+        // Each connection once: by the direction whose key sorts first.
+        if closing.contains_key(&rev) && (rev.sport, rev.saddr) < (key.sport, key.saddr) {
+            return (open, ended);
+        }
+        if *c || closing.get(&rev).copied().unwrap_or(false) {
+            (open, ended + 1)
+        } else {
+            (open + 1, ended)
+        }
+    })
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
@@ -841,5 +871,23 @@ mod tests {
         assert_eq!(auto_placement(Some("veth")), Some(ClassifierAttachment::Tc));
         assert_eq!(auto_placement(Some("mlx5_core")), None);
         assert_eq!(auto_placement(None), None);
+    }
+
+    #[test]
+    fn a_connection_counts_once_and_closes_with_either_direction() {
+        let a: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:3260".parse().unwrap();
+        let c: SocketAddr = "10.0.0.3:40001".parse().unwrap();
+        let open = HandoffRewrite::default();
+        let closing = HandoffRewrite {
+            closing: 1,
+            ..HandoffRewrite::default()
+        };
+        let ab = HandoffKey::new(a, b);
+        let cb = HandoffKey::new(c, b);
+        let entries = [(ab, open), (ab.reversed(), open), (cb, open), (cb.reversed(), closing)];
+        assert_eq!(count_connections(&entries), (1, 1));
+        assert_eq!(count_connections(&entries[..2]), (1, 0));
+        assert_eq!(count_connections(&[]), (0, 0));
     }
 }

@@ -477,7 +477,9 @@ fn a_vanished_initiator_is_found_and_an_idle_session_is_kept() {
     lab.start_appliance(
         "rack1",
         ApplianceOptions {
-            extra_config: "[splicer]\nkeepalive_idle_secs = 1\nkeepalive_interval_secs = 1\nkeepalive_count = 2\nuser_timeout_secs = 3\n".into(),
+            // The splicer's own sockets are what keepalive watches: the
+            // session stays in the user-space relay, not handed to the kernel.
+            extra_config: "[splicer]\nkernel_handoff = false\nkeepalive_idle_secs = 1\nkeepalive_interval_secs = 1\nkeepalive_count = 2\nuser_timeout_secs = 3\n".into(),
             ..Default::default()
         },
     )

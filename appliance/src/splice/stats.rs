@@ -163,27 +163,7 @@ impl SplicerStats {
             blocks: get(&self.served_blocks[class.index()]),
             bytes: get(&self.served_bytes[class.index()]),
         };
-        // Both directions of a connection have an entry; it is closing once
-        // either direction has carried a FIN or RST.
-        let handoffs = self.handoffs.get().map_or((0, 0), |m| {
-            let closing: std::collections::HashMap<_, _> = m
-                .entries()
-                .into_iter()
-                .map(|(k, e)| (k, e.closing != 0))
-                .collect();
-            // Each connection once: by the direction whose key sorts first.
-            closing.iter().fold((0, 0), |(open, ended), (k, c)| {
-                let rev = k.reversed();
-                if closing.contains_key(&rev) && (rev.sport, rev.saddr) < (k.sport, k.saddr) {
-                    return (open, ended);
-                }
-                if *c || closing.get(&rev).copied().unwrap_or(false) {
-                    (open, ended + 1)
-                } else {
-                    (open + 1, ended)
-                }
-            })
-        });
+        let handoffs = self.handoffs.get().map_or((0, 0), |m| m.connections());
         SplicerSnapshot {
             raw_relayed: get(&self.raw_relayed),
             handed_off: get(&self.handed_off),
