@@ -5,7 +5,8 @@
 //!
 //! Configurations, each labelled with its design:
 //! - direct: forwarding only, no nearblock;
-//! - relay: the iSCSI-aware splicer with the LUN not served (pass-through);
+//! - relay: the LUN not served: the session is handed to the kernel after
+//!   login (pass-through, forwarded by the steering program);
 //! - cold-relay: the LUN served, but the cache (16 MiB) is far smaller than the
 //!   LUN, so every READ misses; with no index to source blocks from, each READ
 //!   passes through to the library in the initiator's session, and its data is
@@ -87,7 +88,7 @@ impl Config {
     fn label(self) -> &'static str {
         match self {
             Config::Direct => "direct (forwarding only)",
-            Config::Relay => "relay (iSCSI-aware, LUN not served)",
+            Config::Relay => "relay (LUN not served: handed to the kernel)",
             Config::ColdRelay => "cold-relay (shadow, library via session)",
             Config::Cold => "cold (shadow, library's agent by hash)",
             Config::WarmShadow => "warm-shadow (shadow design, cache)",
