@@ -23,12 +23,14 @@ use aya::{
 use nearblock_common::{
     maps::{self as names},
     verdict::{VERDICT_COUNT, VERDICT_NAMES},
-    FlowCounters, FlowKey, FlowSeq, HandoffKey, HandoffRewrite, Heartbeat, IfCounters, PortalKey,
-    SourceKey,
+    FlowCounters, FlowKey, FlowSeq, Heartbeat, IfCounters, PortalKey, SourceKey,
 };
 use parking_lot::Mutex;
 
 use crate::config::{ClassifierPlacement, XdpMode};
+
+/// The handoff map's key and value, as its methods take and give them.
+pub use nearblock_common::{HandoffKey, HandoffRewrite};
 
 /// The listener slots and interface roles, for callers outside the daemon
 /// (packet fixtures) that drive the steering maps directly.
@@ -556,14 +558,26 @@ impl Datapath {
         self.test_run(names::PROG_TC_STEER, frame)
     }
 
+    /// As [`Self::test_run_steer`], also returning the frame as the program
+    /// left it (rewrites of handed-off connections).
+    pub fn test_run_steer_frame(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), DatapathError> {
+        prog_test_run(self.program_fd(names::PROG_TC_STEER)?, frame).map_err(DatapathError::TestRun)
+    }
+
     fn test_run(&self, name: &'static str, frame: &[u8]) -> Result<u32, DatapathError> {
+        prog_test_run(self.program_fd(name)?, frame)
+            .map(|(action, _)| action)
+            .map_err(DatapathError::TestRun)
+    }
+
+    fn program_fd(&self, name: &'static str) -> Result<i32, DatapathError> {
         let fd = self
             .ebpf
             .program(name)
             .ok_or(DatapathError::MissingMap(name))?
             .fd()
             .map_err(prog_err(name))?;
-        prog_test_run(fd.as_fd().as_raw_fd(), frame).map_err(DatapathError::TestRun)
+        Ok(fd.as_fd().as_raw_fd())
     }
 }
 
@@ -812,7 +826,7 @@ pub fn driver_name(iface: &str) -> Option<String> {
 }
 
 /// `bpf(BPF_PROG_TEST_RUN)` on an XDP or TC program; aya 0.14 has no wrapper.
-fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<u32> {
+fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
     // union bpf_attr, test member (include/uapi/linux/bpf.h).
     #[repr(C)]
     #[derive(Default)]
@@ -859,7 +873,8 @@ fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<u32> {
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(attr.retval)
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, out))
 }
 
 #[cfg(test)]

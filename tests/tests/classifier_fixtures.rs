@@ -606,3 +606,152 @@ fn steering_of_new_connections_fails_open_on_a_hung_daemon() {
     // No IPv6 listener: that, not its (never written) heartbeat, is the verdict.
     assert_eq!(steer_syn(&dp, true), one("tc_steer_no_listener"));
 }
+
+const TC_ACT_SHOT: u32 = 2;
+
+/// A TCP segment from 198.18.3.2:40000 to 198.18.0.1:3260 with `options`,
+/// its checksum filled in.
+fn tcp_segment(seq: u32, ack: u32, window: u16, options: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let mut h = vec![0u8; 20];
+    h[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    h[2..4].copy_from_slice(&3260u16.to_be_bytes());
+    h[4..8].copy_from_slice(&seq.to_be_bytes());
+    h[8..12].copy_from_slice(&ack.to_be_bytes());
+    h[12] = (((20 + options.len()) / 4) as u8) << 4;
+    h[13] = 0x10; // ACK
+    h[14..16].copy_from_slice(&window.to_be_bytes());
+    h.extend_from_slice(options);
+    let sum = tcp_sum(&h);
+    h[16..18].copy_from_slice(&(!sum).to_be_bytes());
+    h
+}
+
+/// One's-complement sum of the IPv4 pseudo-header (the fixture's addresses)
+/// and `segment`, folded to 16 bits: 0xffff over a segment with a valid
+/// checksum.
+fn tcp_sum(segment: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&[198, 18, 3, 2, 198, 18, 0, 1, 0, 6]);
+    add(&(segment.len() as u16).to_be_bytes());
+    add(segment);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+/// A handed-off connection's packet is rewritten exactly, in the kernel:
+/// sequence and acknowledgement numbers, the timestamps (`TSval`, `TSecr`), both SACK edges,
+/// the window rescaled; the checksum stays valid; an acknowledgement at the
+/// watched number sets `acked`. The first packet of a direction learns its
+/// `TSval` delta and gives the opposite direction its `TSecr` delta. A packet
+/// without its timestamps where they are looked for is dropped, never sent
+/// on in the old numbering.
+#[test]
+fn handed_off_packets_are_rewritten_exactly() {
+    use nearblock::datapath::{HandoffKey, HandoffRewrite, ROLE_CLIENT_FACING};
+
+    let mut dp = load();
+    dp.set_interface_role(1, ROLE_CLIENT_FACING).unwrap();
+    let map = dp.take_handoff_map().unwrap();
+    let initiator: std::net::SocketAddr = "198.18.3.2:40000".parse().unwrap();
+    let target: std::net::SocketAddr = "198.18.0.1:3260".parse().unwrap();
+    let key = HandoffKey::new(initiator, target);
+    let rewrite = HandoffRewrite {
+        seq_delta: 1000,
+        ack_delta: 0u32.wrapping_sub(500),
+        tsval_delta: 7,
+        tsval_known: 1,
+        tsecr_delta: 3,
+        tsecr_known: 1,
+        timestamps: 1,
+        window_shift: -2,
+        watch_ack: 9000,
+        ..HandoffRewrite::default()
+    };
+    map.install((key, rewrite), (key.reversed(), HandoffRewrite::default()))
+        .unwrap();
+    // NOP NOP TS(100, 200), NOP NOP SACK one block [9500, 9600).
+    let mut options = vec![1, 1, 8, 10];
+    options.extend_from_slice(&100u32.to_be_bytes());
+    options.extend_from_slice(&200u32.to_be_bytes());
+    options.extend_from_slice(&[1, 1, 5, 10]);
+    options.extend_from_slice(&9500u32.to_be_bytes());
+    options.extend_from_slice(&9600u32.to_be_bytes());
+    let segment = tcp_segment(5000, 9000, 4000, &options);
+    assert_eq!(tcp_sum(&segment), 0xffff, "the fixture's own checksum");
+    let before = verdicts(&dp);
+    let (action, out) = dp
+        .test_run_steer_frame(&frame(&[eth(0x0800, &[]), ipv4(6, 0, &segment)]))
+        .unwrap();
+    assert_eq!(action, TC_ACT_OK);
+    let tcp = &out[14 + 20..];
+    assert_eq!(tcp.len(), segment.len());
+    assert_eq!(be32(tcp, 4), 6000, "seq");
+    assert_eq!(be32(tcp, 8), 8500, "ack");
+    assert_eq!(u16::from_be_bytes([tcp[14], tcp[15]]), 1000, "window");
+    assert_eq!((be32(tcp, 24), be32(tcp, 28)), (107, 203), "TSval, TSecr");
+    assert_eq!((be32(tcp, 36), be32(tcp, 40)), (9000, 9100), "SACK block");
+    assert_eq!(tcp_sum(tcp), 0xffff, "checksum after the rewrite");
+    assert_eq!(map.get(&key).unwrap().acked, 1);
+    let after = verdicts(&dp);
+    assert_eq!(after["tc_steer_handoff"], before["tc_steer_handoff"] + 1);
+
+    // Without timestamps where they are looked for: dropped and counted.
+    let bare = tcp_segment(5000, 9000, 4000, &[]);
+    let (action, _) = dp
+        .test_run_steer_frame(&frame(&[eth(0x0800, &[]), ipv4(6, 0, &bare)]))
+        .unwrap();
+    assert_eq!(action, TC_ACT_SHOT);
+    assert_eq!(
+        verdicts(&dp)["tc_steer_handoff_unparsed"],
+        after["tc_steer_handoff_unparsed"] + 1
+    );
+
+    // A fresh connection: the first packet learns TSval's delta, maps it onto
+    // the receiver-side socket's clock, and hands the reverse its TSecr delta;
+    // until then TSecr goes out as 0.
+    map.remove(&key);
+    let learning = HandoffRewrite {
+        timestamps: 1,
+        receiver_ts_offset_ms: 5_000_000,
+        ..HandoffRewrite::default()
+    };
+    map.install((key, learning), (key.reversed(), HandoffRewrite::default()))
+        .unwrap();
+    let segment = tcp_segment(5000, 9000, 4000, &options[..12]);
+    let (action, out) = dp
+        .test_run_steer_frame(&frame(&[eth(0x0800, &[]), ipv4(6, 0, &segment)]))
+        .unwrap();
+    assert_eq!(action, TC_ACT_OK);
+    let tcp = &out[14 + 20..];
+    let learned = map.get(&key).unwrap();
+    let reverse = map.get(&key.reversed()).unwrap();
+    assert_eq!(learned.tsval_known, 1);
+    assert_eq!(be32(tcp, 24), 100u32.wrapping_add(learned.tsval_delta));
+    // On the receiver's clock (CLOCK_MONOTONIC in ms plus its offset), one
+    // tick ahead of when the packet passed, so never behind what it last saw.
+    let now_ms = (nearblock::datapath::monotonic_ns() / 1_000_000) as u32;
+    let lead = be32(tcp, 24)
+        .wrapping_sub(5_000_000)
+        .wrapping_sub(now_ms)
+        .cast_signed();
+    assert!(
+        (-5_000..=1).contains(&lead),
+        "TSval {lead} ms off the receiver's clock"
+    );
+    assert_eq!(be32(tcp, 28), 0, "TSecr before the reverse delta is known");
+    assert_eq!(reverse.tsecr_known, 1);
+    assert_eq!(reverse.tsecr_delta, 0u32.wrapping_sub(learned.tsval_delta));
+    assert_eq!(tcp_sum(tcp), 0xffff, "checksum after the rewrite");
+}
