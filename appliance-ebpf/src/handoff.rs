@@ -25,7 +25,7 @@ use nearblock_common::{
 
 use crate::{
     count::bump,
-    parse::{TcpPacket, TCP_ACK},
+    parse::{TcpPacket, TCP_ACK, TCP_SYN},
 };
 
 #[map]
@@ -124,6 +124,14 @@ pub fn forward(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
     let Some(rw) = HANDOFFS.get_ptr_mut(&key) else {
         return Handoff::NotOurs;
     };
+    if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        // A new connection on a handed-off connection's tuple (the initiator
+        // reconnected from the same port after a reset): the old entries are
+        // stale, and the new connection is steered like any other.
+        let _ = HANDOFFS.remove(&key);
+        let _ = HANDOFFS.remove(&key.reversed());
+        return Handoff::NotOurs;
+    }
     // SAFETY: a map value, valid for this program's run; concurrent writers
     // only ever store whole fields (learned once, or flags set to 1).
     let rw = unsafe { &mut *rw };

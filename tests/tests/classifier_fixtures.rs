@@ -754,4 +754,21 @@ fn handed_off_packets_are_rewritten_exactly() {
     assert_eq!(reverse.tsecr_known, 1);
     assert_eq!(reverse.tsecr_delta, 0u32.wrapping_sub(learned.tsval_delta));
     assert_eq!(tcp_sum(tcp), 0xffff, "checksum after the rewrite");
+
+    // The initiator reconnects from the same port: its SYN is not rewritten,
+    // and the stale entries go.
+    let mut syn = tcp_segment(77, 0, 4000, &options[..12]);
+    syn[13] = 0x02;
+    let (action, out) = dp
+        .test_run_steer_frame(&frame(&[eth(0x0800, &[]), ipv4(6, 0, &syn)]))
+        .unwrap();
+    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(be32(&out[14 + 20..], 4), 77, "the SYN's sequence number");
+    assert!(
+        map.get(&key).is_none() && map.get(&key.reversed()).is_none(),
+        "{:?} {:?} {:?}",
+        map.get(&key),
+        map.get(&key.reversed()),
+        verdicts(&dp)
+    );
 }

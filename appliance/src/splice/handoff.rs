@@ -85,6 +85,25 @@ pub fn joinable(initiator_side: &SocketState, target_side: &SocketState) -> Resu
     Ok(())
 }
 
+/// Whether the two connections join the same two ends: the rewrite changes
+/// numbers, not addresses or ports, so the upstream connection must come from
+/// the initiator's own address and port (it does unless that port was taken)
+/// and go to the portal the initiator dialled.
+pub fn same_ends(
+    initiator: std::net::SocketAddr,
+    portal: std::net::SocketAddr,
+    upstream_source: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+) -> Result<(), &'static str> {
+    if upstream_source != initiator {
+        return Err("the upstream connection has another source address or port");
+    }
+    if portal != target {
+        return Err("the upstream connection goes elsewhere than the portal dialled");
+    }
+    Ok(())
+}
+
 /// The rewrites of both directions: (initiator → target, target → initiator).
 /// `held` bytes (the login response) are still to be sent by the initiator
 /// side's socket: the target's next byte comes after them.
@@ -161,9 +180,17 @@ pub async fn hand_over(
         client,
         upstream,
     };
-    let (Ok(initiator), Ok(target)) = (client.peer_addr(), upstream.peer_addr()) else {
+    let (Ok(initiator), Ok(target), Ok(portal), Ok(upstream_source)) = (
+        client.peer_addr(),
+        upstream.peer_addr(),
+        client.local_addr(),
+        upstream.local_addr(),
+    ) else {
         return declined("no peer address", client, upstream);
     };
+    if let Err(why) = same_ends(initiator, portal, upstream_source, target) {
+        return declined(why, client, upstream);
+    }
     let Ok(held_len) = u32::try_from(held.len()) else {
         return declined("held bytes too long", client, upstream);
     };
@@ -445,6 +472,18 @@ mod tests {
         assert!(joinable(&down, &up).is_err());
         up.options = down.options | TCPI_OPT_USEC_TS;
         assert!(joinable(&down, &up).is_err());
+    }
+
+    #[test]
+    fn only_connections_between_the_same_two_ends_are_joined() {
+        let initiator: std::net::SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let portal: std::net::SocketAddr = "10.0.0.2:3260".parse().unwrap();
+        assert!(same_ends(initiator, portal, initiator, portal).is_ok());
+        // The initiator's port was taken: the upstream connection used another.
+        let moved: std::net::SocketAddr = "10.0.0.1:40001".parse().unwrap();
+        assert!(same_ends(initiator, portal, moved, portal).is_err());
+        let elsewhere: std::net::SocketAddr = "10.0.0.3:3260".parse().unwrap();
+        assert!(same_ends(initiator, portal, initiator, elsewhere).is_err());
     }
 
     #[test]
