@@ -80,7 +80,7 @@ fn real_clients_through_rack_appliance_match_direct() {
     let copy_off = copy_ok(&lab, "hv1", &url, "off.raw");
     assert_eq!(copy_off, data, "direct copy differs from the LUN");
 
-    lab.start_appliance("rack1", ApplianceOptions::default())
+    lab.start_appliance("rack1", handoff_on())
         .expect("appliance");
     let (ls_on, cap_on) = iscsi_tools(&lab, "hv1", &url);
     let copy_on = copy_ok(&lab, "hv1", &url, "on.raw");
@@ -640,6 +640,15 @@ fn clean_stop_drains_flows() {
     assert!(Path::new(&out).exists());
 }
 
+/// An appliance that hands sessions with nothing served to the kernel
+/// (`kernel_handoff`, off by default for now).
+fn handoff_on() -> ApplianceOptions {
+    ApplianceOptions {
+        extra_config: "[splicer]\nkernel_handoff = true\n".into(),
+        ..ApplianceOptions::default()
+    }
+}
+
 /// Logged-in sessions (tgtd's `I_T nexus` entries) of every target now.
 fn target_sessions(lab: &Lab) -> usize {
     lab.tgtadm(&["--op", "show", "--mode", "target"])
@@ -659,7 +668,7 @@ fn target_sessions(lab: &Lab) -> usize {
 fn handed_off_sessions_keep_every_byte_under_backpressure_and_end_on_reset() {
     let (mut lab, data) = lab_with_lun(false, None);
     let url = lab.lun_url(IQN, 1);
-    lab.start_appliance("rack1", ApplianceOptions::default())
+    lab.start_appliance("rack1", handoff_on())
         .expect("appliance");
     let toward_hv1 = lab
         .port_toward("rack1", "hv1")

@@ -272,7 +272,9 @@ fn run_rounds(
                     "rack1",
                     ApplianceOptions {
                         steer,
-                        extra_config: String::new(),
+                        // The handoff is what this bench measures for a
+                        // session with nothing served (off by default).
+                        extra_config: "[splicer]\nkernel_handoff = true\n".into(),
                     },
                 )?;
                 for &load in setup.loads() {

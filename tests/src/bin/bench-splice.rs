@@ -107,7 +107,7 @@ impl Config {
         };
         match self {
             Config::Direct => None,
-            Config::Relay => Some(String::new()),
+            Config::Relay => Some("[splicer]\nkernel_handoff = true\n".into()),
             Config::ColdRelay => Some(lun("shadow", 16, "", "", "")),
             Config::Cold => Some(lun(
                 "shadow",
