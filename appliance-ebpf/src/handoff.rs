@@ -58,7 +58,7 @@ pub enum Handoff {
     /// (its sender retransmits), never forwarded in the wrong numbering.
     Drop,
     /// Dropped too: its timestamps are not where they were looked for
-    /// (counted apart).
+    /// (counted apart; `forward` returns it as `Drop`).
     Unparsed,
 }
 
@@ -117,9 +117,23 @@ fn key_of(pkt: &TcpPacket) -> HandoffKey {
     }
 }
 
-/// Rewrite and forward the packet if its connection was handed to the kernel.
+/// Rewrite and forward the packet if its connection was handed to the kernel;
+/// a packet that cannot be rewritten is counted and dropped.
 #[inline(never)]
 pub fn forward(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
+    match rewrite(ctx, pkt) {
+        Handoff::Drop => {
+            bump(Verdict::SteerHandoffDropped);
+            Handoff::Drop
+        }
+        // Counted under its own verdict where it was found.
+        Handoff::Unparsed => Handoff::Drop,
+        other => other,
+    }
+}
+
+#[inline(always)]
+fn rewrite(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
     let key = key_of(pkt);
     let Some(rw) = HANDOFFS.get_ptr_mut(&key) else {
         return Handoff::NotOurs;

@@ -127,11 +127,7 @@ pub fn steer(ctx: &TcContext) -> Action {
         match handoff::forward(ctx, &pkt) {
             Handoff::NotOurs => steer_from_client(ctx, &pkt),
             Handoff::Forward => {}
-            Handoff::Drop => {
-                bump(Verdict::SteerHandoffDropped);
-                return Action::Drop;
-            }
-            Handoff::Unparsed => return Action::Drop,
+            Handoff::Drop | Handoff::Unparsed => return Action::Drop,
         }
     } else if from && role & ROLE_UPSTREAM_FACING != 0 {
         if !portal_served(pkt.family, &pkt.saddr, pkt.sport) {
@@ -140,11 +136,7 @@ pub fn steer(ctx: &TcContext) -> Action {
         match handoff::forward(ctx, &pkt) {
             Handoff::NotOurs => steer_reply(ctx, &pkt),
             Handoff::Forward => {}
-            Handoff::Drop => {
-                bump(Verdict::SteerHandoffDropped);
-                return Action::Drop;
-            }
-            Handoff::Unparsed => return Action::Drop,
+            Handoff::Drop | Handoff::Unparsed => return Action::Drop,
         }
     }
     Action::Pass
