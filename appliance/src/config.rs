@@ -577,16 +577,22 @@ impl SplicerConfig {
 
     /// The declared LUNs (no manifest loaded yet: see `splice::manifests`) and
     /// the cache.
+    /// `prefetch_budget_mbps`: the prefetches' rate per link (the topology's
+    /// budget on the uplink supersedes `splicer.prefetch_budget_mbps`).
     pub fn catalog(
         &self,
+        prefetch_budget_mbps: Option<f64>,
     ) -> Result<crate::splice::catalog::Catalog, crate::splice::catalog::CatalogError> {
         use crate::splice::catalog::{Catalog, CatalogError};
         let cache = std::sync::Arc::new(crate::fetch::BlockCache::with_pin_share(self.cache_bytes, self.pin_share));
-        let mut catalog = Catalog::new(cache, self.learn);
-        catalog.readahead_bytes = self.readahead_bytes;
-        catalog.max_served_read_bytes = self.max_served_read_bytes;
+        let mut core = crate::block_core::BlockCore::new(cache, self.learn);
+        core.readahead_bytes = self.readahead_bytes;
+        core.max_served_read_bytes = self.max_served_read_bytes;
+        core.prefetch_pace = std::sync::Arc::new(crate::fetch::prefetch::PrefetchPace::new(
+            prefetch_budget_mbps.unwrap_or(self.prefetch_budget_mbps),
+        ));
+        let mut catalog = Catalog::with_core(core);
         catalog.login_timeout = Duration::from_secs(self.login_timeout_secs);
-        catalog.prefetch_pace = std::sync::Arc::new(crate::fetch::prefetch::PrefetchPace::new(self.prefetch_budget_mbps));
         for l in &self.lun {
             let decl =
                 l.decl(self.authority.as_deref())
@@ -1402,7 +1408,7 @@ image_transfer_ports = [10809, 3260]
                 c.splicer.lun[0].source(c.splicer.authority.as_deref()),
                 Ok(want)
             );
-            assert!(c.splicer.catalog().is_ok());
+            assert!(c.splicer.catalog(None).is_ok());
         }
         // An index source with no authority, an empty one, or an authority
         // for a file: errors that say what to write.

@@ -260,24 +260,23 @@ impl Splicing {
     ) -> Result<Self, DaemonError> {
         let routing = policy_routing(config);
         routing.install()?;
-        let mut catalog = config.splicer.catalog()?;
         // The topology's budget on this appliance's uplink supersedes
         // `splicer.prefetch_budget_mbps` (the default for links without one).
-        if let Some(budget) = config
+        let budget = config
             .cost
             .as_ref()
             .and_then(|c| Topology::load(&c.topology).ok())
-            .and_then(|t| t.uplink_budget_mbps(&config.appliance.name))
-        {
+            .and_then(|t| t.uplink_budget_mbps(&config.appliance.name));
+        if let Some(budget) = budget {
             info!(budget_mbps = budget, "prefetch paced to the uplink's budget");
-            catalog.prefetch_pace = Arc::new(crate::fetch::prefetch::PrefetchPace::new(budget));
         }
+        let catalog = config.splicer.catalog(budget)?;
         let catalog = Arc::new(catalog);
         // Files and the local index now (quick); the parent's answers come with
         // the refresh loop's first tick. A LUN without a manifest is declared but
         // passed through.
         manifests::refresh_some(&catalog, &index.manifest_sources(false), &mut 0, usize::MAX).await;
-        let _ = splicer.cache.set(catalog.cache.clone());
+        let _ = splicer.cache.set(catalog.core.cache.clone());
         let _ = splicer.catalog.set(catalog.clone());
         let handoff = if config.splicer.kernel_handoff {
             Some(Arc::new(dp.take_handoff_map()?))
@@ -450,7 +449,7 @@ async fn start_indexer(
     let builds = cache.filter(|_| !managers.is_empty()).map(|cache| {
         let prefetch_pace: crate::peer::builder::PrefetchPaceOf = {
             let splicer = app.splicer.clone();
-            Arc::new(move || splicer.catalog.get().map(|c| c.prefetch_pace.clone()))
+            Arc::new(move || splicer.catalog.get().map(|c| c.core.prefetch_pace.clone()))
         };
         let client = Arc::new(indexer_client(config));
         let parent = config.parent.map(|p| client.peer(&p.to_string()));
@@ -505,13 +504,13 @@ fn start_sourcing(
         Box::new(indexer.service.clone()),
         Arc::new(indexer_client(ic)),
         ranks,
-        catalog.cache.clone(),
+        catalog.core.cache.clone(),
         SourcingOptions {
             deadline: config.splicer.fetch_deadline(),
             batch: config.splicer.fetch_batch_blocks.max(1),
         },
     ));
-    catalog.set_sourcing(sourcing.clone());
+    catalog.core.set_sourcing(sourcing.clone());
     let _ = app.splicer.sourcing.set(sourcing.clone());
     Some(sourcing)
 }

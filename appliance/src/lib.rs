@@ -7,7 +7,10 @@
 //! - [`datapath`]: the loaded kernel programs and their maps.
 //! - [`classify`]: flows, link counters and passive discovery (XDP, seen from user space).
 //! - [`steer`]: steering into the splicer: listeners, transparent upstream sockets, policy routing.
-//! - [`splice`]: the splicer: accept, connect upstream, relay.
+//! - [`splice`]: the splicer: accept, connect upstream, relay; the protocol
+//!   front ends (iSCSI, HTTP).
+//! - [`block_core`]: a read of an image by byte range answered from blocks:
+//!   zero, cached, fetched from the cheapest holder, else the origin; learning.
 //! - [`fetch`]: block contents for locally answered READs: cache, providers.
 //! - [`index`]: images as manifests of blake3-named blocks.
 //! - [`cost`]: the topology and network cost between nodes (static and live).
@@ -44,6 +47,7 @@ internal_modules! {
     classify;
     steer;
     splice;
+    block_core;
     fetch;
     index;
     cost;

@@ -10,7 +10,7 @@
 //! - READs of LUNs in the [`Catalog`]: served (shadow or local design) when every block
 //!   is a zero block or in the cache; otherwise passed through unmodified, and the
 //!   Data-In the library returns is verified against the manifest and learned into the
-//!   cache ([`super::catalog::Learner`]).
+//!   cache ([`crate::block_core::Learner`]).
 //! - Bad input: a PDU that cannot be decoded (digest mismatch, data segment over the
 //!   declared limit) means the byte stream can no longer be trusted, and after login
 //!   edits and shadow rewrites it can no longer be relayed raw either: the connection
@@ -37,12 +37,12 @@ use tracing::{debug, warn};
 
 use crate::fetch::Provenance;
 
-use super::catalog::{lun_number, BootTrace, Catalog, Learner, LunSlot, ServeDesign, ServedLun};
+use super::catalog::{lun_number, BootTrace, Catalog, LunSlot, ServeDesign, ServedLun};
+use crate::block_core::{self, BlockWait, Learner, ReadPlan};
 use super::facts::{self, Probe};
 use super::pdu::{
     Bhs, DecodeError, Digests, EncodeError, Opcode, PduDecoder, ReceivedPdu, WireChain,
 };
-use super::read_blocks::{self, BlockWait, ReadPlan};
 use super::scsi;
 use super::scsi::ReadCommand;
 use super::session::{Disposition, Event, Output, Session};
@@ -473,7 +473,7 @@ impl<'a> Conn<'a> {
                 timed_out = wait_held(&mut held) => {
                     if let Some(h) = held.take() {
                         if timed_out {
-                            if let Some(s) = self.ctx.catalog.sourcing() {
+                            if let Some(s) = self.ctx.catalog.core.sourcing() {
                                 s.note_deadline_missed();
                             }
                         }
@@ -579,7 +579,8 @@ impl<'a> Conn<'a> {
     /// 1. [`Self::check_task_bound`]: the task table has room.
     /// 2. [`Self::served_read`]: a READ (per the session) of a LUN served now.
     /// 3. [`Self::trace_boot`]: its blocks join this session's boot trace.
-    /// 4. [`read_blocks::plan_read`]: read-ahead, assembly, else a fetch to wait for.
+    /// 4. [`block_core::plan_read`] of the READ's byte range: read-ahead,
+    ///    assembly, else a fetch to wait for.
     /// 5. [`Self::serve_ready`] or [`Self::pass_to_library`] (learning from the
     ///    library's answer), or the READ is held for its fetch.
     /// 6. [`Session::from_initiator`] with the disposition, and [`Self::carry`]
@@ -631,12 +632,20 @@ impl<'a> Conn<'a> {
             self.trace_boot(bhs.lun(), &lun, &read);
         }
         let servable = read.servable(lun.capacity_blocks());
-        let step = match read_blocks::plan_read(&self.ctx.catalog, &lun, &read, servable, waited) {
+        // A READ outside the manifest (or of a LUN whose block length is not
+        // known yet) is the library's.
+        let plan = match lun.byte_range(&read) {
+            Some(range) => {
+                block_core::plan_read(&self.ctx.catalog.core, &lun, &range, servable, waited)
+            }
+            None => ReadPlan::Origin,
+        };
+        let step = match plan {
             ReadPlan::Ready(data, provenance) => {
                 ReadStep::Go(self.serve_ready(bhs.itt(), &lun, data, provenance))
             }
             ReadPlan::Fetching(wait) => ReadStep::Hold(wait),
-            ReadPlan::Library => {
+            ReadPlan::Origin => {
                 self.pass_to_library(bhs.itt(), &lun, &read);
                 ReadStep::Go(Disposition::PassThrough)
             }
@@ -682,15 +691,18 @@ impl<'a> Conn<'a> {
     /// blocks of its answer when learning is on and the READ is not too long.
     fn pass_to_library(&mut self, itt: u32, lun: &Arc<ServedLun>, read: &ReadCommand) {
         let stats = &self.ctx.stats;
-        let catalog = &self.ctx.catalog;
+        let core = &self.ctx.catalog.core;
         stats.reads_passed.fetch_add(1, Ordering::Relaxed);
         let bytes = read.byte_len(lun.logical_block_size());
         stats.library_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if catalog.learn && bytes <= catalog.max_learn_bytes {
+        if core.learn && bytes <= core.max_learn_bytes {
             if self.learning.len() >= MAX_LEARNING {
                 self.learning.clear();
             }
-            if let Some(learner) = Learner::new(lun, read) {
+            if let Some(learner) = lun
+                .byte_range(read)
+                .and_then(|range| Learner::new(&lun.image, range))
+            {
                 self.learning.insert(itt, learner);
             }
         }
@@ -754,7 +766,7 @@ impl<'a> Conn<'a> {
                 }
                 if let Some(learner) = self.learning.get_mut(&itt) {
                     let offset = u64::from(bhs.buffer_offset());
-                    match learner.feed(offset, &received.pdu.data, &self.ctx.catalog.cache) {
+                    match learner.feed(offset, &received.pdu.data, &self.ctx.catalog.core.cache) {
                         Some(learned) => {
                             let stats = &self.ctx.stats;
                             stats

@@ -39,14 +39,11 @@ pub mod session;
 pub mod scsi;
 
 /// 9. Which LUNs are served and with what: the LUN a command addresses, its
-///    current manifest, assembly, learning, access history.
+///    current manifest and access history. A READ's blocks are then the block
+///    core's ([`crate::block_core`]): a byte range of the LUN's image.
 pub mod catalog;
 
-/// 10. The blocks of one READ: read-ahead, assembly, fetch and wait, else the
-///     library.
-pub mod read_blocks;
-
-/// 11. The reply: the Data-In sequence and status carrying a served READ's data.
+/// 10. The reply: the Data-In sequence and status carrying a served READ's data.
 pub mod datain;
 
 /// Beside the READ path: what the target reports about a served LUN (block

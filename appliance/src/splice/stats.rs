@@ -205,7 +205,7 @@ impl SplicerStats {
                 .map(|c| c.prefetches())
                 .unwrap_or_default(),
             luns: self.catalog.get().map(|c| c.statuses()).unwrap_or_default(),
-            prefetch_pace: self.catalog.get().map(|c| c.prefetch_pace.status()),
+            prefetch_pace: self.catalog.get().map(|c| c.core.prefetch_pace.status()),
             library_bytes: get(&self.library_bytes),
             learned_blocks: get(&self.learned_blocks),
             verify_failures: get(&self.verify_failures),

@@ -8,8 +8,9 @@
 //!   [`ServedLun`] of its current manifest, and their status.
 //! - [`served_lun`]: one LUN served from one manifest: taint, block length, a
 //!   READ assembled from zero and cached blocks, what is missing, read-ahead.
-//! - [`learner`]: blocks learned from the library's answer to a READ passed
-//!   through, each verified against the manifest.
+//!
+//! The LUN's image, its blocks and the cache are the block core's
+//! ([`crate::block_core`]): a READ is a byte range of the image.
 //! - [`access_history`]: the boot a session records and the history files.
 //! - [`manifest_text`]: the manifest file format.
 //!
@@ -32,7 +33,6 @@
 //! the image itself.
 
 pub mod access_history;
-pub mod learner;
 pub mod lun_address;
 pub mod lun_slot;
 pub mod manifest_text;
@@ -41,14 +41,14 @@ pub mod served_lun;
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, OnceLock},
+    sync::Arc,
 };
 
+use crate::block_core::BlockCore;
 use crate::fetch::BlockCache;
 use crate::index::Manifest;
 
 pub use access_history::{history_path, keeps_history, BootTrace};
-pub use learner::Learner;
 pub use lun_address::{lun_name, lun_number};
 pub use lun_slot::{FileStamp, LunDecl, LunSlot, LunSource, LunStatus, ManifestOrigin};
 pub use manifest_text::{manifest_from_text, manifest_to_text};
@@ -73,77 +73,40 @@ pub enum CatalogError {
     },
 }
 
-/// Every declared LUN, by target name and LUN number, and the shared cache.
+/// Every declared LUN, by target name and LUN number, and the block core they
+/// are served from.
 #[derive(Debug)]
 pub struct Catalog {
     luns: HashMap<(String, u16), Arc<LunSlot>>,
-    pub cache: Arc<BlockCache>,
-    /// Learn from READs passed through (off: the cache is never filled here).
-    pub learn: bool,
-    /// READs longer than this are passed through without learning (bounds the
-    /// per-task assembly buffer to one manifest block anyway; this bounds CPU).
-    pub max_learn_bytes: u64,
-    /// READs longer than this pass through (`splicer.max_served_read_bytes`).
-    pub max_served_read_bytes: u64,
+    /// The cache, the sourcing and the per-read limits (shared with the HTTP
+    /// front end).
+    pub core: Arc<BlockCore>,
     /// A connection whose login has not reached Full Feature Phase by then is
     /// closed (`splicer.login_timeout_secs`).
     pub login_timeout: std::time::Duration,
-    /// Bytes read ahead after an on-demand READ (when blocks come from peers).
-    pub readahead_bytes: u64,
-    /// Where missing blocks are fetched from (set once the index service runs).
-    sourcing: OnceLock<Arc<crate::fetch::Sourcing>>,
     /// Where each LUN's access history is kept (`None`: memory only).
     pub history_dir: Option<PathBuf>,
-    /// The prefetches' rate per link: the appliance's budget or a manager's
-    /// share of it.
-    pub prefetch_pace: Arc<crate::fetch::prefetch::PrefetchPace>,
 }
 
 impl Catalog {
     pub fn new(cache: Arc<BlockCache>, learn: bool) -> Catalog {
+        Catalog::with_core(BlockCore::new(cache, learn))
+    }
+
+    pub fn with_core(core: BlockCore) -> Catalog {
         Catalog {
             luns: HashMap::new(),
-            cache,
-            learn,
-            max_learn_bytes: 64 << 20,
-            max_served_read_bytes: 16 << 20,
+            core: Arc::new(core),
             login_timeout: std::time::Duration::from_secs(30),
-            readahead_bytes: 8 << 20,
-            sourcing: OnceLock::new(),
             history_dir: None,
-            prefetch_pace: Arc::new(crate::fetch::prefetch::PrefetchPace::new(1000.0)),
         }
     }
 
     /// Start prefetching `lun` in the background unless it is already running
     /// or there is no one to fetch from.
     pub fn start_prefetch(&self, lun: &Arc<ServedLun>) {
-        let Some(sourcing) = self.sourcing().cloned() else {
-            return;
-        };
-        {
-            let mut st = lun.prefetch.lock();
-            if st.running {
-                return;
-            }
-            st.running = true;
-            st.lun = lun_name(&lun.target, lun.lun);
-        }
-        let history = lun.history();
-        let positions: Vec<u64> = if history.boots > 0 {
-            history.prefetch_order(&lun.manifest)
-        } else {
-            (0..lun.manifest.blocks.len() as u64).collect()
-        };
-        let hashes = crate::fetch::prefetch::distinct_in_order(&lun.manifest.blocks, positions);
-        tokio::spawn(crate::fetch::prefetch::run(
-            hashes,
-            lun.manifest.block_size,
-            sourcing,
-            self.cache.clone(),
-            self.prefetch_pace.clone(),
-            lun.prefetch.clone(),
-        ));
+        self.core
+            .start_prefetch(&lun.image, lun_name(&lun.target, lun.lun));
     }
 
     /// Every LUN's latest prefetch (those that ever ran).
@@ -212,20 +175,6 @@ impl Catalog {
             .find(|l| l.manifest.image == image)
             .map(|l| l.history())
             .filter(|h| h.boots > 0)
-    }
-
-    /// Fetch missing blocks from peers through `sourcing` from now on (once).
-    pub fn set_sourcing(&self, sourcing: Arc<crate::fetch::Sourcing>) {
-        let _ = self.sourcing.set(sourcing);
-    }
-
-    pub fn sourcing(&self) -> Option<&Arc<crate::fetch::Sourcing>> {
-        self.sourcing.get()
-    }
-
-    /// The read-ahead window in manifest blocks of `block_size`.
-    pub fn readahead_blocks(&self, block_size: u32) -> usize {
-        (self.readahead_bytes / u64::from(block_size.max(1))) as usize
     }
 
     pub fn empty() -> Catalog {

@@ -1,20 +1,19 @@
-//! One LUN the splicer may serve, built from one manifest: its block length,
-//! its taint, and the work on blocks a READ of it needs: the manifest blocks it
-//! touches, its data assembled from zero and cached blocks
-//! ([`ServedLun::assemble`]), the blocks still missing, and the read-ahead
-//! after it (in the order of the LUN's access history, which it keeps).
+//! One LUN the splicer may serve: an image of the block core
+//! ([`ServedImage`]: manifest, taint, history, assembly by byte range) under a
+//! LUN address, with the logical block length its READs count in. A READ's
+//! blocks are the image's byte range `lba × length .. (lba + blocks) × length`.
 
+use std::ops::{Deref, Range};
 use std::sync::{
-    atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
-    Arc, OnceLock,
+    atomic::{AtomicU32, Ordering},
+    Arc,
 };
 
 use bytes::Bytes;
-use parking_lot::{Mutex, MutexGuard};
 
-use crate::fetch::{zero_block, BlockCache, Provenance, SourceClass};
+use crate::block_core::ServedImage;
+use crate::fetch::{BlockCache, Provenance};
 use crate::index::{BlockHash, Manifest};
-use crate::plan::{AccessHistory, ReadAhead};
 use crate::splice::scsi::ReadCommand;
 
 use super::CatalogError;
@@ -51,25 +50,18 @@ pub struct ServedLun {
     /// Logical block length of the LUN (what READ LBAs count): the declared one, or
     /// the target's once it reported one (0 until then: nothing is served).
     logical_block_size: AtomicU32,
-    pub manifest: Manifest,
-    tainted: AtomicBool,
-    /// Why it was tainted (the first reason).
-    taint_reason: OnceLock<String>,
-    /// Manifest block up to which read-ahead has been asked for.
-    readahead_mark: AtomicU64,
-    /// Which blocks past sessions (boots) read, in what order.
-    history: Mutex<UsageState>,
     pub mode: FetchMode,
-    /// The latest prefetch of this LUN.
-    pub prefetch: Arc<parking_lot::Mutex<crate::fetch::prefetch::PrefetchStatus>>,
+    /// The image served under this address.
+    pub image: Arc<ServedImage>,
 }
 
-/// A LUN's access history and the read-ahead order derived from it.
-#[derive(Debug)]
-struct UsageState {
-    history: AccessHistory,
-    /// Rebuilt when the history gains a boot.
-    readahead: Option<(u32, Arc<ReadAhead>)>,
+/// A LUN is its image under an address: the image's manifest, taint and
+/// history are the LUN's.
+impl Deref for ServedLun {
+    type Target = ServedImage;
+    fn deref(&self) -> &ServedImage {
+        &self.image
+    }
 }
 
 impl ServedLun {
@@ -94,22 +86,17 @@ impl ServedLun {
             ));
         }
         let logical_block_size = AtomicU32::new(declared_block_length.unwrap_or(0));
-        let image = manifest.image.clone();
+        let image = Arc::new(ServedImage::new(
+            super::lun_name(&target, lun),
+            manifest,
+        ));
         Ok(ServedLun {
             target,
             lun,
             design,
             logical_block_size,
-            manifest,
-            tainted: AtomicBool::new(false),
-            taint_reason: OnceLock::new(),
-            readahead_mark: AtomicU64::new(0),
-            history: Mutex::new(UsageState {
-                history: AccessHistory::new(&image),
-                readahead: None,
-            }),
             mode: FetchMode::OnDemand,
-            prefetch: Arc::default(),
+            image,
         })
     }
 
@@ -137,259 +124,59 @@ impl ServedLun {
         }
     }
 
-    pub fn tainted(&self) -> bool {
-        self.tainted.load(Ordering::Relaxed)
-    }
-
-    /// Why it was tainted, if it was.
-    pub fn taint_reason(&self) -> Option<String> {
-        self.taint_reason.get().cloned()
-    }
-
-    /// Stop serving this LUN (its content may differ from the manifest).
-    pub fn taint(&self, why: &str) {
-        let _ = self.taint_reason.set(why.to_string());
-        if !self.tainted.swap(true, Ordering::Relaxed) {
-            tracing::warn!(target = %self.target, lun = self.lun, why, "LUN no longer served locally");
-        }
-    }
-
-    /// The READ's byte range on the LUN, if it lies inside the manifest.
-    pub(super) fn byte_range(&self, read: &ReadCommand) -> Option<(u64, u64)> {
+    /// The READ's byte range on the image, if it lies inside the manifest.
+    pub fn byte_range(&self, read: &ReadCommand) -> Option<Range<u64>> {
         let lbs = u64::from(self.logical_block_size());
         if lbs == 0 {
             return None;
         }
         let start = read.lba.checked_mul(lbs)?;
         let end = start.checked_add(u64::from(read.blocks) * lbs)?;
-        (end <= self.manifest.size).then_some((start, end))
+        (end <= self.manifest.size).then_some(start..end)
     }
 
-    /// The manifest blocks a READ touches (`None` when it reaches past the end).
-    fn block_span(&self, read: &ReadCommand) -> Option<std::ops::Range<usize>> {
-        let (start, end) = self.byte_range(read)?;
-        let bs = u64::from(self.manifest.block_size);
-        Some((start / bs) as usize..end.div_ceil(bs) as usize)
-    }
-
-    /// The READ's data as slices of zero and cached blocks (exactly blocks × logical
-    /// block size bytes), if every block it touches is available now, with where
-    /// each came from (a block fetched from a peer counts as that peer's the first
-    /// time it is served).
+    /// The READ's data (exactly blocks × logical block size bytes), if every
+    /// block it touches is available now: [`ServedImage::assemble`].
     pub fn assemble(
         &self,
         read: &ReadCommand,
         cache: &BlockCache,
     ) -> Option<(Vec<Bytes>, Provenance)> {
-        let (start, end) = self.byte_range(read)?;
-        let bs = u64::from(self.manifest.block_size);
-        let mut pieces = Vec::new();
-        let mut prov = Provenance::default();
-        let mut taken = Vec::new();
-        let mut pos = start;
-        let complete = loop {
-            if pos >= end {
-                break true;
-            }
-            let index = (pos / bs) as usize;
-            let block_start = index as u64 * bs;
-            let block_len = self.manifest.block_len(index);
-            let from = (pos - block_start) as usize;
-            let to = (end.min(block_start + block_len) - block_start) as usize;
-            let served = (to - from) as u64;
-            let data = match self.manifest.blocks.get(index) {
-                None => break false,
-                Some(None) => {
-                    prov.add(SourceClass::Zero, None, served);
-                    zero_block(block_len as usize)
-                }
-                Some(Some(hash)) => {
-                    let Some((data, origin)) = cache.take_for_serving(hash) else {
-                        break false;
-                    };
-                    if let Some(o) = origin {
-                        taken.push((*hash, o));
-                    }
-                    if data.len() as u64 != block_len {
-                        break false;
-                    }
-                    match origin {
-                        Some(o) => prov.add(o.class, Some(o.hops), served),
-                        None => prov.add(SourceClass::Cache, None, served),
-                    }
-                    data
-                }
-            };
-            pieces.push(data.slice(from..to));
-            pos = block_start + to as u64;
-        };
-        if !complete {
-            // Not served after all: the fetched blocks keep their origin.
-            for (hash, origin) in taken {
-                cache.retag(&hash, origin);
-            }
-            return None;
-        }
-        Some((pieces, prov))
+        self.image.assemble(&self.byte_range(read)?, cache)
     }
 
-    /// The distinct non-zero blocks of a READ the cache lacks (empty when the
-    /// READ reaches past the manifest: it is not served anyway).
+    /// The distinct non-zero blocks of a READ the cache lacks.
     pub fn missing(&self, read: &ReadCommand, cache: &BlockCache) -> Vec<BlockHash> {
-        let Some(span) = self.block_span(read) else {
-            return Vec::new();
-        };
-        self.absent(span, cache)
-    }
-
-    /// The distinct non-zero hashes at `positions` that the cache lacks, in order.
-    fn absent(
-        &self,
-        positions: impl IntoIterator<Item = usize>,
-        cache: &BlockCache,
-    ) -> Vec<BlockHash> {
-        let mut seen = crate::index::BlockHashSet::default();
-        positions
-            .into_iter()
-            .filter_map(|p| self.manifest.blocks.get(p).copied().flatten())
-            .filter(|h| !cache.contains(h) && seen.insert(*h))
-            .collect()
+        self.byte_range(read)
+            .map(|r| self.image.missing(&r, cache))
+            .unwrap_or_default()
     }
 
     /// The blocks (manifest positions) a READ touches, for access history.
-    pub fn blocks_read(&self, read: &ReadCommand) -> std::ops::Range<usize> {
-        self.block_span(read).unwrap_or(0..0)
+    pub fn blocks_read(&self, read: &ReadCommand) -> Range<usize> {
+        self.byte_range(read)
+            .map(|r| self.image.blocks_read(&r))
+            .unwrap_or(0..0)
     }
 
-    fn usage(&self) -> MutexGuard<'_, UsageState> {
-        self.history.lock()
-    }
-
-    /// The access history of this LUN's image (what past sessions read).
-    pub fn history(&self) -> AccessHistory {
-        self.usage().history.clone()
-    }
-
-    /// Start from a saved history (it must be of this image's block count).
-    pub fn set_history(&self, mut history: AccessHistory) {
-        let n = self.manifest.blocks.len() as u64;
-        history.blocks.retain(|&b, _| b < n);
-        history.image.clone_from(&self.manifest.image);
-        let mut u = self.usage();
-        u.history = history;
-        u.readahead = None;
-    }
-
-    /// Record one session's reads (first-read order) as a boot.
-    pub fn record_boot(&self, reads: &[u64]) {
-        if reads.is_empty() {
-            return;
-        }
-        let mut u = self.usage();
-        u.history.image.clone_from(&self.manifest.image);
-        u.history.record_boot(reads.iter().copied());
-        u.readahead = None;
-    }
-
-    /// The access history's read-ahead order, rebuilt when the history gained a
-    /// boot (`None` without history). A rebuild restarts the read-ahead mark: it
-    /// counts positions in this order.
-    fn history_order(&self) -> Option<Arc<ReadAhead>> {
-        let mut u = self.usage();
-        let boots = u.history.boots;
-        if boots == 0 {
-            return None;
-        }
-        if let Some((b, ra)) = &u.readahead {
-            if *b == boots {
-                return Some(ra.clone());
-            }
-        }
-        let ra = Arc::new(ReadAhead::new(
-            &u.history,
-            &self.manifest,
-            f64::MIN_POSITIVE,
-        ));
-        u.readahead = Some((boots, ra.clone()));
-        self.readahead_mark.store(0, Ordering::Relaxed);
-        Some(ra)
-    }
-
-    /// On-demand read-ahead after a READ: the next `window` blocks past it that
-    /// are not cached — in the access history's order when the LUN has one (only
-    /// blocks past sessions read, and nothing after a block none of them read),
-    /// else in image order — unless the LUN's read-ahead already asked for them.
-    /// It is asked for again once a READ comes within half a window of where it
-    /// stopped; a READ far behind it (another reader, or a jump) restarts it from
-    /// there. So a READ costs at most one window of cache lookups, and most cost
-    /// none.
+    /// On-demand read-ahead after a READ: [`ServedImage::readahead`].
     pub fn readahead(
         &self,
         read: &ReadCommand,
         window: usize,
         cache: &BlockCache,
     ) -> Vec<BlockHash> {
-        let Some(span) = self.block_span(read) else {
-            return Vec::new();
-        };
-        let mark = &self.readahead_mark;
-        match self.history_order() {
-            None => {
-                let blocks = self.manifest.blocks.len();
-                match readahead_range(mark, span.end, window, blocks) {
-                    Some(range) => self.absent(range, cache),
-                    None => Vec::new(),
-                }
-            }
-            Some(ra) => {
-                let last = span.end.saturating_sub(1) as u64;
-                let likely = ra.likely();
-                let range = ra
-                    .position(last)
-                    .and_then(|p| readahead_range(mark, p + 1, window, likely.len()));
-                match range {
-                    Some(range) => self.absent(likely[range].iter().map(|&b| b as usize), cache),
-                    None => Vec::new(),
-                }
-            }
-        }
-    }
-}
-
-/// The blocks to read ahead after a READ ending at block `end`, advancing `mark`
-/// (how far read-ahead has been asked for): `None` when the READ is more than
-/// half a window before the mark (already covered) and not far behind it.
-fn readahead_range(
-    mark: &AtomicU64,
-    end: usize,
-    window: usize,
-    blocks: usize,
-) -> Option<std::ops::Range<usize>> {
-    if window == 0 || end >= blocks {
-        return None;
-    }
-    let (end, window, blocks) = (end as u64, window as u64, blocks as u64);
-    let mut current = mark.load(Ordering::Relaxed);
-    loop {
-        let behind = end + 2 * window < current;
-        let from = if behind { end } else { current.max(end) };
-        if !behind && end + window / 2 < current {
-            return None;
-        }
-        let to = (end + window).min(blocks);
-        if from >= to {
-            return None;
-        }
-        match mark.compare_exchange(current, to, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return Some(from as usize..to as usize),
-            Err(now) => current = now,
-        }
+        self.byte_range(read)
+            .map(|r| self.image.readahead(&r, window, cache))
+            .unwrap_or_default()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block_core::{Learned, Learner};
+    use crate::fetch::SourceClass;
     use crate::splice::catalog::access_history::BootTrace;
     use crate::splice::catalog::fixtures::{image, read};
     use crate::splice::catalog::manifest_text::manifest_of;
@@ -433,22 +220,6 @@ mod tests {
     }
 
     #[test]
-    fn readahead_advances_once_per_half_window_and_restarts_behind() {
-        let mark = std::sync::atomic::AtomicU64::new(0);
-        assert_eq!(readahead_range(&mark, 8, 100, 1000), Some(8..108));
-        // Within the first half of what was asked: nothing new.
-        assert_eq!(readahead_range(&mark, 40, 100, 1000), None);
-        // Past half: the next stretch, from where the last one stopped.
-        assert_eq!(readahead_range(&mark, 60, 100, 1000), Some(108..160));
-        // Clipped at the end of the image; nothing past it.
-        assert_eq!(readahead_range(&mark, 950, 100, 1000), Some(950..1000));
-        assert_eq!(readahead_range(&mark, 1000, 100, 1000), None);
-        // Far behind the mark: restart there.
-        assert_eq!(readahead_range(&mark, 10, 100, 1000), Some(10..110));
-        assert_eq!(readahead_range(&mark, 10, 0, 1000), None);
-    }
-
-    #[test]
     fn boots_record_first_reads_and_order_read_ahead() {
         let data = image();
         let m = manifest_of("i", &data, 4096);
@@ -477,7 +248,7 @@ mod tests {
         );
         // Far behind the mark (another reader): asked again, cached blocks left out.
         cache.insert(hashes[0], Bytes::copy_from_slice(&data[..4096]));
-        lun.readahead_mark.store(100, Ordering::Relaxed);
+        lun.set_readahead_mark(100);
         assert!(
             lun.readahead(&read(24, 8), 1, &cache).is_empty(),
             "the next likely block (0) is cached"
@@ -485,5 +256,90 @@ mod tests {
         assert_eq!(lun.readahead(&read(0, 8), 1, &cache), [hashes[3]]);
         // After a block no boot read, nothing is read ahead.
         assert!(lun.readahead(&read(16, 8), 8, &cache).is_empty());
+    }
+
+    #[test]
+    fn learn_then_assemble() {
+        let data = image();
+        let lun = Arc::new(
+            ServedLun::new(
+                "iqn.t".into(),
+                1,
+                ServeDesign::Shadow,
+                Some(512),
+                manifest_of("i", &data, 4096),
+            )
+            .unwrap(),
+        );
+        let cache = BlockCache::new(1 << 20);
+        // Block 0 is not cached: nothing to serve yet.
+        assert!(lun.assemble(&read(0, 8), &cache).is_none());
+        // Zero block alone: served cold.
+        let (pieces, prov) = lun.assemble(&read(8, 8), &cache).unwrap();
+        assert_eq!(pieces.concat(), vec![0u8; 4096]);
+        assert_eq!(prov.blocks_of(SourceClass::Zero), 1);
+
+        // A pass-through READ of blocks 0..3 at an unaligned start (LBA 4), in
+        // segments that straddle blocks: the partial first block is not learned.
+        let r = read(4, 8 * 3 - 4);
+        let mut learner = Learner::new(&lun.image, lun.byte_range(&r).unwrap()).unwrap();
+        let bytes = &data[2048..3 * 4096];
+        let mut total = Learned::default();
+        for (i, seg) in bytes.chunks(3000).enumerate() {
+            let l = learner.feed(i as u64 * 3000, seg, &cache).unwrap();
+            total.inserted += l.inserted;
+        }
+        assert_eq!(total.inserted, 1, "block 2 learned; 0 partial, 1 zero");
+        assert!(learner.feed(0, b"x", &cache).is_none(), "out of order");
+
+        // Whole block 0 plus the tail block in one segment each.
+        let mut learner = Learner::new(&lun.image, lun.byte_range(&read(0, 8)).unwrap()).unwrap();
+        assert_eq!(learner.feed(0, &data[..4096], &cache).unwrap().inserted, 1);
+        let mut learner = Learner::new(&lun.image, lun.byte_range(&read(32, 2)).unwrap()).unwrap();
+        assert_eq!(learner.feed(0, &data[16384..], &cache).unwrap().inserted, 1);
+
+        // Now blocks 0, 1 (zero), 2 and the tail can be served, across boundaries.
+        let (pieces, prov) = lun.assemble(&read(2, 20), &cache).unwrap();
+        assert_eq!(pieces.concat(), &data[1024..11264]);
+        assert_eq!(
+            (
+                prov.blocks_of(SourceClass::Zero),
+                prov.blocks_of(SourceClass::Cache)
+            ),
+            (1, 2)
+        );
+        assert!(
+            lun.assemble(&read(24, 8), &cache).is_none(),
+            "block 3 not learned"
+        );
+        let (pieces, _) = lun.assemble(&read(32, 2), &cache).unwrap();
+        assert_eq!(pieces.concat(), &data[16384..]);
+        assert!(lun.assemble(&read(33, 2), &cache).is_none(), "past the end");
+        assert!(!lun.tainted());
+    }
+
+    #[test]
+    fn corrupt_library_data_taints_and_is_not_cached() {
+        let data = image();
+        let lun = Arc::new(
+            ServedLun::new(
+                "t".into(),
+                1,
+                ServeDesign::Shadow,
+                Some(512),
+                manifest_of("i", &data, 4096),
+            )
+            .unwrap(),
+        );
+        let cache = BlockCache::new(1 << 20);
+        let mut bad = data[..4096].to_vec();
+        bad[7] ^= 1;
+        let l = Learner::new(&lun.image, lun.byte_range(&read(0, 8)).unwrap())
+            .unwrap()
+            .feed(0, &bad, &cache)
+            .unwrap();
+        assert_eq!((l.inserted, l.mismatched), (0, 1));
+        assert!(lun.tainted());
+        assert_eq!(cache.snapshot().blocks, 0);
     }
 }
