@@ -483,6 +483,22 @@ pub struct SplicerConfig {
     /// manifest is available).
     #[serde(default)]
     pub lun: Vec<ServedLunConfig>,
+    /// `[splicer.http]`: the HTTP front end (absent: HTTP is relayed as bytes).
+    #[serde(default)]
+    pub http: Option<HttpFrontConfig>,
+}
+
+/// `[splicer.http]`: image transfers over HTTP answered from the block core.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFrontConfig {
+    /// Destination ports answered as HTTP/1.1 (each one of
+    /// `datapath.image_transfer_ports`, so that it is steered).
+    pub ports: Vec<u16>,
+    /// The host whose index holds the origin's files, as its agent names
+    /// them (`[[http_root]]` of the library's agent). Default: `splicer.authority`.
+    #[serde(default)]
+    pub authority: Option<String>,
 }
 
 /// The largest single-level LUN number (SAM flat space addressing: 14 bits).
@@ -556,6 +572,7 @@ impl Default for SplicerConfig {
             user_timeout_secs: default_user_timeout_secs(),
             authority: None,
             lun: Vec::new(),
+            http: None,
         }
     }
 }
@@ -1117,6 +1134,26 @@ impl Config {
                     _ => "authority",
                 };
                 return Err(invalid("splicer", &key(which), message));
+            }
+        }
+        if let Some(http) = &self.splicer.http {
+            for p in &http.ports {
+                if !self.datapath.image_transfer_ports.contains(p)
+                    || self.splicer.iscsi_ports.contains(p)
+                {
+                    return Err(invalid(
+                        "splicer.http",
+                        "ports",
+                        format!("port {p} must be one of datapath.image_transfer_ports and not an iSCSI port"),
+                    ));
+                }
+            }
+            if http.authority.is_none() && self.splicer.authority.is_none() {
+                return Err(invalid(
+                    "splicer.http",
+                    "authority",
+                    "names the host whose index holds the origin's files (or set splicer.authority)".into(),
+                ));
             }
         }
         if !(1..=3600).contains(&self.splicer.login_timeout_secs) {

@@ -286,7 +286,24 @@ impl Splicing {
         if let Some(map) = &handoff {
             let _ = splicer.handoffs.set(map.clone());
         }
-        let upstream = upstream_options(config, catalog.clone(), handoff.clone());
+        let http = config.splicer.http.as_ref().map(|h| {
+            let authority = h
+                .authority
+                .clone()
+                .or_else(|| config.splicer.authority.clone())
+                .unwrap_or_default();
+            info!(ports = ?h.ports, %authority, "HTTP front end");
+            Arc::new(crate::splice::http::HttpContext {
+                ports: h.ports.clone(),
+                core: catalog.core.clone(),
+                images: Arc::new(crate::splice::http::images::HttpImages::new(
+                    authority,
+                    index.manifest_sources(true),
+                )),
+                stats: splicer.clone(),
+            })
+        });
+        let upstream = upstream_options(config, catalog.clone(), handoff.clone(), http);
         let caps = steer::ConnectionCaps::within_fd_limit(
             config.splicer.max_connections,
             config.splicer.max_connections_per_source,
@@ -375,6 +392,7 @@ fn upstream_options(
     config: &Config,
     catalog: Arc<Catalog>,
     handoff: Option<Arc<crate::datapath::HandoffMap>>,
+    http: Option<Arc<crate::splice::http::HttpContext>>,
 ) -> UpstreamOptions {
     UpstreamOptions {
         dscp: config.datapath.dscp_mark,
@@ -387,6 +405,7 @@ fn upstream_options(
         catalog,
         keepalive: steer::Keepalive::from(&config.splicer),
         handoff,
+        http,
     }
 }
 

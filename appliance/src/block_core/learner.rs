@@ -115,6 +115,63 @@ impl Learner {
     }
 }
 
+/// Check `data`, the origin's bytes of `image` from `start` (a block
+/// boundary) through whole blocks (the last may be the image's short tail),
+/// against the manifest: every block must hash to its name, a zero block be
+/// all zero. Verified non-zero blocks go into the cache when `learn`. A
+/// mismatch taints the image (the origin no longer has the manifest's
+/// content) and nothing of `data` may be served.
+pub fn verify_blocks(
+    image: &ServedImage,
+    start: u64,
+    data: &[u8],
+    cache: &BlockCache,
+    learn: bool,
+) -> Result<Learned, VerifyError> {
+    let bs = u64::from(image.manifest.block_size);
+    if !start.is_multiple_of(bs) || !image.inside(&(start..start + data.len() as u64)) {
+        return Err(VerifyError::NotWholeBlocks);
+    }
+    let mut learned = Learned::default();
+    let first = (start / bs) as usize;
+    let mut rest = data;
+    let mut index = first;
+    while !rest.is_empty() {
+        let len = image.manifest.block_len(index) as usize;
+        if rest.len() < len {
+            return Err(VerifyError::NotWholeBlocks);
+        }
+        let (block, tail) = rest.split_at(len);
+        rest = tail;
+        match image.manifest.blocks.get(index).copied().flatten() {
+            None if crate::index::chunk::is_zero(block) => {}
+            Some(hash) if BlockHash::of(block) == hash => {
+                if cache.contains(&hash) {
+                    learned.already += 1;
+                } else if learn {
+                    cache.insert(hash, Bytes::copy_from_slice(block));
+                    learned.inserted += 1;
+                }
+            }
+            _ => {
+                image.taint("origin data does not match the manifest");
+                return Err(VerifyError::Mismatch(index));
+            }
+        }
+        index += 1;
+    }
+    Ok(learned)
+}
+
+/// Why origin data was not verified.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("origin data is not whole blocks of the image")]
+    NotWholeBlocks,
+    #[error("origin block {0} does not match the manifest")]
+    Mismatch(usize),
+}
+
 impl Learned {
     fn add(&mut self, r: Result<(), ()>) {
         match r {
@@ -124,3 +181,37 @@ impl Learned {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_blocks_are_verified_whole_and_a_mismatch_taints() {
+        let mut data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8 | 1).collect();
+        data[4096..8192].fill(0);
+        let m = crate::index::chunk::manifest_of_bytes("i", &data, 4096);
+        let image = ServedImage::new("i".into(), m);
+        let cache = BlockCache::new(1 << 20);
+        let l = verify_blocks(&image, 0, &data, &cache, true).unwrap();
+        assert_eq!((l.inserted, l.already), (2, 0), "block 1 is zero");
+        let l = verify_blocks(&image, 8192, &data[8192..], &cache, true).unwrap();
+        assert_eq!((l.inserted, l.already), (0, 1));
+        assert_eq!(
+            verify_blocks(&image, 100, &data[100..4196], &cache, true),
+            Err(VerifyError::NotWholeBlocks)
+        );
+        assert_eq!(
+            verify_blocks(&image, 0, &data[..5000], &cache, true),
+            Err(VerifyError::NotWholeBlocks)
+        );
+        assert!(!image.tainted());
+        let mut bad = data[4096..8192].to_vec();
+        bad[9] = 1;
+        assert_eq!(
+            verify_blocks(&image, 4096, &bad, &cache, true),
+            Err(VerifyError::Mismatch(1))
+        );
+        assert!(image.tainted());
+    }
+}

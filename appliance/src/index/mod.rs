@@ -7,16 +7,19 @@
 //!   [`redb_store`]: the embedded implementation; [`lookup`]: its holder index.
 //! - [`delta`]: (re-)indexing a file, recording only what changed.
 //! - [`stats`]: zero / unique / shared fractions.
+//! - [`http_name`]: the name of one version of a file an HTTP origin serves.
 //! - [`synthetic`]: the seeded generator synthetic images are drawn from (benches, lab tests).
 
 mod block_map;
 pub mod chunk;
 pub mod delta;
 mod error;
+pub mod http_name;
 mod manifest;
 mod record;
 
 pub use block_map::{BlockHashMap, BlockHashSet};
+pub use http_name::http_image_name;
 pub use error::{IndexError, IndexIoContext, Result};
 pub use manifest::{
     check_max_image_blocks, BlockHash, DecodeError, Manifest, DEFAULT_MAX_IMAGE_BLOCKS,

@@ -5,7 +5,9 @@
 //!
 //! Images are the configured `[[image]]` files plus, with `tgt_control_port`, every
 //! LUN backing file tgtd lists (`tgtadm -C N --lld iscsi --op show --mode target`),
-//! named `IQN/LUN` — so the library is a block source like any other. An image
+//! named `IQN/LUN` — so the library is a block source like any other — plus
+//! every settled file of each `[[http_root]]`, named by the version its HTTP
+//! origin serves (`super::http_root`). An image
 //! whose file disappears (VM stopped, LUN deleted) is removed from the index.
 //!
 //! Every `metrics_interval_ms` the agent also reports its host's load (`cpu`,
@@ -36,7 +38,8 @@ use crate::{
         BlockHash, BlockStore, Change, Location, RedbStore, StoreOptions,
     },
     peer::{
-        config::{AgentConfig, ImageConfig, ResourcePins},
+        config::{AgentConfig, HttpRootConfig, ImageConfig, ResourcePins},
+        http_root::{self, Version},
         error::{AnnotateIo, PeerError, Result},
         proto::{BlockReply, HostResources, Role, TrackReport, VmReport},
         server::BlockSource,
@@ -68,6 +71,9 @@ pub struct Agent {
     policy: Policy,
     configured: Vec<ImageConfig>,
     tgt: Option<(String, u32)>,
+    http_roots: Vec<HttpRootConfig>,
+    /// Asks HTTP origins for their files' validators.
+    http: ureq::Agent,
     /// Image → its file (opened on first read, dropped at every scan so a
     /// replaced file is reopened).
     files: RwLock<HashMap<String, Open>>,
@@ -95,6 +101,8 @@ impl Agent {
             },
             configured: cfg.image.clone(),
             tgt: cfg.tgt_control_port.map(|p| (cfg.tgtadm.clone(), p)),
+            http_roots: cfg.http_root.clone(),
+            http: super::http_root::http_agent(),
             files: RwLock::new(HashMap::new()),
             scan_lock: Mutex::new(()),
             hypervisor,
@@ -103,7 +111,7 @@ impl Agent {
     }
 
     /// The images this agent should offer now: configured ones, the VMs' disks,
-    /// then tgtd's LUNs.
+    /// then tgtd's LUNs (without the HTTP roots' files: [`Self::http_versions`]).
     pub fn wanted(&self) -> Result<BTreeMap<String, PathBuf>> {
         let mut out: BTreeMap<String, PathBuf> = self
             .configured
@@ -141,6 +149,23 @@ impl Agent {
             }
         }
         Ok(out)
+    }
+
+    /// The versions of every `[[http_root]]` file the origin serves now
+    /// (errors of single files are returned, not fatal).
+    fn http_versions(&self) -> (Vec<Version>, Vec<String>) {
+        let now = std::time::SystemTime::now();
+        let mut versions = Vec::new();
+        let mut errors = Vec::new();
+        for root in &self.http_roots {
+            let scan = http_root::scan_root(root, &self.http, now);
+            if scan.unsettled > 0 {
+                tracing::debug!(dir = %root.dir.display(), files = scan.unsettled, "modified too recently to index yet");
+            }
+            versions.extend(scan.versions);
+            errors.extend(scan.errors);
+        }
+        (versions, errors)
     }
 
     /// Migration's source side: what VM `vm` wrote since `since` (a token
@@ -220,9 +245,14 @@ impl Agent {
     /// are gone. Errors of single images are collected, not fatal.
     pub fn scan(&self) -> Result<ScanSummary> {
         let _g = self.scan_lock.lock();
-        let wanted = self.wanted()?;
+        let mut wanted = self.wanted()?;
+        let (http_versions, http_errors) = self.http_versions();
+        for v in &http_versions {
+            wanted.entry(v.name.clone()).or_insert(v.path.clone());
+        }
         let mut sum = ScanSummary {
             images: wanted.len(),
+            errors: http_errors,
             ..Default::default()
         };
         // Files are reopened after a scan (a replaced file has a new inode).
@@ -257,6 +287,16 @@ impl Agent {
                 &|_| {},
             ) {
                 Ok(reports) => {
+                    // An HTTP file that changed while it was read is not the
+                    // version its name says: dropped (removed below) until the
+                    // next scan.
+                    if let Some(v) = http_versions.iter().find(|v| &v.name == name) {
+                        if !http_root::unchanged(v) {
+                            sum.errors
+                                .push(format!("{name}: changed while it was indexed"));
+                            continue;
+                        }
+                    }
                     present.insert(name.clone());
                     for r in reports {
                         match r.outcome {

@@ -24,6 +24,11 @@
 //! name = "vm1"
 //! path = "/var/lib/libvirt/images/vm1.raw"
 //!
+//! [[http_root]]                         # an HTTP origin's document root (library host)
+//! dir = "/srv/images"                   # files under it are indexed by URL path
+//! url_prefix = "/images"                # the URL path of `dir` (default "/")
+//! origin = "http://127.0.0.1:80"        # asked HEAD for each file's validators
+//!
 //! [metrics]                             # optional: report these instead of measuring
 //! cpu = 0.5                             # (each of cpu, mem, disk optional)
 //!
@@ -193,6 +198,24 @@ pub struct ImageConfig {
     pub path: PathBuf,
 }
 
+/// `[[http_root]]` of an agent: a directory an HTTP origin serves, indexed
+/// file by file under the name of the version the origin serves
+/// ([`crate::index::http_image_name`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRootConfig {
+    pub dir: PathBuf,
+    /// The URL path the origin serves `dir` at.
+    #[serde(default = "default_url_prefix")]
+    pub url_prefix: String,
+    /// The origin's base URL (`http://host:port`), asked `HEAD` for each file.
+    pub origin: String,
+}
+
+fn default_url_prefix() -> String {
+    "/".into()
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -222,6 +245,8 @@ pub struct AgentConfig {
     pub tgtadm: String,
     #[serde(default)]
     pub image: Vec<ImageConfig>,
+    #[serde(default)]
+    pub http_root: Vec<HttpRootConfig>,
     /// How often the host's load is reported to the parent (0: never).
     #[serde(default = "default_metrics_ms")]
     pub metrics_interval_ms: u64,

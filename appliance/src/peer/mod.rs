@@ -19,6 +19,8 @@
 //!   children state).
 //! - [`agent`]: `nearblock agent`: index local images, push them up, serve their
 //!   blocks.
+//! - [`http_root`]: an HTTP origin's document root, file by file, named by
+//!   the version the origin serves (the library's agent).
 //! - [`hostmetrics`]: a host's cpu, mem and disk used fractions, as agents
 //!   measure them.
 //!
@@ -35,6 +37,7 @@ pub mod durable_file;
 pub mod error;
 pub mod hostmetrics;
 pub mod hosts;
+pub mod http_root;
 pub mod identity;
 pub mod indexer;
 pub mod proto;

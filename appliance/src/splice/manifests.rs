@@ -166,44 +166,54 @@ pub async fn lookup(slot: &LunSlot, sources: &Sources) -> Result<Lookup, String>
             image,
             block_size,
             authority,
-        } => {
-            if let Some(store) = &sources.store {
-                let (store, host, name, bs) =
-                    (store.clone(), authority.clone(), image.clone(), *block_size);
-                let local =
-                    tokio::task::spawn_blocking(move || store.host_manifest(&host, &name, bs))
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| format!("index store: {e:#}"))?;
-                if let Some(manifest) = local {
-                    return Ok(Lookup::Found {
-                        digest: digest_of(&manifest),
-                        manifest,
-                        origin: ManifestOrigin::Index,
-                    });
-                }
-            }
-            let Some(parent) = &sources.parent else {
-                return Ok(Lookup::Absent(format!(
-                    "{authority} holds no {image} in the index"
-                )));
-            };
-            match parent
-                .manifest(authority, image, *block_size, installed)
+        } => lookup_index(sources, authority, image, *block_size, installed).await,
+    }
+}
+
+/// Look up `image` as `authority` holds it (at `block_size`, else the smallest
+/// it indexed): the appliance's own store, else the indexer's parent, which
+/// answers `Unchanged` when its digest is `installed`.
+pub async fn lookup_index(
+    sources: &Sources,
+    authority: &str,
+    image: &str,
+    block_size: Option<u32>,
+    installed: Option<[u8; 32]>,
+) -> Result<Lookup, String> {
+    if let Some(store) = &sources.store {
+        let (store, host, name) = (store.clone(), authority.to_string(), image.to_string());
+        let local =
+            tokio::task::spawn_blocking(move || store.host_manifest(&host, &name, block_size))
                 .await
-            {
-                Ok(ManifestAnswer::Found { manifest, digest }) => Ok(Lookup::Found {
-                    manifest,
-                    digest,
-                    origin: ManifestOrigin::Parent,
-                }),
-                Ok(ManifestAnswer::Unchanged) => Ok(Lookup::Unchanged),
-                Ok(ManifestAnswer::Absent) => Ok(Lookup::Absent(format!(
-                    "{authority} holds no {image} in this index or its parent's"
-                ))),
-                Err(e) => Err(format!("parent index: {e}")),
-            }
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("index store: {e:#}"))?;
+        if let Some(manifest) = local {
+            return Ok(Lookup::Found {
+                digest: digest_of(&manifest),
+                manifest,
+                origin: ManifestOrigin::Index,
+            });
         }
+    }
+    let Some(parent) = &sources.parent else {
+        return Ok(Lookup::Absent(format!(
+            "{authority} holds no {image} in the index"
+        )));
+    };
+    match parent
+        .manifest(authority, image, block_size, installed)
+        .await
+    {
+        Ok(ManifestAnswer::Found { manifest, digest }) => Ok(Lookup::Found {
+            manifest,
+            digest,
+            origin: ManifestOrigin::Parent,
+        }),
+        Ok(ManifestAnswer::Unchanged) => Ok(Lookup::Unchanged),
+        Ok(ManifestAnswer::Absent) => Ok(Lookup::Absent(format!(
+            "{authority} holds no {image} in this index or its parent's"
+        ))),
+        Err(e) => Err(format!("parent index: {e}")),
     }
 }
 

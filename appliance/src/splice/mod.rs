@@ -18,6 +18,10 @@ pub mod bytes;
 ///     steering program forwards their packets, rewritten (no relay at all).
 pub mod handoff;
 
+/// 2c. The HTTP front end: image transfers over HTTP answered from the block
+///     core, the origin validating every response.
+pub mod http;
+
 /// 3. One task per iSCSI connection, PDUs both ways; `Conn::on_initiator` names a
 ///    READ's phases in the order they run.
 pub mod connection;

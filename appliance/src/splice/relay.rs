@@ -44,6 +44,8 @@ pub struct UpstreamOptions {
     /// Where sessions with nothing to serve are handed to the kernel (`None`:
     /// they stay in the user-space relay).
     pub handoff: Option<Arc<crate::datapath::HandoffMap>>,
+    /// The HTTP front end (`None`: HTTP ports are relayed as bytes).
+    pub http: Option<Arc<super::http::HttpContext>>,
 }
 
 /// Which listener an accept loop serves, and the fail-open state it reports to.
@@ -194,6 +196,18 @@ async fn splice_connection(
     let _ = upstream.set_nodelay(true);
     if let Err(e) = steer::set_keepalive(&upstream, &opts.keepalive) {
         debug!(cause = %e, "keepalive on the upstream socket");
+    }
+    let http = opts
+        .http
+        .as_ref()
+        .filter(|h| admit != Admit::RelayOverCap && h.ports.contains(&target.port()));
+    if let Some(http) = http {
+        debug!("spliced (HTTP)");
+        if let Err(e) = super::http::exchange::serve(client, upstream, http).await {
+            stats.http_aborted.fetch_add(1, Ordering::Relaxed);
+            debug!(cause = %e, "HTTP connection closed");
+        }
+        return;
     }
     if admit == Admit::RelayOverCap || !opts.iscsi_ports.contains(&target.port()) {
         debug!(?admit, "spliced (bytes)");

@@ -54,6 +54,15 @@ pub struct SplicerStats {
     pub learned_blocks: AtomicU64,
     /// Library blocks whose hash did not match the manifest (the LUN is tainted).
     pub verify_failures: AtomicU64,
+    /// HTTP requests read whole by the HTTP front end (`GET`, `HEAD`).
+    pub http_requests: AtomicU64,
+    /// Of those, `GET`s answered with a body from blocks.
+    pub http_served: AtomicU64,
+    /// Requests (and connections' rests) the origin answered itself.
+    pub http_passed: AtomicU64,
+    /// HTTP connections the front end closed early (the origin changed, its
+    /// data failed verification, it closed; a client went away).
+    pub http_aborted: AtomicU64,
     /// The block cache, for its counters.
     pub cache: std::sync::OnceLock<Arc<crate::fetch::BlockCache>>,
     /// The peer fetcher, for its counters.
@@ -62,6 +71,15 @@ pub struct SplicerStats {
     pub catalog: std::sync::OnceLock<Arc<super::catalog::Catalog>>,
     /// Connections handed to the kernel, for how many are open now.
     pub handoffs: std::sync::OnceLock<Arc<crate::datapath::HandoffMap>>,
+}
+
+/// The HTTP front end's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct HttpSnapshot {
+    pub requests: u64,
+    pub served: u64,
+    pub passed: u64,
+    pub aborted: u64,
 }
 
 /// Blocks and bytes served from one source class.
@@ -119,6 +137,8 @@ pub struct SplicerSnapshot {
     pub learned_blocks: u64,
     #[serde(default)]
     pub verify_failures: u64,
+    #[serde(default)]
+    pub http: HttpSnapshot,
     #[serde(default)]
     pub cache: Option<crate::fetch::CacheSnapshot>,
     /// Served blocks by source: zero, cache, rack, `other_rack`, library.
@@ -209,6 +229,12 @@ impl SplicerStats {
             library_bytes: get(&self.library_bytes),
             learned_blocks: get(&self.learned_blocks),
             verify_failures: get(&self.verify_failures),
+            http: HttpSnapshot {
+                requests: get(&self.http_requests),
+                served: get(&self.http_served),
+                passed: get(&self.http_passed),
+                aborted: get(&self.http_aborted),
+            },
             cache: self.cache.get().map(|c| c.snapshot()),
         }
     }
