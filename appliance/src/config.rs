@@ -499,6 +499,11 @@ pub struct HttpFrontConfig {
     /// them (`[[http_root]]` of the library's agent). Default: `splicer.authority`.
     #[serde(default)]
     pub authority: Option<String>,
+    /// The HTTP origins (`ADDR:PORT`) whose connections are steered when
+    /// `datapath.steer_portals = "served"` (with `"all"`, every connection to
+    /// `ports` is).
+    #[serde(default)]
+    pub origins: Vec<SocketAddr>,
 }
 
 /// The largest single-level LUN number (SAM flat space addressing: 14 bits).
@@ -1147,6 +1152,13 @@ impl Config {
                         format!("port {p} must be one of datapath.image_transfer_ports and not an iSCSI port"),
                     ));
                 }
+            }
+            if let Some(o) = http.origins.iter().find(|o| !http.ports.contains(&o.port())) {
+                return Err(invalid(
+                    "splicer.http",
+                    "origins",
+                    format!("{o}: its port must be one of splicer.http.ports"),
+                ));
             }
             if http.authority.is_none() && self.splicer.authority.is_none() {
                 return Err(invalid(

@@ -286,23 +286,7 @@ impl Splicing {
         if let Some(map) = &handoff {
             let _ = splicer.handoffs.set(map.clone());
         }
-        let http = config.splicer.http.as_ref().map(|h| {
-            let authority = h
-                .authority
-                .clone()
-                .or_else(|| config.splicer.authority.clone())
-                .unwrap_or_default();
-            info!(ports = ?h.ports, %authority, "HTTP front end");
-            Arc::new(crate::splice::http::HttpContext {
-                ports: h.ports.clone(),
-                core: catalog.core.clone(),
-                images: Arc::new(crate::splice::http::images::HttpImages::new(
-                    authority,
-                    index.manifest_sources(true),
-                )),
-                stats: splicer.clone(),
-            })
-        });
+        let http = http_front(config, &catalog, index, splicer);
         let upstream = upstream_options(config, catalog.clone(), handoff.clone(), http);
         let caps = steer::ConnectionCaps::within_fd_limit(
             config.splicer.max_connections,
@@ -386,6 +370,31 @@ impl Splicing {
             let _ = task.await;
         }
     }
+}
+
+/// The HTTP front end, when `[splicer.http]` is configured.
+fn http_front(
+    config: &Config,
+    catalog: &Arc<Catalog>,
+    index: &IndexRole,
+    splicer: &Arc<SplicerStats>,
+) -> Option<Arc<crate::splice::http::HttpContext>> {
+    let h = config.splicer.http.as_ref()?;
+    let authority = h
+        .authority
+        .clone()
+        .or_else(|| config.splicer.authority.clone())
+        .unwrap_or_default();
+    info!(ports = ?h.ports, %authority, "HTTP front end");
+    Some(Arc::new(crate::splice::http::HttpContext {
+        ports: h.ports.clone(),
+        core: catalog.core.clone(),
+        images: Arc::new(crate::splice::http::images::HttpImages::new(
+            authority,
+            index.manifest_sources(true),
+        )),
+        stats: splicer.clone(),
+    }))
 }
 
 fn upstream_options(
@@ -707,7 +716,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         steer_mark: config.datapath.steer_mark,
         steer_served_only: config.datapath.steer_portals == SteerPortals::Served,
     })?;
-    for &portal in &config.datapath.served_portals {
+    let http_origins = config.splicer.http.iter().flat_map(|h| h.origins.iter());
+    for &portal in config.datapath.served_portals.iter().chain(http_origins) {
         dp.serve_portal(portal)?;
     }
     let login_events = dp.take_login_events()?;

@@ -36,16 +36,28 @@ impl Procs {
     /// Starts `nearblock ARGS…` in `node` as `name` (unique); stdout and stderr go
     /// to `<lab dir>/<name>.log` (appended, so a restart keeps the earlier log).
     pub fn spawn(&mut self, lab: &Lab, name: &str, node: &str, args: &[&str]) -> Result<()> {
-        if self.procs.iter().any(|p| p.name == name) {
-            bail!("a process named {name} is already running");
-        }
         let bin = nearblock_bin()?;
         let mut command = vec![bin.to_str().context("binary path")?];
         command.extend_from_slice(args);
+        self.spawn_program(lab, name, node, &command)
+    }
+
+    /// Starts `argv` (any program, e.g. nginx) in `node` as `name` (unique),
+    /// logging like [`Self::spawn`]; killed with the others.
+    pub fn spawn_program(
+        &mut self,
+        lab: &Lab,
+        name: &str,
+        node: &str,
+        command: &[&str],
+    ) -> Result<()> {
+        if self.procs.iter().any(|p| p.name == name) {
+            bail!("a process named {name} is already running");
+        }
         let log = lab.dir.path().join(format!("{name}.log"));
         let f = File::options().create(true).append(true).open(&log)?;
         let child = lab
-            .cmd(node, &command)
+            .cmd(node, command)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -85,15 +85,14 @@ fn refused_headers(headers: &[httparse::Header<'_>]) -> Option<&'static str> {
             "content-length" | "transfer-encoding" => return Some("a request body"),
             "expect" => return Some("Expect"),
             "upgrade" | "http2-settings" => return Some("an upgrade"),
-            "connection" => {
-                // `close` works direct but would close the origin's side after
-                // the validation: passed through. Only keep-alive is plain.
+            // `close` works direct but would close the origin's side after
+            // the validation: passed through. Only keep-alive is plain.
+            "connection"
                 if value
                     .split(',')
-                    .any(|t| !t.trim().eq_ignore_ascii_case("keep-alive"))
-                {
-                    return Some("Connection other than keep-alive");
-                }
+                    .any(|t| !t.trim().eq_ignore_ascii_case("keep-alive")) =>
+            {
+                return Some("Connection other than keep-alive");
             }
             "host" => hosts += 1,
             "range" => {

@@ -72,9 +72,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str> {
         match h.name.to_ascii_lowercase().as_str() {
             "content-length" => head.content_lengths.push(value),
             "content-range" => {
-                if head.content_range.replace(value).is_some() {
-                    head.encoded = true;
-                }
+                // Two of them: ambiguous, never served.
+                let twice = head.content_range.replace(value).is_some();
+                head.encoded |= twice;
             }
             "etag" => head.etag = Some(value),
             "last-modified" => head.last_modified = Some(value),
