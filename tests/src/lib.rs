@@ -37,6 +37,7 @@ pub mod cpu;
 pub mod datacenter;
 pub mod fabric;
 pub mod initiator;
+pub mod origin;
 pub mod procs;
 pub mod vmlab;
 

@@ -21,10 +21,12 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use nearblock_lab::{content, fabric::Fabric, procs::Procs, ApplianceOptions, Lab, LunSpec};
+use nearblock_lab::{
+    content, fabric::Fabric, origin, procs::Procs, ApplianceOptions, Lab, LunSpec,
+};
 
 const IQN: &str = "iqn.2026-12.test.nearblock:http";
 const AGENT_PORT: u16 = 7400;
@@ -58,17 +60,8 @@ fn nonzero_bytes(data: &[u8]) -> u64 {
         .sum()
 }
 
-/// Write `data` as `name` under the document root, modified `age` ago (so the
-/// agent finds it settled, and a rewrite gets another modification second).
 fn publish(root: &Path, name: &str, data: &[u8], age: Duration) {
-    let path = root.join(name);
-    std::fs::write(&path, data).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_modified(SystemTime::now() - age)
-        .unwrap();
+    origin::publish(root, name, data, age).unwrap();
 }
 
 struct Rig {
@@ -224,51 +217,6 @@ fn head_of(answer: &[u8]) -> String {
     String::from_utf8_lossy(&answer[..end]).into_owned()
 }
 
-fn start_nginx(lab: &Lab, procs: &mut Procs, www: &Path) {
-    let dir = lab.dir.path().join("nginx");
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = format!(
-        "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\nevents {{}}\nhttp {{\n  access_log off;\n  types {{ application/octet-stream raw; }}\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  server {{\n    listen 80;\n    root {};\n  }}\n}}\n",
-        www.display(),
-        dir = dir.display()
-    );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).unwrap();
-    let lib = lab.library().to_string();
-    procs
-        .spawn_program(
-            lab,
-            "nginx",
-            &lib,
-            &[
-                "nginx",
-                "-p",
-                dir.to_str().unwrap(),
-                "-c",
-                path.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
-    // Up when it answers.
-    let addr = SocketAddr::from((lab.addr4(&lib), 80));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while exchange_ok(lab, &lib, addr).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "nginx did not start: {}",
-            procs.log("nginx")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn exchange_ok(lab: &Lab, node: &str, to: SocketAddr) -> Option<()> {
-    lab.in_node(node, move || {
-        TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok()
-    })
-    .map(|_| ())
-}
-
 #[test]
 #[expect(
     clippy::too_many_lines,
@@ -300,7 +248,7 @@ fn http_copies_are_served_from_blocks_and_answer_as_the_origin() {
         .unwrap();
     }
     let mut nginx = Procs::new();
-    start_nginx(&lab, &mut nginx, &www);
+    origin::start_nginx(&lab, &mut nginx, &lib_name, &www).unwrap();
 
     let topo = lab
         .write_file("topology.toml", nearblock_lab::DEFAULT_TOPOLOGY.as_bytes())

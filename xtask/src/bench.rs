@@ -45,6 +45,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "all" => &["datapath", "splice"],
         "datapath" => &["datapath"],
         "splice" => &["splice"],
+        "http" => &["http"],
         // Minutes long (16 corpus VMs twice; three corpus VMs migrated):
         // asked for by name only.
         "fanout" => &["fanout"],
@@ -52,7 +53,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         _ => &[],
     };
     if args.baseline_rev.is_some()
-        && (namespace.is_empty() || matches!(args.which.as_str(), "all" | "fanout" | "migrate"))
+        && (namespace.is_empty()
+            || matches!(args.which.as_str(), "all" | "fanout" | "migrate" | "http"))
     {
         bail!("--baseline-rev compares one namespace bench: `bench datapath` or `bench splice`");
     }
@@ -129,7 +131,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if !ran {
         bail!(
-            "unknown benchmark `{}` (datapath, splice, index, plan, fanout, migrate, all)",
+            "unknown benchmark `{}` (datapath, splice, http, index, plan, fanout, migrate, all)",
             args.which
         );
     }

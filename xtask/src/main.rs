@@ -5,7 +5,7 @@
 //! - `build`: the `nearblock` binary (its build script builds the eBPF programs).
 //! - `test`: bootstrap, build, and run every test (unit + namespace integration).
 //! - `demo`: bootstrap, build, and run the demo topology with one qemu-img copy.
-//! - `bench <datapath|splice|index|plan|fanout|migrate|all>`: the benchmarks, as ratios to a baseline
+//! - `bench <datapath|splice|http|index|plan|fanout|migrate|all>`: the benchmarks, as ratios to a baseline
 //!   measured in the same run; `--baseline-rev REV` compares (datapath, splice) with
 //!   a `nearblock` built from another revision, rounds interleaved.
 //! - `fuzz [SECONDS]`: each fuzz target for SECONDS, logged in appliance/fuzz/fuzz-log.md;
@@ -39,6 +39,10 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "tgt",
     "libiscsi-bin",
+    // The HTTP front end's real peers: the origin and two clients.
+    "nginx-light",
+    "curl",
+    "wget",
     "libiscsi7",
     "iperf3",
     "python3",
@@ -63,7 +67,13 @@ const PLAYWRIGHT_CORE: &str = "1.61.1";
 const BROWSER_DIR: &str = "/var/cache/nearblock/browser";
 
 /// The cargo-fuzz targets (`appliance/fuzz/fuzz_targets`), in the order they run.
-const FUZZ_TARGETS: &[&str] = &["pdu_decoder", "connection", "peer_messages", "config"];
+const FUZZ_TARGETS: &[&str] = &[
+    "pdu_decoder",
+    "connection",
+    "peer_messages",
+    "config",
+    "http_messages",
+];
 /// Fuzzing per target on top of replaying the corpus, in `fuzz --replay` (and so in
 /// `cargo xtask test`): keeps CI's cost small (see docs/decisions.md).
 const FUZZ_REPLAY_SECS: u64 = 10;

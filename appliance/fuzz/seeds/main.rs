@@ -59,6 +59,35 @@ fn main() {
         check_config_seed(&name, &text);
         write(dir, "config", &name, text.as_bytes());
     }
+    for (name, bytes) in http_seeds() {
+        nearblock_fuzz::http::run(&bytes);
+        write(dir, "http_messages", name, &bytes);
+    }
+}
+
+/// Requests (first byte even) and responses (odd) as curl, wget, qemu-img and
+/// nginx send them, and the ambiguous kinds the front end passes through.
+fn http_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let requests: [(&str, &str); 5] = [
+        ("curl-get", "GET /images/b.raw HTTP/1.1\r\nHost: 10.0.0.2\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"),
+        ("qemu-range", "GET /images/b.raw HTTP/1.1\r\nHost: 10.0.0.2\r\nAccept: */*\r\nRange: bytes=262144-524287\r\n\r\n"),
+        ("wget-head", "HEAD /images/b.raw HTTP/1.1\r\nHost: 10.0.0.2\r\nConnection: Keep-Alive\r\n\r\n"),
+        ("smuggle", "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("suffix", "GET /a HTTP/1.1\r\nHost: x\r\nRange: bytes=-100\r\n\r\nGET /b HTTP/1.1\r\n"),
+    ];
+    let responses: [(&str, &str); 3] = [
+        ("nginx-206", "HTTP/1.1 206 Partial Content\r\nServer: nginx/1.22.1\r\nContent-Length: 11\r\nLast-Modified: Mon, 07 Dec 2026 14:45:41 GMT\r\nConnection: keep-alive\r\nETag: \"6b16c695-186a0\"\r\nContent-Range: bytes 10-20/100000\r\n\r\n"),
+        ("nginx-416", "HTTP/1.1 416 Requested Range Not Satisfiable\r\nContent-Length: 197\r\nContent-Range: bytes */100000\r\n\r\n"),
+        ("chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nETag: \"a\"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+    ];
+    let mut out = Vec::new();
+    for (name, text) in requests {
+        out.push((name, [&[0u8][..], text.as_bytes()].concat()));
+    }
+    for (name, text) in responses {
+        out.push((name, [&[1u8][..], text.as_bytes()].concat()));
+    }
+    out
 }
 
 /// A config seed must be accepted by its parser, or it teaches the fuzzer only the

@@ -7,6 +7,7 @@
 //!   bytes decoded and driven through a [`nearblock::splice::session::Session`].
 //! - [`peer`]: the peer protocol's message, manifest and change decoders.
 //! - [`config`]: the daemon, agent and indexer configuration parsers.
+//! - [`http`]: the HTTP front end's request and response head parsers.
 //!
 //! Each harness asserts what must hold for any input (no panic, bounded work,
 //! decoded values re-encode and decode to themselves); libFuzzer reports any
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod http;
 pub mod input;
 pub mod pdu_stream;
 pub mod peer;

@@ -605,6 +605,26 @@ pub fn render_metrics(r: &StatusReport, manager: Option<&ManagerMetrics>) -> Str
             "Accepts and upstream sockets that failed for want of file descriptors",
             s.fd_exhausted,
         ),
+        (
+            "splicer_http_requests",
+            "HTTP requests the HTTP front end read whole (GET, HEAD)",
+            s.http.requests,
+        ),
+        (
+            "splicer_http_served",
+            "HTTP GETs answered with a body from blocks (the origin validated the version)",
+            s.http.served,
+        ),
+        (
+            "splicer_http_passed",
+            "HTTP requests (and connections' rests) the origin answered itself",
+            s.http.passed,
+        ),
+        (
+            "splicer_http_aborted",
+            "HTTP connections closed early (origin changed or closed, data failed verification, client left)",
+            s.http.aborted,
+        ),
     ] {
         let c = Counter::<u64>::default();
         c.inc_by(v);
