@@ -394,9 +394,8 @@ pub struct SplicerConfig {
     /// Hand an iSCSI connection with no served LUN behind its target to the
     /// kernel after login (its packets rewritten and forwarded by the steering
     /// program, no socket of the splicer's in between); `false`: relay it in
-    /// user space. Off by default until a hang seen under libiscsi's
-    /// error-injection conformance tests is understood (docs/decisions.md).
-    #[serde(default)]
+    /// user space.
+    #[serde(default = "yes")]
     pub kernel_handoff: bool,
     /// Destination ports whose connections are spliced as iSCSI.
     #[serde(default = "default_iscsi_ports")]
@@ -554,7 +553,7 @@ impl Default for SplicerConfig {
             connect_timeout_secs: default_connect_timeout(),
             drain_timeout_secs: default_drain_timeout(),
             iscsi_aware: true,
-            kernel_handoff: false,
+            kernel_handoff: true,
             iscsi_ports: default_iscsi_ports(),
             cache_bytes: default_cache_bytes(),
             pin_share: default_pin_share(),

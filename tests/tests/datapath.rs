@@ -641,7 +641,7 @@ fn clean_stop_drains_flows() {
 }
 
 /// An appliance that hands sessions with nothing served to the kernel
-/// (`kernel_handoff`, off by default for now).
+/// (`kernel_handoff`, the default; said here so the test does not depend on it).
 fn handoff_on() -> ApplianceOptions {
     ApplianceOptions {
         extra_config: "[splicer]\nkernel_handoff = true\n".into(),

@@ -106,11 +106,15 @@ pub fn same_ends(
 
 /// The rewrites of both directions: (initiator → target, target → initiator).
 /// `held` bytes (the login response) are still to be sent by the initiator
-/// side's socket: the target's next byte comes after them.
+/// side's socket: the target's next byte comes after them. Both are stamped
+/// as last seen at `now_ns` (the handoff): a direction that has carried no
+/// packet yet (the target's, until it answers the first command) is as fresh
+/// as the handoff, not silent since boot, for the sweeper.
 pub fn rewrites(
     initiator_side: &SocketState,
     target_side: &SocketState,
     held: u32,
+    now_ns: u64,
 ) -> (HandoffRewrite, HandoffRewrite) {
     let to_initiator_next = initiator_side.snd_nxt.wrapping_add(held);
     let to_target_seq = target_side.snd_nxt.wrapping_sub(initiator_side.rcv_nxt);
@@ -131,6 +135,7 @@ pub fn rewrites(
         watch_ack: to_initiator_next,
         window_shift: shift(initiator_side.peer_wscale, target_side.own_wscale),
         timestamps,
+        last_seen_ns: now_ns,
         ..HandoffRewrite::default()
     };
     let to_initiator = HandoffRewrite {
@@ -140,6 +145,7 @@ pub fn rewrites(
         watch_ack: target_side.snd_nxt,
         window_shift: shift(target_side.peer_wscale, initiator_side.own_wscale),
         timestamps,
+        last_seen_ns: now_ns,
         ..HandoffRewrite::default()
     };
     (to_target, to_initiator)
@@ -211,7 +217,7 @@ pub async fn hand_over(
         return declined(why, client, upstream);
     }
     let to_target_key = HandoffKey::new(initiator, target);
-    let (to_target, to_initiator) = rewrites(&down, &up, held_len);
+    let (to_target, to_initiator) = rewrites(&down, &up, held_len, monotonic_ns());
     if let Err(e) = map.install(
         (to_target_key, to_target),
         (to_target_key.reversed(), to_initiator),
@@ -432,7 +438,7 @@ mod tests {
         let down = side(70, 1000);
         let up = side(5_000_000, 4_294_967_000);
         let held = 48;
-        let (to_target, to_initiator) = rewrites(&down, &up, held);
+        let (to_target, to_initiator) = rewrites(&down, &up, held, 0);
         // The initiator's next byte lands where the target expects it.
         assert_eq!(1000u32.wrapping_add(to_target.seq_delta), 5_000_000);
         // The target's next byte comes after the held login response.
@@ -455,11 +461,11 @@ mod tests {
         down.own_wscale = 9;
         up.peer_wscale = 10; // the target's
         up.own_wscale = 8;
-        let (to_target, to_initiator) = rewrites(&down, &up, 0);
+        let (to_target, to_initiator) = rewrites(&down, &up, 0, 0);
         assert_eq!(to_target.window_shift, 7 - 8);
         assert_eq!(to_initiator.window_shift, 10 - 9);
         down.options &= !TCPI_OPT_WSCALE;
-        let (to_target, _) = rewrites(&down, &up, 0);
+        let (to_target, _) = rewrites(&down, &up, 0, 0);
         assert_eq!(to_target.window_shift, 0);
     }
 
@@ -499,5 +505,20 @@ mod tests {
         assert!(expired(&e, 160 * s));
         e.closing = 0;
         assert!(expired(&e, 3700 * s));
+    }
+
+    #[test]
+    fn a_fresh_handoff_is_not_swept_before_its_first_packet() {
+        // Hours after boot, the target has not answered yet: its direction has
+        // carried nothing, and neither direction may be forgotten (the sweep
+        // used to see "quiet since boot" and delete a live connection's
+        // entries: found under libiscsi's conformance suite).
+        let s = 1_000_000_000u64;
+        let handoff = 5 * 3600 * s;
+        let (to_target, to_initiator) = rewrites(&side(0, 0), &side(0, 0), 48, handoff);
+        for e in [to_target, to_initiator] {
+            assert!(!expired(&e, handoff + 10 * s));
+            assert!(expired(&e, handoff + 3601 * s));
+        }
     }
 }

@@ -272,8 +272,8 @@ fn run_rounds(
                     "rack1",
                     ApplianceOptions {
                         steer,
-                        // The handoff is what this bench measures for a
-                        // session with nothing served (off by default).
+                        // The handoff (the default) is what this bench
+                        // measures for a session with nothing served.
                         extra_config: "[splicer]\nkernel_handoff = true\n".into(),
                     },
                 )?;

@@ -107,7 +107,7 @@ impl Config {
         };
         match self {
             Config::Direct => None,
-            Config::Relay => Some("[splicer]\nkernel_handoff = true\n".into()),
+            Config::Relay => Some(String::new()),
             Config::ColdRelay => Some(lun("shadow", 16, "", "", "")),
             Config::Cold => Some(lun(
                 "shadow",
