@@ -498,6 +498,11 @@ pub struct HttpFrontConfig {
     /// them (`[[http_root]]` of the library's agent). Default: `splicer.authority`.
     #[serde(default)]
     pub authority: Option<String>,
+    /// When a served version's blocks are fetched: `on_demand` (what requests
+    /// touch, plus read-ahead) or `prefetch` (the whole version the first time
+    /// it is served, in the background, within the prefetch budget).
+    #[serde(default)]
+    pub mode: crate::splice::catalog::FetchMode,
     /// The HTTP origins (`ADDR:PORT`) whose connections are steered when
     /// `datapath.steer_portals = "served"` (with `"all"`, every connection to
     /// `ports` is).

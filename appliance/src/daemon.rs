@@ -385,14 +385,16 @@ fn http_front(
         .clone()
         .or_else(|| config.splicer.authority.clone())
         .unwrap_or_default();
-    info!(ports = ?h.ports, %authority, "HTTP front end");
+    info!(ports = ?h.ports, %authority, mode = ?h.mode, "HTTP front end");
+    let mut images = crate::splice::http::images::HttpImages::new(authority, index.manifest_sources(true));
+    images.history_dir.clone_from(&config.splicer.history_dir);
+    images.prefetch = h.mode == crate::splice::catalog::FetchMode::Prefetch;
+    let images = Arc::new(images);
+    let _ = splicer.http_images.set(images.clone());
     Some(Arc::new(crate::splice::http::HttpContext {
         ports: h.ports.clone(),
         core: catalog.core.clone(),
-        images: Arc::new(crate::splice::http::images::HttpImages::new(
-            authority,
-            index.manifest_sources(true),
-        )),
+        images,
         stats: splicer.clone(),
     }))
 }

@@ -294,7 +294,7 @@ fn http_copies_are_served_from_blocks_and_answer_as_the_origin() {
         "rack1",
         ApplianceOptions {
             steer: true,
-            extra_config,
+            extra_config: extra_config.clone(),
         },
     )
     .unwrap();
@@ -524,6 +524,77 @@ fn http_copies_are_served_from_blocks_and_answer_as_the_origin() {
     let s = rig.lab.status("rack1").unwrap().splicer;
     assert_eq!(s.verify_failures, 0, "{s:?}");
     assert_eq!(s.protocol_errors, 0);
+
+    // Prefetch mode and access history: rack1 again, its cache empty. One
+    // small range of x starts the prefetch of the whole version; the
+    // connection's reads are saved as a boot of it.
+    let mut rig = rig;
+    rig.lab
+        .stop_appliance("rack1", Duration::from_secs(20))
+        .unwrap();
+    let history = rig.lab.dir.path().join("history");
+    std::fs::create_dir_all(&history).unwrap();
+    let extra_config = extra_config
+        .replace("[splicer.http]\n", "[splicer.http]\nmode = \"prefetch\"\n")
+        .replace(
+            "[splicer]\n",
+            &format!(
+                "[splicer]\nhistory_dir = {}\n",
+                nearblock_lab::toml_path(&history)
+            ),
+        );
+    rig.lab
+        .start_appliance(
+            "rack1",
+            ApplianceOptions {
+                steer: true,
+                extra_config,
+            },
+        )
+        .unwrap();
+    let one = exchange(
+        &rig.lab,
+        "hv1",
+        origin,
+        format!("GET /images/x.raw HTTP/1.1\r\nHost: {lib}\r\nRange: bytes=0-99\r\nConnection: keep-alive\r\n\r\n{closing}").as_bytes(),
+    );
+    assert!(
+        head_of(&one).starts_with("HTTP/1.1 206"),
+        "{}",
+        head_of(&one)
+    );
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let prefetched = loop {
+        let prefetches = rig.lab.status("rack1").unwrap().splicer.prefetch;
+        let of_x = prefetches
+            .iter()
+            .find(|p| p.lun.starts_with("http:/images/x.raw@"))
+            .filter(|p| !p.running && p.blocks_cached == p.blocks_total);
+        if let Some(done) = of_x {
+            break done.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "x was not prefetched: {prefetches:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("prefetched: {prefetched:?}");
+    let after_prefetch = rig.copy("curl", "x.raw", &x, "x after prefetch");
+    assert!(
+        after_prefetch < x.len() as u64 / 100,
+        "after the prefetch a copy moved {after_prefetch} B"
+    );
+    let saved: Vec<_> = std::fs::read_dir(&history)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert!(
+        saved
+            .iter()
+            .any(|n| n.starts_with("http:") && n.contains("x.raw")),
+        "no access history saved for x: {saved:?}"
+    );
     eprintln!(
         "library link: warm curl {:.4}, wget {:.4}, qemu-img {:.4}; cold {:.4} (bound {:.4}); iSCSI after HTTP {:.4}; HTTP after iSCSI {:.4}",
         warm_curl as f64 / size as f64,

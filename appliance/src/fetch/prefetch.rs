@@ -32,7 +32,7 @@ const CHUNK: usize = 256;
 /// One LUN's prefetch, for status.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PrefetchStatus {
-    /// `TARGET/LUN`.
+    /// `TARGET/LUN`, or an HTTP version's index name (`http:PATH@VERSION`).
     pub lun: String,
     pub running: bool,
     /// Distinct non-zero blocks of the image.

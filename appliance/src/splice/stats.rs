@@ -69,6 +69,8 @@ pub struct SplicerStats {
     pub sourcing: std::sync::OnceLock<Arc<crate::fetch::Sourcing>>,
     /// The served LUNs, for their prefetch status.
     pub catalog: std::sync::OnceLock<Arc<super::catalog::Catalog>>,
+    /// The HTTP front end's versions, for their prefetch status.
+    pub http_images: std::sync::OnceLock<Arc<super::http::images::HttpImages>>,
     /// Connections handed to the kernel, for how many are open now.
     pub handoffs: std::sync::OnceLock<Arc<crate::datapath::HandoffMap>>,
 }
@@ -80,6 +82,9 @@ pub struct HttpSnapshot {
     pub served: u64,
     pub passed: u64,
     pub aborted: u64,
+    /// Versions of origin files found in the index (served from blocks).
+    #[serde(default)]
+    pub versions: u64,
 }
 
 /// Blocks and bytes served from one source class.
@@ -223,7 +228,10 @@ impl SplicerStats {
                 .catalog
                 .get()
                 .map(|c| c.prefetches())
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .into_iter()
+                .chain(self.http_images.get().map(|h| h.prefetches()).unwrap_or_default())
+                .collect(),
             luns: self.catalog.get().map(|c| c.statuses()).unwrap_or_default(),
             prefetch_pace: self.catalog.get().map(|c| c.core.prefetch_pace.status()),
             library_bytes: get(&self.library_bytes),
@@ -234,6 +242,7 @@ impl SplicerStats {
                 served: get(&self.http_served),
                 passed: get(&self.http_passed),
                 aborted: get(&self.http_aborted),
+                versions: self.http_images.get().map_or(0, |h| h.found().len() as u64),
             },
             cache: self.cache.get().map(|c| c.snapshot()),
         }

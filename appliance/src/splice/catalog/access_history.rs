@@ -51,7 +51,13 @@ pub fn keeps_history(old: &Manifest, new: &Manifest) -> bool {
 
 /// Where a LUN's access history is kept in `dir`.
 pub fn history_path(dir: &Path, target: &str, lun: u16) -> PathBuf {
-    let safe: String = lun_name(target, lun)
+    named_history_path(dir, &lun_name(target, lun))
+}
+
+/// Where the access history of the image named `name` is kept in `dir` (an
+/// HTTP image's index name, `http:PATH@VERSION`).
+pub fn named_history_path(dir: &Path, name: &str) -> PathBuf {
+    let safe: String = name
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "-.:".contains(c) {

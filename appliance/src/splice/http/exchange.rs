@@ -8,6 +8,7 @@
 //! request that is not servable hands the rest of the connection, both ways,
 //! to the byte relay: the origin reads it as it was sent.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{atomic::Ordering, Arc};
 
@@ -20,6 +21,7 @@ use tracing::debug;
 
 use crate::block_core::{self, ReadPlan, ServedImage};
 use crate::index::http_image_name;
+use crate::splice::catalog::BootTrace;
 
 use super::request::{self, Method, Parsed};
 use super::response::{self, Framing, ResponseHead, ServedBody};
@@ -66,6 +68,8 @@ struct Conn {
     origin: TcpStream,
     from_client: BytesMut,
     from_origin: BytesMut,
+    /// What this connection read of each version served (its boot of it).
+    boots: HashMap<String, (Arc<ServedImage>, BootTrace)>,
 }
 
 /// What is left of the connection after one request.
@@ -88,14 +92,21 @@ pub async fn serve(
         origin,
         from_client: BytesMut::with_capacity(8192),
         from_origin: BytesMut::with_capacity(8192),
+        boots: HashMap::new(),
     };
-    loop {
-        let next = one_request(&mut conn, ctx).await?;
-        match next {
-            Next::Request => {}
-            Next::Done => return Ok(()),
-            Next::Relay => return relay_rest(conn, ctx).await,
+    let next = loop {
+        match one_request(&mut conn, ctx).await {
+            Ok(Next::Request) => {}
+            other => break other,
         }
+    };
+    // The connection's reads are one boot of each version it was served.
+    for (name, (image, trace)) in conn.boots.drain() {
+        ctx.images.record_boot(&name, &image, trace.order());
+    }
+    match next? {
+        Next::Relay => relay_rest(conn, ctx).await,
+        _ => Ok(()),
     }
 }
 
@@ -159,7 +170,7 @@ async fn one_request(conn: &mut Conn, ctx: &HttpContext) -> Result<Next, Exchang
                 body.total,
             );
             match ctx.images.get(&name).await {
-                Some(image) if image.manifest.size == body.total => Some((image, body)),
+                Some(image) if image.manifest.size == body.total => Some((image, body, name)),
                 _ => None,
             }
         }
@@ -168,7 +179,7 @@ async fn one_request(conn: &mut Conn, ctx: &HttpContext) -> Result<Next, Exchang
             None
         }
     };
-    let Some((image, body)) = served else {
+    let Some((image, body, name)) = served else {
         // Not ours: the origin answers the request itself.
         conn.from_origin.advance(validated.head_len);
         if validated.closes {
@@ -184,6 +195,13 @@ async fn one_request(conn: &mut Conn, ctx: &HttpContext) -> Result<Next, Exchang
         .await
         .map_err(client_io)?;
     ctx.stats.http_served.fetch_add(1, Ordering::Relaxed);
+    ctx.images.served(&ctx.core, &name, &image);
+    let trace = &mut conn
+        .boots
+        .entry(name)
+        .or_insert_with(|| (image.clone(), BootTrace::default()))
+        .1;
+    trace.note(image.blocks_read(&body.range));
     let host = request::host(&head).unwrap_or_default();
     serve_body(conn, ctx, &image, &body, &host, &req.path, validated.closes).await?;
     Ok(if validated.closes {

@@ -15,7 +15,8 @@ use std::{
 
 use parking_lot::Mutex;
 
-use crate::block_core::ServedImage;
+use crate::block_core::{BlockCore, ServedImage};
+use crate::splice::catalog::access_history::{named_history_path, read_history, save_history};
 use crate::splice::manifests::{lookup_index, Lookup, Sources, LOOKUP_TIMEOUT};
 
 /// How long a version the index lacks is remembered as absent.
@@ -29,6 +30,11 @@ pub struct HttpImages {
     pub authority: String,
     sources: Sources,
     known: Mutex<HashMap<String, Known>>,
+    /// Where each version's access history is kept (`splicer.history_dir`).
+    pub history_dir: Option<std::path::PathBuf>,
+    /// Prefetch a version whole the first time it is served
+    /// (`splicer.http.mode = "prefetch"`).
+    pub prefetch: bool,
 }
 
 impl std::fmt::Debug for HttpImages {
@@ -52,6 +58,36 @@ impl HttpImages {
             authority,
             sources,
             known: Mutex::new(HashMap::new()),
+            history_dir: None,
+            prefetch: false,
+        }
+    }
+
+    /// A version was served: prefetch it whole the first time, in
+    /// prefetch mode (once per version and run of the appliance).
+    pub fn served(&self, core: &BlockCore, name: &str, image: &Arc<ServedImage>) {
+        if self.prefetch && image.prefetch.lock().lun.is_empty() {
+            core.start_prefetch(image, name.to_string());
+        }
+    }
+
+    /// Record one connection's reads of `image` (first-read order) as a boot,
+    /// and save its history (off the runtime's threads).
+    pub fn record_boot(&self, name: &str, image: &ServedImage, reads: &[u64]) {
+        image.record_boot(reads);
+        let Some(dir) = &self.history_dir else {
+            return;
+        };
+        let path = named_history_path(dir, name);
+        let history = image.history();
+        let write = move || {
+            if let Err(e) = save_history(&path, &history) {
+                tracing::warn!(cause = %e, path = %path.display(), "saving the access history");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(write)),
+            Err(_) => write(),
         }
     }
 
@@ -71,7 +107,15 @@ impl HttpImages {
         .await;
         let entry = match found {
             Ok(Ok(Lookup::Found { manifest, .. })) if manifest.block_size > 0 => {
-                Known::Found(Arc::new(ServedImage::new(name.to_string(), manifest)))
+                let image = ServedImage::new(name.to_string(), manifest);
+                if let Some(h) = self
+                    .history_dir
+                    .as_ref()
+                    .and_then(|dir| read_history(&named_history_path(dir, name)))
+                {
+                    image.set_history(h);
+                }
+                Known::Found(Arc::new(image))
             }
             Ok(Err(e)) => {
                 tracing::debug!(image = name, cause = %e, "HTTP image lookup failed");
@@ -88,6 +132,18 @@ impl HttpImages {
             Known::Found(image) => (!image.tainted()).then_some(image),
             Known::Absent(_) => None,
         }
+    }
+
+    /// The prefetches of versions (those that ever ran), for status.
+    pub fn prefetches(&self) -> Vec<crate::fetch::prefetch::PrefetchStatus> {
+        let mut v: Vec<_> = self
+            .found()
+            .iter()
+            .map(|i| i.prefetch.lock().clone())
+            .filter(|s| !s.lun.is_empty())
+            .collect();
+        v.sort_by(|a, b| a.lun.cmp(&b.lun));
+        v
     }
 
     /// Every version found so far (for status).
