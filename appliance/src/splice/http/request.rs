@@ -80,7 +80,12 @@ fn refused_headers(headers: &[httparse::Header<'_>]) -> Option<&'static str> {
     let mut ranges = 0;
     for h in headers {
         let name = h.name.to_ascii_lowercase();
-        let value = std::str::from_utf8(h.value).ok()?;
+        // Every header is checked: one that cannot be read stops the request
+        // from being served (it used to stop the checks instead: found by
+        // the fuzz target, a Transfer-Encoding after such a header).
+        let Ok(value) = std::str::from_utf8(h.value) else {
+            return Some("a header value that is not UTF-8");
+        };
         match name.as_str() {
             "content-length" | "transfer-encoding" => return Some("a request body"),
             "expect" => return Some("Expect"),
@@ -223,6 +228,15 @@ mod tests {
         for c in cases {
             passed(c);
         }
+        // The fuzz target's find: a header value that is not UTF-8 before a
+        // Transfer-Encoding.
+        let mut odd = b"GET /a HTTP/1.1\r\nHost: x\x86\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        assert_eq!(
+            parse(&odd),
+            Parsed::Pass("a header value that is not UTF-8")
+        );
+        odd.retain(|&b| b != 0x86);
+        assert_eq!(parse(&odd), Parsed::Pass("a request body"));
         let long = format!("GET /a HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
         assert_eq!(passed(&long), "request head over the size cap");
         let unfinished = format!("GET /a HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));

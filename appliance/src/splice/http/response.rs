@@ -68,7 +68,12 @@ pub fn parse(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str> {
     };
     let mut keep_alive = false;
     for h in resp.headers.iter() {
-        let value = String::from_utf8_lossy(h.value).trim().to_string();
+        // A value that is not UTF-8 could read as another (a validator
+        // above all): such a response is never served from blocks.
+        let Ok(value) = std::str::from_utf8(h.value).map(|v| v.trim().to_string()) else {
+            head.encoded = true;
+            continue;
+        };
         match h.name.to_ascii_lowercase().as_str() {
             "content-length" => head.content_lengths.push(value),
             "content-range" => {
@@ -223,6 +228,10 @@ mod tests {
         assert!(!head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n").closes);
         assert!(head("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n").closes);
         assert!(parse(b"SSH-2.0-x\r\n\r\n").is_err());
+        let odd = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nETag: \"\u{80}\"\r\n\r\n");
+        assert!(odd.served_body().is_ok(), "UTF-8 beyond ASCII is still text");
+        let bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nETag: \"\xff\"\r\n\r\n";
+        assert!(parse(bytes).unwrap().unwrap().served_body().is_err());
         assert_eq!(content_range("bytes 0-0/1"), Some((0..1, 1)));
         assert_eq!(content_range("bytes */1"), None);
         assert_eq!(content_range("bytes 1-0/5"), None);
