@@ -127,6 +127,9 @@ impl Rig {
                             "180",
                             bin.to_str().unwrap(),
                             "convert",
+                            // One request at a time: see Lab::qemu_convert.
+                            "-m",
+                            "1",
                             "-O",
                             "raw",
                             &url,

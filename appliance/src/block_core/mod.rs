@@ -22,7 +22,7 @@ use std::sync::{Arc, OnceLock};
 use crate::fetch::{prefetch::PrefetchPace, BlockCache, Sourcing};
 
 pub use image::ServedImage;
-pub use learner::{verify_blocks, Learned, Learner, VerifyError};
+pub use learner::{verify_blocks, Learner, VerifyError};
 pub use read_plan::{plan_read, BlockWait, ReadPlan};
 
 /// What every front end shares to answer reads from blocks.

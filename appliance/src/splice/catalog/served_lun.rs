@@ -175,7 +175,7 @@ impl ServedLun {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block_core::{Learned, Learner};
+    use crate::block_core::{learner::Learned, Learner};
     use crate::fetch::SourceClass;
     use crate::splice::catalog::access_history::BootTrace;
     use crate::splice::catalog::fixtures::{image, read};
