@@ -528,10 +528,32 @@ fn http_copies_are_served_from_blocks_and_answer_as_the_origin() {
     assert_eq!(s.verify_failures, 0, "{s:?}");
     assert_eq!(s.protocol_errors, 0);
 
+    // Cold copies with the other two tools: rack1 restarted, its cache empty.
+    let mut rig = rig;
+    rig.lab
+        .stop_appliance("rack1", Duration::from_secs(20))
+        .unwrap();
+    rig.lab
+        .start_appliance(
+            "rack1",
+            ApplianceOptions {
+                steer: true,
+                extra_config: extra_config.clone(),
+            },
+        )
+        .unwrap();
+    for (tool, name, data) in [("curl", "y.raw", &y), ("qemu-img", "x.raw", &x)] {
+        let moved = rig.copy(tool, name, data, "cold again");
+        let bound = nonzero_bytes(data) + data.len() as u64 / 100;
+        assert!(
+            moved <= bound,
+            "cold {tool} copy moved {moved} B; bound {bound}"
+        );
+    }
+
     // Prefetch mode and access history: rack1 again, its cache empty. One
     // small range of x starts the prefetch of the whole version; the
     // connection's reads are saved as a boot of it.
-    let mut rig = rig;
     rig.lab
         .stop_appliance("rack1", Duration::from_secs(20))
         .unwrap();
