@@ -840,6 +840,34 @@ impl Lab {
         Ok(out)
     }
 
+    /// Unique payload (payload − retransmitted) of every flow from the
+    /// library's address that rack1's classifier saw on its port toward the
+    /// core, by (source, destination): what crossed the library's link, all
+    /// protocols alike (iSCSI, HTTP, the library agent's block service).
+    pub fn library_link_flows(&self) -> Result<std::collections::BTreeMap<(String, String), u64>> {
+        let lib = format!("{}:", self.addr4(self.library()));
+        Ok(self
+            .status("rack1")?
+            .flows
+            .into_iter()
+            .filter(|f| f.interface == "core" && f.src.starts_with(&lib))
+            .map(|f| ((f.src, f.dst), f.payload_bytes - f.retrans_bytes))
+            .collect())
+    }
+
+    /// Bytes that crossed the library's link since `before` (an earlier
+    /// [`Self::library_link_flows`]).
+    pub fn library_link_moved_since(
+        &self,
+        before: &std::collections::BTreeMap<(String, String), u64>,
+    ) -> Result<u64> {
+        Ok(self
+            .library_link_flows()?
+            .into_iter()
+            .map(|(k, v)| v.saturating_sub(before.get(&k).copied().unwrap_or(0)))
+            .sum())
+    }
+
     /// Write a file in the lab directory.
     pub fn write_file(&self, name: &str, data: &[u8]) -> Result<PathBuf> {
         let p = self.dir.path().join(name);

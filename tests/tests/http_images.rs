@@ -33,24 +33,12 @@ const AGENT_PORT: u16 = 7400;
 const INDEXER_PORT: u16 = 7401;
 const MIB: usize = 1 << 20;
 
-/// Unique payload of every flow from the library's address seen on rack1's
-/// port toward the core (HTTP, iSCSI and the agent's block service alike).
 fn from_library(lab: &Lab) -> BTreeMap<(String, String), u64> {
-    let lib = format!("{}:", lab.addr4(lab.library()));
-    lab.status("rack1")
-        .expect("status")
-        .flows
-        .into_iter()
-        .filter(|f| f.interface == "core" && f.src.starts_with(&lib))
-        .map(|f| ((f.src, f.dst), f.payload_bytes - f.retrans_bytes))
-        .collect()
+    lab.library_link_flows().expect("status")
 }
 
 fn moved_since(before: &BTreeMap<(String, String), u64>, lab: &Lab) -> u64 {
-    from_library(lab)
-        .into_iter()
-        .map(|(k, v)| v.saturating_sub(before.get(&k).copied().unwrap_or(0)))
-        .sum()
+    lab.library_link_moved_since(before).expect("status")
 }
 
 fn nonzero_bytes(data: &[u8]) -> u64 {

@@ -226,14 +226,7 @@ fn library_bytes(lab: &Lab, cfg: Config) -> Result<u64> {
     if cfg == Config::Direct || lab.appliance_pid("rack1").is_none() {
         return Ok(0);
     }
-    let lib = format!("{}:", lab.addr4(lab.library()));
-    Ok(lab
-        .status("rack1")?
-        .flows
-        .into_iter()
-        .filter(|f| f.interface == "core" && f.src.starts_with(&lib))
-        .map(|f| f.payload_bytes - f.retrans_bytes)
-        .sum())
+    Ok(lab.library_link_flows()?.values().sum())
 }
 
 fn median(v: &[f64]) -> f64 {
