@@ -104,6 +104,21 @@ pub fn save_history(path: &Path, history: &AccessHistory) -> std::io::Result<()>
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// [`save_history`] off the caller's thread: serialising and writing a big
+/// image's history is file I/O, so with a tokio runtime it goes to a blocking
+/// thread (a failure is logged: a history only orders fetches).
+pub fn save_history_in_background(path: PathBuf, history: AccessHistory) {
+    let write = move || {
+        if let Err(e) = save_history(&path, &history) {
+            tracing::warn!(cause = %e, path = %path.display(), "saving the access history");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(write)),
+        Err(_) => write(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,7 +56,7 @@ pub use manifest_text::{manifest_from_text, manifest_to_text};
 pub use manifest_text::manifest_of;
 pub use served_lun::{FetchMode, ServeDesign, ServedLun};
 
-use access_history::{read_history, save_history};
+use access_history::{read_history, save_history_in_background};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -152,19 +152,7 @@ impl Catalog {
         let Some(dir) = &self.history_dir else {
             return;
         };
-        let path = history_path(dir, &lun.target, lun.lun);
-        let history = lun.history();
-        let write = move || {
-            if let Err(e) = save_history(&path, &history) {
-                tracing::warn!(cause = %e, path = %path.display(), "saving the access history");
-            }
-        };
-        // Serialising and writing a big image's history is file I/O: off the
-        // connection's runtime thread when there is a runtime.
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(write)),
-            Err(_) => write(),
-        }
+        save_history_in_background(history_path(dir, &lun.target, lun.lun), lun.history());
     }
 
     /// The history of the served LUN whose manifest is image `image`.

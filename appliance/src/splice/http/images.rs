@@ -16,7 +16,9 @@ use std::{
 use parking_lot::Mutex;
 
 use crate::block_core::{BlockCore, ServedImage};
-use crate::splice::catalog::access_history::{named_history_path, read_history, save_history};
+use crate::splice::catalog::access_history::{
+    named_history_path, read_history, save_history_in_background,
+};
 use crate::splice::manifests::{lookup_index, Lookup, Sources, LOOKUP_TIMEOUT};
 
 /// How long a version the index lacks is remembered as absent.
@@ -78,17 +80,7 @@ impl HttpImages {
         let Some(dir) = &self.history_dir else {
             return;
         };
-        let path = named_history_path(dir, name);
-        let history = image.history();
-        let write = move || {
-            if let Err(e) = save_history(&path, &history) {
-                tracing::warn!(cause = %e, path = %path.display(), "saving the access history");
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(write)),
-            Err(_) => write(),
-        }
+        save_history_in_background(named_history_path(dir, name), image.history());
     }
 
     /// A served image of `name` (`None`: not indexed, being looked up too
