@@ -202,8 +202,7 @@ async fn one_request(conn: &mut Conn, ctx: &HttpContext) -> Result<Next, Exchang
         .or_insert_with(|| (image.clone(), BootTrace::default()))
         .1;
     trace.note(image.blocks_read(&body.range));
-    let host = request::host(&head).unwrap_or_default();
-    serve_body(conn, ctx, &image, &body, &host, &req.path, validated.closes).await?;
+    serve_body(conn, ctx, &image, &body, &req.host, &req.path, validated.closes).await?;
     Ok(if validated.closes {
         Next::Done
     } else {
@@ -279,9 +278,7 @@ async fn from_origin(
     }
     let len = (whole.end - whole.start) as usize;
     while conn.from_origin.len() < len {
-        if conn.origin.read_buf(&mut conn.from_origin).await.map_err(origin_io)? == 0 {
-            return Err(ExchangeError::OriginClosed);
-        }
+        conn.read_origin().await?;
     }
     let data = conn.from_origin.split_to(len).freeze();
     ctx.stats
@@ -301,21 +298,25 @@ async fn from_origin(
     Ok(data.slice(from..from + (range.end - range.start) as usize))
 }
 
+impl Conn {
+    /// Read more of the origin's bytes into `from_origin`; the origin closing
+    /// here, mid-answer, is an error.
+    async fn read_origin(&mut self) -> Result<(), ExchangeError> {
+        match self.origin.read_buf(&mut self.from_origin).await {
+            Ok(0) => Err(ExchangeError::OriginClosed),
+            Ok(_) => Ok(()),
+            Err(e) => Err(origin_io(e)),
+        }
+    }
+}
+
 /// Read one response head from the origin into `from_origin` (not consumed).
 async fn read_response_head(conn: &mut Conn) -> Result<ResponseHead, ExchangeError> {
     loop {
         if let Some(head) = response::parse(&conn.from_origin).map_err(ExchangeError::Response)? {
             return Ok(head);
         }
-        if conn
-            .origin
-            .read_buf(&mut conn.from_origin)
-            .await
-            .map_err(origin_io)?
-            == 0
-        {
-            return Err(ExchangeError::OriginClosed);
-        }
+        conn.read_origin().await?;
     }
 }
 
@@ -330,15 +331,8 @@ async fn forward_response(conn: &mut Conn, head_request: bool) -> Result<Next, E
         Framing::ToTheEnd => return Ok(Next::Relay),
     } + head.head_len as u64;
     while left > 0 {
-        if conn.from_origin.is_empty()
-            && conn
-                .origin
-                .read_buf(&mut conn.from_origin)
-                .await
-                .map_err(origin_io)?
-                == 0
-        {
-            return Err(ExchangeError::OriginClosed);
+        if conn.from_origin.is_empty() {
+            conn.read_origin().await?;
         }
         let take = (left as usize).min(conn.from_origin.len());
         let piece = conn.from_origin.split_to(take);

@@ -18,6 +18,9 @@ pub struct Request {
     pub method: Method,
     /// The path, as sent (origin-form, safe characters only).
     pub path: String,
+    /// The one `Host` header's value (the front end's own range requests
+    /// name the same host).
+    pub host: String,
     /// Bytes of the head, request line to the blank line.
     pub head_len: usize,
 }
@@ -73,9 +76,18 @@ pub fn parse(buf: &[u8]) -> Parsed {
     if let Some(why) = refused_headers(req.headers) {
         return Parsed::Pass(why);
     }
+    // Exactly one Host, in UTF-8 (checked just above).
+    let host = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .unwrap_or_default()
+        .to_string();
     Parsed::Servable(Request {
         method,
         path: path.to_string(),
+        host,
         head_len,
     })
 }
@@ -162,17 +174,6 @@ pub enum Validator {
     LastModified(String),
 }
 
-/// The `Host` header of a request head (a servable one has exactly one).
-pub fn host(head: &[u8]) -> Option<String> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    req.parse(head).ok()?;
-    req.headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("host"))
-        .and_then(|h| std::str::from_utf8(h.value).ok())
-        .map(str::to_string)
-}
 
 #[cfg(test)]
 mod tests {
@@ -200,6 +201,7 @@ mod tests {
             Request {
                 method: Method::Get,
                 path: "/images/b.raw".into(),
+                host: "lib".into(),
                 head_len: 59,
             }
         );
@@ -260,7 +262,6 @@ mod tests {
             as_head(head),
             b"HEAD /a HTTP/1.1\r\nHost: x\r\nRange: bytes=1-\r\n\r\n".to_vec()
         );
-        assert_eq!(host(head).as_deref(), Some("x"));
         let r = range_request("x", "/a", 4096..8192, &Validator::ETag("\"5f-10\"".into()));
         assert_eq!(
             r,
