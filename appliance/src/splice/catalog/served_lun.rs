@@ -9,11 +9,8 @@ use std::sync::{
     Arc,
 };
 
-use bytes::Bytes;
-
 use crate::block_core::ServedImage;
-use crate::fetch::{BlockCache, Provenance};
-use crate::index::{BlockHash, Manifest};
+use crate::index::Manifest;
 use crate::splice::scsi::ReadCommand;
 
 use super::CatalogError;
@@ -135,40 +132,11 @@ impl ServedLun {
         (end <= self.manifest.size).then_some(start..end)
     }
 
-    /// The READ's data (exactly blocks × logical block size bytes), if every
-    /// block it touches is available now: [`ServedImage::assemble`].
-    pub fn assemble(
-        &self,
-        read: &ReadCommand,
-        cache: &BlockCache,
-    ) -> Option<(Vec<Bytes>, Provenance)> {
-        self.image.assemble(&self.byte_range(read)?, cache)
-    }
-
-    /// The distinct non-zero blocks of a READ the cache lacks.
-    pub fn missing(&self, read: &ReadCommand, cache: &BlockCache) -> Vec<BlockHash> {
-        self.byte_range(read)
-            .map(|r| self.image.missing(&r, cache))
-            .unwrap_or_default()
-    }
-
     /// The blocks (manifest positions) a READ touches, for access history.
     pub fn blocks_read(&self, read: &ReadCommand) -> Range<usize> {
         self.byte_range(read)
             .map(|r| self.image.blocks_read(&r))
             .unwrap_or(0..0)
-    }
-
-    /// On-demand read-ahead after a READ: [`ServedImage::readahead`].
-    pub fn readahead(
-        &self,
-        read: &ReadCommand,
-        window: usize,
-        cache: &BlockCache,
-    ) -> Vec<BlockHash> {
-        self.byte_range(read)
-            .map(|r| self.image.readahead(&r, window, cache))
-            .unwrap_or_default()
     }
 }
 
@@ -176,7 +144,29 @@ impl ServedLun {
 mod tests {
     use super::*;
     use crate::block_core::{learner::Learned, Learner};
-    use crate::fetch::SourceClass;
+    use crate::fetch::{BlockCache, Provenance, SourceClass};
+    use crate::index::BlockHash;
+    use bytes::Bytes;
+
+    // A READ's work on blocks is the image's on the READ's byte range; these
+    // put the two together the way the iSCSI front end does.
+    impl ServedLun {
+        fn assemble(&self, read: &ReadCommand, cache: &BlockCache) -> Option<(Vec<Bytes>, Provenance)> {
+            self.image.assemble(&self.byte_range(read)?, cache)
+        }
+
+        fn missing(&self, read: &ReadCommand, cache: &BlockCache) -> Vec<BlockHash> {
+            self.byte_range(read)
+                .map(|r| self.image.missing(&r, cache))
+                .unwrap_or_default()
+        }
+
+        fn readahead(&self, read: &ReadCommand, window: usize, cache: &BlockCache) -> Vec<BlockHash> {
+            self.byte_range(read)
+                .map(|r| self.image.readahead(&r, window, cache))
+                .unwrap_or_default()
+        }
+    }
     use crate::splice::catalog::access_history::BootTrace;
     use crate::splice::catalog::fixtures::{image, read};
     use crate::splice::catalog::manifest_text::manifest_of;
