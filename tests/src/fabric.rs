@@ -35,6 +35,8 @@ pub struct Fabric {
     pub peers_file: PathBuf,
     pub agent_port: u16,
     pub indexer_port: u16,
+    /// Lines added to a node's indexer config (e.g. its `[index]` backend).
+    pub index_lines: std::collections::BTreeMap<String, String>,
 }
 
 impl Fabric {
@@ -70,6 +72,7 @@ impl Fabric {
             peers_file,
             agent_port,
             indexer_port,
+            index_lines: std::collections::BTreeMap::new(),
         })
     }
 
@@ -160,10 +163,11 @@ impl Fabric {
         lab.write_file(
             &format!("ix-{node}.toml"),
             format!(
-                "node = \"{node}\"\nlisten = \"0.0.0.0:{}\"\n{}db = {}\n{parent}push_interval_ms = 200\n",
+                "node = \"{node}\"\nlisten = \"0.0.0.0:{}\"\n{}db = {}\n{parent}push_interval_ms = 200\n{}",
                 self.indexer_port,
                 self.credential_lines(node),
                 toml_path(&lab.dir.path().join(format!("{node}.redb"))),
+                self.index_lines.get(node).map_or("", String::as_str),
             )
             .as_bytes(),
         )

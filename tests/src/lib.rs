@@ -39,6 +39,7 @@ pub mod fabric;
 pub mod initiator;
 pub mod origin;
 pub mod procs;
+pub mod redis_cluster;
 pub mod vmlab;
 
 /// The default lab: library ─ core ─ rack1, rack2 ─ hv1, hv2 / hv3, hv4.

@@ -43,6 +43,11 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "curl",
     "wget",
+    // The global index's real store: a Redis Cluster (the lab makes its TLS
+    // certificates with openssl).
+    "redis-server",
+    "redis-tools",
+    "openssl",
     "libiscsi7",
     "iperf3",
     "python3",

@@ -23,6 +23,10 @@ pub enum IndexError {
     /// The embedded database failed.
     #[error("index database: {0}")]
     Db(#[from] redb::Error),
+    /// The Redis Cluster backend failed (unreachable, a refused script, a
+    /// `WAIT` short of replicas): nothing was acknowledged.
+    #[error("index on redis cluster: {0}")]
+    Redis(String),
     /// A bad argument (block size, limits).
     #[error("{0}")]
     Invalid(String),

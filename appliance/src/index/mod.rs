@@ -4,7 +4,9 @@
 //! - [`Manifest`]: an image as an ordered list of block names (zero blocks marked).
 //! - [`chunk`]: splitting files and block devices into blocks, hashing on all cores.
 //! - [`store`]: the [`BlockStore`] trait and the [`Change`]s it applies;
-//!   [`redb_store`]: the embedded implementation; [`lookup`]: its holder index.
+//!   [`redb_store`]: the embedded implementation; [`lookup`]: its holder index;
+//!   [`redis_store`]: the implementation on Redis Cluster (a datacenter's
+//!   global index); [`store_suite`]: the model-based suite both must pass.
 //! - [`delta`]: (re-)indexing a file, recording only what changed.
 //! - [`stats`]: zero / unique / shared fractions.
 //! - [`http_name`]: the name of one version of a file an HTTP origin serves.
@@ -26,10 +28,14 @@ pub use manifest::{
 };
 pub mod lookup;
 pub mod redb_store;
+pub mod redis_store;
 pub mod stats;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod store_suite;
 #[cfg(any(test, feature = "testing"))]
 pub mod synthetic;
 
 pub use redb_store::{RedbStore, StoreOptions};
+pub use redis_store::{RedisClusterStore, RedisOptions};
 pub use store::{BlockStore, Change, Location};

@@ -1,10 +1,11 @@
 //! The store behind the index: a small trait so that the embedded store
-//! ([`super::redb_store::RedbStore`]) and a later distributed backend are
-//! interchangeable, plus the types that cross it.
+//! ([`super::redb_store::RedbStore`]) and the distributed one
+//! ([`super::redis_store::RedisClusterStore`]) are interchangeable, plus the
+//! types that cross it.
 //!
 //! Model: a *source* is one image held by one host at one block size. Its manifest
 //! lists the block names; every non-zero block of it is a [`Location`] of that name.
-//! Changes are applied in batches ([`BlockStore::apply`], one transaction per batch)
+//! Changes are applied in batches ([`BlockStore::apply`], all or nothing per batch)
 //! and numbered by a monotonically increasing sequence number; a store can replay
 //! its changes after a given number ([`BlockStore::changes_since`]) so that a local
 //! index pushes them to its parent, which applies them to its own store: the same
@@ -379,11 +380,24 @@ pub struct Applied {
 /// The index store. Implementations are shared between threads (`&self`); writes
 /// are serialised internally.
 pub trait BlockStore: Send + Sync {
-    /// Applies `changes` in order, atomically (one transaction): either all are
-    /// durable when this returns, or none. Returns the sequence number of the last
-    /// change (each change gets the next number), or the current one if empty.
-    /// A change that fails [`Change::check`] against [`Self::max_image_blocks`]
-    /// fails the whole batch, before anything is allocated for it.
+    /// Applies `changes` in order as one batch. Returns the sequence number of
+    /// the last change (each change gets the next number), or the current one
+    /// if empty. A change that fails [`Change::check`] against
+    /// [`Self::max_image_blocks`] fails the whole batch, before anything is
+    /// allocated for it. The contract every backend keeps (and
+    /// [`super::store_suite`] checks):
+    ///
+    /// - **All or nothing to readers.** A reader sees the store before the
+    ///   batch or after it, never a part of it (redb: one transaction; Redis
+    ///   Cluster, which has no transaction across slots: a commit point after
+    ///   the writes, see [`super::redis_store`]).
+    /// - **Durable once `Ok`.** The batch survives the writer's crash (redb: a
+    ///   committed transaction) and the loss of any one server (Redis: `WAIT`
+    ///   on every master).
+    /// - **An error promises neither.** The batch was not applied, or it was
+    ///   logged and the next writer finishes it, whole and before any later
+    ///   batch. Callers retry: applying a batch again leaves the same state
+    ///   (every change says what a source becomes, not what to add to it).
     fn apply(&self, changes: &[Change]) -> Result<u64>;
 
     /// The most blocks a source may have here (`max_image_blocks`): changes and

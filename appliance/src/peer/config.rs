@@ -290,7 +290,12 @@ pub struct IndexerConfig {
     pub key_file: PathBuf,
     /// Every node's public key, role and delegated hosts.
     pub peers_file: PathBuf,
+    /// The redb store (`[index] backend = "redb"`, the default); with another
+    /// backend, the base name of the indexer's local state files only.
     pub db: PathBuf,
+    /// Where the index is kept (`[index]`): redb in `db`, or a Redis Cluster.
+    #[serde(default)]
+    pub index: IndexBackend,
     #[serde(default)]
     pub parent: Option<SocketAddr>,
     #[serde(default = "default_push_ms")]
@@ -306,6 +311,92 @@ pub struct IndexerConfig {
     pub peer: PeerTuning,
     #[serde(skip)]
     pub creds: Option<Credentials>,
+}
+
+/// `[index]` of an indexer's config: the store behind it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(tag = "backend", rename_all = "kebab-case")]
+pub enum IndexBackend {
+    /// The embedded store, in the file `db`.
+    #[default]
+    Redb,
+    /// A Redis Cluster (the global index of a large datacenter).
+    RedisCluster(RedisClusterConfig),
+}
+
+/// `[index] backend = "redis-cluster"`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisClusterConfig {
+    /// Seed nodes, `host:port`; the rest of the cluster is discovered.
+    pub nodes: Vec<String>,
+    /// The ACL user nearblock logs in as.
+    #[serde(default = "default_redis_user")]
+    pub username: String,
+    /// A file holding its password (one line; never the password itself here).
+    pub password_file: PathBuf,
+    /// The CA certificate (PEM) that signed the servers': TLS when set.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Prefix of every key (several indexes may share one cluster).
+    #[serde(default = "default_redis_prefix")]
+    pub key_prefix: String,
+    /// Replicas each master must have acknowledged a push to before it is
+    /// acknowledged (`WAIT`).
+    #[serde(default = "default_redis_replicas")]
+    pub replicas: u32,
+    /// How long that `WAIT` may take.
+    #[serde(default = "default_redis_wait_ms")]
+    pub wait_ms: u64,
+    /// Connect and per-command timeout: a lookup fails after it (and its
+    /// caller falls back) rather than hang.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_redis_user() -> String {
+    "nearblock".into()
+}
+fn default_redis_prefix() -> String {
+    "nearblock".into()
+}
+fn default_redis_replicas() -> u32 {
+    1
+}
+fn default_redis_wait_ms() -> u64 {
+    2000
+}
+fn default_redis_timeout_ms() -> u64 {
+    1000
+}
+
+impl RedisClusterConfig {
+    /// The store's options, with the password and the CA read from their files.
+    pub fn options(
+        &self,
+        coarse: Option<u32>,
+        log: bool,
+        max_image_blocks: u64,
+    ) -> Result<crate::index::RedisOptions, ConfigError> {
+        let password = read(&self.password_file)?.trim_end_matches(['\n', '\r']).to_string();
+        let tls_ca = match &self.tls_ca {
+            Some(p) => Some(std::fs::read(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        let mut o = crate::index::RedisOptions::new(self.nodes.clone(), &self.username, &password);
+        o.tls_ca = tls_ca;
+        o.key_prefix.clone_from(&self.key_prefix);
+        o.log = log;
+        o.coarse = coarse;
+        o.max_image_blocks = max_image_blocks;
+        o.replicas = self.replicas;
+        o.wait = std::time::Duration::from_millis(self.wait_ms);
+        o.timeout = std::time::Duration::from_millis(self.timeout_ms);
+        Ok(o)
+    }
 }
 
 fn default_agent_db() -> PathBuf {
@@ -530,6 +621,19 @@ impl IndexerConfig {
         if c.parent == Some(c.listen) {
             return Err(v.err("", "parent", "an indexer cannot be its own parent"));
         }
+        if let IndexBackend::RedisCluster(r) = &c.index {
+            if r.nodes.is_empty() {
+                return Err(v.err("index", "nodes", "name at least one node (host:port)"));
+            }
+            if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}']) {
+                return Err(v.err("index", "key_prefix", "must be non-empty, without braces"));
+            }
+            if !(1..=600_000).contains(&r.wait_ms) || !(1..=600_000).contains(&r.timeout_ms) {
+                return Err(v.err("index", "wait_ms", "wait_ms and timeout_ms: 1..=600000"));
+            }
+            // The secrets are read now, so a missing file fails the start.
+            r.options(None, true, c.max_image_blocks)?;
+        }
         c.peer.validate(&v)?;
         Ok(c)
     }
@@ -688,5 +792,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("parent (line 1)"), "{e}");
+    }
+    #[test]
+    fn an_indexer_on_redis_cluster_reads_its_secrets_and_checks_its_keys() {
+        let (dir, creds) = credential_files();
+        let pw = dir.path().join("redis.password");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let base = format!("node = \"core\"\nlisten = \"0.0.0.0:7901\"\n{creds}db = \"/tmp/x.redb\"\n");
+        let redis = |extra: &str| {
+            format!(
+                "{base}[index]\nbackend = \"redis-cluster\"\nnodes = [\"10.0.0.1:6379\"]\n\
+                 password_file = {:?}\n{extra}",
+                pw.display().to_string()
+            )
+        };
+        let c = IndexerConfig::parse(&redis("key_prefix = \"dc1\"\n")).unwrap();
+        let IndexBackend::RedisCluster(r) = &c.index else {
+            panic!("backend: {:?}", c.index)
+        };
+        let o = r.options(Some(16), false, 1000).unwrap();
+        assert_eq!(
+            (o.username.as_str(), o.password.as_str(), o.key_prefix.as_str()),
+            ("nearblock", "s3cret", "dc1")
+        );
+        assert_eq!((o.replicas, o.log, o.tls_ca.is_none()), (1, false, true));
+        // The default is redb; an explicit one too.
+        let c = IndexerConfig::parse(&base).unwrap();
+        assert!(matches!(c.index, IndexBackend::Redb));
+        let c = IndexerConfig::parse(&format!("{base}[index]\nbackend = \"redb\"\n")).unwrap();
+        assert!(matches!(c.index, IndexBackend::Redb));
+        let e = |t: &str| IndexerConfig::parse(t).unwrap_err().to_string();
+        assert!(e(&redis("key_prefix = \"{x}\"\n")).contains("index.key_prefix"));
+        assert!(e(&redis("wait_ms = 0\n")).contains("index.wait_ms"));
+        assert!(e(&redis("colour = \"red\"\n")).contains("colour"));
+        let missing = redis("").replace(&pw.display().to_string(), "/nonexistent/pw");
+        assert!(e(&missing).contains("/nonexistent/pw"));
+        let none = redis("").replace("[\"10.0.0.1:6379\"]", "[]");
+        assert!(e(&none).contains("index.nodes"));
+        assert!(e(&format!("{base}[index]\nbackend = \"etcd\"\n")).contains("etcd"));
     }
 }

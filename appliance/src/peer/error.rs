@@ -36,6 +36,9 @@ pub enum PeerError {
     /// The hypervisor hook failed (listing VMs, building a disk).
     #[error("hypervisor: {0}")]
     Hypervisor(#[from] crate::hypervisor::HookError),
+    /// A config part read when it is used (the index backend's secrets).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The parent broke the push protocol.
     #[error("{0}")]
     Protocol(String),

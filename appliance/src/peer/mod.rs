@@ -48,7 +48,8 @@ use std::{sync::Arc, time::Duration};
 
 use error::{AnnotateIo, Result};
 
-use crate::index::{BlockStore, RedbStore, StoreOptions};
+use crate::index::{BlockStore, RedbStore, RedisClusterStore, StoreOptions};
+use indexer::SharedStore;
 
 /// Serialises what a lock holds (status and metrics structs that are
 /// reported as JSON keep their last error behind a lock).
@@ -86,13 +87,36 @@ impl Drop for IndexerHandle {
 /// Opens the store, binds, and starts serving and pushing (inside a tokio
 /// runtime).
 pub async fn start_indexer(cfg: &config::IndexerConfig) -> Result<IndexerHandle> {
-    let store = open_indexer_store(cfg)?;
+    let store = match &cfg.index {
+        config::IndexBackend::Redb => open_indexer_store(cfg)? as SharedStore,
+        config::IndexBackend::RedisCluster(r) => {
+            let opts = r
+                .options(
+                    StoreOptions::default().coarse,
+                    cfg.parent.is_some(),
+                    cfg.max_image_blocks,
+                )
+                ?;
+            // Connecting and finishing a pending batch are blocking I/O.
+            let store = tokio::task::spawn_blocking(move || RedisClusterStore::open(opts)).await??;
+            tracing::info!(nodes = ?r.nodes, prefix = %r.key_prefix, "index on redis cluster");
+            Arc::new(store) as SharedStore
+        }
+    };
     start_indexer_on(cfg, store, None, None).await
 }
 
 /// Open the store an indexer configured by `cfg` works on (with a change log
 /// when it has a parent to push to).
 pub fn open_indexer_store(cfg: &config::IndexerConfig) -> Result<Arc<RedbStore>> {
+    if let config::IndexBackend::RedisCluster(_) = cfg.index {
+        return Err(crate::index::IndexError::Invalid(
+            "[index] backend = \"redis-cluster\" is for the global indexer (`nearblock indexer`); \
+             a rack appliance keeps its index in redb"
+                .into(),
+        )
+        .into());
+    }
     if let Some(dir) = cfg.db.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir).io_context(|| format!("create {}", dir.display()))?;
@@ -114,7 +138,7 @@ pub fn open_indexer_store(cfg: &config::IndexerConfig) -> Result<Arc<RedbStore>>
 /// block cache); `builds`: pre-staging orders into that cache.
 pub async fn start_indexer_on(
     cfg: &config::IndexerConfig,
-    store: Arc<RedbStore>,
+    store: SharedStore,
     blocks: Option<Arc<dyn server::BlockSource>>,
     builds: Option<Arc<builder::Builder>>,
 ) -> Result<IndexerHandle> {
