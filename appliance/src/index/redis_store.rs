@@ -387,7 +387,7 @@ impl RedisClusterStore {
 
     /// Connects as a reader only: it sees committed batches, never takes over
     /// or finishes a writer's batch, and its applies are refused.
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(feature = "testing")]
     pub fn open_reader(opts: RedisOptions) -> Result<Self> {
         Self::connect(opts, false)
     }
@@ -457,7 +457,7 @@ impl RedisClusterStore {
 
     /// Stops the next apply at `at` (the crash tests: the handle is then
     /// dropped as if its process had died).
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(feature = "testing")]
     pub fn interrupt_at(&self, at: Interrupt) {
         self.interrupt.store(at as u8, Ordering::Relaxed);
     }
