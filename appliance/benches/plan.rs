@@ -8,15 +8,46 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use nearblock::cost::{Graph, NodeId, Topology, TwinClasses};
+use nearblock::cost::{live::LiveCostConfig, Graph, LiveCosts, NodeId, Topology, TwinClasses};
 use nearblock::index::{synthetic::SplitMix64, BlockHash, Manifest};
 use nearblock::plan::{
     construct, construct_capacity_aware, place, CapacityConfig, HolderIndex, ImageHolders,
     MemoryIndex,
 };
 
-const BLOCKS: usize = 1 << 20;
-const HOSTS: usize = 1000;
+/// Blocks of the image (`NB_PLAN_BLOCKS`, default 2^20) and hosts
+/// (`NB_PLAN_HOSTS`, default 1,000): `cargo xtask bench scale` runs this bench
+/// at 1,000, 3,000 and 10,000 hosts with a 1 GiB image.
+fn env_or(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+static SIZES: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+
+fn blocks() -> usize {
+    SIZES
+        .get_or_init(|| {
+            (
+                env_or("NB_PLAN_BLOCKS", 1 << 20),
+                env_or("NB_PLAN_HOSTS", 1000),
+            )
+        })
+        .0
+}
+
+fn hosts() -> usize {
+    SIZES
+        .get_or_init(|| {
+            (
+                env_or("NB_PLAN_BLOCKS", 1 << 20),
+                env_or("NB_PLAN_HOSTS", 1000),
+            )
+        })
+        .1
+}
 const RACK: usize = 20;
 const RACKS_PER_POD: usize = 10;
 const LIBRARIES: usize = 2;
@@ -40,7 +71,7 @@ fn topology() -> Topology {
         let _ = writeln!(t, "[[node]]\nname = \"{name}\"\nrole = \"{role}\"");
     };
     node("core", "switch");
-    let hypervisors = HOSTS - LIBRARIES;
+    let hypervisors = hosts() - LIBRARIES;
     let racks = hypervisors.div_ceil(RACK);
     let pods = racks.div_ceil(RACKS_PER_POD);
     for p in 0..pods {
@@ -49,7 +80,7 @@ fn topology() -> Topology {
     for r in 0..racks {
         node(&format!("tor{r}"), "switch");
     }
-    for i in 0..HOSTS {
+    for i in 0..hosts() {
         node(
             &host_name(i),
             if i < LIBRARIES {
@@ -75,7 +106,7 @@ fn topology() -> Topology {
             40_000,
         );
     }
-    for i in 0..HOSTS {
+    for i in 0..hosts() {
         if i < LIBRARIES {
             link(&host_name(i), "core", 1_000);
         } else {
@@ -92,7 +123,7 @@ fn topology() -> Topology {
 /// Host index of a rack's members (hypervisors only).
 fn rack_members(rack: usize) -> std::ops::Range<usize> {
     let start = LIBRARIES + rack * RACK;
-    start..(start + RACK).min(HOSTS)
+    start..(start + RACK).min(hosts())
 }
 
 /// A skewed host: the libraries and a few hot hypervisors hold most blocks.
@@ -101,12 +132,12 @@ fn skewed_host(rng: &mut SplitMix64) -> usize {
     if u < 0.45 {
         rng.below(LIBRARIES)
     } else if u < 0.75 {
-        LIBRARIES + rng.below(HOT_HOSTS) * 97 % (HOSTS - LIBRARIES)
+        LIBRARIES + rng.below(HOT_HOSTS) * 97 % (hosts() - LIBRARIES)
     } else {
         // Power-law over everyone else.
         #[expect(clippy::cast_sign_loss, reason = "unit() is in [0, 1)")]
-        let host = ((HOSTS as f64) * rng.unit().powi(3)) as usize;
-        host % HOSTS
+        let host = ((hosts() as f64) * rng.unit().powi(3)) as usize;
+        host % hosts()
     }
 }
 
@@ -121,12 +152,12 @@ struct Data {
 fn data(blocks: usize, seed: u64) -> Data {
     let mut rng = SplitMix64::new(seed);
     let mut index = MemoryIndex::new();
-    for i in 0..HOSTS {
+    for i in 0..hosts() {
         index.host(&host_name(i));
     }
     let target_rack = 7;
     let target = rack_members(target_rack).start + 3;
-    let mut host_sets = vec![HashSet::new(); HOSTS];
+    let mut host_sets = vec![HashSet::new(); hosts()];
     let mut hashes: Vec<Option<BlockHash>> = Vec::with_capacity(blocks);
     for i in 0..blocks {
         let u = rng.unit();
@@ -202,6 +233,53 @@ fn naive_cost(
     total
 }
 
+/// The cost matrix (one single-source result per host, as the planner caches
+/// them): time to fill, memory, and the incremental update when one link's
+/// load changes (a hypervisor's link; a pod's uplink).
+fn cost_matrix(graph: &Graph, hosts: &[NodeId]) {
+    let mut live = LiveCosts::new(graph.clone(), LiveCostConfig::default()).expect("live costs");
+    let t = Instant::now();
+    for &n in hosts {
+        std::hint::black_box(live.paths_from(n));
+    }
+    let fill = t.elapsed();
+    let row = graph.node_count()
+        * (std::mem::size_of::<f64>() + std::mem::size_of::<Option<(NodeId, u32)>>());
+    println!(
+        "cost matrix: {} sources x {} nodes filled in {:.3} s, {:.1} MiB ({} B per source row)",
+        hosts.len(),
+        graph.node_count(),
+        secs(fill),
+        (row * hosts.len()) as f64 / f64::from(1u32 << 20),
+        row
+    );
+    let hv = graph.node_id(&host_name(LIBRARIES)).expect("a hypervisor");
+    let tor = graph.node_id("tor0").expect("tor0");
+    let pod = graph.node_id("pod0").expect("pod0");
+    let core = graph.node_id("core").expect("core");
+    for (what, link) in [
+        ("a hypervisor's link", graph.link_between(hv, tor)),
+        ("a pod's uplink", graph.link_between(pod, core)),
+    ] {
+        let link = link.expect("the link exists");
+        let before = live.recomputes();
+        let t = Instant::now();
+        live.observe(&[(link, 0.6)]).expect("observe");
+        let observe = t.elapsed();
+        let t = Instant::now();
+        for &n in hosts {
+            std::hint::black_box(live.paths_from(n));
+        }
+        println!(
+            "cost matrix, {what} at 60% load: invalidation {:.3} ms, {} of {} rows recomputed in {:.3} s",
+            secs(observe) * 1000.0,
+            live.recomputes() - before,
+            hosts.len(),
+            secs(t.elapsed())
+        );
+    }
+}
+
 fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -225,12 +303,12 @@ fn main() {
     let t0 = Instant::now();
     let topo = topology();
     let graph = Graph::from_topology(&topo);
-    let d = data(BLOCKS, 42);
+    let d = data(blocks(), 42);
     println!(
         "data: {} blocks, {} distinct hashes, {} hosts, {} graph nodes in {} twin classes (generated in {:.1} s)",
         d.manifest.blocks.len(),
         d.index.hash_count(),
-        HOSTS,
+        hosts(),
         graph.node_count(),
         TwinClasses::of(&graph).class_count(),
         secs(t0.elapsed())
@@ -298,7 +376,7 @@ fn main() {
     );
 
     // --- Placement ------------------------------------------------------------
-    let candidates: Vec<String> = (0..HOSTS).map(host_name).collect();
+    let candidates: Vec<String> = (0..hosts()).map(host_name).collect();
     let t = Instant::now();
     let image = ImageHolders::resolve(&d.manifest, &d.index, &graph).expect("resolve");
     let placement = place(&image, &graph, &candidates).expect("place");
@@ -356,6 +434,9 @@ fn main() {
         naive_sample_blocks,
         naive_place / secs(place_time)
     );
+
+    // --- The cost matrix: every host's cheapest paths, kept live ---------------
+    cost_matrix(&graph, &node_of);
 
     // --- Capacity-aware construction on a smaller image ------------------------
     let small = data(1 << 16, 7);

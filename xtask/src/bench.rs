@@ -50,11 +50,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         // asked for by name only.
         "fanout" => &["fanout"],
         "migrate" => &["migrate"],
+        // The index at datacenter scale (issue 17): minutes, a Redis Cluster.
+        "scale" => &["scale"],
         _ => &[],
     };
     if args.baseline_rev.is_some()
         && (namespace.is_empty()
-            || matches!(args.which.as_str(), "all" | "fanout" | "migrate" | "http"))
+            || matches!(
+                args.which.as_str(),
+                "all" | "fanout" | "migrate" | "http" | "scale"
+            ))
     {
         bail!("--baseline-rev compares one namespace bench: `bench datapath` or `bench splice`");
     }
@@ -106,6 +111,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         c.status_ok()?;
     }
+    if args.which == "scale" {
+        plan_at_scale()?;
+    }
     let mut ran = !namespace.is_empty();
     let all = args.which == "all";
     for name in ["index", "plan"] {
@@ -113,17 +121,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let has_bench = root().join(format!("appliance/benches/{name}.rs")).exists();
             if has_bench {
                 ran = true;
-                cargo(&[
-                    "bench",
-                    "-q",
-                    "-p",
-                    "nearblock",
-                    "--features",
-                    "testing",
-                    "--bench",
-                    name,
-                ])
-                .status_ok()?;
+                appliance_bench(name).status_ok()?;
             } else if !all {
                 bail!("no `{name}` benchmark in this tree yet");
             }
@@ -131,9 +129,36 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if !ran {
         bail!(
-            "unknown benchmark `{}` (datapath, splice, http, index, plan, fanout, migrate, all)",
+            "unknown benchmark `{}` (datapath, splice, http, index, plan, fanout, migrate, scale, all)",
             args.which
         );
+    }
+    Ok(())
+}
+
+/// `cargo bench` of the appliance's bench `name` (`appliance/benches/`).
+fn appliance_bench(name: &str) -> Command {
+    cargo(&[
+        "bench",
+        "-q",
+        "-p",
+        "nearblock",
+        "--features",
+        "testing",
+        "--bench",
+        name,
+    ])
+}
+
+/// The planner and the cost matrix at datacenter size (`bench scale`): a 1 GiB
+/// image (262,144 blocks), 1,000 / 3,000 / 10,000 hosts (growth over three sizes).
+fn plan_at_scale() -> Result<()> {
+    for hosts in ["1000", "3000", "10000"] {
+        println!("== bench scale: planner and cost matrix at {hosts} hosts, a 1 GiB image");
+        appliance_bench("plan")
+            .env("NB_PLAN_HOSTS", hosts)
+            .env("NB_PLAN_BLOCKS", "262144")
+            .status_ok()?;
     }
     Ok(())
 }

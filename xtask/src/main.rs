@@ -5,7 +5,7 @@
 //! - `build`: the `nearblock` binary (its build script builds the eBPF programs).
 //! - `test`: bootstrap, build, and run every test (unit + namespace integration).
 //! - `demo`: bootstrap, build, and run the demo topology with one qemu-img copy.
-//! - `bench <datapath|splice|http|index|plan|fanout|migrate|all>`: the benchmarks, as ratios to a baseline
+//! - `bench <datapath|splice|http|index|plan|fanout|migrate|scale|all>`: the benchmarks, as ratios to a baseline
 //!   measured in the same run; `--baseline-rev REV` compares (datapath, splice) with
 //!   a `nearblock` built from another revision, rounds interleaved.
 //! - `fuzz [SECONDS]`: each fuzz target for SECONDS, logged in appliance/fuzz/fuzz-log.md;
