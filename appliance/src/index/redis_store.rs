@@ -447,8 +447,7 @@ impl RedisClusterStore {
                 .arg(&store.keys.head)
                 .arg("writer")
                 .arg(&store.token)
-                .query::<()>(conn)
-                ?;
+                .query::<()>(conn)?;
             store.recover(conn)?;
         }
         store.refresh()?;
@@ -534,8 +533,7 @@ impl RedisClusterStore {
     fn head(&self, conn: &mut ClusterConnection) -> Result<HashMap<String, Vec<u8>>> {
         let v: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
             .arg(&self.keys.head)
-            .query(conn)
-            ?;
+            .query(conn)?;
         Ok(v)
     }
 
@@ -556,8 +554,7 @@ impl RedisClusterStore {
                 let log: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
                     .arg(&self.keys.log)
                     .arg((applied + 1..=seq).map(|s| s.to_string()).collect::<Vec<_>>())
-                    .query(conn)
-                    ?;
+                    .query(conn)?;
                 let changes = log
                     .into_iter()
                     .map(|b| {
@@ -601,8 +598,7 @@ impl RedisClusterStore {
                     MultipleNodeRoutingInfo::AllMasters,
                     Some(ResponsePolicy::Aggregate(AggregateOp::Min)),
                 )),
-            )
-            ?;
+            )?;
         let acked = from_int(&v).unwrap_or(0);
         if acked < i64::from(self.opts.replicas) {
             return Err(IndexError::Redis(format!(
@@ -628,8 +624,7 @@ impl RedisClusterStore {
                     &self.keys.head,
                     SlotAddr::Master,
                 ))),
-            )
-            ?;
+            )?;
         if from_int(&v).unwrap_or(0) < i64::from(self.opts.replicas) {
             return Err(IndexError::Redis(format!(
                 "WAIT: the log's replica did not acknowledge the batch ({v:?})"
@@ -647,8 +642,7 @@ impl RedisClusterStore {
     ) -> Result<Option<Manifest>> {
         let b: Option<Vec<u8>> = redis::cmd("GET")
             .arg(self.keys.manifest(id, gen))
-            .query(conn)
-            ?;
+            .query(conn)?;
         b.map(|b| Manifest::decode_limited(&b, self.opts.max_image_blocks).map_err(Into::into))
             .transpose()
     }
@@ -1003,8 +997,7 @@ impl RedisClusterStore {
             if old_gen != new_gen {
                 redis::cmd("DEL")
                     .arg(self.keys.manifest(id, old_gen))
-                    .query::<()>(conn)
-                    ?;
+                    .query::<()>(conn)?;
             }
         }
         redis::cmd("HSET")
@@ -1013,8 +1006,7 @@ impl RedisClusterStore {
             .arg("")
             .arg("cleanup")
             .arg("")
-            .query::<()>(conn)
-            ?;
+            .query::<()>(conn)?;
         Ok(())
     }
 
@@ -1094,7 +1086,10 @@ impl RedisClusterStore {
         let ids = keys
             .into_iter()
             .zip(reply[1..].iter().map(|&i| u32::try_from(i)))
-            .map(|(k, id)| Ok((k, id.map_err(|_| IndexError::Corrupt("redis: a source id".into()))?)))
+            .map(|(k, id)| {
+                let id = id.map_err(|_| IndexError::Corrupt("redis: a source id".into()))?;
+                Ok((k, id))
+            })
             .collect::<Result<_>>()?;
         self.wait_head(conn)?;
         self.stop_here(Interrupt::AfterLog)?;
@@ -1203,7 +1198,9 @@ impl BlockStore for RedisClusterStore {
         self.refresh()?;
         let v = self.view.read();
         let mut out: Vec<ImageInfo> = v.rows.values().map(|r| r.info()).collect();
-        out.sort_by(|a, b| (&a.image, &a.host, a.block_size).cmp(&(&b.image, &b.host, b.block_size)));
+        out.sort_by(|a, b| {
+            (&a.image, &a.host, a.block_size).cmp(&(&b.image, &b.host, b.block_size))
+        });
         Ok(out)
     }
 
@@ -1274,16 +1271,14 @@ impl RedisClusterStore {
             redis::cmd("HDEL")
                 .arg(&self.keys.log)
                 .arg(chunk.iter().map(u64::to_string).collect::<Vec<_>>())
-                .query::<()>(conn)
-                ?;
+                .query::<()>(conn)?;
         }
         if upto >= from {
             redis::cmd("HSET")
                 .arg(&self.keys.head)
                 .arg("trimmed")
                 .arg(upto)
-                .query::<()>(conn)
-                ?;
+                .query::<()>(conn)?;
         }
         Ok(())
     }

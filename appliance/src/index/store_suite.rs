@@ -262,7 +262,9 @@ pub fn random_change(r: &mut SplitMix64) -> Change {
     let host = ["h1", "h2", "h3"][r.below(3)].to_string();
     let image = ["a", "b"][r.below(2)].to_string();
     let bs = [4096u32, 8192][r.below(2)];
-    let block = |r: &mut SplitMix64| (r.below(10) >= 3).then(|| name(r.below(NAMES as usize) as u8));
+    let block = |r: &mut SplitMix64| {
+        (r.below(10) >= 3).then(|| name(r.below(usize::from(NAMES)) as u8))
+    };
     match r.below(9) {
         0..=3 => {
             let size = r.below(40_000) as u64;

@@ -9,10 +9,11 @@
 //! to the byte relay: the origin reads it as it was sent.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::ops::Range;
 use std::sync::{atomic::Ordering, Arc};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -232,9 +233,9 @@ async fn serve_body(
         match plan {
             ReadPlan::Ready(pieces, provenance) => {
                 ctx.stats.count_provenance(&provenance);
-                for piece in pieces {
-                    conn.client.write_all(&piece).await.map_err(client_io)?;
-                }
+                write_pieces(&mut conn.client, &pieces)
+                    .await
+                    .map_err(client_io)?;
             }
             ReadPlan::Fetching(_) | ReadPlan::Origin => {
                 if origin_closes {
@@ -245,6 +246,26 @@ async fn serve_body(
             }
         }
         pos = end;
+    }
+    Ok(())
+}
+
+/// Slices per `writev(2)`: a whole 1 MiB chunk of 4 KiB blocks.
+const WRITE_SLICES: usize = 256;
+
+/// Writes `pieces` in as few `writev(2)` calls as the socket takes: a warm
+/// chunk is 256 blocks, which one `write` each made 256 system calls (the
+/// iSCSI writer gathers its Data-In the same way).
+async fn write_pieces(client: &mut TcpStream, pieces: &[Bytes]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = rest.len().min(WRITE_SLICES);
+        let written = client.write_vectored(&rest[..n]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, written);
     }
     Ok(())
 }
