@@ -114,6 +114,30 @@ const MAGIC: &[u8; 4] = b"NBM1";
 const HEADER_LEN: usize = 4 + 8 + 4 + 8 + 4;
 
 impl Manifest {
+    /// An image of no blocks yet: what a patch to a source nobody indexed
+    /// starts from.
+    pub fn empty(image: &str, block_size: u32) -> Self {
+        Manifest {
+            image: image.to_owned(),
+            size: 0,
+            block_size,
+            blocks: Vec::new(),
+        }
+    }
+
+    /// Applies a patch (what [`super::Change::PatchImage`] means): the image is
+    /// now `size` bytes, blocks past the new end are dropped, new blocks are
+    /// zero, then block `i` is named `hash` for every `(i, hash)`. Every `i`
+    /// must be inside the new size ([`super::Change::check`] makes sure).
+    pub fn patch(&mut self, size: u64, blocks: &[(u32, Option<BlockHash>)]) {
+        self.size = size;
+        self.blocks
+            .resize(Self::block_count(size, self.block_size), None);
+        for &(i, hash) in blocks {
+            self.blocks[i as usize] = hash;
+        }
+    }
+
     /// Byte length of block `i` (the last one may be short).
     pub fn block_len(&self, i: usize) -> u64 {
         let start = i as u64 * u64::from(self.block_size);

@@ -23,7 +23,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
     time::Instant,
 };
 
@@ -34,7 +33,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use super::lookup::{coarse_for, entries_of, HolderTable, Snapshot, COARSE_BIT};
 use super::manifest::{check_max_image_blocks, DEFAULT_MAX_IMAGE_BLOCKS};
 use super::record;
-use super::store::{BlockStore, Change, ImageInfo, Location};
+use super::store::{BlockStore, Change, ImageInfo, Location, SourceInfo};
 use super::{BlockHash, DecodeError, Manifest};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -139,49 +138,6 @@ impl FileState {
     }
     fn decode(b: &[u8]) -> Result<Self> {
         Ok(record::decode("file state", b)?)
-    }
-}
-
-/// A source's row (`sources`). The field order is the record's format.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-struct SourceInfo {
-    host: Arc<str>,
-    image: Arc<str>,
-    block_size: u32,
-    size: u64,
-    blocks: u64,
-    zero_blocks: u64,
-    seq: u64,
-}
-
-impl SourceInfo {
-    fn of(host: &str, m: &Manifest, seq: u64) -> Self {
-        Self {
-            host: host.into(),
-            image: m.image.as_str().into(),
-            block_size: m.block_size,
-            size: m.size,
-            blocks: m.blocks.len() as u64,
-            zero_blocks: m.zero_blocks() as u64,
-            seq,
-        }
-    }
-    fn encode(&self) -> Vec<u8> {
-        record::encode(self)
-    }
-    fn decode(b: &[u8]) -> Result<Self> {
-        Ok(record::decode("source", b)?)
-    }
-    fn info(&self) -> ImageInfo {
-        ImageInfo {
-            host: self.host.to_string(),
-            image: self.image.to_string(),
-            block_size: self.block_size,
-            size: self.size,
-            blocks: self.blocks,
-            zero_blocks: self.zero_blocks,
-            seq: self.seq,
-        }
     }
 }
 
@@ -585,22 +541,13 @@ impl RedbStore {
                         // source under this id (removed before a reopen, when
                         // nothing marks it), which only a replacement masks.
                         let created = stored.is_none();
-                        let old = stored.unwrap_or_else(|| Manifest {
-                            image: image.clone(),
-                            size: 0,
-                            block_size: *block_size,
-                            blocks: vec![],
-                        });
+                        let old = stored.unwrap_or_else(|| Manifest::empty(image, *block_size));
                         let mut new = old.clone();
-                        new.size = *size;
                         // Checked above: n <= max_image_blocks, every i < n.
-                        let n = Manifest::block_count(*size, *block_size);
-                        new.blocks.resize(n, None);
+                        new.patch(*size, blocks);
+                        let n = new.blocks.len();
                         let mut idxs: Vec<u32> = (n..old.blocks.len()).map(|i| i as u32).collect();
-                        for &(i, h) in blocks {
-                            new.blocks[i as usize] = h;
-                            idxs.push(i);
-                        }
+                        idxs.extend(blocks.iter().map(|&(i, _)| i));
                         idxs.sort_unstable();
                         idxs.dedup();
                         manifests.insert(src, new.encode().as_slice())?;

@@ -52,7 +52,7 @@ use redis::{Script, Value};
 use super::lookup::{coarse_for, for_each_entry, COARSE_BIT};
 use super::manifest::DEFAULT_MAX_IMAGE_BLOCKS;
 use super::record;
-use super::store::{BlockStore, Change, ImageInfo, Location};
+use super::store::{BlockStore, Change, ImageInfo, Location, SourceInfo};
 use super::{BlockHash, IndexError, Manifest, Result};
 
 /// How to reach and use the cluster.
@@ -104,32 +104,19 @@ impl RedisOptions {
 /// Holder writes per pipeline round trip.
 const PIPELINE: usize = 4096;
 
-/// A source's row (`{P}:src`). The field order is the record's format.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+/// A source's row (`{P}:src`): what redb keeps per source, and the batch
+/// whose manifest key holds its block list. The field order is the record's
+/// format.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct SourceRow {
-    host: Arc<str>,
-    image: Arc<str>,
-    block_size: u32,
-    size: u64,
-    blocks: u64,
-    zero_blocks: u64,
-    /// The last change to this source.
-    seq: u64,
-    /// The batch whose manifest key holds its block list.
+    info: SourceInfo,
     gen: u64,
 }
 
-impl SourceRow {
-    fn info(&self) -> ImageInfo {
-        ImageInfo {
-            host: self.host.to_string(),
-            image: self.image.to_string(),
-            block_size: self.block_size,
-            size: self.size,
-            blocks: self.blocks,
-            zero_blocks: self.zero_blocks,
-            seq: self.seq,
-        }
+impl std::ops::Deref for SourceRow {
+    type Target = SourceInfo;
+    fn deref(&self) -> &SourceInfo {
+        &self.info
     }
 }
 
@@ -253,6 +240,18 @@ impl Keys {
         k.extend_from_slice(&key.to_be_bytes());
         k
     }
+}
+
+/// The holder entries (name prefix, block or group index) a manifest gives
+/// its source; none for an absent one.
+fn entry_set(m: Option<&Manifest>, coarse: Option<u32>) -> HashSet<(u128, u32)> {
+    let mut set = HashSet::new();
+    if let Some(m) = m {
+        for_each_entry(m, coarse, |k, i| {
+            set.insert((k, i));
+        });
+    }
+    set
 }
 
 fn field(src: u32, idx: u32) -> [u8; 8] {
@@ -765,13 +764,7 @@ impl RedisClusterStore {
         for (i, c) in changes.iter().enumerate() {
             let seq = applied + 1 + i as u64;
             let row_of = |host: &str, m: &Manifest| SourceRow {
-                host: host.into(),
-                image: m.image.as_str().into(),
-                block_size: m.block_size,
-                size: m.size,
-                blocks: m.blocks.len() as u64,
-                zero_blocks: m.zero_blocks() as u64,
-                seq,
+                info: SourceInfo::of(host, m, seq),
                 gen: last,
             };
             match c {
@@ -797,18 +790,8 @@ impl RedisClusterStore {
                         Some(cur) => cur.as_ref().map(|(_, m)| m.clone()),
                         None => before[&id].as_ref().map(|(_, m)| m.clone()),
                     };
-                    let mut m = cur.unwrap_or_else(|| Manifest {
-                        image: image.clone(),
-                        size: 0,
-                        block_size: *block_size,
-                        blocks: vec![],
-                    });
-                    m.size = *size;
-                    m.blocks
-                        .resize(Manifest::block_count(*size, *block_size), None);
-                    for &(b, h) in blocks {
-                        m.blocks[b as usize] = h;
-                    }
+                    let mut m = cur.unwrap_or_else(|| Manifest::empty(image, *block_size));
+                    m.patch(*size, blocks);
                     after.insert(id, Some((row_of(host, &m), m)));
                 }
                 Change::RemoveImage {
@@ -859,17 +842,6 @@ impl RedisClusterStore {
         batch: &Batch,
         last: u64,
     ) -> Result<(Cleanup, Rows)> {
-        // Holder entries that appear and go away, per source.
-        let coarse = self.opts.coarse;
-        let entries = |m: Option<&Manifest>| -> HashSet<(u128, u32)> {
-            let mut s = HashSet::new();
-            if let Some(m) = m {
-                for_each_entry(m, coarse, |k, i| {
-                    s.insert((k, i));
-                });
-            }
-            s
-        };
         let mut pipe = ClusterPipeline::with_capacity(PIPELINE);
         let mut queued = 0;
         let flush = |pipe: &mut ClusterPipeline, queued: &mut usize, conn: &mut ClusterConnection| {
@@ -891,33 +863,26 @@ impl RedisClusterStore {
                     .ignore();
                 queued += 1;
             }
-            let was = entries(old.map(|(_, m)| m));
-            let now = entries(new.as_ref().map(|(_, m)| m));
-            let added = record::encode(&Mark {
+            // Holder entries that appear and go away, each marked so.
+            let was = entry_set(old.map(|(_, m)| m), self.opts.coarse);
+            let now = entry_set(new.as_ref().map(|(_, m)| m), self.opts.coarse);
+            let appear = record::encode(&Mark {
                 added: last,
                 removed: 0,
             });
-            let removed = record::encode(&Mark {
+            let go = record::encode(&Mark {
                 added: 0,
                 removed: last,
             });
-            for (k, i) in now.difference(&was) {
+            let marked = now
+                .difference(&was)
+                .map(|e| (e, &appear))
+                .chain(was.difference(&now).map(|e| (e, &go)));
+            for ((k, i), mark) in marked {
                 pipe.cmd("HSET")
                     .arg(self.keys.holders(*k))
                     .arg(&field(*id, *i)[..])
-                    .arg(&added[..])
-                    .ignore();
-                queued += 1;
-                if queued >= PIPELINE {
-                    flush(&mut pipe, &mut queued, conn)?;
-                    self.stop_here(Interrupt::MidWrite)?;
-                }
-            }
-            for (k, i) in was.difference(&now) {
-                pipe.cmd("HSET")
-                    .arg(self.keys.holders(*k))
-                    .arg(&field(*id, *i)[..])
-                    .arg(&removed[..])
+                    .arg(&mark[..])
                     .ignore();
                 queued += 1;
                 if queued >= PIPELINE {
@@ -964,19 +929,8 @@ impl RedisClusterStore {
                 ),
             };
             let Some(old) = old else { continue };
-            let mut now = HashSet::new();
-            if let Some(m) = &new {
-                for_each_entry(m, self.opts.coarse, |k, i| {
-                    now.insert((k, i));
-                });
-            }
-            let mut gone = Vec::new();
-            for_each_entry(&old, self.opts.coarse, |k, i| {
-                if !now.contains(&(k, i)) {
-                    gone.push((k, i));
-                }
-            });
-            for (k, i) in gone {
+            let now = entry_set(new.as_ref(), self.opts.coarse);
+            for &(k, i) in entry_set(Some(&old), self.opts.coarse).difference(&now) {
                 pipe.cmd("HDEL")
                     .arg(self.keys.holders(k))
                     .arg(&field(id, i)[..])

@@ -40,6 +40,52 @@ pub struct ImageInfo {
     pub seq: u64,
 }
 
+/// A source without its block list: the row both stores keep per source
+/// (redb's `sources` table, the Redis store's `{P}:src` hash). The field order
+/// is the record's format.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SourceInfo {
+    pub host: Arc<str>,
+    pub image: Arc<str>,
+    pub block_size: u32,
+    pub size: u64,
+    pub blocks: u64,
+    pub zero_blocks: u64,
+    /// The last change to this source.
+    pub seq: u64,
+}
+
+impl SourceInfo {
+    pub fn of(host: &str, m: &Manifest, seq: u64) -> Self {
+        Self {
+            host: host.into(),
+            image: m.image.as_str().into(),
+            block_size: m.block_size,
+            size: m.size,
+            blocks: m.blocks.len() as u64,
+            zero_blocks: m.zero_blocks() as u64,
+            seq,
+        }
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        record::encode(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        Ok(record::decode("source", b)?)
+    }
+    pub fn info(&self) -> ImageInfo {
+        ImageInfo {
+            host: self.host.to_string(),
+            image: self.image.to_string(),
+            block_size: self.block_size,
+            size: self.size,
+            blocks: self.blocks,
+            zero_blocks: self.zero_blocks,
+            seq: self.seq,
+        }
+    }
+}
+
 /// A change to the index. Host, image and block size identify a source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {

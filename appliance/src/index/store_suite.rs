@@ -63,6 +63,8 @@ impl Model {
                 size,
                 blocks,
             } => {
+                // Written out, not `Manifest::patch`: the model is the oracle
+                // the stores' use of that function is checked against.
                 let (m, s) = self
                     .sources
                     .entry((host.clone(), image.clone(), *block_size))
@@ -167,10 +169,9 @@ pub fn check(store: &impl BlockStore, model: &Model, coarse: Option<u32>) -> Res
         if *g != w {
             return Err(format!("holders of {n:?}: got {g:?}, want {w:?}"));
         }
-        if let Ok(one) = store.holders(n) {
-            if one.len() != w.len() {
-                return Err(format!("holders({n:?}) disagrees with holders_many"));
-            }
+        let one = store.holders(n).map_err(|e| format!("holders({n:?}): {e}"))?;
+        if one.len() != w.len() {
+            return Err(format!("holders({n:?}) disagrees with holders_many"));
         }
     }
     let imgs = store.images().map_err(|e| e.to_string())?;
