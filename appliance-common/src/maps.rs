@@ -12,9 +12,18 @@ pub const IF_COUNTERS: &str = "IF_COUNTERS";
 pub const IF_COUNTERS_MAX: u32 = 256;
 /// Per-CPU array of `u64`, indexed by `Verdict`.
 pub const VERDICTS: &str = "VERDICTS";
-/// Hash `port (host order) -> 1`: classified TCP ports (3260 + image-transfer ports).
+/// Array of `u64`: a bitmap of the classified TCP ports (3260 + image-transfer
+/// ports), bit `port % 64` of word `port / 64` ([`port_bit`]). An array, not a
+/// hash: the verifier inlines an array lookup, and every packet asks twice.
 pub const PORTS: &str = "PORTS";
-pub const PORTS_MAX: u32 = 64;
+pub const PORTS_WORDS: u32 = 65_536 / 64;
+
+/// Where `port` (host order) sits in the [`PORTS`] bitmap: the word's index and
+/// the bit's mask.
+#[inline]
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1 << (port & 63))
+}
 /// Ring buffer of `LoginEvent`.
 pub const LOGIN_EVENTS: &str = "LOGIN_EVENTS";
 pub const LOGIN_EVENTS_BYTES: u32 = 256 * 1024;
@@ -69,6 +78,9 @@ pub const GLOBAL_STEER_SERVED_ONLY: &str = "STEER_SERVED_ONLY";
 pub const PROG_XDP_CLASSIFY: &str = "nb_classify";
 pub const PROG_TC_CLASSIFY: &str = "nb_classify_skb";
 pub const PROG_TC_STEER: &str = "nb_steer";
+/// Classifier and steering in one TC program, for steering interfaces whose
+/// classifier runs in TC: one pass over the headers instead of two.
+pub const PROG_TC_CLASSIFY_STEER: &str = "nb_classify_steer";
 pub const PROG_TC_EGRESS: &str = "nb_egress_count";
 
 /// The iSCSI well-known port (RFC 7143 §13.2 / IANA).

@@ -9,13 +9,13 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::map,
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
 use nearblock_common::{
     event::LOGIN_CAPTURE_MAX,
-    maps::{FLOWS_MAX, IF_COUNTERS_MAX, LOGIN_EVENTS_BYTES, PORTS_MAX},
+    maps::{port_bit, FLOWS_MAX, IF_COUNTERS_MAX, LOGIN_EVENTS_BYTES, PORTS_WORDS},
     verdict::VERDICT_COUNT,
     FlowCounters, FlowKey, FlowSeq, IfCounters, LoginEvent, Verdict,
 };
@@ -41,7 +41,7 @@ pub static IF_COUNTERS: PerCpuHashMap<u32, IfCounters> =
 pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT, 0);
 
 #[map]
-pub static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(PORTS_MAX, 0);
+pub static PORTS: Array<u64> = Array::with_max_entries(PORTS_WORDS, 0);
 
 #[map]
 pub static LOGIN_EVENTS: RingBuf = RingBuf::with_byte_size(LOGIN_EVENTS_BYTES, 0);
@@ -56,8 +56,20 @@ pub fn bump(v: Verdict) {
 
 #[inline(always)]
 pub fn is_classified_port(port: u16) -> bool {
-    // SAFETY: the value is only tested for presence.
-    unsafe { PORTS.get(&port).is_some() }
+    let (word, bit) = port_bit(port);
+    PORTS.get(word).is_some_and(|w| w & bit != 0)
+}
+
+/// A classified TCP packet, as the classifier saw it: what steering needs
+/// next, so that the combined program parses once.
+pub struct Classified {
+    pub pkt: TcpPacket,
+    /// Toward a classified port.
+    pub toward: bool,
+    /// From a classified port.
+    pub from: bool,
+    /// `bpf_ktime_get_ns` when it was counted.
+    pub now: u64,
 }
 
 /// What the classifier needs from the context it runs in.
@@ -131,9 +143,10 @@ impl Frame for TcContext {
 }
 
 /// Count the frame on its interface, and if it is a classified TCP segment, on
-/// its flow; copy Login Request segments to user space.
+/// its flow; copy Login Request segments to user space. Returns the classified
+/// segment, if it was one.
 #[inline(always)]
-pub fn classify<F: Frame>(ctx: &F) {
+pub fn classify<F: Frame>(ctx: &F) -> Option<Classified> {
     let frame_len = ctx.frame_len();
     let ifindex = ctx.ifindex();
     count_interface(ifindex, frame_len, true);
@@ -142,7 +155,7 @@ pub fn classify<F: Frame>(ctx: &F) {
         Ok(p) => p,
         Err(v) => {
             bump(v);
-            return;
+            return None;
         }
     };
     if !pkt.tagged {
@@ -155,20 +168,38 @@ pub fn classify<F: Frame>(ctx: &F) {
         bump(Verdict::Vlan);
     }
     let toward_port = is_classified_port(pkt.dport);
-    if !toward_port && !is_classified_port(pkt.sport) {
+    let from_port = is_classified_port(pkt.sport);
+    if !toward_port && !from_port {
         bump(Verdict::OtherPort);
-        return;
+        return None;
     }
     bump(Verdict::Classified);
 
+    let now = count_classified(ctx, &pkt, frame_len, toward_port);
+    Some(Classified {
+        pkt,
+        toward: toward_port,
+        from: from_port,
+        now,
+    })
+}
+
+/// Count a classified segment on its flow and capture it if it is a Login
+/// Request; returns the clock reading. Not inlined: its stack frame (the flow
+/// key, fresh counters) is gone before steering's calls push theirs, which
+/// keeps the combined program within the verifier's 512-byte stack.
+#[inline(never)]
+fn count_classified<F: Frame>(ctx: &F, pkt: &TcpPacket, frame_len: u64, toward_port: bool) -> u64 {
     // BIG TCP super-packets carry 0 in the IP length: fall back to the frame.
     let mut payload_len = pkt.payload_len as u64;
     if payload_len == 0 {
         payload_len = frame_len.saturating_sub(pkt.payload_off as u64);
     }
-    let key = flow_key(ifindex, &pkt);
+    let key = flow_key(ctx.ifindex(), pkt);
     track_sequence(&key, pkt.seq, payload_len as u32);
-    count_flow(&key, frame_len, payload_len, pkt.tcp_flags);
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    count_flow(&key, frame_len, payload_len, pkt.tcp_flags, now);
 
     if toward_port && payload_len >= ISCSI_BHS_LEN as u64 {
         // Loaded, not read in place: in an skb the payload may start in a page
@@ -180,6 +211,7 @@ pub fn classify<F: Frame>(ctx: &F) {
             capture_login(ctx, &key, pkt.payload_off, payload_len);
         }
     }
+    now
 }
 
 /// TC egress: per-interface transmit counters.
@@ -261,9 +293,7 @@ fn track_sequence(key: &FlowKey, seq: u32, len: u32) {
 }
 
 #[inline(always)]
-fn count_flow(key: &FlowKey, frame_len: u64, payload_len: u64, flags: u8) {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+fn count_flow(key: &FlowKey, frame_len: u64, payload_len: u64, flags: u8, now: u64) {
     if let Some(c) = FLOWS.get_ptr_mut(key) {
         add_to_flow(c, frame_len, payload_len, flags, now);
         return;

@@ -119,9 +119,12 @@ fn key_of(pkt: &TcpPacket) -> HandoffKey {
 
 /// Rewrite and forward the packet if its connection was handed to the kernel;
 /// a packet that cannot be rewritten is counted and dropped.
+/// `now` is the clock reading of a classifier that ran in the same program,
+/// or 0 (a plain `u64`: a BPF call passes scalars in registers, and an
+/// `Option`'s unset half would reach the callee uninitialised).
 #[inline(never)]
-pub fn forward(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
-    match rewrite(ctx, pkt) {
+pub fn forward(ctx: &TcContext, pkt: &TcpPacket, now: u64) -> Handoff {
+    match rewrite(ctx, pkt, now) {
         Handoff::Drop => {
             bump(Verdict::SteerHandoffDropped);
             Handoff::Drop
@@ -133,7 +136,7 @@ pub fn forward(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
 }
 
 #[inline(always)]
-fn rewrite(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
+fn rewrite(ctx: &TcContext, pkt: &TcpPacket, now: u64) -> Handoff {
     let key = key_of(pkt);
     let Some(rw) = HANDOFFS.get_ptr_mut(&key) else {
         return Handoff::NotOurs;
@@ -150,7 +153,7 @@ fn rewrite(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
     // only ever store whole fields (learned once, or flags set to 1).
     let rw = unsafe { &mut *rw };
     // SAFETY: the helper has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = if now != 0 { now } else { unsafe { bpf_ktime_get_ns() } };
     // Both directions' entries are written from both CPUs: store only what
     // changed (the sweeper needs seconds, not every packet's time).
     if now.wrapping_sub(rw.last_seen_ns) > LAST_SEEN_GRAIN_NS {

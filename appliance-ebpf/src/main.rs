@@ -12,6 +12,8 @@
 //!   Packets of connections the splicer handed to the kernel are rewritten and
 //!   forwarded instead (`handoff`). `TC_ACT_OK`, except a handed-off
 //!   connection's packet that cannot be rewritten: dropped, as if lost.
+//! - `nb_classify_steer` (TC ingress): both of the above in one pass over the
+//!   headers, for a steering interface whose classifier runs in TC.
 //! - `nb_egress_count` (TC egress, every appliance interface): per-interface tx bytes.
 #![no_std]
 #![no_main]
@@ -41,7 +43,20 @@ pub fn nb_classify_skb(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn nb_steer(ctx: TcContext) -> i32 {
-    match steer::steer(&ctx) {
+    tc_action(steer::steer(&ctx))
+}
+
+#[classifier]
+pub fn nb_classify_steer(ctx: TcContext) -> i32 {
+    match count::classify(&ctx) {
+        Some(c) => tc_action(steer::steer_classified(&ctx, &c.pkt, c.toward, c.from, c.now)),
+        None => TC_ACT_OK as i32,
+    }
+}
+
+#[inline(always)]
+fn tc_action(a: steer::Action) -> i32 {
+    match a {
         steer::Action::Pass => TC_ACT_OK as i32,
         steer::Action::Drop => TC_ACT_SHOT as i32,
     }

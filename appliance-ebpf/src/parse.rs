@@ -85,7 +85,9 @@ const PULL_LEN: u32 = 14 + 8 + 40 + 16 + 60;
 /// is not free: a forwarded TCP skb is usually a clone, and making its head
 /// writable reallocates and copies it; the headers of nearly every packet are
 /// already linear.
-#[inline(always)]
+// Not inlined: its temporaries stay out of the callers' frames (the combined
+// program's stack, with the handoff rewrite's on top, must stay within 512 bytes).
+#[inline(never)]
 pub fn parse_skb(ctx: &TcContext) -> Result<TcpPacket, Verdict> {
     let parsed = parse_tcp(ctx.data(), ctx.data_end());
     let linear = (ctx.data_end() - ctx.data()) as u32;

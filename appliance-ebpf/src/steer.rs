@@ -96,6 +96,25 @@ pub fn steer(ctx: &TcContext) -> Action {
     let Ok(pkt) = parse_skb(ctx) else {
         return Action::Pass;
     };
+    let toward = is_classified_port(pkt.dport);
+    let from = is_classified_port(pkt.sport);
+    if !toward && !from {
+        return Action::Pass;
+    }
+    steer_classified(ctx, &pkt, toward, from, 0)
+}
+
+/// Steer a classified packet (`toward` / `from` a classified port); `now`
+/// is the classifier's clock reading when it ran first in the same program,
+/// else 0.
+#[inline(always)]
+pub fn steer_classified(
+    ctx: &TcContext,
+    pkt: &TcpPacket,
+    toward: bool,
+    from: bool,
+    now: u64,
+) -> Action {
     // SAFETY: reading a field of the context the kernel passed in.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is copied out immediately.
@@ -103,11 +122,6 @@ pub fn steer(ctx: &TcContext) -> Action {
         Some(r) => *r,
         None => return Action::Pass,
     };
-    let toward = is_classified_port(pkt.dport);
-    let from = is_classified_port(pkt.sport);
-    if !toward && !from {
-        return Action::Pass;
-    }
     // SAFETY: read-only global set before load.
     let dscp_mark = unsafe { core::ptr::read_volatile(&DSCP_MARK) };
     if dscp_mark != 0 && pkt.dscp == dscp_mark {
@@ -124,8 +138,8 @@ pub fn steer(ctx: &TcContext) -> Action {
             }
             return Action::Pass;
         }
-        match handoff::forward(ctx, &pkt) {
-            Handoff::NotOurs => steer_from_client(ctx, &pkt),
+        match handoff::forward(ctx, pkt, now) {
+            Handoff::NotOurs => steer_from_client(ctx, pkt),
             Handoff::Forward => {}
             Handoff::Drop | Handoff::Unparsed => return Action::Drop,
         }
@@ -133,8 +147,8 @@ pub fn steer(ctx: &TcContext) -> Action {
         if !portal_served(pkt.family, &pkt.saddr, pkt.sport) {
             return Action::Pass;
         }
-        match handoff::forward(ctx, &pkt) {
-            Handoff::NotOurs => steer_reply(ctx, &pkt),
+        match handoff::forward(ctx, pkt, now) {
+            Handoff::NotOurs => steer_reply(ctx, pkt),
             Handoff::Forward => {}
             Handoff::Drop | Handoff::Unparsed => return Action::Drop,
         }

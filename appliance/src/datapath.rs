@@ -5,7 +5,7 @@
 //! file descriptors of this process, so they also vanish if it is killed).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
 };
@@ -36,7 +36,8 @@ pub use nearblock_common::{HandoffKey, HandoffRewrite};
 /// (packet fixtures) that drive the steering maps directly.
 #[cfg(feature = "testing")]
 pub use nearblock_common::maps::{
-    LISTENER_V4, LISTENER_V6, ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING,
+    LISTENER_V4, LISTENER_V6, PROG_TC_CLASSIFY, PROG_TC_CLASSIFY_STEER, PROG_TC_EGRESS,
+    PROG_TC_STEER, PROG_XDP_CLASSIFY, ROLE_CLIENT_FACING, ROLE_UPSTREAM_FACING,
 };
 
 /// The eBPF object built by `appliance/build.rs` (empty if the toolchain was missing).
@@ -80,6 +81,8 @@ pub enum DatapathError {
         dir: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error("steering on `{0}` asked for after its classifier: it attaches with the classifier")]
+    SteeringAfterClassifier(String),
     #[error("BPF_PROG_TEST_RUN failed: {0}")]
     TestRun(std::io::Error),
 }
@@ -107,7 +110,8 @@ pub struct LoadOptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClassifierAttachment {
-    /// TC ingress (TCX, ahead of the steering program).
+    /// TC ingress (TCX, first); on a steering interface, one program with
+    /// the steering (`nb_classify_steer`).
     Tc,
     /// XDP in the driver.
     XdpNative,
@@ -144,6 +148,8 @@ pub struct Datapath {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Interface name → where its classifier runs.
     attachments: BTreeMap<String, ClassifierAttachment>,
+    /// The interfaces that steer (their roles are in the kernel's map).
+    steering: BTreeSet<String>,
 }
 
 /// Summed counters of one directional flow.
@@ -179,13 +185,13 @@ impl Datapath {
             }
         };
         {
-            let mut ports: HashMap<&mut MapData, u16, u8> = HashMap::try_from(
+            let mut ports: Array<&mut MapData, u64> = Array::try_from(
                 ebpf.map_mut(names::PORTS)
                     .ok_or(DatapathError::MissingMap(names::PORTS))?,
             )
             .map_err(map_err(names::PORTS))?;
-            for &p in &opts.classified_ports {
-                ports.insert(p, 1, 0).map_err(map_err(names::PORTS))?;
+            for (word, bits) in port_bitmap(&opts.classified_ports) {
+                ports.set(word, bits, 0).map_err(map_err(names::PORTS))?;
             }
         }
         let xdp: &mut Xdp = ebpf
@@ -197,6 +203,7 @@ impl Datapath {
         for name in [
             names::PROG_TC_CLASSIFY,
             names::PROG_TC_STEER,
+            names::PROG_TC_CLASSIFY_STEER,
             names::PROG_TC_EGRESS,
         ] {
             let p: &mut SchedClassifier = ebpf
@@ -210,6 +217,7 @@ impl Datapath {
             ebpf,
             logger,
             attachments: BTreeMap::new(),
+            steering: BTreeSet::new(),
         })
     }
 
@@ -241,8 +249,28 @@ impl Datapath {
         };
         tracing::info!(iface, classifier = attached.name(), "classifier attached");
         self.attachments.insert(iface.to_string(), attached);
+        if attached != ClassifierAttachment::Tc && self.steering.contains(iface) {
+            self.attach_tc(names::PROG_TC_STEER, iface, TcAttachType::Ingress)?;
+        }
         self.attach_tc(names::PROG_TC_EGRESS, iface, TcAttachType::Egress)?;
         Ok(attached)
+    }
+
+    /// The TC programs the kernel runs on `iface`'s ingress and egress (TCX),
+    /// in order, by name: what is attached, as the kernel says, not as this
+    /// process remembers it. Empty where TCX is not available (before 6.6).
+    pub fn tc_programs(iface: &str) -> (Vec<String>, Vec<String>) {
+        let names_of = |dir| {
+            SchedClassifier::query_tcx(iface, dir)
+                .map(|(_, progs)| {
+                    progs
+                        .iter()
+                        .map(|p| full_program_name(p.name_as_str().unwrap_or("?")))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        (names_of(TcAttachType::Ingress), names_of(TcAttachType::Egress))
     }
 
     /// Where each interface's classifier is attached.
@@ -290,10 +318,15 @@ impl Datapath {
     }
 
     /// The TC classifier goes first on ingress: it hands on to the next program
-    /// (`TC_ACT_UNSPEC`), and the steering program, which ends the chain, must
-    /// see every packet after it.
+    /// (`TC_ACT_UNSPEC`), and a steering program after it must see every
+    /// packet. On a steering interface the classifier is the combined program
+    /// (`nb_classify_steer`), which ends the chain itself.
     fn attach_tc_classifier(&mut self, iface: &str) -> Result<ClassifierAttachment, DatapathError> {
-        let name = names::PROG_TC_CLASSIFY;
+        let name = if self.steering.contains(iface) {
+            names::PROG_TC_CLASSIFY_STEER
+        } else {
+            names::PROG_TC_CLASSIFY
+        };
         let p: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
@@ -315,11 +348,19 @@ impl Datapath {
         Ok(ClassifierAttachment::Tc)
     }
 
-    /// Attach the steering program to `iface`'s ingress with the given role bits.
+    /// Steer classified connections entering `iface` (role bits: client- or
+    /// upstream-facing). Steering runs with the interface's classifier, so it
+    /// is asked for first and attached by [`Self::attach_classifier`]: in the
+    /// same program where the classifier runs in TC (one pass over the
+    /// headers), after it where it runs in XDP.
     pub fn attach_steering(&mut self, iface: &str, role: u32) -> Result<(), DatapathError> {
+        if self.attachments.contains_key(iface) {
+            return Err(DatapathError::SteeringAfterClassifier(iface.to_string()));
+        }
         let ifindex = if_index(iface)?;
         self.set_interface_role(ifindex, role)?;
-        self.attach_tc(names::PROG_TC_STEER, iface, TcAttachType::Ingress)
+        self.steering.insert(iface.to_string());
+        Ok(())
     }
 
     /// Give the steering program role bits for `ifindex` (without attaching it:
@@ -539,34 +580,33 @@ impl Datapath {
         RingBuf::try_from(map).map_err(map_err(names::LOGIN_EVENTS))
     }
 
-    /// Run the XDP classifier once on `frame` with `BPF_PROG_TEST_RUN` (packet
-    /// fixtures); returns the XDP action. Counters are updated as for a real packet
-    /// (ingress ifindex 1, loopback, unless the kernel reports otherwise).
-    pub fn test_run_classifier(&self, frame: &[u8]) -> Result<u32, DatapathError> {
-        self.test_run(names::PROG_XDP_CLASSIFY, frame)
+    /// Run program `name` (one of the `PROG_*` names) once on `frame` with
+    /// `BPF_PROG_TEST_RUN` (packet fixtures); returns the action and the frame
+    /// as the program left it (rewrites of handed-off connections). Maps are
+    /// updated as for a real packet entering on the loopback device
+    /// (ifindex 1).
+    pub fn test_run_frame(
+        &self,
+        name: &'static str,
+        frame: &[u8],
+    ) -> Result<(u32, Vec<u8>), DatapathError> {
+        prog_test_run(self.program_fd(name)?, frame, 1)
+            .map(|(action, out, _)| (action, out))
+            .map_err(DatapathError::TestRun)
     }
 
-    /// Run the TC classifier once on `frame` (as [`Self::test_run_classifier`]);
-    /// returns the TC action.
-    pub fn test_run_tc_classifier(&self, frame: &[u8]) -> Result<u32, DatapathError> {
-        self.test_run(names::PROG_TC_CLASSIFY, frame)
-    }
-
-    /// Run the TC steering program once on `frame` (`BPF_PROG_TEST_RUN`; the skb
-    /// enters on the loopback device, ifindex 1); returns the TC action.
-    pub fn test_run_steer(&self, frame: &[u8]) -> Result<u32, DatapathError> {
-        self.test_run(names::PROG_TC_STEER, frame)
-    }
-
-    /// As [`Self::test_run_steer`], also returning the frame as the program
-    /// left it (rewrites of handed-off connections).
-    pub fn test_run_steer_frame(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), DatapathError> {
-        prog_test_run(self.program_fd(names::PROG_TC_STEER)?, frame).map_err(DatapathError::TestRun)
-    }
-
-    fn test_run(&self, name: &'static str, frame: &[u8]) -> Result<u32, DatapathError> {
-        prog_test_run(self.program_fd(name)?, frame)
-            .map(|(action, _)| action)
+    /// Run program `name` on `frame` `repeat` times in the kernel
+    /// (`BPF_PROG_TEST_RUN`) and return the kernel's mean time per run, in ns:
+    /// what the program costs a packet, without the network around it
+    /// (`cargo xtask bench datapath`). Maps are updated as for real packets.
+    pub fn time_program(
+        &self,
+        name: &'static str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<u32, DatapathError> {
+        prog_test_run(self.program_fd(name)?, frame, repeat.max(1))
+            .map(|(_, _, ns)| ns)
             .map_err(DatapathError::TestRun)
     }
 
@@ -825,8 +865,36 @@ pub fn driver_name(iface: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
-/// `bpf(BPF_PROG_TEST_RUN)` on an XDP or TC program; aya 0.14 has no wrapper.
-fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
+/// The kernel keeps 15 bytes of a program's name: this project's programs get
+/// their whole names back; any other program keeps what the kernel kept.
+fn full_program_name(kept: &str) -> String {
+    [
+        names::PROG_XDP_CLASSIFY,
+        names::PROG_TC_CLASSIFY,
+        names::PROG_TC_STEER,
+        names::PROG_TC_CLASSIFY_STEER,
+        names::PROG_TC_EGRESS,
+    ]
+    .into_iter()
+    .find(|full| full.len() > kept.len() && full.starts_with(kept) && kept.len() == 15)
+    .unwrap_or(kept)
+    .to_string()
+}
+
+/// The classified-port bitmap's non-zero words (`nearblock_common::maps::port_bit`).
+fn port_bitmap(ports: &[u16]) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for &p in ports {
+        let (word, bit) = names::port_bit(p);
+        *words.entry(word).or_insert(0) |= bit;
+    }
+    words
+}
+
+/// `bpf(BPF_PROG_TEST_RUN)` on an XDP or TC program, `repeat` times; aya 0.14
+/// has no wrapper. Returns the last run's action and frame and the kernel's
+/// mean ns per run.
+fn prog_test_run(prog_fd: i32, frame: &[u8], repeat: u32) -> std::io::Result<(u32, Vec<u8>, u32)> {
     // union bpf_attr, test member (include/uapi/linux/bpf.h).
     #[repr(C)]
     #[derive(Default)]
@@ -857,7 +925,7 @@ fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<(u32, Vec<u8>)> 
         data_size_out: out.len() as u32,
         data_in: frame.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
+        repeat,
         ..Default::default()
     };
     // SAFETY: attr is a valid bpf_attr prefix of the size passed; the buffers it
@@ -874,12 +942,32 @@ fn prog_test_run(prog_fd: i32, frame: &[u8]) -> std::io::Result<(u32, Vec<u8>)> 
         return Err(std::io::Error::last_os_error());
     }
     out.truncate(attr.data_size_out as usize);
-    Ok((attr.retval, out))
+    Ok((attr.retval, out, attr.duration))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncated_program_names_are_given_back_whole() {
+        assert_eq!(full_program_name("nb_classify_ste"), "nb_classify_steer");
+        assert_eq!(full_program_name("nb_steer"), "nb_steer");
+        assert_eq!(full_program_name("nb_egress_count"), "nb_egress_count");
+        assert_eq!(full_program_name("other_prog_name"), "other_prog_name");
+        assert_eq!(full_program_name("nb_class"), "nb_class");
+    }
+
+    #[test]
+    fn classified_ports_set_their_bits_and_no_others() {
+        let words = port_bitmap(&[3260, 80, 3261, 0, 65535]);
+        // 3260 = 50 * 64 + 60, 3261 the next bit; 80 = 64 + 16.
+        assert_eq!(
+            words.into_iter().collect::<Vec<_>>(),
+            vec![(0, 1), (1, 1 << 16), (50, (1 << 60) | (1 << 61)), (1023, 1 << 63)]
+        );
+        assert!(port_bitmap(&[]).is_empty());
+    }
 
     #[test]
     fn auto_takes_tc_on_veth_and_tries_native_xdp_elsewhere() {

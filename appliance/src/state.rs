@@ -161,6 +161,12 @@ pub struct InterfaceView {
     /// (absent for an interface the daemon did not attach).
     #[serde(default)]
     pub classifier: Option<String>,
+    /// The TC programs the kernel runs here, ingress then egress, in order
+    /// (`nb_classify_steer` where classifying and steering are one program).
+    #[serde(default)]
+    pub tc_ingress: Vec<String>,
+    #[serde(default)]
+    pub tc_egress: Vec<String>,
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub tx_packets: u64,
@@ -306,7 +312,10 @@ impl Appliance {
             .map(|(ifindex, c)| {
                 let interface =
                     datapath::if_name(ifindex).unwrap_or_else(|| ifindex.to_string());
+                let (tc_ingress, tc_egress) = Datapath::tc_programs(&interface);
                 InterfaceView {
+                tc_ingress,
+                tc_egress,
                 rate: rates.get(&ifindex).copied().unwrap_or_default(),
                 classifier: dp.attachments().get(&interface).map(|a| a.name().to_owned()),
                 interface,

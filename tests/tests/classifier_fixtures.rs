@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 
 use nearblock::{
     classify,
-    datapath::{Datapath, LoadOptions},
+    datapath::{
+        Datapath, LoadOptions, PROG_TC_CLASSIFY, PROG_TC_CLASSIFY_STEER, PROG_TC_STEER,
+        PROG_XDP_CLASSIFY,
+    },
 };
 
 const XDP_PASS: u32 = 2;
@@ -100,27 +103,37 @@ fn frame(parts: &[Vec<u8>]) -> Vec<u8> {
     parts.concat()
 }
 
-/// The two attachments of the one classifier.
+/// The attachments of the one classifier: XDP, TC, and TC combined with
+/// steering (a steering interface's one program; no role is set for the
+/// fixtures' interface, so it only classifies).
 #[derive(Clone, Copy, Debug)]
 enum Classifier {
     Xdp,
     Tc,
+    TcSteering,
 }
 
-const BOTH: [Classifier; 2] = [Classifier::Xdp, Classifier::Tc];
+const ALL: [Classifier; 3] = [Classifier::Xdp, Classifier::Tc, Classifier::TcSteering];
+
+impl Classifier {
+    fn program(self) -> &'static str {
+        match self {
+            Classifier::Xdp => PROG_XDP_CLASSIFY,
+            Classifier::Tc => PROG_TC_CLASSIFY,
+            Classifier::TcSteering => PROG_TC_CLASSIFY_STEER,
+        }
+    }
+}
 
 fn run(dp: &Datapath, c: Classifier, f: &[u8]) {
+    let (action, _) = dp.test_run_frame(c.program(), f).expect("test run");
     match c {
-        Classifier::Xdp => assert_eq!(
-            dp.test_run_classifier(f).expect("test run"),
-            XDP_PASS,
-            "XDP never drops"
-        ),
+        Classifier::Xdp => assert_eq!(action, XDP_PASS, "XDP never drops"),
         Classifier::Tc => assert_eq!(
-            dp.test_run_tc_classifier(f).expect("test run"),
-            TC_ACT_UNSPEC,
+            action, TC_ACT_UNSPEC,
             "the TC classifier never ends the chain"
         ),
+        Classifier::TcSteering => assert_eq!(action, TC_ACT_OK, "nothing to steer: go on"),
     }
 }
 
@@ -139,7 +152,7 @@ fn login_pdu() -> Vec<u8> {
 
 #[test]
 fn every_fixture_passes_with_the_expected_verdict() {
-    for c in BOTH {
+    for c in ALL {
         fixtures_pass_with_the_expected_verdict(c);
     }
 }
@@ -358,12 +371,12 @@ fn fixtures_pass_with_the_expected_verdict(classifier: Classifier) {
     ];
     for (name, f, expect) in cases {
         let before = verdicts(&dp);
-        if matches!(classifier, Classifier::Tc) && name == "IPv4 header cut short" {
+        if !matches!(classifier, Classifier::Xdp) && name == "IPv4 header cut short" {
             // BPF_PROG_TEST_RUN builds an skb only around a whole IPv4 header
             // (it reads the addresses for the test socket); the TC classifier
             // parses with the same code as XDP, which covers this frame.
             assert!(
-                dp.test_run_tc_classifier(&f).is_err(),
+                dp.test_run_frame(classifier.program(), &f).is_err(),
                 "the kernel's test run refuses an skb with a cut IPv4 header"
             );
             continue;
@@ -386,7 +399,7 @@ fn fixtures_pass_with_the_expected_verdict(classifier: Classifier) {
 
 #[test]
 fn flow_counters_count_both_directions_payload_frames_and_retransmissions() {
-    for c in BOTH {
+    for c in ALL {
         flow_counters_count(c);
     }
 }
@@ -458,7 +471,7 @@ fn flow_counters_count(classifier: Classifier) {
 
 #[test]
 fn login_request_is_captured_for_discovery() {
-    for c in BOTH {
+    for c in ALL {
         login_request_is_captured(c);
     }
 }
@@ -533,17 +546,20 @@ fn syn(v6: bool, sport: u16) -> Vec<u8> {
     }
 }
 
-/// Run one SYN through the steering program; the verdicts that changed.
-fn steer_syn(dp: &Datapath, v6: bool) -> BTreeMap<&'static str, u64> {
+/// Run one SYN through steering program `prog` (alone or combined with the
+/// classifier); the steering verdicts that changed.
+fn steer_syn(dp: &Datapath, prog: &'static str, v6: bool) -> BTreeMap<&'static str, u64> {
     let before = verdicts(dp);
     assert_eq!(
-        dp.test_run_steer(&syn(v6, 40000)).expect("test run"),
+        dp.test_run_frame(prog, &syn(v6, 40000))
+            .expect("test run")
+            .0,
         TC_ACT_OK,
         "the steering program never drops"
     );
     verdicts(dp)
         .into_iter()
-        .filter(|(n, v)| before.get(n) != Some(v))
+        .filter(|(n, v)| n.starts_with("tc_steer") && before.get(n) != Some(v))
         .map(|(n, v)| (n, v - before.get(n).copied().unwrap_or(0)))
         .collect()
 }
@@ -554,6 +570,12 @@ fn steer_syn(dp: &Datapath, v6: bool) -> BTreeMap<&'static str, u64> {
 /// as such (it is checked first).
 #[test]
 fn steering_of_new_connections_fails_open_on_a_hung_daemon() {
+    for prog in [PROG_TC_STEER, PROG_TC_CLASSIFY_STEER] {
+        steering_fails_open(prog);
+    }
+}
+
+fn steering_fails_open(prog: &'static str) {
     use nearblock::datapath::monotonic_ns;
     use nearblock::datapath::{LISTENER_V4, ROLE_CLIENT_FACING};
 
@@ -571,40 +593,40 @@ fn steering_of_new_connections_fails_open_on_a_hung_daemon() {
     };
 
     assert_eq!(
-        steer_syn(&dp, false),
+        steer_syn(&dp, prog, false),
         one("tc_steer_stale_heartbeat"),
         "never written"
     );
     fail_open.beat(LISTENER_V4, true).unwrap();
-    let changed = steer_syn(&dp, false);
+    let changed = steer_syn(&dp, prog, false);
     assert!(steered(&changed), "fresh heartbeat: {changed:?}");
     fail_open.beat(LISTENER_V4, false).unwrap();
-    assert_eq!(steer_syn(&dp, false), one("tc_steer_not_accepting"));
+    assert_eq!(steer_syn(&dp, prog, false), one("tc_steer_not_accepting"));
 
     fail_open.beat(LISTENER_V4, true).unwrap();
     let source = std::net::IpAddr::from([198, 18, 3, 2]);
     fail_open
         .mark_over_cap(source, monotonic_ns() + 60_000_000_000)
         .unwrap();
-    assert_eq!(steer_syn(&dp, false), one("tc_steer_over_cap_source"));
+    assert_eq!(steer_syn(&dp, prog, false), one("tc_steer_over_cap_source"));
     // An expired mark no longer applies; a removed one neither.
     fail_open.mark_over_cap(source, monotonic_ns() - 1).unwrap();
-    let changed = steer_syn(&dp, false);
+    let changed = steer_syn(&dp, prog, false);
     assert!(steered(&changed), "expired mark: {changed:?}");
     fail_open
         .mark_over_cap(source, monotonic_ns() + 60_000_000_000)
         .unwrap();
     fail_open.unmark_over_cap(source).unwrap();
-    let changed = steer_syn(&dp, false);
+    let changed = steer_syn(&dp, prog, false);
     assert!(steered(&changed), "removed mark: {changed:?}");
 
     // A heartbeat that stops: stale after 1 s.
     fail_open.beat(LISTENER_V4, true).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    assert_eq!(steer_syn(&dp, false), one("tc_steer_stale_heartbeat"));
+    assert_eq!(steer_syn(&dp, prog, false), one("tc_steer_stale_heartbeat"));
 
     // No IPv6 listener: that, not its (never written) heartbeat, is the verdict.
-    assert_eq!(steer_syn(&dp, true), one("tc_steer_no_listener"));
+    assert_eq!(steer_syn(&dp, prog, true), one("tc_steer_no_listener"));
 }
 
 const TC_ACT_SHOT: u32 = 2;
@@ -659,6 +681,12 @@ fn be32(b: &[u8], at: usize) -> u32 {
 /// on in the old numbering.
 #[test]
 fn handed_off_packets_are_rewritten_exactly() {
+    for prog in [PROG_TC_STEER, PROG_TC_CLASSIFY_STEER] {
+        handed_off_packets_are_rewritten_by(prog);
+    }
+}
+
+fn handed_off_packets_are_rewritten_by(prog: &'static str) {
     use nearblock::datapath::{HandoffKey, HandoffRewrite, ROLE_CLIENT_FACING};
 
     let mut dp = load();
@@ -692,7 +720,7 @@ fn handed_off_packets_are_rewritten_exactly() {
     assert_eq!(tcp_sum(&segment), 0xffff, "the fixture's own checksum");
     let before = verdicts(&dp);
     let (action, out) = dp
-        .test_run_steer_frame(&frame(&[eth(0x0800, &[]), ipv4(6, 0, &segment)]))
+        .test_run_frame(prog, &frame(&[eth(0x0800, &[]), ipv4(6, 0, &segment)]))
         .unwrap();
     assert_eq!(action, TC_ACT_OK);
     let tcp = &out[14 + 20..];
@@ -710,7 +738,7 @@ fn handed_off_packets_are_rewritten_exactly() {
     // Without timestamps where they are looked for: dropped and counted.
     let bare = tcp_segment(5000, 9000, 4000, &[]);
     let (action, _) = dp
-        .test_run_steer_frame(&frame(&[eth(0x0800, &[]), ipv4(6, 0, &bare)]))
+        .test_run_frame(prog, &frame(&[eth(0x0800, &[]), ipv4(6, 0, &bare)]))
         .unwrap();
     assert_eq!(action, TC_ACT_SHOT);
     assert_eq!(
@@ -731,7 +759,7 @@ fn handed_off_packets_are_rewritten_exactly() {
         .unwrap();
     let segment = tcp_segment(5000, 9000, 4000, &options[..12]);
     let (action, out) = dp
-        .test_run_steer_frame(&frame(&[eth(0x0800, &[]), ipv4(6, 0, &segment)]))
+        .test_run_frame(prog, &frame(&[eth(0x0800, &[]), ipv4(6, 0, &segment)]))
         .unwrap();
     assert_eq!(action, TC_ACT_OK);
     let tcp = &out[14 + 20..];
@@ -760,7 +788,7 @@ fn handed_off_packets_are_rewritten_exactly() {
     let mut syn = tcp_segment(77, 0, 4000, &options[..12]);
     syn[13] = 0x02;
     let (action, out) = dp
-        .test_run_steer_frame(&frame(&[eth(0x0800, &[]), ipv4(6, 0, &syn)]))
+        .test_run_frame(prog, &frame(&[eth(0x0800, &[]), ipv4(6, 0, &syn)]))
         .unwrap();
     assert_eq!(action, TC_ACT_OK);
     assert_eq!(be32(&out[14 + 20..], 4), 77, "the SYN's sequence number");

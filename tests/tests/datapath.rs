@@ -95,6 +95,14 @@ fn real_clients_through_rack_appliance_match_direct() {
     );
 
     let r = lab.status("rack1").expect("status");
+    // Every rack1 interface steers and classifies in TC (`auto` on veth):
+    // one program does both, as the kernel lists them.
+    assert!(!r.interfaces.is_empty());
+    for i in &r.interfaces {
+        assert_eq!(i.classifier.as_deref(), Some("tc"), "{i:?}");
+        assert_eq!(i.tc_ingress, ["nb_classify_steer"], "{i:?}");
+        assert_eq!(i.tc_egress, ["nb_egress_count"], "{i:?}");
+    }
     // iscsi-ls opens 2 sessions (discovery + per LUN), readcapacity 1, qemu-img >= 1.
     assert!(
         r.splicer.accepted >= 4,
@@ -583,11 +591,20 @@ fn two_appliances_splice_once() {
 }
 
 /// IPv6: the same copy over the library's IPv6 address is steered and identical.
+/// Also the XDP classifier's steering: XDP classifies, `nb_steer` steers.
 #[test]
 fn ipv6_copy_is_steered() {
     let (mut lab, data) = lab_with_lun(false, None);
+    lab.set_datapath_extra("rack1", "classifier = \"xdp\"");
     lab.start_appliance("rack1", ApplianceOptions::default())
         .unwrap();
+    let r = lab.status("rack1").unwrap();
+    assert!(!r.interfaces.is_empty());
+    for i in &r.interfaces {
+        assert_eq!(i.classifier.as_deref(), Some("xdp-generic"), "{i:?}");
+        assert_eq!(i.tc_ingress, ["nb_steer"], "{i:?}");
+        assert_eq!(i.tc_egress, ["nb_egress_count"], "{i:?}");
+    }
     let url = lab.lun_url6(IQN, 1);
     let copy = copy_ok(&lab, "hv1", &url, "v6.raw");
     assert!(copy == data);

@@ -42,8 +42,11 @@ pub fn profile_dir(profile: &str) -> &str {
 /// Build the binary under test with `args.profile`, then run the benches.
 pub fn run(args: &BenchArgs) -> Result<()> {
     let namespace: &[&str] = match args.which.as_str() {
-        "all" => &["datapath", "splice"],
-        "datapath" => &["datapath"],
+        // `programs` (each kernel program's ns per packet, BPF_PROG_TEST_RUN)
+        // goes before the datapath's rounds: seconds, no lab.
+        "all" => &["programs", "datapath", "splice"],
+        "datapath" => &["programs", "datapath"],
+        "programs" => &["programs"],
         "splice" => &["splice"],
         "http" => &["http"],
         // Minutes long (16 corpus VMs twice; three corpus VMs migrated):
@@ -58,7 +61,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         && (namespace.is_empty()
             || matches!(
                 args.which.as_str(),
-                "all" | "fanout" | "migrate" | "http" | "scale"
+                "all" | "programs" | "fanout" | "migrate" | "http" | "scale"
             ))
     {
         bail!("--baseline-rev compares one namespace bench: `bench datapath` or `bench splice`");
@@ -129,7 +132,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if !ran {
         bail!(
-            "unknown benchmark `{}` (datapath, splice, http, index, plan, fanout, migrate, scale, all)",
+            "unknown benchmark `{}` (datapath, programs, splice, http, index, plan, fanout, migrate, scale, all)",
             args.which
         );
     }

@@ -214,6 +214,15 @@ pub fn print_report(r: &StatusReport, out: &mut dyn Write) -> anyhow::Result<()>
             i.tx_packets,
             i.rate.tx_bps / 1e6
         )?;
+        if !i.tc_ingress.is_empty() || !i.tc_egress.is_empty() {
+            writeln!(
+                out,
+                "  {:<12} tc ingress: {}; tc egress: {}",
+                "",
+                i.tc_ingress.join(", "),
+                i.tc_egress.join(", ")
+            )?;
+        }
     }
     if !r.served_portals.is_empty() {
         writeln!(
