@@ -65,10 +65,14 @@ pub enum Verdict {
     /// TC: a handed-off connection's packet whose header could not be read or
     /// written: dropped (its sender retransmits).
     SteerHandoffDropped = 23,
+    /// TC: a handed-off connection's rewritten packet routed by the program
+    /// (FIB lookup, TTL decremented) and redirected to its egress interface;
+    /// the rest of `tc_steer_handoff` went through the stack's forwarding.
+    SteerHandoffRouted = 24,
 }
 
 /// Number of slots in the verdict array.
-pub const VERDICT_COUNT: u32 = 24;
+pub const VERDICT_COUNT: u32 = 25;
 
 /// Names for export, indexed by the verdict's value.
 pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
@@ -96,4 +100,5 @@ pub const VERDICT_NAMES: [&str; VERDICT_COUNT as usize] = [
     "tc_steer_handoff",
     "tc_steer_handoff_unparsed",
     "tc_steer_handoff_dropped",
+    "tc_steer_handoff_routed",
 ];

@@ -331,7 +331,10 @@ fn add_to_flow(c: *mut FlowCounters, frame_len: u64, payload_len: u64, flags: u8
 fn capture_login<F: Frame>(ctx: &F, key: &FlowKey, payload_off: usize, payload_len: u64) {
     let Some(mut entry) = LOGIN_EVENTS.reserve::<LoginEvent>(0) else {
         bump(Verdict::LoginRingFull);
-        aya_log_ebpf::warn!(ctx, "login ring buffer full: a Login Request was not captured");
+        aya_log_ebpf::warn!(
+            ctx,
+            "login ring buffer full: a Login Request was not captured"
+        );
         return;
     };
     // 1..=LOGIN_CAPTURE_MAX in a form the verifier can follow to the helper

@@ -12,15 +12,20 @@
 //! checksum update by difference.
 
 use aya_ebpf::{
+    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     cty::c_void,
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_skb_store_bytes},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_l3_csum_replace, bpf_redirect,
+        bpf_redirect_neigh, bpf_skb_load_bytes, bpf_skb_store_bytes,
+    },
     macros::map,
     maps::HashMap,
     programs::TcContext,
     EbpfContext,
 };
 use nearblock_common::{
-    handoff::rescale_window, maps::HANDOFFS_MAX, HandoffKey, HandoffRewrite, Verdict,
+    flow::FAMILY_IPV4, handoff::rescale_window, maps::HANDOFFS_MAX, HandoffKey, HandoffRewrite,
+    Verdict,
 };
 
 use crate::{
@@ -52,8 +57,10 @@ const LAST_SEEN_GRAIN_NS: u64 = 1_000_000_000;
 pub enum Handoff {
     /// Not a handed-off connection's.
     NotOurs,
-    /// Rewritten: forward it.
+    /// Rewritten: the stack forwards it.
     Forward,
+    /// Rewritten and routed: redirected to its egress interface.
+    Redirect,
     /// A handed-off connection's packet that could not be rewritten: dropped
     /// (its sender retransmits), never forwarded in the wrong numbering.
     Drop,
@@ -75,7 +82,12 @@ impl Header {
     #[inline(always)]
     fn get32(&self, off: usize) -> u32 {
         let b = &self.bytes;
-        u32::from_be_bytes([b[off & 63], b[(off + 1) & 63], b[(off + 2) & 63], b[(off + 3) & 63]])
+        u32::from_be_bytes([
+            b[off & 63],
+            b[(off + 1) & 63],
+            b[(off + 2) & 63],
+            b[(off + 3) & 63],
+        ])
     }
     /// Replace the field at `off`, returning the old value.
     #[inline(always)]
@@ -89,7 +101,8 @@ impl Header {
         // Checksums are sums of big-endian 16-bit words: sum the fields as the
         // host reads them and the fold below stays consistent as long as old
         // and new are read alike.
-        self.diff += u64::from(!u32::from_ne_bytes(old.to_be_bytes())) + u64::from(u32::from_ne_bytes(b));
+        self.diff +=
+            u64::from(!u32::from_ne_bytes(old.to_be_bytes())) + u64::from(u32::from_ne_bytes(b));
         old
     }
     #[inline(always)]
@@ -135,6 +148,134 @@ pub fn forward(ctx: &TcContext, pkt: &TcpPacket, now: u64) -> Handoff {
     }
 }
 
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// Offsets in the IP headers: IPv4's TTL (followed by the protocol, one
+/// 16-bit word for the checksum) and header checksum, IPv6's hop limit.
+const IPV4_TTL_OFF: usize = 8;
+const IPV4_CHECK_OFF: usize = 10;
+const IPV6_HOP_LIMIT_OFF: usize = 7;
+
+/// Route a rewritten packet as a router would and redirect it to its egress
+/// interface; anything the FIB does not answer for is the stack's
+/// (`Forward`). Called by steering after `forward`, not from it: a call
+/// deeper would take the combined program past the verifier's 512-byte stack.
+#[inline(never)]
+pub fn route(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading fields of the context the kernel passed in.
+    let (vlan_present, ifindex) = unsafe { ((*skb).vlan_present, (*skb).ifindex) };
+    if pkt.tagged || vlan_present != 0 {
+        return Handoff::Forward;
+    }
+    // SAFETY: plain old data; all-zero is a valid value.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = crate::parse::IPPROTO_TCP;
+    fib.sport = pkt.sport.to_be();
+    fib.dport = pkt.dport.to_be();
+    fib.ifindex = ifindex;
+    let hop_off = if pkt.family == FAMILY_IPV4 {
+        fib.family = AF_INET;
+        let a = &pkt.saddr;
+        let b = &pkt.daddr;
+        fib.__bindgen_anon_2.tos = pkt.dscp << 2;
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        pkt.l3_off + IPV4_TTL_OFF
+    } else {
+        fib.family = AF_INET6;
+        // SAFETY: 16 bytes as four words, the layout the helper reads.
+        unsafe {
+            fib.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.saddr);
+            fib.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.daddr);
+        }
+        pkt.l3_off + IPV6_HOP_LIMIT_OFF
+    };
+    // tot_len 0: the helper checks the skb against the egress MTU itself.
+    // SAFETY: helper call with the context and a stack struct of its size.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    let rc = rc as u32;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Handoff::Forward;
+    }
+    // TTL (IPv4: with the protocol byte, the checksummed 16-bit word).
+    let mut word = [0u8; 2];
+    // SAFETY: a 2-byte stack buffer; the helper bounds-checks the offset.
+    if unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr().cast(),
+            hop_off as u32,
+            word.as_mut_ptr().cast(),
+            2,
+        )
+    } != 0
+    {
+        return Handoff::Forward;
+    }
+    if word[0] <= 1 {
+        // Expiring: the stack answers with ICMP time exceeded.
+        return Handoff::Forward;
+    }
+    let old = u16::from_ne_bytes(word);
+    word[0] -= 1;
+    // SAFETY: writing the decremented byte back where it was read.
+    if unsafe {
+        bpf_skb_store_bytes(
+            ctx.as_ptr().cast(),
+            hop_off as u32,
+            word.as_ptr().cast(),
+            1,
+            0,
+        )
+    } != 0
+    {
+        return Handoff::Drop;
+    }
+    if pkt.family == FAMILY_IPV4 {
+        let new = u16::from_ne_bytes(word);
+        let check = (pkt.l3_off + IPV4_CHECK_OFF) as u32;
+        // SAFETY: helper call on the context; 2 = the size of the replaced field.
+        if unsafe {
+            bpf_l3_csum_replace(
+                ctx.as_ptr().cast(),
+                check,
+                u64::from(old),
+                u64::from(new),
+                2,
+            )
+        } != 0
+        {
+            return Handoff::Drop;
+        }
+    }
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&fib.dmac);
+        macs[6..].copy_from_slice(&fib.smac);
+        // SAFETY: the Ethernet addresses, at the frame's start.
+        if unsafe { bpf_skb_store_bytes(ctx.as_ptr().cast(), 0, macs.as_ptr().cast(), 12, 0) } != 0
+        {
+            return Handoff::Drop;
+        }
+        // SAFETY: helper call; no flags: the interface's egress.
+        unsafe { bpf_redirect(fib.ifindex, 0) };
+    } else {
+        // The next hop's address is not resolved yet: the kernel resolves
+        // it (and queues the packet meanwhile).
+        // SAFETY: helper call; no parameters: the kernel looks up the next hop.
+        unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) };
+    }
+    bump(Verdict::SteerHandoffRouted);
+    Handoff::Redirect
+}
+
 #[inline(always)]
 fn rewrite(ctx: &TcContext, pkt: &TcpPacket, now: u64) -> Handoff {
     let key = key_of(pkt);
@@ -153,7 +294,11 @@ fn rewrite(ctx: &TcContext, pkt: &TcpPacket, now: u64) -> Handoff {
     // only ever store whole fields (learned once, or flags set to 1).
     let rw = unsafe { &mut *rw };
     // SAFETY: the helper has no preconditions.
-    let now = if now != 0 { now } else { unsafe { bpf_ktime_get_ns() } };
+    let now = if now != 0 {
+        now
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    };
     // Both directions' entries are written from both CPUs: store only what
     // changed (the sweeper needs seconds, not every packet's time).
     if now.wrapping_sub(rw.last_seen_ns) > LAST_SEEN_GRAIN_NS {
@@ -247,10 +392,20 @@ fn find_options(hdr: &Header, len: usize) -> (usize, usize, usize) {
     let b = &hdr.bytes;
     let mut timestamps_at = 0;
     let mut next = FIXED_LEN;
-    if len >= FIXED_LEN + 12 && b[20] == OPT_NOP && b[21] == OPT_NOP && b[22] == OPT_TIMESTAMP && b[23] as usize == OPT_TIMESTAMP_LEN {
+    if len >= FIXED_LEN + 12
+        && b[20] == OPT_NOP
+        && b[21] == OPT_NOP
+        && b[22] == OPT_TIMESTAMP
+        && b[23] as usize == OPT_TIMESTAMP_LEN
+    {
         timestamps_at = 22;
         next = 32;
-    } else if len >= FIXED_LEN + 12 && b[20] == OPT_TIMESTAMP && b[21] as usize == OPT_TIMESTAMP_LEN && b[30] == OPT_NOP && b[31] == OPT_NOP {
+    } else if len >= FIXED_LEN + 12
+        && b[20] == OPT_TIMESTAMP
+        && b[21] as usize == OPT_TIMESTAMP_LEN
+        && b[30] == OPT_NOP
+        && b[31] == OPT_NOP
+    {
         timestamps_at = 20;
         next = 32;
     }
@@ -270,7 +425,13 @@ fn find_options(hdr: &Header, len: usize) -> (usize, usize, usize) {
     (timestamps_at, sack_at, sack_len)
 }
 #[inline(always)]
-fn rewrite_timestamps(hdr: &mut Header, at: usize, rw: &mut HandoffRewrite, key: &HandoffKey, now: u64) {
+fn rewrite_timestamps(
+    hdr: &mut Header,
+    at: usize,
+    rw: &mut HandoffRewrite,
+    key: &HandoffKey,
+    now: u64,
+) {
     let tsval = hdr.get32(at + 2);
     if rw.tsval_known == 0 {
         // Continue the receiver's view of its peer's clock from now (+1 so it

@@ -10,7 +10,8 @@
 //!   classified connections to the splicer's listener and replies to its
 //!   transparent upstream sockets (`bpf_sk_assign` + mark for policy routing).
 //!   Packets of connections the splicer handed to the kernel are rewritten and
-//!   forwarded instead (`handoff`). `TC_ACT_OK`, except a handed-off
+//!   routed and redirected to their egress interface instead (`handoff`).
+//!   `TC_ACT_OK`, except those (`TC_ACT_REDIRECT`) and a handed-off
 //!   connection's packet that cannot be rewritten: dropped, as if lost.
 //! - `nb_classify_steer` (TC ingress): both of the above in one pass over the
 //!   headers, for a steering interface whose classifier runs in TC.
@@ -24,7 +25,7 @@ mod parse;
 mod steer;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -49,7 +50,9 @@ pub fn nb_steer(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn nb_classify_steer(ctx: TcContext) -> i32 {
     match count::classify(&ctx) {
-        Some(c) => tc_action(steer::steer_classified(&ctx, &c.pkt, c.toward, c.from, c.now)),
+        Some(c) => tc_action(steer::steer_classified(
+            &ctx, &c.pkt, c.toward, c.from, c.now,
+        )),
         None => TC_ACT_OK as i32,
     }
 }
@@ -59,6 +62,7 @@ fn tc_action(a: steer::Action) -> i32 {
     match a {
         steer::Action::Pass => TC_ACT_OK as i32,
         steer::Action::Drop => TC_ACT_SHOT as i32,
+        steer::Action::Redirect => TC_ACT_REDIRECT as i32,
     }
 }
 

@@ -10,11 +10,11 @@
 
 use core::mem::{offset_of, size_of};
 
+use aya_ebpf::programs::TcContext;
 use nearblock_common::{
     flow::{FAMILY_IPV4, FAMILY_IPV6},
     Verdict,
 };
-use aya_ebpf::programs::TcContext;
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
@@ -65,6 +65,8 @@ pub struct TcpPacket {
     pub tcp_flags: u8,
     /// Sequence number of the segment's first byte.
     pub seq: u32,
+    /// Offset of the IP header from the start of the frame.
+    pub l3_off: usize,
     /// Offset of the TCP header from the start of the frame.
     pub l4_off: usize,
     /// Offset of the TCP payload from the start of the frame.
@@ -93,7 +95,11 @@ pub fn parse_skb(ctx: &TcContext) -> Result<TcpPacket, Verdict> {
     let linear = (ctx.data_end() - ctx.data()) as u32;
     match parsed {
         Err(Verdict::Truncated) if linear < PULL_LEN && ctx.len() > linear => {
-            let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
+            let want = if ctx.len() < PULL_LEN {
+                ctx.len()
+            } else {
+                PULL_LEN
+            };
             if ctx.pull_data(want).is_err() {
                 return Err(Verdict::Truncated);
             }
@@ -158,6 +164,7 @@ pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
         dport: 0,
         tcp_flags: 0,
         seq: 0,
+        l3_off: l3,
         l4_off: 0,
         payload_off: 0,
         payload_len: 0,
@@ -198,8 +205,7 @@ pub fn parse_tcp(start: usize, end: usize) -> Result<TcpPacket, Verdict> {
             let plen = be16(start, end, l3 + offset_of!(Ipv6Hdr, payload_len))? as usize;
             let mut next = byte(start, end, l3 + offset_of!(Ipv6Hdr, next_hdr))?;
             // Source and destination are adjacent: one bound check for both.
-            let addrs: *const [u8; 32] =
-                ptr_at(start, end, l3 + offset_of!(Ipv6Hdr, src_addr))?;
+            let addrs: *const [u8; 32] = ptr_at(start, end, l3 + offset_of!(Ipv6Hdr, src_addr))?;
             // SAFETY: bounds checked by ptr_at.
             let addrs = unsafe { *addrs };
             pkt.saddr.copy_from_slice(&addrs[..16]);

@@ -27,13 +27,10 @@
 //! stopped daemon's established sessions stall until it runs again).
 
 use aya_ebpf::{
-    bindings::{
-        bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT,
-    },
+    bindings::{bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT},
     cty::c_void,
     helpers::{
-        bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release,
-        bpf_skc_lookup_tcp,
+        bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap, SockMap},
@@ -89,6 +86,9 @@ pub enum Action {
     Pass,
     /// Drop: a handed-off connection's packet that could not be rewritten.
     Drop,
+    /// Redirected to another interface (a handed-off connection's packet,
+    /// routed by the program).
+    Redirect,
 }
 
 #[inline(always)]
@@ -140,7 +140,8 @@ pub fn steer_classified(
         }
         match handoff::forward(ctx, pkt, now) {
             Handoff::NotOurs => steer_from_client(ctx, pkt),
-            Handoff::Forward => {}
+            Handoff::Forward => return routed(ctx, pkt),
+            Handoff::Redirect => return Action::Redirect,
             Handoff::Drop | Handoff::Unparsed => return Action::Drop,
         }
     } else if from && role & ROLE_UPSTREAM_FACING != 0 {
@@ -149,11 +150,22 @@ pub fn steer_classified(
         }
         match handoff::forward(ctx, pkt, now) {
             Handoff::NotOurs => steer_reply(ctx, pkt),
-            Handoff::Forward => {}
+            Handoff::Forward => return routed(ctx, pkt),
+            Handoff::Redirect => return Action::Redirect,
             Handoff::Drop | Handoff::Unparsed => return Action::Drop,
         }
     }
     Action::Pass
+}
+
+/// A rewritten packet, routed by the program where the FIB answers.
+#[inline(always)]
+fn routed(ctx: &TcContext, pkt: &TcpPacket) -> Action {
+    match handoff::route(ctx, pkt) {
+        Handoff::Redirect => Action::Redirect,
+        Handoff::Drop | Handoff::Unparsed => Action::Drop,
+        Handoff::Forward | Handoff::NotOurs => Action::Pass,
+    }
 }
 
 /// Outcome of looking up the socket that owns a packet's own tuple.
@@ -270,7 +282,11 @@ fn portal_served(family: u8, addr: &[u8; 16], port: u16) -> bool {
 /// Assign a new connection's SYN to the splicer's listener for its family.
 #[inline(never)]
 fn assign_listener(ctx: &TcContext, pkt: &TcpPacket) {
-    let key: u32 = if pkt.family == FAMILY_IPV4 { LISTENER_V4 } else { LISTENER_V6 };
+    let key: u32 = if pkt.family == FAMILY_IPV4 {
+        LISTENER_V4
+    } else {
+        LISTENER_V6
+    };
     // SAFETY: raw lookup in a SockMap; aya-ebpf 0.2 has no TC-side wrapper. The
     // result is a referenced socket or null.
     let sk = unsafe {

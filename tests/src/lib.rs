@@ -36,6 +36,7 @@ pub mod content;
 pub mod cpu;
 pub mod datacenter;
 pub mod fabric;
+pub mod fixture_netns;
 pub mod initiator;
 pub mod origin;
 pub mod procs;

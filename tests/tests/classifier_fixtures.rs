@@ -14,6 +14,7 @@ use nearblock::{
         PROG_XDP_CLASSIFY,
     },
 };
+use nearblock_lab::fixture_netns::{FixtureNetns, EGRESS_MAC, NEXT_HOP_MAC};
 
 const XDP_PASS: u32 = 2;
 /// `TC_ACT_UNSPEC` (-1): TCX runs the next program (steering).
@@ -681,13 +682,57 @@ fn be32(b: &[u8], at: usize) -> u32 {
 /// on in the old numbering.
 #[test]
 fn handed_off_packets_are_rewritten_exactly() {
-    for prog in [PROG_TC_STEER, PROG_TC_CLASSIFY_STEER] {
-        handed_off_packets_are_rewritten_by(prog);
+    for routed in [false, true] {
+        let ns = FixtureNetns::new(routed);
+        nearblock_lab::in_namespace(ns.path(), move || {
+            for prog in [PROG_TC_STEER, PROG_TC_CLASSIFY_STEER] {
+                handed_off_packets_are_rewritten_by(prog, routed);
+            }
+        });
     }
 }
 
-fn handed_off_packets_are_rewritten_by(prog: &'static str) {
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// `frame` (Ethernet + IPv4) with its IPv4 header checksum filled in.
+fn with_ip_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let sum = ip_sum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&(!sum).to_be_bytes());
+    frame
+}
+
+/// One's-complement sum of an IPv4 header, folded: 0xffff when its
+/// checksum is valid.
+fn ip_sum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|p| u32::from(u16::from_be_bytes([p[0], p[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The routed namespace's promise: the packet leaves toward the next hop
+/// with one TTL less and a valid IPv4 header checksum.
+fn assert_routed(out: &[u8]) {
+    assert_eq!(out[0..6], NEXT_HOP_MAC, "destination MAC: the next hop's");
+    assert_eq!(out[6..12], EGRESS_MAC, "source MAC: the egress interface's");
+    assert_eq!(out[14 + 8], 63, "TTL decremented");
+    assert_eq!(ip_sum(&out[14..34]), 0xffff, "IPv4 checksum after the TTL");
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one handed-off connection's packets, in the order they pass"
+)]
+fn handed_off_packets_are_rewritten_by(prog: &'static str, routed: bool) {
     use nearblock::datapath::{HandoffKey, HandoffRewrite, ROLE_CLIENT_FACING};
+
+    // Routed by the program and redirected, or left to the stack.
+    let forwarded = if routed { TC_ACT_REDIRECT } else { TC_ACT_OK };
 
     let mut dp = load();
     dp.set_interface_role(1, ROLE_CLIENT_FACING).unwrap();
@@ -720,9 +765,21 @@ fn handed_off_packets_are_rewritten_by(prog: &'static str) {
     assert_eq!(tcp_sum(&segment), 0xffff, "the fixture's own checksum");
     let before = verdicts(&dp);
     let (action, out) = dp
-        .test_run_frame(prog, &frame(&[eth(0x0800, &[]), ipv4(6, 0, &segment)]))
+        .test_run_frame(
+            prog,
+            &with_ip_checksum(frame(&[eth(0x0800, &[]), ipv4(6, 0, &segment)])),
+        )
         .unwrap();
-    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(action, forwarded, "{prog}, routed {routed}");
+    if routed {
+        assert_routed(&out);
+    } else {
+        assert_eq!(
+            out[14 + 8],
+            64,
+            "the stack decrements the TTL, not the program"
+        );
+    }
     let tcp = &out[14 + 20..];
     assert_eq!(tcp.len(), segment.len());
     assert_eq!(be32(tcp, 4), 6000, "seq");
@@ -734,6 +791,10 @@ fn handed_off_packets_are_rewritten_by(prog: &'static str) {
     assert_eq!(map.get(&key).unwrap().acked, 1);
     let after = verdicts(&dp);
     assert_eq!(after["tc_steer_handoff"], before["tc_steer_handoff"] + 1);
+    assert_eq!(
+        after["tc_steer_handoff_routed"],
+        before["tc_steer_handoff_routed"] + u64::from(routed)
+    );
 
     // Without timestamps where they are looked for: dropped and counted.
     let bare = tcp_segment(5000, 9000, 4000, &[]);
@@ -759,9 +820,15 @@ fn handed_off_packets_are_rewritten_by(prog: &'static str) {
         .unwrap();
     let segment = tcp_segment(5000, 9000, 4000, &options[..12]);
     let (action, out) = dp
-        .test_run_frame(prog, &frame(&[eth(0x0800, &[]), ipv4(6, 0, &segment)]))
+        .test_run_frame(
+            prog,
+            &with_ip_checksum(frame(&[eth(0x0800, &[]), ipv4(6, 0, &segment)])),
+        )
         .unwrap();
-    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(action, forwarded, "{prog}, routed {routed}");
+    if routed {
+        assert_routed(&out);
+    }
     let tcp = &out[14 + 20..];
     let learned = map.get(&key).unwrap();
     let reverse = map.get(&key.reversed()).unwrap();
