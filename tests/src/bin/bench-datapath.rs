@@ -17,8 +17,10 @@
 //! - portal not served: steering, but the library's portal is not among the
 //!   served ones: the kernel forwards it (ratio to the TC classifier's).
 //!
-//! Every configuration runs once per round, in the same order, for `ROUNDS`
-//! rounds (`NEARBLOCK_BENCH_ROUNDS`); each figure's median, minimum and maximum
+//! Every configuration runs once per round for `ROUNDS` rounds
+//! (`NEARBLOCK_BENCH_ROUNDS`), the order rotated by one each round
+//! ([`round_order`]) so that no configuration always runs first after the
+//! machine was idle or right after the appliance started; each figure's median, minimum and maximum
 //! are printed, with its ratio of medians and the range of its per-round ratios
 //! (each round's figure over that round's baseline), and the CPU it used:
 //! core-ms per MB moved by process role, and what that adds to its baseline's.
@@ -257,7 +259,7 @@ fn run_rounds(
 ) -> Result<()> {
     let rounds = daemons.rounds;
     for round in 0..rounds {
-        for setup in Setup::ALL {
+        for setup in round_order(round) {
             let Some((datapath, steer)) = setup.appliance() else {
                 for &load in setup.loads() {
                     let (v, cpu) = measure(lab, load, url, lib)?;
@@ -289,6 +291,13 @@ fn run_rounds(
     }
     lab.set_datapath_extra("rack1", "");
     Ok(())
+}
+
+/// Round `round`'s order: `Setup::ALL` rotated left by `round`.
+fn round_order(round: usize) -> [Setup; 5] {
+    let mut order = Setup::ALL;
+    order.rotate_left(round % Setup::ALL.len());
+    order
 }
 
 /// The configuration did what it is named for.
@@ -481,6 +490,16 @@ mod tests {
             s.ratios(Side::Old, Setup::ClassifierTc, Load::Iscsi64k),
             [0.5]
         );
+    }
+
+    #[test]
+    fn every_round_runs_every_setup_and_each_leads_in_turn() {
+        for round in 0..10 {
+            let mut order = round_order(round).to_vec();
+            assert_eq!(order[0], Setup::ALL[round % Setup::ALL.len()]);
+            order.sort_by_key(|s| Setup::ALL.iter().position(|a| a == s));
+            assert_eq!(order, Setup::ALL);
+        }
     }
 
     #[test]
