@@ -10,8 +10,9 @@ pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
 
 /// A network namespace of the fixture's own (removed on drop), where the
 /// test run's skb enters on its loopback device. Routed: 198.18.0.0/16 via
-/// 10.99.0.2 on one end of a veth pair, the next hop's address resolved, and
-/// forwarding on; else nothing but `lo`, so the FIB answers nothing.
+/// 10.99.0.2 and fd00:6e62::/32 via fd99::2 on one end of a veth pair, the
+/// next hops' addresses resolved, and forwarding on; else nothing but `lo`,
+/// so the FIB answers nothing.
 pub struct FixtureNetns(String);
 
 impl FixtureNetns {
@@ -45,12 +46,19 @@ impl FixtureNetns {
             ip("addr add 10.99.0.1/24 dev d0");
             ip("route add 198.18.0.0/16 via 10.99.0.2");
             ip("neigh add 10.99.0.2 lladdr 02:00:00:00:00:99 dev d0 nud permanent");
-            let st = std::process::Command::new("ip")
-                .args(["netns", "exec", &name, "sysctl", "-qw"])
-                .arg("net.ipv4.conf.all.forwarding=1")
-                .status()
-                .expect("sysctl");
-            assert!(st.success(), "forwarding on in {name}");
+            ip("-6 addr add fd99::1/64 dev d0 nodad");
+            ip("-6 route add fd00:6e62::/32 via fd99::2");
+            ip("-6 neigh add fd99::2 lladdr 02:00:00:00:00:99 dev d0 nud permanent");
+            for knob in [
+                "net.ipv4.conf.all.forwarding=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ] {
+                let st = std::process::Command::new("ip")
+                    .args(["netns", "exec", &name, "sysctl", "-qw", knob])
+                    .status()
+                    .expect("sysctl");
+                assert!(st.success(), "{knob} in {name}");
+            }
         }
         ns
     }

@@ -694,6 +694,45 @@ fn handed_off_packets_are_rewritten_exactly() {
 
 const TC_ACT_REDIRECT: u32 = 7;
 
+/// An IPv6 handed-off packet is routed too: the hop limit, not a checksum,
+/// and the next hop from the IPv6 FIB.
+#[test]
+fn handed_off_ipv6_packets_are_routed() {
+    let ns = FixtureNetns::new(true);
+    nearblock_lab::in_namespace(ns.path(), || {
+        for prog in [PROG_TC_STEER, PROG_TC_CLASSIFY_STEER] {
+            handed_off_ipv6_packet_is_routed_by(prog);
+        }
+    });
+}
+
+fn handed_off_ipv6_packet_is_routed_by(prog: &'static str) {
+    use nearblock::datapath::{HandoffKey, HandoffRewrite, ROLE_CLIENT_FACING};
+
+    let mut dp = load();
+    dp.set_interface_role(1, ROLE_CLIENT_FACING).unwrap();
+    let map = dp.take_handoff_map().unwrap();
+    let initiator: std::net::SocketAddr = "[fd00:6e62:0:3::2]:40000".parse().unwrap();
+    let target: std::net::SocketAddr = "[fd00:6e62::1]:3260".parse().unwrap();
+    let key = HandoffKey::new(initiator, target);
+    let rewrite = HandoffRewrite {
+        seq_delta: 1000,
+        ..HandoffRewrite::default()
+    };
+    map.install((key, rewrite), (key.reversed(), HandoffRewrite::default()))
+        .unwrap();
+    let segment = tcp_segment(5000, 9000, 4000, &[]);
+    let (action, out) = dp
+        .test_run_frame(prog, &frame(&[eth(0x86dd, &[]), ipv6(6, &segment)]))
+        .unwrap();
+    assert_eq!(action, TC_ACT_REDIRECT, "{prog}");
+    assert_eq!(out[0..6], NEXT_HOP_MAC, "{prog}: destination MAC");
+    assert_eq!(out[6..12], EGRESS_MAC, "{prog}: source MAC");
+    assert_eq!(out[14 + 7], 63, "{prog}: hop limit decremented");
+    assert_eq!(be32(&out[14 + 40..], 4), 6000, "{prog}: seq rewritten");
+    assert_eq!(verdicts(&dp)["tc_steer_handoff_routed"], 1, "{prog}");
+}
+
 /// `frame` (Ethernet + IPv4) with its IPv4 header checksum filled in.
 fn with_ip_checksum(mut frame: Vec<u8>) -> Vec<u8> {
     frame[24..26].copy_from_slice(&[0, 0]);
