@@ -9,8 +9,8 @@ pub const EGRESS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
 
 /// A network namespace of the fixture's own (removed on drop), where the
-/// test run's skb enters on its loopback device. Routed: 198.18.0.0/16 via
-/// 10.99.0.2 and fd00:6e62::/32 via fd99::2 on one end of a veth pair, the
+/// test run's skb enters on its loopback device. Routed: `198.18.0.0/16` via
+/// `10.99.0.2` and `fd00:6e62::/32` via `fd99::2` on one end of a veth pair, the
 /// next hops' addresses resolved, and forwarding on; else nothing but `lo`,
 /// so the FIB answers nothing.
 pub struct FixtureNetns(String);
