@@ -15,8 +15,8 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     cty::c_void,
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_l3_csum_replace, bpf_redirect,
-        bpf_redirect_neigh, bpf_skb_load_bytes, bpf_skb_store_bytes,
+        bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_skb_load_bytes, bpf_skb_store_bytes,
     },
     macros::map,
     maps::HashMap,
@@ -206,51 +206,25 @@ pub fn route(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
         return Handoff::Forward;
     }
     // TTL (IPv4: with the protocol byte, the checksummed 16-bit word).
-    let mut word = [0u8; 2];
-    // SAFETY: a 2-byte stack buffer; the helper bounds-checks the offset.
-    if unsafe {
-        bpf_skb_load_bytes(
-            ctx.as_ptr().cast(),
-            hop_off as u32,
-            word.as_mut_ptr().cast(),
-            2,
-        )
-    } != 0
-    {
+    let Ok(mut word) = ctx.load::<[u8; 2]>(hop_off) else {
         return Handoff::Forward;
-    }
+    };
     if word[0] <= 1 {
         // Expiring: the stack answers with ICMP time exceeded.
         return Handoff::Forward;
     }
     let old = u16::from_ne_bytes(word);
     word[0] -= 1;
-    // SAFETY: writing the decremented byte back where it was read.
-    if unsafe {
-        bpf_skb_store_bytes(
-            ctx.as_ptr().cast(),
-            hop_off as u32,
-            word.as_ptr().cast(),
-            1,
-            0,
-        )
-    } != 0
-    {
+    if ctx.store(hop_off, &word[0], 0).is_err() {
         return Handoff::Drop;
     }
     if pkt.family == FAMILY_IPV4 {
         let new = u16::from_ne_bytes(word);
-        let check = (pkt.l3_off + IPV4_CHECK_OFF) as u32;
-        // SAFETY: helper call on the context; 2 = the size of the replaced field.
-        if unsafe {
-            bpf_l3_csum_replace(
-                ctx.as_ptr().cast(),
-                check,
-                u64::from(old),
-                u64::from(new),
-                2,
-            )
-        } != 0
+        let check = pkt.l3_off + IPV4_CHECK_OFF;
+        // 2: the size of the replaced field.
+        if ctx
+            .l3_csum_replace(check, u64::from(old), u64::from(new), 2)
+            .is_err()
         {
             return Handoff::Drop;
         }
@@ -259,9 +233,8 @@ pub fn route(ctx: &TcContext, pkt: &TcpPacket) -> Handoff {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&fib.dmac);
         macs[6..].copy_from_slice(&fib.smac);
-        // SAFETY: the Ethernet addresses, at the frame's start.
-        if unsafe { bpf_skb_store_bytes(ctx.as_ptr().cast(), 0, macs.as_ptr().cast(), 12, 0) } != 0
-        {
+        // The Ethernet addresses, at the frame's start.
+        if ctx.store(0, &macs, 0).is_err() {
             return Handoff::Drop;
         }
         // SAFETY: helper call; no flags: the interface's egress.
