@@ -2,7 +2,7 @@
 //! (`snow`) with each node's own static key, checked against the peers file.
 //!
 //! ```text
-//! client → "NBPEER\0\2"                   (protocol magic and version, clear)
+//! client → "NBPEER\0\3"                   (protocol magic and version, clear)
 //! client → e
 //! server → e, ee, s, es   + payload (server's role, node)
 //! client checks: the server's key is in the peers file under that node and role
@@ -12,7 +12,7 @@
 //!
 //! Each handshake message travels as a 2-byte length and the message. After the
 //! handshake both directions are records of at most 65,535 bytes (2-byte length,
-//! ChaCha20-Poly1305 ciphertext and tag) under the session's keys, nonces counted
+//! AES-256-GCM ciphertext and tag) under the session's keys, nonces counted
 //! per direction: a record altered, dropped, replayed or reordered fails to
 //! decrypt and the connection is closed. The protocol's frames (`proto`) run
 //! inside, unchanged. There is no shared secret: a node proves itself with a
@@ -36,11 +36,12 @@ use super::{
 };
 
 /// Sent first by the client, in the clear: the protocol and its version. A
-/// version-1 peer (shared secret) starts with a frame length instead.
-pub const MAGIC: [u8; 8] = *b"NBPEER\x00\x02";
+/// version-1 peer (shared secret) starts with a frame length instead; version 2
+/// sealed records with ChaCha20-Poly1305, version 3 with AES-256-GCM.
+pub const MAGIC: [u8; 8] = *b"NBPEER\x00\x03";
 /// Bound into the handshake hash, so a transcript of another protocol does not
 /// verify.
-const PROLOGUE: &[u8] = b"nearblock peer protocol v2";
+const PROLOGUE: &[u8] = b"nearblock peer protocol v3";
 /// The largest Noise message (handshake or record).
 const MAX_NOISE_MESSAGE: usize = 65_535;
 const TAG_LEN: usize = 16;
@@ -71,7 +72,7 @@ pub enum AuthError {
     Timeout,
     #[error("handshake: unexpected {0}")]
     Unexpected(&'static str),
-    #[error("not a nearblock v2 peer ({0})")]
+    #[error("not a nearblock v3 peer ({0})")]
     Version(String),
 }
 
