@@ -205,6 +205,7 @@ pub fn run(args: &PeerArgs, out: &mut dyn std::io::Write) -> Result<()> {
                 hashes,
             } => {
                 let hs = parse_hashes(hashes)?;
+                let holders: std::sync::Arc<[String]> = holders.clone().into();
                 let wants: Vec<_> = hs.iter().map(|h| (*h, holders.clone())).collect();
                 for (h, r) in hs.iter().zip(client.fetch_many(&wants).await) {
                     let line = match r {

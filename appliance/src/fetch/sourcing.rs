@@ -464,35 +464,50 @@ impl Sourcing {
         };
         self.backoff.lock().succeeded();
         let ranks = self.ranks();
-        let mut wants: Vec<(BlockHash, Vec<String>)> = Vec::with_capacity(hashes.len());
+        let mut wants: Vec<(BlockHash, Arc<[String]>)> = Vec::with_capacity(hashes.len());
         // Address → who answers there (the same for every block).
-        let mut sources: HashMap<String, Candidate> = HashMap::new();
+        let mut sources: HashMap<Arc<str>, Candidate> = HashMap::new();
+        // Consecutive blocks mostly have the same holders (an image's blocks on
+        // the same hosts): rank each distinct holder list once.
+        let mut last: Option<(&[Holder], Option<Arc<[String]>>)> = None;
         for (hash, hs) in hashes.iter().zip(&holders) {
-            let order = ranks.order(hs);
-            if order.is_empty() {
-                c.no_holder.fetch_add(1, Ordering::Relaxed);
-                continue;
+            let addrs = match &last {
+                Some((prev, addrs)) if *prev == hs.as_slice() => addrs.clone(),
+                _ => {
+                    let order = ranks.order(hs);
+                    let addrs: Option<Arc<[String]>> = (!order.is_empty())
+                        .then(|| order.iter().map(|c| c.addr.clone()).collect());
+                    for cand in order {
+                        if !sources.contains_key(cand.addr.as_str()) {
+                            sources.insert(Arc::from(cand.addr.as_str()), cand);
+                        }
+                    }
+                    last = Some((hs.as_slice(), addrs.clone()));
+                    addrs
+                }
+            };
+            match addrs {
+                Some(addrs) => wants.push((*hash, addrs)),
+                None => {
+                    c.no_holder.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            let addrs = order.iter().map(|c| c.addr.clone()).collect();
-            for cand in order {
-                sources.entry(cand.addr.clone()).or_insert(cand);
-            }
-            wants.push((*hash, addrs));
         }
         if wants.is_empty() {
             return;
         }
         let results = self.client.fetch_many(&wants).await;
+        // Bytes per source host, added to `by_host` once per batch.
+        let mut fetched_from: HashMap<&str, u64> = HashMap::new();
+        let (mut blocks, mut bytes) = (0u64, 0u64);
         for ((hash, _), r) in wants.iter().zip(results) {
             match r {
                 Ok(f) => {
-                    c.fetched_blocks.fetch_add(1, Ordering::Relaxed);
-                    c.fetched_bytes
-                        .fetch_add(f.data.len() as u64, Ordering::Relaxed);
+                    blocks += 1;
+                    bytes += f.data.len() as u64;
                     let source = sources.get(&f.from);
                     if let Some(s) = source {
-                        *self.by_host.lock().entry(s.host.clone()).or_default() +=
-                            f.data.len() as u64;
+                        *fetched_from.entry(s.host.as_str()).or_default() += f.data.len() as u64;
                     }
                     self.cache
                         .insert_from(*hash, f.data, source.map(|s| s.origin));
@@ -500,6 +515,19 @@ impl Sourcing {
                 Err(e) => {
                     tracing::debug!(block = %hash, cause = %e, "no holder served the block");
                     c.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        c.fetched_blocks.fetch_add(blocks, Ordering::Relaxed);
+        c.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if !fetched_from.is_empty() {
+            let mut by_host = self.by_host.lock();
+            for (host, n) in fetched_from {
+                match by_host.get_mut(host) {
+                    Some(total) => *total += n,
+                    None => {
+                        by_host.insert(host.to_string(), n);
+                    }
                 }
             }
         }

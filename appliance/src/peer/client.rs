@@ -770,7 +770,7 @@ impl Peer {
 pub struct Fetched {
     pub data: Bytes,
     /// The address that served it.
-    pub from: String,
+    pub from: Arc<str>,
     /// Holders tried before, and why they failed.
     pub failed: Vec<FetchError>,
 }
@@ -797,8 +797,11 @@ impl PeerClient {
 
     /// The peer at `addr` (`ip:port`), created on first use.
     pub fn peer(&self, addr: &str) -> Peer {
-        self.peers
-            .lock()
+        let mut peers = self.peers.lock();
+        if let Some(p) = peers.get(addr) {
+            return p.clone();
+        }
+        peers
             .entry(addr.to_string())
             .or_insert_with(|| Peer::new(addr, self.opts.clone(), self.metrics.clone()))
             .clone()
@@ -826,7 +829,7 @@ impl PeerClient {
         hash: &BlockHash,
         holders_in_cost_order: &[String],
     ) -> Result<Fetched, FetchError> {
-        self.fetch_many(&[(*hash, holders_in_cost_order.to_vec())])
+        self.fetch_many(&[(*hash, Arc::from(holders_in_cost_order))])
             .await
             .pop()
             .unwrap_or(Err(FetchError::NoHolders))
@@ -838,20 +841,38 @@ impl PeerClient {
     /// served is the last holder's.
     pub async fn fetch_many(
         &self,
-        wants: &[(BlockHash, Vec<String>)],
+        wants: &[(BlockHash, Arc<[String]>)],
     ) -> Vec<Result<Fetched, FetchError>> {
-        let orders: Vec<Vec<String>> = wants.iter().map(|(_, h)| self.order(h)).collect();
+        // Blocks of one batch mostly share their holder list (the same `Arc`):
+        // order each distinct list once, not once per block.
+        let mut orders: Vec<Arc<[Arc<str>]>> = Vec::with_capacity(wants.len());
+        let mut last: Option<(&Arc<[String]>, Arc<[Arc<str>]>)> = None;
+        for (_, holders) in wants {
+            let order = match &last {
+                Some((list, order)) if Arc::ptr_eq(list, holders) || list[..] == holders[..] => {
+                    order.clone()
+                }
+                _ => self.order(holders).into_iter().map(Arc::from).collect(),
+            };
+            last = Some((holders, order.clone()));
+            orders.push(order);
+        }
         let mut cursor = vec![0usize; wants.len()];
         let mut failed: Vec<Vec<FetchError>> = vec![Vec::new(); wants.len()];
         let mut out: Vec<Option<Result<Fetched, FetchError>>> = vec![None; wants.len()];
         loop {
-            let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+            let mut groups: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
             for (i, o) in orders.iter().enumerate() {
                 if out[i].is_some() {
                     continue;
                 }
                 match o.get(cursor[i]) {
-                    Some(a) => groups.entry(a.clone()).or_default().push(i),
+                    Some(a) => match groups.get_mut(a) {
+                        Some(g) => g.push(i),
+                        None => {
+                            groups.insert(a.clone(), vec![i]);
+                        }
+                    },
                     None => {
                         out[i] = Some(Err(failed[i]
                             .last()
@@ -894,7 +915,7 @@ impl PeerClient {
             for i in asked {
                 if !answered[i] {
                     failed[i].push(FetchError::Protocol {
-                        peer: orders[i][cursor[i]].clone(),
+                        peer: orders[i][cursor[i]].to_string(),
                         message: "fetch task failed".into(),
                     });
                     cursor[i] += 1;

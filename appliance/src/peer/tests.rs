@@ -197,7 +197,7 @@ async fn corrupt_copy_is_rejected_penalised_and_fetched_elsewhere() {
         .await
         .unwrap();
     assert_eq!(f.data[..], bs[0][..]);
-    assert_eq!(f.from, good);
+    assert_eq!(&*f.from, good.as_str());
     assert!(
         matches!(f.failed[..], [FetchError::Mismatch { .. }]),
         "{:?}",
@@ -216,18 +216,18 @@ async fn corrupt_copy_is_rejected_penalised_and_fetched_elsewhere() {
         .fetch_from_any(&BlockHash::of(&bs[1]), &[bad.clone(), good.clone()])
         .await
         .unwrap();
-    assert_eq!(f.from, good);
+    assert_eq!(&*f.from, good.as_str());
     assert!(f.failed.is_empty());
     // Many blocks at once: all from the good peer.
     let wants: Vec<_> = bs
         .iter()
-        .map(|b| (BlockHash::of(b), vec![bad.clone(), good.clone()]))
+        .map(|b| (BlockHash::of(b), Arc::from(vec![bad.clone(), good.clone()])))
         .collect();
     assert!(c
         .fetch_many(&wants)
         .await
         .iter()
-        .all(|r| r.as_ref().is_ok_and(|f| f.from == good)));
+        .all(|r| r.as_ref().is_ok_and(|f| *f.from == *good)));
     // Only the bad holder: the block is not returned.
     let mut o = ClientOptions::new("c2", Role::Client, creds("c2", Role::Client));
     o.penalty = Duration::from_millis(1);
