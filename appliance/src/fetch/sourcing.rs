@@ -173,6 +173,10 @@ impl SourceRanks {
     }
 }
 
+/// Block-service addresses to ask, cheapest first, shared by the blocks of a
+/// batch that have the same holders.
+type Addresses = Arc<[String]>;
+
 /// One holder to ask for a block.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Candidate {
@@ -464,18 +468,18 @@ impl Sourcing {
         };
         self.backoff.lock().succeeded();
         let ranks = self.ranks();
-        let mut wants: Vec<(BlockHash, Arc<[String]>)> = Vec::with_capacity(hashes.len());
+        let mut wants: Vec<(BlockHash, Addresses)> = Vec::with_capacity(hashes.len());
         // Address → who answers there (the same for every block).
         let mut sources: HashMap<Arc<str>, Candidate> = HashMap::new();
         // Consecutive blocks mostly have the same holders (an image's blocks on
         // the same hosts): rank each distinct holder list once.
-        let mut last: Option<(&[Holder], Option<Arc<[String]>>)> = None;
+        let mut last: Option<(&[Holder], Option<Addresses>)> = None;
         for (hash, hs) in hashes.iter().zip(&holders) {
             let addrs = match &last {
                 Some((prev, addrs)) if *prev == hs.as_slice() => addrs.clone(),
                 _ => {
                     let order = ranks.order(hs);
-                    let addrs: Option<Arc<[String]>> = (!order.is_empty())
+                    let addrs: Option<Addresses> = (!order.is_empty())
                         .then(|| order.iter().map(|c| c.addr.clone()).collect());
                     for cand in order {
                         if !sources.contains_key(cand.addr.as_str()) {

@@ -27,6 +27,8 @@ pub use manifest::{
     check_max_image_blocks, BlockHash, DecodeError, Manifest, DEFAULT_MAX_IMAGE_BLOCKS,
 };
 pub mod lookup;
+mod many_hashes;
+pub use many_hashes::hash_many;
 pub mod redb_store;
 pub mod redis_store;
 pub mod stats;

@@ -437,6 +437,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_version_2_peer_is_told_its_version() {
+        // Version 2 sealed records with ChaCha20-Poly1305; its handshake cannot
+        // complete against version 3, so the server names the version at once.
+        let server = testing::creds("rack1", Role::Indexer, &[]);
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let srv = tokio::spawn(async move {
+            let (r, w) = halves(b);
+            server_handshake(r, w, &server, Role::Indexer, "rack1", T).await
+        });
+        let (_r, mut w) = halves(a);
+        w.write_all(b"NBPEER\x00\x02").await.unwrap();
+        let e = srv.await.unwrap().err().unwrap().to_string();
+        assert!(e.contains("not a nearblock v3 peer (protocol version 2)"), "{e}");
+    }
+
+    #[tokio::test]
     async fn an_unlisted_client_is_refused_with_a_reason() {
         let server = testing::creds("rack1", Role::Indexer, &[]);
         // Listed nowhere: its own keyring knows the server, the server's does
@@ -597,5 +613,84 @@ mod tests {
         tokio::time::sleep(crate::peer::identity::RECHECK + Duration::from_millis(50)).await;
         let (c, s) = pair(client, "hv1", server).await;
         assert!(c.is_err() && s.is_err());
+    }
+
+    /// Core-ms per MB to seal and to open 64 KiB records, in this process:
+    /// snow's pure-Rust ChaCha20-Poly1305 (protocol v2) against AES-256-GCM
+    /// through `ring` (v3). `cargo test --release -p nearblock --lib
+    /// measure_record_sealing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement that prints core-ms per MB, not a check: run by hand"]
+    fn measure_record_sealing() {
+        use snow::resolvers::{CryptoResolver, DefaultResolver};
+        fn transports(
+            params: &str,
+            resolver: impl Fn() -> Box<dyn CryptoResolver + Send>,
+        ) -> (StatelessTransportState, StatelessTransportState) {
+            let params: snow::params::NoiseParams = params.parse().unwrap();
+            let builder = || snow::Builder::with_resolver(params.clone(), resolver());
+            let keys = (
+                builder().generate_keypair().unwrap(),
+                builder().generate_keypair().unwrap(),
+            );
+            let mut initiator = builder()
+                .local_private_key(&keys.0.private)
+                .build_initiator()
+                .unwrap();
+            let mut responder = builder()
+                .local_private_key(&keys.1.private)
+                .build_responder()
+                .unwrap();
+            let mut message = vec![0u8; MAX_NOISE_MESSAGE];
+            let mut payload = vec![0u8; MAX_NOISE_MESSAGE];
+            for step in 0..3 {
+                let (from, to) = if step == 1 {
+                    (&mut responder, &mut initiator)
+                } else {
+                    (&mut initiator, &mut responder)
+                };
+                let len = from.write_message(&[], &mut message).unwrap();
+                to.read_message(&message[..len], &mut payload).unwrap();
+            }
+            (
+                initiator.into_stateless_transport_mode().unwrap(),
+                responder.into_stateless_transport_mode().unwrap(),
+            )
+        }
+        let v2 = transports("Noise_XX_25519_ChaChaPoly_BLAKE2s", || {
+            Box::new(DefaultResolver)
+        });
+        let v3 = transports(NOISE_PARAMS, || {
+            Box::new(snow::resolvers::FallbackResolver::new(
+                Box::new(snow::resolvers::RingResolver),
+                Box::new(DefaultResolver),
+            ))
+        });
+        let plain = vec![7u8; MAX_RECORD_PLAINTEXT];
+        let (mut sealed, mut opened) = (vec![0u8; MAX_NOISE_MESSAGE], vec![0u8; MAX_NOISE_MESSAGE]);
+        let records = 4000u64;
+        let mb = (records as f64) * (MAX_RECORD_PLAINTEXT as f64) / 1e6;
+        for (name, (sealer, opener)) in [
+            ("v2 ChaCha20-Poly1305 (snow)", v2),
+            ("v3 AES-256-GCM (ring)", v3),
+        ] {
+            let (mut seal, mut open) = (Duration::ZERO, Duration::ZERO);
+            for nonce in 0..records {
+                let start = std::time::Instant::now();
+                let len = sealer.write_message(nonce, &plain, &mut sealed).unwrap();
+                let sealed_at = std::time::Instant::now();
+                let got = opener
+                    .read_message(nonce, &sealed[..len], &mut opened)
+                    .unwrap();
+                open += sealed_at.elapsed();
+                seal += sealed_at - start;
+                assert_eq!(got, plain.len());
+            }
+            println!(
+                "{name}: seal {:.3} core-ms/MB, open {:.3} core-ms/MB",
+                seal.as_secs_f64() * 1e3 / mb,
+                open.as_secs_f64() * 1e3 / mb
+            );
+        }
     }
 }

@@ -607,10 +607,20 @@ impl Peer {
                         continue;
                     }
                 };
+                // Verified a reply at a time: blocks of one size share SIMD lanes.
+                let found: Vec<&[u8]> = items
+                    .iter()
+                    .filter_map(|it| match it {
+                        BlockReply::Found(data) => Some(&data[..]),
+                        _ => None,
+                    })
+                    .collect();
+                let mut found_hashes = crate::index::hash_many(&found).into_iter();
+                drop(found);
                 for (i, it) in idx.into_iter().zip(items) {
                     out[i] = match it {
                         BlockReply::Found(data) => {
-                            if BlockHash::of(&data) == hashes[i] {
+                            if found_hashes.next() == Some(hashes[i]) {
                                 inc(&self.0.metrics.blocks_ok, 1);
                                 inc(&self.0.metrics.bytes_ok, data.len() as u64);
                                 Some(Ok(data))
@@ -845,16 +855,17 @@ impl PeerClient {
     ) -> Vec<Result<Fetched, FetchError>> {
         // Blocks of one batch mostly share their holder list (the same `Arc`):
         // order each distinct list once, not once per block.
-        let mut orders: Vec<Arc<[Arc<str>]>> = Vec::with_capacity(wants.len());
-        let mut last: Option<(&Arc<[String]>, Arc<[Arc<str>]>)> = None;
+        type Order = Arc<[Arc<str>]>;
+        let mut orders: Vec<Order> = Vec::with_capacity(wants.len());
+        let mut previous: Option<(&Arc<[String]>, Order)> = None;
         for (_, holders) in wants {
-            let order = match &last {
-                Some((list, order)) if Arc::ptr_eq(list, holders) || list[..] == holders[..] => {
+            let order = match &previous {
+                Some((same, order)) if Arc::ptr_eq(same, holders) || same[..] == holders[..] => {
                     order.clone()
                 }
                 _ => self.order(holders).into_iter().map(Arc::from).collect(),
             };
-            last = Some((holders, order.clone()));
+            previous = Some((holders, order.clone()));
             orders.push(order);
         }
         let mut cursor = vec![0usize; wants.len()];
