@@ -104,9 +104,23 @@ impl ServedImage {
         }
         let (start, end) = (range.start, range.end);
         let bs = u64::from(self.manifest.block_size);
+        // The READ's cached blocks, taken from the cache in one call (one lock,
+        // the probes together), then laid out in order with the zero blocks.
+        let first = (start / bs) as usize;
+        let last = end.div_ceil(bs) as usize;
+        let wanted: Vec<BlockHash> = self
+            .manifest
+            .blocks
+            .get(first..last.min(self.manifest.blocks.len()))
+            .unwrap_or_default()
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        let taken = cache.take_many_for_serving(&wanted);
+        let mut taken_in_order = wanted.iter().zip(&taken);
         let mut pieces = Vec::new();
         let mut prov = Provenance::default();
-        let mut taken = Vec::new();
         let mut pos = start;
         let complete = loop {
             if pos >= end {
@@ -124,13 +138,10 @@ impl ServedImage {
                     prov.add(SourceClass::Zero, None, served);
                     zero_block(block_len as usize)
                 }
-                Some(Some(hash)) => {
-                    let Some((data, origin)) = cache.take_for_serving(hash) else {
+                Some(Some(_)) => {
+                    let Some((_, Some((data, origin)))) = taken_in_order.next() else {
                         break false;
                     };
-                    if let Some(o) = origin {
-                        taken.push((*hash, o));
-                    }
                     if data.len() as u64 != block_len {
                         break false;
                     }
@@ -138,7 +149,7 @@ impl ServedImage {
                         Some(o) => prov.add(o.class, Some(o.hops), served),
                         None => prov.add(SourceClass::Cache, None, served),
                     }
-                    data
+                    data.clone()
                 }
             };
             pieces.push(data.slice(from..to));
@@ -146,8 +157,10 @@ impl ServedImage {
         };
         if !complete {
             // Not served after all: the fetched blocks keep their origin.
-            for (hash, origin) in taken {
-                cache.retag(&hash, origin);
+            for (hash, used) in wanted.iter().zip(taken) {
+                if let Some((_, Some(origin))) = used {
+                    cache.retag(hash, origin);
+                }
             }
             return None;
         }

@@ -129,6 +129,30 @@ impl BlockCache {
         self.get_inner(hash, true)
     }
 
+    /// [`Self::take_for_serving`] for the blocks of one READ, in order, under one
+    /// lock, stopping at the first block absent (`None` there and after it; the
+    /// blocks before it count as used, as one call each would have). The
+    /// entries are probed first, all of them, with nothing else in between: the
+    /// table is larger than the CPU's caches and each probe misses, so
+    /// independent probes let the misses overlap instead of queueing behind the
+    /// use-order updates.
+    pub fn take_many_for_serving(&self, hashes: &[BlockHash]) -> Vec<Option<(Bytes, Option<Origin>)>> {
+        let mut inner = self.lock();
+        let present = hashes
+            .iter()
+            .position(|h| !inner.blocks.contains_key(h))
+            .unwrap_or(hashes.len());
+        let mut out: Vec<Option<(Bytes, Option<Origin>)>> = hashes[..present]
+            .iter()
+            .map(|h| Self::use_entry(&mut inner, h, true))
+            .collect();
+        if present < hashes.len() {
+            inner.misses += 1;
+            out.resize(hashes.len(), None);
+        }
+        out
+    }
+
     /// Give a block back the origin [`Self::take_for_serving`] took (it was not
     /// served after all).
     pub fn retag(&self, hash: &BlockHash, origin: Origin) {
@@ -139,12 +163,23 @@ impl BlockCache {
 
     fn get_inner(&self, hash: &BlockHash, first_use: bool) -> Option<(Bytes, Option<Origin>)> {
         let mut inner = self.lock();
+        let used = Self::use_entry(&mut inner, hash, first_use);
+        if used.is_none() {
+            inner.misses += 1;
+        }
+        used
+    }
+
+    /// A hit on `hash`: its data, marked as just used (and its origin, taken,
+    /// if `first_use`). `None` when absent (the caller counts the miss).
+    fn use_entry(
+        inner: &mut Inner,
+        hash: &BlockHash,
+        first_use: bool,
+    ) -> Option<(Bytes, Option<Origin>)> {
         inner.clock += 1;
         let now = inner.clock;
-        let Some(entry) = inner.blocks.get_mut(hash) else {
-            inner.misses += 1;
-            return None;
-        };
+        let entry = inner.blocks.get_mut(hash)?;
         let old = std::mem::replace(&mut entry.stamp, now);
         let data = entry.data.clone();
         let origin = if first_use { entry.origin.take() } else { None };
@@ -472,5 +507,37 @@ mod tests {
         );
         assert_eq!(cache.take_for_serving(&a), Some((da.clone(), Some(origin))));
         assert_eq!(cache.take_for_serving(&a), Some((da, None)));
+    }
+
+    #[test]
+    fn a_read_takes_its_blocks_up_to_the_first_absent_one() {
+        let cache = BlockCache::new(1000);
+        let (a, da) = block(1, 100);
+        let (b, db) = block(2, 100);
+        let (c, dc) = block(3, 100);
+        let (absent, _) = block(4, 100);
+        let origin = Origin {
+            class: super::super::SourceClass::Rack,
+            hops: 1,
+        };
+        cache.insert_from(a, da.clone(), Some(origin));
+        cache.insert(b, db.clone());
+        cache.insert_from(c, dc, Some(origin));
+        let got = cache.take_many_for_serving(&[a, b, absent, c]);
+        assert_eq!(
+            got,
+            vec![Some((da, Some(origin))), Some((db, None)), None, None]
+        );
+        let snap = cache.snapshot();
+        assert_eq!((snap.hits, snap.misses), (2, 1));
+        // c was not taken: it keeps its origin for the READ that serves it.
+        assert_eq!(cache.take_for_serving(&c).and_then(|(_, o)| o), Some(origin));
+        // The same block twice in one READ: the origin goes with the first.
+        let (d, dd) = block(5, 100);
+        cache.insert_from(d, dd.clone(), Some(origin));
+        assert_eq!(
+            cache.take_many_for_serving(&[d, d]),
+            vec![Some((dd.clone(), Some(origin))), Some((dd, None))]
+        );
     }
 }
