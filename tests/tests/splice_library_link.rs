@@ -91,31 +91,40 @@ fn copy(lab: &Lab, lun: u32, image: &[u8], name: &str) -> u64 {
     ignore = "needs the corpus: build and run with NEARBLOCK_CORPUS_DIR"
 )]
 fn library_link_carries_only_what_no_nearer_holder_has() {
-    let redb = scenario(false);
+    let (redb, redb_passed) = scenario(false);
     // The same, with the global index on a Redis Cluster in core's namespace
     // (scale-out issue, done-when 3): the same bytes cross the library link.
-    let redis = scenario(true);
-    eprintln!("library link bytes (cold, warm, similar): redb {redb:?}, redis cluster {redis:?}");
+    let (redis, redis_passed) = scenario(true);
+    eprintln!(
+        "library link bytes (cold, warm, similar): redb {redb:?}, redis cluster {redis:?}; \
+         passed through after the deadline: {redb_passed} and {redis_passed} B"
+    );
     let size = std::fs::metadata(corpus_pair().unwrap().0).unwrap().len();
+    // A READ that waited out the deadline also crossed the link in its session
+    // (its blocks are fetched by hash as well): allowed on top, on either side.
+    let allowance = size / 1000 + redb_passed.max(redis_passed);
     for (what, a, b) in [
         ("cold", redb.0, redis.0),
         ("warm", redb.1, redis.1),
         ("similar", redb.2, redis.2),
     ] {
         assert!(
-            a.abs_diff(b) <= size / 1000,
-            "{what} copy: {a} B with redb, {b} B with the redis cluster (image {size} B)"
+            a.abs_diff(b) <= allowance,
+            "{what} copy: {a} B with redb, {b} B with the redis cluster (image {size} B, \
+             allowed {allowance} B)"
         );
     }
 }
 
-/// One lab, the three copies; what each moved over the library link. With
+/// One lab, the three copies; what each moved over the library link, and the
+/// bytes READs passed through to the library in them (a READ whose blocks were
+/// not fetched within the sourcing deadline, 1 s: timing, not the index). With
 /// `redis`, core's global indexer keeps its index on a Redis Cluster.
 #[expect(
     clippy::too_many_lines,
     reason = "one scenario, read top to bottom: each step checks what the one before set up"
 )]
-fn scenario(redis: bool) -> (u64, u64, u64) {
+fn scenario(redis: bool) -> ((u64, u64, u64), u64) {
     let (seed_path, derived_path) =
         corpus_pair().expect("NEARBLOCK_CORPUS_DIR is set when the corpus tests run");
     let seed = std::fs::read(&seed_path).unwrap();
@@ -234,6 +243,7 @@ fn scenario(redis: bool) -> (u64, u64, u64) {
         luns[0]
     );
     let similar = copy(&lab, 2, &derived, "similar");
+    let passed_through = lab.status("rack1").unwrap().splicer.library_bytes;
     assert!(
         similar <= only_derived + size / 100,
         "the similar image moved {similar} B; blocks no nearer holder has: {only_derived} B"
@@ -269,5 +279,5 @@ fn scenario(redis: bool) -> (u64, u64, u64) {
     }
     drop(fabric);
     drop(cluster);
-    (cold, warm, similar)
+    ((cold, warm, similar), passed_through)
 }
