@@ -94,10 +94,9 @@ fn real_clients_through_rack_appliance_match_direct() {
         "qemu-img copy through nearblock differs (cmp)"
     );
 
-    let r = lab.status("rack1").expect("status");
+    let r = attached_status(&lab, "rack1");
     // Every rack1 interface steers and classifies in TC (`auto` on veth):
     // one program does both, as the kernel lists them.
-    assert!(!r.interfaces.is_empty());
     for i in &r.interfaces {
         assert_eq!(i.classifier.as_deref(), Some("tc"), "{i:?}");
         assert_eq!(i.tc_ingress, ["nb_classify_steer"], "{i:?}");
@@ -606,8 +605,7 @@ fn ipv6_copy_is_steered() {
     lab.set_datapath_extra("rack1", "classifier = \"xdp\"");
     lab.start_appliance("rack1", ApplianceOptions::default())
         .unwrap();
-    let r = lab.status("rack1").unwrap();
-    assert!(!r.interfaces.is_empty());
+    let r = attached_status(&lab, "rack1");
     for i in &r.interfaces {
         assert_eq!(i.classifier.as_deref(), Some("xdp-generic"), "{i:?}");
         assert_eq!(i.tc_ingress, ["nb_steer"], "{i:?}");
@@ -801,4 +799,25 @@ fn with_handoff_off_sessions_stay_in_the_user_space_relay() {
         r.splicer.bytes_to_initiator,
         data.len()
     );
+}
+
+/// `node`'s status once it lists its interfaces with their TC programs: the
+/// API can answer before the datapath has attached them (CI saw an empty list
+/// once), so this asks again for up to 10 s.
+fn attached_status(lab: &Lab, node: &str) -> nearblock::state::StatusReport {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = lab.status(node).expect("status");
+        let attached =
+            !r.interfaces.is_empty() && r.interfaces.iter().all(|i| !i.tc_ingress.is_empty());
+        if attached || Instant::now() >= deadline {
+            assert!(
+                attached,
+                "{node} lists no attached interfaces: {:?}",
+                r.interfaces
+            );
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
