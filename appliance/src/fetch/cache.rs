@@ -120,13 +120,20 @@ impl BlockCache {
 
     /// The block named `hash`, marking it recently used.
     pub fn get(&self, hash: &BlockHash) -> Option<Bytes> {
-        self.get_inner(hash, false).map(|(data, _)| data)
+        let mut inner = self.lock();
+        let used = Self::use_entry(&mut inner, hash, false);
+        if used.is_none() {
+            inner.misses += 1;
+        }
+        used.map(|(data, _)| data)
     }
 
     /// The block named `hash` for serving it: also where it came from if this is
     /// its first use since it was fetched (`None`: an ordinary cache hit).
     pub fn take_for_serving(&self, hash: &BlockHash) -> Option<(Bytes, Option<Origin>)> {
-        self.get_inner(hash, true)
+        self.take_many_for_serving(std::slice::from_ref(hash))
+            .pop()
+            .flatten()
     }
 
     /// [`Self::take_for_serving`] for the blocks of one READ, in order, under one
@@ -159,15 +166,6 @@ impl BlockCache {
         if let Some(entry) = self.lock().blocks.get_mut(hash) {
             entry.origin.get_or_insert(origin);
         }
-    }
-
-    fn get_inner(&self, hash: &BlockHash, first_use: bool) -> Option<(Bytes, Option<Origin>)> {
-        let mut inner = self.lock();
-        let used = Self::use_entry(&mut inner, hash, first_use);
-        if used.is_none() {
-            inner.misses += 1;
-        }
-        used
     }
 
     /// A hit on `hash`: its data, marked as just used (and its origin, taken,
